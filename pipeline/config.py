@@ -1,0 +1,110 @@
+"""Settings from dask's configuration system, section ``pipeline``.
+
+Defaults ship in ``pipeline/pipeline.yaml``; users override them in
+``~/.config/dask/*.yaml`` or with ``DASK_PIPELINE__...`` environment variables,
+exactly as for any other dask setting. ``{home}`` in a URL expands to
+``pipeline.home`` so that one variable moves every embedded file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+from dask.utils import parse_timedelta
+
+from pipeline.errors import ConfigError
+
+__all__ = ["Settings", "default_policy_path"]
+
+_DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
+dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
+
+
+def default_policy_path() -> Path:
+    """The retention policy shipped with the package (``policies/retention.yaml``)."""
+    return Path(str(resources.files("pipeline") / "policies" / "retention.yaml"))
+
+
+def _get(key: str, default: Any = None) -> Any:
+    return dask.config.get(f"pipeline.{key}", default=default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A resolved snapshot of the ``pipeline`` configuration section."""
+
+    home: Path
+    account: str | None
+    user: str | None
+    cluster_id: str | None
+    image: str | None
+    plugin_interval: float
+    close_timeout: float
+    retry_max: float
+    long_term_url: str
+    cloud_logging_url: str
+    archive_url: str | None
+    keys_url: str
+    policy_path: Path
+    retention_cron: str
+    requests_interval: float
+
+    @classmethod
+    def from_config(cls, **overrides: Any) -> Settings:
+        """Read the current dask configuration; keyword arguments win over it."""
+        home = Path(os.path.expanduser(str(overrides.pop("home", None) or _get("home")))).absolute()
+
+        def url(key: str) -> str | None:
+            value = _get(key)
+            if value is None:
+                return None
+            try:
+                return str(value).format(home=home)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"pipeline.{key}: cannot expand {value!r}: {exc}") from exc
+
+        def seconds(key: str) -> float:
+            value = _get(key)
+            try:
+                return float(parse_timedelta(value, default="seconds"))
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ConfigError(f"pipeline.{key}: {value!r} is not a duration") from exc
+
+        policy = _get("policy")
+        values: dict[str, Any] = {
+            "home": home,
+            "account": _get("account"),
+            "user": _get("user"),
+            "cluster_id": _get("cluster-id"),
+            "image": _get("image"),
+            "plugin_interval": seconds("plugin.interval"),
+            "close_timeout": seconds("emitter.close-timeout"),
+            "retry_max": seconds("emitter.retry-max"),
+            "long_term_url": url("long-term.url"),
+            "cloud_logging_url": url("cloud-logging.url"),
+            "archive_url": url("archive.url"),
+            "keys_url": url("keys.url"),
+            "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
+            "retention_cron": str(_get("service.retention-cron")),
+            "requests_interval": seconds("service.requests-interval"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def store_urls(self) -> dict[str, str]:
+        """Store name (as the policy calls it) → URL."""
+        return {"long_term": self.long_term_url, "cloud_logging": self.cloud_logging_url}
+
+    def resolved_cluster_id(self) -> str:
+        return self.cluster_id or f"cluster-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"

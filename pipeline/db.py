@@ -1,0 +1,175 @@
+"""The metadata database: engine factory and the tables every component shares.
+
+One SQL database (SQLite by default, PostgreSQL in production) holds the
+long-term store's segments, the keyring's wrapped keys, deletion requests, the
+audit trail, service leases and APScheduler's job store. Tables are defined
+with SQLAlchemy Core so that the same code runs on both dialects.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.types import TypeDecorator
+
+from pipeline.errors import ConfigError
+
+__all__ = ["UTCDateTime", "create_schema", "engine_for", "metadata"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every dialect (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where UTC is required")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("segment_id", String(64), primary_key=True),
+    Column("subject_ref", String(64), nullable=False),
+    Column("user_ref", String(64)),
+    Column("data_type", String(16), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("min_observed_at", UTCDateTime, nullable=False),
+    Column("max_observed_at", UTCDateTime, nullable=False),
+    Column("n_records", Integer, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Index("ix_segments_subject", "subject_ref", "user_ref"),
+    Index("ix_segments_type_age", "data_type", "max_observed_at"),
+)
+
+keyring_keys = Table(
+    "keyring_keys",
+    metadata,
+    Column("key_id", String(80), primary_key=True),  # "index", "audit-signing" or a subject_ref
+    Column("purpose", String(16), nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("master_version", Integer, nullable=False),
+    Column("wrapped", LargeBinary),  # NULL once destroyed (crypto-shredding)
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("destroyed_at", UTCDateTime),
+)
+
+deletion_requests = Table(
+    "deletion_requests",
+    metadata,
+    Column("request_id", String(36), primary_key=True),
+    Column("subject_ref", String(64), nullable=False),
+    Column("user_ref", String(64)),
+    Column("reason", Text),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("deadline", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime),
+    Column("receipt", Text, nullable=False, default="{}"),  # JSON: store -> counts, when
+    Column("error", Text),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("subject_ref", String(64)),
+    Column("details", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("entry_hash", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+)
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def engine_for(url: str) -> Engine:
+    """One pooled engine per database URL and process."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create_engine(url)
+        return engine
+
+
+def _create_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"not a database URL: {url!r}") from exc
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 5}
+    elif parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 5}
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise ConfigError(
+            f"no driver for {parsed.drivername!r}: install dask-metadata-pipeline[postgres]"
+        ) from exc
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def create_schema(engine: Engine) -> None:
+    """Create every table that does not exist yet (idempotent)."""
+    metadata.create_all(engine, checkfirst=True)

@@ -1,0 +1,78 @@
+"""Every error the pipeline raises on purpose.
+
+::
+
+    PipelineError
+     ├── ConfigError            bad setting, unknown URL scheme, missing optional extra
+     ├── PolicyError            invalid retention policy (file, dotted field, reason)
+     ├── KeyringError           missing/wrong/insecure master key, destroyed data key
+     ├── UnknownAccountError    an account the keyring has never seen
+     ├── StoreError             a store refused or mangled data
+     │    └── StoreUnavailable  a store cannot be reached right now (retry later)
+     ├── SpoolError             a spooled batch is unreadable
+     └── AuditIntegrityError    the audit trail was altered
+
+Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
+that the command line can print one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuditIntegrityError",
+    "ConfigError",
+    "KeyringError",
+    "PipelineError",
+    "PolicyError",
+    "SpoolError",
+    "StoreError",
+    "StoreUnavailable",
+    "UnknownAccountError",
+]
+
+
+class PipelineError(Exception):
+    """Base class: the message is one line a user can act on."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration value is missing, malformed or names an unknown backend."""
+
+
+class PolicyError(PipelineError, ValueError):
+    """The retention policy file is invalid."""
+
+    def __init__(self, path: str, field: str, reason: str) -> None:
+        self.path, self.field, self.reason = path, field, reason
+        super().__init__(f"{path}: {field}: {reason}" if field else f"{path}: {reason}")
+
+
+class KeyringError(PipelineError):
+    """A key cannot be loaded, is insecure, or does not open the data."""
+
+
+class UnknownAccountError(PipelineError, LookupError):
+    """No data key was ever created for this account."""
+
+    def __init__(self, account: str) -> None:
+        super().__init__(f"unknown account {account!r}: no records were ever stored for it")
+
+
+class StoreError(PipelineError):
+    """A store rejected an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """A store cannot be reached; the operation may succeed later."""
+
+
+class SpoolError(PipelineError):
+    """A spooled batch file is corrupt or unreadable."""
+
+
+class AuditIntegrityError(PipelineError):
+    """The audit trail fails verification at a given sequence number."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        self.seq, self.reason = seq, reason
+        super().__init__(f"audit entry {seq}: {reason}")

@@ -1,0 +1,385 @@
+"""MetadataPlugin: a distributed SchedulerPlugin that reports cluster metadata.
+
+The scheduler's event loop is the hot path. Hooks do O(1) work per call:
+counters, and for each live task one dict entry naming its job, dropped when
+the scheduler forgets the task. Snapshots (every ``pipeline.plugin.interval``)
+read the scheduler's own aggregates (task prefixes, summed worker memory).
+Records go to the :class:`~pipeline.emitter.Emitter`, which seals, spools and
+delivers them on its own thread. An exception inside the plugin is counted and
+logged at WARNING; it never reaches the scheduler (``start`` never raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+from distributed.protocol.serialize import Serialize, Serialized, deserialize
+from tornado.ioloop import PeriodicCallback
+
+from pipeline.config import Settings
+from pipeline.emitter import Emitter
+from pipeline.environment import environment_id, installed_environment
+from pipeline.records import utcnow
+from pipeline.runtime import Pipeline
+from pipeline.spool import Spool
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from distributed import Scheduler
+
+__all__ = ["MetadataPlugin"]
+
+logger = logging.getLogger(__name__)
+
+_UNASSIGNED = "unassigned"
+_LOGGED_ERRORS = 10
+
+
+class _Job:
+    """Running totals of one computation (one ``update_graph`` call)."""
+
+    __slots__ = (
+        "compute",
+        "completed",
+        "erred",
+        "job_id",
+        "nbytes",
+        "peak",
+        "prefixes",
+        "remaining",
+        "started_at",
+        "total",
+    )
+
+    def __init__(self, started_at: datetime) -> None:
+        self.job_id = uuid.uuid4().hex
+        self.started_at = started_at
+        self.total = self.remaining = self.completed = self.erred = 0
+        self.compute = 0.0
+        self.nbytes = self.peak = 0
+        self.prefixes: set[str] = set()
+
+
+def _compute_seconds(startstops: Any) -> float:
+    total = 0.0
+    if startstops:
+        for interval in startstops:
+            if interval["action"] == "compute":
+                total += interval["stop"] - interval["start"]
+    return total
+
+
+class MetadataPlugin(SchedulerPlugin):
+    """Report cluster size, tasks, compute time, memory and software environment.
+
+    Unset arguments come from dask config (``pipeline.account``, ``pipeline.user``,
+    ``pipeline.cluster-id``, ``pipeline.image``, ``pipeline.plugin.interval``) as
+    seen by the scheduler, which is where the plugin runs.
+    """
+
+    name = "metadata-pipeline"
+    idempotent = True
+
+    def __init__(
+        self,
+        account: str | None = None,
+        *,
+        user: str | None = None,
+        cluster_id: str | None = None,
+        image: str | None = None,
+        interval: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._args = {"account": account, "user": user, "cluster_id": cluster_id, "image": image, "interval": interval}
+        self.errors = 0
+        self.emitter: Emitter | None = None
+        self.scheduler: Scheduler | None = None
+        self.completed_total = self.erred_total = 0
+        self.compute_total = 0.0
+        self._pending: dict[Any, _Job] = {}  # key -> job, until the task finishes
+        self._done: dict[Any, tuple[_Job, int]] = {}  # key -> (job, nbytes held), until forgotten
+        self._jobs: dict[str, _Job] = {}
+        self._envs: set[str] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # register_plugin pickles the plugin before start(): ship the arguments only
+        return {"_args": self._args}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["_args"])  # type: ignore[misc]
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self, scheduler: Scheduler) -> None:
+        try:
+            self._start(scheduler)
+        except Exception as exc:  # start must never raise: it would abort scheduler start-up
+            self._failed("start", exc)
+
+    def _start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        args = dict(self._args)
+        settings = Settings.from_config(plugin_interval=args.pop("interval"), **args)
+        self.settings = settings
+        self.account = settings.account or _UNASSIGNED
+        if settings.account is None:
+            logger.warning("pipeline.account is not set; metadata is recorded as account %r", _UNASSIGNED)
+        self.user = settings.user
+        self.cluster_id = settings.cluster_id or scheduler.id
+        self.emitter = Emitter(
+            lambda: Pipeline.open(settings, create=True),
+            Spool(settings.spool_dir),
+            retry_max=settings.retry_max,
+        )
+        self.emitter.start()
+        callback = PeriodicCallback(self._snapshot_safely, settings.plugin_interval * 1000)
+        scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
+        callback.start()
+        self._spawn(self._scheduler_environment())
+        for address in list(scheduler.workers):  # hooks are not replayed for workers already there
+            self.add_worker(scheduler, address)
+
+    async def close(self) -> None:
+        try:
+            if self.emitter is None or self.scheduler is None:
+                return
+            callback = self.scheduler.periodic_callbacks.pop(f"{self.name}-snapshot", None)
+            if callback is not None:
+                callback.stop()
+            records = [self._snapshot_record()]
+            records += [self._job_record(job, finished_at=None) for job in self._jobs.values()]
+            self._jobs.clear()
+            self.emitter.submit(records)
+            emitter, timeout = self.emitter, self.settings.close_timeout
+            await asyncio.get_running_loop().run_in_executor(None, emitter.close, timeout)
+        except Exception as exc:
+            self._failed("close", exc)
+
+    def status(self) -> dict[str, Any]:
+        """Errors caught so far and the emitter's delivery counters."""
+        return {"errors": self.errors, "emitter": None if self.emitter is None else vars(self.emitter.stats)}
+
+    # -- hooks (event loop, O(1)) -----------------------------------------
+    def update_graph(self, scheduler: Scheduler, *, tasks: list[Any] | None = None, **kwargs: Any) -> None:
+        try:
+            job = _Job(utcnow())
+            pending, done, states = self._pending, self._done, scheduler.tasks
+            for key in tasks or ():
+                if key in pending or key in done:
+                    continue  # already part of an earlier computation
+                ts = states.get(key)
+                if ts is None or ts.state in ("memory", "erred"):
+                    continue
+                pending[key] = job
+                job.prefixes.add(ts.prefix.name)
+                job.total += 1
+            if job.total:
+                job.remaining = job.total
+                self._jobs[job.job_id] = job
+        except Exception as exc:
+            self._failed("update_graph", exc)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            if finish == "memory":
+                if start == "processing":
+                    self._computed(key, kwargs)
+            elif finish == "erred":
+                self._erred(key, kwargs)
+            elif finish == "forgotten":
+                if start == "memory":
+                    self._released(key)
+                self._forgotten(key)
+            elif start == "memory":
+                self._released(key)
+        except Exception as exc:
+            self._failed("transition", exc)
+
+    def _computed(self, key: Any, kwargs: dict[str, Any]) -> None:
+        compute = _compute_seconds(kwargs.get("startstops"))
+        nbytes = kwargs.get("nbytes") or 0
+        self.completed_total += 1
+        self.compute_total += compute
+        job = self._pending.pop(key, None)
+        if job is None:
+            entry = self._done.get(key)
+            if entry is None:
+                return
+            job = entry[0]  # recomputed after a lost worker: compute counts, the task does not
+            job.compute += compute
+            self._hold(key, job, nbytes)
+            return
+        job.completed += 1
+        job.compute += compute
+        self._hold(key, job, nbytes)
+        job.remaining -= 1
+        if not job.remaining:
+            self._finish(job)
+
+    def _hold(self, key: Any, job: _Job, nbytes: int) -> None:
+        self._done[key] = (job, nbytes)
+        job.nbytes += nbytes
+        if job.nbytes > job.peak:
+            job.peak = job.nbytes
+
+    def _erred(self, key: Any, kwargs: dict[str, Any]) -> None:
+        compute = _compute_seconds(kwargs.get("startstops"))
+        self.erred_total += 1
+        self.compute_total += compute
+        job = self._pending.pop(key, None)
+        if job is None:
+            return
+        self._done[key] = (job, 0)
+        job.erred += 1
+        job.compute += compute
+        job.remaining -= 1
+        if not job.remaining:
+            self._finish(job)
+
+    def _released(self, key: Any) -> None:
+        entry = self._done.get(key)
+        if entry is not None and entry[1]:
+            job, nbytes = entry
+            job.nbytes -= nbytes
+            self._done[key] = (job, 0)
+
+    def _forgotten(self, key: Any) -> None:
+        self._done.pop(key, None)
+        job = self._pending.pop(key, None)
+        if job is not None:  # cancelled before it finished
+            job.remaining -= 1
+            if not job.remaining:
+                self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        self._jobs.pop(job.job_id, None)
+        if self.emitter is not None:
+            self.emitter.submit([self._job_record(job, finished_at=utcnow())])
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        try:
+            self._spawn(self._worker_environment(scheduler, worker))
+        except Exception as exc:
+            self._failed("add_worker", exc)
+
+    # -- periodic and background work --------------------------------------
+    def _snapshot_safely(self) -> None:
+        try:
+            if self.emitter is not None:
+                self.emitter.submit([self._snapshot_record()])
+        except Exception as exc:
+            self._failed("snapshot", exc)
+
+    def _common(self, kind: str, data_type: str) -> dict[str, Any]:
+        return {
+            "record_id": uuid.uuid4().hex,
+            "data_type": data_type,
+            "kind": kind,
+            "account": self.account,
+            "user": self.user,
+            "cluster_id": self.cluster_id,
+            "observed_at": utcnow(),
+        }
+
+    def _snapshot_record(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        assert scheduler is not None
+        states: dict[str, int] = {}
+        for prefix in scheduler.task_prefixes.values():
+            for state, count in prefix.states.items():
+                if count:
+                    states[state] = states.get(state, 0) + count
+        memory = scheduler.memory
+        return {
+            **self._common("cluster_snapshot", "cluster_jobs"),
+            "n_workers": len(scheduler.workers),
+            "n_threads": scheduler.total_nthreads,
+            "memory_limit_bytes": sum(ws.memory_limit or 0 for ws in scheduler.workers.values()),
+            "memory_process_bytes": memory.process,
+            "memory_managed_bytes": memory.managed,
+            "memory_unmanaged_bytes": memory.unmanaged,
+            "memory_spilled_bytes": memory.spilled,
+            "tasks_by_state": states,
+            "tasks_completed_total": self.completed_total,
+            "tasks_erred_total": self.erred_total,
+            "compute_seconds_total": self.compute_total,
+        }
+
+    def _job_record(self, job: _Job, *, finished_at: datetime | None) -> dict[str, Any]:
+        return {
+            **self._common("job", "cluster_jobs"),
+            "job_id": job.job_id,
+            "started_at": job.started_at,
+            "finished_at": finished_at,
+            "tasks_total": job.total,
+            "tasks_completed": job.completed,
+            "tasks_erred": job.erred,
+            "compute_seconds": job.compute,
+            "peak_memory_bytes": job.peak,
+            "task_prefixes": sorted(job.prefixes),
+        }
+
+    def _environment_record(self, python_version: str, packages: dict[str, str]) -> None:
+        env_id = environment_id(self.settings.image, python_version, packages)
+        if env_id in self._envs or self.emitter is None:
+            return
+        self._envs.add(env_id)
+        self.emitter.submit(
+            [
+                {
+                    **self._common("software_env", "software_env"),
+                    "env_id": env_id,
+                    "image": self.settings.image,
+                    "python_version": python_version,
+                    "packages": packages,
+                }
+            ]
+        )
+
+    async def _scheduler_environment(self) -> None:
+        env = await asyncio.get_running_loop().run_in_executor(None, installed_environment)
+        self._environment_record(env["python_version"], env["packages"])
+
+    async def _worker_environment(self, scheduler: Scheduler, worker: str) -> None:
+        replies = await scheduler.broadcast(
+            msg={"op": "run", "function": dumps(installed_environment), "wait": True},
+            workers=[worker],
+            on_error="return",
+        )
+        reply = replies.get(worker)
+        if isinstance(reply, dict) and reply.get("status") == "OK":
+            env = reply["result"]
+            if isinstance(env, Serialize):  # in-process comms hand the object over as it is
+                env = env.data
+            elif isinstance(env, Serialized):
+                env = deserialize(env.header, env.frames)
+        else:  # the worker cannot import the pipeline: fall back to distributed's short list
+            ws = scheduler.workers.get(worker)
+            versions = (ws.versions if ws is not None else None) or {}
+            host = versions.get("host", {})
+            env = {
+                "python_version": str(host.get("python", "unknown")).split()[0],
+                "packages": {k: str(v) for k, v in versions.get("packages", {}).items() if v is not None},
+            }
+        self._environment_record(env["python_version"], env["packages"])
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._failed("environment", task.exception())  # type: ignore[arg-type]
+
+    def _failed(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        if self.errors <= _LOGGED_ERRORS or self.errors % 1000 == 0:
+            logger.warning("MetadataPlugin error #%d in %s: %r", self.errors, where, exc, exc_info=exc)

@@ -1,0 +1,1 @@
+"""Retention: the policy, its enforcement, erasure requests and the service."""

@@ -1,0 +1,148 @@
+"""The retention policy file: load, validate, and answer routing questions.
+
+Format (a contract, see DESIGN.md)::
+
+    version: 1
+    stores:
+      long_term:     {account: until_deleted, cluster_jobs: until_deleted, ...}
+      cloud_logging: {cluster_jobs: 30d, software_env: 30d}
+    erasure:
+      deadline: 30d
+      stores: [long_term, cloud_logging]
+
+A data type a store does not list is never written to it. Every error names the
+file, the dotted field and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PolicyError
+from pipeline.records import DATA_TYPES
+
+__all__ = ["STORES", "Policy", "load_policy", "parse_duration"]
+
+STORES = ("long_term", "cloud_logging")
+UNTIL_DELETED = "until_deleted"
+#: data types a store must never hold, whatever a policy says
+FORBIDDEN = {"cloud_logging": {"account"}}
+_DURATION = re.compile(r"^(\d+)([dh])$")
+
+
+def parse_duration(value: Any) -> timedelta | None:
+    """``'30d'`` / ``'12h'`` → timedelta, ``None`` for ``until_deleted``; ValueError otherwise."""
+    if value == UNTIL_DELETED:
+        return None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{value!r} is not a duration like 30d or 12h")
+    n = int(match.group(1))
+    return timedelta(days=n) if match.group(2) == "d" else timedelta(hours=n)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy: retention per store and data type, erasure rules."""
+
+    path: str
+    sha256: str
+    retention: dict[str, dict[str, timedelta | None]]  # store -> data type -> limit (None: until deleted)
+    erasure_deadline: timedelta
+    erasure_stores: tuple[str, ...]
+
+    def stores_for(self, data_type: str) -> tuple[str, ...]:
+        """The stores a record of ``data_type`` is written to."""
+        return tuple(store for store, types in self.retention.items() if data_type in types)
+
+    def limits(self) -> list[tuple[str, str, timedelta]]:
+        """(store, data type, limit) for every finite retention."""
+        return [
+            (store, data_type, limit)
+            for store, types in self.retention.items()
+            for data_type, limit in types.items()
+            if limit is not None
+        ]
+
+
+def load_policy(path: Path | str) -> Policy:
+    """Read and validate a policy file.
+
+    :raises PolicyError: naming the file, the dotted field and the reason
+    """
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(where, "", f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise PolicyError(where, "", f"not valid YAML{at}") from exc
+    if not isinstance(doc, dict):
+        raise PolicyError(where, "", "must be a mapping with version, stores and erasure")
+
+    def fail(field: str, reason: str) -> PolicyError:
+        return PolicyError(where, field, reason)
+
+    unknown = set(doc) - {"version", "stores", "erasure"}
+    if unknown:
+        raise fail(sorted(unknown)[0], "unknown field")
+    if "version" not in doc:
+        raise fail("version", "missing (expected version: 1)")
+    if doc["version"] != 1:
+        raise fail("version", f"unsupported version {doc['version']!r} (expected 1)")
+
+    stores = doc.get("stores")
+    if not isinstance(stores, dict) or not stores:
+        raise fail("stores", "missing or not a mapping of store -> data type -> retention")
+    retention: dict[str, dict[str, timedelta | None]] = {}
+    for store, types in stores.items():
+        if store not in STORES:
+            raise fail(f"stores.{store}", f"unknown store (known: {', '.join(STORES)})")
+        if not isinstance(types, dict):
+            raise fail(f"stores.{store}", "must map data types to retentions")
+        retention[store] = {}
+        for data_type, value in types.items():
+            field = f"stores.{store}.{data_type}"
+            if data_type not in DATA_TYPES:
+                raise fail(field, f"unknown data type (known: {', '.join(DATA_TYPES)})")
+            if data_type in FORBIDDEN.get(store, ()):
+                raise fail(field, f"{store} must never hold {data_type} data")
+            try:
+                retention[store][data_type] = parse_duration(value)
+            except ValueError as exc:
+                raise fail(field, str(exc)) from None
+
+    erasure = doc.get("erasure", {})
+    if not isinstance(erasure, dict):
+        raise fail("erasure", "must be a mapping with deadline and stores")
+    try:
+        deadline = parse_duration(erasure.get("deadline", "30d"))
+    except ValueError as exc:
+        raise fail("erasure.deadline", str(exc)) from None
+    if deadline is None:
+        raise fail("erasure.deadline", "must be a duration, not until_deleted")
+    erasure_stores = erasure.get("stores", list(retention))
+    if not isinstance(erasure_stores, list):
+        raise fail("erasure.stores", "must be a list of store names")
+    for i, store in enumerate(erasure_stores):
+        if store not in STORES:
+            raise fail(f"erasure.stores[{i}]", f"unknown store {store!r} (known: {', '.join(STORES)})")
+    return Policy(
+        path=where,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        retention=retention,
+        erasure_deadline=deadline,
+        erasure_stores=tuple(erasure_stores),
+    )

@@ -1,0 +1,129 @@
+"""The assembled pipeline: settings, policy, keyring and stores, opened together.
+
+Every entry point (plugin emitter, command line, retention service, reports)
+opens one :class:`Pipeline` rather than wiring the parts itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import Settings
+from pipeline.db import create_schema, engine_for
+from pipeline.errors import ConfigError, KeyringError, UnknownAccountError
+from pipeline.keys import Keyring, open_key_provider
+from pipeline.records import rows_from_table, table_from_rows
+from pipeline.retention.policy import Policy, load_policy
+from pipeline.segments import Segment, open_segment, seal
+from pipeline.stores import Store, open_store
+
+__all__ = ["Pipeline", "seal_records"]
+
+
+def seal_records(keyring: Keyring, records: Iterable[Mapping[str, Any]]) -> list[Segment]:
+    """Group records by subject, user, kind and day, and seal each group as one segment."""
+    groups: dict[tuple[str, str | None, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for record in records:
+        day = record["observed_at"].strftime("%Y-%m-%d")
+        groups[(record["account"], record["user"], record["kind"], day)].append(record)
+    sealed = []
+    for (account, user, kind_name, _day), rows in groups.items():
+        table = table_from_rows(kind_name, rows)
+        sealed.append(seal(keyring, keyring.subject_ref(account), keyring.user_ref(account, user), table))
+    return sealed
+
+
+@dataclass
+class Pipeline:
+    """Open handles on everything the configuration names."""
+
+    settings: Settings
+    policy: Policy
+    keyring: Keyring
+    stores: dict[str, Store]
+
+    @classmethod
+    def open(cls, settings: Settings | None = None, *, create: bool = False) -> Pipeline:
+        """Open (with ``create``: first make) the keyring, schema and stores.
+
+        :raises ConfigError, PolicyError, KeyringError, StoreUnavailable:
+        """
+        settings = settings or Settings.from_config()
+        policy = load_policy(settings.policy_path)
+        if not settings.long_term_url.startswith(("sqlite:", "postgresql")):
+            raise ConfigError(
+                f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
+                f"got {settings.long_term_url!r}"
+            )
+        stores = {
+            name: open_store(url, setting=f"pipeline.{name.replace('_', '-')}.url")
+            for name, url in settings.store_urls().items()
+        }
+        engine = engine_for(settings.long_term_url)
+        if create:
+            create_schema(engine)
+        provider = open_key_provider(settings.keys_url, create=create)
+        keyring = Keyring.open(engine, provider, create=create)
+        return cls(settings, policy, keyring, stores)
+
+    def route(self, segments: Iterable[Segment]) -> dict[str, list[Segment]]:
+        """Store name → the segments the policy lets it hold."""
+        routed: dict[str, list[Segment]] = {name: [] for name in self.stores}
+        for segment in segments:
+            for name in self.policy.stores_for(segment.data_type):
+                if name in routed:
+                    routed[name].append(segment)
+        return routed
+
+    def write_records(self, records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+        """Seal and write records straight to every store the policy routes them to."""
+        routed = self.route(seal_records(self.keyring, records))
+        return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
+
+    def subject_ref(self, account: str) -> str:
+        """The subject ref of an account the keyring knows.
+
+        :raises UnknownAccountError: no record of this account was ever stored
+        """
+        ref = self.keyring.subject_ref(account)
+        if self.keyring.key_state(ref) == "unknown":
+            raise UnknownAccountError(account)
+        return ref
+
+    def read_tables(
+        self,
+        store: str = "long_term",
+        *,
+        account: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+    ) -> Iterator[pa.Table]:
+        """Decrypted Arrow tables, one per segment, skipping crypto-shredded subjects."""
+        subject_ref = self.subject_ref(account) if account is not None else None
+        live: dict[str, int | None] = {}
+        for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
+            ref = segment.subject_ref
+            if ref not in live:
+                live[ref] = self._live_key_version(ref)
+            if live[ref] == segment.key_version:
+                yield open_segment(self.keyring, segment)
+
+    def _live_key_version(self, subject_ref: str) -> int | None:
+        try:
+            return self.keyring.cipher(subject_ref, create=False)[0]
+        except (KeyringError, UnknownAccountError):
+            return None
+
+    def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
+        """Decrypted records as dicts (see :meth:`read_tables`)."""
+        for table in self.read_tables(store, **filters):
+            yield from rows_from_table(table)
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()

@@ -1,0 +1,42 @@
+"""Store backends, chosen by URL scheme.
+
+Each scheme maps to ``module:Class``, imported only when used, so an optional
+dependency that is missing becomes an error naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from urllib.parse import urlparse
+
+from pipeline.errors import ConfigError
+from pipeline.stores.base import Removed, Store
+
+__all__ = ["SCHEMES", "Removed", "Store", "open_store"]
+
+#: scheme -> (module:Class, extra that provides its dependencies)
+SCHEMES: dict[str, tuple[str, str | None]] = {
+    "sqlite": ("pipeline.stores.sql:SQLStore", None),
+    "postgresql": ("pipeline.stores.sql:SQLStore", "postgres"),
+    "postgresql+psycopg": ("pipeline.stores.sql:SQLStore", "postgres"),
+    "file": ("pipeline.stores.localfiles:LocalFileStore", None),
+    "gcp-logging": ("pipeline.stores.cloud_logging:CloudLoggingStore", "gcp"),
+    "memory": ("pipeline.stores.memory:MemoryStore", None),
+}
+
+
+def open_store(url: str, *, setting: str = "store URL") -> Store:
+    """Open the backend for ``url``; ``setting`` names the config key in errors."""
+    scheme = urlparse(url).scheme
+    if scheme not in SCHEMES:
+        known = ", ".join(sorted(SCHEMES))
+        raise ConfigError(f"{setting}: unknown store URL scheme {scheme!r} in {url!r} (known: {known})")
+    target, extra = SCHEMES[scheme]
+    module_name, class_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        hint = f"; install dask-metadata-pipeline[{extra}]" if extra else ""
+        raise ConfigError(f"{setting}: backend for {scheme!r} needs {exc.name}{hint}") from exc
+    store: Store = getattr(module, class_name)(url)
+    return store

@@ -1,0 +1,78 @@
+"""The one protocol every store backend implements.
+
+Stores hold encrypted :class:`~pipeline.segments.Segment` objects and index them
+by clear, pseudonymous columns only; they never see keys or plaintext.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from pipeline.segments import Segment
+
+__all__ = ["Removed", "Store"]
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What an expiry or erasure took away."""
+
+    segments: int = 0
+    records: int = 0
+
+    def __add__(self, other: Removed) -> Removed:
+        return Removed(self.segments + other.segments, self.records + other.records)
+
+
+class Store(ABC):
+    """A place segments are kept: SQL database, local files, Cloud Logging, memory."""
+
+    #: the URL this store was opened from
+    url: str
+
+    @abstractmethod
+    def write(self, segments: Sequence[Segment]) -> int:
+        """Store segments idempotently: a segment id already present is left as it is.
+
+        :param segments: sealed segments, any subjects and kinds
+        :returns: how many segments were new
+        :raises StoreUnavailable: the backend cannot be reached; nothing or only whole
+            segments were written, so the same call may simply be retried
+        """
+
+    @abstractmethod
+    def scan(
+        self,
+        *,
+        subject_ref: str | None = None,
+        user_ref: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+        with_payload: bool = True,
+    ) -> Iterator[Segment]:
+        """Stream the segments matching every given filter, oldest first.
+
+        :param with_payload: False yields headers only (``payload == b""``), which is
+            much cheaper for listings and counts
+        """
+
+    @abstractmethod
+    def delete(self, segment_ids: Sequence[str]) -> Removed:
+        """Remove the given segments (used to rewrite a segment partly past its limit)."""
+
+    @abstractmethod
+    def expire(self, data_type: str, before: datetime) -> Removed:
+        """Remove every segment of ``data_type`` whose newest record is older than ``before``.
+
+        Segments that straddle ``before`` are left for the caller to rewrite.
+        """
+
+    @abstractmethod
+    def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        """Remove every segment of a subject, or only those of one of its users."""
+
+    def close(self) -> None:
+        """Release connections and handles."""

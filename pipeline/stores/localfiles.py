@@ -1,0 +1,253 @@
+"""Logging store on local disk, partitioned by day (the embedded default).
+
+Layout: ``ROOT/<data_type>/<YYYY-MM-DD>/<subject_ref>/<file>.seg`` where the day
+is that of the segment's *newest* record, so every record in a day folder is
+older than the next midnight: expiry drops whole folders (O(days), not
+O(records)) and only reads names in the one folder the limit falls inside.
+File names carry the id, kind, user ref, record count and newest timestamp, so
+counting and expiring never open a file. A file is one JSON header line and the
+sealed payload; it is written to a temporary name, fsync'd and hard-linked into
+place, so a reader never sees half a segment and a replay never doubles one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.segments import Segment
+from pipeline.stores.base import Removed, Store
+
+__all__ = ["LocalFileStore"]
+
+_SUFFIX = ".seg"
+
+
+class _Name(NamedTuple):
+    segment_id: str
+    kind: str
+    user_ref: str | None
+    n_records: int
+    max_us: int
+
+    @classmethod
+    def of(cls, segment: Segment) -> _Name:
+        max_us = int(segment.max_observed_at.timestamp() * 1_000_000)
+        return cls(segment.segment_id, segment.kind, segment.user_ref, segment.n_records, max_us)
+
+    @classmethod
+    def parse(cls, filename: str) -> _Name:
+        segment_id, kind, user_ref, n, max_us = filename[: -len(_SUFFIX)].split("~")
+        return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(max_us))
+
+    def filename(self) -> str:
+        return f"{self.segment_id}~{self.kind}~{self.user_ref or '-'}~{self.n_records}~{self.max_us}{_SUFFIX}"
+
+
+class LocalFileStore(Store):
+    """Encrypted segments as files in day folders under a root directory."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost") or not parsed.path:
+            raise ConfigError(f"file store URL must be file:///absolute/path, got {url!r}")
+        self.url = url
+        self.root = Path(parsed.path)
+
+    def _guard(self, action: str) -> _Guard:
+        return _Guard(f"{self.root} unavailable during {action}")
+
+    def _path(self, segment: Segment) -> Path:
+        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+        return self.root / segment.data_type / day / segment.subject_ref / _Name.of(segment).filename()
+
+    def write(self, segments: Sequence[Segment]) -> int:
+        new = 0
+        touched: set[Path] = set()
+        with self._guard("write"):
+            for segment in segments:
+                path = self._path(segment)
+                if path.exists():
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+                header = json.dumps(
+                    {
+                        "segment_id": segment.segment_id,
+                        "subject_ref": segment.subject_ref,
+                        "user_ref": segment.user_ref,
+                        "data_type": segment.data_type,
+                        "kind": segment.kind,
+                        "key_version": segment.key_version,
+                        "min_observed_at": segment.min_observed_at.isoformat(),
+                        "max_observed_at": segment.max_observed_at.isoformat(),
+                        "n_records": segment.n_records,
+                    }
+                ).encode()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, header + b"\n" + segment.payload)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp, path)
+                    new += 1
+                except FileExistsError:
+                    pass
+                finally:
+                    os.unlink(tmp)
+                touched.add(path.parent)
+            for directory in touched:
+                _fsync_dir(directory)
+        return new
+
+    def _days(self, data_type: str | None) -> Iterator[Path]:
+        types = [data_type] if data_type else sorted(p.name for p in _dirs(self.root))
+        for name in types:
+            yield from sorted(_dirs(self.root / name), key=lambda p: p.name)
+
+    def scan(
+        self,
+        *,
+        subject_ref: str | None = None,
+        user_ref: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+        with_payload: bool = True,
+    ) -> Iterator[Segment]:
+        with self._guard("scan"):
+            for day in self._days(data_type):
+                subjects = [day / subject_ref] if subject_ref else sorted(_dirs(day))
+                for folder in subjects:
+                    for entry in sorted(_files(folder)):
+                        name = _Name.parse(entry.name)
+                        if (kind and name.kind != kind) or (user_ref and name.user_ref != user_ref):
+                            continue
+                        segment = _read(entry, with_payload)
+                        if segment is not None:
+                            yield segment
+
+    def _remove_files(self, files: Sequence[Path]) -> Removed:
+        records = 0
+        for path in files:
+            records += _Name.parse(path.name).n_records
+            path.unlink(missing_ok=True)
+        return Removed(len(files), records)
+
+    def delete(self, segment_ids: Sequence[str]) -> Removed:
+        wanted = set(segment_ids)
+        with self._guard("delete"):
+            doomed = [
+                f
+                for day in self._days(None)
+                for folder in _dirs(day)
+                for f in _files(folder)
+                if _Name.parse(f.name).segment_id in wanted
+            ]
+            return self._remove_files(doomed)
+
+    def expire(self, data_type: str, before: datetime) -> Removed:
+        removed = Removed()
+        before_us = int(before.timestamp() * 1_000_000)
+        with self._guard("expire"):
+            for day in self._days(data_type):
+                start = datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC)
+                if start >= before:
+                    break
+                if start + timedelta(days=1) <= before:  # the whole day is past the limit
+                    removed += _drop_folder(day)
+                    continue
+                removed += self._remove_files(
+                    [f for folder in _dirs(day) for f in _files(folder) if _Name.parse(f.name).max_us < before_us]
+                )
+        return removed
+
+    def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        removed = Removed()
+        with self._guard("erase"):
+            for day in self._days(None):
+                folder = day / subject_ref
+                if not folder.is_dir():
+                    continue
+                if user_ref is None:
+                    removed += _drop_folder(folder)
+                else:
+                    removed += self._remove_files(
+                        [f for f in _files(folder) if _Name.parse(f.name).user_ref == user_ref]
+                    )
+        return removed
+
+
+class _Guard:
+    """Map OS errors to StoreUnavailable with a message naming the folder."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if isinstance(exc, OSError):
+            raise StoreUnavailable(f"{self.message}: {exc.strerror or exc}") from exc
+
+
+def _dirs(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.name.endswith(_SUFFIX)]
+    except FileNotFoundError:
+        return []
+
+
+def _drop_folder(folder: Path) -> Removed:
+    files = [f for f in folder.rglob(f"*{_SUFFIX}")]
+    records = sum(_Name.parse(f.name).n_records for f in files)
+    shutil.rmtree(folder, ignore_errors=False)
+    return Removed(len(files), records)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, with_payload: bool) -> Segment | None:
+    try:
+        with path.open("rb") as fh:
+            header = json.loads(fh.readline())
+            payload = fh.read() if with_payload else b""
+    except FileNotFoundError:  # removed by a concurrent expiry
+        return None
+    except (ValueError, KeyError) as exc:
+        raise StoreError(f"segment file {path} is corrupt: {exc}") from exc
+    return Segment(
+        segment_id=header["segment_id"],
+        subject_ref=header["subject_ref"],
+        user_ref=header["user_ref"],
+        data_type=header["data_type"],
+        kind=header["kind"],
+        key_version=header["key_version"],
+        min_observed_at=datetime.fromisoformat(header["min_observed_at"]),
+        max_observed_at=datetime.fromisoformat(header["max_observed_at"]),
+        n_records=header["n_records"],
+        payload=payload,
+    )

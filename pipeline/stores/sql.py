@@ -1,0 +1,138 @@
+"""Long-term store in a SQL database (SQLite or PostgreSQL, same code)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from pipeline.db import create_schema, engine_for, segments
+from pipeline.errors import StoreError, StoreUnavailable
+from pipeline.segments import Segment
+from pipeline.stores.base import Removed, Store
+
+__all__ = ["SQLStore"]
+
+_HEADER_COLUMNS = [c for c in segments.c if c.name != "payload"]
+_CHUNK = 500
+
+
+class SQLStore(Store):
+    """Segments as rows of the ``segments`` table of the metadata database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = engine_for(url)
+        self._insert = (sqlite if self.engine.dialect.name == "sqlite" else postgresql).insert
+        with self._connection("create schema"):
+            create_schema(self.engine)
+
+    @contextmanager
+    def _connection(self, action: str, *, begin: bool = False) -> Iterator[Connection]:
+        where = self.engine.url.render_as_string(hide_password=True)
+        try:
+            with self.engine.begin() if begin else self.engine.connect() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                reason = str(exc.orig).splitlines()[0] if exc.orig else exc.__class__.__name__
+                raise StoreUnavailable(f"{where} unreachable during {action}: {reason}") from exc
+            raise StoreError(f"{where} refused {action}: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{where} failed during {action}: {exc}") from exc
+
+    def write(self, batch: Sequence[Segment]) -> int:
+        if not batch:
+            return 0
+        new = 0
+        with self._connection("write", begin=True) as conn:
+            for start in range(0, len(batch), _CHUNK):
+                chunk = batch[start : start + _CHUNK]
+                ids = [s.segment_id for s in chunk]
+                present = set(conn.scalars(select(segments.c.segment_id).where(segments.c.segment_id.in_(ids))))
+                rows = [_row(s) for s in chunk if s.segment_id not in present]
+                if rows:
+                    conn.execute(self._insert(segments).on_conflict_do_nothing(), rows)
+                    new += len(rows)
+        return new
+
+    def scan(
+        self,
+        *,
+        subject_ref: str | None = None,
+        user_ref: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+        with_payload: bool = True,
+    ) -> Iterator[Segment]:
+        columns = list(segments.c) if with_payload else _HEADER_COLUMNS
+        query = (
+            select(*columns)
+            .where(*_filters(subject_ref=subject_ref, user_ref=user_ref, data_type=data_type, kind=kind))
+            .order_by(segments.c.min_observed_at, segments.c.segment_id)
+        )
+        with self._connection("scan") as conn:
+            for row in conn.execution_options(yield_per=_CHUNK).execute(query):
+                yield _segment(row._mapping)
+
+    def _remove(self, action: str, condition: ColumnElement[bool]) -> Removed:
+        with self._connection(action, begin=True) as conn:
+            count, records = conn.execute(
+                select(func.count(), func.coalesce(func.sum(segments.c.n_records), 0)).where(condition)
+            ).one()
+            if count:
+                conn.execute(delete(segments).where(condition))
+        return Removed(int(count), int(records))
+
+    def delete(self, segment_ids: Sequence[str]) -> Removed:
+        return self._remove("delete", segments.c.segment_id.in_(list(segment_ids)))
+
+    def expire(self, data_type: str, before: datetime) -> Removed:
+        return self._remove(
+            "expire", and_(segments.c.data_type == data_type, segments.c.max_observed_at < before)
+        )
+
+    def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        return self._remove("erase", and_(*_filters(subject_ref=subject_ref, user_ref=user_ref)))
+
+    def close(self) -> None:
+        """The engine is shared per URL and process; connections return to its pool."""
+
+
+def _filters(**values: Any) -> list[ColumnElement[bool]]:
+    return [segments.c[name] == value for name, value in values.items() if value is not None]
+
+
+def _row(s: Segment) -> dict[str, Any]:
+    return {
+        "segment_id": s.segment_id,
+        "subject_ref": s.subject_ref,
+        "user_ref": s.user_ref,
+        "data_type": s.data_type,
+        "kind": s.kind,
+        "key_version": s.key_version,
+        "min_observed_at": s.min_observed_at,
+        "max_observed_at": s.max_observed_at,
+        "n_records": s.n_records,
+        "payload": s.payload,
+    }
+
+
+def _segment(row: Any) -> Segment:
+    return Segment(
+        segment_id=row["segment_id"],
+        subject_ref=row["subject_ref"],
+        user_ref=row["user_ref"],
+        data_type=row["data_type"],
+        kind=row["kind"],
+        key_version=row["key_version"],
+        min_observed_at=row["min_observed_at"],
+        max_observed_at=row["max_observed_at"],
+        n_records=row["n_records"],
+        payload=bytes(row.get("payload") or b""),
+    )

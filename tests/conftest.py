@@ -1,0 +1,106 @@
+"""Shared fixtures: an isolated home, and every store backend behind one factory table."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dask.config
+import pytest
+
+from pipeline.config import Settings
+from pipeline.stores import Store, open_store
+
+POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
+REQUIRE_POSTGRES = os.environ.get("PIPELINE_REQUIRE_POSTGRES") == "1"
+
+
+def postgres_base_url() -> str:
+    """The server URL, or skip (fail in CI, where PostgreSQL must be tested)."""
+    if not POSTGRES_URL:
+        if REQUIRE_POSTGRES:
+            pytest.fail("PIPELINE_TEST_POSTGRES_URL is not set but PostgreSQL tests are required")
+        pytest.skip("PIPELINE_TEST_POSTGRES_URL not set")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    base = make_url(postgres_base_url())
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    conninfo = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    from pipeline import db
+
+    with db._engines_lock:
+        for url in [u for u in db._engines if schema in u]:
+            db._engines.pop(url).dispose()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """An empty pipeline home; dask config points every embedded file into it."""
+    home = tmp_path / "home"
+    with dask.config.set({"pipeline.home": str(home)}):
+        yield home
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    return Settings.from_config()
+
+
+STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "memory": lambda request, tmp: f"memory://{uuid.uuid4().hex}",
+    "sqlite": lambda request, tmp: f"sqlite:///{tmp}/store.db",
+    "postgresql": lambda request, tmp: request.getfixturevalue("postgres_url"),
+    "localfiles": lambda request, tmp: f"file://{tmp}/logs",
+}
+
+
+@pytest.fixture(params=sorted(STORE_FACTORIES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Every Store backend in turn: a new backend inherits every behaviour test."""
+    opened = open_store(STORE_FACTORIES[request.param](request, tmp_path))
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def keyring(tmp_path: Path):  # noqa: ANN201
+    """A keyring in its own SQLite database with a fresh local master key."""
+    from pipeline.db import create_schema, engine_for
+    from pipeline.keys import Keyring, LocalKeyFile
+
+    engine = engine_for(f"sqlite:///{tmp_path}/keyring.db")
+    create_schema(engine)
+    return Keyring.open(engine, LocalKeyFile(tmp_path / "master.key", create=True), create=True)
+
+
+def make_record(kind: str = "cluster_snapshot", *, account: str = "acme", user: str | None = None, **fields):  # noqa: ANN003, ANN201
+    """A valid record of ``kind`` with defaults for every field."""
+    from pipeline.records import KINDS, utcnow
+
+    record = {
+        "record_id": uuid.uuid4().hex,
+        "data_type": KINDS[kind].data_type,
+        "kind": kind,
+        "account": account,
+        "user": user,
+        "cluster_id": "cluster-test",
+        "observed_at": utcnow(),
+    }
+    for field in KINDS[kind].schema:
+        record.setdefault(field.name, None)
+    record.update(fields)
+    return record

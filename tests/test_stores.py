@@ -1,0 +1,86 @@
+"""One behaviour suite for every Store backend (see STORE_FACTORIES in conftest)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from conftest import make_record
+
+from pipeline.records import rows_from_table
+from pipeline.runtime import seal_records
+from pipeline.segments import open_segment
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def _segments(keyring, *, account="acme", user=None, days=(0,), n=3):  # noqa: ANN001, ANN202
+    records = [
+        make_record(account=account, user=user, observed_at=T0 + timedelta(days=d, minutes=i), n_workers=i)
+        for d in days
+        for i in range(n)
+    ]
+    return seal_records(keyring, records)
+
+
+def test_write_scan_round_trip_decrypts_exact_records(store, keyring) -> None:
+    segments = _segments(keyring, days=(0, 1))
+    assert store.write(segments) == 2
+    scanned = list(store.scan())
+    assert sorted(s.segment_id for s in scanned) == sorted(s.segment_id for s in segments)
+    rows = [r for s in scanned for r in rows_from_table(open_segment(keyring, s))]
+    assert sorted(r["n_workers"] for r in rows) == [0, 0, 1, 1, 2, 2]
+    assert all(r["observed_at"].tzinfo is not None for r in rows)
+    assert [s.min_observed_at for s in scanned] == sorted(s.min_observed_at for s in scanned)
+
+
+def test_write_is_idempotent(store, keyring) -> None:
+    segments = _segments(keyring)
+    assert store.write(segments) == 1
+    assert store.write(segments) == 0
+    assert sum(s.n_records for s in store.scan()) == 3
+
+
+def test_scan_filters_by_subject_type_and_headers_only(store, keyring) -> None:
+    store.write(_segments(keyring, account="acme") + _segments(keyring, account="globex"))
+    acme = keyring.subject_ref("acme")
+    found = list(store.scan(subject_ref=acme, with_payload=False))
+    assert [s.subject_ref for s in found] == [acme]
+    assert found[0].payload == b""
+    assert list(store.scan(data_type="software_env")) == []
+
+
+def test_expire_removes_only_what_is_older_than_the_limit(store, keyring) -> None:
+    store.write(_segments(keyring, days=(0, 1, 2)))
+    removed = store.expire("cluster_jobs", T0 + timedelta(days=1, hours=1))
+    assert (removed.segments, removed.records) == (2, 6)
+    left = list(store.scan())
+    assert [s.min_observed_at for s in left] == [T0 + timedelta(days=2)]
+    assert store.expire("software_env", T0 + timedelta(days=10)).segments == 0
+
+
+def test_expire_leaves_a_straddling_segment_to_the_caller(store, keyring) -> None:
+    store.write(_segments(keyring, n=3))  # records at 12:00, 12:01, 12:02
+    assert store.expire("cluster_jobs", T0 + timedelta(minutes=1)).segments == 0
+    assert len(list(store.scan())) == 1
+
+
+def test_erase_account_and_single_user(store, keyring) -> None:
+    store.write(
+        _segments(keyring, account="acme", user="ann")
+        + _segments(keyring, account="acme", user="bob")
+        + _segments(keyring, account="globex")
+    )
+    acme = keyring.subject_ref("acme")
+    removed = store.erase(acme, keyring.user_ref("acme", "ann"))
+    assert (removed.segments, removed.records) == (1, 3)
+    assert {s.user_ref for s in store.scan(subject_ref=acme)} == {keyring.user_ref("acme", "bob")}
+    assert store.erase(acme).records == 3
+    assert list(store.scan(subject_ref=acme)) == []
+    assert len(list(store.scan())) == 1
+
+
+def test_delete_by_id(store, keyring) -> None:
+    segments = _segments(keyring, days=(0, 1))
+    store.write(segments)
+    assert store.delete([segments[0].segment_id]).segments == 1
+    assert [s.segment_id for s in store.scan()] == [segments[1].segment_id]
