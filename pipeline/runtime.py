@@ -6,6 +6,7 @@ opens one :class:`Pipeline` rather than wiring the parts itself.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.audit import AuditLog
 from pipeline.config import Settings
 from pipeline.db import create_schema, engine_for
 from pipeline.errors import ConfigError, KeyringError, UnknownAccountError
@@ -70,6 +72,11 @@ class Pipeline:
         provider = open_key_provider(settings.keys_url, create=create)
         keyring = Keyring.open(engine, provider, create=create)
         return cls(settings, policy, keyring, stores)
+
+    @functools.cached_property
+    def audit(self) -> AuditLog:
+        """The audit trail in the metadata database (signing key from the keyring)."""
+        return AuditLog(self.keyring.engine, self.keyring)
 
     def route(self, segments: Iterable[Segment]) -> dict[str, list[Segment]]:
         """Store name → the segments the policy lets it hold."""
