@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -74,6 +75,7 @@ def init(out: Output) -> None:
         "keys": s.keys_url,
         "policy": str(s.policy_path),
     }
+    pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
 
 
@@ -118,7 +120,9 @@ def accounts() -> None:
 @click.option("--email", required=True)
 @click.option("--team", default=None)
 @click.option("--quota", "quotas", multiple=True, metavar="NAME=NUMBER", help="Repeatable.")
-def accounts_add(out: Output, account: str, username: str, email: str, team: str | None, quotas: tuple[str, ...]) -> None:
+def accounts_add(
+    out: Output, account: str, username: str, email: str, team: str | None, quotas: tuple[str, ...]
+) -> None:
     """Register account metadata."""
     import uuid
 
@@ -158,11 +162,49 @@ def records(out: Output, account: str | None, data_type: str | None, store: str)
     rows = pipeline.read_records(store, account=account, data_type=data_type)
     n = out.rows(
         rows,
-        lambda r: f"{r['observed_at']:%Y-%m-%d %H:%M:%S}  {r['data_type']}/{r['kind']:<16} "
-        f"{r['account']}  {r['user'] or '-'}  {r['cluster_id']}",
+        lambda r: (
+            f"{r['observed_at']:%Y-%m-%d %H:%M:%S}  {r['data_type']}/{r['kind']:<16} "
+            f"{r['account']}  {r['user'] or '-'}  {r['cluster_id']}"
+        ),
     )
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
+
+
+@main.group()
+def spool() -> None:
+    """The local delivery spool of a scheduler's plugin."""
+
+
+@command(spool, "replay")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to keep retrying stores.")
+def spool_replay(out: Output, timeout: float) -> None:
+    """Deliver the batches a stopped scheduler left in the spool."""
+    from pipeline.emitter import Emitter
+    from pipeline.errors import SpoolError, StoreUnavailable
+    from pipeline.spool import Spool
+
+    pipeline = open_pipeline()
+    queue = Spool(pipeline.settings.spool_dir)
+    corrupt_before = set(queue.corrupt_files())
+    emitter = Emitter(lambda: pipeline, queue, retry_max=pipeline.settings.retry_max)
+    emitter.start()
+    delivered_all = emitter.close(timeout)
+    corrupt = sorted(set(queue.corrupt_files()) - corrupt_before)
+    summary = {
+        "batches_replayed": emitter.stats.batches_replayed,
+        "batches_delivered": emitter.stats.batches_delivered,
+        "batches_left": len(queue.pending_files()),
+        "corrupt_files": [str(p) for p in corrupt],
+    }
+    if corrupt:
+        raise SpoolError(
+            f"{len(corrupt)} corrupt spool file(s) set aside in {queue.corrupt_dir}: "
+            f"{', '.join(p.name for p in corrupt)}; {summary['batches_delivered']} other batches delivered"
+        )
+    if not delivered_all:
+        raise StoreUnavailable(f"{summary['batches_left']} batches left in the spool: {emitter.stats.last_error}")
+    out.result(summary, f"{summary['batches_delivered']} of {summary['batches_replayed']} spooled batches delivered")
 
 
 @main.group()
@@ -175,7 +217,198 @@ def keys_rotate(out: Output) -> None:
     """New master key version; data keys re-wrapped, data untouched."""
     pipeline = open_pipeline()
     version, rewrapped = pipeline.keyring.rotate_master()
+    pipeline.audit.append("key.rotated", details={"master_key_version": version, "keys_rewrapped": rewrapped})
     out.result(
         {"master_key_version": version, "keys_rewrapped": rewrapped},
         f"master key version {version}; {rewrapped} keys re-wrapped",
     )
+
+
+class UTCTime(click.ParamType):
+    """An ISO 8601 instant; without a zone it is taken as UTC."""
+
+    name = "ISO8601"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from datetime import UTC, datetime
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    from pipeline.reports.render import FORMATS
+
+    chosen = [f.strip() for f in value.split(",") if f.strip()]
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"{value!r}: choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(chosen))
+
+
+@command(main)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "formats",
+    default="html,json,csv",
+    show_default=True,
+    callback=_formats,
+    help="Comma-separated: html, json, csv.",
+)
+@click.option("--show-names", is_flag=True, help="Label accounts by name (decrypted) instead of subject refs.")
+@click.option("--now", type=UTCTime(), default=None, help="Measure ages and deadlines at this time [default: now].")
+def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now: Any) -> None:
+    """Compliance report files: inventory, retention, deletion requests, audit, usage."""
+    from pipeline.reports import build_report, write_report
+
+    built = build_report(open_pipeline(), now=now, show_names=show_names, progress=sys.stderr.isatty())
+    written = write_report(built, out_dir, formats)
+    summary = {
+        "files": [str(p) for p in written],
+        "retention": built.retention_status,
+        "overdue_records": built.overdue_records,
+        "audit": built.audit["status"],
+        "deletion_requests_overdue": built.deletion_requests["overdue"],
+    }
+    out.result(
+        summary,
+        lambda d: (
+            f"retention {d['retention']} ({d['overdue_records']:,} records past their limit); {d['audit']}; "
+            f"{d['deletion_requests_overdue']} deletion requests overdue\n" + "\n".join(f"  {f}" for f in d["files"])
+        ),
+    )
+
+
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit trail."""
+
+
+@command(audit, "verify")
+def audit_verify(out: Output) -> None:
+    """Recompute the hash chain and check every signature (exit 1 at the first bad entry)."""
+    import dataclasses
+
+    result = open_pipeline().audit.check()
+    if result.intact or out.as_json:
+        out.result(dataclasses.asdict(result), str(result))
+    if not result.intact:
+        raise CheckFailed(f"audit entry {result.first_bad_seq}: {result.reason}")
+
+
+@command(audit, "export")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def audit_export(out: Output, out_dir: Path) -> None:
+    """Entries (JSON lines), public key and the verification procedure, for a third party."""
+    from pipeline.audit_export import export_audit
+
+    manifest = export_audit(open_pipeline().audit, out_dir)
+    out.result(manifest, lambda m: f"{m['entries']:,} entries exported to {m['folder']} (head {m['head'][:16]}…)")
+
+
+@command(main)
+@click.option("--now", type=UTCTime(), default=None, help="Enforce as of this time [default: now].")
+def enforce(out: Output, now: Any) -> None:
+    """One retention pass and the pending deletion requests, then exit (for cron)."""
+    from pipeline.records import utcnow
+    from pipeline.retention.enforcer import enforce as enforce_retention
+    from pipeline.retention.requests import list_requests, process_pending
+
+    pipeline = open_pipeline()
+    now = now or utcnow()
+    report = enforce_retention(pipeline, now)
+    processed = process_pending(pipeline)
+    overdue = [r.request_id for r in list_requests(pipeline) if r.overdue(now)]
+    summary = {
+        "retention": report.as_dict(),
+        "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in processed],
+        "overdue_requests": overdue,
+    }
+    lines = [report.summary()]
+    lines += [f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in processed]
+    if overdue:
+        lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
+    out.result(summary, "\n".join(lines))
+
+
+@command(main)
+def serve(out: Output) -> None:
+    """The retention service (APScheduler) until SIGTERM or Ctrl-C."""
+    import logging
+
+    from apscheduler.events import EVENT_SCHEDULER_STARTED
+
+    from pipeline.retention.service import RetentionService
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    service = RetentionService(open_pipeline())
+    s = service.pipeline.settings
+    started = (
+        f"retention service started: retention pass on '{s.retention_cron}', deletion requests every "
+        f"{s.requests_interval:g} s; stop with SIGTERM or Ctrl-C"
+    )
+    service.scheduler.add_listener(lambda _event: click.echo(started, err=True), EVENT_SCHEDULER_STARTED)
+    service.run(handle_signals=True)
+    runs = [{"job": r.job, "slot": r.slot, "outcome": r.outcome} for r in service.history]
+    out.result({"stopped": True, "runs": runs}, f"retention service stopped after {len(runs)} scheduled runs")
+
+
+@main.group()
+def erase() -> None:
+    """Privacy deletion requests (erasure of an account or a user, everywhere)."""
+
+
+@command(erase, "request")
+@click.option("--account", required=True)
+@click.option("--user", default=None, help="Erase only this user of the account.")
+@click.option("--reason", default=None, help="Why (kept encrypted), e.g. the ticket number.")
+def erase_request(out: Output, account: str, user: str | None, reason: str | None) -> None:
+    """File a deletion request; prints its id (carried out by enforce or serve)."""
+    from pipeline.retention.requests import file_request
+
+    request = file_request(open_pipeline(), account, user, reason)
+    out.result(request.as_dict(), request.request_id)
+
+
+@command(erase, "status")
+@click.argument("request_id")
+def erase_status(out: Output, request_id: str) -> None:
+    """State and receipt of one request."""
+    from pipeline.retention.requests import get_request
+
+    request = get_request(open_pipeline(), request_id)
+    out.result(request.as_dict(), lambda d: _render_request(d, receipt=True))
+
+
+@command(erase, "list")
+def erase_list(out: Output) -> None:
+    """Every request, oldest first (JSON lines with --json)."""
+    from pipeline.retention.requests import list_requests
+
+    out.rows((r.as_dict() for r in list_requests(open_pipeline())), _render_request)
+
+
+def _render_request(d: Any, receipt: bool = False) -> str:
+    flags = " OVERDUE" if d["overdue"] else (" (completed late)" if d["completed_late"] else "")
+    line = f"{d['request_id']}  {d['state']:<11} {d['scope']:<7} deadline {d['deadline']:%Y-%m-%d}{flags}"
+    if not receipt:
+        return line
+    lines = [line]
+    if d["error"]:
+        lines.append(f"  error: {d['error']}")
+    if d["receipt"].get("note"):
+        lines.append(f"  {d['receipt']['note']}")
+    for store, got in d["receipt"].get("stores", {}).items():
+        when = got.get("erased_at", "not finished")
+        lines.append(f"  {store:<14} {got['records']} records in {got['segments']} segments removed ({when})")
+    key = d["receipt"].get("key")
+    if key:
+        lines.append(f"  data key: {key['state']}" + (f" at {key['destroyed_at']}" if "destroyed_at" in key else ""))
+    return "\n".join(lines)

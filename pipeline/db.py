@@ -8,14 +8,22 @@ with SQLAlchemy Core so that the same code runs on both dialects.
 
 from __future__ import annotations
 
+import fcntl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -27,14 +35,25 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.sqlite import Insert
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 
-__all__ = ["UTCDateTime", "create_schema", "engine_for", "metadata"]
+__all__ = [
+    "UTCDateTime",
+    "alembic_config",
+    "create_schema",
+    "engine_for",
+    "insert_ignoring_duplicates",
+    "metadata",
+    "transaction",
+]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -58,6 +77,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 metadata = MetaData()
+#: created and owned by APScheduler's SQLAlchemyJobStore, not by our migrations
+APSCHEDULER_TABLE = "apscheduler_jobs"
 
 segments = Table(
     "segments",
@@ -116,6 +137,7 @@ audit_log = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
     Column("signature", String(128), nullable=False),
+    Index("ix_audit_action", "action", "seq"),  # last policy.loaded / retention.pass
 )
 
 leases = Table(
@@ -124,6 +146,7 @@ leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime),  # set once the work is done: never granted again
 )
 
 _engines: dict[str, Engine] = {}
@@ -162,14 +185,67 @@ def _create_engine(url: str) -> Engine:
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
-        raise ConfigError(
-            f"no driver for {parsed.drivername!r}: install dask-metadata-pipeline[postgres]"
-        ) from exc
+        raise ConfigError(f"no driver for {parsed.drivername!r}: install dask-metadata-pipeline[postgres]") from exc
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
 
+def insert_ignoring_duplicates(engine: Engine, table: Table) -> Insert:
+    """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect (idempotent writes)."""
+    dialect = sqlite if engine.dialect.name == "sqlite" else postgresql
+    return dialect.insert(table).on_conflict_do_nothing()
+
+
+def include_in_migrations(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Leave APScheduler's own job table to APScheduler."""
+    return not (type_ == "table" and name == APSCHEDULER_TABLE)
+
+
+def alembic_config(connection: Connection) -> Config:
+    """Alembic configuration for the migrations shipped in ``pipeline/migrations``."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    config.attributes["connection"] = connection
+    return config
+
+
 def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet (idempotent)."""
-    metadata.create_all(engine, checkfirst=True)
+    """Upgrade the schema to the newest migration (idempotent; safe with concurrent callers)."""
+    head = ScriptDirectory.from_config(alembic_config(None)).get_current_head()  # type: ignore[arg-type]
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+    with _one_upgrader(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+        if MigrationContext.configure(conn).get_current_revision() != head:
+            command.upgrade(alembic_config(conn), "head")
+
+
+@contextmanager
+def _one_upgrader(engine: Engine) -> Iterator[None]:
+    """SQLite runs DDL outside transactions: serialise upgrades with a lock file beside the database."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.schema-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def transaction(engine: Engine, what: str) -> Iterator[Connection]:
+    """``engine.begin()`` with database failures mapped to pipeline errors naming ``what``."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc.__class__.__name__).splitlines()[0]
+        if isinstance(exc, OperationalError):
+            raise StoreUnavailable(f"{what}: metadata database unavailable: {reason}") from exc
+        raise StoreError(f"{what}: metadata database refused: {reason}") from exc

@@ -6,7 +6,9 @@ spools each batch durably, then delivers it to every store the policy routes
 it to, retrying a store that is down with exponential back-off. A batch leaves
 the spool when all its stores have acknowledged it; on start, batches left by
 an earlier process are replayed. ``close`` flushes for a bounded time and
-leaves whatever it could not deliver in the spool.
+leaves whatever it could not deliver in the spool. Deliveries are counted per
+store and data type and summarised in the audit trail once per hour (and on
+close), never per record.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from pipeline.errors import StoreUnavailable
+from pipeline.records import utcnow
 from pipeline.runtime import Pipeline, seal_records
+from pipeline.segments import Segment
 from pipeline.spool import Batch, Spool
 
 __all__ = ["Emitter", "EmitterStats"]
@@ -39,6 +46,7 @@ class EmitterStats:
     batches_replayed: int = 0
     batches_delivered: int = 0
     corrupt_spool_files: int = 0
+    records_dropped: int = 0
     delivery_failures: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
 
@@ -58,7 +66,7 @@ class Emitter:
         self.spool = spool
         self.retry_max = retry_max
         self.stats = EmitterStats()
-        self._queue: queue.Queue[list[Mapping[str, Any]]] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[Sequence[Mapping[str, Any]]] = queue.Queue(maxsize=max_queue)
         self._pending: list[Batch] = []
         self._unsealed: list[Mapping[str, Any]] = []
         self._retry_at: dict[str, float] = {}
@@ -68,12 +76,14 @@ class Emitter:
         self._deadline = float("inf")
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="metadata-emitter", daemon=True)
+        self._ingested: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
+        self._ingest_hour: datetime | None = None
         self.pipeline: Pipeline | None = None
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, records: list[Mapping[str, Any]]) -> None:
+    def submit(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Hand records over without blocking; thread-safe."""
         if not records:
             return
@@ -127,7 +137,9 @@ class Emitter:
             with self._idle:
                 if self._is_idle():
                     self._idle.notify_all()
+            self._summarise_ingest()
             if self._closing.is_set() and (self._is_idle() or time.monotonic() >= self._deadline):
+                self._summarise_ingest(final=True)
                 return
             self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
@@ -157,19 +169,39 @@ class Emitter:
             return
         assert self.pipeline is not None
         try:
-            segments = seal_records(self.pipeline.keyring, records)
+            segments = self._seal(records)
             routed = self.pipeline.route(segments)
             targets = frozenset(name for name, batch in routed.items() if batch)
             batch = self.spool.append(segments, targets)
-        except Exception as exc:  # keyring unreachable: keep the records in memory and retry
+        except (StoreUnavailable, OSError) as exc:  # keyring or spool disk unavailable: retry
             self._unsealed = records
-            self._note_error("seal", exc)
+            self._note_error("seal and spool", exc)
             return
         self._unsealed = []
         self._backoff.pop("pipeline", None)
         self._pending.append(batch)
         self.stats.records_sealed += len(records)
         self.stats.batches_spooled += 1
+
+    def _seal(self, records: list[Mapping[str, Any]]) -> list[Segment]:
+        """Seal records; a malformed one is dropped and counted, never retried (it would block the rest)."""
+        assert self.pipeline is not None
+        try:
+            return seal_records(self.pipeline.keyring, records)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            good = []
+            for record in records:
+                try:
+                    seal_records(self.pipeline.keyring, [record])
+                    good.append(record)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    self.stats.records_dropped += 1
+                    self._note_error(f"seal a malformed {record.get('kind')} record (dropped)", exc)
+            return seal_records(self.pipeline.keyring, good)
 
     def _deliver(self) -> None:
         assert self.pipeline is not None
@@ -189,10 +221,32 @@ class Emitter:
                     self._retry_at[name] = time.monotonic() + self._backoff_for(name)
                     break
                 self._backoff.pop(name, None)
+                self._count_ingested(name, segments)
                 self.spool.ack(batch, name)
                 if not batch.waiting_for:
                     self._pending.remove(batch)
                     self.stats.batches_delivered += 1
+
+    def _count_ingested(self, store: str, segments: Sequence[Segment]) -> None:
+        self._summarise_ingest()
+        counts = self._ingested.setdefault(store, Counter())
+        for segment in segments:
+            counts[segment.data_type] += segment.n_records
+        self._ingest_hour = self._ingest_hour or _hour(utcnow())
+
+    def _summarise_ingest(self, *, final: bool = False) -> None:
+        """Append ``ingest.summary`` once the hour of the counted deliveries is over (or on close)."""
+        if self._ingest_hour is None or (not final and _hour(utcnow()) == self._ingest_hour):
+            return
+        assert self.pipeline is not None
+        records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._ingested.items())}
+        try:
+            details = {"hour": self._ingest_hour.isoformat(), "records": records}
+            self.pipeline.audit.append("ingest.summary", details=details)
+        except Exception as exc:  # the database may be down: keep counting, retry on the next loop
+            self._note_error("write the ingest summary", exc)
+            return
+        self._ingested, self._ingest_hour = {}, None
 
     def _backoff_for(self, name: str) -> float:
         delay = min(self._backoff.get(name, _MIN_BACKOFF / 2) * 2, self.retry_max)
@@ -213,3 +267,7 @@ class Emitter:
         if message != self.stats.last_error:
             logger.warning("metadata emitter could not %s", message)
         self.stats.last_error = message
+
+
+def _hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)

@@ -28,7 +28,5 @@ def installed_environment() -> dict[str, Any]:
 
 def environment_id(image: str | None, python_version: str, packages: dict[str, str]) -> str:
     """Content hash of an environment: equal environments get equal ids."""
-    canonical = json.dumps(
-        {"image": image, "python_version": python_version, "packages": packages}, sort_keys=True
-    )
+    canonical = json.dumps({"image": image, "python_version": python_version, "packages": packages}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]

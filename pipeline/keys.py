@@ -20,15 +20,16 @@ import os
 import stat
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.db import keyring_keys
+from pipeline.db import insert_ignoring_duplicates, keyring_keys
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
 from pipeline.records import utcnow
 
@@ -87,8 +88,7 @@ class LocalKeyFile(KeyProvider):
         mode = stat.S_IMODE(self.path.stat().st_mode)
         if mode & 0o077:
             raise KeyringError(
-                f"master key file {self.path} is readable by others (mode {mode:04o}); "
-                f"run chmod 600 {self.path}"
+                f"master key file {self.path} is readable by others (mode {mode:04o}); run chmod 600 {self.path}"
             )
         try:
             doc = json.loads(self.path.read_text())
@@ -127,9 +127,7 @@ class LocalKeyFile(KeyProvider):
         try:
             return cipher.decrypt(blob[:_NONCE], blob[_NONCE:], aad)
         except InvalidTag:
-            raise KeyringError(
-                f"master key file {self.path} does not open this keyring (wrong key)"
-            ) from None
+            raise KeyringError(f"master key file {self.path} does not open this keyring (wrong key)") from None
 
     def rotate(self) -> int:
         with self._lock:
@@ -167,6 +165,9 @@ class Keyring:
         self._ciphers: dict[str, tuple[int, AESGCM]] = {}
         self._refs: dict[tuple[str, str | None], str] = {}
         self._index_key = self._load_index_key()
+        #: called with (subject_ref, key_version) after a subject's data key is created; the
+        #: pipeline records it in the audit trail (a hook, so keys.py does not import audit)
+        self.on_key_created: Callable[[str, int], None] | None = None
 
     @classmethod
     def open(cls, engine: Engine, provider: KeyProvider, *, create: bool = False) -> Keyring:
@@ -182,8 +183,10 @@ class Keyring:
         master_version, wrapped = provider.wrap(key, _aad(key_id, 1))
         try:
             with engine.begin() as conn:
-                conn.execute(
-                    insert(keyring_keys).values(
+                created = conn.execute(
+                    insert_ignoring_duplicates(engine, keyring_keys)
+                    .returning(keyring_keys.c.key_id)  # rowcount is -1 on PostgreSQL for this statement
+                    .values(
                         key_id=key_id,
                         purpose=purpose,
                         key_version=1,
@@ -191,10 +194,8 @@ class Keyring:
                         wrapped=wrapped,
                         created_at=utcnow(),
                     )
-                )
-            return True
-        except IntegrityError:
-            return False
+                ).first()
+            return created is not None
         except SQLAlchemyError as exc:
             raise StoreUnavailable(f"keyring database unreachable: {exc.__class__.__name__}") from exc
 
@@ -209,8 +210,7 @@ class Keyring:
         row = self._row(INDEX_KEY_ID)
         if row is None:
             raise KeyringError(
-                f"no keyring in {self.engine.url.render_as_string(hide_password=True)}; "
-                "run metadata-pipeline init"
+                f"no keyring in {self.engine.url.render_as_string(hide_password=True)}; run metadata-pipeline init"
             )
         return self.provider.unwrap(row.master_version, row.wrapped, _aad(INDEX_KEY_ID, row.key_version))
 
@@ -228,8 +228,10 @@ class Keyring:
 
     def named_key(self, key_id: str, purpose: str) -> bytes:
         """A wrapped key kept for another component (e.g. the audit signing key)."""
-        self._ensure_key(self.engine, self.provider, key_id, purpose)
         row = self._row(key_id)
+        if row is None:
+            self._ensure_key(self.engine, self.provider, key_id, purpose)
+            row = self._row(key_id)
         return self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
 
     def cipher(self, subject_ref: str, *, create: bool = True) -> tuple[int, AESGCM]:
@@ -255,26 +257,35 @@ class Keyring:
 
     def _new_version(self, subject_ref: str, destroyed):  # noqa: ANN001, ANN202
         if destroyed is None:
-            self._ensure_key(self.engine, self.provider, subject_ref, "subject")
+            created = self._ensure_key(self.engine, self.provider, subject_ref, "subject")
         else:  # a subject erased earlier comes back: a new key version, old data stays unreadable
             version = destroyed.key_version + 1
             master_version, wrapped = self.provider.wrap(AESGCM.generate_key(256), _aad(subject_ref, version))
             with self.engine.begin() as conn:
-                conn.execute(
-                    update(keyring_keys)
-                    .where(keyring_keys.c.key_id == subject_ref, keyring_keys.c.wrapped.is_(None))
-                    .values(key_version=version, master_version=master_version, wrapped=wrapped,
-                            created_at=utcnow(), destroyed_at=None)
+                created = (
+                    conn.execute(
+                        update(keyring_keys)
+                        .where(keyring_keys.c.key_id == subject_ref, keyring_keys.c.wrapped.is_(None))
+                        .values(
+                            key_version=version,
+                            master_version=master_version,
+                            wrapped=wrapped,
+                            created_at=utcnow(),
+                            destroyed_at=None,
+                        )
+                    ).rowcount
+                    > 0
                 )
-        return self._row(subject_ref)
+        row = self._row(subject_ref)
+        if created and self.on_key_created is not None:
+            self.on_key_created(subject_ref, row.key_version)
+        return row
 
     def cipher_for(self, subject_ref: str, key_version: int) -> AESGCM:
         """The data key that sealed a segment; fails once the key was destroyed."""
         version, cipher = self.cipher(subject_ref, create=False)
         if version != key_version:
-            raise KeyringError(
-                f"data key version {key_version} of subject {subject_ref[:12]}… was destroyed"
-            )
+            raise KeyringError(f"data key version {key_version} of subject {subject_ref[:12]}… was destroyed")
         return cipher
 
     def key_state(self, subject_ref: str) -> str:
@@ -301,7 +312,10 @@ class Keyring:
         with self.engine.begin() as conn:
             rows = conn.execute(select(keyring_keys).where(keyring_keys.c.wrapped.is_not(None))).all()
             plain = {
-                r.key_id: (r.key_version, self.provider.unwrap(r.master_version, r.wrapped, _aad(r.key_id, r.key_version)))
+                r.key_id: (
+                    r.key_version,
+                    self.provider.unwrap(r.master_version, r.wrapped, _aad(r.key_id, r.key_version)),
+                )
                 for r in rows
             }
             version = self.provider.rotate()

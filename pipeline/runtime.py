@@ -71,7 +71,13 @@ class Pipeline:
             create_schema(engine)
         provider = open_key_provider(settings.keys_url, create=create)
         keyring = Keyring.open(engine, provider, create=create)
-        return cls(settings, policy, keyring, stores)
+        pipeline = cls(settings, policy, keyring, stores)
+        keyring.on_key_created = pipeline._audit_key_created
+        pipeline.audit.note_policy(policy.path, policy.sha256)
+        return pipeline
+
+    def _audit_key_created(self, subject_ref: str, key_version: int) -> None:
+        self.audit.append("key.created", subject_ref=subject_ref, details={"key_version": key_version})
 
     @functools.cached_property
     def audit(self) -> AuditLog:
@@ -111,6 +117,18 @@ class Pipeline:
         kind: str | None = None,
     ) -> Iterator[pa.Table]:
         """Decrypted Arrow tables, one per segment, skipping crypto-shredded subjects."""
+        for _segment, table in self.read_segments(store, account=account, data_type=data_type, kind=kind):
+            yield table
+
+    def read_segments(
+        self,
+        store: str = "long_term",
+        *,
+        account: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+    ) -> Iterator[tuple[Segment, pa.Table]]:
+        """Each readable segment with its decrypted table (reports need the clear refs too)."""
         subject_ref = self.subject_ref(account) if account is not None else None
         live: dict[str, int | None] = {}
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
@@ -118,7 +136,7 @@ class Pipeline:
             if ref not in live:
                 live[ref] = self._live_key_version(ref)
             if live[ref] == segment.key_version:
-                yield open_segment(self.keyring, segment)
+                yield segment, open_segment(self.keyring, segment)
 
     def _live_key_version(self, subject_ref: str) -> int | None:
         try:

@@ -84,3 +84,15 @@ def test_delete_by_id(store, keyring) -> None:
     store.write(segments)
     assert store.delete([segments[0].segment_id]).segments == 1
     assert [s.segment_id for s in store.scan()] == [segments[1].segment_id]
+
+
+def test_straddling_finds_only_segments_across_the_limit(store, keyring) -> None:
+    store.write(_segments(keyring, days=(0, 1, 2), n=3))  # each day: 12:00, 12:01, 12:02
+    cut = T0 + timedelta(days=1, minutes=1)
+    found = list(store.straddling("cluster_jobs", cut))
+    assert [(s.min_observed_at, s.max_observed_at) for s in found] == [
+        (T0 + timedelta(days=1), T0 + timedelta(days=1, minutes=2))
+    ]
+    assert found[0].payload  # complete: the caller decrypts and rewrites it
+    assert list(store.straddling("cluster_jobs", T0 + timedelta(days=1))) == []  # oldest == limit: kept whole
+    assert list(store.straddling("software_env", cut)) == []

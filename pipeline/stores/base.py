@@ -74,5 +74,15 @@ class Store(ABC):
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         """Remove every segment of a subject, or only those of one of its users."""
 
-    def close(self) -> None:
+    def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
+        """Segments of ``data_type`` with records on both sides of ``at`` (oldest < at <= newest).
+
+        What :meth:`expire` leaves for the enforcer to rewrite. This version scans
+        every segment of the type; backends with an index on the time range override it.
+        """
+        for segment in self.scan(data_type=data_type):
+            if segment.min_observed_at < at <= segment.max_observed_at:
+                yield segment
+
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release connections and handles."""

@@ -4,8 +4,9 @@ Layout: ``ROOT/<data_type>/<YYYY-MM-DD>/<subject_ref>/<file>.seg`` where the day
 is that of the segment's *newest* record, so every record in a day folder is
 older than the next midnight: expiry drops whole folders (O(days), not
 O(records)) and only reads names in the one folder the limit falls inside.
-File names carry the id, kind, user ref, record count and newest timestamp, so
-counting and expiring never open a file. A file is one JSON header line and the
+File names carry the id, kind, user ref, record count and oldest and newest
+timestamps, so counting, expiring and finding segments that straddle a limit
+never open a file. A file is one JSON header line and the
 sealed payload; it is written to a temporary name, fsync'd and hard-linked into
 place, so a reader never sees half a segment and a replay never doubles one.
 """
@@ -36,20 +37,34 @@ class _Name(NamedTuple):
     kind: str
     user_ref: str | None
     n_records: int
+    min_us: int
     max_us: int
 
     @classmethod
     def of(cls, segment: Segment) -> _Name:
-        max_us = int(segment.max_observed_at.timestamp() * 1_000_000)
-        return cls(segment.segment_id, segment.kind, segment.user_ref, segment.n_records, max_us)
+        return cls(
+            segment.segment_id,
+            segment.kind,
+            segment.user_ref,
+            segment.n_records,
+            _us(segment.min_observed_at),
+            _us(segment.max_observed_at),
+        )
 
     @classmethod
     def parse(cls, filename: str) -> _Name:
-        segment_id, kind, user_ref, n, max_us = filename[: -len(_SUFFIX)].split("~")
-        return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(max_us))
+        segment_id, kind, user_ref, n, min_us, max_us = filename[: -len(_SUFFIX)].split("~")
+        return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(min_us), int(max_us))
 
     def filename(self) -> str:
-        return f"{self.segment_id}~{self.kind}~{self.user_ref or '-'}~{self.n_records}~{self.max_us}{_SUFFIX}"
+        return (
+            f"{self.segment_id}~{self.kind}~{self.user_ref or '-'}~{self.n_records}"
+            f"~{self.min_us}~{self.max_us}{_SUFFIX}"
+        )
+
+
+def _us(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
 
 
 class LocalFileStore(Store):
@@ -157,7 +172,7 @@ class LocalFileStore(Store):
 
     def expire(self, data_type: str, before: datetime) -> Removed:
         removed = Removed()
-        before_us = int(before.timestamp() * 1_000_000)
+        before_us = _us(before)
         with self._guard("expire"):
             for day in self._days(data_type):
                 start = datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC)
@@ -170,6 +185,19 @@ class LocalFileStore(Store):
                     [f for folder in _dirs(day) for f in _files(folder) if _Name.parse(f.name).max_us < before_us]
                 )
         return removed
+
+    def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
+        at_us = _us(at)
+        with self._guard("scan"):
+            for day in self._days(data_type):
+                if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) <= at:
+                    continue  # every segment in this folder is older than ``at``
+                for entry in sorted(f for folder in _dirs(day) for f in _files(folder)):
+                    name = _Name.parse(entry.name)
+                    if name.min_us < at_us <= name.max_us:
+                        segment = _read(entry, with_payload=True)
+                        if segment is not None:
+                            yield segment
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         removed = Removed()

@@ -66,6 +66,4 @@ class MemoryStore(Store):
         return self._remove(lambda s: s.data_type == data_type and s.max_observed_at < before)
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
-        return self._remove(
-            lambda s: s.subject_ref == subject_ref and (user_ref is None or s.user_ref == user_ref)
-        )
+        return self._remove(lambda s: s.subject_ref == subject_ref and (user_ref is None or s.user_ref == user_ref))

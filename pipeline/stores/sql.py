@@ -8,10 +8,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from pipeline.db import create_schema, engine_for, segments
+from pipeline.db import create_schema, engine_for, insert_ignoring_duplicates, segments
 from pipeline.errors import StoreError, StoreUnavailable
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store
@@ -28,7 +27,7 @@ class SQLStore(Store):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = engine_for(url)
-        self._insert = (sqlite if self.engine.dialect.name == "sqlite" else postgresql).insert
+        self._insert = insert_ignoring_duplicates(self.engine, segments)
         with self._connection("create schema"):
             create_schema(self.engine)
 
@@ -57,7 +56,7 @@ class SQLStore(Store):
                 present = set(conn.scalars(select(segments.c.segment_id).where(segments.c.segment_id.in_(ids))))
                 rows = [_row(s) for s in chunk if s.segment_id not in present]
                 if rows:
-                    conn.execute(self._insert(segments).on_conflict_do_nothing(), rows)
+                    conn.execute(self._insert, rows)
                     new += len(rows)
         return new
 
@@ -93,12 +92,18 @@ class SQLStore(Store):
         return self._remove("delete", segments.c.segment_id.in_(list(segment_ids)))
 
     def expire(self, data_type: str, before: datetime) -> Removed:
-        return self._remove(
-            "expire", and_(segments.c.data_type == data_type, segments.c.max_observed_at < before)
-        )
+        return self._remove("expire", and_(segments.c.data_type == data_type, segments.c.max_observed_at < before))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         return self._remove("erase", and_(*_filters(subject_ref=subject_ref, user_ref=user_ref)))
+
+    def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
+        query = select(segments).where(
+            segments.c.data_type == data_type, segments.c.max_observed_at >= at, segments.c.min_observed_at < at
+        )
+        with self._connection("scan") as conn:
+            for row in conn.execution_options(yield_per=_CHUNK).execute(query):
+                yield _segment(row._mapping)
 
     def close(self) -> None:
         """The engine is shared per URL and process; connections return to its pool."""

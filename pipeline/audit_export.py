@@ -1,0 +1,46 @@
+"""``audit export``: the audit trail as files a third party verifies without this package.
+
+The folder gets ``entries.jsonl`` (one entry a line, as :meth:`AuditEntry.as_dict`),
+``public_key.pem``, ``manifest.json`` (count and head hash) and ``README.md``,
+which documents the procedure and carries a verification script that needs only
+``cryptography``; the test suite runs that very script on an export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipeline.audit import GENESIS, AuditLog
+from pipeline.records import utcnow
+
+__all__ = ["README_NAME", "export_audit", "verification_readme"]
+
+README_NAME = "audit_export_README.md"
+
+
+def verification_readme() -> str:
+    """The procedure (and script) shipped with every export."""
+    return (resources.files("pipeline") / "reports" / "templates" / README_NAME).read_text(encoding="utf-8")
+
+
+def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
+    """Write the export into ``out_dir`` (created if needed); returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count, head = 0, GENESIS
+    tmp = out_dir / "entries.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for entry in audit.entries():
+            fh.write(json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+            count, head = entry.seq, entry.entry_hash
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out_dir / "entries.jsonl")
+    (out_dir / "public_key.pem").write_bytes(audit.public_key_pem())
+    manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": "Ed25519"}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / "README.md").write_text(verification_readme(), encoding="utf-8")
+    return {**manifest, "folder": str(out_dir)}

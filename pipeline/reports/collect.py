@@ -1,0 +1,183 @@
+"""Build a :class:`Report` from an open pipeline: scan, decrypt, hand Arrow to DuckDB.
+
+Each store is scanned once per record kind; each decrypted segment becomes Arrow
+batches of the few columns the report needs (with the subject as a small
+integer), streamed into :class:`ReportDB`. Names are decrypted into memory only
+when ``show_names`` asks for them; otherwise the report shows subject refs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import select
+
+from pipeline.db import deletion_requests
+from pipeline.records import KINDS, TIMESTAMP, utcnow
+from pipeline.reports.model import Report
+from pipeline.reports.plots import render_plots
+from pipeline.reports.queries import ReportDB, slice_schema
+from pipeline.runtime import Pipeline
+
+__all__ = ["build_report"]
+
+_REQUESTS_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string()),
+        pa.field("state", pa.string()),
+        pa.field("created_at", TIMESTAMP),
+        pa.field("deadline", TIMESTAMP),
+        pa.field("completed_at", TIMESTAMP),
+    ]
+)
+
+
+def build_report(
+    pipeline: Pipeline,
+    *,
+    now: datetime | None = None,
+    show_names: bool = False,
+    progress: bool = False,
+    plots: bool = True,
+) -> Report:
+    """Scan every store and compute every section.
+
+    :param now: the instant retention ages and request deadlines are measured against
+    :param show_names: label accounts by their decrypted names instead of subject refs
+    :param progress: show a progress bar on stderr (for long scans on a terminal)
+    """
+    now = now or utcnow()
+    db = ReportDB(pipeline.policy, now)
+    headers: Counter[tuple[str, str]] = Counter()
+    header_records: Counter[tuple[str, str]] = Counter()
+    for name, store in pipeline.stores.items():
+        for segment in store.scan(with_payload=False):
+            headers[(name, segment.data_type)] += 1
+            header_records[(name, segment.data_type)] += segment.n_records
+    db.add_headers(
+        (store_name, data_type, n, header_records[(store_name, data_type)])
+        for (store_name, data_type), n in headers.items()
+    )
+
+    refs: dict[str, int] = {}
+    names: dict[str, str] = {}
+    with _progress(progress, sum(headers.values())) as advance:
+        for store_name in pipeline.stores:
+            for kind in KINDS:
+                schema = slice_schema(kind, usage=store_name == db.usage_store)
+                batches = _slices(pipeline, store_name, kind, schema, refs, names if show_names else None, advance)
+                _add_slice(db, store_name, kind, schema, batches)
+    db.add_requests(_requests_table(pipeline))
+
+    subject_refs = {i: ref for ref, i in refs.items()}
+
+    def label(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            ref = subject_refs[row.pop("subject")]
+            named = {"account": names.get(ref)} if show_names else {}
+            out.append({"subject_ref": ref, **named, **row})
+        return out
+
+    report = Report(
+        generated_at=utcnow(),
+        now=now,
+        policy={"path": pipeline.policy.path, "sha256": pipeline.policy.sha256},
+        names_shown=show_names,
+        inventory=db.inventory(),
+        retention=db.retention(),
+        deletion_requests=db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
+        audit=_audit_section(pipeline),
+        usage=label(db.usage()),
+        usage_daily=label(db.usage_daily()),
+        records_by_day=db.records_by_day(),
+    )
+    if plots:
+        report.plots = render_plots(report)
+    return report
+
+
+def _slices(
+    pipeline: Pipeline,
+    store: str,
+    kind: str,
+    schema: pa.Schema,
+    refs: dict[str, int],
+    names: dict[str, str] | None,
+    advance: Callable[[], None],
+) -> Iterator[pa.RecordBatch]:
+    data_type = KINDS[kind].data_type
+    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind):
+        advance()
+        if not table.num_rows:
+            continue
+        subject = refs.setdefault(segment.subject_ref, len(refs))
+        if names is not None:
+            names.setdefault(segment.subject_ref, table.column("account")[0].as_py())
+        columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
+        columns += [table.column(f.name).cast(f.type) for f in list(schema)[1:]]
+        yield from pa.Table.from_arrays(columns, schema=schema).to_batches()
+
+
+def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
+    """Stream a slice into DuckDB; an error raised while decrypting surfaces as itself, not wrapped by DuckDB."""
+    failures: list[Exception] = []
+
+    def kept() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from batches
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    try:
+        db.add_slice(store, kind, pa.RecordBatchReader.from_batches(schema, kept()))
+    except duckdb.Error:
+        if failures:
+            raise failures[0] from None
+        raise
+
+
+def _requests_table(pipeline: Pipeline) -> pa.Table:
+    columns = [deletion_requests.c[f.name] for f in _REQUESTS_SCHEMA]
+    with pipeline.keyring.engine.connect() as conn:
+        rows = [dict(row._mapping) for row in conn.execute(select(*columns))]
+    return pa.Table.from_pylist(rows, schema=_REQUESTS_SCHEMA)
+
+
+def _audit_section(pipeline: Pipeline) -> dict[str, Any]:
+    audit = pipeline.audit
+    result = audit.check()
+    last_pass = audit.last("retention.pass")
+    by_action = audit.action_counts()
+    return {
+        "status": str(result),
+        "intact": result.intact,
+        "entries": sum(by_action.values()),
+        "verified_entries": result.entries,
+        "first_bad_seq": result.first_bad_seq,
+        "reason": result.reason,
+        "last_retention_pass": None
+        if last_pass is None
+        else {"seq": last_pass.seq, "recorded_at": last_pass.recorded_at, "details": last_pass.details},
+        "by_action": [{"action": action, "entries": n} for action, n in sorted(by_action.items())],
+    }
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
+    if not enabled or not total:
+        yield lambda: None
+        return
+    columns = (TextColumn("decrypting segments"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("scan", total=total)
+        yield lambda: bar.advance(task)

@@ -1,0 +1,68 @@
+"""The report as data: what every renderer (HTML, JSON, CSV, notebook) shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = ["Report"]
+
+
+@dataclass
+class Report:
+    """Sections of the compliance report; plots are PNG bytes (HTML and notebook only)."""
+
+    generated_at: datetime
+    now: datetime
+    policy: dict[str, Any]
+    names_shown: bool
+    inventory: list[dict[str, Any]]
+    retention: list[dict[str, Any]]
+    deletion_requests: dict[str, Any]
+    audit: dict[str, Any]
+    usage: list[dict[str, Any]]
+    usage_daily: list[dict[str, Any]]
+    records_by_day: list[dict[str, Any]]
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def overdue_records(self) -> int:
+        """Records past their store's retention limit (0 after ``enforce``)."""
+        return sum(row["overdue"] for row in self.retention)
+
+    @property
+    def retention_status(self) -> str:
+        return "PASS" if all(row["status"] == "PASS" for row in self.retention) else "FAIL"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers, machine-readable (the JSON report)."""
+        return {
+            "generated_at": self.generated_at,
+            "now": self.now,
+            "policy": self.policy,
+            "names_shown": self.names_shown,
+            "inventory": self.inventory,
+            "retention": {"status": self.retention_status, "overdue": self.overdue_records, "rows": self.retention},
+            "deletion_requests": self.deletion_requests,
+            "audit": self.audit,
+            "usage": {"accounts": self.usage, "daily": self.usage_daily},
+            "records_by_day": self.records_by_day,
+        }
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        """Every table of the report by name (the CSV report writes one file each)."""
+        requests = self.deletion_requests
+        summary = {k: v for k, v in requests.items() if k not in ("by_state", "requests")}
+        audit = {k: v for k, v in self.audit.items() if not isinstance(v, list | dict)}
+        return {
+            "inventory": self.inventory,
+            "retention": self.retention,
+            "deletion_requests_summary": [summary],
+            "deletion_requests_by_state": requests["by_state"],
+            "deletion_requests": requests["requests"],
+            "audit": [audit],
+            "audit_actions": self.audit["by_action"],
+            "usage_accounts": self.usage,
+            "usage_daily": self.usage_daily,
+        }

@@ -1,0 +1,114 @@
+"""Write a :class:`Report` as HTML (one self-contained file), JSON, or CSV (one file per table)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import date, datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.output import to_json
+from pipeline.reports.model import Report
+from pipeline.reports.plots import account_label
+
+__all__ = ["FORMATS", "html_table", "render_html", "write_report"]
+
+FORMATS = ("html", "json", "csv")
+
+
+def write_report(report: Report, out_dir: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Write the chosen formats into ``out_dir``; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers: dict[str, Callable[[Report, Path], list[Path]]] = {"html": _html, "json": _json, "csv": _csv}
+    written: list[Path] = []
+    for name in formats:
+        written += writers[name](report, out_dir)
+    return written
+
+
+def _json(report: Report, out_dir: Path) -> list[Path]:
+    path = out_dir / "report.json"
+    path.write_text(to_json(report.as_dict(), indent=2) + "\n")
+    return [path]
+
+
+def _csv(report: Report, out_dir: Path) -> list[Path]:
+    paths = []
+    for name, rows in report.tables().items():
+        path = out_dir / f"{name}.csv"
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, columns)
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        paths.append(path)
+    return paths
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return to_json(value) if isinstance(value, dict | list) else value
+
+
+def render_html(report: Report) -> str:
+    """The report as one HTML page with its plots embedded."""
+    try:
+        import jinja2
+    except ModuleNotFoundError as exc:
+        raise ConfigError("the HTML report needs jinja2: install dask-metadata-pipeline[reports]") from exc
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline.reports", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(num=_num, when=_when, size=_size, b64=lambda b: base64.b64encode(b).decode())
+    env.globals["account_label"] = account_label
+    return env.get_template("report.html.j2").render(r=report)
+
+
+def _html(report: Report, out_dir: Path) -> list[Path]:
+    path = out_dir / "report.html"
+    path.write_text(render_html(report), encoding="utf-8")
+    return [path]
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _when(value: datetime | date | None) -> str:
+    if value is None:
+        return "–"
+    return value.strftime("%Y-%m-%d %H:%M UTC") if isinstance(value, datetime) else value.isoformat()
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "–"
+    size, units = float(value), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size, units = size / 1024, units[1:]
+    return f"{size:,.1f} {units[0]}"
+
+
+def html_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows as a plain HTML table, numbers and times formatted as in the report (for notebooks)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return _num(value, 3)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _num(value)
+        if isinstance(value, datetime | date):
+            return _when(value)
+        return "–" if value is None else str(value)
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell(row.get(c)))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,91 @@
+"""`audit export`: a third party verifies it with the README's script, which needs only `cryptography`."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import make_record
+
+from pipeline.cli import main
+from pipeline.runtime import Pipeline
+
+
+def export(home: Path, tmp_path: Path) -> Path:
+    pipeline = Pipeline.open(create=True)
+    pipeline.write_records([make_record(account="acme"), make_record("job", account="globex", job_id="j")])
+    pipeline.audit.append_many({"action": "test.entry", "details": {"n": i, "note": "ünïcode"}} for i in range(20))
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["audit", "export", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def readme_script(folder: Path, tmp_path: Path) -> Path:
+    """The verification script exactly as the exported README documents it."""
+    blocks = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    script = tmp_path / "verify_export.py"
+    script.write_text(blocks[0])
+    return script
+
+
+def verify(script: Path, folder: Path) -> subprocess.CompletedProcess[str]:
+    # -I: isolated mode, neither the working directory nor PYTHON* variables reach the script
+    return subprocess.run(
+        [sys.executable, "-I", str(script), str(folder)], capture_output=True, text=True, timeout=60, cwd=script.parent
+    )
+
+
+def test_export_verifies_with_a_standalone_script_using_only_cryptography(home: Path, tmp_path: Path) -> None:
+    folder = export(home, tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "entries.jsonl", "manifest.json", "public_key.pem"]
+    script = readme_script(folder, tmp_path)
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(script.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+    }
+    assert imported == {"hashlib", "json", "sys", "pathlib", "cryptography"}
+
+    result = verify(script, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    lines = (folder / "entries.jsonl").read_text().splitlines()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"intact: {len(lines)} entries, head {manifest['head']}"
+    assert manifest["entries"] == len(lines) == Pipeline.open().audit.verify()
+    assert "acme" not in (folder / "entries.jsonl").read_text()  # subjects appear only as refs
+
+
+def test_the_script_names_the_first_altered_or_missing_entry(home: Path, tmp_path: Path) -> None:
+    folder = export(home, tmp_path)
+    script = readme_script(folder, tmp_path)
+    lines = (folder / "entries.jsonl").read_text().splitlines(keepends=True)
+
+    altered = json.loads(lines[6])
+    altered["details"]["n"] = 1000
+    (folder / "entries.jsonl").write_text("".join([*lines[:6], json.dumps(altered) + "\n", *lines[7:]]))
+    result = verify(script, folder)
+    assert (result.returncode, result.stdout.strip()) == (1, "entry 7: content does not match its hash (altered)")
+
+    (folder / "entries.jsonl").write_text("".join(lines[:3] + lines[4:]))
+    result = verify(script, folder)
+    assert result.returncode == 1
+    assert result.stdout.startswith("entry 4: expected seq 4, found 5")
+
+    (folder / "entries.jsonl").write_text("".join(lines))
+    (folder / "public_key.pem").write_bytes(_other_public_key())
+    assert verify(script, folder).stdout.strip() == "entry 1: signature does not verify"
+
+
+def _other_public_key() -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,148 @@
+"""The command line of the spine: init, accounts add, records, spool replay, keys rotate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dask.config
+import pytest
+from click.testing import CliRunner, Result
+from conftest import make_record
+
+from pipeline.cli import main
+from pipeline.config import Settings
+from pipeline.records import KINDS
+from pipeline.runtime import Pipeline
+from pipeline.spool import Spool
+
+COMMON = ["record_id", "data_type", "kind", "account", "user", "cluster_id", "observed_at"]
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def add_acme() -> Result:
+    return run(
+        "accounts",
+        "add",
+        "--account",
+        "acme",
+        "--username",
+        "ann",
+        "--email",
+        "ann@acme.test",
+        "--team",
+        "data",
+        "--quota",
+        "workers=20",
+    )
+
+
+def test_init_is_idempotent_and_key_file_is_private(home: Path) -> None:
+    first, second = run("init", "--json"), run("init", "--json")
+    assert first.exit_code == second.exit_code == 0, first.output
+    assert json.loads(second.output)["home"] == str(home)
+    assert oct((home / "master.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_accounts_add_then_records_json_has_exactly_the_contract_fields(home: Path) -> None:
+    assert add_acme().exit_code == 0
+    result = run("records", "--account", "acme", "--json")
+    assert result.exit_code == 0, result.output
+    (line,) = result.output.splitlines()
+    record = json.loads(line)
+    assert list(record) == COMMON + [f.name for f in KINDS["account"].schema if f.name not in COMMON]
+    assert (record["username"], record["email"], record["team"], record["quotas"]) == (
+        "ann",
+        "ann@acme.test",
+        "data",
+        {"workers": 20.0},
+    )
+    assert record["observed_at"].endswith("+00:00")
+    assert run("records", "--account", "acme", "--store", "cloud_logging", "--json").output == ""
+
+
+def test_records_filters_by_data_type_and_store(home: Path, settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records([make_record("cluster_snapshot"), make_record("job", job_id="j1", task_prefixes=["inc"])])
+    add_acme()
+    lines = run("records", "--account", "acme", "--data-type", "cluster_jobs", "--store", "cloud_logging", "--json")
+    kinds = sorted(json.loads(line)["kind"] for line in lines.output.splitlines())
+    assert kinds == ["cluster_snapshot", "job"]
+
+
+def test_unknown_account_is_bad_input(home: Path) -> None:
+    add_acme()
+    result = run("records", "--account", "nobody")
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: unknown account 'nobody': no records were ever stored for it"
+
+
+def test_unknown_store_url_scheme_is_bad_input(home: Path) -> None:
+    with dask.config.set({"pipeline.cloud-logging.url": "ftp://example/logs"}):
+        result = run("init")
+    assert result.exit_code == 2
+    assert "pipeline.cloud-logging.url: unknown store URL scheme 'ftp'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_key_file_readable_by_others_is_refused(home: Path) -> None:
+    run("init")
+    os.chmod(home / "master.key", 0o644)
+    result = run("records")
+    assert result.exit_code == 2
+    assert f"master key file {home / 'master.key'} is readable by others (mode 0644)" in result.output
+
+
+def test_wrong_key_for_an_existing_store_writes_nothing(home: Path, tmp_path: Path, settings: Settings) -> None:
+    add_acme()
+    with dask.config.set({"pipeline.home": str(tmp_path / "other")}):
+        run("init")
+    shutil.copy(tmp_path / "other" / "master.key", home / "master.key")
+    before = sorted(p.name for p in home.rglob("*"))
+    db_bytes = (home / "metadata.db").read_bytes()
+    result = run("accounts", "add", "--account", "globex", "--username", "bo", "--email", "bo@globex.test")
+    assert result.exit_code == 2
+    assert "does not open this keyring (wrong key)" in result.output
+    assert sorted(p.name for p in home.rglob("*")) == before
+    assert (home / "metadata.db").read_bytes() == db_bytes
+
+
+def test_spool_replay_sets_corrupt_files_aside_and_delivers_the_rest(home: Path, settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    from pipeline.runtime import seal_records
+
+    segments = seal_records(pipeline.keyring, [make_record("cluster_snapshot") for _ in range(3)])
+    spool = Spool(settings.spool_dir)
+    spool.append(segments, frozenset({"long_term", "cloud_logging"}))
+    broken = spool.append(segments[:1], frozenset({"long_term"}))
+    path = settings.spool_dir / f"{broken.batch_id}.batch"
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+
+    result = run("spool", "replay", "--timeout", "20")
+    assert result.exit_code == 2
+    assert f"1 corrupt spool file(s) set aside in {settings.spool_dir / 'corrupt'}: {path.name}" in result.output
+    assert (settings.spool_dir / "corrupt" / path.name).exists()
+    assert spool.pending_files() == []
+    assert len(list(pipeline.read_records("long_term"))) == 3
+    assert len(list(pipeline.read_records("cloud_logging"))) == 3
+
+
+def test_keys_rotate_keeps_data_readable(home: Path) -> None:
+    add_acme()
+    result = run("keys", "rotate", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["master_key_version"] == 2
+    assert json.loads(run("records", "--account", "acme", "--json").output)["username"] == "ann"
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["init"], ["records"], ["accounts", "add"], ["spool", "replay"], ["keys", "rotate"]]
+)
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output

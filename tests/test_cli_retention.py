@@ -1,0 +1,122 @@
+"""The retention commands as a user runs them: enforce, serve, erase request|status|list."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_record
+
+from pipeline.cli import main
+from pipeline.runtime import Pipeline
+
+DAY0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output + result.stderr
+    return result.stdout
+
+
+def _records(*args: str) -> list[dict]:
+    return [json.loads(line) for line in cli("records", "--json", *args).splitlines()]
+
+
+def _write(settings, **fields) -> Pipeline:  # noqa: ANN001, ANN003
+    """Two accounts with one record of each kind (observed now unless ``observed_at`` says)."""
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records(
+        make_record(kind, account=account, **fields)
+        for account in ("acme", "globex")
+        for kind in ("cluster_snapshot", "job", "software_env", "account")
+    )
+    return pipeline
+
+
+@pytest.fixture
+def pipeline(settings) -> Pipeline:
+    return _write(settings)
+
+
+def test_enforce_now_keeps_day_0_logs_on_day_29_removes_them_on_day_31(settings) -> None:
+    _write(settings, observed_at=DAY0)
+    day = lambda n: (DAY0 + timedelta(days=n)).isoformat()  # noqa: E731
+
+    summary = json.loads(cli("enforce", "--now", day(29), "--json"))
+    assert summary["retention"]["records_removed"] == 0
+    assert len(_records("--store", "cloud_logging")) == 6
+
+    summary = json.loads(cli("enforce", "--now", day(31), "--json"))
+    removed = summary["retention"]["removed"]["cloud_logging"]
+    assert (removed["cluster_jobs"]["records"], removed["software_env"]["records"]) == (4, 2)
+    assert summary["retention"]["now"] == day(31)
+    assert _records("--store", "cloud_logging") == []
+
+    cli("enforce", "--now", day(400))
+    assert len(_records()) == 8
+    assert {r["data_type"] for r in _records()} == {"account", "cluster_jobs", "software_env"}
+
+
+def test_erase_request_enforce_status_list(pipeline) -> None:
+    request_id = cli("erase", "request", "--account", "acme", "--reason", "GDPR art. 17 request #4411").strip()
+    [listed] = [json.loads(line) for line in cli("erase", "list", "--json").splitlines()]
+    assert (listed["request_id"], listed["state"], listed["overdue"]) == (request_id, "pending", False)
+
+    summary = json.loads(cli("enforce", "--json"))
+    assert summary["requests"] == [{"request_id": request_id, "state": "completed", "error": None}]
+
+    status = json.loads(cli("erase", "status", request_id, "--json"))
+    assert status["state"] == "completed"
+    assert status["reason"] == "GDPR art. 17 request #4411"
+    assert {s: r["records"] for s, r in status["receipt"]["stores"].items()} == {"long_term": 4, "cloud_logging": 3}
+    assert all("erased_at" in r and "audit_seq" in r for r in status["receipt"]["stores"].values())
+    assert status["receipt"]["key"]["state"] == "destroyed"
+    text = cli("erase", "status", request_id)
+    assert "completed" in text and "long_term" in text and "data key: destroyed" in text
+
+    assert cli("records", "--account", "acme") == ""
+    assert cli("records", "--account", "acme", "--store", "cloud_logging") == ""
+    assert {r["account"] for r in _records()} == {"globex"}
+
+
+def test_erase_status_of_an_unknown_id_is_bad_input(pipeline) -> None:
+    result = CliRunner().invoke(main, ["erase", "status", "no-such-id"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: no deletion request with id 'no-such-id'\n"
+
+
+def test_enforce_before_init_says_what_to_do(home) -> None:
+    result = CliRunner().invoke(main, ["enforce"])
+    assert result.exit_code == 2
+    assert "run metadata-pipeline init" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_serve_stops_cleanly_on_sigterm(pipeline, home) -> None:
+    env = {**os.environ, "DASK_PIPELINE__HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stderr:  # printed once the scheduler runs
+            if line.startswith("retention service started"):
+                break
+        else:
+            pytest.fail("serve exited before starting")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["stopped"] is True

@@ -1,0 +1,137 @@
+"""The retention pass: the 30-day rule, exact cuts at the limit, idempotence, audit."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import dask.config
+import pandas  # noqa: F401 - pyarrow imports it lazily; it must not load under freezegun
+import pytest
+import yaml
+from conftest import make_record
+from freezegun import freeze_time
+
+from pipeline.config import default_policy_path
+from pipeline.retention.enforcer import enforce
+from pipeline.runtime import Pipeline
+
+DAY0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def _day0_records(account: str = "acme") -> list[dict]:
+    return [
+        make_record("cluster_snapshot", account=account, n_workers=2),
+        make_record("job", account=account, job_id="j1", tasks_total=10),
+        make_record("software_env", account=account, env_id="e1", packages={"dask": "2026.8.0"}),
+        make_record("account", account=account, username="ann", email="ann@example.com"),
+    ]
+
+
+def _kinds(pipeline: Pipeline, store: str) -> Counter:
+    return Counter(r["kind"] for r in pipeline.read_records(store))
+
+
+def test_logging_keeps_day_0_records_on_day_29_drops_them_on_day_31_long_term_keeps_them(settings) -> None:
+    with freeze_time(DAY0) as clock:
+        pipeline = Pipeline.open(settings, create=True)
+        pipeline.write_records(_day0_records())
+        logged = Counter({"cluster_snapshot": 1, "job": 1, "software_env": 1})
+
+        clock.move_to(DAY0 + timedelta(days=29))
+        report = enforce(pipeline)
+        assert report.records == 0
+        assert _kinds(pipeline, "cloud_logging") == logged
+
+        clock.move_to(DAY0 + timedelta(days=31))
+        report = enforce(pipeline)
+        assert _kinds(pipeline, "cloud_logging") == Counter()
+        assert report.removed["cloud_logging"]["cluster_jobs"].records == 2
+        assert report.removed["cloud_logging"]["software_env"].records == 1
+        assert report.now == DAY0 + timedelta(days=31)
+
+        clock.move_to(DAY0 + timedelta(days=400))
+        enforce(pipeline)
+        assert _kinds(pipeline, "long_term") == logged + Counter({"account": 1})
+
+
+def test_each_pass_is_audited_with_its_counts(settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    with freeze_time(DAY0):
+        pipeline.write_records(_day0_records())
+    now = DAY0 + timedelta(days=31)
+    report = enforce(pipeline, now)
+    entry = next(e for e in pipeline.audit.entries() if e.seq == report.audit_seq)
+    assert entry.action == "retention.pass"
+    assert entry.details["now"] == now.isoformat()
+    assert entry.details["removed"]["cloud_logging"]["cluster_jobs"]["records"] == 2
+    assert entry.details["policy_sha256"] == pipeline.policy.sha256
+    assert pipeline.audit.verify() >= 1
+
+
+@pytest.fixture(params=["cloud_logging", "long_term"])
+def hourly_store(request, tmp_path, home):  # noqa: ANN001, ANN201
+    """A store holding one day of hourly records under a 30-day limit (a custom policy for long_term)."""
+    doc = yaml.safe_load(default_policy_path().read_text())
+    doc["stores"]["long_term"]["cluster_jobs"] = "30d"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(doc))
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        pipeline = Pipeline.open(create=True)
+        hours = [DAY0.replace(hour=0) + timedelta(hours=h, minutes=30) for h in range(24)]
+        pipeline.write_records(
+            make_record(account=account, observed_at=t, n_workers=h)
+            for account in ("acme", "globex")
+            for h, t in enumerate(hours)
+        )
+        yield pipeline, request.param
+
+
+def _observed(pipeline: Pipeline, store: str) -> list[tuple[str, datetime]]:
+    return sorted((r["account"], r["observed_at"]) for r in pipeline.read_records(store, data_type="cluster_jobs"))
+
+
+def test_a_partly_expired_day_is_cut_exactly_at_the_limit(hourly_store) -> None:
+    pipeline, store = hourly_store
+    now = DAY0 + timedelta(days=30)  # cutoff: day 0, 12:00
+    before = _observed(pipeline, store)
+    report = enforce(pipeline, now)
+    kept = _observed(pipeline, store)
+    assert kept == [(a, t) for a, t in before if t >= DAY0]  # nothing younger removed, nothing older left
+    assert len(kept) == 24
+    counts = report.removed[store]["cluster_jobs"]
+    assert (counts.records, counts.rewritten) == (24, 2)
+    segments = sorted(s.segment_id for s in pipeline.stores[store].scan())
+
+    again = enforce(pipeline, now)  # a rerun changes nothing
+    assert again.removed[store]["cluster_jobs"].records == 0
+    assert _observed(pipeline, store) == kept
+    assert sorted(s.segment_id for s in pipeline.stores[store].scan()) == segments
+
+
+def test_a_pass_killed_between_rewrite_and_delete_is_completed_by_the_next(hourly_store, monkeypatch) -> None:
+    pipeline, store = hourly_store
+    now = DAY0 + timedelta(days=30)
+    target = pipeline.stores[store]
+    real_delete = target.delete
+
+    def crash(ids):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt("killed after writing the cut segment")
+
+    monkeypatch.setattr(target, "delete", crash)
+    with pytest.raises(KeyboardInterrupt):
+        enforce(pipeline, now)
+    monkeypatch.setattr(target, "delete", real_delete)
+    enforce(pipeline, now)
+    kept = _observed(pipeline, store)
+    assert len(kept) == len(set(kept)) == 24  # the cut segment was written once
+    assert all(t >= DAY0 for _, t in kept)
+
+
+def test_a_straddling_segment_of_an_erased_subject_is_dropped(hourly_store) -> None:
+    pipeline, store = hourly_store
+    pipeline.keyring.destroy(pipeline.keyring.subject_ref("globex"))
+    enforce(pipeline, DAY0 + timedelta(days=30))
+    left = list(pipeline.stores[store].scan(subject_ref=pipeline.keyring.subject_ref("globex")))
+    assert left == []
+    assert {a for a, _ in _observed(pipeline, store)} == {"acme"}

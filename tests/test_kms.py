@@ -1,0 +1,70 @@
+"""Master key in AWS KMS, over real HTTP to moto's server on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import dask.config
+import pytest
+from conftest import make_record
+from moto.server import ThreadedMotoServer
+
+from pipeline.config import Settings
+from pipeline.errors import KeyringError
+from pipeline.runtime import Pipeline
+
+
+@pytest.fixture(scope="module")
+def kms_endpoint() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def kms(kms_endpoint: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    for name, value in {
+        "AWS_ENDPOINT_URL": kms_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return boto3.client("kms")
+
+
+def _settings(home: Path, key_id: str) -> Settings:
+    with dask.config.set({"pipeline.keys.url": f"aws-kms://{key_id}"}):
+        return Settings.from_config()
+
+
+def test_kms_master_key_round_trip_and_rotation(home: Path, kms) -> None:  # noqa: ANN001
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    settings = _settings(home, key_id)
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records([make_record(n_workers=3)])
+    assert not (home / "master.key").exists()  # the master key never leaves KMS
+
+    version, rewrapped = pipeline.keyring.rotate_master()
+    assert version == 2 and rewrapped >= 2  # index key + acme's data key
+    reopened = Pipeline.open(settings)
+    assert [r["n_workers"] for r in reopened.read_records(account="acme")] == [3]
+
+
+def test_another_kms_key_does_not_open_the_keyring(home: Path, kms) -> None:  # noqa: ANN001
+    right, wrong = (kms.create_key()["KeyMetadata"]["KeyId"] for _ in range(2))
+    Pipeline.open(_settings(home, right), create=True)
+    with pytest.raises(KeyringError, match="does not open this keyring"):
+        Pipeline.open(_settings(home, wrong))
+
+
+def test_unknown_kms_key_is_one_clear_error(home: Path, kms) -> None:  # noqa: ANN001
+    with pytest.raises(KeyringError, match="AWS KMS key 'no-such-key' is not usable"):
+        Pipeline.open(_settings(home, "no-such-key"), create=True)

@@ -1,0 +1,170 @@
+"""MetadataPlugin on a real LocalCluster: exact counts, compute time, cluster figures, environment."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+import dask.config
+import distributed
+import pytest
+from distributed import Client, LocalCluster, wait
+
+from pipeline.config import Settings
+from pipeline.plugin import MetadataPlugin
+from pipeline.runtime import Pipeline
+
+
+def maybe_fail(x: int) -> float:
+    """Busy for a moment, report how long it ran; every 100th input raises."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.002:
+        pass
+    if x % 100 == 99:
+        raise ValueError(x)
+    return time.perf_counter() - start
+
+
+def _records(settings: Settings, store: str = "long_term", **filters: Any) -> list[dict[str, Any]]:
+    return list(Pipeline.open(settings).read_records(store, account="acme", **filters))
+
+
+@pytest.fixture
+def cluster(home) -> Iterator[LocalCluster]:  # noqa: ANN001
+    with (
+        dask.config.set({"pipeline.account": "acme", "pipeline.user": "ann", "pipeline.plugin.interval": "200ms"}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=2,
+            processes=False,
+            memory_limit="1GiB",
+            dashboard_address=":0",
+            scheduler_kwargs={"preload": ["pipeline.preload"]},
+        ) as cluster,
+    ):
+        yield cluster
+
+
+def test_job_counts_are_exact_with_erred_tasks(cluster, settings) -> None:
+    with Client(cluster) as client:
+        futures = client.map(maybe_fail, range(1000))
+        wait(futures)
+        durations = client.gather([f for f in futures if f.status == "finished"])
+        assert sum(f.status == "error" for f in futures) == 10
+        del futures
+        succeeded_compute = cluster.scheduler.task_prefixes["maybe_fail"].all_durations["compute"]
+    cluster.close()
+
+    (job,) = [r for r in _records(settings) if r["kind"] == "job"]
+    assert (job["tasks_total"], job["tasks_completed"], job["tasks_erred"]) == (1000, 990, 10)
+    assert job["task_prefixes"] == ["maybe_fail"]
+    assert job["started_at"] <= job["finished_at"]
+    # compute also counts the erred tasks' intervals, which the scheduler's prefix totals leave out
+    assert job["compute_seconds"] > succeeded_compute > sum(durations)
+    snapshots = [r for r in _records(settings) if r["kind"] == "cluster_snapshot"]
+    final = max(snapshots, key=lambda r: r["observed_at"])
+    assert (final["tasks_completed_total"], final["tasks_erred_total"]) == (990, 10)
+    assert final["compute_seconds_total"] == pytest.approx(job["compute_seconds"])
+
+
+def test_compute_seconds_match_the_tasks_own_durations(cluster, settings) -> None:
+    with Client(cluster) as client:
+        futures = client.map(maybe_fail, range(0, 5000, 10))  # none of these raise
+        durations = client.gather(futures)
+        scheduler_compute = cluster.scheduler.task_prefixes["maybe_fail"].all_durations["compute"]
+    cluster.close()
+    (job,) = [r for r in _records(settings) if r["kind"] == "job"]
+    assert job["compute_seconds"] == pytest.approx(
+        scheduler_compute, abs=1e-6 * len(durations)
+    )  # scheduler rounds to µs
+    # each worker interval wraps the task's own run: never shorter, and close to it
+    assert sum(durations) <= job["compute_seconds"] <= sum(durations) + 0.01 * len(durations)
+
+
+def test_one_job_record_per_client_call(cluster, settings) -> None:
+    with Client(cluster) as client:
+        a = client.map(maybe_fail, range(10))
+        b = client.submit(sum, a)
+        assert b.result() > 0
+        c = client.map(maybe_fail, range(10))  # same keys as `a`: no new job
+        wait(c)
+    cluster.close()
+    jobs = sorted((r["tasks_total"], r["task_prefixes"][0]) for r in _records(settings) if r["kind"] == "job")
+    assert jobs == [(1, "sum"), (10, "maybe_fail")]
+
+
+def test_snapshot_reports_the_cluster_as_the_scheduler_sees_it(cluster, settings) -> None:
+    with Client(cluster) as client:
+        held = client.map(lambda x: bytearray(100_000), range(20))
+        wait(held)
+        plugin: MetadataPlugin = cluster.scheduler.plugins["metadata-pipeline"]
+        deadline = time.monotonic() + 30
+        while True:  # wait for a snapshot taken while the workers report memory
+            plugin.emitter.flush()
+            live = [r for r in _records(settings) if r["kind"] == "cluster_snapshot" and r["n_workers"] == 2]
+            if any(r["memory_process_bytes"] > 0 and r["tasks_by_state"].get("memory") == 20 for r in live):
+                break
+            assert time.monotonic() < deadline, "no snapshot with memory readings"
+            time.sleep(0.2)
+        del held
+    snap = next(r for r in live if r["memory_process_bytes"] > 0 and r["tasks_by_state"].get("memory") == 20)
+    assert snap["n_threads"] == 4
+    assert snap["memory_limit_bytes"] == 2 * 2**30
+    assert snap["memory_managed_bytes"] >= 20 * 100_000
+    assert snap["memory_process_bytes"] >= snap["memory_managed_bytes"]
+    assert snap["memory_unmanaged_bytes"] == snap["memory_process_bytes"] - snap["memory_managed_bytes"]
+    assert snap["memory_spilled_bytes"] == 0
+    assert snap["user"] == "ann" and snap["account"] == "acme"
+
+
+def test_software_environment_matches_installed_versions(cluster, settings) -> None:
+    with Client(cluster):
+        pass
+    cluster.close()
+    (env,) = _records(settings, data_type="software_env")  # scheduler and workers share one environment
+    assert env["packages"]["dask"] == dask.__version__
+    assert env["packages"]["distributed"] == distributed.__version__
+    assert env["packages"]["dask-metadata-pipeline"]
+    assert len(env["packages"]) > 20
+
+
+def test_both_stores_hold_the_same_cluster_jobs_records(cluster, settings) -> None:
+    with Client(cluster) as client:
+        wait(client.map(maybe_fail, range(50)))
+    cluster.close()
+    ids = {
+        store: sorted(r["record_id"] for r in _records(settings, store, data_type="cluster_jobs"))
+        for store in ("long_term", "cloud_logging")
+    }
+    assert ids["long_term"] and ids["long_term"] == ids["cloud_logging"]
+    assert _records(settings, "cloud_logging", data_type="account") == []
+
+
+def test_register_plugin_on_a_running_cluster(home, settings) -> None:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(MetadataPlugin(account="acme", cluster_id="registered"))
+        wait(client.map(maybe_fail, range(5)))
+    records = _records(settings)
+    assert {r["cluster_id"] for r in records} == {"registered"}
+    assert {r["kind"] for r in records} >= {"job", "cluster_snapshot", "software_env"}
+
+
+class _BrokenScheduler:
+    """Anything the plugin touches raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"broken: {name}")
+
+
+def test_plugin_errors_are_counted_never_raised(home) -> None:
+    plugin = MetadataPlugin(account="acme")
+    asyncio.run(plugin.start(_BrokenScheduler()))  # type: ignore[arg-type]
+    plugin.update_graph(_BrokenScheduler(), tasks=["x"])  # type: ignore[arg-type]
+    plugin.transition("x", "processing", "memory", startstops="not a list")
+    assert plugin.errors == 3

@@ -1,0 +1,280 @@
+"""Compliance reports: sections, numbers, formats, names only on request, the clock moved past retention."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from conftest import make_record
+from freezegun import freeze_time
+from sqlalchemy import select, update
+
+from pipeline.cli import main
+from pipeline.db import audit_log, segments
+from pipeline.reports import build_report, write_report
+from pipeline.retention.enforcer import enforce
+from pipeline.retention.requests import file_request, process_pending
+from pipeline.runtime import Pipeline
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+DAYS = 40
+ACCOUNTS = ("acme", "globex")
+
+
+def write_demo_records(pipeline: Pipeline, t0: datetime = T0) -> dict[str, dict[str, Any]]:
+    """Demo-like history: per account and day one finished job and two cluster snapshots 30 min apart.
+
+    Returns the usage each account must show.
+    """
+    records, expected = [], {}
+    for n, account in enumerate(ACCOUNTS, start=1):
+        expected[account] = {"jobs": DAYS, "tasks_completed": 0, "tasks_erred": 0, "compute_seconds": 0.0}
+        records.append(
+            make_record(
+                "account",
+                account=account,
+                user=f"user{n}",
+                observed_at=t0 - timedelta(days=DAYS),
+                username=f"user{n}",
+                email=f"user{n}@{account}.test",
+                team="data",
+                quotas={},
+            )
+        )
+        records.append(
+            make_record(
+                "software_env",
+                account=account,
+                observed_at=t0 - timedelta(days=DAYS),
+                env_id=f"env-{account}",
+                python_version="3.11",
+                packages={"dask": "2026.8.0"},
+            )
+        )
+        for day in range(DAYS):
+            start = t0 - timedelta(days=day, hours=2)
+            cluster = f"{account}-cluster-{day}"
+            job = {"job_id": f"{account}-{day}", "started_at": start, "tasks_total": 100 * n, "task_prefixes": ["inc"]}
+            if day == 0:  # reported while running at close, then again when finished: counted once, final numbers
+                records.append(
+                    make_record(
+                        "job",
+                        account=account,
+                        cluster_id=cluster,
+                        observed_at=start,
+                        **job,
+                        tasks_completed=1,
+                        tasks_erred=0,
+                        compute_seconds=1.0,
+                        peak_memory_bytes=1,
+                    )
+                )
+            completed, erred, seconds = 100 * n - day % 3, day % 3, 60.0 * n + day
+            records.append(
+                make_record(
+                    "job",
+                    account=account,
+                    cluster_id=cluster,
+                    observed_at=start + timedelta(minutes=20),
+                    **job,
+                    finished_at=start + timedelta(minutes=20),
+                    tasks_completed=completed,
+                    tasks_erred=erred,
+                    compute_seconds=seconds,
+                    peak_memory_bytes=2**30 * n,
+                )
+            )
+            expected[account]["tasks_completed"] += completed
+            expected[account]["tasks_erred"] += erred
+            expected[account]["compute_seconds"] += seconds
+            for minutes in (0, 30):
+                records.append(
+                    make_record(
+                        "cluster_snapshot",
+                        account=account,
+                        cluster_id=cluster,
+                        observed_at=start + timedelta(minutes=minutes),
+                        n_workers=2,
+                        n_threads=2,
+                        memory_process_bytes=2**29 * n,
+                    )
+                )
+        expected[account].update(clusters=DAYS, cluster_hours=DAYS * 0.5, peak_memory_bytes=2**30 * n)
+    pipeline.write_records(records)
+    return expected
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def pipeline(home: Path) -> Pipeline:
+    return Pipeline.open(create=True)
+
+
+def retention_rows(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["store"], r["data_type"]): r for r in document["retention"]["rows"]}
+
+
+def test_after_enforce_the_report_shows_no_overdue_records_in_every_format(pipeline: Pipeline, tmp_path: Path) -> None:
+    write_demo_records(pipeline)
+    enforce(pipeline, now=T0)
+    out = tmp_path / "reports"
+    result = run("report", "--out", str(out), "--now", T0.isoformat())
+    assert result.exit_code == 0, result.output
+    assert "retention PASS (0 records past their limit)" in result.output
+    assert {"report.html", "report.json", "inventory.csv", "retention.csv", "usage_accounts.csv"} <= {
+        p.name for p in out.iterdir()
+    }
+    document = json.loads((out / "report.json").read_text())
+    assert document["retention"]["status"] == "PASS" and document["retention"]["overdue"] == 0
+    rows = retention_rows(document)
+    assert rows[("cloud_logging", "cluster_jobs")]["oldest_age_days"] <= 30
+    assert rows[("long_term", "cluster_jobs")]["oldest_age_days"] > 39  # kept until deleted
+    inventory = {(r["store"], r["data_type"]): r for r in document["inventory"]}
+    assert inventory[("long_term", "cluster_jobs")]["records"] == len(ACCOUNTS) * (DAYS * 3 + 1)
+    assert inventory[("cloud_logging", "cluster_jobs")]["records"] == len(ACCOUNTS) * (30 * 3 + 1)
+    assert inventory[("long_term", "account")]["accounts"] == 2
+    assert ("cloud_logging", "account") not in inventory  # the policy never routes account data there
+    last_pass = document["audit"]["last_retention_pass"]
+    assert document["audit"]["intact"] and last_pass["seq"] == pipeline.audit.last("retention.pass").seq
+
+
+def test_with_the_clock_moved_31_days_and_no_enforce_logging_records_are_overdue(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    write_demo_records(pipeline)
+    enforce(pipeline, now=T0)
+    with freeze_time(T0 + timedelta(days=31)):
+        result = run("report", "--out", str(tmp_path / "late"), "--format", "json,html")
+    assert result.exit_code == 0, result.output
+    assert "retention FAIL" in result.output
+    document = json.loads((tmp_path / "late" / "report.json").read_text())
+    rows = retention_rows(document)
+    logging_jobs = rows[("cloud_logging", "cluster_jobs")]
+    assert logging_jobs["status"] == "FAIL"
+    assert logging_jobs["overdue"] == len(ACCOUNTS) * (30 * 3 + 1)  # every record left after the pass on day 0
+    assert logging_jobs["oldest_age_days"] > 31
+    assert rows[("long_term", "cluster_jobs")]["status"] == "PASS"
+    assert document["retention"] == {**document["retention"], "status": "FAIL", "overdue": logging_jobs["overdue"]}
+    html = (tmp_path / "late" / "report.html").read_text()
+    assert re.search(r"cloud_logging</td><td>cluster_jobs</td>.*?badge FAIL", html, flags=re.S)
+
+
+def test_usage_per_account_is_exact_and_pseudonymous_by_default(pipeline: Pipeline) -> None:
+    expected = write_demo_records(pipeline)
+    report = build_report(pipeline, now=T0)
+    by_ref = {row["subject_ref"]: row for row in report.usage}
+    for account, want in expected.items():
+        row = by_ref[pipeline.subject_ref(account)]
+        assert "account" not in row
+        assert row["jobs"] == want["jobs"]
+        assert row["tasks_completed"] == want["tasks_completed"]
+        assert row["tasks_erred"] == want["tasks_erred"]
+        assert row["compute_hours"] == pytest.approx(want["compute_seconds"] / 3600, abs=1e-6)
+        assert row["clusters"] == want["clusters"]
+        assert row["cluster_hours"] == pytest.approx(want["cluster_hours"])
+        assert row["peak_memory_bytes"] == want["peak_memory_bytes"]
+        daily = [d for d in report.usage_daily if d["subject_ref"] == row["subject_ref"]]
+        assert len(daily) == DAYS and sum(d["jobs"] for d in daily) == DAYS
+    assert {"records_by_day", "compute_hours", "tasks_completed", "cluster_hours"} == set(report.plots)
+    assert all(png.startswith(b"\x89PNG") for png in report.plots.values())
+
+
+def test_names_appear_only_with_show_names(pipeline: Pipeline, tmp_path: Path) -> None:
+    write_demo_records(pipeline)
+    assert run("report", "--out", str(tmp_path / "plain"), "--now", T0.isoformat()).exit_code == 0
+    for path in (tmp_path / "plain").iterdir():
+        text = path.read_text()
+        assert "acme" not in text and "globex" not in text and "user1" not in text, path.name
+    assert run("report", "--out", str(tmp_path / "named"), "--show-names", "--format", "json,html").exit_code == 0
+    document = json.loads((tmp_path / "named" / "report.json").read_text())
+    assert document["names_shown"] is True
+    assert {row["account"] for row in document["usage"]["accounts"]} == set(ACCOUNTS)
+    assert '<td class="" title=' in (tmp_path / "named" / "report.html").read_text()
+
+
+def test_deletion_requests_by_state_time_to_completion_and_overdue(pipeline: Pipeline) -> None:
+    write_demo_records(pipeline)
+    done = file_request(pipeline, "acme", reason="GDPR art. 17", now=T0)
+    with freeze_time(T0 + timedelta(hours=2)):
+        process_pending(pipeline)
+    waiting = file_request(pipeline, "globex", now=T0 + timedelta(hours=3))
+
+    on_time = build_report(pipeline, now=T0 + timedelta(days=1), plots=False).deletion_requests
+    assert (on_time["total"], on_time["completed"], on_time["open"], on_time["overdue"]) == (2, 1, 1, 0)
+    assert on_time["median_hours_to_complete"] == on_time["max_hours_to_complete"] == pytest.approx(2.0, abs=0.01)
+
+    late = build_report(pipeline, now=T0 + timedelta(days=31), plots=False).deletion_requests
+    assert late["overdue"] == 1
+    by_state = {row["state"]: row for row in late["by_state"]}
+    assert by_state["pending"]["overdue"] == 1 and by_state["completed"]["requests"] == 1
+    listed = {row["request_id"]: row for row in late["requests"]}
+    assert listed[waiting.request_id]["overdue"] is True
+    assert listed[done.request_id]["state"] == "completed" and listed[done.request_id]["overdue"] is False
+
+
+def test_audit_section_names_the_first_bad_entry_of_a_tampered_trail(pipeline: Pipeline) -> None:
+    write_demo_records(pipeline)
+    clean = build_report(pipeline, now=T0, plots=False).audit
+    assert clean["intact"] and clean["entries"] == clean["verified_entries"] >= 3
+    assert {row["action"] for row in clean["by_action"]} >= {"policy.loaded", "key.created"}
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(update(audit_log).where(audit_log.c.seq == 2).values(actor="someone-else"))
+    broken = build_report(pipeline, now=T0, plots=False).audit
+    assert (broken["intact"], broken["first_bad_seq"]) == (False, 2)
+    assert broken["status"] == "audit trail broken at entry 2: content does not match its hash (altered)"
+
+
+def test_csv_writes_one_file_per_table_with_the_json_numbers(pipeline: Pipeline, tmp_path: Path) -> None:
+    write_demo_records(pipeline)
+    report = build_report(pipeline, now=T0, plots=False)
+    written = write_report(report, tmp_path, ["csv", "json"])
+    assert {p.name for p in written} == {f"{name}.csv" for name in report.tables()} | {"report.json"}
+    with open(tmp_path / "retention.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["store"], r["data_type"], int(r["overdue"]), r["status"]) for r in rows] == [
+        (r["store"], r["data_type"], r["overdue"], r["status"]) for r in document["retention"]["rows"]
+    ]
+
+
+def test_html_is_one_self_contained_file_with_embedded_plots(pipeline: Pipeline, tmp_path: Path) -> None:
+    write_demo_records(pipeline)
+    write_report(build_report(pipeline, now=T0), tmp_path, ["html"])
+    html = (tmp_path / "report.html").read_text()
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) == 4
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing fetched from elsewhere
+    for heading in ("Inventory", "Retention compliance", "Deletion requests", "Audit trail", "Usage per account"):
+        assert f"<h2>{heading}</h2>" in html
+
+
+def test_an_empty_home_still_reports(pipeline: Pipeline, tmp_path: Path) -> None:
+    result = run("report", "--out", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["retention"] == "PASS"
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert document["usage"]["accounts"] == [] and document["deletion_requests"]["total"] == 0
+
+
+def test_unknown_format_is_bad_usage(home: Path, tmp_path: Path) -> None:
+    result = run("report", "--out", str(tmp_path), "--format", "html,pdf")
+    assert result.exit_code == 2 and "choose from html, json, csv" in result.output
+
+
+def test_an_altered_segment_stops_the_report_with_one_line_naming_it(pipeline: Pipeline, tmp_path: Path) -> None:
+    write_demo_records(pipeline)
+    with pipeline.keyring.engine.begin() as conn:
+        segment_id, payload = conn.execute(select(segments.c.segment_id, segments.c.payload).limit(1)).one()
+        altered = payload[:-1] + bytes([payload[-1] ^ 1])
+        conn.execute(update(segments).where(segments.c.segment_id == segment_id).values(payload=altered))
+    result = run("report", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr == f"error: segment {segment_id} does not decrypt: altered or wrong key\n"

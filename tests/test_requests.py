@@ -1,0 +1,220 @@
+"""Deletion requests: erasure everywhere, crypto-shredding, receipts, resumption, deadlines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import make_record
+from sqlalchemy import select
+
+from pipeline.db import deletion_requests
+from pipeline.errors import KeyringError, StoreError, StoreUnavailable
+from pipeline.retention.lease import Leases
+from pipeline.retention.requests import file_request, get_request, list_requests, process_pending
+from pipeline.runtime import Pipeline
+from pipeline.segments import open_segment
+from pipeline.stores.localfiles import LocalFileStore
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def pipeline(settings) -> Pipeline:
+    pipeline = Pipeline.open(settings, create=True)
+    records = []
+    for account, users in (("acme", ("ann", "bob")), ("globex", ("gil",))):
+        for user in users:
+            for day in range(3):
+                at = T0 + timedelta(days=day)
+                records += [
+                    make_record("cluster_snapshot", account=account, user=user, observed_at=at, n_workers=day),
+                    make_record("software_env", account=account, user=user, observed_at=at, env_id="e"),
+                ]
+        records.append(make_record("account", account=account, username=users[0], email=f"{users[0]}@example.com"))
+    pipeline.write_records(records)
+    return pipeline
+
+
+def _accounts(pipeline: Pipeline, store: str) -> set[str]:
+    return {r["account"] for r in pipeline.read_records(store)}
+
+
+def _actions(pipeline: Pipeline, request_id: str) -> list[str]:
+    return [e.action for e in pipeline.audit.entries() if e.details.get("request_id") == request_id]
+
+
+def test_erasing_an_account_removes_it_everywhere_and_shreds_its_key(pipeline, home, tmp_path) -> None:
+    acme = pipeline.keyring.subject_ref("acme")
+    copied_aside = next(pipeline.stores["long_term"].scan(subject_ref=acme, data_type="account"))
+    shutil.copytree(home / "logs", tmp_path / "backup")  # a backup of the logging store
+    globex_before = sorted(r["record_id"] for r in pipeline.read_records("long_term", account="globex"))
+
+    request = file_request(pipeline, "acme", reason="GDPR art. 17 request #4411")
+    assert request.state == "pending"
+    [done] = process_pending(pipeline)
+
+    assert done.state == "completed" and done.error is None
+    assert _accounts(pipeline, "long_term") == {"globex"}
+    assert _accounts(pipeline, "cloud_logging") == {"globex"}
+    assert sorted(r["record_id"] for r in pipeline.read_records("long_term", account="globex")) == globex_before
+    assert pipeline.keyring.key_state(acme) == "destroyed"
+    with pytest.raises(KeyringError):
+        open_segment(pipeline.keyring, copied_aside)
+    backup = list(LocalFileStore(f"file://{tmp_path}/backup").scan(subject_ref=acme))
+    assert len(backup) == 12
+    for segment in backup:
+        with pytest.raises(KeyringError):
+            open_segment(pipeline.keyring, segment)
+
+    receipt = get_request(pipeline, request.request_id).receipt
+    assert receipt["stores"]["long_term"]["segments"] == 2 * 3 * 2 + 1
+    assert receipt["stores"]["long_term"]["records"] == 2 * 3 * 2 + 1
+    assert receipt["stores"]["cloud_logging"]["records"] == 2 * 3 * 2
+    assert receipt["key"]["state"] == "destroyed"
+    assert _actions(pipeline, request.request_id) == [
+        "erasure.pending",
+        "erasure.in_progress",
+        "store.erased",
+        "store.erased",
+        "key.destroyed",
+        "erasure.completed",
+    ]
+    proven = {e.seq: e for e in pipeline.audit.entries()}
+    assert proven[receipt["audit"]["completed"]].action == "erasure.completed"
+    assert proven[receipt["stores"]["cloud_logging"]["audit_seq"]].details["records"] == 12
+    assert proven[receipt["key"]["audit_seq"]].subject_ref == acme
+    assert process_pending(pipeline) == []  # nothing left to do; a rerun changes nothing
+
+
+def test_no_name_reason_or_email_reaches_any_file_at_rest(pipeline, home: Path) -> None:
+    request = file_request(pipeline, "acme", "ann", reason="ticket from ann@example.com")
+    process_pending(pipeline)
+    assert get_request(pipeline, request.request_id).reason == "ticket from ann@example.com"
+    for path in home.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in (b"acme", b"globex", b"ann@example.com", b"ticket"):
+                assert secret not in data, f"{secret!r} found in {path}"
+
+
+def test_erasing_one_user_keeps_the_account_and_its_key(pipeline) -> None:
+    request = file_request(pipeline, "acme", "ann")
+    [done] = process_pending(pipeline)
+    assert done.state == "completed" and done.scope == "user"
+    users = {(r["account"], r["user"]) for r in pipeline.read_records("cloud_logging")}
+    assert users == {("acme", "bob"), ("globex", "gil")}
+    assert pipeline.keyring.key_state(pipeline.keyring.subject_ref("acme")) == "active"
+    assert "key" not in done.receipt
+    assert done.receipt["stores"]["cloud_logging"]["records"] == 6
+    assert "key.destroyed" not in _actions(pipeline, request.request_id)
+
+
+def test_an_unknown_account_completes_with_zero_counts_and_says_so(pipeline) -> None:
+    request = file_request(pipeline, "initech")
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+    assert {s: (c["segments"], c["records"]) for s, c in done.receipt["stores"].items()} == {
+        "long_term": (0, 0),
+        "cloud_logging": (0, 0),
+    }
+    assert "no data was ever stored" in done.receipt["note"]
+    assert done.receipt["key"] == {"state": "unknown"}
+    assert request.request_id == done.request_id
+
+
+def test_requests_past_the_deadline_are_flagged_overdue(pipeline) -> None:
+    request = file_request(pipeline, "acme", now=T0)
+    assert request.deadline == T0 + timedelta(days=30)
+    [listed] = list_requests(pipeline)
+    assert not listed.overdue(T0 + timedelta(days=29))
+    assert listed.overdue(T0 + timedelta(days=31))
+    assert listed.as_dict(T0 + timedelta(days=31))["overdue"] is True
+
+
+class _FailingErase:
+    """A store whose next erase fails with ``error``: before erasing, or (``late``) just after."""
+
+    def __init__(self, store, error: BaseException, *, late: bool = False) -> None:  # noqa: ANN001
+        self._store, self._error, self._late = store, error, late
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._store, name)
+
+    def erase(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        result = self._store.erase(*args, **kwargs) if self._late else None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return result or self._store.erase(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        ("before", StoreUnavailable("logs unreachable")),
+        ("before", KeyboardInterrupt("killed")),
+        ("after", KeyboardInterrupt("killed")),
+    ],
+    ids=["store-unavailable", "killed-between-stores", "killed-inside-the-store"],
+)
+def test_a_run_stopped_after_the_long_term_store_is_resumed_exactly_once(pipeline, how, error) -> None:
+    real = pipeline.stores["cloud_logging"]
+    pipeline.stores["cloud_logging"] = _FailingErase(real, error, late=how == "after")
+    request = file_request(pipeline, "acme")
+
+    if isinstance(error, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            process_pending(pipeline)
+    else:
+        [paused] = process_pending(pipeline)
+        assert paused.state == "in_progress" and "logs unreachable" in paused.error
+    stopped = get_request(pipeline, request.request_id)
+    assert stopped.state == "in_progress"
+    assert stopped.receipt["stores"]["long_term"]["records"] == 13
+    assert "erased_at" not in stopped.receipt["stores"].get("cloud_logging", {})
+    assert pipeline.keyring.key_state(stopped.subject_ref) == "active"
+
+    [done] = process_pending(pipeline)
+    assert done.state == "completed" and done.error is None
+    assert done.receipt["stores"]["long_term"] == stopped.receipt["stores"]["long_term"]  # not erased twice
+    logged = done.receipt["stores"]["cloud_logging"]
+    assert (logged["segments"], logged["records"]) == (12, 12)
+    actions = _actions(pipeline, request.request_id)
+    assert actions.count("erasure.completed") == actions.count("key.destroyed") == 1
+    assert actions.count("store.erased") == 2
+    assert _accounts(pipeline, "cloud_logging") == {"globex"}
+    assert process_pending(pipeline) == []
+
+
+def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:
+    pipeline.stores["cloud_logging"] = _FailingErase(pipeline.stores["cloud_logging"], StoreError("disk is read-only"))
+    request = file_request(pipeline, "acme")
+    [failed] = process_pending(pipeline)
+    assert failed.state == "failed"
+    assert failed.error == "disk is read-only"
+    assert _actions(pipeline, request.request_id)[-1] == "erasure.failed"
+    assert process_pending(pipeline) == []  # failed requests are not retried behind anyone's back
+
+
+def test_a_request_another_process_is_working_on_is_left_alone(pipeline) -> None:
+    request = file_request(pipeline, "acme")
+    other = Leases(pipeline.keyring.engine, holder="other-host:1")
+    assert other.acquire(f"erasure:{request.request_id}", timedelta(minutes=10))
+    assert process_pending(pipeline) == []
+    other.release(f"erasure:{request.request_id}")
+    assert [r.state for r in process_pending(pipeline)] == ["completed"]
+
+
+def test_the_table_holds_refs_only(pipeline) -> None:
+    request = file_request(pipeline, "acme", "ann", reason="because")
+    with pipeline.keyring.engine.connect() as conn:
+        row = conn.execute(select(deletion_requests)).one()
+    assert row.subject_ref == pipeline.keyring.subject_ref("acme")
+    assert row.user_ref == pipeline.keyring.user_ref("acme", "ann")
+    assert "because" not in row.reason
+    assert json.loads(row.receipt)["audit"]["pending"] >= 1
+    assert request.reason == "because"

@@ -1,0 +1,190 @@
+"""The retention service: leases, and APScheduler driven by a frozen clock."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import freezegun
+import pandas  # noqa: F401 - pyarrow imports it lazily; it must not load under freezegun
+import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, EVENT_SCHEDULER_STARTED
+from conftest import make_record
+
+from pipeline.db import create_schema, engine_for
+from pipeline.retention.lease import Leases
+from pipeline.retention.requests import file_request, get_request
+from pipeline.retention.service import RetentionService
+from pipeline.runtime import Pipeline
+
+T0 = datetime(2026, 3, 1, 10, 2, 30, tzinfo=UTC)
+JOB_EVENTS = EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED
+
+
+@pytest.fixture
+def clock():  # noqa: ANN201
+    """A frozen clock that the scheduler's threads see too.
+
+    freezegun hands out real time to callers up to five frames below a module it
+    ignores, and it ignores ``threading`` by default: a scheduler thread would see
+    the real date. Un-ignore it for the test.
+    """
+    saved = list(freezegun.config.settings.default_ignore_list)
+    freezegun.configure(default_ignore_list=[m for m in saved if m != "threading"])
+    try:
+        with freezegun.freeze_time(T0) as frozen:
+            yield frozen
+    finally:
+        freezegun.configure(default_ignore_list=saved)
+
+
+class Driver:
+    """Runs a service's BlockingScheduler in a thread; wakes it and collects job events."""
+
+    def __init__(self, service: RetentionService, events: queue.Queue | None = None) -> None:
+        self.service = service
+        self.events = events if events is not None else queue.Queue()
+        started = threading.Event()
+        service.scheduler.add_listener(lambda e: self.events.put(e), JOB_EVENTS)
+        service.scheduler.add_listener(lambda e: started.set(), EVENT_SCHEDULER_STARTED)
+        self.thread = threading.Thread(target=service.run, daemon=True)
+        self.thread.start()
+        assert started.wait(30)
+
+    def wake(self, expected: int) -> list[tuple[str, datetime]]:
+        """Wake the scheduler and wait for ``expected`` job events: (job, scheduled time)."""
+        self.service.scheduler.wakeup()
+        got = [self.events.get(timeout=30) for _ in range(expected)]
+        assert all(e.code == EVENT_JOB_EXECUTED for e in got), [getattr(e, "exception", e) for e in got]
+        return sorted((e.job_id, e.scheduled_run_time) for e in got)
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        assert self.events.empty()  # no run beyond those waited for
+
+
+def at(hour: int, minute: int = 0) -> datetime:
+    return T0.replace(hour=hour, minute=minute, second=0)
+
+
+def _passes(pipeline: Pipeline) -> int:
+    return sum(e.action == "retention.pass" for e in pipeline.audit.entries())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def metadata_engine(request, tmp_path):  # noqa: ANN001, ANN201
+    url = f"sqlite:///{tmp_path}/meta.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = engine_for(url)
+    create_schema(engine)
+    return engine
+
+
+def test_leases_grant_a_slot_once_and_an_abandoned_one_after_it_expires(metadata_engine) -> None:
+    engine = metadata_engine
+    a, b = Leases(engine, "a"), Leases(engine, "b")
+    ttl = timedelta(minutes=10)
+    assert a.acquire("retention@T", ttl, now=T0)
+    assert not b.acquire("retention@T", ttl, now=T0)  # held
+    a.complete("retention@T", now=T0)
+    assert not b.acquire("retention@T", ttl, now=T0 + timedelta(days=2))  # done: never again
+    assert a.acquire("requests@T", ttl, now=T0)  # holder dies without completing...
+    assert not b.acquire("requests@T", ttl, now=T0 + timedelta(minutes=9))
+    assert b.acquire("requests@T", ttl, now=T0 + timedelta(minutes=10))  # ...and b takes over
+    b.release("requests@T")
+    assert a.acquire("requests@T", ttl, now=T0 + timedelta(minutes=11))
+    assert a.prune(T0 + timedelta(days=1)) == 1  # the completed retention slot
+
+
+def test_the_hourly_pass_and_the_request_job_fire_when_due_and_coalesce_after_downtime(settings, clock) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records([make_record(observed_at=T0 - timedelta(days=40))])
+    request = file_request(pipeline, "acme")
+    driver = Driver(RetentionService(pipeline))
+    try:
+        clock.move_to(at(10, 4))
+        assert driver.wake(0) == []  # nothing due yet
+
+        clock.move_to(at(10, 5))
+        assert driver.wake(1) == [("requests", at(10, 5))]
+        assert get_request(pipeline, request.request_id).state == "completed"
+        assert _passes(pipeline) == 0
+
+        clock.move_to(at(11, 0))  # requests missed 10:10 ... 10:55: one run, for the latest slot
+        assert driver.wake(2) == [("requests", at(11)), ("retention", at(11))]
+        assert _passes(pipeline) == 1
+        assert list(pipeline.read_records("cloud_logging")) == []  # the 40-day-old record expired
+
+        clock.move_to(at(14, 42))  # asleep for 3 hours: one pass, not three
+        assert driver.wake(2) == [("requests", at(14, 40)), ("retention", at(14))]
+        assert _passes(pipeline) == 2
+    finally:
+        driver.stop()
+    assert sorted((r.job, r.slot, r.outcome) for r in driver.service.history) == [
+        ("requests", at(10, 5), "ran"),
+        ("requests", at(11), "ran"),
+        ("requests", at(14, 40), "ran"),
+        ("retention", at(11), "ran"),
+        ("retention", at(14), "ran"),
+    ]
+
+
+def test_two_services_on_one_database_run_each_pass_once(settings, clock) -> None:
+    """Worst case: each service keeps its own job table, so both submit every slot."""
+    pipeline = Pipeline.open(settings, create=True)
+    drivers = [
+        Driver(RetentionService(pipeline, holder=name, jobstore_table=f"apscheduler_jobs_{name}"))
+        for name in ("a", "b")
+    ]
+    try:
+        for hour in (11, 12, 13):
+            clock.move_to(at(hour))
+            for driver in drivers:
+                assert driver.wake(2) == [("requests", at(hour)), ("retention", at(hour))]
+    finally:
+        for driver in drivers:
+            driver.stop()
+    outcomes = Counter((r.job, r.slot, r.outcome) for d in drivers for r in d.service.history)
+    for hour in (11, 12, 13):
+        for job in ("retention", "requests"):
+            assert outcomes[(job, at(hour), "ran")] == 1
+            assert outcomes[(job, at(hour), "skipped")] == 1
+    assert _passes(pipeline) == 3
+
+
+def test_two_services_sharing_the_job_table_run_a_pass_once(settings, clock) -> None:
+    """As deployed: whichever service submits a slot first runs it; the other skips or never sees it."""
+    pipeline = Pipeline.open(settings, create=True)
+    events: queue.Queue = queue.Queue()
+    drivers = [Driver(RetentionService(pipeline, holder=name), events) for name in ("a", "b")]
+    clock.move_to(at(11))
+    for driver in drivers:
+        driver.service.scheduler.wakeup()
+    seen = set()
+    while seen != {"retention", "requests"}:
+        seen.add(events.get(timeout=30).job_id)
+    for driver in drivers:
+        driver.service.stop()
+        driver.thread.join(30)
+    ran = Counter((r.job, r.slot) for d in drivers for r in d.service.history if r.outcome == "ran")
+    assert ran == {("retention", at(11)): 1, ("requests", at(11)): 1}
+    assert _passes(pipeline) == 1
+
+
+def test_a_restarted_service_runs_the_pass_it_missed_while_down_once(settings, clock) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    Driver(RetentionService(pipeline)).stop()  # stored: retention due 11:00, requests 10:05
+    clock.move_to(at(13, 30))
+    driver = Driver(RetentionService(pipeline))
+    try:
+        runs = [driver.events.get(timeout=30) for _ in range(2)]
+        assert sorted((e.job_id, e.scheduled_run_time) for e in runs) == [
+            ("requests", at(13, 30)),
+            ("retention", at(13)),
+        ]
+    finally:
+        driver.stop()
+    assert _passes(pipeline) == 1
