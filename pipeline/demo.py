@@ -41,7 +41,8 @@ def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, 
     cluster_id = f"demo-{int(time.time())}"
     settings = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
     with (
-        dask.config.set(settings), LocalCluster(
+        dask.config.set(settings),
+        LocalCluster(
             n_workers=2,
             threads_per_worker=1,
             dashboard_address=":0",

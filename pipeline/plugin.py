@@ -103,7 +103,8 @@ class MetadataPlugin(SchedulerPlugin):
         self.completed_total = self.erred_total = 0
         self.compute_total = 0.0
         self._pending: dict[Any, _Job] = {}  # key -> job, until the task finishes
-        self._done: dict[Any, tuple[_Job, int]] = {}  # key -> (job, nbytes held), until forgotten
+        self._done: dict[Any, _Job] = {}  # key -> job, from finishing until forgotten
+        self._held: dict[Any, int] = {}  # key -> bytes its result holds in memory
         self._jobs: dict[str, _Job] = {}
         self._envs: set[str] = set()
         self._background: set[asyncio.Future[Any]] = set()
@@ -170,17 +171,20 @@ class MetadataPlugin(SchedulerPlugin):
         try:
             job = _Job(utcnow())
             pending, done, states = self._pending, self._done, scheduler.tasks
+            prefixes = set()
+            total = 0
             for key in tasks or ():
                 if key in pending or key in done:
                     continue  # already part of an earlier computation
                 ts = states.get(key)
-                if ts is None or ts.state in ("memory", "erred"):
+                if ts is None or ts.state == "memory" or ts.state == "erred":
                     continue
                 pending[key] = job
-                job.prefixes.add(ts.prefix.name)
-                job.total += 1
-            if job.total:
-                job.remaining = job.total
+                prefixes.add(ts.prefix)
+                total += 1
+            if total:
+                job.total = job.remaining = total
+                job.prefixes = {prefix.name for prefix in prefixes}
                 self._jobs[job.job_id] = job
         except Exception as exc:
             self._failed("update_graph", exc)
@@ -193,40 +197,39 @@ class MetadataPlugin(SchedulerPlugin):
             elif finish == "erred":
                 self._erred(key, kwargs)
             elif finish == "forgotten":
-                if start == "memory":
-                    self._released(key)
                 self._forgotten(key)
             elif start == "memory":
                 self._released(key)
         except Exception as exc:
             self._failed("transition", exc)
 
+    # Per task the plugin keeps only references in dicts (job, nbytes): allocating a
+    # tuple per task would feed the garbage collector, whose collections of the
+    # scheduler's large heap would then run inside these hooks.
     def _computed(self, key: Any, kwargs: dict[str, Any]) -> None:
         compute = _compute_seconds(kwargs.get("startstops"))
-        nbytes = kwargs.get("nbytes") or 0
         self.completed_total += 1
         self.compute_total += compute
         job = self._pending.pop(key, None)
+        first_time = job is not None
         if job is None:
-            entry = self._done.get(key)
-            if entry is None:
+            job = self._done.get(key)
+            if job is None:
                 return
-            job = entry[0]  # recomputed after a lost worker: compute counts, the task does not
-            job.compute += compute
-            self._hold(key, job, nbytes)
-            return
-        job.completed += 1
+            # recomputed after a lost worker: its compute counts, the task does not
+        else:
+            job.completed += 1
+            job.remaining -= 1
+            self._done[key] = job
         job.compute += compute
-        self._hold(key, job, nbytes)
-        job.remaining -= 1
-        if not job.remaining:
+        nbytes = kwargs.get("nbytes")
+        if nbytes:
+            self._held[key] = nbytes
+            held = job.nbytes = job.nbytes + nbytes
+            if held > job.peak:
+                job.peak = held
+        if first_time and not job.remaining:
             self._finish(job)
-
-    def _hold(self, key: Any, job: _Job, nbytes: int) -> None:
-        self._done[key] = (job, nbytes)
-        job.nbytes += nbytes
-        if job.nbytes > job.peak:
-            job.peak = job.nbytes
 
     def _erred(self, key: Any, kwargs: dict[str, Any]) -> None:
         compute = _compute_seconds(kwargs.get("startstops"))
@@ -235,7 +238,7 @@ class MetadataPlugin(SchedulerPlugin):
         job = self._pending.pop(key, None)
         if job is None:
             return
-        self._done[key] = (job, 0)
+        self._done[key] = job
         job.erred += 1
         job.compute += compute
         job.remaining -= 1
@@ -243,14 +246,17 @@ class MetadataPlugin(SchedulerPlugin):
             self._finish(job)
 
     def _released(self, key: Any) -> None:
-        entry = self._done.get(key)
-        if entry is not None and entry[1]:
-            job, nbytes = entry
-            job.nbytes -= nbytes
-            self._done[key] = (job, 0)
+        nbytes = self._held.pop(key, None)
+        if nbytes:
+            self._done[key].nbytes -= nbytes
 
     def _forgotten(self, key: Any) -> None:
-        self._done.pop(key, None)
+        nbytes = self._held.pop(key, None)
+        job = self._done.pop(key, None)
+        if job is not None:
+            if nbytes:
+                job.nbytes -= nbytes
+            return
         job = self._pending.pop(key, None)
         if job is not None:  # cancelled before it finished
             job.remaining -= 1

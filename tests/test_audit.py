@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -137,9 +138,13 @@ def test_tampering_is_detected_at_the_first_bad_entry(
 
 
 _APPEND_SCRIPT = """
-import sys
+import sys, time
+from pathlib import Path
 from pipeline.runtime import Pipeline
 audit = Pipeline.open().audit
+Path(sys.argv[3] + "." + sys.argv[1]).touch()  # ready
+while not Path(sys.argv[3]).exists():  # start together, however long each took to import
+    time.sleep(0.001)
 for i in range(int(sys.argv[2])):
     audit.append("test.concurrent", actor=sys.argv[1], details={"i": i})
 """
@@ -152,10 +157,16 @@ def test_two_processes_appending_at_once_produce_one_valid_chain(pipeline: Pipel
         "DASK_PIPELINE__HOME": str(pipeline.settings.home),
         "DASK_PIPELINE__LONG_TERM__URL": pipeline.settings.long_term_url,
     }
+    go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _APPEND_SCRIPT, name, "150"], env=env, stderr=subprocess.PIPE)
+        subprocess.Popen([sys.executable, "-c", _APPEND_SCRIPT, name, "150", str(go)], env=env, stderr=subprocess.PIPE)
         for name in ("writer-a", "writer-b")
     ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"go.{name}").exists() for name in ("writer-a", "writer-b")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "writers did not start"
+        time.sleep(0.01)
+    go.touch()
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()

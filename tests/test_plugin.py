@@ -168,3 +168,15 @@ def test_plugin_errors_are_counted_never_raised(home) -> None:
     plugin.update_graph(_BrokenScheduler(), tasks=["x"])  # type: ignore[arg-type]
     plugin.transition("x", "processing", "memory", startstops="not a list")
     assert plugin.errors == 3
+
+
+def test_job_peak_memory_is_what_its_results_held_at_once(cluster, settings) -> None:
+    with Client(cluster) as client:
+        blocks = client.map(lambda i: bytearray(100_000), range(20))
+        total = client.submit(lambda bs: sum(map(len, bs)), blocks)
+        assert total.result() == 2_000_000
+        del blocks, total
+    cluster.close()
+    peaks = sorted(r["peak_memory_bytes"] for r in _records(settings) if r["kind"] == "job")
+    assert peaks[0] < 1_000  # the sum: one small integer
+    assert 2_000_000 <= peaks[1] < 2_200_000  # twenty 100 kB blocks in memory together
