@@ -105,6 +105,11 @@ class Settings:
     def resolved_cluster_id(self) -> str:
         return self.cluster_id or f"cluster-{uuid.uuid4().hex[:12]}"
 
+    def ensure_home(self) -> Path:
+        """Create the home folder if needed; it holds keys and encrypted data, so its owner only."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.home
+
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"

@@ -133,6 +133,7 @@ class MetadataPlugin(SchedulerPlugin):
             logger.warning("pipeline.account is not set; metadata is recorded as account %r", _UNASSIGNED)
         self.user = settings.user
         self.cluster_id = settings.cluster_id or scheduler.id
+        settings.ensure_home()
         self.emitter = Emitter(
             lambda: Pipeline.open(settings, create=True),
             Spool(settings.spool_dir),

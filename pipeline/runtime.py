@@ -57,6 +57,8 @@ class Pipeline:
         """
         settings = settings or Settings.from_config()
         policy = load_policy(settings.policy_path)
+        if create:
+            settings.ensure_home()
         if not settings.long_term_url.startswith(("sqlite:", "postgresql")):
             raise ConfigError(
                 f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "

@@ -47,6 +47,7 @@ def test_init_is_idempotent_and_key_file_is_private(home: Path) -> None:
     assert first.exit_code == second.exit_code == 0, first.output
     assert json.loads(second.output)["home"] == str(home)
     assert oct((home / "master.key").stat().st_mode & 0o777) == "0o600"
+    assert oct(home.stat().st_mode & 0o777) == "0o700"
 
 
 def test_accounts_add_then_records_json_has_exactly_the_contract_fields(home: Path) -> None:

@@ -64,6 +64,7 @@ def test_names_never_reach_files_or_tables(home: Path, long_term_url: str) -> No
     assert {r["kind"] for r in records} >= {"account", "job", "cluster_snapshot", "software_env"}
     assert {r["user"] for r in records} == {"ann.lee"}  # the names are there, inside the ciphertext
 
+    assert home.stat().st_mode & 0o777 == 0o700  # created by the plugin: its owner only
     files = [p for p in home.rglob("*") if p.is_file()]
     assert any(p.suffix == ".seg" for p in files)
     tables = _table_bytes(long_term_url)
