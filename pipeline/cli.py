@@ -335,6 +335,9 @@ def enforce(out: Output, now: Any) -> None:
     if overdue:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
+    failed = [r.request_id for r in processed if r.state == "failed"]
+    if failed or overdue:  # cron and CronJobs alert on the exit status
+        raise CheckFailed(f"{len(failed)} deletion requests failed, {len(overdue)} overdue")
 
 
 @command(main)

@@ -120,3 +120,22 @@ def test_serve_stops_cleanly_on_sigterm(pipeline, home) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert json.loads(out)["stopped"] is True
+
+
+def test_enforce_exits_1_while_a_request_is_overdue(settings) -> None:  # noqa: ANN001
+    from pipeline.retention.lease import Leases
+    from pipeline.retention.requests import file_request
+
+    pipeline = _write(settings)
+    request = file_request(pipeline, "acme", now=DAY0)
+    stuck = Leases(pipeline.keyring.engine, holder="other-host:1")  # another process holds it
+    assert stuck.acquire(f"erasure:{request.request_id}", timedelta(minutes=10))
+    day31 = (DAY0 + timedelta(days=31)).isoformat()
+    result = CliRunner().invoke(main, ["enforce", "--now", day31, "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["overdue_requests"] == [request.request_id]
+    assert result.stderr.strip() == "check failed: 0 deletion requests failed, 1 overdue"
+
+    stuck.release(f"erasure:{request.request_id}")
+    summary = json.loads(cli("enforce", "--now", day31, "--json"))  # done, late: nothing is overdue any more
+    assert [r["state"] for r in summary["requests"]] == ["completed"] and summary["overdue_requests"] == []
