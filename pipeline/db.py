@@ -9,6 +9,7 @@ with SQLAlchemy Core so that the same code runs on both dialects.
 from __future__ import annotations
 
 import fcntl
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -210,9 +211,15 @@ def alembic_config(connection: Connection) -> Config:
     return config
 
 
+@functools.cache
+def _head_revision() -> str | None:
+    """The newest migration (reading the scripts once per process, not on every open)."""
+    return ScriptDirectory.from_config(alembic_config(None)).get_current_head()  # type: ignore[arg-type]
+
+
 def create_schema(engine: Engine) -> None:
     """Upgrade the schema to the newest migration (idempotent; safe with concurrent callers)."""
-    head = ScriptDirectory.from_config(alembic_config(None)).get_current_head()  # type: ignore[arg-type]
+    head = _head_revision()
     with engine.connect() as conn:
         if MigrationContext.configure(conn).get_current_revision() == head:
             return

@@ -17,13 +17,13 @@ import pyarrow as pa
 
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
-from pipeline.db import create_schema, engine_for
 from pipeline.errors import ConfigError, KeyringError, UnknownAccountError
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.records import rows_from_table, table_from_rows
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Store, open_store
+from pipeline.stores.sql import SQLStore
 
 __all__ = ["Pipeline", "seal_records"]
 
@@ -59,20 +59,18 @@ class Pipeline:
         policy = load_policy(settings.policy_path)
         if create:
             settings.ensure_home()
-        if not settings.long_term_url.startswith(("sqlite:", "postgresql")):
-            raise ConfigError(
-                f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
-                f"got {settings.long_term_url!r}"
-            )
         stores = {
             name: open_store(url, setting=f"pipeline.{name.replace('_', '-')}.url")
             for name, url in settings.store_urls().items()
         }
-        engine = engine_for(settings.long_term_url)
-        if create:
-            create_schema(engine)
+        long_term = stores["long_term"]
+        if not isinstance(long_term, SQLStore):  # it is also the metadata database (keys, audit, requests)
+            raise ConfigError(
+                f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
+                f"got {settings.long_term_url!r}"
+            )
         provider = open_key_provider(settings.keys_url, create=create)
-        keyring = Keyring.open(engine, provider, create=create)
+        keyring = Keyring.open(long_term.engine, provider, create=create)
         pipeline = cls(settings, policy, keyring, stores)
         keyring.on_key_created = pipeline._audit_key_created
         pipeline.audit.note_policy(policy.path, policy.sha256)
@@ -110,18 +108,6 @@ class Pipeline:
             raise UnknownAccountError(account)
         return ref
 
-    def read_tables(
-        self,
-        store: str = "long_term",
-        *,
-        account: str | None = None,
-        data_type: str | None = None,
-        kind: str | None = None,
-    ) -> Iterator[pa.Table]:
-        """Decrypted Arrow tables, one per segment, skipping crypto-shredded subjects."""
-        for _segment, table in self.read_segments(store, account=account, data_type=data_type, kind=kind):
-            yield table
-
     def read_segments(
         self,
         store: str = "long_term",
@@ -130,7 +116,7 @@ class Pipeline:
         data_type: str | None = None,
         kind: str | None = None,
     ) -> Iterator[tuple[Segment, pa.Table]]:
-        """Each readable segment with its decrypted table (reports need the clear refs too)."""
+        """Each readable segment with its decrypted table, skipping crypto-shredded subjects."""
         subject_ref = self.subject_ref(account) if account is not None else None
         live: dict[str, int | None] = {}
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
@@ -147,8 +133,8 @@ class Pipeline:
             return None
 
     def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
-        """Decrypted records as dicts (see :meth:`read_tables`)."""
-        for table in self.read_tables(store, **filters):
+        """Decrypted records as dicts (see :meth:`read_segments`)."""
+        for _segment, table in self.read_segments(store, **filters):
             yield from rows_from_table(table)
 
     def close(self) -> None:

@@ -96,3 +96,16 @@ def test_straddling_finds_only_segments_across_the_limit(store, keyring) -> None
     assert found[0].payload  # complete: the caller decrypts and rewrites it
     assert list(store.straddling("cluster_jobs", T0 + timedelta(days=1))) == []  # oldest == limit: kept whole
     assert list(store.straddling("software_env", cut)) == []
+
+
+def test_a_stray_file_in_the_local_store_is_one_clear_error(tmp_path, keyring) -> None:  # noqa: ANN001
+    import pytest
+
+    from pipeline.errors import StoreError
+    from pipeline.stores.localfiles import LocalFileStore
+
+    store = LocalFileStore(f"file://{tmp_path}/logs")
+    store.write(_segments(keyring))
+    (next((tmp_path / "logs").rglob("*.seg")).parent / "notes.seg").write_text("not a segment")
+    with pytest.raises(StoreError, match="'notes.seg' is not a segment file name of this store"):
+        list(store.scan())

@@ -27,23 +27,32 @@ __all__ = ["USAGE_COLUMNS", "UTC_NAIVE", "ReportDB", "slice_schema"]
 #: how slices carry times: UTC without a zone (cast from the records' ``timestamp[us, UTC]``)
 UTC_NAIVE = pa.timestamp("us")
 
+
+def _usage_fields(kind: str, names: list[str]) -> list[pa.Field]:
+    """Fields of a record kind as slices carry them (timestamps as :data:`UTC_NAIVE`)."""
+    schema = KINDS[kind].schema
+    return [
+        pa.field(name, UTC_NAIVE if pa.types.is_timestamp(schema.field(name).type) else schema.field(name).type)
+        for name in names
+    ]
+
+
 #: payload columns each kind contributes to the usage section (besides the common ones)
 USAGE_COLUMNS: dict[str, list[pa.Field]] = {
-    "job": [
-        pa.field("cluster_id", pa.string()),
-        pa.field("job_id", pa.string()),
-        pa.field("started_at", UTC_NAIVE),
-        pa.field("finished_at", UTC_NAIVE),
-        pa.field("tasks_completed", pa.int64()),
-        pa.field("tasks_erred", pa.int64()),
-        pa.field("compute_seconds", pa.float64()),
-        pa.field("peak_memory_bytes", pa.int64()),
-    ],
-    "cluster_snapshot": [
-        pa.field("cluster_id", pa.string()),
-        pa.field("n_workers", pa.int64()),
-        pa.field("memory_process_bytes", pa.int64()),
-    ],
+    "job": _usage_fields(
+        "job",
+        [
+            "cluster_id",
+            "job_id",
+            "started_at",
+            "finished_at",
+            "tasks_completed",
+            "tasks_erred",
+            "compute_seconds",
+            "peak_memory_bytes",
+        ],
+    ),
+    "cluster_snapshot": _usage_fields("cluster_snapshot", ["cluster_id", "n_workers", "memory_process_bytes"]),
 }
 
 

@@ -53,8 +53,11 @@ class _Name(NamedTuple):
 
     @classmethod
     def parse(cls, filename: str) -> _Name:
-        segment_id, kind, user_ref, n, min_us, max_us = filename[: -len(_SUFFIX)].split("~")
-        return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(min_us), int(max_us))
+        try:
+            segment_id, kind, user_ref, n, min_us, max_us = filename[: -len(_SUFFIX)].split("~")
+            return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(min_us), int(max_us))
+        except ValueError:
+            raise StoreError(f"{filename!r} is not a segment file name of this store") from None
 
     def filename(self) -> str:
         return (
