@@ -147,6 +147,7 @@ while not Path(sys.argv[3]).exists():  # start together, however long each took 
     time.sleep(0.001)
 for i in range(int(sys.argv[2])):
     audit.append("test.concurrent", actor=sys.argv[1], details={"i": i})
+    time.sleep(0.005)  # paced like real writers: SQLite's write lock is not fair to a writer in back-off
 """
 
 
