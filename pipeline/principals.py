@@ -1,0 +1,54 @@
+"""Who is asking: the principal behind a request, a token or a local command.
+
+The control plane decides whose data it is from the principal, never from what
+a request or record says about itself. Every path that reads, writes or erases
+data takes one:
+
+- ``cluster``: bound to one account and one cluster id; may only ingest.
+- ``member``: a person of one account (and user); sees that account's data.
+- ``admin``: compliance/privacy staff; sees every account.
+- ``operator``: a command run on the control plane itself with the metadata
+  database and master key at hand (no token involved); it can do anything the
+  keys allow, so it is treated as an admin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["KINDS", "Principal"]
+
+Kind = Literal["cluster", "member", "admin", "operator"]
+KINDS: tuple[str, ...] = ("cluster", "member", "admin", "operator")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller; ``account``/``cluster_id`` scope what it may touch."""
+
+    kind: Kind
+    account: str | None = None
+    user: str | None = None
+    cluster_id: str | None = None
+    token_id: str | None = None
+
+    @property
+    def sees_every_account(self) -> bool:
+        return self.kind in ("admin", "operator")
+
+    def may_read(self, account: str) -> bool:
+        """Whether records of ``account`` are visible to this principal."""
+        return self.sees_every_account or (self.kind == "member" and self.account == account)
+
+    @property
+    def actor(self) -> str:
+        """How the audit trail names this principal (no clear name beyond the token's own id)."""
+        if self.token_id is None:
+            return self.kind
+        return f"{self.kind}-token:{self.token_id}"
+
+    @classmethod
+    def embedded_cluster(cls, account: str, cluster_id: str) -> Principal:
+        """The principal of an in-process (embedded) plugin: its own configured account and cluster."""
+        return cls("cluster", account=account, cluster_id=cluster_id)
