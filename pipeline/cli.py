@@ -7,8 +7,10 @@ stderr naming what is wrong).
 from __future__ import annotations
 
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.output import Output
 from pipeline.records import DATA_TYPES
+from pipeline.redact import mask_url, printable, quoted
 from pipeline.retention.policy import STORES
 
 __all__ = ["main"]
@@ -39,10 +42,10 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
             try:
                 return fn(out, *args, **kwargs)
             except CheckFailed as exc:
-                click.echo(f"check failed: {exc}", err=True)
+                click.echo(f"check failed: {printable(str(exc))}", err=True)
                 sys.exit(1)
             except PipelineError as exc:
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {printable(str(exc))}", err=True)
                 sys.exit(2)
 
         wrapper = click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")(wrapper)
@@ -51,10 +54,60 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """Bad usage (an unknown option, a value a parameter refuses) is one line on stderr, exit 2."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            click.echo(f"error: {printable(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+class Text(click.ParamType):
+    """A name or free text from the command line: it must be valid UTF-8.
+
+    Arguments that are not UTF-8 reach Python as lone surrogates (``$'\\xff'`` → ``'\\udcff'``),
+    which no store, hash or terminal can encode.
+    """
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{quoted(value)} is not valid UTF-8 text", param, ctx)
+        return value
+
+
+TEXT = Text()
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dask-metadata-pipeline")
 def main() -> None:
     """Metadata and audit pipeline with retention enforcement for Dask clusters."""
+    pipeline_logger = logging.getLogger("pipeline")
+    if not pipeline_logger.handlers:  # commands report through their one line; `serve` configures logging
+        pipeline_logger.addHandler(logging.NullHandler())
 
 
 def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily for a fast --help
@@ -70,9 +123,9 @@ def init(out: Output) -> None:
     s = pipeline.settings
     info = {
         "home": s.home,
-        "long_term": s.long_term_url,
-        "cloud_logging": s.cloud_logging_url,
-        "keys": s.keys_url,
+        "long_term": mask_url(s.long_term_url),
+        "cloud_logging": mask_url(s.cloud_logging_url),
+        "keys": mask_url(s.keys_url),
         "policy": str(s.policy_path),
     }
     pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
@@ -81,8 +134,8 @@ def init(out: Output) -> None:
 
 @command(main)
 @click.option("--tasks", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
-@click.option("--account", default="demo", show_default=True)
-@click.option("--user", default=None, help="User the cluster belongs to.")
+@click.option("--account", default="demo", show_default=True, type=TEXT)
+@click.option("--user", default=None, type=TEXT, help="User the cluster belongs to.")
 def demo(out: Output, tasks: int, account: str, user: str | None) -> None:
     """Run a workload on a local Dask cluster with the plugin and show what was stored."""
     from pipeline.demo import run_demo
@@ -115,11 +168,11 @@ def accounts() -> None:
 
 
 @command(accounts, "add")
-@click.option("--account", required=True)
-@click.option("--username", required=True)
-@click.option("--email", required=True)
-@click.option("--team", default=None)
-@click.option("--quota", "quotas", multiple=True, metavar="NAME=NUMBER", help="Repeatable.")
+@click.option("--account", required=True, type=TEXT)
+@click.option("--username", required=True, type=TEXT)
+@click.option("--email", required=True, type=TEXT)
+@click.option("--team", default=None, type=TEXT)
+@click.option("--quota", "quotas", multiple=True, type=TEXT, metavar="NAME=NUMBER", help="Repeatable.")
 def accounts_add(
     out: Output, account: str, username: str, email: str, team: str | None, quotas: tuple[str, ...]
 ) -> None:
@@ -134,7 +187,7 @@ def accounts_add(
         try:
             parsed[name] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{item!r} is not NAME=NUMBER", param_hint="--quota") from None
+            raise click.BadParameter(f"{quoted(item)} is not NAME=NUMBER", param_hint="--quota") from None
     record = {
         "record_id": uuid.uuid4().hex,
         "data_type": "account",
@@ -153,15 +206,19 @@ def accounts_add(
 
 
 @command(main)
-@click.option("--account", default=None)
+@click.option("--account", default=None, type=TEXT)
 @click.option("--data-type", type=click.Choice(DATA_TYPES), default=None)
 @click.option("--store", type=click.Choice(STORES), default="long_term", show_default=True)
 def records(out: Output, account: str | None, data_type: str | None, store: str) -> None:
-    """Print decrypted records (JSON lines with --json)."""
+    """Print decrypted records (JSON lines with --json); exit 1 naming each segment that does not decrypt."""
+    from pipeline.records import rows_from_table
+    from pipeline.runtime import Unreadable
+
     pipeline = open_pipeline()
-    rows = pipeline.read_records(store, account=account, data_type=data_type)
+    unreadable: list[Unreadable] = []
+    segments = pipeline.read_segments(store, account=account, data_type=data_type, unreadable=unreadable)
     n = out.rows(
-        rows,
+        (row for _segment, table in segments for row in rows_from_table(table)),
         lambda r: (
             f"{r['observed_at']:%Y-%m-%d %H:%M:%S}  {r['data_type']}/{r['kind']:<16} "
             f"{r['account']}  {r['user'] or '-'}  {r['cluster_id']}"
@@ -169,6 +226,18 @@ def records(out: Output, account: str | None, data_type: str | None, store: str)
     )
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
+    _report_skipped(pipeline, unreadable)
+
+
+def _report_skipped(pipeline: Any, unreadable: list[Any]) -> None:
+    """One stderr line per unreadable segment and per store with foreign files; exit 1 for the former."""
+    for store, found in pipeline.foreign_files().items():
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        click.echo(printable(f"skipped {len(found)} foreign file(s) in {store}: {shown}"), err=True)
+    for problem in unreadable:
+        click.echo(printable(str(problem)), err=True)
+    if unreadable:
+        raise CheckFailed(f"{len(unreadable)} segment(s) could not be read; every other record was shown")
 
 
 @main.group()
@@ -229,16 +298,22 @@ class UTCTime(click.ParamType):
 
     name = "ISO8601"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from datetime import UTC, datetime
+    #: ages and deadlines of up to 100 years either side must stay within datetime's range
+    EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, datetime):
             return value
         try:
             parsed = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except (ValueError, OverflowError):
+            self.fail(f"{quoted(value)} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
+        if not self.EARLIEST <= parsed < self.LATEST:
+            self.fail(
+                f"{quoted(value)} is out of range ({self.EARLIEST:%Y-%m-%d} to {self.LATEST:%Y-%m-%d})", param, ctx
+            )
+        return parsed
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -266,23 +341,31 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now: Any) -> None:
     """Compliance report files: inventory, retention, deletion requests, audit, usage."""
     from pipeline.reports import build_report, write_report
+    from pipeline.runtime import Unreadable
 
-    built = build_report(open_pipeline(), now=now, show_names=show_names, progress=sys.stderr.isatty())
+    pipeline = open_pipeline()
+    built = build_report(pipeline, now=now, show_names=show_names, progress=sys.stderr.isatty())
     written = write_report(built, out_dir, formats)
     summary = {
         "files": [str(p) for p in written],
+        "now": built.now,
+        "simulated_clock": now is not None,
         "retention": built.retention_status,
         "overdue_records": built.overdue_records,
         "audit": built.audit["status"],
         "deletion_requests_overdue": built.deletion_requests["overdue"],
+        "unreadable_segments": len(built.unreadable_segments),
+        "foreign_files": len(built.foreign_files),
     }
     out.result(
         summary,
         lambda d: (
-            f"retention {d['retention']} ({d['overdue_records']:,} records past their limit); {d['audit']}; "
+            (f"report as of --now {d['now'].isoformat()}\n" if d["simulated_clock"] else "")
+            + f"retention {d['retention']} ({d['overdue_records']:,} records past their limit); {d['audit']}; "
             f"{d['deletion_requests_overdue']} deletion requests overdue\n" + "\n".join(f"  {f}" for f in d["files"])
         ),
     )
+    _report_skipped(pipeline, [Unreadable(**u) for u in built.unreadable_segments])
 
 
 @main.group()
@@ -316,15 +399,13 @@ def audit_export(out: Output, out_dir: Path) -> None:
 @click.option("--now", type=UTCTime(), default=None, help="Enforce as of this time [default: now].")
 def enforce(out: Output, now: Any) -> None:
     """One retention pass and the pending deletion requests, then exit (for cron)."""
-    from pipeline.records import utcnow
     from pipeline.retention.enforcer import enforce as enforce_retention
     from pipeline.retention.requests import list_requests, process_pending
 
     pipeline = open_pipeline()
-    now = now or utcnow()
-    report = enforce_retention(pipeline, now)
+    report = enforce_retention(pipeline, now)  # None: the clock; a --now is marked as simulated
     processed = process_pending(pipeline)
-    overdue = [r.request_id for r in list_requests(pipeline) if r.overdue(now)]
+    overdue = [r.request_id for r in list_requests(pipeline) if r.overdue(report.now)]
     summary = {
         "retention": report.as_dict(),
         "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in processed],
@@ -369,9 +450,9 @@ def erase() -> None:
 
 
 @command(erase, "request")
-@click.option("--account", required=True)
-@click.option("--user", default=None, help="Erase only this user of the account.")
-@click.option("--reason", default=None, help="Why (kept encrypted), e.g. the ticket number.")
+@click.option("--account", required=True, type=TEXT)
+@click.option("--user", default=None, type=TEXT, help="Erase only this user of the account.")
+@click.option("--reason", default=None, type=TEXT, help="Why (kept encrypted), e.g. the ticket number.")
 def erase_request(out: Output, account: str, user: str | None, reason: str | None) -> None:
     """File a deletion request; prints its id (carried out by enforce or serve)."""
     from pipeline.retention.requests import file_request

@@ -20,6 +20,7 @@ import yaml
 from dask.utils import parse_timedelta
 
 from pipeline.errors import ConfigError
+from pipeline.fsmodes import private_folder
 
 __all__ = ["Settings", "default_policy_path"]
 
@@ -107,8 +108,7 @@ class Settings:
 
     def ensure_home(self) -> Path:
         """Create the home folder if needed; it holds keys and encrypted data, so its owner only."""
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return self.home
+        return private_folder(self.home)
 
     @property
     def spool_dir(self) -> Path:

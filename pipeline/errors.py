@@ -10,6 +10,7 @@
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      ├── SpoolError             a spooled batch is unreadable
+     ├── OutputError            a file or folder a command was asked to write cannot be written
      └── AuditIntegrityError    the audit trail was altered
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
@@ -22,6 +23,7 @@ __all__ = [
     "AuditIntegrityError",
     "ConfigError",
     "KeyringError",
+    "OutputError",
     "PipelineError",
     "PolicyError",
     "SpoolError",
@@ -52,10 +54,10 @@ class KeyringError(PipelineError):
 
 
 class UnknownAccountError(PipelineError, LookupError):
-    """No data key was ever created for this account."""
+    """No data of this account is held: never stored, or erased (the same answer for both)."""
 
     def __init__(self, account: str) -> None:
-        super().__init__(f"unknown account {account!r}: no records were ever stored for it")
+        super().__init__(f"unknown account {account!r}: no records are stored for it")
 
 
 class StoreError(PipelineError):
@@ -68,6 +70,10 @@ class StoreUnavailable(StoreError):
 
 class SpoolError(PipelineError):
     """A spooled batch file is corrupt or unreadable."""
+
+
+class OutputError(PipelineError):
+    """A file or folder a command was asked to write (``--out``) cannot be written."""
 
 
 class AuditIntegrityError(PipelineError):

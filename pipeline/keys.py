@@ -31,7 +31,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
+from pipeline.fsmodes import open_private, private_folder
 from pipeline.records import utcnow
+from pipeline.redact import mask_url
 
 __all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "open_key_provider"]
 
@@ -104,9 +106,9 @@ class LocalKeyFile(KeyProvider):
             "current": self._current,
             "keys": {str(v): base64.b64encode(k).decode() for v, k in self._keys.items()},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.path.parent)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "w") as fh:
             json.dump(doc, fh)
             fh.flush()
@@ -148,7 +150,7 @@ def open_key_provider(url: str, *, create: bool = False) -> KeyProvider:
         from pipeline.kms import AWSKMSKeyProvider
 
         return AWSKMSKeyProvider(url)
-    raise ConfigError(f"unknown key URL scheme {parsed.scheme!r} in {url!r} (known: file, aws-kms)")
+    raise ConfigError(f"unknown key URL scheme {parsed.scheme!r} in {mask_url(url)!r} (known: file, aws-kms)")
 
 
 def _aad(key_id: str, key_version: int) -> bytes:
@@ -210,7 +212,8 @@ class Keyring:
         row = self._row(INDEX_KEY_ID)
         if row is None:
             raise KeyringError(
-                f"no keyring in {self.engine.url.render_as_string(hide_password=True)}; run metadata-pipeline init"
+                f"no keyring in {mask_url(self.engine.url.render_as_string(hide_password=False))}; "
+                "run metadata-pipeline init"
             )
         return self.provider.unwrap(row.master_version, row.wrapped, _aad(INDEX_KEY_ID, row.key_version))
 

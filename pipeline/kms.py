@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.keys import KeyProvider
+from pipeline.redact import mask_url
 
 __all__ = ["AWSKMSKeyProvider"]
 
@@ -25,11 +26,13 @@ class AWSKMSKeyProvider(KeyProvider):
             import boto3
             from botocore.exceptions import BotoCoreError, ClientError
         except ModuleNotFoundError as exc:
-            raise ConfigError(f"{url}: AWS KMS needs boto3; install dask-metadata-pipeline[aws]") from exc
+            raise ConfigError(f"{mask_url(url)}: AWS KMS needs boto3; install dask-metadata-pipeline[aws]") from exc
         parsed = urlparse(url)
         self.key_id = (parsed.netloc + parsed.path).strip("/")
         if not self.key_id:
-            raise ConfigError(f"pipeline.keys.url {url!r} names no KMS key (aws-kms://KEY-ID or aws-kms://alias/NAME)")
+            raise ConfigError(
+                f"pipeline.keys.url {mask_url(url)!r} names no KMS key (aws-kms://KEY-ID or aws-kms://alias/NAME)"
+            )
         self.url = url
         self._errors = (BotoCoreError, ClientError)
         self._kms = boto3.client("kms")

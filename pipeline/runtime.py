@@ -17,15 +17,29 @@ import pyarrow as pa
 
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, KeyringError, UnknownAccountError
+from pipeline.errors import ConfigError, KeyringError, StoreError, UnknownAccountError
+from pipeline.fsmodes import check_private_folder
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.records import rows_from_table, table_from_rows
+from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
 
-__all__ = ["Pipeline", "seal_records"]
+__all__ = ["Pipeline", "Unreadable", "seal_records"]
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A segment that should decrypt and does not: altered, or sealed by another keyring."""
+
+    store: str
+    segment_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"unreadable segment {self.segment_id} in {self.store}: {self.reason}"
 
 
 def seal_records(keyring: Keyring, records: Iterable[Mapping[str, Any]]) -> list[Segment]:
@@ -56,6 +70,7 @@ class Pipeline:
         :raises ConfigError, PolicyError, KeyringError, StoreUnavailable:
         """
         settings = settings or Settings.from_config()
+        check_private_folder(settings.home)
         policy = load_policy(settings.policy_path)
         if create:
             settings.ensure_home()
@@ -67,7 +82,7 @@ class Pipeline:
         if not isinstance(long_term, SQLStore):  # it is also the metadata database (keys, audit, requests)
             raise ConfigError(
                 f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
-                f"got {settings.long_term_url!r}"
+                f"got {mask_url(settings.long_term_url)!r}"
             )
         provider = open_key_provider(settings.keys_url, create=create)
         keyring = Keyring.open(long_term.engine, provider, create=create)
@@ -99,12 +114,13 @@ class Pipeline:
         return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
 
     def subject_ref(self, account: str) -> str:
-        """The subject ref of an account the keyring knows.
+        """The subject ref of an account that has data now.
 
-        :raises UnknownAccountError: no record of this account was ever stored
+        :raises UnknownAccountError: no record of this account was ever stored, or it was
+            erased: both get the same answer, so a lookup does not tell which
         """
         ref = self.keyring.subject_ref(account)
-        if self.keyring.key_state(ref) == "unknown":
+        if self.keyring.key_state(ref) != "active":
             raise UnknownAccountError(account)
         return ref
 
@@ -115,27 +131,50 @@ class Pipeline:
         account: str | None = None,
         data_type: str | None = None,
         kind: str | None = None,
+        unreadable: list[Unreadable] | None = None,
     ) -> Iterator[tuple[Segment, pa.Table]]:
-        """Each readable segment with its decrypted table, skipping crypto-shredded subjects."""
+        """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
+
+        A segment that should open but does not (an altered header or payload, a subject or
+        key version the keyring never issued) is appended to ``unreadable`` and skipped, so
+        one bad segment hides nothing else; without that list it stops the scan.
+
+        :raises StoreError: a segment is unreadable and no ``unreadable`` list was given
+        """
         subject_ref = self.subject_ref(account) if account is not None else None
-        live: dict[str, int | None] = {}
+        keys: dict[str, tuple[str, int]] = {}
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
             ref = segment.subject_ref
-            if ref not in live:
-                live[ref] = self._live_key_version(ref)
-            if live[ref] == segment.key_version:
-                yield segment, open_segment(self.keyring, segment)
+            if ref not in keys:
+                keys[ref] = self._key_status(ref)
+            state, version = keys[ref]
+            if state == "destroyed" or (state == "active" and 0 < segment.key_version < version):
+                continue  # crypto-shredded: unreadable on purpose
+            try:
+                if state == "unknown" or segment.key_version != version:
+                    raise KeyringError(f"subject or key version {segment.key_version} was never issued by this keyring")
+                table = open_segment(self.keyring, segment)
+            except KeyringError as exc:
+                problem = Unreadable(store, segment.segment_id, str(exc))
+                if unreadable is None:
+                    raise StoreError(str(problem)) from exc
+                unreadable.append(problem)
+                continue
+            yield segment, table
 
-    def _live_key_version(self, subject_ref: str) -> int | None:
-        try:
-            return self.keyring.cipher(subject_ref, create=False)[0]
-        except (KeyringError, UnknownAccountError):
-            return None
+    def _key_status(self, subject_ref: str) -> tuple[str, int]:
+        """``(key_state, current key version)``; versions below the current one were destroyed."""
+        state = self.keyring.key_state(subject_ref)
+        return state, self.keyring.cipher(subject_ref, create=False)[0] if state == "active" else 0
 
     def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
         """Decrypted records as dicts (see :meth:`read_segments`)."""
         for _segment, table in self.read_segments(store, **filters):
             yield from rows_from_table(table)
+
+    def foreign_files(self) -> dict[str, list[str]]:
+        """Store name → what was skipped in it so far as not being its segments (see ``Store.foreign_files``)."""
+        return {name: found for name, store in self.stores.items() if (found := store.foreign_files())}
 
     def close(self) -> None:
         for store in self.stores.values():

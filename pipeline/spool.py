@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.errors import SpoolError
+from pipeline.fsmodes import open_private, private_folder
 from pipeline.segments import Segment, ipc_bytes
 
 __all__ = ["Batch", "Spool"]
@@ -69,7 +70,7 @@ class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.corrupt_dir = directory / "corrupt"
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(directory)
 
     def _path(self, batch_id: str) -> Path:
         return self.directory / f"{batch_id}{_SUFFIX}"
@@ -85,7 +86,7 @@ class Spool:
         body = ipc_bytes(table)
         path = self._path(batch.batch_id)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as fh:
             fh.write(MAGIC + hashlib.sha256(body).digest() + body)
             fh.flush()
             os.fsync(fh.fileno())
@@ -99,7 +100,7 @@ class Spool:
         if not batch.waiting_for:
             self.remove(batch)
         else:
-            self._path(batch.batch_id).with_suffix(f".ack-{store}").touch()
+            os.close(open_private(self._path(batch.batch_id).with_suffix(f".ack-{store}"), os.O_WRONLY | os.O_CREAT))
 
     def remove(self, batch: Batch) -> None:
         self._path(batch.batch_id).unlink(missing_ok=True)
@@ -115,7 +116,7 @@ class Spool:
             try:
                 yield self._load(path)
             except SpoolError as exc:
-                self.corrupt_dir.mkdir(exist_ok=True, mode=0o700)
+                private_folder(self.corrupt_dir)
                 os.replace(path, self.corrupt_dir / path.name)
                 logger.error("%s; moved to %s", exc, self.corrupt_dir)
 

@@ -169,7 +169,11 @@ def list_requests(pipeline: Pipeline, *, states: tuple[str, ...] = STATES) -> li
 
 
 def process_pending(pipeline: Pipeline, *, leases: Leases | None = None) -> list[DeletionRequest]:
-    """Carry out every open request another process is not working on; returns them."""
+    """Carry out every open request another process is not working on; returns those this call worked on.
+
+    A request another process finished after this one listed it is left out: the
+    result says what this run did, not what some run did.
+    """
     leases = leases or Leases(pipeline.keyring.engine)
     done = []
     for request in list_requests(pipeline, states=OPEN_STATES):
@@ -177,7 +181,9 @@ def process_pending(pipeline: Pipeline, *, leases: Leases | None = None) -> list
         if not leases.acquire(name, REQUEST_LEASE):
             continue
         try:
-            done.append(process_request(pipeline, get_request(pipeline, request.request_id)))
+            current = get_request(pipeline, request.request_id)
+            if current.state in OPEN_STATES:
+                done.append(process_request(pipeline, current))
         finally:
             leases.release(name)
     return done
