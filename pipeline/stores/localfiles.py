@@ -101,16 +101,9 @@ class LocalFileStore(Store):
 
     def _dirs(self, path: Path) -> list[Path]:
         """Sub-folders of ``path``; files beside them are foreign."""
-        try:
-            entries = list(path.iterdir())
-        except FileNotFoundError:
-            return []
-        dirs = []
-        for entry in entries:
-            if entry.is_dir():
-                dirs.append(entry)
-            elif not entry.name.startswith(".tmp-"):
-                self._note_foreign(entry)
+        dirs, files = _listing(path)
+        for entry in files:
+            self._note_foreign(entry)
         return dirs
 
     def _load(self, path: Path, with_payload: bool) -> Segment | None:
@@ -123,14 +116,8 @@ class LocalFileStore(Store):
 
     def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
         """The segment files of a subject folder with their parsed names; other files are foreign."""
-        try:
-            entries = list(folder.iterdir())
-        except FileNotFoundError:
-            return []
         found = []
-        for entry in entries:
-            if entry.name.startswith(".tmp-") or entry.is_dir():
-                continue
+        for entry in _listing(folder)[1]:
             name = _Name.parse(entry.name)
             if name is None:
                 self._note_foreign(entry)
@@ -311,6 +298,22 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _listing(path: Path) -> tuple[list[Path], list[Path]]:
+    """(sub-folders, files) of ``path`` without in-progress temporary files; nothing for a missing folder."""
+    try:
+        entries = list(path.iterdir())
+    except FileNotFoundError:
+        return [], []
+    dirs: list[Path] = []
+    files: list[Path] = []
+    for entry in entries:
+        if entry.is_dir():
+            dirs.append(entry)
+        elif not entry.name.startswith(".tmp-"):
+            files.append(entry)
+    return dirs, files
 
 
 def _is_day(name: str) -> bool:
