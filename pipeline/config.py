@@ -21,6 +21,7 @@ from dask.utils import parse_timedelta
 
 from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
+from pipeline.redact import mask_url, quoted
 
 __all__ = ["Settings", "default_policy_path"]
 
@@ -69,14 +70,14 @@ class Settings:
             try:
                 return str(value).format(home=home)
             except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"pipeline.{key}: cannot expand {value!r}: {exc}") from exc
+                raise ConfigError(f"pipeline.{key}: cannot expand {quoted(mask_url(str(value)))}: {exc}") from exc
 
         def seconds(key: str) -> float:
             value = _get(key)
             try:
                 return float(parse_timedelta(value, default="seconds"))
             except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"pipeline.{key}: {value!r} is not a duration") from exc
+                raise ConfigError(f"pipeline.{key}: {quoted(value)} is not a duration") from exc
 
         policy = _get("policy")
         values: dict[str, Any] = {
