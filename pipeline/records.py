@@ -7,6 +7,7 @@ names are a contract: see DESIGN.md "Record schemas".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ __all__ = [
     "rows_from_table",
     "table_from_rows",
     "utcnow",
+    "validate_records",
 ]
 
 DATA_TYPES = ("account", "cluster_jobs", "software_env")
@@ -142,3 +144,71 @@ def rows_from_table(table: pa.Table) -> Iterator[dict[str, Any]]:
             if row.get(name) is not None:
                 row[name] = dict(row[name])
         yield row
+
+
+def validate_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Records checked against their kind's schema, ISO 8601 timestamps parsed to aware datetimes.
+
+    Runs where records cross a trust boundary (a sealed batch arriving) and where
+    the emitter must drop a malformed record before it blocks a whole batch.
+
+    :raises ValueError: naming the first bad record (by position) and what is wrong with it
+    """
+    checked: list[dict[str, Any]] = []
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for position, record in enumerate(records):
+        try:
+            row = _validate_record(record)
+        except ValueError as exc:
+            raise ValueError(f"record {position}: {exc}") from None
+        checked.append(row)
+        by_kind.setdefault(row["kind"], []).append(row)
+    for kind_name, rows in by_kind.items():
+        try:
+            table_from_rows(kind_name, rows)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise ValueError(f"{kind_name} record has a field of the wrong type: {exc}") from None
+    return checked
+
+
+@functools.cache
+def _fields(kind_name: str) -> tuple[frozenset[str], tuple[tuple[str, bool, bool], ...]]:
+    """A kind's field names, and per field (name, nullable, is a timestamp): Arrow objects are slow per record."""
+    schema = KINDS[kind_name].schema
+    return frozenset(schema.names), tuple((f.name, f.nullable, f.type == TIMESTAMP) for f in schema)
+
+
+def _validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(record, Mapping):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    name = record.get("kind")
+    if name not in KINDS:
+        raise ValueError(f"unknown record kind {name!r}")
+    names, fields = _fields(name)
+    if not names.issuperset(record):
+        unknown = set(record) - names
+        raise ValueError(f"{name} record has unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    row: dict[str, Any] = {}
+    for field, nullable, is_timestamp in fields:
+        value = record.get(field)
+        if value is None:
+            if not nullable:
+                raise ValueError(f"{name} record lacks {field}")
+        elif is_timestamp:
+            value = _timestamp(field, value)
+        row[field] = value
+    expected = KINDS[name].data_type
+    if row["data_type"] != expected:
+        raise ValueError(f"{name} record has data_type {row['data_type']!r}, expected {expected!r}")
+    return row
+
+
+def _timestamp(name: str, value: Any) -> datetime:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not an ISO 8601 timestamp") from None
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValueError(f"{name} must be a timestamp with a time zone, got {value!r}")
+    return value
