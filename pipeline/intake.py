@@ -10,21 +10,22 @@ scheduler's spool therefore needs no secret, and reading one gives nothing.
 Sealed batch: ``MAGIC | len(batch_id) (1 byte) | batch_id | HPKE ciphertext``.
 The batch id travels in clear (it is the idempotency key) and is bound into
 the HPKE ``info``, so a batch relabelled with another id does not open. The
-plaintext is the batch's records as JSON (timestamps in ISO 8601), validated
-against the record schemas on open.
+plaintext is one uncompressed Arrow IPC stream per record kind, each framed by
+its 4-byte big-endian length (uncompressed, so the size limit on the sealed
+bytes also bounds memory); every table is checked against its kind's schema
+on open.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
+import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pipeline.errors import ConfigError, IntakeError
 from pipeline.keys import Keyring
-from pipeline.records import validate_records
+from pipeline.records import check_table, tables_from_records
 
 __all__ = [
     "MAX_SEALED_BYTES",
@@ -56,12 +57,19 @@ _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+_FRAME = 4
+
+
 @dataclass(frozen=True)
 class OpenedBatch:
-    """A batch's id and its validated records."""
+    """A batch's id and its records: one schema-checked Arrow table per kind."""
 
     batch_id: str
-    records: list[dict[str, Any]]
+    tables: list[pa.Table]
+
+    @property
+    def n_records(self) -> int:
+        return sum(table.num_rows for table in self.tables)
 
 
 def intake_private_key(keyring: Keyring) -> X25519PrivateKey:
@@ -95,10 +103,35 @@ def _info(batch_id: str) -> bytes:
     return MAGIC + b"|" + batch_id.encode()
 
 
-def _json_default(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+def _frames(tables: Sequence[pa.Table]) -> bytes:
+    parts = []
+    for table in tables:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        stream = sink.getvalue().to_pybytes()
+        parts += [len(stream).to_bytes(_FRAME, "big"), stream]
+    return b"".join(parts)
+
+
+def _tables(plaintext: bytes) -> list[pa.Table]:
+    """Parse the frames; :raises ValueError: naming what is malformed."""
+    tables, at = [], 0
+    while at < len(plaintext):
+        size = int.from_bytes(plaintext[at : at + _FRAME], "big")
+        stream = plaintext[at + _FRAME : at + _FRAME + size]
+        if len(stream) != size or size == 0:
+            raise ValueError("truncated record table")
+        try:
+            table = pa.ipc.open_stream(stream).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"unreadable record table: {str(exc).splitlines()[0]}") from None
+        check_table(table)
+        tables.append(table)
+        at += _FRAME + size
+    if not tables:
+        raise ValueError("no records")
+    return tables
 
 
 def seal_batch(public_key: X25519PublicKey, batch_id: str, records: Sequence[Mapping[str, Any]]) -> bytes:
@@ -108,16 +141,16 @@ def seal_batch(public_key: X25519PublicKey, batch_id: str, records: Sequence[Map
     """
     if not _BATCH_ID.fullmatch(batch_id):
         raise ValueError(f"batch id {batch_id!r} is not 1-128 letters, digits, '-' or '_'")
-    plaintext = json.dumps(validate_records(records), default=_json_default, separators=(",", ":")).encode()
+    plaintext = _frames(tables_from_records(records))
     label = batch_id.encode()
     return MAGIC + bytes([len(label)]) + label + _SUITE.encrypt(plaintext, public_key, info=_info(batch_id))
 
 
 def open_batch(private_key: X25519PrivateKey, sealed: bytes) -> OpenedBatch:
-    """Open a sealed batch and validate its records.
+    """Open a sealed batch and check its tables against the record schemas.
 
     :raises IntakeError: too large, not a sealed batch, altered or relabelled, sealed to
-        another key, or holding a record that does not match its schema
+        another key, or holding records that do not match their schema
     """
     if len(sealed) > MAX_SEALED_BYTES:
         raise IntakeError(f"sealed batch of {len(sealed)} bytes exceeds the limit of {MAX_SEALED_BYTES} bytes")
@@ -135,13 +168,6 @@ def open_batch(private_key: X25519PrivateKey, sealed: bytes) -> OpenedBatch:
             f"batch {batch_id} does not decrypt: altered, relabelled or sealed to another intake key"
         ) from None
     try:
-        rows = json.loads(plaintext)
-    except ValueError as exc:
-        raise IntakeError(f"batch {batch_id}: records are not valid JSON: {exc}") from None
-    if not isinstance(rows, list) or not rows:
-        raise IntakeError(f"batch {batch_id}: expected a non-empty list of records")
-    try:
-        records = validate_records(rows)
+        return OpenedBatch(batch_id, _tables(plaintext))
     except ValueError as exc:
         raise IntakeError(f"batch {batch_id}: {exc}") from None
-    return OpenedBatch(batch_id, records)

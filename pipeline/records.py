@@ -7,13 +7,13 @@ names are a contract: see DESIGN.md "Record schemas".
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 __all__ = [
     "DATA_TYPES",
@@ -22,8 +22,9 @@ __all__ = [
     "kind",
     "rows_from_table",
     "table_from_rows",
+    "check_table",
+    "tables_from_records",
     "utcnow",
-    "validate_records",
 ]
 
 DATA_TYPES = ("account", "cluster_jobs", "software_env")
@@ -146,69 +147,51 @@ def rows_from_table(table: pa.Table) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def validate_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Records checked against their kind's schema, ISO 8601 timestamps parsed to aware datetimes.
+def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
+    """Records as one Arrow table per kind, each checked by :func:`check_table`.
 
-    Runs where records cross a trust boundary (a sealed batch arriving) and where
-    the emitter must drop a malformed record before it blocks a whole batch.
+    The emitter runs this before sealing a batch, so a malformed record is caught
+    (and dropped) on the cluster rather than refusing a whole batch later.
 
-    :raises ValueError: naming the first bad record (by position) and what is wrong with it
+    :raises ValueError: naming what is wrong (the kind, field or type)
     """
-    checked: list[dict[str, Any]] = []
-    by_kind: dict[str, list[dict[str, Any]]] = {}
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
     for position, record in enumerate(records):
-        try:
-            row = _validate_record(record)
-        except ValueError as exc:
-            raise ValueError(f"record {position}: {exc}") from None
-        checked.append(row)
-        by_kind.setdefault(row["kind"], []).append(row)
+        name = record.get("kind") if isinstance(record, Mapping) else None
+        if name not in KINDS:
+            raise ValueError(f"record {position}: unknown record kind {name!r}")
+        by_kind.setdefault(name, []).append(record)
+    tables = []
     for kind_name, rows in by_kind.items():
         try:
-            table_from_rows(kind_name, rows)
+            table = table_from_rows(kind_name, rows)
         except (pa.ArrowException, TypeError, ValueError) as exc:
             raise ValueError(f"{kind_name} record has a field of the wrong type: {exc}") from None
-    return checked
+        check_table(table)
+        tables.append(table)
+    return tables
 
 
-@functools.cache
-def _fields(kind_name: str) -> tuple[frozenset[str], tuple[tuple[str, bool, bool], ...]]:
-    """A kind's field names, and per field (name, nullable, is a timestamp): Arrow objects are slow per record."""
-    schema = KINDS[kind_name].schema
-    return frozenset(schema.names), tuple((f.name, f.nullable, f.type == TIMESTAMP) for f in schema)
+def check_table(table: pa.Table) -> str:
+    """The kind of a table that arrived from elsewhere, once it matches that kind's schema exactly.
 
-
-def _validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(record, Mapping):
-        raise ValueError(f"expected an object, got {type(record).__name__}")
-    name = record.get("kind")
-    if name not in KINDS:
-        raise ValueError(f"unknown record kind {name!r}")
-    names, fields = _fields(name)
-    if not names.issuperset(record):
-        unknown = set(record) - names
-        raise ValueError(f"{name} record has unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    row: dict[str, Any] = {}
-    for field, nullable, is_timestamp in fields:
-        value = record.get(field)
-        if value is None:
-            if not nullable:
-                raise ValueError(f"{name} record lacks {field}")
-        elif is_timestamp:
-            value = _timestamp(field, value)
-        row[field] = value
-    expected = KINDS[name].data_type
-    if row["data_type"] != expected:
-        raise ValueError(f"{name} record has data_type {row['data_type']!r}, expected {expected!r}")
-    return row
-
-
-def _timestamp(name: str, value: Any) -> datetime:
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"{name} {value!r} is not an ISO 8601 timestamp") from None
-    if not isinstance(value, datetime) or value.tzinfo is None:
-        raise ValueError(f"{name} must be a timestamp with a time zone, got {value!r}")
-    return value
+    :raises ValueError: naming what does not match
+    """
+    if table.num_rows == 0 or "kind" not in table.column_names:
+        raise ValueError("a table of records must be non-empty and have a kind column")
+    kinds = pc.unique(table.column("kind")).to_pylist()
+    if len(kinds) != 1 or kinds[0] not in KINDS:
+        raise ValueError(f"a table must hold one known record kind, got {kinds[:5]}")
+    spec = KINDS[kinds[0]]
+    if not table.schema.equals(spec.schema):
+        raise ValueError(f"{spec.name} table does not match the {spec.name} record schema")
+    for field in spec.schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise ValueError(f"{spec.name} record lacks {field.name}")
+    if not pc.all(pc.equal(table.column("data_type"), spec.data_type)).as_py():
+        raise ValueError(f"{spec.name} record has a data_type other than {spec.data_type!r}")
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{spec.name} table is malformed: {exc}") from None
+    return spec.name

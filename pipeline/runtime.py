@@ -17,6 +17,7 @@ from datetime import date
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 
@@ -42,31 +43,54 @@ from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
 
-__all__ = ["IngestResult", "Pipeline", "seal_records"]
+__all__ = ["IngestResult", "Pipeline", "seal_records", "seal_tables"]
 
 
-def seal_records(
-    keyring: Keyring, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None
-) -> list[Segment]:
-    """Group records by subject, user, kind and day, and seal each group as one segment.
+def seal_records(keyring: Keyring, records: Iterable[Mapping[str, Any]]) -> list[Segment]:
+    """Seal records as :func:`seal_tables` does, from dicts (one table per kind), with random segment ids."""
+    by_kind: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_kind[record["kind"]].append(record)
+    tables = [table_from_rows(kind_name, rows) for kind_name, rows in by_kind.items()]
+    return seal_tables(keyring, tables)
+
+
+def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: str | None = None) -> list[Segment]:
+    """Split each kind's table by account, user and (UTC) day, and seal each part as one segment.
 
     With ``segment_seed`` (a batch's scoped id) segment ids derive from it and the
-    group, so sealing the same batch again yields the same ids and a retry after a
+    part, so sealing the same batch again yields the same ids and a retry after a
     partial write rewrites nothing twice; without it ids are random.
     """
-    groups: dict[tuple[str, str | None, str, date], list[Mapping[str, Any]]] = defaultdict(list)
-    for record in records:  # .date() is 20x cheaper than strftime on this per-record path
-        groups[(record["account"], record["user"], record["kind"], record["observed_at"].date())].append(record)
     sealed = []
-    for (account, user, kind_name, day), rows in groups.items():
-        table = table_from_rows(kind_name, rows)
-        subject_ref, user_ref = keyring.subject_ref(account), keyring.user_ref(account, user)
-        segment_id = None
-        if segment_seed is not None:
-            group = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
-            segment_id = hashlib.sha256(group.encode()).hexdigest()[:32]
-        sealed.append(seal(keyring, subject_ref, user_ref, table, segment_id=segment_id))
+    for table in tables:
+        kind_name = table.column("kind")[0].as_py()
+        days = pc.cast(table.column("observed_at"), pa.date32())
+        keys = pa.table({"account": table.column("account"), "user": table.column("user"), "day": days})
+        groups = keys.group_by(["account", "user", "day"]).aggregate([]).to_pylist()
+        for group in groups:
+            account, user, day = group["account"], group["user"], group["day"]
+            part = table if len(groups) == 1 else table.filter(_group_mask(keys, account, user, day))
+            subject_ref, user_ref = keyring.subject_ref(account), keyring.user_ref(account, user)
+            segment_id = None
+            if segment_seed is not None:
+                name = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
+                segment_id = hashlib.sha256(name.encode()).hexdigest()[:32]
+            sealed.append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id))
     return sealed
+
+
+def _group_mask(keys: pa.Table, account: str, user: str | None, day: date) -> pa.ChunkedArray:
+    users = pc.is_null(keys["user"]) if user is None else pc.equal(keys["user"], user)
+    return pc.and_(pc.and_(pc.equal(keys["account"], account), users), pc.equal(keys["day"], day))
+
+
+def _own(table: pa.Table, principal: Principal) -> pa.ChunkedArray:
+    """Which rows name the principal's account (and cluster, when it has one)."""
+    mask = pc.equal(table.column("account"), principal.account)
+    if principal.cluster_id is not None:
+        mask = pc.and_(mask, pc.equal(table.column("cluster_id"), principal.cluster_id))
+    return mask
 
 
 @dataclass(frozen=True)
@@ -152,11 +176,11 @@ class Pipeline:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
         subject_ref = self._scope(batch, principal)
         if self._already_ingested(subject_ref, batch.batch_id):
-            return IngestResult(len(batch.records), duplicate=True)
+            return IngestResult(batch.n_records, duplicate=True)
         segments = self._seal_batch(batch, subject_ref)
         self._write_everywhere(segments)
         self._mark_ingested(subject_ref, batch)
-        return IngestResult(len(batch.records), duplicate=False)
+        return IngestResult(batch.n_records, duplicate=False)
 
     def _scope(self, batch: OpenedBatch, principal: Principal) -> str:
         """The subject ref the batch belongs to; refuse it whole unless every record is the principal's own.
@@ -165,24 +189,21 @@ class Pipeline:
         holding the master key, e.g. ``spool replay``) may replay any batch of one account.
         """
         if principal.kind == "operator":
-            accounts = {r["account"] for r in batch.records}
+            accounts = set().union(*(pc.unique(t.column("account")).to_pylist() for t in batch.tables))
             if len(accounts) != 1:
                 self._reject(batch, principal, f"records name {len(accounts)} accounts; a batch holds one")
             return self.keyring.subject_ref(accounts.pop())
         if principal.kind != "cluster" or principal.account is None:
             self._reject(batch, principal, f"a {principal.kind} principal may not ingest; only a cluster may")
-        foreign = [
-            r
-            for r in batch.records
-            if r["account"] != principal.account
-            or (principal.cluster_id is not None and r["cluster_id"] != principal.cluster_id)
-        ]
-        if foreign:
+        foreign = [table.filter(pc.invert(_own(table, principal))) for table in batch.tables]
+        n_foreign = sum(table.num_rows for table in foreign)
+        if n_foreign:
+            accounts = set().union(*(pc.unique(t.column("account")).to_pylist() for t in foreign))
             self._reject(
                 batch,
                 principal,
-                f"{len(foreign)} of {len(batch.records)} records name another account or cluster than the caller's",
-                foreign_subject_refs=sorted({self.keyring.subject_ref(r["account"]) for r in foreign}),
+                f"{n_foreign} of {batch.n_records} records name another account or cluster than the caller's",
+                foreign_subject_refs=sorted(self.keyring.subject_ref(account) for account in accounts),
             )
         assert principal.account is not None
         return self.keyring.subject_ref(principal.account)
@@ -193,7 +214,7 @@ class Pipeline:
             "ingest.rejected",
             actor=principal.actor,
             subject_ref=None if principal.account is None else self.keyring.subject_ref(principal.account),
-            details={"batch_id": batch.batch_id, "records": len(batch.records), "reason": reason, **refs},
+            details={"batch_id": batch.batch_id, "records": batch.n_records, "reason": reason, **refs},
         )
         raise ForbiddenBatch(f"batch {batch.batch_id} refused: {reason}")
 
@@ -207,7 +228,7 @@ class Pipeline:
         return taken is not None
 
     def _seal_batch(self, batch: OpenedBatch, subject_ref: str) -> list[Segment]:
-        return seal_records(self.keyring, batch.records, segment_seed=f"{subject_ref}/{batch.batch_id}")
+        return seal_tables(self.keyring, batch.tables, segment_seed=f"{subject_ref}/{batch.batch_id}")
 
     def _write_everywhere(self, segments: Sequence[Segment]) -> None:
         """Write to every store the policy routes to; idempotent by segment id, so a retry is safe."""
@@ -228,7 +249,7 @@ class Pipeline:
                 insert_ignoring_duplicates(self.keyring.engine, ingested_batches).values(
                     subject_ref=subject_ref,
                     batch_id=batch.batch_id,
-                    records=len(batch.records),
+                    records=batch.n_records,
                     received_at=utcnow(),
                 )
             )
