@@ -19,7 +19,7 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner, Result
-from conftest import make_record
+from conftest import make_record, sealed_batch
 from sqlalchemy import update
 
 from pipeline import db
@@ -436,15 +436,22 @@ def test_everything_the_pipeline_writes_is_owner_only(home: Path, settings: Sett
         pipeline = Pipeline.open(settings)
         pipeline.write_records([make_record("cluster_snapshot")])
         spool = Spool(settings.spool_dir)
-        batch = spool.append([], frozenset({"long_term", "cloud_logging"}))
-        spool.ack(batch, "long_term")
+        batch = spool.append(*sealed_batch(pipeline, [make_record("job", job_id="j1")]))
+        broken = spool.append(*sealed_batch(pipeline, [make_record("job", job_id="j2")]))
+        spool.refuse(broken, "kept for the test")
         assert run("report", "--out", str(tmp_path / "out" / "report"), "--show-names").exit_code == 0
         assert run("audit", "export", "--out", str(tmp_path / "out" / "export")).exit_code == 0
     finally:
         os.umask(old)
     written = [home, *home.rglob("*"), tmp_path / "out", *(tmp_path / "out").rglob("*")]
     names = {p.name for p in written}
-    assert {"metadata.db-wal", "metadata.db-shm", "metadata.db.schema-lock", f"{batch.batch_id}.ack-long_term"} <= names
+    assert {
+        "metadata.db-wal",
+        "metadata.db-shm",
+        "metadata.db.schema-lock",
+        f"{batch.batch_id}.batch",
+        "refused",
+    } <= names
     assert {"report.html", "report.json", "inventory.csv", "entries.jsonl", "manifest.json"} <= names
     wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written if stat.S_IMODE(p.stat().st_mode) & 0o077}
     assert wrong == {}
@@ -463,9 +470,9 @@ def test_a_home_others_can_write_is_refused_with_the_fix(home: Path) -> None:
 
 
 def test_a_corrupt_spool_file_gives_one_stderr_line(home: Path, settings: Settings) -> None:
-    Pipeline.open(settings, create=True)
+    pipeline = Pipeline.open(settings, create=True)
     spool = Spool(settings.spool_dir)
-    path = settings.spool_dir / f"{spool.append([], frozenset({'long_term'})).batch_id}.batch"
+    path = settings.spool_dir / f"{spool.append(*sealed_batch(pipeline, [make_record()])).batch_id}.batch"
     path.write_bytes(b"garbage")
     done = command_line(home, b"spool", b"replay", b"--timeout", b"5")
     assert done.returncode == 2
