@@ -54,7 +54,7 @@ class _ClearKeyring:
         self.subject_ref = keyring.subject_ref
         self.user_ref = keyring.user_ref
 
-    def cipher(self, subject_ref: str) -> tuple[int, _Identity]:
+    def cipher(self, subject_ref: str, user_ref: str | None = None) -> tuple[int, _Identity]:
         return 1, _Identity()
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, KeyringError, UnknownAccountError
+from pipeline.errors import ConfigError, UnknownAccountError
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.records import rows_from_table, table_from_rows
 from pipeline.retention.policy import Policy, load_policy
@@ -81,8 +81,9 @@ class Pipeline:
 
     @functools.cached_property
     def audit(self) -> AuditLog:
-        """The audit trail in the metadata database (signing key from the keyring)."""
-        return AuditLog(self.keyring.engine, self.keyring)
+        """The audit trail in the metadata database, its signing key file and its witness."""
+        s = self.settings
+        return AuditLog.open(self.keyring.engine, self.keyring, s.signing_key_url, s.witness_url)
 
     def route(self, segments: Iterable[Segment]) -> dict[str, list[Segment]]:
         """Store name → the segments the policy lets it hold."""
@@ -120,17 +121,11 @@ class Pipeline:
         subject_ref = self.subject_ref(account) if account is not None else None
         live: dict[str, int | None] = {}
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
-            ref = segment.subject_ref
-            if ref not in live:
-                live[ref] = self._live_key_version(ref)
-            if live[ref] == segment.key_version:
+            key_id = segment.user_ref or segment.subject_ref
+            if key_id not in live:
+                live[key_id] = self.keyring.live_version(segment.subject_ref, segment.user_ref)
+            if live[key_id] == segment.key_version:
                 yield segment, open_segment(self.keyring, segment)
-
-    def _live_key_version(self, subject_ref: str) -> int | None:
-        try:
-            return self.keyring.cipher(subject_ref, create=False)[0]
-        except (KeyringError, UnknownAccountError):
-            return None
 
     def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
         """Decrypted records as dicts (see :meth:`read_segments`)."""

@@ -80,7 +80,7 @@ def seal(
     """Encrypt one kind's Arrow table for one subject (and optional user)."""
     kind_name = table.column("kind")[0].as_py()
     observed = table.column("observed_at")
-    key_version, cipher = keyring.cipher(subject_ref)
+    key_version, cipher = keyring.cipher(subject_ref, user_ref)  # the user's own key, else the account's
     segment = Segment(
         segment_id=segment_id or uuid.uuid4().hex,
         subject_ref=subject_ref,
@@ -103,7 +103,7 @@ def open_segment(keyring: Keyring, segment: Segment) -> pa.Table:
 
     :raises KeyringError: the data key was destroyed, or the segment was altered
     """
-    cipher = keyring.cipher_for(segment.subject_ref, segment.key_version)
+    cipher = keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
     try:
         data = cipher.decrypt(segment.payload[:_NONCE], segment.payload[_NONCE:], segment.aad)
     except InvalidTag:
