@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, or_, select, text, update
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, transaction
-from pipeline.errors import ConfigError, KeyringError, UnknownAccountError
+from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
 from pipeline.records import utcnow
 
 __all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "normalise", "open_key_provider"]
@@ -379,13 +379,20 @@ class Keyring:
 
         Checked against the database on every call, so a process that cached a key
         another process destroyed never seals under it: it gets a new key version.
+        While the database is unreachable the cached key is used (it cannot be
+        destroyed meanwhile), so sealing and spooling go on through an outage.
 
         :raises UnknownAccountError: no key exists and ``create`` is false
         :raises KeyringError: the key was destroyed and ``create`` is false
         """
         key_id = user_ref or subject_ref
         with self._lock:
-            row = self._row(key_id)
+            try:
+                row = self._row(key_id)
+            except StoreUnavailable:  # the database is down: nobody can destroy the key meanwhile
+                if key_id in self._ciphers:
+                    return self._ciphers[key_id]
+                raise
             if row is None or row.wrapped is None:
                 self._ciphers.pop(key_id, None)
                 if not create:
