@@ -345,26 +345,30 @@ def enforce(out: Output, now: Any) -> None:
 
     pipeline = open_pipeline()
     now = now or utcnow()
-    report = enforce_retention(pipeline, now)
+    try:
+        report, retention_error = enforce_retention(pipeline, now), None
+    except PipelineError as exc:  # a broken store must not keep the erasures from running
+        report, retention_error = None, str(exc)
     processed = process_pending(pipeline, now=now)
     requests = list_requests(pipeline)
     overdue = [r.request_id for r in requests if r.overdue(now)]
     failed = [r.request_id for r in requests if r.state == "failed"]  # still owed, whoever processed them
     summary = {
-        "retention": report.as_dict(),
+        "retention": report.as_dict() if report else {"error": retention_error},
         "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in processed],
         "failed_requests": failed,
         "overdue_requests": overdue,
     }
-    lines = [report.summary()]
+    lines = [report.summary() if report else f"retention pass failed: {retention_error}"]
     lines += [f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in processed]
     if failed:
         lines.append(f"{len(failed)} deletion requests failed (retried with back-off): {', '.join(failed)}")
     if overdue:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
-    if failed or overdue:  # cron and CronJobs alert on the exit status
-        raise CheckFailed(f"{len(failed)} deletion requests failed, {len(overdue)} overdue")
+    if failed or overdue or retention_error:  # cron and CronJobs alert on the exit status
+        problem = f"{len(failed)} deletion requests failed, {len(overdue)} overdue"
+        raise CheckFailed(problem + (f"; retention pass failed: {retention_error}" if retention_error else ""))
 
 
 @command(main)

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, or_, select, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, or_, select, text, update
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, transaction
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
@@ -516,7 +516,10 @@ class Keyring:
                     version=new, key_ref=self.provider.key_ref(new), created_at=now
                 )
             )
-        self.provider.activate(new)
+        with transaction(self.engine, "activating the new master key") as conn:
+            lock_keys(conn)  # a rotation that committed after this one activates its own, newer version
+            if conn.scalar(select(func.max(master_keys.c.version))) == new:
+                self.provider.activate(new)
         return new, len(rewrapped)
 
     def master_versions(self) -> list[MasterVersion]:
