@@ -186,9 +186,14 @@ class AuditLog:
             if _last_policy_sha(conn) == sha256:  # the usual case: no write lock taken
                 return None
 
+        newest = self.newest_checkpoint()
+
         def changed(conn: Connection) -> list[Mapping[str, Any]]:
             if _last_policy_sha(conn) == sha256:  # another process recorded it meanwhile
                 return []
+            if newest is not None and (conn.scalar(select(func.max(audit_log.c.seq))) or 0) < newest.seq:
+                return []  # the trail was cut: leave it as found, for `audit verify` to name
+
             return [{"action": "policy.loaded", "details": {"path": path, "sha256": sha256}}]
 
         entries = self._append(changed)
