@@ -111,6 +111,8 @@ class FileWitness(Witness):
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+        except FileExistsError:
+            return  # another process checkpointed the same head at the same instant
         except OSError as exc:
             raise StoreUnavailable(f"audit witness {self.path}: cannot write {name}: {exc.strerror}") from exc
 
@@ -139,6 +141,7 @@ class S3Witness(Witness):
         if not self.bucket:
             raise ConfigError(f"pipeline.audit.witness-url {url!r} names no bucket (s3://bucket/prefix)")
         self._errors = (BotoCoreError, ClientError)
+        self._client_error = ClientError
         self._s3 = boto3.client("s3")
         try:
             lock = self._s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
@@ -157,6 +160,10 @@ class S3Witness(Witness):
     def put(self, name: str, data: bytes) -> None:
         try:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*")
+        except self._client_error as exc:
+            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                return  # another process checkpointed the same head at the same instant
+            raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
         except self._errors as exc:
             raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from freezegun import freeze_time
 from moto.server import ThreadedMotoServer
 from sqlalchemy import delete, select, update
+from test_audit_export import readme_script, verify
 
 from pipeline.audit import HANDOVER, LEGACY_SIGNING_KEY_ID, AuditLog, canonical_entry
 from pipeline.cli import main
@@ -144,7 +145,7 @@ def test_a_lost_signing_key_file_is_one_clear_error(pipeline: Pipeline, home: Pa
     assert "audit signing key" in result.stderr and "is missing" in result.stderr
 
 
-def test_a_keyring_wrapped_signing_key_is_handed_over_to_a_key_file(home: Path) -> None:
+def test_a_keyring_wrapped_signing_key_is_handed_over_to_a_key_file(home: Path, tmp_path: Path) -> None:
     """A database from before the key file: the old key signs a hand-over, then it is destroyed."""
     pipeline = Pipeline.open(create=True)
     legacy = Ed25519PrivateKey.from_private_bytes(pipeline.keyring.named_key(LEGACY_SIGNING_KEY_ID, "audit"))
@@ -164,6 +165,11 @@ def test_a_keyring_wrapped_signing_key_is_handed_over_to_a_key_file(home: Path) 
     result = run("audit", "verify")
     assert result.exit_code == 0 and result.stdout.strip() == "audit trail intact: 8 entries"  # + policy.loaded
     assert migrated.audit.newest_checkpoint().seq == 6
+
+    exported = tmp_path / "export"
+    assert run("audit", "export", "--out", str(exported)).exit_code == 0
+    checked = verify(readme_script(exported, tmp_path), exported)  # a third party follows the hand-over too
+    assert checked.returncode == 0 and checked.stdout.startswith("intact: 8 entries"), checked.stdout
 
 
 # -- S3 witness with Object Lock, over HTTP to moto's server ---------------------------------------
