@@ -114,7 +114,8 @@ class AWSKMSKeyProvider(KeyProvider):
         if key is None:
             return
         try:
-            self._kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=DELETION_WINDOW_DAYS)
+            key_id = key.rsplit("/", 1)[-1]  # the id: accepted everywhere (moto takes no ARN here)
+            self._kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=DELETION_WINDOW_DAYS)
         except self._errors as exc:
             self._keys[version] = key
             raise KeyringError(f"AWS KMS key {key!r} cannot be scheduled for deletion: {exc}") from exc

@@ -294,3 +294,18 @@ def test_the_reason_is_shredded_with_the_subject_and_the_receipt_keeps_its_hash(
         sealed = conn.execute(text("SELECT reason FROM deletion_requests")).scalar_one()
     assert "alice" not in sealed
     assert uuid.UUID(done.request_id)
+
+
+def test_keys_retire_runs_retirement_by_hand_and_lists_the_versions(settings: Settings) -> None:
+    with freeze_time(T0):
+        pipeline = Pipeline.open(settings, create=True)
+        _fill(pipeline)
+        _erase(pipeline, "acme", "ann")
+    code, out, err = _cli("keys", "retire", "--now", (T0 + timedelta(days=1)).isoformat(), "--json")
+    assert code == 0, err
+    listing = json.loads(out)
+    assert listing["retired"] == []
+    assert [v["retires_at"] for v in listing["versions"]] == [(T0 + timedelta(days=35)).isoformat(), None]
+    code, out, err = _cli("keys", "retire", "--now", (T0 + timedelta(days=36)).isoformat())
+    assert (code, out.strip()) == (0, "master key versions retired: 1"), err
+    assert [e.details["master_key_versions"] for e in pipeline.audit.entries() if e.action == "key.retired"] == [[1]]
