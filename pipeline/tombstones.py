@@ -10,11 +10,12 @@ is lifted (``erase lift ID``); lifting lets new records in, never old ones.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from pipeline.db import tombstones, transaction
@@ -38,12 +39,6 @@ class Tombstone:
     erased_at: datetime
     suppress: bool
     lifted_at: datetime | None
-
-    def drops(self, observed_at: datetime) -> bool:
-        """Whether a record of this subject observed then must not be stored."""
-        if observed_at < self.erased_at:
-            return True
-        return self.suppress and (self.lifted_at is None or observed_at < self.lifted_at)
 
 
 def add(
@@ -94,32 +89,49 @@ def _load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombsto
 
 
 def drop_erased(
-    engine: Engine,
-    records: Iterable[Mapping[str, Any]],
-    refs: Callable[[str, str | None], tuple[str, str | None]],
-) -> tuple[list[Mapping[str, Any]], Counter[str]]:
-    """Split records into those to store and a count of dropped ones per request id.
+    engine: Engine, tables: Iterable[pa.Table], refs: Callable[[str, str | None], tuple[str, str | None]]
+) -> tuple[list[pa.Table], Counter[str]]:
+    """The tables without the records tombstones forbid, and how many each tombstone dropped.
+
+    One query for the batch's subjects; rows are filtered vectorised, per tombstone.
 
     :param refs: ``(account, user) -> (subject_ref, user_ref)`` (the keyring's HMAC refs)
     """
-    records = list(records)
-    by_record = [refs(r["account"], r["user"]) for r in records]
-    stones = _load(engine, (subject for subject, _user in by_record))
-    if not stones:
-        return records, Counter()
-    kept: list[Mapping[str, Any]] = []
+    tables = list(tables)
+    pairs = {
+        (p["account"], p["user"])
+        for t in tables
+        for p in t.select(["account", "user"]).group_by(["account", "user"]).aggregate([]).to_pylist()
+    }
+    by_pair = {pair: refs(*pair) for pair in pairs}
+    stones = _load(engine, (subject for subject, _user in by_pair.values()))
     dropped: Counter[str] = Counter()
-    for record, (subject_ref, user_ref) in zip(records, by_record, strict=True):
-        hit = next(
-            (
-                t
-                for t in stones.get(subject_ref, ())
-                if t.user_ref in (None, user_ref) and t.drops(record["observed_at"])
-            ),
-            None,
-        )
-        if hit is None:
-            kept.append(record)
-        else:
-            dropped[hit.request_id] += 1
+    if not stones:
+        return tables, dropped
+    kept = []
+    for table in tables:
+        for (account, user), (subject_ref, user_ref) in by_pair.items():
+            for stone in stones.get(subject_ref, ()):
+                if stone.user_ref not in (None, user_ref):
+                    continue
+                hit = _mask(table, account, user if stone.user_ref else None, stone)
+                n = pc.sum(hit).as_py() or 0
+                if n:
+                    dropped[stone.request_id] += n
+                    table = table.filter(pc.invert(hit))
+        kept.append(table)
     return kept, dropped
+
+
+def _mask(table: pa.Table, account: str, user: str | None, stone: Tombstone) -> pa.ChunkedArray:
+    """Rows of ``account`` (and ``user``, for a user's tombstone) that ``stone`` drops."""
+    mask = pc.equal(table.column("account"), account)
+    if user is not None:
+        mask = pc.and_(mask, pc.equal(table.column("user"), user))
+    observed = table.column("observed_at")
+    until = stone.erased_at
+    if stone.suppress:
+        if stone.lifted_at is None:
+            return pc.fill_null(mask, False)
+        until = max(until, stone.lifted_at)
+    return pc.fill_null(pc.and_(mask, pc.less(observed, pa.scalar(until, observed.type))), False)

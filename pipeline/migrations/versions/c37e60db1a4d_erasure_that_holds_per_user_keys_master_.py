@@ -1,7 +1,7 @@
 """erasure that holds: per-user keys, master key versions, tombstones
 
 Revision ID: c37e60db1a4d
-Revises: 73cfada6ab33
+Revises: 5b1e7c2d9a40
 Create Date: 2026-11-30 11:57:57.388328
 
 """
@@ -15,7 +15,7 @@ import pipeline.db
 
 # revision identifiers, used by Alembic.
 revision: str = "c37e60db1a4d"
-down_revision: str | Sequence[str] | None = "73cfada6ab33"
+down_revision: str | Sequence[str] | None = "5b1e7c2d9a40"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
