@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sqlite3
 import stat
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from click.testing import CliRunner, Result
 from conftest import make_record
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from freezegun import freeze_time
-from moto.server import ThreadedMotoServer
 from sqlalchemy import delete, select, update
 from test_audit_export import readme_script, verify
 
@@ -175,26 +172,8 @@ def test_a_keyring_wrapped_signing_key_is_handed_over_to_a_key_file(home: Path, 
 # -- S3 witness with Object Lock, over HTTP to moto's server ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    for name, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(name, value)
+def s3(aws: str):  # noqa: ANN201
     return boto3.client("s3")
 
 
@@ -246,3 +225,18 @@ def test_an_unknown_witness_scheme_is_one_clear_error(home: Path) -> None:
         result.stderr
         == "error: pipeline.audit.witness-url: unknown scheme 'ftp' in 'ftp://somewhere' (known: file, s3)\n"
     )
+
+
+def test_a_running_service_anchors_the_chain_at_least_hourly(home: Path) -> None:
+    from datetime import timedelta
+
+    from pipeline.retention.service import RetentionService
+
+    pipeline = Pipeline.open(create=True)
+    service = RetentionService(pipeline)
+    witness = home / "audit-witness"
+    for minutes, expected in ((0, 1), (5, 1), (30, 1), (61, 2)):
+        with freeze_time(T0 + timedelta(minutes=minutes)):
+            pipeline.audit.append("test.entry")
+            service.run_job("requests", T0 + timedelta(minutes=minutes))
+        assert len(list(witness.iterdir())) == expected, minutes
