@@ -208,6 +208,7 @@ def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_co
     assert pipeline.keyring.key_state(acme, ann) == "active"  # ann's logs are still readable: not done
 
     stray.unlink()
+    assert _request_status(home) == "FAIL"  # failed, not yet retried
     with freeze_time(T0 + timedelta(minutes=6)):  # the first back-off (5 min) has passed
         code, out, err = _cli("enforce", "--json")
     assert code == 0, err
@@ -215,6 +216,14 @@ def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_co
     done = get_request(pipeline, request.request_id)
     assert done.receipt["attempts"] == 1 and "next_attempt_at" not in done.receipt
     assert [r["user"] for r in pipeline.read_records("cloud_logging", account="acme")] == [None]
+    assert _request_status(home) == "PASS"
+
+
+def _request_status(home: Path) -> str:
+    """The deletion-request status of the compliance report."""
+    code, _, err = _cli("report", "--out", str(home / "report"), "--format", "json")
+    assert code == 0, err
+    return json.loads((home / "report" / "report.json").read_text())["deletion_requests"]["status"]
 
 
 def test_erase_retry_forces_a_retry_now(settings: Settings, home: Path) -> None:
