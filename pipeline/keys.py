@@ -23,7 +23,7 @@ import tempfile
 import threading
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -93,6 +93,10 @@ class KeyProvider(ABC):
 
     def refresh(self) -> None:  # noqa: B027 - providers whose state lives elsewhere re-read it
         """Re-read versions another process may have created, activated or destroyed."""
+
+    def rewrap(self, wrapped: Sequence[tuple[int, bytes, bytes]], version: int) -> list[bytes]:
+        """Unwrap each ``(version, blob, aad)`` and wrap it again under ``version`` (a rotation's bulk step)."""
+        return [self.wrap(self.unwrap(old, blob, aad), aad, version)[1] for old, blob, aad in wrapped]
 
     def key_ref(self, version: int) -> str | None:
         """Where this version lives, for providers that keep each version apart (a KMS key ARN)."""
@@ -196,6 +200,19 @@ class LocalKeyFile(KeyProvider):
             return self._cipher(version).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
         except InvalidTag:
             raise KeyringError(f"master key file {self.path} does not open this keyring (wrong key)") from None
+
+    def rewrap(self, wrapped: Sequence[tuple[int, bytes, bytes]], version: int) -> list[bytes]:
+        target = self._cipher(version)
+        nonces = os.urandom(_NONCE * len(wrapped))
+        out = []
+        try:
+            for i, (old, blob, aad) in enumerate(wrapped):
+                nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
+                key = self._cipher(old).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+                out.append(nonce + target.encrypt(nonce, key, aad))
+        except InvalidTag:
+            raise KeyringError(f"master key file {self.path} does not open this keyring (wrong key)") from None
+        return out
 
     def stage(self) -> int:
         self.refresh()
@@ -494,11 +511,8 @@ class Keyring:
             rows = conn.exec_driver_sql(
                 "SELECT key_id, key_version, master_version, wrapped FROM keyring_keys WHERE wrapped IS NOT NULL"
             ).fetchall()
-            unwrap, wrap = self.provider.unwrap, self.provider.wrap
-            rewrapped = []
-            for key_id, key_version, master_version, wrapped in rows:
-                aad = _aad(key_id, key_version)
-                rewrapped.append((new, wrap(unwrap(master_version, bytes(wrapped), aad), aad, new)[1], key_id))
+            blobs = self.provider.rewrap([(m, bytes(w), _aad(k, v)) for k, v, m, w in rows], new)
+            rewrapped = [(new, blob, row[0]) for row, blob in zip(rows, blobs, strict=True)]
             mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
             statement = f"UPDATE keyring_keys SET master_version = {mark}, wrapped = {mark} WHERE key_id = {mark}"
             for start in range(0, len(rewrapped), 5000):
