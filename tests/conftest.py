@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
+import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
+import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
 
 from pipeline.config import Settings

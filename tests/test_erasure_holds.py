@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dask.config
-import pandas  # noqa: F401 - pyarrow imports it lazily; under freezegun's datetime that import fails
 import pytest
 from click.testing import CliRunner
 from conftest import make_record
