@@ -23,7 +23,7 @@ import tempfile
 import threading
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -422,6 +422,31 @@ class Keyring:
                 key = self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
                 cached = self._ciphers[key_id] = (row.key_version, AESGCM(key))
             return cached
+
+    def ciphers(self, refs: Iterable[tuple[str, str | None]]) -> dict[tuple[str, str | None], tuple[int, AESGCM]]:
+        """:meth:`cipher` for many ``(subject_ref, user_ref)`` at once, checked in one query (a batch's seal)."""
+        wanted = set(refs)
+        ids = sorted({user_ref or subject_ref for subject_ref, user_ref in wanted})
+        live: dict[str, int] | None
+        try:
+            with transaction(self.engine, "reading the keyring") as conn:
+                live = {
+                    key_id: version
+                    for start in range(0, len(ids), 500)
+                    for key_id, version in conn.execute(
+                        select(keyring_keys.c.key_id, keyring_keys.c.key_version).where(
+                            keyring_keys.c.key_id.in_(ids[start : start + 500]), keyring_keys.c.wrapped.is_not(None)
+                        )
+                    )
+                }
+        except StoreUnavailable:
+            live = None  # as in cipher(): cached keys go on, others fail there
+        found = {}
+        for subject_ref, user_ref in wanted:
+            cached = self._ciphers.get(user_ref or subject_ref)
+            fresh = cached is not None and (live is None or live.get(user_ref or subject_ref) == cached[0])
+            found[(subject_ref, user_ref)] = cached if fresh and cached else self.cipher(subject_ref, user_ref)
+        return found
 
     def _new_version(self, key_id: str, destroyed, account_ref: str | None):  # noqa: ANN001, ANN202
         if destroyed is None:

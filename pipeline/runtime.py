@@ -62,7 +62,7 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
     part, so sealing the same batch again yields the same ids and a retry after a
     partial write rewrites nothing twice; without it ids are random.
     """
-    sealed = []
+    parts = []
     for table in tables:
         kind_name = table.column("kind")[0].as_py()
         days = pc.cast(table.column("observed_at"), pa.date32())
@@ -71,12 +71,17 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
         for group in groups:
             account, user, day = group["account"], group["user"], group["day"]
             part = table if len(groups) == 1 else table.filter(_group_mask(keys, account, user, day))
-            subject_ref, user_ref = keyring.subject_ref(account), keyring.user_ref(account, user)
-            segment_id = None
-            if segment_seed is not None:
-                name = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
-                segment_id = hashlib.sha256(name.encode()).hexdigest()[:32]
-            sealed.append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id))
+            refs = keyring.subject_ref(account), keyring.user_ref(account, user)
+            parts.append((refs, kind_name, day, part))
+    ciphers = keyring.ciphers(refs for refs, _kind, _day, _part in parts)  # one check of every key
+    sealed = []
+    for (subject_ref, user_ref), kind_name, day, part in parts:
+        segment_id = None
+        if segment_seed is not None:
+            name = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
+            segment_id = hashlib.sha256(name.encode()).hexdigest()[:32]
+        key = ciphers[(subject_ref, user_ref)]
+        sealed.append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id, key=key))
     return sealed
 
 
