@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,7 +49,7 @@ from pipeline.db import audit_log
 from pipeline.errors import AuditIntegrityError, KeyringError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
-from pipeline.signing import AuditSigner, open_signer, public_hex
+from pipeline.signing import AuditSigner, FileSigner, PublicKey, load_public_hex, open_signer, public_hex, verifies
 from pipeline.witness import Checkpoint, Witness, open_witness
 
 __all__ = ["AuditEntry", "AuditLog", "VerifyResult", "canonical_entry", "default_actor", "verify_entries"]
@@ -125,10 +124,10 @@ class AuditLog:
             return cls(engine, signer, witness)
         path = Path(urlparse(signing_key_url).path)
         if keyring.key_state(LEGACY_SIGNING_KEY_ID) == "active":
-            legacy = AuditSigner(
+            legacy = FileSigner(
                 path, Ed25519PrivateKey.from_private_bytes(keyring.named_key(LEGACY_SIGNING_KEY_ID, "audit"))
             )
-            audit = cls(engine, AuditSigner.create(path), witness)
+            audit = cls(engine, FileSigner.create(path), witness)
             cls(engine, legacy, witness)._hand_over(audit.signer)
             keyring.destroy(LEGACY_SIGNING_KEY_ID)
             audit.checkpoint()
@@ -138,7 +137,7 @@ class AuditLog:
                 raise KeyringError(
                     f"audit signing key {path} is missing but the audit trail has entries: restore the key file"
                 )
-        return cls(engine, AuditSigner.create(path), witness)
+        return cls(engine, FileSigner.create(path), witness)
 
     def _hand_over(self, new: AuditSigner) -> None:
         def once(conn: Connection) -> list[Mapping[str, Any]]:
@@ -150,18 +149,18 @@ class AuditLog:
         self._append(once)
 
     @property
-    def public_key(self) -> Ed25519PublicKey:
+    def public_key(self) -> PublicKey:
         return self.signer.public_key
 
     def public_key_pem(self) -> bytes:
         return _pem(self.first_public_key())
 
-    def first_public_key(self) -> Ed25519PublicKey:
+    def first_public_key(self) -> PublicKey:
         """The key that signed entry 1: the hand-over's previous key, if the trail had one."""
         handover = self.first(HANDOVER)
         if handover is None:
             return self.public_key
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(handover.details["previous_public_key"]))
+        return load_public_hex(handover.details["previous_public_key"])
 
     def append(
         self,
@@ -274,12 +273,10 @@ class AuditLog:
         checkpoint = self.witness.newest()
         if checkpoint is None:
             return None
-        try:
-            self.public_key.verify(bytes.fromhex(checkpoint.signature), checkpoint.body())
-        except (InvalidSignature, ValueError):
+        if not _verifies(self.public_key, checkpoint.signature, checkpoint.body()):
             raise AuditIntegrityError(
                 checkpoint.seq, f"witness {checkpoint.name} is not signed by the audit signing key"
-            ) from None
+            )
         return checkpoint
 
     def checkpoint(self) -> Checkpoint:
@@ -357,7 +354,14 @@ def _last_policy_sha(conn: Connection) -> str | None:
     return None if details is None else json.loads(details).get("sha256")
 
 
-def _pem(key: Ed25519PublicKey) -> bytes:
+def _verifies(key: PublicKey, signature_hex: str, data: bytes) -> bool:
+    try:
+        return verifies(key, bytes.fromhex(signature_hex), data)
+    except ValueError:  # not hex
+        return False
+
+
+def _pem(key: PublicKey) -> bytes:
     return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -388,10 +392,10 @@ def _mismatch(checkpoint: Checkpoint, last_seq: int) -> str:
 
 def verify_entries(
     entries: Iterator[Mapping[str, Any]],
-    public_key: Ed25519PublicKey,
+    public_key: PublicKey,
     *,
     checkpoint: Checkpoint | None = None,
-    final_key: Ed25519PublicKey | None = None,
+    final_key: PublicKey | None = None,
 ) -> int:
     """Verify entries as dicts (as exported); returns how many were checked.
 
@@ -409,14 +413,12 @@ def verify_entries(
             raise AuditIntegrityError(seq, "does not chain to the previous entry (deleted, inserted or reordered)")
         if hashlib.sha256(canonical_entry(entry)).hexdigest() != entry["entry_hash"]:
             raise AuditIntegrityError(seq, "content does not match its hash (altered)")
-        try:
-            public_key.verify(bytes.fromhex(entry["signature"]), bytes.fromhex(entry["entry_hash"]))
-        except (InvalidSignature, ValueError):
-            raise AuditIntegrityError(seq, "signature does not verify (not signed by the audit signing key)") from None
+        if not _verifies(public_key, entry["signature"], bytes.fromhex(entry["entry_hash"])):
+            raise AuditIntegrityError(seq, "signature does not verify (not signed by the audit signing key)")
         if checkpoint is not None and seq == checkpoint.seq and entry["entry_hash"] != checkpoint.head_hash:
             raise AuditIntegrityError(seq, _mismatch(checkpoint, seq))
         if entry["action"] == HANDOVER:
-            public_key, key_seq = Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry["details"]["public_key"])), seq
+            public_key, key_seq = load_public_hex(entry["details"]["public_key"]), seq
         prev_hash, expected_seq = entry["entry_hash"], seq + 1
     last = expected_seq - 1
     if checkpoint is not None and last < checkpoint.seq:

@@ -163,7 +163,7 @@ audit_log = Table(
     Column("details", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
-    Column("signature", String(128), nullable=False),
+    Column("signature", String(256), nullable=False),  # Ed25519: 128 hex; ECDSA P-256 (KMS) DER: up to 144
     Index("ix_audit_action", "action", "seq"),  # last policy.loaded / retention.pass
 )
 

@@ -30,7 +30,7 @@ from pipeline.db import audit_log, keyring_keys
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.retention.enforcer import enforce
 from pipeline.runtime import Pipeline
-from pipeline.signing import AuditSigner
+from pipeline.signing import FileSigner
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -146,7 +146,7 @@ def test_a_keyring_wrapped_signing_key_is_handed_over_to_a_key_file(home: Path, 
     """A database from before the key file: the old key signs a hand-over, then it is destroyed."""
     pipeline = Pipeline.open(create=True)
     legacy = Ed25519PrivateKey.from_private_bytes(pipeline.keyring.named_key(LEGACY_SIGNING_KEY_ID, "audit"))
-    old_trail = AuditLog(pipeline.keyring.engine, AuditSigner(home / "x", legacy), pipeline.audit.witness)
+    old_trail = AuditLog(pipeline.keyring.engine, FileSigner(home / "x", legacy), pipeline.audit.witness)
     with pipeline.keyring.engine.begin() as conn:
         conn.execute(delete(audit_log))  # rewrite the trail as the first release signed it
     old_trail.append_many({"action": "test.entry", "details": {"n": n}} for n in range(5))
@@ -240,3 +240,33 @@ def test_a_running_service_anchors_the_chain_at_least_hourly(home: Path) -> None
             pipeline.audit.append("test.entry")
             service.run_job("requests", T0 + timedelta(minutes=minutes))
         assert len(list(witness.iterdir())) == expected, minutes
+
+
+def test_an_aws_kms_audit_key_signs_and_never_leaves_kms(home: Path, tmp_path: Path, aws: str) -> None:
+    kms = boto3.client("kms")
+    key_id = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    with dask.config.set({"pipeline.audit.signing-key-url": f"aws-kms://{key_id}"}):
+        pipeline = Pipeline.open(create=True)
+        pipeline.audit.append_many({"action": "test.entry", "details": {"n": n}} for n in range(5))
+        with freeze_time(T0):
+            enforce(pipeline)
+        assert not (home / "audit-signing.key").exists()
+        assert run("audit", "verify").stdout.strip() == "audit trail intact: 7 entries"
+        exported = tmp_path / "export"
+        assert run("audit", "export", "--out", str(exported)).exit_code == 0
+        checked = verify(readme_script(exported, tmp_path), exported)  # ECDSA, by the third party's script
+        assert checked.returncode == 0 and checked.stdout.startswith("intact: 7 entries"), checked.stdout
+
+        with pipeline.keyring.engine.begin() as conn:
+            conn.execute(delete(audit_log).where(audit_log.c.seq >= 6))
+        _verify_fails("audit trail ends at seq 5; checkpoint of 2026-12-01T10:00Z records seq 7")
+
+
+def test_a_symmetric_kms_key_is_refused_as_the_audit_key(home: Path, aws: str) -> None:
+    key_id = boto3.client("kms").create_key()["KeyMetadata"]["KeyId"]
+    with dask.config.set({"pipeline.audit.signing-key-url": f"aws-kms://{key_id}"}):
+        result = run("init")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: pipeline.audit.signing-key-url: KMS key {key_id!r} must be ECC_NIST_P256 for SIGN_VERIFY\n"
+    )
