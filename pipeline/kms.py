@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.keys import KeyProvider
 
@@ -30,18 +31,12 @@ class AWSKMSKeyProvider(KeyProvider):
     """Wrap and unwrap data keys with KMS keys, one per master key version."""
 
     def __init__(self, url: str) -> None:
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"{url}: AWS KMS needs boto3; install dask-metadata-pipeline[aws]") from exc
         parsed = urlparse(url)
         self.key_id = (parsed.netloc + parsed.path).strip("/")
         if not self.key_id:
             raise ConfigError(f"pipeline.keys.url {url!r} names no KMS key (aws-kms://KEY-ID or aws-kms://alias/NAME)")
         self.url = url
-        self._errors = (BotoCoreError, ClientError)
-        self._kms = boto3.client("kms")
+        self._kms, self._errors = aws_client("kms", url, "AWS KMS")
         try:
             arn = self._kms.describe_key(KeyId=self.key_id)["KeyMetadata"]["Arn"]
         except self._errors as exc:

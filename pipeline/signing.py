@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
 
 __all__ = ["AuditSigner", "FileSigner", "KMSSigner", "PublicKey", "open_signer", "public_hex", "verifies"]
@@ -133,17 +134,11 @@ class KMSSigner(AuditSigner):
     """An asymmetric AWS KMS key (``ECC_NIST_P256``): every signature is a KMS ``Sign`` call."""
 
     def __init__(self, url: str) -> None:
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"{url}: an AWS KMS audit key needs boto3; install dask-metadata-pipeline[aws]") from exc
         parsed = urlparse(url)
         self.url, self.key_id = url, (parsed.netloc + parsed.path).strip("/")
         if not self.key_id:
             raise ConfigError(f"pipeline.audit.signing-key-url {url!r} names no KMS key (aws-kms://KEY-ID)")
-        self._errors = (BotoCoreError, ClientError)
-        self._kms = boto3.client("kms")
+        self._kms, self._errors = aws_client("kms", url, "an AWS KMS audit key")
         try:
             reply = self._kms.get_public_key(KeyId=self.key_id)
         except self._errors as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline.awsclient import aws_client
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
 
 __all__ = ["Checkpoint", "FileWitness", "S3Witness", "Witness", "open_witness"]
@@ -131,18 +132,11 @@ class S3Witness(Witness):
     """
 
     def __init__(self, url: str) -> None:
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"{url}: an S3 witness needs boto3; install dask-metadata-pipeline[aws]") from exc
         parsed = urlparse(url)
         self.url, self.bucket, self.prefix = url, parsed.netloc, parsed.path.strip("/")
         if not self.bucket:
             raise ConfigError(f"pipeline.audit.witness-url {url!r} names no bucket (s3://bucket/prefix)")
-        self._errors = (BotoCoreError, ClientError)
-        self._client_error = ClientError
-        self._s3 = boto3.client("s3")
+        self._s3, self._errors = aws_client("s3", url, "an S3 witness")
         try:
             lock = self._s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
         except self._errors as exc:
@@ -160,11 +154,9 @@ class S3Witness(Witness):
     def put(self, name: str, data: bytes) -> None:
         try:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*")
-        except self._client_error as exc:
-            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
-                return  # another process checkpointed the same head at the same instant
-            raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
         except self._errors as exc:
+            if getattr(exc, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+                return  # another process checkpointed the same head at the same instant
             raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
 
     def names(self) -> list[str]:
