@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from pipeline.audit import GENESIS, AuditLog
 from pipeline.fsmodes import open_private, output_folder, write_private
 from pipeline.records import utcnow
@@ -41,7 +43,8 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
             os.fsync(fh.fileno())
         os.replace(tmp, folder / "entries.jsonl")
         write_private(folder / "public_key.pem", audit.public_key_pem())
-        manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": "Ed25519"}
+        algorithm = "Ed25519" if isinstance(audit.first_public_key(), Ed25519PublicKey) else "ECDSA P-256 SHA-256"
+        manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
         write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         write_private(folder / "README.md", verification_readme().encode())
     return {**manifest, "folder": str(out_dir)}

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import KeyringError
 from pipeline.records import utcnow
+from pipeline.retention.retirement import retire_master_keys
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Removed, Store
 
@@ -55,6 +56,7 @@ class RetentionReport:
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
     foreign_files: dict[str, int] = field(default_factory=dict)  # store -> files skipped as not its segments
+    retired_master_versions: list[int] = field(default_factory=list)
     audit_seq: int | None = None
 
     @property
@@ -71,6 +73,8 @@ class RetentionReport:
                 lines.append(f"  {store:<14} {data_type:<13} {c.records} records, {c.segments} segments{cut}")
         for store, n in self.foreign_files.items():
             lines.append(f"  {store:<14} {n} foreign files skipped (left in place)")
+        if self.retired_master_versions:
+            lines.append(f"  master key versions retired: {', '.join(map(str, self.retired_master_versions))}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,16 +87,18 @@ class RetentionReport:
             },
             "records_removed": self.records,
             "foreign_files": self.foreign_files,
+            "retired_master_versions": self.retired_master_versions,
             "audit_seq": self.audit_seq,
         }
 
 
-def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
+def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool | None = None) -> RetentionReport:
     """Run one retention pass as of ``now`` (default: the current time) and audit it.
 
-    A given ``now`` is a simulated clock; the audit entry and the report say so.
+    :param simulated: ``now`` is not the clock's (``--now``, a what-if run); the audit entry
+        and the report say so. Default: whether ``now`` was given.
     """
-    report = RetentionReport(now or utcnow(), simulated=now is not None)
+    report = RetentionReport(now or utcnow(), simulated=now is not None if simulated is None else simulated)
     now = report.now
     for store_name, data_type, limit in pipeline.policy.limits():
         store = pipeline.stores.get(store_name)
@@ -107,8 +113,10 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
     report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
+    report.retired_master_versions = retire_master_keys(pipeline, now)
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
+    pipeline.audit.checkpoint()
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
 
