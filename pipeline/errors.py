@@ -10,7 +10,10 @@
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      ├── SpoolError             a spooled batch is unreadable
-     └── AuditIntegrityError    the audit trail was altered
+     ├── AuditIntegrityError    the audit trail was altered
+     ├── AuthenticationError    a missing, unknown, revoked or expired API token (HTTP 401)
+     ├── TokenNotFound          no API token has this id
+     └── ApiError               the control plane refused a command-line request or cannot be reached
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
 that the command line can print one line naming what is wrong.
@@ -19,7 +22,9 @@ that the command line can print one line naming what is wrong.
 from __future__ import annotations
 
 __all__ = [
+    "ApiError",
     "AuditIntegrityError",
+    "AuthenticationError",
     "ConfigError",
     "KeyringError",
     "PipelineError",
@@ -27,6 +32,7 @@ __all__ = [
     "SpoolError",
     "StoreError",
     "StoreUnavailable",
+    "TokenNotFound",
     "UnknownAccountError",
 ]
 
@@ -76,3 +82,22 @@ class AuditIntegrityError(PipelineError):
     def __init__(self, seq: int, reason: str) -> None:
         self.seq, self.reason = seq, reason
         super().__init__(f"audit entry {seq}: {reason}")
+
+
+class AuthenticationError(PipelineError):
+    """A request carries no token, or one that is unknown, revoked or expired."""
+
+
+class TokenNotFound(PipelineError, LookupError):
+    """No API token has this id."""
+
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"no API token with id {token_id!r} (see metadata-pipeline tokens list)")
+
+
+class ApiError(PipelineError):
+    """The control plane answered a command-line request with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
