@@ -1,11 +1,18 @@
-"""A real control plane for tests: uvicorn on 127.0.0.1, a free port, in a background thread."""
+"""A real control plane for tests: uvicorn on 127.0.0.1 and a free port, in a thread or as `serve`."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -46,3 +53,62 @@ def serving(pipeline: Pipeline) -> Iterator[ControlPlane]:
     finally:
         server.should_exit = True
         thread.join(60)
+
+
+@dataclass
+class Served:
+    """A running ``serve`` process, its URL and what it printed on stderr."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    stderr_lines: list[str]
+    pump: threading.Thread
+
+    def stop(self) -> tuple[str, str]:
+        """SIGTERM, wait for the exit; returns (stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+        self.pump.join(60)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out = self.proc.stdout.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return out, "".join(self.stderr_lines)
+
+
+@contextmanager
+def serve_process(home: Path, *args: str, **settings: str) -> Iterator[Served]:
+    """``metadata-pipeline serve`` as a subprocess on a free loopback port.
+
+    ``settings`` are ``pipeline.*`` keys as dask environment variables (``server__tls_cert="..."``).
+    The block may stop it (``Served.stop``); otherwise it is stopped with SIGTERM at the end.
+    """
+    env = {
+        **os.environ,
+        "DASK_PIPELINE__HOME": str(home),
+        "DASK_PIPELINE__SERVER__HOST": "127.0.0.1",
+        "DASK_PIPELINE__SERVER__PORT": "0",
+        **{f"DASK_PIPELINE__{key.upper()}": value for key, value in settings.items()},
+    }
+    command = [sys.executable, "-m", "pipeline", "serve", *args]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    pump = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
+    pump.start()
+    served = None
+    deadline = time.monotonic() + 180  # generous: a start-up on a busy machine, not a timing check
+    try:
+        while served is None:
+            found = next((m for line in list(lines) if (m := re.search(r"listening on (\S+)", line))), None)
+            if found:
+                served = Served(proc, found.group(1), lines, pump)
+            elif proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"serve did not start: {''.join(lines)}")
+            else:
+                time.sleep(0.05)
+        yield served
+    finally:
+        assert proc.stdout is not None
+        if not proc.stdout.closed:  # the block did not stop it
+            Served(proc, "", lines, pump).stop()

@@ -27,8 +27,9 @@ __all__ = ["router", "visible_account"]
 router = APIRouter(tags=["records"])
 
 NDJSON = "application/x-ndjson"
+# the accepted values, as enums in the OpenAPI schema (built from the record and policy contracts)
 DataType = Literal[DATA_TYPES]  # type: ignore[valid-type]
-KindName = Literal[tuple(KINDS)]  # type: ignore[valid-type]
+KindName = Literal[tuple(KINDS)]  # type: ignore[misc,valid-type]
 StoreName = Literal[STORES]  # type: ignore[valid-type]
 
 
@@ -64,7 +65,7 @@ def get_records(
     pipeline: Annotated[Pipeline, Depends(current_pipeline)],
     account: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     data_type: DataType | None = None,
-    kind: KindName | None = None,
+    kind: KindName | None = None,  # type: ignore[valid-type]
     store: StoreName = "long_term",
     since: datetime | None = None,
     until: datetime | None = None,
