@@ -73,6 +73,9 @@ class ClusterRegistry:
         self, account: str, ingest_url: str, *, name: str | None = None, image: str | None = None
     ) -> Registration:
         """A new cluster of ``account`` with a cluster token valid for ``pipeline.server.cluster-token-ttl``."""
+        from pipeline.intake import intake_private_key, public_key_text  # TODO(merge main): top-level import
+
+        public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
         issued = self.tokens.create("cluster", account, cluster_id=cluster_id, ttl=ttl)
@@ -86,9 +89,6 @@ class ClusterRegistry:
                     created_at=utcnow(),
                 )
             )
-        from pipeline.intake import intake_private_key, public_key_text  # TODO(merge main): top-level import
-
-        public_key = public_key_text(intake_private_key(self.pipeline.keyring))
         return Registration(
             cluster_id, account, name, image, issued.token_id, issued.token, issued.expires_at, ingest_url, public_key
         )
