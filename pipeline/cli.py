@@ -84,11 +84,12 @@ def init(out: Output) -> None:
 @click.option("--tasks", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--account", default="demo", show_default=True)
 @click.option("--user", default=None, help="User the cluster belongs to.")
-def demo(out: Output, tasks: int, account: str, user: str | None) -> None:
+@click.option("--remote", is_flag=True, help="Through a control plane on loopback: the cluster only writes.")
+def demo(out: Output, tasks: int, account: str, user: str | None, remote: bool) -> None:
     """Run a workload on a local Dask cluster with the plugin and show what was stored."""
     from pipeline.demo import run_demo
 
-    summary = run_demo(tasks=tasks, account=account, user=user)
+    summary = run_demo(tasks=tasks, account=account, user=user, remote=remote)
     out.result(summary, _render_demo)
 
 

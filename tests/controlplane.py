@@ -18,7 +18,7 @@ import httpx
 
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import TokenStore
-from pipeline.server.runner import ControlPlaneServer, uvicorn_config
+from pipeline.server.runner import serving_in_thread
 
 
 @dataclass
@@ -41,18 +41,8 @@ class ControlPlane:
 @contextmanager
 def serving(pipeline: Pipeline) -> Iterator[ControlPlane]:
     """Serve ``pipeline`` over real HTTP until the block ends."""
-    ready = threading.Event()
-    server = ControlPlaneServer(uvicorn_config(pipeline, host="127.0.0.1", port=0), lambda _url: ready.set())
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    if not ready.wait(60):
-        raise RuntimeError("control plane did not start")
-    assert server.url is not None
-    try:
-        yield ControlPlane(server.url, pipeline, TokenStore(pipeline))
-    finally:
-        server.should_exit = True
-        thread.join(60)
+    with serving_in_thread(pipeline) as url:
+        yield ControlPlane(url, pipeline, TokenStore(pipeline))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from pipeline.retention.service import RetentionService
     from pipeline.runtime import Pipeline
 
-__all__ = ["ControlPlaneServer", "run_control_plane", "uvicorn_config"]
+__all__ = ["ControlPlaneServer", "run_control_plane", "serving_in_thread", "uvicorn_config"]
 
 
 class ControlPlaneServer(uvicorn.Server):
@@ -84,6 +84,27 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
         server_header=False,
         lifespan="off",
     )
+
+
+@contextlib.contextmanager
+def serving_in_thread(pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve the API from a background thread (the demo, tests); yields its URL.
+
+    :raises ConfigError: it could not start (the address cannot be bound)
+    """
+    ready = threading.Event()
+    server = ControlPlaneServer(uvicorn_config(pipeline, host=host, port=port), lambda _url: ready.set())
+    thread = threading.Thread(target=server.run, name="control-plane", daemon=True)
+    thread.start()
+    while not ready.wait(0.1):
+        if not thread.is_alive():
+            raise ConfigError(f"the control plane could not listen on {host}:{port}")
+    assert server.url is not None
+    try:
+        yield server.url
+    finally:
+        server.should_exit = True
+        thread.join()
 
 
 def run_control_plane(
