@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import dask.config
 import pytest
 from click.testing import CliRunner, Result
 from conftest import make_record
@@ -120,3 +121,29 @@ def test_the_revoked_login_stops_working(plane: ControlPlane) -> None:
     assert run("tokens", "revoke", issued.token_id).exit_code == 0
     result = run("records")
     assert result.exit_code == 2 and "token revoked" in result.output
+
+
+def test_serve_refuses_a_bad_port_and_a_taken_address_with_one_line(plane: ControlPlane) -> None:
+    with dask.config.set({"pipeline.server.port": "eighty"}):
+        bad = run("serve")
+    assert bad.exit_code == 2
+    assert bad.output.strip() == "error: pipeline.server.port: 'eighty' is not a TCP port number"
+    port = plane.url.rsplit(":", 1)[1]
+    with dask.config.set({"pipeline.server.host": "127.0.0.1", "pipeline.server.port": port}):
+        taken = run("serve", "--no-retention")
+    assert taken.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in taken.output.splitlines()[-1]
+
+
+def test_a_credentials_file_others_can_read_is_refused(plane: ControlPlane, user_home: Path) -> None:
+    assert (
+        run("login", "--url", plane.url, "--token", plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    )
+    credentials = user_home / ".config/metadata-pipeline/credentials.yaml"
+    credentials.chmod(0o644)
+    result = run("records")
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == f"error: {credentials} is readable by others; run chmod 600 {credentials} (or log in again)"
+    )
