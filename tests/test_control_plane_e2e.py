@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,24 @@ def cluster_settings(registration: dict[str, Any], cluster_home: Path) -> dict[s
         "pipeline.plugin.interval": "200ms",
         "pipeline.emitter.retry-max": "500ms",
     }
+
+
+@contextmanager
+def tenant_cluster(registration: dict[str, Any], cluster_home: Path) -> Iterator[tuple[Any, Any]]:
+    """A LocalCluster whose scheduler loads the plugin by preload, configured only as `clusters create` says."""
+    from distributed import Client, LocalCluster
+
+    with (
+        dask.config.set(cluster_settings(registration, cluster_home)),
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            dashboard_address=":0",
+            scheduler_kwargs={"preload": ["pipeline.preload"]},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield cluster, client
 
 
 def records(url: str, token: str, **params: str) -> httpx.Response:
@@ -169,23 +188,12 @@ def control_plane(tmp_path: Path) -> Iterator[tuple[Path, Served]]:
 def test_a_cluster_writes_its_own_account_once_and_can_read_nothing(
     control_plane: tuple[Path, Served], tmp_path: Path
 ) -> None:
-    from distributed import Client, LocalCluster
-
     home, served = control_plane
     ann = tokens(home, "--account", "acme", "--user", "ann")["token"]
     bob = tokens(home, "--account", "globex", "--user", "bob")["token"]
     admin = tokens(home, "--role", "admin", "--user", "privacy")["token"]
     registration = register(served.url, ann, "acme")
-    with (
-        dask.config.set(cluster_settings(registration, tmp_path / "cluster")),
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=2,
-            dashboard_address=":0",
-            scheduler_kwargs={"preload": ["pipeline.preload"]},
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with tenant_cluster(registration, tmp_path / "cluster") as (_cluster, client):
         assert sum(client.gather(client.map(_inc, range(50)))) == sum(range(1, 51))
         results = client.gather(client.map(_fail_on_7, range(10)), errors="skip")
         assert len(results) == 9
@@ -218,8 +226,6 @@ def test_a_cluster_writes_its_own_account_once_and_can_read_nothing(
 
 
 def test_records_survive_a_control_plane_restart_mid_workload_exactly_once(tmp_path: Path) -> None:
-    from distributed import Client, LocalCluster
-
     home = tmp_path / "control-plane"
     with serve_process(home) as first:
         proxy_target = first.url.removeprefix("http://").split(":")
@@ -228,16 +234,7 @@ def test_records_survive_a_control_plane_restart_mid_workload_exactly_once(tmp_p
         ann = tokens(home, "--account", "acme", "--user", "ann")["token"]
         registration = register(via_proxy, ann, "acme")
         assert registration["ingest_url"] == via_proxy
-        with (
-            dask.config.set(cluster_settings(registration, tmp_path / "cluster")),
-            LocalCluster(
-                n_workers=1,
-                threads_per_worker=2,
-                dashboard_address=":0",
-                scheduler_kwargs={"preload": ["pipeline.preload"]},
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with tenant_cluster(registration, tmp_path / "cluster") as (cluster, client):
             assert client.submit(sum, range(10)).result() == 45
             first.stop()  # the control plane goes away mid-workload
             assert sum(client.gather(client.map(_inc, range(30)))) == sum(range(1, 31))
