@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -102,3 +104,18 @@ def serve_process(home: Path, *args: str, **settings: str) -> Iterator[Served]:
         assert proc.stdout is not None
         if not proc.stdout.closed:  # the block did not stop it
             Served(proc, "", lines, pump).stop()
+
+
+def ndjson(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.text.splitlines() if line]
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """An RFC 9457 problem with this status, a one-line detail and no stack trace."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return body

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from conftest import make_record
-from controlplane import ControlPlane, serving
+from controlplane import ControlPlane, assert_problem, ndjson, serving
 from sqlalchemy import select
 
 from pipeline.config import Settings
@@ -39,20 +38,6 @@ def plane(database_url: str) -> Iterator[ControlPlane]:
     with serving(pipeline) as plane:
         yield plane
     pipeline.close()
-
-
-def ndjson(response) -> list[dict]:  # noqa: ANN001
-    assert response.headers["content-type"].startswith("application/x-ndjson")
-    return [json.loads(line) for line in response.text.splitlines() if line]
-
-
-def assert_problem(response, status: int) -> dict:  # noqa: ANN001
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    assert "Traceback" not in response.text and 'File "' not in response.text
-    return body
 
 
 def test_member_reads_only_own_account_with_the_record_schema_fields(plane: ControlPlane) -> None:
