@@ -129,6 +129,12 @@ def test_malformed_bodies_are_400_problems_never_422(plane: ControlPlane, body: 
     assert_problem(response, 400)
 
 
+def test_a_json_body_over_64_kib_is_refused_before_it_is_read(plane: ControlPlane) -> None:
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        response = ann.post("/v1/clusters", json={"account": "acme-Holdings", "name": "x" * 70_000})
+    assert "over 65536 bytes" in assert_problem(response, 413)["detail"]
+
+
 def test_bad_query_values_and_unknown_routes_are_problems(plane: ControlPlane) -> None:
     with plane.admin() as admin:
         assert_problem(admin.get("/v1/records", params={"kind": "nope"}), 400)

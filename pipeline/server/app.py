@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import AuthenticationError, PipelineError, StoreUnavailable, UnknownAccountError
 from pipeline.principals import Principal
@@ -35,6 +35,8 @@ __all__ = ["create_app", "problem"]
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+#: largest JSON body any endpoint but ingest accepts
+MAX_JSON_BYTES = 64 * 1024
 #: pipeline errors a client can cause or must wait out, by HTTP status; anything else is a 500
 ERROR_STATUS: tuple[tuple[type[PipelineError], int], ...] = (
     (AuthenticationError, 401),
@@ -54,6 +56,40 @@ def _validation_detail(exc: RequestValidationError) -> str:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
     return f"{where}: {first.get('msg', 'invalid')}"
+
+
+class _Guard:
+    """Pure ASGI middleware: time every request for the metrics, refuse oversized JSON bodies up front.
+
+    Only ``POST /v1/ingest`` takes a large body (it bounds its own stream); any other
+    request declaring more than :data:`MAX_JSON_BYTES` is answered 413 before it is read.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if scope["path"] != "/v1/ingest" and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+                detail = f"request body over {MAX_JSON_BYTES} bytes"
+                await problem(413, detail)(scope, receive, observed)
+            else:
+                await self.app(scope, receive, observed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(scope["method"], route, status, started)
 
 
 def create_app(pipeline: Pipeline) -> FastAPI:
@@ -83,13 +119,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
         """Whom the token speaks for (what ``login`` checks)."""
         return {k: getattr(principal, k) for k in ("kind", "account", "user", "cluster_id", "token_id")}
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code, start)
-        return response
+    app.add_middleware(_Guard, metrics=metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
