@@ -9,8 +9,10 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import dask.config
 import httpx
 import pytest
 from controlplane import serve_process
@@ -18,6 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from pipeline.config import Settings
+from pipeline.runtime import Pipeline
+from pipeline.server.auth import TokenStore
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +62,24 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert "API and retention service" in err
     assert json.loads(out)["stopped"] is True
     assert "Traceback" not in err
+
+
+def test_serve_carries_out_an_erasure_filed_through_its_api(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with serve_process(home, "--json", service__requests_interval="1s") as served:
+        with dask.config.set({"pipeline.home": str(home)}):
+            pipeline = Pipeline.open(Settings.from_config())
+            admin = TokenStore(pipeline).create("admin", user="privacy").token
+            pipeline.close()
+        client = httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {admin}"})
+        filed = client.post("/v1/erasure-requests", json={"account": "acme", "reason": "ticket 1"}).json()
+        deadline = time.monotonic() + 120  # a bound on waiting for the 1 s schedule, not a timing check
+        while client.get(f"/v1/erasure-requests/{filed['request_id']}").json()["state"] != "completed":
+            assert time.monotonic() < deadline, "the retention service in serve never processed the request"
+            time.sleep(0.2)
+        client.close()
+        out, _err = served.stop()
+    assert "requests" in {run["job"] for run in json.loads(out)["runs"]}
 
 
 def test_serve_speaks_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
