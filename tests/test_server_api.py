@@ -54,13 +54,16 @@ def test_another_accounts_records_answer_exactly_like_an_unknown_account(plane: 
     with plane.member("globex-Corp", "bob.jones") as bob:
         other = bob.get("/v1/records", params={"account": "acme-Holdings"})
         unknown = bob.get("/v1/records", params={"account": "no-such-account"})
-        own_unknown_kind = bob.get("/v1/records", params={"account": "globex-Corp"})
+        own = bob.get("/v1/records", params={"account": "globex-Corp"})
     assert_problem(other, 404)
     assert other.content == unknown.content
     assert {k: v for k, v in other.headers.items() if k != "date"} == {
         k: v for k, v in unknown.headers.items() if k != "date"
     }
-    assert own_unknown_kind.status_code == 200
+    assert own.status_code == 200
+    with plane.member("initech", "new.hire") as newcomer:  # a member's own account, before any record
+        empty = newcomer.get("/v1/records")
+    assert (empty.status_code, empty.text) == (200, "")
 
 
 def test_admin_reads_every_account_and_filters(plane: ControlPlane) -> None:

@@ -40,12 +40,14 @@ NOT_FOUND = "no such account, or not one your token may read"
 def visible_account(pipeline: Pipeline, principal: Principal, account: str | None) -> str | None:
     """The account to read (``None``: every account, admins only).
 
+    A member's own account is always visible, with or without records.
+
     :raises HTTPException: 404, identical for another account and an unknown one
     """
     if account is None and not principal.sees_every_account:
         account = principal.account
-    if account is None:
-        return None
+    if account is None or (principal.kind == "member" and account == principal.account):
+        return account
     if not principal.may_read(account):
         raise HTTPException(404, NOT_FOUND)
     try:
@@ -82,7 +84,10 @@ def get_records(
 
 
 def _ndjson(rows: Iterator[dict[str, Any]], since: datetime | None, until: datetime | None) -> Iterator[str]:
-    for row in rows:
-        observed = row["observed_at"]
-        if (since is None or observed >= since) and (until is None or observed < until):
-            yield to_json(row) + "\n"
+    try:
+        for row in rows:
+            observed = row["observed_at"]
+            if (since is None or observed >= since) and (until is None or observed < until):
+                yield to_json(row) + "\n"
+    except UnknownAccountError:  # a member's own account before its first record: nothing to stream
+        return
