@@ -147,3 +147,13 @@ def test_a_credentials_file_others_can_read_is_refused(plane: ControlPlane, user
         result.output.strip()
         == f"error: {credentials} is readable by others; run chmod 600 {credentials} (or log in again)"
     )
+
+
+@pytest.mark.slow
+def test_demo_remote_runs_the_workload_through_a_loopback_control_plane(home: Path) -> None:
+    result = run("demo", "--remote", "--tasks", "100", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["jobs"] == 3 and summary["erred"] == 1
+    assert summary["stored"]["long_term"]["cluster_jobs"] >= 3
+    assert not (home / "demo-cluster" / "master.key").exists()
