@@ -61,6 +61,9 @@ class Settings:
     tls_key: Path | None
     cluster_token_ttl: float
     api_url: str | None
+    ingest_url: str | None = None
+    ingest_token: str | None = None
+    ingest_public_key: str | None = None
 
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
@@ -117,6 +120,9 @@ class Settings:
             "tls_key": path("server.tls-key"),
             "cluster_token_ttl": seconds("server.cluster-token-ttl"),
             "api_url": _get("api.url"),
+            "ingest_url": _get("ingest.url"),
+            "ingest_token": _get("ingest.token"),
+            "ingest_public_key": _get("ingest.public-key"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -161,9 +161,9 @@ def forge(victim: str, dask_scheduler: Any = None) -> tuple[int, str]:
 def read_spool(dask_scheduler: Any) -> dict[str, Any]:
     """User code on the scheduler: try to open its own spooled batches."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from pipeline.intake import open_batch
 
     from pipeline.errors import IntakeError
+    from pipeline.intake import open_batch
 
     home = Path(dask.config.get("pipeline.home"))
     files = [p for p in (home / "spool").rglob("*") if p.is_file()]

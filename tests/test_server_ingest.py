@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from conftest import make_record
 from controlplane import ControlPlane, assert_problem, serving
-from pipeline.intake import MAX_SEALED_BYTES, load_public_key, seal_batch
 
 from pipeline.config import Settings
+from pipeline.intake import MAX_SEALED_BYTES, load_public_key, seal_batch
 from pipeline.runtime import Pipeline
 
 

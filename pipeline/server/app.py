@@ -19,7 +19,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.errors import AuthenticationError, PipelineError, StoreUnavailable, UnknownAccountError
+from pipeline.errors import (
+    AuthenticationError,
+    ForbiddenBatch,
+    IntakeError,
+    PipelineError,
+    StoreUnavailable,
+    UnknownAccountError,
+)
 from pipeline.principals import Principal
 from pipeline.retention.requests import RequestNotFound
 from pipeline.server import clusters, envs, erasure, ingest, records
@@ -40,6 +47,8 @@ MAX_JSON_BYTES = 64 * 1024
 #: pipeline errors a client can cause or must wait out, by HTTP status; anything else is a 500
 ERROR_STATUS: tuple[tuple[type[PipelineError], int], ...] = (
     (AuthenticationError, 401),
+    (IntakeError, 400),
+    (ForbiddenBatch, 403),
     (UnknownAccountError, 404),
     (RequestNotFound, 404),
     (StoreUnavailable, 503),

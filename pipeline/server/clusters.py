@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select
 
 from pipeline.db import clusters, transaction
+from pipeline.intake import intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
@@ -73,8 +74,6 @@ class ClusterRegistry:
         self, account: str, ingest_url: str, *, name: str | None = None, image: str | None = None
     ) -> Registration:
         """A new cluster of ``account`` with a cluster token valid for ``pipeline.server.cluster-token-ttl``."""
-        from pipeline.intake import intake_private_key, public_key_text  # TODO(merge main): top-level import
-
         public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.errors import PipelineError
+from pipeline.intake import MAX_SEALED_BYTES
 from pipeline.principals import Principal
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require
@@ -55,8 +56,6 @@ async def ingest(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> dict[str, Any]:
     """Accept one sealed batch (at most once per batch id): ``{records, duplicate}``."""
-    from pipeline.intake import MAX_SEALED_BYTES  # TODO(merge main): top-level import
-
     metrics = request.app.state.metrics
     try:
         sealed = await _bounded_body(request, MAX_SEALED_BYTES)
