@@ -157,3 +157,23 @@ def test_demo_remote_runs_the_workload_through_a_loopback_control_plane(home: Pa
     assert summary["jobs"] == 3 and summary["erred"] == 1
     assert summary["stored"]["long_term"]["cluster_jobs"] >= 3
     assert not (home / "demo-cluster" / "master.key").exists()
+
+
+def test_clusters_create_prints_the_dask_config_a_cluster_needs(plane: ControlPlane) -> None:
+    import yaml
+
+    local = run("clusters", "create", "--account", "acme", "--name", "etl")  # operator, on the control plane
+    assert local.exit_code == 0, local.output
+    config = yaml.safe_load(local.output)["pipeline"]
+    assert set(config) == {"account", "cluster-id", "image", "ingest"}
+    assert set(config["ingest"]) == {"url", "token", "public-key"}
+    assert config["account"] == "acme" and config["ingest"]["token"].startswith("mp_")
+    assert (
+        run("login", "--url", plane.url, "--token", plane.tokens.create("member", "globex", "bob").token).exit_code == 0
+    )
+    remote = yaml.safe_load(run("clusters", "create", "--account", "globex").output)["pipeline"]
+    assert remote["ingest"]["url"] == plane.url
+    refused = run("clusters", "create", "--account", "acme")
+    assert refused.exit_code == 2 and "403" in refused.output
+    listed = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
+    assert [c["cluster_id"] for c in listed] == [remote["cluster-id"]]  # bob sees globex's cluster only
