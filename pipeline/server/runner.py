@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ControlPlaneServer", "run_control_plane", "serving_in_thread", "uvicorn_config"]
 
+#: idle connections stay open this long: longer than a plugin's delivery period, so a cluster
+#: keeps one connection instead of racing the server's close on every post (uvicorn's default: 5 s)
+KEEP_ALIVE_SECONDS = 75
+
 
 class ControlPlaneServer(uvicorn.Server):
     """A uvicorn server that announces its real address and stops without re-raising the signal."""
@@ -83,6 +87,7 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
         access_log=False,
         server_header=False,
         lifespan="off",
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 
