@@ -229,3 +229,24 @@ def test_revocation_on_one_replica_holds_on_another(plane: ControlPlane) -> None
         with other.client(issued.token) as ann:
             assert_problem(ann.get("/v1/records"), 401)
     replica.close()
+
+
+def test_a_database_outage_is_503_without_naming_the_database(postgres_url: str, home: Path) -> None:
+    from sqlalchemy.engine import make_url
+    from tcpproxy import TCPProxy
+
+    url = make_url(postgres_url)
+    proxy = TCPProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    pipeline = Pipeline.open(Settings.from_config(long_term_url=proxied), create=True)
+    with serving(pipeline) as plane, plane.member("acme", "ann") as ann:
+        assert ann.get("/v1/records").status_code == 200
+        proxy.cut()
+        down = ann.get("/v1/records")
+        proxy.restore()
+        assert ann.get("/v1/records").status_code == 200  # back on the next request
+    body = assert_problem(down, 503)
+    assert body["detail"] == "a store or the metadata database is unavailable; retry later"
+    assert str(proxy.port) not in down.text and "5432" not in down.text
+    pipeline.close()
+    proxy.close()

@@ -143,6 +143,9 @@ def create_app(pipeline: Pipeline) -> FastAPI:
         for error_type, status in ERROR_STATUS:
             if isinstance(exc, error_type):
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                if status == 503:  # the reason names internal hosts: it goes to the log, not to the caller
+                    logger.warning("answered 503: %s", exc)
+                    return problem(503, "a store or the metadata database is unavailable; retry later", headers)
                 return problem(status, str(exc), headers)
         logger.error("request failed: %s", exc, exc_info=exc)
         return problem(500, "internal error; the server log has the details")
