@@ -8,6 +8,7 @@ would: find a key or a database, read its own spool, write into another account.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -166,16 +167,18 @@ def read_spool(dask_scheduler: Any) -> dict[str, Any]:
     from pipeline.intake import open_batch
 
     home = Path(dask.config.get("pipeline.home"))
-    files = [p for p in (home / "spool").rglob("*") if p.is_file()]
+    contents = []
+    for path in (home / "spool").rglob("*"):
+        if path.is_file() and path.suffix != ".tmp":  # a .tmp file is one the emitter is still writing
+            with contextlib.suppress(FileNotFoundError):  # or it was delivered meanwhile
+                contents.append(path.read_bytes())
     opened = 0
-    for path in files:
-        try:
-            open_batch(X25519PrivateKey.generate(), path.read_bytes())
+    for data in contents:
+        with contextlib.suppress(IntakeError):
+            open_batch(X25519PrivateKey.generate(), data)
             opened += 1
-        except IntakeError:
-            pass
     account = dask.config.get("pipeline.account").encode()
-    return {"files": len(files), "opened": opened, "plaintext": sum(account in p.read_bytes() for p in files)}
+    return {"files": len(contents), "opened": opened, "plaintext": sum(account in data for data in contents)}
 
 
 @pytest.fixture
