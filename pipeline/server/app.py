@@ -114,6 +114,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
     app.state.tokens = TokenStore(pipeline)
     app.state.clusters = clusters.ClusterRegistry(pipeline, app.state.tokens)
     app.state.metrics = metrics = Metrics()
+    app.state.ingest_slots = ingest.ingest_slots(pipeline)
     for module in (clusters, ingest, records, envs, erasure):
         app.include_router(module.router)
     app.include_router(metrics_router)

@@ -7,6 +7,7 @@ records), idempotency and writing are the one ingest path in the pipeline.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -18,9 +19,20 @@ from pipeline.principals import Principal
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require
 
-__all__ = ["BATCH_MEDIA_TYPE", "router"]
+__all__ = ["BATCH_MEDIA_TYPE", "ingest_slots", "router"]
 
 BATCH_MEDIA_TYPE = "application/vnd.metadata-pipeline.batch"
+
+
+def ingest_slots(pipeline: Pipeline) -> asyncio.Semaphore:
+    """How many batches one process writes at once; the others wait their turn in arrival order.
+
+    SQLite takes one writer at a time and makes the others poll with growing sleeps, so
+    many concurrent writers only lose throughput and starve some requests for seconds:
+    two slots (one writing while the other seals or syncs files). PostgreSQL writes in parallel.
+    """
+    return asyncio.Semaphore(2 if pipeline.keyring.engine.dialect.name == "sqlite" else 8)
+
 
 router = APIRouter(tags=["ingest"])
 
@@ -59,7 +71,8 @@ async def ingest(
     metrics = request.app.state.metrics
     try:
         sealed = await _bounded_body(request, MAX_SEALED_BYTES)
-        result = await run_in_threadpool(pipeline.ingest, sealed, principal, idempotency_key=idempotency_key)
+        async with request.app.state.ingest_slots:  # in arrival order: none starves behind the write lock
+            result = await run_in_threadpool(pipeline.ingest, sealed, principal, idempotency_key=idempotency_key)
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise
