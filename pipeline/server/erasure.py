@@ -31,6 +31,7 @@ class ErasureIn(BaseModel):
     account: str = Field(min_length=1, max_length=200)
     user: str | None = Field(default=None, min_length=1, max_length=200)
     reason: str | None = Field(default=None, max_length=2000)
+    suppress: bool = False  # also drop records of the subject observed later, until the request is lifted
 
 
 def _visible(pipeline: Pipeline, principal: Principal, request: DeletionRequest) -> bool:
@@ -51,7 +52,7 @@ def file_erasure(
     """File a request; a member may ask only for their own user of their own account."""
     if not principal.sees_every_account and (body.account, body.user) != (principal.account, principal.user):
         raise HTTPException(403, "a member may request erasure of their own user only (give your account and user)")
-    return file_request(pipeline, body.account, body.user, body.reason).as_dict()
+    return file_request(pipeline, body.account, body.user, body.reason, suppress=body.suppress).as_dict()
 
 
 @router.get("/v1/erasure-requests")

@@ -1,7 +1,7 @@
 """control plane: api tokens, clusters, software-environment visibility
 
 Revision ID: 5e1c0a7d2b94
-Revises: 5b1e7c2d9a40
+Revises: c37e60db1a4d
 Create Date: 2026-11-30 12:00:00
 
 """
@@ -14,7 +14,7 @@ from alembic import op
 import pipeline.db
 
 revision: str = "5e1c0a7d2b94"
-down_revision: str | Sequence[str] | None = "5b1e7c2d9a40"
+down_revision: str | Sequence[str] | None = "c37e60db1a4d"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
