@@ -188,7 +188,7 @@ api_tokens = Table(
     Column("subject_ref", String(64)),
     Column("user_ref", String(64)),
     Column("cluster_id", String(64)),
-    Column("names", Text),  # account and user, sealed under the keyring's "api-names" key
+    Column("names", Text),  # account and user, sealed under their data key (pipeline.server.names)
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime),
     Column("revoked_at", UTCDateTime),
@@ -200,7 +200,7 @@ clusters = Table(
     Column("cluster_id", String(64), primary_key=True),
     Column("subject_ref", String(64), nullable=False),
     Column("token_id", String(16), nullable=False),
-    Column("names", Text, nullable=False),  # account, name and image, sealed like api_tokens.names
+    Column("names", Text, nullable=False),  # account, name and image, sealed under the account's data key
     Column("created_at", UTCDateTime, nullable=False),
     Index("ix_clusters_subject", "subject_ref"),
 )
