@@ -55,6 +55,9 @@ class Settings:
     policy_path: Path
     retention_cron: str
     requests_interval: float
+    tls_validity: float
+    aws_role_arn: str | None
+    aws_session_duration: float
 
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
@@ -94,6 +97,9 @@ class Settings:
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
+            "tls_validity": seconds("tls.validity"),
+            "aws_role_arn": _get("aws.role-arn"),
+            "aws_session_duration": seconds("aws.session-duration"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

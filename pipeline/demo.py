@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import dask.config
 
 from pipeline.config import Settings
 from pipeline.runtime import Pipeline
+from pipeline.security.aws import forward_aws_credentials
+from pipeline.security.tls import issue_credentials
 
 __all__ = ["run_demo"]
 
@@ -34,11 +38,20 @@ def _total(values: list[int]) -> int:
 
 
 def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, Any]:
-    """Run three computations on a 2-worker LocalCluster loaded with the plugin by preload."""
+    """Run three computations on a 2-worker LocalCluster loaded with the plugin by preload.
+
+    The cluster gets its own TLS credentials (every connection is ``tls://``) and, when
+    AWS credentials exist locally, a session token for its workers.
+    """
     from distributed import Client, LocalCluster, wait
 
-    Pipeline.open(Settings.from_config(), create=True).close()  # init, so a bad key fails first
-    cluster_id = f"demo-{int(time.time())}"
+    config = Settings.from_config()
+    pipeline = Pipeline.open(config, create=True)  # init, so a bad key fails first
+    cluster_id = f"demo-{uuid.uuid4().hex[:12]}"
+    credentials = issue_credentials(
+        pipeline.keyring, account, cluster_id, validity=timedelta(seconds=config.tls_validity)
+    )
+    pipeline.close()
     settings = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
     with (
         dask.config.set(settings),
@@ -46,10 +59,18 @@ def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, 
             n_workers=2,
             threads_per_worker=1,
             dashboard_address=":0",
+            security=credentials.security(),
             scheduler_kwargs={"preload": ["pipeline.preload"]},
         ) as cluster,
         Client(cluster) as client,
+        forward_aws_credentials(
+            client,
+            worker_cert=credentials.certs["worker"],
+            role_arn=config.aws_role_arn,
+            duration=timedelta(seconds=config.aws_session_duration),
+        ) as aws,
     ):
+        scheduler_address = cluster.scheduler_address
         client.run(_quiet_task_errors)
         squares = client.map(_square, range(tasks))  # job 1: N tasks, 1 % fail
         wait(squares)
@@ -76,6 +97,9 @@ def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, 
     return {
         "account": account,
         "cluster_id": cluster_id,
+        "scheduler_address": scheduler_address,
+        "tls": scheduler_address.startswith("tls://"),
+        "aws_session_token": aws.credentials is not None,
         "tasks": tasks,
         "erred": erred,
         "jobs": len(jobs),

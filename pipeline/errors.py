@@ -10,6 +10,7 @@
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      ├── SpoolError             a spooled batch is unreadable
+     ├── CredentialsError       cluster credentials cannot be issued, found or opened
      └── AuditIntegrityError    the audit trail was altered
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
@@ -21,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "AuditIntegrityError",
     "ConfigError",
+    "CredentialsError",
     "KeyringError",
     "PipelineError",
     "PolicyError",
@@ -68,6 +70,10 @@ class StoreUnavailable(StoreError):
 
 class SpoolError(PipelineError):
     """A spooled batch file is corrupt or unreadable."""
+
+
+class CredentialsError(PipelineError):
+    """A cluster's TLS or cloud credentials cannot be issued, found or opened."""
 
 
 class AuditIntegrityError(PipelineError):
