@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -141,8 +144,9 @@ def test_private_keys_reach_openssl_without_any_file_being_written(pipeline: Pip
         opened_for_writing.clear()
         watching[0] = True
         try:
-            for role in ("scheduler", "worker", "client"):
-                security.get_listen_args(role) if role != "client" else security.get_connection_args(role)
+            security.get_listen_args("scheduler")
+            security.get_listen_args("worker")
+            security.get_connection_args("client")
         finally:
             watching[0] = False
         return list(opened_for_writing)
@@ -151,6 +155,35 @@ def test_private_keys_reach_openssl_without_any_file_being_written(pipeline: Pip
     theirs = Security(**{name: getattr(ours, name) for name in Security.__slots__ if name != "extra_conn_args"})
     assert written_while(theirs)  # the check sees distributed's temporary key files ...
     assert written_while(ours) == []  # ... and ours writes none
+
+
+def test_without_memfd_keys_pass_through_a_private_temporary_file_removed_after(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the OS has no anonymous memory files (macOS), a 0600 file holds a key only while OpenSSL reads it."""
+    credentials = issue_credentials(pipeline.keyring, ACCOUNT, "c-one")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    modes: list[int] = []
+    original = ssl.SSLContext.load_cert_chain
+
+    def load_cert_chain(self: ssl.SSLContext, certfile: str, keyfile: str | None = None, password: None = None) -> None:
+        modes.append(stat.S_IMODE(os.stat(keyfile or certfile).st_mode))
+        original(self, certfile, keyfile)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", load_cert_chain)
+    credentials.security().get_listen_args("scheduler")
+    assert modes == [0o600]
+    assert list(scratch.iterdir()) == []
+
+
+def test_expired_credentials_are_refused_with_the_date(pipeline: Pipeline) -> None:
+    issued_at = utcnow() - timedelta(days=8)
+    issue_credentials(pipeline.keyring, ACCOUNT, "c-old", now=issued_at, validity=timedelta(days=7))
+    with pytest.raises(CredentialsError, match=r"cluster 'c-old' expired at .*; register the cluster again"):
+        cluster_security(pipeline.keyring, "c-old")
 
 
 @pytest.mark.slow

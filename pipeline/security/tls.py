@@ -275,6 +275,17 @@ def load_credentials(keyring: Keyring, cluster_id: str) -> ClusterCredentials:
     return ClusterCredentials(cluster_id, bundle["ca_cert"], bundle["certs"], bundle["keys"], row.not_after)
 
 
-def cluster_security(keyring: Keyring, cluster_id: str, *, roles: Iterable[str] = ROLES) -> MemoryKeySecurity:
-    """The ``distributed.Security`` (TLS required) for a cluster from its stored credentials."""
-    return load_credentials(keyring, cluster_id).security(roles)
+def cluster_security(
+    keyring: Keyring, cluster_id: str, *, roles: Iterable[str] = ROLES, now: datetime | None = None
+) -> MemoryKeySecurity:
+    """The ``distributed.Security`` (TLS required) for a cluster from its stored credentials.
+
+    :raises CredentialsError: none issued, destroyed, or expired (a handshake would fail obscurely)
+    """
+    credentials = load_credentials(keyring, cluster_id)
+    if (now or utcnow()) >= credentials.not_after:
+        raise CredentialsError(
+            f"TLS credentials of cluster {cluster_id!r} expired at {credentials.not_after.isoformat()}; "
+            "register the cluster again for new ones"
+        )
+    return credentials.security(roles)
