@@ -34,18 +34,6 @@ from pipeline.security.tls import ClusterCredentials, cluster_security, issue_cr
 ACCOUNT = "acme-secret-account"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def pipeline(request: pytest.FixtureRequest, home: Path) -> Iterator[Pipeline]:
-    """An initialised pipeline whose metadata database is SQLite or PostgreSQL."""
-    overrides = {}
-    if request.param == "postgresql":
-        overrides["pipeline.long-term.url"] = request.getfixturevalue("postgres_url")
-    with dask.config.set(overrides):
-        opened = Pipeline.open(Settings.from_config(), create=True)
-        yield opened
-        opened.close()
-
-
 def _secret_fragments(credentials: ClusterCredentials) -> list[bytes]:
     """What would betray a private key on disk: its PEM body lines and its raw DER and scalar bytes."""
     fragments = []
