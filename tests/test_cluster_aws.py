@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,11 +25,16 @@ from moto.core.authorization import enable_iam_authentication
 
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.errors import CredentialsError
+from pipeline.errors import ConfigError, CredentialsError
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
-from pipeline.security.aws import PLUGIN_NAME, SessionTokenForwarder, forward_aws_credentials
+from pipeline.security.aws import (
+    PLUGIN_NAME,
+    SessionTokenForwarder,
+    forward_aws_credentials,
+    issue_session_credentials,
+)
 from pipeline.security.tls import ClusterCredentials, issue_credentials
 
 BUCKET = "acme-private"
@@ -313,3 +319,10 @@ def test_no_credential_reaches_a_record_the_spool_a_log_line_or_a_report(
         for path in files:
             assert secret.encode() not in path.read_bytes(), f"a credential leaked into {path}"
     assert "AWS session token forwarded to workers" in places["log lines"]  # the log was captured
+
+
+def test_without_boto3_nothing_is_forwarded_unless_a_role_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 now fails as if not installed
+    assert issue_session_credentials() is None
+    with pytest.raises(ConfigError, match="pipeline.aws.role-arn needs boto3: install dask-metadata-pipeline"):
+        issue_session_credentials(role_arn=ROLE_ARN)

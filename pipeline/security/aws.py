@@ -78,14 +78,6 @@ class SessionCredentials:
         return self.expiration - self.lifetime * REFRESH_AT_REMAINING
 
 
-def _boto3_session() -> boto3.Session:
-    try:
-        import boto3
-    except ModuleNotFoundError as exc:
-        raise ConfigError("AWS credentials need boto3: install dask-metadata-pipeline[aws]") from exc
-    return boto3.Session()
-
-
 def issue_session_credentials(
     session: boto3.Session | None = None,
     *,
@@ -96,8 +88,16 @@ def issue_session_credentials(
     """A session token made with the local long-term credentials; None when there are none.
 
     :raises CredentialsError: STS refused (the reason names the call and the role)
+    :raises ConfigError: a role is configured but boto3 is not installed
     """
-    session = session or _boto3_session()
+    if session is None:
+        try:
+            import boto3
+        except ModuleNotFoundError as exc:  # no boto3, no local AWS credentials to use
+            if role_arn:
+                raise ConfigError("pipeline.aws.role-arn needs boto3: install dask-metadata-pipeline[aws]") from exc
+            return None
+        session = boto3.Session()
     if session.get_credentials() is None:
         return None
     from botocore.exceptions import BotoCoreError, ClientError
@@ -162,9 +162,8 @@ class AWSCredentialsPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False  # registering again replaces the token: that is how it is refreshed
 
-    def __init__(self, sealed: bytes, expiration: datetime) -> None:
+    def __init__(self, sealed: bytes) -> None:
         self.sealed = sealed
-        self.expiration = expiration
         self._previous: dict[str, str | None] = {}
 
     def setup(self, worker: Worker) -> None:
@@ -226,7 +225,7 @@ class SessionTokenForwarder:
         if credentials is None:
             logger.info("no local AWS credentials: workers get none and reach only public data")
             return False
-        plugin = AWSCredentialsPlugin(seal_for_workers(credentials, self.worker_cert), credentials.expiration)
+        plugin = AWSCredentialsPlugin(seal_for_workers(credentials, self.worker_cert))
         self.client.register_plugin(plugin, name=PLUGIN_NAME)
         self.credentials = credentials
         logger.info("AWS session token forwarded to workers; it expires at %s", credentials.expiration.isoformat())
