@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import ssl
@@ -19,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Worker
 from distributed.security import Security
 from sqlalchemy import select, update
 
@@ -211,6 +212,14 @@ def test_only_a_client_holding_this_clusters_credentials_computes(pipeline: Pipe
         with pytest.raises(OSError, match="Connection reset|closed"):  # plain TCP to the TLS port
             Client(address.replace("tls://", "tcp://"), timeout="3s")
         assert list(cluster.scheduler.clients) == ["fire-and-forget"]  # nobody else got in
+
+        async def join(security: Security) -> None:
+            async with Worker(address, security=security, death_timeout="3s"):
+                pass
+
+        with pytest.raises(TimeoutError):  # a worker of another cluster cannot join either
+            asyncio.run(join(cluster_security(pipeline.keyring, "c-other")))
+        assert len(cluster.scheduler.workers) == 1
 
 
 @pytest.mark.slow
