@@ -58,6 +58,9 @@ class Settings:
     tls_validity: float
     aws_role_arn: str | None
     aws_session_duration: float
+    ingest_url: str | None = None
+    ingest_token: str | None = None
+    ingest_public_key: str | None = None
 
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
@@ -100,6 +103,9 @@ class Settings:
             "tls_validity": seconds("tls.validity"),
             "aws_role_arn": _get("aws.role-arn"),
             "aws_session_duration": seconds("aws.session-duration"),
+            "ingest_url": _get("ingest.url"),
+            "ingest_token": _get("ingest.token"),
+            "ingest_public_key": _get("ingest.public-key"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

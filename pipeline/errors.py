@@ -11,6 +11,9 @@
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      ├── SpoolError             a spooled batch is unreadable
      ├── CredentialsError       cluster credentials cannot be issued, found or opened
+     ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
+     │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
+     │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
      └── AuditIntegrityError    the audit trail was altered
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
@@ -21,8 +24,11 @@ from __future__ import annotations
 
 __all__ = [
     "AuditIntegrityError",
+    "BatchRefused",
     "ConfigError",
     "CredentialsError",
+    "ForbiddenBatch",
+    "IntakeError",
     "KeyringError",
     "PipelineError",
     "PolicyError",
@@ -74,6 +80,18 @@ class SpoolError(PipelineError):
 
 class CredentialsError(PipelineError):
     """A cluster's TLS or cloud credentials cannot be issued, found or opened."""
+
+
+class BatchRefused(PipelineError):
+    """A sealed batch was refused for good: retrying the same bytes cannot succeed."""
+
+
+class IntakeError(BatchRefused, ValueError):
+    """A sealed batch is malformed, does not decrypt, is too large, or holds invalid records."""
+
+
+class ForbiddenBatch(BatchRefused, PermissionError):
+    """The caller may not ingest this batch (another account or cluster, or not a cluster)."""
 
 
 class AuditIntegrityError(PipelineError):
