@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import pytest
@@ -30,7 +31,13 @@ from pipeline.errors import CredentialsError
 from pipeline.records import utcnow
 from pipeline.retention.requests import file_request, process_pending
 from pipeline.runtime import Pipeline
-from pipeline.security.tls import ClusterCredentials, cluster_security, issue_credentials, load_credentials
+from pipeline.security.tls import (
+    ClusterCredentials,
+    cluster_security,
+    dask_tls_config,
+    issue_credentials,
+    load_credentials,
+)
 
 ACCOUNT = "acme-secret-account"
 
@@ -220,6 +227,32 @@ def test_only_a_client_holding_this_clusters_credentials_computes(pipeline: Pipe
         with pytest.raises(TimeoutError):  # a worker of another cluster cannot join either
             asyncio.run(join(cluster_security(pipeline.keyring, "c-other")))
         assert len(cluster.scheduler.workers) == 1
+
+
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dask config (as a YAML file holds it) as the dotted keys ``dask.config.set`` merges."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.slow
+def test_a_cluster_configured_by_dask_config_alone_runs_over_tls(pipeline: Pipeline) -> None:
+    """What a remote cluster gets from `clusters create`: plain distributed, TLS from its config."""
+    credentials = issue_credentials(pipeline.keyring, ACCOUNT, "c-one")
+    with (
+        dask.config.set(dotted(dask_tls_config(credentials.to_json()))),
+        LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+    ):
+        assert cluster.scheduler_address.startswith("tls://")
+        with Client(cluster.scheduler_address) as client:
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+    with pytest.raises(TypeError, match="TLS expects a `ssl_context`"):  # the same address without the config
+        Client(cluster.scheduler_address, timeout="3s")
 
 
 @pytest.mark.slow

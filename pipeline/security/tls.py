@@ -20,7 +20,7 @@ import ipaddress
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,6 +45,7 @@ __all__ = [
     "ClusterCredentials",
     "MemoryKeySecurity",
     "cluster_security",
+    "dask_tls_config",
     "issue_credentials",
     "load_credentials",
 ]
@@ -84,6 +85,13 @@ class ClusterCredentials:
             **{f"{role}_key": self.keys[role] for role in ROLES},
             "not_after": self.not_after.isoformat(),
         }
+
+
+def dask_tls_config(tls: Mapping[str, str]) -> dict[str, Any]:
+    """The ``distributed.comm`` settings (PEM inline) for credentials in :meth:`ClusterCredentials.to_json`
+    form: what ``dask scheduler``, ``dask worker`` and a client need to run over this cluster's TLS."""
+    roles = {role: {"cert": tls[f"{role}_cert"], "key": tls[f"{role}_key"]} for role in ROLES}
+    return {"distributed": {"comm": {"require-encryption": True, "tls": {"ca-file": tls["ca_cert"], **roles}}}}
 
 
 class MemoryKeySecurity(Security):
