@@ -42,7 +42,7 @@ ROLE_ARN = "arn:aws:iam::123456789012:role/cluster-reader"
 
 
 @pytest.fixture
-def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def aws_world(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A fresh moto world: a bucket with a private and a public object, a user with long-term keys
     allowed to assume a role that may read the bucket. The environment holds no credentials."""
     httpx.post(f"{moto_endpoint}/moto-api/reset").raise_for_status()
@@ -146,24 +146,24 @@ def on_worker(client: Client, function: Any, *args: Any) -> Any:
 
 
 def test_workers_read_a_private_object_only_through_the_forwarded_role_session(
-    aws: dict[str, Any], tls: ClusterCredentials, cluster: Client
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:
     with enable_iam_authentication():
         assert on_worker(cluster, read_object, "private.txt") == "refused: NoCredentialsError"
         with SessionTokenForwarder(
-            cluster, worker_cert=tls.certs["worker"], session=aws["session"], role_arn=ROLE_ARN
+            cluster, worker_cert=tls.certs["worker"], session=aws_world["session"], role_arn=ROLE_ARN
         ) as forwarder:
             assert forwarder.forward()
             assert on_worker(cluster, read_object, "private.txt") == "private data"
             access_key, secret, token = on_worker(cluster, worker_credentials)
     assert token and access_key == forwarder.credentials.access_key_id
-    assert access_key != aws["access_key_id"] and secret != aws["secret_access_key"]  # never the long-term keys
+    assert access_key != aws_world["access_key_id"] and secret != aws_world["secret_access_key"]  # never the long-term keys
 
 
 def test_without_a_role_workers_get_a_get_session_token_token(
-    aws: dict[str, Any], tls: ClusterCredentials, cluster: Client
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:
-    with SessionTokenForwarder(cluster, worker_cert=tls.certs["worker"], session=aws["session"]) as forwarder:
+    with SessionTokenForwarder(cluster, worker_cert=tls.certs["worker"], session=aws_world["session"]) as forwarder:
         assert forwarder.forward()
         access_key, secret, token = on_worker(cluster, worker_credentials)
     assert (access_key, secret, token) == (
@@ -171,11 +171,11 @@ def test_without_a_role_workers_get_a_get_session_token_token(
         forwarder.credentials.secret_access_key,
         forwarder.credentials.token,
     )
-    assert access_key != aws["access_key_id"] and token
+    assert access_key != aws_world["access_key_id"] and token
 
 
 def test_without_local_credentials_the_cluster_starts_with_none_and_reads_public_data(
-    aws: dict[str, Any], tls: ClusterCredentials, cluster: Client
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:
     empty = boto3.Session(region_name="eu-west-1")  # the environment holds no credentials
     forwarder = forward_aws_credentials(
@@ -189,12 +189,12 @@ def test_without_local_credentials_the_cluster_starts_with_none_and_reads_public
 
 
 def test_the_token_is_refreshed_on_the_workers_before_it_expires(
-    aws: dict[str, Any], tls: ClusterCredentials, cluster: Client
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:
     now = [utcnow()]
     with enable_iam_authentication():
         forwarder = SessionTokenForwarder(
-            cluster, worker_cert=tls.certs["worker"], session=aws["session"], role_arn=ROLE_ARN, clock=lambda: now[0]
+            cluster, worker_cert=tls.certs["worker"], session=aws_world["session"], role_arn=ROLE_ARN, clock=lambda: now[0]
         )
         assert forwarder.forward()
         first = forwarder.credentials
@@ -214,12 +214,12 @@ def test_the_token_is_refreshed_on_the_workers_before_it_expires(
 
 
 def test_the_background_refresh_replaces_the_token(
-    aws: dict[str, Any], tls: ClusterCredentials, cluster: Client
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:
     """start() keeps checking on its own thread; a clock past the refresh time gets a new token."""
     late = [datetime.min.replace(tzinfo=utcnow().tzinfo)]
     forwarder = SessionTokenForwarder(
-        cluster, worker_cert=tls.certs["worker"], session=aws["session"], clock=lambda: late[0], check_every=0.05
+        cluster, worker_cert=tls.certs["worker"], session=aws_world["session"], clock=lambda: late[0], check_every=0.05
     )
     with forwarder:
         assert forwarder.start()
@@ -233,12 +233,12 @@ def test_the_background_refresh_replaces_the_token(
     assert forwarder.credentials is not first
 
 
-def test_sts_refusal_is_one_clear_error(aws: dict[str, Any], tls: ClusterCredentials, cluster: Client) -> None:
+def test_sts_refusal_is_one_clear_error(aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client) -> None:
     with enable_iam_authentication():
         forwarder = SessionTokenForwarder(
             cluster,
             worker_cert=tls.certs["worker"],
-            session=aws["session"],
+            session=aws_world["session"],
             role_arn="arn:aws:iam::123456789012:role/admin",
         )
         with pytest.raises(CredentialsError, match="AWS STS AssumeRole of arn:aws:iam::123456789012:role/admin failed"):
@@ -246,11 +246,11 @@ def test_sts_refusal_is_one_clear_error(aws: dict[str, Any], tls: ClusterCredent
 
 
 def test_a_token_sealed_to_another_clusters_workers_is_refused(
-    aws: dict[str, Any], keyring: Keyring, cluster: Client
+    aws_world: dict[str, Any], keyring: Keyring, cluster: Client
 ) -> None:
     other = issue_credentials(keyring, "acme", "c-other")
     with (
-        SessionTokenForwarder(cluster, worker_cert=other.certs["worker"], session=aws["session"]) as forwarder,
+        SessionTokenForwarder(cluster, worker_cert=other.certs["worker"], session=aws_world["session"]) as forwarder,
         pytest.raises(CredentialsError, match="sealed to another cluster's worker certificate"),
     ):
         forwarder.forward()
@@ -259,7 +259,7 @@ def test_a_token_sealed_to_another_clusters_workers_is_refused(
 
 @pytest.mark.slow
 def test_no_credential_reaches_a_record_the_spool_a_log_line_or_a_report(
-    aws: dict[str, Any], home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    aws_world: dict[str, Any], home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     for name in ("pipeline", "distributed"):
@@ -279,7 +279,7 @@ def test_no_credential_reaches_a_record_the_spool_a_log_line_or_a_report(
         ) as local,
         Client(local) as client,
         SessionTokenForwarder(
-            client, worker_cert=tls.certs["worker"], session=aws["session"], role_arn=ROLE_ARN
+            client, worker_cert=tls.certs["worker"], session=aws_world["session"], role_arn=ROLE_ARN
         ) as forwarder,
     ):
         with enable_iam_authentication():
@@ -290,7 +290,7 @@ def test_no_credential_reaches_a_record_the_spool_a_log_line_or_a_report(
         logs += [line for lines in client.get_worker_logs(n=10_000).values() for _level, line in lines]
     assert forwarder.credentials is not None
     secrets = [
-        aws["secret_access_key"],
+        aws_world["secret_access_key"],
         forwarder.credentials.secret_access_key,
         forwarder.credentials.token,
     ]

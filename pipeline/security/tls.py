@@ -270,7 +270,7 @@ def load_credentials(keyring: Keyring, cluster_id: str) -> ClusterCredentials:
     if row is None:
         raise CredentialsError(f"no TLS credentials were issued for cluster {cluster_id!r}")
     try:
-        cipher = keyring.cipher_for(row.subject_ref, row.key_version)
+        cipher = keyring.cipher_for(row.subject_ref, None, row.key_version)
         bundle = json.loads(
             cipher.decrypt(row.sealed[:_NONCE], row.sealed[_NONCE:], _aad(cluster_id, row.subject_ref, row.key_version))
         )
