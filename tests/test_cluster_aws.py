@@ -157,7 +157,8 @@ def test_workers_read_a_private_object_only_through_the_forwarded_role_session(
             assert on_worker(cluster, read_object, "private.txt") == "private data"
             access_key, secret, token = on_worker(cluster, worker_credentials)
     assert token and access_key == forwarder.credentials.access_key_id
-    assert access_key != aws_world["access_key_id"] and secret != aws_world["secret_access_key"]  # never the long-term keys
+    # never the long-term keys
+    assert access_key != aws_world["access_key_id"] and secret != aws_world["secret_access_key"]
 
 
 def test_without_a_role_workers_get_a_get_session_token_token(
@@ -194,7 +195,11 @@ def test_the_token_is_refreshed_on_the_workers_before_it_expires(
     now = [utcnow()]
     with enable_iam_authentication():
         forwarder = SessionTokenForwarder(
-            cluster, worker_cert=tls.certs["worker"], session=aws_world["session"], role_arn=ROLE_ARN, clock=lambda: now[0]
+            cluster,
+            worker_cert=tls.certs["worker"],
+            session=aws_world["session"],
+            role_arn=ROLE_ARN,
+            clock=lambda: now[0],
         )
         assert forwarder.forward()
         first = forwarder.credentials
