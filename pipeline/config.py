@@ -62,6 +62,12 @@ class Settings:
     tls_validity: float
     aws_role_arn: str | None
     aws_session_duration: float
+    server_host: str
+    server_port: int
+    tls_cert: Path | None
+    tls_key: Path | None
+    cluster_token_ttl: float
+    api_url: str | None
     ingest_url: str | None = None
     ingest_token: str | None = None
     ingest_public_key: str | None = None
@@ -87,6 +93,17 @@ class Settings:
             except (TypeError, ValueError, KeyError) as exc:
                 raise ConfigError(f"pipeline.{key}: {value!r} is not a duration") from exc
 
+        def path(key: str) -> Path | None:
+            value = _get(key)
+            return Path(os.path.expanduser(str(value))) if value else None
+
+        def port(key: str) -> int:
+            value = _get(key)
+            number = int(value) if str(value).isdigit() else -1
+            if not 0 <= number <= 65535:
+                raise ConfigError(f"pipeline.{key}: {value!r} is not a TCP port number")
+            return number
+
         policy = _get("policy")
         values: dict[str, Any] = {
             "home": home,
@@ -110,6 +127,12 @@ class Settings:
             "tls_validity": seconds("tls.validity"),
             "aws_role_arn": _get("aws.role-arn"),
             "aws_session_duration": seconds("aws.session-duration"),
+            "server_host": str(_get("server.host")),
+            "server_port": port("server.port"),
+            "tls_cert": path("server.tls-cert"),
+            "tls_key": path("server.tls-key"),
+            "cluster_token_ttl": seconds("server.cluster-token-ttl"),
+            "api_url": _get("api.url"),
             "ingest_url": _get("ingest.url"),
             "ingest_token": _get("ingest.token"),
             "ingest_public_key": _get("ingest.public-key"),

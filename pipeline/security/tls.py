@@ -77,6 +77,17 @@ class ClusterCredentials:
             kwargs[f"tls_{role}_key"] = self.keys[role] if role in chosen else None
         return MemoryKeySecurity(require_encryption=True, tls_ca_file=self.ca_cert, **kwargs)
 
+    @classmethod
+    def from_json(cls, cluster_id: str, data: Mapping[str, str]) -> ClusterCredentials:
+        """The credentials as :meth:`to_json` gave them (e.g. in a ``POST /v1/clusters`` response)."""
+        return cls(
+            cluster_id,
+            data["ca_cert"],
+            {role: data[f"{role}_cert"] for role in ROLES},
+            {role: data[f"{role}_key"] for role in ROLES},
+            datetime.fromisoformat(data["not_after"]),
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The PEM documents by role, for the one party allowed to see them (API response)."""
         return {

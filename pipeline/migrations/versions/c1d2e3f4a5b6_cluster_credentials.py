@@ -1,7 +1,7 @@
 """cluster credentials: per-cluster TLS certificates and keys, sealed under the account's data key
 
 Revision ID: c1d2e3f4a5b6
-Revises: c37e60db1a4d
+Revises: 5e1c0a7d2b94
 Create Date: 2026-11-30 12:10:00.000000
 
 """
@@ -15,7 +15,7 @@ import pipeline.db
 
 # revision identifiers, used by Alembic.
 revision: str = "c1d2e3f4a5b6"
-down_revision: str | Sequence[str] | None = "c37e60db1a4d"
+down_revision: str | Sequence[str] | None = "5e1c0a7d2b94"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
