@@ -18,6 +18,9 @@ from typing import Any
 
 import dask.config
 import pytest
+import yaml
+from click.testing import CliRunner
+from controlplane import serving
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
@@ -25,6 +28,7 @@ from distributed import Client, LocalCluster, Worker
 from distributed.security import Security
 from sqlalchemy import select, update
 
+from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.db import cluster_credentials
 from pipeline.errors import CredentialsError
@@ -38,6 +42,7 @@ from pipeline.security.tls import (
     issue_credentials,
     load_credentials,
 )
+from pipeline.server.clusters import cluster_config
 
 ACCOUNT = "acme-secret-account"
 
@@ -313,3 +318,42 @@ def _files_written_since(base: Path, started: float) -> Iterator[tuple[Path, byt
                     yield path, path.read_bytes()
             except OSError:
                 continue
+
+
+@pytest.mark.slow
+def test_a_registered_cluster_gets_its_credentials_once_and_runs_over_them(home: Path) -> None:
+    """`POST /v1/clusters` returns the credentials; `clusters create` prints them as dask config for
+    plain distributed; another registration's client certificate is refused."""
+    pipeline = Pipeline.open(Settings.from_config(), create=True)
+    with serving(pipeline) as plane, plane.member(ACCOUNT, "ann") as ann:
+        first, second = (ann.post("/v1/clusters", json={"account": ACCOUNT}).json() for _ in range(2))
+        listed = ann.get("/v1/clusters").json()
+    assert set(first["tls"]) == {
+        "ca_cert",
+        *(f"{role}_{part}" for role in ("scheduler", "worker", "client") for part in ("cert", "key")),
+        "not_after",
+    }
+    assert all("tls" not in cluster for cluster in listed)  # shown once, at registration
+    assert ClusterCredentials.from_json(first["cluster_id"], first["tls"]) == load_credentials(
+        pipeline.keyring, first["cluster_id"]
+    )
+
+    printed = CliRunner().invoke(main, ["clusters", "create", "--account", ACCOUNT])
+    assert printed.exit_code == 0, printed.output
+    created = yaml.safe_load(printed.output)
+    stored = load_credentials(pipeline.keyring, created["pipeline"]["cluster-id"])
+    assert created["distributed"]["comm"]["tls"]["ca-file"] == stored.ca_cert
+    assert created["distributed"]["comm"]["require-encryption"] is True
+    pipeline.close()
+
+    distributed_config = {"distributed": cluster_config(first)["distributed"]}
+    with (
+        dask.config.set(dotted(distributed_config)),
+        LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+    ):
+        assert cluster.scheduler_address.startswith("tls://")
+        with Client(cluster.scheduler_address) as client:
+            assert client.submit(sum, [1, 2]).result() == 3
+        intruder = ClusterCredentials.from_json(second["cluster_id"], second["tls"]).security(["client"])
+        with pytest.raises(OSError, match="TLS|SSL"):
+            Client(cluster.scheduler_address, security=intruder, timeout="3s")
