@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import cloudpickle
 import dask
 import dask.config
 import pytest
+from clusters import preloaded_cluster
 from dask import delayed
 from distributed import Client, LocalCluster, Scheduler, wait
 
@@ -62,38 +64,25 @@ def stuck(x: int) -> int:
     return x
 
 
-def _config() -> Any:
-    return dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": "100ms"})
+@contextmanager
+def _cluster(processes: bool) -> Iterator[LocalCluster]:
+    with (
+        dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": "100ms"}),
+        preloaded_cluster(n_workers=2, threads_per_worker=2, processes=processes) as cluster,
+    ):
+        yield cluster
 
 
 @pytest.fixture
 def threads_cluster(home: Path) -> Iterator[LocalCluster]:
-    with (
-        _config(),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=2,
-            processes=False,
-            dashboard_address=":0",
-            scheduler_kwargs={"preload": ["pipeline.preload"]},
-        ) as cluster,
-    ):
+    with _cluster(processes=False) as cluster:
         yield cluster
 
 
 @pytest.fixture
 def process_cluster(home: Path) -> Iterator[LocalCluster]:
     """Worker processes, so that one can be killed with SIGKILL."""
-    with (
-        _config(),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=2,
-            processes=True,
-            dashboard_address=":0",
-            scheduler_kwargs={"preload": ["pipeline.preload"]},
-        ) as cluster,
-    ):
+    with _cluster(processes=True) as cluster:
         yield cluster
 
 
