@@ -134,12 +134,14 @@ class MetadataPlugin(SchedulerPlugin):
         try:
             self._start(scheduler)
         except Exception as exc:  # start must never raise: it would abort scheduler start-up
-            self._failed_start(scheduler, exc)
+            self._failed("start", exc)
+            await self._leave(scheduler)
 
     def _start(self, scheduler: Scheduler) -> None:
         args = dict(self._args)
         settings = Settings.from_config(plugin_interval=args.pop("interval"), **args)
         self.settings = settings
+        callback = PeriodicCallback(self._snapshot_safely, settings.plugin_interval * 1000)  # checks the interval
         self.account = settings.account or _UNASSIGNED
         if settings.account is None:
             logger.warning("pipeline.account is not set; metadata is recorded as account %r", _UNASSIGNED)
@@ -153,25 +155,23 @@ class MetadataPlugin(SchedulerPlugin):
         )
         self.emitter.start()
         self.scheduler = scheduler  # from here on the plugin is running
-        callback = PeriodicCallback(self._snapshot_safely, settings.plugin_interval * 1000)
         scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
         callback.start()
         self._spawn(self._scheduler_environment())
         for address in list(scheduler.workers):  # hooks are not replayed for workers already there
             self.add_worker(scheduler, address)
 
-    def _failed_start(self, scheduler: Scheduler, exc: Exception) -> None:
-        """Leave the scheduler: a plugin that could not start costs nothing and stays quiet."""
-        self._failed("start", exc)
+    async def _leave(self, scheduler: Scheduler) -> None:
+        """After a failed start: out of the scheduler, so that the plugin costs nothing and stays quiet."""
         self.scheduler = None
-        if self.emitter is not None:
-            self.emitter.close(0)
-            self.emitter = None
         try:
             if scheduler.plugins.get(self.name) is self:
                 scheduler.remove_plugin(self.name)
-        except Exception as cleanup:
-            self._failed("start", cleanup)
+            emitter, self.emitter = self.emitter, None
+            if emitter is not None:
+                await asyncio.get_running_loop().run_in_executor(None, emitter.close, 0)
+        except Exception as exc:
+            self._failed("start", exc)
 
     async def close(self) -> None:
         try:

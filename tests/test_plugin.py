@@ -258,10 +258,16 @@ def test_shipped_defaults_hold_after_a_config_reset(home, settings) -> None:
     assert [r["tasks_completed"] for r in _records(settings) if r["kind"] == "job"] == [1]
 
 
-def test_a_plugin_that_fails_to_start_leaves_the_scheduler(home, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("interval", "reason"),
+    [("soon", "pipeline.plugin.interval: 'soon' is not a duration"), ("0s", "positive callback_time")],
+)
+def test_a_plugin_that_fails_to_start_leaves_the_scheduler(
+    home, caplog: pytest.LogCaptureFixture, interval: str, reason: str
+) -> None:
     with (
         caplog.at_level(logging.WARNING, logger="pipeline"),
-        dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": "soon"}),
+        dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": interval}),
         preloaded_cluster(
             n_workers=2,
             processes=False,
@@ -273,5 +279,5 @@ def test_a_plugin_that_fails_to_start_leaves_the_scheduler(home, caplog: pytest.
         client.wait_for_workers(3)
         assert sum(client.gather(client.map(maybe_fail, range(20)))) > 0
     (failure,) = [r for r in caplog.records if r.name.startswith("pipeline")]
-    assert "pipeline.plugin.interval: 'soon' is not a duration" in failure.getMessage()
+    assert reason in failure.getMessage()
     assert not home.exists()  # nothing written
