@@ -57,17 +57,25 @@ def _ini(checkout: Path) -> str:
 
 
 def prepare(checkout: Path, into: Path) -> Path:
-    """distributed's tests, conftest and settings, without the package source."""
+    """The installed distributed package with the checkout's tests, conftest and settings beside it.
+
+    A copy of the installed package rather than the checkout's source, so that
+    the tests exercise what the plugin runs with; its ``tests`` folder is where
+    ``distributed.utils_test`` looks for the TLS certificates the tests use.
+    """
     if not (checkout / "distributed" / "tests").is_dir() or not (checkout / "pyproject.toml").is_file():
         raise SystemExit(f"error: {checkout} holds no distributed/tests and pyproject.toml of dask/distributed")
-    shutil.copytree(checkout / "distributed" / "tests", into / "distributed" / "tests")
+    installed = Path(importlib.util.find_spec("distributed").origin).parent  # type: ignore[arg-type,union-attr]
+    shutil.copytree(installed, into / "distributed", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(checkout / "distributed" / "tests", into / "distributed" / "tests", dirs_exist_ok=True)
     shutil.copy(checkout / "conftest.py", into / "conftest.py")
     (into / "pytest.ini").write_text(_ini(checkout))
     return into
 
 
-def _environment(mode: str, home: Path) -> dict[str, str]:
+def _environment(root: Path, mode: str, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "PYTEST_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     if mode == "plugin":
         env["DASK_DISTRIBUTED__SCHEDULER__PRELOAD"] = '["pipeline.preload"]'
         env["DASK_PIPELINE__HOME"] = str(home)
@@ -103,7 +111,7 @@ def run_pytest(root: Path, mode: str, targets: list[str], report: Path) -> tuple
                 f"--junitxml={report}",
             ],
             cwd=root,
-            env=_environment(mode, Path(home)),
+            env=_environment(root, mode, Path(home)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             check=False,
