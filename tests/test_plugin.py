@@ -250,8 +250,9 @@ def test_shipped_defaults_hold_after_a_config_reset(home, settings) -> None:
         ):
             assert client.submit(maybe_fail, 1).result() > 0
             plugin: MetadataPlugin = cluster.scheduler.plugins["metadata-pipeline"]
-            shipped = (plugin.settings.close_timeout, plugin.settings.retry_max, plugin.settings.plugin_interval)
-            assert shipped == (10, 30, 5)
+            snapshots = cluster.scheduler.periodic_callbacks["metadata-pipeline-snapshot"]
+            shipped = (plugin.close_timeout, plugin.emitter.retry_max, snapshots.callback_time)
+            assert shipped == (10, 30, 5000)
     finally:
         dask.config.config.clear()
         dask.config.config.update(saved)
