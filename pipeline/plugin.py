@@ -257,14 +257,12 @@ class MetadataPlugin(SchedulerPlugin):
                 return  # submitted before the plugin started: no job to count it in
             job = self._open_job(stimulus_id)  # client.retry(): a computation of its own
         else:
-            previous = self._pending.pop(key, None)
+            previous = self._pending.get(key)
             if previous is job:
-                self._pending[key] = job
                 return
             if previous is not None:  # released by its own computation before it finished
                 self._dropped(previous)
-            else:
-                self._done.pop(key, None)
+            elif self._done.pop(key, None) is None and self._errored:
                 self._errored.pop(key, None)
         self._pending[key] = job
         job.total += 1
@@ -317,9 +315,10 @@ class MetadataPlugin(SchedulerPlugin):
 
     def _released(self, key: Any) -> None:
         nbytes = self._held.pop(key, None)
-        job = self._done.get(key)
-        if nbytes and job is not None:
-            job.nbytes -= nbytes
+        if nbytes:
+            job = self._done.get(key)
+            if job is not None:
+                job.nbytes -= nbytes
 
     def _forgotten(self, key: Any) -> None:
         nbytes = self._held.pop(key, None)

@@ -201,16 +201,16 @@ def test_tasks_by_state_shows_only_tasks_the_scheduler_holds(threads_cluster, se
         del futures[50:]  # half the group is forgotten, the other half stays in memory
         _until(lambda: len(scheduler.tasks) == 50, "the released half to be forgotten")
         plugin: MetadataPlugin = scheduler.plugins["metadata-pipeline"]
+        held = Counter(ts.state for ts in scheduler.tasks.values())
         since = time.time()
 
-        def snapshot_after() -> bool:
+        def snapshots_since() -> list[dict[str, Any]]:
             plugin.emitter.flush()
-            return any(r["observed_at"].timestamp() > since for r in _records(settings, "cluster_snapshot"))
+            return [r for r in _records(settings, "cluster_snapshot") if r["observed_at"].timestamp() > since]
 
-        _until(snapshot_after, "a snapshot")
-        held = Counter(ts.state for ts in scheduler.tasks.values())
+        _until(lambda: bool(snapshots_since()), "a snapshot")
+        snapshot = min(snapshots_since(), key=lambda r: r["observed_at"])
         del futures
-    snapshot = max(_records(settings, "cluster_snapshot"), key=lambda r: r["observed_at"])
     assert snapshot["tasks_by_state"] == dict(held) == {"memory": 50}
 
 
