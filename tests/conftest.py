@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
+import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
+import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
 
 from pipeline.config import Settings
@@ -126,3 +128,32 @@ def sealed_batch(pipeline, records, batch_id: str | None = None) -> tuple[str, b
 
     batch_id = batch_id or new_batch_id()
     return batch_id, seal_batch(pipeline.intake_key.public_key(), batch_id, records)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's server on a free loopback port: AWS APIs (KMS, S3) over real HTTP."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """boto3's usual chain pointed at moto's server with test credentials."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return moto_endpoint

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import KeyringError
 from pipeline.records import utcnow
+from pipeline.retention.retirement import retire_master_keys
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Removed, Store
 
@@ -53,6 +54,7 @@ class RetentionReport:
     now: datetime
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
+    retired_master_versions: list[int] = field(default_factory=list)
     audit_seq: int | None = None
 
     @property
@@ -66,6 +68,8 @@ class RetentionReport:
             for data_type, c in types.items():
                 cut = f", {c.rewritten} segments cut at the limit" if c.rewritten else ""
                 lines.append(f"  {store:<14} {data_type:<13} {c.records} records, {c.segments} segments{cut}")
+        if self.retired_master_versions:
+            lines.append(f"  master key versions retired: {', '.join(map(str, self.retired_master_versions))}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -76,6 +80,7 @@ class RetentionReport:
                 for store, types in self.removed.items()
             },
             "records_removed": self.records,
+            "retired_master_versions": self.retired_master_versions,
             "audit_seq": self.audit_seq,
         }
 
@@ -96,8 +101,10 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
             rewritten += 1
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+    report.retired_master_versions = retire_master_keys(pipeline, now)
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
+    pipeline.audit.checkpoint()
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
 
