@@ -27,7 +27,8 @@ from pipeline.redact import mask_url, quoted
 __all__ = ["Settings", "default_policy_path"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
-dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
+_DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
+dask.config.update_defaults(_DEFAULTS)
 
 
 def default_policy_path() -> Path:
@@ -35,8 +36,14 @@ def default_policy_path() -> Path:
     return Path(str(resources.files("pipeline") / "policies" / "retention.yaml"))
 
 
-def _get(key: str, default: Any = None) -> Any:
-    return dask.config.get(f"pipeline.{key}", default=default)
+def _get(key: str) -> Any:
+    """The configured value, else the shipped default.
+
+    The fallback matters: a config reset (``dask.config.config.clear()``, a
+    restored snapshot as in distributed's test utilities) drops what
+    ``update_defaults`` added at import, and the plugin may start after one.
+    """
+    return dask.config.get(f"pipeline.{key}", default=dask.config.get(f"pipeline.{key}", None, config=_DEFAULTS))
 
 
 @dataclass(frozen=True)
