@@ -278,3 +278,12 @@ def test_an_erasure_ends_the_tokens_and_shreds_the_names_of_whom_it_erased(plane
     assert listed[bob.token_id] == ("globex-Corp", "bob.jones")
     (cluster,) = registry.list()
     assert (cluster["account"], cluster["name"]) == (None, None)
+
+
+def test_the_audit_trail_names_the_token_that_filed_an_erasure(plane: ControlPlane) -> None:
+    issued = plane.tokens.create("member", "acme-Holdings", "ann.smith")
+    with plane.client(issued.token) as ann:
+        filed = ann.post("/v1/erasure-requests", json={"account": "acme-Holdings", "user": "ann.smith"})
+    entry = plane.pipeline.audit.last("erasure.pending")
+    assert entry is not None and entry.details["request_id"] == filed.json()["request_id"]
+    assert entry.actor == f"member-token:{issued.token_id}"

@@ -143,11 +143,14 @@ def file_request(
     *,
     suppress: bool = False,
     now: datetime | None = None,
+    actor: str | None = None,
 ) -> DeletionRequest:
     """Record a pending request to erase an account (or one user of it) everywhere.
 
     With ``suppress``, records of the subject observed later are dropped on
     ingest too, until the tombstone is lifted (:func:`pipeline.tombstones.lift`).
+    ``actor`` names who filed it in the audit trail (an API token's principal);
+    by default the OS user of this process.
     """
     now = now or utcnow()
     request = DeletionRequest(
@@ -161,7 +164,9 @@ def file_request(
         updated_at=now,
         completed_at=None,
     )
-    entry = _audit(pipeline, request, "erasure.pending", deadline=request.deadline.isoformat(), suppress=suppress)
+    entry = _audit(
+        pipeline, request, "erasure.pending", actor=actor, deadline=request.deadline.isoformat(), suppress=suppress
+    )
     request.receipt = {"scope": request.scope, "stores": {}, "audit": {"pending": entry.seq}, "suppress": suppress}
     if reason is not None:
         request.receipt["reason_sha256"] = hashlib.sha256(reason.encode()).hexdigest()
@@ -371,10 +376,13 @@ def _transition(pipeline: Pipeline, request: DeletionRequest, state: str, **deta
     _save(pipeline, request)
 
 
-def _audit(pipeline: Pipeline, request: DeletionRequest, action: str, **details: Any) -> AuditEntry:
+def _audit(
+    pipeline: Pipeline, request: DeletionRequest, action: str, *, actor: str | None = None, **details: Any
+) -> AuditEntry:
     """An entry about this request, naming the subject by its ref only."""
     return pipeline.audit.append(
         action,
+        actor=actor,
         subject_ref=request.subject_ref,
         details={
             "request_id": request.request_id,

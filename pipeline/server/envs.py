@@ -117,7 +117,8 @@ def set_visibility(
         )
     pipeline.audit.append(
         "env.visibility",
+        actor=principal.actor,
         subject_ref=ref,
-        details={"env_id": env_id, "visibility": body.visibility, "actor_token": principal.token_id},
+        details={"env_id": env_id, "visibility": body.visibility},
     )
     return {"env_id": env_id, "visibility": body.visibility}

@@ -52,7 +52,8 @@ def file_erasure(
     """File a request; a member may ask only for their own user of their own account."""
     if not principal.sees_every_account and (body.account, body.user) != (principal.account, principal.user):
         raise HTTPException(403, "a member may request erasure of their own user only (give your account and user)")
-    return file_request(pipeline, body.account, body.user, body.reason, suppress=body.suppress).as_dict()
+    filed = file_request(pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor)
+    return filed.as_dict()
 
 
 @router.get("/v1/erasure-requests")
