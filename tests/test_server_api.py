@@ -250,3 +250,31 @@ def test_a_database_outage_is_503_without_naming_the_database(postgres_url: str,
     assert str(proxy.port) not in down.text and "5432" not in down.text
     pipeline.close()
     proxy.close()
+
+
+def test_an_erasure_ends_the_tokens_and_shreds_the_names_of_whom_it_erased(plane: ControlPlane) -> None:
+    from pipeline.retention.requests import file_request, process_pending
+    from pipeline.server.clusters import ClusterRegistry
+
+    ann = plane.tokens.create("member", "acme-Holdings", "ann.smith")
+    carl = plane.tokens.create("member", "acme-Holdings", "carl.x")
+    bob = plane.tokens.create("member", "globex-Corp", "bob.jones")
+    registry = ClusterRegistry(plane.pipeline, plane.tokens)
+    registry.register("acme-Holdings", plane.url, name="acme-prod")
+
+    def status(token: str) -> int:
+        with plane.client(token) as client:
+            return client.get("/v1/records").status_code
+
+    file_request(plane.pipeline, "acme-Holdings", "ann.smith")
+    process_pending(plane.pipeline)
+    assert (status(ann.token), status(carl.token), status(bob.token)) == (401, 200, 200)
+
+    file_request(plane.pipeline, "acme-Holdings")
+    process_pending(plane.pipeline)
+    assert (status(carl.token), status(bob.token)) == (401, 200)
+    listed = {t.token_id: (t.account, t.user) for t in plane.tokens.list()}
+    assert listed[ann.token_id] == listed[carl.token_id] == (None, None)
+    assert listed[bob.token_id] == ("globex-Corp", "bob.jones")
+    (cluster,) = registry.list()
+    assert (cluster["account"], cluster["name"]) == (None, None)

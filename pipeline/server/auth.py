@@ -2,8 +2,9 @@
 
 A token is ``mp_`` + 43 url-safe characters (32 random bytes). Only its
 SHA-256 is stored, so a copy of the database opens nothing; the account and
-user it speaks for are kept as HMAC refs plus sealed names (see
-:mod:`pipeline.server.names`). Every request looks its token up again, so a
+user it speaks for are kept as HMAC refs plus names sealed under their data
+key (see :mod:`pipeline.server.names`), so erasing them also ends their tokens.
+Every request looks its token up again, so a
 revocation takes effect on the next request.
 """
 
@@ -109,6 +110,7 @@ class TokenStore:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         keyring = self.pipeline.keyring
         subject_ref = keyring.subject_ref(account) if account is not None else None
+        user_ref = keyring.user_ref(account, user) if account is not None else None
         expires_at = now + ttl if ttl is not None else None
         with transaction(self.engine, "issuing an API token") as conn:
             conn.execute(
@@ -117,9 +119,11 @@ class TokenStore:
                     token_sha256=token_sha256(token),
                     kind=kind,
                     subject_ref=subject_ref,
-                    user_ref=keyring.user_ref(account, user) if account is not None else None,
+                    user_ref=user_ref,
                     cluster_id=cluster_id,
-                    names=self.names.seal(token_id, {"account": account, "user": user}),
+                    names=self.names.seal(
+                        token_id, {"account": account, "user": user}, subject_ref=subject_ref, user_ref=user_ref
+                    ),
                     created_at=now,
                     expires_at=expires_at,
                 )
@@ -169,11 +173,17 @@ class TokenStore:
             raise AuthenticationError("token revoked")
         if row.expires_at is not None and (now or utcnow()) >= row.expires_at:
             raise AuthenticationError("token expired")
-        names = self.names.open(row.token_id, row.names)
+        names = self._names(row)
+        if names is None:
+            raise AuthenticationError("token of an erased account or user")
         return Principal(row.kind, names["account"], names["user"], row.cluster_id, row.token_id)
 
+    def _names(self, row: Any) -> dict[str, Any] | None:
+        """The account and user a token speaks for; ``None`` once an erasure shredded them."""
+        return self.names.open(row.token_id, row.names, subject_ref=row.subject_ref, user_ref=row.user_ref)
+
     def _info(self, row: Any) -> TokenInfo:
-        names = self.names.open(row.token_id, row.names)
+        names = self._names(row) or {"account": None, "user": None}
         return TokenInfo(
             row.token_id,
             row.kind,

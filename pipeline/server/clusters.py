@@ -5,7 +5,8 @@ the control plane's ingest URL and the intake public key: everything its
 plugin needs to write, nothing that reads. When the plugin closes with its
 spool empty it closes the cluster with its own token, which revokes that token:
 a closed cluster's credentials write nothing more. The account name is kept sealed
-beside its HMAC ref (see :mod:`pipeline.server.names`).
+under the account's data key beside its HMAC ref (see :mod:`pipeline.server.names`):
+erasing the account leaves its clusters listed without names.
 """
 
 from __future__ import annotations
@@ -80,13 +81,15 @@ class ClusterRegistry:
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
         issued = self.tokens.create("cluster", account, cluster_id=cluster_id, ttl=ttl)
+        subject_ref = self.pipeline.keyring.subject_ref(account)
+        names = {"account": account, "name": name, "image": image}
         with transaction(self.pipeline.keyring.engine, "registering a cluster") as conn:
             conn.execute(
                 insert(clusters).values(
                     cluster_id=cluster_id,
-                    subject_ref=self.pipeline.keyring.subject_ref(account),
+                    subject_ref=subject_ref,
                     token_id=issued.token_id,
-                    names=self.names.seal(cluster_id, {"account": account, "name": name, "image": image}),
+                    names=self.names.seal(cluster_id, names, subject_ref=subject_ref),
                     created_at=utcnow(),
                 )
             )
@@ -112,10 +115,11 @@ class ClusterRegistry:
             query = query.where(clusters.c.subject_ref == self.pipeline.keyring.subject_ref(account))
         with transaction(self.pipeline.keyring.engine, "listing clusters") as conn:
             rows = conn.execute(query).all()
+        erased = {"account": None, "name": None, "image": None}
         return [
             {
                 "cluster_id": row.cluster_id,
-                **self.names.open(row.cluster_id, row.names),
+                **(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
                 "created_at": row.created_at,
                 "closed_at": row.closed_at,
             }
