@@ -14,6 +14,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import make_record, sealed_batch
+from controlplane import cluster_settings
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from distributed import Client, LocalCluster, wait
@@ -28,7 +29,7 @@ from pipeline.intake import MEDIA_TYPE, open_batch
 from pipeline.keys import KeyProvider, Keyring
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import TokenStore
-from pipeline.server.clusters import ClusterRegistry, Registration, cluster_config
+from pipeline.server.clusters import ClusterRegistry, Registration
 from pipeline.server.runner import serving_in_thread
 from pipeline.spool import SpooledBatch
 
@@ -179,19 +180,7 @@ def test_only_the_cluster_itself_may_close_it(control_plane: ControlPlane, who: 
 
 
 def _remote_config(control_plane: ControlPlane, cluster_home: Path) -> dict[str, Any]:
-    """What `clusters create` prints, with a home for the scheduler's spool."""
-    config = cluster_config(control_plane.cluster.as_dict())["pipeline"]
-    return {
-        "pipeline.home": str(cluster_home),
-        "pipeline.account": config["account"],
-        "pipeline.cluster-id": config["cluster-id"],
-        "pipeline.ingest.url": config["ingest"]["url"],
-        "pipeline.ingest.token": config["ingest"]["token"],
-        "pipeline.ingest.public-key": config["ingest"]["public-key"],
-        "pipeline.plugin.interval": "100ms",
-        "pipeline.emitter.retry-max": "200ms",
-        "pipeline.emitter.close-timeout": "2s",
-    }
+    return cluster_settings(control_plane.cluster.as_dict(), cluster_home, **{"pipeline.emitter.close-timeout": "2s"})
 
 
 def _run_cluster(tasks: int) -> None:
