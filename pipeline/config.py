@@ -25,7 +25,8 @@ from pipeline.errors import ConfigError
 __all__ = ["Settings", "default_policy_path"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
-dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
+_DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
+dask.config.update_defaults(_DEFAULTS)
 
 
 def default_policy_path() -> Path:
@@ -33,8 +34,14 @@ def default_policy_path() -> Path:
     return Path(str(resources.files("pipeline") / "policies" / "retention.yaml"))
 
 
-def _get(key: str, default: Any = None) -> Any:
-    return dask.config.get(f"pipeline.{key}", default=default)
+def _get(key: str) -> Any:
+    """The configured value, else the shipped default.
+
+    The fallback matters: a config reset (``dask.config.config.clear()``, a
+    restored snapshot as in distributed's test utilities) drops what
+    ``update_defaults`` added at import, and the plugin may start after one.
+    """
+    return dask.config.get(f"pipeline.{key}", default=dask.config.get(f"pipeline.{key}", None, config=_DEFAULTS))
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class Settings:
     policy_path: Path
     retention_cron: str
     requests_interval: float
+    tls_validity: float
+    aws_role_arn: str | None
+    aws_session_duration: float
     server_host: str
     server_port: int
     tls_cert: Path | None
@@ -121,6 +131,9 @@ class Settings:
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
+            "tls_validity": seconds("tls.validity"),
+            "aws_role_arn": _get("aws.role-arn"),
+            "aws_session_duration": seconds("aws.session-duration"),
             "server_host": str(_get("server.host")),
             "server_port": port("server.port"),
             "tls_cert": path("server.tls-cert"),

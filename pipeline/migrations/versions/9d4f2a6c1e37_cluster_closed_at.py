@@ -1,7 +1,7 @@
 """clusters.closed_at: a cluster whose plugin closed and gave up its token
 
 Revision ID: 9d4f2a6c1e37
-Revises: 5e1c0a7d2b94
+Revises: c1d2e3f4a5b6
 Create Date: 2026-11-30 13:10:00
 
 """
@@ -14,7 +14,7 @@ from alembic import op
 import pipeline.db
 
 revision: str = "9d4f2a6c1e37"
-down_revision: str | Sequence[str] | None = "5e1c0a7d2b94"
+down_revision: str | Sequence[str] | None = "c1d2e3f4a5b6"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
