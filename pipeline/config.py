@@ -21,6 +21,8 @@ import yaml
 from dask.utils import parse_timedelta
 
 from pipeline.errors import ConfigError
+from pipeline.fsmodes import private_folder
+from pipeline.redact import mask_url, quoted
 
 __all__ = ["Settings", "default_policy_path"]
 
@@ -91,14 +93,14 @@ class Settings:
             try:
                 return str(value).format(home=home)
             except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"pipeline.{key}: cannot expand {value!r}: {exc}") from exc
+                raise ConfigError(f"pipeline.{key}: cannot expand {quoted(mask_url(str(value)))}: {exc}") from exc
 
         def seconds(key: str) -> float:
             value = _get(key)
             try:
                 return float(parse_timedelta(value, default="seconds"))
             except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"pipeline.{key}: {value!r} is not a duration") from exc
+                raise ConfigError(f"pipeline.{key}: {quoted(value)} is not a duration") from exc
 
         def path(key: str) -> Path | None:
             value = _get(key)
@@ -156,8 +158,7 @@ class Settings:
 
     def ensure_home(self) -> Path:
         """Create the home folder if needed; it holds keys and encrypted data, so its owner only."""
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return self.home
+        return private_folder(self.home)
 
     @property
     def spool_dir(self) -> Path:

@@ -52,8 +52,10 @@ class RetentionReport:
     """The outcome of one retention pass."""
 
     now: datetime
+    simulated: bool = False  # ``now`` was given (``--now``, a what-if run), not read from the clock
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
+    foreign_files: dict[str, int] = field(default_factory=dict)  # store -> files skipped as not its segments
     retired_master_versions: list[int] = field(default_factory=list)
     audit_seq: int | None = None
 
@@ -63,11 +65,14 @@ class RetentionReport:
 
     def summary(self) -> str:
         """One line per store and data type, for people."""
-        lines = [f"retention pass as of {self.now.isoformat()}: {self.records} records removed"]
+        clock = " (simulated clock: --now)" if self.simulated else ""
+        lines = [f"retention pass as of {self.now.isoformat()}{clock}: {self.records} records removed"]
         for store, types in self.removed.items():
             for data_type, c in types.items():
                 cut = f", {c.rewritten} segments cut at the limit" if c.rewritten else ""
                 lines.append(f"  {store:<14} {data_type:<13} {c.records} records, {c.segments} segments{cut}")
+        for store, n in self.foreign_files.items():
+            lines.append(f"  {store:<14} {n} foreign files skipped (left in place)")
         if self.retired_master_versions:
             lines.append(f"  master key versions retired: {', '.join(map(str, self.retired_master_versions))}")
         return "\n".join(lines)
@@ -75,20 +80,26 @@ class RetentionReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "now": self.now.isoformat(),
+            "simulated_clock": self.simulated,
             "removed": {
                 store: {t: {**c.as_dict(), "cutoff": self.cutoffs[store][t].isoformat()} for t, c in types.items()}
                 for store, types in self.removed.items()
             },
             "records_removed": self.records,
+            "foreign_files": self.foreign_files,
             "retired_master_versions": self.retired_master_versions,
             "audit_seq": self.audit_seq,
         }
 
 
-def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
-    """Run one retention pass as of ``now`` (default: the current time) and audit it."""
-    now = now or utcnow()
-    report = RetentionReport(now)
+def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool | None = None) -> RetentionReport:
+    """Run one retention pass as of ``now`` (default: the current time) and audit it.
+
+    :param simulated: ``now`` is not the clock's (``--now``, a what-if run); the audit entry
+        and the report say so. Default: whether ``now`` was given.
+    """
+    report = RetentionReport(now or utcnow(), simulated=now is not None if simulated is None else simulated)
+    now = report.now
     for store_name, data_type, limit in pipeline.policy.limits():
         store = pipeline.stores.get(store_name)
         if store is None:
@@ -101,6 +112,7 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
             rewritten += 1
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+    report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
     report.retired_master_versions = retire_master_keys(pipeline, now)
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq

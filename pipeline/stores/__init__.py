@@ -10,6 +10,7 @@ import importlib
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError
+from pipeline.redact import mask_url
 from pipeline.stores.base import Removed, Store
 
 __all__ = ["SCHEMES", "Removed", "Store", "open_store"]
@@ -29,7 +30,7 @@ def open_store(url: str, *, setting: str = "store URL") -> Store:
     scheme = urlparse(url).scheme
     if scheme not in SCHEMES:
         known = ", ".join(sorted(SCHEMES))
-        raise ConfigError(f"{setting}: unknown store URL scheme {scheme!r} in {url!r} (known: {known})")
+        raise ConfigError(f"{setting}: unknown store URL scheme {scheme!r} in {mask_url(url)!r} (known: {known})")
     target, extra = SCHEMES[scheme]
     module_name, class_name = target.split(":")
     try:

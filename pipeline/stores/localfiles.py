@@ -6,16 +6,19 @@ older than the next midnight: expiry drops whole folders (O(days), not
 O(records)) and only reads names in the one folder the limit falls inside.
 File names carry the id, kind, user ref, record count and oldest and newest
 timestamps, so counting, expiring and finding segments that straddle a limit
-never open a file. A file is one JSON header line and the
+never open a file. Anything else in the tree (a ``notes.seg``, a backup folder)
+is foreign: skipped, left in place and listed by :meth:`~LocalFileStore.foreign_files`,
+never a reason to stop a scan, a retention pass or an erasure. A file is one JSON header line and the
 sealed payload; it is written to a temporary name, fsync'd and hard-linked into
 place, so a reader never sees half a segment and a replay never doubles one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
-import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,13 +26,17 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreUnavailable
+from pipeline.fsmodes import open_private, private_folder
+from pipeline.records import DATA_TYPES
+from pipeline.redact import mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store
 
 __all__ = ["LocalFileStore"]
 
 _SUFFIX = ".seg"
+logger = logging.getLogger(__name__)
 
 
 class _Name(NamedTuple):
@@ -52,12 +59,15 @@ class _Name(NamedTuple):
         )
 
     @classmethod
-    def parse(cls, filename: str) -> _Name:
+    def parse(cls, filename: str) -> _Name | None:
+        """The fields of a segment file name; None for any other name."""
+        if not filename.endswith(_SUFFIX):
+            return None
         try:
             segment_id, kind, user_ref, n, min_us, max_us = filename[: -len(_SUFFIX)].split("~")
             return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(min_us), int(max_us))
         except ValueError:
-            raise StoreError(f"{filename!r} is not a segment file name of this store") from None
+            return None
 
     def filename(self) -> str:
         return (
@@ -76,9 +86,44 @@ class LocalFileStore(Store):
     def __init__(self, url: str) -> None:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost") or not parsed.path:
-            raise ConfigError(f"file store URL must be file:///absolute/path, got {url!r}")
+            raise ConfigError(f"file store URL must be file:///absolute/path, got {mask_url(url)!r}")
         self.url = url
         self.root = Path(parsed.path)
+        self._foreign: set[Path] = set()
+
+    def foreign_files(self) -> list[str]:
+        return sorted(str(p) for p in self._foreign)
+
+    def _note_foreign(self, path: Path) -> None:
+        if path not in self._foreign:
+            self._foreign.add(path)
+            logger.warning("skipped %s: not a segment file or folder of this store", path)
+
+    def _dirs(self, path: Path) -> list[Path]:
+        """Sub-folders of ``path``; files beside them are foreign."""
+        dirs, files = _listing(path)
+        for entry in files:
+            self._note_foreign(entry)
+        return dirs
+
+    def _load(self, path: Path, with_payload: bool) -> Segment | None:
+        """The segment in ``path``; None (noted as foreign) when its header is not a segment's."""
+        try:
+            return _read(path, with_payload)
+        except ValueError:
+            self._note_foreign(path)
+            return None
+
+    def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
+        """The segment files of a subject folder with their parsed names; other files are foreign."""
+        found = []
+        for entry in _listing(folder)[1]:
+            name = _Name.parse(entry.name)
+            if name is None:
+                self._note_foreign(entry)
+            else:
+                found.append((entry, name))
+        return sorted(found)
 
     def _guard(self, action: str) -> _Guard:
         return _Guard(f"{self.root} unavailable during {action}")
@@ -95,7 +140,7 @@ class LocalFileStore(Store):
                 path = self._path(segment)
                 if path.exists():
                     continue
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_folder(path.parent)
                 tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
                 header = json.dumps(
                     {
@@ -110,7 +155,7 @@ class LocalFileStore(Store):
                         "n_records": segment.n_records,
                     }
                 ).encode()
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = open_private(tmp)
                 try:
                     os.write(fd, header + b"\n" + segment.payload)
                     os.fsync(fd)
@@ -129,9 +174,17 @@ class LocalFileStore(Store):
         return new
 
     def _days(self, data_type: str | None) -> Iterator[Path]:
-        types = [data_type] if data_type else sorted(p.name for p in _dirs(self.root))
-        for name in types:
-            yield from sorted(_dirs(self.root / name), key=lambda p: p.name)
+        """Day folders, oldest first; a folder that is not a data type or a day is foreign."""
+        types = [self.root / data_type] if data_type else sorted(self._dirs(self.root))
+        for folder in types:
+            if folder.name not in DATA_TYPES:
+                self._note_foreign(folder)
+                continue
+            for day in sorted(self._dirs(folder), key=lambda p: p.name):
+                if _is_day(day.name):
+                    yield day
+                else:
+                    self._note_foreign(day)
 
     def scan(
         self,
@@ -144,32 +197,42 @@ class LocalFileStore(Store):
     ) -> Iterator[Segment]:
         with self._guard("scan"):
             for day in self._days(data_type):
-                subjects = [day / subject_ref] if subject_ref else sorted(_dirs(day))
+                subjects = [day / subject_ref] if subject_ref else sorted(self._dirs(day))
                 for folder in subjects:
-                    for entry in sorted(_files(folder)):
-                        name = _Name.parse(entry.name)
+                    for entry, name in self._files(folder):
                         if (kind and name.kind != kind) or (user_ref and name.user_ref != user_ref):
                             continue
-                        segment = _read(entry, with_payload)
+                        segment = self._load(entry, with_payload)
                         if segment is not None:
                             yield segment
 
-    def _remove_files(self, files: Sequence[Path]) -> Removed:
-        records = 0
-        for path in files:
-            records += _Name.parse(path.name).n_records
+    @staticmethod
+    def _remove_files(files: Sequence[tuple[Path, _Name]]) -> Removed:
+        for path, _name in files:
             path.unlink(missing_ok=True)
-        return Removed(len(files), records)
+        return Removed(len(files), sum(name.n_records for _path, name in files))
+
+    def _drop_folder(self, folder: Path) -> Removed:
+        """Remove every segment under ``folder``, then the folders left empty (foreign files stay)."""
+        folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        removed = self._remove_files([f for sub in [*folders, folder] for f in self._files(sub)])
+        for sub in [*folders, folder]:
+            try:
+                sub.rmdir()
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+        return removed
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
         wanted = set(segment_ids)
         with self._guard("delete"):
             doomed = [
-                f
+                (path, name)
                 for day in self._days(None)
-                for folder in _dirs(day)
-                for f in _files(folder)
-                if _Name.parse(f.name).segment_id in wanted
+                for folder in self._dirs(day)
+                for path, name in self._files(folder)
+                if name.segment_id in wanted
             ]
             return self._remove_files(doomed)
 
@@ -182,10 +245,10 @@ class LocalFileStore(Store):
                 if start >= before:
                     break
                 if start + timedelta(days=1) <= before:  # the whole day is past the limit
-                    removed += _drop_folder(day)
+                    removed += self._drop_folder(day)
                     continue
                 removed += self._remove_files(
-                    [f for folder in _dirs(day) for f in _files(folder) if _Name.parse(f.name).max_us < before_us]
+                    [(f, n) for folder in self._dirs(day) for f, n in self._files(folder) if n.max_us < before_us]
                 )
         return removed
 
@@ -195,10 +258,9 @@ class LocalFileStore(Store):
             for day in self._days(data_type):
                 if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) <= at:
                     continue  # every segment in this folder is older than ``at``
-                for entry in sorted(f for folder in _dirs(day) for f in _files(folder)):
-                    name = _Name.parse(entry.name)
+                for entry, name in sorted(f for folder in self._dirs(day) for f in self._files(folder)):
                     if name.min_us < at_us <= name.max_us:
-                        segment = _read(entry, with_payload=True)
+                        segment = self._load(entry, with_payload=True)
                         if segment is not None:
                             yield segment
 
@@ -210,11 +272,9 @@ class LocalFileStore(Store):
                 if not folder.is_dir():
                     continue
                 if user_ref is None:
-                    removed += _drop_folder(folder)
+                    removed += self._drop_folder(folder)
                 else:
-                    removed += self._remove_files(
-                        [f for f in _files(folder) if _Name.parse(f.name).user_ref == user_ref]
-                    )
+                    removed += self._remove_files([(f, n) for f, n in self._files(folder) if n.user_ref == user_ref])
         return removed
 
 
@@ -232,27 +292,6 @@ class _Guard:
             raise StoreUnavailable(f"{self.message}: {exc.strerror or exc}") from exc
 
 
-def _dirs(path: Path) -> list[Path]:
-    try:
-        return [p for p in path.iterdir() if p.is_dir()]
-    except FileNotFoundError:
-        return []
-
-
-def _files(folder: Path) -> list[Path]:
-    try:
-        return [p for p in folder.iterdir() if p.name.endswith(_SUFFIX)]
-    except FileNotFoundError:
-        return []
-
-
-def _drop_folder(folder: Path) -> Removed:
-    files = [f for f in folder.rglob(f"*{_SUFFIX}")]
-    records = sum(_Name.parse(f.name).n_records for f in files)
-    shutil.rmtree(folder, ignore_errors=False)
-    return Removed(len(files), records)
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -261,24 +300,53 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _listing(path: Path) -> tuple[list[Path], list[Path]]:
+    """(sub-folders, files) of ``path`` without in-progress temporary files; nothing for a missing folder."""
+    try:
+        entries = list(path.iterdir())
+    except FileNotFoundError:
+        return [], []
+    dirs: list[Path] = []
+    files: list[Path] = []
+    for entry in entries:
+        if entry.is_dir():
+            dirs.append(entry)
+        elif not entry.name.startswith(".tmp-"):
+            files.append(entry)
+    return dirs, files
+
+
+def _is_day(name: str) -> bool:
+    try:
+        datetime.strptime(name, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
+
+
 def _read(path: Path, with_payload: bool) -> Segment | None:
+    """The segment in ``path``; None when it vanished (a concurrent expiry).
+
+    :raises ValueError: the file has a segment's name but not a segment's header
+    """
     try:
         with path.open("rb") as fh:
             header = json.loads(fh.readline())
             payload = fh.read() if with_payload else b""
-    except FileNotFoundError:  # removed by a concurrent expiry
+    except FileNotFoundError:
         return None
-    except (ValueError, KeyError) as exc:
-        raise StoreError(f"segment file {path} is corrupt: {exc}") from exc
-    return Segment(
-        segment_id=header["segment_id"],
-        subject_ref=header["subject_ref"],
-        user_ref=header["user_ref"],
-        data_type=header["data_type"],
-        kind=header["kind"],
-        key_version=header["key_version"],
-        min_observed_at=datetime.fromisoformat(header["min_observed_at"]),
-        max_observed_at=datetime.fromisoformat(header["max_observed_at"]),
-        n_records=header["n_records"],
-        payload=payload,
-    )
+    try:
+        return Segment(
+            segment_id=header["segment_id"],
+            subject_ref=header["subject_ref"],
+            user_ref=header["user_ref"],
+            data_type=header["data_type"],
+            kind=header["kind"],
+            key_version=int(header["key_version"]),
+            min_observed_at=datetime.fromisoformat(header["min_observed_at"]),
+            max_observed_at=datetime.fromisoformat(header["max_observed_at"]),
+            n_records=int(header["n_records"]),
+            payload=payload,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"no segment header: {exc!r}") from exc
