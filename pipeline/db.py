@@ -214,6 +214,7 @@ clusters = Table(
     Column("token_id", String(16), nullable=False),
     Column("names", Text, nullable=False),  # account, name and image, sealed under the account's data key
     Column("created_at", UTCDateTime, nullable=False),
+    Column("closed_at", UTCDateTime, nullable=True),  # its plugin closed with nothing undelivered
     Index("ix_clusters_subject", "subject_ref"),
 )
 

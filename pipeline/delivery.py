@@ -56,6 +56,12 @@ class Delivery(ABC):
         :raises Exception: anything else means the target is down or busy; retry with back-off
         """
 
+    def retire(self) -> None:  # noqa: B027 - optional: only a remote cluster holds a credential to give up
+        """Everything is delivered and the cluster is closing: give up the right to write.
+
+        :raises Exception: it could not (the credential then lapses at its expiry)
+        """
+
     def close(self) -> None:  # noqa: B027 - optional: not every delivery holds a connection
         """Release connections."""
 
@@ -87,7 +93,10 @@ class EmbeddedDelivery(Delivery):
 
 
 class HTTPDelivery(Delivery):
-    """``POST <url>/v1/ingest`` with a bearer token and the batch id as idempotency key."""
+    """``POST <url>/v1/ingest`` with a bearer token and the batch id as idempotency key.
+
+    ``retire`` posts ``<url>/v1/clusters/<cluster_id>/close``, which revokes the token.
+    """
 
     def __init__(
         self,
@@ -95,10 +104,12 @@ class HTTPDelivery(Delivery):
         token: str | None,
         public_key: X25519PublicKey,
         *,
+        cluster_id: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.endpoint = url.rstrip("/") + "/v1/ingest"
+        self.close_endpoint = f"{url.rstrip('/')}/v1/clusters/{cluster_id}/close" if cluster_id else None
         self._public_key = public_key
         headers = {"Content-Type": MEDIA_TYPE}
         if token:
@@ -121,6 +132,16 @@ class HTTPDelivery(Delivery):
         if response.status_code == 429 or response.status_code >= 500:
             raise StoreUnavailable(answer)
         raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")
+
+    def retire(self) -> None:
+        if self.close_endpoint is None:
+            raise ConfigError("pipeline.cluster-id is not set: the cluster token stays valid until it expires")
+        try:
+            response = self._client.post(self.close_endpoint)
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"{self.close_endpoint} unreachable: {exc}") from exc
+        if not response.is_success:
+            raise StoreUnavailable(f"{self.close_endpoint} answered {response.status_code}: {_detail(response)}")
 
     def close(self) -> None:
         self._client.close()
@@ -148,4 +169,9 @@ def remote_delivery(settings: Settings) -> HTTPDelivery | None:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.token is not")
     if not settings.ingest_public_key:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.public-key is not")
-    return HTTPDelivery(settings.ingest_url, settings.ingest_token, load_public_key(settings.ingest_public_key))
+    return HTTPDelivery(
+        settings.ingest_url,
+        settings.ingest_token,
+        load_public_key(settings.ingest_public_key),
+        cluster_id=settings.cluster_id,
+    )

@@ -8,7 +8,9 @@ or HTTP), retrying a target that is down with exponential back-off. A batch
 leaves the spool once delivered; a batch the target refuses for good is set
 aside and counted, never retried forever. On start, batches left by an earlier
 process are replayed. ``close`` flushes for a bounded time and leaves whatever
-it could not deliver in the spool. The emitter never holds a key that opens
+it could not deliver in the spool; asked to ``retire``, it then tells the
+delivery the cluster is done (revoking a remote cluster's token), but only
+when the spool is empty, so a later ``spool replay`` can still deliver. The emitter never holds a key that opens
 what it sealed.
 """
 
@@ -78,6 +80,7 @@ class Emitter:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._deadline = float("inf")
+        self._retire = False
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="metadata-emitter", daemon=True)
 
@@ -109,8 +112,12 @@ class Emitter:
                     return False
         return True
 
-    def close(self, timeout: float = 10.0) -> bool:
-        """Flush for at most ``timeout`` seconds, then stop; True when nothing is left undelivered."""
+    def close(self, timeout: float = 10.0, *, retire: bool = False) -> bool:
+        """Flush for at most ``timeout`` seconds, then stop; True when nothing is left undelivered.
+
+        ``retire``: once everything is delivered, call :meth:`Delivery.retire` (the cluster is closing).
+        """
+        self._retire = retire
         self._deadline = time.monotonic() + timeout
         self._closing.set()
         self._wake.set()
@@ -144,7 +151,15 @@ class Emitter:
                 self._wake.wait(timeout=self._next_wait())
                 self._wake.clear()
         finally:
+            if self._retire and self._is_idle():
+                self._retire_delivery()
             self.delivery.close()
+
+    def _retire_delivery(self) -> None:
+        try:
+            self.delivery.retire()
+        except Exception as exc:  # the credential lapses at its expiry instead
+            self._note_error("give up the cluster's credential", exc)
 
     def _connect(self) -> bool:
         """Learn the key to seal to, then pick up what an earlier process left in the spool."""

@@ -193,7 +193,8 @@ class MetadataPlugin(SchedulerPlugin):
             self._jobs.clear()
             self.emitter.submit(records)
             emitter, timeout = self.emitter, self.close_timeout
-            await asyncio.get_running_loop().run_in_executor(None, emitter.close, timeout)
+            close = functools.partial(emitter.close, timeout, retire=True)  # the cluster is done: drop its token
+            await asyncio.get_running_loop().run_in_executor(None, close)
         except Exception as exc:
             self._failed("close", exc)
 

@@ -82,7 +82,8 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
         kind_name = table.column("kind")[0].as_py()
         days = pc.cast(table.column("observed_at"), pa.date32())
         keys = pa.table({"account": table.column("account"), "user": table.column("user"), "day": days})
-        groups = keys.group_by(["account", "user", "day"]).aggregate([]).to_pylist()
+        # single-threaded: for a batch's few rows the thread pool's hand-offs cost more than the work
+        groups = keys.group_by(["account", "user", "day"], use_threads=False).aggregate([]).to_pylist()
         for group in groups:
             account, user, day = group["account"], group["user"], group["day"]
             part = table if len(groups) == 1 else table.filter(_group_mask(keys, account, user, day))

@@ -58,8 +58,9 @@ class Segment:
         return replace(self, payload=b"")
 
 
-#: zstd shrinks snapshot segments ~4x; the smaller write more than pays for the compression
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+#: zstd shrinks snapshot segments ~4x; the smaller write more than pays for the compression.
+#: One thread: a segment is small, and handing its columns to the pool costs more than compressing them.
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
 
 
 def ipc_bytes(table: pa.Table) -> bytes:

@@ -20,6 +20,7 @@ import httpx
 
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import TokenStore
+from pipeline.server.clusters import cluster_config
 from pipeline.server.runner import serving_in_thread
 
 
@@ -104,6 +105,22 @@ def serve_process(home: Path, *args: str, **settings: str) -> Iterator[Served]:
         assert proc.stdout is not None
         if not proc.stdout.closed:  # the block did not stop it
             Served(proc, "", lines, pump).stop()
+
+
+def cluster_settings(registration: dict[str, Any], cluster_home: Path, **extra: str) -> dict[str, Any]:
+    """Exactly what `clusters create` prints, plus a home for the scheduler's spool (and ``extra`` settings)."""
+    config = cluster_config(registration)["pipeline"]
+    return {
+        "pipeline.home": str(cluster_home),
+        "pipeline.account": config["account"],
+        "pipeline.cluster-id": config["cluster-id"],
+        "pipeline.ingest.url": config["ingest"]["url"],
+        "pipeline.ingest.token": config["ingest"]["token"],
+        "pipeline.ingest.public-key": config["ingest"]["public-key"],
+        "pipeline.plugin.interval": "200ms",
+        "pipeline.emitter.retry-max": "500ms",
+        **extra,
+    }
 
 
 def ndjson(response: httpx.Response) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import dask.config
 import httpx
 import pytest
 from conftest import make_record
-from controlplane import Served, serve_process
+from controlplane import Served, cluster_settings, serve_process
 from tcpproxy import TCPProxy
 
 from pipeline.config import Settings
@@ -57,23 +57,6 @@ def register(url: str, member_token: str, account: str) -> dict[str, Any]:
     )
     assert response.status_code == 201, response.text
     return dict(response.json())
-
-
-def cluster_settings(registration: dict[str, Any], cluster_home: Path) -> dict[str, Any]:
-    """Exactly what `clusters create` prints, plus a home for the scheduler's spool."""
-    from pipeline.server.clusters import cluster_config
-
-    config = cluster_config(registration)["pipeline"]
-    return {
-        "pipeline.home": str(cluster_home),
-        "pipeline.account": config["account"],
-        "pipeline.cluster-id": config["cluster-id"],
-        "pipeline.ingest.url": config["ingest"]["url"],
-        "pipeline.ingest.token": config["ingest"]["token"],
-        "pipeline.ingest.public-key": config["ingest"]["public-key"],
-        "pipeline.plugin.interval": "200ms",
-        "pipeline.emitter.retry-max": "500ms",
-    }
 
 
 @contextmanager

@@ -2,57 +2,112 @@
 
 from __future__ import annotations
 
-import socket
+import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dask.config
+import httpx
 import pytest
+from click.testing import CliRunner
 from conftest import make_record, sealed_batch
+from controlplane import cluster_settings
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from distributed import Client, LocalCluster, wait
-from ingest_endpoint import IngestEndpoint
 from sqlalchemy import Engine
+from tcpproxy import TCPProxy
 
+from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.delivery import HTTPDelivery, remote_delivery
-from pipeline.errors import BatchRefused, ConfigError, IntakeError, StoreUnavailable
+from pipeline.errors import AuthenticationError, BatchRefused, ConfigError, IntakeError, StoreUnavailable
 from pipeline.intake import MEDIA_TYPE, open_batch
 from pipeline.keys import KeyProvider, Keyring
-from pipeline.principals import Principal
 from pipeline.runtime import Pipeline
+from pipeline.server.auth import TokenStore
+from pipeline.server.clusters import ClusterRegistry, Registration
+from pipeline.server.runner import serving_in_thread
 from pipeline.spool import SpooledBatch
 
 TOKEN = "mp_" + "a" * 43
 
 
+@dataclass
+class ControlPlane:
+    """The real control plane on loopback, behind a proxy that can cut the link, and one registered cluster."""
+
+    pipeline: Pipeline
+    url: str
+    proxy: TCPProxy
+    cluster: Registration
+    opened: list[HTTPDelivery] = field(default_factory=list)
+
+    def delivery(self, token: str | None = None, **kwargs: Any) -> HTTPDelivery:
+        key = self.pipeline.intake_key.public_key()
+        delivery = HTTPDelivery(
+            self.url, token or self.cluster.token, key, cluster_id=self.cluster.cluster_id, **kwargs
+        )
+        self.opened.append(delivery)
+        return delivery
+
+    def batch(self, **fields: Any) -> SpooledBatch:
+        """A sealed batch of one record of this cluster."""
+        record = make_record(cluster_id=self.cluster.cluster_id, **fields)
+        return SpooledBatch(*sealed_batch(self.pipeline, [record]))
+
+    def clusters(self) -> list[dict[str, Any]]:
+        member = TokenStore(self.pipeline).create("member", "acme", "alice").token
+        response = httpx.get(f"{self.url}/v1/clusters", headers={"Authorization": f"Bearer {member}"})
+        assert response.status_code == 200, response.text
+        return list(response.json())
+
+
 @pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[tuple[Pipeline, IngestEndpoint]]:
-    """A pipeline in its own home (the control plane's) behind the stand-in ingest endpoint."""
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    """A pipeline in its own home (the control plane's) served over HTTP, with a cluster of acme registered."""
     settings = Settings.from_config(home=str(tmp_path / "control-plane"))
     pipeline = Pipeline.open(settings, create=True)
-    endpoint = IngestEndpoint(pipeline, {TOKEN: Principal("cluster", account="acme", cluster_id="c-1", token_id="t1")})
-    yield pipeline, endpoint
-    endpoint.close()
+    with serving_in_thread(pipeline) as url:
+        port = int(url.rsplit(":", 1)[1])
+        proxy = TCPProxy("127.0.0.1", port)
+        proxied = f"http://127.0.0.1:{proxy.port}"
+        plane = ControlPlane(pipeline, proxied, proxy, ClusterRegistry(pipeline).register("acme", proxied))
+        try:
+            yield plane
+        finally:
+            for delivery in plane.opened:
+                delivery.close()
+            proxy.close()
+    pipeline.close()
 
 
-def _batch(pipeline: Pipeline, records: list[dict[str, Any]]) -> SpooledBatch:
-    return SpooledBatch(*sealed_batch(pipeline, records))
+class RecordingTransport(httpx.HTTPTransport):
+    """The real transport, keeping each request's headers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[httpx.Headers] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.headers.append(request.headers)
+        return super().handle_request(request)
 
 
-def test_a_delivered_batch_carries_token_idempotency_key_and_media_type(control_plane) -> None:  # noqa: ANN001
-    pipeline, endpoint = control_plane
-    delivery = HTTPDelivery(endpoint.url, TOKEN, pipeline.intake_key.public_key())
-    batch = _batch(pipeline, [make_record(cluster_id="c-1")])
+def test_a_delivered_batch_carries_token_idempotency_key_and_media_type(control_plane: ControlPlane) -> None:
+    transport = RecordingTransport()
+    delivery = control_plane.delivery(transport=transport)
+    batch = control_plane.batch()
     delivery.deliver(batch)
     delivery.deliver(batch)  # a retry after a lost answer: accepted once
-    headers = endpoint.requests[-1]
-    assert headers["Authorization"] == f"Bearer {TOKEN}" and headers["Idempotency-Key"] == batch.batch_id
-    assert headers["Content-Type"] == MEDIA_TYPE
-    assert [r["cluster_id"] for r in pipeline.read_records("long_term")] == ["c-1"]
+    headers = transport.headers[-1]
+    assert headers["Authorization"] == f"Bearer {control_plane.cluster.token}"
+    assert headers["Idempotency-Key"] == batch.batch_id and headers["Content-Type"] == MEDIA_TYPE
+    stored = control_plane.pipeline.read_records("long_term")
+    assert [r["cluster_id"] for r in stored] == [control_plane.cluster.cluster_id]
 
 
 @pytest.mark.parametrize(
@@ -65,34 +120,119 @@ def test_a_delivered_batch_carries_token_idempotency_key_and_media_type(control_
         (413, BatchRefused, "answered 413"),
     ],
 )
-def test_answers_map_to_retry_or_refused_for_good(control_plane, status: int, error: type, message: str) -> None:  # noqa: ANN001
-    pipeline, endpoint = control_plane
-    endpoint.forced = (status, {"title": "x", "detail": "control plane busy\nsecond line"})
-    delivery = HTTPDelivery(endpoint.url, TOKEN, pipeline.intake_key.public_key())
+def test_answers_map_to_retry_or_refused_for_good(status: int, error: type, message: str) -> None:
+    problem = {"title": "x", "detail": "control plane busy\nsecond line"}
+    transport = httpx.MockTransport(lambda _request: httpx.Response(status, json=problem))
+    delivery = HTTPDelivery(
+        "http://control-plane.invalid", TOKEN, X25519PrivateKey.generate().public_key(), transport=transport
+    )
     with pytest.raises(error, match=message) as caught:
-        delivery.deliver(_batch(pipeline, [make_record()]))
+        delivery.deliver(SpooledBatch("b-1", b"sealed"))
     assert "second line" not in str(caught.value)
 
 
-def test_an_unreachable_endpoint_means_retry(control_plane) -> None:  # noqa: ANN001
-    pipeline, _ = control_plane
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nobody listens here once closed
-    delivery = HTTPDelivery(f"http://127.0.0.1:{port}", TOKEN, pipeline.intake_key.public_key(), timeout=5)
+def test_an_unreachable_endpoint_means_retry(control_plane: ControlPlane) -> None:
+    control_plane.proxy.cut()
     with pytest.raises(StoreUnavailable, match="unreachable"):
-        delivery.deliver(_batch(pipeline, [make_record()]))
+        control_plane.delivery(timeout=5).deliver(control_plane.batch())
 
 
-def test_the_stand_in_endpoint_answers_the_contract(control_plane) -> None:  # noqa: ANN001
-    pipeline, endpoint = control_plane
-    delivery = HTTPDelivery(endpoint.url, TOKEN, pipeline.intake_key.public_key())
+def test_the_control_plane_answers_the_delivery_contract(control_plane: ControlPlane) -> None:
+    delivery = control_plane.delivery()
     with pytest.raises(BatchRefused, match="answered 403: batch .* refused: 1 of 1 records name another account"):
-        delivery.deliver(_batch(pipeline, [make_record(account="globex", cluster_id="c-1")]))
+        delivery.deliver(control_plane.batch(account="globex"))
     with pytest.raises(BatchRefused, match="answered 400: not a sealed metadata batch"):
         delivery.deliver(SpooledBatch("b-1", b"hello"))
     with pytest.raises(BatchRefused, match="answered 401"):
-        HTTPDelivery(endpoint.url, "mp_wrong", pipeline.intake_key.public_key()).deliver(SpooledBatch("b", b"x"))
+        control_plane.delivery(TOKEN).deliver(SpooledBatch("b", b"x"))
+
+
+# -- closing a cluster gives up its token -------------------------------------------------------------
+def test_retire_revokes_the_cluster_token_and_marks_the_cluster_closed(control_plane: ControlPlane) -> None:
+    delivery = control_plane.delivery()
+    delivery.deliver(control_plane.batch())
+    assert [c["closed_at"] for c in control_plane.clusters()] == [None]
+    delivery.retire()
+    with pytest.raises(StoreUnavailable, match="answered 401: token revoked"):
+        delivery.retire()  # the token that closed the cluster closes nothing more either
+    (listed,) = control_plane.clusters()
+    assert listed["cluster_id"] == control_plane.cluster.cluster_id and listed["closed_at"] is not None
+    with pytest.raises(BatchRefused, match="answered 401: token revoked"):
+        delivery.deliver(control_plane.batch())  # a closed cluster's token writes nothing more
+
+
+@pytest.mark.parametrize("who", ["another cluster", "a member"])
+def test_only_the_cluster_itself_may_close_it(control_plane: ControlPlane, who: str) -> None:
+    registry = ClusterRegistry(control_plane.pipeline)
+    token = (
+        registry.register("acme", control_plane.url).token
+        if who == "another cluster"
+        else registry.tokens.create("member", "acme", "alice").token
+    )
+    response = httpx.post(
+        f"{control_plane.url}/v1/clusters/{control_plane.cluster.cluster_id}/close",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    control_plane.delivery().deliver(control_plane.batch())  # still valid
+    assert all(c["closed_at"] is None for c in control_plane.clusters())
+
+
+def _remote_config(control_plane: ControlPlane, cluster_home: Path) -> dict[str, Any]:
+    return cluster_settings(control_plane.cluster.as_dict(), cluster_home, **{"pipeline.emitter.close-timeout": "2s"})
+
+
+def _run_cluster(tasks: int) -> None:
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, dashboard_address=":0", scheduler_kwargs={"preload": ["pipeline.preload"]}
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        wait(client.map(abs, range(-tasks, 0)))
+
+
+def test_a_cluster_that_closes_with_everything_delivered_loses_its_token(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    with dask.config.set(_remote_config(control_plane, tmp_path / "cluster")):
+        _run_cluster(5)
+    assert not list((tmp_path / "cluster").rglob("*.batch"))
+    assert control_plane.clusters()[0]["closed_at"] is not None
+    with pytest.raises(AuthenticationError, match="token revoked"):
+        TokenStore(control_plane.pipeline).authenticate(control_plane.cluster.token)
+    jobs = [r for r in control_plane.pipeline.read_records("long_term") if r["kind"] == "job"]
+    assert [j["tasks_total"] for j in jobs] == [5]
+
+
+def test_a_cluster_that_closes_with_a_full_spool_keeps_its_token_for_spool_replay(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    control_plane.proxy.cut()  # the control plane is unreachable while the cluster runs and closes
+    config = _remote_config(control_plane, tmp_path / "cluster")
+    with dask.config.set(config):
+        _run_cluster(7)
+    left = sorted((tmp_path / "cluster").rglob("*.batch"))
+    assert left, "the undelivered batches stay in the dead scheduler's spool"
+    control_plane.proxy.restore()
+    assert control_plane.clusters()[0]["closed_at"] is None
+    TokenStore(control_plane.pipeline).authenticate(control_plane.cluster.token)  # still valid
+
+    copies = {path: path.read_bytes() for path in left}
+    with dask.config.set(config):
+        first = CliRunner().invoke(main, ["spool", "replay", "--timeout", "60", "--json"])
+        assert first.exit_code == 0, first.output
+        assert not list((tmp_path / "cluster").rglob("*.batch"))
+        for path, data in copies.items():  # the same spool replayed again (a restored disk, a second operator)
+            path.write_bytes(data)
+        again = CliRunner().invoke(main, ["spool", "replay", "--timeout", "60", "--json"])
+        assert again.exit_code == 0, again.output
+    assert json.loads(first.output)["batches_delivered"] == len(left) == json.loads(again.output)["batches_delivered"]
+    assert json.loads(again.output)["batches_left"] == 0
+    stored = list(control_plane.pipeline.read_records("long_term", account="acme"))
+    assert [j["tasks_total"] for j in stored if j["kind"] == "job"] == [7]
+    assert max(Counter(r["record_id"] for r in stored).values()) == 1  # exactly once
 
 
 @pytest.mark.parametrize(
@@ -157,21 +297,13 @@ def _what_user_code_finds(dask_scheduler: Any) -> dict[str, Any]:
     return found
 
 
-def test_code_on_the_cluster_finds_no_secret_and_cannot_read_its_spool(control_plane, tmp_path: Path) -> None:  # noqa: ANN001
-    pipeline, endpoint = control_plane
-    endpoint.down = True  # batches wait in the scheduler's spool
-    cluster_config = {
-        "pipeline.home": str(tmp_path / "cluster"),
-        "pipeline.account": "acme",
-        "pipeline.cluster-id": "c-1",
-        "pipeline.plugin.interval": "100ms",
-        "pipeline.emitter.retry-max": "200ms",
-        "pipeline.ingest.url": endpoint.url,
-        "pipeline.ingest.token": TOKEN,
-        "pipeline.ingest.public-key": pipeline.intake_public_key,
-    }
+def test_code_on_the_cluster_finds_no_secret_and_cannot_read_its_spool(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    pipeline, proxy = control_plane.pipeline, control_plane.proxy
+    proxy.cut()  # batches wait in the scheduler's spool
     with (
-        dask.config.set(cluster_config),
+        dask.config.set(_remote_config(control_plane, tmp_path / "cluster")),
         LocalCluster(
             n_workers=1,
             processes=False,
@@ -184,11 +316,11 @@ def test_code_on_the_cluster_finds_no_secret_and_cannot_read_its_spool(control_p
         emitter = cluster.scheduler.plugins["metadata-pipeline"].emitter
         assert emitter.flush(2) is False  # the control plane is down
         found = client.run_on_scheduler(_what_user_code_finds)
-        endpoint.down = False
+        proxy.restore()
         assert emitter.flush(30), emitter.stats
 
     assert found["types"] == set()
-    assert endpoint.url + "/v1/ingest" in found["strings"]  # the walk does see the plugin's own settings
+    assert control_plane.url + "/v1/ingest" in found["strings"]  # the walk does see the plugin's own settings
     stores = ("sqlite", "postgresql", "file://", "aws-kms", str(pipeline.settings.home))
     assert not [s for s in found["strings"] if any(word in s for word in stores)]
     secrets = {
@@ -200,7 +332,7 @@ def test_code_on_the_cluster_finds_no_secret_and_cannot_read_its_spool(control_p
     assert str(pipeline.settings.home) not in found["config"]  # the cluster's dask config names no real store
     assert found["spool"], "the spool held sealed batches while the control plane was down"
     for raw in found["spool"]:
-        assert b"acme" not in raw and b"c-1" not in raw
+        assert b"acme" not in raw and control_plane.cluster.cluster_id.encode() not in raw
         with pytest.raises(IntakeError, match="does not decrypt"):  # not even a fresh key opens it
             open_batch(X25519PrivateKey.generate(), raw[len(b"PLSPOOL2") + 32 :])
     assert not list((tmp_path / "cluster").rglob("*.db")) and not list((tmp_path / "cluster").rglob("*.key"))

@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -107,4 +108,24 @@ def test_serve_with_half_the_tls_settings_exits_2_naming_them(tmp_path: Path) ->
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: pipeline.server.tls-cert and pipeline.server.tls-key must be set together"
+    ]
+
+
+def test_serve_on_a_taken_port_exits_2_with_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {
+            "DASK_PIPELINE__HOME": str(tmp_path / "home"),
+            "DASK_PIPELINE__SERVER__HOST": "127.0.0.1",
+            "DASK_PIPELINE__SERVER__PORT": str(port),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "serve", "--no-retention"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: pipeline.server.host/port: cannot listen on 127.0.0.1:{port} (address already in use)"
     ]

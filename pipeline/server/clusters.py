@@ -1,9 +1,12 @@
-"""Clusters: register one (and issue its write-only token), list the caller's.
+"""Clusters: register one (and issue its write-only token), list the caller's, close one.
 
 A registered cluster gets a cluster token bound to its account and cluster id,
 the control plane's ingest URL and the intake public key: everything its
 plugin needs to write, nothing that reads; and its own TLS credentials (a CA,
-scheduler / worker / client certificates and keys, see :mod:`pipeline.security.tls`). The account name is kept sealed
+scheduler / worker / client certificates and keys, see :mod:`pipeline.security.tls`).
+When the plugin closes with its spool empty it closes the cluster with its own
+token, which revokes that token: a closed cluster's credentials write nothing
+more. The account name is kept sealed
 under the account's data key beside its HMAC ref (see :mod:`pipeline.server.names`):
 erasing the account leaves its clusters listed without names.
 """
@@ -15,9 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from pipeline.db import clusters, transaction
 from pipeline.intake import intake_private_key, public_key_text
@@ -111,6 +114,17 @@ class ClusterRegistry:
             tls.to_json(),
         )
 
+    def close(self, cluster_id: str, token_id: str, *, now: datetime | None = None) -> None:
+        """Revoke the cluster's token ``token_id`` and mark the cluster closed (idempotent)."""
+        now = now or utcnow()
+        self.tokens.revoke(token_id, now=now)  # first: a crash in between leaves no open token of a closed cluster
+        with transaction(self.pipeline.keyring.engine, "closing a cluster") as conn:
+            conn.execute(
+                update(clusters)
+                .where(clusters.c.cluster_id == cluster_id, clusters.c.closed_at.is_(None))
+                .values(closed_at=now)
+            )
+
     def list(self, account: str | None = None) -> list[dict[str, Any]]:
         """Clusters of ``account`` (``None``: of every account), oldest first."""
         query = select(clusters).order_by(clusters.c.created_at)
@@ -124,6 +138,7 @@ class ClusterRegistry:
                 "cluster_id": row.cluster_id,
                 **(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
                 "created_at": row.created_at,
+                "closed_at": row.closed_at,
             }
             for row in rows
         ]
@@ -153,6 +168,19 @@ def register_cluster(
         raise HTTPException(403, "a member may register clusters of their own account only")
     ingest_url = str(request.base_url).rstrip("/")
     return request.app.state.clusters.register(body.account, ingest_url, name=body.name, image=body.image).as_dict()
+
+
+@router.post("/v1/clusters/{cluster_id}/close", status_code=204)
+def close_cluster(
+    cluster_id: str, request: Request, principal: Annotated[Principal, Depends(require("cluster"))]
+) -> Response:
+    """The cluster's plugin closed with everything delivered: revoke its token, mark it closed."""
+    if principal.cluster_id != cluster_id:
+        raise HTTPException(403, "a cluster token may close its own cluster only")
+    registry: ClusterRegistry = request.app.state.clusters
+    assert principal.token_id is not None  # every authenticated principal names its token
+    registry.close(cluster_id, principal.token_id)
+    return Response(status_code=204)
 
 
 @router.get("/v1/clusters")

@@ -9,6 +9,8 @@ normally instead of re-raising the signal, so ``serve`` exits 0 after a clean st
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -112,6 +114,24 @@ def serving_in_thread(pipeline: Pipeline, *, host: str = "127.0.0.1", port: int 
         thread.join()
 
 
+class _BindErrors(logging.Filter):
+    """Keeps uvicorn's own bind-failure line (an ``OSError`` as message) off stderr: ``serve`` says it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[OSError] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, OSError):
+            self.errors.append(record.msg)
+            return False
+        return True
+
+    def reason(self) -> str:
+        errno = self.errors[-1].errno if self.errors else None
+        return os.strerror(errno).lower() if errno else "in use or not allowed"
+
+
 def run_control_plane(
     pipeline: Pipeline, *, retention: bool = True, announce: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
@@ -136,13 +156,17 @@ def run_control_plane(
 
     config = uvicorn_config(pipeline)
     server = ControlPlaneServer(config, started)
+    bind_errors = _BindErrors()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(bind_errors)
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         raise ConfigError(
-            f"pipeline.server.host/port: cannot listen on {config.host}:{config.port} (in use or not allowed)"
+            f"pipeline.server.host/port: cannot listen on {config.host}:{config.port} ({bind_errors.reason()})"
         ) from exc
     finally:
+        uvicorn_log.removeFilter(bind_errors)
         while thread is not None and thread.is_alive():  # stop() before the scheduler ran is a no-op: repeat
             assert service is not None
             service.stop()
