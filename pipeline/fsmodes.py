@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,19 +56,26 @@ def open_private(path: Path | str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_
     return fd
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with ``data`` in a 0600 file: never half-written, never others'."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Put ``data`` at ``path`` atomically in a 0600 file: never half-written, never others'.
+
+    Written under a temporary name unique to this call, then moved into place,
+    so a concurrent reader sees the whole file or none. With ``replace=False`` an
+    existing file is kept (``FileExistsError``): a hard link never overwrites.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    fd = open_private(tmp)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

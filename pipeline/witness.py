@@ -12,7 +12,6 @@ tail, a wiped table or a database restored from an older copy is noticed.
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -22,7 +21,7 @@ from urllib.parse import urlparse
 
 from pipeline.awsclient import aws_client
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
-from pipeline.fsmodes import open_private, private_folder
+from pipeline.fsmodes import private_folder, write_private
 
 __all__ = ["Checkpoint", "FileWitness", "S3Witness", "Witness", "open_witness"]
 
@@ -99,7 +98,7 @@ class Witness(ABC):
 
 
 class FileWitness(Witness):
-    """Checkpoints as files in a folder of their own (0700, files 0600, created exclusively)."""
+    """Checkpoints as files in a folder of their own (0700, files 0600, each appearing whole and never replaced)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -107,12 +106,7 @@ class FileWitness(Witness):
 
     def put(self, name: str, data: bytes) -> None:
         try:
-            private_folder(self.path)
-            fd = open_private(self.path / name)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_private(private_folder(self.path) / name, data, replace=False)  # readers see all or nothing
         except FileExistsError:
             return  # another process checkpointed the same head at the same instant
         except OSError as exc:
