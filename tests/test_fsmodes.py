@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import stat
 import threading
 from pathlib import Path
@@ -55,7 +56,5 @@ def test_concurrent_writers_never_show_a_reader_a_partial_file(tmp_path: Path) -
 
 
 def _write_once(target: Path, payload: bytes) -> None:
-    try:
+    with contextlib.suppress(FileExistsError):
         write_private(target, payload, replace=False)
-    except FileExistsError:
-        pass
