@@ -60,7 +60,28 @@ def settings(home: Path) -> Settings:
     return Settings.from_config()
 
 
+@pytest.fixture(scope="session")
+def gcp_fakes():  # noqa: ANN201
+    """The Cloud Logging REST fake and the ConfigServiceV2 gRPC fake, on loopback."""
+    from fake_gcp import FakeConfigGRPC, FakeLoggingREST
+
+    rest, config = FakeLoggingREST().start(), FakeConfigGRPC().start()
+    yield rest, config
+    rest.stop()
+    config.stop()
+
+
+@pytest.fixture
+def gcp_logging_url(gcp_fakes) -> str:  # noqa: ANN001
+    """A fresh project on the fakes, its _Default bucket at 30 days."""
+    rest, config = gcp_fakes
+    project = f"p-{uuid.uuid4().hex[:12]}"
+    config.add_bucket(f"projects/{project}/locations/global/buckets/_Default", 30)
+    return f"gcp-logging://{project}?endpoint={rest.endpoint}&config-endpoint={config.endpoint}"
+
+
 STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "cloud_logging": lambda request, tmp: request.getfixturevalue("gcp_logging_url"),
     "memory": lambda request, tmp: f"memory://{uuid.uuid4().hex}",
     "sqlite": lambda request, tmp: f"sqlite:///{tmp}/store.db",
     "postgresql": lambda request, tmp: request.getfixturevalue("postgres_url"),

@@ -20,6 +20,7 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     "postgresql": ("pipeline.stores.sql:SQLStore", "postgres"),
     "postgresql+psycopg": ("pipeline.stores.sql:SQLStore", "postgres"),
     "file": ("pipeline.stores.localfiles:LocalFileStore", None),
+    "gcp-logging": ("pipeline.stores.cloud_logging:CloudLoggingStore", "gcp"),
     "memory": ("pipeline.stores.memory:MemoryStore", None),
 }
 
