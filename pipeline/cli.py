@@ -336,6 +336,8 @@ def enforce(out: Output, now: Any) -> None:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
     failed = [r.request_id for r in processed if r.state == "failed"]
+    if report.failures:
+        raise CheckFailed(f"retention of {', '.join(report.failures)} does not match the policy")
     if failed or overdue:  # cron and CronJobs alert on the exit status
         raise CheckFailed(f"{len(failed)} deletion requests failed, {len(overdue)} overdue")
 

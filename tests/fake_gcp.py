@@ -152,7 +152,9 @@ class FakeLoggingREST:
         projects = {n.split("/")[1] for n in names}
         with self.lock:
             found = [
-                e for e in self.entries if _LOG_NAME.match(e["logName"]).group(1) in projects and match(e)  # type: ignore[union-attr]
+                e
+                for e in self.entries
+                if _LOG_NAME.match(e["logName"]).group(1) in projects and match(e)  # type: ignore[union-attr]
             ]
         found.sort(key=lambda e: _time(e["timestamp"]))
         start = int(body.get("pageToken") or 0)

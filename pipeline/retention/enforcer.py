@@ -53,7 +53,14 @@ class RetentionReport:
     now: datetime
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
+    #: store -> what its backend's own retention was found at and set to (Cloud Logging bucket)
+    backend: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit_seq: int | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        """Stores whose backend retention could not be brought in line with the policy."""
+        return [store for store, found in self.backend.items() if found["status"] != "PASS"]
 
     @property
     def records(self) -> int:
@@ -66,6 +73,12 @@ class RetentionReport:
             for data_type, c in types.items():
                 cut = f", {c.rewritten} segments cut at the limit" if c.rewritten else ""
                 lines.append(f"  {store:<14} {data_type:<13} {c.records} records, {c.segments} segments{cut}")
+        for store, found in self.backend.items():
+            lines.append(
+                f"  {store:<14} {found['status']}: {found['bucket']} retention {found['found_days']}d"
+                f"{' (locked)' if found['locked'] else ''}, policy {found['wanted_days']}d"
+                f"{', updated' if found['updated'] else ''}"
+            )
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -76,6 +89,7 @@ class RetentionReport:
                 for store, types in self.removed.items()
             },
             "records_removed": self.records,
+            "backend_retention": self.backend,
             "audit_seq": self.audit_seq,
         }
 
@@ -84,6 +98,11 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
     """Run one retention pass as of ``now`` (default: the current time) and audit it."""
     now = now or utcnow()
     report = RetentionReport(now)
+    for name, backend in pipeline.stores.items():  # a retention the backend enforces itself
+        limits = {t: limit for s, t, limit in pipeline.policy.limits() if s == name}
+        found = backend.apply_retention(limits) if limits else None
+        if found is not None:
+            report.backend[name] = found
     for store_name, data_type, limit in pipeline.policy.limits():
         store = pipeline.stores.get(store_name)
         if store is None:

@@ -7,9 +7,10 @@ by clear, pseudonymous columns only; they never see keys or plaintext.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from pipeline.segments import Segment
 
@@ -83,6 +84,17 @@ class Store(ABC):
         for segment in self.scan(data_type=data_type):
             if segment.min_observed_at < at <= segment.max_observed_at:
                 yield segment
+
+    def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
+        """Bring a retention the backend enforces by itself in line with the policy.
+
+        Called once per retention pass with this store's finite limits by data type.
+        Backends without one (most) return None.
+
+        :returns: what was found and done, with ``status`` ``PASS`` or ``FAIL`` (e.g. a
+            locked Cloud Logging bucket with another retention); recorded in the audit
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release connections and handles."""

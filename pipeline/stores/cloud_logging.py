@@ -26,6 +26,7 @@ gRPC ConfigServiceV2); either endpoint makes the client anonymous.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
 from collections import defaultdict
@@ -41,7 +42,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud.logging_v2 import Client
 from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
 from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
-from google.cloud.logging_v2.types import LogBucket, UpdateBucketRequest
+from google.cloud.logging_v2.types import GetBucketRequest, LogBucket, UpdateBucketRequest
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
@@ -99,6 +100,7 @@ class CloudLoggingStore(Store):
             raise ConfigError(
                 f"Cloud Logging URL must be gcp-logging://PROJECT?bucket=B&location=L"
                 f"[&endpoint=URL&config-endpoint=HOST:PORT], got {url!r}"
+                + (f" (unknown option {', '.join(map(repr, sorted(unknown)))})" if unknown else "")
             )
         self.url = url
         self.project = parsed.netloc
@@ -146,7 +148,7 @@ class CloudLoggingStore(Store):
             if token:
                 body["pageToken"] = token
             page = self._call(
-                action, lambda body=body: api.api_request(method="POST", path="/entries:list", data=body)
+                action, functools.partial(api.api_request, method="POST", path="/entries:list", data=body)
             )
             yield from page.get("entries", [])
             token = page.get("nextPageToken")
@@ -154,18 +156,19 @@ class CloudLoggingStore(Store):
                 return
 
     def _write_entries(self, action: str, entries: Sequence[dict[str, Any]]) -> None:
-        api = self._client.logging_api
-        batch: list[dict[str, Any]] = []
+        """One entries.write per batch below the request size limit; all-or-nothing per batch."""
+        batches: list[list[dict[str, Any]]] = [[]]
         size = 0
         for entry in entries:
             length = len(entry["jsonPayload"]["sealed"]) + 1024
-            if batch and size + length > BATCH_BYTES:
-                self._call(action, lambda b=batch: api.write_entries(b, resource=self._resource, partial_success=False))
-                batch, size = [], 0
-            batch.append(entry)
+            if batches[-1] and size + length > BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(entry)
             size += length
-        if batch:
-            self._call(action, lambda: api.write_entries(batch, resource=self._resource, partial_success=False))
+        write = self._client.logging_api.write_entries
+        for batch in filter(None, batches):
+            self._call(action, functools.partial(write, batch, resource=self._resource, partial_success=False))
 
     def _delete_log(self, action: str, log_name: str) -> None:
         try:
@@ -273,9 +276,7 @@ class CloudLoggingStore(Store):
         for log_name in sorted({log for h in doomed for log in h.logs}):
             subject_ref, day = log_name.rsplit("/", 1)[1].split(".")[1:3]
             kept = [
-                h.segment
-                for h in self._segments(action, [f'logName="{log_name}"'])
-                if h.segment.segment_id not in gone
+                h.segment for h in self._segments(action, [f'logName="{log_name}"']) if h.segment.segment_id not in gone
             ]
             if kept:  # survivors first: a crash before the delete leaves duplicates, not a loss
                 generation = hashlib.sha256(" ".join(sorted(s.segment_id for s in kept)).encode()).hexdigest()[:12]
@@ -288,7 +289,9 @@ class CloudLoggingStore(Store):
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
         doomed = [
-            held for segment_id in dict.fromkeys(segment_ids) for held in self._segments("delete", [_label("segment_id", segment_id)], False)
+            held
+            for segment_id in dict.fromkeys(segment_ids)
+            for held in self._segments("delete", [_label("segment_id", segment_id)], False)
         ]
         return self._remove("delete", doomed)
 
@@ -313,7 +316,9 @@ class CloudLoggingStore(Store):
             return None
         wanted = math.ceil(max(finite) / timedelta(days=1))
         config = self._config_client()
-        bucket = self._call("reading the log bucket", lambda: config.get_bucket(name=self.bucket))
+        bucket = self._call(
+            "reading the log bucket", lambda: config.get_bucket(request=GetBucketRequest(name=self.bucket))
+        )
         found, locked = int(bucket.retention_days), bool(bucket.locked)
         updated = False
         if found != wanted and not locked:
