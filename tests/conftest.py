@@ -80,7 +80,47 @@ def gcp_logging_url(gcp_fakes) -> str:  # noqa: ANN001
     return f"gcp-logging://{project}?endpoint={rest.endpoint}&config-endpoint={config.endpoint}"
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's server (S3, KMS, STS) over real HTTP on a free loopback port."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """boto3 pointed at moto with test credentials (as AWS_ENDPOINT_URL does for a real user)."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return moto_endpoint
+
+
+@pytest.fixture
+def s3_archive_url(aws_env: str) -> str:
+    """A fresh bucket on moto; the URL names moto's endpoint explicitly."""
+    import boto3
+
+    bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    return f"s3://{bucket}/metadata?endpoint={aws_env}"
+
+
 STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "archive": lambda request, tmp: request.getfixturevalue("s3_archive_url"),
     "cloud_logging": lambda request, tmp: request.getfixturevalue("gcp_logging_url"),
     "memory": lambda request, tmp: f"memory://{uuid.uuid4().hex}",
     "sqlite": lambda request, tmp: f"sqlite:///{tmp}/store.db",
@@ -92,7 +132,8 @@ STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Every Store backend in turn: a new backend inherits every behaviour test."""
-    opened = open_store(STORE_FACTORIES[request.param](request, tmp_path))
+    url = STORE_FACTORIES[request.param](request, tmp_path)
+    opened = open_store(url, keyring=request.getfixturevalue("keyring"))
     yield opened
     opened.close()
 

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import dask.config
 import pytest
 from conftest import make_record
-from moto.server import ThreadedMotoServer
 
 from pipeline.config import Settings
 from pipeline.errors import KeyringError
 from pipeline.runtime import Pipeline
 
 
-@pytest.fixture(scope="module")
-def kms_endpoint() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def kms(kms_endpoint: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    for name, value in {
-        "AWS_ENDPOINT_URL": kms_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(name, value)
+def kms(aws_env: str):  # noqa: ANN201
     return boto3.client("kms")
 
 

@@ -23,9 +23,11 @@ class Removed:
 
     segments: int = 0
     records: int = 0
+    #: whole objects or logs deleted (S3 keys, Cloud Logging log names), for the erasure receipt
+    places: tuple[str, ...] = ()
 
     def __add__(self, other: Removed) -> Removed:
-        return Removed(self.segments + other.segments, self.records + other.records)
+        return Removed(self.segments + other.segments, self.records + other.records, self.places + other.places)
 
 
 class Store(ABC):

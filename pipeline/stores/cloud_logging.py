@@ -273,6 +273,7 @@ class CloudLoggingStore(Store):
         if not doomed:
             return Removed()
         gone = {h.segment.segment_id for h in doomed}
+        deleted = []
         for log_name in sorted({log for h in doomed for log in h.logs}):
             subject_ref, day = log_name.rsplit("/", 1)[1].split(".")[1:3]
             kept = [
@@ -285,7 +286,8 @@ class CloudLoggingStore(Store):
                     continue
                 self._write_entries(action, [e for s in kept for e in self._entries(s, target)])
             self._delete_log(action, log_name)
-        return Removed(len(doomed), sum(h.segment.n_records for h in doomed))
+            deleted.append(log_name)
+        return Removed(len(doomed), sum(h.segment.n_records for h in doomed), tuple(deleted))
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
         doomed = [

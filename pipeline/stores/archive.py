@@ -1,0 +1,310 @@
+"""Parquet archive on S3 (``pipeline.archive.url = s3://bucket/prefix``).
+
+The long-term records again, as Parquet that DuckDB, Spark or pyarrow read:
+``PREFIX/data_type=T/day=YYYY-MM-DD/<subject_ref>.parquet``, one object per
+subject and day (the day of each segment's newest record, as in the logging
+store), so a day's expiry and a subject's erasure are whole-object deletes.
+
+Every object is encrypted with Parquet modular encryption (footer and all
+columns): its data keys are wrapped, through :class:`KeyringKms`, by the
+subject's data key from the keyring. Destroying that key (crypto-shredding)
+makes every copy of the object unreadable. A reader with the keyring opens an
+object with :func:`decryption_properties`.
+
+Each row carries its segment's id, user ref and kind, so scans give back the
+same segments (sealed again under the subject's key) and writes stay idempotent.
+A rewrite (another segment of the same subject and day) replaces the object in
+one PUT: a reader sees the old or the new object, never half of one. Object
+metadata holds only counts. The endpoint comes from ``?endpoint=URL`` or
+boto3's own configuration (``AWS_ENDPOINT_URL``, profiles).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlparse
+
+import boto3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from cryptography.exceptions import InvalidTag
+
+from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
+from pipeline.keys import Keyring
+from pipeline.records import KINDS
+from pipeline.segments import Segment, open_segment, seal
+from pipeline.stores.base import Removed, Store
+
+__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties"]
+
+#: columns the archive adds to every record
+SEGMENT_COLUMNS = [
+    pa.field("_segment_id", pa.string(), nullable=False),
+    pa.field("_user_ref", pa.string()),
+    pa.field("_subject_ref", pa.string(), nullable=False),
+]
+_NONCE = 12
+_T = TypeVar("_T")
+
+
+class KeyringKms(pe.KmsClient):  # type: ignore[misc]
+    """Wraps Parquet data keys with a subject's data key; the key id is the subject ref."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        super().__init__()
+        self.keyring = keyring
+
+    def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
+        version, cipher = self.keyring.cipher(master_key_identifier, create=False)
+        nonce = os.urandom(_NONCE)
+        sealed = cipher.encrypt(nonce, key_bytes, master_key_identifier.encode())
+        return f"{version}:{base64.b64encode(nonce + sealed).decode()}"
+
+    def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        version, _, blob = wrapped_key.partition(":")
+        cipher = self.keyring.cipher_for(master_key_identifier, int(version))
+        raw = base64.b64decode(blob)
+        try:
+            return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], master_key_identifier.encode())
+        except InvalidTag:
+            raise KeyringError(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
+
+
+def _factory(keyring: Keyring) -> pe.CryptoFactory:
+    return pe.CryptoFactory(lambda _config: KeyringKms(keyring))
+
+
+def decryption_properties(keyring: Keyring) -> Any:
+    """What ``pq.read_table(..., decryption_properties=...)`` needs to open an archive object."""
+    return _factory(keyring).file_decryption_properties(
+        pe.KmsConnectionConfig(), pe.DecryptionConfiguration(cache_lifetime=timedelta(seconds=60))
+    )
+
+
+class ArchiveStore(Store):
+    """Segments as rows of encrypted Parquet objects, one per subject and day, on S3."""
+
+    #: opened with the keyring: it decrypts segments to write records and re-seals them on scan
+    needs_keyring = True
+
+    def __init__(self, url: str, *, keyring: Keyring) -> None:
+        parsed = urlparse(url)
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        unknown = set(query) - {"endpoint", "region"}
+        if not parsed.netloc or unknown:
+            raise ConfigError(
+                f"archive URL must be s3://BUCKET/PREFIX[?endpoint=URL&region=R], got {url!r}"
+                + (f" (unknown option {', '.join(map(repr, sorted(unknown)))})" if unknown else "")
+            )
+        self.url = url
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.keyring = keyring
+        self._s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
+
+    # -- S3 calls, errors mapped at the boundary -----------------------------------------
+
+    def _call(self, action: str, fn: Callable[[], _T]) -> _T:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        try:
+            return fn()
+        except EndpointConnectionError as exc:
+            raise StoreUnavailable(f"{where} unreachable during {action}: {exc}") from exc
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+                raise StoreUnavailable(f"{where} unavailable during {action}: {code}") from exc
+            raise StoreError(f"{where} refused {action}: {code} {exc}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"{where} unreachable during {action}: {exc}") from exc
+
+    def _key(self, data_type: str, day: str, subject_ref: str) -> str:
+        return "/".join(p for p in (self.prefix, f"data_type={data_type}", f"day={day}", f"{subject_ref}.parquet") if p)
+
+    def _keys(self, data_type: str | None = None) -> Iterator[str]:
+        """Object keys under the prefix (or one data type), oldest day first."""
+        base = "/".join(p for p in (self.prefix, f"data_type={data_type}/" if data_type else "") if p)
+        base = base + "/" if base and not base.endswith("/") else base
+        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+        keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
+        yield from sorted((k for k in keys if k.endswith(".parquet")), key=lambda k: (_part(k, "day"), k))
+
+    def _read(self, key: str) -> pa.Table:
+        body = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        try:
+            return pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
+        except OSError as exc:
+            raise StoreError(f"archive object {key} does not open: {exc}") from exc
+
+    def _put(self, key: str, table: pa.Table, subject_ref: str) -> None:
+        properties = _factory(self.keyring).file_encryption_properties(
+            pe.KmsConnectionConfig(),
+            pe.EncryptionConfiguration(footer_key=subject_ref, uniform_encryption=True, double_wrapping=False),
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, encryption_properties=properties, compression="zstd")
+        body = sink.getvalue().to_pybytes()
+        n_segments = len(pc.unique(table.column("_segment_id")))
+        metadata = {"segments": str(n_segments), "records": str(table.num_rows)}
+        self._call("write", lambda: self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata))
+
+    def _drop(self, key: str) -> Removed:
+        head = self._call("delete", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
+        counts = head.get("Metadata", {})
+        self._call("delete", lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+        return Removed(int(counts.get("segments", 0)), int(counts.get("records", 0)), (f"s3://{self.bucket}/{key}",))
+
+    def _keep(self, key: str, keep: Callable[[pa.Table], pa.Array]) -> Removed:
+        """Rewrite an object with the rows ``keep`` selects (delete it when none are left)."""
+        table = self._read(key)
+        mask = keep(table)
+        kept = table.filter(mask)
+        if kept.num_rows == table.num_rows:
+            return Removed()
+        if kept.num_rows == 0:
+            return self._drop(key)
+        gone = table.filter(pc.invert(mask))
+        self._put(key, kept, kept.column("_subject_ref")[0].as_py())
+        return Removed(len(pc.unique(gone.column("_segment_id"))), gone.num_rows)
+
+    # -- the Store protocol --------------------------------------------------------------
+
+    def write(self, segments: Sequence[Segment]) -> int:
+        groups: dict[tuple[str, str, str], list[Segment]] = {}
+        for segment in segments:
+            day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+            groups.setdefault((segment.data_type, day, segment.subject_ref), []).append(segment)
+        new = 0
+        for (data_type, day, subject_ref), group in groups.items():
+            key = self._key(data_type, day, subject_ref)
+            old = self._read(key) if self._exists(key) else None
+            present = set(old.column("_segment_id").to_pylist()) if old is not None else set()
+            fresh = {s.segment_id: s for s in group if s.segment_id not in present}
+            if not fresh:
+                continue
+            tables = [_rows(self.keyring, s) for s in fresh.values()]
+            merged = pa.concat_tables(([old] if old is not None else []) + tables, promote_options="default")
+            self._put(key, merged, subject_ref)
+            new += len(fresh)
+        return new
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._call("read", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, ClientError) and exc.__cause__.response["Error"]["Code"] in (
+                "404",
+                "NoSuchKey",
+            ):
+                return False
+            raise
+        return True
+
+    def scan(
+        self,
+        *,
+        subject_ref: str | None = None,
+        user_ref: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+        with_payload: bool = True,
+    ) -> Iterator[Segment]:
+        day: str | None = None
+        ready: list[Segment] = []
+        for key in self._keys(data_type):
+            if subject_ref and not key.endswith(f"/{subject_ref}.parquet"):
+                continue
+            if day is not None and _part(key, "day") != day:
+                yield from sorted(ready, key=lambda s: (s.min_observed_at, s.segment_id))
+                ready = []
+            day = _part(key, "day")
+            table = self._read(key)
+            for segment in _segments(self.keyring, table):
+                if (kind and segment.kind != kind) or (user_ref and segment.user_ref != user_ref):
+                    continue
+                ready.append(segment if with_payload else segment.header())
+        yield from sorted(ready, key=lambda s: (s.min_observed_at, s.segment_id))
+
+    def delete(self, segment_ids: Sequence[str]) -> Removed:
+        ids = pa.array(list(segment_ids), pa.string())
+        removed = Removed()
+        for key in self._keys():
+            removed += self._keep(key, lambda t: pc.invert(pc.is_in(t.column("_segment_id"), ids)))
+        return removed
+
+    def expire(self, data_type: str, before: datetime) -> Removed:
+        removed = Removed()
+        for key in self._keys(data_type):
+            start = datetime.strptime(_part(key, "day"), "%Y-%m-%d").replace(tzinfo=UTC)
+            if start >= before:
+                break
+            if start + timedelta(days=1) <= before:  # every segment in it is older than the limit
+                removed += self._drop(key)
+            else:
+                removed += self._keep(key, lambda t: _segment_max_at_least(t, before))
+        return removed
+
+    def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        removed = Removed()
+        for key in self._keys():
+            if not key.endswith(f"/{subject_ref}.parquet"):
+                continue
+            if user_ref is None:
+                removed += self._drop(key)
+            else:
+                removed += self._keep(key, lambda t: pc.fill_null(pc.not_equal(t.column("_user_ref"), user_ref), True))
+        return removed
+
+    def close(self) -> None:
+        self._s3.close()
+
+
+def _part(key: str, name: str) -> str:
+    for part in key.split("/"):
+        if part.startswith(f"{name}="):
+            return part[len(name) + 1 :]
+    raise StoreError(f"archive object {key} is not under {name}=…/")
+
+
+def _rows(keyring: Keyring, segment: Segment) -> pa.Table:
+    """A segment's records with the columns that bring the segment back."""
+    table = open_segment(keyring, segment)
+    n = table.num_rows
+    extra = [
+        pa.array([segment.segment_id] * n, pa.string()),
+        pa.array([segment.user_ref] * n, pa.string()),
+        pa.array([segment.subject_ref] * n, pa.string()),
+    ]
+    return pa.Table.from_arrays(table.columns + extra, schema=pa.schema([*table.schema, *SEGMENT_COLUMNS]))
+
+
+def _segments(keyring: Keyring, table: pa.Table) -> Iterator[Segment]:
+    """The segments an object holds, sealed again under the subject's current key."""
+    ids = table.column("_segment_id")
+    for segment_id in pc.unique(ids).to_pylist():
+        rows = table.filter(pc.equal(ids, segment_id))
+        kind = KINDS[rows.column("kind")[0].as_py()]
+        records = pa.Table.from_arrays([rows.column(f.name).cast(f.type) for f in kind.schema], schema=kind.schema)
+        yield seal(
+            keyring,
+            rows.column("_subject_ref")[0].as_py(),
+            rows.column("_user_ref")[0].as_py(),
+            records,
+            segment_id=segment_id,
+        )
+
+
+def _segment_max_at_least(table: pa.Table, moment: datetime) -> pa.Array:
+    """Rows of segments whose newest record is at or after ``moment`` (the rest are past the limit)."""
+    ids = table.column("_segment_id")
+    grouped = table.group_by("_segment_id").aggregate([("observed_at", "max")])
+    newest = grouped.column("observed_at_max")
+    young = grouped.filter(pc.greater_equal(newest, pa.scalar(moment, newest.type)))
+    return pc.is_in(ids, young.column("_segment_id"))
