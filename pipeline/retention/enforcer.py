@@ -12,10 +12,11 @@ between write and delete and run again writes the same segment once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -53,6 +54,8 @@ class RetentionReport:
     now: datetime
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
+    #: store -> segments merged by compaction of closed days
+    compacted: dict[str, Removed] = field(default_factory=dict)
     #: store -> what its backend's own retention was found at and set to (Cloud Logging bucket)
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit_seq: int | None = None
@@ -73,6 +76,8 @@ class RetentionReport:
             for data_type, c in types.items():
                 cut = f", {c.rewritten} segments cut at the limit" if c.rewritten else ""
                 lines.append(f"  {store:<14} {data_type:<13} {c.records} records, {c.segments} segments{cut}")
+        for store, merged in self.compacted.items():
+            lines.append(f"  {store:<14} compacted {merged.segments} segments of closed days")
         for store, found in self.backend.items():
             lines.append(
                 f"  {store:<14} {found['status']}: {found['bucket']} retention {found['found_days']}d"
@@ -90,6 +95,7 @@ class RetentionReport:
             },
             "records_removed": self.records,
             "backend_retention": self.backend,
+            "compacted": {s: {"segments": r.segments, "records": r.records} for s, r in self.compacted.items()},
             "audit_seq": self.audit_seq,
         }
 
@@ -115,10 +121,27 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
             rewritten += 1
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    for name, backend in pipeline.stores.items():
+        merged = backend.compact(today, functools.partial(_merge, pipeline))
+        if merged.segments:
+            report.compacted[name] = merged
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
+
+
+def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
+    """One segment with the records of ``segments`` (one subject, user and kind); its id derives from theirs."""
+    try:
+        tables = [open_segment(pipeline.keyring, s) for s in segments]
+    except KeyringError:  # crypto-shredded: nothing readable to merge, expiry or erasure removes it
+        return None
+    table = pa.concat_tables(tables).sort_by("observed_at")
+    merged_id = hashlib.sha256("|".join(sorted(s.segment_id for s in segments)).encode()).hexdigest()[:32]
+    first = segments[0]
+    return seal(pipeline.keyring, first.subject_ref, first.user_ref, table, segment_id=merged_id)
 
 
 def _cut(pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime) -> Removed:

@@ -7,7 +7,7 @@ by clear, pseudonymous columns only; they never see keys or plaintext.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -97,6 +97,18 @@ class Store(ABC):
             locked Cloud Logging bucket with another retention); recorded in the audit
         """
         return None
+
+    def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        """Merge a subject's segments of one kind and user in each day closed before ``closed_before``.
+
+        For backends whose cost grows with segment count (local files). Readers see
+        every record exactly once at every instant, and after a crash at any point.
+
+        :param merge: seals the given segments' records as one segment whose id derives
+            from theirs, or None to leave them (e.g. their key was destroyed)
+        :returns: the segments merged away; most backends merge nothing
+        """
+        return Removed()
 
     def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release connections and handles."""

@@ -9,6 +9,14 @@ timestamps, so counting, expiring and finding segments that straddle a limit
 never open a file. A file is one JSON header line and the
 sealed payload; it is written to a temporary name, fsync'd and hard-linked into
 place, so a reader never sees half a segment and a replay never doubles one.
+
+:meth:`LocalFileStore.compact` merges a closed day's segments of one subject,
+kind and user into one file, so expiry and scans touch few files. It first
+writes a journal (``.compacting-<merged id>``, the source names), then links
+the merged file, then unlinks the sources, then the journal. Every listing
+settles journals: while the merged file is absent the sources count; once it
+exists the sources are removed. So at every instant, and after a crash at any
+point, each record is seen exactly once.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +38,8 @@ from pipeline.stores.base import Removed, Store
 __all__ = ["LocalFileStore"]
 
 _SUFFIX = ".seg"
+_JOURNAL = ".compacting-"
+_MERGED = ".merged-ids"
 
 
 class _Name(NamedTuple):
@@ -90,10 +100,11 @@ class LocalFileStore(Store):
     def write(self, segments: Sequence[Segment]) -> int:
         new = 0
         touched: set[Path] = set()
+        merged: dict[Path, set[str]] = {}
         with self._guard("write"):
             for segment in segments:
                 path = self._path(segment)
-                if path.exists():
+                if path.exists() or segment.segment_id in _merged_ids(path.parent, merged):
                     continue
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
@@ -202,6 +213,42 @@ class LocalFileStore(Store):
                         if segment is not None:
                             yield segment
 
+    def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        merged = Removed()
+        with self._guard("compact"):
+            for data_type in sorted(p.name for p in _dirs(self.root)):
+                for day in self._days(data_type):
+                    if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) > closed_before:
+                        break
+                    for folder in sorted(_dirs(day)):
+                        merged += self._compact_folder(folder, merge)
+        return merged
+
+    def _compact_folder(self, folder: Path, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        groups: dict[tuple[str, str | None], list[Path]] = {}
+        for path in sorted(_files(folder)):
+            name = _Name.parse(path.name)
+            groups.setdefault((name.kind, name.user_ref), []).append(path)
+        removed = Removed()
+        for sources in groups.values():
+            if len(sources) < 2:
+                continue
+            segments = [s for s in (_read(p, with_payload=True) for p in sources) if s is not None]
+            target = merge(segments)
+            if target is None:
+                continue
+            journal = folder / f"{_JOURNAL}{target.segment_id}"
+            _write_file(journal, "\n".join(p.name for p in sources).encode())
+            with (folder / _MERGED).open("a") as merged_ids:  # a replayed source stays merged
+                merged_ids.write("".join(f"{s.segment_id}\n" for s in segments))
+                merged_ids.flush()
+                os.fsync(merged_ids.fileno())
+            _fsync_dir(folder)
+            self.write([target])  # visible from here on; the sources are now hidden and settled
+            _settle(folder, journal)
+            removed += Removed(len(sources), sum(s.n_records for s in segments))
+        return removed
+
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         removed = Removed()
         with self._guard("erase"):
@@ -240,14 +287,58 @@ def _dirs(path: Path) -> list[Path]:
 
 
 def _files(folder: Path) -> list[Path]:
+    """The segment files of a subject folder, after settling any compaction journal in it."""
     try:
-        return [p for p in folder.iterdir() if p.name.endswith(_SUFFIX)]
+        entries = list(folder.iterdir())
+        journals = [p for p in entries if p.name.startswith(_JOURNAL)]
+        for journal in journals:
+            _settle(folder, journal)
+        if journals:
+            entries = list(folder.iterdir())
     except FileNotFoundError:
         return []
+    return [p for p in entries if p.name.endswith(_SUFFIX)]
+
+
+def _settle(folder: Path, journal: Path) -> None:
+    """Finish a compaction whose merged file exists: remove its sources, then the journal.
+
+    While the merged file is absent the merge has not landed and the sources are the data.
+    """
+    merged_id = journal.name[len(_JOURNAL) :]
+    try:
+        sources = journal.read_text().split("\n")
+    except FileNotFoundError:  # settled by another reader
+        return
+    if any(p.name.startswith(f"{merged_id}~") for p in folder.iterdir()):
+        for name in sources:
+            (folder / name).unlink(missing_ok=True)
+        _fsync_dir(folder)
+        journal.unlink(missing_ok=True)
+
+
+def _merged_ids(folder: Path, cache: dict[Path, set[str]]) -> set[str]:
+    """Ids of segments compaction merged away in ``folder`` (read once per write call)."""
+    if folder not in cache:
+        try:
+            cache[folder] = set((folder / _MERGED).read_text().split())
+        except FileNotFoundError:
+            cache[folder] = set()
+    return cache[folder]
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _drop_folder(folder: Path) -> Removed:
-    files = [f for f in folder.rglob(f"*{_SUFFIX}")]
+    subjects = _dirs(folder) or [folder]
+    files = [f for sub in subjects for f in _files(sub)]
     records = sum(_Name.parse(f.name).n_records for f in files)
     shutil.rmtree(folder, ignore_errors=False)
     return Removed(len(files), records)
