@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -110,7 +111,22 @@ def _crash_mid_unlink(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Path, "unlink", unlink)
 
 
-@pytest.mark.parametrize("crash", [_crash_after_journal, _crash_after_link, _crash_mid_unlink])
+def _crash_between_merged_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.link
+    calls = Counter[str]()
+
+    def link(src: str, dst: str) -> None:
+        calls["link"] += 1
+        if calls["link"] == 2:  # the first merge of the folder landed, the second did not
+            raise Crash()
+        real(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+
+
+@pytest.mark.parametrize(
+    "crash", [_crash_after_journal, _crash_between_merged_files, _crash_after_link, _crash_mid_unlink]
+)
 def test_a_crash_at_any_point_loses_and_doubles_nothing(pipeline: Pipeline, monkeypatch, crash) -> None:  # noqa: ANN001
     before = _records(pipeline)
     with monkeypatch.context() as patch:
@@ -121,7 +137,7 @@ def test_a_crash_at_any_point_loses_and_doubles_nothing(pipeline: Pipeline, monk
     _compact(pipeline)  # the next pass finishes the job
     assert _records(pipeline) == before
     assert _files_per_folder(_store(pipeline), DAYS[0]) == [2, 2]
-    assert not [p for p in _store(pipeline).root.rglob(".compacting-*")]
+    assert not [p for p in _store(pipeline).root.rglob(".compacting")]
 
 
 def test_a_retention_pass_compacts_and_audits_it(pipeline: Pipeline) -> None:

@@ -12,10 +12,10 @@ place, so a reader never sees half a segment and a replay never doubles one.
 
 :meth:`LocalFileStore.compact` merges a closed day's segments of one subject,
 kind and user into one file, so expiry and scans touch few files. It first
-writes a journal (``.compacting-<merged id>``, the source names), then links
-the merged file, then unlinks the sources, then the journal. Every listing
-settles journals: while the merged file is absent the sources count; once it
-exists the sources are removed. So at every instant, and after a crash at any
+writes a journal (``.compacting``: each merged id with its source names), then
+links the merged files, then unlinks the sources, then the journal. Every
+listing settles a journal: while a merged file is absent its sources count;
+once it exists they are removed. So at every instant, and after a crash at any
 point, each record is seen exactly once.
 """
 
@@ -38,7 +38,7 @@ from pipeline.stores.base import Removed, Store
 __all__ = ["LocalFileStore"]
 
 _SUFFIX = ".seg"
-_JOURNAL = ".compacting-"
+_JOURNAL = ".compacting"
 _MERGED = ".merged-ids"
 
 
@@ -229,25 +229,26 @@ class LocalFileStore(Store):
         for path in sorted(_files(folder)):
             name = _Name.parse(path.name)
             groups.setdefault((name.kind, name.user_ref), []).append(path)
-        removed = Removed()
+        plan: list[tuple[Segment, list[Path], list[Segment]]] = []
         for sources in groups.values():
             if len(sources) < 2:
                 continue
             segments = [s for s in (_read(p, with_payload=True) for p in sources) if s is not None]
             target = merge(segments)
-            if target is None:
-                continue
-            journal = folder / f"{_JOURNAL}{target.segment_id}"
-            _write_file(journal, "\n".join(p.name for p in sources).encode())
-            with (folder / _MERGED).open("a") as merged_ids:  # a replayed source stays merged
-                merged_ids.write("".join(f"{s.segment_id}\n" for s in segments))
-                merged_ids.flush()
-                os.fsync(merged_ids.fileno())
-            _fsync_dir(folder)
-            self.write([target])  # visible from here on; the sources are now hidden and settled
-            _settle(folder, journal)
-            removed += Removed(len(sources), sum(s.n_records for s in segments))
-        return removed
+            if target is not None:
+                plan.append((target, sources, segments))
+        if not plan:
+            return Removed()
+        journal = folder / _JOURNAL  # one line per merge: merged id, then its sources
+        _write_file(journal, "\n".join(" ".join([t.segment_id, *(p.name for p in ps)]) for t, ps, _ in plan).encode())
+        with (folder / _MERGED).open("a") as merged_ids:  # a replayed source stays merged
+            merged_ids.write("".join(f"{s.segment_id}\n" for _, _, segments in plan for s in segments))
+            merged_ids.flush()
+            os.fsync(merged_ids.fileno())
+        _fsync_dir(folder)
+        self.write([target for target, _, _ in plan])  # each merge visible from here on, its sources hidden
+        _settle(folder, journal)
+        return Removed(sum(len(ps) for _, ps, _ in plan), sum(s.n_records for _, _, ss in plan for s in ss))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         removed = Removed()
@@ -290,7 +291,7 @@ def _files(folder: Path) -> list[Path]:
     """The segment files of a subject folder, after settling any compaction journal in it."""
     try:
         entries = list(folder.iterdir())
-        journals = [p for p in entries if p.name.startswith(_JOURNAL)]
+        journals = [p for p in entries if p.name == _JOURNAL]
         for journal in journals:
             _settle(folder, journal)
         if journals:
@@ -301,19 +302,23 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _settle(folder: Path, journal: Path) -> None:
-    """Finish a compaction whose merged file exists: remove its sources, then the journal.
+    """Finish the merges of a compaction journal whose merged file exists: remove their sources.
 
-    While the merged file is absent the merge has not landed and the sources are the data.
+    A merge whose file is absent has not landed: its sources are the data and the
+    journal stays (the next compaction of the folder replaces it).
     """
-    merged_id = journal.name[len(_JOURNAL) :]
     try:
-        sources = journal.read_text().split("\n")
+        lines = [line.split(" ") for line in journal.read_text().splitlines() if line]
     except FileNotFoundError:  # settled by another reader
         return
-    if any(p.name.startswith(f"{merged_id}~") for p in folder.iterdir()):
+    present = {p.name.split("~", 1)[0] for p in folder.iterdir()}
+    landed = [sources for merged_id, *sources in lines if merged_id in present]
+    for sources in landed:
         for name in sources:
             (folder / name).unlink(missing_ok=True)
+    if landed:
         _fsync_dir(folder)
+    if len(landed) == len(lines):
         journal.unlink(missing_ok=True)
 
 
