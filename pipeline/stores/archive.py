@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlparse
 
 import boto3
 import pyarrow as pa
@@ -40,7 +39,7 @@ from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavaila
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
 from pipeline.segments import Segment, open_segment, seal
-from pipeline.stores.base import Removed, Store
+from pipeline.stores.base import Removed, Store, oldest_first, url_options
 
 __all__ = ["ArchiveStore", "KeyringKms", "decryption_properties"]
 
@@ -95,14 +94,10 @@ class ArchiveStore(Store):
     needs_keyring = True
 
     def __init__(self, url: str, *, keyring: Keyring) -> None:
-        parsed = urlparse(url)
-        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(query) - {"endpoint", "region"}
-        if not parsed.netloc or unknown:
-            raise ConfigError(
-                f"archive URL must be s3://BUCKET/PREFIX[?endpoint=URL&region=R], got {url!r}"
-                + (f" (unknown option {', '.join(map(repr, sorted(unknown)))})" if unknown else "")
-            )
+        form = "s3://BUCKET/PREFIX[?endpoint=URL&region=R]"
+        parsed, query = url_options(url, ("endpoint", "region"), form)
+        if not parsed.netloc:
+            raise ConfigError(f"store URL must be {form}, got {url!r}")
         self.url = url
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
@@ -179,7 +174,7 @@ class ArchiveStore(Store):
     def write(self, segments: Sequence[Segment]) -> int:
         groups: dict[tuple[str, str, str], list[Segment]] = {}
         for segment in segments:
-            day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+            day = _day(segment)
             groups.setdefault((segment.data_type, day, segment.subject_ref), []).append(segment)
         new = 0
         for (data_type, day, subject_ref), group in groups.items():
@@ -216,21 +211,17 @@ class ArchiveStore(Store):
         kind: str | None = None,
         with_payload: bool = True,
     ) -> Iterator[Segment]:
-        day: str | None = None
-        ready: list[Segment] = []
-        for key in self._keys(data_type):
-            if subject_ref and not key.endswith(f"/{subject_ref}.parquet"):
-                continue
-            if day is not None and _part(key, "day") != day:
-                yield from sorted(ready, key=lambda s: (s.min_observed_at, s.segment_id))
-                ready = []
-            day = _part(key, "day")
-            table = self._read(key)
-            for segment in _segments(self.keyring, table):
-                if (kind and segment.kind != kind) or (user_ref and segment.user_ref != user_ref):
+        def held() -> Iterator[Segment]:
+            for key in self._keys(data_type):
+                if subject_ref and not key.endswith(f"/{subject_ref}.parquet"):
                     continue
-                ready.append(segment if with_payload else segment.header())
-        yield from sorted(ready, key=lambda s: (s.min_observed_at, s.segment_id))
+                for segment in _segments(self.keyring, self._read(key)):
+                    if (kind and segment.kind != kind) or (user_ref and segment.user_ref != user_ref):
+                        continue
+                    yield segment if with_payload else segment.header()
+
+        # objects are listed day by day; the day of a segment is that of its newest record
+        return oldest_first(held(), _day, lambda s: (s.min_observed_at, s.segment_id))
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
         ids = pa.array(list(segment_ids), pa.string())
@@ -264,6 +255,10 @@ class ArchiveStore(Store):
 
     def close(self) -> None:
         self._s3.close()
+
+
+def _day(segment: Segment) -> str:
+    return segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 def _part(key: str, name: str) -> str:

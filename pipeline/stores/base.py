@@ -7,14 +7,19 @@ by clear, pseudonymous columns only; they never see keys or plaintext.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from itertools import groupby
+from typing import Any, TypeVar
+from urllib.parse import ParseResult, parse_qs, urlparse
 
+from pipeline.errors import ConfigError
 from pipeline.segments import Segment
 
-__all__ = ["Removed", "Store"]
+__all__ = ["Removed", "Store", "oldest_first", "url_options"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -112,3 +117,23 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release connections and handles."""
+
+
+def url_options(url: str, allowed: Collection[str], form: str) -> tuple[ParseResult, dict[str, str]]:
+    """A store URL and its query options.
+
+    :raises ConfigError: an option not in ``allowed``, naming it and the URL's ``form``
+    """
+    parsed = urlparse(url)
+    options = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ConfigError(f"store URL must be {form}, got {url!r} (unknown option {names})")
+    return parsed, options
+
+
+def oldest_first(items: Iterable[_T], day: Callable[[_T], str], key: Callable[[_T], Any]) -> Iterator[_T]:
+    """Order a stream that arrives day by day by ``key`` within each day (holding one day at a time)."""
+    for _, same_day in groupby(items, day):
+        yield from sorted(same_day, key=key)

@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlparse
 
 import grpc
 from google.api_core import exceptions as gexc
@@ -47,7 +46,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.segments import Segment
-from pipeline.stores.base import Removed, Store
+from pipeline.stores.base import Removed, Store, oldest_first, url_options
 
 __all__ = ["BucketRetention", "CloudLoggingStore"]
 
@@ -93,15 +92,10 @@ class CloudLoggingStore(Store):
     """Encrypted segments as structured entries in Google Cloud Logging."""
 
     def __init__(self, url: str) -> None:
-        parsed = urlparse(url)
-        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        unknown = set(query) - {"bucket", "location", "endpoint", "config-endpoint"}
-        if not parsed.netloc or parsed.path not in ("", "/") or unknown:
-            raise ConfigError(
-                f"Cloud Logging URL must be gcp-logging://PROJECT?bucket=B&location=L"
-                f"[&endpoint=URL&config-endpoint=HOST:PORT], got {url!r}"
-                + (f" (unknown option {', '.join(map(repr, sorted(unknown)))})" if unknown else "")
-            )
+        form = "gcp-logging://PROJECT?bucket=B&location=L[&endpoint=URL&config-endpoint=HOST:PORT]"
+        parsed, query = url_options(url, ("bucket", "location", "endpoint", "config-endpoint"), form)
+        if not parsed.netloc or parsed.path not in ("", "/"):
+            raise ConfigError(f"store URL must be {form}, got {url!r}")
         self.url = url
         self.project = parsed.netloc
         self.bucket = (
@@ -218,24 +212,19 @@ class CloudLoggingStore(Store):
         """Whole segments (chunks joined, duplicates dropped) oldest first, with their logs."""
         seen: set[str] = set()
         parts: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-        day: str | None = None
-        ready: list[_Held] = []
-        for entry in self._list(action, clauses):
-            segment_id = entry["labels"]["segment_id"]
-            if segment_id in seen:
-                continue
-            payload = entry["jsonPayload"]
-            parts[segment_id][int(payload["chunk"])] = entry
-            if len(parts[segment_id]) < int(payload["chunks"]):
-                continue
-            seen.add(segment_id)
-            held = _held(parts.pop(segment_id), with_payload)
-            if day is not None and held.day != day:
-                yield from sorted(ready, key=_order)
-                ready = []
-            day = held.day
-            ready.append(held)
-        yield from sorted(ready, key=_order)
+
+        def whole() -> Iterator[_Held]:
+            for entry in self._list(action, clauses):
+                segment_id = entry["labels"]["segment_id"]
+                if segment_id in seen:
+                    continue
+                payload = entry["jsonPayload"]
+                parts[segment_id][int(payload["chunk"])] = entry
+                if len(parts[segment_id]) == int(payload["chunks"]):
+                    seen.add(segment_id)
+                    yield _held(parts.pop(segment_id), with_payload)
+
+        return oldest_first(whole(), lambda h: h.day, _order)
 
     # -- the Store protocol --------------------------------------------------------------
 
