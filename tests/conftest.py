@@ -129,6 +129,38 @@ STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
 }
 
 
+def raw_at_rest(request: pytest.FixtureRequest, store: Store) -> bytes:
+    """Everything ``store`` keeps, as the backend holds it: files, rows, log entries, objects."""
+    import json
+    from urllib.parse import urlparse
+
+    from sqlalchemy import select
+
+    from pipeline.stores.sql import SQLStore
+
+    name = request.node.callspec.params["store"]
+    if name == "memory":
+        return b"\0".join(repr(s).encode() for s in store.scan())
+    if isinstance(store, SQLStore):
+        from pipeline.db import segments
+
+        with store.engine.connect() as conn:
+            rows = conn.execute(select(segments)).all()
+        return b"\0".join(v if isinstance(v, bytes) else str(v).encode() for row in rows for v in row)
+    if name == "localfiles":
+        return b"\0".join(p.read_bytes() for p in Path(urlparse(store.url).path).rglob("*") if p.is_file())
+    if name == "cloud_logging":
+        rest, _ = request.getfixturevalue("gcp_fakes")
+        return json.dumps(rest.entries).encode()
+    if name == "archive":
+        import boto3
+
+        s3, bucket = boto3.client("s3"), urlparse(store.url).netloc
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        return b"\0".join(k.encode() + s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys)
+    raise AssertionError(f"no raw reader for the {name} backend: add one")
+
+
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Every Store backend in turn: a new backend inherits every behaviour test."""
