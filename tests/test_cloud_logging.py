@@ -144,6 +144,21 @@ def test_a_crash_between_rewrite_and_delete_loses_and_doubles_nothing(
     assert workers == [1, 2]
 
 
+def test_erasure_after_a_crashed_rewrite_reaches_every_copy(gcp_fakes, gcp_logging_url, keyring, monkeypatch) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    records = [make_record(user=u, observed_at=T0) for u in ("ann", "bob", "cy")]
+    store.write(seal_records(keyring, records))
+    acme = keyring.subject_ref("acme")
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_delete_log", lambda action, log: (_ for _ in ()).throw(StoreUnavailable("crash")))
+        with pytest.raises(StoreUnavailable):
+            store.erase(acme, keyring.user_ref("acme", "ann"))
+    assert len([log for log in rest.logs(_project(gcp_logging_url)) if acme in log]) == 2  # old and new log
+    assert store.erase(acme).segments == 3
+    assert [log for log in rest.logs(_project(gcp_logging_url)) if acme in log] == []
+
+
 def test_an_unreachable_service_is_store_unavailable(gcp_fakes, gcp_logging_url, keyring) -> None:  # noqa: ANN001
     rest, _ = gcp_fakes
     store = open_store(gcp_logging_url)

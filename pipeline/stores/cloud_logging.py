@@ -208,21 +208,27 @@ class CloudLoggingStore(Store):
             for i in range(chunks)
         ]
 
-    def _segments(self, action: str, clauses: Sequence[str], with_payload: bool = True) -> Iterator[_Held]:
-        """Whole segments (chunks joined, duplicates dropped) oldest first, with their logs."""
+    def _segments(
+        self, action: str, clauses: Sequence[str], with_payload: bool = True, *, every_copy: bool = False
+    ) -> Iterator[_Held]:
+        """Whole segments (chunks joined) oldest first, with their log.
+
+        A copy left in a second log by a crashed rewrite is dropped, unless ``every_copy``
+        (removals must reach every log that holds a segment).
+        """
         seen: set[str] = set()
-        parts: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        parts: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
 
         def whole() -> Iterator[_Held]:
             for entry in self._list(action, clauses):
                 segment_id = entry["labels"]["segment_id"]
-                if segment_id in seen:
+                if segment_id in seen and not every_copy:
                     continue
-                payload = entry["jsonPayload"]
-                parts[segment_id][int(payload["chunk"])] = entry
-                if len(parts[segment_id]) == int(payload["chunks"]):
+                payload, key = entry["jsonPayload"], (entry["logName"], segment_id)
+                parts[key][int(payload["chunk"])] = entry
+                if len(parts[key]) == int(payload["chunks"]):
                     seen.add(segment_id)
-                    yield _held(parts.pop(segment_id), with_payload)
+                    yield _held(parts.pop(key), with_payload)
 
         return oldest_first(whole(), lambda h: h.day, _order)
 
@@ -258,41 +264,42 @@ class CloudLoggingStore(Store):
             yield held.segment
 
     def _remove(self, action: str, doomed: Sequence[_Held]) -> Removed:
-        """Remove segments: delete each log they are in, rewriting its other segments first."""
-        if not doomed:
-            return Removed()
-        gone = {h.segment.segment_id for h in doomed}
+        """Remove segments (every copy): delete each log they are in, rewriting its other segments first."""
+        unique = {h.segment.segment_id: h.segment for h in doomed}
         deleted = []
-        for log_name in sorted({log for h in doomed for log in h.logs}):
+        for log_name in sorted({h.log for h in doomed}):
             subject_ref, day = log_name.rsplit("/", 1)[1].split(".")[1:3]
-            kept = [
-                h.segment for h in self._segments(action, [f'logName="{log_name}"']) if h.segment.segment_id not in gone
-            ]
+            held = list(self._segments(action, [f'logName="{log_name}"'], every_copy=True))
+            kept = list({h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}.values())
             if kept:  # survivors first: a crash before the delete leaves duplicates, not a loss
                 generation = hashlib.sha256(" ".join(sorted(s.segment_id for s in kept)).encode()).hexdigest()[:12]
                 target = self._log_name(subject_ref, day, generation)
                 if target == log_name:  # this log holds only copies of survivors
                     continue
-                self._write_entries(action, [e for s in kept for e in self._entries(s, target)])
+                there = {h.segment.segment_id for h in self._segments(action, [f'logName="{target}"'], False)}
+                self._write_entries(
+                    action, [e for s in kept if s.segment_id not in there for e in self._entries(s, target)]
+                )
             self._delete_log(action, log_name)
             deleted.append(log_name)
-        return Removed(len(doomed), sum(h.segment.n_records for h in doomed), tuple(deleted))
+        return Removed(len(unique), sum(s.n_records for s in unique.values()), tuple(deleted))
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
         doomed = [
             held
             for segment_id in dict.fromkeys(segment_ids)
-            for held in self._segments("delete", [_label("segment_id", segment_id)], False)
+            for held in self._segments("delete", [_label("segment_id", segment_id)], False, every_copy=True)
         ]
         return self._remove("delete", doomed)
 
     def expire(self, data_type: str, before: datetime) -> Removed:
         # an entry's timestamp is its segment's newest record: older than ``before`` means past the limit
         clauses = [_label("data_type", data_type), f'timestamp<"{_stamp(before)}"']
-        return self._remove("expire", list(self._segments("expire", clauses, with_payload=False)))
+        return self._remove("expire", list(self._segments("expire", clauses, False, every_copy=True)))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
-        return self._remove("erase", list(self._segments("erase", _clauses(subject_ref, user_ref), False)))
+        held = self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True)
+        return self._remove("erase", list(held))
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
         clauses = [_label("data_type", data_type), f'timestamp>="{_stamp(at)}"']
@@ -340,10 +347,10 @@ class CloudLoggingStore(Store):
 
 @dataclass(frozen=True)
 class _Held:
-    """A segment read back, and the logs its chunks are in."""
+    """A segment read back, and the log its chunks are in."""
 
     segment: Segment
-    logs: frozenset[str]
+    log: str
     day: str
 
 
@@ -366,7 +373,7 @@ def _held(chunks: Mapping[int, Mapping[str, Any]], with_payload: bool) -> _Held:
         )
     except (KeyError, ValueError) as exc:
         raise StoreError(f"log entry {first.get('insertId')!r} is not a segment of this store: {exc}") from exc
-    return _Held(segment, frozenset(c["logName"] for c in chunks.values()), first["timestamp"][:10])
+    return _Held(segment, first["logName"], first["timestamp"][:10])
 
 
 def _order(held: _Held) -> tuple[datetime, str]:
