@@ -89,11 +89,18 @@ def test_erasing_a_subject_deletes_its_objects_and_names_them(s3_archive_url, ke
     assert len(_objects(s3_archive_url)) == 2
 
 
-def test_a_missing_dependency_names_the_extra(monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setitem(sys.modules, "boto3", None)
-    monkeypatch.delitem(sys.modules, "pipeline.stores.archive", raising=False)
-    with pytest.raises(ConfigError, match=r"pipeline.archive.url: .*pip install 'dask-metadata-pipeline\[aws\]'"):
-        open_store("s3://bucket/prefix", setting="pipeline.archive.url")
+@pytest.mark.parametrize(
+    ("url", "module", "backend", "extra"),
+    [
+        ("s3://bucket/prefix", "boto3", "pipeline.stores.archive", "aws"),
+        ("gcp-logging://proj-1", "google.cloud.logging_v2", "pipeline.stores.cloud_logging", "gcp"),
+    ],
+)
+def test_a_missing_dependency_names_the_extra(monkeypatch, url, module, backend, extra) -> None:  # noqa: ANN001
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, backend, raising=False)
+    with pytest.raises(ConfigError, match=rf"pipeline.x.url: .*pip install 'dask-metadata-pipeline\[{extra}\]'"):
+        open_store(url, setting="pipeline.x.url")
 
 
 def test_without_a_keyring_or_with_an_unknown_option_is_one_clear_error(s3_archive_url, keyring) -> None:  # noqa: ANN001
