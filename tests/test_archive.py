@@ -76,6 +76,18 @@ def test_a_destroyed_data_key_makes_every_copy_unreadable(s3_archive_url, keyrin
         pq.read_table(pa.BufferReader(backup), decryption_properties=decryption_properties(keyring))
 
 
+def test_a_shredded_object_is_skipped_by_scans_and_replaced_by_new_data(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    store = _write(
+        s3_archive_url, keyring, [make_record(observed_at=T0), make_record(account="globex", observed_at=T0)]
+    )
+    acme = keyring.subject_ref("acme")
+    keyring.destroy(acme)  # e.g. a restored backup of an erased subject's object
+    assert [s.subject_ref for s in store.scan()] == [keyring.subject_ref("globex")]
+    assert store.delete(["no-such-id"]).segments == 0  # rewrites pass it by
+    assert store.write(seal_records(keyring, [make_record(observed_at=T0, n_workers=7)])) == 1  # a new key
+    assert [s.n_records for s in store.scan(subject_ref=acme)] == [1]
+
+
 def test_erasing_a_subject_deletes_its_objects_and_names_them(s3_archive_url, keyring) -> None:  # noqa: ANN001
     records = [make_record(account=a, observed_at=T0 + timedelta(days=d)) for a in ("acme", "globex") for d in (0, 1)]
     store = _write(s3_archive_url, keyring, records)

@@ -131,6 +131,13 @@ class ArchiveStore(Store):
         keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
         yield from sorted((k for k in keys if k.endswith(".parquet")), key=lambda k: (_part(k, "day"), k))
 
+    def _readable(self, key: str) -> pa.Table | None:
+        """The object's rows; None when its subject's key was destroyed (nothing readable is left)."""
+        try:
+            return self._read(key)
+        except KeyringError:
+            return None
+
     def _read(self, key: str) -> pa.Table:
         body = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
         try:
@@ -158,7 +165,9 @@ class ArchiveStore(Store):
 
     def _keep(self, key: str, keep: Callable[[pa.Table], pa.Array]) -> Removed:
         """Rewrite an object with the rows ``keep`` selects (delete it when none are left)."""
-        table = self._read(key)
+        table = self._readable(key)
+        if table is None:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
+            return Removed()
         mask = keep(table)
         kept = table.filter(mask)
         if kept.num_rows == table.num_rows:
@@ -179,7 +188,7 @@ class ArchiveStore(Store):
         new = 0
         for (data_type, day, subject_ref), group in groups.items():
             key = self._key(data_type, day, subject_ref)
-            old = self._read(key) if self._exists(key) else None
+            old = self._readable(key) if self._exists(key) else None  # a shredded object is replaced
             present = set(old.column("_segment_id").to_pylist()) if old is not None else set()
             fresh = {s.segment_id: s for s in group if s.segment_id not in present}
             if not fresh:
@@ -215,7 +224,8 @@ class ArchiveStore(Store):
             for key in self._keys(data_type):
                 if subject_ref and not key.endswith(f"/{subject_ref}.parquet"):
                     continue
-                for segment in _segments(self.keyring, self._read(key)):
+                table = self._readable(key)
+                for segment in _segments(self.keyring, table) if table is not None else ():
                     if (kind and segment.kind != kind) or (user_ref and segment.user_ref != user_ref):
                         continue
                     yield segment if with_payload else segment.header()
