@@ -8,6 +8,10 @@ file (so WAL checkpoints fall on the same batches for each); paths alternate
 batch by batch and the ratio is the median of per-batch ratios, which keeps a
 neighbour's load burst from landing on one path only. Rates are total records
 over total time, checkpoints included.
+
+Beside it, the one ingest path end to end: ``Pipeline.ingest`` of one
+cluster's HPKE-sealed batch (open, validate, scope, seal per subject, write to
+both stores, record the batch id), and the HPKE seal + open cost per batch.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ import pyarrow as pa
 
 from benchmarks import row
 from pipeline.config import Settings
+from pipeline.intake import open_batch, seal_batch
 from pipeline.keys import Keyring
+from pipeline.principals import Principal
 from pipeline.records import KINDS
 from pipeline.runtime import Pipeline, seal_records
 from pipeline.segments import Segment, seal
+from pipeline.spool import new_batch_id
 from pipeline.stores import Store, open_store
 
 RECORDS_PER_BATCH = 10_000
@@ -136,6 +143,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         payload = sum(len(s.payload) for s in seal_records(clear, records)) / RECORDS_PER_BATCH  # type: ignore[arg-type]
         for store in stores.values():
             store.close()
+        rows_ingest = _ingest_path(pipeline, n_batches)
         pipeline.close()
 
     shape = (
@@ -147,7 +155,51 @@ def run(quick: bool) -> list[dict[str, Any]]:
         enc, plain = times[f"encrypted, from {source}"], times[f"unencrypted, from {source}"]
         how = "seal_records" if source == "dicts" else "segments.seal per table"
         rows += _rates(source, how, enc, plain, shape)
-    return rows
+    return rows + rows_ingest
+
+
+def _ingest_path(pipeline: Pipeline, n_batches: int) -> list[dict[str, Any]]:
+    """``Pipeline.ingest`` of sealed one-cluster batches, and HPKE seal and open alone."""
+    cluster = Principal("cluster", account="account-000", cluster_id="cluster-000")
+    public = pipeline.intake_key.public_key()
+    times: dict[str, list[float]] = {"seal": [], "open": [], "ingest": []}
+    size = 0
+    for batch in range(n_batches + 1):
+        records = [{**r, "account": "account-000", "cluster_id": "cluster-000"} for r in snapshot_records(batch)]
+        batch_id = new_batch_id()
+        started = time.perf_counter()
+        sealed = seal_batch(public, batch_id, records)
+        sealed_at = time.perf_counter()
+        open_batch(pipeline.intake_key, sealed)
+        opened_at = time.perf_counter()
+        pipeline.ingest(sealed, cluster, idempotency_key=batch_id)
+        if batch:  # batch 0 warms caches
+            times["seal"].append(sealed_at - started)
+            times["open"].append(opened_at - sealed_at)
+            times["ingest"].append(time.perf_counter() - opened_at)
+            size = len(sealed)
+    shape = f"{RECORDS_PER_BATCH:,} records/batch, {size / 1e6:.1f} MB sealed"
+    return [
+        row(
+            "ingest: Pipeline.ingest of a sealed batch",
+            RECORDS_PER_BATCH * len(times["ingest"]) / sum(times["ingest"]),
+            "records/s",
+            note=f"HPKE open + schema checks, scope, seal per subject, write long-term (SQLite) and "
+            f"logging files, record the batch id; {shape}",
+        ),
+        row(
+            "intake: HPKE seal per batch (cluster side)",
+            statistics.fmean(times["seal"]) * 1000,
+            "ms",
+            note=f"record checks, Arrow IPC, X25519/HKDF-SHA256/AES-256-GCM; {shape}",
+        ),
+        row(
+            "intake: HPKE open per batch",
+            statistics.fmean(times["open"]) * 1000,
+            "ms",
+            note=f"decrypt, Arrow IPC, schema checks; {shape}",
+        ),
+    ]
 
 
 def _rates(

@@ -74,6 +74,7 @@ def init(out: Output) -> None:
         "cloud_logging": s.cloud_logging_url,
         "keys": s.keys_url,
         "policy": str(s.policy_path),
+        "intake_public_key": pipeline.intake_public_key,
     }
     pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
@@ -177,30 +178,41 @@ def spool() -> None:
 
 
 @command(spool, "replay")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to keep retrying stores.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to keep retrying delivery.")
 def spool_replay(out: Output, timeout: float) -> None:
-    """Deliver the batches a stopped scheduler left in the spool."""
+    """Deliver the batches a stopped scheduler left in the spool (in-process, or to pipeline.ingest.url)."""
+    from pipeline.delivery import Delivery, EmbeddedDelivery, remote_delivery
     from pipeline.emitter import Emitter
     from pipeline.errors import SpoolError, StoreUnavailable
+    from pipeline.principals import Principal
     from pipeline.spool import Spool
 
-    pipeline = open_pipeline()
-    queue = Spool(pipeline.settings.spool_dir)
-    corrupt_before = set(queue.corrupt_files())
-    emitter = Emitter(lambda: pipeline, queue, retry_max=pipeline.settings.retry_max)
+    settings = Settings.from_config()
+    delivery: Delivery | None = remote_delivery(settings)  # a cluster's spool: post it with the cluster's token
+    if delivery is None:  # on the machine holding the master key: replay as the operator
+        pipeline = open_pipeline()  # now, so a bad key or database fails fast
+        delivery = EmbeddedDelivery(lambda: pipeline, Principal("operator"))
+    queue = Spool(settings.spool_dir)
+    corrupt_before, refused_before = set(queue.corrupt_files()), set(queue.refused_files())
+    emitter = Emitter(delivery, queue, retry_max=settings.retry_max)
     emitter.start()
     delivered_all = emitter.close(timeout)
     corrupt = sorted(set(queue.corrupt_files()) - corrupt_before)
+    refused = sorted(set(queue.refused_files()) - refused_before)
     summary = {
         "batches_replayed": emitter.stats.batches_replayed,
         "batches_delivered": emitter.stats.batches_delivered,
         "batches_left": len(queue.pending_files()),
         "corrupt_files": [str(p) for p in corrupt],
+        "refused_files": [str(p) for p in refused],
     }
-    if corrupt:
+    if corrupt or refused:
         raise SpoolError(
-            f"{len(corrupt)} corrupt spool file(s) set aside in {queue.corrupt_dir}: "
-            f"{', '.join(p.name for p in corrupt)}; {summary['batches_delivered']} other batches delivered"
+            f"{len(corrupt)} corrupt spool file(s) set aside in {queue.corrupt_dir}"
+            f"{': ' + ', '.join(p.name for p in corrupt) if corrupt else ''}; "
+            f"{len(refused)} refused batch(es) set aside in {queue.refused_dir}"
+            f"{' (' + str(emitter.stats.last_error) + ')' if refused else ''}; "
+            f"{summary['batches_delivered']} other batches delivered"
         )
     if not delivered_all:
         raise StoreUnavailable(f"{summary['batches_left']} batches left in the spool: {emitter.stats.last_error}")

@@ -55,6 +55,9 @@ class Settings:
     policy_path: Path
     retention_cron: str
     requests_interval: float
+    ingest_url: str | None = None
+    ingest_token: str | None = None
+    ingest_public_key: str | None = None
 
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
@@ -94,6 +97,9 @@ class Settings:
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
+            "ingest_url": _get("ingest.url"),
+            "ingest_token": _get("ingest.token"),
+            "ingest_public_key": _get("ingest.public-key"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -150,6 +150,16 @@ leases = Table(
     Column("completed_at", UTCDateTime),  # set once the work is done: never granted again
 )
 
+ingested_batches = Table(
+    "ingested_batches",
+    metadata,
+    # scoped by subject: another account reusing a batch id can neither skip nor shadow this one
+    Column("subject_ref", String(64), primary_key=True),
+    Column("batch_id", String(128), primary_key=True),
+    Column("records", Integer, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+)
+
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 

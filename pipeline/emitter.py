@@ -1,14 +1,15 @@
 """Bounded hand-off from the scheduler's event loop to background delivery.
 
 ``submit`` only appends to a queue, so the event loop never waits on disk,
-network or encryption. A background thread seals records into segments,
-spools each batch durably, then delivers it to every store the policy routes
-it to, retrying a store that is down with exponential back-off. A batch leaves
-the spool when all its stores have acknowledged it; on start, batches left by
-an earlier process are replayed. ``close`` flushes for a bounded time and
-leaves whatever it could not deliver in the spool. Deliveries are counted per
-store and data type and summarised in the audit trail once per hour (and on
-close), never per record.
+network or encryption. A background thread seals records into batches with
+HPKE to the intake public key (:mod:`pipeline.intake`), spools each batch
+durably, then hands it to a :class:`~pipeline.delivery.Delivery` (in-process
+or HTTP), retrying a target that is down with exponential back-off. A batch
+leaves the spool once delivered; a batch the target refuses for good is set
+aside and counted, never retried forever. On start, batches left by an earlier
+process are replayed. ``close`` flushes for a bounded time and leaves whatever
+it could not deliver in the spool. The emitter never holds a key that opens
+what it sealed.
 """
 
 from __future__ import annotations
@@ -17,23 +18,24 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import StoreUnavailable
-from pipeline.records import utcnow
-from pipeline.runtime import Pipeline, seal_records
-from pipeline.segments import Segment
-from pipeline.spool import Batch, Spool
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from pipeline.delivery import Delivery
+from pipeline.errors import BatchRefused
+from pipeline.intake import MAX_SEALED_BYTES, seal_batch
+from pipeline.spool import Spool, SpooledBatch, new_batch_id
 
 __all__ = ["Emitter", "EmitterStats"]
 
 logger = logging.getLogger(__name__)
 
 _MIN_BACKOFF = 0.1
+#: records per sealed batch: one batch stays far below MAX_SEALED_BYTES for every kind the plugin emits
+MAX_BATCH_RECORDS = 5_000
 
 
 @dataclass
@@ -42,12 +44,13 @@ class EmitterStats:
 
     records_submitted: int = 0
     records_sealed: int = 0
+    records_dropped: int = 0
     batches_spooled: int = 0
     batches_replayed: int = 0
     batches_delivered: int = 0
+    batches_refused: int = 0
     corrupt_spool_files: int = 0
-    records_dropped: int = 0
-    delivery_failures: dict[str, int] = field(default_factory=dict)
+    delivery_failures: int = 0
     last_error: str | None = None
 
 
@@ -56,29 +59,27 @@ class Emitter:
 
     def __init__(
         self,
-        open_pipeline: Callable[[], Pipeline],
+        delivery: Delivery,
         spool: Spool,
         *,
         retry_max: float = 30.0,
         max_queue: int = 100_000,
     ) -> None:
-        self._open_pipeline = open_pipeline
+        self.delivery = delivery
         self.spool = spool
         self.retry_max = retry_max
         self.stats = EmitterStats()
         self._queue: queue.Queue[Sequence[Mapping[str, Any]]] = queue.Queue(maxsize=max_queue)
-        self._pending: list[Batch] = []
+        self._public_key: X25519PublicKey | None = None
+        self._pending: list[SpooledBatch] = []
         self._unsealed: list[Mapping[str, Any]] = []
-        self._retry_at: dict[str, float] = {}
+        self._retry_at = 0.0
         self._backoff: dict[str, float] = {}
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._deadline = float("inf")
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="metadata-emitter", daemon=True)
-        self._ingested: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
-        self._ingest_hour: datetime | None = None
-        self.pipeline: Pipeline | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -124,32 +125,34 @@ class Emitter:
         return done
 
     def _is_idle(self) -> bool:
-        return self._queue.empty() and not self._pending and not self._unsealed and self.pipeline is not None
+        return self._queue.empty() and not self._pending and not self._unsealed and self._public_key is not None
 
     # -- background thread -------------------------------------------------
     def _run(self) -> None:
-        while not self._connect():
-            if self._closing.is_set() and time.monotonic() >= self._deadline:
-                return
-        while True:
-            self._drain()
-            self._deliver()
-            with self._idle:
-                if self._is_idle():
-                    self._idle.notify_all()
-            self._summarise_ingest()
-            if self._closing.is_set() and (self._is_idle() or time.monotonic() >= self._deadline):
-                self._summarise_ingest(final=True)
-                return
-            self._wake.wait(timeout=self._next_wait())
-            self._wake.clear()
+        try:
+            while not self._connect():
+                if self._closing.is_set() and time.monotonic() >= self._deadline:
+                    return
+            while True:
+                self._drain()
+                self._deliver()
+                with self._idle:
+                    if self._is_idle():
+                        self._idle.notify_all()
+                if self._closing.is_set() and (self._is_idle() or time.monotonic() >= self._deadline):
+                    return
+                self._wake.wait(timeout=self._next_wait())
+                self._wake.clear()
+        finally:
+            self.delivery.close()
 
     def _connect(self) -> bool:
+        """Learn the key to seal to, then pick up what an earlier process left in the spool."""
         try:
-            self.pipeline = self._open_pipeline()
-        except Exception as exc:  # keep retrying: the store may come back
-            self._note_error("open pipeline", exc)
-            self._wake.wait(timeout=self._backoff_for("pipeline"))
+            self._public_key = self.delivery.public_key()
+        except Exception as exc:  # keep retrying: the keyring's database may come back
+            self._note_error("get the intake public key", exc)
+            self._wake.wait(timeout=self._backoff_for("connect"))
             self._wake.clear()
             return False
         for batch in self.spool.replay():
@@ -165,88 +168,78 @@ class Emitter:
                 records.extend(self._queue.get_nowait())
             except queue.Empty:
                 break
-        if not records:
-            return
-        assert self.pipeline is not None
-        try:
-            segments = self._seal(records)
-            routed = self.pipeline.route(segments)
-            targets = frozenset(name for name, batch in routed.items() if batch)
-            batch = self.spool.append(segments, targets)
-        except (StoreUnavailable, OSError) as exc:  # keyring or spool disk unavailable: retry
-            self._unsealed = records
-            self._note_error("seal and spool", exc)
-            return
+        while records:
+            chunk = records[:MAX_BATCH_RECORDS]
+            try:
+                batches = self._spool_batches(chunk)
+            except OSError as exc:  # spool disk full or gone: keep the records and retry
+                self._unsealed = records
+                self._note_error("spool a batch", exc)
+                return
+            del records[: len(chunk)]
+            self._pending.extend(batches)
         self._unsealed = []
-        self._backoff.pop("pipeline", None)
-        self._pending.append(batch)
+
+    def _spool_batches(self, records: list[Mapping[str, Any]]) -> list[SpooledBatch]:
+        """Seal and spool records as one batch, or as several when one would exceed the size limit."""
+        batch_id = new_batch_id()
+        sealed = self._seal(batch_id, records)
+        if sealed is None:
+            return []
+        if len(sealed) > MAX_SEALED_BYTES:
+            if len(records) == 1:
+                self._drop(records[0], ValueError(f"sealed record exceeds {MAX_SEALED_BYTES} bytes"))
+                return []
+            half = len(records) // 2
+            return self._spool_batches(records[:half]) + self._spool_batches(records[half:])
+        batch = self.spool.append(batch_id, sealed)
         self.stats.records_sealed += len(records)
         self.stats.batches_spooled += 1
+        return [batch]
 
-    def _seal(self, records: list[Mapping[str, Any]]) -> list[Segment]:
+    def _seal(self, batch_id: str, records: list[Mapping[str, Any]]) -> bytes | None:
         """Seal records; a malformed one is dropped and counted, never retried (it would block the rest)."""
-        assert self.pipeline is not None
+        assert self._public_key is not None
         try:
-            return seal_records(self.pipeline.keyring, records)
-        except StoreUnavailable:
-            raise
-        except Exception:
-            good = []
-            for record in records:
-                try:
-                    seal_records(self.pipeline.keyring, [record])
-                    good.append(record)
-                except StoreUnavailable:
-                    raise
-                except Exception as exc:
-                    self.stats.records_dropped += 1
-                    self._note_error(f"seal a malformed {record.get('kind')} record (dropped)", exc)
-            return seal_records(self.pipeline.keyring, good)
+            return seal_batch(self._public_key, batch_id, records)
+        except (ValueError, TypeError):
+            good = [record for record in records if self._sealable(record)]
+            return seal_batch(self._public_key, batch_id, good) if good else None
+
+    def _sealable(self, record: Mapping[str, Any]) -> bool:
+        assert self._public_key is not None
+        try:
+            seal_batch(self._public_key, "check", [record])
+        except (ValueError, TypeError) as exc:
+            self._drop(record, exc)
+            return False
+        return True
+
+    def _drop(self, record: Mapping[str, Any], exc: BaseException) -> None:
+        self.stats.records_dropped += 1
+        self._note_error(f"seal a malformed {record.get('kind')} record (dropped)", exc)
 
     def _deliver(self) -> None:
-        assert self.pipeline is not None
-        now = time.monotonic()
-        for name, store in self.pipeline.stores.items():
-            if self._retry_at.get(name, 0.0) > now:
+        if self._retry_at > time.monotonic():
+            return
+        for batch in list(self._pending):
+            try:
+                self.delivery.deliver(batch)
+            except BatchRefused as exc:
+                self._pending.remove(batch)
+                self.spool.refuse(batch, str(exc))
+                self.stats.batches_refused += 1
+                self.stats.last_error = str(exc)
                 continue
-            for batch in list(self._pending):
-                if name not in batch.waiting_for:
-                    continue
-                segments = [s for s in batch.segments if name in self.pipeline.policy.stores_for(s.data_type)]
-                try:
-                    store.write(segments)
-                except Exception as exc:
-                    self.stats.delivery_failures[name] = self.stats.delivery_failures.get(name, 0) + 1
-                    self._note_error(f"deliver to {name}", exc)
-                    self._retry_at[name] = time.monotonic() + self._backoff_for(name)
-                    break
-                self._backoff.pop(name, None)
-                self._count_ingested(name, segments)
-                self.spool.ack(batch, name)
-                if not batch.waiting_for:
-                    self._pending.remove(batch)
-                    self.stats.batches_delivered += 1
-
-    def _count_ingested(self, store: str, segments: Sequence[Segment]) -> None:
-        self._summarise_ingest()
-        counts = self._ingested.setdefault(store, Counter())
-        for segment in segments:
-            counts[segment.data_type] += segment.n_records
-        self._ingest_hour = self._ingest_hour or _hour(utcnow())
-
-    def _summarise_ingest(self, *, final: bool = False) -> None:
-        """Append ``ingest.summary`` once the hour of the counted deliveries is over (or on close)."""
-        if self._ingest_hour is None or (not final and _hour(utcnow()) == self._ingest_hour):
-            return
-        assert self.pipeline is not None
-        records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._ingested.items())}
-        try:
-            details = {"hour": self._ingest_hour.isoformat(), "records": records}
-            self.pipeline.audit.append("ingest.summary", details=details)
-        except Exception as exc:  # the database may be down: keep counting, retry on the next loop
-            self._note_error("write the ingest summary", exc)
-            return
-        self._ingested, self._ingest_hour = {}, None
+            except Exception as exc:
+                self.stats.delivery_failures += 1
+                self._note_error("deliver a batch", exc)
+                self._retry_at = time.monotonic() + self._backoff_for("deliver")
+                return
+            self._backoff.pop("deliver", None)
+            self._pending.remove(batch)
+            self.spool.remove(batch)
+            self.stats.batches_delivered += 1
 
     def _backoff_for(self, name: str) -> float:
         delay = min(self._backoff.get(name, _MIN_BACKOFF / 2) * 2, self.retry_max)
@@ -255,19 +248,13 @@ class Emitter:
 
     def _next_wait(self) -> float:
         if self._unsealed:
-            return self._backoff.get("pipeline", _MIN_BACKOFF)
+            return _MIN_BACKOFF
         if not self._pending:
             return 1.0
-        now = time.monotonic()
-        waits = [t - now for t in self._retry_at.values() if t > now]
-        return max(0.01, min([1.0, *waits]))
+        return max(0.01, min(1.0, self._retry_at - time.monotonic()))
 
     def _note_error(self, action: str, exc: BaseException) -> None:
         message = f"{action}: {exc}".splitlines()[0]
         if message != self.stats.last_error:
             logger.warning("metadata emitter could not %s", message)
         self.stats.last_error = message
-
-
-def _hour(moment: datetime) -> datetime:
-    return moment.replace(minute=0, second=0, microsecond=0)

@@ -10,6 +10,9 @@
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      ├── SpoolError             a spooled batch is unreadable
+     ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
+     │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
+     │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
      └── AuditIntegrityError    the audit trail was altered
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 __all__ = [
     "AuditIntegrityError",
+    "BatchRefused",
     "ConfigError",
+    "ForbiddenBatch",
+    "IntakeError",
     "KeyringError",
     "PipelineError",
     "PolicyError",
@@ -68,6 +74,18 @@ class StoreUnavailable(StoreError):
 
 class SpoolError(PipelineError):
     """A spooled batch file is corrupt or unreadable."""
+
+
+class BatchRefused(PipelineError):
+    """A sealed batch was refused for good: retrying the same bytes cannot succeed."""
+
+
+class IntakeError(BatchRefused, ValueError):
+    """A sealed batch is malformed, does not decrypt, is too large, or holds invalid records."""
+
+
+class ForbiddenBatch(BatchRefused, PermissionError):
+    """The caller may not ingest this batch (another account or cluster, or not a cluster)."""
 
 
 class AuditIntegrityError(PipelineError):

@@ -12,6 +12,7 @@ logged at WARNING; it never reaches the scheduler (``start`` never raises).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,10 @@ from distributed.protocol.serialize import Serialize, Serialized, deserialize
 from tornado.ioloop import PeriodicCallback
 
 from pipeline.config import Settings
+from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import Emitter
 from pipeline.environment import environment_id, installed_environment
+from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
@@ -126,19 +129,21 @@ class MetadataPlugin(SchedulerPlugin):
     def _start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         args = dict(self._args)
+        # a local only: in remote mode Settings names store URLs the plugin must not keep
         settings = Settings.from_config(plugin_interval=args.pop("interval"), **args)
-        self.settings = settings
         self.account = settings.account or _UNASSIGNED
         if settings.account is None:
             logger.warning("pipeline.account is not set; metadata is recorded as account %r", _UNASSIGNED)
         self.user = settings.user
         self.cluster_id = settings.cluster_id or scheduler.id
+        self.image = settings.image
+        self.close_timeout = settings.close_timeout
         settings.ensure_home()
-        self.emitter = Emitter(
-            lambda: Pipeline.open(settings, create=True),
-            Spool(settings.spool_dir),
-            retry_max=settings.retry_max,
+        delivery = remote_delivery(settings) or EmbeddedDelivery(
+            functools.partial(Pipeline.open, settings, create=True),
+            Principal.embedded_cluster(self.account, settings.cluster_id),
         )
+        self.emitter = Emitter(delivery, Spool(settings.spool_dir), retry_max=settings.retry_max)
         self.emitter.start()
         callback = PeriodicCallback(self._snapshot_safely, settings.plugin_interval * 1000)
         scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
@@ -158,7 +163,7 @@ class MetadataPlugin(SchedulerPlugin):
             records += [self._job_record(job, finished_at=None) for job in self._jobs.values()]
             self._jobs.clear()
             self.emitter.submit(records)
-            emitter, timeout = self.emitter, self.settings.close_timeout
+            emitter, timeout = self.emitter, self.close_timeout
             await asyncio.get_running_loop().run_in_executor(None, emitter.close, timeout)
         except Exception as exc:
             self._failed("close", exc)
@@ -333,7 +338,7 @@ class MetadataPlugin(SchedulerPlugin):
         }
 
     def _environment_record(self, python_version: str, packages: dict[str, str]) -> None:
-        env_id = environment_id(self.settings.image, python_version, packages)
+        env_id = environment_id(self.image, python_version, packages)
         if env_id in self._envs or self.emitter is None:
             return
         self._envs.add(env_id)
@@ -342,7 +347,7 @@ class MetadataPlugin(SchedulerPlugin):
                 {
                     **self._common("software_env", "software_env"),
                     "env_id": env_id,
-                    "image": self.settings.image,
+                    "image": self.image,
                     "python_version": python_version,
                     "packages": packages,
                 }

@@ -49,6 +49,11 @@ class Principal:
         return f"{self.kind}-token:{self.token_id}"
 
     @classmethod
-    def embedded_cluster(cls, account: str, cluster_id: str) -> Principal:
-        """The principal of an in-process (embedded) plugin: its own configured account and cluster."""
+    def embedded_cluster(cls, account: str, cluster_id: str | None) -> Principal:
+        """The principal of an in-process (embedded) plugin: its own configured account and cluster.
+
+        ``cluster_id`` None (no ``pipeline.cluster-id`` configured, so each scheduler
+        start gets a new id) scopes to the account only, so a restarted embedded
+        scheduler can replay its predecessor's spool. Tokens always name a cluster.
+        """
         return cls("cluster", account=account, cluster_id=cluster_id)

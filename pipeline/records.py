@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 __all__ = [
     "DATA_TYPES",
@@ -21,6 +22,8 @@ __all__ = [
     "kind",
     "rows_from_table",
     "table_from_rows",
+    "check_table",
+    "tables_from_records",
     "utcnow",
 ]
 
@@ -142,3 +145,53 @@ def rows_from_table(table: pa.Table) -> Iterator[dict[str, Any]]:
             if row.get(name) is not None:
                 row[name] = dict(row[name])
         yield row
+
+
+def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
+    """Records as one Arrow table per kind, each checked by :func:`check_table`.
+
+    The emitter runs this before sealing a batch, so a malformed record is caught
+    (and dropped) on the cluster rather than refusing a whole batch later.
+
+    :raises ValueError: naming what is wrong (the kind, field or type)
+    """
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
+    for position, record in enumerate(records):
+        name = record.get("kind") if isinstance(record, Mapping) else None
+        if name not in KINDS:
+            raise ValueError(f"record {position}: unknown record kind {name!r}")
+        by_kind.setdefault(name, []).append(record)
+    tables = []
+    for kind_name, rows in by_kind.items():
+        try:
+            table = table_from_rows(kind_name, rows)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise ValueError(f"{kind_name} record has a field of the wrong type: {exc}") from None
+        check_table(table)
+        tables.append(table)
+    return tables
+
+
+def check_table(table: pa.Table) -> str:
+    """The kind of a table that arrived from elsewhere, once it matches that kind's schema exactly.
+
+    :raises ValueError: naming what does not match
+    """
+    if table.num_rows == 0 or "kind" not in table.column_names:
+        raise ValueError("a table of records must be non-empty and have a kind column")
+    kinds = pc.unique(table.column("kind")).to_pylist()
+    if len(kinds) != 1 or kinds[0] not in KINDS:
+        raise ValueError(f"a table must hold one known record kind, got {kinds[:5]}")
+    spec = KINDS[kinds[0]]
+    if not table.schema.equals(spec.schema):
+        raise ValueError(f"{spec.name} table does not match the {spec.name} record schema")
+    for field in spec.schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise ValueError(f"{spec.name} record lacks {field.name}")
+    if not pc.all(pc.equal(table.column("data_type"), spec.data_type)).as_py():
+        raise ValueError(f"{spec.name} record has a data_type other than {spec.data_type!r}")
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{spec.name} table is malformed: {exc}") from None
+    return spec.name

@@ -198,3 +198,25 @@ def make_record(kind: str = "cluster_snapshot", *, account: str = "acme", user: 
         record.setdefault(field.name, None)
     record.update(fields)
     return record
+
+
+def embedded_emitter(pipeline, *, account: str = "acme", retry_max: float = 0.2, spool_dir: Path | None = None):  # noqa: ANN001, ANN201
+    """A started emitter that delivers in-process to ``pipeline`` as a cluster of ``account``."""
+    from pipeline.delivery import EmbeddedDelivery
+    from pipeline.emitter import Emitter
+    from pipeline.principals import Principal
+    from pipeline.spool import Spool
+
+    delivery = EmbeddedDelivery(lambda: pipeline, Principal.embedded_cluster(account, None))
+    emitter = Emitter(delivery, Spool(spool_dir or pipeline.settings.spool_dir), retry_max=retry_max)
+    emitter.start()
+    return emitter
+
+
+def sealed_batch(pipeline, records, batch_id: str | None = None) -> tuple[str, bytes]:  # noqa: ANN001
+    """``records`` sealed to ``pipeline``'s intake public key, as a cluster would send them."""
+    from pipeline.intake import seal_batch
+    from pipeline.spool import new_batch_id
+
+    batch_id = batch_id or new_batch_id()
+    return batch_id, seal_batch(pipeline.intake_key.public_key(), batch_id, records)

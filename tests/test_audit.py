@@ -15,7 +15,7 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner, Result
-from conftest import make_record
+from conftest import embedded_emitter, make_record
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, delete, insert, select, update
 
@@ -23,10 +23,8 @@ from pipeline.audit import AuditLog, canonical_entry
 from pipeline.cli import main
 from pipeline.config import default_policy_path
 from pipeline.db import audit_log
-from pipeline.emitter import Emitter
 from pipeline.retention.policy import load_policy
 from pipeline.runtime import Pipeline
-from pipeline.spool import Spool
 
 
 def run(*args: str) -> Result:
@@ -188,7 +186,7 @@ def test_init_key_creation_and_rotation_are_recorded_by_subject_ref_only(home: P
     created = entries[2]
     assert created.subject_ref == pipeline.subject_ref("acme")
     assert created.details == {"key_version": 1}
-    assert entries[3].details == {"master_key_version": 2, "keys_rewrapped": 3}  # index, audit, acme
+    assert entries[3].details == {"master_key_version": 2, "keys_rewrapped": 4}  # index, intake, audit, acme
     assert "acme" not in json.dumps([e.as_dict() for e in entries])
     assert pipeline.audit.verify() == 4  # the rotated master key still opens the signing key
 
@@ -227,10 +225,9 @@ def test_emitter_records_ingestion_per_hour_not_per_record(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock(datetime(2026, 3, 1, 9, 15, tzinfo=UTC))
-    monkeypatch.setattr("pipeline.emitter.utcnow", clock)
+    monkeypatch.setattr("pipeline.ingest_tally.utcnow", clock)
     pipeline = Pipeline.open(create=True)
-    emitter = Emitter(lambda: pipeline, Spool(tmp_path / "spool"))
-    emitter.start()
+    emitter = embedded_emitter(pipeline, spool_dir=tmp_path / "spool")
     observed = clock.now - timedelta(minutes=5)
     emitter.submit([make_record(observed_at=observed) for _ in range(3)])
     assert emitter.flush()

@@ -10,7 +10,7 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner, Result
-from conftest import make_record
+from conftest import make_record, sealed_batch
 
 from pipeline.cli import main
 from pipeline.config import Settings
@@ -115,12 +115,9 @@ def test_wrong_key_for_an_existing_store_writes_nothing(home: Path, tmp_path: Pa
 
 def test_spool_replay_sets_corrupt_files_aside_and_delivers_the_rest(home: Path, settings: Settings) -> None:
     pipeline = Pipeline.open(settings, create=True)
-    from pipeline.runtime import seal_records
-
-    segments = seal_records(pipeline.keyring, [make_record("cluster_snapshot") for _ in range(3)])
     spool = Spool(settings.spool_dir)
-    spool.append(segments, frozenset({"long_term", "cloud_logging"}))
-    broken = spool.append(segments[:1], frozenset({"long_term"}))
+    spool.append(*sealed_batch(pipeline, [make_record("cluster_snapshot") for _ in range(3)]))
+    broken = spool.append(*sealed_batch(pipeline, [make_record("cluster_snapshot")]))
     path = settings.spool_dir / f"{broken.batch_id}.batch"
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
 
@@ -131,6 +128,12 @@ def test_spool_replay_sets_corrupt_files_aside_and_delivers_the_rest(home: Path,
     assert spool.pending_files() == []
     assert len(list(pipeline.read_records("long_term"))) == 3
     assert len(list(pipeline.read_records("cloud_logging"))) == 3
+
+
+def test_spool_replay_without_a_database_fails_fast_with_one_line(home: Path, settings: Settings) -> None:
+    result = run("spool", "replay", "--timeout", "20")
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "run metadata-pipeline init" in result.output
 
 
 def test_keys_rotate_keeps_data_readable(home: Path) -> None:

@@ -1,0 +1,150 @@
+"""Where the emitter delivers a sealed batch: in-process (embedded) or over HTTP (remote).
+
+One protocol, :class:`Delivery`, two backends chosen by whether
+``pipeline.ingest.url`` is set:
+
+- :class:`EmbeddedDelivery` calls :meth:`Pipeline.ingest` in-process as the
+  plugin's own cluster (one machine, one user: ``make demo``).
+- :class:`HTTPDelivery` POSTs the batch to ``<pipeline.ingest.url>/v1/ingest``
+  with the cluster token; it holds no key that decrypts anything and no
+  store or database URL.
+
+A delivery either returns (the batch is stored, now or before), raises
+:class:`~pipeline.errors.BatchRefused` (never retry these bytes) or raises
+anything else (retry later with back-off).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from pipeline.config import Settings
+from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable
+from pipeline.intake import MEDIA_TYPE, load_public_key
+from pipeline.spool import SpooledBatch
+
+if TYPE_CHECKING:
+    from pipeline.principals import Principal
+    from pipeline.runtime import Pipeline
+
+__all__ = ["Delivery", "EmbeddedDelivery", "HTTPDelivery", "remote_delivery"]
+
+_DETAIL_CHARS = 200
+
+
+class Delivery(ABC):
+    """Hands sealed batches to the party that holds the intake private key."""
+
+    @abstractmethod
+    def public_key(self) -> X25519PublicKey:
+        """The intake public key to seal batches to.
+
+        :raises StoreUnavailable: the key cannot be obtained yet (retry later)
+        """
+
+    @abstractmethod
+    def deliver(self, batch: SpooledBatch) -> None:
+        """Hand one sealed batch over; returning means it is stored (now or by an earlier attempt).
+
+        :raises BatchRefused: the target refused the batch for good; never retry it
+        :raises Exception: anything else means the target is down or busy; retry with back-off
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional: not every delivery holds a connection
+        """Release connections."""
+
+
+class EmbeddedDelivery(Delivery):
+    """In-process :meth:`Pipeline.ingest`, as the plugin's own cluster principal."""
+
+    def __init__(self, open_pipeline: Callable[[], Pipeline], principal: Principal) -> None:
+        self._open_pipeline = open_pipeline
+        self.principal = principal
+        self._pipeline: Pipeline | None = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline, opened on first use (the database may be down when the plugin starts)."""
+        if self._pipeline is None:
+            self._pipeline = self._open_pipeline()
+        return self._pipeline
+
+    def public_key(self) -> X25519PublicKey:
+        return self.pipeline.intake_key.public_key()
+
+    def deliver(self, batch: SpooledBatch) -> None:
+        self.pipeline.ingest(batch.sealed, self.principal, idempotency_key=batch.batch_id)
+
+    def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
+
+
+class HTTPDelivery(Delivery):
+    """``POST <url>/v1/ingest`` with a bearer token and the batch id as idempotency key."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        public_key: X25519PublicKey,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.endpoint = url.rstrip("/") + "/v1/ingest"
+        self._public_key = public_key
+        headers = {"Content-Type": MEDIA_TYPE}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
+
+    def public_key(self) -> X25519PublicKey:
+        return self._public_key
+
+    def deliver(self, batch: SpooledBatch) -> None:
+        try:
+            response = self._client.post(
+                self.endpoint, content=batch.sealed, headers={"Idempotency-Key": batch.batch_id}
+            )
+        except httpx.HTTPError as exc:
+            raise StoreUnavailable(f"ingest endpoint {self.endpoint} unreachable: {exc}") from exc
+        if response.is_success:
+            return
+        answer = f"ingest endpoint {self.endpoint} answered {response.status_code}: {_detail(response)}"
+        if response.status_code == 429 or response.status_code >= 500:
+            raise StoreUnavailable(answer)
+        raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    """The problem+json ``detail`` (or ``title``), else the first line of the body, shortened."""
+    try:
+        problem = response.json()
+        text = str(problem.get("detail") or problem.get("title") or problem) if isinstance(problem, dict) else ""
+    except ValueError:
+        text = ""
+    text = text or response.text or response.reason_phrase
+    return (text.splitlines() or [""])[0][:_DETAIL_CHARS]
+
+
+def remote_delivery(settings: Settings) -> HTTPDelivery | None:
+    """The :class:`HTTPDelivery` ``pipeline.ingest.*`` configures; None when no ingest URL is set (embedded).
+
+    :raises ConfigError: an ingest URL without a token or a valid public key
+    """
+    if not settings.ingest_url:
+        return None
+    if not settings.ingest_token:
+        raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.token is not")
+    if not settings.ingest_public_key:
+        raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.public-key is not")
+    return HTTPDelivery(settings.ingest_url, settings.ingest_token, load_public_key(settings.ingest_public_key))

@@ -1,0 +1,173 @@
+"""HPKE sealing of a spool batch to the control plane's intake key, and opening it there.
+
+A cluster runs user code, so it must be able to write metadata but never read
+it back. It holds only the intake PUBLIC key and seals every batch to it with
+HPKE (RFC 9180, X25519 / HKDF-SHA256 / AES-256-GCM) before the batch touches
+its disk; only the holder of the intake private key (the keyring, on the
+control plane or in an embedded pipeline) can open it. Replaying a dead
+scheduler's spool therefore needs no secret, and reading one gives nothing.
+
+Sealed batch: ``MAGIC | len(batch_id) (1 byte) | batch_id | HPKE ciphertext``.
+The batch id travels in clear (it is the idempotency key) and is bound into
+the HPKE ``info``, so a batch relabelled with another id does not open. The
+plaintext is one uncompressed Arrow IPC stream per record kind, each framed by
+its 4-byte big-endian length (uncompressed, so the size limit on the sealed
+bytes also bounds memory); every table is checked against its kind's schema
+on open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from pipeline.errors import ConfigError, IntakeError
+from pipeline.keys import Keyring
+from pipeline.records import check_table, tables_from_records
+
+__all__ = [
+    "MAX_SEALED_BYTES",
+    "MEDIA_TYPE",
+    "OpenedBatch",
+    "intake_private_key",
+    "load_public_key",
+    "open_batch",
+    "public_key_text",
+    "seal_batch",
+]
+
+#: largest sealed batch accepted (the API answers 413 above it); the emitter splits batches to stay under
+MAX_SEALED_BYTES = 8 * 1024 * 1024
+#: the Content-Type of a sealed batch on the wire
+MEDIA_TYPE = "application/vnd.metadata-pipeline.batch"
+INTAKE_KEY_ID = "intake"
+MAGIC = b"MPBATCH1"
+_PUBLIC_PREFIX = "mp-intake-x25519:"
+_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+_FRAME = 4
+
+
+@dataclass(frozen=True)
+class OpenedBatch:
+    """A batch's id and its records: one schema-checked Arrow table per kind."""
+
+    batch_id: str
+    tables: list[pa.Table]
+
+    @property
+    def n_records(self) -> int:
+        return sum(table.num_rows for table in self.tables)
+
+
+def intake_private_key(keyring: Keyring) -> X25519PrivateKey:
+    """The intake private key, kept in the keyring wrapped by the master key (made on first use)."""
+    return X25519PrivateKey.from_private_bytes(keyring.named_key(INTAKE_KEY_ID, "intake"))
+
+
+def public_key_text(key: X25519PrivateKey | X25519PublicKey) -> str:
+    """The public key as the one-line text ``pipeline.ingest.public-key`` holds."""
+    public = key.public_key() if isinstance(key, X25519PrivateKey) else key
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return _PUBLIC_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def load_public_key(text: str, *, setting: str = "pipeline.ingest.public-key") -> X25519PublicKey:
+    """Parse :func:`public_key_text`'s output.
+
+    :raises ConfigError: naming ``setting`` when the text is not such a key
+    """
+    if not isinstance(text, str) or not text.startswith(_PUBLIC_PREFIX):
+        raise ConfigError(f"{setting}: expected a key starting with {_PUBLIC_PREFIX!r}, got {str(text)[:40]!r}")
+    encoded = text[len(_PUBLIC_PREFIX) :].strip()
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        return X25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"{setting}: not a valid X25519 public key ({exc})") from exc
+
+
+def _info(batch_id: str) -> bytes:
+    return MAGIC + b"|" + batch_id.encode()
+
+
+def _frames(tables: Sequence[pa.Table]) -> bytes:
+    parts = []
+    for table in tables:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        stream = sink.getvalue().to_pybytes()
+        parts += [len(stream).to_bytes(_FRAME, "big"), stream]
+    return b"".join(parts)
+
+
+def _tables(plaintext: bytes) -> list[pa.Table]:
+    """Parse the frames; :raises ValueError: naming what is malformed."""
+    tables, at = [], 0
+    while at < len(plaintext):
+        size = int.from_bytes(plaintext[at : at + _FRAME], "big")
+        stream = plaintext[at + _FRAME : at + _FRAME + size]
+        if len(stream) != size or size == 0:
+            raise ValueError("truncated record table")
+        try:
+            table = pa.ipc.open_stream(stream).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"unreadable record table: {str(exc).splitlines()[0]}") from None
+        check_table(table)
+        tables.append(table)
+        at += _FRAME + size
+    if not tables:
+        raise ValueError("no records")
+    return tables
+
+
+def seal_batch(public_key: X25519PublicKey, batch_id: str, records: Sequence[Mapping[str, Any]]) -> bytes:
+    """Validate ``records`` and seal them to the intake key under ``batch_id``.
+
+    :raises ValueError: a record is malformed (names it), or the batch id is not ``[A-Za-z0-9_-]{1,128}``
+    """
+    if not _BATCH_ID.fullmatch(batch_id):
+        raise ValueError(f"batch id {batch_id!r} is not 1-128 letters, digits, '-' or '_'")
+    plaintext = _frames(tables_from_records(records))
+    label = batch_id.encode()
+    return MAGIC + bytes([len(label)]) + label + _SUITE.encrypt(plaintext, public_key, info=_info(batch_id))
+
+
+def open_batch(private_key: X25519PrivateKey, sealed: bytes) -> OpenedBatch:
+    """Open a sealed batch and check its tables against the record schemas.
+
+    :raises IntakeError: too large, not a sealed batch, altered or relabelled, sealed to
+        another key, or holding records that do not match their schema
+    """
+    if len(sealed) > MAX_SEALED_BYTES:
+        raise IntakeError(f"sealed batch of {len(sealed)} bytes exceeds the limit of {MAX_SEALED_BYTES} bytes")
+    head = len(MAGIC) + 1
+    if len(sealed) < head or sealed[: len(MAGIC)] != MAGIC:
+        raise IntakeError("not a sealed metadata batch (bad magic)")
+    end = head + sealed[len(MAGIC)]
+    batch_id = sealed[head:end].decode("ascii", errors="replace")
+    if not _BATCH_ID.fullmatch(batch_id) or len(sealed) <= end:
+        raise IntakeError("not a sealed metadata batch (bad batch id header)")
+    try:
+        plaintext = _SUITE.decrypt(sealed[end:], private_key, info=_info(batch_id))
+    except (InvalidTag, ValueError):
+        raise IntakeError(
+            f"batch {batch_id} does not decrypt: altered, relabelled or sealed to another intake key"
+        ) from None
+    try:
+        return OpenedBatch(batch_id, _tables(plaintext))
+    except ValueError as exc:
+        raise IntakeError(f"batch {batch_id}: {exc}") from None

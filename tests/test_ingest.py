@@ -1,0 +1,124 @@
+"""Pipeline.ingest, the one ingest path: scoping, idempotency, partial failures, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import dask.config
+import pytest
+from conftest import make_record, sealed_batch
+from sqlalchemy import select
+
+from pipeline.config import Settings
+from pipeline.db import audit_log
+from pipeline.errors import ForbiddenBatch, IntakeError, StoreUnavailable
+from pipeline.principals import Principal
+from pipeline.runtime import IngestResult, Pipeline
+
+ACME_C1 = Principal("cluster", account="acme", cluster_id="cluster-test", token_id="tok-1")
+
+
+@pytest.fixture
+def pipeline(settings: Settings) -> Pipeline:
+    return Pipeline.open(settings, create=True)
+
+
+def _ids(pipeline: Pipeline, store: str) -> Counter[str]:
+    return Counter(r["record_id"] for r in pipeline.read_records(store))
+
+
+def test_a_batch_is_stored_in_every_routed_store(pipeline: Pipeline) -> None:
+    records = [make_record(), make_record("account", username="ann", email="ann@acme.test")]
+    assert pipeline.ingest(sealed_batch(pipeline, records)[1], ACME_C1) == IngestResult(records=2, duplicate=False)
+    assert sorted(_ids(pipeline, "long_term")) == sorted(r["record_id"] for r in records)
+    assert list(_ids(pipeline, "cloud_logging")) == [records[0]["record_id"]]
+
+
+@pytest.mark.parametrize(
+    "forged", [{"account": "globex"}, {"cluster_id": "cluster-of-someone-else"}], ids=["account", "cluster"]
+)
+def test_a_forged_batch_is_refused_whole_and_audited_without_names(pipeline: Pipeline, forged: dict) -> None:
+    records = [make_record(), make_record(**forged), make_record()]
+    batch_id, sealed = sealed_batch(pipeline, records)
+    with pytest.raises(ForbiddenBatch, match=f"batch {batch_id} refused: 1 of 3 records name another account"):
+        pipeline.ingest(sealed, ACME_C1)
+    assert list(pipeline.read_records("long_term")) == [] and list(pipeline.read_records("cloud_logging")) == []
+    (entry,) = [e for e in pipeline.audit.entries() if e.action == "ingest.rejected"]
+    assert entry.actor == "cluster-token:tok-1"
+    assert entry.subject_ref == pipeline.keyring.subject_ref("acme")
+    assert entry.details["batch_id"] == batch_id and entry.details["records"] == 3
+    with pipeline.keyring.engine.connect() as conn:
+        stored = json.dumps([list(row) for row in conn.execute(select(audit_log))], default=str)
+    assert "acme" not in stored and "globex" not in stored
+    assert pipeline.audit.verify() >= 1
+
+
+@pytest.mark.parametrize("kind", ["member", "admin"])
+def test_only_a_cluster_may_ingest(pipeline: Pipeline, kind: str) -> None:
+    principal = Principal(kind, account="acme" if kind == "member" else None)  # type: ignore[arg-type]
+    with pytest.raises(ForbiddenBatch, match=f"a {kind} principal may not ingest"):
+        pipeline.ingest(sealed_batch(pipeline, [make_record()])[1], principal)
+    assert list(pipeline.read_records("long_term")) == []
+    assert [e.action for e in pipeline.audit.entries()].count("ingest.rejected") == 1
+
+
+def test_the_operator_replays_a_batch_of_one_account_only(pipeline: Pipeline) -> None:
+    operator = Principal("operator")
+    batch_id, sealed = sealed_batch(pipeline, [make_record(account="globex")])
+    assert pipeline.ingest(sealed, operator) == IngestResult(1, duplicate=False)
+    globex_cluster = Principal("cluster", account="globex", cluster_id="cluster-test")
+    assert pipeline.ingest(sealed, globex_cluster) == IngestResult(1, duplicate=True)  # same batch, same scope
+    with pytest.raises(ForbiddenBatch, match="records name 2 accounts; a batch holds one"):
+        pipeline.ingest(sealed_batch(pipeline, [make_record(), make_record(account="globex")])[1], operator)
+
+
+def test_a_replayed_batch_is_accepted_once(pipeline: Pipeline) -> None:
+    batch_id, sealed = sealed_batch(pipeline, [make_record() for _ in range(3)])
+    assert pipeline.ingest(sealed, ACME_C1, idempotency_key=batch_id) == IngestResult(3, duplicate=False)
+    assert pipeline.ingest(sealed, ACME_C1, idempotency_key=batch_id) == IngestResult(3, duplicate=True)
+    assert sorted(_ids(pipeline, "long_term").values()) == [1, 1, 1]
+    assert sorted(_ids(pipeline, "cloud_logging").values()) == [1, 1, 1]
+
+
+def test_another_account_reusing_a_batch_id_neither_skips_nor_shadows_it(pipeline: Pipeline) -> None:
+    batch_id, acme = sealed_batch(pipeline, [make_record()])
+    globex_record = make_record(account="globex")
+    _, globex = sealed_batch(pipeline, [globex_record], batch_id=batch_id)
+    globex_c1 = Principal("cluster", account="globex", cluster_id="cluster-test")
+    assert pipeline.ingest(globex, globex_c1) == IngestResult(1, duplicate=False)
+    assert pipeline.ingest(acme, ACME_C1) == IngestResult(1, duplicate=False)
+    assert sorted(r["account"] for r in pipeline.read_records("long_term")) == ["acme", "globex"]
+
+
+def test_a_retry_after_a_partial_failure_stores_every_record_exactly_once(home: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the logging store's folder should be")
+    with dask.config.set({"pipeline.cloud-logging.url": f"file://{blocked}/logs"}):
+        settings = Settings.from_config()
+    pipeline = Pipeline.open(settings, create=True)
+    records = [make_record(), make_record("job", job_id="j1"), make_record(user="ann")]
+    batch_id, sealed = sealed_batch(pipeline, records)
+    with pytest.raises(StoreUnavailable):
+        pipeline.ingest(sealed, ACME_C1, idempotency_key=batch_id)
+    assert len(_ids(pipeline, "long_term")) == 3  # the long-term store took it before the logging store failed
+
+    blocked.unlink()
+    healed = Pipeline.open(Settings.from_config())
+    assert healed.ingest(sealed, ACME_C1, idempotency_key=batch_id) == IngestResult(3, duplicate=False)
+    for store in ("long_term", "cloud_logging"):
+        ids = _ids(healed, store)
+        assert sorted(ids) == sorted(r["record_id"] for r in records) and max(ids.values()) == 1
+
+
+def test_an_idempotency_key_naming_another_batch_is_refused(pipeline: Pipeline) -> None:
+    batch_id, sealed = sealed_batch(pipeline, [make_record()])
+    with pytest.raises(IntakeError, match=f"does not match batch id {batch_id}"):
+        pipeline.ingest(sealed, ACME_C1, idempotency_key="00000000000000000001-000000000000")
+    assert list(pipeline.read_records("long_term")) == []
+
+
+def test_garbage_is_an_intake_error(pipeline: Pipeline) -> None:
+    with pytest.raises(IntakeError, match="not a sealed metadata batch"):
+        pipeline.ingest(b'{"records": []}', ACME_C1)
