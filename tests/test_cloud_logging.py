@@ -180,6 +180,12 @@ def test_a_url_with_an_unknown_option_is_one_clear_error() -> None:
         CloudLoggingStore("gcp-logging://proj-1?bukket=x")
 
 
+def test_no_google_credentials_is_one_clear_error(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match="Cloud Logging proj-1: no Google credentials: .*missing.json"):
+        CloudLoggingStore("gcp-logging://proj-1")
+
+
 # -- the bucket retention, through a pipeline ------------------------------------------------
 
 

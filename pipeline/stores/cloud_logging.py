@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import grpc
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.logging_v2 import Client
 from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
 from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
@@ -106,7 +107,10 @@ class CloudLoggingStore(Store):
         endpoint, config_endpoint = query.get("endpoint"), query.get("config-endpoint")
         anonymous = {"credentials": AnonymousCredentials()} if endpoint or config_endpoint else {}
         options = {"api_endpoint": endpoint} if endpoint else None
-        self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
+        try:
+            self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
+        except DefaultCredentialsError as exc:
+            raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {exc}") from exc
         self._config_endpoint = config_endpoint
         self._config: ConfigServiceV2Client | None = None
 
