@@ -54,7 +54,7 @@ def _records(pipeline: Pipeline) -> Counter[str]:
 
 def _files_per_folder(store: LocalFileStore, day: datetime) -> list[int]:
     folder = store.root / "cluster_jobs" / day.strftime("%Y-%m-%d")
-    return sorted(len(list(sub.glob("*.seg"))) for sub in folder.iterdir())
+    return sorted(len(list(sub.glob("*.seg"))) for sub in folder.iterdir() if sub.is_dir())
 
 
 def _compact(pipeline: Pipeline):  # noqa: ANN202

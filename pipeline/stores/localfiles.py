@@ -104,7 +104,7 @@ class LocalFileStore(Store):
         with self._guard("write"):
             for segment in segments:
                 path = self._path(segment)
-                if path.exists() or segment.segment_id in _merged_ids(path.parent, merged):
+                if path.exists() or segment.segment_id in _merged_ids(path.parent.parent, merged):
                     continue
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
@@ -241,7 +241,7 @@ class LocalFileStore(Store):
             return Removed()
         journal = folder / _JOURNAL  # one line per merge: merged id, then its sources
         _write_file(journal, "\n".join(" ".join([t.segment_id, *(p.name for p in ps)]) for t, ps, _ in plan).encode())
-        with (folder / _MERGED).open("a") as merged_ids:  # a replayed source stays merged
+        with (folder.parent / _MERGED).open("a") as merged_ids:  # per day: a replayed source stays merged
             merged_ids.write("".join(f"{s.segment_id}\n" for _, _, segments in plan for s in segments))
             merged_ids.flush()
             os.fsync(merged_ids.fileno())
@@ -322,14 +322,14 @@ def _settle(folder: Path, journal: Path) -> None:
         journal.unlink(missing_ok=True)
 
 
-def _merged_ids(folder: Path, cache: dict[Path, set[str]]) -> set[str]:
-    """Ids of segments compaction merged away in ``folder`` (read once per write call)."""
-    if folder not in cache:
+def _merged_ids(day: Path, cache: dict[Path, set[str]]) -> set[str]:
+    """Ids of segments compaction merged away in a day folder (read once per write call)."""
+    if day not in cache:
         try:
-            cache[folder] = set((folder / _MERGED).read_text().split())
+            cache[day] = set((day / _MERGED).read_text().split())
         except FileNotFoundError:
-            cache[folder] = set()
-    return cache[folder]
+            cache[day] = set()
+    return cache[day]
 
 
 def _write_file(path: Path, data: bytes) -> None:
