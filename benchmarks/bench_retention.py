@@ -1,4 +1,4 @@
-"""Retention at scale: the 30-day expiry pass, and erasing one account among many.
+"""Retention at scale: the 30-day expiry pass (erasure: ``bench_erasure.py``).
 
 **Expiry.** A local logging store (``file://``, day folders) holding 30 days
 past the limit plus one live day: 100 subjects, one ``cluster_snapshot``
@@ -17,12 +17,6 @@ fraction of a millisecond, which no layout of 3,000 files escapes.
 Segments are built cheaply: one sealed segment per day, copied under new ids
 and subject refs (the copies do not decrypt, which expiry never does), and
 written by ``LocalFileStore.write`` itself.
-
-**Erasure.** A SQLite long-term store with 10,000 accounts holding 10,000,000
-records (10 synthetic segment rows of 100 records per account, inserted in
-bulk) plus one real account with 30 days of records in both stores. Timed:
-``process_pending`` carrying out its deletion request (count, erase in both
-stores, key destruction, five audit entries, receipt saves).
 """
 
 from __future__ import annotations
@@ -39,13 +33,10 @@ from typing import Any
 
 import dask.config
 import pyarrow as pa
-from sqlalchemy import insert
 
 from benchmarks import row
-from pipeline.db import segments as segments_table
-from pipeline.records import KINDS, rows_from_table
+from pipeline.records import KINDS
 from pipeline.retention.enforcer import enforce
-from pipeline.retention.requests import file_request, process_pending
 from pipeline.runtime import Pipeline
 from pipeline.segments import Segment, seal
 
@@ -141,49 +132,6 @@ def _rmtree_floor(root: Path, size: int) -> float:
     return time.perf_counter() - start
 
 
-def _erasure(accounts: int, records: int) -> tuple[float, int]:
-    """Seconds to carry out one account's deletion request; records it removed."""
-    per_account_segments, per_segment = 10, records // accounts // 10
-    with tempfile.TemporaryDirectory(prefix="bench-erasure-") as home, dask.config.set({"pipeline.home": home}):
-        pipeline = Pipeline.open(create=True)
-        payload = os.urandom(512)
-        rows: list[dict[str, Any]] = []
-        with pipeline.keyring.engine.begin() as conn:
-            for a in range(accounts):
-                ref = uuid.uuid5(uuid.NAMESPACE_OID, f"account-{a}").hex * 2
-                for s in range(per_account_segments):
-                    at = DAY0 + timedelta(days=s)
-                    rows.append(
-                        {
-                            "segment_id": uuid.uuid4().hex,
-                            "subject_ref": ref,
-                            "user_ref": None,
-                            "data_type": "cluster_jobs",
-                            "kind": "cluster_snapshot",
-                            "key_version": 1,
-                            "min_observed_at": at,
-                            "max_observed_at": at + timedelta(hours=23),
-                            "n_records": per_segment,
-                            "payload": payload,
-                        }
-                    )
-                if len(rows) >= 20_000:
-                    conn.execute(insert(segments_table), rows)
-                    rows.clear()
-            if rows:
-                conn.execute(insert(segments_table), rows)
-        target = [r for d in range(30) for r in rows_from_table(_table(96, DAY0 + timedelta(days=d), "target"))]
-        pipeline.write_records(target)
-        file_request(pipeline, "target", reason="benchmark")
-        start = time.perf_counter()
-        [done] = process_pending(pipeline)
-        seconds = time.perf_counter() - start
-        assert done.state == "completed", done.error
-        removed = sum(s["records"] for s in done.receipt["stores"].values())
-        pipeline.close()
-    return seconds, removed
-
-
 def _expiry_rows(base: int, where: str | None, label: str) -> list[dict[str, Any]]:
     small, small_records, files, small_floor = _expiry(base, where)
     large, large_records, _, large_floor = _expiry(base * 10, where)
@@ -221,16 +169,4 @@ def run(quick: bool) -> list[dict[str, Any]]:
     rows = _expiry_rows(base, None, "")
     if Path("/dev/shm").is_dir():  # the same without the disk: what the pass itself costs
         rows += _expiry_rows(base, "/dev/shm", " (tmpfs)")
-    accounts, held = (1_000, 1_000_000) if quick else (10_000, 10_000_000)
-    seconds, erased = _erasure(accounts, held)
-    rows.append(
-        row(
-            f"erasure: 1 account among {accounts:,} holding {held:,} records",
-            seconds,
-            "s",
-            f"< {GOAL_SECONDS:g} s",
-            seconds < GOAL_SECONDS,
-            f"SQLite long-term + local logs; {erased:,} records removed, key destroyed, 5 audit entries",
-        )
-    )
     return rows

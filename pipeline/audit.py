@@ -4,8 +4,18 @@ Each entry is canonical JSON (sorted keys, no spaces) of its sequence number,
 time, actor, action, subject_ref (never a name), details and the previous
 entry's hash; ``entry_hash = sha256(canonical)`` and ``signature =
 Ed25519(entry_hash)``. Altering, deleting, inserting or reordering entries
-breaks the chain at the first affected sequence number. The signing key is kept
-in the keyring, wrapped by the master key.
+breaks the chain at the first affected sequence number. The signing key is not
+in the database and not under the master key: it has its own 0600 file
+(:mod:`pipeline.signing`). After every retention pass and erasure, and hourly,
+a signed checkpoint of the chain's head goes to a witness outside the database
+(:mod:`pipeline.witness`); verification compares the chain with the newest one,
+so cutting the tail, wiping the table or restoring an older database is caught.
+
+A keyring made before the signing key had its own file still holds the old
+wrapped key: on first open the new key file is made, an
+``audit.signing_key_replaced`` entry signed by the old key names the new public
+key, a checkpoint pins the chain up to it, and the wrapped old key is destroyed.
+Verification follows that hand-over; after it only the file's key signs.
 
 Writers serialise on a database lock (PostgreSQL advisory lock, SQLite's write
 lock) while they read the chain's head and append, so concurrent processes
@@ -17,6 +27,7 @@ alone (see :mod:`pipeline.audit_export`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -25,23 +36,28 @@ import socket
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.db import audit_log
-from pipeline.errors import AuditIntegrityError, StoreUnavailable
+from pipeline.errors import AuditIntegrityError, KeyringError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
+from pipeline.signing import AuditSigner, FileSigner, PublicKey, load_public_hex, open_signer, public_hex, verifies
+from pipeline.witness import Checkpoint, Witness, open_witness
 
 __all__ = ["AuditEntry", "AuditLog", "VerifyResult", "canonical_entry", "default_actor", "verify_entries"]
 
 GENESIS = "0" * 64
-SIGNING_KEY_ID = "audit-signing"
+#: where the signing key lived before it had a file of its own (wrapped by the master key)
+LEGACY_SIGNING_KEY_ID = "audit-signing"
+HANDOVER = "audit.signing_key_replaced"
 _LOCK_KEY = 0x617564_6974  # PostgreSQL advisory lock id of the chain ("audit")
 
 
@@ -88,18 +104,63 @@ def canonical_entry(entry: Mapping[str, Any]) -> bytes:
 
 
 class AuditLog:
-    """Append and verify the audit trail."""
+    """Append, checkpoint and verify the audit trail."""
 
-    def __init__(self, engine: Engine, keyring: Keyring) -> None:
+    def __init__(self, engine: Engine, signer: AuditSigner, witness: Witness) -> None:
         self.engine = engine
-        self._signing_key = Ed25519PrivateKey.from_private_bytes(keyring.named_key(SIGNING_KEY_ID, "audit"))
+        self.signer = signer
+        self.witness = witness
+
+    @classmethod
+    def open(cls, engine: Engine, keyring: Keyring, signing_key_url: str, witness_url: str) -> AuditLog:
+        """The trail with its signing key file, made on first use (see the module docstring).
+
+        :raises KeyringError: the key file is missing although the trail has entries and
+            no old key to hand over from
+        """
+        witness = open_witness(witness_url)
+        signer = open_signer(signing_key_url)
+        if signer is not None:
+            return cls(engine, signer, witness)
+        path = Path(urlparse(signing_key_url).path)
+        if keyring.key_state(LEGACY_SIGNING_KEY_ID) == "active":
+            legacy = FileSigner(
+                path, Ed25519PrivateKey.from_private_bytes(keyring.named_key(LEGACY_SIGNING_KEY_ID, "audit"))
+            )
+            audit = cls(engine, FileSigner.create(path), witness)
+            cls(engine, legacy, witness)._hand_over(audit.signer)
+            keyring.destroy(LEGACY_SIGNING_KEY_ID)
+            audit.checkpoint()
+            return audit
+        with engine.connect() as conn:
+            if conn.execute(select(audit_log.c.seq).limit(1)).first() is not None:
+                raise KeyringError(
+                    f"audit signing key {path} is missing but the audit trail has entries: restore the key file"
+                )
+        return cls(engine, FileSigner.create(path), witness)
+
+    def _hand_over(self, new: AuditSigner) -> None:
+        def once(conn: Connection) -> list[Mapping[str, Any]]:
+            if conn.execute(select(audit_log.c.seq).where(audit_log.c.action == HANDOVER).limit(1)).first():
+                return []  # another process handed over first
+            keys = {"previous_public_key": public_hex(self.public_key), "public_key": public_hex(new.public_key)}
+            return [{"action": HANDOVER, "details": {**keys, "key_url": new.url}}]
+
+        self._append(once)
 
     @property
-    def public_key(self) -> Ed25519PublicKey:
-        return self._signing_key.public_key()
+    def public_key(self) -> PublicKey:
+        return self.signer.public_key
 
     def public_key_pem(self) -> bytes:
-        return self.public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        return _pem(self.first_public_key())
+
+    def first_public_key(self) -> PublicKey:
+        """The key that signed entry 1: the hand-over's previous key, if the trail had one."""
+        handover = self.first(HANDOVER)
+        if handover is None:
+            return self.public_key
+        return load_public_hex(handover.details["previous_public_key"])
 
     def append(
         self,
@@ -124,9 +185,14 @@ class AuditLog:
             if _last_policy_sha(conn) == sha256:  # the usual case: no write lock taken
                 return None
 
+        newest = self.newest_checkpoint()
+
         def changed(conn: Connection) -> list[Mapping[str, Any]]:
             if _last_policy_sha(conn) == sha256:  # another process recorded it meanwhile
                 return []
+            if newest is not None and (conn.scalar(select(func.max(audit_log.c.seq))) or 0) < newest.seq:
+                return []  # the trail was cut: leave it as found, for `audit verify` to name
+
             return [{"action": "policy.loaded", "details": {"path": path, "sha256": sha256}}]
 
         entries = self._append(changed)
@@ -167,7 +233,7 @@ class AuditLog:
         return AuditEntry(
             **{**body, "recorded_at": datetime.fromisoformat(body["recorded_at"])},
             entry_hash=entry_hash,
-            signature=self._signing_key.sign(bytes.fromhex(entry_hash)).hex(),
+            signature=self.signer.sign(bytes.fromhex(entry_hash)).hex(),
         )
 
     def entries(self) -> Generator[AuditEntry, None, None]:
@@ -178,19 +244,62 @@ class AuditLog:
                 yield _entry(row)
 
     def verify(self) -> int:
-        """Check the chain and every signature; returns the number of entries.
+        """Check the chain, every signature and the newest witness checkpoint; returns the entry count.
 
-        :raises AuditIntegrityError: naming the first bad sequence number
+        :raises AuditIntegrityError: naming the first bad sequence number, or what the
+            checkpoint records that the chain lacks
         """
+        checkpoint = self.newest_checkpoint()
         with contextlib.closing(self.entries()) as entries:  # close the cursor when verification stops early
-            return verify_entries((e.as_dict() for e in entries), self.public_key)
+            return verify_entries(
+                (e.as_dict() for e in entries),
+                self.first_public_key(),
+                checkpoint=checkpoint,
+                final_key=self.public_key,
+            )
 
     def check(self) -> VerifyResult:
         """:meth:`verify` as a result to report rather than an exception."""
         try:
             return VerifyResult(True, self.verify())
         except AuditIntegrityError as exc:
-            return VerifyResult(False, exc.seq - 1, exc.seq, exc.reason)
+            return VerifyResult(False, max(exc.seq - 1, 0), exc.seq, exc.reason)
+
+    def newest_checkpoint(self) -> Checkpoint | None:
+        """The witness's newest checkpoint, its signature checked.
+
+        :raises AuditIntegrityError: it is not signed by the audit signing key
+        """
+        checkpoint = self.witness.newest()
+        if checkpoint is None:
+            return None
+        if not _verifies(self.public_key, checkpoint.signature, checkpoint.body()):
+            raise AuditIntegrityError(
+                checkpoint.seq, f"witness {checkpoint.name} is not signed by the audit signing key"
+            )
+        return checkpoint
+
+    def checkpoint(self) -> Checkpoint:
+        """Sign the chain's head and write it to the witness.
+
+        :raises AuditIntegrityError: the chain no longer holds the newest checkpoint's
+            head (cut or rolled back): a new checkpoint would paper over it
+        """
+        newest = self.newest_checkpoint()
+        with self.engine.connect() as conn:
+            head = conn.execute(
+                select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
+            ).first()
+            count = conn.scalar(select(func.count()).select_from(audit_log)) or 0
+            if newest is not None:
+                pinned = conn.scalar(select(audit_log.c.entry_hash).where(audit_log.c.seq == newest.seq))
+                if pinned != newest.head_hash:
+                    raise AuditIntegrityError(newest.seq, _mismatch(newest, head.seq if head else 0))
+        seq, head_hash = (head.seq, head.entry_hash) if head else (0, GENESIS)
+        unsigned = Checkpoint(seq, head_hash, count, utcnow())
+        checkpoint = dataclasses.replace(unsigned, signature=self.signer.sign(unsigned.body()).hex())
+        self.witness.write(checkpoint)
+        return checkpoint
 
     def action_counts(self) -> dict[str, int]:
         """How many entries of each action the trail holds."""
@@ -200,10 +309,15 @@ class AuditLog:
 
     def last(self, action: str) -> AuditEntry | None:
         """The newest entry with this action (e.g. the last ``retention.pass``)."""
+        return self._one(action, audit_log.c.seq.desc())
+
+    def first(self, action: str) -> AuditEntry | None:
+        """The oldest entry with this action."""
+        return self._one(action, audit_log.c.seq)
+
+    def _one(self, action: str, order: Any) -> AuditEntry | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(audit_log).where(audit_log.c.action == action).order_by(audit_log.c.seq.desc()).limit(1)
-            ).first()
+            row = conn.execute(select(audit_log).where(audit_log.c.action == action).order_by(order).limit(1)).first()
         return None if row is None else _entry(row)
 
 
@@ -240,6 +354,17 @@ def _last_policy_sha(conn: Connection) -> str | None:
     return None if details is None else json.loads(details).get("sha256")
 
 
+def _verifies(key: PublicKey, signature_hex: str, data: bytes) -> bool:
+    try:
+        return verifies(key, bytes.fromhex(signature_hex), data)
+    except ValueError:  # not hex
+        return False
+
+
+def _pem(key: PublicKey) -> bytes:
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+
 def _row(entry: AuditEntry) -> dict[str, Any]:
     return {**entry.as_dict(), "recorded_at": entry.recorded_at, "details": json.dumps(entry.details, sort_keys=True)}
 
@@ -258,9 +383,28 @@ def _entry(row: Any) -> AuditEntry:
     )
 
 
-def verify_entries(entries: Iterator[Mapping[str, Any]], public_key: Ed25519PublicKey) -> int:
-    """Verify entries as dicts (as exported); returns how many were checked."""
-    prev_hash, expected_seq = GENESIS, 1
+def _mismatch(checkpoint: Checkpoint, last_seq: int) -> str:
+    if last_seq < checkpoint.seq:
+        ends = f"ends at seq {last_seq}" if last_seq else "is empty"
+        return f"audit trail {ends}; {checkpoint.label} records seq {checkpoint.seq}"
+    return f"entry differs from the {checkpoint.label} (rewritten, or a database rolled back and extended)"
+
+
+def verify_entries(
+    entries: Iterator[Mapping[str, Any]],
+    public_key: PublicKey,
+    *,
+    checkpoint: Checkpoint | None = None,
+    final_key: PublicKey | None = None,
+) -> int:
+    """Verify entries as dicts (as exported); returns how many were checked.
+
+    :param public_key: the key that signed the first entry; an ``audit.signing_key_replaced``
+        entry (signed by the old key) hands over to the key it names
+    :param checkpoint: the chain must reach its sequence number with its head hash
+    :param final_key: the key the chain must end with (the audit signing key)
+    """
+    prev_hash, expected_seq, key_seq = GENESIS, 1, 1
     for entry in entries:
         seq = entry["seq"]
         if seq != expected_seq:
@@ -269,9 +413,16 @@ def verify_entries(entries: Iterator[Mapping[str, Any]], public_key: Ed25519Publ
             raise AuditIntegrityError(seq, "does not chain to the previous entry (deleted, inserted or reordered)")
         if hashlib.sha256(canonical_entry(entry)).hexdigest() != entry["entry_hash"]:
             raise AuditIntegrityError(seq, "content does not match its hash (altered)")
-        try:
-            public_key.verify(bytes.fromhex(entry["signature"]), bytes.fromhex(entry["entry_hash"]))
-        except (InvalidSignature, ValueError):
-            raise AuditIntegrityError(seq, "signature does not verify") from None
+        if not _verifies(public_key, entry["signature"], bytes.fromhex(entry["entry_hash"])):
+            raise AuditIntegrityError(seq, "signature does not verify (not signed by the audit signing key)")
+        if checkpoint is not None and seq == checkpoint.seq and entry["entry_hash"] != checkpoint.head_hash:
+            raise AuditIntegrityError(seq, _mismatch(checkpoint, seq))
+        if entry["action"] == HANDOVER:
+            public_key, key_seq = load_public_hex(entry["details"]["public_key"]), seq
         prev_hash, expected_seq = entry["entry_hash"], seq + 1
-    return expected_seq - 1
+    last = expected_seq - 1
+    if checkpoint is not None and last < checkpoint.seq:
+        raise AuditIntegrityError(last + 1, _mismatch(checkpoint, last))
+    if final_key is not None and last and public_hex(public_key) != public_hex(final_key):
+        raise AuditIntegrityError(key_seq, "chain is signed with a key other than the audit signing key")
+    return last

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from pipeline.audit import GENESIS, AuditLog
 from pipeline.records import utcnow
 
@@ -40,7 +42,8 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
         os.fsync(fh.fileno())
     os.replace(tmp, out_dir / "entries.jsonl")
     (out_dir / "public_key.pem").write_bytes(audit.public_key_pem())
-    manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": "Ed25519"}
+    algorithm = "Ed25519" if isinstance(audit.first_public_key(), Ed25519PublicKey) else "ECDSA P-256 SHA-256"
+    manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out_dir / "README.md").write_text(verification_readme(), encoding="utf-8")
     return {**manifest, "folder": str(out_dir)}

@@ -219,6 +219,23 @@ def spool_replay(out: Output, timeout: float) -> None:
     out.result(summary, f"{summary['batches_delivered']} of {summary['batches_replayed']} spooled batches delivered")
 
 
+class UTCTime(click.ParamType):
+    """An ISO 8601 instant; without a zone it is taken as UTC."""
+
+    name = "ISO8601"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from datetime import UTC, datetime
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
 @main.group()
 def keys() -> None:
     """Master key operations."""
@@ -236,21 +253,27 @@ def keys_rotate(out: Output) -> None:
     )
 
 
-class UTCTime(click.ParamType):
-    """An ISO 8601 instant; without a zone it is taken as UTC."""
+@command(keys, "retire")
+@click.option("--now", type=UTCTime(), default=None, help="Retire as of this time [default: now].")
+def keys_retire(out: Output, now: Any) -> None:
+    """Destroy master key versions past the backup window that wrap no live key (runs with enforce too)."""
+    from pipeline.retention.retirement import retire_master_keys
 
-    name = "ISO8601"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from datetime import UTC, datetime
-
-        if isinstance(value, datetime):
-            return value
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    pipeline = open_pipeline()
+    retired = retire_master_keys(pipeline, now)
+    versions = [
+        {
+            "version": v.version,
+            "superseded_at": v.superseded_at,
+            "retired_at": v.retired_at,
+            "retires_at": v.retires_at(pipeline.settings.retire_after),
+        }
+        for v in pipeline.keyring.master_versions()
+    ]
+    out.result(
+        {"retired": retired, "versions": versions},
+        f"master key versions retired: {', '.join(map(str, retired)) or 'none due'}",
+    )
 
 
 def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -334,24 +357,32 @@ def enforce(out: Output, now: Any) -> None:
 
     pipeline = open_pipeline()
     now = now or utcnow()
-    report = enforce_retention(pipeline, now)
-    processed = process_pending(pipeline)
-    overdue = [r.request_id for r in list_requests(pipeline) if r.overdue(now)]
+    try:
+        report, retention_error = enforce_retention(pipeline, now), None
+    except PipelineError as exc:  # a broken store must not keep the erasures from running
+        report, retention_error = None, str(exc)
+    processed = process_pending(pipeline, now=now)
+    requests = list_requests(pipeline)
+    overdue = [r.request_id for r in requests if r.overdue(now)]
+    failed = [r.request_id for r in requests if r.state == "failed"]  # still owed, whoever processed them
     summary = {
-        "retention": report.as_dict(),
+        "retention": report.as_dict() if report else {"error": retention_error},
         "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in processed],
+        "failed_requests": failed,
         "overdue_requests": overdue,
     }
-    lines = [report.summary()]
+    lines = [report.summary() if report else f"retention pass failed: {retention_error}"]
     lines += [f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in processed]
+    if failed:
+        lines.append(f"{len(failed)} deletion requests failed (retried with back-off): {', '.join(failed)}")
     if overdue:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
-    failed = [r.request_id for r in processed if r.state == "failed"]
-    if report.failures:
-        raise CheckFailed(f"retention of {', '.join(report.failures)} does not match the policy")
-    if failed or overdue:  # cron and CronJobs alert on the exit status
-        raise CheckFailed(f"{len(failed)} deletion requests failed, {len(overdue)} overdue")
+    if report is not None and report.failures:  # e.g. a locked Cloud Logging bucket with another retention
+        retention_error = f"retention of {', '.join(report.failures)} does not match the policy"
+    if failed or overdue or retention_error:  # cron and CronJobs alert on the exit status
+        problem = f"{len(failed)} deletion requests failed, {len(overdue)} overdue"
+        raise CheckFailed(problem + (f"; retention pass failed: {retention_error}" if retention_error else ""))
 
 
 @command(main)
@@ -385,13 +416,40 @@ def erase() -> None:
 @command(erase, "request")
 @click.option("--account", required=True)
 @click.option("--user", default=None, help="Erase only this user of the account.")
-@click.option("--reason", default=None, help="Why (kept encrypted), e.g. the ticket number.")
-def erase_request(out: Output, account: str, user: str | None, reason: str | None) -> None:
+@click.option("--reason", default=None, help="Why (encrypted under the subject's key, shredded with it).")
+@click.option("--suppress", is_flag=True, help="Also drop records observed later, until `erase lift ID`.")
+def erase_request(out: Output, account: str, user: str | None, reason: str | None, suppress: bool) -> None:
     """File a deletion request; prints its id (carried out by enforce or serve)."""
     from pipeline.retention.requests import file_request
 
-    request = file_request(open_pipeline(), account, user, reason)
+    request = file_request(open_pipeline(), account, user, reason, suppress=suppress)
     out.result(request.as_dict(), request.request_id)
+
+
+@command(erase, "retry")
+@click.argument("request_id")
+def erase_retry(out: Output, request_id: str) -> None:
+    """Carry out a failed (or open) request now, whatever its back-off says."""
+    from pipeline.retention.requests import retry_request
+
+    request = retry_request(open_pipeline(), request_id)
+    out.result(request.as_dict(), lambda d: _render_request(d, receipt=True))
+    if request.state != "completed":
+        raise CheckFailed(f"deletion request {request_id} is {request.state}: {request.error}")
+
+
+@command(erase, "lift")
+@click.argument("request_id")
+def erase_lift(out: Output, request_id: str) -> None:
+    """End the suppression of a request filed with --suppress: later records are accepted again."""
+    from pipeline.records import utcnow
+    from pipeline.tombstones import lift
+
+    pipeline = open_pipeline()
+    now = utcnow()
+    lift(pipeline.keyring.engine, request_id, now)
+    pipeline.audit.append("erasure.lifted", details={"request_id": request_id, "lifted_at": now.isoformat()})
+    out.result({"request_id": request_id, "lifted_at": now}, f"suppression of {request_id} lifted")
 
 
 @command(erase, "status")
@@ -428,4 +486,10 @@ def _render_request(d: Any, receipt: bool = False) -> str:
     key = d["receipt"].get("key")
     if key:
         lines.append(f"  data key: {key['state']}" + (f" at {key['destroyed_at']}" if "destroyed_at" in key else ""))
+    if d["final_at"]:
+        lines.append(
+            f"  final on {d['final_at']:%Y-%m-%d %H:%M} UTC (a backup from before it opens the data until then)"
+        )
+    if d["receipt"].get("reason_sha256"):
+        lines.append(f"  reason SHA-256: {d['receipt']['reason_sha256']}")
     return "\n".join(lines)

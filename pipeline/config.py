@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class Settings:
     cloud_logging_url: str
     archive_url: str | None
     keys_url: str
+    retire_after: timedelta
+    witness_url: str
+    signing_key_url: str
     policy_path: Path
     retention_cron: str
     requests_interval: float
@@ -94,6 +98,9 @@ class Settings:
             "cloud_logging_url": url("cloud-logging.url"),
             "archive_url": url("archive.url"),
             "keys_url": url("keys.url"),
+            "retire_after": timedelta(seconds=seconds("keys.retire-after")),
+            "witness_url": url("audit.witness-url"),
+            "signing_key_url": url("audit.signing-key-url"),
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),

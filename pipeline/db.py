@@ -23,6 +23,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -101,13 +102,38 @@ segments = Table(
 keyring_keys = Table(
     "keyring_keys",
     metadata,
-    Column("key_id", String(80), primary_key=True),  # "index", "audit-signing" or a subject_ref
+    Column("key_id", String(80), primary_key=True),  # "index", "deletion-reasons", a subject_ref or a user_ref
     Column("purpose", String(16), nullable=False),
+    Column("account_ref", String(64)),  # a user's key: the account it belongs to (erased with it)
     Column("key_version", Integer, nullable=False),
     Column("master_version", Integer, nullable=False),
     Column("wrapped", LargeBinary),  # NULL once destroyed (crypto-shredding)
     Column("created_at", UTCDateTime, nullable=False),
     Column("destroyed_at", UTCDateTime),
+    Index("ix_keyring_account", "account_ref"),
+    Index("ix_keyring_master", "master_version"),
+)
+
+master_keys = Table(
+    "master_keys",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("key_ref", String(2048)),  # where the provider keeps this version (a KMS key ARN); NULL in a key file
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("superseded_at", UTCDateTime),  # a newer version became current: the backup window starts
+    Column("retired_at", UTCDateTime),  # destroyed in the key provider: wraps under it open nothing
+)
+
+tombstones = Table(
+    "tombstones",
+    metadata,
+    Column("request_id", String(36), primary_key=True),
+    Column("subject_ref", String(64), nullable=False),
+    Column("user_ref", String(64)),  # NULL: the whole account
+    Column("erased_at", UTCDateTime, nullable=False),  # records observed before this are dropped on ingest
+    Column("suppress", Boolean, nullable=False, default=False),  # later records too, until lifted
+    Column("lifted_at", UTCDateTime),
+    Index("ix_tombstones_subject", "subject_ref"),
 )
 
 deletion_requests = Table(
@@ -137,7 +163,7 @@ audit_log = Table(
     Column("details", Text, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("entry_hash", String(64), nullable=False),
-    Column("signature", String(128), nullable=False),
+    Column("signature", String(256), nullable=False),  # Ed25519: 128 hex; ECDSA P-256 (KMS) DER: up to 144
     Index("ix_audit_action", "action", "seq"),  # last policy.loaded / retention.pass
 )
 
@@ -169,6 +195,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA secure_delete=ON")  # deleted rows (shredded keys, erased segments) are zeroed
     cursor.close()
 
 

@@ -13,34 +13,44 @@ key: stores index by it, so no name is ever stored in clear.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import stat
+import tempfile
 import threading
+import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import ColumnElement, Connection, Engine, func, or_, select, text, update
 
-from pipeline.db import insert_ignoring_duplicates, keyring_keys
+from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, transaction
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
 from pipeline.records import utcnow
 
-__all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "open_key_provider"]
+__all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "normalise", "open_key_provider"]
 
 _NONCE = 12
 INDEX_KEY_ID = "index"
+_LOCK_KEY = 0x6B657973  # PostgreSQL advisory lock id of key operations ("keys")
 
 
 class KeyProvider(ABC):
-    """Holds the master key and wraps/unwraps data keys with it."""
+    """Holds the master key versions and wraps/unwraps data keys with them.
+
+    Versions are created (:meth:`stage`), made current (:meth:`activate`) and, once
+    the backup window has passed, destroyed (:meth:`destroy`): a data key wrapped
+    under a destroyed version, in a backup or anywhere else, opens nothing.
+    """
 
     url: str
 
@@ -49,8 +59,12 @@ class KeyProvider(ABC):
         """Version of the master key that new wraps use."""
 
     @abstractmethod
-    def wrap(self, plaintext: bytes, aad: bytes) -> tuple[int, bytes]:
-        """Encrypt a data key under the current master key.
+    def versions(self) -> list[int]:
+        """Versions that still exist (not destroyed), oldest first."""
+
+    @abstractmethod
+    def wrap(self, plaintext: bytes, aad: bytes, version: int | None = None) -> tuple[int, bytes]:
+        """Encrypt a data key under a master key version (default: the current one).
 
         :returns: the master key version used and the wrapped bytes
         """
@@ -63,28 +77,63 @@ class KeyProvider(ABC):
         """
 
     @abstractmethod
-    def rotate(self) -> int:
-        """Create a new master key version and make it current; returns it."""
+    def stage(self) -> int:
+        """Create a new version beside the current one (not yet current); returns it."""
+
+    @abstractmethod
+    def activate(self, version: int) -> None:
+        """Make a staged version the one new wraps use."""
+
+    @abstractmethod
+    def destroy(self, version: int) -> None:
+        """Destroy a version for good (retirement); a missing version is no error.
+
+        :raises KeyringError: ``version`` is the current one
+        """
+
+    def refresh(self) -> None:  # noqa: B027 - providers whose state lives elsewhere re-read it
+        """Re-read versions another process may have created, activated or destroyed."""
+
+    def rewrap(self, wrapped: Sequence[tuple[int, bytes, bytes]], version: int) -> list[bytes]:
+        """Unwrap each ``(version, blob, aad)`` and wrap it again under ``version`` (a rotation's bulk step)."""
+        return [self.wrap(self.unwrap(old, blob, aad), aad, version)[1] for old, blob, aad in wrapped]
+
+    def key_ref(self, version: int) -> str | None:
+        """Where this version lives, for providers that keep each version apart (a KMS key ARN)."""
+        return None
+
+    def adopt(self, key_refs: dict[int, str | None], current: int, *, first: str | None) -> None:  # noqa: B027
+        """Learn live versions and the current one from the keyring's records (what :meth:`key_ref` gave).
+
+        A key file knows itself and ignores this. ``first`` is the key of version 1,
+        which the provider's URL must name.
+
+        :raises KeyringError: the keyring was made with another master key
+        """
 
 
 class LocalKeyFile(KeyProvider):
-    """Master keys in a JSON file readable only by its owner (mode 0600)."""
+    """Master key versions in a JSON file readable only by its owner (mode 0600).
+
+    Every change is written to a uniquely named temporary file, fsync'd and
+    renamed over the old one, so a reader sees the old or the new file, never half.
+    """
 
     def __init__(self, path: Path, *, create: bool = False) -> None:
         self.path = path
         self.url = f"file://{path}"
         self._lock = threading.Lock()
+        self._keys: dict[int, bytes] = {}
+        self._ciphers: dict[int, AESGCM] = {}
+        self._current = 0
         if not path.exists():
             if not create:
-                raise KeyringError(f"master key file {path} does not exist; run metadata-pipeline init")
-            self._keys = {1: AESGCM.generate_key(256)}
-            self._current = 1
-            self._save()
-        else:
-            self._load()
-        self._ciphers = {v: AESGCM(k) for v, k in self._keys.items()}
+                raise KeyringError(f"master key file {self.path} does not exist; run metadata-pipeline init")
+            self._keys, self._current = {1: AESGCM.generate_key(256)}, 1
+            self._save(exclusive=True)
+        self.refresh()
 
-    def _load(self) -> None:
+    def refresh(self) -> None:
         mode = stat.S_IMODE(self.path.stat().st_mode)
         if mode & 0o077:
             raise KeyringError(
@@ -92,51 +141,104 @@ class LocalKeyFile(KeyProvider):
             )
         try:
             doc = json.loads(self.path.read_text())
-            self._keys = {int(v): base64.b64decode(k) for v, k in doc["keys"].items()}
-            self._current = int(doc["current"])
-            if any(len(k) != 32 for k in self._keys.values()) or self._current not in self._keys:
+            keys = {int(v): base64.b64decode(k) for v, k in doc["keys"].items()}
+            current = int(doc["current"])
+            if any(len(k) != 32 for k in keys.values()) or current not in keys:
                 raise ValueError("keys must be 32 bytes and 'current' one of them")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise KeyringError(f"master key file {self.path} is malformed: {exc}") from exc
+        with self._lock:
+            self._keys, self._current = keys, current
+            self._ciphers = {v: self._ciphers.get(v) or AESGCM(k) for v, k in keys.items()}
 
-    def _save(self) -> None:
-        doc = {
-            "current": self._current,
-            "keys": {str(v): base64.b64encode(k).decode() for v, k in self._keys.items()},
-        }
+    def _save(self, *, exclusive: bool = False) -> None:
+        doc = {"current": self._current, "keys": {str(v): base64.b64encode(k).decode() for v, k in self._keys.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if exclusive:  # first creation: never replace a key file another process just made
+                os.link(tmp, self.path)
+            else:
+                os.replace(tmp, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def current_version(self) -> int:
         return self._current
 
-    def wrap(self, plaintext: bytes, aad: bytes) -> tuple[int, bytes]:
-        nonce = os.urandom(_NONCE)
-        return self._current, nonce + self._ciphers[self._current].encrypt(nonce, plaintext, aad)
+    def versions(self) -> list[int]:
+        return sorted(self._keys)
 
-    def unwrap(self, version: int, blob: bytes, aad: bytes) -> bytes:
+    def wrap(self, plaintext: bytes, aad: bytes, version: int | None = None) -> tuple[int, bytes]:
+        version = version or self._current
+        nonce = os.urandom(_NONCE)
+        return version, nonce + self._cipher(version).encrypt(nonce, plaintext, aad)
+
+    def _cipher(self, version: int) -> AESGCM:
         cipher = self._ciphers.get(version)
         if cipher is None:
-            raise KeyringError(f"master key file {self.path} has no key version {version}")
+            self.refresh()  # another process may have rotated since this one read the file
+            cipher = self._ciphers.get(version)
+        if cipher is None:
+            raise KeyringError(f"master key file {self.path} has no key version {version} (retired or never made)")
+        return cipher
+
+    def unwrap(self, version: int, blob: bytes, aad: bytes) -> bytes:
         try:
-            return cipher.decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+            return self._cipher(version).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
         except InvalidTag:
             raise KeyringError(f"master key file {self.path} does not open this keyring (wrong key)") from None
 
-    def rotate(self) -> int:
+    def rewrap(self, wrapped: Sequence[tuple[int, bytes, bytes]], version: int) -> list[bytes]:
+        target = self._cipher(version)
+        nonces = os.urandom(_NONCE * len(wrapped))
+        out = []
+        try:
+            for i, (old, blob, aad) in enumerate(wrapped):
+                nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
+                key = self._cipher(old).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
+                out.append(nonce + target.encrypt(nonce, key, aad))
+        except InvalidTag:
+            raise KeyringError(f"master key file {self.path} does not open this keyring (wrong key)") from None
+        return out
+
+    def stage(self) -> int:
+        self.refresh()
         with self._lock:
             new = max(self._keys) + 1
             self._keys[new] = AESGCM.generate_key(256)
-            self._current = new
-            self._save()
             self._ciphers[new] = AESGCM(self._keys[new])
+            self._save()
             return new
+
+    def activate(self, version: int) -> None:
+        self.refresh()
+        with self._lock:
+            if version not in self._keys:
+                raise KeyringError(f"master key file {self.path} has no key version {version} to activate")
+            self._current = version
+            self._save()
+
+    def destroy(self, version: int) -> None:
+        self.refresh()
+        with self._lock:
+            if version == self._current:
+                raise KeyringError(f"master key version {version} is current and cannot be retired")
+            if self._keys.pop(version, None) is not None:
+                self._ciphers.pop(version, None)
+                self._save()
 
 
 def open_key_provider(url: str, *, create: bool = False) -> KeyProvider:
@@ -155,8 +257,40 @@ def _aad(key_id: str, key_version: int) -> bytes:
     return f"pipeline-key|{key_id}|{key_version}".encode()
 
 
+def normalise(name: str) -> str:
+    """NFC: ``café`` typed with a combining accent and without is one name, one ref."""
+    return unicodedata.normalize("NFC", name)
+
+
+@dataclass(frozen=True)
+class MasterVersion:
+    """One master key version's life: made, superseded by a newer one, retired (destroyed)."""
+
+    version: int
+    created_at: datetime
+    superseded_at: datetime | None
+    retired_at: datetime | None
+
+    def retires_at(self, after: timedelta) -> datetime | None:
+        """When it may be retired: the backup window after it stopped being current."""
+        return None if self.superseded_at is None else self.superseded_at + after
+
+
+def lock_keys(conn: Connection) -> None:
+    """Serialise key operations (rotation, retirement) across processes until the transaction ends."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+    else:  # SQLite: a first write takes the database write lock (busy_timeout waits for it)
+        conn.execute(update(master_keys).where(master_keys.c.version == -1).values(version=master_keys.c.version))
+
+
 class Keyring:
-    """Data keys per subject, wrapped by the master key, cached as cipher objects."""
+    """Data keys per (account, user), wrapped by the master key, cached as cipher objects.
+
+    An account's records without a user use the account's key (``key_id`` is its
+    subject ref); a user's records use the user's own key (``key_id`` is the user
+    ref), so erasing one user shreds exactly that user's data.
+    """
 
     def __init__(self, engine: Engine, provider: KeyProvider) -> None:
         self.engine = engine
@@ -164,47 +298,45 @@ class Keyring:
         self._lock = threading.Lock()
         self._ciphers: dict[str, tuple[int, AESGCM]] = {}
         self._refs: dict[tuple[str, str | None], str] = {}
+        _sync(engine, provider)
         self._index_key = self._load_index_key()
-        #: called with (subject_ref, key_version) after a subject's data key is created; the
-        #: pipeline records it in the audit trail (a hook, so keys.py does not import audit)
+        self._adopt_master_versions()
+        #: called with (key_id, key_version) after a data key is created; the pipeline
+        #: records it in the audit trail (a hook, so keys.py does not import audit)
         self.on_key_created: Callable[[str, int], None] | None = None
 
     @classmethod
     def open(cls, engine: Engine, provider: KeyProvider, *, create: bool = False) -> Keyring:
         """Open the keyring; with ``create`` make its index key on first use."""
         if create:
-            cls._ensure_key(engine, provider, INDEX_KEY_ID, "index")
+            cls._ensure_key(engine, provider, INDEX_KEY_ID, "index", None)
         return cls(engine, provider)
 
     @staticmethod
-    def _ensure_key(engine: Engine, provider: KeyProvider, key_id: str, purpose: str) -> bool:
+    def _ensure_key(engine: Engine, provider: KeyProvider, key_id: str, purpose: str, account_ref: str | None) -> bool:
         """Insert a fresh wrapped key unless one exists; True when this call made it."""
         key = AESGCM.generate_key(256)
+        _sync(engine, provider)  # wrap under the version that is current now, never a retired one
         master_version, wrapped = provider.wrap(key, _aad(key_id, 1))
-        try:
-            with engine.begin() as conn:
-                created = conn.execute(
-                    insert_ignoring_duplicates(engine, keyring_keys)
-                    .returning(keyring_keys.c.key_id)  # rowcount is -1 on PostgreSQL for this statement
-                    .values(
-                        key_id=key_id,
-                        purpose=purpose,
-                        key_version=1,
-                        master_version=master_version,
-                        wrapped=wrapped,
-                        created_at=utcnow(),
-                    )
-                ).first()
-            return created is not None
-        except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"keyring database unreachable: {exc.__class__.__name__}") from exc
+        with transaction(engine, "creating a data key") as conn:
+            created = conn.execute(
+                insert_ignoring_duplicates(engine, keyring_keys)
+                .returning(keyring_keys.c.key_id)  # rowcount is -1 on PostgreSQL for this statement
+                .values(
+                    key_id=key_id,
+                    purpose=purpose,
+                    account_ref=account_ref,
+                    key_version=1,
+                    master_version=master_version,
+                    wrapped=wrapped,
+                    created_at=utcnow(),
+                )
+            ).first()
+        return created is not None
 
     def _row(self, key_id: str):  # noqa: ANN202 - a SQLAlchemy Row
-        try:
-            with self.engine.connect() as conn:
-                return conn.execute(select(keyring_keys).where(keyring_keys.c.key_id == key_id)).first()
-        except SQLAlchemyError as exc:
-            raise StoreUnavailable(f"keyring database unreachable: {exc.__class__.__name__}") from exc
+        with transaction(self.engine, "reading the keyring") as conn:
+            return conn.execute(select(keyring_keys).where(keyring_keys.c.key_id == key_id)).first()
 
     def _load_index_key(self) -> bytes:
         row = self._row(INDEX_KEY_ID)
@@ -214,12 +346,34 @@ class Keyring:
             )
         return self.provider.unwrap(row.master_version, row.wrapped, _aad(INDEX_KEY_ID, row.key_version))
 
+    def _adopt_master_versions(self) -> None:
+        """Record the provider's versions (a keyring made before retirement existed has none recorded)."""
+        with transaction(self.engine, "reading master key versions") as conn:
+            known = set(conn.scalars(select(master_keys.c.version)))
+        missing = [v for v in self.provider.versions() if v not in known]
+        if not missing:
+            return
+        now, current = utcnow(), self.provider.current_version()
+        rows = [
+            {
+                "version": v,
+                "key_ref": self.provider.key_ref(v),
+                "created_at": now,
+                "superseded_at": None if v == current else now,
+                "retired_at": None,
+            }
+            for v in missing
+        ]
+        with transaction(self.engine, "recording master key versions") as conn:
+            conn.execute(insert_ignoring_duplicates(self.engine, master_keys), rows)
+
     def subject_ref(self, account: str, user: str | None = None) -> str:
         """Keyed hash of an account (or of account and user): the only id stored in clear."""
         ref = self._refs.get((account, user))
         if ref is None:
-            message = account.encode() if user is None else f"{account}\0{user}".encode()
-            ref = hmac.new(self._index_key, message, hashlib.sha256).hexdigest()
+            account_nfc = normalise(account)
+            message = account_nfc if user is None else f"{account_nfc}\0{normalise(user)}"
+            ref = hmac.new(self._index_key, message.encode(), hashlib.sha256).hexdigest()
             self._refs[(account, user)] = ref
         return ref
 
@@ -227,45 +381,85 @@ class Keyring:
         return None if user is None else self.subject_ref(account, user)
 
     def named_key(self, key_id: str, purpose: str) -> bytes:
-        """A wrapped key kept for another component (e.g. the audit signing key)."""
+        """A wrapped key kept for another component."""
         row = self._row(key_id)
-        if row is None:
-            self._ensure_key(self.engine, self.provider, key_id, purpose)
+        if row is None or row.wrapped is None:
+            if row is None:
+                self._ensure_key(self.engine, self.provider, key_id, purpose, None)
             row = self._row(key_id)
+            if row is None or row.wrapped is None:
+                raise KeyringError(f"key {key_id!r} was destroyed")
         return self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
 
-    def cipher(self, subject_ref: str, *, create: bool = True) -> tuple[int, AESGCM]:
-        """The current data key of a subject as ``(key_version, AESGCM)``.
+    def cipher(self, subject_ref: str, user_ref: str | None = None, *, create: bool = True) -> tuple[int, AESGCM]:
+        """The current data key of an account (or of one of its users) as ``(key_version, AESGCM)``.
+
+        Checked against the database on every call, so a process that cached a key
+        another process destroyed never seals under it: it gets a new key version.
+        While the database is unreachable the cached key is used (it cannot be
+        destroyed meanwhile), so sealing and spooling go on through an outage.
 
         :raises UnknownAccountError: no key exists and ``create`` is false
         :raises KeyringError: the key was destroyed and ``create`` is false
         """
-        cached = self._ciphers.get(subject_ref)
-        if cached is not None:
-            return cached
+        key_id = user_ref or subject_ref
         with self._lock:
-            row = self._row(subject_ref)
+            try:
+                row = self._row(key_id)
+            except StoreUnavailable:  # the database is down: nobody can destroy the key meanwhile
+                if key_id in self._ciphers:
+                    return self._ciphers[key_id]
+                raise
             if row is None or row.wrapped is None:
+                self._ciphers.pop(key_id, None)
                 if not create:
                     if row is None:
                         raise UnknownAccountError(subject_ref)
-                    raise KeyringError(f"data key of subject {subject_ref[:12]}… was destroyed")
-                row = self._new_version(subject_ref, row)
-            key = self.provider.unwrap(row.master_version, row.wrapped, _aad(subject_ref, row.key_version))
-            cached = self._ciphers[subject_ref] = (row.key_version, AESGCM(key))
+                    raise KeyringError(f"data key of subject {key_id[:12]}… was destroyed")
+                row = self._new_version(key_id, row, subject_ref if user_ref else None)
+            cached = self._ciphers.get(key_id)
+            if cached is None or cached[0] != row.key_version:
+                key = self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
+                cached = self._ciphers[key_id] = (row.key_version, AESGCM(key))
             return cached
 
-    def _new_version(self, subject_ref: str, destroyed):  # noqa: ANN001, ANN202
+    def ciphers(self, refs: Iterable[tuple[str, str | None]]) -> dict[tuple[str, str | None], tuple[int, AESGCM]]:
+        """:meth:`cipher` for many ``(subject_ref, user_ref)`` at once, checked in one query (a batch's seal)."""
+        wanted = set(refs)
+        ids = sorted({user_ref or subject_ref for subject_ref, user_ref in wanted})
+        live: dict[str, int] | None
+        try:
+            with transaction(self.engine, "reading the keyring") as conn:
+                live = {
+                    key_id: version
+                    for start in range(0, len(ids), 500)
+                    for key_id, version in conn.execute(
+                        select(keyring_keys.c.key_id, keyring_keys.c.key_version).where(
+                            keyring_keys.c.key_id.in_(ids[start : start + 500]), keyring_keys.c.wrapped.is_not(None)
+                        )
+                    )
+                }
+        except StoreUnavailable:
+            live = None  # as in cipher(): cached keys go on, others fail there
+        found = {}
+        for subject_ref, user_ref in wanted:
+            cached = self._ciphers.get(user_ref or subject_ref)
+            fresh = cached is not None and (live is None or live.get(user_ref or subject_ref) == cached[0])
+            found[(subject_ref, user_ref)] = cached if fresh and cached else self.cipher(subject_ref, user_ref)
+        return found
+
+    def _new_version(self, key_id: str, destroyed, account_ref: str | None):  # noqa: ANN001, ANN202
         if destroyed is None:
-            created = self._ensure_key(self.engine, self.provider, subject_ref, "subject")
+            created = self._ensure_key(self.engine, self.provider, key_id, "subject", account_ref)
         else:  # a subject erased earlier comes back: a new key version, old data stays unreadable
             version = destroyed.key_version + 1
-            master_version, wrapped = self.provider.wrap(AESGCM.generate_key(256), _aad(subject_ref, version))
-            with self.engine.begin() as conn:
+            _sync(self.engine, self.provider)
+            master_version, wrapped = self.provider.wrap(AESGCM.generate_key(256), _aad(key_id, version))
+            with transaction(self.engine, "creating a data key") as conn:
                 created = (
                     conn.execute(
                         update(keyring_keys)
-                        .where(keyring_keys.c.key_id == subject_ref, keyring_keys.c.wrapped.is_(None))
+                        .where(keyring_keys.c.key_id == key_id, keyring_keys.c.wrapped.is_(None))
                         .values(
                             key_version=version,
                             master_version=master_version,
@@ -276,54 +470,155 @@ class Keyring:
                     ).rowcount
                     > 0
                 )
-        row = self._row(subject_ref)
+        row = self._row(key_id)
         if created and self.on_key_created is not None:
-            self.on_key_created(subject_ref, row.key_version)
+            self.on_key_created(key_id, row.key_version)
         return row
 
-    def cipher_for(self, subject_ref: str, key_version: int) -> AESGCM:
+    def cipher_for(self, subject_ref: str, user_ref: str | None, key_version: int) -> AESGCM:
         """The data key that sealed a segment; fails once the key was destroyed."""
-        version, cipher = self.cipher(subject_ref, create=False)
+        key_id = user_ref or subject_ref
+        cached = self._ciphers.get(key_id)
+        if cached is not None and cached[0] == key_version:
+            return cached[1]
+        version, cipher = self.cipher(subject_ref, user_ref, create=False)
         if version != key_version:
-            raise KeyringError(f"data key version {key_version} of subject {subject_ref[:12]}… was destroyed")
+            raise KeyringError(f"data key version {key_version} of subject {key_id[:12]}… was destroyed")
         return cipher
 
-    def key_state(self, subject_ref: str) -> str:
-        """``active``, ``destroyed`` or ``unknown``."""
-        row = self._row(subject_ref)
-        if row is None:
-            return "unknown"
-        return "destroyed" if row.wrapped is None else "active"
+    def live_version(self, subject_ref: str, user_ref: str | None = None) -> int | None:
+        """The version of the live data key, or None (destroyed or never made); read from the database."""
+        row = self._row(user_ref or subject_ref)
+        return None if row is None or row.wrapped is None else int(row.key_version)
 
-    def destroy(self, subject_ref: str) -> bool:
-        """Crypto-shred a subject's data key; True when a live key was destroyed."""
-        with self._lock:
-            self._ciphers.pop(subject_ref, None)
-            with self.engine.begin() as conn:
-                result = conn.execute(
-                    update(keyring_keys)
-                    .where(keyring_keys.c.key_id == subject_ref, keyring_keys.c.wrapped.is_not(None))
-                    .values(wrapped=None, destroyed_at=utcnow())
-                )
-            return result.rowcount > 0
+    def key_state(self, subject_ref: str, user_ref: str | None = None) -> str:
+        """``active`` (a live key), ``destroyed`` (keys, none live) or ``unknown`` (never any key).
+
+        For an account this covers its users' keys too.
+        """
+        with transaction(self.engine, "reading the keyring") as conn:
+            live = (
+                conn.execute(select(keyring_keys.c.wrapped.is_not(None)).where(_keys_of(subject_ref, user_ref)))
+                .scalars()
+                .all()
+            )
+        if not live:
+            return "unknown"
+        return "active" if any(live) else "destroyed"
+
+    def destroy(self, subject_ref: str, user_ref: str | None = None) -> int:
+        """Crypto-shred a user's data key, or every key of an account; returns how many were live."""
+        which = _keys_of(subject_ref, user_ref)
+        with self._lock, transaction(self.engine, "destroying data keys") as conn:
+            destroyed = conn.execute(
+                update(keyring_keys)
+                .where(which, keyring_keys.c.wrapped.is_not(None))
+                .values(wrapped=None, destroyed_at=utcnow())
+                .returning(keyring_keys.c.key_id)
+            ).all()
+            for (key_id,) in destroyed:
+                self._ciphers.pop(key_id, None)
+        return len(destroyed)
 
     def rotate_master(self) -> tuple[int, int]:
-        """New master key version; re-wrap every live key. Returns (version, keys re-wrapped)."""
-        with self.engine.begin() as conn:
-            rows = conn.execute(select(keyring_keys).where(keyring_keys.c.wrapped.is_not(None))).all()
-            plain = {
-                r.key_id: (
-                    r.key_version,
-                    self.provider.unwrap(r.master_version, r.wrapped, _aad(r.key_id, r.key_version)),
+        """New master key version; re-wrap every live key. Returns (version, keys re-wrapped).
+
+        Serialised by a database lock. The new version is added to the provider
+        beside the old ones before the re-wrap and made current only after the
+        re-wrap commits, so a crash at any point leaves every key openable.
+        """
+        now = utcnow()
+        with transaction(self.engine, "rotating the master key") as conn:
+            lock_keys(conn)
+            _sync(conn, self.provider)
+            new = self.provider.stage()
+            # driver-level SQL: at 100,000 keys SQLAlchemy's per-row work would double the time
+            rows = conn.exec_driver_sql(
+                "SELECT key_id, key_version, master_version, wrapped FROM keyring_keys WHERE wrapped IS NOT NULL"
+            ).fetchall()
+            blobs = self.provider.rewrap([(m, bytes(w), _aad(k, v)) for k, v, m, w in rows], new)
+            rewrapped = [(new, blob, row[0]) for row, blob in zip(rows, blobs, strict=True)]
+            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            statement = f"UPDATE keyring_keys SET master_version = {mark}, wrapped = {mark} WHERE key_id = {mark}"
+            for start in range(0, len(rewrapped), 5000):
+                conn.exec_driver_sql(statement, rewrapped[start : start + 5000])
+            conn.execute(
+                update(master_keys)
+                .where(master_keys.c.superseded_at.is_(None), master_keys.c.version != new)
+                .values(superseded_at=now)
+            )
+            conn.execute(
+                insert_ignoring_duplicates(self.engine, master_keys).values(
+                    version=new, key_ref=self.provider.key_ref(new), created_at=now
                 )
-                for r in rows
-            }
-            version = self.provider.rotate()
-            for key_id, (key_version, key) in plain.items():
-                master_version, wrapped = self.provider.wrap(key, _aad(key_id, key_version))
-                conn.execute(
-                    update(keyring_keys)
-                    .where(keyring_keys.c.key_id == key_id)
-                    .values(master_version=master_version, wrapped=wrapped)
+            )
+        with transaction(self.engine, "activating the new master key") as conn:
+            lock_keys(conn)  # a rotation that committed after this one activates its own, newer version
+            if conn.scalar(select(func.max(master_keys.c.version))) == new:
+                self.provider.activate(new)
+        return new, len(rewrapped)
+
+    def master_versions(self) -> list[MasterVersion]:
+        """Every master key version the keyring has used, oldest first."""
+        with transaction(self.engine, "reading master key versions") as conn:
+            rows = conn.execute(select(master_keys).order_by(master_keys.c.version)).all()
+        return [MasterVersion(r.version, r.created_at, r.superseded_at, r.retired_at) for r in rows]
+
+    def retire_masters(self, after: timedelta, now: datetime | None = None) -> list[int]:
+        """Destroy master versions superseded more than ``after`` ago that wrap no live key.
+
+        What is destroyed opens nothing anywhere: database backups, WAL or dead
+        tuples holding keys wrapped under it become unreadable. Returns the versions retired.
+        """
+        now = now or utcnow()
+        with transaction(self.engine, "retiring master key versions") as conn:
+            lock_keys(conn)
+            _sync(conn, self.provider)
+            due = set(
+                conn.scalars(
+                    select(master_keys.c.version).where(
+                        master_keys.c.retired_at.is_(None),
+                        master_keys.c.superseded_at.is_not(None),
+                        master_keys.c.superseded_at <= now - after,
+                    )
                 )
-        return version, len(plain)
+            )
+            in_use = set(
+                conn.scalars(
+                    select(keyring_keys.c.master_version).where(keyring_keys.c.wrapped.is_not(None)).distinct()
+                )
+            )
+            retired = sorted(due - in_use - {self.provider.current_version()})
+            for version in retired:
+                self.provider.destroy(version)
+            if retired:
+                conn.execute(update(master_keys).where(master_keys.c.version.in_(retired)).values(retired_at=now))
+        return retired
+
+    def compact(self) -> None:
+        """Drop copies of destroyed keys the database keeps outside its tables (SQLite's WAL)."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _sync(db: Engine | Connection, provider: KeyProvider) -> None:
+    """Bring the provider up to date: its own state (a key file) or the versions recorded in the database."""
+    query = select(master_keys).order_by(master_keys.c.version)
+    if isinstance(db, Engine):
+        with transaction(db, "reading master key versions") as conn:
+            rows = conn.execute(query).all()
+    else:
+        rows = db.execute(query).all()
+    current = [r.version for r in rows if r.superseded_at is None and r.retired_at is None]
+    if current:
+        live = {r.version: r.key_ref for r in rows if r.retired_at is None}
+        provider.adopt(live, max(current), first=rows[0].key_ref)
+    provider.refresh()
+
+
+def _keys_of(subject_ref: str, user_ref: str | None) -> ColumnElement[bool]:
+    """A user's key, or an account's key and its users' keys."""
+    if user_ref is not None:
+        return keyring_keys.c.key_id == user_ref
+    return or_(keyring_keys.c.key_id == subject_ref, keyring_keys.c.account_ref == subject_ref)

@@ -1,5 +1,11 @@
 """Master key in AWS KMS (``pipeline.keys.url = aws-kms://KEY-ID-OR-ALIAS``).
 
+Each master key version is a KMS key of its own: the URL's key is version 1,
+a rotation creates a new key, and retiring a version schedules its key's
+deletion (KMS's shortest waiting period, 7 days), after which nothing wrapped
+under it — in a database backup or anywhere — can be unwrapped. The keyring
+records which key holds which version (``master_keys.key_ref``).
+
 Data keys are wrapped with KMS ``Encrypt`` under an encryption context that
 carries the wrap's AAD, so a wrapped key moved to another subject fails to
 unwrap. The master key never leaves KMS. Credentials and region come from
@@ -11,60 +17,100 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.keys import KeyProvider
 
 __all__ = ["AWSKMSKeyProvider"]
 
+#: days KMS waits before deleting a retired version's key (its minimum)
+DELETION_WINDOW_DAYS = 7
+
 
 class AWSKMSKeyProvider(KeyProvider):
-    """Wrap and unwrap data keys with one KMS key; rotation is KMS's own."""
+    """Wrap and unwrap data keys with KMS keys, one per master key version."""
 
     def __init__(self, url: str) -> None:
-        try:
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"{url}: AWS KMS needs boto3; install dask-metadata-pipeline[aws]") from exc
         parsed = urlparse(url)
         self.key_id = (parsed.netloc + parsed.path).strip("/")
         if not self.key_id:
             raise ConfigError(f"pipeline.keys.url {url!r} names no KMS key (aws-kms://KEY-ID or aws-kms://alias/NAME)")
         self.url = url
-        self._errors = (BotoCoreError, ClientError)
-        self._kms = boto3.client("kms")
+        self._kms, self._errors = aws_client("kms", url, "AWS KMS")
         try:
-            self._version = self._rotations() + 1
+            arn = self._kms.describe_key(KeyId=self.key_id)["KeyMetadata"]["Arn"]
         except self._errors as exc:
             raise KeyringError(f"AWS KMS key {self.key_id!r} is not usable: {exc}") from exc
+        self._root = arn
+        self._keys: dict[int, str] = {1: arn}
+        self._current = 1
 
-    def _rotations(self) -> int:
-        pages = self._kms.get_paginator("list_key_rotations").paginate(KeyId=self.key_id)
-        return sum(len(page.get("Rotations", [])) for page in pages)
+    def key_ref(self, version: int) -> str | None:
+        return self._keys.get(version)
+
+    def adopt(self, key_refs: dict[int, str | None], current: int, *, first: str | None) -> None:
+        if first != self._root:
+            raise KeyringError(f"AWS KMS key {self.key_id!r} does not open this keyring (it was made with {first!r})")
+        prefix = self._root.rsplit("/", 1)[0] + "/"  # arn:aws:kms:REGION:ACCOUNT:key/
+        foreign = [ref for ref in key_refs.values() if ref and not ref.startswith(prefix)]
+        if foreign:  # a database edit must not redirect wraps to someone else's key
+            raise KeyringError(f"keyring names master keys outside {prefix}: {', '.join(foreign)}")
+        self._keys = {v: ref for v, ref in key_refs.items() if ref}
+        self._current = current
 
     def current_version(self) -> int:
-        return self._version
+        return self._current
 
-    def wrap(self, plaintext: bytes, aad: bytes) -> tuple[int, bytes]:
+    def versions(self) -> list[int]:
+        return sorted(self._keys)
+
+    def _key(self, version: int) -> str:
         try:
-            blob = self._kms.encrypt(KeyId=self.key_id, Plaintext=plaintext, EncryptionContext={"aad": aad.hex()})
+            return self._keys[version]
+        except KeyError:
+            raise KeyringError(f"AWS KMS master key version {version} is retired or unknown") from None
+
+    def wrap(self, plaintext: bytes, aad: bytes, version: int | None = None) -> tuple[int, bytes]:
+        version = version or self._current
+        key = self._key(version)
+        try:
+            blob = self._kms.encrypt(KeyId=key, Plaintext=plaintext, EncryptionContext={"aad": aad.hex()})
         except self._errors as exc:
-            raise KeyringError(f"AWS KMS key {self.key_id!r} cannot encrypt: {exc}") from exc
-        return self._version, blob["CiphertextBlob"]
+            raise KeyringError(f"AWS KMS key {key!r} cannot encrypt: {exc}") from exc
+        return version, blob["CiphertextBlob"]
 
     def unwrap(self, version: int, blob: bytes, aad: bytes) -> bytes:
+        # the blob names its key; a version this keyring never recorded (KMS's own rotation
+        # before versions were keys of their own) is opened by that key
+        key = self._keys.get(version, self.key_id)
         try:
-            reply = self._kms.decrypt(KeyId=self.key_id, CiphertextBlob=blob, EncryptionContext={"aad": aad.hex()})
+            reply = self._kms.decrypt(KeyId=key, CiphertextBlob=blob, EncryptionContext={"aad": aad.hex()})
         except self._errors as exc:
-            raise KeyringError(
-                f"AWS KMS key {self.key_id!r} does not open this keyring (wrong key or context): {exc}"
-            ) from exc
+            raise KeyringError(f"AWS KMS key {key!r} does not open this keyring (wrong key or context): {exc}") from exc
         return bytes(reply["Plaintext"])
 
-    def rotate(self) -> int:
+    def stage(self) -> int:
+        version = max(self._keys, default=0) + 1
         try:
-            self._kms.rotate_key_on_demand(KeyId=self.key_id)
-            self._version = self._rotations() + 1
+            meta = self._kms.create_key(Description=f"metadata-pipeline master key version {version} ({self.key_id})")
         except self._errors as exc:
-            raise KeyringError(f"AWS KMS key {self.key_id!r} cannot rotate: {exc}") from exc
-        return self._version
+            raise KeyringError(f"AWS KMS cannot create master key version {version}: {exc}") from exc
+        self._keys[version] = meta["KeyMetadata"]["Arn"]
+        return version
+
+    def activate(self, version: int) -> None:
+        self._key(version)
+        self._current = version
+
+    def destroy(self, version: int) -> None:
+        if version == self._current:
+            raise KeyringError(f"master key version {version} is current and cannot be retired")
+        key = self._keys.pop(version, None)
+        if key is None:
+            return
+        try:
+            key_id = key.rsplit("/", 1)[-1]  # the id: accepted everywhere (moto takes no ARN here)
+            self._kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=DELETION_WINDOW_DAYS)
+        except self._errors as exc:
+            self._keys[version] = key
+            raise KeyringError(f"AWS KMS key {key!r} cannot be scheduled for deletion: {exc}") from exc

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 
+from pipeline import tombstones
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
 from pipeline.db import ingested_batches, insert_ignoring_duplicates, transaction
@@ -28,7 +29,6 @@ from pipeline.errors import (
     ConfigError,
     ForbiddenBatch,
     IntakeError,
-    KeyringError,
     StoreError,
     StoreUnavailable,
     UnknownAccountError,
@@ -62,7 +62,7 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
     part, so sealing the same batch again yields the same ids and a retry after a
     partial write rewrites nothing twice; without it ids are random.
     """
-    sealed = []
+    parts = []
     for table in tables:
         kind_name = table.column("kind")[0].as_py()
         days = pc.cast(table.column("observed_at"), pa.date32())
@@ -71,12 +71,17 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
         for group in groups:
             account, user, day = group["account"], group["user"], group["day"]
             part = table if len(groups) == 1 else table.filter(_group_mask(keys, account, user, day))
-            subject_ref, user_ref = keyring.subject_ref(account), keyring.user_ref(account, user)
-            segment_id = None
-            if segment_seed is not None:
-                name = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
-                segment_id = hashlib.sha256(name.encode()).hexdigest()[:32]
-            sealed.append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id))
+            refs = keyring.subject_ref(account), keyring.user_ref(account, user)
+            parts.append((refs, kind_name, day, part))
+    ciphers = keyring.ciphers(refs for refs, _kind, _day, _part in parts)  # one check of every key
+    sealed = []
+    for (subject_ref, user_ref), kind_name, day, part in parts:
+        segment_id = None
+        if segment_seed is not None:
+            name = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
+            segment_id = hashlib.sha256(name.encode()).hexdigest()[:32]
+        key = ciphers[(subject_ref, user_ref)]
+        sealed.append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id, key=key))
     return sealed
 
 
@@ -145,8 +150,9 @@ class Pipeline:
 
     @functools.cached_property
     def audit(self) -> AuditLog:
-        """The audit trail in the metadata database (signing key from the keyring)."""
-        return AuditLog(self.keyring.engine, self.keyring)
+        """The audit trail in the metadata database, its signing key file and its witness."""
+        s = self.settings
+        return AuditLog.open(self.keyring.engine, self.keyring, s.signing_key_url, s.witness_url)
 
     @functools.cached_property
     def intake_key(self) -> X25519PrivateKey:
@@ -164,7 +170,7 @@ class Pipeline:
 
     # -- the one ingest path ---------------------------------------------------
     def ingest(self, sealed: bytes, principal: Principal, *, idempotency_key: str | None = None) -> IngestResult:
-        """Open, validate, scope, seal per subject, route and write one sealed batch, once per batch id.
+        """Open, validate, scope, check tombstones, seal per subject, route and write one sealed batch, once per id.
 
         The embedded delivery calls this in-process and the API handler per request;
         neither re-implements a step. Accepting a batch id twice writes nothing.
@@ -180,7 +186,8 @@ class Pipeline:
         subject_ref = self._scope(batch, principal)
         if self._already_ingested(subject_ref, batch.batch_id):
             return IngestResult(batch.n_records, duplicate=True)
-        segments = self._seal_batch(batch, subject_ref)
+        tables = self._drop_erased(batch, subject_ref)
+        segments = seal_tables(self.keyring, tables, segment_seed=f"{subject_ref}/{batch.batch_id}")
         self._write_everywhere(segments)
         self._mark_ingested(subject_ref, batch)
         return IngestResult(batch.n_records, duplicate=False)
@@ -230,8 +237,18 @@ class Pipeline:
             ).first()
         return taken is not None
 
-    def _seal_batch(self, batch: OpenedBatch, subject_ref: str) -> list[Segment]:
-        return seal_tables(self.keyring, batch.tables, segment_seed=f"{subject_ref}/{batch.batch_id}")
+    def _drop_erased(self, batch: OpenedBatch, subject_ref: str) -> list[pa.Table]:
+        """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch)."""
+        tables, dropped = tombstones.drop_erased(
+            self.keyring.engine, batch.tables, lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u))
+        )
+        if dropped:
+            self.audit.append(
+                "ingest.dropped",
+                subject_ref=subject_ref,
+                details={"batch_id": batch.batch_id, "records": sum(dropped.values()), "by_request": dict(dropped)},
+            )
+        return [table for table in tables if table.num_rows]
 
     def _write_everywhere(self, segments: Sequence[Segment]) -> None:
         """Write to every store the policy routes to; idempotent by segment id, so a retry is safe."""
@@ -293,17 +310,11 @@ class Pipeline:
         subject_ref = self.subject_ref(account) if account is not None else None
         live: dict[str, int | None] = {}
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
-            ref = segment.subject_ref
-            if ref not in live:
-                live[ref] = self._live_key_version(ref)
-            if live[ref] == segment.key_version:
+            key_id = segment.user_ref or segment.subject_ref
+            if key_id not in live:
+                live[key_id] = self.keyring.live_version(segment.subject_ref, segment.user_ref)
+            if live[key_id] == segment.key_version:
                 yield segment, open_segment(self.keyring, segment)
-
-    def _live_key_version(self, subject_ref: str) -> int | None:
-        try:
-            return self.keyring.cipher(subject_ref, create=False)[0]
-        except (KeyringError, UnknownAccountError):
-            return None
 
     def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
         """Decrypted records as dicts (see :meth:`read_segments`)."""

@@ -17,6 +17,7 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipeline.errors import KeyringError
 from pipeline.keys import Keyring
@@ -76,11 +77,15 @@ def seal(
     table: pa.Table,
     *,
     segment_id: str | None = None,
+    key: tuple[int, AESGCM] | None = None,
 ) -> Segment:
-    """Encrypt one kind's Arrow table for one subject (and optional user)."""
+    """Encrypt one kind's Arrow table for one subject (and optional user).
+
+    :param key: ``(key_version, cipher)`` from :meth:`Keyring.ciphers`, when a batch's keys were checked at once
+    """
     kind_name = table.column("kind")[0].as_py()
     observed = table.column("observed_at")
-    key_version, cipher = keyring.cipher(subject_ref)
+    key_version, cipher = key or keyring.cipher(subject_ref, user_ref)  # the user's own key, else the account's
     segment = Segment(
         segment_id=segment_id or uuid.uuid4().hex,
         subject_ref=subject_ref,
@@ -103,7 +108,7 @@ def open_segment(keyring: Keyring, segment: Segment) -> pa.Table:
 
     :raises KeyringError: the data key was destroyed, or the segment was altered
     """
-    cipher = keyring.cipher_for(segment.subject_ref, segment.key_version)
+    cipher = keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
     try:
         data = cipher.decrypt(segment.payload[:_NONCE], segment.payload[_NONCE:], segment.aad)
     except InvalidTag:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
+import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
+import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
 
 from pipeline.config import Settings
@@ -80,43 +82,14 @@ def gcp_logging_url(gcp_fakes) -> str:  # noqa: ANN001
     return f"gcp-logging://{project}?endpoint={rest.endpoint}&config-endpoint={config.endpoint}"
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """moto's server (S3, KMS, STS) over real HTTP on a free loopback port."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """boto3 pointed at moto with test credentials (as AWS_ENDPOINT_URL does for a real user)."""
-    for name, value in {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    return moto_endpoint
-
-
-@pytest.fixture
-def s3_archive_url(aws_env: str) -> str:
+def s3_archive_url(aws: str) -> str:
     """A fresh bucket on moto; the URL names moto's endpoint explicitly."""
     import boto3
 
     bucket = f"archive-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-    return f"s3://{bucket}/metadata?endpoint={aws_env}"
+    return f"s3://{bucket}/metadata?endpoint={aws}"
 
 
 STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
@@ -220,3 +193,32 @@ def sealed_batch(pipeline, records, batch_id: str | None = None) -> tuple[str, b
 
     batch_id = batch_id or new_batch_id()
     return batch_id, seal_batch(pipeline.intake_key.public_key(), batch_id, records)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's server on a free loopback port: AWS APIs (KMS, S3) over real HTTP."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """boto3's usual chain pointed at moto's server with test credentials."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    return moto_endpoint

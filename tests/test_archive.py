@@ -47,10 +47,10 @@ def test_one_encrypted_parquet_object_per_type_day_and_subject(s3_archive_url, k
     ]
     _write(s3_archive_url, keyring, records)
     objects = _objects(s3_archive_url)
-    acme = keyring.subject_ref("Acme Corp")
+    acme, ann = keyring.subject_ref("Acme Corp"), keyring.user_ref("Acme Corp", "ann@example.com")
     assert sorted(k for k in objects if acme in k) == [
-        f"metadata/data_type=cluster_jobs/day=2026-01-01/{acme}.parquet",
-        f"metadata/data_type=cluster_jobs/day=2026-01-02/{acme}.parquet",
+        f"metadata/data_type=cluster_jobs/day=2026-01-01/{acme}~{ann}.parquet",
+        f"metadata/data_type=cluster_jobs/day=2026-01-02/{acme}~{ann}.parquet",
     ]
     assert len(objects) == 4
     for body in objects.values():  # footer and columns encrypted: no name, no schema in clear
@@ -88,6 +88,19 @@ def test_a_shredded_object_is_skipped_by_scans_and_replaced_by_new_data(s3_archi
     assert [s.n_records for s in store.scan(subject_ref=acme)] == [1]
 
 
+def test_erasing_one_person_shreds_only_their_objects_even_in_copies(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    records = [make_record(user=u, observed_at=T0, n_workers=i) for i, u in enumerate(("ann", "bob"))]
+    store = _write(s3_archive_url, keyring, records)
+    acme, ann = keyring.subject_ref("acme"), keyring.user_ref("acme", "ann")
+    backup = {k: v for k, v in _objects(s3_archive_url).items() if f"~{ann}." in k}
+    assert store.erase(acme, ann).records == 1
+    keyring.destroy(acme, ann)
+    assert [s.user_ref for s in store.scan()] == [keyring.user_ref("acme", "bob")]
+    [copy] = backup.values()
+    with pytest.raises(KeyringError, match="destroyed"):
+        pq.read_table(pa.BufferReader(copy), decryption_properties=decryption_properties(keyring))
+
+
 def test_erasing_a_subject_deletes_its_objects_and_names_them(s3_archive_url, keyring) -> None:  # noqa: ANN001
     records = [make_record(account=a, observed_at=T0 + timedelta(days=d)) for a in ("acme", "globex") for d in (0, 1)]
     store = _write(s3_archive_url, keyring, records)
@@ -122,7 +135,7 @@ def test_without_a_keyring_or_with_an_unknown_option_is_one_clear_error(s3_archi
         open_store("s3://bucket/p?endpont=http://x", keyring=keyring)
 
 
-def test_an_unreachable_endpoint_is_store_unavailable(aws_env, keyring) -> None:  # noqa: ANN001
+def test_an_unreachable_endpoint_is_store_unavailable(aws, keyring) -> None:  # noqa: ANN001
     store = open_store("s3://bucket/p?endpoint=http://127.0.0.1:9", keyring=keyring)
     with pytest.raises(StoreUnavailable, match="unreachable during"):
         store.write(seal_records(keyring, [make_record(observed_at=T0)]))

@@ -186,9 +186,9 @@ def test_init_key_creation_and_rotation_are_recorded_by_subject_ref_only(home: P
     created = entries[2]
     assert created.subject_ref == pipeline.subject_ref("acme")
     assert created.details == {"key_version": 1}
-    assert entries[3].details == {"master_key_version": 2, "keys_rewrapped": 4}  # index, intake, audit, acme
+    assert entries[3].details == {"master_key_version": 2, "keys_rewrapped": 3}  # index, intake, acme: no signing key
     assert "acme" not in json.dumps([e.as_dict() for e in entries])
-    assert pipeline.audit.verify() == 4  # the rotated master key still opens the signing key
+    assert pipeline.audit.verify() == 4
 
 
 def test_policy_loaded_is_recorded_once_per_distinct_policy(home: Path, tmp_path: Path) -> None:

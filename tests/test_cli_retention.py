@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -74,12 +75,16 @@ def test_erase_request_enforce_status_list(pipeline) -> None:
 
     status = json.loads(cli("erase", "status", request_id, "--json"))
     assert status["state"] == "completed"
-    assert status["reason"] == "GDPR art. 17 request #4411"
+    assert status["reason"] is None  # shredded with the subject's key; its hash stays
+    assert status["receipt"]["reason_sha256"] == hashlib.sha256(b"GDPR art. 17 request #4411").hexdigest()
     assert {s: r["records"] for s, r in status["receipt"]["stores"].items()} == {"long_term": 4, "cloud_logging": 3}
     assert all("erased_at" in r and "audit_seq" in r for r in status["receipt"]["stores"].values())
     assert status["receipt"]["key"]["state"] == "destroyed"
     text = cli("erase", "status", request_id)
     assert "completed" in text and "long_term" in text and "data key: destroyed" in text
+    final = datetime.fromisoformat(status["final_at"])
+    assert final - datetime.fromisoformat(status["completed_at"]) < timedelta(days=35, minutes=1)
+    assert f"final on {final:%Y-%m-%d %H:%M} UTC" in text
 
     assert cli("records", "--account", "acme") == ""
     assert cli("records", "--account", "acme", "--store", "cloud_logging") == ""

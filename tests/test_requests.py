@@ -92,8 +92,8 @@ def test_erasing_an_account_removes_it_everywhere_and_shreds_its_key(pipeline, h
 
 def test_no_name_reason_or_email_reaches_any_file_at_rest(pipeline, home: Path) -> None:
     request = file_request(pipeline, "acme", "ann", reason="ticket from ann@example.com")
-    process_pending(pipeline)
     assert get_request(pipeline, request.request_id).reason == "ticket from ann@example.com"
+    process_pending(pipeline)
     for path in home.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
@@ -101,16 +101,22 @@ def test_no_name_reason_or_email_reaches_any_file_at_rest(pipeline, home: Path) 
                 assert secret not in data, f"{secret!r} found in {path}"
 
 
-def test_erasing_one_user_keeps_the_account_and_its_key(pipeline) -> None:
+def test_erasing_one_user_shreds_that_users_key_and_keeps_the_account(pipeline) -> None:
+    ann = pipeline.keyring.user_ref("acme", "ann")
+    ann_segment = next(pipeline.stores["long_term"].scan(user_ref=ann))
     request = file_request(pipeline, "acme", "ann")
     [done] = process_pending(pipeline)
     assert done.state == "completed" and done.scope == "user"
     users = {(r["account"], r["user"]) for r in pipeline.read_records("cloud_logging")}
     assert users == {("acme", "bob"), ("globex", "gil")}
-    assert pipeline.keyring.key_state(pipeline.keyring.subject_ref("acme")) == "active"
-    assert "key" not in done.receipt
+    acme = pipeline.keyring.subject_ref("acme")
+    assert pipeline.keyring.key_state(acme, pipeline.keyring.user_ref("acme", "bob")) == "active"
+    assert pipeline.keyring.key_state(acme, ann) == "destroyed"
+    with pytest.raises(KeyringError):  # a copy of ann's segment kept anywhere opens nothing
+        open_segment(pipeline.keyring, ann_segment)
+    assert done.receipt["key"]["state"] == "destroyed" and done.receipt["key"]["keys_destroyed"] == 1
     assert done.receipt["stores"]["cloud_logging"]["records"] == 6
-    assert "key.destroyed" not in _actions(pipeline, request.request_id)
+    assert "key.destroyed" in _actions(pipeline, request.request_id)
 
 
 def test_an_unknown_account_completes_with_zero_counts_and_says_so(pipeline) -> None:
@@ -122,7 +128,7 @@ def test_an_unknown_account_completes_with_zero_counts_and_says_so(pipeline) -> 
         "cloud_logging": (0, 0),
     }
     assert "no data was ever stored" in done.receipt["note"]
-    assert done.receipt["key"] == {"state": "unknown"}
+    assert done.receipt["key"] == {"state": "unknown", "keys_destroyed": 0}
     assert request.request_id == done.request_id
 
 

@@ -25,6 +25,7 @@ from pipeline.records import KINDS, TIMESTAMP, utcnow
 from pipeline.reports.model import Report
 from pipeline.reports.plots import render_plots
 from pipeline.reports.queries import ReportDB, slice_schema
+from pipeline.retention.requests import not_final
 from pipeline.runtime import Pipeline
 
 __all__ = ["build_report"]
@@ -94,7 +95,10 @@ def build_report(
         names_shown=show_names,
         inventory=db.inventory(),
         retention=db.retention() + _backend_retention(pipeline),
-        deletion_requests=db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
+        deletion_requests={
+            **db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
+            "not_final": _not_final(pipeline),
+        },
         audit=_audit_section(pipeline),
         usage=label(db.usage()),
         usage_daily=label(db.usage_daily()),
@@ -170,6 +174,14 @@ def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
             "status": b["status"],
         }
         for store, b in sorted(found.items())
+    ]
+
+
+def _not_final(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """Completed erasures a restored backup could still undo, with the date that ends."""
+    return [
+        {"request_id": r.request_id, "completed_at": r.completed_at, "final_at": r.final_at}
+        for r in not_final(pipeline)
     ]
 
 

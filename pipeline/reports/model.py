@@ -53,7 +53,7 @@ class Report:
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         """Every table of the report by name (the CSV report writes one file each)."""
         requests = self.deletion_requests
-        summary = {k: v for k, v in requests.items() if k not in ("by_state", "requests")}
+        summary = {k: v for k, v in requests.items() if k not in ("by_state", "requests", "not_final")}
         audit = {k: v for k, v in self.audit.items() if not isinstance(v, list | dict)}
         return {
             "inventory": self.inventory,
@@ -61,6 +61,7 @@ class Report:
             "deletion_requests_summary": [summary],
             "deletion_requests_by_state": requests["by_state"],
             "deletion_requests": requests["requests"],
+            "erasures_not_final": requests["not_final"],
             "audit": [audit],
             "audit_actions": self.audit["by_action"],
             "usage_accounts": self.usage,

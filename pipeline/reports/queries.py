@@ -304,7 +304,7 @@ class ReportDB:
     def requests(self, deadline_days: float) -> dict[str, Any]:
         """Deletion requests by state, time to completion, overdue against the deadline."""
         hours = "epoch(completed_at - created_at) / 3600"
-        overdue = "(completed_at IS NULL AND state <> 'failed' AND deadline < ?::TIMESTAMP)"
+        overdue = "(completed_at IS NULL AND deadline < ?::TIMESTAMP)"  # a failed request is still owed
         late = "(completed_at > deadline)"
         summary = self._rows(
             f"""
@@ -334,7 +334,8 @@ class ReportDB:
             """,
             [self.now],
         )
-        return {"deadline_days": deadline_days, **summary, "by_state": by_state, "requests": listing}
+        status = "FAIL" if summary["failed"] or summary["overdue"] else "PASS"
+        return {"deadline_days": deadline_days, "status": status, **summary, "by_state": by_state, "requests": listing}
 
 
 def _naive(moment: datetime) -> datetime:

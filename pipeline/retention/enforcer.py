@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import KeyringError
 from pipeline.records import utcnow
+from pipeline.retention.retirement import retire_master_keys
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Removed, Store
 
@@ -58,6 +59,7 @@ class RetentionReport:
     compacted: dict[str, Removed] = field(default_factory=dict)
     #: store -> what its backend's own retention was found at and set to (Cloud Logging bucket)
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retired_master_versions: list[int] = field(default_factory=list)
     audit_seq: int | None = None
 
     @property
@@ -84,6 +86,8 @@ class RetentionReport:
                 f"{' (locked)' if found['locked'] else ''}, policy {found['wanted_days']}d"
                 f"{', updated' if found['updated'] else ''}"
             )
+        if self.retired_master_versions:
+            lines.append(f"  master key versions retired: {', '.join(map(str, self.retired_master_versions))}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,6 +100,7 @@ class RetentionReport:
             "records_removed": self.records,
             "backend_retention": self.backend,
             "compacted": {s: {"segments": r.segments, "records": r.records} for s, r in self.compacted.items()},
+            "retired_master_versions": self.retired_master_versions,
             "audit_seq": self.audit_seq,
         }
 
@@ -126,8 +131,10 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
         merged = backend.compact(today, functools.partial(_merge, pipeline))
         if merged.segments:
             report.compacted[name] = merged
+    report.retired_master_versions = retire_master_keys(pipeline, now)
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
+    pipeline.audit.checkpoint()
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
 

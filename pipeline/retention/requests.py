@@ -1,10 +1,14 @@
 """Privacy deletion requests: file them, carry them out, prove it.
 
-States: ``pending → in_progress → completed`` (or ``failed`` with the reason).
-Erasing an account removes its segments from every store the policy's erasure
-covers, then destroys its data key (crypto-shredding), so a copy left anywhere
-no longer decrypts. Erasing one user of an account removes that user's
-segments only; the account's key stays.
+States: ``pending → in_progress → completed`` (or ``failed`` with the reason;
+a failed request is retried with back-off until it completes). Erasing an
+account removes its segments from every store the policy's erasure covers, then
+destroys all of its data keys (crypto-shredding), so a copy left anywhere no
+longer decrypts. Erasing one user removes that user's segments and destroys that
+user's key; the account's key stays. Every completed erasure is followed by a
+master key rotation: once the superseded master versions are retired (after the
+backup window, ``pipeline.keys.retire-after``) no backup opens the shredded
+keys either; the receipt's ``final_at`` says when.
 
 Progress is saved in the request's receipt after each store, so a crash
 resumes where it stopped and a rerun changes nothing. Each store's count is
@@ -13,14 +17,16 @@ does not lose what that store held. Every state change, store erasure and key
 destruction is an audit entry whose sequence number the receipt keeps.
 
 Requests hold only ``subject_ref``/``user_ref``: the account and user names
-given on the command line never reach the table, and the free-text reason is
-stored encrypted under a keyring key of its own.
+given on the command line never reach the table. The free-text reason is
+encrypted under the subject's own data key, so it is shredded with it; the
+receipt keeps its SHA-256. Each request leaves a tombstone that keeps the
+erased subject's old records from coming back (see :mod:`pipeline.tombstones`).
 """
 
 from __future__ import annotations
 
 import base64
-import functools
+import hashlib
 import json
 import logging
 import os
@@ -30,17 +36,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import insert, select, update
 
+from pipeline import tombstones
 from pipeline.db import deletion_requests, transaction
-from pipeline.errors import PipelineError, StoreUnavailable
+from pipeline.errors import KeyringError, PipelineError, StoreUnavailable, UnknownAccountError
 from pipeline.records import utcnow
 from pipeline.retention.lease import Leases
 
 if TYPE_CHECKING:
     from pipeline.audit import AuditEntry
-    from pipeline.keys import Keyring
     from pipeline.runtime import Pipeline
 
 __all__ = [
@@ -50,15 +55,17 @@ __all__ = [
     "get_request",
     "list_requests",
     "process_pending",
+    "retry_request",
 ]
 
 logger = logging.getLogger(__name__)
 
 STATES = ("pending", "in_progress", "completed", "failed")
 OPEN_STATES = ("pending", "in_progress")
-REASON_KEY_ID = "deletion-reasons"
 #: how long one process may work on one request before another may take over
 REQUEST_LEASE = timedelta(minutes=10)
+#: back-off between retries of a failed request: doubles from the first to the last
+RETRY_FIRST, RETRY_MAX = timedelta(minutes=5), timedelta(hours=6)
 _NONCE = 12
 
 
@@ -90,12 +97,23 @@ class DeletionRequest:
         return "account" if self.user_ref is None else "user"
 
     def overdue(self, now: datetime | None = None) -> bool:
-        """Still open after its erasure deadline."""
-        return self.state in OPEN_STATES and (now or utcnow()) > self.deadline
+        """Not completed by its erasure deadline (a failed request too: it is still owed)."""
+        return self.state != "completed" and (now or utcnow()) > self.deadline
 
     @property
     def completed_late(self) -> bool:
         return self.completed_at is not None and self.completed_at > self.deadline
+
+    @property
+    def final_at(self) -> datetime | None:
+        """When no backup opens the erased data any more (the superseded master keys' retirement)."""
+        final = self.receipt.get("rotation", {}).get("final_at")
+        return None if final is None else datetime.fromisoformat(final)
+
+    def retry_due(self, now: datetime) -> bool:
+        """A failed request whose back-off has passed."""
+        due = self.receipt.get("next_attempt_at")
+        return self.state == "failed" and (due is None or datetime.fromisoformat(due) <= now)
 
     def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
         return {
@@ -111,6 +129,7 @@ class DeletionRequest:
             "deadline": self.deadline,
             "updated_at": self.updated_at,
             "completed_at": self.completed_at,
+            "final_at": self.final_at,
             "error": self.error,
             "receipt": self.receipt,
         }
@@ -122,9 +141,14 @@ def file_request(
     user: str | None = None,
     reason: str | None = None,
     *,
+    suppress: bool = False,
     now: datetime | None = None,
 ) -> DeletionRequest:
-    """Record a pending request to erase an account (or one user of it) everywhere."""
+    """Record a pending request to erase an account (or one user of it) everywhere.
+
+    With ``suppress``, records of the subject observed later are dropped on
+    ingest too, until the tombstone is lifted (:func:`pipeline.tombstones.lift`).
+    """
     now = now or utcnow()
     request = DeletionRequest(
         request_id=str(uuid.uuid4()),
@@ -137,15 +161,18 @@ def file_request(
         updated_at=now,
         completed_at=None,
     )
-    entry = _audit(pipeline, request, "erasure.pending", deadline=request.deadline.isoformat())
-    request.receipt = {"scope": request.scope, "stores": {}, "audit": {"pending": entry.seq}}
+    entry = _audit(pipeline, request, "erasure.pending", deadline=request.deadline.isoformat(), suppress=suppress)
+    request.receipt = {"scope": request.scope, "stores": {}, "audit": {"pending": entry.seq}, "suppress": suppress}
+    if reason is not None:
+        request.receipt["reason_sha256"] = hashlib.sha256(reason.encode()).hexdigest()
+    sealed_reason = _seal_reason(pipeline, request, reason)
     with transaction(pipeline.keyring.engine, "filing a deletion request") as conn:
         conn.execute(
             insert(deletion_requests).values(
                 request_id=request.request_id,
                 subject_ref=request.subject_ref,
                 user_ref=request.user_ref,
-                reason=_seal_reason(pipeline, request.request_id, reason),
+                reason=sealed_reason,
                 state=request.state,
                 created_at=now,
                 deadline=request.deadline,
@@ -153,6 +180,7 @@ def file_request(
                 receipt=json.dumps(request.receipt),
             )
         )
+        tombstones.add(conn, request.request_id, request.subject_ref, request.user_ref, at=now, suppress=suppress)
     return request
 
 
@@ -168,51 +196,87 @@ def list_requests(pipeline: Pipeline, *, states: tuple[str, ...] = STATES) -> li
     return list(_select(pipeline, deletion_requests.c.state.in_(states)))
 
 
-def process_pending(pipeline: Pipeline, *, leases: Leases | None = None) -> list[DeletionRequest]:
-    """Carry out every open request another process is not working on; returns them."""
-    leases = leases or Leases(pipeline.keyring.engine)
-    done = []
-    for request in list_requests(pipeline, states=OPEN_STATES):
-        name = f"erasure:{request.request_id}"
-        if not leases.acquire(name, REQUEST_LEASE):
-            continue
-        try:
-            done.append(process_request(pipeline, get_request(pipeline, request.request_id)))
-        finally:
+def process_pending(
+    pipeline: Pipeline, *, leases: Leases | None = None, now: datetime | None = None
+) -> list[DeletionRequest]:
+    """Carry out every open request, and every failed one whose back-off has passed; returns them.
+
+    Requests another process is working on are skipped. The erasures that got
+    this far share one master key rotation before they are marked completed.
+    """
+    now = now or utcnow()
+    due = [
+        r for r in list_requests(pipeline, states=(*OPEN_STATES, "failed")) if r.state != "failed" or r.retry_due(now)
+    ]
+    return _process(pipeline, due, leases or Leases(pipeline.keyring.engine))
+
+
+def retry_request(pipeline: Pipeline, request_id: str, *, leases: Leases | None = None) -> DeletionRequest:
+    """Run a request now, whatever its back-off says (``erase retry ID``); a completed one is left as it is."""
+    request = get_request(pipeline, request_id)
+    if request.state == "completed":
+        return request
+    done = _process(pipeline, [request], leases or Leases(pipeline.keyring.engine))
+    return done[0] if done else get_request(pipeline, request_id)
+
+
+def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases) -> list[DeletionRequest]:
+    held, done, erased = [], [], []
+    try:
+        for request in requests:
+            name = f"erasure:{request.request_id}"
+            if not leases.acquire(name, REQUEST_LEASE):
+                continue
+            held.append(name)
+            request = _erase(pipeline, get_request(pipeline, request.request_id))
+            done.append(request)
+            if request.state == "in_progress" and "key" in request.receipt:
+                erased.append(request)
+        if erased:
+            rotation = _rotate(pipeline, erased)
+            for request in erased:
+                request.receipt["rotation"] = rotation
+                _transition(pipeline, request, "completed")
+                tombstones.complete(pipeline.keyring.engine, request.request_id, request.completed_at or utcnow())
+            pipeline.audit.checkpoint()
+    finally:
+        for name in held:
             leases.release(name)
     return done
 
 
-def process_request(pipeline: Pipeline, request: DeletionRequest) -> DeletionRequest:
-    """Take one request from wherever it stopped to completed (or failed).
+def _erase(pipeline: Pipeline, request: DeletionRequest) -> DeletionRequest:
+    """Erase the stores and shred the keys, from wherever the request stopped.
 
     A store that cannot be reached leaves the request in progress with the error
-    noted, to be resumed by the next run; any other error fails it with the reason.
+    noted, to be resumed by the next run; any other error fails it with the reason
+    and schedules its retry.
     """
-    if request.state not in OPEN_STATES:
+    if request.state == "completed":
         return request
-    if request.state == "pending":
+    if request.state != "in_progress":
         _transition(pipeline, request, "in_progress")
     try:
         _erase_stores(pipeline, request)
-        if request.scope == "account":
-            _destroy_key(pipeline, request)
+        _destroy_keys(pipeline, request)
     except StoreUnavailable as exc:
         request.error = str(exc)
         _save(pipeline, request)
         logger.warning("deletion request %s paused: %s", request.request_id, exc)
         return request
     except PipelineError as exc:
+        attempts = request.receipt.get("attempts", 0) + 1
+        backoff = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
+        request.receipt.update(attempts=attempts, next_attempt_at=(utcnow() + backoff).isoformat())
         request.error = str(exc)
-        _transition(pipeline, request, "failed", error=str(exc))
+        _transition(pipeline, request, "failed", error=str(exc), attempt=attempts, retry_in_s=backoff.total_seconds())
         return request
     request.error = None
-    _transition(pipeline, request, "completed")
     return request
 
 
 def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
-    unknown = pipeline.keyring.key_state(request.subject_ref) == "unknown"
+    unknown = pipeline.keyring.key_state(request.subject_ref, request.user_ref) == "unknown"
     if unknown:
         request.receipt["note"] = "no data was ever stored for this subject: nothing to erase"
     stores = request.receipt.setdefault("stores", {})
@@ -247,17 +311,53 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         _save(pipeline, request)
 
 
-def _destroy_key(pipeline: Pipeline, request: DeletionRequest) -> None:
+def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
+    """Shred the user's key, or every key of the account; then drop the copies SQLite's WAL keeps."""
     if "key" in request.receipt:
         return
-    pipeline.keyring.destroy(request.subject_ref)
-    state = pipeline.keyring.key_state(request.subject_ref)
-    key: dict[str, Any] = {"state": state}
+    destroyed = pipeline.keyring.destroy(request.subject_ref, request.user_ref)
+    pipeline.keyring.compact()
+    state = pipeline.keyring.key_state(request.subject_ref, request.user_ref)
+    key: dict[str, Any] = {"state": state, "keys_destroyed": destroyed}
     if state == "destroyed":
-        entry = _audit(pipeline, request, "key.destroyed")
+        entry = _audit(pipeline, request, "key.destroyed", keys=destroyed)
         key.update(destroyed_at=utcnow().isoformat(), audit_seq=entry.seq)
     request.receipt["key"] = key
     _save(pipeline, request)
+
+
+def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> dict[str, Any]:
+    """One master key rotation for these erasures: the shredded keys' backups die with the old versions."""
+    version, rewrapped = pipeline.keyring.rotate_master()
+    pipeline.keyring.compact()
+    now = utcnow()
+    final_at = now + pipeline.settings.retire_after
+    entry = pipeline.audit.append(
+        "key.rotated",
+        details={
+            "master_key_version": version,
+            "keys_rewrapped": rewrapped,
+            "after_erasures": [r.request_id for r in requests],
+            "old_versions_retire_at": final_at.isoformat(),
+        },
+    )
+    return {
+        "master_key_version": version,
+        "rotated_at": now.isoformat(),
+        "final_at": final_at.isoformat(),
+        "audit_seq": entry.seq,
+    }
+
+
+def not_final(pipeline: Pipeline) -> list[DeletionRequest]:
+    """Completed erasures that a backup could still undo: a master version older than their rotation lives."""
+    live = [v.version for v in pipeline.keyring.master_versions() if v.retired_at is None]
+    oldest = min(live, default=None)
+    return [
+        r
+        for r in list_requests(pipeline, states=("completed",))
+        if "rotation" in r.receipt and oldest is not None and oldest < r.receipt["rotation"]["master_key_version"]
+    ]
 
 
 def _transition(pipeline: Pipeline, request: DeletionRequest, state: str, **details: Any) -> None:
@@ -266,6 +366,7 @@ def _transition(pipeline: Pipeline, request: DeletionRequest, state: str, **deta
     request.receipt.setdefault("audit", {})[state] = entry.seq
     if state == "completed":
         request.completed_at = utcnow()
+        request.receipt.pop("next_attempt_at", None)
     _save(pipeline, request)
 
 
@@ -308,7 +409,7 @@ def _select(pipeline: Pipeline, condition: Any) -> Iterator[DeletionRequest]:
             request_id=row.request_id,
             subject_ref=row.subject_ref,
             user_ref=row.user_ref,
-            reason=_open_reason(pipeline, row.request_id, row.reason),
+            reason=_open_reason(pipeline, row.request_id, row.subject_ref, row.user_ref, row.reason),
             state=row.state,
             created_at=row.created_at,
             deadline=row.deadline,
@@ -319,22 +420,26 @@ def _select(pipeline: Pipeline, condition: Any) -> Iterator[DeletionRequest]:
         )
 
 
-@functools.lru_cache(maxsize=8)
-def _reason_cipher(keyring: Keyring) -> AESGCM:
-    return AESGCM(keyring.named_key(REASON_KEY_ID, "requests"))
-
-
-def _seal_reason(pipeline: Pipeline, request_id: str, reason: str | None) -> str | None:
-    """Free text may name people: it is kept encrypted, bound to its request."""
+def _seal_reason(pipeline: Pipeline, request: DeletionRequest, reason: str | None) -> str | None:
+    """Free text may name people: encrypted under the subject's own key, so the erasure shreds it."""
     if reason is None:
         return None
+    version, cipher = pipeline.keyring.cipher(request.subject_ref, request.user_ref)
     nonce = os.urandom(_NONCE)
-    sealed = nonce + _reason_cipher(pipeline.keyring).encrypt(nonce, reason.encode(), request_id.encode())
-    return base64.b64encode(sealed).decode()
+    sealed = nonce + cipher.encrypt(nonce, reason.encode(), request.request_id.encode())
+    return f"{version}:{base64.b64encode(sealed).decode()}"
 
 
-def _open_reason(pipeline: Pipeline, request_id: str, sealed: str | None) -> str | None:
+def _open_reason(
+    pipeline: Pipeline, request_id: str, subject_ref: str, user_ref: str | None, sealed: str | None
+) -> str | None:
+    """The reason, or None once the subject's key is shredded (the receipt's SHA-256 remains)."""
     if sealed is None:
         return None
-    blob = base64.b64decode(sealed)
-    return _reason_cipher(pipeline.keyring).decrypt(blob[:_NONCE], blob[_NONCE:], request_id.encode()).decode()
+    version, _, data = sealed.partition(":")
+    blob = base64.b64decode(data)
+    try:
+        cipher = pipeline.keyring.cipher_for(subject_ref, user_ref, int(version))
+    except (KeyringError, UnknownAccountError):
+        return None
+    return cipher.decrypt(blob[:_NONCE], blob[_NONCE:], request_id.encode()).decode()

@@ -1,5 +1,8 @@
 """The retention service: retention passes on a cron, deletion requests on an interval.
 
+The requests job also anchors the audit chain in the witness once the newest
+checkpoint is an hour old (passes and erasures write one anyway).
+
 APScheduler 3's :class:`BlockingScheduler` keeps its jobs in the metadata
 database, so a restarted service resumes the stored schedule and a pass missed
 during downtime runs once (``coalesce``) when the service is back. Jobs never
@@ -47,6 +50,8 @@ RUN_LEASE = timedelta(hours=1)
 #: a late run still does its job (cutoffs come from the time it runs), so allow it
 #: this late; coalescing turns any number of missed slots into one run
 MISFIRE_GRACE = {"retention": timedelta(days=1), "requests": timedelta(hours=1)}
+#: the audit chain's head is anchored in the witness at least this often
+CHECKPOINT_EVERY = timedelta(hours=1)
 #: completed slot leases are kept this long (longer than any grace), then pruned
 LEASE_MEMORY = timedelta(days=7)
 #: interval slots are counted from here, so every service has the same slots
@@ -161,6 +166,9 @@ class RetentionService:
                 self.leases.prune(utcnow() - LEASE_MEMORY)
             else:
                 process_pending(self.pipeline, leases=self.leases)
+                newest = self.pipeline.audit.newest_checkpoint()
+                if newest is None or utcnow() - newest.time >= CHECKPOINT_EVERY:
+                    self.pipeline.audit.checkpoint()
         except BaseException:
             self.leases.release(name)  # let another service (or the next slot) retry
             raise

@@ -1,14 +1,15 @@
 """Parquet archive on S3 (``pipeline.archive.url = s3://bucket/prefix``).
 
 The long-term records again, as Parquet that DuckDB, Spark or pyarrow read:
-``PREFIX/data_type=T/day=YYYY-MM-DD/<subject_ref>.parquet``, one object per
-subject and day (the day of each segment's newest record, as in the logging
-store), so a day's expiry and a subject's erasure are whole-object deletes.
+``PREFIX/data_type=T/day=YYYY-MM-DD/<subject_ref>~<user_ref or ->.parquet``,
+one object per subject (account, or one person of it) and day (the day of each
+segment's newest record, as in the logging store), so a day's expiry and an
+erasure are whole-object deletes.
 
 Every object is encrypted with Parquet modular encryption (footer and all
 columns): its data keys are wrapped, through :class:`KeyringKms`, by the
-subject's data key from the keyring. Destroying that key (crypto-shredding)
-makes every copy of the object unreadable. A reader with the keyring opens an
+data key of that account or person from the keyring. Destroying that key
+(crypto-shredding) makes every copy of the object unreadable. A reader with the keyring opens an
 object with :func:`decryption_properties`.
 
 Each row carries its segment's id, user ref and kind, so scans give back the
@@ -54,21 +55,21 @@ _T = TypeVar("_T")
 
 
 class KeyringKms(pe.KmsClient):  # type: ignore[misc]
-    """Wraps Parquet data keys with a subject's data key; the key id is the subject ref."""
+    """Wraps Parquet data keys with a data key of the keyring; the key id is ``subject_ref~user_ref``."""
 
     def __init__(self, keyring: Keyring) -> None:
         super().__init__()
         self.keyring = keyring
 
     def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
-        version, cipher = self.keyring.cipher(master_key_identifier, create=False)
+        version, cipher = self.keyring.cipher(*_refs(master_key_identifier), create=False)
         nonce = os.urandom(_NONCE)
         sealed = cipher.encrypt(nonce, key_bytes, master_key_identifier.encode())
         return f"{version}:{base64.b64encode(nonce + sealed).decode()}"
 
     def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
         version, _, blob = wrapped_key.partition(":")
-        cipher = self.keyring.cipher_for(master_key_identifier, int(version))
+        cipher = self.keyring.cipher_for(*_refs(master_key_identifier), int(version))
         raw = base64.b64decode(blob)
         try:
             return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], master_key_identifier.encode())
@@ -120,8 +121,9 @@ class ArchiveStore(Store):
         except BotoCoreError as exc:
             raise StoreUnavailable(f"{where} unreachable during {action}: {exc}") from exc
 
-    def _key(self, data_type: str, day: str, subject_ref: str) -> str:
-        return "/".join(p for p in (self.prefix, f"data_type={data_type}", f"day={day}", f"{subject_ref}.parquet") if p)
+    def _key(self, data_type: str, day: str, subject_ref: str, user_ref: str | None) -> str:
+        name = f"{_key_id(subject_ref, user_ref)}.parquet"
+        return "/".join(p for p in (self.prefix, f"data_type={data_type}", f"day={day}", name) if p)
 
     def _keys(self, data_type: str | None = None) -> Iterator[str]:
         """Object keys under the prefix (or one data type), oldest day first."""
@@ -145,10 +147,11 @@ class ArchiveStore(Store):
         except OSError as exc:
             raise StoreError(f"archive object {key} does not open: {exc}") from exc
 
-    def _put(self, key: str, table: pa.Table, subject_ref: str) -> None:
+    def _put(self, key: str, table: pa.Table) -> None:
+        footer_key = key.rsplit("/", 1)[1].removesuffix(".parquet")  # subject_ref~user_ref: whose key wraps it
         properties = _factory(self.keyring).file_encryption_properties(
             pe.KmsConnectionConfig(),
-            pe.EncryptionConfiguration(footer_key=subject_ref, uniform_encryption=True, double_wrapping=False),
+            pe.EncryptionConfiguration(footer_key=footer_key, uniform_encryption=True, double_wrapping=False),
         )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, encryption_properties=properties, compression="zstd")
@@ -175,19 +178,17 @@ class ArchiveStore(Store):
         if kept.num_rows == 0:
             return self._drop(key)
         gone = table.filter(pc.invert(mask))
-        self._put(key, kept, kept.column("_subject_ref")[0].as_py())
+        self._put(key, kept)
         return Removed(len(pc.unique(gone.column("_segment_id"))), gone.num_rows)
 
     # -- the Store protocol --------------------------------------------------------------
 
     def write(self, segments: Sequence[Segment]) -> int:
-        groups: dict[tuple[str, str, str], list[Segment]] = {}
-        for segment in segments:
-            day = _day(segment)
-            groups.setdefault((segment.data_type, day, segment.subject_ref), []).append(segment)
+        groups: dict[str, list[Segment]] = {}
+        for s in segments:
+            groups.setdefault(self._key(s.data_type, _day(s), s.subject_ref, s.user_ref), []).append(s)
         new = 0
-        for (data_type, day, subject_ref), group in groups.items():
-            key = self._key(data_type, day, subject_ref)
+        for key, group in groups.items():
             old = self._readable(key) if self._exists(key) else None  # a shredded object is replaced
             present = set(old.column("_segment_id").to_pylist()) if old is not None else set()
             fresh = {s.segment_id: s for s in group if s.segment_id not in present}
@@ -195,7 +196,7 @@ class ArchiveStore(Store):
                 continue
             tables = [_rows(self.keyring, s) for s in fresh.values()]
             merged = pa.concat_tables(([old] if old is not None else []) + tables, promote_options="default")
-            self._put(key, merged, subject_ref)
+            self._put(key, merged)
             new += len(fresh)
         return new
 
@@ -222,7 +223,7 @@ class ArchiveStore(Store):
     ) -> Iterator[Segment]:
         def held() -> Iterator[Segment]:
             for key in self._keys(data_type):
-                if subject_ref and not key.endswith(f"/{subject_ref}.parquet"):
+                if not _owned(key, subject_ref, user_ref):
                     continue
                 table = self._readable(key)
                 for segment in _segments(self.keyring, table) if table is not None else ():
@@ -255,16 +256,27 @@ class ArchiveStore(Store):
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         removed = Removed()
         for key in self._keys():
-            if not key.endswith(f"/{subject_ref}.parquet"):
-                continue
-            if user_ref is None:
+            if _owned(key, subject_ref, user_ref):
                 removed += self._drop(key)
-            else:
-                removed += self._keep(key, lambda t: pc.fill_null(pc.not_equal(t.column("_user_ref"), user_ref), True))
         return removed
 
     def close(self) -> None:
         self._s3.close()
+
+
+def _key_id(subject_ref: str, user_ref: str | None) -> str:
+    return f"{subject_ref}~{user_ref or '-'}"
+
+
+def _refs(key_id: str) -> tuple[str, str | None]:
+    subject_ref, _, user_ref = key_id.partition("~")
+    return subject_ref, None if user_ref in ("", "-") else user_ref
+
+
+def _owned(key: str, subject_ref: str | None, user_ref: str | None) -> bool:
+    """Whether an object holds data of ``subject_ref`` (every person of it, or only ``user_ref``)."""
+    subject, user = _refs(key.rsplit("/", 1)[1].removesuffix(".parquet"))
+    return (subject_ref is None or subject == subject_ref) and (user_ref is None or user == user_ref)
 
 
 def _day(segment: Segment) -> str:

@@ -1,0 +1,34 @@
+"""Retiring master key versions: when an erasure becomes final against backups.
+
+A database backup (or WAL, free pages, PostgreSQL dead tuples) taken before an
+erasure still holds the shredded data key wrapped under the master key version
+of that time. Every erasure rotates the master key; the superseded version is
+destroyed once it wraps no live key and ``pipeline.keys.retire-after`` (the
+backup window, default 35 days) has passed since it was superseded. From then
+on no copy of the database opens what was erased; until then a restored backup
+would. Runs with every retention pass and with ``keys retire``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from pipeline.records import utcnow
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Pipeline
+
+__all__ = ["retire_master_keys"]
+
+
+def retire_master_keys(pipeline: Pipeline, now: datetime | None = None) -> list[int]:
+    """Destroy the master key versions that are due; audited. Returns the versions retired."""
+    now = now or utcnow()
+    retired = pipeline.keyring.retire_masters(pipeline.settings.retire_after, now)
+    if retired:
+        pipeline.audit.append(
+            "key.retired",
+            details={"master_key_versions": retired, "retire_after_s": pipeline.settings.retire_after.total_seconds()},
+        )
+    return retired

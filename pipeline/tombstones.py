@@ -1,0 +1,137 @@
+"""Tombstones: what keeps an erased account or user from coming back through ingest.
+
+Every deletion request leaves one (refs and time, no names). A record of the
+subject observed before the erasure — a replayed spool, a late batch — is
+dropped on ingest: it would bring back data the receipt says is gone. A
+tombstone filed with ``suppress`` also drops records observed later, until it
+is lifted (``erase lift ID``); lifting lets new records in, never old ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from pipeline.db import tombstones, transaction
+from pipeline.errors import PipelineError
+
+__all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "lift"]
+
+
+class TombstoneNotFound(PipelineError, LookupError):
+    """No suppressing tombstone has this request id."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"no deletion request {request_id!r} filed with --suppress and not yet lifted")
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    request_id: str
+    subject_ref: str
+    user_ref: str | None
+    erased_at: datetime
+    suppress: bool
+    lifted_at: datetime | None
+
+
+def add(
+    conn: Connection, request_id: str, subject_ref: str, user_ref: str | None, *, at: datetime, suppress: bool
+) -> None:
+    """The tombstone of a request being filed (in the caller's transaction)."""
+    conn.execute(
+        insert(tombstones).values(
+            request_id=request_id, subject_ref=subject_ref, user_ref=user_ref, erased_at=at, suppress=suppress
+        )
+    )
+
+
+def complete(engine: Engine, request_id: str, at: datetime) -> None:
+    """Move the tombstone to the erasure's completion: anything observed before it stays out."""
+    with transaction(engine, "updating a tombstone") as conn:
+        conn.execute(update(tombstones).where(tombstones.c.request_id == request_id).values(erased_at=at))
+
+
+def lift(engine: Engine, request_id: str, at: datetime) -> None:
+    """End a suppression: records observed from ``at`` on are accepted again.
+
+    :raises TombstoneNotFound: no unlifted suppressing tombstone has this id
+    """
+    with transaction(engine, "lifting a tombstone") as conn:
+        lifted = conn.execute(
+            update(tombstones)
+            .where(
+                tombstones.c.request_id == request_id, tombstones.c.suppress.is_(True), tombstones.c.lifted_at.is_(None)
+            )
+            .values(lifted_at=at)
+        ).rowcount
+    if not lifted:
+        raise TombstoneNotFound(request_id)
+
+
+def _load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombstone]]:
+    refs = sorted(set(subject_refs))
+    found: dict[str, list[Tombstone]] = {}
+    with transaction(engine, "reading tombstones") as conn:
+        for start in range(0, len(refs), 500):
+            rows = conn.execute(select(tombstones).where(tombstones.c.subject_ref.in_(refs[start : start + 500])))
+            for r in rows:
+                found.setdefault(r.subject_ref, []).append(
+                    Tombstone(r.request_id, r.subject_ref, r.user_ref, r.erased_at, r.suppress, r.lifted_at)
+                )
+    return found
+
+
+def drop_erased(
+    engine: Engine, tables: Iterable[pa.Table], refs: Callable[[str, str | None], tuple[str, str | None]]
+) -> tuple[list[pa.Table], Counter[str]]:
+    """The tables without the records tombstones forbid, and how many each tombstone dropped.
+
+    One query for the batch's subjects; rows are filtered vectorised, per tombstone.
+
+    :param refs: ``(account, user) -> (subject_ref, user_ref)`` (the keyring's HMAC refs)
+    """
+    tables = list(tables)
+    pairs = {
+        (p["account"], p["user"])
+        for t in tables
+        for p in t.select(["account", "user"]).group_by(["account", "user"]).aggregate([]).to_pylist()
+    }
+    by_pair = {pair: refs(*pair) for pair in pairs}
+    stones = _load(engine, (subject for subject, _user in by_pair.values()))
+    dropped: Counter[str] = Counter()
+    if not stones:
+        return tables, dropped
+    kept = []
+    for table in tables:
+        for (account, user), (subject_ref, user_ref) in by_pair.items():
+            for stone in stones.get(subject_ref, ()):
+                if stone.user_ref not in (None, user_ref):
+                    continue
+                hit = _mask(table, account, user if stone.user_ref else None, stone)
+                n = pc.sum(hit).as_py() or 0
+                if n:
+                    dropped[stone.request_id] += n
+                    table = table.filter(pc.invert(hit))
+        kept.append(table)
+    return kept, dropped
+
+
+def _mask(table: pa.Table, account: str, user: str | None, stone: Tombstone) -> pa.ChunkedArray:
+    """Rows of ``account`` (and ``user``, for a user's tombstone) that ``stone`` drops."""
+    mask = pc.equal(table.column("account"), account)
+    if user is not None:
+        mask = pc.and_(mask, pc.equal(table.column("user"), user))
+    observed = table.column("observed_at")
+    until = stone.erased_at
+    if stone.suppress:
+        if stone.lifted_at is None:
+            return pc.fill_null(mask, False)
+        until = max(until, stone.lifted_at)
+    return pc.fill_null(pc.and_(mask, pc.less(observed, pa.scalar(until, observed.type))), False)

@@ -1,0 +1,319 @@
+"""Erasure that holds: backups, residue, cached keys, failures, concurrent rotations, names.
+
+Each test is an attack a review reproduced on the first release (issue 8); each
+fails there and passes here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dask.config
+import pytest
+from click.testing import CliRunner
+from conftest import make_record
+from freezegun import freeze_time
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+
+from pipeline.cli import main
+from pipeline.config import Settings
+from pipeline.db import keyring_keys, segments
+from pipeline.errors import KeyringError
+from pipeline.retention.enforcer import enforce
+from pipeline.retention.requests import file_request, get_request, not_final, process_pending, retry_request
+from pipeline.runtime import Pipeline
+
+T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+EMAIL = "ann@example.org"
+
+
+def _fill(pipeline: Pipeline, at: datetime = T0 - timedelta(days=1)) -> None:
+    pipeline.write_records(
+        [
+            make_record("account", account="acme", user="ann", username="ann", email=EMAIL, observed_at=at),
+            make_record("cluster_snapshot", account="acme", user="ann", n_workers=4, observed_at=at),
+            make_record("cluster_snapshot", account="acme", n_workers=2, observed_at=at),
+            make_record("cluster_snapshot", account="globex", user="gil", n_workers=8, observed_at=at),
+        ]
+    )
+
+
+def _erase(pipeline: Pipeline, account: str, user: str | None = None, **kwargs) -> None:  # noqa: ANN003
+    request = file_request(pipeline, account, user, **kwargs)
+    [done] = process_pending(pipeline)
+    assert (done.request_id, done.state) == (request.request_id, "completed"), done.error
+
+
+# -- 1. backups ------------------------------------------------------------------------------------
+
+
+def _sqlite_backup(settings: Settings, tmp_path: Path) -> str:
+    source = sqlite3.connect(make_url(settings.long_term_url).database)
+    copy = tmp_path / "backup.db"
+    with sqlite3.connect(copy) as target:
+        source.backup(target)
+    source.close()
+    return f"sqlite:///{copy}"
+
+
+def _postgres_backup(settings: Settings, tmp_path: Path) -> str:
+    """A copy of every table in a schema of its own (what a restored pg_dump would hold)."""
+    from pipeline.db import engine_for
+
+    url = make_url(settings.long_term_url)
+    source = url.query["options"].removeprefix("-csearch_path=")
+    backup = f"{source}_bak"
+    with engine_for(settings.long_term_url).begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{backup}"'))
+        for (table,) in conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": source}):
+            conn.execute(text(f'CREATE TABLE "{backup}"."{table}" AS TABLE "{source}"."{table}"'))
+    return url.update_query_dict({"options": f"-csearch_path={backup}"}).render_as_string(hide_password=False)
+
+
+def _emails_in(backup_url: str) -> list[str]:
+    """What someone holding today's master key file reads from a restored backup."""
+    with dask.config.set({"pipeline.long-term.url": backup_url}):
+        pipeline = Pipeline.open(Settings.from_config())
+    return [r["email"] for r in pipeline.read_records(account="acme", data_type="account")]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    with dask.config.set({"pipeline.long-term.url": request.getfixturevalue("postgres_url")}):
+        yield "postgresql"
+
+
+def test_a_backup_from_before_an_erasure_opens_until_the_retirement_date_and_nothing_after(
+    database: str, tmp_path: Path
+) -> None:
+    settings = Settings.from_config()
+    with freeze_time(T0 - timedelta(days=1)):
+        pipeline = Pipeline.open(settings, create=True)
+        _fill(pipeline)
+        backup = (_sqlite_backup if database == "sqlite" else _postgres_backup)(settings, tmp_path)
+    assert _emails_in(backup) == [EMAIL]
+
+    with freeze_time(T0):
+        _erase(pipeline, "acme")
+        [done] = not_final(pipeline)
+    assert done.final_at == T0 + timedelta(days=35)
+    assert list(pipeline.read_records(account="globex"))  # the rotation re-wrapped the live keys
+
+    with freeze_time(T0 + timedelta(days=34)):
+        assert enforce(pipeline).retired_master_versions == []
+    assert _emails_in(backup) == [EMAIL]  # within the backup window a restore still works
+
+    with freeze_time(T0 + timedelta(days=35, minutes=1)):
+        assert enforce(pipeline).retired_master_versions == [1]
+        assert not_final(pipeline) == []
+    with pytest.raises(KeyringError, match="no key version 1"):
+        _emails_in(backup)
+    assert [r["n_workers"] for r in pipeline.read_records(account="globex")] == [8]
+
+
+def test_a_receipt_and_the_report_say_when_an_erasure_becomes_final(settings: Settings, tmp_path: Path) -> None:
+    with freeze_time(T0):
+        pipeline = Pipeline.open(settings, create=True)
+        _fill(pipeline)
+        _erase(pipeline, "acme", "ann")
+    runner = CliRunner()
+    with freeze_time(T0 + timedelta(days=1)):
+        report = runner.invoke(main, ["report", "--out", str(tmp_path / "r"), "--format", "json"])
+    assert report.exit_code == 0, report.stderr
+    section = json.loads((tmp_path / "r" / "report.json").read_text())["deletion_requests"]
+    assert [row["final_at"] for row in section["not_final"]] == [(T0 + timedelta(days=35)).isoformat()]
+
+
+# -- 2. residue ------------------------------------------------------------------------------------
+
+
+def _files_at_rest(home: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(home.glob("metadata.db*")) if p.is_file())
+
+
+@pytest.mark.parametrize("scope", ["account", "user"])
+def test_no_erased_key_or_segment_bytes_stay_in_the_sqlite_files(settings: Settings, home: Path, scope: str) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    _fill(pipeline)
+    ann = pipeline.keyring.user_ref("acme", "ann")
+    with pipeline.keyring.engine.connect() as conn:
+        wrapped = conn.scalars(select(keyring_keys.c.wrapped).where(keyring_keys.c.key_id == ann)).one()
+        payloads = conn.scalars(select(segments.c.payload).where(segments.c.user_ref == ann)).all()
+    idle = sqlite3.connect(home / "metadata.db")  # e.g. `serve` running meanwhile
+    idle.execute("SELECT count(*) FROM segments").fetchall()
+    _erase(pipeline, "acme", "ann" if scope == "user" else None)
+    data = _files_at_rest(home)
+    idle.close()
+    assert wrapped not in data
+    for payload in payloads:
+        assert payload[:64] not in data
+
+
+# -- 4. a running scheduler's cached key -----------------------------------------------------------
+
+
+def test_a_process_that_cached_a_key_never_seals_under_it_after_another_destroyed_it(settings: Settings) -> None:
+    scheduler = Pipeline.open(settings, create=True)
+    scheduler.write_records([make_record(account="acme", user="ann", observed_at=T0 - timedelta(hours=1))])
+    _erase(Pipeline.open(settings), "acme")
+
+    scheduler.write_records([make_record(account="acme", user="ann", n_workers=7, observed_at=T0 + timedelta(days=1))])
+    fresh = Pipeline.open(settings)
+    assert [r["n_workers"] for r in fresh.read_records(account="acme")] == [7]
+    stored = list(fresh.stores["long_term"].scan(subject_ref=fresh.keyring.subject_ref("acme")))
+    assert [s.key_version for s in stored] == [2]  # a new key version, not the shredded one
+
+
+# -- 5. failures are retried -----------------------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_completes(
+    settings: Settings, home: Path
+) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    _fill(pipeline, at=T0)
+    request = file_request(pipeline, "acme", "ann")
+    [folder] = (home / "logs").glob(f"cluster_jobs/*/{pipeline.keyring.subject_ref('acme')}")
+    stray = folder / "notes.txt.seg"
+    stray.write_text("left here by someone")
+
+    with freeze_time(T0):
+        code, out, err = _cli("enforce", "--json")
+        assert code == 1, err
+        assert json.loads(out)["failed_requests"] == [request.request_id]
+        assert "1 deletion requests failed" in err
+    with freeze_time(T0 + timedelta(minutes=1)):  # not due yet, still owed: still a failed check
+        code, out, _ = _cli("enforce", "--json")
+        assert code == 1 and json.loads(out)["requests"] == []
+    acme, ann = pipeline.keyring.subject_ref("acme"), pipeline.keyring.user_ref("acme", "ann")
+    assert pipeline.keyring.key_state(acme, ann) == "active"  # ann's logs are still readable: not done
+
+    stray.unlink()
+    assert _request_status(home) == "FAIL"  # failed, not yet retried
+    with freeze_time(T0 + timedelta(minutes=6)):  # the first back-off (5 min) has passed
+        code, out, err = _cli("enforce", "--json")
+    assert code == 0, err
+    assert json.loads(out)["requests"] == [{"request_id": request.request_id, "state": "completed", "error": None}]
+    done = get_request(pipeline, request.request_id)
+    assert done.receipt["attempts"] == 1 and "next_attempt_at" not in done.receipt
+    assert [r["user"] for r in pipeline.read_records("cloud_logging", account="acme")] == [None]
+    assert _request_status(home) == "PASS"
+
+
+def _request_status(home: Path) -> str:
+    """The deletion-request status of the compliance report."""
+    code, _, err = _cli("report", "--out", str(home / "report"), "--format", "json")
+    assert code == 0, err
+    return json.loads((home / "report" / "report.json").read_text())["deletion_requests"]["status"]
+
+
+def test_erase_retry_forces_a_retry_now(settings: Settings, home: Path) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    _fill(pipeline, at=T0)
+    request = file_request(pipeline, "acme")
+    [folder] = (home / "logs").glob(f"cluster_jobs/*/{pipeline.keyring.subject_ref('acme')}")
+    stray = folder / "stray.seg"
+    stray.write_text("x")
+    [failed] = process_pending(pipeline)
+    assert failed.state == "failed"
+    code, _, err = _cli("erase", "retry", request.request_id)
+    assert code == 1 and f"deletion request {request.request_id} is failed" in err
+    stray.unlink()
+    code, out, err = _cli("erase", "retry", request.request_id, "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "completed"
+    assert retry_request(pipeline, request.request_id).state == "completed"  # a rerun changes nothing
+
+
+# -- 6. concurrent rotations -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_four_concurrent_rotations_leave_every_key_openable(settings: Settings, home: Path) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    _fill(pipeline)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "keys", "rotate", "--json"],
+            env={**__import__("os").environ, "DASK_PIPELINE__HOME": str(home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err.decode() for _out, err in outcomes]
+    versions = sorted(json.loads(out)["master_key_version"] for out, _err in outcomes)
+    assert versions == [2, 3, 4, 5]
+    reopened = Pipeline.open(settings)
+    assert sorted(r["n_workers"] for r in reopened.read_records(data_type="cluster_jobs")) == [2, 4, 8]
+    assert reopened.audit.verify() > 4
+    assert stat_mode(home / "master.key") == 0o600
+    assert [p.name for p in home.iterdir() if p.name.startswith(".master.key")] == []  # no temp file left
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# -- 8. names and reasons --------------------------------------------------------------------------
+
+
+def test_erasing_a_name_typed_in_nfc_erases_data_stored_in_nfd(settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    nfd = unicodedata.normalize("NFD", "café-gmbh")
+    nfc = unicodedata.normalize("NFC", "café-gmbh")
+    assert nfd != nfc
+    pipeline.write_records([make_record(account=nfd, user=unicodedata.normalize("NFD", "zoë"))])
+    _erase(pipeline, nfc)
+    assert list(pipeline.stores["long_term"].scan(subject_ref=pipeline.keyring.subject_ref(nfd))) == []
+    assert pipeline.keyring.subject_ref(nfd, "zoë") == pipeline.keyring.subject_ref(nfc, "zoe\u0308")
+
+
+def test_the_reason_is_shredded_with_the_subject_and_the_receipt_keeps_its_hash(settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    _fill(pipeline)
+    reason = "ticket for alice.smith@example.org"
+    request = file_request(pipeline, "acme", "ann", reason=reason)
+    assert get_request(pipeline, request.request_id).reason == reason
+    process_pending(pipeline)
+    done = get_request(pipeline, request.request_id)
+    assert done.reason is None
+    assert done.receipt["reason_sha256"] == hashlib.sha256(reason.encode()).hexdigest()
+    with pipeline.keyring.engine.connect() as conn:
+        sealed = conn.execute(text("SELECT reason FROM deletion_requests")).scalar_one()
+    assert "alice" not in sealed
+    assert uuid.UUID(done.request_id)
+
+
+def test_keys_retire_runs_retirement_by_hand_and_lists_the_versions(settings: Settings) -> None:
+    with freeze_time(T0):
+        pipeline = Pipeline.open(settings, create=True)
+        _fill(pipeline)
+        _erase(pipeline, "acme", "ann")
+    code, out, err = _cli("keys", "retire", "--now", (T0 + timedelta(days=1)).isoformat(), "--json")
+    assert code == 0, err
+    listing = json.loads(out)
+    assert listing["retired"] == []
+    assert [v["retires_at"] for v in listing["versions"]] == [(T0 + timedelta(days=35)).isoformat(), None]
+    code, out, err = _cli("keys", "retire", "--now", (T0 + timedelta(days=36)).isoformat())
+    assert (code, out.strip()) == (0, "master key versions retired: 1"), err
+    assert [e.details["master_key_versions"] for e in pipeline.audit.entries() if e.action == "key.retired"] == [[1]]

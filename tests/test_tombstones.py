@@ -1,0 +1,146 @@
+"""Tombstones: records of an erased subject observed before the erasure never come back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_record, sealed_batch
+
+from pipeline.cli import main
+from pipeline.principals import Principal
+from pipeline.records import rows_from_table, table_from_rows
+from pipeline.retention.requests import file_request, process_pending
+from pipeline.runtime import Pipeline
+from pipeline.tombstones import TombstoneNotFound, complete, drop_erased, lift
+
+T0 = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)  # in the past: lifting and completing happen now
+BEFORE, AFTER = T0 - timedelta(hours=1), T0 + timedelta(hours=1)
+
+
+@pytest.fixture
+def pipeline(settings) -> Pipeline:  # noqa: ANN001
+    return Pipeline.open(settings, create=True)
+
+
+def _drop(pipeline: Pipeline, records: list[dict]) -> tuple[list[dict], int]:
+    tables = [table_from_rows("cluster_snapshot", records)]
+    kept, dropped = drop_erased(pipeline.keyring.engine, tables, _refs(pipeline))
+    return [r for t in kept for r in rows_from_table(t)], sum(dropped.values())
+
+
+def _kept(pipeline: Pipeline, *records) -> list[tuple[str, str | None, datetime]]:  # noqa: ANN002
+    return [(r["account"], r["user"], r["observed_at"]) for r in _drop(pipeline, list(records))[0]]
+
+
+def _refs(pipeline: Pipeline):  # noqa: ANN202
+    return lambda account, user: (pipeline.keyring.subject_ref(account), pipeline.keyring.user_ref(account, user))
+
+
+def _file(pipeline: Pipeline, account: str, user: str | None = None, *, suppress: bool = False) -> str:
+    request = file_request(pipeline, account, user, suppress=suppress, now=T0)
+    complete(pipeline.keyring.engine, request.request_id, T0)
+    return request.request_id
+
+
+def test_an_erased_accounts_records_from_before_the_erasure_are_dropped_later_ones_kept(pipeline) -> None:
+    _file(pipeline, "acme")
+    records = [
+        make_record(account="acme", observed_at=BEFORE),
+        make_record(account="acme", user="ann", observed_at=BEFORE),
+        make_record(account="acme", observed_at=AFTER),
+        make_record(account="globex", observed_at=BEFORE),
+    ]
+    kept, dropped = _drop(pipeline, records)
+    assert [(r["account"], r["observed_at"]) for r in kept] == [("acme", AFTER), ("globex", BEFORE)]
+    assert dropped == 2
+
+
+def test_a_users_tombstone_drops_only_that_user(pipeline) -> None:
+    _file(pipeline, "acme", "ann")
+    assert _kept(
+        pipeline,
+        make_record(account="acme", user="ann", observed_at=BEFORE),
+        make_record(account="acme", user="bob", observed_at=BEFORE),
+        make_record(account="acme", observed_at=BEFORE),
+    ) == [("acme", "bob", BEFORE), ("acme", None, BEFORE)]
+
+
+def test_suppress_drops_later_records_until_lifted_and_never_the_old_ones(pipeline) -> None:
+    request_id = _file(pipeline, "acme", suppress=True)
+    assert _kept(pipeline, make_record(account="acme", observed_at=AFTER)) == []
+
+    result = CliRunner().invoke(main, ["erase", "lift", request_id])
+    assert result.exit_code == 0, result.stderr
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert _kept(pipeline, make_record(account="acme", observed_at=later)) == [("acme", None, later)]
+    assert _kept(pipeline, make_record(account="acme", observed_at=BEFORE)) == []
+    assert "erasure.lifted" in [e.action for e in pipeline.audit.entries()]
+
+    again = CliRunner().invoke(main, ["erase", "lift", request_id])
+    assert again.exit_code == 2
+    assert again.stderr == f"error: no deletion request {request_id!r} filed with --suppress and not yet lifted\n"
+    with pytest.raises(TombstoneNotFound):
+        lift(pipeline.keyring.engine, "no-such-request", T0)
+
+
+def test_the_tombstone_moves_to_the_completion_of_the_erasure(pipeline) -> None:
+    pipeline.write_records([make_record(account="acme", observed_at=BEFORE)])
+    request = file_request(pipeline, "acme", now=T0 - timedelta(days=2))
+    assert _kept(pipeline, make_record(account="acme", observed_at=BEFORE)) == [("acme", None, BEFORE)]
+    [done] = process_pending(pipeline)
+    assert done.state == "completed" and done.request_id == request.request_id
+    assert _kept(pipeline, make_record(account="acme", observed_at=BEFORE)) == []  # observed before completion
+
+
+# -- on the one ingest path (issue 8, attacks 3 and 4) ---------------------------------------------
+
+
+def test_replaying_a_spool_from_before_an_erasure_brings_nothing_back(pipeline) -> None:
+    """Attack 3: a batch spooled before the erasure, replayed after it, with the receipt saying completed."""
+    from conftest import embedded_emitter
+
+    from pipeline.spool import Spool
+
+    spool = Spool(pipeline.settings.spool_dir)
+    ann = make_record("account", account="acme", user="ann", username="ann", email="ann@acme.test", observed_at=BEFORE)
+    bob = make_record(account="acme", user="bob", observed_at=BEFORE)
+    spool.append(*sealed_batch(pipeline, [ann, bob]))  # left by a scheduler that died before delivering
+    pipeline.write_records([make_record(account="acme", user="ann", observed_at=BEFORE)])
+    request = file_request(pipeline, "acme", "ann", now=T0 - timedelta(days=1))
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+
+    result = CliRunner().invoke(main, ["spool", "replay", "--timeout", "30"])
+    assert result.exit_code == 0, result.stderr
+    assert spool.pending_files() == []
+    assert [(r["user"], r["kind"]) for r in pipeline.read_records("long_term", account="acme")] == [
+        ("bob", "cluster_snapshot")
+    ]
+    [dropped] = [e for e in pipeline.audit.entries() if e.action == "ingest.dropped"]
+    assert dropped.details["records"] == 1 and dropped.details["by_request"] == {request.request_id: 1}
+
+    emitter = embedded_emitter(pipeline)  # a running scheduler sending ann's late records
+    emitter.submit(
+        [
+            make_record(account="acme", user="ann", n_workers=5, observed_at=BEFORE),
+            make_record(account="acme", user="ann", n_workers=6),  # observed now: ann may come back
+        ]
+    )
+    assert emitter.close(30)
+    assert [r["n_workers"] for r in pipeline.read_records("long_term", account="acme") if r["user"] == "ann"] == [6]
+
+
+def test_a_scheduler_that_cached_the_key_seals_under_a_new_one_after_the_erasure(pipeline) -> None:
+    """Attack 4 on the ingest path: the embedded scheduler's keyring cached ann's cipher before the erasure."""
+    scheduler = Pipeline.open(pipeline.settings)
+    acme = Principal.embedded_cluster("acme", None)
+    scheduler.ingest(sealed_batch(scheduler, [make_record(account="acme", user="ann", observed_at=BEFORE)])[1], acme)
+    file_request(pipeline, "acme", "ann", now=T0)
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+
+    records = [make_record(account="acme", user="ann", n_workers=n) for n in (1, 2)]
+    scheduler.ingest(sealed_batch(scheduler, records)[1], acme)
+    assert sorted(r["n_workers"] for r in Pipeline.open(pipeline.settings).read_records(account="acme")) == [1, 2]
