@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
+import matplotlib.dates  # noqa: F401 - registers its datetime.date converter: frozen, it would register FakeDate
 import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
 import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
