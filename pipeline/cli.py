@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlparse
 
 import click
 
@@ -84,11 +85,12 @@ def init(out: Output) -> None:
 @click.option("--tasks", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--account", default="demo", show_default=True)
 @click.option("--user", default=None, help="User the cluster belongs to.")
-def demo(out: Output, tasks: int, account: str, user: str | None) -> None:
+@click.option("--remote", is_flag=True, help="Through a control plane on loopback: the cluster only writes.")
+def demo(out: Output, tasks: int, account: str, user: str | None, remote: bool) -> None:
     """Run a workload on a local Dask cluster with the plugin and show what was stored."""
     from pipeline.demo import run_demo
 
-    summary = run_demo(tasks=tasks, account=account, user=user)
+    summary = run_demo(tasks=tasks, account=account, user=user, remote=remote)
     out.result(summary, _render_demo)
 
 
@@ -158,18 +160,30 @@ def accounts_add(
 @click.option("--data-type", type=click.Choice(DATA_TYPES), default=None)
 @click.option("--store", type=click.Choice(STORES), default="long_term", show_default=True)
 def records(out: Output, account: str | None, data_type: str | None, store: str) -> None:
-    """Print decrypted records (JSON lines with --json)."""
-    pipeline = open_pipeline()
-    rows = pipeline.read_records(store, account=account, data_type=data_type)
-    n = out.rows(
-        rows,
-        lambda r: (
-            f"{r['observed_at']:%Y-%m-%d %H:%M:%S}  {r['data_type']}/{r['kind']:<16} "
-            f"{r['account']}  {r['user'] or '-'}  {r['cluster_id']}"
-        ),
-    )
+    """Print decrypted records (JSON lines with --json); with a login, those the token may see."""
+    client = api_client()
+    if client is None:
+        rows = open_pipeline().read_records(store, account=account, data_type=data_type)
+        n = out.rows(rows, _render_record)
+    else:
+        with client:
+            params = {"account": account, "data_type": data_type, "store": store}
+            n = out.rows(client.lines("/v1/records", params), _render_record)
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
+
+
+def _render_record(r: Any) -> str:
+    when = str(r["observed_at"])[:19].replace("T", " ")
+    return f"{when}  {r['data_type']}/{r['kind']:<16} {r['account']}  {r['user'] or '-'}  {r['cluster_id']}"
+
+
+def api_client():  # noqa: ANN201 - an ApiClient, imported lazily for a fast --help
+    """A client of the control plane when ``login`` saved credentials; ``None`` works on the local home."""
+    from pipeline.apiclient import ApiClient, Credentials
+
+    credentials = Credentials.load(Settings.from_config().api_url)
+    return None if credentials is None else ApiClient(credentials)
 
 
 @main.group()
@@ -386,26 +400,135 @@ def enforce(out: Output, now: Any) -> None:
 
 
 @command(main)
-def serve(out: Output) -> None:
-    """The retention service (APScheduler) until SIGTERM or Ctrl-C."""
+@click.option("--no-retention", is_flag=True, help="API only: for extra replicas behind a load balancer.")
+def serve(out: Output, no_retention: bool) -> None:
+    """The control plane: HTTP API and retention service, until SIGTERM or Ctrl-C."""
     import logging
 
-    from apscheduler.events import EVENT_SCHEDULER_STARTED
-
-    from pipeline.retention.service import RetentionService
+    from pipeline.server.runner import run_control_plane
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    service = RetentionService(open_pipeline())
-    s = service.pipeline.settings
-    started = (
-        f"retention service started: retention pass on '{s.retention_cron}', deletion requests every "
-        f"{s.requests_interval:g} s; stop with SIGTERM or Ctrl-C"
+    runs = run_control_plane(open_pipeline(create=True), retention=not no_retention, announce=_announce)
+    out.result({"stopped": True, "runs": runs}, f"control plane stopped after {len(runs)} scheduled retention runs")
+
+
+def _announce(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@main.group()
+def tokens() -> None:
+    """API tokens for people and clusters (run on the control plane)."""
+
+
+@command(tokens, "create")
+@click.option("--account", default=None, help="The member's account (admins: none).")
+@click.option("--user", default=None, help="Who holds the token.")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
+def tokens_create(out: Output, account: str | None, user: str | None, role: str) -> None:
+    """Issue a token; it is printed once and only its SHA-256 is kept."""
+    from pipeline.server.auth import TokenStore
+
+    issued = TokenStore(open_pipeline(create=True)).create(role, account, user)
+    if not out.as_json:
+        click.echo(f"{role} token {issued.token_id}; shown only now, store it safely:", err=True)
+    out.result(issued.as_dict(), issued.token)
+
+
+@command(tokens, "list")
+def tokens_list(out: Output) -> None:
+    """Every token issued (never the token itself), oldest first."""
+    from pipeline.server.auth import TokenStore
+
+    out.rows((t.as_dict() for t in TokenStore(open_pipeline()).list()), _render_token)
+
+
+def _render_token(t: Any) -> str:
+    state = "revoked" if t["revoked_at"] else f"expires {t['expires_at']:%Y-%m-%d}" if t["expires_at"] else "active"
+    bound = " ".join(str(t[k]) for k in ("account", "user", "cluster_id") if t[k])
+    return f"{t['token_id']}  {t['kind']:<7} {state:<18} {bound}"
+
+
+@command(tokens, "revoke")
+@click.argument("token_id")
+def tokens_revoke(out: Output, token_id: str) -> None:
+    """Revoke a token: its next request is refused."""
+    from pipeline.server.auth import TokenStore
+
+    info = TokenStore(open_pipeline()).revoke(token_id).as_dict()
+    out.result(info, f"token {token_id} revoked")
+
+
+@command(main)
+@click.option("--url", required=True, help="The control plane, e.g. https://metadata.example.com")
+@click.option("--token", required=True, help="A member or admin token (mp_...).")
+def login(out: Output, url: str, token: str) -> None:
+    """Check a token against the control plane and keep it in a 0600 credentials file."""
+    from pipeline.apiclient import ApiClient, Credentials
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise click.BadParameter(f"{url!r} is not an http(s):// URL", param_hint="--url")
+    credentials = Credentials(url.rstrip("/"), token)
+    with ApiClient(credentials) as client:
+        who = client.json("GET", "/v1/whoami")
+    if who["kind"] == "cluster":
+        raise click.BadParameter(
+            "a cluster token can only ingest; log in with a member or admin token", param_hint="--token"
+        )
+    path = credentials.save()
+    info = {
+        "url": credentials.url,
+        "kind": who["kind"],
+        "account": who["account"],
+        "user": who["user"],
+        "credentials": path,
+    }
+    out.result(
+        info, f"logged in to {credentials.url} as {who['kind']} {who['account'] or ''} {who['user'] or ''}".rstrip()
     )
-    service.scheduler.add_listener(lambda _event: click.echo(started, err=True), EVENT_SCHEDULER_STARTED)
-    service.run(handle_signals=True)
-    runs = [{"job": r.job, "slot": r.slot, "outcome": r.outcome} for r in service.history]
-    out.result({"stopped": True, "runs": runs}, f"retention service stopped after {len(runs)} scheduled runs")
+
+
+@main.group()
+def clusters() -> None:
+    """Clusters registered with the control plane."""
+
+
+@command(clusters, "create")
+@click.option("--account", required=True)
+@click.option("--name", default=None, help="A label for people.")
+@click.option("--image", default=None, help="The cluster's container image URL.")
+def clusters_create(out: Output, account: str, name: str | None, image: str | None) -> None:
+    """Register a cluster; prints the dask config (YAML) its scheduler needs."""
+    import yaml
+
+    from pipeline.server.clusters import ClusterRegistry, cluster_config
+
+    client = api_client()
+    if client is None:
+        pipeline = open_pipeline(create=True)
+        s = pipeline.settings
+        url = s.api_url or f"{'https' if s.tls_cert else 'http'}://{s.server_host}:{s.server_port}"
+        registration = ClusterRegistry(pipeline).register(account, url, name=name, image=image).as_dict()
+    else:
+        with client:
+            registration = client.json("POST", "/v1/clusters", json={"account": account, "name": name, "image": image})
+    out.result(registration, lambda r: yaml.safe_dump(cluster_config(r), sort_keys=False).rstrip())
+
+
+@command(clusters, "list")
+def clusters_list(out: Output) -> None:
+    """Clusters of the accounts you may see (JSON lines with --json)."""
+    from pipeline.server.clusters import ClusterRegistry
+
+    client = api_client()
+    if client is None:
+        rows = ClusterRegistry(open_pipeline()).list()
+    else:
+        with client:
+            rows = client.json("GET", "/v1/clusters")
+    out.rows(rows, lambda c: f"{c['cluster_id']}  {c['account']}  {c['name'] or '-'}  {str(c['created_at'])[:19]}")
 
 
 @main.group()
@@ -422,8 +545,14 @@ def erase_request(out: Output, account: str, user: str | None, reason: str | Non
     """File a deletion request; prints its id (carried out by enforce or serve)."""
     from pipeline.retention.requests import file_request
 
-    request = file_request(open_pipeline(), account, user, reason, suppress=suppress)
-    out.result(request.as_dict(), request.request_id)
+    client = api_client()
+    if client is None:
+        filed = file_request(open_pipeline(), account, user, reason, suppress=suppress).as_dict()
+    else:
+        with client:
+            body = {"account": account, "user": user, "reason": reason, "suppress": suppress}
+            filed = _request_from_api(client.json("POST", "/v1/erasure-requests", json=body))
+    out.result(filed, filed["request_id"])
 
 
 @command(erase, "retry")
@@ -458,8 +587,13 @@ def erase_status(out: Output, request_id: str) -> None:
     """State and receipt of one request."""
     from pipeline.retention.requests import get_request
 
-    request = get_request(open_pipeline(), request_id)
-    out.result(request.as_dict(), lambda d: _render_request(d, receipt=True))
+    client = api_client()
+    if client is None:
+        request = get_request(open_pipeline(), request_id).as_dict()
+    else:
+        with client:
+            request = _request_from_api(client.json("GET", f"/v1/erasure-requests/{quote(request_id, safe='')}"))
+    out.result(request, lambda d: _render_request(d, receipt=True))
 
 
 @command(erase, "list")
@@ -467,7 +601,20 @@ def erase_list(out: Output) -> None:
     """Every request, oldest first (JSON lines with --json)."""
     from pipeline.retention.requests import list_requests
 
-    out.rows((r.as_dict() for r in list_requests(open_pipeline())), _render_request)
+    client = api_client()
+    if client is None:
+        out.rows((r.as_dict() for r in list_requests(open_pipeline())), _render_request)
+    else:
+        with client:
+            out.rows(map(_request_from_api, client.json("GET", "/v1/erasure-requests")), _render_request)
+
+
+def _request_from_api(d: dict[str, Any]) -> dict[str, Any]:
+    """A request as the API sends it, its times parsed back as the local path has them."""
+    from datetime import datetime
+
+    times = ("created_at", "deadline", "updated_at", "completed_at")
+    return {k: datetime.fromisoformat(v) if k in times and v is not None else v for k, v in d.items()}
 
 
 def _render_request(d: Any, receipt: bool = False) -> str:

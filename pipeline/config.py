@@ -59,6 +59,12 @@ class Settings:
     policy_path: Path
     retention_cron: str
     requests_interval: float
+    server_host: str
+    server_port: int
+    tls_cert: Path | None
+    tls_key: Path | None
+    cluster_token_ttl: float
+    api_url: str | None
     ingest_url: str | None = None
     ingest_token: str | None = None
     ingest_public_key: str | None = None
@@ -84,6 +90,17 @@ class Settings:
             except (TypeError, ValueError, KeyError) as exc:
                 raise ConfigError(f"pipeline.{key}: {value!r} is not a duration") from exc
 
+        def path(key: str) -> Path | None:
+            value = _get(key)
+            return Path(os.path.expanduser(str(value))) if value else None
+
+        def port(key: str) -> int:
+            value = _get(key)
+            number = int(value) if str(value).isdigit() else -1
+            if not 0 <= number <= 65535:
+                raise ConfigError(f"pipeline.{key}: {value!r} is not a TCP port number")
+            return number
+
         policy = _get("policy")
         values: dict[str, Any] = {
             "home": home,
@@ -104,6 +121,12 @@ class Settings:
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
+            "server_host": str(_get("server.host")),
+            "server_port": port("server.port"),
+            "tls_cert": path("server.tls-cert"),
+            "tls_key": path("server.tls-key"),
+            "cluster_token_ttl": seconds("server.cluster-token-ttl"),
+            "api_url": _get("api.url"),
             "ingest_url": _get("ingest.url"),
             "ingest_token": _get("ingest.token"),
             "ingest_public_key": _get("ingest.public-key"),

@@ -176,6 +176,41 @@ leases = Table(
     Column("completed_at", UTCDateTime),  # set once the work is done: never granted again
 )
 
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("token_id", String(16), primary_key=True),
+    Column("token_sha256", String(64), nullable=False, unique=True),  # the token itself is never stored
+    Column("kind", String(16), nullable=False),
+    Column("subject_ref", String(64)),
+    Column("user_ref", String(64)),
+    Column("cluster_id", String(64)),
+    Column("names", Text),  # account and user, sealed under their data key (pipeline.server.names)
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
+)
+
+clusters = Table(
+    "clusters",
+    metadata,
+    Column("cluster_id", String(64), primary_key=True),
+    Column("subject_ref", String(64), nullable=False),
+    Column("token_id", String(16), nullable=False),
+    Column("names", Text, nullable=False),  # account, name and image, sealed under the account's data key
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_clusters_subject", "subject_ref"),
+)
+
+env_visibility = Table(
+    "env_visibility",
+    metadata,
+    Column("subject_ref", String(64), primary_key=True),
+    Column("env_id", String(64), primary_key=True),
+    Column("visibility", String(8), nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
 ingested_batches = Table(
     "ingested_batches",
     metadata,

@@ -33,13 +33,10 @@ def _total(values: list[int]) -> int:
     return sum(values)
 
 
-def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, Any]:
-    """Run three computations on a 2-worker LocalCluster loaded with the plugin by preload."""
+def _workload(tasks: int, settings: dict[str, Any]) -> int:
+    """Three computations on a 2-worker LocalCluster loaded with the plugin by preload; how many erred."""
     from distributed import Client, LocalCluster, wait
 
-    Pipeline.open(Settings.from_config(), create=True).close()  # init, so a bad key fails first
-    cluster_id = f"demo-{int(time.time())}"
-    settings = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
     with (
         dask.config.set(settings),
         LocalCluster(
@@ -59,20 +56,40 @@ def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, 
         total = client.submit(_total, chunks)  # job 3
         total.result()
         del squares, good, chunks, total
+    return erred
 
-    pipeline = Pipeline.open(Settings.from_config())
+
+def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool = False) -> dict[str, Any]:
+    """The workload, then what each store holds for its cluster.
+
+    Embedded (default): the plugin writes through the pipeline in-process. ``remote``: a
+    control plane on loopback, a member token and a registered cluster; the plugin holds
+    only the ingest URL, its cluster token and the intake public key, and the records
+    are read back through the API with the member's token.
+    """
+    pipeline = Pipeline.open(Settings.from_config(), create=True)  # init, so a bad key fails first
+    if remote:
+        stored_records, cluster_id, erred = _remote(pipeline, tasks, account, user)
+    else:
+        pipeline.close()
+        cluster_id = f"demo-{int(time.time())}"
+        settings = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
+        erred = _workload(tasks, settings)
+        pipeline = Pipeline.open(Settings.from_config())
+        stored_records = {store: list(pipeline.read_records(store, account=account)) for store in pipeline.stores}
     stored: dict[str, dict[str, int]] = {}
     jobs: list[dict[str, Any]] = []
-    for store in pipeline.stores:
+    for store, rows in stored_records.items():
         counts: Counter[str] = Counter()
-        for record in pipeline.read_records(store, account=account):
+        for record in rows:
             if record["cluster_id"] != cluster_id:
                 continue
             counts[record["data_type"]] += 1
             if store == "long_term" and record["kind"] == "job":
                 jobs.append(record)
         stored[store] = dict(sorted(counts.items()))
-    jobs.sort(key=lambda r: r["started_at"])
+    jobs.sort(key=lambda r: str(r["started_at"]))
+    pipeline.close()
     return {
         "account": account,
         "cluster_id": cluster_id,
@@ -83,3 +100,29 @@ def run_demo(*, tasks: int, account: str, user: str | None = None) -> dict[str, 
         "job_records": jobs,
         "home": pipeline.settings.home,
     }
+
+
+def _remote(
+    pipeline: Pipeline, tasks: int, account: str, user: str | None
+) -> tuple[dict[str, list[dict[str, Any]]], str, int]:
+    """The workload through a control plane on loopback; (records per store, cluster id, erred)."""
+    from pipeline.apiclient import ApiClient, Credentials
+    from pipeline.server.auth import TokenStore
+    from pipeline.server.clusters import cluster_config
+    from pipeline.server.runner import serving_in_thread
+
+    with serving_in_thread(pipeline) as url:
+        member = TokenStore(pipeline).create("member", account, user or "demo")
+        with ApiClient(Credentials(url, member.token)) as api:
+            registration = api.json("POST", "/v1/clusters", json={"account": account, "name": "demo"})
+            config = cluster_config(registration)["pipeline"]
+            settings = {
+                "pipeline.home": str(pipeline.settings.home / "demo-cluster"),  # the cluster's spool, nothing else
+                "pipeline.account": account,
+                "pipeline.user": user,
+                "pipeline.cluster-id": config["cluster-id"],
+                "pipeline.ingest": config["ingest"],
+            }
+            erred = _workload(tasks, settings)
+            stored = {store: list(api.lines("/v1/records", {"store": store})) for store in pipeline.stores}
+    return stored, registration["cluster_id"], erred

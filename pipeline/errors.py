@@ -13,7 +13,10 @@
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
      │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
      │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
-     └── AuditIntegrityError    the audit trail was altered
+     ├── AuditIntegrityError    the audit trail was altered
+     ├── AuthenticationError    a missing, unknown, revoked or expired API token (HTTP 401)
+     ├── TokenNotFound          no API token has this id
+     └── ApiError               the control plane refused a command-line request or cannot be reached
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
 that the command line can print one line naming what is wrong.
@@ -22,7 +25,9 @@ that the command line can print one line naming what is wrong.
 from __future__ import annotations
 
 __all__ = [
+    "ApiError",
     "AuditIntegrityError",
+    "AuthenticationError",
     "BatchRefused",
     "ConfigError",
     "ForbiddenBatch",
@@ -33,6 +38,7 @@ __all__ = [
     "SpoolError",
     "StoreError",
     "StoreUnavailable",
+    "TokenNotFound",
     "UnknownAccountError",
 ]
 
@@ -94,3 +100,22 @@ class AuditIntegrityError(PipelineError):
     def __init__(self, seq: int, reason: str) -> None:
         self.seq, self.reason = seq, reason
         super().__init__(f"audit entry {seq}: {reason}")
+
+
+class AuthenticationError(PipelineError):
+    """A request carries no token, or one that is unknown, revoked or expired."""
+
+
+class TokenNotFound(PipelineError, LookupError):
+    """No API token has this id."""
+
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"no API token with id {token_id!r} (see metadata-pipeline tokens list)")
+
+
+class ApiError(PipelineError):
+    """The control plane answered a command-line request with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -102,29 +98,6 @@ def test_enforce_before_init_says_what_to_do(home) -> None:
     assert result.exit_code == 2
     assert "run metadata-pipeline init" in result.stderr
     assert result.stderr.count("\n") == 1
-
-
-def test_serve_stops_cleanly_on_sigterm(pipeline, home) -> None:
-    env = {**os.environ, "DASK_PIPELINE__HOME": str(home)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for line in proc.stderr:  # printed once the scheduler runs
-            if line.startswith("retention service started"):
-                break
-        else:
-            pytest.fail("serve exited before starting")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    assert json.loads(out)["stopped"] is True
 
 
 def test_enforce_exits_1_while_a_request_is_overdue(settings) -> None:  # noqa: ANN001

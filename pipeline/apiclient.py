@@ -1,0 +1,121 @@
+"""The command line's side of the control plane: ``login`` credentials and scoped API calls.
+
+``login`` keeps the URL and token in ``~/.config/metadata-pipeline/credentials.yaml``
+(mode 0600, like any hosted service's CLI). With it, ``records``, ``clusters``
+and ``erase`` go through the API and see only what the token may see; the
+setting ``pipeline.api.url`` wins over the file's URL. Problem responses
+become one-line :class:`ApiError` messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from pipeline.errors import ApiError, ConfigError
+
+__all__ = ["ApiClient", "Credentials", "credentials_path"]
+
+
+def credentials_path() -> Path:
+    return Path.home() / ".config" / "metadata-pipeline" / "credentials.yaml"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the control plane is and the token that speaks for the user."""
+
+    url: str
+    token: str
+
+    @classmethod
+    def load(cls, api_url: str | None = None) -> Credentials | None:
+        """The saved login (``None``: not logged in); ``api_url`` overrides its URL.
+
+        :raises ConfigError: the file is unreadable, malformed or readable by others
+        """
+        path = credentials_path()
+        if not path.exists():
+            return None
+        if path.stat().st_mode & 0o077:
+            raise ConfigError(f"{path} is readable by others; run chmod 600 {path} (or log in again)")
+        try:
+            doc = yaml.safe_load(path.read_text())
+            return cls(url=str(api_url or doc["url"]).rstrip("/"), token=str(doc["token"]))
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a credentials file written by login: {exc}") from exc
+
+    def save(self) -> Path:
+        """Write the file with mode 0600 (atomically: a reader never sees half of it)."""
+        path = credentials_path()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump({"url": self.url, "token": self.token}, fh)
+        os.replace(tmp, path)
+        return path
+
+
+class ApiClient:
+    """httpx calls to the control plane with the login's bearer token."""
+
+    def __init__(self, credentials: Credentials, *, timeout: float = 30.0) -> None:
+        self.url = credentials.url
+        self._http = httpx.Client(
+            base_url=credentials.url, headers={"Authorization": f"Bearer {credentials.token}"}, timeout=timeout
+        )
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._http.close()
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One call; its JSON answer.
+
+        :raises ApiError: the server answered with an error or cannot be reached
+        """
+        with self._send(method, path, **kwargs) as response:
+            response.read()
+            return response.json()
+
+    def lines(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A streamed NDJSON answer, one object at a time."""
+        with self._send("GET", path, params={k: v for k, v in params.items() if v is not None}) as response:
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    @contextmanager
+    def _send(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        try:
+            response = self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"control plane {self.url} unreachable: {exc}") from exc
+        try:
+            if response.is_error:
+                response.read()
+                raise ApiError(
+                    f"control plane {self.url}: {response.status_code} {_detail(response)}", response.status_code
+                )
+            yield response
+        finally:
+            response.close()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return f"{body.get('title', '')}: {body.get('detail', '')}".strip(": ")
+    except ValueError:
+        return response.reason_phrase

@@ -1,0 +1,159 @@
+"""The control plane's FastAPI application.
+
+Every error leaves as RFC 9457 ``application/problem+json`` with a one-line
+``detail`` and never a stack trace; a malformed request is 400 (FastAPI's 422
+is folded into it), an unauthenticated one 401, a token of the wrong kind 403.
+Pipeline errors are mapped to statuses here, at the boundary, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.errors import (
+    AuthenticationError,
+    ForbiddenBatch,
+    IntakeError,
+    PipelineError,
+    StoreUnavailable,
+    UnknownAccountError,
+)
+from pipeline.principals import Principal
+from pipeline.retention.requests import RequestNotFound
+from pipeline.server import clusters, envs, erasure, ingest, records
+from pipeline.server.auth import TokenStore, authenticated
+from pipeline.server.metrics import Metrics
+from pipeline.server.metrics import router as metrics_router
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Pipeline
+
+__all__ = ["create_app", "problem"]
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+#: largest JSON body any endpoint but ingest accepts
+MAX_JSON_BYTES = 64 * 1024
+#: pipeline errors a client can cause or must wait out, by HTTP status; anything else is a 500
+ERROR_STATUS: tuple[tuple[type[PipelineError], int], ...] = (
+    (AuthenticationError, 401),
+    (IntakeError, 400),
+    (ForbiddenBatch, 403),
+    (UnknownAccountError, 404),
+    (RequestNotFound, 404),
+    (StoreUnavailable, 503),
+)
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+class _Guard:
+    """Pure ASGI middleware: time every request for the metrics, refuse oversized JSON bodies up front.
+
+    Only ``POST /v1/ingest`` takes a large body (it bounds its own stream); any other
+    request declaring more than :data:`MAX_JSON_BYTES` is answered 413 before it is read.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if scope["path"] != "/v1/ingest" and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+                detail = f"request body over {MAX_JSON_BYTES} bytes"
+                await problem(413, detail)(scope, receive, observed)
+            else:
+                await self.app(scope, receive, observed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe(scope["method"], route, status, started)
+
+
+def create_app(pipeline: Pipeline) -> FastAPI:
+    """The API over an open pipeline (which must stay open while the app serves)."""
+    app = FastAPI(
+        title="metadata-pipeline control plane",
+        version="1",
+        description="Clusters write, people read their own accounts; see DESIGN.md Part 2.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.pipeline = pipeline
+    app.state.tokens = TokenStore(pipeline)
+    app.state.clusters = clusters.ClusterRegistry(pipeline, app.state.tokens)
+    app.state.metrics = metrics = Metrics()
+    app.state.ingest_slots = ingest.ingest_slots(pipeline)
+    for module in (clusters, ingest, records, envs, erasure):
+        app.include_router(module.router)
+    app.include_router(metrics_router)
+
+    @app.get("/v1/health", tags=["health"])
+    def health() -> dict[str, str]:
+        """Liveness: answers while the process serves requests."""
+        return {"status": "ok"}
+
+    @app.get("/v1/whoami", tags=["health"])
+    def whoami(principal: Annotated[Principal, Depends(authenticated)]) -> dict[str, Any]:
+        """Whom the token speaks for (what ``login`` checks)."""
+        return {k: getattr(principal, k) for k in ("kind", "account", "user", "cluster_id", "token_id")}
+
+    app.add_middleware(_Guard, metrics=metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem(400, _validation_detail(exc))
+
+    @app.exception_handler(PipelineError)
+    async def pipeline_error(_request: Request, exc: PipelineError) -> JSONResponse:
+        for error_type, status in ERROR_STATUS:
+            if isinstance(exc, error_type):
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                if status == 503:  # the reason names internal hosts: it goes to the log, not to the caller
+                    logger.warning("answered 503: %s", exc)
+                    return problem(503, "a store or the metadata database is unavailable; retry later", headers)
+                return problem(status, str(exc), headers)
+        logger.error("request failed: %s", exc, exc_info=exc)
+        return problem(500, "internal error; the server log has the details")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("request failed", exc_info=exc)
+        return problem(500, "internal error; the server log has the details")
+
+    return app

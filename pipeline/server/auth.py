@@ -1,0 +1,240 @@
+"""API tokens: issue, list, revoke, and turn a bearer token into a :class:`Principal`.
+
+A token is ``mp_`` + 43 url-safe characters (32 random bytes). Only its
+SHA-256 is stored, so a copy of the database opens nothing; the account and
+user it speaks for are kept as HMAC refs plus names sealed under their data
+key (see :mod:`pipeline.server.names`), so erasing them also ends their tokens.
+Every request looks its token up again, so a
+revocation takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import insert, select, update
+
+from pipeline.db import api_tokens, transaction
+from pipeline.errors import AuthenticationError, ConfigError, TokenNotFound
+from pipeline.principals import Principal
+from pipeline.records import utcnow
+from pipeline.server.names import NameBox
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Pipeline
+
+__all__ = ["TOKEN_KINDS", "IssuedToken", "TokenInfo", "TokenStore", "authenticated", "current_pipeline", "require"]
+
+TOKEN_KINDS = ("member", "admin", "cluster")
+TOKEN_PREFIX = "mp_"
+_TOKEN_SHAPE = re.compile(r"mp_[A-Za-z0-9_-]{43}")
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What ``tokens list`` shows: everything but the token."""
+
+    token_id: str
+    kind: str
+    account: str | None
+    user: str | None
+    cluster_id: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token as created: the only moment its secret exists outside its holder."""
+
+    token_id: str
+    token: str
+    kind: str
+    account: str | None
+    user: str | None
+    cluster_id: str | None = None
+    expires_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields ``tokens create --json`` prints."""
+        return {
+            "token_id": self.token_id,
+            "token": self.token,
+            "kind": self.kind,
+            "account": self.account,
+            "user": self.user,
+        }
+
+
+class TokenStore:
+    """The ``api_tokens`` table, with names sealed and tokens hashed."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.engine = pipeline.keyring.engine
+        self.names = NameBox(pipeline.keyring)
+
+    def create(
+        self,
+        kind: str,
+        account: str | None = None,
+        user: str | None = None,
+        *,
+        cluster_id: str | None = None,
+        ttl: timedelta | None = None,
+        now: datetime | None = None,
+    ) -> IssuedToken:
+        """Issue a token; ``cluster`` tokens expire after ``ttl``.
+
+        :raises ConfigError: the kind or its binding (account, user, cluster id) is wrong
+        """
+        _check_binding(kind, account, user, cluster_id)
+        now = now or utcnow()
+        token_id = secrets.token_hex(8)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        keyring = self.pipeline.keyring
+        subject_ref = keyring.subject_ref(account) if account is not None else None
+        user_ref = keyring.user_ref(account, user) if account is not None else None
+        expires_at = now + ttl if ttl is not None else None
+        with transaction(self.engine, "issuing an API token") as conn:
+            conn.execute(
+                insert(api_tokens).values(
+                    token_id=token_id,
+                    token_sha256=token_sha256(token),
+                    kind=kind,
+                    subject_ref=subject_ref,
+                    user_ref=user_ref,
+                    cluster_id=cluster_id,
+                    names=self.names.seal(
+                        token_id, {"account": account, "user": user}, subject_ref=subject_ref, user_ref=user_ref
+                    ),
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+        self.pipeline.audit.append(
+            "token.created",
+            subject_ref=subject_ref,
+            details={"token_id": token_id, "kind": kind, "cluster_id": cluster_id},
+        )
+        return IssuedToken(token_id, token, kind, account, user, cluster_id, expires_at)
+
+    def list(self) -> list[TokenInfo]:
+        """Every token ever issued, oldest first."""
+        with transaction(self.engine, "listing API tokens") as conn:
+            rows = conn.execute(select(api_tokens).order_by(api_tokens.c.created_at)).all()
+        return [self._info(row) for row in rows]
+
+    def revoke(self, token_id: str, *, now: datetime | None = None) -> TokenInfo:
+        """Revoke a token (idempotent); its next request is refused.
+
+        :raises TokenNotFound:
+        """
+        with transaction(self.engine, "revoking an API token") as conn:
+            conn.execute(
+                update(api_tokens)
+                .where(api_tokens.c.token_id == token_id, api_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now or utcnow())
+            )
+            row = conn.execute(select(api_tokens).where(api_tokens.c.token_id == token_id)).first()
+        if row is None:
+            raise TokenNotFound(token_id)
+        self.pipeline.audit.append("token.revoked", subject_ref=row.subject_ref, details={"token_id": token_id})
+        return self._info(row)
+
+    def authenticate(self, token: str, *, now: datetime | None = None) -> Principal:
+        """The principal a bearer token speaks for.
+
+        :raises AuthenticationError: malformed, unknown, revoked or expired
+        """
+        if not _TOKEN_SHAPE.fullmatch(token):
+            raise AuthenticationError("malformed token: expected mp_ and 43 url-safe characters")
+        with transaction(self.engine, "checking an API token") as conn:
+            row = conn.execute(select(api_tokens).where(api_tokens.c.token_sha256 == token_sha256(token))).first()
+        if row is None:
+            raise AuthenticationError("unknown token")
+        if row.revoked_at is not None:
+            raise AuthenticationError("token revoked")
+        if row.expires_at is not None and (now or utcnow()) >= row.expires_at:
+            raise AuthenticationError("token expired")
+        names = self._names(row)
+        if names is None:
+            raise AuthenticationError("token of an erased account or user")
+        return Principal(row.kind, names["account"], names["user"], row.cluster_id, row.token_id)
+
+    def _names(self, row: Any) -> dict[str, Any] | None:
+        """The account and user a token speaks for; ``None`` once an erasure shredded them."""
+        return self.names.open(row.token_id, row.names, subject_ref=row.subject_ref, user_ref=row.user_ref)
+
+    def _info(self, row: Any) -> TokenInfo:
+        names = self._names(row) or {"account": None, "user": None}
+        return TokenInfo(
+            row.token_id,
+            row.kind,
+            names["account"],
+            names["user"],
+            row.cluster_id,
+            row.created_at,
+            row.expires_at,
+            row.revoked_at,
+        )
+
+
+def _check_binding(kind: str, account: str | None, user: str | None, cluster_id: str | None) -> None:
+    if kind not in TOKEN_KINDS:
+        raise ConfigError(f"unknown token kind {kind!r} (known: {', '.join(TOKEN_KINDS)})")
+    for what, value in (("account", account), ("user", user), ("cluster id", cluster_id)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{kind} token: the {what} must not be empty")
+    if kind == "admin" and (account is not None or cluster_id is not None):
+        raise ConfigError("an admin token sees every account: give no --account")
+    if kind == "member" and (account is None or user is None):
+        raise ConfigError("a member token needs --account and --user")
+    if kind == "cluster" and (account is None or cluster_id is None):
+        raise ConfigError("a cluster token needs an account and a cluster id")
+
+
+def current_pipeline(request: Request) -> Pipeline:
+    """FastAPI dependency: the open pipeline the app serves."""
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
+
+
+_bearer = HTTPBearer(auto_error=False, description="An `mp_` token from `metadata-pipeline tokens create`.")
+
+
+def authenticated(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    """FastAPI dependency: the caller's principal (401 without a valid bearer token)."""
+    if credentials is None:
+        raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
+    tokens: TokenStore = request.app.state.tokens
+    return tokens.authenticate(credentials.credentials)
+
+
+def require(*kinds: str) -> Callable[[Principal], Principal]:
+    """FastAPI dependency: an authenticated principal of one of ``kinds`` (403 otherwise)."""
+
+    def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if principal.kind not in kinds:
+            raise HTTPException(403, f"a {principal.kind} token may not do this (needs: {' or '.join(kinds)})")
+        return principal
+
+    return dependency

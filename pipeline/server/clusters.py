@@ -1,0 +1,148 @@
+"""Clusters: register one (and issue its write-only token), list the caller's.
+
+A registered cluster gets a cluster token bound to its account and cluster id,
+the control plane's ingest URL and the intake public key: everything its
+plugin needs to write, nothing that reads. The account name is kept sealed
+under the account's data key beside its HMAC ref (see :mod:`pipeline.server.names`):
+erasing the account leaves its clusters listed without names.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert, select
+
+from pipeline.db import clusters, transaction
+from pipeline.intake import intake_private_key, public_key_text
+from pipeline.principals import Principal
+from pipeline.records import utcnow
+from pipeline.runtime import Pipeline
+from pipeline.server.auth import TokenStore, require
+from pipeline.server.names import NameBox
+
+__all__ = ["ClusterRegistry", "Registration", "cluster_config", "router"]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A new cluster and the secrets its plugin needs (shown once)."""
+
+    cluster_id: str
+    account: str
+    name: str | None
+    image: str | None
+    token_id: str
+    token: str
+    expires_at: datetime | None
+    ingest_url: str
+    intake_public_key: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
+    """The dask config (section ``pipeline``) a registered cluster runs with."""
+    return {
+        "pipeline": {
+            "account": registration["account"],
+            "cluster-id": registration["cluster_id"],
+            "image": registration["image"],
+            "ingest": {
+                "url": registration["ingest_url"],
+                "token": registration["token"],
+                "public-key": registration["intake_public_key"],
+            },
+        }
+    }
+
+
+class ClusterRegistry:
+    """The ``clusters`` table."""
+
+    def __init__(self, pipeline: Pipeline, tokens: TokenStore | None = None) -> None:
+        self.pipeline = pipeline
+        self.tokens = tokens or TokenStore(pipeline)
+        self.names = NameBox(pipeline.keyring)
+
+    def register(
+        self, account: str, ingest_url: str, *, name: str | None = None, image: str | None = None
+    ) -> Registration:
+        """A new cluster of ``account`` with a cluster token valid for ``pipeline.server.cluster-token-ttl``."""
+        public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
+        cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
+        ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
+        issued = self.tokens.create("cluster", account, cluster_id=cluster_id, ttl=ttl)
+        subject_ref = self.pipeline.keyring.subject_ref(account)
+        names = {"account": account, "name": name, "image": image}
+        with transaction(self.pipeline.keyring.engine, "registering a cluster") as conn:
+            conn.execute(
+                insert(clusters).values(
+                    cluster_id=cluster_id,
+                    subject_ref=subject_ref,
+                    token_id=issued.token_id,
+                    names=self.names.seal(cluster_id, names, subject_ref=subject_ref),
+                    created_at=utcnow(),
+                )
+            )
+        return Registration(
+            cluster_id, account, name, image, issued.token_id, issued.token, issued.expires_at, ingest_url, public_key
+        )
+
+    def list(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Clusters of ``account`` (``None``: of every account), oldest first."""
+        query = select(clusters).order_by(clusters.c.created_at)
+        if account is not None:
+            query = query.where(clusters.c.subject_ref == self.pipeline.keyring.subject_ref(account))
+        with transaction(self.pipeline.keyring.engine, "listing clusters") as conn:
+            rows = conn.execute(query).all()
+        erased = {"account": None, "name": None, "image": None}
+        return [
+            {
+                "cluster_id": row.cluster_id,
+                **(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
+                "created_at": row.created_at,
+            }
+            for row in rows
+        ]
+
+
+class ClusterIn(BaseModel):
+    """``POST /v1/clusters`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    account: str = Field(min_length=1, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
+    image: str | None = Field(default=None, max_length=2000)
+
+
+router = APIRouter(tags=["clusters"])
+
+
+@router.post("/v1/clusters", status_code=201)
+def register_cluster(
+    body: ClusterIn,
+    request: Request,
+    principal: Annotated[Principal, Depends(require("member", "admin"))],
+) -> dict[str, Any]:
+    """Register a cluster of the caller's account: its id, cluster token, ingest URL and intake public key."""
+    if not principal.may_read(body.account):
+        raise HTTPException(403, "a member may register clusters of their own account only")
+    ingest_url = str(request.base_url).rstrip("/")
+    return request.app.state.clusters.register(body.account, ingest_url, name=body.name, image=body.image).as_dict()
+
+
+@router.get("/v1/clusters")
+def list_clusters(
+    request: Request, principal: Annotated[Principal, Depends(require("member", "admin"))]
+) -> list[dict[str, Any]]:
+    """Clusters of the caller's account (admin: of every account)."""
+    account = None if principal.sees_every_account else principal.account
+    registry: ClusterRegistry = request.app.state.clusters
+    return registry.list(account)

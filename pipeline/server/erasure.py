@@ -1,0 +1,72 @@
+"""Deletion requests over the API: admins for anyone, a member for their own user only.
+
+Requests are filed and read through :mod:`pipeline.retention.requests`, the
+same code ``erase request|status|list`` runs locally; the retention scheduler
+of ``serve`` carries them out. A member sees only requests about their own
+user; any other request id answers 404 exactly like an unknown one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.principals import Principal
+from pipeline.retention.requests import DeletionRequest, RequestNotFound, file_request, get_request, list_requests
+from pipeline.runtime import Pipeline
+from pipeline.server.auth import current_pipeline, require
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["erasure"])
+People = Annotated[Principal, Depends(require("member", "admin"))]
+
+
+class ErasureIn(BaseModel):
+    """``POST /v1/erasure-requests`` body: an account, or one user of it."""
+
+    model_config = ConfigDict(extra="forbid")
+    account: str = Field(min_length=1, max_length=200)
+    user: str | None = Field(default=None, min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=2000)
+    suppress: bool = False  # also drop records of the subject observed later, until the request is lifted
+
+
+def _visible(pipeline: Pipeline, principal: Principal, request: DeletionRequest) -> bool:
+    if principal.sees_every_account:
+        return True
+    assert principal.account is not None and principal.user is not None  # member tokens are bound to both
+    keyring = pipeline.keyring
+    return (request.subject_ref, request.user_ref) == (
+        keyring.subject_ref(principal.account),
+        keyring.user_ref(principal.account, principal.user),
+    )
+
+
+@router.post("/v1/erasure-requests", status_code=201)
+def file_erasure(
+    body: ErasureIn, principal: People, pipeline: Annotated[Pipeline, Depends(current_pipeline)]
+) -> dict[str, Any]:
+    """File a request; a member may ask only for their own user of their own account."""
+    if not principal.sees_every_account and (body.account, body.user) != (principal.account, principal.user):
+        raise HTTPException(403, "a member may request erasure of their own user only (give your account and user)")
+    return file_request(pipeline, body.account, body.user, body.reason, suppress=body.suppress).as_dict()
+
+
+@router.get("/v1/erasure-requests")
+def list_erasures(principal: People, pipeline: Annotated[Pipeline, Depends(current_pipeline)]) -> list[dict[str, Any]]:
+    """Requests the caller may follow, oldest first."""
+    return [r.as_dict() for r in list_requests(pipeline) if _visible(pipeline, principal, r)]
+
+
+@router.get("/v1/erasure-requests/{request_id}")
+def get_erasure(
+    request_id: str, principal: People, pipeline: Annotated[Pipeline, Depends(current_pipeline)]
+) -> dict[str, Any]:
+    """State and receipt of one request."""
+    request = get_request(pipeline, request_id)
+    if not _visible(pipeline, principal, request):
+        raise RequestNotFound(request_id)
+    return request.as_dict()

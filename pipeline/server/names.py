@@ -1,0 +1,80 @@
+"""Names the control plane must print back (accounts, users, cluster names), sealed at rest.
+
+Tables index tokens and clusters by HMAC refs only; the names themselves are
+AES-256-GCM ciphertext bound to their row (the AAD) and sealed under the data
+key of the person they name: the account's key, or the user's for a member
+token. An erasure that destroys those keys therefore shreds the names too, in
+every copy of the database: a token of an erased account or user no longer
+opens and stops working, and a backup keeps nothing readable once the master
+key version that wrapped the key retires. Staff (admin tokens) belong to no
+account and are no data subject here: their names use a keyring key of their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pipeline.errors import KeyringError, UnknownAccountError
+from pipeline.keys import Keyring
+
+__all__ = ["NameBox"]
+
+STAFF_KEY_ID = "api-names"
+_STAFF_VERSION = 0  # data key versions start at 1
+_NONCE = 12
+
+
+class NameBox:
+    """Seal and open small JSON documents of names, each bound to one row id and one person's key."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+
+    @functools.cached_property
+    def _staff(self) -> AESGCM:
+        return AESGCM(self.keyring.named_key(STAFF_KEY_ID, "names"))
+
+    def seal(self, row_id: str, names: dict[str, Any], *, subject_ref: str | None, user_ref: str | None = None) -> str:
+        """``<key version>:<base64 nonce || ciphertext>`` under the key of ``subject_ref``/``user_ref``."""
+        if subject_ref is None:
+            version, cipher = _STAFF_VERSION, self._staff
+        else:
+            version, cipher = self.keyring.cipher(subject_ref, user_ref)
+        nonce = os.urandom(_NONCE)
+        blob = nonce + cipher.encrypt(nonce, json.dumps(names).encode(), _aad(row_id, version))
+        return f"{version}:{base64.b64encode(blob).decode()}"
+
+    def open(
+        self, row_id: str, sealed: str, *, subject_ref: str | None, user_ref: str | None = None
+    ) -> dict[str, Any] | None:
+        """The names, or ``None`` once the key that sealed them was destroyed (an erasure).
+
+        :raises KeyringError: the value was altered or moved to another row
+        """
+        version_text, _, encoded = sealed.partition(":")
+        version = int(version_text)
+        if subject_ref is None:
+            cipher = self._staff
+        else:
+            try:  # checked against the database, so an erasure by another process counts at once
+                live, cipher = self.keyring.cipher(subject_ref, user_ref, create=False)
+            except (KeyringError, UnknownAccountError):
+                return None
+            if live != version:  # erased, then the account came back under a new key
+                return None
+        blob = base64.b64decode(encoded)
+        try:
+            return dict(json.loads(cipher.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(row_id, version))))
+        except InvalidTag:
+            raise KeyringError(f"sealed names of {row_id!r} do not open: altered or moved") from None
+
+
+def _aad(row_id: str, version: int) -> bytes:
+    return f"names|{row_id}|{version}".encode()

@@ -1,0 +1,93 @@
+"""``GET /v1/records``: decrypted records as NDJSON, scoped to what the caller may see.
+
+A member sees the accounts of their token only. Asking for another account's
+records answers exactly like asking for an account that does not exist (the
+same 404 body), so the API is no oracle for which accounts exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import StreamingResponse
+
+from pipeline.errors import UnknownAccountError
+from pipeline.output import to_json
+from pipeline.principals import Principal
+from pipeline.records import DATA_TYPES, KINDS
+from pipeline.retention.policy import STORES
+from pipeline.runtime import Pipeline
+from pipeline.server.auth import current_pipeline, require
+
+__all__ = ["router", "visible_account"]
+
+router = APIRouter(tags=["records"])
+
+NDJSON = "application/x-ndjson"
+# the accepted values, as enums in the OpenAPI schema (built from the record and policy contracts)
+DataType = Literal[DATA_TYPES]  # type: ignore[valid-type]
+KindName = Literal[tuple(KINDS)]  # type: ignore[misc,valid-type]
+StoreName = Literal[STORES]  # type: ignore[valid-type]
+
+
+#: the one answer for an account the caller may not see or that does not exist: the same bytes
+NOT_FOUND = "no such account, or not one your token may read"
+
+
+def visible_account(pipeline: Pipeline, principal: Principal, account: str | None) -> str | None:
+    """The account to read (``None``: every account, admins only).
+
+    A member's own account is always visible, with or without records.
+
+    :raises HTTPException: 404, identical for another account and an unknown one
+    """
+    if account is None and not principal.sees_every_account:
+        account = principal.account
+    if account is None or (principal.kind == "member" and account == principal.account):
+        return account
+    if not principal.may_read(account):
+        raise HTTPException(404, NOT_FOUND)
+    try:
+        pipeline.subject_ref(account)
+    except UnknownAccountError:
+        raise HTTPException(404, NOT_FOUND) from None
+    return account
+
+
+@router.get(
+    "/v1/records",
+    response_class=StreamingResponse,
+    responses={200: {"content": {NDJSON: {}}, "description": "One record (JSON object) a line."}},
+)
+def get_records(
+    principal: Annotated[Principal, Depends(require("member", "admin"))],
+    pipeline: Annotated[Pipeline, Depends(current_pipeline)],
+    account: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    data_type: DataType | None = None,
+    kind: KindName | None = None,  # type: ignore[valid-type]
+    store: StoreName = "long_term",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> StreamingResponse:
+    """Records of the caller's account (admin: of every account, or of ``account``)."""
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None and moment.tzinfo is None:
+            raise HTTPException(400, f"{name}: give a time zone, e.g. 2026-11-30T12:00:00Z")
+    account = visible_account(pipeline, principal, account)
+    if store not in pipeline.stores:
+        raise HTTPException(404, f"store {store!r} is not configured on this control plane")
+    rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind)
+    return StreamingResponse(_ndjson(rows, since, until), media_type=NDJSON)
+
+
+def _ndjson(rows: Iterator[dict[str, Any]], since: datetime | None, until: datetime | None) -> Iterator[str]:
+    try:
+        for row in rows:
+            observed = row["observed_at"]
+            if (since is None or observed >= since) and (until is None or observed < until):
+                yield to_json(row) + "\n"
+    except UnknownAccountError:  # a member's own account before its first record: nothing to stream
+        return

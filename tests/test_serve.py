@@ -1,0 +1,110 @@
+"""``metadata-pipeline serve`` as a process: API and retention together, TLS, a clean SIGTERM stop."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.config
+import httpx
+import pytest
+from controlplane import serve_process
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pipeline.config import Settings
+from pipeline.runtime import Pipeline
+from pipeline.server.auth import TokenStore
+
+pytestmark = pytest.mark.slow
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "server.pem", folder / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    with serve_process(tmp_path / "home", "--json") as served:
+        assert served.url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{served.url}/v1/health").json() == {"status": "ok"}
+        out, err = served.stop()
+    assert served.proc.returncode == 0, err
+    assert "API and retention service" in err
+    assert json.loads(out)["stopped"] is True
+    assert "Traceback" not in err
+
+
+def test_serve_carries_out_an_erasure_filed_through_its_api(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with serve_process(home, "--json", service__requests_interval="1s") as served:
+        with dask.config.set({"pipeline.home": str(home)}):
+            pipeline = Pipeline.open(Settings.from_config())
+            admin = TokenStore(pipeline).create("admin", user="privacy").token
+            pipeline.close()
+        client = httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {admin}"})
+        filed = client.post("/v1/erasure-requests", json={"account": "acme", "reason": "ticket 1"}).json()
+        deadline = time.monotonic() + 120  # a bound on waiting for the 1 s schedule, not a timing check
+        while client.get(f"/v1/erasure-requests/{filed['request_id']}").json()["state"] != "completed":
+            assert time.monotonic() < deadline, "the retention service in serve never processed the request"
+            time.sleep(0.2)
+        client.close()
+        out, _err = served.stop()
+    assert "requests" in {run["job"] for run in json.loads(out)["runs"]}
+
+
+def test_serve_speaks_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    with serve_process(tmp_path / "home", server__tls_cert=str(cert), server__tls_key=str(key)) as served:
+        url = served.url
+        assert url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        assert httpx.get(f"{url}/v1/health", verify=trusted).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/v1/health")  # not trusted by default: it really is the certificate given
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(url.replace("https://", "http://") + "/v1/health")
+
+
+def test_serve_with_half_the_tls_settings_exits_2_naming_them(tmp_path: Path) -> None:
+    cert, _key = self_signed(tmp_path)
+    env = {"DASK_PIPELINE__HOME": str(tmp_path / "home"), "DASK_PIPELINE__SERVER__TLS_CERT": str(cert)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "serve"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: pipeline.server.tls-cert and pipeline.server.tls-key must be set together"
+    ]

@@ -1,0 +1,280 @@
+"""The control plane's HTTP API over real HTTP: tokens, scoping, problem+json, and the attacks on them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from conftest import make_record
+from controlplane import ControlPlane, assert_problem, ndjson, serving
+from sqlalchemy import select
+
+from pipeline.config import Settings
+from pipeline.db import metadata
+from pipeline.records import KINDS, utcnow
+from pipeline.runtime import Pipeline
+
+SECRET_NAMES = ("acme-Holdings", "globex-Corp", "ann.smith", "bob.jones")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, home: Path) -> str:
+    """The metadata database every test here runs on: the embedded SQLite file, and PostgreSQL."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgresql" else f"sqlite:///{home}/metadata.db"
+
+
+@pytest.fixture
+def plane(database_url: str) -> Iterator[ControlPlane]:
+    pipeline = Pipeline.open(Settings.from_config(long_term_url=database_url), create=True)
+    pipeline.write_records(
+        [
+            make_record(account="acme-Holdings", user="ann.smith", cluster_id="c-acme"),
+            make_record(account="acme-Holdings", user="ann.smith", kind="job", job_id="j1", tasks_total=3),
+            make_record(account="globex-Corp", user="bob.jones", cluster_id="c-globex"),
+        ]
+    )
+    with serving(pipeline) as plane:
+        yield plane
+    pipeline.close()
+
+
+def test_member_reads_only_own_account_with_the_record_schema_fields(plane: ControlPlane) -> None:
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        rows = ndjson(ann.get("/v1/records"))
+        jobs = ndjson(ann.get("/v1/records", params={"kind": "job"}))
+    assert {r["account"] for r in rows} == {"acme-Holdings"} and len(rows) == 2
+    (job,) = jobs
+    assert list(job) == [f.name for f in KINDS["job"].schema]
+    assert (job["job_id"], job["tasks_total"]) == ("j1", 3)
+
+
+def test_another_accounts_records_answer_exactly_like_an_unknown_account(plane: ControlPlane) -> None:
+    with plane.member("globex-Corp", "bob.jones") as bob:
+        other = bob.get("/v1/records", params={"account": "acme-Holdings"})
+        unknown = bob.get("/v1/records", params={"account": "no-such-account"})
+        own = bob.get("/v1/records", params={"account": "globex-Corp"})
+    assert_problem(other, 404)
+    assert other.content == unknown.content
+    assert {k: v for k, v in other.headers.items() if k != "date"} == {
+        k: v for k, v in unknown.headers.items() if k != "date"
+    }
+    assert own.status_code == 200
+    with plane.member("initech", "new.hire") as newcomer:  # a member's own account, before any record
+        empty = newcomer.get("/v1/records")
+    assert (empty.status_code, empty.text) == (200, "")
+
+
+def test_admin_reads_every_account_and_filters(plane: ControlPlane) -> None:
+    with plane.admin() as admin:
+        everything = ndjson(admin.get("/v1/records"))
+        acme = ndjson(admin.get("/v1/records", params={"account": "acme-Holdings", "data_type": "cluster_jobs"}))
+        future = ndjson(admin.get("/v1/records", params={"since": (utcnow() + timedelta(hours=1)).isoformat()}))
+        past = ndjson(admin.get("/v1/records", params={"until": (utcnow() - timedelta(hours=1)).isoformat()}))
+        assert_problem(admin.get("/v1/records", params={"account": "nobody"}), 404)
+    assert {r["account"] for r in everything} == {"acme-Holdings", "globex-Corp"} and len(everything) == 3
+    assert len(acme) == 2 and future == [] and past == []
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (None, "missing bearer token"),
+        ("Bearer mp_" + "A" * 43, "unknown token"),
+        ("Bearer not-a-token", "malformed token"),
+        ("Basic YWxhZGRpbjpvcGVuc2VzYW1l", "missing bearer token"),
+    ],
+)
+def test_missing_malformed_or_unknown_token_is_401(plane: ControlPlane, header: str | None, reason: str) -> None:
+    with plane.client() as anonymous:
+        response = anonymous.get("/v1/records", headers={"Authorization": header} if header else {})
+    body = assert_problem(response, 401)
+    assert reason in body["detail"]
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_revocation_takes_effect_on_the_next_request(plane: ControlPlane) -> None:
+    issued = plane.tokens.create("member", "acme-Holdings", "ann.smith")
+    with plane.client(issued.token) as ann:
+        assert ann.get("/v1/records").status_code == 200
+        plane.tokens.revoke(issued.token_id)
+        assert "revoked" in assert_problem(ann.get("/v1/records"), 401)["detail"]
+
+
+def test_expired_cluster_token_is_401(plane: ControlPlane) -> None:
+    long_ago = utcnow() - timedelta(days=31)
+    issued = plane.tokens.create("cluster", "acme-Holdings", cluster_id="c-1", ttl=timedelta(days=30), now=long_ago)
+    with plane.client(issued.token) as cluster:
+        assert "expired" in assert_problem(cluster.post("/v1/ingest", content=b"x"), 401)["detail"]
+
+
+def test_cluster_token_cannot_read_anything(plane: ControlPlane) -> None:
+    issued = plane.tokens.create("cluster", "acme-Holdings", cluster_id="c-acme", ttl=timedelta(days=1))
+    with plane.client(issued.token) as cluster:
+        for path in ("/v1/records", "/v1/clusters", "/v1/erasure-requests", "/metrics"):
+            assert_problem(cluster.get(path), 403)
+        assert_problem(cluster.post("/v1/erasure-requests", json={"account": "acme-Holdings"}), 403)
+
+
+def test_member_token_may_not_ingest(plane: ControlPlane) -> None:
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        assert_problem(ann.post("/v1/ingest", content=b"sealed?"), 403)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{", b"[]", b'{"account": ""}', b'{"account": "acme-Holdings", "extra": 1}', b'{"name": "x"}'],
+)
+def test_malformed_bodies_are_400_problems_never_422(plane: ControlPlane, body: bytes) -> None:
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        response = ann.post("/v1/clusters", content=body, headers={"content-type": "application/json"})
+    assert_problem(response, 400)
+
+
+def test_a_json_body_over_64_kib_is_refused_before_it_is_read(plane: ControlPlane) -> None:
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        response = ann.post("/v1/clusters", json={"account": "acme-Holdings", "name": "x" * 70_000})
+    assert "over 65536 bytes" in assert_problem(response, 413)["detail"]
+
+
+def test_bad_query_values_and_unknown_routes_are_problems(plane: ControlPlane) -> None:
+    with plane.admin() as admin:
+        assert_problem(admin.get("/v1/records", params={"kind": "nope"}), 400)
+        assert_problem(admin.get("/v1/records", params={"since": "yesterday"}), 400)
+        assert_problem(admin.get("/v1/records", params={"since": "2026-01-01T00:00:00"}), 400)  # no zone
+        assert_problem(admin.get("/v1/nothing-here"), 404)
+        assert_problem(admin.delete("/v1/records"), 405)
+
+
+def test_member_erases_own_user_only_and_sees_only_own_requests(plane: ControlPlane) -> None:
+    with plane.member("acme-Holdings", "ann.smith") as ann, plane.admin() as admin:
+        for attack in (
+            {"account": "acme-Holdings", "user": "someone.else"},  # another user of the same account
+            {"account": "acme-Holdings"},  # the whole account
+            {"account": "globex-Corp", "user": "ann.smith"},  # another account
+        ):
+            assert_problem(ann.post("/v1/erasure-requests", json=attack), 403)
+        mine = ann.post("/v1/erasure-requests", json={"account": "acme-Holdings", "user": "ann.smith", "reason": "r"})
+        assert mine.status_code == 201, mine.text
+        theirs = admin.post("/v1/erasure-requests", json={"account": "globex-Corp"}).json()
+        listed = [r["request_id"] for r in ann.get("/v1/erasure-requests").json()]
+        assert listed == [mine.json()["request_id"]]
+        hidden = ann.get(f"/v1/erasure-requests/{theirs['request_id']}")
+        unknown = ann.get("/v1/erasure-requests/00000000-0000-0000-0000-000000000000")
+        assert_problem(hidden, 404)
+        assert_problem(unknown, 404)
+        assert ann.get(f"/v1/erasure-requests/{mine.json()['request_id']}").json()["state"] == "pending"
+        assert {r["request_id"] for r in admin.get("/v1/erasure-requests").json()} == {
+            mine.json()["request_id"],
+            theirs["request_id"],
+        }
+
+
+def test_software_envs_are_public_until_an_owner_makes_them_private(plane: ControlPlane) -> None:
+    env = {"env_id": "env-acme-1", "python_version": "3.11.9", "packages": {"numpy": "2.1"}}
+    plane.pipeline.write_records([make_record("software_env", account="acme-Holdings", **env)])
+    with plane.member("acme-Holdings", "ann.smith") as ann, plane.member("globex-Corp", "bob.jones") as bob:
+        assert [e["env_id"] for e in bob.get("/v1/software-envs").json()] == ["env-acme-1"]
+        assert_problem(bob.patch("/v1/software-envs/env-acme-1", json={"visibility": "private"}), 404)
+        assert_problem(ann.patch("/v1/software-envs/env-acme-1", json={"visibility": "secret"}), 400)
+        changed = ann.patch("/v1/software-envs/env-acme-1", json={"visibility": "private"})
+        assert changed.json() == {"env_id": "env-acme-1", "visibility": "private"}
+        assert bob.get("/v1/software-envs").json() == []
+        (own,) = ann.get("/v1/software-envs").json()
+        assert (own["visibility"], own["packages"]) == ("private", {"numpy": "2.1"})
+    with plane.admin() as admin:
+        assert [e["visibility"] for e in admin.get("/v1/software-envs").json()] == ["private"]
+
+
+def test_health_for_anyone_metrics_for_admins_only(plane: ControlPlane) -> None:
+    with plane.client() as anonymous, plane.member("acme-Holdings", "ann.smith") as ann, plane.admin() as admin:
+        assert anonymous.get("/v1/health").json() == {"status": "ok"}
+        assert_problem(anonymous.get("/metrics"), 401)
+        assert_problem(ann.get("/metrics"), 403)
+        ann.get("/v1/records")
+        metrics = admin.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'pipeline_request_seconds_count{method="GET",route="/v1/records",status="200"} 1.0' in metrics.text
+    assert "pipeline_ingested_records_total 0.0" in metrics.text
+
+
+def test_no_name_or_token_reaches_the_database_in_clear(plane: ControlPlane, home: Path) -> None:
+    issued = [
+        plane.tokens.create("member", "acme-Holdings", "ann.smith"),
+        plane.tokens.create("admin", user="bob.jones"),
+        plane.tokens.create("cluster", "globex-Corp", cluster_id="c-globex", ttl=timedelta(days=1)),
+    ]
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        ann.post("/v1/erasure-requests", json={"account": "acme-Holdings", "user": "ann.smith", "reason": "ticket"})
+    secrets = [*SECRET_NAMES, *(t.token for t in issued)]
+    engine = plane.pipeline.keyring.engine
+    with engine.connect() as conn:
+        dump = "\n".join(str(row) for table in metadata.sorted_tables for row in conn.execute(select(table)))
+    assert "c-globex" in dump  # the dump does hold the tables' contents
+    assert [s for s in secrets if s in dump] == []
+    engine.dispose()
+    for path in home.rglob("metadata.db*"):  # SQLite: free pages and the WAL too
+        raw = path.read_bytes()
+        assert [s for s in secrets if s.encode() in raw] == [], path
+
+
+def test_revocation_on_one_replica_holds_on_another(plane: ControlPlane) -> None:
+    replica = Pipeline.open(plane.pipeline.settings)
+    issued = plane.tokens.create("member", "acme-Holdings", "ann.smith")
+    with serving(replica) as other:
+        with other.client(issued.token) as ann:
+            assert ann.get("/v1/records").status_code == 200
+        plane.tokens.revoke(issued.token_id)  # through the first replica's database handle
+        with other.client(issued.token) as ann:
+            assert_problem(ann.get("/v1/records"), 401)
+    replica.close()
+
+
+def test_a_database_outage_is_503_without_naming_the_database(postgres_url: str, home: Path) -> None:
+    from sqlalchemy.engine import make_url
+    from tcpproxy import TCPProxy
+
+    url = make_url(postgres_url)
+    proxy = TCPProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    pipeline = Pipeline.open(Settings.from_config(long_term_url=proxied), create=True)
+    with serving(pipeline) as plane, plane.member("acme", "ann") as ann:
+        assert ann.get("/v1/records").status_code == 200
+        proxy.cut()
+        down = ann.get("/v1/records")
+        proxy.restore()
+        assert ann.get("/v1/records").status_code == 200  # back on the next request
+    body = assert_problem(down, 503)
+    assert body["detail"] == "a store or the metadata database is unavailable; retry later"
+    assert str(proxy.port) not in down.text and "5432" not in down.text
+    pipeline.close()
+    proxy.close()
+
+
+def test_an_erasure_ends_the_tokens_and_shreds_the_names_of_whom_it_erased(plane: ControlPlane) -> None:
+    from pipeline.retention.requests import file_request, process_pending
+    from pipeline.server.clusters import ClusterRegistry
+
+    ann = plane.tokens.create("member", "acme-Holdings", "ann.smith")
+    carl = plane.tokens.create("member", "acme-Holdings", "carl.x")
+    bob = plane.tokens.create("member", "globex-Corp", "bob.jones")
+    registry = ClusterRegistry(plane.pipeline, plane.tokens)
+    registry.register("acme-Holdings", plane.url, name="acme-prod")
+
+    def status(token: str) -> int:
+        with plane.client(token) as client:
+            return client.get("/v1/records").status_code
+
+    file_request(plane.pipeline, "acme-Holdings", "ann.smith")
+    process_pending(plane.pipeline)
+    assert (status(ann.token), status(carl.token), status(bob.token)) == (401, 200, 200)
+
+    file_request(plane.pipeline, "acme-Holdings")
+    process_pending(plane.pipeline)
+    assert (status(carl.token), status(bob.token)) == (401, 200)
+    listed = {t.token_id: (t.account, t.user) for t in plane.tokens.list()}
+    assert listed[ann.token_id] == listed[carl.token_id] == (None, None)
+    assert listed[bob.token_id] == ("globex-Corp", "bob.jones")
+    (cluster,) = registry.list()
+    assert (cluster["account"], cluster["name"]) == (None, None)
