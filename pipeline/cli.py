@@ -98,6 +98,12 @@ def _render_demo(summary: dict[str, Any]) -> str:
     lines = [
         f"cluster {summary['cluster_id']}: {summary['tasks']} tasks in {summary['jobs']} jobs, "
         f"{summary['erred']} erred on purpose",
+        f"cluster ran over TLS ({summary['scheduler_address']}, certificates of its own CA)"
+        if summary["tls"]
+        else f"cluster ran WITHOUT TLS ({summary['scheduler_address']})",
+        "workers got an AWS session token (refreshed before it expires)"
+        if summary["aws_session_token"]
+        else "no local AWS credentials: workers had none (public data only)",
         f"records stored for account {summary['account']!r}:",
     ]
     for store, counts in summary["stored"].items():

@@ -59,6 +59,9 @@ class Settings:
     policy_path: Path
     retention_cron: str
     requests_interval: float
+    tls_validity: float
+    aws_role_arn: str | None
+    aws_session_duration: float
     server_host: str
     server_port: int
     tls_cert: Path | None
@@ -121,6 +124,9 @@ class Settings:
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
+            "tls_validity": seconds("tls.validity"),
+            "aws_role_arn": _get("aws.role-arn"),
+            "aws_session_duration": seconds("aws.session-duration"),
             "server_host": str(_get("server.host")),
             "server_port": port("server.port"),
             "tls_cert": path("server.tls-cert"),

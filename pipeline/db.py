@@ -176,6 +176,18 @@ leases = Table(
     Column("completed_at", UTCDateTime),  # set once the work is done: never granted again
 )
 
+cluster_credentials = Table(
+    "cluster_credentials",
+    metadata,
+    Column("cluster_id", String(128), primary_key=True),
+    Column("subject_ref", String(64), nullable=False),  # the account whose data key seals them
+    Column("key_version", Integer, nullable=False),
+    Column("not_after", UTCDateTime, nullable=False),
+    Column("sealed", LargeBinary, nullable=False),  # AES-GCM: CA and role certificates, private keys
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_cluster_credentials_subject", "subject_ref"),
+)
+
 api_tokens = Table(
     "api_tokens",
     metadata,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import dask.config
 
 from pipeline.config import Settings
 from pipeline.runtime import Pipeline
+from pipeline.security.aws import forward_aws_credentials
+from pipeline.security.tls import ClusterCredentials, issue_credentials
 
 __all__ = ["run_demo"]
 
@@ -33,8 +37,11 @@ def _total(values: list[int]) -> int:
     return sum(values)
 
 
-def _workload(tasks: int, settings: dict[str, Any]) -> int:
-    """Three computations on a 2-worker LocalCluster loaded with the plugin by preload; how many erred."""
+def _workload(
+    tasks: int, settings: dict[str, Any], credentials: ClusterCredentials, config: Settings
+) -> dict[str, Any]:
+    """Three computations on a 2-worker LocalCluster loaded with the plugin by preload, over the
+    cluster's own TLS, workers given an AWS session token when there are local AWS credentials."""
     from distributed import Client, LocalCluster, wait
 
     with (
@@ -43,10 +50,18 @@ def _workload(tasks: int, settings: dict[str, Any]) -> int:
             n_workers=2,
             threads_per_worker=1,
             dashboard_address=":0",
+            security=credentials.security(),
             scheduler_kwargs={"preload": ["pipeline.preload"]},
         ) as cluster,
         Client(cluster) as client,
+        forward_aws_credentials(
+            client,
+            worker_cert=credentials.certs["worker"],
+            role_arn=config.aws_role_arn,
+            duration=timedelta(seconds=config.aws_session_duration),
+        ) as aws,
     ):
+        scheduler_address = cluster.scheduler_address
         client.run(_quiet_task_errors)
         squares = client.map(_square, range(tasks))  # job 1: N tasks, 1 % fail
         wait(squares)
@@ -56,7 +71,12 @@ def _workload(tasks: int, settings: dict[str, Any]) -> int:
         total = client.submit(_total, chunks)  # job 3
         total.result()
         del squares, good, chunks, total
-    return erred
+    return {
+        "erred": erred,
+        "scheduler_address": scheduler_address,
+        "tls": scheduler_address.startswith("tls://"),
+        "aws_session_token": aws.credentials is not None,
+    }
 
 
 def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool = False) -> dict[str, Any]:
@@ -69,12 +89,14 @@ def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool 
     """
     pipeline = Pipeline.open(Settings.from_config(), create=True)  # init, so a bad key fails first
     if remote:
-        stored_records, cluster_id, erred = _remote(pipeline, tasks, account, user)
+        stored_records, cluster_id, ran = _remote(pipeline, tasks, account, user)
     else:
+        cluster_id = f"demo-{uuid.uuid4().hex[:12]}"
+        validity = timedelta(seconds=pipeline.settings.tls_validity)
+        credentials = issue_credentials(pipeline.keyring, account, cluster_id, validity=validity)
         pipeline.close()
-        cluster_id = f"demo-{int(time.time())}"
         settings = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
-        erred = _workload(tasks, settings)
+        ran = _workload(tasks, settings, credentials, pipeline.settings)
         pipeline = Pipeline.open(Settings.from_config())
         stored_records = {store: list(pipeline.read_records(store, account=account)) for store in pipeline.stores}
     stored: dict[str, dict[str, int]] = {}
@@ -94,7 +116,7 @@ def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool 
         "account": account,
         "cluster_id": cluster_id,
         "tasks": tasks,
-        "erred": erred,
+        **ran,
         "jobs": len(jobs),
         "stored": stored,
         "job_records": jobs,
@@ -104,8 +126,8 @@ def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool 
 
 def _remote(
     pipeline: Pipeline, tasks: int, account: str, user: str | None
-) -> tuple[dict[str, list[dict[str, Any]]], str, int]:
-    """The workload through a control plane on loopback; (records per store, cluster id, erred)."""
+) -> tuple[dict[str, list[dict[str, Any]]], str, dict[str, Any]]:
+    """The workload through a control plane on loopback; (records per store, cluster id, how it ran)."""
     from pipeline.apiclient import ApiClient, Credentials
     from pipeline.server.auth import TokenStore
     from pipeline.server.clusters import cluster_config
@@ -123,6 +145,7 @@ def _remote(
                 "pipeline.cluster-id": config["cluster-id"],
                 "pipeline.ingest": config["ingest"],
             }
-            erred = _workload(tasks, settings)
+            credentials = ClusterCredentials.from_json(registration["cluster_id"], registration["tls"])
+            ran = _workload(tasks, settings, credentials, pipeline.settings)
             stored = {store: list(api.lines("/v1/records", {"store": store})) for store in pipeline.stores}
-    return stored, registration["cluster_id"], erred
+    return stored, registration["cluster_id"], ran

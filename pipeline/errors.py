@@ -10,6 +10,7 @@
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      ├── SpoolError             a spooled batch is unreadable
+     ├── CredentialsError       cluster credentials cannot be issued, found or opened
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
      │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
      │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
@@ -30,6 +31,7 @@ __all__ = [
     "AuthenticationError",
     "BatchRefused",
     "ConfigError",
+    "CredentialsError",
     "ForbiddenBatch",
     "IntakeError",
     "KeyringError",
@@ -80,6 +82,10 @@ class StoreUnavailable(StoreError):
 
 class SpoolError(PipelineError):
     """A spooled batch file is corrupt or unreadable."""
+
+
+class CredentialsError(PipelineError):
+    """A cluster's TLS or cloud credentials cannot be issued, found or opened."""
 
 
 class BatchRefused(PipelineError):

@@ -14,6 +14,7 @@ import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetim
 import pytest
 
 from pipeline.config import Settings
+from pipeline.runtime import Pipeline
 from pipeline.stores import Store, open_store
 
 POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
@@ -91,6 +92,18 @@ def s3_archive_url(aws: str) -> str:
     bucket = f"archive-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     return f"s3://{bucket}/metadata?endpoint={aws}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def pipeline(request: pytest.FixtureRequest, home: Path) -> Iterator[Pipeline]:
+    """An initialised pipeline whose metadata database is SQLite or PostgreSQL."""
+    overrides = {}
+    if request.param == "postgresql":
+        overrides["pipeline.long-term.url"] = request.getfixturevalue("postgres_url")
+    with dask.config.set(overrides):
+        opened = Pipeline.open(create=True)
+        yield opened
+        opened.close()
 
 
 STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,18 +29,6 @@ from pipeline.runtime import Pipeline
 
 def run(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def pipeline(request: pytest.FixtureRequest, home: Path) -> Iterator[Pipeline]:
-    """An initialised pipeline whose metadata database is SQLite or PostgreSQL."""
-    overrides = {}
-    if request.param == "postgresql":
-        overrides["pipeline.long-term.url"] = request.getfixturevalue("postgres_url")
-    with dask.config.set(overrides):
-        opened = Pipeline.open(create=True)
-        yield opened
-        opened.close()
 
 
 def fill(audit: AuditLog, total: int) -> None:

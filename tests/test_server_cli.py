@@ -155,6 +155,7 @@ def test_demo_remote_runs_the_workload_through_a_loopback_control_plane(home: Pa
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["jobs"] == 3 and summary["erred"] == 1
+    assert summary["tls"] and summary["scheduler_address"].startswith("tls://")  # the registration's credentials
     assert summary["stored"]["long_term"]["cluster_jobs"] >= 3
     assert not (home / "demo-cluster" / "master.key").exists()
 

@@ -2,7 +2,8 @@
 
 A registered cluster gets a cluster token bound to its account and cluster id,
 the control plane's ingest URL and the intake public key: everything its
-plugin needs to write, nothing that reads. The account name is kept sealed
+plugin needs to write, nothing that reads; and its own TLS credentials (a CA,
+scheduler / worker / client certificates and keys, see :mod:`pipeline.security.tls`). The account name is kept sealed
 under the account's data key beside its HMAC ref (see :mod:`pipeline.server.names`):
 erasing the account leaves its clusters listed without names.
 """
@@ -23,6 +24,7 @@ from pipeline.intake import intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
+from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.names import NameBox
 
@@ -42,14 +44,17 @@ class Registration:
     expires_at: datetime | None
     ingest_url: str
     intake_public_key: str
+    tls: dict[str, str]  # the cluster's CA, role certificates and private keys (PEM): shown once
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
-    """The dask config (section ``pipeline``) a registered cluster runs with."""
+    """The dask config a registered cluster runs with: section ``pipeline``, and ``distributed.comm``
+    for TLS with the cluster's own certificates."""
     return {
+        **dask_tls_config(registration["tls"]),
         "pipeline": {
             "account": registration["account"],
             "cluster-id": registration["cluster_id"],
@@ -59,7 +64,7 @@ def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
                 "token": registration["token"],
                 "public-key": registration["intake_public_key"],
             },
-        }
+        },
     }
 
 
@@ -91,8 +96,19 @@ class ClusterRegistry:
                     created_at=utcnow(),
                 )
             )
+        validity = timedelta(seconds=self.pipeline.settings.tls_validity)
+        tls = issue_credentials(self.pipeline.keyring, account, cluster_id, validity=validity)
         return Registration(
-            cluster_id, account, name, image, issued.token_id, issued.token, issued.expires_at, ingest_url, public_key
+            cluster_id,
+            account,
+            name,
+            image,
+            issued.token_id,
+            issued.token,
+            issued.expires_at,
+            ingest_url,
+            public_key,
+            tls.to_json(),
         )
 
     def list(self, account: str | None = None) -> list[dict[str, Any]]:
@@ -131,7 +147,8 @@ def register_cluster(
     request: Request,
     principal: Annotated[Principal, Depends(require("member", "admin"))],
 ) -> dict[str, Any]:
-    """Register a cluster of the caller's account: its id, cluster token, ingest URL and intake public key."""
+    """Register a cluster of the caller's account: its id, cluster token, ingest URL, intake public key and
+    TLS credentials."""
     if not principal.may_read(body.account):
         raise HTTPException(403, "a member may register clusters of their own account only")
     ingest_url = str(request.base_url).rstrip("/")
