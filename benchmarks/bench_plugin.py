@@ -155,15 +155,19 @@ def drive(plugin: Any, n_transitions: int) -> int:
     holds many tasks in flight; a key leaves ``tasks`` when it is forgotten.
     """
     scheduler, prefix = _FakeScheduler(), _Prefix("noop")
+    if isinstance(plugin, MetadataPlugin):
+        plugin.scheduler = scheduler  # type: ignore[assignment]  # as start() does: tasks' prefixes
     tasks, update_graph, transition = scheduler.tasks, plugin.update_graph, plugin.transition
     calls = done = 0
     while done < n_transitions:
         keys = [f"noop-{i:032x}" for i in range(done, done + BATCH)]
-        sid = f"update-graph-{done}"
+        graph = f"update-graph-{done}"
         for key in keys:
             tasks[key] = _Task("released", prefix)
-        update_graph(scheduler, client="Client-bench", keys=set(keys), tasks=keys, annotations={}, stimulus_id=sid)
+        update_graph(scheduler, client="Client-bench", keys=set(keys), tasks=keys, annotations={}, stimulus_id=graph)
         for start, finish in TRANSITIONS:
+            # released→waiting follows update_graph; the rest come from workers' messages
+            sid = graph if finish == "waiting" else f"task-finished-{done}"
             if finish == "memory":
                 for key in keys:
                     now = time.time()

@@ -21,6 +21,8 @@ import httpx
 import yaml
 
 from pipeline.errors import ApiError, ConfigError
+from pipeline.fsmodes import open_private, private_folder
+from pipeline.redact import mask_url
 
 __all__ = ["ApiClient", "Credentials", "credentials_path"]
 
@@ -56,9 +58,9 @@ class Credentials:
     def save(self) -> Path:
         """Write the file with mode 0600 (atomically: a reader never sees half of it)."""
         path = credentials_path()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "w") as fh:
             yaml.safe_dump({"url": self.url, "token": self.token}, fh)
         os.replace(tmp, path)
@@ -101,12 +103,13 @@ class ApiClient:
         try:
             response = self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
         except httpx.HTTPError as exc:
-            raise ApiError(f"control plane {self.url} unreachable: {exc}") from exc
+            raise ApiError(f"control plane {mask_url(self.url)} unreachable: {exc}") from exc
         try:
             if response.is_error:
                 response.read()
                 raise ApiError(
-                    f"control plane {self.url}: {response.status_code} {_detail(response)}", response.status_code
+                    f"control plane {mask_url(self.url)}: {response.status_code} {_detail(response)}",
+                    response.status_code,
                 )
             yield response
         finally:

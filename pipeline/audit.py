@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import os
+import pwd
 import socket
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from pipeline.db import audit_log
 from pipeline.errors import AuditIntegrityError, KeyringError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
+from pipeline.redact import mask_url
 from pipeline.signing import AuditSigner, FileSigner, PublicKey, load_public_hex, open_signer, public_hex, verifies
 from pipeline.witness import Checkpoint, Witness, open_witness
 
@@ -63,11 +65,12 @@ _LOCK_KEY = 0x617564_6974  # PostgreSQL advisory lock id of the chain ("audit")
 
 @functools.cache
 def default_actor() -> str:
-    """``user@host`` of this process: who did it, as far as the machine knows."""
+    """``user@host`` of this process from its credentials (effective uid), not ``$USER`` or the tty's login."""
+    uid = os.geteuid()
     try:
-        user = os.getlogin()
-    except OSError:
-        user = os.environ.get("USER", f"uid{os.getuid()}")
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        user = f"uid{uid}"
     return f"{user}@{socket.gethostname()}"
 
 
@@ -215,7 +218,7 @@ class AuditLog:
                     conn.execute(insert(audit_log), [_row(entry) for entry in entries])
             return entries
         except SQLAlchemyError as exc:
-            where = self.engine.url.render_as_string(hide_password=True)
+            where = mask_url(self.engine.url.render_as_string(hide_password=False))
             raise StoreUnavailable(f"audit log in {where} unwritable: {exc.__class__.__name__}") from exc
 
     def _sign(self, seq: int, prev_hash: str, item: Mapping[str, Any]) -> AuditEntry:

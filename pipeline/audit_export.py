@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pipeline.audit import GENESIS, AuditLog
+from pipeline.fsmodes import open_private, output_folder, write_private
 from pipeline.records import utcnow
 
 __all__ = ["README_NAME", "export_audit", "verification_readme"]
@@ -31,19 +32,19 @@ def verification_readme() -> str:
 
 def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
     """Write the export into ``out_dir`` (created if needed); returns the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    count, head = 0, GENESIS
-    tmp = out_dir / "entries.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for entry in audit.entries():
-            fh.write(json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
-            count, head = entry.seq, entry.entry_hash
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out_dir / "entries.jsonl")
-    (out_dir / "public_key.pem").write_bytes(audit.public_key_pem())
-    algorithm = "Ed25519" if isinstance(audit.first_public_key(), Ed25519PublicKey) else "ECDSA P-256 SHA-256"
-    manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (out_dir / "README.md").write_text(verification_readme(), encoding="utf-8")
+    with output_folder(out_dir) as folder:
+        count, head = 0, GENESIS
+        tmp = folder / ".entries.jsonl.tmp"
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
+            for entry in audit.entries():
+                fh.write(json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+                count, head = entry.seq, entry.entry_hash
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / "entries.jsonl")
+        write_private(folder / "public_key.pem", audit.public_key_pem())
+        algorithm = "Ed25519" if isinstance(audit.first_public_key(), Ed25519PublicKey) else "ECDSA P-256 SHA-256"
+        manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
+        write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        write_private(folder / "README.md", verification_readme().encode())
     return {**manifest, "folder": str(out_dir)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.redact import mask_url
 
 __all__ = ["aws_client"]
 
@@ -24,5 +25,5 @@ def aws_client(service: str, url: str, what: str) -> tuple[Any, tuple[type[Excep
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"{url}: {what} needs boto3; install dask-metadata-pipeline[aws]") from exc
+        raise ConfigError(f"{mask_url(url)}: {what} needs boto3; install dask-metadata-pipeline[aws]") from exc
     return boto3.client(service), (BotoCoreError, ClientError)

@@ -7,8 +7,10 @@ stderr naming what is wrong).
 from __future__ import annotations
 
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlparse
@@ -19,6 +21,7 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.output import Output
 from pipeline.records import DATA_TYPES
+from pipeline.redact import mask_url, printable, quoted
 from pipeline.retention.policy import STORES
 
 __all__ = ["main"]
@@ -40,10 +43,10 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
             try:
                 return fn(out, *args, **kwargs)
             except CheckFailed as exc:
-                click.echo(f"check failed: {exc}", err=True)
+                click.echo(f"check failed: {printable(str(exc))}", err=True)
                 sys.exit(1)
             except PipelineError as exc:
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {printable(str(exc))}", err=True)
                 sys.exit(2)
 
         wrapper = click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")(wrapper)
@@ -52,10 +55,60 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """Bad usage (an unknown option, a value a parameter refuses) is one line on stderr, exit 2."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            click.echo(f"error: {printable(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+class Text(click.ParamType):
+    """A name or free text from the command line: it must be valid UTF-8.
+
+    Arguments that are not UTF-8 reach Python as lone surrogates (``$'\\xff'`` → ``'\\udcff'``),
+    which no store, hash or terminal can encode.
+    """
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{quoted(value)} is not valid UTF-8 text", param, ctx)
+        return value
+
+
+TEXT = Text()
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dask-metadata-pipeline")
 def main() -> None:
     """Metadata and audit pipeline with retention enforcement for Dask clusters."""
+    pipeline_logger = logging.getLogger("pipeline")
+    if not pipeline_logger.handlers:  # commands report through their one line; `serve` configures logging
+        pipeline_logger.addHandler(logging.NullHandler())
 
 
 def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily for a fast --help
@@ -71,9 +124,9 @@ def init(out: Output) -> None:
     s = pipeline.settings
     info = {
         "home": s.home,
-        "long_term": s.long_term_url,
-        "cloud_logging": s.cloud_logging_url,
-        "keys": s.keys_url,
+        "long_term": mask_url(s.long_term_url),
+        "cloud_logging": mask_url(s.cloud_logging_url),
+        "keys": mask_url(s.keys_url),
         "policy": str(s.policy_path),
         "intake_public_key": pipeline.intake_public_key,
     }
@@ -83,8 +136,8 @@ def init(out: Output) -> None:
 
 @command(main)
 @click.option("--tasks", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
-@click.option("--account", default="demo", show_default=True)
-@click.option("--user", default=None, help="User the cluster belongs to.")
+@click.option("--account", default="demo", show_default=True, type=TEXT)
+@click.option("--user", default=None, type=TEXT, help="User the cluster belongs to.")
 @click.option("--remote", is_flag=True, help="Through a control plane on loopback: the cluster only writes.")
 def demo(out: Output, tasks: int, account: str, user: str | None, remote: bool) -> None:
     """Run a workload on a local Dask cluster with the plugin and show what was stored."""
@@ -124,11 +177,11 @@ def accounts() -> None:
 
 
 @command(accounts, "add")
-@click.option("--account", required=True)
-@click.option("--username", required=True)
-@click.option("--email", required=True)
-@click.option("--team", default=None)
-@click.option("--quota", "quotas", multiple=True, metavar="NAME=NUMBER", help="Repeatable.")
+@click.option("--account", required=True, type=TEXT)
+@click.option("--username", required=True, type=TEXT)
+@click.option("--email", required=True, type=TEXT)
+@click.option("--team", default=None, type=TEXT)
+@click.option("--quota", "quotas", multiple=True, type=TEXT, metavar="NAME=NUMBER", help="Repeatable.")
 def accounts_add(
     out: Output, account: str, username: str, email: str, team: str | None, quotas: tuple[str, ...]
 ) -> None:
@@ -143,7 +196,7 @@ def accounts_add(
         try:
             parsed[name] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{item!r} is not NAME=NUMBER", param_hint="--quota") from None
+            raise click.BadParameter(f"{quoted(item)} is not NAME=NUMBER", param_hint="--quota") from None
     record = {
         "record_id": uuid.uuid4().hex,
         "data_type": "account",
@@ -162,21 +215,42 @@ def accounts_add(
 
 
 @command(main)
-@click.option("--account", default=None)
+@click.option("--account", default=None, type=TEXT)
 @click.option("--data-type", type=click.Choice(DATA_TYPES), default=None)
 @click.option("--store", type=click.Choice(STORES), default="long_term", show_default=True)
 def records(out: Output, account: str | None, data_type: str | None, store: str) -> None:
-    """Print decrypted records (JSON lines with --json); with a login, those the token may see."""
+    """Print decrypted records (JSON lines with --json); with a login, those the token may see.
+
+    Locally, a segment that does not decrypt is named on stderr and the exit status is 1.
+    """
+    from pipeline.records import rows_from_table
+    from pipeline.runtime import Unreadable
+
     client = api_client()
+    pipeline, unreadable = None, list[Unreadable]()
     if client is None:
-        rows = open_pipeline().read_records(store, account=account, data_type=data_type)
-        n = out.rows(rows, _render_record)
+        pipeline = open_pipeline()
+        segments = pipeline.read_segments(store, account=account, data_type=data_type, unreadable=unreadable)
+        n = out.rows((row for _segment, table in segments for row in rows_from_table(table)), _render_record)
     else:
         with client:
             params = {"account": account, "data_type": data_type, "store": store}
             n = out.rows(client.lines("/v1/records", params), _render_record)
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
+    if pipeline is not None:
+        _report_skipped(pipeline, unreadable)
+
+
+def _report_skipped(pipeline: Any, unreadable: list[Any]) -> None:
+    """One stderr line per unreadable segment and per store with foreign files; exit 1 for the former."""
+    for store, found in pipeline.foreign_files().items():
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        click.echo(printable(f"skipped {len(found)} foreign file(s) in {store}: {shown}"), err=True)
+    for problem in unreadable:
+        click.echo(printable(str(problem)), err=True)
+    if unreadable:
+        raise CheckFailed(f"{len(unreadable)} segment(s) could not be read; every other record was shown")
 
 
 def _render_record(r: Any) -> str:
@@ -244,16 +318,22 @@ class UTCTime(click.ParamType):
 
     name = "ISO8601"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from datetime import UTC, datetime
+    #: ages and deadlines of up to 100 years either side must stay within datetime's range
+    EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, datetime):
             return value
         try:
             parsed = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except (ValueError, OverflowError):
+            self.fail(f"{quoted(value)} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
+        if not self.EARLIEST <= parsed < self.LATEST:
+            self.fail(
+                f"{quoted(value)} is out of range ({self.EARLIEST:%Y-%m-%d} to {self.LATEST:%Y-%m-%d})", param, ctx
+            )
+        return parsed
 
 
 @main.group()
@@ -321,23 +401,31 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now: Any) -> None:
     """Compliance report files: inventory, retention, deletion requests, audit, usage."""
     from pipeline.reports import build_report, write_report
+    from pipeline.runtime import Unreadable
 
-    built = build_report(open_pipeline(), now=now, show_names=show_names, progress=sys.stderr.isatty())
+    pipeline = open_pipeline()
+    built = build_report(pipeline, now=now, show_names=show_names, progress=sys.stderr.isatty())
     written = write_report(built, out_dir, formats)
     summary = {
         "files": [str(p) for p in written],
+        "now": built.now,
+        "simulated_clock": now is not None,
         "retention": built.retention_status,
         "overdue_records": built.overdue_records,
         "audit": built.audit["status"],
         "deletion_requests_overdue": built.deletion_requests["overdue"],
+        "unreadable_segments": len(built.unreadable_segments),
+        "foreign_files": len(built.foreign_files),
     }
     out.result(
         summary,
         lambda d: (
-            f"retention {d['retention']} ({d['overdue_records']:,} records past their limit); {d['audit']}; "
+            (f"report as of --now {d['now'].isoformat()}\n" if d["simulated_clock"] else "")
+            + f"retention {d['retention']} ({d['overdue_records']:,} records past their limit); {d['audit']}; "
             f"{d['deletion_requests_overdue']} deletion requests overdue\n" + "\n".join(f"  {f}" for f in d["files"])
         ),
     )
+    _report_skipped(pipeline, [Unreadable(**u) for u in built.unreadable_segments])
 
 
 @main.group()
@@ -376,9 +464,10 @@ def enforce(out: Output, now: Any) -> None:
     from pipeline.retention.requests import list_requests, process_pending
 
     pipeline = open_pipeline()
+    simulated = now is not None  # a --now is marked as such in the output and the pass's audit entry
     now = now or utcnow()
     try:
-        report, retention_error = enforce_retention(pipeline, now), None
+        report, retention_error = enforce_retention(pipeline, now, simulated=simulated), None
     except PipelineError as exc:  # a broken store must not keep the erasures from running
         report, retention_error = None, str(exc)
     processed = process_pending(pipeline, now=now)
@@ -429,8 +518,8 @@ def tokens() -> None:
 
 
 @command(tokens, "create")
-@click.option("--account", default=None, help="The member's account (admins: none).")
-@click.option("--user", default=None, help="Who holds the token.")
+@click.option("--account", default=None, type=TEXT, help="The member's account (admins: none).")
+@click.option("--user", default=None, type=TEXT, help="Who holds the token.")
 @click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
 def tokens_create(out: Output, account: str | None, user: str | None, role: str) -> None:
     """Issue a token; it is printed once and only its SHA-256 is kept."""
@@ -467,15 +556,15 @@ def tokens_revoke(out: Output, token_id: str) -> None:
 
 
 @command(main)
-@click.option("--url", required=True, help="The control plane, e.g. https://metadata.example.com")
-@click.option("--token", required=True, help="A member or admin token (mp_...).")
+@click.option("--url", required=True, type=TEXT, help="The control plane, e.g. https://metadata.example.com")
+@click.option("--token", required=True, type=TEXT, help="A member or admin token (mp_...).")
 def login(out: Output, url: str, token: str) -> None:
     """Check a token against the control plane and keep it in a 0600 credentials file."""
     from pipeline.apiclient import ApiClient, Credentials
 
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise click.BadParameter(f"{url!r} is not an http(s):// URL", param_hint="--url")
+        raise click.BadParameter(f"{quoted(mask_url(url))} is not an http(s):// URL", param_hint="--url")
     credentials = Credentials(url.rstrip("/"), token)
     with ApiClient(credentials) as client:
         who = client.json("GET", "/v1/whoami")
@@ -485,14 +574,15 @@ def login(out: Output, url: str, token: str) -> None:
         )
     path = credentials.save()
     info = {
-        "url": credentials.url,
+        "url": mask_url(credentials.url),
         "kind": who["kind"],
         "account": who["account"],
         "user": who["user"],
         "credentials": path,
     }
     out.result(
-        info, f"logged in to {credentials.url} as {who['kind']} {who['account'] or ''} {who['user'] or ''}".rstrip()
+        info,
+        f"logged in to {info['url']} as {who['kind']} {who['account'] or ''} {who['user'] or ''}".rstrip(),
     )
 
 
@@ -502,9 +592,9 @@ def clusters() -> None:
 
 
 @command(clusters, "create")
-@click.option("--account", required=True)
-@click.option("--name", default=None, help="A label for people.")
-@click.option("--image", default=None, help="The cluster's container image URL.")
+@click.option("--account", required=True, type=TEXT)
+@click.option("--name", default=None, type=TEXT, help="A label for people.")
+@click.option("--image", default=None, type=TEXT, help="The cluster's container image URL.")
 def clusters_create(out: Output, account: str, name: str | None, image: str | None) -> None:
     """Register a cluster; prints the dask config (YAML) its scheduler needs."""
     import yaml
@@ -543,9 +633,9 @@ def erase() -> None:
 
 
 @command(erase, "request")
-@click.option("--account", required=True)
-@click.option("--user", default=None, help="Erase only this user of the account.")
-@click.option("--reason", default=None, help="Why (encrypted under the subject's key, shredded with it).")
+@click.option("--account", required=True, type=TEXT)
+@click.option("--user", default=None, type=TEXT, help="Erase only this user of the account.")
+@click.option("--reason", default=None, type=TEXT, help="Why (encrypted under the subject's key, shredded with it).")
 @click.option("--suppress", is_flag=True, help="Also drop records observed later, until `erase lift ID`.")
 def erase_request(out: Output, account: str, user: str | None, reason: str | None, suppress: bool) -> None:
     """File a deletion request; prints its id (carried out by enforce or serve)."""

@@ -21,11 +21,14 @@ import yaml
 from dask.utils import parse_timedelta
 
 from pipeline.errors import ConfigError
+from pipeline.fsmodes import private_folder
+from pipeline.redact import mask_url, quoted
 
 __all__ = ["Settings", "default_policy_path"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
-dask.config.update_defaults(yaml.safe_load(_DEFAULTS_FILE.read_text()))
+_DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
+dask.config.update_defaults(_DEFAULTS)
 
 
 def default_policy_path() -> Path:
@@ -33,8 +36,14 @@ def default_policy_path() -> Path:
     return Path(str(resources.files("pipeline") / "policies" / "retention.yaml"))
 
 
-def _get(key: str, default: Any = None) -> Any:
-    return dask.config.get(f"pipeline.{key}", default=default)
+def _get(key: str) -> Any:
+    """The configured value, else the shipped default.
+
+    The fallback matters: a config reset (``dask.config.config.clear()``, a
+    restored snapshot as in distributed's test utilities) drops what
+    ``update_defaults`` added at import, and the plugin may start after one.
+    """
+    return dask.config.get(f"pipeline.{key}", default=dask.config.get(f"pipeline.{key}", None, config=_DEFAULTS))
 
 
 @dataclass(frozen=True)
@@ -84,14 +93,14 @@ class Settings:
             try:
                 return str(value).format(home=home)
             except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(f"pipeline.{key}: cannot expand {value!r}: {exc}") from exc
+                raise ConfigError(f"pipeline.{key}: cannot expand {quoted(mask_url(str(value)))}: {exc}") from exc
 
         def seconds(key: str) -> float:
             value = _get(key)
             try:
                 return float(parse_timedelta(value, default="seconds"))
             except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"pipeline.{key}: {value!r} is not a duration") from exc
+                raise ConfigError(f"pipeline.{key}: {quoted(value)} is not a duration") from exc
 
         def path(key: str) -> Path | None:
             value = _get(key)
@@ -149,8 +158,7 @@ class Settings:
 
     def ensure_home(self) -> Path:
         """Create the home folder if needed; it holds keys and encrypted data, so its owner only."""
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return self.home
+        return private_folder(self.home)
 
     @property
     def spool_dir(self) -> Path:

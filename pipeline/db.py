@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, S
 from sqlalchemy.types import TypeDecorator
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.fsmodes import open_private, private_folder
+from pipeline.redact import mask_url
 
 __all__ = [
     "UTCDateTime",
@@ -259,11 +262,11 @@ def _create_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise ConfigError(f"not a database URL: {url!r}") from exc
+        raise ConfigError(f"not a database URL: {mask_url(url)!r}") from exc
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(parsed.database))
         kwargs["connect_args"] = {"timeout": 5}
     elif parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
@@ -274,6 +277,13 @@ def _create_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file owner-only before SQLite does: its -wal and -shm files copy its mode."""
+    private_folder(path.parent)
+    with suppress(FileExistsError):
+        os.close(open_private(path))
 
 
 def insert_ignoring_duplicates(engine: Engine, table: Table) -> Insert:
@@ -321,7 +331,7 @@ def _one_upgrader(engine: Engine) -> Iterator[None]:
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
-    with open(f"{database}.schema-lock", "a") as lock:
+    with os.fdopen(open_private(f"{database}.schema-lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

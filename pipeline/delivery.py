@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pipeline.config import Settings
 from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable
 from pipeline.intake import MEDIA_TYPE, load_public_key
+from pipeline.redact import mask_url
 from pipeline.spool import SpooledBatch
 
 if TYPE_CHECKING:
@@ -113,10 +114,10 @@ class HTTPDelivery(Delivery):
                 self.endpoint, content=batch.sealed, headers={"Idempotency-Key": batch.batch_id}
             )
         except httpx.HTTPError as exc:
-            raise StoreUnavailable(f"ingest endpoint {self.endpoint} unreachable: {exc}") from exc
+            raise StoreUnavailable(f"ingest endpoint {mask_url(self.endpoint)} unreachable: {exc}") from exc
         if response.is_success:
             return
-        answer = f"ingest endpoint {self.endpoint} answered {response.status_code}: {_detail(response)}"
+        answer = f"ingest endpoint {mask_url(self.endpoint)} answered {response.status_code}: {_detail(response)}"
         if response.status_code == 429 or response.status_code >= 500:
             raise StoreUnavailable(answer)
         raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")

@@ -14,6 +14,7 @@
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
      │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
      │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
+     ├── OutputError            a file or folder a command was asked to write cannot be written
      ├── AuditIntegrityError    the audit trail was altered
      ├── AuthenticationError    a missing, unknown, revoked or expired API token (HTTP 401)
      ├── TokenNotFound          no API token has this id
@@ -35,6 +36,7 @@ __all__ = [
     "ForbiddenBatch",
     "IntakeError",
     "KeyringError",
+    "OutputError",
     "PipelineError",
     "PolicyError",
     "SpoolError",
@@ -66,10 +68,10 @@ class KeyringError(PipelineError):
 
 
 class UnknownAccountError(PipelineError, LookupError):
-    """No data key was ever created for this account."""
+    """No data of this account is held: never stored, or erased (the same answer for both)."""
 
     def __init__(self, account: str) -> None:
-        super().__init__(f"unknown account {account!r}: no records were ever stored for it")
+        super().__init__(f"unknown account {account!r}: no records are stored for it")
 
 
 class StoreError(PipelineError):
@@ -98,6 +100,10 @@ class IntakeError(BatchRefused, ValueError):
 
 class ForbiddenBatch(BatchRefused, PermissionError):
     """The caller may not ingest this batch (another account or cluster, or not a cluster)."""
+
+
+class OutputError(PipelineError):
+    """A file or folder a command was asked to write (``--out``) cannot be written."""
 
 
 class AuditIntegrityError(PipelineError):

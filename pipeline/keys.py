@@ -35,7 +35,9 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, or_, select, tex
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, transaction
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
+from pipeline.fsmodes import private_folder
 from pipeline.records import utcnow
+from pipeline.redact import mask_url
 
 __all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "normalise", "open_key_provider"]
 
@@ -153,7 +155,7 @@ class LocalKeyFile(KeyProvider):
 
     def _save(self, *, exclusive: bool = False) -> None:
         doc = {"current": self._current, "keys": {str(v): base64.b64encode(k).decode() for v, k in self._keys.items()}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)  # mode 0600
         try:
             with os.fdopen(fd, "w") as fh:
@@ -250,7 +252,7 @@ def open_key_provider(url: str, *, create: bool = False) -> KeyProvider:
         from pipeline.kms import AWSKMSKeyProvider
 
         return AWSKMSKeyProvider(url)
-    raise ConfigError(f"unknown key URL scheme {parsed.scheme!r} in {url!r} (known: file, aws-kms)")
+    raise ConfigError(f"unknown key URL scheme {parsed.scheme!r} in {mask_url(url)!r} (known: file, aws-kms)")
 
 
 def _aad(key_id: str, key_version: int) -> bytes:
@@ -342,7 +344,8 @@ class Keyring:
         row = self._row(INDEX_KEY_ID)
         if row is None:
             raise KeyringError(
-                f"no keyring in {self.engine.url.render_as_string(hide_password=True)}; run metadata-pipeline init"
+                f"no keyring in {mask_url(self.engine.url.render_as_string(hide_password=False))}; "
+                "run metadata-pipeline init"
             )
         return self.provider.unwrap(row.master_version, row.wrapped, _aad(INDEX_KEY_ID, row.key_version))
 

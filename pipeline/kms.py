@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.keys import KeyProvider
+from pipeline.redact import mask_url
 
 __all__ = ["AWSKMSKeyProvider"]
 
@@ -34,7 +35,9 @@ class AWSKMSKeyProvider(KeyProvider):
         parsed = urlparse(url)
         self.key_id = (parsed.netloc + parsed.path).strip("/")
         if not self.key_id:
-            raise ConfigError(f"pipeline.keys.url {url!r} names no KMS key (aws-kms://KEY-ID or aws-kms://alias/NAME)")
+            raise ConfigError(
+                f"pipeline.keys.url {mask_url(url)!r} names no KMS key (aws-kms://KEY-ID or aws-kms://alias/NAME)"
+            )
         self.url = url
         self._kms, self._errors = aws_client("kms", url, "AWS KMS")
         try:

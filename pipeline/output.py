@@ -1,4 +1,8 @@
-"""One output interface for the command line: human text or JSON."""
+"""One output interface for the command line: human text or JSON.
+
+Text is for a terminal: control characters in it (a newline or ESC sequence in
+an account name) are escaped, so a row stays one line. JSON stays exact.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from pipeline.redact import printable
 
 __all__ = ["Output", "to_json"]
 
@@ -39,12 +45,12 @@ class Output:
         if self.as_json:
             click.echo(to_json(data, indent=2))
         else:
-            click.echo(text(data) if callable(text) else text)
+            click.echo(printable(text(data) if callable(text) else text, keep="\n"))
 
     def rows(self, rows: Iterable[Mapping[str, Any]], text: Callable[[Mapping[str, Any]], str]) -> int:
         """Many results: JSON lines, or one text line each. Returns how many."""
         count = 0
         for row in rows:
-            click.echo(to_json(row) if self.as_json else text(row))
+            click.echo(to_json(row) if self.as_json else printable(text(row)))
             count += 1
         return count

@@ -4,6 +4,13 @@ The scheduler's event loop is the hot path. Hooks do O(1) work per call:
 counters, and for each live task one dict entry naming its job, dropped when
 the scheduler forgets the task. Snapshots (every ``pipeline.plugin.interval``)
 read the scheduler's own aggregates (task prefixes, summed worker memory).
+
+A task belongs to the computation that made it run: the ``update_graph`` whose
+transitions (same stimulus id) moved it from ``released`` to ``waiting``, or a
+``client.retry()``, which is a computation with a job record of its own. A
+task counts once per computation: recomputing a lost result adds compute
+seconds, never completed tasks, so the cluster totals always equal the sums
+over the jobs.
 Records go to the :class:`~pipeline.emitter.Emitter`, which seals, spools and
 delivers them on its own thread. An exception inside the plugin is counted and
 logged at WARNING; it never reaches the scheduler (``start`` never raises).
@@ -14,18 +21,21 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from distributed.core import rpc
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 from distributed.protocol.serialize import Serialize, Serialized, deserialize
+from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
 from pipeline.config import Settings
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import Emitter
-from pipeline.environment import environment_id, installed_environment
+from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
@@ -45,7 +55,7 @@ _LOGGED_ERRORS = 10
 
 
 class _Job:
-    """Running totals of one computation (one ``update_graph`` call)."""
+    """Running totals of one computation (one ``update_graph`` call or one ``client.retry()``)."""
 
     __slots__ = (
         "compute",
@@ -105,10 +115,13 @@ class MetadataPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.completed_total = self.erred_total = 0
         self.compute_total = 0.0
-        self._pending: dict[Any, _Job] = {}  # key -> job, until the task finishes
-        self._done: dict[Any, _Job] = {}  # key -> job, from finishing until forgotten
+        self._pending: dict[Any, _Job] = {}  # key -> job, from waiting until the task finishes
+        self._done: dict[Any, _Job] = {}  # key -> job, from memory until forgotten or run again
+        self._errored: dict[Any, _Job] = {}  # key -> job, from erred until forgotten or retried
         self._held: dict[Any, int] = {}  # key -> bytes its result holds in memory
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Job] = {}  # unfinished jobs that have tasks
+        self._open: _Job | None = None  # the job still taking tasks from its stimulus' transitions
+        self._open_stimulus: str | None = None
         self._envs: set[str] = set()
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -125,12 +138,13 @@ class MetadataPlugin(SchedulerPlugin):
             self._start(scheduler)
         except Exception as exc:  # start must never raise: it would abort scheduler start-up
             self._failed("start", exc)
+            await self._leave(scheduler)
 
     def _start(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
         args = dict(self._args)
         # a local only: in remote mode Settings names store URLs the plugin must not keep
         settings = Settings.from_config(plugin_interval=args.pop("interval"), **args)
+        callback = PeriodicCallback(self._snapshot_safely, settings.plugin_interval * 1000)  # checks the interval
         self.account = settings.account or _UNASSIGNED
         if settings.account is None:
             logger.warning("pipeline.account is not set; metadata is recorded as account %r", _UNASSIGNED)
@@ -145,20 +159,35 @@ class MetadataPlugin(SchedulerPlugin):
         )
         self.emitter = Emitter(delivery, Spool(settings.spool_dir), retry_max=settings.retry_max)
         self.emitter.start()
-        callback = PeriodicCallback(self._snapshot_safely, settings.plugin_interval * 1000)
+        self.scheduler = scheduler  # from here on the plugin is running
         scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
         callback.start()
         self._spawn(self._scheduler_environment())
         for address in list(scheduler.workers):  # hooks are not replayed for workers already there
             self.add_worker(scheduler, address)
 
+    async def _leave(self, scheduler: Scheduler) -> None:
+        """After a failed start: out of the scheduler, so that the plugin costs nothing and stays quiet."""
+        self.scheduler = None
+        try:
+            if scheduler.plugins.get(self.name) is self:
+                scheduler.remove_plugin(self.name)
+            emitter, self.emitter = self.emitter, None
+            if emitter is not None:
+                await asyncio.get_running_loop().run_in_executor(None, emitter.close, 0)
+        except Exception as exc:
+            self._failed("start", exc)
+
     async def close(self) -> None:
         try:
+            for task in list(self._background):
+                task.cancel()
             if self.emitter is None or self.scheduler is None:
                 return
             callback = self.scheduler.periodic_callbacks.pop(f"{self.name}-snapshot", None)
             if callback is not None:
                 callback.stop()
+            self._close_open()
             records = [self._snapshot_record()]
             records += [self._job_record(job, finished_at=None) for job in self._jobs.values()]
             self._jobs.clear()
@@ -173,33 +202,29 @@ class MetadataPlugin(SchedulerPlugin):
         return {"errors": self.errors, "emitter": None if self.emitter is None else vars(self.emitter.stats)}
 
     # -- hooks (event loop, O(1)) -----------------------------------------
-    def update_graph(self, scheduler: Scheduler, *, tasks: list[Any] | None = None, **kwargs: Any) -> None:
+    def update_graph(self, scheduler: Scheduler, *, stimulus_id: str | None = None, **kwargs: Any) -> None:
+        """Open a job: the scheduler's transitions for this stimulus, right after, assign it its tasks."""
         try:
-            job = _Job(utcnow())
-            pending, done, states = self._pending, self._done, scheduler.tasks
-            prefixes = set()
-            total = 0
-            for key in tasks or ():
-                if key in pending or key in done:
-                    continue  # already part of an earlier computation
-                ts = states.get(key)
-                if ts is None or ts.state == "memory" or ts.state == "erred":
-                    continue
-                pending[key] = job
-                prefixes.add(ts.prefix)
-                total += 1
-            if total:
-                job.total = job.remaining = total
-                job.prefixes = {prefix.name for prefix in prefixes}
-                self._jobs[job.job_id] = job
+            self._open_job(stimulus_id)
         except Exception as exc:
             self._failed("update_graph", exc)
 
-    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str | None = None, **kwargs: Any
+    ) -> None:
         try:
-            if finish == "memory":
-                if start == "processing":
-                    self._computed(key, kwargs)
+            if self._open is not None and stimulus_id != self._open_stimulus:
+                self._close_open()  # the transitions of the open job's stimulus are over
+            if start == "released":
+                if finish == "waiting":
+                    self._claim(key, stimulus_id)
+                elif finish == "erred":
+                    self._claim(key, stimulus_id)
+                    self._erred(key, kwargs)
+                elif finish == "forgotten":
+                    self._forgotten(key)
+            elif finish == "memory":
+                self._computed(key, kwargs)
             elif finish == "erred":
                 self._erred(key, kwargs)
             elif finish == "forgotten":
@@ -209,13 +234,48 @@ class MetadataPlugin(SchedulerPlugin):
         except Exception as exc:
             self._failed("transition", exc)
 
+    def _open_job(self, stimulus_id: str | None) -> _Job:
+        self._close_open()
+        job = self._open = _Job(utcnow())
+        self._open_stimulus = stimulus_id
+        return job
+
+    def _close_open(self) -> None:
+        job, self._open, self._open_stimulus = self._open, None, None
+        if job is not None and job.total:
+            self._jobs[job.job_id] = job
+            if not job.remaining:
+                self._finish(job)
+
+    def _claim(self, key: Any, stimulus_id: str | None) -> None:
+        """A released task is going to run: decide which computation it counts for."""
+        job = self._open
+        if job is None or stimulus_id != self._open_stimulus:
+            if key in self._pending or key in self._done:
+                return  # run again for its own computation (lost worker, lost dependency)
+            if self._errored.pop(key, None) is None:
+                return  # submitted before the plugin started: no job to count it in
+            job = self._open_job(stimulus_id)  # client.retry(): a computation of its own
+        else:
+            previous = self._pending.get(key)
+            if previous is job:
+                return
+            if previous is not None:  # released by its own computation before it finished
+                self._dropped(previous)
+            elif self._done.pop(key, None) is None and self._errored:
+                self._errored.pop(key, None)
+        self._pending[key] = job
+        job.total += 1
+        job.remaining += 1
+        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        if ts is not None:
+            job.prefixes.add(ts.prefix.name)
+
     # Per task the plugin keeps only references in dicts (job, nbytes): allocating a
     # tuple per task would feed the garbage collector, whose collections of the
     # scheduler's large heap would then run inside these hooks.
     def _computed(self, key: Any, kwargs: dict[str, Any]) -> None:
         compute = _compute_seconds(kwargs.get("startstops"))
-        self.completed_total += 1
-        self.compute_total += compute
         job = self._pending.pop(key, None)
         first_time = job is not None
         if job is None:
@@ -226,35 +286,39 @@ class MetadataPlugin(SchedulerPlugin):
         else:
             job.completed += 1
             job.remaining -= 1
+            self.completed_total += 1
             self._done[key] = job
         job.compute += compute
+        self.compute_total += compute
         nbytes = kwargs.get("nbytes")
         if nbytes:
             self._held[key] = nbytes
             held = job.nbytes = job.nbytes + nbytes
             if held > job.peak:
                 job.peak = held
-        if first_time and not job.remaining:
+        if first_time and not job.remaining and job is not self._open:
             self._finish(job)
 
     def _erred(self, key: Any, kwargs: dict[str, Any]) -> None:
-        compute = _compute_seconds(kwargs.get("startstops"))
-        self.erred_total += 1
-        self.compute_total += compute
         job = self._pending.pop(key, None)
         if job is None:
             return
-        self._done[key] = job
+        compute = _compute_seconds(kwargs.get("startstops"))
+        self._errored[key] = job
         job.erred += 1
         job.compute += compute
         job.remaining -= 1
-        if not job.remaining:
+        self.erred_total += 1
+        self.compute_total += compute
+        if not job.remaining and job is not self._open:
             self._finish(job)
 
     def _released(self, key: Any) -> None:
         nbytes = self._held.pop(key, None)
         if nbytes:
-            self._done[key].nbytes -= nbytes
+            job = self._done.get(key)
+            if job is not None:
+                job.nbytes -= nbytes
 
     def _forgotten(self, key: Any) -> None:
         nbytes = self._held.pop(key, None)
@@ -263,11 +327,16 @@ class MetadataPlugin(SchedulerPlugin):
             if nbytes:
                 job.nbytes -= nbytes
             return
+        if self._errored.pop(key, None) is not None:
+            return
         job = self._pending.pop(key, None)
         if job is not None:  # cancelled before it finished
-            job.remaining -= 1
-            if not job.remaining:
-                self._finish(job)
+            self._dropped(job)
+
+    def _dropped(self, job: _Job) -> None:
+        job.remaining -= 1
+        if not job.remaining and job is not self._open:
+            self._finish(job)
 
     def _finish(self, job: _Job) -> None:
         self._jobs.pop(job.job_id, None)
@@ -276,7 +345,12 @@ class MetadataPlugin(SchedulerPlugin):
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         try:
-            self._spawn(self._worker_environment(scheduler, worker))
+            if self.scheduler is None:
+                return  # not running
+            ws = scheduler.workers.get(worker)
+            if ws is not None and ws.pid == os.getpid():
+                return  # a worker in the scheduler's process shares the scheduler's environment
+            self._spawn(self._worker_environment(worker))
         except Exception as exc:
             self._failed("add_worker", exc)
 
@@ -284,6 +358,7 @@ class MetadataPlugin(SchedulerPlugin):
     def _snapshot_safely(self) -> None:
         try:
             if self.emitter is not None:
+                self._close_open()
                 self.emitter.submit([self._snapshot_record()])
         except Exception as exc:
             self._failed("snapshot", exc)
@@ -305,7 +380,7 @@ class MetadataPlugin(SchedulerPlugin):
         states: dict[str, int] = {}
         for prefix in scheduler.task_prefixes.values():
             for state, count in prefix.states.items():
-                if count:
+                if count and state != "forgotten":  # a task group's count of tasks the scheduler let go
                     states[state] = states.get(state, 0) + count
         memory = scheduler.memory
         return {
@@ -355,16 +430,19 @@ class MetadataPlugin(SchedulerPlugin):
         )
 
     async def _scheduler_environment(self) -> None:
-        env = await asyncio.get_running_loop().run_in_executor(None, installed_environment)
+        env = await offload(installed_environment)
         self._environment_record(env["python_version"], env["packages"])
 
-    async def _worker_environment(self, scheduler: Scheduler, worker: str) -> None:
-        replies = await scheduler.broadcast(
-            msg={"op": "run", "function": dumps(installed_environment), "wait": True},
-            workers=[worker],
-            on_error="return",
-        )
-        reply = replies.get(worker)
+    async def _worker_environment(self, worker: str) -> None:
+        """Ask a worker process for its environment over a connection of its own, closed after.
+
+        The worker computes it off its event loop (:func:`remote_environment`).
+        A pooled connection would stay open to every worker.
+        """
+        scheduler = self.scheduler
+        assert scheduler is not None
+        async with rpc(worker, connection_args=scheduler.connection_args) as comm:
+            reply = await comm.run(function=dumps(remote_environment), wait=True)
         if isinstance(reply, dict) and reply.get("status") == "OK":
             env = reply["result"]
             if isinstance(env, Serialize):  # in-process comms hand the object over as it is

@@ -29,21 +29,36 @@ from pipeline.errors import (
     ConfigError,
     ForbiddenBatch,
     IntakeError,
+    KeyringError,
     StoreError,
     StoreUnavailable,
     UnknownAccountError,
 )
+from pipeline.fsmodes import check_private_folder
 from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, table_from_rows, utcnow
+from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
 
-__all__ = ["IngestResult", "Pipeline", "seal_records", "seal_tables"]
+__all__ = ["IngestResult", "Pipeline", "Unreadable", "seal_records", "seal_tables"]
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A segment that should decrypt and does not: altered, or sealed by another keyring."""
+
+    store: str
+    segment_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"unreadable segment {self.segment_id} in {self.store}: {self.reason}"
 
 
 def seal_records(keyring: Keyring, records: Iterable[Mapping[str, Any]]) -> list[Segment]:
@@ -122,6 +137,7 @@ class Pipeline:
         :raises ConfigError, PolicyError, KeyringError, StoreUnavailable:
         """
         settings = settings or Settings.from_config()
+        check_private_folder(settings.home)
         policy = load_policy(settings.policy_path)
         if create:
             settings.ensure_home()
@@ -133,7 +149,7 @@ class Pipeline:
         if not isinstance(long_term, SQLStore):  # it is also the metadata database (keys, audit, requests)
             raise ConfigError(
                 f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
-                f"got {settings.long_term_url!r}"
+                f"got {mask_url(settings.long_term_url)!r}"
             )
         provider = open_key_provider(settings.keys_url, create=create)
         keyring = Keyring.open(long_term.engine, provider, create=create)
@@ -289,12 +305,13 @@ class Pipeline:
         return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
 
     def subject_ref(self, account: str) -> str:
-        """The subject ref of an account the keyring knows.
+        """The subject ref of an account that has data now.
 
-        :raises UnknownAccountError: no record of this account was ever stored
+        :raises UnknownAccountError: no record of this account was ever stored, or it was
+            erased: both get the same answer, so a lookup does not tell which
         """
         ref = self.keyring.subject_ref(account)
-        if self.keyring.key_state(ref) == "unknown":
+        if self.keyring.key_state(ref) != "active":
             raise UnknownAccountError(account)
         return ref
 
@@ -305,21 +322,52 @@ class Pipeline:
         account: str | None = None,
         data_type: str | None = None,
         kind: str | None = None,
+        unreadable: list[Unreadable] | None = None,
     ) -> Iterator[tuple[Segment, pa.Table]]:
-        """Each readable segment with its decrypted table, skipping crypto-shredded subjects."""
+        """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
+
+        A segment that should open but does not (an altered header or payload, a subject or
+        key version the keyring never issued) is appended to ``unreadable`` and skipped, so
+        one bad segment hides nothing else; without that list it stops the scan.
+
+        :raises StoreError: a segment is unreadable and no ``unreadable`` list was given
+        """
         subject_ref = self.subject_ref(account) if account is not None else None
-        live: dict[str, int | None] = {}
+        keys: dict[str, tuple[str, int]] = {}
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
             key_id = segment.user_ref or segment.subject_ref
-            if key_id not in live:
-                live[key_id] = self.keyring.live_version(segment.subject_ref, segment.user_ref)
-            if live[key_id] == segment.key_version:
-                yield segment, open_segment(self.keyring, segment)
+            if key_id not in keys:
+                keys[key_id] = self._key_status(segment.subject_ref, segment.user_ref)
+            state, version = keys[key_id]
+            if state == "destroyed" or (state == "active" and 0 < segment.key_version < version):
+                continue  # crypto-shredded: unreadable on purpose
+            try:
+                if state == "unknown" or segment.key_version != version:
+                    raise KeyringError(f"subject or key version {segment.key_version} was never issued by this keyring")
+                table = open_segment(self.keyring, segment)
+            except KeyringError as exc:
+                problem = Unreadable(store, segment.segment_id, str(exc))
+                if unreadable is None:
+                    raise StoreError(str(problem)) from exc
+                unreadable.append(problem)
+                continue
+            yield segment, table
+
+    def _key_status(self, subject_ref: str, user_ref: str | None) -> tuple[str, int]:
+        """``(key state, live key version)`` of a segment's data key; versions below the live one were destroyed."""
+        version = self.keyring.live_version(subject_ref, user_ref)
+        if version is not None:
+            return "active", version
+        return self.keyring.key_state(subject_ref, user_ref), 0
 
     def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
         """Decrypted records as dicts (see :meth:`read_segments`)."""
         for _segment, table in self.read_segments(store, **filters):
             yield from rows_from_table(table)
+
+    def foreign_files(self) -> dict[str, list[str]]:
+        """Store name → what was skipped in it so far as not being its segments (see ``Store.foreign_files``)."""
+        return {name: found for name, store in self.stores.items() if (found := store.foreign_files())}
 
     def close(self) -> None:
         """Write the pending ingest summary and release the stores."""

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
+from pipeline.fsmodes import private_folder
 
 __all__ = ["AuditSigner", "FileSigner", "KMSSigner", "PublicKey", "open_signer", "public_hex", "verifies"]
 
@@ -114,7 +115,7 @@ class FileSigner(AuditSigner):
         """A new key, written once (a key another process just made wins)."""
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_folder(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
         try:
             with os.fdopen(fd, "wb") as fh:

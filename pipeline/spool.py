@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import SpoolError
+from pipeline.fsmodes import open_private, private_folder
 
 __all__ = ["SpooledBatch", "Spool", "new_batch_id"]
 
@@ -53,7 +54,7 @@ class Spool:
         self.directory = directory
         self.corrupt_dir = directory / "corrupt"
         self.refused_dir = directory / "refused"
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(directory)
 
     def _path(self, batch_id: str) -> Path:
         return self.directory / f"{batch_id}{_SUFFIX}"
@@ -62,7 +63,7 @@ class Spool:
         """Persist a sealed batch durably and return it."""
         path = self._path(batch_id)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as fh:
             fh.write(MAGIC + hashlib.sha256(sealed).digest() + sealed)
             fh.flush()
             os.fsync(fh.fileno())
@@ -109,7 +110,7 @@ class Spool:
         return SpooledBatch(path.name[: -len(_SUFFIX)], data[head:])
 
     def _set_aside(self, path: Path, folder: Path) -> Path:
-        folder.mkdir(exist_ok=True, mode=0o700)
+        private_folder(folder)
         target = folder / path.name
         os.replace(path, target)
         self._fsync_dir()

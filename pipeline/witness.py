@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 from pipeline.awsclient import aws_client
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
+from pipeline.fsmodes import open_private, private_folder
 
 __all__ = ["Checkpoint", "FileWitness", "S3Witness", "Witness", "open_witness"]
 
@@ -106,8 +107,8 @@ class FileWitness(Witness):
 
     def put(self, name: str, data: bytes) -> None:
         try:
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            private_folder(self.path)
+            fd = open_private(self.path / name)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()

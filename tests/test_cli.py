@@ -80,7 +80,7 @@ def test_unknown_account_is_bad_input(home: Path) -> None:
     add_acme()
     result = run("records", "--account", "nobody")
     assert result.exit_code == 2
-    assert result.output.strip() == "error: unknown account 'nobody': no records were ever stored for it"
+    assert result.output.strip() == "error: unknown account 'nobody': no records are stored for it"
 
 
 def test_unknown_store_url_scheme_is_bad_input(home: Path) -> None:

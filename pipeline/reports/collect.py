@@ -9,6 +9,7 @@ when ``show_names`` asks for them; otherwise the report shows subject refs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -26,7 +27,7 @@ from pipeline.reports.model import Report
 from pipeline.reports.plots import render_plots
 from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.requests import not_final
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Pipeline, Unreadable
 
 __all__ = ["build_report"]
 
@@ -70,11 +71,13 @@ def build_report(
 
     refs: dict[str, int] = {}
     names: dict[str, str] = {}
+    unreadable: list[Unreadable] = []
     with _progress(progress, sum(headers.values())) as advance:
         for store_name in pipeline.stores:
             for kind in KINDS:
                 schema = slice_schema(kind, usage=store_name == db.usage_store)
-                batches = _slices(pipeline, store_name, kind, schema, refs, names if show_names else None, advance)
+                shown = names if show_names else None
+                batches = _slices(pipeline, store_name, kind, schema, refs, shown, advance, unreadable)
                 _add_slice(db, store_name, kind, schema, batches)
     db.add_requests(_requests_table(pipeline))
 
@@ -103,6 +106,8 @@ def build_report(
         usage=label(db.usage()),
         usage_daily=label(db.usage_daily()),
         records_by_day=db.records_by_day(),
+        unreadable_segments=[dataclasses.asdict(u) for u in unreadable],
+        foreign_files=[{"store": s, "path": p} for s, found in pipeline.foreign_files().items() for p in found],
     )
     if plots:
         report.plots = render_plots(report)
@@ -117,9 +122,10 @@ def _slices(
     refs: dict[str, int],
     names: dict[str, str] | None,
     advance: Callable[[], None],
+    unreadable: list[Unreadable],
 ) -> Iterator[pa.RecordBatch]:
     data_type = KINDS[kind].data_type
-    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind):
+    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=unreadable):
         advance()
         if not table.num_rows:
             continue

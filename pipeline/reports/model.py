@@ -25,6 +25,10 @@ class Report:
     usage_daily: list[dict[str, Any]]
     records_by_day: list[dict[str, Any]]
     plots: dict[str, bytes] = field(default_factory=dict)
+    #: segments that should decrypt and do not (altered), and files a store could not place: the
+    #: report covers everything else and marks these
+    unreadable_segments: list[dict[str, Any]] = field(default_factory=list)
+    foreign_files: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def overdue_records(self) -> int:
@@ -48,6 +52,8 @@ class Report:
             "audit": self.audit,
             "usage": {"accounts": self.usage, "daily": self.usage_daily},
             "records_by_day": self.records_by_day,
+            "unreadable_segments": self.unreadable_segments,
+            "foreign_files": self.foreign_files,
         }
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -66,4 +72,6 @@ class Report:
             "audit_actions": self.audit["by_action"],
             "usage_accounts": self.usage,
             "usage_daily": self.usage_daily,
+            "unreadable_segments": self.unreadable_segments,
+            "foreign_files": self.foreign_files,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime
 from html import escape
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.fsmodes import output_folder, write_private
 from pipeline.output import to_json
 from pipeline.reports.model import Report
 from pipeline.reports.plots import account_label
@@ -22,17 +24,17 @@ FORMATS = ("html", "json", "csv")
 
 def write_report(report: Report, out_dir: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
     """Write the chosen formats into ``out_dir``; returns the files written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, Callable[[Report, Path], list[Path]]] = {"html": _html, "json": _json, "csv": _csv}
     written: list[Path] = []
-    for name in formats:
-        written += writers[name](report, out_dir)
+    with output_folder(out_dir):
+        for name in formats:
+            written += writers[name](report, out_dir)
     return written
 
 
 def _json(report: Report, out_dir: Path) -> list[Path]:
     path = out_dir / "report.json"
-    path.write_text(to_json(report.as_dict(), indent=2) + "\n")
+    write_private(path, (to_json(report.as_dict(), indent=2) + "\n").encode())
     return [path]
 
 
@@ -41,10 +43,11 @@ def _csv(report: Report, out_dir: Path) -> list[Path]:
     for name, rows in report.tables().items():
         path = out_dir / f"{name}.csv"
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, columns)
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        write_private(path, text.getvalue().encode())
         paths.append(path)
     return paths
 
@@ -73,7 +76,7 @@ def render_html(report: Report) -> str:
 
 def _html(report: Report, out_dir: Path) -> list[Path]:
     path = out_dir / "report.html"
-    path.write_text(render_html(report), encoding="utf-8")
+    write_private(path, render_html(report).encode())
     return [path]
 
 

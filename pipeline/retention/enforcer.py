@@ -53,12 +53,14 @@ class RetentionReport:
     """The outcome of one retention pass."""
 
     now: datetime
+    simulated: bool = False  # ``now`` was given (``--now``, a what-if run), not read from the clock
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
     #: store -> segments merged by compaction of closed days
     compacted: dict[str, Removed] = field(default_factory=dict)
     #: store -> what its backend's own retention was found at and set to (Cloud Logging bucket)
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)
+    foreign_files: dict[str, int] = field(default_factory=dict)  # store -> files skipped as not its segments
     retired_master_versions: list[int] = field(default_factory=list)
     audit_seq: int | None = None
 
@@ -73,7 +75,8 @@ class RetentionReport:
 
     def summary(self) -> str:
         """One line per store and data type, for people."""
-        lines = [f"retention pass as of {self.now.isoformat()}: {self.records} records removed"]
+        clock = " (simulated clock: --now)" if self.simulated else ""
+        lines = [f"retention pass as of {self.now.isoformat()}{clock}: {self.records} records removed"]
         for store, types in self.removed.items():
             for data_type, c in types.items():
                 cut = f", {c.rewritten} segments cut at the limit" if c.rewritten else ""
@@ -86,6 +89,8 @@ class RetentionReport:
                 f"{' (locked)' if found['locked'] else ''}, policy {found['wanted_days']}d"
                 f"{', updated' if found['updated'] else ''}"
             )
+        for store, n in self.foreign_files.items():
+            lines.append(f"  {store:<14} {n} foreign files skipped (left in place)")
         if self.retired_master_versions:
             lines.append(f"  master key versions retired: {', '.join(map(str, self.retired_master_versions))}")
         return "\n".join(lines)
@@ -93,6 +98,7 @@ class RetentionReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "now": self.now.isoformat(),
+            "simulated_clock": self.simulated,
             "removed": {
                 store: {t: {**c.as_dict(), "cutoff": self.cutoffs[store][t].isoformat()} for t, c in types.items()}
                 for store, types in self.removed.items()
@@ -100,15 +106,20 @@ class RetentionReport:
             "records_removed": self.records,
             "backend_retention": self.backend,
             "compacted": {s: {"segments": r.segments, "records": r.records} for s, r in self.compacted.items()},
+            "foreign_files": self.foreign_files,
             "retired_master_versions": self.retired_master_versions,
             "audit_seq": self.audit_seq,
         }
 
 
-def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
-    """Run one retention pass as of ``now`` (default: the current time) and audit it."""
-    now = now or utcnow()
-    report = RetentionReport(now)
+def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool | None = None) -> RetentionReport:
+    """Run one retention pass as of ``now`` (default: the current time) and audit it.
+
+    :param simulated: ``now`` is not the clock's (``--now``, a what-if run); the audit entry
+        and the report say so. Default: whether ``now`` was given.
+    """
+    report = RetentionReport(now or utcnow(), simulated=now is not None if simulated is None else simulated)
+    now = report.now
     for name, backend in pipeline.stores.items():  # a retention the backend enforces itself
         limits = {t: limit for s, t, limit in pipeline.policy.limits() if s == name}
         found = backend.apply_retention(limits) if limits else None
@@ -131,6 +142,7 @@ def enforce(pipeline: Pipeline, now: datetime | None = None) -> RetentionReport:
         merged = backend.compact(today, functools.partial(_merge, pipeline))
         if merged.segments:
             report.compacted[name] = merged
+    report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
     report.retired_master_versions = retire_master_keys(pipeline, now)
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq

@@ -228,7 +228,10 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
             if not leases.acquire(name, REQUEST_LEASE):
                 continue
             held.append(name)
-            request = _erase(pipeline, get_request(pipeline, request.request_id))
+            current = get_request(pipeline, request.request_id)
+            if current.state == "completed":  # another run finished it after this one listed it
+                continue
+            request = _erase(pipeline, current)
             done.append(request)
             if request.state == "in_progress" and "key" in request.receipt:
                 erased.append(request)

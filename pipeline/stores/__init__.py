@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError
+from pipeline.redact import mask_url
 from pipeline.stores.base import Removed, Store
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def open_store(url: str, *, setting: str = "store URL", keyring: Keyring | None 
     scheme = urlparse(url).scheme
     if scheme not in SCHEMES:
         known = ", ".join(sorted(SCHEMES))
-        raise ConfigError(f"{setting}: unknown store URL scheme {scheme!r} in {url!r} (known: {known})")
+        raise ConfigError(f"{setting}: unknown store URL scheme {scheme!r} in {mask_url(url)!r} (known: {known})")
     target, extra = SCHEMES[scheme]
     module_name, class_name = target.split(":")
     try:

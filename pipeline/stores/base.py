@@ -115,6 +115,14 @@ class Store(ABC):
         """
         return Removed()
 
+    def foreign_files(self) -> list[str]:
+        """Things found in the store that are not its segments: skipped, left in place, listed here.
+
+        A stray file is never a reason to stop a scan, a retention pass or an erasure;
+        commands report these instead. Backends that hold nothing but segments return [].
+        """
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release connections and handles."""
 

@@ -6,7 +6,9 @@ older than the next midnight: expiry drops whole folders (O(days), not
 O(records)) and only reads names in the one folder the limit falls inside.
 File names carry the id, kind, user ref, record count and oldest and newest
 timestamps, so counting, expiring and finding segments that straddle a limit
-never open a file. A file is one JSON header line and the
+never open a file. Anything else in the tree (a ``notes.seg``, a backup folder)
+is foreign: skipped, left in place and listed by :meth:`~LocalFileStore.foreign_files`,
+never a reason to stop a scan, a retention pass or an erasure. A file is one JSON header line and the
 sealed payload; it is written to a temporary name, fsync'd and hard-linked into
 place, so a reader never sees half a segment and a replay never doubles one.
 
@@ -16,14 +18,16 @@ writes a journal (``.compacting``: each merged id with its source names), then
 links the merged files, then unlinks the sources, then the journal. Every
 listing settles a journal: while a merged file is absent its sources count;
 once it exists they are removed. So at every instant, and after a crash at any
-point, each record is seen exactly once.
+point, each record is seen exactly once. The journal and a day's ``.merged-ids``
+are the store's own files, never foreign.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -31,7 +35,10 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreUnavailable
+from pipeline.fsmodes import open_private, private_folder, write_private
+from pipeline.records import DATA_TYPES
+from pipeline.redact import mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store
 
@@ -40,6 +47,7 @@ __all__ = ["LocalFileStore"]
 _SUFFIX = ".seg"
 _JOURNAL = ".compacting"
 _MERGED = ".merged-ids"
+logger = logging.getLogger(__name__)
 
 
 class _Name(NamedTuple):
@@ -62,12 +70,15 @@ class _Name(NamedTuple):
         )
 
     @classmethod
-    def parse(cls, filename: str) -> _Name:
+    def parse(cls, filename: str) -> _Name | None:
+        """The fields of a segment file name; None for any other name."""
+        if not filename.endswith(_SUFFIX):
+            return None
         try:
             segment_id, kind, user_ref, n, min_us, max_us = filename[: -len(_SUFFIX)].split("~")
             return cls(segment_id, kind, None if user_ref == "-" else user_ref, int(n), int(min_us), int(max_us))
         except ValueError:
-            raise StoreError(f"{filename!r} is not a segment file name of this store") from None
+            return None
 
     def filename(self) -> str:
         return (
@@ -86,9 +97,46 @@ class LocalFileStore(Store):
     def __init__(self, url: str) -> None:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost") or not parsed.path:
-            raise ConfigError(f"file store URL must be file:///absolute/path, got {url!r}")
+            raise ConfigError(f"file store URL must be file:///absolute/path, got {mask_url(url)!r}")
         self.url = url
         self.root = Path(parsed.path)
+        self._foreign: set[Path] = set()
+
+    def foreign_files(self) -> list[str]:
+        return sorted(str(p) for p in self._foreign)
+
+    def _note_foreign(self, path: Path) -> None:
+        if path not in self._foreign:
+            self._foreign.add(path)
+            logger.warning("skipped %s: not a segment file or folder of this store", path)
+
+    def _dirs(self, path: Path) -> list[Path]:
+        """Sub-folders of ``path``; files beside them are foreign."""
+        dirs, files = _listing(path)
+        for entry in files:
+            self._note_foreign(entry)
+        return dirs
+
+    def _load(self, path: Path, with_payload: bool) -> Segment | None:
+        """The segment in ``path``; None (noted as foreign) when its header is not a segment's."""
+        try:
+            return _read(path, with_payload)
+        except ValueError:
+            self._note_foreign(path)
+            return None
+
+    def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
+        """The segment files of a subject folder with their parsed names, after settling any
+        compaction journal in it; other files are foreign."""
+        _settle(folder, folder / _JOURNAL)
+        found = []
+        for entry in _listing(folder)[1]:
+            name = _Name.parse(entry.name)
+            if name is None:
+                self._note_foreign(entry)
+            else:
+                found.append((entry, name))
+        return sorted(found)
 
     def _guard(self, action: str) -> _Guard:
         return _Guard(f"{self.root} unavailable during {action}")
@@ -106,7 +154,7 @@ class LocalFileStore(Store):
                 path = self._path(segment)
                 if path.exists() or segment.segment_id in _merged_ids(path.parent.parent, merged):
                     continue
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_folder(path.parent)
                 tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
                 header = json.dumps(
                     {
@@ -121,7 +169,7 @@ class LocalFileStore(Store):
                         "n_records": segment.n_records,
                     }
                 ).encode()
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = open_private(tmp)
                 try:
                     os.write(fd, header + b"\n" + segment.payload)
                     os.fsync(fd)
@@ -140,9 +188,17 @@ class LocalFileStore(Store):
         return new
 
     def _days(self, data_type: str | None) -> Iterator[Path]:
-        types = [data_type] if data_type else sorted(p.name for p in _dirs(self.root))
-        for name in types:
-            yield from sorted(_dirs(self.root / name), key=lambda p: p.name)
+        """Day folders, oldest first; a folder that is not a data type or a day is foreign."""
+        types = [self.root / data_type] if data_type else sorted(self._dirs(self.root))
+        for folder in types:
+            if folder.name not in DATA_TYPES:
+                self._note_foreign(folder)
+                continue
+            for day in sorted(self._dirs(folder), key=lambda p: p.name):
+                if _is_day(day.name):
+                    yield day
+                else:
+                    self._note_foreign(day)
 
     def scan(
         self,
@@ -155,32 +211,45 @@ class LocalFileStore(Store):
     ) -> Iterator[Segment]:
         with self._guard("scan"):
             for day in self._days(data_type):
-                subjects = [day / subject_ref] if subject_ref else sorted(_dirs(day))
+                subjects = [day / subject_ref] if subject_ref else sorted(self._dirs(day))
                 for folder in subjects:
-                    for entry in sorted(_files(folder)):
-                        name = _Name.parse(entry.name)
+                    for entry, name in self._files(folder):
                         if (kind and name.kind != kind) or (user_ref and name.user_ref != user_ref):
                             continue
-                        segment = _read(entry, with_payload)
+                        segment = self._load(entry, with_payload)
                         if segment is not None:
                             yield segment
 
-    def _remove_files(self, files: Sequence[Path]) -> Removed:
-        records = 0
-        for path in files:
-            records += _Name.parse(path.name).n_records
+    @staticmethod
+    def _remove_files(files: Sequence[tuple[Path, _Name]]) -> Removed:
+        for path, _name in files:
             path.unlink(missing_ok=True)
-        return Removed(len(files), records)
+        return Removed(len(files), sum(name.n_records for _path, name in files))
+
+    def _drop_folder(self, folder: Path) -> Removed:
+        """Remove every segment and compaction file under ``folder``, then the folders left empty
+        (foreign files stay)."""
+        folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        removed = self._remove_files([f for sub in [*folders, folder] for f in self._files(sub)])
+        for sub in [*folders, folder]:
+            for own in (_JOURNAL, _MERGED):
+                (sub / own).unlink(missing_ok=True)
+            try:
+                sub.rmdir()
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+        return removed
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
         wanted = set(segment_ids)
         with self._guard("delete"):
             doomed = [
-                f
+                (path, name)
                 for day in self._days(None)
-                for folder in _dirs(day)
-                for f in _files(folder)
-                if _Name.parse(f.name).segment_id in wanted
+                for folder in self._dirs(day)
+                for path, name in self._files(folder)
+                if name.segment_id in wanted
             ]
             return self._remove_files(doomed)
 
@@ -193,10 +262,10 @@ class LocalFileStore(Store):
                 if start >= before:
                     break
                 if start + timedelta(days=1) <= before:  # the whole day is past the limit
-                    removed += _drop_folder(day)
+                    removed += self._drop_folder(day)
                     continue
                 removed += self._remove_files(
-                    [f for folder in _dirs(day) for f in _files(folder) if _Name.parse(f.name).max_us < before_us]
+                    [(f, n) for folder in self._dirs(day) for f, n in self._files(folder) if n.max_us < before_us]
                 )
         return removed
 
@@ -206,48 +275,50 @@ class LocalFileStore(Store):
             for day in self._days(data_type):
                 if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) <= at:
                     continue  # every segment in this folder is older than ``at``
-                for entry in sorted(f for folder in _dirs(day) for f in _files(folder)):
-                    name = _Name.parse(entry.name)
+                for entry, name in sorted(f for folder in self._dirs(day) for f in self._files(folder)):
                     if name.min_us < at_us <= name.max_us:
-                        segment = _read(entry, with_payload=True)
+                        segment = self._load(entry, with_payload=True)
                         if segment is not None:
                             yield segment
 
     def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
         merged = Removed()
         with self._guard("compact"):
-            for data_type in sorted(p.name for p in _dirs(self.root)):
+            for data_type in sorted(DATA_TYPES):  # not the root's listing: a pass reads the type folders only
                 for day in self._days(data_type):
                     if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) > closed_before:
                         break
-                    for folder in sorted(_dirs(day)):
+                    for folder in sorted(self._dirs(day)):
                         merged += self._compact_folder(folder, merge)
         return merged
 
     def _compact_folder(self, folder: Path, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
         groups: dict[tuple[str, str | None], list[Path]] = {}
-        for path in sorted(_files(folder)):
-            name = _Name.parse(path.name)
+        for path, name in self._files(folder):
             groups.setdefault((name.kind, name.user_ref), []).append(path)
         plan: list[tuple[Segment, list[Path], list[Segment]]] = []
-        for sources in groups.values():
-            if len(sources) < 2:
+        for paths in groups.values():
+            # a file that vanished or is foreign (no segment header) is neither merged nor removed
+            loaded = [(p, s) for p in paths if (s := self._load(p, with_payload=True)) is not None]
+            if len(loaded) < 2:
                 continue
-            segments = [s for s in (_read(p, with_payload=True) for p in sources) if s is not None]
-            target = merge(segments)
+            target = merge([s for _, s in loaded])
             if target is not None:
-                plan.append((target, sources, segments))
+                plan.append((target, [p for p, _ in loaded], [s for _, s in loaded]))
         if not plan:
             return Removed()
-        journal = folder / _JOURNAL  # one line per merge: merged id, then its sources
-        _write_file(journal, "\n".join(" ".join([t.segment_id, *(p.name for p in ps)]) for t, ps, _ in plan).encode())
-        with (folder.parent / _MERGED).open("a") as merged_ids:  # per day: a replayed source stays merged
+        # one line per merge: merged id, then its sources
+        write_private(
+            folder / _JOURNAL, "\n".join(" ".join([t.segment_id, *(p.name for p in ps)]) for t, ps, _ in plan).encode()
+        )
+        fd = open_private(folder.parent / _MERGED, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with os.fdopen(fd, "a") as merged_ids:  # per day: a replayed source stays merged
             merged_ids.write("".join(f"{s.segment_id}\n" for _, _, segments in plan for s in segments))
             merged_ids.flush()
             os.fsync(merged_ids.fileno())
         _fsync_dir(folder)
         self.write([target for target, _, _ in plan])  # each merge visible from here on, its sources hidden
-        _settle(folder, journal)
+        _settle(folder, folder / _JOURNAL)
         return Removed(sum(len(ps) for _, ps, _ in plan), sum(s.n_records for _, _, ss in plan for s in ss))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
@@ -258,11 +329,9 @@ class LocalFileStore(Store):
                 if not folder.is_dir():
                     continue
                 if user_ref is None:
-                    removed += _drop_folder(folder)
+                    removed += self._drop_folder(folder)
                 else:
-                    removed += self._remove_files(
-                        [f for f in _files(folder) if _Name.parse(f.name).user_ref == user_ref]
-                    )
+                    removed += self._remove_files([(f, n) for f, n in self._files(folder) if n.user_ref == user_ref])
         return removed
 
 
@@ -280,25 +349,12 @@ class _Guard:
             raise StoreUnavailable(f"{self.message}: {exc.strerror or exc}") from exc
 
 
-def _dirs(path: Path) -> list[Path]:
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        return [p for p in path.iterdir() if p.is_dir()]
-    except FileNotFoundError:
-        return []
-
-
-def _files(folder: Path) -> list[Path]:
-    """The segment files of a subject folder, after settling any compaction journal in it."""
-    try:
-        entries = list(folder.iterdir())
-        journals = [p for p in entries if p.name == _JOURNAL]
-        for journal in journals:
-            _settle(folder, journal)
-        if journals:
-            entries = list(folder.iterdir())
-    except FileNotFoundError:
-        return []
-    return [p for p in entries if p.name.endswith(_SUFFIX)]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _settle(folder: Path, journal: Path) -> None:
@@ -309,7 +365,7 @@ def _settle(folder: Path, journal: Path) -> None:
     """
     try:
         lines = [line.split(" ") for line in journal.read_text().splitlines() if line]
-    except FileNotFoundError:  # settled by another reader
+    except FileNotFoundError:  # no compaction here, or settled by another reader
         return
     present = {p.name.split("~", 1)[0] for p in folder.iterdir()}
     landed = [sources for merged_id, *sources in lines if merged_id in present]
@@ -332,49 +388,59 @@ def _merged_ids(day: Path, cache: dict[Path, set[str]]) -> set[str]:
     return cache[day]
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _is_own(name: str) -> bool:
+    """A file the store writes besides segments: a temporary file, a compaction journal (or its
+    temporary), a day's merged ids."""
+    return name.startswith((".tmp-", _JOURNAL, f".{_JOURNAL}.tmp-")) or name == _MERGED
+
+
+def _listing(path: Path) -> tuple[list[Path], list[Path]]:
+    """(sub-folders, files) of ``path`` without the store's own non-segment files; nothing for a missing folder."""
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        entries = list(path.iterdir())
+    except FileNotFoundError:
+        return [], []
+    dirs: list[Path] = []
+    files: list[Path] = []
+    for entry in entries:
+        if entry.is_dir():
+            dirs.append(entry)
+        elif not _is_own(entry.name):
+            files.append(entry)
+    return dirs, files
 
 
-def _drop_folder(folder: Path) -> Removed:
-    subjects = _dirs(folder) or [folder]
-    files = [f for sub in subjects for f in _files(sub)]
-    records = sum(_Name.parse(f.name).n_records for f in files)
-    shutil.rmtree(folder, ignore_errors=False)
-    return Removed(len(files), records)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _is_day(name: str) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        datetime.strptime(name, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
 
 
 def _read(path: Path, with_payload: bool) -> Segment | None:
+    """The segment in ``path``; None when it vanished (a concurrent expiry).
+
+    :raises ValueError: the file has a segment's name but not a segment's header
+    """
     try:
         with path.open("rb") as fh:
             header = json.loads(fh.readline())
             payload = fh.read() if with_payload else b""
-    except FileNotFoundError:  # removed by a concurrent expiry
+    except FileNotFoundError:
         return None
-    except (ValueError, KeyError) as exc:
-        raise StoreError(f"segment file {path} is corrupt: {exc}") from exc
-    return Segment(
-        segment_id=header["segment_id"],
-        subject_ref=header["subject_ref"],
-        user_ref=header["user_ref"],
-        data_type=header["data_type"],
-        kind=header["kind"],
-        key_version=header["key_version"],
-        min_observed_at=datetime.fromisoformat(header["min_observed_at"]),
-        max_observed_at=datetime.fromisoformat(header["max_observed_at"]),
-        n_records=header["n_records"],
-        payload=payload,
-    )
+    try:
+        return Segment(
+            segment_id=header["segment_id"],
+            subject_ref=header["subject_ref"],
+            user_ref=header["user_ref"],
+            data_type=header["data_type"],
+            kind=header["kind"],
+            key_version=int(header["key_version"]),
+            min_observed_at=datetime.fromisoformat(header["min_observed_at"]),
+            max_observed_at=datetime.fromisoformat(header["max_observed_at"]),
+            n_records=int(header["n_records"]),
+            payload=payload,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"no segment header: {exc!r}") from exc

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from pipeline.db import create_schema, engine_for, insert_ignoring_duplicates, segments
 from pipeline.errors import StoreError, StoreUnavailable
+from pipeline.redact import mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store
 
@@ -33,7 +34,7 @@ class SQLStore(Store):
 
     @contextmanager
     def _connection(self, action: str, *, begin: bool = False) -> Iterator[Connection]:
-        where = self.engine.url.render_as_string(hide_password=True)
+        where = mask_url(self.engine.url.render_as_string(hide_password=False))
         try:
             with self.engine.begin() if begin else self.engine.connect() as conn:
                 yield conn

@@ -1,0 +1,524 @@
+"""Issue 10: every bad input a review found gives one line and exit 2 (1 for a failed check), and loses nothing.
+
+Each test is the attack or mistake as a user would make it, run through the real
+command line on a real home (SQLite, local log files, key file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dask.config
+import pytest
+from click.testing import CliRunner, Result
+from conftest import make_record, sealed_batch
+from sqlalchemy import update
+
+from pipeline import db
+from pipeline.cli import main
+from pipeline.config import Settings, default_policy_path
+from pipeline.errors import PolicyError
+from pipeline.retention.policy import load_policy
+from pipeline.runtime import Pipeline
+from pipeline.spool import Spool
+
+SECRET = "s3cret-Pa55"
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line(result: Result, status: int = 2) -> str:
+    """The single stderr line of a refused command (asserting there is exactly one)."""
+    assert result.exit_code == status, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def add_account(account: str = "acme", user: str = "ann") -> Result:
+    return run("accounts", "add", "--account", account, "--username", user, "--email", f"{user}@example.test")
+
+
+def write_policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+SHIPPED = default_policy_path().read_text()
+
+
+# 1. Policy YAML bombs -------------------------------------------------------------------------------------------
+
+
+def _bomb(levels: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\nversion: *a{levels - 1}\n"
+
+
+def test_policy_with_yaml_aliases_is_refused_before_expanding_them(tmp_path: Path, home: Path) -> None:
+    path = write_policy(tmp_path, _bomb(5))  # 59,049 strings once expanded (the review's 9 levels: 2.3 GB)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}: not valid YAML at line 2: YAML aliases (*name) are not allowed"
+    with dask.config.set({"pipeline.policy": str(path)}):
+        line = one_line(run("records"))
+    assert line == f"error: {path}: not valid YAML at line 2: YAML aliases (*name) are not allowed"
+
+
+def test_a_huge_bad_value_is_quoted_only_in_part(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, SHIPPED.replace("cluster_jobs: 30d", "cluster_jobs: " + "9" * 100_000 + "x"))
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.field == "stores.cloud_logging.cluster_jobs"
+    assert info.value.reason.startswith("'99999") and "… is not a duration like 30d or 12h" in info.value.reason
+    assert len(str(info.value)) < len(str(path)) + 120
+
+
+# 2. Policy validation ------------------------------------------------------------------------------------------
+
+INVALID_POLICIES = {
+    "duration overflowing timedelta": (
+        SHIPPED.replace("cluster_jobs: 30d", "cluster_jobs: 99999999999999999999d"),
+        "stores.cloud_logging.cluster_jobs",
+        "'99999999999999999999d' is not a duration like 30d or 12h",
+    ),
+    "duration of 2.7 million years": (
+        SHIPPED.replace("cluster_jobs: 30d", "cluster_jobs: 999999999d"),
+        "stores.cloud_logging.cluster_jobs",
+        "'999999999d' is longer than 36500d (100 years)",
+    ),
+    "erasure deadline of 2.7 million years": (
+        SHIPPED.replace("deadline: 30d", "deadline: 999999999d"),
+        "erasure.deadline",
+        "'999999999d' is longer than 36500d (100 years)",
+    ),
+    "hours beyond 100 years": (
+        SHIPPED.replace("cluster_jobs: 30d", "cluster_jobs: 876001h"),
+        "stores.cloud_logging.cluster_jobs",
+        "'876001h' is longer than 36500d (100 years)",
+    ),
+    "typo in an erasure key": (
+        SHIPPED.replace("deadline: 30d", "deadlin: 1d"),
+        "erasure.deadlin",
+        "unknown field (known: deadline, stores)",
+    ),
+    "unknown top-level keys of mixed types": (
+        SHIPPED + "1: one\nnotes: two\n",
+        "1",
+        "unknown field (known: version, stores, erasure)",
+    ),
+    "erasure covering no store": (
+        SHIPPED.replace("stores: [long_term, cloud_logging]", "stores: []"),
+        "erasure.stores",
+        "must be a non-empty list of store names",
+    ),
+    "erasure missing a store that holds data": (
+        SHIPPED.replace("stores: [long_term, cloud_logging]", "stores: [long_term]"),
+        "erasure.stores",
+        "misses cloud_logging, which holds data: an erasure must cover it",
+    ),
+    "version given as a boolean": (SHIPPED.replace("version: 1", "version: true"), "version", "unsupported version"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_POLICIES))
+def test_invalid_policy_names_field_and_reason(case: str, tmp_path: Path) -> None:
+    text, field, reason = INVALID_POLICIES[case]
+    with pytest.raises(PolicyError) as info:
+        load_policy(write_policy(tmp_path, text))
+    assert (info.value.field, info.value.reason[: len(reason)]) == (field, reason)
+
+
+@pytest.mark.parametrize(
+    ("inserted", "key"),
+    [
+        ("version: 1", "version"),
+        ("  long_term:\n    account: 30d", "long_term"),
+        ("    software_env: 1h", "software_env"),
+    ],
+    ids=["top level", "store", "data type"],
+)
+def test_duplicate_yaml_keys_are_refused(inserted: str, key: str, tmp_path: Path) -> None:
+    path = write_policy(tmp_path, SHIPPED.replace("erasure:", f"{inserted}\nerasure:"))
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}: not valid YAML at line 10: duplicate key {key!r}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["erase", "request", "--account", "acme"], ["enforce"], ["report", "--out", "REPORT"]],
+)
+def test_a_policy_with_an_absurd_deadline_stops_every_command_with_one_line(
+    command: list[str], tmp_path: Path, home: Path
+) -> None:
+    add_account()
+    path = write_policy(tmp_path, SHIPPED.replace("deadline: 30d", "deadline: 999999999d"))
+    with dask.config.set({"pipeline.policy": str(path)}):
+        line = one_line(run(*[str(tmp_path / "r") if a == "REPORT" else a for a in command]))
+    assert line == f"error: {path}: erasure.deadline: '999999999d' is longer than 36500d (100 years)"
+
+
+# 3. --now ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["0001-01-01", "9999-12-31T23:59:59", "1969-12-31T23:59:59Z"])
+@pytest.mark.parametrize("command", [["enforce"], ["report", "--out", "REPORT"]])
+def test_now_out_of_range_is_one_line(when: str, command: list[str], tmp_path: Path, home: Path) -> None:
+    run("init")
+    args = [str(tmp_path / "r") if a == "REPORT" else a for a in command]
+    line = one_line(run(*args, "--now", when))
+    assert line == f"error: Invalid value for '--now': '{when}' is out of range (1970-01-01 to 9000-01-01)"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_now_is_one_line_too(home: Path) -> None:
+    line = one_line(run("enforce", "--now", "yesterday\nforged"))
+    assert line == (
+        "error: Invalid value for '--now': 'yesterday\\nforged' is not an ISO 8601 time like 2026-01-31T12:00:00Z"
+    )
+
+
+def test_a_pass_with_a_simulated_clock_says_so_in_its_output_and_audit_entry(home: Path, tmp_path: Path) -> None:
+    run("init")
+    result = run("enforce", "--now", "2030-01-01T00:00:00Z", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["retention"]
+    assert (summary["now"], summary["simulated_clock"]) == ("2030-01-01T00:00:00+00:00", True)
+    text = run("enforce", "--now", "2030-01-02")
+    assert "retention pass as of 2030-01-02T00:00:00+00:00 (simulated clock: --now)" in text.stdout
+    real = run("enforce", "--json")
+    assert json.loads(real.stdout)["retention"]["simulated_clock"] is False
+
+    pipeline = Pipeline.open(Settings.from_config())
+    passes = [e.details for e in pipeline.audit.entries() if e.action == "retention.pass"]
+    assert [(d["now"][:10], d["simulated_clock"]) for d in passes[:2]] == [("2030-01-01", True), ("2030-01-02", True)]
+    assert passes[2]["simulated_clock"] is False
+
+    report = run("report", "--out", str(tmp_path / "r"), "--now", "2030-01-01", "--format", "json")
+    assert report.stdout.startswith("report as of --now 2030-01-01T00:00:00+00:00\n")
+
+
+# 4. A foreign file in the logging store ------------------------------------------------------------------------
+
+
+def _logs_with_strays(settings: Settings) -> tuple[Pipeline, list[Path]]:
+    pipeline = Pipeline.open(settings, create=True)
+    old = datetime.now(UTC) - timedelta(days=40)
+    pipeline.write_records(
+        [
+            make_record("cluster_snapshot"),
+            make_record("cluster_snapshot", observed_at=old),
+            make_record("software_env", account="globex"),
+        ]
+    )
+    logs = settings.home / "logs"
+    (subject_folder,) = [p for p in (logs / "cluster_jobs").glob("*/*") if p.parent.name == f"{old:%Y-%m-%d}"]
+    strays = [subject_folder / "notes.seg", logs / "notes.seg", logs / "cluster_jobs" / "backup" / "x.seg"]
+    for stray in strays:
+        stray.parent.mkdir(exist_ok=True)
+        stray.write_text("my notes\n")
+    return pipeline, strays
+
+
+def test_a_foreign_file_in_the_logging_store_is_skipped_and_reported_by_records(home: Path, settings: Settings) -> None:
+    _pipeline, strays = _logs_with_strays(settings)
+    result = run("records", "--store", "cloud_logging")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3
+    shown = sorted(str(p.parent) if p.parent.name == "backup" else str(p) for p in strays)
+    assert result.stderr.splitlines() == [
+        "3 records in cloud_logging",
+        f"skipped 3 foreign file(s) in cloud_logging: {', '.join(shown)}",
+    ]
+
+
+def test_a_foreign_file_does_not_stop_retention_or_the_report(home: Path, settings: Settings, tmp_path: Path) -> None:
+    _pipeline, strays = _logs_with_strays(settings)
+    enforced = run("enforce", "--json")
+    assert enforced.exit_code == 0, enforced.output
+    summary = json.loads(enforced.stdout)["retention"]
+    assert summary["removed"]["cloud_logging"]["cluster_jobs"]["records"] == 1
+    assert summary["foreign_files"] == {"cloud_logging": 2}  # those inside the type folders a pass reads
+    assert all(p.exists() for p in strays)  # not ours: left in place
+
+    reported = run("report", "--out", str(tmp_path / "r"), "--format", "json")
+    assert reported.exit_code == 0, reported.output
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert len(doc["foreign_files"]) == 3
+    assert sum(row["records"] for row in doc["inventory"] if row["store"] == "cloud_logging") == 2
+
+
+def test_a_foreign_file_does_not_fail_an_erasure(home: Path, settings: Settings) -> None:
+    from pipeline.retention.requests import file_request, get_request, process_pending
+
+    pipeline, strays = _logs_with_strays(settings)
+    request = file_request(pipeline, "acme")
+    process_pending(pipeline)
+    done = get_request(pipeline, request.request_id)
+    assert (done.state, done.error) == ("completed", None)
+    assert done.receipt["stores"]["cloud_logging"]["records"] == 2
+    assert strays[0].exists()
+    assert [r["account"] for r in pipeline.read_records("cloud_logging")] == ["globex"]
+
+
+# 5. Secrets in output ------------------------------------------------------------------------------------------
+
+
+def test_init_masks_credentials_in_every_url_it_prints(home: Path) -> None:
+    url = f"memory://archiver:{SECRET}@logs?token={SECRET}&region=eu"
+    with dask.config.set({"pipeline.cloud-logging.url": url}):
+        text, as_json = run("init"), run("init", "--json")
+    assert text.exit_code == as_json.exit_code == 0, text.output
+    assert SECRET not in text.output + as_json.output
+    assert json.loads(as_json.stdout)["cloud_logging"] == "memory://archiver:***@logs?token=***&region=eu"
+    assert "memory://archiver:***@logs?token=***&region=eu" in text.stdout
+
+
+def test_init_masks_the_postgresql_password(home: Path, postgres_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url).set(password=SECRET).render_as_string(hide_password=False)
+    with dask.config.set({"pipeline.long-term.url": url}):
+        result = run("init", "--json")
+    assert result.exit_code == 0, result.output
+    assert SECRET not in result.output
+    assert ":***@" in json.loads(result.stdout)["long_term"]
+
+
+@pytest.mark.parametrize(
+    ("key", "scheme"), [("pipeline.cloud-logging.url", "ftp"), ("pipeline.keys.url", "vault")], ids=["store", "keys"]
+)
+def test_unknown_scheme_error_masks_the_password(key: str, scheme: str, home: Path) -> None:
+    with dask.config.set({key: f"{scheme}://admin:{SECRET}@example.test/x"}):
+        line = one_line(run("init"))
+    assert SECRET not in line
+    assert f"'{scheme}://admin:***@example.test/x'" in line
+
+
+# 6. Tracebacks instead of one line -----------------------------------------------------------------------------
+
+NOT_UTF8 = "\udcff"  # what Python makes of the argument bytes $'\xff'
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["accounts", "add", "--account", NOT_UTF8, "--username", "u", "--email", "e"],
+        ["accounts", "add", "--account", "acme", "--username", f"ann{NOT_UTF8}", "--email", "e"],
+        ["records", "--account", NOT_UTF8],
+        ["erase", "request", "--account", NOT_UTF8],
+        ["erase", "request", "--account", "acme", "--user", NOT_UTF8],
+    ],
+)
+def test_arguments_that_are_not_utf8_are_one_line(command: list[str], home: Path) -> None:
+    add_account()
+    line = one_line(run(*command))
+    assert line.startswith("error: Invalid value for '--") and line.endswith("is not valid UTF-8 text")
+    assert "'\\udcff'" in line or "'ann\\udcff'" in line
+
+
+def command_line(home: Path, *args: bytes) -> subprocess.CompletedProcess[bytes]:
+    """The real ``metadata-pipeline`` in a process of its own (argv bytes, logging and stderr as a shell sees them)."""
+    env = {**os.environ, "DASK_PIPELINE__HOME": str(home)}
+    argv = [sys.executable.encode(), b"-m", b"pipeline", *args]
+    return subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
+
+
+def test_arguments_that_are_not_utf8_are_one_line_from_a_real_shell(home: Path) -> None:
+    done = command_line(home, b"records", b"--account", b"\xff")
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        "error: Invalid value for '--account': '\\udcff' is not valid UTF-8 text"
+    ]
+
+
+@pytest.mark.parametrize("command", [["report", "--format", "json"], ["audit", "export"]])
+def test_an_unwritable_out_folder_is_one_line(command: list[str], home: Path) -> None:
+    run("init")
+    line = one_line(run(*command, "--out", "/proc/x"))
+    assert line.startswith("error: cannot write to /proc/x: ")
+
+
+# 7. Terminal injection -----------------------------------------------------------------------------------------
+
+
+def test_control_characters_in_names_are_escaped_in_text_and_exact_in_json(home: Path) -> None:
+    evil = "acme\n2026-01-01 00:00:00  account/account  root  -  -\x1b[2J\x1b]0;pwned\x07"
+    assert add_account(evil, "ann\rmallory").exit_code == 0
+    text = run("records")
+    assert text.exit_code == 0, text.output
+    (line,) = text.stdout.splitlines()
+    assert "\x1b" not in text.output and "\r" not in text.output
+    assert (
+        "acme\\x0a2026-01-01 00:00:00  account/account  root  -  -\\x1b[2J\\x1b]0;pwned\\x07  ann\\x0dmallory" in line
+    )
+    record = json.loads(run("records", "--json").stdout)
+    assert (record["account"], record["user"]) == (evil, "ann\rmallory")
+
+
+# 8. Corrupt segments -------------------------------------------------------------------------------------------
+
+
+def test_records_shows_what_is_readable_names_each_corrupt_segment_and_exits_1(home: Path, settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records(
+        [
+            make_record("account", username="ann", email="a@x"),
+            make_record("cluster_snapshot"),
+            make_record("job", job_id="j1"),
+            make_record("software_env"),
+        ]
+    )
+    segments = {s.kind: s.segment_id for s in pipeline.stores["long_term"].scan(with_payload=False)}
+    engine = pipeline.keyring.engine
+    with engine.begin() as conn:
+        table = db.segments
+        conn.execute(update(table).where(table.c.segment_id == segments["job"]).values(key_version=2))
+        conn.execute(update(table).where(table.c.segment_id == segments["software_env"]).values(subject_ref="f" * 64))
+        payload = conn.execute(table.select().where(table.c.segment_id == segments["cluster_snapshot"])).one().payload
+        flipped = payload[:-1] + bytes([payload[-1] ^ 1])
+        conn.execute(update(table).where(table.c.segment_id == segments["cluster_snapshot"]).values(payload=flipped))
+
+    result = run("records")
+    assert result.exit_code == 1
+    assert [line.split()[2] for line in result.stdout.splitlines()] == ["account/account"]
+    stderr = result.stderr.splitlines()
+    assert stderr[0] == "1 records in long_term"
+    named = sorted(line.split()[2] for line in stderr[1:-1])
+    assert named == sorted([segments["job"], segments["software_env"], segments["cluster_snapshot"]])
+    assert all(line.startswith("unreadable segment ") for line in stderr[1:-1])
+    assert stderr[-1] == "check failed: 3 segment(s) could not be read; every other record was shown"
+
+
+def test_report_marks_corrupt_segments_and_reports_every_other_account(
+    home: Path, settings: Settings, tmp_path: Path
+) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records([make_record("cluster_snapshot"), make_record("cluster_snapshot", account="globex")])
+    (acme_file,) = [p for p in (home / "logs").rglob("*.seg") if pipeline.keyring.subject_ref("acme") in str(p)]
+    data = acme_file.read_bytes()
+    acme_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+
+    result = run("report", "--out", str(tmp_path / "r"), "--format", "json,html")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith("check failed: 1 segment(s) could not be read")
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [(u["store"], u["segment_id"]) for u in doc["unreadable_segments"]] == [
+        ("cloud_logging", acme_file.name.split("~")[0])
+    ]
+    globex, acme = pipeline.keyring.subject_ref("globex"), pipeline.keyring.subject_ref("acme")
+    assert {row["subject_ref"] for row in doc["usage"]["accounts"]} == {globex, acme}  # acme: its long-term copy
+    assert "1 segments do not decrypt" in (tmp_path / "r" / "report.html").read_text()
+
+
+# 9. File modes -------------------------------------------------------------------------------------------------
+
+
+def test_everything_the_pipeline_writes_is_owner_only(home: Path, settings: Settings, tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        assert add_account().exit_code == 0
+        pipeline = Pipeline.open(settings)
+        pipeline.write_records([make_record("cluster_snapshot")])
+        spool = Spool(settings.spool_dir)
+        batch = spool.append(*sealed_batch(pipeline, [make_record("job", job_id="j1")]))
+        broken = spool.append(*sealed_batch(pipeline, [make_record("job", job_id="j2")]))
+        spool.refuse(broken, "kept for the test")
+        assert run("report", "--out", str(tmp_path / "out" / "report"), "--show-names").exit_code == 0
+        assert run("audit", "export", "--out", str(tmp_path / "out" / "export")).exit_code == 0
+    finally:
+        os.umask(old)
+    written = [home, *home.rglob("*"), tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    names = {p.name for p in written}
+    assert {
+        "metadata.db-wal",
+        "metadata.db-shm",
+        "metadata.db.schema-lock",
+        f"{batch.batch_id}.batch",
+        "refused",
+    } <= names
+    assert {"report.html", "report.json", "inventory.csv", "entries.jsonl", "manifest.json"} <= names
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written if stat.S_IMODE(p.stat().st_mode) & 0o077}
+    assert wrong == {}
+
+
+def test_a_home_others_can_write_is_refused_with_the_fix(home: Path) -> None:
+    run("init")
+    os.chmod(home, 0o1777)
+    line = one_line(run("records"))
+    assert line == f"error: pipeline home {home} is writable by others (mode 1777); run chmod 700 {home}"
+    os.chmod(home, 0o700)
+    assert run("records").exit_code == 0
+
+
+# 10. Smaller ---------------------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_spool_file_gives_one_stderr_line(home: Path, settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    spool = Spool(settings.spool_dir)
+    path = settings.spool_dir / f"{spool.append(*sealed_batch(pipeline, [make_record()])).batch_id}.batch"
+    path.write_bytes(b"garbage")
+    done = command_line(home, b"spool", b"replay", b"--timeout", b"5")
+    assert done.returncode == 2
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith(f"error: 1 corrupt spool file(s) set aside in {settings.spool_dir / 'corrupt'}")
+
+
+def test_a_run_reports_only_the_requests_it_carried_out(home: Path, settings: Settings) -> None:
+    from pipeline.retention import requests
+
+    pipeline = Pipeline.open(settings, create=True)
+    for account in ("acme", "globex"):
+        requests.file_request(pipeline, account)
+    listed_before_the_other_run = requests.list_requests(pipeline, states=requests.OPEN_STATES)
+    assert [r.state for r in requests.process_pending(pipeline)] == ["completed", "completed"]  # the other run
+
+    stale = Pipeline.open(settings)  # a concurrent run that listed the requests before they were done
+    original = requests.list_requests
+    try:
+        requests.list_requests = lambda *_a, **_k: listed_before_the_other_run  # type: ignore[assignment]
+        assert requests.process_pending(stale) == []
+    finally:
+        requests.list_requests = original
+
+
+def test_an_erased_account_and_a_never_seen_one_get_the_same_answer(home: Path) -> None:
+    add_account("acme")
+    assert run("erase", "request", "--account", "acme").exit_code == 0
+    assert run("enforce").exit_code == 0
+    erased, unknown = run("records", "--account", "acme"), run("records", "--account", "acme2")
+    assert (erased.exit_code, erased.stderr.replace("acme", "X")) == (
+        unknown.exit_code,
+        unknown.stderr.replace("acme2", "X"),
+    )
+    assert one_line(unknown) == "error: unknown account 'acme2': no records are stored for it"
+
+
+def test_audit_actor_is_the_os_user_not_the_user_variable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.audit import default_actor
+
+    monkeypatch.setenv("USER", "mallory")
+    monkeypatch.setenv("LOGNAME", "mallory")
+    default_actor.cache_clear()
+    try:
+        run("init")
+        entries = list(Pipeline.open(Settings.from_config()).audit.entries())
+    finally:
+        default_actor.cache_clear()
+    assert {e.actor for e in entries} == {f"{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"}
