@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -146,3 +147,38 @@ def test_a_retention_pass_compacts_and_audits_it(pipeline: Pipeline) -> None:
     entry = pipeline.audit.last("retention.pass")
     assert entry.details["compacted"] == {"cloud_logging": {"segments": 64, "records": 64}}
     assert "compacted 64 segments" in report.summary()
+
+
+def test_compaction_files_are_owner_only_and_never_foreign(pipeline: Pipeline, monkeypatch) -> None:  # noqa: ANN001
+    store = _store(pipeline)
+    old = os.umask(0o022)
+    try:
+        with monkeypatch.context() as patch:
+            _crash_after_journal(patch)  # leaves a journal and the day's merged ids behind
+            with pytest.raises(Crash):
+                _compact(pipeline)
+        own = {p.name for p in store.root.rglob(".*")}
+        assert {".compacting", ".merged-ids"} <= own
+        _compact(pipeline)
+    finally:
+        os.umask(old)
+    written = [store.root, *store.root.rglob("*")]
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written if stat.S_IMODE(p.stat().st_mode) & 0o077}
+    assert wrong == {}
+    fresh = LocalFileStore(store.url)
+    assert sum(1 for _ in fresh.scan()) > 0 and fresh.foreign_files() == []
+    report = enforcer.enforce(pipeline, NOW)
+    assert report.foreign_files == {} and "foreign" not in report.summary()
+
+
+def test_a_foreign_file_with_a_segment_name_is_neither_merged_nor_removed(pipeline: Pipeline) -> None:
+    store = _store(pipeline)
+    before = _records(pipeline)
+    folder = next(p for p in (store.root / "cluster_jobs" / DAYS[0].strftime("%Y-%m-%d")).iterdir() if p.is_dir())
+    stray = folder / f"{'f' * 32}~{next(folder.glob('*.seg')).name.split('~', 1)[1]}"  # a name like its neighbours'
+    stray.write_text("not a segment\n")
+    merged = _compact(pipeline)
+    assert merged.segments == 64  # the 64 real ones of the two closed days
+    assert stray.read_text() == "not a segment\n"
+    assert store.foreign_files() == [str(stray)]
+    assert _records(pipeline) == before
