@@ -131,8 +131,9 @@ def test_a_missing_dependency_names_the_extra(monkeypatch, url, module, backend,
 def test_without_a_keyring_or_with_an_unknown_option_is_one_clear_error(s3_archive_url, keyring) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="pipeline.archive.url: the 's3' backend .* needs the keyring"):
         open_store(s3_archive_url, setting="pipeline.archive.url")
-    with pytest.raises(ConfigError, match="unknown option 'endpont'"):
-        open_store("s3://bucket/p?endpont=http://x", keyring=keyring)
+    with pytest.raises(ConfigError, match="unknown option 'endpont'") as refused:
+        open_store("s3://AKIAEXAMPLE:s3cr3t@bucket/p?endpont=http://x", keyring=keyring)
+    assert "s3cr3t" not in str(refused.value) and "AKIAEXAMPLE:***@bucket" in str(refused.value)
 
 
 def test_an_unreachable_endpoint_is_store_unavailable(aws, keyring) -> None:  # noqa: ANN001

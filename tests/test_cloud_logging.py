@@ -171,13 +171,17 @@ def test_an_unreachable_service_is_store_unavailable(gcp_fakes, gcp_logging_url,
         rest.unavailable = False
     assert store.write(segments) == 1  # the same call, retried, writes it once
     closed = gcp_logging_url.replace(rest.endpoint, "http://127.0.0.1:9")
-    with pytest.raises(StoreUnavailable, match="unreachable during scan"):
+    with pytest.raises(StoreUnavailable, match="unreachable during scan") as unreachable:
         list(open_store(closed).scan())
+    assert "\n" not in str(unreachable.value)  # one line, not the HTTP library's traceback text
 
 
 def test_a_url_with_an_unknown_option_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"gcp-logging://PROJECT\?bucket=B.*unknown option 'bukket'"):
         CloudLoggingStore("gcp-logging://proj-1?bukket=x")
+    with pytest.raises(ConfigError, match="unknown option") as refused:
+        CloudLoggingStore("gcp-logging://proj-1?bukket=x&token=ya29.s3cr3t")
+    assert "s3cr3t" not in str(refused.value)
 
 
 def test_no_google_credentials_is_one_clear_error(tmp_path, monkeypatch) -> None:  # noqa: ANN001

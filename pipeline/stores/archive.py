@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidTag
 from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
+from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores.base import Removed, Store, oldest_first, url_options
 
@@ -98,7 +99,7 @@ class ArchiveStore(Store):
         form = "s3://BUCKET/PREFIX[?endpoint=URL&region=R]"
         parsed, query = url_options(url, ("endpoint", "region"), form)
         if not parsed.netloc:
-            raise ConfigError(f"store URL must be {form}, got {url!r}")
+            raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r}")
         self.url = url
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
@@ -112,14 +113,14 @@ class ArchiveStore(Store):
         try:
             return fn()
         except EndpointConnectionError as exc:
-            raise StoreUnavailable(f"{where} unreachable during {action}: {exc}") from exc
+            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
                 raise StoreUnavailable(f"{where} unavailable during {action}: {code}") from exc
-            raise StoreError(f"{where} refused {action}: {code} {exc}") from exc
+            raise StoreError(f"{where} refused {action}: {code} {first_line(exc)}") from exc
         except BotoCoreError as exc:
-            raise StoreUnavailable(f"{where} unreachable during {action}: {exc}") from exc
+            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
 
     def _key(self, data_type: str, day: str, subject_ref: str, user_ref: str | None) -> str:
         name = f"{_key_id(subject_ref, user_ref)}.parquet"
@@ -145,7 +146,7 @@ class ArchiveStore(Store):
         try:
             return pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
         except OSError as exc:
-            raise StoreError(f"archive object {key} does not open: {exc}") from exc
+            raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
 
     def _put(self, key: str, table: pa.Table) -> None:
         footer_key = key.rsplit("/", 1)[1].removesuffix(".parquet")  # subject_ref~user_ref: whose key wraps it

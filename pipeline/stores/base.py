@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import ParseResult, parse_qs, urlparse
 
 from pipeline.errors import ConfigError
+from pipeline.redact import mask_url
 from pipeline.segments import Segment
 
 __all__ = ["Removed", "Store", "oldest_first", "url_options"]
@@ -137,7 +138,7 @@ def url_options(url: str, allowed: Collection[str], form: str) -> tuple[ParseRes
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         names = ", ".join(map(repr, unknown))
-        raise ConfigError(f"store URL must be {form}, got {url!r} (unknown option {names})")
+        raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r} (unknown option {names})")
     return parsed, options
 
 

@@ -46,6 +46,7 @@ from google.cloud.logging_v2.types import GetBucketRequest, LogBucket, UpdateBuc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store, oldest_first, url_options
 
@@ -96,7 +97,7 @@ class CloudLoggingStore(Store):
         form = "gcp-logging://PROJECT?bucket=B&location=L[&endpoint=URL&config-endpoint=HOST:PORT]"
         parsed, query = url_options(url, ("bucket", "location", "endpoint", "config-endpoint"), form)
         if not parsed.netloc or parsed.path not in ("", "/"):
-            raise ConfigError(f"store URL must be {form}, got {url!r}")
+            raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r}")
         self.url = url
         self.project = parsed.netloc
         self.bucket = (
@@ -110,23 +111,24 @@ class CloudLoggingStore(Store):
         try:
             self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
         except DefaultCredentialsError as exc:
-            raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {exc}") from exc
+            raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {first_line(exc)}") from exc
         self._config_endpoint = config_endpoint
         self._config: ConfigServiceV2Client | None = None
 
     # -- calls, with errors mapped at the boundary ---------------------------------------
 
     def _call(self, action: str, fn: Callable[[], _T]) -> _T:
+        where = f"Cloud Logging {self.project}"
         try:
             return fn()
         except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.InternalServerError) as exc:
-            raise StoreUnavailable(f"Cloud Logging {self.project} unavailable during {action}: {exc.message}") from exc
+            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
         except gexc.RetryError as exc:
-            raise StoreUnavailable(f"Cloud Logging {self.project} unavailable during {action}: {exc}") from exc
+            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
         except gexc.GoogleAPIError as exc:
-            raise StoreError(f"Cloud Logging {self.project} refused {action}: {exc}") from exc
+            raise StoreError(f"{where} refused {action}: {first_line(exc)}") from exc
         except OSError as exc:  # requests' ConnectionError is an OSError
-            raise StoreUnavailable(f"Cloud Logging {self.project} unreachable during {action}: {exc}") from exc
+            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
 
     def _list(self, action: str, clauses: Sequence[str]) -> Iterator[dict[str, Any]]:
         """Entries matching every clause, oldest first, as the API's JSON."""
@@ -376,7 +378,8 @@ def _held(chunks: Mapping[int, Mapping[str, Any]], with_payload: bool) -> _Held:
             payload=sealed if with_payload else b"",
         )
     except (KeyError, ValueError) as exc:
-        raise StoreError(f"log entry {first.get('insertId')!r} is not a segment of this store: {exc}") from exc
+        reason = first_line(exc)
+        raise StoreError(f"log entry {first.get('insertId')!r} is not a segment of this store: {reason}") from exc
     return _Held(segment, first["logName"], first["timestamp"][:10])
 
 
