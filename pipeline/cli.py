@@ -487,6 +487,8 @@ def enforce(out: Output, now: Any) -> None:
     if overdue:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
+    if report is not None and report.failures:  # e.g. a locked Cloud Logging bucket with another retention
+        retention_error = f"retention of {', '.join(report.failures)} does not match the policy"
     if failed or overdue or retention_error:  # cron and CronJobs alert on the exit status
         problem = f"{len(failed)} deletion requests failed, {len(overdue)} overdue"
         raise CheckFailed(problem + (f"; retention pass failed: {retention_error}" if retention_error else ""))

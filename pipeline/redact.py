@@ -7,6 +7,7 @@
 - :func:`printable`: names come from users; a newline or an ESC sequence in one
   must not forge lines or drive the terminal of whoever reads the output.
 - :func:`quoted`: a bad value in an error message is shown in part, never whole.
+- :func:`first_line`: an error message is one line, whatever a library's exception says.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import unicodedata
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-__all__ = ["mask_url", "printable", "quoted"]
+__all__ = ["first_line", "mask_url", "printable", "quoted"]
 
 MASK = "***"
 #: query parameters that carry a secret (libpq's ``password``, cloud SDKs' tokens and keys)
@@ -57,6 +58,12 @@ def quoted(value: Any) -> str:
     """``repr(value)`` cut to a few dozen characters: a message never carries a whole bad value."""
     text = repr(value)
     return text if len(text) <= _QUOTE else f"{text[: _QUOTE - 1]}…"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (SDK errors carry tracebacks and response bodies)."""
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def printable(text: str, keep: str = "") -> str:

@@ -154,6 +154,9 @@ class Pipeline:
             )
         provider = open_key_provider(settings.keys_url, create=create)
         keyring = Keyring.open(long_term.engine, provider, create=create)
+        if settings.archive_url:  # a copy of the long-term store: same routing, retention and erasure
+            stores["archive"] = open_store(settings.archive_url, setting="pipeline.archive.url", keyring=keyring)
+            policy = policy.with_copy("archive", of="long_term")
         pipeline = cls(settings, policy, keyring, stores)
         keyring.on_key_created = pipeline._audit_key_created
         pipeline.audit.note_policy(policy.path, policy.sha256)

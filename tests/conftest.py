@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
+import matplotlib.dates  # noqa: F401 - registers its datetime.date converter: frozen, it would register FakeDate
 import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
 import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
@@ -63,6 +64,36 @@ def settings(home: Path) -> Settings:
     return Settings.from_config()
 
 
+@pytest.fixture(scope="session")
+def gcp_fakes():  # noqa: ANN201
+    """The Cloud Logging REST fake and the ConfigServiceV2 gRPC fake, on loopback."""
+    from fake_gcp import FakeConfigGRPC, FakeLoggingREST
+
+    rest, config = FakeLoggingREST().start(), FakeConfigGRPC().start()
+    yield rest, config
+    rest.stop()
+    config.stop()
+
+
+@pytest.fixture
+def gcp_logging_url(gcp_fakes) -> str:  # noqa: ANN001
+    """A fresh project on the fakes, its _Default bucket at 30 days."""
+    rest, config = gcp_fakes
+    project = f"p-{uuid.uuid4().hex[:12]}"
+    config.add_bucket(f"projects/{project}/locations/global/buckets/_Default", 30)
+    return f"gcp-logging://{project}?endpoint={rest.endpoint}&config-endpoint={config.endpoint}"
+
+
+@pytest.fixture
+def s3_archive_url(aws: str) -> str:
+    """A fresh bucket on moto; the URL names moto's endpoint explicitly."""
+    import boto3
+
+    bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    return f"s3://{bucket}/metadata?endpoint={aws}"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def pipeline(request: pytest.FixtureRequest, home: Path) -> Iterator[Pipeline]:
     """An initialised pipeline whose metadata database is SQLite or PostgreSQL."""
@@ -76,6 +107,8 @@ def pipeline(request: pytest.FixtureRequest, home: Path) -> Iterator[Pipeline]:
 
 
 STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "archive": lambda request, tmp: request.getfixturevalue("s3_archive_url"),
+    "cloud_logging": lambda request, tmp: request.getfixturevalue("gcp_logging_url"),
     "memory": lambda request, tmp: f"memory://{uuid.uuid4().hex}",
     "sqlite": lambda request, tmp: f"sqlite:///{tmp}/store.db",
     "postgresql": lambda request, tmp: request.getfixturevalue("postgres_url"),
@@ -83,10 +116,43 @@ STORE_FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
 }
 
 
+def raw_at_rest(request: pytest.FixtureRequest, store: Store) -> bytes:
+    """Everything ``store`` keeps, as the backend holds it: files, rows, log entries, objects."""
+    import json
+    from urllib.parse import urlparse
+
+    from sqlalchemy import select
+
+    from pipeline.stores.sql import SQLStore
+
+    name = request.node.callspec.params["store"]
+    if name == "memory":
+        return b"\0".join(repr(s).encode() for s in store.scan())
+    if isinstance(store, SQLStore):
+        from pipeline.db import segments
+
+        with store.engine.connect() as conn:
+            rows = conn.execute(select(segments)).all()
+        return b"\0".join(v if isinstance(v, bytes) else str(v).encode() for row in rows for v in row)
+    if name == "localfiles":
+        return b"\0".join(p.read_bytes() for p in Path(urlparse(store.url).path).rglob("*") if p.is_file())
+    if name == "cloud_logging":
+        rest, _ = request.getfixturevalue("gcp_fakes")
+        return json.dumps(rest.entries).encode()
+    if name == "archive":
+        import boto3
+
+        s3, bucket = boto3.client("s3"), urlparse(store.url).netloc
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        return b"\0".join(k.encode() + s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys)
+    raise AssertionError(f"no raw reader for the {name} backend: add one")
+
+
 @pytest.fixture(params=sorted(STORE_FACTORIES))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """Every Store backend in turn: a new backend inherits every behaviour test."""
-    opened = open_store(STORE_FACTORIES[request.param](request, tmp_path))
+    url = STORE_FACTORIES[request.param](request, tmp_path)
+    opened = open_store(url, keyring=request.getfixturevalue("keyring"))
     yield opened
     opened.close()
 

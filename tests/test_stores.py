@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from conftest import make_record
+from conftest import make_record, raw_at_rest
 
 from pipeline.records import rows_from_table
 from pipeline.runtime import seal_records
@@ -31,6 +31,21 @@ def test_write_scan_round_trip_decrypts_exact_records(store, keyring) -> None:
     assert sorted(r["n_workers"] for r in rows) == [0, 0, 1, 1, 2, 2]
     assert all(r["observed_at"].tzinfo is not None for r in rows)
     assert [s.min_observed_at for s in scanned] == sorted(s.min_observed_at for s in scanned)
+
+
+def test_nothing_in_clear_at_rest(store, keyring, request) -> None:  # noqa: ANN001
+    secrets = ["Plaintext Corp", "ann.lee@plaintext-corp.test", "registry.plaintext-corp.test/ann"]
+    records = [
+        make_record(account=secrets[0], user=secrets[1], observed_at=T0 + timedelta(days=d), n_workers=d)
+        for d in (0, 1)
+    ] + [make_record("software_env", account=secrets[0], user=secrets[1], observed_at=T0, image=secrets[2])]
+    assert store.write(seal_records(keyring, records)) == 3
+    raw = raw_at_rest(request, store)
+    assert len(raw) > 1_000  # the reader sees the data, so the check below can fail
+    for secret in secrets:
+        assert secret.encode().lower() not in raw.lower(), f"{secret!r} in clear in {store.url}"
+    rows = [r for s in store.scan() for r in rows_from_table(open_segment(keyring, s))]
+    assert {r["account"] for r in rows} == {secrets[0]}  # there, inside the ciphertext
 
 
 def test_write_is_idempotent(store, keyring) -> None:

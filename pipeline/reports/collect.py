@@ -97,7 +97,7 @@ def build_report(
         policy={"path": pipeline.policy.path, "sha256": pipeline.policy.sha256},
         names_shown=show_names,
         inventory=db.inventory(),
-        retention=db.retention(),
+        retention=db.retention() + _backend_retention(pipeline),
         deletion_requests={
             **db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
             "not_final": _not_final(pipeline),
@@ -161,6 +161,26 @@ def _requests_table(pipeline: Pipeline) -> pa.Table:
     with pipeline.keyring.engine.connect() as conn:
         rows = [dict(row._mapping) for row in conn.execute(select(*columns))]
     return pa.Table.from_pylist(rows, schema=_REQUESTS_SCHEMA)
+
+
+def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """Rows for retentions a backend enforces itself (a Cloud Logging bucket), as the last pass found them."""
+    last_pass = pipeline.audit.last("retention.pass")
+    found = {} if last_pass is None else last_pass.details.get("backend_retention", {})
+    return [
+        {
+            "store": store,
+            "data_type": f"bucket {b['bucket']}" + (" (locked)" if b["locked"] else ""),
+            "retention": f"{b['wanted_days']}d (was {b['found_days']}d)"
+            if b["updated"]
+            else f"{b['found_days']}d" + ("" if b["status"] == "PASS" else f", policy {b['wanted_days']}d"),
+            "limit_days": b["wanted_days"],
+            "oldest_age_days": None,
+            "overdue": 0,
+            "status": b["status"],
+        }
+        for store, b in sorted(found.items())
+    ]
 
 
 def _not_final(pipeline: Pipeline) -> list[dict[str, Any]]:

@@ -12,10 +12,11 @@ between write and delete and run again writes the same segment once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -55,9 +56,18 @@ class RetentionReport:
     simulated: bool = False  # ``now`` was given (``--now``, a what-if run), not read from the clock
     cutoffs: dict[str, dict[str, datetime]] = field(default_factory=dict)
     removed: dict[str, dict[str, Counts]] = field(default_factory=dict)
+    #: store -> segments merged by compaction of closed days
+    compacted: dict[str, Removed] = field(default_factory=dict)
+    #: store -> what its backend's own retention was found at and set to (Cloud Logging bucket)
+    backend: dict[str, dict[str, Any]] = field(default_factory=dict)
     foreign_files: dict[str, int] = field(default_factory=dict)  # store -> files skipped as not its segments
     retired_master_versions: list[int] = field(default_factory=list)
     audit_seq: int | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        """Stores whose backend retention could not be brought in line with the policy."""
+        return [store for store, found in self.backend.items() if found["status"] != "PASS"]
 
     @property
     def records(self) -> int:
@@ -71,6 +81,14 @@ class RetentionReport:
             for data_type, c in types.items():
                 cut = f", {c.rewritten} segments cut at the limit" if c.rewritten else ""
                 lines.append(f"  {store:<14} {data_type:<13} {c.records} records, {c.segments} segments{cut}")
+        for store, merged in self.compacted.items():
+            lines.append(f"  {store:<14} compacted {merged.segments} segments of closed days")
+        for store, found in self.backend.items():
+            lines.append(
+                f"  {store:<14} {found['status']}: {found['bucket']} retention {found['found_days']}d"
+                f"{' (locked)' if found['locked'] else ''}, policy {found['wanted_days']}d"
+                f"{', updated' if found['updated'] else ''}"
+            )
         for store, n in self.foreign_files.items():
             lines.append(f"  {store:<14} {n} foreign files skipped (left in place)")
         if self.retired_master_versions:
@@ -86,6 +104,8 @@ class RetentionReport:
                 for store, types in self.removed.items()
             },
             "records_removed": self.records,
+            "backend_retention": self.backend,
+            "compacted": {s: {"segments": r.segments, "records": r.records} for s, r in self.compacted.items()},
             "foreign_files": self.foreign_files,
             "retired_master_versions": self.retired_master_versions,
             "audit_seq": self.audit_seq,
@@ -100,6 +120,11 @@ def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool 
     """
     report = RetentionReport(now or utcnow(), simulated=now is not None if simulated is None else simulated)
     now = report.now
+    for name, backend in pipeline.stores.items():  # a retention the backend enforces itself
+        limits = {t: limit for s, t, limit in pipeline.policy.limits() if s == name}
+        found = backend.apply_retention(limits) if limits else None
+        if found is not None:
+            report.backend[name] = found
     for store_name, data_type, limit in pipeline.policy.limits():
         store = pipeline.stores.get(store_name)
         if store is None:
@@ -112,6 +137,11 @@ def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool 
             rewritten += 1
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    for name, backend in pipeline.stores.items():
+        merged = backend.compact(today, functools.partial(_merge, pipeline))
+        if merged.segments:
+            report.compacted[name] = merged
     report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
     report.retired_master_versions = retire_master_keys(pipeline, now)
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
@@ -119,6 +149,18 @@ def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool 
     pipeline.audit.checkpoint()
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
+
+
+def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
+    """One segment with the records of ``segments`` (one subject, user and kind); its id derives from theirs."""
+    try:
+        tables = [open_segment(pipeline.keyring, s) for s in segments]
+    except KeyringError:  # crypto-shredded: nothing readable to merge, expiry or erasure removes it
+        return None
+    table = pa.concat_tables(tables).sort_by("observed_at")
+    merged_id = hashlib.sha256("|".join(sorted(s.segment_id for s in segments)).encode()).hexdigest()[:32]
+    first = segments[0]
+    return seal(pipeline.keyring, first.subject_ref, first.user_ref, table, segment_id=merged_id)
 
 
 def _cut(pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime) -> Removed:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,11 @@ class Policy:
     retention: dict[str, dict[str, timedelta | None]]  # store -> data type -> limit (None: until deleted)
     erasure_deadline: timedelta
     erasure_stores: tuple[str, ...]
+
+    def with_copy(self, store: str, of: str) -> Policy:
+        """This policy with ``store`` holding, keeping and erasing exactly what ``of`` does (an archive)."""
+        erasure = self.erasure_stores + ((store,) if of in self.erasure_stores else ())
+        return replace(self, retention={**self.retention, store: dict(self.retention[of])}, erasure_stores=erasure)
 
     def stores_for(self, data_type: str) -> tuple[str, ...]:
         """The stores a record of ``data_type`` is written to."""

@@ -305,6 +305,8 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         removed = store.erase(request.subject_ref, request.user_ref)
         progress["segments"] = max(progress["segments"], removed.segments)
         progress["records"] = max(progress["records"], removed.records)
+        if removed.places:  # the S3 objects and Cloud Logging logs deleted
+            progress["deleted"] = sorted(set(progress.get("deleted", [])) | set(removed.places))
         entry = _audit(
             pipeline,
             request,

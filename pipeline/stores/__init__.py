@@ -7,11 +7,15 @@ dependency that is missing becomes an error naming the extra to install.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError
 from pipeline.redact import mask_url
 from pipeline.stores.base import Removed, Store
+
+if TYPE_CHECKING:
+    from pipeline.keys import Keyring
 
 __all__ = ["SCHEMES", "Removed", "Store", "open_store"]
 
@@ -21,12 +25,17 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     "postgresql": ("pipeline.stores.sql:SQLStore", "postgres"),
     "postgresql+psycopg": ("pipeline.stores.sql:SQLStore", "postgres"),
     "file": ("pipeline.stores.localfiles:LocalFileStore", None),
+    "gcp-logging": ("pipeline.stores.cloud_logging:CloudLoggingStore", "gcp"),
     "memory": ("pipeline.stores.memory:MemoryStore", None),
+    "s3": ("pipeline.stores.archive:ArchiveStore", "aws"),
 }
 
 
-def open_store(url: str, *, setting: str = "store URL") -> Store:
-    """Open the backend for ``url``; ``setting`` names the config key in errors."""
+def open_store(url: str, *, setting: str = "store URL", keyring: Keyring | None = None) -> Store:
+    """Open the backend for ``url``; ``setting`` names the config key in errors.
+
+    ``keyring`` is handed to backends that re-encrypt what they hold (the S3 archive).
+    """
     scheme = urlparse(url).scheme
     if scheme not in SCHEMES:
         known = ", ".join(sorted(SCHEMES))
@@ -36,7 +45,13 @@ def open_store(url: str, *, setting: str = "store URL") -> Store:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        hint = f"; install dask-metadata-pipeline[{extra}]" if extra else ""
+        hint = f"; pip install 'dask-metadata-pipeline[{extra}]'" if extra else ""
         raise ConfigError(f"{setting}: backend for {scheme!r} needs {exc.name}{hint}") from exc
-    store: Store = getattr(module, class_name)(url)
+    backend = getattr(module, class_name)
+    if not getattr(backend, "needs_keyring", False):
+        store: Store = backend(url)
+    elif keyring is None:
+        raise ConfigError(f"{setting}: the {scheme!r} backend re-encrypts records and needs the keyring")
+    else:
+        store = backend(url, keyring=keyring)
     return store

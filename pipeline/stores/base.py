@@ -7,13 +7,20 @@ by clear, pseudonymous columns only; they never see keys or plaintext.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from itertools import groupby
+from typing import Any, TypeVar
+from urllib.parse import ParseResult, parse_qs, urlparse
 
+from pipeline.errors import ConfigError
+from pipeline.redact import mask_url
 from pipeline.segments import Segment
 
-__all__ = ["Removed", "Store"]
+__all__ = ["Removed", "Store", "oldest_first", "url_options"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -22,9 +29,11 @@ class Removed:
 
     segments: int = 0
     records: int = 0
+    #: whole objects or logs deleted (S3 keys, Cloud Logging log names), for the erasure receipt
+    places: tuple[str, ...] = ()
 
     def __add__(self, other: Removed) -> Removed:
-        return Removed(self.segments + other.segments, self.records + other.records)
+        return Removed(self.segments + other.segments, self.records + other.records, self.places + other.places)
 
 
 class Store(ABC):
@@ -84,6 +93,29 @@ class Store(ABC):
             if segment.min_observed_at < at <= segment.max_observed_at:
                 yield segment
 
+    def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
+        """Bring a retention the backend enforces by itself in line with the policy.
+
+        Called once per retention pass with this store's finite limits by data type.
+        Backends without one (most) return None.
+
+        :returns: what was found and done, with ``status`` ``PASS`` or ``FAIL`` (e.g. a
+            locked Cloud Logging bucket with another retention); recorded in the audit
+        """
+        return None
+
+    def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        """Merge a subject's segments of one kind and user in each day closed before ``closed_before``.
+
+        For backends whose cost grows with segment count (local files). Readers see
+        every record exactly once at every instant, and after a crash at any point.
+
+        :param merge: seals the given segments' records as one segment whose id derives
+            from theirs, or None to leave them (e.g. their key was destroyed)
+        :returns: the segments merged away; most backends merge nothing
+        """
+        return Removed()
+
     def foreign_files(self) -> list[str]:
         """Things found in the store that are not its segments: skipped, left in place, listed here.
 
@@ -94,3 +126,23 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release connections and handles."""
+
+
+def url_options(url: str, allowed: Collection[str], form: str) -> tuple[ParseResult, dict[str, str]]:
+    """A store URL and its query options.
+
+    :raises ConfigError: an option not in ``allowed``, naming it and the URL's ``form``
+    """
+    parsed = urlparse(url)
+    options = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r} (unknown option {names})")
+    return parsed, options
+
+
+def oldest_first(items: Iterable[_T], day: Callable[[_T], str], key: Callable[[_T], Any]) -> Iterator[_T]:
+    """Order a stream that arrives day by day by ``key`` within each day (holding one day at a time)."""
+    for _, same_day in groupby(items, day):
+        yield from sorted(same_day, key=key)

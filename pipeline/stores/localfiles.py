@@ -11,6 +11,15 @@ is foreign: skipped, left in place and listed by :meth:`~LocalFileStore.foreign_
 never a reason to stop a scan, a retention pass or an erasure. A file is one JSON header line and the
 sealed payload; it is written to a temporary name, fsync'd and hard-linked into
 place, so a reader never sees half a segment and a replay never doubles one.
+
+:meth:`LocalFileStore.compact` merges a closed day's segments of one subject,
+kind and user into one file, so expiry and scans touch few files. It first
+writes a journal (``.compacting``: each merged id with its source names), then
+links the merged files, then unlinks the sources, then the journal. Every
+listing settles a journal: while a merged file is absent its sources count;
+once it exists they are removed. So at every instant, and after a crash at any
+point, each record is seen exactly once. The journal and a day's ``.merged-ids``
+are the store's own files, never foreign.
 """
 
 from __future__ import annotations
@@ -20,14 +29,14 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError, StoreUnavailable
-from pipeline.fsmodes import open_private, private_folder
+from pipeline.fsmodes import open_private, private_folder, write_private
 from pipeline.records import DATA_TYPES
 from pipeline.redact import mask_url
 from pipeline.segments import Segment
@@ -36,6 +45,8 @@ from pipeline.stores.base import Removed, Store
 __all__ = ["LocalFileStore"]
 
 _SUFFIX = ".seg"
+_JOURNAL = ".compacting"
+_MERGED = ".merged-ids"
 logger = logging.getLogger(__name__)
 
 
@@ -115,7 +126,9 @@ class LocalFileStore(Store):
             return None
 
     def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
-        """The segment files of a subject folder with their parsed names; other files are foreign."""
+        """The segment files of a subject folder with their parsed names, after settling any
+        compaction journal in it; other files are foreign."""
+        _settle(folder, folder / _JOURNAL)
         found = []
         for entry in _listing(folder)[1]:
             name = _Name.parse(entry.name)
@@ -135,10 +148,11 @@ class LocalFileStore(Store):
     def write(self, segments: Sequence[Segment]) -> int:
         new = 0
         touched: set[Path] = set()
+        merged: dict[Path, set[str]] = {}
         with self._guard("write"):
             for segment in segments:
                 path = self._path(segment)
-                if path.exists():
+                if path.exists() or segment.segment_id in _merged_ids(path.parent.parent, merged):
                     continue
                 private_folder(path.parent)
                 tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
@@ -213,10 +227,13 @@ class LocalFileStore(Store):
         return Removed(len(files), sum(name.n_records for _path, name in files))
 
     def _drop_folder(self, folder: Path) -> Removed:
-        """Remove every segment under ``folder``, then the folders left empty (foreign files stay)."""
+        """Remove every segment and compaction file under ``folder``, then the folders left empty
+        (foreign files stay)."""
         folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
         removed = self._remove_files([f for sub in [*folders, folder] for f in self._files(sub)])
         for sub in [*folders, folder]:
+            for own in (_JOURNAL, _MERGED):
+                (sub / own).unlink(missing_ok=True)
             try:
                 sub.rmdir()
             except OSError as exc:
@@ -264,6 +281,46 @@ class LocalFileStore(Store):
                         if segment is not None:
                             yield segment
 
+    def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        merged = Removed()
+        with self._guard("compact"):
+            for data_type in sorted(DATA_TYPES):  # not the root's listing: a pass reads the type folders only
+                for day in self._days(data_type):
+                    if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) > closed_before:
+                        break
+                    for folder in sorted(self._dirs(day)):
+                        merged += self._compact_folder(folder, merge)
+        return merged
+
+    def _compact_folder(self, folder: Path, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        groups: dict[tuple[str, str | None], list[Path]] = {}
+        for path, name in self._files(folder):
+            groups.setdefault((name.kind, name.user_ref), []).append(path)
+        plan: list[tuple[Segment, list[Path], list[Segment]]] = []
+        for paths in groups.values():
+            # a file that vanished or is foreign (no segment header) is neither merged nor removed
+            loaded = [(p, s) for p in paths if (s := self._load(p, with_payload=True)) is not None]
+            if len(loaded) < 2:
+                continue
+            target = merge([s for _, s in loaded])
+            if target is not None:
+                plan.append((target, [p for p, _ in loaded], [s for _, s in loaded]))
+        if not plan:
+            return Removed()
+        # one line per merge: merged id, then its sources
+        write_private(
+            folder / _JOURNAL, "\n".join(" ".join([t.segment_id, *(p.name for p in ps)]) for t, ps, _ in plan).encode()
+        )
+        fd = open_private(folder.parent / _MERGED, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with os.fdopen(fd, "a") as merged_ids:  # per day: a replayed source stays merged
+            merged_ids.write("".join(f"{s.segment_id}\n" for _, _, segments in plan for s in segments))
+            merged_ids.flush()
+            os.fsync(merged_ids.fileno())
+        _fsync_dir(folder)
+        self.write([target for target, _, _ in plan])  # each merge visible from here on, its sources hidden
+        _settle(folder, folder / _JOURNAL)
+        return Removed(sum(len(ps) for _, ps, _ in plan), sum(s.n_records for _, _, ss in plan for s in ss))
+
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         removed = Removed()
         with self._guard("erase"):
@@ -300,8 +357,45 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _settle(folder: Path, journal: Path) -> None:
+    """Finish the merges of a compaction journal whose merged file exists: remove their sources.
+
+    A merge whose file is absent has not landed: its sources are the data and the
+    journal stays (the next compaction of the folder replaces it).
+    """
+    try:
+        lines = [line.split(" ") for line in journal.read_text().splitlines() if line]
+    except FileNotFoundError:  # no compaction here, or settled by another reader
+        return
+    present = {p.name.split("~", 1)[0] for p in folder.iterdir()}
+    landed = [sources for merged_id, *sources in lines if merged_id in present]
+    for sources in landed:
+        for name in sources:
+            (folder / name).unlink(missing_ok=True)
+    if landed:
+        _fsync_dir(folder)
+    if len(landed) == len(lines):
+        journal.unlink(missing_ok=True)
+
+
+def _merged_ids(day: Path, cache: dict[Path, set[str]]) -> set[str]:
+    """Ids of segments compaction merged away in a day folder (read once per write call)."""
+    if day not in cache:
+        try:
+            cache[day] = set((day / _MERGED).read_text().split())
+        except FileNotFoundError:
+            cache[day] = set()
+    return cache[day]
+
+
+def _is_own(name: str) -> bool:
+    """A file the store writes besides segments: a temporary file, a compaction journal (or its
+    temporary), a day's merged ids."""
+    return name.startswith((".tmp-", _JOURNAL, f".{_JOURNAL}.tmp-")) or name == _MERGED
+
+
 def _listing(path: Path) -> tuple[list[Path], list[Path]]:
-    """(sub-folders, files) of ``path`` without in-progress temporary files; nothing for a missing folder."""
+    """(sub-folders, files) of ``path`` without the store's own non-segment files; nothing for a missing folder."""
     try:
         entries = list(path.iterdir())
     except FileNotFoundError:
@@ -311,7 +405,7 @@ def _listing(path: Path) -> tuple[list[Path], list[Path]]:
     for entry in entries:
         if entry.is_dir():
             dirs.append(entry)
-        elif not entry.name.startswith(".tmp-"):
+        elif not _is_own(entry.name):
             files.append(entry)
     return dirs, files
 

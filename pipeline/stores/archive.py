@@ -1,0 +1,328 @@
+"""Parquet archive on S3 (``pipeline.archive.url = s3://bucket/prefix``).
+
+The long-term records again, as Parquet that DuckDB, Spark or pyarrow read:
+``PREFIX/data_type=T/day=YYYY-MM-DD/<subject_ref>~<user_ref or ->.parquet``,
+one object per subject (account, or one person of it) and day (the day of each
+segment's newest record, as in the logging store), so a day's expiry and an
+erasure are whole-object deletes.
+
+Every object is encrypted with Parquet modular encryption (footer and all
+columns): its data keys are wrapped, through :class:`KeyringKms`, by the
+data key of that account or person from the keyring. Destroying that key
+(crypto-shredding) makes every copy of the object unreadable. A reader with the keyring opens an
+object with :func:`decryption_properties`.
+
+Each row carries its segment's id, user ref and kind, so scans give back the
+same segments (sealed again under the subject's key) and writes stay idempotent.
+A rewrite (another segment of the same subject and day) replaces the object in
+one PUT: a reader sees the old or the new object, never half of one. Object
+metadata holds only counts. The endpoint comes from ``?endpoint=URL`` or
+boto3's own configuration (``AWS_ENDPOINT_URL``, profiles).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import boto3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pyarrow.parquet.encryption as pe
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from cryptography.exceptions import InvalidTag
+
+from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
+from pipeline.keys import Keyring
+from pipeline.records import KINDS
+from pipeline.redact import first_line, mask_url
+from pipeline.segments import Segment, open_segment, seal
+from pipeline.stores.base import Removed, Store, oldest_first, url_options
+
+__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties"]
+
+#: columns the archive adds to every record
+SEGMENT_COLUMNS = [
+    pa.field("_segment_id", pa.string(), nullable=False),
+    pa.field("_user_ref", pa.string()),
+    pa.field("_subject_ref", pa.string(), nullable=False),
+]
+_NONCE = 12
+_T = TypeVar("_T")
+
+
+class KeyringKms(pe.KmsClient):  # type: ignore[misc]
+    """Wraps Parquet data keys with a data key of the keyring; the key id is ``subject_ref~user_ref``."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        super().__init__()
+        self.keyring = keyring
+
+    def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
+        version, cipher = self.keyring.cipher(*_refs(master_key_identifier), create=False)
+        nonce = os.urandom(_NONCE)
+        sealed = cipher.encrypt(nonce, key_bytes, master_key_identifier.encode())
+        return f"{version}:{base64.b64encode(nonce + sealed).decode()}"
+
+    def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        version, _, blob = wrapped_key.partition(":")
+        cipher = self.keyring.cipher_for(*_refs(master_key_identifier), int(version))
+        raw = base64.b64decode(blob)
+        try:
+            return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], master_key_identifier.encode())
+        except InvalidTag:
+            raise KeyringError(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
+
+
+def _factory(keyring: Keyring) -> pe.CryptoFactory:
+    return pe.CryptoFactory(lambda _config: KeyringKms(keyring))
+
+
+def decryption_properties(keyring: Keyring) -> Any:
+    """What ``pq.read_table(..., decryption_properties=...)`` needs to open an archive object."""
+    return _factory(keyring).file_decryption_properties(
+        pe.KmsConnectionConfig(), pe.DecryptionConfiguration(cache_lifetime=timedelta(seconds=60))
+    )
+
+
+class ArchiveStore(Store):
+    """Segments as rows of encrypted Parquet objects, one per subject and day, on S3."""
+
+    #: opened with the keyring: it decrypts segments to write records and re-seals them on scan
+    needs_keyring = True
+
+    def __init__(self, url: str, *, keyring: Keyring) -> None:
+        form = "s3://BUCKET/PREFIX[?endpoint=URL&region=R]"
+        parsed, query = url_options(url, ("endpoint", "region"), form)
+        if not parsed.netloc:
+            raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r}")
+        self.url = url
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.keyring = keyring
+        self._s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
+
+    # -- S3 calls, errors mapped at the boundary -----------------------------------------
+
+    def _call(self, action: str, fn: Callable[[], _T]) -> _T:
+        where = f"s3://{self.bucket}/{self.prefix}"
+        try:
+            return fn()
+        except EndpointConnectionError as exc:
+            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+                raise StoreUnavailable(f"{where} unavailable during {action}: {code}") from exc
+            raise StoreError(f"{where} refused {action}: {code} {first_line(exc)}") from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
+
+    def _key(self, data_type: str, day: str, subject_ref: str, user_ref: str | None) -> str:
+        name = f"{_key_id(subject_ref, user_ref)}.parquet"
+        return "/".join(p for p in (self.prefix, f"data_type={data_type}", f"day={day}", name) if p)
+
+    def _keys(self, data_type: str | None = None) -> Iterator[str]:
+        """Object keys under the prefix (or one data type), oldest day first."""
+        base = "/".join(p for p in (self.prefix, f"data_type={data_type}/" if data_type else "") if p)
+        base = base + "/" if base and not base.endswith("/") else base
+        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+        keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
+        yield from sorted((k for k in keys if k.endswith(".parquet")), key=lambda k: (_part(k, "day"), k))
+
+    def _readable(self, key: str) -> pa.Table | None:
+        """The object's rows; None when its subject's key was destroyed (nothing readable is left)."""
+        try:
+            return self._read(key)
+        except KeyringError:
+            return None
+
+    def _read(self, key: str) -> pa.Table:
+        body = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        try:
+            return pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
+        except OSError as exc:
+            raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
+
+    def _put(self, key: str, table: pa.Table) -> None:
+        footer_key = key.rsplit("/", 1)[1].removesuffix(".parquet")  # subject_ref~user_ref: whose key wraps it
+        properties = _factory(self.keyring).file_encryption_properties(
+            pe.KmsConnectionConfig(),
+            pe.EncryptionConfiguration(footer_key=footer_key, uniform_encryption=True, double_wrapping=False),
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, encryption_properties=properties, compression="zstd")
+        body = sink.getvalue().to_pybytes()
+        n_segments = len(pc.unique(table.column("_segment_id")))
+        metadata = {"segments": str(n_segments), "records": str(table.num_rows)}
+        self._call("write", lambda: self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata))
+
+    def _drop(self, key: str) -> Removed:
+        head = self._call("delete", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
+        counts = head.get("Metadata", {})
+        self._call("delete", lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+        return Removed(int(counts.get("segments", 0)), int(counts.get("records", 0)), (f"s3://{self.bucket}/{key}",))
+
+    def _keep(self, key: str, keep: Callable[[pa.Table], pa.Array]) -> Removed:
+        """Rewrite an object with the rows ``keep`` selects (delete it when none are left)."""
+        table = self._readable(key)
+        if table is None:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
+            return Removed()
+        mask = keep(table)
+        kept = table.filter(mask)
+        if kept.num_rows == table.num_rows:
+            return Removed()
+        if kept.num_rows == 0:
+            return self._drop(key)
+        gone = table.filter(pc.invert(mask))
+        self._put(key, kept)
+        return Removed(len(pc.unique(gone.column("_segment_id"))), gone.num_rows)
+
+    # -- the Store protocol --------------------------------------------------------------
+
+    def write(self, segments: Sequence[Segment]) -> int:
+        groups: dict[str, list[Segment]] = {}
+        for s in segments:
+            groups.setdefault(self._key(s.data_type, _day(s), s.subject_ref, s.user_ref), []).append(s)
+        new = 0
+        for key, group in groups.items():
+            old = self._readable(key) if self._exists(key) else None  # a shredded object is replaced
+            present = set(old.column("_segment_id").to_pylist()) if old is not None else set()
+            fresh = {s.segment_id: s for s in group if s.segment_id not in present}
+            if not fresh:
+                continue
+            tables = [_rows(self.keyring, s) for s in fresh.values()]
+            merged = pa.concat_tables(([old] if old is not None else []) + tables, promote_options="default")
+            self._put(key, merged)
+            new += len(fresh)
+        return new
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._call("read", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, ClientError) and exc.__cause__.response["Error"]["Code"] in (
+                "404",
+                "NoSuchKey",
+            ):
+                return False
+            raise
+        return True
+
+    def scan(
+        self,
+        *,
+        subject_ref: str | None = None,
+        user_ref: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+        with_payload: bool = True,
+    ) -> Iterator[Segment]:
+        def held() -> Iterator[Segment]:
+            for key in self._keys(data_type):
+                if not _owned(key, subject_ref, user_ref):
+                    continue
+                table = self._readable(key)
+                for segment in _segments(self.keyring, table) if table is not None else ():
+                    if (kind and segment.kind != kind) or (user_ref and segment.user_ref != user_ref):
+                        continue
+                    yield segment if with_payload else segment.header()
+
+        # objects are listed day by day; the day of a segment is that of its newest record
+        return oldest_first(held(), _day, lambda s: (s.min_observed_at, s.segment_id))
+
+    def delete(self, segment_ids: Sequence[str]) -> Removed:
+        ids = pa.array(list(segment_ids), pa.string())
+        removed = Removed()
+        for key in self._keys():
+            removed += self._keep(key, lambda t: pc.invert(pc.is_in(t.column("_segment_id"), ids)))
+        return removed
+
+    def expire(self, data_type: str, before: datetime) -> Removed:
+        removed = Removed()
+        for key in self._keys(data_type):
+            start = datetime.strptime(_part(key, "day"), "%Y-%m-%d").replace(tzinfo=UTC)
+            if start >= before:
+                break
+            if start + timedelta(days=1) <= before:  # every segment in it is older than the limit
+                removed += self._drop(key)
+            else:
+                removed += self._keep(key, lambda t: _segment_max_at_least(t, before))
+        return removed
+
+    def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        removed = Removed()
+        for key in self._keys():
+            if _owned(key, subject_ref, user_ref):
+                removed += self._drop(key)
+        return removed
+
+    def close(self) -> None:
+        self._s3.close()
+
+
+def _key_id(subject_ref: str, user_ref: str | None) -> str:
+    return f"{subject_ref}~{user_ref or '-'}"
+
+
+def _refs(key_id: str) -> tuple[str, str | None]:
+    subject_ref, _, user_ref = key_id.partition("~")
+    return subject_ref, None if user_ref in ("", "-") else user_ref
+
+
+def _owned(key: str, subject_ref: str | None, user_ref: str | None) -> bool:
+    """Whether an object holds data of ``subject_ref`` (every person of it, or only ``user_ref``)."""
+    subject, user = _refs(key.rsplit("/", 1)[1].removesuffix(".parquet"))
+    return (subject_ref is None or subject == subject_ref) and (user_ref is None or user == user_ref)
+
+
+def _day(segment: Segment) -> str:
+    return segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _part(key: str, name: str) -> str:
+    for part in key.split("/"):
+        if part.startswith(f"{name}="):
+            return part[len(name) + 1 :]
+    raise StoreError(f"archive object {key} is not under {name}=…/")
+
+
+def _rows(keyring: Keyring, segment: Segment) -> pa.Table:
+    """A segment's records with the columns that bring the segment back."""
+    table = open_segment(keyring, segment)
+    n = table.num_rows
+    extra = [
+        pa.array([segment.segment_id] * n, pa.string()),
+        pa.array([segment.user_ref] * n, pa.string()),
+        pa.array([segment.subject_ref] * n, pa.string()),
+    ]
+    return pa.Table.from_arrays(table.columns + extra, schema=pa.schema([*table.schema, *SEGMENT_COLUMNS]))
+
+
+def _segments(keyring: Keyring, table: pa.Table) -> Iterator[Segment]:
+    """The segments an object holds, sealed again under the subject's current key."""
+    ids = table.column("_segment_id")
+    for segment_id in pc.unique(ids).to_pylist():
+        rows = table.filter(pc.equal(ids, segment_id))
+        kind = KINDS[rows.column("kind")[0].as_py()]
+        records = pa.Table.from_arrays([rows.column(f.name).cast(f.type) for f in kind.schema], schema=kind.schema)
+        yield seal(
+            keyring,
+            rows.column("_subject_ref")[0].as_py(),
+            rows.column("_user_ref")[0].as_py(),
+            records,
+            segment_id=segment_id,
+        )
+
+
+def _segment_max_at_least(table: pa.Table, moment: datetime) -> pa.Array:
+    """Rows of segments whose newest record is at or after ``moment`` (the rest are past the limit)."""
+    ids = table.column("_segment_id")
+    grouped = table.group_by("_segment_id").aggregate([("observed_at", "max")])
+    newest = grouped.column("observed_at_max")
+    young = grouped.filter(pc.greater_equal(newest, pa.scalar(moment, newest.type)))
+    return pc.is_in(ids, young.column("_segment_id"))

@@ -1,0 +1,413 @@
+"""Logging store in Google Cloud Logging (``gcp-logging://PROJECT?bucket=B&location=L``).
+
+Each segment is one or more structured log entries: pseudonymous labels only
+(subject ref, user ref, data type, kind, segment id) and a JSON payload holding
+the sealed segment in base64, split into chunks below Cloud Logging's 256 KB
+entry limit. Cloud Logging cannot delete single entries, so:
+
+* an entry's log is ``metadata-pipeline.<subject_ref>.<day>`` (the day of the
+  segment's newest record): erasing a subject deletes its logs, and crypto-
+  shredding covers any copy a sink exported;
+* removing some entries of a log (expiry, one user's erasure, a cut at the
+  limit) writes the survivors to a new generation of that log and then deletes
+  the old one; a crash in between leaves duplicates that :meth:`scan` drops by
+  segment id, never a loss;
+* the 30-day rule is also the log bucket's retention, which
+  :meth:`apply_retention` reads and sets through ConfigServiceV2 (gRPC).
+
+Every list filter carries an explicit timestamp range: the client otherwise
+adds a 24-hour window of its own. Entries are stamped with the segment's
+newest record time. Options in the URL query: ``bucket`` (default ``_Default``),
+``location`` (``global``), ``endpoint`` (REST base URL, e.g. an emulator's
+``http://127.0.0.1:8080``) and ``config-endpoint`` (``HOST:PORT`` of a plaintext
+gRPC ConfigServiceV2); either endpoint makes the client anonymous.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import DefaultCredentialsError
+from google.cloud.logging_v2 import Client
+from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
+from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
+from google.cloud.logging_v2.types import GetBucketRequest, LogBucket, UpdateBucketRequest
+from google.protobuf.field_mask_pb2 import FieldMask
+
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.redact import first_line, mask_url
+from pipeline.segments import Segment
+from pipeline.stores.base import Removed, Store, oldest_first, url_options
+
+__all__ = ["BucketRetention", "CloudLoggingStore"]
+
+LOG_PREFIX = "metadata-pipeline"
+#: base64 of a sealed segment per entry: well below the 256 KB entry limit with labels
+CHUNK = 180_000
+#: one entries.write request stays below the API's 10 MB limit
+BATCH_BYTES = 8_000_000
+PAGE_SIZE = 1000
+#: Cloud Logging keeps entries at most 3650 days and refuses ones more than a day ahead
+_OLDEST = timedelta(days=3651)
+_AHEAD = timedelta(days=2)
+_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class BucketRetention:
+    """What a retention pass found on the log bucket and did about it."""
+
+    bucket: str
+    found_days: int
+    wanted_days: int
+    locked: bool
+    updated: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.updated or self.found_days == self.wanted_days
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "found_days": self.found_days,
+            "wanted_days": self.wanted_days,
+            "locked": self.locked,
+            "updated": self.updated,
+            "status": "PASS" if self.ok else "FAIL",
+        }
+
+
+class CloudLoggingStore(Store):
+    """Encrypted segments as structured entries in Google Cloud Logging."""
+
+    def __init__(self, url: str) -> None:
+        form = "gcp-logging://PROJECT?bucket=B&location=L[&endpoint=URL&config-endpoint=HOST:PORT]"
+        parsed, query = url_options(url, ("bucket", "location", "endpoint", "config-endpoint"), form)
+        if not parsed.netloc or parsed.path not in ("", "/"):
+            raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r}")
+        self.url = url
+        self.project = parsed.netloc
+        self.bucket = (
+            f"projects/{self.project}/locations/{query.get('location', 'global')}"
+            f"/buckets/{query.get('bucket', '_Default')}"
+        )
+        self._resource = {"type": "global", "labels": {"project_id": self.project}}
+        endpoint, config_endpoint = query.get("endpoint"), query.get("config-endpoint")
+        anonymous = {"credentials": AnonymousCredentials()} if endpoint or config_endpoint else {}
+        options = {"api_endpoint": endpoint} if endpoint else None
+        try:
+            self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
+        except DefaultCredentialsError as exc:
+            raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {first_line(exc)}") from exc
+        self._config_endpoint = config_endpoint
+        self._config: ConfigServiceV2Client | None = None
+
+    # -- calls, with errors mapped at the boundary ---------------------------------------
+
+    def _call(self, action: str, fn: Callable[[], _T]) -> _T:
+        where = f"Cloud Logging {self.project}"
+        try:
+            return fn()
+        except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.InternalServerError) as exc:
+            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
+        except gexc.RetryError as exc:
+            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
+        except gexc.GoogleAPIError as exc:
+            raise StoreError(f"{where} refused {action}: {first_line(exc)}") from exc
+        except OSError as exc:  # requests' ConnectionError is an OSError
+            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
+
+    def _list(self, action: str, clauses: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Entries matching every clause, oldest first, as the API's JSON."""
+        now = datetime.now(UTC)
+        filter_ = " AND ".join(
+            [*clauses, f'timestamp>="{_stamp(now - _OLDEST)}"', f'timestamp<="{_stamp(now + _AHEAD)}"']
+        )
+        api = self._client.logging_api
+        token: str | None = None
+        while True:
+            body: dict[str, Any] = {
+                "resourceNames": [f"projects/{self.project}"],
+                "filter": filter_,
+                "orderBy": "timestamp asc",
+                "pageSize": PAGE_SIZE,
+            }
+            if token:
+                body["pageToken"] = token
+            page = self._call(
+                action, functools.partial(api.api_request, method="POST", path="/entries:list", data=body)
+            )
+            yield from page.get("entries", [])
+            token = page.get("nextPageToken")
+            if not token:
+                return
+
+    def _write_entries(self, action: str, entries: Sequence[dict[str, Any]]) -> None:
+        """One entries.write per batch below the request size limit; all-or-nothing per batch."""
+        batches: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for entry in entries:
+            length = len(entry["jsonPayload"]["sealed"]) + 1024
+            if batches[-1] and size + length > BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(entry)
+            size += length
+        write = self._client.logging_api.write_entries
+        for batch in filter(None, batches):
+            self._call(action, functools.partial(write, batch, resource=self._resource, partial_success=False))
+
+    def _delete_log(self, action: str, log_name: str) -> None:
+        try:
+            self._call(action, lambda: self._client.logging_api.logger_delete(log_name))
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, gexc.NotFound):  # already gone: a rerun after a crash
+                raise
+
+    # -- entries <-> segments ------------------------------------------------------------
+
+    def _log_name(self, subject_ref: str, day: str, generation: str = "") -> str:
+        suffix = f".{generation}" if generation else ""
+        return f"projects/{self.project}/logs/{LOG_PREFIX}.{subject_ref}.{day}{suffix}"
+
+    def _entries(self, segment: Segment, log_name: str | None = None) -> list[dict[str, Any]]:
+        sealed = base64.b64encode(segment.payload).decode()
+        chunks = max(1, math.ceil(len(sealed) / CHUNK))
+        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+        labels = {
+            "subject_ref": segment.subject_ref,
+            "data_type": segment.data_type,
+            "kind": segment.kind,
+            "segment_id": segment.segment_id,
+        }
+        if segment.user_ref:
+            labels["user_ref"] = segment.user_ref
+        return [
+            {
+                "logName": log_name or self._log_name(segment.subject_ref, day),
+                "insertId": f"{segment.segment_id}.{i}",
+                "timestamp": _stamp(segment.max_observed_at),
+                "severity": "INFO",
+                "labels": labels,
+                "jsonPayload": {
+                    "key_version": segment.key_version,
+                    "min_observed_at": _stamp(segment.min_observed_at),
+                    "n_records": segment.n_records,
+                    "chunk": i,
+                    "chunks": chunks,
+                    "sealed": sealed[i * CHUNK : (i + 1) * CHUNK],
+                },
+            }
+            for i in range(chunks)
+        ]
+
+    def _segments(
+        self, action: str, clauses: Sequence[str], with_payload: bool = True, *, every_copy: bool = False
+    ) -> Iterator[_Held]:
+        """Whole segments (chunks joined) oldest first, with their log.
+
+        A copy left in a second log by a crashed rewrite is dropped, unless ``every_copy``
+        (removals must reach every log that holds a segment).
+        """
+        seen: set[str] = set()
+        parts: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+
+        def whole() -> Iterator[_Held]:
+            for entry in self._list(action, clauses):
+                segment_id = entry["labels"]["segment_id"]
+                if segment_id in seen and not every_copy:
+                    continue
+                payload, key = entry["jsonPayload"], (entry["logName"], segment_id)
+                parts[key][int(payload["chunk"])] = entry
+                if len(parts[key]) == int(payload["chunks"]):
+                    seen.add(segment_id)
+                    yield _held(parts.pop(key), with_payload)
+
+        return oldest_first(whole(), lambda h: h.day, _order)
+
+    # -- the Store protocol --------------------------------------------------------------
+
+    def write(self, segments: Sequence[Segment]) -> int:
+        if not segments:
+            return 0
+        present: set[str] = set()
+        for subject_ref, group in _by(segments, lambda s: s.subject_ref).items():
+            low = min(s.max_observed_at for s in group)
+            high = max(s.max_observed_at for s in group)
+            clauses = [
+                f'labels.subject_ref="{subject_ref}"',
+                f'timestamp>="{_stamp(low)}"',
+                f'timestamp<="{_stamp(high)}"',
+            ]
+            present.update(h.segment.segment_id for h in self._segments("write", clauses, with_payload=False))
+        new = {s.segment_id: s for s in segments if s.segment_id not in present}
+        self._write_entries("write", [e for s in new.values() for e in self._entries(s)])
+        return len(new)
+
+    def scan(
+        self,
+        *,
+        subject_ref: str | None = None,
+        user_ref: str | None = None,
+        data_type: str | None = None,
+        kind: str | None = None,
+        with_payload: bool = True,
+    ) -> Iterator[Segment]:
+        for held in self._segments("scan", _clauses(subject_ref, user_ref, data_type, kind), with_payload):
+            yield held.segment
+
+    def _remove(self, action: str, doomed: Sequence[_Held]) -> Removed:
+        """Remove segments (every copy): delete each log they are in, rewriting its other segments first."""
+        unique = {h.segment.segment_id: h.segment for h in doomed}
+        deleted = []
+        for log_name in sorted({h.log for h in doomed}):
+            subject_ref, day = log_name.rsplit("/", 1)[1].split(".")[1:3]
+            held = list(self._segments(action, [f'logName="{log_name}"'], every_copy=True))
+            kept = list({h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}.values())
+            if kept:  # survivors first: a crash before the delete leaves duplicates, not a loss
+                generation = hashlib.sha256(" ".join(sorted(s.segment_id for s in kept)).encode()).hexdigest()[:12]
+                target = self._log_name(subject_ref, day, generation)
+                if target == log_name:  # this log holds only copies of survivors
+                    continue
+                there = {h.segment.segment_id for h in self._segments(action, [f'logName="{target}"'], False)}
+                self._write_entries(
+                    action, [e for s in kept if s.segment_id not in there for e in self._entries(s, target)]
+                )
+            self._delete_log(action, log_name)
+            deleted.append(log_name)
+        return Removed(len(unique), sum(s.n_records for s in unique.values()), tuple(deleted))
+
+    def delete(self, segment_ids: Sequence[str]) -> Removed:
+        doomed = [
+            held
+            for segment_id in dict.fromkeys(segment_ids)
+            for held in self._segments("delete", [_label("segment_id", segment_id)], False, every_copy=True)
+        ]
+        return self._remove("delete", doomed)
+
+    def expire(self, data_type: str, before: datetime) -> Removed:
+        # an entry's timestamp is its segment's newest record: older than ``before`` means past the limit
+        clauses = [_label("data_type", data_type), f'timestamp<"{_stamp(before)}"']
+        return self._remove("expire", list(self._segments("expire", clauses, False, every_copy=True)))
+
+    def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        held = self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True)
+        return self._remove("erase", list(held))
+
+    def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
+        clauses = [_label("data_type", data_type), f'timestamp>="{_stamp(at)}"']
+        for held in self._segments("scan", clauses):
+            if held.segment.min_observed_at < at:
+                yield held.segment
+
+    def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
+        """Set the log bucket's retention to the policy's longest limit; a locked bucket is a FAIL."""
+        finite = [limit for limit in limits.values() if limit is not None]
+        if not finite:
+            return None
+        wanted = math.ceil(max(finite) / timedelta(days=1))
+        config = self._config_client()
+        bucket = self._call(
+            "reading the log bucket", lambda: config.get_bucket(request=GetBucketRequest(name=self.bucket))
+        )
+        found, locked = int(bucket.retention_days), bool(bucket.locked)
+        updated = False
+        if found != wanted and not locked:
+            request = UpdateBucketRequest(
+                name=self.bucket,
+                bucket=LogBucket(name=self.bucket, retention_days=wanted),
+                update_mask=FieldMask(paths=["retention_days"]),
+            )
+            self._call("setting the log bucket's retention", lambda: config.update_bucket(request=request))
+            updated = True
+        return BucketRetention(self.bucket, found, wanted, locked, updated).as_dict()
+
+    def _config_client(self) -> ConfigServiceV2Client:
+        if self._config is None:
+            if self._config_endpoint:
+                channel = grpc.insecure_channel(self._config_endpoint)
+                self._config = ConfigServiceV2Client(transport=ConfigServiceV2GrpcTransport(channel=channel))
+            else:
+                self._config = ConfigServiceV2Client()
+        return self._config
+
+    def close(self) -> None:
+        if self._config is not None:
+            self._config.transport.close()
+            self._config = None
+        self._client.close()
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A segment read back, and the log its chunks are in."""
+
+    segment: Segment
+    log: str
+    day: str
+
+
+def _held(chunks: Mapping[int, Mapping[str, Any]], with_payload: bool) -> _Held:
+    first = chunks[0]
+    labels, payload = first["labels"], first["jsonPayload"]
+    try:
+        sealed = base64.b64decode("".join(chunks[i]["jsonPayload"]["sealed"] for i in sorted(chunks)))
+        segment = Segment(
+            segment_id=labels["segment_id"],
+            subject_ref=labels["subject_ref"],
+            user_ref=labels.get("user_ref"),
+            data_type=labels["data_type"],
+            kind=labels["kind"],
+            key_version=int(payload["key_version"]),
+            min_observed_at=_parse(payload["min_observed_at"]),
+            max_observed_at=_parse(first["timestamp"]),
+            n_records=int(payload["n_records"]),
+            payload=sealed if with_payload else b"",
+        )
+    except (KeyError, ValueError) as exc:
+        reason = first_line(exc)
+        raise StoreError(f"log entry {first.get('insertId')!r} is not a segment of this store: {reason}") from exc
+    return _Held(segment, first["logName"], first["timestamp"][:10])
+
+
+def _order(held: _Held) -> tuple[datetime, str]:
+    return held.segment.min_observed_at, held.segment.segment_id
+
+
+def _label(name: str, value: str) -> str:
+    return f'labels.{name}="{value}"'
+
+
+def _clauses(
+    subject_ref: str | None, user_ref: str | None, data_type: str | None = None, kind: str | None = None
+) -> list[str]:
+    values = {"subject_ref": subject_ref, "user_ref": user_ref, "data_type": data_type, "kind": kind}
+    return [_label(name, value) for name, value in values.items() if value is not None]
+
+
+def _by(segments: Sequence[Segment], key: Callable[[Segment], str]) -> dict[str, list[Segment]]:
+    groups: dict[str, list[Segment]] = defaultdict(list)
+    for segment in segments:
+        groups[key(segment)].append(segment)
+    return groups
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime(_TIME)
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)

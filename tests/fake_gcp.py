@@ -1,0 +1,258 @@
+"""Test doubles for Google Cloud Logging, on loopback, spoken to by the real client.
+
+``FakeLoggingREST`` serves the Logging v2 REST calls the client makes
+(``entries:write``, ``entries:list``, ``DELETE projects/P/logs/L``) and keeps
+entries per log. ``FakeConfigGRPC`` serves ConfigServiceV2 ``GetBucket`` and
+``UpdateBucket`` over plaintext gRPC. Both check the shape of what they are sent
+(log names, resources, entry size, filter grammar, the explicit timestamp
+range, field masks, locked buckets) and answer with the API's error statuses, so
+a store that sends something the real service would refuse fails here too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote
+
+import grpc
+from google.cloud.logging_v2.types import GetBucketRequest, LogBucket, UpdateBucketRequest
+
+ENTRY_LIMIT = 256 * 1024
+_LOG_NAME = re.compile(r"^projects/([a-z][a-z0-9-]{4,28}[a-z0-9])/logs/([A-Za-z0-9_.\-/]{1,512})$")
+_CLAUSE = re.compile(r'^(logName|timestamp|insertId|severity|labels\.[a-z_]+|resource\.type)(>=|<=|=|<|>)"([^"]*)"$')
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "=": lambda a, b: a == b,
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        raise BadRequest(400, f"invalid timestamp {text!r}") from None
+
+
+class FakeLoggingREST:
+    """Logging v2 REST: entries per log name, the filter grammar the store uses."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entries: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str, Any]] = []  # (method, path, body) as received
+        self.unavailable = False
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                    fake.requests.append((method, self.path, body))
+                    if fake.unavailable:
+                        raise BadRequest(503, "the service is currently unavailable")
+                    path, _, query = self.path.partition("?")
+                    if query not in ("", "prettyPrint=false"):
+                        raise BadRequest(400, f"unexpected query {query!r}")
+                    self._answer(200, fake.dispatch(method, path, body))
+                except BadRequest as exc:
+                    status = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 503: "UNAVAILABLE"}[exc.status]
+                    self._answer(exc.status, {"error": {"code": exc.status, "message": str(exc), "status": status}})
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._handle("POST")
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._handle("DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FakeLoggingREST:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def dispatch(self, method: str, path: str, body: Any) -> dict[str, Any]:
+        if method == "POST" and path == "/v2/entries:write":
+            return self.write(body)
+        if method == "POST" and path == "/v2/entries:list":
+            return self.list(body)
+        if method == "DELETE" and path.startswith("/v2/projects/"):
+            return self.delete_log(unquote(path[len("/v2/") :]))
+        raise BadRequest(404, f"no such method {method} {path}")
+
+    def write(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not body.get("entries"):
+            raise BadRequest(400, "entries must not be empty")
+        accepted = []
+        for i, entry in enumerate(body["entries"]):
+            entry = {**entry}
+            entry.setdefault("logName", body.get("logName"))
+            entry.setdefault("resource", body.get("resource"))
+            if not _LOG_NAME.match(entry["logName"] or ""):
+                raise BadRequest(400, f"entry {i}: invalid log name {entry['logName']!r}")
+            if not (entry["resource"] or {}).get("type"):
+                raise BadRequest(400, f"entry {i}: a monitored resource with a type is required")
+            _time(entry.get("timestamp", ""))
+            if not isinstance(entry.get("insertId"), str):
+                raise BadRequest(400, f"entry {i}: insertId must be a string")
+            if not all(isinstance(v, str) for v in entry.get("labels", {}).values()):
+                raise BadRequest(400, f"entry {i}: label values must be strings")
+            if len(json.dumps(entry)) > ENTRY_LIMIT:
+                raise BadRequest(400, f"entry {i}: log entry is larger than 256 KB")
+            entry["receiveTimestamp"] = entry["timestamp"]
+            accepted.append(entry)
+        with self.lock:
+            self.entries.extend(accepted)
+        return {}
+
+    def list(self, body: dict[str, Any]) -> dict[str, Any]:
+        names = body.get("resourceNames") or []
+        if not names or not all(re.match(r"^projects/[^/]+$", n) for n in names):
+            raise BadRequest(400, f"resourceNames must be projects/PROJECT, got {names!r}")
+        if body.get("orderBy", "timestamp asc") != "timestamp asc":
+            raise BadRequest(400, f"unsupported orderBy {body.get('orderBy')!r}")
+        size = int(body.get("pageSize", 50))
+        if not 0 < size <= 1000:
+            raise BadRequest(400, f"pageSize must be 1..1000, got {size}")
+        match = self.compile_filter(body.get("filter", ""))
+        projects = {n.split("/")[1] for n in names}
+        with self.lock:
+            found = [
+                e
+                for e in self.entries
+                if _LOG_NAME.match(e["logName"]).group(1) in projects and match(e)  # type: ignore[union-attr]
+            ]
+        found.sort(key=lambda e: _time(e["timestamp"]))
+        start = int(body.get("pageToken") or 0)
+        page: dict[str, Any] = {"entries": found[start : start + size]}
+        if start + size < len(found):
+            page["nextPageToken"] = str(start + size)
+        return page
+
+    @staticmethod
+    def compile_filter(text: str) -> Callable[[dict[str, Any]], bool]:
+        """``clause AND clause ...``; the real service's grammar, restricted to what the store sends."""
+        tests: list[Callable[[dict[str, Any]], bool]] = []
+        bounds: set[str] = set()
+        for clause in text.split(" AND "):
+            parsed = _CLAUSE.match(clause.strip())
+            if parsed is None:
+                raise BadRequest(400, f"unparsable filter clause {clause!r}")
+            field, op, value = parsed.groups()
+            if field == "timestamp":
+                bounds.add(op[0])
+                moment = _time(value)
+                tests.append(lambda e, op=op, moment=moment: _COMPARE[op](_time(e["timestamp"]), moment))
+            elif op != "=":
+                raise BadRequest(400, f"{field} supports only =, got {clause!r}")
+            else:
+                path = field.split(".")
+                tests.append(lambda e, path=path, value=value: _get(e, path) == value)
+        if not {">", "<"} <= bounds:
+            raise BadRequest(400, f"filter has no explicit timestamp range: {text!r}")
+        return lambda e: all(t(e) for t in tests)
+
+    def delete_log(self, log_name: str) -> dict[str, Any]:
+        if not _LOG_NAME.match(log_name):
+            raise BadRequest(400, f"invalid log name {log_name!r}")
+        with self.lock:
+            kept = [e for e in self.entries if e["logName"] != log_name]
+            if len(kept) == len(self.entries):
+                raise BadRequest(404, f"log {log_name} not found")
+            self.entries = kept
+        return {}
+
+    def logs(self, project: str) -> set[str]:
+        with self.lock:
+            return {e["logName"] for e in self.entries if e["logName"].startswith(f"projects/{project}/")}
+
+
+def _get(entry: dict[str, Any], path: list[str]) -> Any:
+    value: Any = entry
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+class FakeConfigGRPC:
+    """ConfigServiceV2 GetBucket / UpdateBucket over plaintext gRPC, buckets kept by name."""
+
+    SERVICE = "google.logging.v2.ConfigServiceV2"
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, LogBucket] = {}
+        self.updates: list[UpdateBucketRequest] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handlers = {
+            "GetBucket": grpc.unary_unary_rpc_method_handler(
+                self.get_bucket, GetBucketRequest.deserialize, LogBucket.serialize
+            ),
+            "UpdateBucket": grpc.unary_unary_rpc_method_handler(
+                self.update_bucket, UpdateBucketRequest.deserialize, LogBucket.serialize
+            ),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.SERVICE, handlers),))
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    def start(self) -> FakeConfigGRPC:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+    def add_bucket(self, name: str, retention_days: int, *, locked: bool = False) -> None:
+        self.buckets[name] = LogBucket(name=name, retention_days=retention_days, locked=locked)
+
+    def get_bucket(self, request: GetBucketRequest, context: grpc.ServicerContext) -> LogBucket:
+        if request.name not in self.buckets:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"bucket {request.name} not found")
+        return self.buckets[request.name]
+
+    def update_bucket(self, request: UpdateBucketRequest, context: grpc.ServicerContext) -> LogBucket:
+        bucket = self.buckets.get(request.name)
+        if bucket is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"bucket {request.name} not found")
+        if list(request.update_mask.paths) != ["retention_days"]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported update mask {request.update_mask.paths}")
+        if bucket.locked:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the retention of a locked bucket cannot change")
+        if not 1 <= request.bucket.retention_days <= 3650:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "retention_days must be 1..3650")
+        self.updates.append(request)
+        bucket.retention_days = request.bucket.retention_days
+        return bucket

@@ -1,0 +1,142 @@
+"""The S3 Parquet archive over moto's server (real HTTP): layout, readers, crypto-shredding.
+
+The behaviour suite (test_stores.py) covers write/scan/expire/erase; these tests
+cover what only the archive promises.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlparse
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_record
+
+from pipeline.errors import ConfigError, KeyringError, StoreUnavailable
+from pipeline.runtime import seal_records
+from pipeline.stores import open_store
+from pipeline.stores.archive import decryption_properties
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3")
+    bucket = urlparse(url).netloc
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _write(url: str, keyring, records):  # noqa: ANN001, ANN202
+    store = open_store(url, keyring=keyring)
+    store.write(seal_records(keyring, records))
+    return store
+
+
+def test_one_encrypted_parquet_object_per_type_day_and_subject(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    records = [
+        make_record(kind, account=account, user="ann@example.com", observed_at=T0 + timedelta(days=d, minutes=m))
+        for account in ("Acme Corp", "Globex")
+        for d in (0, 1)
+        for m in (0, 1)
+        for kind in ("cluster_snapshot", "job")
+    ]
+    _write(s3_archive_url, keyring, records)
+    objects = _objects(s3_archive_url)
+    acme, ann = keyring.subject_ref("Acme Corp"), keyring.user_ref("Acme Corp", "ann@example.com")
+    assert sorted(k for k in objects if acme in k) == [
+        f"metadata/data_type=cluster_jobs/day=2026-01-01/{acme}~{ann}.parquet",
+        f"metadata/data_type=cluster_jobs/day=2026-01-02/{acme}~{ann}.parquet",
+    ]
+    assert len(objects) == 4
+    for body in objects.values():  # footer and columns encrypted: no name, no schema in clear
+        assert b"Acme Corp" not in body and b"ann@example.com" not in body and b"n_workers" not in body
+        assert body[-4:] == b"PARE"  # Parquet with an encrypted footer
+
+
+def test_whoever_holds_the_keys_reads_the_records_with_pyarrow(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    _write(s3_archive_url, keyring, [make_record(observed_at=T0 + timedelta(minutes=i), n_workers=i) for i in range(3)])
+    [body] = _objects(s3_archive_url).values()
+    table = pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(keyring))
+    assert table.column("account").to_pylist() == ["acme"] * 3
+    assert sorted(table.column("n_workers").to_pylist()) == [0, 1, 2]
+    with pytest.raises(OSError, match="[Ee]ncrypt|[Dd]ecrypt"):
+        pq.read_table(pa.BufferReader(body))
+
+
+def test_a_destroyed_data_key_makes_every_copy_unreadable(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    _write(s3_archive_url, keyring, [make_record(observed_at=T0)])
+    [backup] = _objects(s3_archive_url).values()  # a copy made before the erasure
+    keyring.destroy(keyring.subject_ref("acme"))
+    with pytest.raises((KeyringError, OSError), match="destroyed"):
+        pq.read_table(pa.BufferReader(backup), decryption_properties=decryption_properties(keyring))
+
+
+def test_a_shredded_object_is_skipped_by_scans_and_replaced_by_new_data(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    store = _write(
+        s3_archive_url, keyring, [make_record(observed_at=T0), make_record(account="globex", observed_at=T0)]
+    )
+    acme = keyring.subject_ref("acme")
+    keyring.destroy(acme)  # e.g. a restored backup of an erased subject's object
+    assert [s.subject_ref for s in store.scan()] == [keyring.subject_ref("globex")]
+    assert store.delete(["no-such-id"]).segments == 0  # rewrites pass it by
+    assert store.write(seal_records(keyring, [make_record(observed_at=T0, n_workers=7)])) == 1  # a new key
+    assert [s.n_records for s in store.scan(subject_ref=acme)] == [1]
+
+
+def test_erasing_one_person_shreds_only_their_objects_even_in_copies(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    records = [make_record(user=u, observed_at=T0, n_workers=i) for i, u in enumerate(("ann", "bob"))]
+    store = _write(s3_archive_url, keyring, records)
+    acme, ann = keyring.subject_ref("acme"), keyring.user_ref("acme", "ann")
+    backup = {k: v for k, v in _objects(s3_archive_url).items() if f"~{ann}." in k}
+    assert store.erase(acme, ann).records == 1
+    keyring.destroy(acme, ann)
+    assert [s.user_ref for s in store.scan()] == [keyring.user_ref("acme", "bob")]
+    [copy] = backup.values()
+    with pytest.raises(KeyringError, match="destroyed"):
+        pq.read_table(pa.BufferReader(copy), decryption_properties=decryption_properties(keyring))
+
+
+def test_erasing_a_subject_deletes_its_objects_and_names_them(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    records = [make_record(account=a, observed_at=T0 + timedelta(days=d)) for a in ("acme", "globex") for d in (0, 1)]
+    store = _write(s3_archive_url, keyring, records)
+    acme = keyring.subject_ref("acme")
+    before = {k for k in _objects(s3_archive_url) if acme in k}
+    removed = store.erase(acme)
+    assert (removed.segments, removed.records) == (2, 2)
+    bucket = urlparse(s3_archive_url).netloc
+    assert set(removed.places) == {f"s3://{bucket}/{k}" for k in before}
+    assert [k for k in _objects(s3_archive_url) if acme in k] == []
+    assert len(_objects(s3_archive_url)) == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "backend", "extra"),
+    [
+        ("s3://bucket/prefix", "boto3", "pipeline.stores.archive", "aws"),
+        ("gcp-logging://proj-1", "google.cloud.logging_v2", "pipeline.stores.cloud_logging", "gcp"),
+    ],
+)
+def test_a_missing_dependency_names_the_extra(monkeypatch, url, module, backend, extra) -> None:  # noqa: ANN001
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, backend, raising=False)
+    with pytest.raises(ConfigError, match=rf"pipeline.x.url: .*pip install 'dask-metadata-pipeline\[{extra}\]'"):
+        open_store(url, setting="pipeline.x.url")
+
+
+def test_without_a_keyring_or_with_an_unknown_option_is_one_clear_error(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="pipeline.archive.url: the 's3' backend .* needs the keyring"):
+        open_store(s3_archive_url, setting="pipeline.archive.url")
+    with pytest.raises(ConfigError, match="unknown option 'endpont'") as refused:
+        open_store("s3://AKIAEXAMPLE:s3cr3t@bucket/p?endpont=http://x", keyring=keyring)
+    assert "s3cr3t" not in str(refused.value) and "AKIAEXAMPLE:***@bucket" in str(refused.value)
+
+
+def test_an_unreachable_endpoint_is_store_unavailable(aws, keyring) -> None:  # noqa: ANN001
+    store = open_store("s3://bucket/p?endpoint=http://127.0.0.1:9", keyring=keyring)
+    with pytest.raises(StoreUnavailable, match="unreachable during"):
+        store.write(seal_records(keyring, [make_record(observed_at=T0)]))

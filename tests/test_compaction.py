@@ -1,0 +1,184 @@
+"""Compaction of the local logging store: closed days merged, nothing lost or doubled, even on a crash."""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import make_record
+
+from pipeline.records import rows_from_table
+from pipeline.retention import enforcer
+from pipeline.runtime import Pipeline, seal_records
+from pipeline.segments import open_segment
+from pipeline.stores import localfiles
+from pipeline.stores.localfiles import LocalFileStore
+
+NOW = datetime(2026, 1, 3, 9, 0, tzinfo=UTC)
+DAYS = (NOW - timedelta(days=2), NOW - timedelta(days=1), NOW)  # two closed days and today
+
+
+@pytest.fixture
+def pipeline(settings) -> Pipeline:  # noqa: ANN001
+    """Hourly deliveries for two accounts (one with two users) on two closed days and today."""
+    pipeline = Pipeline.open(settings, create=True)
+    store = pipeline.stores["cloud_logging"]
+    for day in DAYS:
+        for hour in range(8):
+            at = day.replace(hour=hour)
+            records = [
+                make_record(account="acme", user="ann", observed_at=at, n_workers=hour),
+                make_record(account="acme", user="bob", observed_at=at, n_workers=hour),
+                make_record(account="globex", observed_at=at, n_workers=hour),
+                make_record("job", account="globex", observed_at=at, tasks_total=hour),
+            ]
+            store.write(seal_records(pipeline.keyring, records))
+    return pipeline
+
+
+def _store(pipeline: Pipeline) -> LocalFileStore:
+    store = pipeline.stores["cloud_logging"]
+    assert isinstance(store, LocalFileStore)
+    return store
+
+
+def _records(pipeline: Pipeline) -> Counter[str]:
+    """Every record id the store yields, with how often (each must be 1)."""
+    fresh = LocalFileStore(_store(pipeline).url)  # what a process started after a crash sees
+    return Counter(r["record_id"] for s in fresh.scan() for r in rows_from_table(open_segment(pipeline.keyring, s)))
+
+
+def _files_per_folder(store: LocalFileStore, day: datetime) -> list[int]:
+    folder = store.root / "cluster_jobs" / day.strftime("%Y-%m-%d")
+    return sorted(len(list(sub.glob("*.seg"))) for sub in folder.iterdir() if sub.is_dir())
+
+
+def _compact(pipeline: Pipeline):  # noqa: ANN202
+    today = NOW.replace(hour=0)
+    return _store(pipeline).compact(today, functools.partial(enforcer._merge, pipeline))
+
+
+def test_closed_days_become_one_file_per_subject_kind_and_user(pipeline: Pipeline) -> None:
+    before = _records(pipeline)
+    store = _store(pipeline)
+    assert _files_per_folder(store, DAYS[0]) == [16, 16]  # acme: 8 x ann + 8 x bob; globex: 8 x 2 kinds
+    merged = _compact(pipeline)
+    assert (merged.segments, merged.records) == (64, 64)
+    assert _files_per_folder(store, DAYS[0]) == [2, 2] and _files_per_folder(store, DAYS[1]) == [2, 2]
+    assert _files_per_folder(store, DAYS[2]) == [16, 16]  # today is still being written: left alone
+    assert _records(pipeline) == before and set(before.values()) == {1}
+    assert _compact(pipeline).segments == 0  # a second run has nothing to do
+    expired = store.expire("cluster_jobs", DAYS[2].replace(hour=0))
+    assert expired.records == sum(1 for r in before) * 2 // 3  # the two closed days, counted from names
+
+
+def test_a_replayed_delivery_after_compaction_is_not_doubled(pipeline: Pipeline) -> None:
+    store = _store(pipeline)
+    old = list(store.scan(data_type="cluster_jobs"))
+    _compact(pipeline)
+    before = _records(pipeline)
+    assert store.write([s for s in old if s.max_observed_at < DAYS[2].replace(hour=0)]) == 0
+    assert _records(pipeline) == before
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LocalFileStore, "write", lambda self, segments: (_ for _ in ()).throw(Crash()))
+
+
+def _crash_after_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(localfiles, "_settle", lambda folder, journal: (_ for _ in ()).throw(Crash()))
+
+
+def _crash_mid_unlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.unlink
+    calls = Counter[str]()
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".seg"):
+            calls["seg"] += 1
+            if calls["seg"] == 3:
+                raise Crash()
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+
+
+def _crash_between_merged_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.link
+    calls = Counter[str]()
+
+    def link(src: str, dst: str) -> None:
+        calls["link"] += 1
+        if calls["link"] == 2:  # the first merge of the folder landed, the second did not
+            raise Crash()
+        real(src, dst)
+
+    monkeypatch.setattr(os, "link", link)
+
+
+@pytest.mark.parametrize(
+    "crash", [_crash_after_journal, _crash_between_merged_files, _crash_after_link, _crash_mid_unlink]
+)
+def test_a_crash_at_any_point_loses_and_doubles_nothing(pipeline: Pipeline, monkeypatch, crash) -> None:  # noqa: ANN001
+    before = _records(pipeline)
+    with monkeypatch.context() as patch:
+        crash(patch)
+        with pytest.raises(Crash):
+            _compact(pipeline)
+    assert _records(pipeline) == before  # a process started after the crash sees each record once
+    _compact(pipeline)  # the next pass finishes the job
+    assert _records(pipeline) == before
+    assert _files_per_folder(_store(pipeline), DAYS[0]) == [2, 2]
+    assert not [p for p in _store(pipeline).root.rglob(".compacting")]
+
+
+def test_a_retention_pass_compacts_and_audits_it(pipeline: Pipeline) -> None:
+    report = enforcer.enforce(pipeline, NOW)
+    assert report.compacted["cloud_logging"].segments == 64
+    entry = pipeline.audit.last("retention.pass")
+    assert entry.details["compacted"] == {"cloud_logging": {"segments": 64, "records": 64}}
+    assert "compacted 64 segments" in report.summary()
+
+
+def test_compaction_files_are_owner_only_and_never_foreign(pipeline: Pipeline, monkeypatch) -> None:  # noqa: ANN001
+    store = _store(pipeline)
+    old = os.umask(0o022)
+    try:
+        with monkeypatch.context() as patch:
+            _crash_after_journal(patch)  # leaves a journal and the day's merged ids behind
+            with pytest.raises(Crash):
+                _compact(pipeline)
+        own = {p.name for p in store.root.rglob(".*")}
+        assert {".compacting", ".merged-ids"} <= own
+        _compact(pipeline)
+    finally:
+        os.umask(old)
+    written = [store.root, *store.root.rglob("*")]
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in written if stat.S_IMODE(p.stat().st_mode) & 0o077}
+    assert wrong == {}
+    fresh = LocalFileStore(store.url)
+    assert sum(1 for _ in fresh.scan()) > 0 and fresh.foreign_files() == []
+    report = enforcer.enforce(pipeline, NOW)
+    assert report.foreign_files == {} and "foreign" not in report.summary()
+
+
+def test_a_foreign_file_with_a_segment_name_is_neither_merged_nor_removed(pipeline: Pipeline) -> None:
+    store = _store(pipeline)
+    before = _records(pipeline)
+    folder = next(p for p in (store.root / "cluster_jobs" / DAYS[0].strftime("%Y-%m-%d")).iterdir() if p.is_dir())
+    stray = folder / f"{'f' * 32}~{next(folder.glob('*.seg')).name.split('~', 1)[1]}"  # a name like its neighbours'
+    stray.write_text("not a segment\n")
+    merged = _compact(pipeline)
+    assert merged.segments == 64  # the 64 real ones of the two closed days
+    assert stray.read_text() == "not a segment\n"
+    assert store.foreign_files() == [str(stray)]
+    assert _records(pipeline) == before
