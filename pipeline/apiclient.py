@@ -10,7 +10,6 @@ become one-line :class:`ApiError` messages.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import httpx
 import yaml
 
 from pipeline.errors import ApiError, ConfigError
-from pipeline.fsmodes import open_private, private_folder
+from pipeline.fsmodes import private_folder, write_private
 from pipeline.redact import mask_url
 
 __all__ = ["ApiClient", "Credentials", "credentials_path"]
@@ -59,11 +58,7 @@ class Credentials:
         """Write the file with mode 0600 (atomically: a reader never sees half of it)."""
         path = credentials_path()
         private_folder(path.parent)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump({"url": self.url, "token": self.token}, fh)
-        os.replace(tmp, path)
+        write_private(path, yaml.safe_dump({"url": self.url, "token": self.token}).encode())
         return path
 
 
