@@ -60,8 +60,9 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     """Put ``data`` at ``path`` atomically in a 0600 file: never half-written, never others'.
 
     Written under a temporary name unique to this call, then moved into place,
-    so a concurrent reader sees the whole file or none. With ``replace=False`` an
-    existing file is kept (``FileExistsError``): a hard link never overwrites.
+    so a concurrent reader sees the whole file or none; the folder is synced, so
+    the new name survives a crash. With ``replace=False`` an existing file is kept
+    (``FileExistsError``): a hard link never overwrites.
     """
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     fd = open_private(tmp)
@@ -76,6 +77,11 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 @contextmanager

@@ -19,7 +19,6 @@ import hmac
 import json
 import os
 import stat
-import tempfile
 import threading
 import unicodedata
 from abc import ABC, abstractmethod
@@ -35,7 +34,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, or_, select, tex
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, transaction
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
-from pipeline.fsmodes import private_folder
+from pipeline.fsmodes import private_folder, write_private
 from pipeline.records import utcnow
 from pipeline.redact import mask_url
 
@@ -156,26 +155,8 @@ class LocalKeyFile(KeyProvider):
     def _save(self, *, exclusive: bool = False) -> None:
         doc = {"current": self._current, "keys": {str(v): base64.b64encode(k).decode() for v, k in self._keys.items()}}
         private_folder(self.path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)  # mode 0600
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if exclusive:  # first creation: never replace a key file another process just made
-                os.link(tmp, self.path)
-            else:
-                os.replace(tmp, self.path)
-        except FileExistsError:
-            pass
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with contextlib.suppress(FileExistsError):  # first creation: never replace a file another process just made
+            write_private(self.path, json.dumps(doc).encode(), replace=not exclusive)
 
     def current_version(self) -> int:
         return self._current

@@ -10,10 +10,7 @@ SHA-256), whose private half never leaves KMS.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import stat
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
-from pipeline.fsmodes import private_folder
+from pipeline.fsmodes import private_folder, write_private
 
 __all__ = ["AuditSigner", "FileSigner", "KMSSigner", "PublicKey", "open_signer", "public_hex", "verifies"]
 
@@ -116,18 +113,10 @@ class FileSigner(AuditSigner):
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
         private_folder(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.link(tmp, path)
+            write_private(path, pem, replace=False)
         except FileExistsError:
             return cls.load(path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
         return cls(path, key)
 
 
