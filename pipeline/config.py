@@ -58,6 +58,7 @@ class Settings:
     plugin_interval: float
     close_timeout: float
     retry_max: float
+    linger: float
     long_term_url: str
     cloud_logging_url: str
     archive_url: str | None
@@ -123,6 +124,7 @@ class Settings:
             "plugin_interval": seconds("plugin.interval"),
             "close_timeout": seconds("emitter.close-timeout"),
             "retry_max": seconds("emitter.retry-max"),
+            "linger": seconds("emitter.linger"),
             "long_term_url": url("long-term.url"),
             "cloud_logging_url": url("cloud-logging.url"),
             "archive_url": url("archive.url"),

@@ -7,7 +7,10 @@ durably, then hands it to a :class:`~pipeline.delivery.Delivery` (in-process
 or HTTP), retrying a target that is down with exponential back-off. A batch
 leaves the spool once delivered; a batch the target refuses for good is set
 aside and counted, never retried forever. On start, batches left by an earlier
-process are replayed. ``close`` flushes for a bounded time and leaves whatever
+process are replayed. With ``linger``, records wait up to that long to share
+one batch: a short-lived cluster's environment, job and last snapshot records
+then cost one seal, one spool write and one ingest instead of one each.
+``flush`` and ``close`` seal at once. ``close`` flushes for a bounded time and leaves whatever
 it could not deliver in the spool; asked to ``retire``, it then tells the
 delivery the cluster is done (revoking a remote cluster's token), but only
 when the spool is empty, so a later ``spool replay`` can still deliver. The emitter never holds a key that opens
@@ -65,16 +68,20 @@ class Emitter:
         spool: Spool,
         *,
         retry_max: float = 30.0,
+        linger: float = 0.0,
         max_queue: int = 100_000,
     ) -> None:
         self.delivery = delivery
         self.spool = spool
         self.retry_max = retry_max
+        self.linger = linger
         self.stats = EmitterStats()
         self._queue: queue.Queue[Sequence[Mapping[str, Any]]] = queue.Queue(maxsize=max_queue)
         self._public_key: X25519PublicKey | None = None
         self._pending: list[SpooledBatch] = []
         self._unsealed: list[Mapping[str, Any]] = []
+        self._queued_since: float | None = None  # when the oldest record still in the queue came
+        self._flushes = 0  # flush() calls waiting: seal now rather than linger
         self._retry_at = 0.0
         self._backoff: dict[str, float] = {}
         self._wake = threading.Event()
@@ -98,18 +105,24 @@ class Emitter:
             logger.error("metadata emitter queue full; dropped %d records", len(records))
             return
         self.stats.records_submitted += len(records)
-        self._wake.set()
+        if self._queued_since is None:
+            self._queued_since = time.monotonic()
+            self._wake.set()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything submitted so far is delivered; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while not self._is_idle():
-                self._wake.set()
-                if not self._idle.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic()))) and (
-                    time.monotonic() >= deadline
-                ):
-                    return False
+            self._flushes += 1
+            try:
+                while not self._is_idle():
+                    self._wake.set()
+                    if not self._idle.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic()))) and (
+                        time.monotonic() >= deadline
+                    ):
+                        return False
+            finally:
+                self._flushes -= 1
         return True
 
     def close(self, timeout: float = 10.0, *, retire: bool = False) -> bool:
@@ -141,7 +154,8 @@ class Emitter:
                 if self._closing.is_set() and time.monotonic() >= self._deadline:
                     return
             while True:
-                self._drain()
+                if self._seal_due():
+                    self._drain()
                 self._deliver()
                 with self._idle:
                     if self._is_idle():
@@ -176,7 +190,19 @@ class Emitter:
         self.stats.corrupt_spool_files = len(self.spool.corrupt_files())
         return True
 
+    def _seal_due(self) -> bool:
+        """Whether to seal what is queued now, or let it linger for more records to share the batch."""
+        since = self._queued_since
+        return (
+            since is None
+            or time.monotonic() >= since + self.linger
+            or self._closing.is_set()
+            or self._flushes > 0
+            or self._queue.qsize() >= MAX_BATCH_RECORDS  # submissions: at least as many records
+        )
+
     def _drain(self) -> None:
+        self._queued_since = None  # before taking: a record submitted meanwhile starts the next wait
         records = self._unsealed
         while True:
             try:
@@ -264,9 +290,12 @@ class Emitter:
     def _next_wait(self) -> float:
         if self._unsealed:
             return _MIN_BACKOFF
-        if not self._pending:
-            return 1.0
-        return max(0.01, min(1.0, self._retry_at - time.monotonic()))
+        wait = 1.0
+        if self._queued_since is not None:
+            wait = self._queued_since + self.linger - time.monotonic()
+        if self._pending:
+            wait = min(wait, self._retry_at - time.monotonic())
+        return max(0.01, min(1.0, wait))
 
     def _note_error(self, action: str, exc: BaseException) -> None:
         message = f"{action}: {exc}".splitlines()[0]

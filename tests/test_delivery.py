@@ -116,6 +116,7 @@ def test_spool_is_replayed_after_the_scheduler_is_killed(home: Path, tmp_path: P
         "DASK_PIPELINE__HOME": str(home),
         "DASK_PIPELINE__ACCOUNT": "acme",
         "DASK_PIPELINE__PLUGIN__INTERVAL": "100ms",
+        "DASK_PIPELINE__EMITTER__LINGER": "0s",  # seal each snapshot at once: the test counts batches
         "DASK_PIPELINE__CLOUD_LOGGING__URL": f"file://{broken_logs}/store",
     }
     scheduler_file = tmp_path / "scheduler.json"

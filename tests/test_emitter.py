@@ -47,6 +47,25 @@ def test_close_is_bounded_and_leaves_undelivered_batches_in_the_spool(home: Path
         assert len(ids) == 6 and max(ids.values()) == 1
 
 
+def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once(
+    home: Path, settings: Settings
+) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    emitter = embedded_emitter(pipeline, linger=3600.0)
+    emitter.submit([make_record()])
+    emitter.submit([make_record("software_env", env_id="e1", packages={"dask": "1"})])
+    time.sleep(0.3)  # the thread is awake (it learnt the key) yet leaves the records to linger
+    assert emitter.stats.batches_spooled == 0 and not list(settings.spool_dir.glob("*.batch"))
+    assert emitter.flush(timeout=60.0) is True  # a flush does not wait out the hour
+    assert (emitter.stats.batches_spooled, emitter.stats.records_sealed, emitter.stats.batches_delivered) == (1, 2, 1)
+
+    emitter.submit([make_record() for _ in range(3)])
+    emitter.submit([make_record()])
+    assert emitter.close(timeout=60.0) is True  # nor does close: what lingered is delivered, in one batch
+    assert (emitter.stats.batches_spooled, emitter.stats.records_sealed) == (2, 6)
+    assert len(_ids(pipeline, "long_term")) == 6
+
+
 def test_account_records_never_reach_the_logging_store(home: Path, settings: Settings) -> None:
     emitter = embedded_emitter(Pipeline.open(settings, create=True))
     emitter.submit([make_record("account", username="ann", email="ann@acme.test"), make_record()])
