@@ -237,7 +237,7 @@ ingested_batches = Table(
     Column("received_at", UTCDateTime, nullable=False),
 )
 
-_engines: dict[str, Engine] = {}
+_engines: dict[str, tuple[Engine, tuple[int, int] | None]] = {}  # url -> engine, _sqlite_file(engine) then
 _engines_lock = threading.Lock()
 
 
@@ -251,12 +251,38 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def engine_for(url: str) -> Engine:
-    """One pooled engine per database URL and process."""
+    """One pooled engine per database URL and process.
+
+    A SQLite file removed or replaced since its engine was made (a home folder
+    deleted between two clusters) gets a new engine: the old one's pooled
+    connections would go on writing to the removed file.
+    """
     with _engines_lock:
-        engine = _engines.get(url)
-        if engine is None:
-            engine = _engines[url] = _create_engine(url)
+        cached = _engines.get(url)
+        if cached is not None:
+            engine, file = cached
+            if _sqlite_file(engine) == file:
+                return engine
+            engine.dispose()
+        engine = _create_engine(url)
+        _engines[url] = engine, _sqlite_file(engine)
         return engine
+
+
+def _sqlite_file(engine: Engine) -> tuple[int, int] | None:
+    """(device, inode) of the SQLite file now at the engine's path; None for other databases.
+
+    While the engine's pool holds that file open its inode number is not reused, so
+    another number (or none) means the file was removed or replaced.
+    """
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    try:
+        stat = os.stat(database)
+    except OSError:
+        return (-1, -1)
+    return stat.st_dev, stat.st_ino
 
 
 def _create_engine(url: str) -> Engine:

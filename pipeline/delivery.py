@@ -4,7 +4,10 @@ One protocol, :class:`Delivery`, two backends chosen by whether
 ``pipeline.ingest.url`` is set:
 
 - :class:`EmbeddedDelivery` calls :meth:`Pipeline.ingest` in-process as the
-  plugin's own cluster (one machine, one user: ``make demo``).
+  plugin's own cluster (one machine, one user: ``make demo``). The schedulers
+  of one process share one :class:`Pipeline` per configuration
+  (:meth:`EmbeddedDelivery.shared`): opening one costs more than ingesting a
+  short-lived cluster's records.
 - :class:`HTTPDelivery` POSTs the batch to ``<pipeline.ingest.url>/v1/ingest``
   with the cluster token; it holds no key that decrypts anything and no
   store or database URL.
@@ -16,8 +19,12 @@ anything else (retry later with back-off).
 
 from __future__ import annotations
 
+import atexit
+import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
@@ -26,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pipeline.config import Settings
 from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable
 from pipeline.intake import MEDIA_TYPE, load_public_key
-from pipeline.redact import mask_url
+from pipeline.redact import first_line, mask_url
 from pipeline.spool import SpooledBatch
 
 if TYPE_CHECKING:
@@ -34,6 +41,8 @@ if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
 
 __all__ = ["Delivery", "EmbeddedDelivery", "HTTPDelivery", "remote_delivery"]
+
+logger = logging.getLogger(__name__)
 
 _DETAIL_CHARS = 200
 
@@ -90,6 +99,100 @@ class EmbeddedDelivery(Delivery):
     def close(self) -> None:
         if self._pipeline is not None:
             self._pipeline.close()
+
+    @classmethod
+    def shared(cls, settings: Settings, principal: Principal) -> EmbeddedDelivery:
+        """A delivery through this process's one pipeline for ``settings``, closed with its last delivery."""
+        return _SharedEmbeddedDelivery(settings, principal)
+
+
+@dataclass
+class _Opened:
+    pipeline: Pipeline
+    users: int = 0
+
+
+class _SharedPipelines:
+    """This process's open pipelines by settings, with how many deliveries use each.
+
+        When its last delivery closes, a pipeline writes its ingest summary and stays
+        open for the next scheduler of the same configuration, so a process that runs
+        cluster after cluster (a notebook, a test suite) opens the database once. At
+        most one is kept idle; it is closed when another configuration is opened, when
+        its SQLite database file was removed or replaced (a home folder deleted between
+    two clusters), and at exit. One lock serialises the
+        ingests: a process runs few schedulers, and SQLite takes one writer anyway.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._open: dict[Settings, _Opened] = {}
+
+    def acquire(self, settings: Settings) -> Pipeline:
+        from pipeline.db import engine_for  # here: a remote plugin needs no database code
+        from pipeline.runtime import Pipeline
+
+        with self.lock:
+            self._close_idle(keep=settings)
+            opened = self._open.get(settings)
+            if (
+                opened is not None
+                and not opened.users
+                and opened.pipeline.keyring.engine is not engine_for(settings.long_term_url)
+            ):
+                self._close(settings)  # its database file was removed or replaced (see engine_for)
+                opened = None
+            if opened is None:
+                if not self._open:
+                    atexit.register(self.close_idle)
+                opened = self._open[settings] = _Opened(Pipeline.open(settings, create=True))
+            opened.users += 1
+            return opened.pipeline
+
+    def release(self, settings: Settings) -> None:
+        with self.lock:
+            opened = self._open[settings]
+            opened.users -= 1
+            if not opened.users:
+                opened.pipeline.summarise_ingest()
+
+    def close_idle(self) -> None:
+        with self.lock:
+            self._close_idle(keep=None)
+
+    def _close_idle(self, keep: Settings | None) -> None:
+        for settings in [s for s, opened in self._open.items() if not opened.users and s != keep]:
+            self._close(settings)
+
+    def _close(self, settings: Settings) -> None:
+        try:
+            self._open.pop(settings).pipeline.close()
+        except Exception as exc:  # a store gone away: nothing is pending in it (the summary was written)
+            logger.warning("could not close an idle pipeline: %s", first_line(exc))
+
+
+_SHARED = _SharedPipelines()
+
+
+class _SharedEmbeddedDelivery(EmbeddedDelivery):
+    def __init__(self, settings: Settings, principal: Principal) -> None:
+        super().__init__(lambda: _SHARED.acquire(settings), principal)
+        self._settings = settings
+
+    def public_key(self) -> X25519PublicKey:
+        pipeline = self.pipeline
+        with _SHARED.lock:
+            return pipeline.intake_key.public_key()
+
+    def deliver(self, batch: SpooledBatch) -> None:
+        pipeline = self.pipeline
+        with _SHARED.lock:
+            pipeline.ingest(batch.sealed, self.principal, idempotency_key=batch.batch_id)
+
+    def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline = None
+            _SHARED.release(self._settings)
 
 
 class HTTPDelivery(Delivery):

@@ -38,7 +38,6 @@ from pipeline.emitter import Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.principals import Principal
 from pipeline.records import utcnow
-from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
 
 if TYPE_CHECKING:
@@ -153,11 +152,11 @@ class MetadataPlugin(SchedulerPlugin):
         self.image = settings.image
         self.close_timeout = settings.close_timeout
         settings.ensure_home()
-        delivery = remote_delivery(settings) or EmbeddedDelivery(
-            functools.partial(Pipeline.open, settings, create=True),
-            Principal.embedded_cluster(self.account, settings.cluster_id),
+        delivery = remote_delivery(settings) or EmbeddedDelivery.shared(
+            settings, Principal.embedded_cluster(self.account, settings.cluster_id)
         )
-        self.emitter = Emitter(delivery, Spool(settings.spool_dir), retry_max=settings.retry_max)
+        spool = Spool(settings.spool_dir)
+        self.emitter = Emitter(delivery, spool, retry_max=settings.retry_max, linger=settings.linger)
         self.emitter.start()
         self.scheduler = scheduler  # from here on the plugin is running
         scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback

@@ -80,13 +80,8 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
     parts = []
     for table in tables:
         kind_name = table.column("kind")[0].as_py()
-        days = pc.cast(table.column("observed_at"), pa.date32())
-        keys = pa.table({"account": table.column("account"), "user": table.column("user"), "day": days})
-        # single-threaded: for a batch's few rows the thread pool's hand-offs cost more than the work
-        groups = keys.group_by(["account", "user", "day"], use_threads=False).aggregate([]).to_pylist()
-        for group in groups:
-            account, user, day = group["account"], group["user"], group["day"]
-            part = table if len(groups) == 1 else table.filter(_group_mask(keys, account, user, day))
+        for (account, user, day), rows in _rows_by_subject_and_day(table).items():
+            part = table if len(rows) == table.num_rows else table.take(rows)
             refs = keyring.subject_ref(account), keyring.user_ref(account, user)
             parts.append((refs, kind_name, day, part))
     ciphers = keyring.ciphers(refs for refs, _kind, _day, _part in parts)  # one check of every key
@@ -101,9 +96,18 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
     return sealed
 
 
-def _group_mask(keys: pa.Table, account: str, user: str | None, day: date) -> pa.ChunkedArray:
-    users = pc.is_null(keys["user"]) if user is None else pc.equal(keys["user"], user)
-    return pc.and_(pc.and_(pc.equal(keys["account"], account), users), pc.equal(keys["day"], day))
+def _rows_by_subject_and_day(table: pa.Table) -> dict[tuple[str, str | None, date], list[int]]:
+    """Row numbers by (account, user, UTC day), in order of first appearance.
+
+    Plain Python: a batch holds at most a few thousand rows, and for those a
+    grouping kernel's set-up costs more than the loop.
+    """
+    days = pc.cast(table.column("observed_at"), pa.date32()).to_pylist()
+    keys = zip(table.column("account").to_pylist(), table.column("user").to_pylist(), days, strict=True)
+    groups: dict[tuple[str, str | None, date], list[int]] = {}
+    for row, key in enumerate(keys):
+        groups.setdefault(key, []).append(row)
+    return groups
 
 
 def _own(table: pa.Table, principal: Principal) -> pa.ChunkedArray:
@@ -370,9 +374,13 @@ class Pipeline:
         """Store name → what was skipped in it so far as not being its segments (see ``Store.foreign_files``)."""
         return {name: found for name, store in self.stores.items() if (found := store.foreign_files())}
 
-    def close(self) -> None:
-        """Write the pending ingest summary and release the stores."""
+    def summarise_ingest(self) -> None:
+        """Write the ingest summary of what this pipeline took so far (it is otherwise written hourly)."""
         if "_ingest_tally" in self.__dict__:
             self._ingest_tally.summarise(final=True)
+
+    def close(self) -> None:
+        """Write the pending ingest summary and release the stores."""
+        self.summarise_ingest()
         for store in self.stores.values():
             store.close()

@@ -46,7 +46,7 @@ def postgres_url() -> Iterator[str]:
 
     with db._engines_lock:
         for url in [u for u in db._engines if schema in u]:
-            db._engines.pop(url).dispose()
+            db._engines.pop(url)[0].dispose()
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
@@ -187,7 +187,14 @@ def make_record(kind: str = "cluster_snapshot", *, account: str = "acme", user: 
     return record
 
 
-def embedded_emitter(pipeline, *, account: str = "acme", retry_max: float = 0.2, spool_dir: Path | None = None):  # noqa: ANN001, ANN201
+def embedded_emitter(  # noqa: ANN201
+    pipeline,  # noqa: ANN001
+    *,
+    account: str = "acme",
+    retry_max: float = 0.2,
+    linger: float = 0.0,
+    spool_dir: Path | None = None,
+):
     """A started emitter that delivers in-process to ``pipeline`` as a cluster of ``account``."""
     from pipeline.delivery import EmbeddedDelivery
     from pipeline.emitter import Emitter
@@ -195,7 +202,7 @@ def embedded_emitter(pipeline, *, account: str = "acme", retry_max: float = 0.2,
     from pipeline.spool import Spool
 
     delivery = EmbeddedDelivery(lambda: pipeline, Principal.embedded_cluster(account, None))
-    emitter = Emitter(delivery, Spool(spool_dir or pipeline.settings.spool_dir), retry_max=retry_max)
+    emitter = Emitter(delivery, Spool(spool_dir or pipeline.settings.spool_dir), retry_max=retry_max, linger=linger)
     emitter.start()
     return emitter
 

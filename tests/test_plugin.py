@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -251,12 +252,46 @@ def test_shipped_defaults_hold_after_a_config_reset(home, settings) -> None:
             assert client.submit(maybe_fail, 1).result() > 0
             plugin: MetadataPlugin = cluster.scheduler.plugins["metadata-pipeline"]
             snapshots = cluster.scheduler.periodic_callbacks["metadata-pipeline-snapshot"]
-            shipped = (plugin.close_timeout, plugin.emitter.retry_max, snapshots.callback_time)
-            assert shipped == (10, 30, 5000)
+            shipped = (plugin.close_timeout, plugin.emitter.retry_max, plugin.emitter.linger, snapshots.callback_time)
+            assert shipped == (10, 30, 1, 5000)
     finally:
         dask.config.config.clear()
         dask.config.config.update(saved)
     assert [r["tasks_completed"] for r in _records(settings) if r["kind"] == "job"] == [1]
+
+
+def _one_cluster_run(n_tasks: int) -> str:
+    """A short-lived in-process cluster of account acme that runs n_tasks; its cluster id."""
+    with preloaded_cluster(n_workers=1, processes=False) as cluster, Client(cluster) as client:
+        wait(client.map(maybe_fail, range(n_tasks)))
+        return cluster.scheduler.id
+
+
+def _jobs_by_cluster(settings: Settings) -> dict[str, list[int]]:
+    jobs: dict[str, list[int]] = {}
+    for record in _records(settings):
+        if record["kind"] == "job":
+            jobs.setdefault(record["cluster_id"], []).append(record["tasks_completed"])
+    return jobs
+
+
+def test_clusters_one_after_another_in_one_process_each_land_once(home, settings) -> None:
+    """The clusters of a process share its pipeline (opened once); each one's records arrive, once."""
+    with dask.config.set({"pipeline.account": "acme"}):
+        ids = [_one_cluster_run(n) for n in (3, 4, 5)]
+    assert _jobs_by_cluster(settings) == {ids[0]: [3], ids[1]: [4], ids[2]: [5]}
+    summaries = [e.details["records"] for e in Pipeline.open(settings).audit.entries() if e.action == "ingest.summary"]
+    assert summaries  # written when each last cluster closed, not only when the process exits
+
+
+def test_a_home_removed_between_clusters_is_made_anew_and_the_next_cluster_lands_there(home, settings) -> None:
+    """A notebook deletes the pipeline's home between two clusters: the second must not write to the removed file."""
+    with dask.config.set({"pipeline.account": "acme"}):
+        first = _one_cluster_run(2)
+        assert _jobs_by_cluster(settings) == {first: [2]}
+        shutil.rmtree(home)
+        second = _one_cluster_run(3)
+    assert _jobs_by_cluster(settings) == {second: [3]}
 
 
 @pytest.mark.parametrize(
