@@ -30,8 +30,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from pipeline.delivery import Delivery
-from pipeline.errors import BatchRefused
-from pipeline.intake import MAX_SEALED_BYTES, seal_batch
+from pipeline.errors import BatchRefused, ConfigError
+from pipeline.intake import MAX_SEALED_BYTES, load_public_key, public_key_text, seal_batch
 from pipeline.spool import Spool, SpooledBatch, new_batch_id
 
 __all__ = ["Emitter", "EmitterStats"]
@@ -176,14 +176,25 @@ class Emitter:
             self._note_error("give up the cluster's credential", exc)
 
     def _connect(self) -> bool:
-        """Learn the key to seal to, then pick up what an earlier process left in the spool."""
+        """Learn the key to seal to, then pick up what an earlier process left in the spool.
+
+        While the delivery cannot tell the key (the keyring's database is down), the
+        one an earlier process remembered in the spool will do: records are then
+        sealed and spooled rather than held in memory, where a close would lose them.
+        """
         try:
             self._public_key = self.delivery.public_key()
         except Exception as exc:  # keep retrying: the keyring's database may come back
             self._note_error("get the intake public key", exc)
-            self._wake.wait(timeout=self._backoff_for("connect"))
-            self._wake.clear()
-            return False
+            if not self._remembered_public_key():
+                self._wake.wait(timeout=self._backoff_for("connect"))
+                self._wake.clear()
+                return False
+        else:
+            try:
+                self.spool.remember_public_key(public_key_text(self._public_key))
+            except OSError as exc:  # only a later start during an outage needs it
+                self._note_error("remember the intake public key", exc)
         for batch in self.spool.replay():
             self._pending.append(batch)
             self.stats.batches_replayed += 1
@@ -200,6 +211,18 @@ class Emitter:
             or self._flushes > 0
             or self._queue.qsize() >= MAX_BATCH_RECORDS  # submissions: at least as many records
         )
+
+    def _remembered_public_key(self) -> bool:
+        remembered = self.spool.remembered_public_key()
+        if remembered is None:
+            return False
+        text, path = remembered
+        try:
+            self._public_key = load_public_key(text, setting=str(path))
+        except ConfigError as exc:
+            self._note_error("use the remembered intake public key", exc)
+            return False
+        return True
 
     def _drain(self) -> None:
         self._queued_since = None  # before taking: a record submitted meanwhile starts the next wait

@@ -9,7 +9,9 @@ cluster, and replaying one needs no secret.
 File format: ``MAGIC | sha256(body) | body`` where body is the sealed batch. A
 file that fails the checksum is moved to ``corrupt/``; a batch its target
 refused for good is moved to ``refused/``. Either is reported with one line;
-the rest is still delivered.
+the rest is still delivered. Beside the batches, ``intake.pub`` remembers the
+public key they are sealed to (it is no secret), so that a scheduler starting
+while the keyring's database is down can still seal and spool.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import SpoolError
-from pipeline.fsmodes import open_private, private_folder
+from pipeline.fsmodes import open_private, private_folder, write_private
 
 __all__ = ["SpooledBatch", "Spool", "new_batch_id"]
 
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"PLSPOOL2"
 _SUFFIX = ".batch"
+_PUBLIC_KEY = "intake.pub"
 
 
 def new_batch_id() -> str:
@@ -70,6 +73,20 @@ class Spool:
         os.replace(tmp, path)
         self._fsync_dir()
         return SpooledBatch(batch_id, sealed)
+
+    def remember_public_key(self, text: str) -> None:
+        """Keep the intake public key (``public_key_text``) for :meth:`remembered_public_key`."""
+        path = self.directory / _PUBLIC_KEY
+        if not path.exists() or path.read_text() != text:
+            write_private(path, text.encode())
+
+    def remembered_public_key(self) -> tuple[str, Path] | None:
+        """The intake public key text an earlier process kept, and its file; None when there is none."""
+        path = self.directory / _PUBLIC_KEY
+        try:
+            return path.read_text(), path
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def remove(self, batch: SpooledBatch) -> None:
         """Forget a delivered batch."""

@@ -10,6 +10,10 @@ import dask.config
 from conftest import embedded_emitter, make_record, sealed_batch
 
 from pipeline.config import Settings
+from pipeline.delivery import EmbeddedDelivery
+from pipeline.emitter import Emitter
+from pipeline.errors import StoreUnavailable
+from pipeline.principals import Principal
 from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
 
@@ -64,6 +68,32 @@ def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once
     assert emitter.close(timeout=60.0) is True  # nor does close: what lingered is delivered, in one batch
     assert (emitter.stats.batches_spooled, emitter.stats.records_sealed) == (2, 6)
     assert len(_ids(pipeline, "long_term")) == 6
+
+
+def test_records_are_sealed_and_spooled_while_the_keyring_is_unreachable_at_start(
+    home: Path, settings: Settings
+) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    earlier = embedded_emitter(pipeline)
+    earlier.submit([make_record()])
+    assert earlier.close(timeout=60.0) is True  # an earlier scheduler learnt the intake public key
+
+    def unreachable() -> Pipeline:
+        raise StoreUnavailable("metadata database unavailable: connection refused")
+
+    down = Emitter(
+        EmbeddedDelivery(unreachable, Principal.embedded_cluster("acme", None)),
+        Spool(settings.spool_dir),
+        retry_max=0.2,
+    )
+    down.start()
+    down.submit([make_record() for _ in range(3)])
+    assert down.close(timeout=2.0) is False  # nothing delivered, yet nothing left only in memory
+    assert down.stats.records_sealed == 3 and len(list(settings.spool_dir.glob("*.batch"))) == 1
+
+    again = embedded_emitter(pipeline)  # the database is back: the spool is replayed
+    assert again.close(timeout=60.0) is True
+    assert len(_ids(pipeline, "long_term")) == 4
 
 
 def test_account_records_never_reach_the_logging_store(home: Path, settings: Settings) -> None:
