@@ -115,18 +115,19 @@ class _Opened:
 class _SharedPipelines:
     """This process's open pipelines by settings, with how many deliveries use each.
 
-        When its last delivery closes, a pipeline writes its ingest summary and stays
-        open for the next scheduler of the same configuration, so a process that runs
-        cluster after cluster (a notebook, a test suite) opens the database once. At
-        most one is kept idle; it is closed when another configuration is opened, when
-        its SQLite database file was removed or replaced (a home folder deleted between
-    two clusters), and at exit. One lock serialises the
-        ingests: a process runs few schedulers, and SQLite takes one writer anyway.
+    When its last delivery closes, a pipeline writes its ingest summary and stays
+    open for the next scheduler of the same configuration, so a process that runs
+    cluster after cluster (a notebook, a test suite) opens the database once. At
+    most one is kept idle. It is closed when another configuration is opened, when
+    its SQLite database file was removed or replaced (a home folder deleted between
+    two clusters), and at exit. One lock serialises the ingests: a process runs
+    few schedulers, and SQLite takes one writer anyway.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._open: dict[Settings, _Opened] = {}
+        atexit.register(self.close_idle)
 
     def acquire(self, settings: Settings) -> Pipeline:
         from pipeline.db import engine_for  # here: a remote plugin needs no database code
@@ -143,8 +144,6 @@ class _SharedPipelines:
                 self._close(settings)  # its database file was removed or replaced (see engine_for)
                 opened = None
             if opened is None:
-                if not self._open:
-                    atexit.register(self.close_idle)
                 opened = self._open[settings] = _Opened(Pipeline.open(settings, create=True))
             opened.users += 1
             return opened.pipeline
