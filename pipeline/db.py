@@ -9,19 +9,14 @@ with SQLAlchemy Core so that the same code runs on both dialects.
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -43,14 +38,18 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.sqlite import Insert
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.fsmodes import open_private, private_folder
 from pipeline.redact import mask_url
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 __all__ = [
+    "SCHEMA_HEAD",
     "UTCDateTime",
     "alembic_config",
     "create_schema",
@@ -59,6 +58,9 @@ __all__ = [
     "metadata",
     "transaction",
 ]
+
+#: the newest migration in ``pipeline/migrations/versions`` (a test checks it is alembic's head)
+SCHEMA_HEAD = "9d4f2a6c1e37"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -324,31 +326,41 @@ def include_in_migrations(name: str | None, type_: str, parent_names: Any) -> bo
     return not (type_ == "table" and name == APSCHEDULER_TABLE)
 
 
-def alembic_config(connection: Connection) -> Config:
+def alembic_config(connection: Connection | None) -> Config:
     """Alembic configuration for the migrations shipped in ``pipeline/migrations``."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     config.attributes["connection"] = connection
     return config
 
 
-@functools.cache
-def _head_revision() -> str | None:
-    """The newest migration (reading the scripts once per process, not on every open)."""
-    return ScriptDirectory.from_config(alembic_config(None)).get_current_head()  # type: ignore[arg-type]
-
-
 def create_schema(engine: Engine) -> None:
-    """Upgrade the schema to the newest migration (idempotent; safe with concurrent callers)."""
-    head = _head_revision()
-    with engine.connect() as conn:
-        if MigrationContext.configure(conn).get_current_revision() == head:
-            return
+    """Upgrade the schema to the newest migration (idempotent; safe with concurrent callers).
+
+    An up-to-date schema is recognised with plain SQL: alembic (which loads a
+    template engine and a syntax highlighter, 0.1 s) is imported only to migrate.
+    """
+    if _revision(engine) == SCHEMA_HEAD:
+        return
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     with _one_upgrader(engine), engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-        if MigrationContext.configure(conn).get_current_revision() != head:
+        if MigrationContext.configure(conn).get_current_revision() != SCHEMA_HEAD:
             command.upgrade(alembic_config(conn), "head")
+
+
+def _revision(engine: Engine) -> str | None:
+    """The migration the database is at; None for a new database."""
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:
+            return None  # no version table yet
 
 
 @contextmanager

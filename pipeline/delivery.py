@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from pipeline.config import Settings
@@ -37,6 +36,8 @@ from pipeline.redact import first_line, mask_url
 from pipeline.spool import SpooledBatch
 
 if TYPE_CHECKING:
+    import httpx
+
     from pipeline.principals import Principal
     from pipeline.runtime import Pipeline
 
@@ -216,7 +217,10 @@ class HTTPDelivery(Delivery):
         headers = {"Content-Type": MEDIA_TYPE}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        import httpx  # here: importing it costs an embedded scheduler 0.1 s (its command line pulls in rich)
+
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
+        self._errors = httpx.HTTPError
 
     def public_key(self) -> X25519PublicKey:
         return self._public_key
@@ -226,7 +230,7 @@ class HTTPDelivery(Delivery):
             response = self._client.post(
                 self.endpoint, content=batch.sealed, headers={"Idempotency-Key": batch.batch_id}
             )
-        except httpx.HTTPError as exc:
+        except self._errors as exc:
             raise StoreUnavailable(f"ingest endpoint {mask_url(self.endpoint)} unreachable: {exc}") from exc
         if response.is_success:
             return
@@ -240,7 +244,7 @@ class HTTPDelivery(Delivery):
             raise ConfigError("pipeline.cluster-id is not set: the cluster token stays valid until it expires")
         try:
             response = self._client.post(self.close_endpoint)
-        except httpx.HTTPError as exc:
+        except self._errors as exc:
             raise StoreUnavailable(f"{self.close_endpoint} unreachable: {exc}") from exc
         if not response.is_success:
             raise StoreUnavailable(f"{self.close_endpoint} answered {response.status_code}: {_detail(response)}")

@@ -10,14 +10,21 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import select
 
-from pipeline.db import create_schema, engine_for, include_in_migrations, leases, metadata
+from pipeline.db import SCHEMA_HEAD, alembic_config, create_schema, engine_for, include_in_migrations, leases, metadata
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_url") if request.param == "postgresql" else f"sqlite:///{tmp_path}/m.db"
+
+
+def test_schema_head_names_the_newest_migration() -> None:
+    """create_schema skips alembic when the database is at SCHEMA_HEAD: a new migration must move it."""
+    head = ScriptDirectory.from_config(alembic_config(None)).get_current_head()
+    assert head == SCHEMA_HEAD, f"set SCHEMA_HEAD in pipeline/db.py to {head!r}"
 
 
 def test_migrations_create_exactly_the_declared_tables(database_url: str) -> None:
