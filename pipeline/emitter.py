@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -61,6 +61,12 @@ class EmitterStats:
 
 class Emitter:
     """Seal, spool and deliver records on a background thread."""
+
+    #: no emitter of this process has sealed yet. Its first batch skips the linger, so
+    #: that the process's one-time costs (pyarrow's first conversion imports pandas,
+    #: the database's first statements compile: 0.3 s) overlap the cluster's work
+    #: instead of delaying its close.
+    process_cold: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -209,6 +215,7 @@ class Emitter:
             or time.monotonic() >= since + self.linger
             or self._closing.is_set()
             or self._flushes > 0
+            or Emitter.process_cold
             or self._queue.qsize() >= MAX_BATCH_RECORDS  # submissions: at least as many records
         )
 
@@ -242,6 +249,7 @@ class Emitter:
                 return
             del records[: len(chunk)]
             self._pending.extend(batches)
+            Emitter.process_cold = False
         self._unsealed = []
 
     def _spool_batches(self, records: list[Mapping[str, Any]]) -> list[SpooledBatch]:

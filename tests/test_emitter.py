@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import dask.config
+import pytest
 from conftest import embedded_emitter, make_record, sealed_batch
 
 from pipeline.config import Settings
@@ -52,8 +53,9 @@ def test_close_is_bounded_and_leaves_undelivered_batches_in_the_spool(home: Path
 
 
 def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once(
-    home: Path, settings: Settings
+    home: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(Emitter, "process_cold", False)  # an emitter of this process sealed before
     pipeline = Pipeline.open(settings, create=True)
     emitter = embedded_emitter(pipeline, linger=3600.0)
     emitter.submit([make_record()])
@@ -68,6 +70,23 @@ def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once
     assert emitter.close(timeout=60.0) is True  # nor does close: what lingered is delivered, in one batch
     assert (emitter.stats.batches_spooled, emitter.stats.records_sealed) == (2, 6)
     assert len(_ids(pipeline, "long_term")) == 6
+
+
+def test_the_first_batch_of_a_process_does_not_linger(
+    home: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its one-time costs (first conversion, first statements) then overlap the cluster's work, not its close."""
+    monkeypatch.setattr(Emitter, "process_cold", True)
+    emitter = embedded_emitter(Pipeline.open(settings, create=True), linger=3600.0)
+    emitter.submit([make_record()])
+    deadline = time.monotonic() + 60
+    while emitter.stats.batches_delivered < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert emitter.stats.batches_delivered == 1 and Emitter.process_cold is False
+    emitter.submit([make_record()])  # the next ones linger again
+    time.sleep(0.3)
+    assert emitter.stats.batches_spooled == 1
+    assert emitter.close(timeout=60.0) is True and emitter.stats.batches_delivered == 2
 
 
 def test_records_are_sealed_and_spooled_while_the_keyring_is_unreachable_at_start(
