@@ -27,16 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
 from pipeline.config import Settings
 from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable
-from pipeline.intake import MEDIA_TYPE, load_public_key
 from pipeline.redact import first_line, mask_url
 from pipeline.spool import SpooledBatch
 
 if TYPE_CHECKING:
     import httpx
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
     from pipeline.principals import Principal
     from pipeline.runtime import Pipeline
@@ -213,6 +211,8 @@ class HTTPDelivery(Delivery):
     ) -> None:
         self.endpoint = url.rstrip("/") + "/v1/ingest"
         self.close_endpoint = f"{url.rstrip('/')}/v1/clusters/{cluster_id}/close" if cluster_id else None
+        from pipeline.intake import MEDIA_TYPE
+
         self._public_key = public_key
         headers = {"Content-Type": MEDIA_TYPE}
         if token:
@@ -275,6 +275,8 @@ def remote_delivery(settings: Settings) -> HTTPDelivery | None:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.token is not")
     if not settings.ingest_public_key:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.public-key is not")
+    from pipeline.intake import load_public_key  # only a remote plugin needs it at start
+
     return HTTPDelivery(
         settings.ingest_url,
         settings.ingest_token,

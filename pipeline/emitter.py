@@ -25,14 +25,18 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
-from pipeline.delivery import Delivery
 from pipeline.errors import BatchRefused, ConfigError
-from pipeline.intake import MAX_SEALED_BYTES, load_public_key, public_key_text, seal_batch
 from pipeline.spool import Spool, SpooledBatch, new_batch_id
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    from pipeline.delivery import Delivery
+
+# pipeline.intake (pyarrow, cryptography: 0.1 s to import) is imported on the emitter's
+# thread when it first needs it, so that it never delays a scheduler's start.
 
 __all__ = ["Emitter", "EmitterStats"]
 
@@ -188,6 +192,8 @@ class Emitter:
         one an earlier process remembered in the spool will do: records are then
         sealed and spooled rather than held in memory, where a close would lose them.
         """
+        from pipeline.intake import public_key_text
+
         try:
             self._public_key = self.delivery.public_key()
         except Exception as exc:  # keep retrying: the keyring's database may come back
@@ -220,6 +226,8 @@ class Emitter:
         )
 
     def _remembered_public_key(self) -> bool:
+        from pipeline.intake import load_public_key
+
         remembered = self.spool.remembered_public_key()
         if remembered is None:
             return False
@@ -254,6 +262,8 @@ class Emitter:
 
     def _spool_batches(self, records: list[Mapping[str, Any]]) -> list[SpooledBatch]:
         """Seal and spool records as one batch, or as several when one would exceed the size limit."""
+        from pipeline.intake import MAX_SEALED_BYTES
+
         batch_id = new_batch_id()
         sealed = self._seal(batch_id, records)
         if sealed is None:
@@ -271,6 +281,8 @@ class Emitter:
 
     def _seal(self, batch_id: str, records: list[Mapping[str, Any]]) -> bytes | None:
         """Seal records; a malformed one is dropped and counted, never retried (it would block the rest)."""
+        from pipeline.intake import seal_batch
+
         assert self._public_key is not None
         try:
             return seal_batch(self._public_key, batch_id, records)
@@ -279,6 +291,8 @@ class Emitter:
             return seal_batch(self._public_key, batch_id, good) if good else None
 
     def _sealable(self, record: Mapping[str, Any]) -> bool:
+        from pipeline.intake import seal_batch
+
         assert self._public_key is not None
         try:
             seal_batch(self._public_key, "check", [record])

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import rpc
@@ -37,12 +38,9 @@ from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.principals import Principal
-from pipeline.records import utcnow
 from pipeline.spool import Spool
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from distributed import Scheduler
 
 __all__ = ["MetadataPlugin"]
@@ -76,6 +74,11 @@ class _Job:
         self.compute = 0.0
         self.nbytes = self.peak = 0
         self.prefixes: set[str] = set()
+
+
+def _utcnow() -> datetime:
+    # not pipeline.records.utcnow: that module loads pyarrow, which the scheduler's start need not wait for
+    return datetime.now(UTC)
 
 
 def _compute_seconds(startstops: Any) -> float:
@@ -236,7 +239,7 @@ class MetadataPlugin(SchedulerPlugin):
 
     def _open_job(self, stimulus_id: str | None) -> _Job:
         self._close_open()
-        job = self._open = _Job(utcnow())
+        job = self._open = _Job(_utcnow())
         self._open_stimulus = stimulus_id
         return job
 
@@ -341,7 +344,7 @@ class MetadataPlugin(SchedulerPlugin):
     def _finish(self, job: _Job) -> None:
         self._jobs.pop(job.job_id, None)
         if self.emitter is not None:
-            self.emitter.submit([self._job_record(job, finished_at=utcnow())])
+            self.emitter.submit([self._job_record(job, finished_at=_utcnow())])
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         try:
@@ -371,7 +374,7 @@ class MetadataPlugin(SchedulerPlugin):
             "account": self.account,
             "user": self.user,
             "cluster_id": self.cluster_id,
-            "observed_at": utcnow(),
+            "observed_at": _utcnow(),
         }
 
     def _snapshot_record(self) -> dict[str, Any]:
