@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import uuid
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import rpc
@@ -33,6 +32,7 @@ from distributed.protocol.serialize import Serialize, Serialized, deserialize
 from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
+from pipeline.clock import utcnow
 from pipeline.config import Settings
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import Emitter
@@ -41,6 +41,8 @@ from pipeline.principals import Principal
 from pipeline.spool import Spool
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from distributed import Scheduler
 
 __all__ = ["MetadataPlugin"]
@@ -74,11 +76,6 @@ class _Job:
         self.compute = 0.0
         self.nbytes = self.peak = 0
         self.prefixes: set[str] = set()
-
-
-def _utcnow() -> datetime:
-    # not pipeline.records.utcnow: that module loads pyarrow, which the scheduler's start need not wait for
-    return datetime.now(UTC)
 
 
 def _compute_seconds(startstops: Any) -> float:
@@ -239,7 +236,7 @@ class MetadataPlugin(SchedulerPlugin):
 
     def _open_job(self, stimulus_id: str | None) -> _Job:
         self._close_open()
-        job = self._open = _Job(_utcnow())
+        job = self._open = _Job(utcnow())
         self._open_stimulus = stimulus_id
         return job
 
@@ -344,7 +341,7 @@ class MetadataPlugin(SchedulerPlugin):
     def _finish(self, job: _Job) -> None:
         self._jobs.pop(job.job_id, None)
         if self.emitter is not None:
-            self.emitter.submit([self._job_record(job, finished_at=_utcnow())])
+            self.emitter.submit([self._job_record(job, finished_at=utcnow())])
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         try:
@@ -374,7 +371,7 @@ class MetadataPlugin(SchedulerPlugin):
             "account": self.account,
             "user": self.user,
             "cluster_id": self.cluster_id,
-            "observed_at": _utcnow(),
+            "observed_at": utcnow(),
         }
 
     def _snapshot_record(self) -> dict[str, Any]:
