@@ -25,6 +25,7 @@ __all__ = [
     "open_private",
     "output_folder",
     "private_folder",
+    "sync_folder",
     "write_private",
 ]
 
@@ -77,11 +78,16 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(path: Path) -> None:
+    """fsync a folder, so that names just created, renamed or removed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 @contextmanager

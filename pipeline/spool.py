@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import SpoolError
-from pipeline.fsmodes import open_private, private_folder, write_private
+from pipeline.fsmodes import open_private, private_folder, sync_folder, write_private
 
 __all__ = ["SpooledBatch", "Spool", "new_batch_id"]
 
@@ -71,7 +71,7 @@ class Spool:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        self._fsync_dir()
+        sync_folder(self.directory)
         return SpooledBatch(batch_id, sealed)
 
     def remember_public_key(self, text: str) -> None:
@@ -91,7 +91,7 @@ class Spool:
     def remove(self, batch: SpooledBatch) -> None:
         """Forget a delivered batch."""
         self._path(batch.batch_id).unlink(missing_ok=True)
-        self._fsync_dir()
+        sync_folder(self.directory)
 
     def refuse(self, batch: SpooledBatch, reason: str) -> Path:
         """Set aside a batch its target refused for good (kept for an operator, never retried)."""
@@ -130,12 +130,5 @@ class Spool:
         private_folder(folder)
         target = folder / path.name
         os.replace(path, target)
-        self._fsync_dir()
+        sync_folder(self.directory)
         return target
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

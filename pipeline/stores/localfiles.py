@@ -36,7 +36,7 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from pipeline.errors import ConfigError, StoreUnavailable
-from pipeline.fsmodes import open_private, private_folder, write_private
+from pipeline.fsmodes import open_private, private_folder, sync_folder, write_private
 from pipeline.records import DATA_TYPES
 from pipeline.redact import mask_url
 from pipeline.segments import Segment
@@ -184,7 +184,7 @@ class LocalFileStore(Store):
                     os.unlink(tmp)
                 touched.add(path.parent)
             for directory in touched:
-                _fsync_dir(directory)
+                sync_folder(directory)
         return new
 
     def _days(self, data_type: str | None) -> Iterator[Path]:
@@ -316,7 +316,7 @@ class LocalFileStore(Store):
             merged_ids.write("".join(f"{s.segment_id}\n" for _, _, segments in plan for s in segments))
             merged_ids.flush()
             os.fsync(merged_ids.fileno())
-        _fsync_dir(folder)
+        sync_folder(folder)
         self.write([target for target, _, _ in plan])  # each merge visible from here on, its sources hidden
         _settle(folder, folder / _JOURNAL)
         return Removed(sum(len(ps) for _, ps, _ in plan), sum(s.n_records for _, _, ss in plan for s in ss))
@@ -349,14 +349,6 @@ class _Guard:
             raise StoreUnavailable(f"{self.message}: {exc.strerror or exc}") from exc
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _settle(folder: Path, journal: Path) -> None:
     """Finish the merges of a compaction journal whose merged file exists: remove their sources.
 
@@ -373,7 +365,7 @@ def _settle(folder: Path, journal: Path) -> None:
         for name in sources:
             (folder / name).unlink(missing_ok=True)
     if landed:
-        _fsync_dir(folder)
+        sync_folder(folder)
     if len(landed) == len(lines):
         journal.unlink(missing_ok=True)
 
