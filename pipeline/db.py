@@ -25,6 +25,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Index,
+    Insert,
     Integer,
     LargeBinary,
     MetaData,
@@ -35,8 +36,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.sqlite import Insert
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
@@ -317,8 +317,11 @@ def _create_private_file(path: Path) -> None:
 
 def insert_ignoring_duplicates(engine: Engine, table: Table) -> Insert:
     """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect (idempotent writes)."""
-    dialect = sqlite if engine.dialect.name == "sqlite" else postgresql
-    return dialect.insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects import postgresql  # here: importing it costs every SQLite process 30 ms
+
+    return postgresql.insert(table).on_conflict_do_nothing()
 
 
 def include_in_migrations(name: str | None, type_: str, parent_names: Any) -> bool:

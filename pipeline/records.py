@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import columns
 from pipeline.clock import utcnow  # here too: its callers import it with the record schemas
 
 __all__ = [
@@ -128,8 +129,11 @@ def kind(name: str) -> Kind:
 
 
 def table_from_rows(kind_name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows of one kind → an Arrow table with that kind's schema."""
-    return pa.Table.from_pylist(list(rows), schema=KINDS[kind_name].schema)
+    """Rows of one kind → an Arrow table with that kind's schema (see :mod:`pipeline.columns`: no pandas).
+
+    :raises TypeError, ValueError: naming the field whose value does not fit
+    """
+    return columns.table(KINDS[kind_name].schema, list(rows))
 
 
 def rows_from_table(table: pa.Table) -> Iterator[dict[str, Any]]:
@@ -184,7 +188,7 @@ def check_table(table: pa.Table) -> str:
     for field in spec.schema:
         if not field.nullable and table.column(field.name).null_count:
             raise ValueError(f"{spec.name} record lacks {field.name}")
-    if not pc.all(pc.equal(table.column("data_type"), spec.data_type)).as_py():
+    if pc.unique(table.column("data_type")).to_pylist() != [spec.data_type]:
         raise ValueError(f"{spec.name} record has a data_type other than {spec.data_type!r}")
     try:
         table.validate(full=True)

@@ -110,12 +110,21 @@ def _rows_by_subject_and_day(table: pa.Table) -> dict[tuple[str, str | None, dat
     return groups
 
 
-def _own(table: pa.Table, principal: Principal) -> pa.ChunkedArray:
-    """Which rows name the principal's account (and cluster, when it has one)."""
-    mask = pc.equal(table.column("account"), principal.account)
-    if principal.cluster_id is not None:
-        mask = pc.and_(mask, pc.equal(table.column("cluster_id"), principal.cluster_id))
-    return mask
+def _foreign_accounts(table: pa.Table, principal: Principal) -> list[str]:
+    """The account of each row that is not the principal's own (another account, or another cluster).
+
+    Plain Python, like the grouping above; comparing with a Python value through
+    pyarrow would import pandas (see :mod:`pipeline.columns`).
+    """
+    accounts = table.column("account").to_pylist()
+    if principal.cluster_id is None:
+        return [account for account in accounts if account != principal.account]
+    clusters = table.column("cluster_id").to_pylist()
+    return [
+        account
+        for account, cluster in zip(accounts, clusters, strict=True)
+        if account != principal.account or cluster != principal.cluster_id
+    ]
 
 
 @dataclass(frozen=True)
@@ -226,15 +235,13 @@ class Pipeline:
             return self.keyring.subject_ref(accounts.pop())
         if principal.kind != "cluster" or principal.account is None:
             self._reject(batch, principal, f"a {principal.kind} principal may not ingest; only a cluster may")
-        foreign = [table.filter(pc.invert(_own(table, principal))) for table in batch.tables]
-        n_foreign = sum(table.num_rows for table in foreign)
-        if n_foreign:
-            accounts = set().union(*(pc.unique(t.column("account")).to_pylist() for t in foreign))
+        foreign = [account for table in batch.tables for account in _foreign_accounts(table, principal)]
+        if foreign:
             self._reject(
                 batch,
                 principal,
-                f"{n_foreign} of {batch.n_records} records name another account or cluster than the caller's",
-                foreign_subject_refs=sorted(self.keyring.subject_ref(account) for account in accounts),
+                f"{len(foreign)} of {batch.n_records} records name another account or cluster than the caller's",
+                foreign_subject_refs=sorted(self.keyring.subject_ref(account) for account in set(foreign)),
             )
         assert principal.account is not None
         return self.keyring.subject_ref(principal.account)

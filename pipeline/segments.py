@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pipeline.columns import observed_span
 from pipeline.errors import KeyringError
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
@@ -85,7 +85,7 @@ def seal(
     :param key: ``(key_version, cipher)`` from :meth:`Keyring.ciphers`, when a batch's keys were checked at once
     """
     kind_name = table.column("kind")[0].as_py()
-    observed = table.column("observed_at")
+    first, last = observed_span(table.column("observed_at"))
     key_version, cipher = key or keyring.cipher(subject_ref, user_ref)  # the user's own key, else the account's
     segment = Segment(
         segment_id=segment_id or uuid.uuid4().hex,
@@ -94,8 +94,8 @@ def seal(
         data_type=KINDS[kind_name].data_type,
         kind=kind_name,
         key_version=key_version,
-        min_observed_at=pc.min(observed).as_py(),
-        max_observed_at=pc.max(observed).as_py(),
+        min_observed_at=first,
+        max_observed_at=last,
         n_records=table.num_rows,
         payload=b"",
     )

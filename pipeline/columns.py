@@ -1,0 +1,145 @@
+"""Arrow tables from Python rows, built from buffers rather than by ``pa.array``.
+
+pyarrow's converter from Python objects (``pa.array``, ``Table.from_pylist``,
+``pa.scalar``) first asks whether each input is a pandas object, and that
+question imports pandas: 0.2 s of CPU in every scheduler process that seals a
+batch, more than the rest of a short cluster's metadata path together. The
+record schemas use six types (string, int64, float64, UTC timestamps in
+microseconds, lists of strings, maps from strings), so their columns are built
+here from :mod:`array` buffers with ``pa.Array.from_buffers``. Python types
+are checked strictly (no bool as a number, no text as a list), and
+:func:`pipeline.records.check_table` validates the result in full.
+"""
+
+from __future__ import annotations
+
+import numbers
+from array import array
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from itertools import accumulate
+from operator import itemgetter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["column", "observed_span", "table"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_NONE = type(None)
+
+
+def table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows as a table of ``schema``; a field a row lacks is null, a key the schema lacks is ignored.
+
+    :raises TypeError: naming the field and the value's type
+    :raises ValueError: a value that fits no column of its type (too large, not UTF-8)
+    """
+    columns = []
+    for field, values in zip(schema, _transposed(schema.names, rows), strict=True):
+        try:
+            columns.append(column(field.type, values))
+        except (TypeError, ValueError, OverflowError) as exc:
+            kind = TypeError if isinstance(exc, TypeError) else ValueError
+            raise kind(f"field {field.name!r}: {exc}") from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _transposed(names: list[str], rows: Sequence[Mapping[str, Any]]) -> list[Sequence[Any]]:
+    """Each name's values over the rows, None where a row lacks the name (looked up in C when none does)."""
+    transposed: list[Sequence[Any]] = []
+    for name in names:
+        try:
+            transposed.append(list(map(itemgetter(name), rows)))
+        except KeyError:
+            transposed.append([row.get(name) for row in rows])
+    return transposed
+
+
+def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
+    """One column of ``type_`` from Python values, None for null.
+
+    Types are checked once per distinct Python type, and whole columns convert
+    in C where the :mod:`array` module can (ints, floats, ASCII text).
+
+    :raises TypeError: a value of the wrong Python type
+    :raises ValueError, OverflowError: a value out of the type's range
+    """
+    kinds = set(map(type, values))
+    validity = _validity(values) if _NONE in kinds else None
+    kinds.discard(_NONE)
+    if pa.types.is_string(type_):
+        _check(kinds, str, "text")
+        text = values if validity is None else [v or "" for v in values]
+        joined = "".join(text)
+        if joined.isascii():  # then a string's length is its UTF-8 length
+            data, lengths = joined.encode("ascii"), map(len, text)
+        else:
+            encoded = [v.encode() for v in text]
+            data, lengths = b"".join(encoded), map(len, encoded)
+        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths), pa.py_buffer(data)])
+    if pa.types.is_list(type_):
+        _check(kinds, Sequence, "a list", refused=(str, bytes))
+        items = values if validity is None else [v or () for v in values]
+        child = column(type_.value_type, [item for sequence in items for item in sequence])
+        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, items))], children=[child])
+    if pa.types.is_map(type_):
+        _check(kinds, Mapping, "a mapping")
+        maps = values if validity is None else [v or {} for v in values]
+        key_list = [key for entries in maps for key in entries]
+        _check(set(map(type, key_list)), str, "a text key")  # a null key would make an invalid map array
+        keys = column(type_.key_type, key_list)
+        items = column(type_.item_type, [item for entries in maps for item in entries.values()])
+        entries = pa.StructArray.from_arrays([keys, items], fields=[type_.key_field, type_.item_field])
+        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, maps))], children=[entries])
+    if pa.types.is_int64(type_):
+        _check(kinds, numbers.Integral, "an integer", refused=(bool,))
+        fixed = array("q", values if validity is None else [0 if v is None else v for v in values])
+    elif pa.types.is_float64(type_):
+        _check(kinds, numbers.Real, "a number", refused=(bool,))
+        fixed = array("d", values if validity is None else [0.0 if v is None else v for v in values])
+    elif pa.types.is_timestamp(type_) and type_.unit == "us" and type_.tz in ("UTC", "+00:00"):
+        _check(kinds, datetime, "a datetime")
+        fixed = array("q", [0 if v is None else _microseconds(v) for v in values])
+    else:
+        raise TypeError(f"no column builder for Arrow type {type_}")
+    return pa.Array.from_buffers(type_, len(values), [validity, pa.py_buffer(fixed)])
+
+
+def observed_span(values: pa.ChunkedArray) -> tuple[datetime, datetime]:
+    """The earliest and latest of a non-empty UTC microsecond timestamp column.
+
+    Read as integers: ``as_py`` of a zoned timestamp imports pandas.
+    """
+    if values.type.unit != "us" or values.type.tz not in ("UTC", "+00:00"):
+        raise TypeError(f"expected UTC timestamps in microseconds, got {values.type}")
+    span = pc.min_max(values.cast(pa.int64())).as_py()
+    return _EPOCH + span["min"] * _MICROSECOND, _EPOCH + span["max"] * _MICROSECOND
+
+
+def _validity(values: Sequence[Any]) -> pa.Buffer:
+    """The validity bitmap of a column with nulls: bit i is set when value i is not null."""
+    bitmap = bytearray((len(values) + 7) // 8)
+    for i, value in enumerate(values):
+        if value is not None:
+            bitmap[i >> 3] |= 1 << (i & 7)
+    return pa.py_buffer(bitmap)
+
+
+def _offsets(lengths: Any) -> pa.Buffer:
+    return pa.py_buffer(array("i", accumulate(lengths, initial=0)))
+
+
+def _check(kinds: set[type], allowed: type, what: str, *, refused: tuple[type, ...] = ()) -> None:
+    """:raises TypeError: naming the first Python type (by name) that is not ``allowed``."""
+    for kind in sorted(kinds, key=lambda k: k.__name__):
+        if not issubclass(kind, allowed) or issubclass(kind, refused):
+            raise TypeError(f"expected {what}, got {kind.__name__}")
+
+
+def _microseconds(value: datetime) -> int:
+    if value.tzinfo is None:  # as pyarrow reads it: a naive time is UTC
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICROSECOND
