@@ -7,9 +7,10 @@ durably, then hands it to a :class:`~pipeline.delivery.Delivery` (in-process
 or HTTP), retrying a target that is down with exponential back-off. A batch
 leaves the spool once delivered; a batch the target refuses for good is set
 aside and counted, never retried forever. On start, batches left by an earlier
-process are replayed. With ``linger``, records wait up to that long to share
-one batch: a short-lived cluster's environment, job and last snapshot records
-then cost one seal, one spool write and one ingest instead of one each.
+process are replayed, once the first batch is due. With ``linger``, records
+wait up to that long to share one batch: a short-lived cluster's environment,
+job and last snapshot records then cost one seal, one spool write and one
+ingest instead of one each.
 ``flush`` and ``close`` seal at once. ``close`` flushes for a bounded time and leaves whatever
 it could not deliver in the spool; asked to ``retire``, it then tells the
 delivery the cluster is done (revoking a remote cluster's token), but only
@@ -25,7 +26,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import BatchRefused, ConfigError
 from pipeline.spool import Spool, SpooledBatch, new_batch_id
@@ -65,12 +66,6 @@ class EmitterStats:
 
 class Emitter:
     """Seal, spool and deliver records on a background thread."""
-
-    #: no emitter of this process has sealed yet. Its first batch skips the linger, so
-    #: that the process's one-time costs (pyarrow's first conversion imports pandas,
-    #: the database's first statements compile: 0.3 s) overlap the cluster's work
-    #: instead of delaying its close.
-    process_cold: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -160,6 +155,7 @@ class Emitter:
     # -- background thread -------------------------------------------------
     def _run(self) -> None:
         try:
+            self._wait_until_due()
             while not self._connect():
                 if self._closing.is_set() and time.monotonic() >= self._deadline:
                     return
@@ -178,6 +174,18 @@ class Emitter:
             if self._retire and self._is_idle():
                 self._retire_delivery()
             self.delivery.close()
+
+    def _wait_until_due(self) -> None:
+        """Do nothing until the first batch is due (or a flush or close asks).
+
+        Learning the key, importing pyarrow and the database code and replaying an
+        earlier spool cost a process 0.2 s of CPU; a scheduler killed within its
+        first linger (a test's throwaway cluster, a failed start) loses those
+        records either way, and now spends nothing on them.
+        """
+        while not (self._closing.is_set() or self._flushes or (self._queued_since is not None and self._seal_due())):
+            self._wake.wait(timeout=self._next_wait())
+            self._wake.clear()
 
     def _retire_delivery(self) -> None:
         try:
@@ -221,7 +229,6 @@ class Emitter:
             or time.monotonic() >= since + self.linger
             or self._closing.is_set()
             or self._flushes > 0
-            or Emitter.process_cold
             or self._queue.qsize() >= MAX_BATCH_RECORDS  # submissions: at least as many records
         )
 
@@ -257,7 +264,6 @@ class Emitter:
                 return
             del records[: len(chunk)]
             self._pending.extend(batches)
-            Emitter.process_cold = False
         self._unsealed = []
 
     def _spool_batches(self, records: list[Mapping[str, Any]]) -> list[SpooledBatch]:

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 
 import dask.config
-import pytest
 from conftest import embedded_emitter, make_record, sealed_batch
 
 from pipeline.config import Settings
@@ -53,14 +52,13 @@ def test_close_is_bounded_and_leaves_undelivered_batches_in_the_spool(home: Path
 
 
 def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once(
-    home: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    home: Path, settings: Settings
 ) -> None:
-    monkeypatch.setattr(Emitter, "process_cold", False)  # an emitter of this process sealed before
     pipeline = Pipeline.open(settings, create=True)
     emitter = embedded_emitter(pipeline, linger=3600.0)
     emitter.submit([make_record()])
     emitter.submit([make_record("software_env", env_id="e1", packages={"dask": "1"})])
-    time.sleep(0.3)  # the thread is awake (it learnt the key) yet leaves the records to linger
+    time.sleep(0.3)  # the thread is awake yet leaves the records to linger
     assert emitter.stats.batches_spooled == 0 and not list(settings.spool_dir.glob("*.batch"))
     assert emitter.flush(timeout=60.0) is True  # a flush does not wait out the hour
     assert (emitter.stats.batches_spooled, emitter.stats.records_sealed, emitter.stats.batches_delivered) == (1, 2, 1)
@@ -72,21 +70,23 @@ def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once
     assert len(_ids(pipeline, "long_term")) == 6
 
 
-def test_the_first_batch_of_a_process_does_not_linger(
-    home: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Its one-time costs (first conversion, first statements) then overlap the cluster's work, not its close."""
-    monkeypatch.setattr(Emitter, "process_cold", True)
-    emitter = embedded_emitter(Pipeline.open(settings, create=True), linger=3600.0)
+def test_an_emitter_opens_nothing_until_its_first_batch_is_due(home: Path, settings: Settings) -> None:
+    """A scheduler killed within its first linger spends no CPU on imports, the key or an earlier spool."""
+    pipeline = Pipeline.open(settings, create=True)
+    earlier = Spool(settings.spool_dir)
+    earlier.append(
+        "left-by-an-earlier-process", sealed_batch(pipeline, [make_record()], "left-by-an-earlier-process")[1]
+    )
+    opened: list[Pipeline] = []
+    delivery = EmbeddedDelivery(lambda: opened.append(pipeline) or pipeline, Principal.embedded_cluster("acme", None))
+    emitter = Emitter(delivery, Spool(settings.spool_dir), linger=3600.0)
+    emitter.start()
     emitter.submit([make_record()])
-    deadline = time.monotonic() + 60
-    while emitter.stats.batches_delivered < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert emitter.stats.batches_delivered == 1 and Emitter.process_cold is False
-    emitter.submit([make_record()])  # the next ones linger again
     time.sleep(0.3)
-    assert emitter.stats.batches_spooled == 1
-    assert emitter.close(timeout=60.0) is True and emitter.stats.batches_delivered == 2
+    assert opened == [] and emitter.stats.batches_replayed == 0
+    assert emitter.flush(timeout=60.0) is True  # due now: the key, the earlier batch and this one
+    assert len(opened) == 1 and (emitter.stats.batches_replayed, emitter.stats.batches_delivered) == (1, 2)
+    assert emitter.close(timeout=60.0) is True and len(_ids(pipeline, "long_term")) == 2
 
 
 def test_records_are_sealed_and_spooled_while_the_keyring_is_unreachable_at_start(
