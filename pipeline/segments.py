@@ -58,15 +58,20 @@ class Segment:
         return replace(self, payload=b"")
 
 
-#: zstd shrinks snapshot segments ~4x; the smaller write more than pays for the compression.
-#: One thread: a segment is small, and handing its columns to the pool costs more than compressing them.
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
+#: zstd shrinks snapshot segments ~4x; for a big segment the smaller write more than pays for the
+#: compression. One thread: a segment is small, and handing its columns to the pool costs more.
+_COMPRESSED = pa.ipc.IpcWriteOptions(compression="zstd", use_threads=False)
+_UNCOMPRESSED = pa.ipc.IpcWriteOptions(use_threads=False)
+#: below this many bytes in memory a table is written uncompressed: zstd's set-up per column costs
+#: 0.3 ms a segment, more than the few KB it saves (a short cluster's segments are a few rows each)
+COMPRESS_FROM_BYTES = 32 * 1024
 
 
 def ipc_bytes(table: pa.Table) -> bytes:
-    """An Arrow IPC stream of ``table``, zstd-compressed (readers need no option)."""
+    """An Arrow IPC stream of ``table``, zstd-compressed when it is big enough to gain (readers need no option)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_IPC_OPTIONS) as writer:
+    options = _COMPRESSED if table.nbytes >= COMPRESS_FROM_BYTES else _UNCOMPRESSED
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
