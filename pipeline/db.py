@@ -292,13 +292,14 @@ def _create_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"not a database URL: {mask_url(url)!r}") from exc
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if parsed.get_backend_name() == "sqlite":
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":  # a file: no connection to go stale, so no ping per checkout
         if parsed.database and parsed.database != ":memory:":
             _create_private_file(Path(parsed.database))
         kwargs["connect_args"] = {"timeout": 5}
     elif parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
+        kwargs["pool_pre_ping"] = True  # a server restart leaves pooled connections dead
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
