@@ -3,10 +3,10 @@
 pyarrow's converter from Python objects (``pa.array``, ``Table.from_pylist``,
 ``pa.scalar``) first asks whether each input is a pandas object, and that
 question imports pandas: 0.2 s of CPU in every scheduler process that seals a
-batch, more than the rest of a short cluster's metadata path together. The
-record schemas use six types (string, int64, float64, UTC timestamps in
-microseconds, lists of strings, maps from strings), so their columns are built
-here from :mod:`array` buffers with ``pa.Array.from_buffers``. Python types
+batch, as much as importing the whole ingest path. The record schemas use six
+types (string, int64, float64, UTC timestamps in microseconds, lists of
+strings, maps from strings), so their columns are built here from
+:mod:`array` buffers with ``pa.Array.from_buffers``. Python types
 are checked strictly (no bool as a number, no text as a list), and
 :func:`pipeline.records.check_table` validates the result in full.
 """
