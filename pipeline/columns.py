@@ -72,7 +72,7 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
     kinds.discard(_NONE)
     if pa.types.is_string(type_):
         _check(kinds, str, "text")
-        text = values if validity is None else [v or "" for v in values]
+        text = _filled(values, validity, "")
         joined = "".join(text)
         if joined.isascii():  # then a string's length is its UTF-8 length
             data, lengths = joined.encode("ascii"), map(len, text)
@@ -82,12 +82,12 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
         return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths), pa.py_buffer(data)])
     if pa.types.is_list(type_):
         _check(kinds, Sequence, "a list", refused=(str, bytes))
-        items = values if validity is None else [v or () for v in values]
+        items = _filled(values, validity, ())
         child = column(type_.value_type, [item for sequence in items for item in sequence])
         return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, items))], children=[child])
     if pa.types.is_map(type_):
         _check(kinds, Mapping, "a mapping")
-        maps = values if validity is None else [v or {} for v in values]
+        maps = _filled(values, validity, {})
         key_list = [key for entries in maps for key in entries]
         _check(set(map(type, key_list)), str, "a text key")  # a null key would make an invalid map array
         keys = column(type_.key_type, key_list)
@@ -96,11 +96,11 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
         return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, maps))], children=[entries])
     if pa.types.is_int64(type_):
         _check(kinds, numbers.Integral, "an integer", refused=(bool,))
-        fixed = array("q", values if validity is None else [0 if v is None else v for v in values])
+        fixed = array("q", _filled(values, validity, 0))
     elif pa.types.is_float64(type_):
         _check(kinds, numbers.Real, "a number", refused=(bool,))
-        fixed = array("d", values if validity is None else [0.0 if v is None else v for v in values])
-    elif pa.types.is_timestamp(type_) and type_.unit == "us" and type_.tz in ("UTC", "+00:00"):
+        fixed = array("d", _filled(values, validity, 0.0))
+    elif _is_utc_microseconds(type_):
         _check(kinds, datetime, "a datetime")
         fixed = array("q", [0 if v is None else _microseconds(v) for v in values])
     else:
@@ -113,10 +113,20 @@ def observed_span(values: pa.ChunkedArray) -> tuple[datetime, datetime]:
 
     Read as integers: ``as_py`` of a zoned timestamp imports pandas.
     """
-    if values.type.unit != "us" or values.type.tz not in ("UTC", "+00:00"):
+    if not _is_utc_microseconds(values.type):
         raise TypeError(f"expected UTC timestamps in microseconds, got {values.type}")
     span = pc.min_max(values.cast(pa.int64())).as_py()
     return _EPOCH + span["min"] * _MICROSECOND, _EPOCH + span["max"] * _MICROSECOND
+
+
+def _is_utc_microseconds(type_: pa.DataType) -> bool:
+    """The one timestamp type of the record schemas."""
+    return pa.types.is_timestamp(type_) and type_.unit == "us" and type_.tz in ("UTC", "+00:00")
+
+
+def _filled(values: Sequence[Any], validity: pa.Buffer | None, empty: Any) -> Sequence[Any]:
+    """``values`` with ``empty`` in place of each null: the placeholder a null slot holds in the buffers."""
+    return values if validity is None else [empty if v is None else v for v in values]
 
 
 def _validity(values: Sequence[Any]) -> pa.Buffer:
