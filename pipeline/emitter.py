@@ -183,7 +183,7 @@ class Emitter:
         first linger (a test's throwaway cluster, a failed start) loses those
         records either way, and now spends nothing on them.
         """
-        while not (self._closing.is_set() or self._flushes or (self._queued_since is not None and self._seal_due())):
+        while not (self._asked_to_seal() or self._lingered()):
             self._wake.wait(timeout=self._next_wait())
             self._wake.clear()
 
@@ -223,12 +223,17 @@ class Emitter:
 
     def _seal_due(self) -> bool:
         """Whether to seal what is queued now, or let it linger for more records to share the batch."""
+        return self._queued_since is None or self._asked_to_seal() or self._lingered()
+
+    def _asked_to_seal(self) -> bool:
+        """A flush or close wants everything sealed now."""
+        return self._closing.is_set() or self._flushes > 0
+
+    def _lingered(self) -> bool:
+        """Records are queued and have waited their linger, or are enough for a full batch."""
         since = self._queued_since
-        return (
-            since is None
-            or time.monotonic() >= since + self.linger
-            or self._closing.is_set()
-            or self._flushes > 0
+        return since is not None and (
+            time.monotonic() >= since + self.linger
             or self._queue.qsize() >= MAX_BATCH_RECORDS  # submissions: at least as many records
         )
 
