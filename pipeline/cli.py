@@ -461,37 +461,37 @@ def enforce(out: Output, now: Any) -> None:
     """One retention pass and the pending deletion requests, then exit (for cron)."""
     from pipeline.records import utcnow
     from pipeline.retention.enforcer import enforce as enforce_retention
-    from pipeline.retention.requests import list_requests, process_pending
+    from pipeline.retention.requests import list_requests
 
     pipeline = open_pipeline()
     simulated = now is not None  # a --now is marked as such in the output and the pass's audit entry
     now = now or utcnow()
-    try:
-        report, retention_error = enforce_retention(pipeline, now, simulated=simulated), None
-    except PipelineError as exc:  # a broken store must not keep the erasures from running
-        report, retention_error = None, str(exc)
-    processed = process_pending(pipeline, now=now)
+    report = enforce_retention(pipeline, now, simulated=simulated, requests=True)  # each step runs on its own
     requests = list_requests(pipeline)
     overdue = [r.request_id for r in requests if r.overdue(now)]
     failed = [r.request_id for r in requests if r.state == "failed"]  # still owed, whoever processed them
     summary = {
-        "retention": report.as_dict() if report else {"error": retention_error},
-        "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in processed],
+        "retention": report.as_dict(),
+        "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in report.requests],
         "failed_requests": failed,
         "overdue_requests": overdue,
+        "failed_steps": report.failed_steps,
     }
-    lines = [report.summary() if report else f"retention pass failed: {retention_error}"]
-    lines += [f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in processed]
+    lines = [report.summary()]
+    lines += [
+        f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in report.requests
+    ]
     if failed:
         lines.append(f"{len(failed)} deletion requests failed (retried with back-off): {', '.join(failed)}")
     if overdue:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
-    if report is not None and report.failures:  # e.g. a locked Cloud Logging bucket with another retention
-        retention_error = f"retention of {', '.join(report.failures)} does not match the policy"
-    if failed or overdue or retention_error:  # cron and CronJobs alert on the exit status
-        problem = f"{len(failed)} deletion requests failed, {len(overdue)} overdue"
-        raise CheckFailed(problem + (f"; retention pass failed: {retention_error}" if retention_error else ""))
+    problems = [f"{len(failed)} deletion requests failed, {len(overdue)} overdue"] if failed or overdue else []
+    if report.failures:  # e.g. a locked Cloud Logging bucket with another retention
+        problems.append(f"retention of {', '.join(report.failures)} does not match the policy")
+    problems += [f"step {step} failed: {reason}" for step, reason in report.failed_steps.items()]
+    if problems:  # cron and CronJobs alert on the exit status
+        raise CheckFailed("; ".join(problems))
 
 
 @command(main)
