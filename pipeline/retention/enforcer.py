@@ -146,7 +146,8 @@ def enforce(
     for store_name, data_type, limit in pipeline.policy.limits():
         store = pipeline.stores.get(store_name)
         if store is not None:
-            run(f"expire:{store_name}/{data_type}", _expire, pipeline, report, store_name, store, data_type, now - limit)
+            cutoff = now - limit
+            run(f"expire:{store_name}/{data_type}", _expire, pipeline, report, store_name, store, data_type, cutoff)
     today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     for name, backend in pipeline.stores.items():
         run(f"compact:{name}", _compact, pipeline, report, name, backend, today)
@@ -182,9 +183,7 @@ def _step(report: RetentionReport, name: str, action: Callable[..., Any], *args:
         return _FAILED
 
 
-def _apply_backend_retention(
-    report: RetentionReport, name: str, backend: Store, limits: dict[str, timedelta]
-) -> None:
+def _apply_backend_retention(report: RetentionReport, name: str, backend: Store, limits: dict[str, timedelta]) -> None:
     found = backend.apply_retention(limits)
     if found is not None:
         report.backend[name] = found
