@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -221,36 +221,57 @@ def accounts_add(
 def records(out: Output, account: str | None, data_type: str | None, store: str) -> None:
     """Print decrypted records (JSON lines with --json); with a login, those the token may see.
 
-    Locally, a segment that does not decrypt is named on stderr and the exit status is 1.
+    A segment that does not decrypt, or a record that cannot be read, is named on stderr,
+    every other record is printed, and the exit status is 1.
     """
-    from pipeline.records import rows_from_table
     from pipeline.runtime import Unreadable
 
     client = api_client()
     pipeline, unreadable = None, list[Unreadable]()
     if client is None:
         pipeline = open_pipeline()
-        segments = pipeline.read_segments(store, account=account, data_type=data_type, unreadable=unreadable)
-        n = out.rows((row for _segment, table in segments for row in rows_from_table(table)), _render_record)
+        rows = pipeline.read_records(store, account=account, data_type=data_type, unreadable=unreadable)
+        n = out.rows(rows, _render_record)
     else:
         with client:
             params = {"account": account, "data_type": data_type, "store": store}
-            n = out.rows(client.lines("/v1/records", params), _render_record)
+            n = out.rows(_records_and_skipped(client.lines("/v1/records", params), unreadable), _render_record)
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
     if pipeline is not None:
         _report_skipped(pipeline, unreadable)
+    elif unreadable:
+        _report_skipped(None, unreadable)
+
+
+def _records_and_skipped(lines: Iterator[dict[str, Any]], unreadable: list[Any]) -> Iterator[dict[str, Any]]:
+    """The records of a ``GET /v1/records`` stream; its ``skipped`` lines go to ``unreadable``."""
+    from pipeline.runtime import Unreadable
+
+    for line in lines:
+        if "skipped" in line and "record_id" not in line:
+            unreadable.append(Unreadable(**line["skipped"]))
+        else:
+            yield line
 
 
 def _report_skipped(pipeline: Any, unreadable: list[Any]) -> None:
-    """One stderr line per unreadable segment and per store with foreign files; exit 1 for the former."""
-    for store, found in pipeline.foreign_files().items():
+    """One stderr line per skipped segment, record and store with foreign files; exit 1 for a segment.
+
+    A segment that does not decrypt is damage (or tampering) to look into. A record out of
+    range was stored before ingest checked bounds; it is named on every read, and failing
+    every read for it would change nothing.
+
+    :param pipeline: None for a read through the control plane (its foreign files are not ours to list)
+    """
+    for store, found in pipeline.foreign_files().items() if pipeline is not None else ():
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         click.echo(printable(f"skipped {len(found)} foreign file(s) in {store}: {shown}"), err=True)
     for problem in unreadable:
         click.echo(printable(str(problem)), err=True)
-    if unreadable:
-        raise CheckFailed(f"{len(unreadable)} segment(s) could not be read; every other record was shown")
+    damaged = sum(problem.record_id is None for problem in unreadable)
+    if damaged:
+        raise CheckFailed(f"{damaged} segment(s) could not be read; every other record was shown")
 
 
 def _render_record(r: Any) -> str:
@@ -416,6 +437,7 @@ def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now
         "deletion_requests_overdue": built.deletion_requests["overdue"],
         "unreadable_segments": len(built.unreadable_segments),
         "foreign_files": len(built.foreign_files),
+        "out_of_range_records": len(built.out_of_range_records),
     }
     out.result(
         summary,
@@ -425,7 +447,8 @@ def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now
             f"{d['deletion_requests_overdue']} deletion requests overdue\n" + "\n".join(f"  {f}" for f in d["files"])
         ),
     )
-    _report_skipped(pipeline, [Unreadable(**u) for u in built.unreadable_segments])
+    skipped = built.unreadable_segments + built.out_of_range_records
+    _report_skipped(pipeline, [Unreadable(**u) for u in skipped])
 
 
 @main.group()

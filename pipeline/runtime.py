@@ -39,7 +39,7 @@ from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.principals import Principal
-from pipeline.records import rows_from_table, table_from_rows, utcnow
+from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, utcnow
 from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
@@ -51,13 +51,17 @@ __all__ = ["IngestResult", "Pipeline", "Unreadable", "seal_records", "seal_table
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A segment that should decrypt and does not: altered, or sealed by another keyring."""
+    """A segment that should decrypt and does not (altered, or sealed by another keyring), or one record
+    of a segment that cannot be read (a time out of range, stored before ingest bounded times)."""
 
     store: str
     segment_id: str
     reason: str
+    record_id: str | None = None  # None: the whole segment
 
     def __str__(self) -> str:
+        if self.record_id is not None:
+            return f"skipped record {self.record_id} in segment {self.segment_id} in {self.store}: {self.reason}"
         return f"unreadable segment {self.segment_id} in {self.store}: {self.reason}"
 
 
@@ -108,6 +112,22 @@ def _rows_by_subject_and_day(table: pa.Table) -> dict[tuple[str, str | None, dat
     for row, key in enumerate(keys):
         groups.setdefault(key, []).append(row)
     return groups
+
+
+def _without_rows(
+    store: str, segment: Segment, table: pa.Table, bad: dict[int, str], unreadable: list[Unreadable] | None
+) -> pa.Table:
+    """``table`` less the rows in ``bad``, each named in ``unreadable``.
+
+    :raises StoreError: naming the first, when there is no ``unreadable`` list
+    """
+    record_ids = table.column("record_id").to_pylist()
+    for row, reason in sorted(bad.items()):
+        problem = Unreadable(store, segment.segment_id, reason, record_id=record_ids[row])
+        if unreadable is None:
+            raise StoreError(str(problem))
+        unreadable.append(problem)
+    return table.filter([row not in bad for row in range(table.num_rows)])
 
 
 def _foreign_accounts(table: pa.Table, principal: Principal) -> list[str]:
@@ -339,10 +359,12 @@ class Pipeline:
         """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
 
         A segment that should open but does not (an altered header or payload, a subject or
-        key version the keyring never issued) is appended to ``unreadable`` and skipped, so
-        one bad segment hides nothing else; without that list it stops the scan.
+        key version the keyring never issued), and a record that cannot be read (see
+        :func:`~pipeline.records.unreadable_rows`; the table comes without it), is appended
+        to ``unreadable`` and skipped, so one bad segment or row hides nothing else; without
+        that list it stops the scan.
 
-        :raises StoreError: a segment is unreadable and no ``unreadable`` list was given
+        :raises StoreError: a segment or record is unreadable and no ``unreadable`` list was given
         """
         subject_ref = self.subject_ref(account) if account is not None else None
         keys: dict[str, tuple[str, int]] = {}
@@ -363,6 +385,10 @@ class Pipeline:
                     raise StoreError(str(problem)) from exc
                 unreadable.append(problem)
                 continue
+            if bad := unreadable_rows(table):
+                table = _without_rows(store, segment, table, bad, unreadable)
+                if not table.num_rows:
+                    continue
             yield segment, table
 
     def _key_status(self, subject_ref: str, user_ref: str | None) -> tuple[str, int]:

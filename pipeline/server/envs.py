@@ -8,6 +8,7 @@ public; a private one only to its owners and admins. Visibility is kept per
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -18,12 +19,13 @@ from sqlalchemy import select
 from pipeline.db import env_visibility, insert_ignoring_duplicates, transaction
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Pipeline, Unreadable
 from pipeline.server.auth import authenticated, current_pipeline, require
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["software-envs"])
+logger = logging.getLogger(__name__)
 Visibility = Literal["public", "private"]
 
 
@@ -36,12 +38,17 @@ class _Env:
 def _environments(pipeline: Pipeline, account: str | None = None) -> dict[str, _Env]:
     """env id → its newest record and the subject refs that reported it."""
     found: dict[str, _Env] = {}
-    for segment, table in pipeline.read_segments("long_term", account=account, data_type="software_env"):
+    unreadable: list[Unreadable] = []
+    for segment, table in pipeline.read_segments(
+        "long_term", account=account, data_type="software_env", unreadable=unreadable
+    ):
         for row in rows_from_table(table):
             env = found.setdefault(row["env_id"], _Env(row))
             if row["observed_at"] > env.record["observed_at"]:
                 env.record = row
             env.owners.add(segment.subject_ref)
+    for problem in unreadable:  # one bad segment or row never hides the other environments
+        logger.warning("software environments: skipped %s", problem)
     return found
 
 
