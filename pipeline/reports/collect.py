@@ -99,7 +99,7 @@ def build_report(
         policy={"path": pipeline.policy.path, "sha256": pipeline.policy.sha256},
         names_shown=show_names,
         inventory=db.inventory(),
-        retention=db.retention() + _backend_retention(pipeline),
+        retention=db.retention() + _backend_retention(pipeline) + _failed_steps(pipeline),
         deletion_requests={
             **db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
             "not_final": _not_final(pipeline),
@@ -227,6 +227,28 @@ def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
         }
         for store, b in sorted(found.items())
     ]
+
+
+def _failed_steps(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """A FAIL row for each step the last retention pass could not carry out (a store down, say)."""
+    last_pass = pipeline.audit.last("retention.pass")
+    failed = {} if last_pass is None else last_pass.details.get("failed_steps", {})
+    rows = []
+    for step, reason in sorted(failed.items()):
+        target = step.partition(":")[2]  # expire:STORE/TYPE, compact:STORE, or none (key-retirement)
+        store, _, data_type = target.partition("/")
+        rows.append(
+            {
+                "store": store or "-",
+                "data_type": f"{data_type or '-'} (last pass: step {step} failed)",
+                "retention": reason,
+                "limit_days": None,
+                "oldest_age_days": None,
+                "overdue": 0,
+                "status": "FAIL",
+            }
+        )
+    return rows
 
 
 def _not_final(pipeline: Pipeline) -> list[dict[str, Any]]:
