@@ -17,6 +17,7 @@ from click.testing import CliRunner, Result
 from conftest import make_record
 from controlplane import ndjson, serving
 
+from pipeline.apiclient import Credentials
 from pipeline.cli import main
 from pipeline.records import TIMESTAMP, table_from_rows
 from pipeline.retention.requests import file_request
@@ -85,7 +86,9 @@ def test_a_record_dated_9999_does_not_stop_the_30_day_rule_erasures_or_the_check
     assert again.exit_code == 0, again.output + again.stderr
 
 
-def test_a_job_started_in_year_minus_1199_is_named_and_skipped_by_every_read(pipeline: Pipeline) -> None:
+def test_a_job_started_in_year_minus_1199_is_named_and_skipped_by_every_read(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pipeline.write_records(
         [make_record("job", account="acme", user="ann", job_id=f"good-{n}") for n in range(3)]
         + [make_record("cluster_snapshot", account="globex", user="bob")]
@@ -99,6 +102,10 @@ def test_a_job_started_in_year_minus_1199_is_named_and_skipped_by_every_read(pip
             everything = ndjson(admin.get("/v1/records"))
         with plane.member("acme", "ann") as ann:
             own = ndjson(ann.get("/v1/records"))
+        monkeypatch.setenv("HOME", str(tmp_path / "person"))  # ann's login, as `login` saves it
+        Credentials(plane.url, plane.tokens.create("member", "acme", "ann").token).save()
+        remote = run("records", "--json")
+        monkeypatch.setenv("HOME", str(tmp_path / "operator"))  # on the control plane: no login
     for lines, accounts in ((everything, {"acme", "globex"}), (own, {"acme"})):
         records = [line for line in lines if "skipped" not in line]
         [skipped] = [line["skipped"] for line in lines if "skipped" in line]
@@ -109,11 +116,16 @@ def test_a_job_started_in_year_minus_1199_is_named_and_skipped_by_every_read(pip
         assert lines[-1] == {"skipped": skipped}  # the stream ran to its end
         assert (skipped["record_id"], skipped["reason"]) == (bad_id, "started_at is outside the years 1 to 9999")
 
-    result = run("records", "--account", "acme", "--json")
-    assert result.exit_code == 0, result.output + result.stderr
-    assert sorted(json.loads(line)["job_id"] for line in result.stdout.splitlines()) == ["good-0", "good-1", "good-2"]
-    assert f"skipped record {bad_id} in segment" in result.stderr
-    assert "started_at is outside the years 1 to 9999" in result.stderr
+    for result in (remote, run("records", "--account", "acme", "--json")):  # through the API, and locally
+        assert result.exit_code == 0, result.output + result.stderr
+        assert sorted(json.loads(line)["job_id"] for line in result.stdout.splitlines()) == [
+            "good-0",
+            "good-1",
+            "good-2",
+        ]
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"skipped record {bad_id} in segment ")
+        assert line.endswith(" in long_term: started_at is outside the years 1 to 9999")
 
 
 def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipeline: Pipeline, tmp_path: Path) -> None:
