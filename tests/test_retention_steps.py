@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -109,3 +110,23 @@ def test_the_services_pass_runs_every_other_step_and_anchors_the_chain_with_a_st
     assert entry.details["removed"]["cloud_logging"]["cluster_jobs"]["records"] == 2
     newest = pipeline.audit.newest_checkpoint()
     assert newest is not None and newest.seq >= entry.seq
+
+
+def test_a_checkpoint_that_cannot_be_written_is_its_own_failed_step_and_audited(settings) -> None:  # noqa: ANN001
+    pipeline = Pipeline.open(settings, create=True)
+    old = datetime.now(UTC) - timedelta(days=31)
+    pipeline.write_records(make_record(kind, account="acme", observed_at=old) for kind in ("cluster_snapshot", "job"))
+    witness = Path(urlparse(settings.witness_url).path)
+    shutil.rmtree(witness, ignore_errors=True)
+    witness.write_text("a file where the witness folder should be")
+
+    result = CliRunner().invoke(main, ["enforce", "--json"])
+
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert list(summary["failed_steps"]) == ["checkpoint"]
+    assert "step checkpoint failed: audit witness" in result.stderr
+    assert summary["retention"]["removed"]["cloud_logging"]["cluster_jobs"]["records"] == 2
+    entry = pipeline.audit.last("retention.step_failed")
+    assert entry is not None and entry.details["step"] == "checkpoint"
+    assert entry.details["pass_seq"] == summary["retention"]["audit_seq"]

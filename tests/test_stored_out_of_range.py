@@ -16,9 +16,11 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import make_record
 from controlplane import ndjson, serving
+from sqlalchemy import update
 
 from pipeline.apiclient import Credentials
 from pipeline.cli import main
+from pipeline.db import segments
 from pipeline.records import TIMESTAMP, table_from_rows
 from pipeline.retention.requests import file_request
 from pipeline.runtime import Pipeline, seal_tables
@@ -34,9 +36,9 @@ def run(*args: str) -> Result:
 
 def write_raw(pipeline: Pipeline, table: pa.Table) -> None:
     """Seal and store a table as ingest did before it checked bounds (no validation)."""
-    for name, segments in pipeline.route(seal_tables(pipeline.keyring, [table])).items():
-        if segments:
-            pipeline.stores[name].write(segments)
+    for name, sealed in pipeline.route(seal_tables(pipeline.keyring, [table])).items():
+        if sealed:
+            pipeline.stores[name].write(sealed)
 
 
 def job_started_in_year_minus_1199(account: str, job_id: str, observed_at: datetime) -> pa.Table:
@@ -161,3 +163,23 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
     assert "Out of range: 5 records" in html
     assert all(record_id in html for _store, record_id in named)
     assert len(result.stderr.splitlines()) == 5  # one line naming each
+
+
+def test_an_altered_segment_is_named_at_the_end_of_the_stream_and_hides_no_environment(pipeline: Pipeline) -> None:
+    pipeline.write_records(
+        [make_record("job", account="acme", job_id="kept")]
+        + [make_record("software_env", account=a, env_id=f"env-{a}", packages={}) for a in ("acme", "globex")]
+    )
+    [altered] = [s for s in pipeline.stores["long_term"].scan() if s.subject_ref == pipeline.subject_ref("globex")]
+    with pipeline.keyring.engine.begin() as conn:
+        flipped = altered.payload[:-1] + bytes([altered.payload[-1] ^ 1])
+        conn.execute(update(segments).where(segments.c.segment_id == altered.segment_id).values(payload=flipped))
+
+    with serving(pipeline) as plane, plane.admin() as admin:
+        lines = ndjson(admin.get("/v1/records"))
+        envs = admin.get("/v1/software-envs")
+    assert sorted(line.get("job_id") or line.get("env_id") or "-" for line in lines) == ["-", "env-acme", "kept"]
+    assert lines[-1]["skipped"]["segment_id"] == altered.segment_id
+    assert lines[-1]["skipped"]["record_id"] is None
+    assert envs.status_code == 200, envs.text
+    assert [env["env_id"] for env in envs.json()] == ["env-acme"]

@@ -8,6 +8,12 @@ the cutoff, sealed again and written before the old one is deleted. So nothing
 younger than the limit is removed and nothing older survives. The rewritten
 segment's id derives from the old id and the cutoff, so a pass interrupted
 between write and delete and run again writes the same segment once.
+
+Each store's backend retention, each (store, data type), each store's compaction,
+the deletion requests, key retirement and the checkpoint are separate steps: one
+that fails is named (report, audit entry, exit status of ``enforce``) and the
+others still run, so a store that is down or a row nobody foresaw never stops the
+rest of the pass, nor the anchoring of the audit chain.
 """
 
 from __future__ import annotations
@@ -157,30 +163,29 @@ def enforce(
     run("key-retirement", lambda: report.retired_master_versions.extend(retire_master_keys(pipeline, now)))
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
-    if run("checkpoint", pipeline.audit.checkpoint) is _FAILED:  # after the entry: record its failure too
-        pipeline.audit.append("retention.step_failed", details={"step": "checkpoint", **report.failed_steps})
+    if not run("checkpoint", pipeline.audit.checkpoint):  # after the entry: its failure gets one of its own
+        details = {"step": "checkpoint", "error": report.failed_steps["checkpoint"], "pass_seq": report.audit_seq}
+        pipeline.audit.append("retention.step_failed", details=details)
     if report.failed_steps:
         logger.error("retention pass as of %s: failed steps: %s", now.isoformat(), ", ".join(report.failed_steps))
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
 
 
-_FAILED = object()
-
-
-def _step(report: RetentionReport, name: str, action: Callable[..., Any], *args: Any) -> Any:
-    """Run one step; an error is named in the report (and logged) instead of ending the pass.
+def _step(report: RetentionReport, name: str, action: Callable[..., Any], *args: Any) -> bool:
+    """Run one step; an error is named in the report (and logged) instead of ending the pass. True: it ran.
 
     Any exception: whatever one step meets (a store down, a row no code foresaw) must not
     stop the others. ``KeyboardInterrupt`` and ``SystemExit`` still end the pass.
     """
     try:
-        return action(*args)
+        action(*args)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
         report.failed_steps[name] = reason
         logger.error("retention step %s failed: %s", name, reason, exc_info=not isinstance(exc, PipelineError))
-        return _FAILED
+        return False
+    return True
 
 
 def _apply_backend_retention(report: RetentionReport, name: str, backend: Store, limits: dict[str, timedelta]) -> None:
