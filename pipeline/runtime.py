@@ -133,9 +133,13 @@ def _foreign_subjects(table: pa.Table, principal: Principal) -> list[tuple[str, 
 def _stamped(table: pa.Table, principal: Principal, subject_ref: str) -> pa.Table:
     """The table with what the control plane decides, not the cluster: its owner as every record's
     user (a cluster bound to a user) and each environment's id, computed from its content within the account.
+
+    Run after :meth:`Pipeline._scope`, so a user a record names is already the owner: only records
+    naming none (a plugin configured without ``pipeline.user``) need the owner written in.
     """
-    if principal.kind == "cluster" and not principal.embedded and principal.user is not None:
-        column = pa.repeat(pa.scalar(principal.user, pa.string()), table.num_rows)
+    owner = principal.user if principal.kind == "cluster" and not principal.embedded else None
+    if owner is not None and table.column("user").null_count:
+        column = pa.repeat(pa.scalar(owner, pa.string()), table.num_rows)
         table = table.set_column(table.schema.get_field_index("user"), table.schema.field("user"), column)
     if table.column("kind")[0].as_py() == "software_env":
         ids = [

@@ -94,7 +94,7 @@ def stored(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
 def test_a_members_erasure_removes_her_clusters_records_in_every_store(plane: ControlPlane) -> None:
     registration = register(plane, "acme", "ann")
     assert registration["user"] == "ann"
-    records = [own(registration), own(registration, "job", job_id="j1"), own(registration, "software_env")]
+    records = [own(registration), own(registration, "job", job_id="j1", user="ann"), own(registration, "software_env")]
     assert post(plane, registration, sealed(registration, *records)).status_code == 202
     with plane.member("acme", "ann") as ann:
         assert {r["user"] for r in ndjson(ann.get("/v1/records"))} == {"ann"}  # stamped from the registration
