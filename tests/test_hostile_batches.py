@@ -296,3 +296,21 @@ def test_a_cluster_token_reads_nothing(plane: ControlPlane, path: str) -> None:
     registration = register(plane)
     with plane.client(registration["token"]) as cluster:
         assert_problem(cluster.get(path), 403)
+
+
+@pytest.mark.parametrize(
+    ("offset", "status"),
+    [
+        (timedelta(minutes=-10), 202),
+        (timedelta(minutes=-20), 400),
+        (timedelta(minutes=10), 202),
+        (timedelta(minutes=20), 400),
+    ],
+    ids=["skew-before-registration", "before-registration", "skew-ahead", "ahead"],
+)
+def test_timestamps_lie_within_the_clusters_life_give_or_take_the_clock_skew(
+    plane: ControlPlane, offset: timedelta, status: int
+) -> None:
+    registration = register(plane)
+    answer = post(plane, registration, sealed(registration, own(registration, observed_at=datetime.now(UTC) + offset)))
+    assert answer.status_code == status, answer.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dask.config
@@ -125,3 +126,16 @@ def test_an_idempotency_key_naming_another_batch_is_refused(pipeline: Pipeline) 
 def test_garbage_is_an_intake_error(pipeline: Pipeline) -> None:
     with pytest.raises(IntakeError, match="not a sealed metadata batch"):
         pipeline.ingest(b'{"records": []}', ACME_C1)
+
+
+@pytest.mark.parametrize(
+    "principal", [Principal.embedded_cluster("acme", None), Principal("operator")], ids=["embedded", "operator"]
+)
+def test_bounds_hold_for_batches_of_no_registered_cluster_too(pipeline: Pipeline, principal: Principal) -> None:
+    far = make_record(observed_at=datetime(9999, 12, 31, tzinfo=UTC))
+    with pytest.raises(IntakeError, match="cluster_snapshot.observed_at: outside the cluster's life"):
+        pipeline.ingest(sealed_batch(pipeline, [make_record(), far])[1], principal)
+    assert list(pipeline.read_records("long_term")) == []
+    old = make_record(observed_at=datetime(1999, 12, 31, tzinfo=UTC))
+    with pytest.raises(IntakeError, match=r"\(2000-01-01T00:00:00\+00:00 to "):
+        pipeline.ingest(sealed_batch(pipeline, [old])[1], principal)
