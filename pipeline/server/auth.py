@@ -31,9 +31,20 @@ from pipeline.server.names import NameBox
 if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
 
-__all__ = ["TOKEN_KINDS", "IssuedToken", "TokenInfo", "TokenStore", "authenticated", "current_pipeline", "require"]
+__all__ = [
+    "PRINCIPAL",
+    "TOKEN_KINDS",
+    "IssuedToken",
+    "TokenInfo",
+    "TokenStore",
+    "authenticated",
+    "current_pipeline",
+    "require",
+]
 
 TOKEN_KINDS = ("member", "admin", "cluster")
+#: where the app's guard leaves the principal of a request it authenticated before reading its body
+PRINCIPAL = "principal"
 TOKEN_PREFIX = "mp_"
 _TOKEN_SHAPE = re.compile(r"mp_[A-Za-z0-9_-]{43}")
 
@@ -223,6 +234,9 @@ def authenticated(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     """FastAPI dependency: the caller's principal (401 without a valid bearer token)."""
+    known: Principal | None = getattr(request.state, PRINCIPAL, None)
+    if known is not None:  # a request with a body, authenticated by the app's guard before it was read
+        return known
     if credentials is None:
         raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
     tokens: TokenStore = request.app.state.tokens
