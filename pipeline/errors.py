@@ -9,6 +9,7 @@
      ├── UnknownAccountError    an account the keyring has never seen
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
+     │         └── Throttled    the control plane asked to wait (HTTP 429 with Retry-After)
      ├── SpoolError             a spooled batch is unreadable
      ├── CredentialsError       cluster credentials cannot be issued, found or opened
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
@@ -42,6 +43,7 @@ __all__ = [
     "SpoolError",
     "StoreError",
     "StoreUnavailable",
+    "Throttled",
     "TokenNotFound",
     "UnknownAccountError",
 ]
@@ -80,6 +82,14 @@ class StoreError(PipelineError):
 
 class StoreUnavailable(StoreError):
     """A store cannot be reached; the operation may succeed later."""
+
+
+class Throttled(StoreUnavailable):
+    """The control plane is busy with this tenant: retry no sooner than ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class SpoolError(PipelineError):
