@@ -4,6 +4,7 @@
 
     PipelineError
      ├── ConfigError            bad setting, unknown URL scheme, missing optional extra
+     │    └── InvalidBinding    a token's kind, account, user or cluster id is wrong (HTTP 400)
      ├── PolicyError            invalid retention policy (file, dotted field, reason)
      ├── KeyringError           missing/wrong/insecure master key, destroyed data key
      ├── UnknownAccountError    an account the keyring has never seen
@@ -36,6 +37,7 @@ __all__ = [
     "CredentialsError",
     "ForbiddenBatch",
     "IntakeError",
+    "InvalidBinding",
     "KeyringError",
     "OutputError",
     "PipelineError",
@@ -55,6 +57,10 @@ class PipelineError(Exception):
 
 class ConfigError(PipelineError, ValueError):
     """A configuration value is missing, malformed or names an unknown backend."""
+
+
+class InvalidBinding(ConfigError):
+    """What a token would be bound to is wrong: an unknown kind, a blank name, a missing account."""
 
 
 class PolicyError(PipelineError, ValueError):

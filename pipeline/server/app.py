@@ -26,6 +26,7 @@ from pipeline.errors import (
     AuthenticationError,
     ForbiddenBatch,
     IntakeError,
+    InvalidBinding,
     PipelineError,
     StoreUnavailable,
     UnknownAccountError,
@@ -52,6 +53,7 @@ MAX_JSON_BYTES = 64 * 1024
 ERROR_STATUS: tuple[tuple[type[PipelineError], int], ...] = (
     (AuthenticationError, 401),
     (IntakeError, 400),
+    (InvalidBinding, 400),
     (ForbiddenBatch, 403),
     (UnknownAccountError, 404),
     (RequestNotFound, 404),
@@ -116,7 +118,7 @@ class _Guard:
         declared = headers.get(b"content-length", b"")
         limit = _body_limit(scope)
         if declared.isdigit() and int(declared) > limit:
-            return problem(413, f"request body exceeds the limit of {limit} bytes")
+            return problem(413, f"request body exceeds the limit of {limit} bytes", _CLOSE)
         if declared.strip(b"0") or b"transfer-encoding" in headers:
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             try:
@@ -124,7 +126,7 @@ class _Guard:
                     raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
                 principal = await run_in_threadpool(self.tokens.authenticate, token.strip())
             except AuthenticationError as exc:
-                return problem(401, str(exc), {"WWW-Authenticate": "Bearer"})
+                return problem(401, str(exc), {"WWW-Authenticate": "Bearer", **_CLOSE})
             scope.setdefault("state", {})[PRINCIPAL] = principal
         return None
 
@@ -138,15 +140,20 @@ class _Guard:
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
             except TimeoutError:
-                raise HTTPException(408, f"no part of the request body arrived for {self.body_timeout:g} s") from None
+                detail = f"no part of the request body arrived for {self.body_timeout:g} s"
+                raise HTTPException(408, detail, _CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > limit:
-                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes", _CLOSE)
             return message
 
         return bounded
+
+
+#: a request refused before its body was read ends its connection: the unread rest is never read
+_CLOSE = {"Connection": "close"}
 
 
 def _body_limit(scope: Scope) -> int:

@@ -8,7 +8,7 @@ same 404 body), so the API is no oracle for which accounts exist.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
@@ -73,14 +73,24 @@ def get_records(
     until: datetime | None = None,
 ) -> StreamingResponse:
     """Records of the caller's account (admin: of every account, or of ``account``)."""
-    for name, moment in (("since", since), ("until", until)):
-        if moment is not None and moment.tzinfo is None:
-            raise HTTPException(400, f"{name}: give a time zone, e.g. 2026-11-30T12:00:00Z")
+    since, until = _utc("since", since), _utc("until", until)
     account = visible_account(pipeline, principal, account)
     if store not in pipeline.stores:
         raise HTTPException(404, f"store {store!r} is not configured on this control plane")
     rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind)
     return StreamingResponse(_ndjson(rows, since, until), media_type=NDJSON)
+
+
+def _utc(name: str, moment: datetime | None) -> datetime | None:
+    """A query's moment in UTC; 400 without a time zone or when it lies outside the years 1 to 9999 in UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise HTTPException(400, f"{name}: give a time zone, e.g. 2026-11-30T12:00:00Z")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise HTTPException(400, f"{name}: out of range in UTC (years 1 to 9999)") from None
 
 
 def _ndjson(rows: Iterator[dict[str, Any]], since: datetime | None, until: datetime | None) -> Iterator[str]:
