@@ -118,7 +118,7 @@ class _Guard:
         declared = headers.get(b"content-length", b"")
         limit = _body_limit(scope)
         if declared.isdigit() and int(declared) > limit:
-            return problem(413, f"request body exceeds the limit of {limit} bytes", _CLOSE)
+            return problem(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
         if declared.strip(b"0") or b"transfer-encoding" in headers:
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             try:
@@ -146,7 +146,7 @@ class _Guard:
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > limit:
-                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes", _CLOSE)
+                    raise HTTPException(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
             return message
 
         return bounded
