@@ -67,6 +67,19 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def pipeline_problem(exc: PipelineError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The answer to a pipeline error, by :data:`ERROR_STATUS`; anything unmapped is a logged 500."""
+    for error_type, status in ERROR_STATUS:
+        if isinstance(exc, error_type):
+            headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+            if status == 503:  # the reason names internal hosts: it goes to the log, not to the caller
+                logger.warning("answered 503: %s", exc)
+                return problem(503, "a store or the metadata database is unavailable; retry later", headers)
+            return problem(status, str(exc), headers)
+    logger.error("request failed: %s", exc, exc_info=exc)
+    return problem(500, "internal error; the server log has the details", headers)
+
+
 def _validation_detail(exc: RequestValidationError) -> str:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
@@ -125,8 +138,8 @@ class _Guard:
                 if scheme.lower() != "bearer" or not token:
                     raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
                 principal = await run_in_threadpool(self.tokens.authenticate, token.strip())
-            except AuthenticationError as exc:
-                return problem(401, str(exc), {"WWW-Authenticate": "Bearer", **_CLOSE})
+            except PipelineError as exc:  # 401, or 503 while the database is away
+                return pipeline_problem(exc, _CLOSE)
             scope.setdefault("state", {})[PRINCIPAL] = principal
         return None
 
@@ -203,15 +216,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
 
     @app.exception_handler(PipelineError)
     async def pipeline_error(_request: Request, exc: PipelineError) -> JSONResponse:
-        for error_type, status in ERROR_STATUS:
-            if isinstance(exc, error_type):
-                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-                if status == 503:  # the reason names internal hosts: it goes to the log, not to the caller
-                    logger.warning("answered 503: %s", exc)
-                    return problem(503, "a store or the metadata database is unavailable; retry later", headers)
-                return problem(status, str(exc), headers)
-        logger.error("request failed: %s", exc, exc_info=exc)
-        return problem(500, "internal error; the server log has the details")
+        return pipeline_problem(exc)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -40,6 +40,8 @@ MAX_HEADER_BYTES = 16 * 1024
 
 #: open files kept for everything but client connections (database, stores, logs, keys)
 _SPARE_FILES = 64
+#: connections the kernel queues for accepting (uvicorn's default is 2048)
+_BACKLOG = 128
 
 
 class _GuardedH11(H11Protocol):
@@ -81,16 +83,25 @@ class _GuardedH11(H11Protocol):
             self.transport.abort()
 
 
-def _protocol(limits: ServerLimits) -> type[H11Protocol]:
-    """The HTTP protocol class with ``limits``; the connection cap stays below the open-files limit."""
+def _connection_limits(limits: ServerLimits) -> tuple[type[H11Protocol], int]:
+    """The HTTP protocol class with ``limits``, and the listen backlog.
+
+    Connections are accepted a backlog at a time before any is closed, so the open-files
+    limit must hold the kept connections, one backlog and the process's other files: it is
+    raised to fit where the hard limit allows, and the connection cap lowered where it does not.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = limits.max_connections + _SPARE_FILES
+    wanted = limits.max_connections + _BACKLOG + _SPARE_FILES
     if soft != resource.RLIM_INFINITY and soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    cap = limits.max_connections if soft == resource.RLIM_INFINITY else min(limits.max_connections, soft - _SPARE_FILES)
-    attributes = {"header_timeout": limits.header_timeout, "max_connections": max(1, cap)}
-    return type("GuardedH11Protocol", (_GuardedH11,), attributes)
+    cap, backlog = limits.max_connections, _BACKLOG
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        room = max(2, soft - _SPARE_FILES)
+        backlog = min(_BACKLOG, max(1, room // 4))
+        cap = min(cap, room - backlog)
+    attributes = {"header_timeout": limits.header_timeout, "max_connections": cap}
+    return type("GuardedH11Protocol", (_GuardedH11,), attributes), backlog
 
 
 class ControlPlaneServer(uvicorn.Server):
@@ -140,6 +151,7 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
     for key, path in (("tls-cert", s.tls_cert), ("tls-key", s.tls_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"pipeline.server.{key}: no such file {path}")
+    protocol, backlog = _connection_limits(s.limits)
     return uvicorn.Config(
         create_app(pipeline),
         host=host or s.server_host,
@@ -151,7 +163,8 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
         server_header=False,
         lifespan="off",
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        http=_protocol(s.limits),
+        http=protocol,
+        backlog=backlog,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
