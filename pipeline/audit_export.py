@@ -43,7 +43,7 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
             os.fsync(fh.fileno())
         os.replace(tmp, folder / "entries.jsonl")
         write_private(folder / "public_key.pem", audit.public_key_pem())
-        algorithm = "Ed25519" if isinstance(audit.first_public_key(), Ed25519PublicKey) else "ECDSA P-256 SHA-256"
+        algorithm = "Ed25519" if isinstance(audit.trusted_key, Ed25519PublicKey) else "ECDSA P-256 SHA-256"
         manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
         write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         write_private(folder / "README.md", verification_readme().encode())

@@ -7,12 +7,21 @@ backups) or an S3 prefix in a bucket with Object Lock (``s3://bucket/prefix``;
 objects cannot be overwritten or deleted before their retention ends). ``audit
 verify`` compares the chain with the newest checkpoint, which is how a cut
 tail, a wiped table or a database restored from an older copy is noticed.
+
+The newest checkpoint is the validly signed one with the highest sequence
+number among every file, and every version of every object: names, listing
+order and S3 delete markers decide nothing, since whoever holds the pipeline's
+own credentials can add objects and delete markers. Each verifier also keeps
+the newest checkpoint it has seen in a 0600 file (:class:`HighWater`), so a
+witness that loses checkpoints is named rather than believed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +32,9 @@ from pipeline.awsclient import aws_client
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
 from pipeline.fsmodes import private_folder, write_private
 
-__all__ = ["Checkpoint", "FileWitness", "S3Witness", "Witness", "open_witness"]
+__all__ = ["Checkpoint", "FileWitness", "HighWater", "S3Witness", "Witness", "open_witness"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,20 +92,22 @@ class Witness(ABC):
         """
 
     @abstractmethod
-    def names(self) -> list[str]:
-        """Every checkpoint object's name."""
+    def objects(self) -> Iterator[tuple[str, bytes]]:
+        """Every stored object (every version of it, where the store keeps versions): where, bytes.
 
-    @abstractmethod
-    def get(self, name: str) -> bytes:
-        """One object's bytes."""
+        :raises StoreUnavailable: the witness cannot be read
+        """
 
     def write(self, checkpoint: Checkpoint) -> None:
         self.put(checkpoint.name, checkpoint.to_json())
 
-    def newest(self) -> Checkpoint | None:
-        """The checkpoint with the highest sequence number (then the latest time)."""
-        names = sorted(n for n in self.names() if n.startswith("checkpoint-") and n.endswith(".json"))
-        return Checkpoint.from_json(names[-1], self.get(names[-1])) if names else None
+    def checkpoints(self) -> Iterator[Checkpoint]:
+        """Every well-formed checkpoint the witness holds, in no particular order (signatures unchecked)."""
+        for where, data in self.objects():
+            try:
+                yield Checkpoint.from_json(where, data)
+            except AuditIntegrityError as exc:  # planted junk cannot be removed from a locked bucket: skip it
+                log.warning("audit witness %s: %s", self.url, exc.reason)
 
 
 class FileWitness(Witness):
@@ -112,11 +125,17 @@ class FileWitness(Witness):
         except OSError as exc:
             raise StoreUnavailable(f"audit witness {self.path}: cannot write {name}: {exc.strerror}") from exc
 
-    def names(self) -> list[str]:
-        return [p.name for p in self.path.glob("checkpoint-*.json")] if self.path.is_dir() else []
-
-    def get(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+    def objects(self) -> Iterator[tuple[str, bytes]]:
+        if not self.path.is_dir():
+            return
+        for path in self.path.iterdir():
+            if path.is_file() and not path.name.startswith("."):  # not write_private's temporary files
+                try:
+                    yield path.name, path.read_bytes()
+                except OSError as exc:
+                    raise StoreUnavailable(
+                        f"audit witness {self.path}: cannot read {path.name}: {exc.strerror}"
+                    ) from exc
 
 
 class S3Witness(Witness):
@@ -154,18 +173,40 @@ class S3Witness(Witness):
                 return  # another process checkpointed the same head at the same instant
             raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
 
-    def names(self) -> list[str]:
+    def objects(self) -> Iterator[tuple[str, bytes]]:
+        """Every version of every object under the prefix; delete markers hide nothing here."""
         try:
-            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(""))
-            return [obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])]
+            pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=self._key(""))
+            versions = [(v["Key"], v["VersionId"]) for page in pages for v in page.get("Versions", [])]
         except self._errors as exc:
             raise StoreUnavailable(f"audit witness {self.url} unreachable: {exc}") from exc
+        for key, version in versions:
+            try:
+                body = self._s3.get_object(Bucket=self.bucket, Key=key, VersionId=version)["Body"].read()
+            except self._errors as exc:
+                raise StoreUnavailable(f"audit witness {self.url}: cannot read {key} ({version}): {exc}") from exc
+            yield f"{key} (version {version})", bytes(body)
 
-    def get(self, name: str) -> bytes:
+
+class HighWater:
+    """The newest checkpoint this host has seen, in a 0600 file of its own (outside database and witness)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> Checkpoint | None:
+        """:raises AuditIntegrityError: the file is malformed"""
         try:
-            return bytes(self._s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read())
-        except self._errors as exc:
-            raise StoreUnavailable(f"audit witness {self.url}: cannot read {name}: {exc}") from exc
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return Checkpoint.from_json(str(self.path), data)
+
+    def raise_to(self, checkpoint: Checkpoint) -> None:
+        """Remember ``checkpoint`` if it is newer than what the file holds."""
+        seen = self.read()
+        if seen is None or (checkpoint.seq, checkpoint.time) > (seen.seq, seen.time):
+            write_private(private_folder(self.path.parent) / self.path.name, checkpoint.to_json())
 
 
 def open_witness(url: str) -> Witness:
