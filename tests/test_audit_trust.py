@@ -239,3 +239,26 @@ def test_an_older_checkpoint_named_to_sort_last_is_not_the_newest(home: Path, s3
         s3.put_object(Bucket=bucket, Key="audit/checkpoint-999999999999999-zzz.json", Body=body)
         _cut_and_forget(pipeline, home, first + 1)
         _fails(f"audit trail ends at seq {first + 1}; checkpoint of 2026-12-01T11:00Z records seq {last}")
+
+
+def test_the_export_carries_the_newest_checkpoint_and_its_script_names_a_cut_tail(home: Path, tmp_path: Path) -> None:
+    _pipeline_with_checkpoint()
+    exported = tmp_path / "export"
+    assert run("audit", "export", "--out", str(exported)).exit_code == 0
+    assert json.loads((exported / "checkpoint.json").read_text())["seq"] == 57
+    script = readme_script(exported, tmp_path)
+    assert verify(script, exported).stdout.startswith("intact: 57 entries")
+
+    lines = (exported / "entries.jsonl").read_text().splitlines(keepends=True)
+    (exported / "entries.jsonl").write_text("".join(lines[:41]))
+    cut = verify(script, exported)
+    assert (cut.returncode, cut.stdout.strip()) == (
+        1,
+        f"entry 42: export ends at seq 41; checkpoint of {T0.isoformat()} records seq 57",
+    )
+
+    (exported / "entries.jsonl").write_text("".join(lines))
+    forged = json.loads((exported / "checkpoint.json").read_text())
+    forged["seq"] = 41
+    (exported / "checkpoint.json").write_text(json.dumps(forged))
+    assert verify(script, exported).stdout.strip() == "checkpoint.json is not signed by public_key.pem"

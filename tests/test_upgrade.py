@@ -18,13 +18,15 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner
+from test_audit_export import readme_script, verify
 
 from pipeline.cli import main
 from pipeline.retention.requests import file_request, get_request, process_pending
 from pipeline.runtime import Pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upgrade"
-RELEASES = ["7bcb039", "b60f8d6"]  # the first release and the last one before issue 19
+#: the first release, the last one before issue 19, and the first as the last one upgraded it
+RELEASES = ["7bcb039", "b60f8d6", "7bcb039+b60f8d6"]
 
 
 def _home(release: str, tmp_path: Path) -> Path:
@@ -56,6 +58,10 @@ def test_a_home_written_by_an_earlier_release_reads_back_whole_after_init(releas
         assert verified.exit_code == 0, verified.output
         entries = list(pipeline.audit.entries())
         assert entries[expected["audit"]["entries"] - 1].entry_hash == expected["audit"]["head"]
+        exported = tmp_path / "export"
+        assert CliRunner().invoke(main, ["audit", "export", "--out", str(exported)]).exit_code == 0
+        checked = verify(readme_script(exported, tmp_path), exported)  # a third party follows any hand-over
+        assert checked.returncode == 0 and checked.stdout.startswith(f"intact: {len(entries)} entries"), checked.stdout
 
         for request_id, filed in expected["requests"].items():  # reasons: readable while open, shredded after
             request = get_request(pipeline, request_id)
