@@ -301,8 +301,7 @@ class AuditLog:
 
         :raises AuditIntegrityError: the witness lacks a checkpoint this host has seen (rolled back)
         """
-        signed = (c for c in self.witness.checkpoints() if signed_by(self.trusted_key, c.signature, c.body()))
-        newest = max(signed, key=lambda c: (c.seq, c.time), default=None)
+        newest = self.witness.newest(lambda c: signed_by(self.trusted_key, c.signature, c.body()))
         if self.high_water is not None:
             self._check_high_water(newest)
         return newest

@@ -11,17 +11,24 @@ tail, a wiped table or a database restored from an older copy is noticed.
 The newest checkpoint is the validly signed one with the highest sequence
 number among every file, and every version of every object: names, listing
 order and S3 delete markers decide nothing, since whoever holds the pipeline's
-own credentials can add objects and delete markers. Each verifier also keeps
+own credentials can add objects and delete markers. A name only orders the
+reading: objects are read from the highest sequence number their name claims
+down, and reading stops below the best signed one found, because the pipeline
+names what it writes truthfully and nobody else can sign; an object whose name
+claims nothing is always read. So a verification reads the listing and a few
+objects, not every checkpoint ever written. Each verifier also keeps
 the newest checkpoint it has seen in a 0600 file (:class:`HighWater`), so a
 witness that loses checkpoints is named rather than believed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +39,7 @@ from pipeline.awsclient import aws_client
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
 from pipeline.fsmodes import private_folder, write_private
 
-__all__ = ["Checkpoint", "FileWitness", "HighWater", "S3Witness", "Witness", "open_witness"]
+__all__ = ["Checkpoint", "FileWitness", "HighWater", "S3Witness", "Stored", "Witness", "open_witness"]
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +99,47 @@ class Witness(ABC):
         """
 
     @abstractmethod
-    def objects(self) -> Iterator[tuple[str, bytes]]:
-        """Every stored object (every version of it, where the store keeps versions): where, bytes.
+    def objects(self) -> list[Stored]:
+        """Every stored object, every version of it where the store keeps versions (nothing read yet).
 
-        :raises StoreUnavailable: the witness cannot be read
+        :raises StoreUnavailable: the witness cannot be listed
         """
 
     def write(self, checkpoint: Checkpoint) -> None:
         self.put(checkpoint.name, checkpoint.to_json())
 
-    def checkpoints(self) -> Iterator[Checkpoint]:
-        """Every well-formed checkpoint the witness holds, in no particular order (signatures unchecked)."""
-        for where, data in self.objects():
+    def newest(self, trusted: Callable[[Checkpoint], bool]) -> Checkpoint | None:
+        """The ``trusted`` checkpoint with the highest sequence number (then the latest time) of every object.
+
+        :raises StoreUnavailable: the witness cannot be read
+        """
+        best: Checkpoint | None = None
+        for claimed, stored in sorted(((_claimed_seq(o.name), o) for o in self.objects()), key=lambda c: -c[0]):
+            if best is not None and claimed < best.seq:
+                break  # every later object claims less than a checkpoint already trusted
             try:
-                yield Checkpoint.from_json(where, data)
+                found = Checkpoint.from_json(stored.where, stored.read())
             except AuditIntegrityError as exc:  # planted junk cannot be removed from a locked bucket: skip it
                 log.warning("audit witness %s: %s", self.url, exc.reason)
+                continue
+            if trusted(found) and (best is None or (found.seq, found.time) > (best.seq, best.time)):
+                best = found
+        return best
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored object (or object version) of a witness: its name, where it is, how to read it."""
+
+    name: str
+    where: str
+    read: Callable[[], bytes]
+
+
+def _claimed_seq(name: str) -> float:
+    """The sequence number a name claims (``checkpoint-<seq>-…``); infinity when it claims none."""
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "checkpoint" and parts[1].isdigit() else math.inf
 
 
 class FileWitness(Witness):
@@ -125,17 +157,18 @@ class FileWitness(Witness):
         except OSError as exc:
             raise StoreUnavailable(f"audit witness {self.path}: cannot write {name}: {exc.strerror}") from exc
 
-    def objects(self) -> Iterator[tuple[str, bytes]]:
+    def objects(self) -> list[Stored]:
         if not self.path.is_dir():
-            return
-        for path in self.path.iterdir():
-            if path.is_file() and not path.name.startswith("."):  # not write_private's temporary files
-                try:
-                    yield path.name, path.read_bytes()
-                except OSError as exc:
-                    raise StoreUnavailable(
-                        f"audit witness {self.path}: cannot read {path.name}: {exc.strerror}"
-                    ) from exc
+            return []
+        files = [p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")]  # not temp files
+        return [Stored(p.name, str(p), functools.partial(self._read, p)) for p in files]
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise StoreUnavailable(f"audit witness: cannot read {path}: {exc.strerror}") from exc
 
 
 class S3Witness(Witness):
@@ -173,19 +206,23 @@ class S3Witness(Witness):
                 return  # another process checkpointed the same head at the same instant
             raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
 
-    def objects(self) -> Iterator[tuple[str, bytes]]:
+    def objects(self) -> list[Stored]:
         """Every version of every object under the prefix; delete markers hide nothing here."""
         try:
             pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=self._key(""))
             versions = [(v["Key"], v["VersionId"]) for page in pages for v in page.get("Versions", [])]
         except self._errors as exc:
             raise StoreUnavailable(f"audit witness {self.url} unreachable: {exc}") from exc
-        for key, version in versions:
-            try:
-                body = self._s3.get_object(Bucket=self.bucket, Key=key, VersionId=version)["Body"].read()
-            except self._errors as exc:
-                raise StoreUnavailable(f"audit witness {self.url}: cannot read {key} ({version}): {exc}") from exc
-            yield f"{key} (version {version})", bytes(body)
+        return [
+            Stored(key.rsplit("/", 1)[-1], f"{key} (version {version})", functools.partial(self._read, key, version))
+            for key, version in versions
+        ]
+
+    def _read(self, key: str, version: str) -> bytes:
+        try:
+            return bytes(self._s3.get_object(Bucket=self.bucket, Key=key, VersionId=version)["Body"].read())
+        except self._errors as exc:
+            raise StoreUnavailable(f"audit witness {self.url}: cannot read {key} ({version}): {exc}") from exc
 
 
 class HighWater:

@@ -262,3 +262,24 @@ def test_the_export_carries_the_newest_checkpoint_and_its_script_names_a_cut_tai
     forged["seq"] = 41
     (exported / "checkpoint.json").write_text(json.dumps(forged))
     assert verify(script, exported).stdout.strip() == "checkpoint.json is not signed by public_key.pem"
+
+
+def test_a_verification_reads_the_newest_checkpoints_not_every_one_ever_written(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = _pipeline_with_checkpoint(3)
+    for hour in range(11, 21):
+        pipeline.audit.append("test.entry")
+        with freeze_time(T0.replace(hour=hour)):
+            pipeline.audit.checkpoint()
+    witness = home / "audit-witness"
+    files = sorted(witness.iterdir())
+    for older in files[:-1]:  # were any of these read, each would be named as malformed
+        older.chmod(0o600)
+        older.write_text("not json")
+    (witness / "notes.json").write_text("also not json")  # a name that claims nothing is always read
+
+    with caplog.at_level("WARNING", logger="pipeline.witness"):
+        assert run("audit", "verify").stdout.strip() == "audit trail intact: 15 entries"
+    [read_junk] = [r.getMessage() for r in caplog.records]
+    assert f"witness checkpoint {witness / 'notes.json'} is malformed" in read_junk
