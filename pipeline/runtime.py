@@ -190,7 +190,7 @@ class Pipeline:
             s.signing_key_url,
             s.witness_url,
             verify_key=load_verify_key(s.verify_key) if s.verify_key else None,
-            high_water=HighWater(s.home / "audit-high-water.json"),
+            high_water=HighWater(s.home / "audit-high-water.json", s.witness_url),
         )
 
     @functools.cached_property

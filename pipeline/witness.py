@@ -226,10 +226,15 @@ class S3Witness(Witness):
 
 
 class HighWater:
-    """The newest checkpoint this host has seen, in a 0600 file of its own (outside database and witness)."""
+    """The newest checkpoint this host has seen in one witness, in a 0600 file (outside database and witness).
 
-    def __init__(self, path: Path) -> None:
+    It names the witness it is about: pointing ``pipeline.audit.witness-url`` at
+    a new place starts a new mark instead of reporting the new place as rolled back.
+    """
+
+    def __init__(self, path: Path, witness_url: str) -> None:
         self.path = path
+        self.witness_url = witness_url
 
     def read(self) -> Checkpoint | None:
         """:raises AuditIntegrityError: the file is malformed"""
@@ -237,13 +242,18 @@ class HighWater:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return None
-        return Checkpoint.from_json(str(self.path), data)
+        try:
+            about = json.loads(data).get("witness")
+        except (ValueError, AttributeError) as exc:
+            raise AuditIntegrityError(0, f"audit high-water mark {self.path} is malformed: {exc}") from exc
+        return Checkpoint.from_json(str(self.path), data) if about == self.witness_url else None
 
     def raise_to(self, checkpoint: Checkpoint) -> None:
         """Remember ``checkpoint`` if it is newer than what the file holds."""
         seen = self.read()
         if seen is None or (checkpoint.seq, checkpoint.time) > (seen.seq, seen.time):
-            write_private(private_folder(self.path.parent) / self.path.name, checkpoint.to_json())
+            doc = {**json.loads(checkpoint.to_json()), "witness": self.witness_url}
+            write_private(private_folder(self.path.parent) / self.path.name, json.dumps(doc, sort_keys=True).encode())
 
 
 def open_witness(url: str) -> Witness:

@@ -283,3 +283,13 @@ def test_a_verification_reads_the_newest_checkpoints_not_every_one_ever_written(
         assert run("audit", "verify").stdout.strip() == "audit trail intact: 15 entries"
     [read_junk] = [r.getMessage() for r in caplog.records if r.name == "pipeline.witness"]
     assert f"witness checkpoint {witness / 'notes.json'} is malformed" in read_junk
+
+
+def test_moving_the_witness_starts_a_new_high_water_mark(home: Path, tmp_path: Path) -> None:
+    _pipeline_with_checkpoint(3)
+    assert run("audit", "verify").exit_code == 0
+    with dask.config.set({"pipeline.audit.witness-url": f"file://{tmp_path / 'new-witness'}"}):
+        assert run("audit", "verify").exit_code == 0  # an empty new witness is not a rolled-back old one
+        assert run("enforce").exit_code == 0
+        assert len(list((tmp_path / "new-witness").iterdir())) == 1
+    assert run("audit", "verify").exit_code == 0
