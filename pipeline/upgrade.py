@@ -31,6 +31,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select, update
 
@@ -126,12 +127,16 @@ def reseal_reasons(pipeline: Pipeline) -> dict[str, int]:
     for row in rows:
         if ":" in row.reason:  # "<key version>:<base64>": already under the subject's key
             continue
-        blob = base64.b64decode(row.reason)
-        reason = shared.decrypt(blob[:_NONCE], blob[_NONCE:], row.request_id.encode()).decode()
-        receipt = {**json.loads(row.receipt or "{}"), "reason_sha256": hashlib.sha256(reason.encode()).hexdigest()}
-        sealed = None
-        if row.state != "completed":  # an erased subject's key is gone: its reason goes with it
-            sealed = seal_reason(keyring, row.request_id, row.subject_ref, row.user_ref, reason)
+        receipt, sealed = json.loads(row.receipt or "{}"), None
+        try:
+            blob = base64.b64decode(row.reason)
+            reason = shared.decrypt(blob[:_NONCE], blob[_NONCE:], row.request_id.encode()).decode()
+        except (ValueError, InvalidTag):
+            reason = None  # unreadable under the shared key too: nothing to move
+        if reason is not None:
+            receipt["reason_sha256"] = hashlib.sha256(reason.encode()).hexdigest()
+            if row.state != "completed":  # an erased subject's key is gone: its reason goes with it
+                sealed = seal_reason(keyring, row.request_id, row.subject_ref, row.user_ref, reason)
         with transaction(keyring.engine, f"deletion request {row.request_id}") as conn:
             conn.execute(
                 update(deletion_requests)
