@@ -119,7 +119,9 @@ def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily fo
 
 @command(main)
 def init(out: Output) -> None:
-    """Create keys and schema under the configured home (idempotent)."""
+    """Create keys and schema under the configured home (idempotent); upgrades an earlier release's data."""
+    from pipeline.upgrade import upgrade_data
+
     pipeline = open_pipeline(create=True)
     s = pipeline.settings
     info = {
@@ -130,6 +132,9 @@ def init(out: Output) -> None:
         "policy": str(s.policy_path),
         "intake_public_key": pipeline.intake_public_key,
     }
+    upgraded = upgrade_data(pipeline)  # what an earlier release sealed under another key layout
+    if upgraded:
+        info["upgraded"] = upgraded
     pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
 

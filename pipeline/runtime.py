@@ -45,8 +45,10 @@ from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, 
 from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
+from pipeline.signing import load_verify_key
 from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
+from pipeline.witness import HighWater
 
 __all__ = ["IngestResult", "Pipeline", "Unreadable", "seal_records", "seal_tables"]
 
@@ -226,7 +228,14 @@ class Pipeline:
     def audit(self) -> AuditLog:
         """The audit trail in the metadata database, its signing key file and its witness."""
         s = self.settings
-        return AuditLog.open(self.keyring.engine, self.keyring, s.signing_key_url, s.witness_url)
+        return AuditLog.open(
+            self.keyring.engine,
+            self.keyring,
+            s.signing_key_url,
+            s.witness_url,
+            verify_key=load_verify_key(s.verify_key) if s.verify_key else None,
+            high_water=HighWater(s.home / "audit-high-water.json", s.witness_url),
+        )
 
     @functools.cached_property
     def intake_key(self) -> X25519PrivateKey:
