@@ -88,19 +88,19 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
             subjects.update(zip(accounts.to_pylist(), users.to_pylist(), strict=True))
         if len(subjects) > MAX_BATCH_SUBJECTS:
             raise OutOfBounds("user", f"more than {MAX_BATCH_SUBJECTS} distinct accounts and users in one batch")
-    micros = window.micros()
     for table in tables:
         kind_name = table.column("kind")[0].as_py()
         for field in table.schema:
-            _check_column(f"{kind_name}.{field.name}", table.column(field.name), micros, window)
+            _check_column(f"{kind_name}.{field.name}", table.column(field.name), window)
 
 
-def _check_column(name: str, column: pa.ChunkedArray, micros: tuple[int, int], window: Window) -> None:
+def _check_column(name: str, column: pa.ChunkedArray, window: Window) -> None:
     """One column (or the flattened values of a list or map) against the bound of its type."""
     kind = column.type
     if pa.types.is_timestamp(kind):
-        low, high = pc.min_max(column.cast(pa.int64())).values()
-        if low.is_valid and (low.as_py() < micros[0] or high.as_py() > micros[1]):
+        low, high = pc.min_max(column.cast(pa.int64())).values()  # as integers: no year is out of range
+        earliest, latest = window.micros()
+        if low.is_valid and (low.as_py() < earliest or high.as_py() > latest):
             raise OutOfBounds(
                 name, f"outside the cluster's life ({window.earliest.isoformat()} to {window.latest.isoformat()})"
             )
@@ -120,19 +120,19 @@ def _check_column(name: str, column: pa.ChunkedArray, micros: tuple[int, int], w
             raise OutOfBounds(name, f"a string of {longest.as_py()} bytes; at most {MAX_STRING_BYTES}")
     elif pa.types.is_map(kind):
         entries = pa.list_(pa.struct([("key", kind.key_type), ("value", kind.item_type)]))
-        _check_items(name, column.cast(entries), micros, window)
+        _check_items(name, column.cast(entries), window)
     elif pa.types.is_list(kind):
-        _check_items(name, column, micros, window)
+        _check_items(name, column, window)
 
 
-def _check_items(name: str, column: pa.ChunkedArray, micros: tuple[int, int], window: Window) -> None:
+def _check_items(name: str, column: pa.ChunkedArray, window: Window) -> None:
     """A list column (a map as a list of key-value structs): its length, then its flattened values."""
     longest = pc.max(pc.list_value_length(column))
     if longest.is_valid and longest.as_py() > MAX_ITEMS:
         raise OutOfBounds(name, f"{longest.as_py()} entries; at most {MAX_ITEMS}")
     values = pc.list_flatten(column)
     if pa.types.is_struct(values.type):
-        _check_column(f"{name} keys", pc.struct_field(values, 0), micros, window)
-        _check_column(f"{name} values", pc.struct_field(values, 1), micros, window)
+        _check_column(f"{name} keys", pc.struct_field(values, 0), window)
+        _check_column(f"{name} values", pc.struct_field(values, 1), window)
     else:
-        _check_column(name, values, micros, window)
+        _check_column(name, values, window)

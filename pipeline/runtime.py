@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 
-from pipeline import bounds, tombstones
+from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
 from pipeline.db import ingested_batches, insert_ignoring_duplicates, transaction
@@ -161,15 +161,15 @@ def _stamped(table: pa.Table, principal: Principal, subject_ref: str) -> pa.Tabl
     """
     owner = principal.user if principal.kind == "cluster" and not principal.embedded else None
     if owner is not None and table.column("user").null_count:
-        column = pa.repeat(pa.scalar(owner, pa.string()), table.num_rows)
-        table = table.set_column(table.schema.get_field_index("user"), table.schema.field("user"), column)
+        users = columns.column(pa.string(), [owner] * table.num_rows)  # pa.array would import pandas
+        table = table.set_column(table.schema.get_field_index("user"), table.schema.field("user"), users)
     if table.column("kind")[0].as_py() == "software_env":
         ids = [
             environment_id(row["image"], row["python_version"], row["packages"], account_ref=subject_ref)
             for row in rows_from_table(table.select(["kind", "image", "python_version", "packages"]))
         ]
         field = table.schema.field("env_id")
-        table = table.set_column(table.schema.get_field_index("env_id"), field, pa.array(ids, field.type))
+        table = table.set_column(table.schema.get_field_index("env_id"), field, columns.column(field.type, ids))
     return table
 
 
