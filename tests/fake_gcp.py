@@ -2,7 +2,15 @@
 
 ``FakeLoggingREST`` serves the Logging v2 REST calls the client makes
 (``entries:write``, ``entries:list``, ``DELETE projects/P/logs/L``) and keeps
-entries per log. ``FakeConfigGRPC`` serves ConfigServiceV2 ``GetBucket`` and
+entries per log, with two rules of the real service a store must survive:
+
+* ``logs.delete`` also drops entries received later with a timestamp before the
+  delete ("Entries received after the delete operation with a timestamp before
+  the operation will be deleted", Google's reference);
+* listing is eventually consistent: an entry becomes listable ``listing_delay``
+  seconds after it was written (``settle()`` ends every wait), and entries with
+  the same ``insertId`` and timestamp show once in a listing.
+ ``FakeConfigGRPC`` serves ConfigServiceV2 ``GetBucket`` and
 ``UpdateBucket`` over plaintext gRPC. Both check the shape of what they are sent
 (log names, resources, entry size, filter grammar, the explicit timestamp
 range, field masks, locked buckets) and answer with the API's error statuses, so
@@ -14,9 +22,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
-from datetime import datetime
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
@@ -57,6 +66,10 @@ class FakeLoggingREST:
         self.entries: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, body) as received
         self.unavailable = False
+        #: seconds before a written entry shows in listings
+        self.listing_delay = 0.0
+        #: log name -> when it was deleted
+        self.deleted: dict[str, datetime] = {}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -133,11 +146,22 @@ class FakeLoggingREST:
                 raise BadRequest(400, f"entry {i}: label values must be strings")
             if len(json.dumps(entry)) > ENTRY_LIMIT:
                 raise BadRequest(400, f"entry {i}: log entry is larger than 256 KB")
-            entry["receiveTimestamp"] = entry["timestamp"]
+            entry["receiveTimestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
             accepted.append(entry)
+        listable_at = time.monotonic() + self.listing_delay
         with self.lock:
-            self.entries.extend(accepted)
+            for entry in accepted:
+                deleted_at = self.deleted.get(entry["logName"])
+                if deleted_at is not None and _time(entry["timestamp"]) < deleted_at:
+                    continue  # accepted, then removed by the earlier delete
+                self.entries.append({**entry, "_listable_at": listable_at})
         return {}
+
+    def settle(self) -> None:
+        """Make every entry written so far listable (the service's delay has passed)."""
+        with self.lock:
+            for entry in self.entries:
+                entry["_listable_at"] = 0.0
 
     def list(self, body: dict[str, Any]) -> dict[str, Any]:
         names = body.get("resourceNames") or []
@@ -150,13 +174,15 @@ class FakeLoggingREST:
             raise BadRequest(400, f"pageSize must be 1..1000, got {size}")
         match = self.compile_filter(body.get("filter", ""))
         projects = {n.split("/")[1] for n in names}
+        now = time.monotonic()
         with self.lock:
-            found = [
-                e
-                for e in self.entries
-                if _LOG_NAME.match(e["logName"]).group(1) in projects and match(e)  # type: ignore[union-attr]
-            ]
-        found.sort(key=lambda e: _time(e["timestamp"]))
+            listable = [e for e in self.entries if e["_listable_at"] <= now]
+        unique = {
+            (e["insertId"], e["timestamp"]): {k: v for k, v in e.items() if k != "_listable_at"}
+            for e in listable
+            if _LOG_NAME.match(e["logName"]).group(1) in projects and match(e)  # type: ignore[union-attr]
+        }
+        found = sorted(unique.values(), key=lambda e: _time(e["timestamp"]))
         start = int(body.get("pageToken") or 0)
         page: dict[str, Any] = {"entries": found[start : start + size]}
         if start + size < len(found):
@@ -194,6 +220,7 @@ class FakeLoggingREST:
             if len(kept) == len(self.entries):
                 raise BadRequest(404, f"log {log_name} not found")
             self.entries = kept
+            self.deleted[log_name] = datetime.now(UTC)
         return {}
 
     def logs(self, project: str) -> set[str]:

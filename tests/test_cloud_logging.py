@@ -120,14 +120,18 @@ def test_erasing_a_subject_deletes_its_logs(gcp_fakes, gcp_logging_url, keyring)
     assert len(deleted) == 2
 
 
-def test_a_crash_between_rewrite_and_delete_loses_and_doubles_nothing(
+def test_a_shared_log_of_an_earlier_release_loses_nothing_to_a_crash(
     gcp_fakes, gcp_logging_url, keyring, monkeypatch
 ) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
     store = open_store(gcp_logging_url)
     assert isinstance(store, CloudLoggingStore)
-    records = [make_record(user=u, observed_at=T0, n_workers=i) for i, u in enumerate(("ann", "bob", "cy"))]
-    store.write(seal_records(keyring, records))
     acme = keyring.subject_ref("acme")
+    records = [make_record(user=u, observed_at=T0, n_workers=i) for i, u in enumerate(("ann", "bob", "cy"))]
+    shared = f"projects/{store.project}/logs/metadata-pipeline.{acme}.2026-01-01"
+    with monkeypatch.context() as patch:  # an earlier release: one log per subject and day
+        patch.setattr(store, "_log_name", lambda s: shared)
+        store.write(seal_records(keyring, records))
 
     def crash(action: str, log_name: str) -> None:
         raise StoreUnavailable("injected crash before the old log is deleted")
@@ -136,26 +140,10 @@ def test_a_crash_between_rewrite_and_delete_loses_and_doubles_nothing(
         patch.setattr(store, "_delete_log", crash)
         with pytest.raises(StoreUnavailable, match="injected crash"):
             store.erase(acme, keyring.user_ref("acme", "ann"))
-    survivors = sorted(s.user_ref for s in store.scan(subject_ref=acme))  # old and new log: each once
-    assert len(survivors) == 3
-    removed = store.erase(acme, keyring.user_ref("acme", "ann"))  # the rerun finishes the job
-    assert removed.segments == 1
-    workers = sorted(r["n_workers"] for s in store.scan() for r in rows_from_table(open_segment(keyring, s)))
-    assert workers == [1, 2]
-
-
-def test_erasure_after_a_crashed_rewrite_reaches_every_copy(gcp_fakes, gcp_logging_url, keyring, monkeypatch) -> None:  # noqa: ANN001
-    rest, _ = gcp_fakes
-    store = open_store(gcp_logging_url)
-    records = [make_record(user=u, observed_at=T0) for u in ("ann", "bob", "cy")]
-    store.write(seal_records(keyring, records))
-    acme = keyring.subject_ref("acme")
-    with monkeypatch.context() as patch:
-        patch.setattr(store, "_delete_log", lambda action, log: (_ for _ in ()).throw(StoreUnavailable("crash")))
-        with pytest.raises(StoreUnavailable):
-            store.erase(acme, keyring.user_ref("acme", "ann"))
-    assert len([log for log in rest.logs(_project(gcp_logging_url)) if acme in log]) == 2  # old and new log
-    assert store.erase(acme).segments == 3
+    assert len(list(store.scan(subject_ref=acme))) == 3  # the shared log and the survivors' own: each once
+    assert store.erase(acme, keyring.user_ref("acme", "ann")).segments == 1  # the rerun finishes the job
+    assert _workers(store, keyring) == [1, 2]
+    assert store.erase(acme).segments == 2
     assert [log for log in rest.logs(_project(gcp_logging_url)) if acme in log] == []
 
 
@@ -239,3 +227,72 @@ def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
     result = CliRunner().invoke(main, ["enforce"])
     assert result.exit_code == 1
     assert "retention of cloud_logging does not match the policy" in result.stderr
+
+
+# -- the service's delete and listing rules (tests/fake_gcp.py) ------------------------------
+
+
+@pytest.fixture
+def listing_delay(gcp_fakes) -> Iterator[None]:  # noqa: ANN001
+    """Entries written during the test show in listings only after settle(), as on the real service."""
+    rest, _ = gcp_fakes
+    rest.listing_delay = 3600.0
+    try:
+        yield
+    finally:
+        rest.listing_delay = 0.0
+        rest.settle()
+
+
+def _workers(store, keyring) -> list[int]:  # noqa: ANN001
+    return sorted(r["n_workers"] for s in store.scan() for r in rows_from_table(open_segment(keyring, s)))
+
+
+def test_a_replay_after_another_users_erasure_loses_nothing(gcp_fakes, gcp_logging_url, keyring) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    acme = keyring.subject_ref("acme")
+    store.write(seal_records(keyring, [make_record(user="ann", observed_at=T0)]))
+    bob = seal_records(keyring, [make_record(user="bob", observed_at=T0 + timedelta(minutes=m)) for m in range(7)])
+    assert store.erase(acme, keyring.user_ref("acme", "ann")).segments == 1
+    assert store.write(bob) == 1  # the spool replays bob's records of the same day after ann's erasure
+    assert [s.user_ref for s in store.scan(subject_ref=acme)] == [keyring.user_ref("acme", "bob")]
+    assert sum(s.n_records for s in store.scan(subject_ref=acme)) == 7
+
+
+def test_an_erasure_right_after_a_write_keeps_the_other_users_records(
+    gcp_fakes, gcp_logging_url, keyring, listing_delay
+) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    acme = keyring.subject_ref("acme")
+    store.write(seal_records(keyring, [make_record(user="ann", observed_at=T0, n_workers=1)]))
+    rest.settle()
+    store.write(seal_records(keyring, [make_record(user="bob", observed_at=T0, n_workers=2)]))  # not listable yet
+    store.erase(acme, keyring.user_ref("acme", "ann"))
+    rest.settle()
+    assert _workers(store, keyring) == [2]
+
+
+def test_a_replay_not_yet_listable_is_written_once(gcp_fakes, gcp_logging_url, keyring, listing_delay) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    segments = seal_records(keyring, [make_record(observed_at=T0, n_workers=3)])
+    store.write(segments)
+    store.write(segments)  # the first write does not show yet: written again, same insertIds
+    rest.settle()
+    assert _workers(store, keyring) == [3]
+    assert sum(s.n_records for s in store.scan()) == 1
+
+
+def test_two_retention_passes_cut_a_segment_twice_and_keep_what_is_young(gcp_fakes, gcp_settings, keyring) -> None:  # noqa: ANN001
+    pipeline = Pipeline.open(gcp_settings, create=True)
+    store = pipeline.stores["cloud_logging"]
+    hours = [T0 + timedelta(hours=h) for h in range(4)]  # 12:00 .. 15:00, one segment
+    pipeline.write_records([make_record(observed_at=at, n_workers=i) for i, at in enumerate(hours)])
+    first = enforce(pipeline, T0 + timedelta(days=30, minutes=30))  # cutoff 12:30: 12:00 goes
+    assert first.removed["cloud_logging"]["cluster_jobs"].records == 1
+    second = enforce(pipeline, T0 + timedelta(days=30, minutes=90))  # cutoff 13:30: 13:00 goes
+    assert second.removed["cloud_logging"]["cluster_jobs"].records == 1
+    kept = [r for s in store.scan() for r in rows_from_table(open_segment(pipeline.keyring, s))]
+    assert sorted(r["n_workers"] for r in kept) == [2, 3]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -179,14 +178,14 @@ class CloudLoggingStore(Store):
 
     # -- entries <-> segments ------------------------------------------------------------
 
-    def _log_name(self, subject_ref: str, day: str, generation: str = "") -> str:
-        suffix = f".{generation}" if generation else ""
-        return f"projects/{self.project}/logs/{LOG_PREFIX}.{subject_ref}.{day}{suffix}"
+    def _log_name(self, segment: Segment) -> str:
+        """One log per segment: deleting it removes that segment only, and no name is reused."""
+        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+        return f"projects/{self.project}/logs/{LOG_PREFIX}.{segment.subject_ref}.{day}.{segment.segment_id}"
 
-    def _entries(self, segment: Segment, log_name: str | None = None) -> list[dict[str, Any]]:
+    def _entries(self, segment: Segment) -> list[dict[str, Any]]:
         sealed = base64.b64encode(segment.payload).decode()
         chunks = max(1, math.ceil(len(sealed) / CHUNK))
-        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
         labels = {
             "subject_ref": segment.subject_ref,
             "data_type": segment.data_type,
@@ -197,7 +196,7 @@ class CloudLoggingStore(Store):
             labels["user_ref"] = segment.user_ref
         return [
             {
-                "logName": log_name or self._log_name(segment.subject_ref, day),
+                "logName": self._log_name(segment),
                 "insertId": f"{segment.segment_id}.{i}",
                 "timestamp": _stamp(segment.max_observed_at),
                 "severity": "INFO",
@@ -241,6 +240,11 @@ class CloudLoggingStore(Store):
     # -- the Store protocol --------------------------------------------------------------
 
     def write(self, segments: Sequence[Segment]) -> int:
+        """Write every entry: ``insertId`` and timestamp make a replay a duplicate the service drops.
+
+        What is listed decides only the count returned, never what is written: a listing
+        lags behind writes, so a segment it does not show yet is written again, harmlessly.
+        """
         if not segments:
             return 0
         present: set[str] = set()
@@ -253,9 +257,9 @@ class CloudLoggingStore(Store):
                 f'timestamp<="{_stamp(high)}"',
             ]
             present.update(h.segment.segment_id for h in self._segments("write", clauses, with_payload=False))
-        new = {s.segment_id: s for s in segments if s.segment_id not in present}
-        self._write_entries("write", [e for s in new.values() for e in self._entries(s)])
-        return len(new)
+        unique = {s.segment_id: s for s in segments}
+        self._write_entries("write", [e for s in unique.values() for e in self._entries(s)])
+        return len(unique.keys() - present)
 
     def scan(
         self,
@@ -270,22 +274,19 @@ class CloudLoggingStore(Store):
             yield held.segment
 
     def _remove(self, action: str, doomed: Sequence[_Held]) -> Removed:
-        """Remove segments (every copy): delete each log they are in, rewriting its other segments first."""
+        """Remove segments (every copy) by deleting the logs they are in.
+
+        A segment's log holds nothing else, so no survivor is read back or moved. A log
+        shared by several segments (written by an earlier release) first has its other
+        segments written to their own logs, names that were never deleted.
+        """
         unique = {h.segment.segment_id: h.segment for h in doomed}
         deleted = []
         for log_name in sorted({h.log for h in doomed}):
-            subject_ref, day = log_name.rsplit("/", 1)[1].split(".")[1:3]
-            held = list(self._segments(action, [f'logName="{log_name}"'], every_copy=True))
-            kept = list({h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}.values())
-            if kept:  # survivors first: a crash before the delete leaves duplicates, not a loss
-                generation = hashlib.sha256(" ".join(sorted(s.segment_id for s in kept)).encode()).hexdigest()[:12]
-                target = self._log_name(subject_ref, day, generation)
-                if target == log_name:  # this log holds only copies of survivors
-                    continue
-                there = {h.segment.segment_id for h in self._segments(action, [f'logName="{target}"'], False)}
-                self._write_entries(
-                    action, [e for s in kept if s.segment_id not in there for e in self._entries(s, target)]
-                )
+            if log_name.rsplit(".", 1)[1] not in unique:  # not one segment's own log
+                held = self._segments(action, [f'logName="{log_name}"'], every_copy=True)
+                kept = {h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}
+                self._write_entries(action, [e for s in kept.values() for e in self._entries(s)])
             self._delete_log(action, log_name)
             deleted.append(log_name)
         return Removed(len(unique), sum(s.n_records for s in unique.values()), tuple(deleted))
