@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from conftest import make_record
 from google.auth.credentials import AnonymousCredentials
 from google.cloud.logging_v2 import Client
+from google.cloud.logging_v2.types import LogSink
 
 from pipeline.cli import main
 from pipeline.config import Settings
@@ -27,6 +28,7 @@ from pipeline.errors import ConfigError, StoreUnavailable
 from pipeline.records import rows_from_table, utcnow
 from pipeline.reports.collect import build_report
 from pipeline.retention.enforcer import enforce
+from pipeline.retention.requests import file_request, process_pending
 from pipeline.runtime import Pipeline, seal_records
 from pipeline.segments import open_segment
 from pipeline.stores import open_store
@@ -182,22 +184,60 @@ def test_no_google_credentials_is_one_clear_error(tmp_path, monkeypatch) -> None
 
 
 def _bucket(url: str) -> str:
-    query = parse_qs(urlparse(url).query)
-    assert "bucket" not in query
-    return f"projects/{_project(url)}/locations/global/buckets/_Default"
+    bucket = parse_qs(urlparse(url).query).get("bucket", ["metadata-pipeline"])[0]
+    return f"projects/{_project(url)}/locations/global/buckets/{bucket}"
 
 
 @pytest.fixture
 def gcp_settings(home, gcp_logging_url) -> Iterator[Settings]:  # noqa: ANN001
+    """The store in the project's _Default bucket (``bucket=_Default``)."""
     with dask.config.set({"pipeline.cloud-logging.url": gcp_logging_url}):
         yield Settings.from_config()
 
 
-def test_a_pass_sets_a_400_day_bucket_to_30_and_audits_it(gcp_fakes, gcp_settings, gcp_logging_url) -> None:  # noqa: ANN001
+@pytest.fixture
+def own_settings(home, gcp_own_bucket_url) -> Iterator[Settings]:  # noqa: ANN001
+    """The store as configured by default: a bucket of its own, after ``metadata-pipeline init``."""
+    with dask.config.set({"pipeline.cloud-logging.url": gcp_own_bucket_url}):
+        result = CliRunner().invoke(main, ["init", "--json"])
+        assert result.exit_code == 0, result.output
+        yield Settings.from_config()
+
+
+def test_init_makes_a_bucket_that_takes_the_pipelines_logs_and_only_them(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
+    rest, config = gcp_fakes
+    project, name = _project(gcp_own_bucket_url), _bucket(gcp_own_bucket_url)
+    assert config.buckets[name].retention_days == 30  # the policy's cloud_logging retention
+    [sink] = [k for k in config.sinks.values() if k.destination == f"logging.googleapis.com/{name}"]
+    assert sink.filter == f'logName:"projects/{project}/logs/metadata-pipeline."'
+    assert [e.filter for k, e in config.exclusions.items() if k.startswith(f"projects/{project}/")] == [sink.filter]
+    again = CliRunner().invoke(main, ["init", "--json"])  # idempotent: finds, creates nothing
+    assert again.exit_code == 0 and json.loads(again.stdout)["cloud_logging_set_up"]["created"] == []
+
+    pipeline = Pipeline.open(own_settings)
+    pipeline.write_records([make_record(observed_at=utcnow())])
+    client = Client(
+        project=project,
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": rest.endpoint},
+        _use_grpc=False,
+    )
+    client.logger("another-app").log_text("not the pipeline's")
+    assert [log.rsplit("/", 1)[1] for log in rest.logs(project)] == ["another-app"]  # _Default
+    [ours] = rest.logs(project, "metadata-pipeline")
+    assert ours.startswith(f"projects/{project}/logs/metadata-pipeline.")
+    assert sum(s.n_records for s in pipeline.stores["cloud_logging"].scan()) == 1  # read from the bucket's view
+
+
+def test_a_pass_sets_the_pipelines_400_day_bucket_to_30_and_audits_it(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
     _, config = gcp_fakes
-    name = _bucket(gcp_logging_url)
-    config.add_bucket(name, 400)
-    pipeline = Pipeline.open(gcp_settings, create=True)
+    name = _bucket(gcp_own_bucket_url)
+    config.buckets[name].retention_days = 400  # changed by hand since init
+    pipeline = Pipeline.open(own_settings)
     report = enforce(pipeline)
     assert config.buckets[name].retention_days == 30
     found = {"bucket": name, "found_days": 400, "wanted_days": 30, "locked": False, "updated": True, "status": "PASS"}
@@ -208,13 +248,40 @@ def test_a_pass_sets_a_400_day_bucket_to_30_and_audits_it(gcp_fakes, gcp_setting
     assert len([u for u in config.updates if u.name == name]) == 1
 
 
-def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
-    gcp_fakes, gcp_settings, gcp_logging_url
+@pytest.mark.parametrize("holder", ["_Default", "another sink"])
+def test_a_bucket_that_holds_other_logs_is_never_changed(
+    gcp_fakes, home, gcp_logging_url, gcp_own_bucket_url, holder
 ) -> None:  # noqa: ANN001
     _, config = gcp_fakes
-    name = _bucket(gcp_logging_url)
+    url = gcp_logging_url if holder == "_Default" else gcp_own_bucket_url
+    with dask.config.set({"pipeline.cloud-logging.url": url}):
+        assert CliRunner().invoke(main, ["init"]).exit_code == 0
+        name = _bucket(url)
+        if holder == "another sink":
+            project = _project(url)
+            sink = LogSink(name="audit-app", destination=f"logging.googleapis.com/{name}", filter='logName:"audit"')
+            config.sinks[f"projects/{project}/sinks/audit-app"] = sink
+        config.buckets[name].retention_days = 400
+        report = enforce(Pipeline.open(Settings.from_config()))
+        assert config.buckets[name].retention_days == 400
+        assert report.failures == ["cloud_logging"]
+        found = report.backend["cloud_logging"]
+        assert found["status"] == "FAIL" and found["updated"] is False
+        assert found["holds_other_logs"] == [holder.replace("another sink", "audit-app")]
+        assert f"FAIL: {name} retention 400d" in report.summary()
+        assert not [u for u in config.updates if u.name == name]
+        result = CliRunner().invoke(main, ["enforce"])
+        assert result.exit_code == 1
+        assert "retention of cloud_logging does not match the policy" in result.stderr
+
+
+def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
+    _, config = gcp_fakes
+    name = _bucket(gcp_own_bucket_url)
     config.add_bucket(name, 400, locked=True)
-    pipeline = Pipeline.open(gcp_settings, create=True)
+    pipeline = Pipeline.open(own_settings)
     pipeline.write_records([make_record(observed_at=utcnow())])
     report = enforce(pipeline)
     assert report.failures == ["cloud_logging"]
@@ -227,6 +294,30 @@ def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
     result = CliRunner().invoke(main, ["enforce"])
     assert result.exit_code == 1
     assert "retention of cloud_logging does not match the policy" in result.stderr
+
+
+def test_an_erasure_in_the_pipelines_bucket_is_crypto_shredding_until_expiry(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    pipeline = Pipeline.open(own_settings)
+    newest = utcnow() - timedelta(days=2)
+    pipeline.write_records(
+        [make_record(user=u, observed_at=newest - timedelta(hours=h)) for u in ("ann", "bob") for h in (0, 5)]
+    )
+    file_request(pipeline, "acme", user="ann")
+    [done] = process_pending(pipeline)
+    assert done.state == "completed", done.error
+    got = done.receipt["stores"]["cloud_logging"]
+    assert got["method"] == "crypto-shredding plus expiry"  # logs.delete does not reach this bucket
+    assert datetime.fromisoformat(got["expires_at"]) == newest + timedelta(days=30)
+    assert (got["records"], "deleted" in got) == (2, False)
+    project = _project(gcp_own_bucket_url)
+    assert not [path for method, path, _ in rest.requests if method == "DELETE" and project in path]
+    users = {r["user"] for r in pipeline.read_records("cloud_logging")}  # ann's entries stay, unreadable
+    assert users == {"bob"}
+    shown = CliRunner().invoke(main, ["erase", "status", done.request_id])
+    assert "crypto-shredding plus expiry" in shown.stdout and got["expires_at"][:10] in shown.stdout
 
 
 # -- the service's delete and listing rules (tests/fake_gcp.py) ------------------------------

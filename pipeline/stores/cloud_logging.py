@@ -3,24 +3,38 @@
 Each segment is one or more structured log entries: pseudonymous labels only
 (subject ref, user ref, data type, kind, segment id) and a JSON payload holding
 the sealed segment in base64, split into chunks below Cloud Logging's 256 KB
-entry limit. Cloud Logging cannot delete single entries, so:
+entry limit. The service sets three rules, and the store follows them:
 
-* an entry's log is ``metadata-pipeline.<subject_ref>.<day>`` (the day of the
-  segment's newest record): erasing a subject deletes its logs, and crypto-
-  shredding covers any copy a sink exported;
-* removing some entries of a log (expiry, one user's erasure, a cut at the
-  limit) writes the survivors to a new generation of that log and then deletes
-  the old one; a crash in between leaves duplicates that :meth:`scan` drops by
-  segment id, never a loss;
-* the 30-day rule is also the log bucket's retention, which
-  :meth:`apply_retention` reads and sets through ConfigServiceV2 (gRPC).
+* **Deleted log names stay deleted.** ``logs.delete`` also removes entries that
+  arrive later with a timestamp before the delete. So every segment has a log of
+  its own, ``metadata-pipeline.<subject_ref>.<day>.<segment_id>`` (the day of its
+  newest record): removing a segment deletes its log and nothing else, and the
+  only entries ever sent to a deleted name again are that segment's (a replay of
+  what was meant to go).
+* **Listings lag behind writes.** Nothing written depends on what a listing
+  shows: an entry's ``insertId`` (segment id and chunk) and timestamp make a
+  replay a duplicate the service drops, and :meth:`scan` drops any copy left.
+* **``logs.delete`` reaches the ``_Default`` bucket only.** By default the
+  entries go to a bucket of the pipeline's own (``bucket=metadata-pipeline``),
+  which :meth:`set_up` (``metadata-pipeline init``) creates through
+  ConfigServiceV2 with the policy's retention, a sink that routes only this
+  store's logs into it and an exclusion that keeps them out of ``_Default``.
+  There, entries cannot be deleted: the bucket's retention expires them by whole
+  days, and an erasure is crypto-shredding (the subject's key is destroyed) plus
+  that expiry, which :meth:`erase` reports with the moment the last entry goes.
+  With ``bucket=_Default`` the store deletes logs itself, exactly.
+
+Each pass, :meth:`apply_retention` brings the bucket's retention in line with the
+policy, unless the bucket holds other logs (``_Default``, or one another sink
+routes into): that is never changed, and the pass reports FAIL naming it.
 
 Every list filter carries an explicit timestamp range: the client otherwise
 adds a 24-hour window of its own. Entries are stamped with the segment's
-newest record time. Options in the URL query: ``bucket`` (default ``_Default``),
-``location`` (``global``), ``endpoint`` (REST base URL, e.g. an emulator's
-``http://127.0.0.1:8080``) and ``config-endpoint`` (``HOST:PORT`` of a plaintext
-gRPC ConfigServiceV2); either endpoint makes the client anonymous.
+newest record time. Options in the URL query: ``bucket`` (default
+``metadata-pipeline``), ``location`` (``global``), ``endpoint`` (REST base
+URL, e.g. an emulator's ``http://127.0.0.1:8080``) and ``config-endpoint``
+(``HOST:PORT`` of a plaintext gRPC ConfigServiceV2); either endpoint makes the
+client anonymous.
 """
 
 from __future__ import annotations
@@ -41,7 +55,17 @@ from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.logging_v2 import Client
 from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
 from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
-from google.cloud.logging_v2.types import GetBucketRequest, LogBucket, UpdateBucketRequest
+from google.cloud.logging_v2.types import (
+    CreateBucketRequest,
+    CreateExclusionRequest,
+    CreateSinkRequest,
+    GetBucketRequest,
+    ListSinksRequest,
+    LogBucket,
+    LogExclusion,
+    LogSink,
+    UpdateBucketRequest,
+)
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
@@ -52,6 +76,10 @@ from pipeline.stores.base import Removed, Store, oldest_first, url_options
 __all__ = ["BucketRetention", "CloudLoggingStore"]
 
 LOG_PREFIX = "metadata-pipeline"
+#: the bucket of the pipeline's own, and the name of its sink and its exclusion on _Default
+OWN_BUCKET = "metadata-pipeline"
+#: the one bucket where logs.delete removes entries
+DEFAULT_BUCKET = "_Default"
 #: base64 of a sealed segment per entry: well below the 256 KB entry limit with labels
 CHUNK = 180_000
 #: one entries.write request stays below the API's 10 MB limit
@@ -73,13 +101,15 @@ class BucketRetention:
     wanted_days: int
     locked: bool
     updated: bool
+    #: sinks that route other logs into the bucket: it is never changed
+    shared_with: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.updated or self.found_days == self.wanted_days
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        found = {
             "bucket": self.bucket,
             "found_days": self.found_days,
             "wanted_days": self.wanted_days,
@@ -87,6 +117,9 @@ class BucketRetention:
             "updated": self.updated,
             "status": "PASS" if self.ok else "FAIL",
         }
+        if self.shared_with:
+            found["holds_other_logs"] = list(self.shared_with)
+        return found
 
 
 class CloudLoggingStore(Store):
@@ -99,10 +132,15 @@ class CloudLoggingStore(Store):
             raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r}")
         self.url = url
         self.project = parsed.netloc
-        self.bucket = (
-            f"projects/{self.project}/locations/{query.get('location', 'global')}"
-            f"/buckets/{query.get('bucket', '_Default')}"
-        )
+        self.location = f"projects/{self.project}/locations/{query.get('location', 'global')}"
+        self.bucket_id = query.get("bucket", OWN_BUCKET)
+        self.bucket = f"{self.location}/buckets/{self.bucket_id}"
+        #: logs.delete removes entries only there; elsewhere the bucket's retention does
+        self.deletes = self.bucket_id == DEFAULT_BUCKET
+        # a project's listing reads _Default; a bucket of its own is read through its view
+        self._read_from = f"projects/{self.project}" if self.deletes else f"{self.bucket}/views/_AllLogs"
+        #: what the sink routes into the bucket and the exclusion keeps out of _Default: this store's logs only
+        self.log_filter = f'logName:"projects/{self.project}/logs/{LOG_PREFIX}."'
         self._resource = {"type": "global", "labels": {"project_id": self.project}}
         endpoint, config_endpoint = query.get("endpoint"), query.get("config-endpoint")
         anonymous = {"credentials": AnonymousCredentials()} if endpoint or config_endpoint else {}
@@ -139,7 +177,7 @@ class CloudLoggingStore(Store):
         token: str | None = None
         while True:
             body: dict[str, Any] = {
-                "resourceNames": [f"projects/{self.project}"],
+                "resourceNames": [self._read_from],
                 "filter": filter_,
                 "orderBy": "timestamp asc",
                 "pageSize": PAGE_SIZE,
@@ -292,6 +330,8 @@ class CloudLoggingStore(Store):
         return Removed(len(unique), sum(s.n_records for s in unique.values()), tuple(deleted))
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
+        if not self.deletes:  # never called: straddling() gives nothing to cut there
+            return Removed()
         doomed = [
             held
             for segment_id in dict.fromkeys(segment_ids)
@@ -300,41 +340,104 @@ class CloudLoggingStore(Store):
         return self._remove("delete", doomed)
 
     def expire(self, data_type: str, before: datetime) -> Removed:
+        if not self.deletes:  # the bucket's retention expires entries, by whole days
+            return Removed()
         # an entry's timestamp is its segment's newest record: older than ``before`` means past the limit
         clauses = [_label("data_type", data_type), f'timestamp<"{_stamp(before)}"']
         return self._remove("expire", list(self._segments("expire", clauses, False, every_copy=True)))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
-        held = self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True)
-        return self._remove("erase", list(held))
+        held = list(self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True))
+        if self.deletes:
+            return self._remove("erase", held)
+        if not held:
+            return Removed()
+        # entries here cannot be deleted: they stay, unreadable once the key is destroyed, until they expire
+        unique = {h.segment.segment_id: h.segment for h in held}
+        days = self._read_bucket().retention_days
+        newest = max(s.max_observed_at for s in unique.values())
+        return Removed(len(unique), sum(s.n_records for s in unique.values()), (), newest + timedelta(days=days))
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
+        if not self.deletes:  # the original could not be deleted: a cut copy would double its records
+            return
         clauses = [_label("data_type", data_type), f'timestamp>="{_stamp(at)}"']
         for held in self._segments("scan", clauses):
             if held.segment.min_observed_at < at:
                 yield held.segment
 
     def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
-        """Set the log bucket's retention to the policy's longest limit; a locked bucket is a FAIL."""
-        finite = [limit for limit in limits.values() if limit is not None]
-        if not finite:
+        """Set the log bucket's retention to the policy's longest limit.
+
+        A locked bucket, or one that holds other logs, with another retention is a FAIL.
+        """
+        wanted = _days(limits)
+        if wanted is None:
             return None
-        wanted = math.ceil(max(finite) / timedelta(days=1))
-        config = self._config_client()
-        bucket = self._call(
-            "reading the log bucket", lambda: config.get_bucket(request=GetBucketRequest(name=self.bucket))
-        )
+        bucket = self._read_bucket()
         found, locked = int(bucket.retention_days), bool(bucket.locked)
+        shared = self._other_writers()
         updated = False
-        if found != wanted and not locked:
+        if found != wanted and not locked and not shared:
             request = UpdateBucketRequest(
                 name=self.bucket,
                 bucket=LogBucket(name=self.bucket, retention_days=wanted),
                 update_mask=FieldMask(paths=["retention_days"]),
             )
+            config = self._config_client()
             self._call("setting the log bucket's retention", lambda: config.update_bucket(request=request))
             updated = True
-        return BucketRetention(self.bucket, found, wanted, locked, updated).as_dict()
+        return BucketRetention(self.bucket, found, wanted, locked, updated, shared).as_dict()
+
+    def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
+        """Create the bucket of the pipeline's own, its sink and the exclusion on ``_Default`` (each once)."""
+        wanted = _days(limits)
+        if wanted is None or self.deletes:  # _Default: nothing to create, and it is not ours to change
+            return self.apply_retention(limits)
+        config, parent = self._config_client(), f"projects/{self.project}"
+        bucket = LogBucket(retention_days=wanted, description="metadata-pipeline entries; made by its init")
+        sink = LogSink(name=self.bucket_id, destination=f"logging.googleapis.com/{self.bucket}", filter=self.log_filter)
+        exclusion = LogExclusion(name=self.bucket_id, filter=self.log_filter)
+        steps: dict[str, Callable[[], object]] = {
+            self.bucket: lambda: config.create_bucket(
+                request=CreateBucketRequest(parent=self.location, bucket_id=self.bucket_id, bucket=bucket)
+            ),
+            f"{parent}/sinks/{self.bucket_id}": lambda: config.create_sink(
+                request=CreateSinkRequest(parent=parent, sink=sink)
+            ),
+            f"{parent}/exclusions/{self.bucket_id}": lambda: config.create_exclusion(
+                request=CreateExclusionRequest(parent=parent, exclusion=exclusion)
+            ),
+        }
+        created = []
+        for name, create in steps.items():
+            try:
+                self._call(f"creating {name}", create)
+                created.append(name)
+            except StoreError as exc:
+                if not isinstance(exc.__cause__, gexc.Conflict):  # AlreadyExists: made by an earlier init
+                    raise
+        return {**(self.apply_retention(limits) or {}), "created": created}
+
+    def _read_bucket(self) -> LogBucket:
+        request = GetBucketRequest(name=self.bucket)
+        config = self._config_client()
+        return self._call("reading the log bucket", lambda: config.get_bucket(request=request))
+
+    def _other_writers(self) -> tuple[str, ...]:
+        """Sinks that route logs other than this store's into the bucket (``_Default`` always has one)."""
+        config = self._config_client()
+        request = ListSinksRequest(parent=f"projects/{self.project}")
+        sinks = self._call("listing the log sinks", lambda: list(config.list_sinks(request=request)))
+        destination = f"logging.googleapis.com/{self.bucket}"
+        others = [
+            sink.name
+            for sink in sinks
+            if sink.destination == destination
+            and not sink.disabled
+            and (sink.name != self.bucket_id or sink.filter != self.log_filter)
+        ]
+        return tuple(sorted(set(others) | ({DEFAULT_BUCKET} if self.deletes else set())))
 
     def _config_client(self) -> ConfigServiceV2Client:
         if self._config is None:
@@ -382,6 +485,12 @@ def _held(chunks: Mapping[int, Mapping[str, Any]], with_payload: bool) -> _Held:
         reason = first_line(exc)
         raise StoreError(f"log entry {first.get('insertId')!r} is not a segment of this store: {reason}") from exc
     return _Held(segment, first["logName"], first["timestamp"][:10])
+
+
+def _days(limits: Mapping[str, timedelta]) -> int | None:
+    """The bucket retention a policy asks for: its longest finite limit, in whole days."""
+    finite = [limit for limit in limits.values() if limit is not None]
+    return math.ceil(max(finite) / timedelta(days=1)) if finite else None
 
 
 def _order(held: _Held) -> tuple[datetime, str]:
