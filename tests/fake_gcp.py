@@ -204,6 +204,12 @@ class FakeLoggingREST:
         if len(names) != 1 or not (re.match(r"^projects/[^/]+$", names[0]) or _VIEW.match(names[0])):
             raise BadRequest(400, f"resourceNames must be [projects/P] or [a bucket's view], got {names!r}")
         project = names[0].split("/")[1]
+        if (
+            self.config is not None
+            and "/views/" in names[0]
+            and names[0].rsplit("/views/")[0] not in self.config.buckets
+        ):
+            raise BadRequest(404, f"{names[0]} not found")
         bucket = (
             names[0].rsplit("/views/", 1)[0]
             if "/views/" in names[0]

@@ -24,7 +24,7 @@ from google.cloud.logging_v2.types import LogSink
 
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.records import rows_from_table, utcnow
 from pipeline.reports.collect import build_report
 from pipeline.retention.enforcer import enforce
@@ -229,6 +229,16 @@ def test_init_makes_a_bucket_that_takes_the_pipelines_logs_and_only_them(
     [ours] = rest.logs(project, "metadata-pipeline")
     assert ours.startswith(f"projects/{project}/logs/metadata-pipeline.")
     assert sum(s.n_records for s in pipeline.stores["cloud_logging"].scan()) == 1  # read from the bucket's view
+
+
+def test_before_init_the_store_refuses_to_write_and_names_init(gcp_fakes, gcp_own_bucket_url, keyring) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_own_bucket_url)
+    with pytest.raises(
+        StoreError, match=r"log bucket .*/buckets/metadata-pipeline does not exist: run `metadata-pipeline init`"
+    ):
+        store.write(seal_records(keyring, [make_record(observed_at=T0)]))
+    assert not rest.logs(_project(gcp_own_bucket_url))  # nothing went to _Default meanwhile
 
 
 def test_a_pass_sets_the_pipelines_400_day_bucket_to_30_and_audits_it(

@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
 from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
@@ -117,6 +118,8 @@ class ArchiveStore(Store):
         self.prefix = parsed.path.strip("/")
         self.keyring = keyring
         self._s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
+        # objects are small: waiting for "100 Continue" before each body costs a round trip and saves nothing
+        self._s3.meta.events.unregister("before-call.s3", add_expect_header)
 
     # -- S3 calls, errors mapped at the boundary -----------------------------------------
 

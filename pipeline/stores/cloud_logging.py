@@ -48,38 +48,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import grpc
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.logging_v2 import Client
-from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
-from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
-from google.cloud.logging_v2.types import (
-    CreateBucketRequest,
-    CreateExclusionRequest,
-    CreateSinkRequest,
-    GetBucketRequest,
-    ListSinksRequest,
-    LogBucket,
-    LogExclusion,
-    LogSink,
-    UpdateBucketRequest,
-)
-from google.protobuf.field_mask_pb2 import FieldMask
 
-from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreError
 from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store, oldest_first, url_options
+from pipeline.stores.log_bucket import DEFAULT_BUCKET, LogBucketConfig, guarded
 
-__all__ = ["BucketRetention", "CloudLoggingStore"]
+__all__ = ["CloudLoggingStore"]
 
 LOG_PREFIX = "metadata-pipeline"
 #: the bucket of the pipeline's own, and the name of its sink and its exclusion on _Default
 OWN_BUCKET = "metadata-pipeline"
-#: the one bucket where logs.delete removes entries
-DEFAULT_BUCKET = "_Default"
 #: base64 of a sealed segment per entry: well below the 256 KB entry limit with labels
 CHUNK = 180_000
 #: one entries.write request stays below the API's 10 MB limit
@@ -90,36 +74,6 @@ _OLDEST = timedelta(days=3651)
 _AHEAD = timedelta(days=2)
 _TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class BucketRetention:
-    """What a retention pass found on the log bucket and did about it."""
-
-    bucket: str
-    found_days: int
-    wanted_days: int
-    locked: bool
-    updated: bool
-    #: sinks that route other logs into the bucket: it is never changed
-    shared_with: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.updated or self.found_days == self.wanted_days
-
-    def as_dict(self) -> dict[str, Any]:
-        found = {
-            "bucket": self.bucket,
-            "found_days": self.found_days,
-            "wanted_days": self.wanted_days,
-            "locked": self.locked,
-            "updated": self.updated,
-            "status": "PASS" if self.ok else "FAIL",
-        }
-        if self.shared_with:
-            found["holds_other_logs"] = list(self.shared_with)
-        return found
 
 
 class CloudLoggingStore(Store):
@@ -149,26 +103,22 @@ class CloudLoggingStore(Store):
             self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
         except DefaultCredentialsError as exc:
             raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {first_line(exc)}") from exc
-        self._config_endpoint = config_endpoint
-        self._config: ConfigServiceV2Client | None = None
+        self._bucket = LogBucketConfig(self.bucket, self.log_filter, config_endpoint)
+        self._bucket_found = self.deletes  # _Default always exists; a bucket of its own is looked up once
 
     # -- calls, with errors mapped at the boundary ---------------------------------------
 
     def _call(self, action: str, fn: Callable[[], _T]) -> _T:
-        where = f"Cloud Logging {self.project}"
-        try:
-            return fn()
-        except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.InternalServerError) as exc:
-            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
-        except gexc.RetryError as exc:
-            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
-        except gexc.GoogleAPIError as exc:
-            raise StoreError(f"{where} refused {action}: {first_line(exc)}") from exc
-        except OSError as exc:  # requests' ConnectionError is an OSError
-            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
+        return guarded(f"Cloud Logging {self.project}", action, fn)
+
+    def _require_bucket(self) -> None:
+        if not self._bucket_found:
+            self._bucket.require()
+            self._bucket_found = True
 
     def _list(self, action: str, clauses: Sequence[str]) -> Iterator[dict[str, Any]]:
         """Entries matching every clause, oldest first, as the API's JSON."""
+        self._require_bucket()
         now = datetime.now(UTC)
         filter_ = " AND ".join(
             [*clauses, f'timestamp>="{_stamp(now - _OLDEST)}"', f'timestamp<="{_stamp(now + _AHEAD)}"']
@@ -194,6 +144,7 @@ class CloudLoggingStore(Store):
 
     def _write_entries(self, action: str, entries: Sequence[dict[str, Any]]) -> None:
         """One entries.write per batch below the request size limit; all-or-nothing per batch."""
+        self._require_bucket()
         batches: list[list[dict[str, Any]]] = [[]]
         size = 0
         for entry in entries:
@@ -354,7 +305,7 @@ class CloudLoggingStore(Store):
             return Removed()
         # entries here cannot be deleted: they stay, unreadable once the key is destroyed, until they expire
         unique = {h.segment.segment_id: h.segment for h in held}
-        days = self._read_bucket().retention_days
+        days = self._bucket.retention_days()
         newest = max(s.max_observed_at for s in unique.values())
         return Removed(len(unique), sum(s.n_records for s in unique.values()), (), newest + timedelta(days=days))
 
@@ -367,91 +318,13 @@ class CloudLoggingStore(Store):
                 yield held.segment
 
     def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
-        """Set the log bucket's retention to the policy's longest limit.
-
-        A locked bucket, or one that holds other logs, with another retention is a FAIL.
-        """
-        wanted = _days(limits)
-        if wanted is None:
-            return None
-        bucket = self._read_bucket()
-        found, locked = int(bucket.retention_days), bool(bucket.locked)
-        shared = self._other_writers()
-        updated = False
-        if found != wanted and not locked and not shared:
-            request = UpdateBucketRequest(
-                name=self.bucket,
-                bucket=LogBucket(name=self.bucket, retention_days=wanted),
-                update_mask=FieldMask(paths=["retention_days"]),
-            )
-            config = self._config_client()
-            self._call("setting the log bucket's retention", lambda: config.update_bucket(request=request))
-            updated = True
-        return BucketRetention(self.bucket, found, wanted, locked, updated, shared).as_dict()
+        return self._bucket.apply_retention(limits)
 
     def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
-        """Create the bucket of the pipeline's own, its sink and the exclusion on ``_Default`` (each once)."""
-        wanted = _days(limits)
-        if wanted is None or self.deletes:  # _Default: nothing to create, and it is not ours to change
-            return self.apply_retention(limits)
-        config, parent = self._config_client(), f"projects/{self.project}"
-        bucket = LogBucket(retention_days=wanted, description="metadata-pipeline entries; made by its init")
-        sink = LogSink(name=self.bucket_id, destination=f"logging.googleapis.com/{self.bucket}", filter=self.log_filter)
-        exclusion = LogExclusion(name=self.bucket_id, filter=self.log_filter)
-        steps: dict[str, Callable[[], object]] = {
-            self.bucket: lambda: config.create_bucket(
-                request=CreateBucketRequest(parent=self.location, bucket_id=self.bucket_id, bucket=bucket)
-            ),
-            f"{parent}/sinks/{self.bucket_id}": lambda: config.create_sink(
-                request=CreateSinkRequest(parent=parent, sink=sink)
-            ),
-            f"{parent}/exclusions/{self.bucket_id}": lambda: config.create_exclusion(
-                request=CreateExclusionRequest(parent=parent, exclusion=exclusion)
-            ),
-        }
-        created = []
-        for name, create in steps.items():
-            try:
-                self._call(f"creating {name}", create)
-                created.append(name)
-            except StoreError as exc:
-                if not isinstance(exc.__cause__, gexc.Conflict):  # AlreadyExists: made by an earlier init
-                    raise
-        return {**(self.apply_retention(limits) or {}), "created": created}
-
-    def _read_bucket(self) -> LogBucket:
-        request = GetBucketRequest(name=self.bucket)
-        config = self._config_client()
-        return self._call("reading the log bucket", lambda: config.get_bucket(request=request))
-
-    def _other_writers(self) -> tuple[str, ...]:
-        """Sinks that route logs other than this store's into the bucket (``_Default`` always has one)."""
-        config = self._config_client()
-        request = ListSinksRequest(parent=f"projects/{self.project}")
-        sinks = self._call("listing the log sinks", lambda: list(config.list_sinks(request=request)))
-        destination = f"logging.googleapis.com/{self.bucket}"
-        others = [
-            sink.name
-            for sink in sinks
-            if sink.destination == destination
-            and not sink.disabled
-            and (sink.name != self.bucket_id or sink.filter != self.log_filter)
-        ]
-        return tuple(sorted(set(others) | ({DEFAULT_BUCKET} if self.deletes else set())))
-
-    def _config_client(self) -> ConfigServiceV2Client:
-        if self._config is None:
-            if self._config_endpoint:
-                channel = grpc.insecure_channel(self._config_endpoint)
-                self._config = ConfigServiceV2Client(transport=ConfigServiceV2GrpcTransport(channel=channel))
-            else:
-                self._config = ConfigServiceV2Client()
-        return self._config
+        return self._bucket.set_up(limits)
 
     def close(self) -> None:
-        if self._config is not None:
-            self._config.transport.close()
-            self._config = None
+        self._bucket.close()
         self._client.close()
 
 
@@ -485,12 +358,6 @@ def _held(chunks: Mapping[int, Mapping[str, Any]], with_payload: bool) -> _Held:
         reason = first_line(exc)
         raise StoreError(f"log entry {first.get('insertId')!r} is not a segment of this store: {reason}") from exc
     return _Held(segment, first["logName"], first["timestamp"][:10])
-
-
-def _days(limits: Mapping[str, timedelta]) -> int | None:
-    """The bucket retention a policy asks for: its longest finite limit, in whole days."""
-    finite = [limit for limit in limits.values() if limit is not None]
-    return math.ceil(max(finite) / timedelta(days=1)) if finite else None
 
 
 def _order(held: _Held) -> tuple[datetime, str]:
