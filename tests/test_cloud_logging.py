@@ -278,7 +278,7 @@ def test_a_bucket_that_holds_other_logs_is_never_changed(
         found = report.backend["cloud_logging"]
         assert found["status"] == "FAIL" and found["updated"] is False
         assert found["holds_other_logs"] == [holder.replace("another sink", "audit-app")]
-        assert f"FAIL: {name} retention 400d" in report.summary()
+        assert f"FAIL: {name} retention 400d, policy 30d (holds other logs: never changed)" in report.summary()
         assert not [u for u in config.updates if u.name == name]
         result = CliRunner().invoke(main, ["enforce"])
         assert result.exit_code == 1
