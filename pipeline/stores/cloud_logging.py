@@ -21,7 +21,7 @@ entry limit. The service sets three rules, and the store follows them:
   store's logs into it and an exclusion that keeps them out of ``_Default``.
   There, entries cannot be deleted: the bucket's retention expires them by whole
   days, and an erasure is crypto-shredding (the subject's key is destroyed) plus
-  that expiry, which :meth:`erase` reports with the moment the last entry goes.
+  that expiry, which :meth:`erase` reports with the moment by which the last entry goes.
   With ``bucket=_Default`` the store deletes logs itself, exactly.
 
 Each pass, :meth:`apply_retention` brings the bucket's retention in line with the
@@ -301,13 +301,12 @@ class CloudLoggingStore(Store):
         held = list(self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True))
         if self.deletes:
             return self._remove("erase", held)
-        if not held:
-            return Removed()
-        # entries here cannot be deleted: they stay, unreadable once the key is destroyed, until they expire
+        # Entries here cannot be deleted: they stay, unreadable once the key is destroyed, until they
+        # expire. One written just now may not be listed yet, but its timestamp is not after now.
         unique = {h.segment.segment_id: h.segment for h in held}
-        days = self._bucket.retention_days()
-        newest = max(s.max_observed_at for s in unique.values())
-        return Removed(len(unique), sum(s.n_records for s in unique.values()), (), newest + timedelta(days=days))
+        newest = max([datetime.now(UTC), *(s.max_observed_at for s in unique.values())])
+        expires_at = newest + timedelta(days=self._bucket.retention_days())
+        return Removed(len(unique), sum(s.n_records for s in unique.values()), (), expires_at)
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
         if not self.deletes:  # the original could not be deleted: a cut copy would double its records
