@@ -57,7 +57,7 @@ from pipeline.errors import ConfigError, StoreError
 from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store, oldest_first, url_options
-from pipeline.stores.log_bucket import DEFAULT_BUCKET, LogBucketConfig, guarded
+from pipeline.stores.log_bucket import LogBucketConfig, guarded
 
 __all__ = ["CloudLoggingStore"]
 
@@ -89,22 +89,22 @@ class CloudLoggingStore(Store):
         self.location = f"projects/{self.project}/locations/{query.get('location', 'global')}"
         self.bucket_id = query.get("bucket", OWN_BUCKET)
         self.bucket = f"{self.location}/buckets/{self.bucket_id}"
-        #: logs.delete removes entries only there; elsewhere the bucket's retention does
-        self.deletes = self.bucket_id == DEFAULT_BUCKET
-        # a project's listing reads _Default; a bucket of its own is read through its view
-        self._read_from = f"projects/{self.project}" if self.deletes else f"{self.bucket}/views/_AllLogs"
         #: what the sink routes into the bucket and the exclusion keeps out of _Default: this store's logs only
         self.log_filter = f'logName:"projects/{self.project}/logs/{LOG_PREFIX}."'
-        self._resource = {"type": "global", "labels": {"project_id": self.project}}
         endpoint, config_endpoint = query.get("endpoint"), query.get("config-endpoint")
+        self._bucket = LogBucketConfig(self.bucket, self.log_filter, config_endpoint)
+        #: logs.delete removes entries only in _Default; elsewhere the bucket's retention does
+        self.deletes = self._bucket.is_default
+        # a project's listing reads _Default; a bucket of its own is read through its view
+        self._read_from = f"projects/{self.project}" if self.deletes else f"{self.bucket}/views/_AllLogs"
+        self._bucket_found = self.deletes  # _Default always exists; a bucket of its own is looked up once
+        self._resource = {"type": "global", "labels": {"project_id": self.project}}
         anonymous = {"credentials": AnonymousCredentials()} if endpoint or config_endpoint else {}
         options = {"api_endpoint": endpoint} if endpoint else None
         try:
             self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
         except DefaultCredentialsError as exc:
             raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {first_line(exc)}") from exc
-        self._bucket = LogBucketConfig(self.bucket, self.log_filter, config_endpoint)
-        self._bucket_found = self.deletes  # _Default always exists; a bucket of its own is looked up once
 
     # -- calls, with errors mapped at the boundary ---------------------------------------
 

@@ -96,8 +96,9 @@ class LogBucketConfig:
         self.location, _, self.bucket_id = bucket.rpartition("/buckets/")
         self.project = bucket.split("/")[1]
         self.log_filter = log_filter
-        #: _Default always holds other logs (its own sink routes everything not excluded)
-        self.shared_by_design = self.bucket_id == DEFAULT_BUCKET
+        #: the project's _Default: logs.delete acts there, and it always holds other logs (its sink
+        #: routes everything not excluded)
+        self.is_default = self.bucket_id == DEFAULT_BUCKET
         self._endpoint = endpoint
         self._config: ConfigServiceV2Client | None = None
 
@@ -130,7 +131,7 @@ class LogBucketConfig:
     def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
         """Create the bucket of the pipeline's own, its sink and the exclusion on ``_Default`` (each once)."""
         wanted = _days(limits)
-        if wanted is None or self.shared_by_design:  # _Default: nothing to create, and it is not ours to change
+        if wanted is None or self.is_default:  # _Default: nothing to create, and it is not ours to change
             return self.apply_retention(limits)
         config, parent = self._client(), f"projects/{self.project}"
         bucket = LogBucket(retention_days=wanted, description="metadata-pipeline entries; made by its init")
@@ -175,7 +176,7 @@ class LogBucketConfig:
             and not sink.disabled
             and (sink.name != self.bucket_id or sink.filter != self.log_filter)
         ]
-        return tuple(sorted(set(others) | ({DEFAULT_BUCKET} if self.shared_by_design else set())))
+        return tuple(sorted(set(others) | ({DEFAULT_BUCKET} if self.is_default else set())))
 
     def retention_days(self) -> int:
         return int(self._read_bucket().retention_days)
