@@ -70,31 +70,33 @@ def test_a_write_puts_objects_of_its_own_and_compaction_one_per_type_day_and_sub
         assert body[-4:] == b"PARE"  # Parquet with an encrypted footer
 
 
-def test_two_writers_and_a_compactor_at_once_lose_nothing(s3_archive_url, keyring) -> None:  # noqa: ANN001
+def test_two_writers_and_two_compactors_at_once_lose_nothing(s3_archive_url, keyring) -> None:  # noqa: ANN001
     batches = [
         seal_records(keyring, [make_record(observed_at=T0 + timedelta(minutes=w * 100 + b), n_workers=w * 100 + b)])
         for w in (0, 1)
         for b in range(15)
     ]
-    stores = [open_store(s3_archive_url, keyring=keyring) for _ in range(3)]
+    stores = [open_store(s3_archive_url, keyring=keyring) for _ in range(4)]
+    closed = datetime(2026, 1, 2, tzinfo=UTC)
     done = threading.Event()
 
     def writer(store, mine) -> None:  # noqa: ANN001
         for batch in mine:
             store.write(batch)
 
-    def compactor() -> None:
+    def compactor(store) -> None:  # noqa: ANN001
         while not done.is_set():
-            stores[2].compact(datetime(2026, 1, 2, tzinfo=UTC), lambda segments: None)
+            store.compact(closed, lambda segments: None)
 
-    with ThreadPoolExecutor(3) as pool:
-        running = pool.submit(compactor)
+    with ThreadPoolExecutor(4) as pool:
+        compactors = [pool.submit(compactor, stores[c]) for c in (2, 3)]
         writers = [pool.submit(writer, stores[w], batches[w * 15 : (w + 1) * 15]) for w in (0, 1)]
         for future in writers:
             future.result()
         done.set()
-        running.result()
-    stores[2].compact(datetime(2026, 1, 2, tzinfo=UTC), lambda segments: None)
+        for future in compactors:
+            future.result()
+    stores[2].compact(closed, lambda segments: None)
     workers = sorted(r["n_workers"] for s in stores[0].scan() for r in rows_from_table(open_segment(keyring, s)))
     assert workers == sorted(w * 100 + b for w in (0, 1) for b in range(15))
     assert len(_objects(s3_archive_url)) == 1  # the closed day, compacted

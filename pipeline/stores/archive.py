@@ -159,12 +159,9 @@ class ArchiveStore(Store):
     def _readable(self, key: str) -> pa.Table | None:
         """The object's rows; None when its subject's key was destroyed (nothing readable is left)."""
         try:
-            return self._read(key)
+            return self._read_versioned(key)[0]
         except KeyringError:
             return None
-
-    def _read(self, key: str) -> pa.Table:
-        return self._read_versioned(key)[0]
 
     def _read_versioned(self, key: str) -> tuple[pa.Table, str]:
         """The object's rows and the ETag of the version read (for a conditional replace)."""
@@ -301,6 +298,14 @@ class ArchiveStore(Store):
         return Removed()
 
     def _compact_day(self, data_type: str, day: str, key_id: str, keys: list[str]) -> None:
+        try:
+            self._merge_day(data_type, day, key_id, keys)
+        except StoreError as exc:
+            if _code(exc) != "NoSuchKey":
+                raise
+            # an object listed is gone: another compactor or an erasure is at this day; the next pass retries
+
+    def _merge_day(self, data_type: str, day: str, key_id: str, keys: list[str]) -> None:
         target = self._key(data_type, day, key_id)
         base: pa.Table | None = None
         etag: str | None = None
