@@ -132,7 +132,7 @@ def init(out: Output) -> None:
     }
     set_up = {}  # e.g. the Cloud Logging bucket of the pipeline's own, its sink and exclusion
     for name, store in pipeline.stores.items():
-        found = store.set_up({t: limit for s_, t, limit in pipeline.policy.limits() if s_ == name})
+        found = store.set_up({t: limit for where, t, limit in pipeline.policy.limits() if where == name})
         if found is not None:
             set_up[name] = info[f"{name}_set_up"] = found
     details = {"home": str(s.home), "policy_sha256": pipeline.policy.sha256}

@@ -40,6 +40,8 @@ __all__ = ["DEFAULT_BUCKET", "BucketRetention", "LogBucketConfig", "guarded"]
 
 #: the project's shared bucket, the one where logs.delete removes entries
 DEFAULT_BUCKET = "_Default"
+#: the longest retention a log bucket takes
+MAX_DAYS = 3650
 _T = TypeVar("_T")
 
 
@@ -130,9 +132,9 @@ class LogBucketConfig:
 
     def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
         """Create the bucket of the pipeline's own, its sink and the exclusion on ``_Default`` (each once)."""
-        wanted = _days(limits)
-        if wanted is None or self.is_default:  # _Default: nothing to create, and it is not ours to change
+        if self.is_default:  # nothing to create, and it is not ours to change
             return self.apply_retention(limits)
+        wanted = _days(limits) or MAX_DAYS  # until_deleted: as long as a bucket keeps anything
         config, parent = self._client(), f"projects/{self.project}"
         bucket = LogBucket(retention_days=wanted, description="metadata-pipeline entries; made by its init")
         sink = LogSink(name=self.bucket_id, destination=f"logging.googleapis.com/{self.bucket}", filter=self.log_filter)
