@@ -1,9 +1,12 @@
 """The Cloud Logging store, with the real client, against the fakes on loopback.
 
-The behaviour suite (test_stores.py) covers write/scan/expire/erase; these tests
-cover what only this backend promises: what an entry reveals, chunking, the
-explicit time range, logs deleted on erasure, a crash mid-rewrite, an outage,
-and the bucket retention each pass reads, sets and audits.
+The behaviour suite (test_stores.py) covers write/scan/expire/erase in the
+``_Default`` bucket; these tests cover what only this backend promises: what an
+entry reveals, chunking, the explicit time range, a log per segment deleted on
+erasure, the service's rules (a deleted log name drops later entries, listings
+lag behind writes), the bucket of the pipeline's own that ``init`` sets up, a
+bucket that holds other logs left alone, erasure there by crypto-shredding plus
+expiry, an outage, and the bucket retention each pass reads, sets and audits.
 """
 
 from __future__ import annotations
