@@ -595,22 +595,56 @@ def clusters() -> None:
 @click.option("--account", required=True, type=TEXT)
 @click.option("--name", default=None, type=TEXT, help="A label for people.")
 @click.option("--image", default=None, type=TEXT, help="The cluster's container image URL.")
-def clusters_create(out: Output, account: str, name: str | None, image: str | None) -> None:
-    """Register a cluster; prints the dask config (YAML) its scheduler needs."""
-    import yaml
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder (created 0700) for scheduler.yaml, worker.yaml and client.yaml (0600).",
+)
+def clusters_create(out: Output, account: str, name: str | None, image: str | None, out_dir: Path | None) -> None:
+    """Register a cluster; write one dask config per role to --out (--json: the whole registration)."""
+    from pipeline.server.clusters import check_role_files, write_role_files
 
-    from pipeline.server.clusters import ClusterRegistry, cluster_config
+    if out_dir is None and not out.as_json:
+        raise click.UsageError("give --out DIR for the cluster's config files (or --json for automation)")
+    if out.as_json and sys.stdout.isatty():
+        raise click.UsageError("--json prints the cluster's private keys and token: send it to a file or a program")
+    if out_dir is not None:
+        check_role_files(out_dir)
+    registration = _register_cluster(account, name, image)
+    if out_dir is None:
+        out.result(registration, "")
+        return
+    written = write_role_files(registration, out_dir)
+    out.result(registration, lambda r: _render_role_files(r, written))
+
+
+def _register_cluster(account: str, name: str | None, image: str | None) -> dict[str, Any]:
+    """A registration through the API with a login, else on the control-plane host itself."""
+    from pipeline.server.clusters import ClusterRegistry
 
     client = api_client()
     if client is None:
         pipeline = open_pipeline(create=True)
         s = pipeline.settings
         url = s.api_url or f"{'https' if s.tls_cert else 'http'}://{s.server_host}:{s.server_port}"
-        registration = ClusterRegistry(pipeline).register(account, url, name=name, image=image).as_dict()
-    else:
-        with client:
-            registration = client.json("POST", "/v1/clusters", json={"account": account, "name": name, "image": image})
-    out.result(registration, lambda r: yaml.safe_dump(cluster_config(r), sort_keys=False).rstrip())
+        return ClusterRegistry(pipeline).register(account, url, name=name, image=image).as_dict()
+    with client:
+        return client.json("POST", "/v1/clusters", json={"account": account, "name": name, "image": image})
+
+
+def _render_role_files(registration: dict[str, Any], written: dict[str, Path]) -> str:
+    """Where each file goes and how it is used; no secret (the files hold them)."""
+    usage = {
+        "scheduler": "dask scheduler --preload pipeline.preload",
+        "worker": "dask worker tls://SCHEDULER-HOST:8786",
+        "client": 'python -c \'from distributed import Client; Client("tls://SCHEDULER-HOST:8786")\'',
+    }
+    lines = [f"cluster {registration['cluster_id']} of account {registration['account']!r} registered; copy each file"]
+    lines.append("to the hosts of its role only (0600; it holds that role's private key):")
+    lines += [f"  DASK_CONFIG={path} {usage[role]}" for role, path in written.items()]
+    return "\n".join(lines)
 
 
 @command(clusters, "list")

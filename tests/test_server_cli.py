@@ -160,21 +160,36 @@ def test_demo_remote_runs_the_workload_through_a_loopback_control_plane(home: Pa
     assert not (home / "demo-cluster" / "master.key").exists()
 
 
-def test_clusters_create_prints_the_dask_config_a_cluster_needs(plane: ControlPlane) -> None:
+def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane, tmp_path: Path) -> None:
     import yaml
 
-    local = run("clusters", "create", "--account", "acme", "--name", "etl")  # operator, on the control plane
+    out_dir = tmp_path / "fresh" / "etl"  # a fresh home: the folder and its parents do not exist yet
+    local = run("clusters", "create", "--account", "acme", "--name", "etl", "--out", str(out_dir))
     assert local.exit_code == 0, local.output
-    config = yaml.safe_load(local.output)["pipeline"]
-    assert set(config) == {"account", "cluster-id", "image", "ingest"}
-    assert set(config["ingest"]) == {"url", "token", "public-key"}
-    assert config["account"] == "acme" and config["ingest"]["token"].startswith("mp_")
+    assert oct(out_dir.stat().st_mode & 0o777) == "0o700"
+    files = {role: out_dir / f"{role}.yaml" for role in ("scheduler", "worker", "client")}
+    configs = {role: yaml.safe_load(path.read_text()) for role, path in files.items()}
+    assert {oct(path.stat().st_mode & 0o777) for path in files.values()} == {"0o600"}
+    for role, config in configs.items():
+        tls = config["distributed"]["comm"]["tls"]
+        assert set(tls) == {"ca-file", role}  # its own certificate and key, no other role's
+        assert "PRIVATE KEY" in tls[role]["key"] and "BEGIN CERTIFICATE" in tls["ca-file"]
+    scheduler = configs["scheduler"]["pipeline"]
+    assert scheduler["account"] == "acme" and scheduler["ingest"]["token"].startswith("mp_")
+    assert "pipeline" not in configs["worker"] and "pipeline" not in configs["client"]
+    assert "mp_" not in files["worker"].read_text() + files["client"].read_text()
+    assert "PRIVATE KEY" not in local.output and "mp_" not in local.output  # nothing secret on the terminal
+    assert f"DASK_CONFIG={files['worker']} dask worker" in local.output
+    again = run("clusters", "create", "--account", "acme", "--out", str(out_dir))
+    assert again.exit_code == 2 and "already holds scheduler.yaml" in again.output
+    assert run("clusters", "create", "--account", "acme").exit_code == 2  # neither --out nor --json
+
     assert (
         run("login", "--url", plane.url, "--token", plane.tokens.create("member", "globex", "bob").token).exit_code == 0
     )
-    remote = yaml.safe_load(run("clusters", "create", "--account", "globex").output)["pipeline"]
-    assert remote["ingest"]["url"] == plane.url
-    refused = run("clusters", "create", "--account", "acme")
+    remote = json.loads(run("clusters", "create", "--account", "globex", "--json").output)
+    assert remote["ingest_url"] == plane.url and remote["tls"]["worker_key"]  # the whole registration
+    refused = run("clusters", "create", "--account", "acme", "--out", str(tmp_path / "other"))
     assert refused.exit_code == 2 and "403" in refused.output
     listed = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
-    assert [c["cluster_id"] for c in listed] == [remote["cluster-id"]]  # bob sees globex's cluster only
+    assert [c["cluster_id"] for c in listed] == [remote["cluster_id"]]  # bob sees globex's cluster only

@@ -13,9 +13,11 @@ erasing the account leaves its clusters listed without names.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -23,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
 from pipeline.db import clusters, transaction
+from pipeline.errors import OutputError
+from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import utcnow
@@ -31,7 +35,16 @@ from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.names import NameBox
 
-__all__ = ["ClusterRegistry", "Registration", "cluster_config", "router"]
+__all__ = [
+    "ROLE_FILES",
+    "ClusterRegistry",
+    "Registration",
+    "check_role_files",
+    "cluster_config",
+    "role_configs",
+    "router",
+    "write_role_files",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,60 @@ def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+#: the file ``clusters create --out DIR`` writes for each role
+ROLE_FILES = {"scheduler": "scheduler.yaml", "worker": "worker.yaml", "client": "client.yaml"}
+
+
+def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One dask config per role (``scheduler``, ``worker``, ``client``), each with only its own key.
+
+    A worker or client host must not hold the scheduler's key (it would let it pose as the
+    scheduler) nor the cluster token (it would let it write as the cluster): only the
+    scheduler's config has ``pipeline.ingest``.
+    """
+    tls = registration["tls"]
+    configs = {}
+    for role in ROLE_FILES:
+        own = {"cert": tls[f"{role}_cert"], "key": tls[f"{role}_key"]}
+        configs[role] = {
+            "distributed": {
+                "comm": {"require-encryption": True, "tls": {"ca-file": tls["ca_cert"], role: own}},
+            },
+        }
+    configs["scheduler"]["pipeline"] = cluster_config(registration)["pipeline"]
+    return configs
+
+
+def check_role_files(out_dir: Path) -> None:
+    """Refuse a folder that already holds a role file (before registering: nothing is issued in vain).
+
+    :raises OutputError: a role file is there (another cluster's credentials would be overwritten)
+    """
+    taken = [name for name in ROLE_FILES.values() if (out_dir / name).exists()]
+    if taken:
+        raise OutputError(f"{out_dir} already holds {', '.join(taken)}; give another --out folder")
+
+
+def write_role_files(registration: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write each role's dask config to ``out_dir`` (0600 files in a folder created 0700); their paths by role.
+
+    :raises OutputError: the folder or a file cannot be written, or a role file is already there
+    """
+    import yaml
+
+    check_role_files(out_dir)
+    written = {}
+    with output_folder(out_dir):
+        os.chmod(out_dir, FOLDER_MODE)  # an existing folder too: it now holds private keys
+        for role, config in role_configs(registration).items():
+            path = written[role] = out_dir / ROLE_FILES[role]
+            try:
+                write_private(path, yaml.safe_dump(config, sort_keys=False).encode(), replace=False)
+            except FileExistsError:
+                raise OutputError(f"{path} appeared while writing; give another --out folder") from None
+    return written
 
 
 class ClusterRegistry:
