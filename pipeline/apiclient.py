@@ -78,13 +78,12 @@ class ApiClient:
         self._http.close()
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One call; its JSON answer.
+        """One call; its JSON answer (``None`` for an answer without a body, e.g. 204).
 
         :raises ApiError: the server answered with an error or cannot be reached
         """
         with self._send(method, path, **kwargs) as response:
-            response.read()
-            return response.json()
+            return response.json() if response.read() else None
 
     def lines(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """A streamed NDJSON answer, one object at a time."""

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlparse
 import click
 
 from pipeline.config import Settings
-from pipeline.errors import PipelineError
+from pipeline.errors import ClusterNotFound, PipelineError
 from pipeline.output import Output
 from pipeline.records import DATA_TYPES
 from pipeline.redact import mask_url, printable, quoted
@@ -557,11 +557,18 @@ def tokens_revoke(out: Output, token_id: str) -> None:
 
 @command(main)
 @click.option("--url", required=True, type=TEXT, help="The control plane, e.g. https://metadata.example.com")
-@click.option("--token", required=True, type=TEXT, help="A member or admin token (mp_...).")
-def login(out: Output, url: str, token: str) -> None:
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file holding the member or admin token [default: read it from standard input].",
+)
+@click.option("--token", default=None, type=TEXT, help="The token itself (visible in ps and shell history).")
+def login(out: Output, url: str, token_file: Path | None, token: str | None) -> None:
     """Check a token against the control plane and keep it in a 0600 credentials file."""
     from pipeline.apiclient import ApiClient, Credentials
 
+    token = _read_token(token_file, token)
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise click.BadParameter(f"{quoted(mask_url(url))} is not an http(s):// URL", param_hint="--url")
@@ -584,6 +591,23 @@ def login(out: Output, url: str, token: str) -> None:
         info,
         f"logged in to {info['url']} as {who['kind']} {who['account'] or ''} {who['user'] or ''}".rstrip(),
     )
+
+
+def _read_token(token_file: Path | None, token: str | None) -> str:
+    """The token from --token-file, --token or standard input (prompted for, hidden, on a terminal)."""
+    if token_file is not None and token is not None:
+        raise click.UsageError("give --token-file or --token, not both")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {token_file}: {exc}", param_hint="--token-file") from None
+    elif token is None:
+        token = click.prompt("token", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        raise click.UsageError("no token given (standard input, --token-file or --token)")
+    return token
 
 
 @main.group()
@@ -639,7 +663,7 @@ def _render_role_files(registration: dict[str, Any], written: dict[str, Path]) -
     usage = {
         "scheduler": "dask scheduler --preload pipeline.preload",
         "worker": "dask worker tls://SCHEDULER-HOST:8786",
-        "client": 'python -c \'from distributed import Client; Client("tls://SCHEDULER-HOST:8786")\'',
+        "client": "python -c 'from distributed import Client; Client(\"tls://SCHEDULER-HOST:8786\")'",
     }
     lines = [f"cluster {registration['cluster_id']} of account {registration['account']!r} registered; copy each file"]
     lines.append("to the hosts of its role only (0600; it holds that role's private key):")
@@ -649,7 +673,7 @@ def _render_role_files(registration: dict[str, Any], written: dict[str, Path]) -
 
 @command(clusters, "list")
 def clusters_list(out: Output) -> None:
-    """Clusters of the accounts you may see (JSON lines with --json)."""
+    """Clusters of the accounts you may see, with state (open, closed, lost) and last contact."""
     from pipeline.server.clusters import ClusterRegistry
 
     client = api_client()
@@ -658,7 +682,33 @@ def clusters_list(out: Output) -> None:
     else:
         with client:
             rows = client.json("GET", "/v1/clusters")
-    out.rows(rows, lambda c: f"{c['cluster_id']}  {c['account']}  {c['name'] or '-'}  {str(c['created_at'])[:19]}")
+    out.rows(rows, _render_cluster)
+
+
+def _render_cluster(c: Any) -> str:
+    contact = str(c["last_contact_at"] or "never")[:19].replace("T", " ")
+    created = str(c["created_at"])[:19].replace("T", " ")
+    named = f"{c['account']}  {c['name'] or '-'}"
+    return f"{c['cluster_id']}  {c['state']:<6} {named}  created {created}  last contact {contact}"
+
+
+@command(clusters, "close")
+@click.argument("cluster_id", type=TEXT)
+def clusters_close(out: Output, cluster_id: str) -> None:
+    """Close a cluster and revoke its token (its owner or an admin); its running jobs are recorded lost."""
+    from pipeline.server.clusters import ClusterRegistry
+
+    client = api_client()
+    if client is None:
+        registry = ClusterRegistry(open_pipeline())
+        found = registry.find(cluster_id)
+        if found is None:
+            raise ClusterNotFound(cluster_id)
+        registry.close(cluster_id, found[1], actor="operator")
+    else:
+        with client:
+            client.json("POST", f"/v1/clusters/{quote(cluster_id, safe='')}/close")
+    out.result({"cluster_id": cluster_id, "state": "closed"}, f"cluster {cluster_id} closed; its token is revoked")
 
 
 @main.group()

@@ -77,6 +77,7 @@ class Settings:
     tls_cert: Path | None
     tls_key: Path | None
     cluster_token_ttl: float
+    cluster_lost_after: float
     api_url: str | None
     ingest_url: str | None = None
     ingest_token: str | None = None
@@ -143,6 +144,7 @@ class Settings:
             "tls_cert": path("server.tls-cert"),
             "tls_key": path("server.tls-key"),
             "cluster_token_ttl": seconds("server.cluster-token-ttl"),
+            "cluster_lost_after": seconds("server.cluster-lost-after"),
             "api_url": _get("api.url"),
             "ingest_url": _get("ingest.url"),
             "ingest_token": _get("ingest.token"),

@@ -8,6 +8,7 @@ records), idempotency and writing are the one ingest path in the pipeline.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -72,7 +73,10 @@ async def ingest(
     try:
         sealed = await _bounded_body(request, MAX_SEALED_BYTES)
         async with request.app.state.ingest_slots:  # in arrival order: none starves behind the write lock
-            result = await run_in_threadpool(pipeline.ingest, sealed, principal, idempotency_key=idempotency_key)
+            admit = functools.partial(request.app.state.clusters.heard_from, principal.cluster_id)
+            result = await run_in_threadpool(
+                pipeline.ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
+            )
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise
