@@ -118,3 +118,10 @@ def test_a_job_that_finished_is_not_recorded_lost(registry: ClusterRegistry) -> 
         assert ClusterRegistry(short).sweep(now=now + timedelta(minutes=1)) == [cluster.cluster_id]
         short.close()
     assert jobs(registry) == []
+
+
+def test_a_cluster_never_heard_of_stays_open(registry: ClusterRegistry) -> None:
+    """Its files may wait for their hosts: only silence after contact makes a cluster lost."""
+    registry.register("acme", "http://control-plane.invalid")
+    assert registry.sweep(now=utcnow() + LOST_AFTER * 100) == []
+    assert [c["state"] for c in registry.list(now=utcnow() + LOST_AFTER * 100)] == ["open"]

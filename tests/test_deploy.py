@@ -146,3 +146,70 @@ def test_three_role_files_run_a_real_cluster_whose_records_reach_serve(served: S
     assert [(j["tasks_completed"], j["status"]) for j in jobs] == [(20, "finished")]
     [cluster] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
     assert cluster["state"] == "closed"
+
+
+def test_a_scheduler_killed_mid_job_leaves_a_lost_cluster_and_a_lost_job(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 case 3: after `kill -9` the cluster stayed open forever and the running job was never recorded."""
+    monkeypatch.setenv("HOME", str(tmp_path / "member"))
+    assert run("init").exit_code == 0
+    with serve_process(home, "--no-retention", server__cluster_lost_after="2s") as plane:
+        token = json.loads(run("tokens", "create", "--account", "acme", "--user", "ann", "--json").output)
+        assert run("login", "--url", plane.url, input=token["token"]).exit_code == 0
+        out_dir = tmp_path / "etl"
+        assert run("clusters", "create", "--account", "acme", "--out", str(out_dir)).exit_code == 0
+        port = free_port()
+        fast = {"DASK_PIPELINE__PLUGIN__INTERVAL": "200ms", "DASK_PIPELINE__EMITTER__LINGER": "0s"}
+        client_code = (
+            "import sys, time\n"
+            "from distributed import Client, as_completed\n"
+            f"c = Client('tls://127.0.0.1:{port}', timeout=60)\n"
+            "futures = c.map(lambda x: time.sleep(0.2) or x, range(200))\n"
+            "for n, _ in enumerate(as_completed(futures)):\n"
+            "    if n == 5:\n"
+            "        print('running', flush=True)\n"
+            "time.sleep(600)\n"
+        )
+        with (
+            process(
+                scheduler_command(port),
+                role_env(out_dir / "scheduler.yaml", tmp_path / "scheduler-host", **fast),
+                tmp_path / "scheduler.log",
+            ) as scheduler,
+            process(
+                [str(BIN / "dask"), "worker", f"tls://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard"],
+                role_env(out_dir / "worker.yaml", tmp_path / "worker-host"),
+                tmp_path / "worker.log",
+            ),
+        ):
+            client = subprocess.Popen(
+                [sys.executable, "-c", client_code],
+                env=role_env(out_dir / "client.yaml", tmp_path / "client-host"),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert client.stdout is not None and client.stdout.readline().strip() == "running"
+                time.sleep(1)  # a few snapshots report the job's progress
+                scheduler.kill()  # SIGKILL: no plugin close, no last batch
+                scheduler.wait(30)
+            finally:
+                client.kill()
+                client.wait(30)
+                assert client.stdout is not None
+                client.stdout.close()
+
+        def listed() -> dict[str, object]:
+            [cluster] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
+            return cluster
+
+        wait_for(lambda: listed()["state"] == "lost", "the cluster to be lost", timeout=60)
+        cluster = listed()
+        assert cluster["last_contact_at"] and cluster["closed_at"] is None
+        records = [json.loads(line) for line in run("records", "--account", "acme", "--json").output.splitlines()]
+        [job] = [r for r in records if r["kind"] == "job"]
+        assert (job["status"], job["tasks_total"], job["finished_at"]) == ("lost", 200, None)
+        assert 5 <= job["tasks_completed"] < 200
+        text = run("clusters", "list").output
+        assert "lost" in text and "last contact 20" in text

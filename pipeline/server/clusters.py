@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 
 from pipeline.db import clusters, transaction
 from pipeline.errors import ForbiddenBatch, OutputError
@@ -197,18 +197,18 @@ class ClusterRegistry:
         """Mark lost every open cluster not heard of for ``pipeline.server.cluster-lost-after``; their ids.
 
         A lost cluster is lost from its last contact plus that time; its running jobs are
-        recorded then with the counts last reported and ``status: lost``.
+        recorded then with the counts last reported and ``status: lost``. A cluster never
+        heard of is not lost: its files may wait days for their hosts (its token still expires).
         """
         now = now or utcnow()
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
-        heard = func.coalesce(clusters.c.last_contact_at, clusters.c.created_at)
         query = select(clusters).where(
-            clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), heard <= now - lost_after
+            clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at <= now - lost_after
         )
         with transaction(self.pipeline.keyring.engine, "finding lost clusters") as conn:
             rows = conn.execute(query).all()
         for row in rows:
-            self._end(row, "lost", (row.last_contact_at or row.created_at) + lost_after)
+            self._end(row, "lost", row.last_contact_at + lost_after)
         return [row.cluster_id for row in rows]
 
     def heard_from(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> None:
@@ -222,8 +222,8 @@ class ClusterRegistry:
         if row is None:
             return
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
-        heard = row.last_contact_at or row.created_at
-        if row.closed_at is None and row.lost_at is None and heard + lost_after <= now:
+        heard = row.last_contact_at
+        if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
             self._end(row, "lost", heard + lost_after)  # silent too long: lost, whether or not a sweep saw it yet
             row = self._row(cluster_id)
         if row.lost_at is not None:
