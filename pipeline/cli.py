@@ -18,7 +18,7 @@ from urllib.parse import quote, urlparse
 import click
 
 from pipeline.config import Settings
-from pipeline.errors import ClusterNotFound, PipelineError
+from pipeline.errors import ClusterNotFound, ConfigError, PipelineError
 from pipeline.output import Output
 from pipeline.records import DATA_TYPES
 from pipeline.redact import mask_url, printable, quoted
@@ -112,9 +112,36 @@ def main() -> None:
 
 
 def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily for a fast --help
+    """The pipeline of the configured home: the control plane's keys, database and stores.
+
+    :raises ConfigError: this machine holds no master key but is logged in to a control plane
+    """
     from pipeline.runtime import Pipeline
 
-    return Pipeline.open(Settings.from_config(), create=create)
+    settings = Settings.from_config()
+    _check_control_plane_host(settings)
+    return Pipeline.open(settings, create=create)
+
+
+def _check_control_plane_host(settings: Settings) -> None:
+    """Refuse a command that needs the master key on a machine that has none but a login.
+
+    Such a machine talks to a control plane elsewhere: ``init`` there would start a second,
+    empty pipeline, so the message names where the command runs instead.
+    """
+    from pipeline.apiclient import Credentials
+
+    keys = urlparse(settings.keys_url)
+    if keys.scheme != "file" or Path(keys.path).exists():
+        return
+    credentials = Credentials.load(settings.api_url)
+    if credentials is None:
+        return
+    command = " ".join(click.get_current_context().command_path.split()[1:])  # without the program's name
+    raise ConfigError(
+        f"`{command}` runs on the control-plane host: it needs the master key, which this machine does not hold. "
+        f"You are logged in to {mask_url(credentials.url)}; through it use records, clusters and erase"
+    )
 
 
 @command(main)
@@ -536,11 +563,30 @@ def tokens_list(out: Output) -> None:
     """Every token issued (never the token itself), oldest first."""
     from pipeline.server.auth import TokenStore
 
-    out.rows((t.as_dict() for t in TokenStore(open_pipeline()).list()), _render_token)
+    now = datetime.now(UTC)
+    out.rows(
+        ({**t.as_dict(), "state": _token_state(t.as_dict(), now)} for t in TokenStore(open_pipeline()).list()),
+        _render_token,
+    )
+
+
+def _token_state(t: dict[str, Any], now: datetime) -> str:
+    """``active``, or why it no longer works: ``revoked``, ``expired``, ``erased`` (its account or user was)."""
+    if t["revoked_at"]:
+        return "revoked"
+    if t["expires_at"] and t["expires_at"] <= now:
+        return "expired"
+    if t["kind"] != "admin" and t["account"] is None:  # its names were shredded with the subject's key
+        return "erased"
+    return "active"
 
 
 def _render_token(t: Any) -> str:
-    state = "revoked" if t["revoked_at"] else f"expires {t['expires_at']:%Y-%m-%d}" if t["expires_at"] else "active"
+    state = t["state"]
+    if state == "active" and t["expires_at"]:
+        state = f"expires {t['expires_at']:%Y-%m-%d}"
+    elif state != "active":
+        state = f"ended: {state}"
     bound = " ".join(str(t[k]) for k in ("account", "user", "cluster_id") if t[k])
     return f"{t['token_id']}  {t['kind']:<7} {state:<18} {bound}"
 
@@ -793,7 +839,7 @@ def _request_from_api(d: dict[str, Any]) -> dict[str, Any]:
     """A request as the API sends it, its times parsed back as the local path has them."""
     from datetime import datetime
 
-    times = ("created_at", "deadline", "updated_at", "completed_at")
+    times = ("created_at", "deadline", "updated_at", "completed_at", "final_at")
     return {k: datetime.fromisoformat(v) if k in times and v is not None else v for k, v in d.items()}
 
 

@@ -18,8 +18,8 @@ from pipeline.config import Settings
 from pipeline.runtime import Pipeline
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
+def run(*args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=input)
 
 
 @pytest.fixture
@@ -193,3 +193,66 @@ def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane,
     assert refused.exit_code == 2 and "403" in refused.output
     listed = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
     assert [c["cluster_id"] for c in listed] == [remote["cluster_id"]]  # bob sees globex's cluster only
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--out", "r"],
+        ["audit", "verify"],
+        ["audit", "export", "--out", "a"],
+        ["enforce"],
+        ["keys", "rotate"],
+        ["tokens", "list"],
+        ["tokens", "create", "--role", "admin"],
+        ["init"],
+    ],
+)
+def test_commands_that_need_the_keys_say_where_they_run_on_a_logged_in_machine(
+    plane: ControlPlane, tmp_path: Path, args: list[str]
+) -> None:
+    """Issue 18 case 5: they said `run metadata-pipeline init`, and init made a second, empty pipeline."""
+    assert run("login", "--url", plane.url, input=plane.tokens.create("admin", user="compliance").token).exit_code == 0
+    laptop = tmp_path / "laptop"
+    with dask.config.set({"pipeline.home": str(laptop)}):
+        result = run(*args)
+    assert result.exit_code == 2
+    command = " ".join(args[:2] if args[0] in ("audit", "keys", "tokens") else args[:1])
+    assert f"`{command}` runs on the control-plane host" in result.output
+    assert "init" not in result.output.replace("`init`", "")
+    assert not laptop.exists()
+
+
+def test_an_erasure_followed_through_the_api_to_its_end(plane: ControlPlane, tmp_path: Path) -> None:
+    """Issue 18 cases 1 and 6: `erase status` crashed on final_at; `tokens list` showed an erased token active."""
+    from pipeline.retention.requests import process_pending
+
+    ann = plane.tokens.create("member", "acme", "ann")
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(plane.tokens.create("admin", user="compliance").token + "\n")
+    assert run("login", "--url", plane.url, "--token-file", str(admin_file)).exit_code == 0
+    filed = run("erase", "request", "--account", "acme", "--user", "ann", "--json")
+    request_id = json.loads(filed.output)["request_id"]
+    [done] = process_pending(plane.pipeline)
+    assert done.state == "completed"
+    status = run("erase", "status", request_id)
+    assert status.exit_code == 0, status.output
+    assert "completed" in status.output and "final on 20" in status.output
+    rows = {
+        json.loads(line)["token_id"]: json.loads(line) for line in run("tokens", "list", "--json").output.splitlines()
+    }
+    assert rows[ann.token_id]["state"] == "erased"
+    assert f"{ann.token_id}  member  ended: erased" in run("tokens", "list").output
+
+
+def test_login_reads_the_token_from_standard_input_or_a_file(plane: ControlPlane, tmp_path: Path) -> None:
+    """Issue 18 case 8: the token was an argument only, visible in ps and shell history."""
+    token = plane.tokens.create("member", "acme", "ann").token
+    assert run("login", "--url", plane.url, input=f"{token}\n").exit_code == 0
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    assert run("login", "--url", plane.url, "--token-file", str(token_file), "--json").exit_code == 0
+    empty = run("login", "--url", plane.url, input="\n")
+    assert empty.exit_code == 2 and "no token given" in empty.output
+    missing = run("login", "--url", plane.url, "--token-file", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and "cannot read" in missing.output
