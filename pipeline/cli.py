@@ -775,9 +775,19 @@ def erase_request(out: Output, account: str, user: str | None, reason: str | Non
     if client is None:
         filed = file_request(open_pipeline(), account, user, reason, suppress=suppress).as_dict()
     else:
+        from pipeline.apiclient import Receipt
+
         with client:
             body = {"account": account, "user": user, "reason": reason, "suppress": suppress}
             filed = _request_from_api(client.json("POST", "/v1/erasure-requests", json=body))
+        receipt = Receipt(client.url, filed["request_id"], filed.pop("receipt_token"))
+        kept = receipt.save()
+        if not out.as_json:
+            click.echo(
+                f"receipt kept in {kept}: `erase status {filed['request_id']}` follows the request to its end, "
+                "even after the erasure ends your token",
+                err=True,
+            )
     out.result(filed, filed["request_id"])
 
 
@@ -810,11 +820,15 @@ def erase_lift(out: Output, request_id: str) -> None:
 @command(erase, "status")
 @click.argument("request_id")
 def erase_status(out: Output, request_id: str) -> None:
-    """State and receipt of one request."""
+    """State and receipt of one request (with the receipt `erase request` kept: no login needed)."""
+    from pipeline.apiclient import Receipt
     from pipeline.retention.requests import get_request
 
-    client = api_client()
-    if client is None:
+    receipt = Receipt.load(request_id)
+    client = api_client() if receipt is None else None
+    if receipt is not None:  # works without a login, and after the erasure ended the requester's token
+        request = _request_from_api(receipt.status())
+    elif client is None:
         request = get_request(open_pipeline(), request_id).as_dict()
     else:
         with client:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dask.config
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 from conftest import make_record
@@ -256,3 +257,24 @@ def test_login_reads_the_token_from_standard_input_or_a_file(plane: ControlPlane
     assert empty.exit_code == 2 and "no token given" in empty.output
     missing = run("login", "--url", plane.url, "--token-file", str(tmp_path / "nope"))
     assert missing.exit_code == 2 and "cannot read" in missing.output
+
+
+def test_a_member_follows_their_own_erasure_after_it_ended_their_token(plane: ControlPlane, user_home: Path) -> None:
+    """Issue 18 case 6: once the erasure completed, the requester's token was refused and they lost sight of it."""
+    from pipeline.retention.requests import process_pending
+
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    filed = run("erase", "request", "--account", "acme", "--user", "ann")
+    assert filed.exit_code == 0, filed.output
+    request_id = filed.stdout.strip()
+    receipt = user_home / f".config/metadata-pipeline/receipts/{request_id}.yaml"
+    assert oct(receipt.stat().st_mode & 0o777) == "0o600" and "mr_" not in filed.stdout
+    [done] = process_pending(plane.pipeline)
+    assert done.state == "completed"
+    refused = run("records")
+    assert refused.exit_code == 2 and "401" in refused.output  # the erasure ended the token
+    status = run("erase", "status", request_id)
+    assert status.exit_code == 0, status.output
+    assert "completed" in status.output and "final on 20" in status.output
+    wrong = httpx.get(f"{plane.url}/v1/erasure-requests/{request_id}/receipt", headers={"Receipt-Token": "mr_x"})
+    assert wrong.status_code == 404
