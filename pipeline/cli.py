@@ -165,7 +165,9 @@ def init(out: Output) -> None:
 @click.option("--tasks", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--account", default="demo", show_default=True, type=TEXT)
 @click.option("--user", default=None, type=TEXT, help="User the cluster belongs to.")
-@click.option("--remote", is_flag=True, help="Through a control plane on loopback: the cluster only writes.")
+@click.option(
+    "--remote", is_flag=True, help="Through a control plane in a process of its own: the cluster only writes."
+)
 def demo(out: Output, tasks: int, account: str, user: str | None, remote: bool) -> None:
     """Run a workload on a local Dask cluster with the plugin and show what was stored."""
     from pipeline.demo import run_demo
@@ -181,6 +183,10 @@ def _render_demo(summary: dict[str, Any]) -> str:
         f"cluster ran over TLS ({summary['scheduler_address']}, certificates of its own CA)"
         if summary["tls"]
         else f"cluster ran WITHOUT TLS ({summary['scheduler_address']})",
+        "code on the scheduler found no key (remote mode: the cluster only writes)"
+        if not summary["keys_in_reach_of_the_scheduler"]
+        else "code on the scheduler could read the keys (embedded mode is single-tenant): "
+        + ", ".join(summary["keys_in_reach_of_the_scheduler"]),
         "workers got an AWS session token (refreshed before it expires)"
         if summary["aws_session_token"]
         else "no local AWS credentials: workers had none (public data only)",

@@ -159,6 +159,17 @@ def test_demo_remote_runs_the_workload_through_a_loopback_control_plane(home: Pa
     assert summary["tls"] and summary["scheduler_address"].startswith("tls://")  # the registration's credentials
     assert summary["stored"]["long_term"]["cluster_jobs"] >= 3
     assert not (home / "demo-cluster" / "master.key").exists()
+    assert summary["keys_in_reach_of_the_scheduler"] == []  # issue 18 case 9: the control plane ran in-process
+    text = run("demo", "--remote", "--tasks", "100")
+    assert "code on the scheduler found no key" in text.output
+
+
+@pytest.mark.slow
+def test_demo_embedded_says_it_is_single_tenant(home: Path) -> None:
+    result = run("demo", "--tasks", "100", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)["keys_in_reach_of_the_scheduler"]
+    assert any("Keyring" in item for item in found) and any(item.endswith("master.key") for item in found)
 
 
 def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane, tmp_path: Path) -> None:
