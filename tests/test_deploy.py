@@ -213,3 +213,43 @@ def test_a_scheduler_killed_mid_job_leaves_a_lost_cluster_and_a_lost_job(
         assert 5 <= job["tasks_completed"] < 200
         text = run("clusters", "list").output
         assert "lost" in text and "last contact 20" in text
+
+
+def test_the_readmes_embedded_example_works_as_written(tmp_path: Path) -> None:
+    """Issue 18 case 7: its records went to `unassigned`, and nothing said the plugin was active or in which mode."""
+    person = tmp_path / "ann"  # the default pipeline.home is under $HOME
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env |= {"HOME": str(person), "DASK_PIPELINE__EMITTER__LINGER": "0s"}
+    port = free_port()
+    with process(
+        scheduler_command(port), {**env, "DASK_PIPELINE__ACCOUNT": "acme"}, tmp_path / "scheduler.log"
+    ) as scheduler:
+        client_code = (
+            "from distributed import Client\n"
+            f"with Client('tcp://127.0.0.1:{port}', timeout=60) as c:\n"
+            "    c.wait_for_workers(1)\n"
+            "    print(sum(c.gather(c.map(abs, range(-10, 0)))))\n"
+        )
+        with process(
+            [str(BIN / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard"],
+            env,
+            tmp_path / "worker.log",
+        ):
+            computed = subprocess.run(
+                [sys.executable, "-c", client_code], env=env, capture_output=True, text=True, timeout=120
+            )
+            assert computed.stdout.strip() == "55", computed.stderr
+            scheduler.send_signal(signal.SIGINT)
+            scheduler.wait(90)
+    log = (tmp_path / "scheduler.log").read_text()
+    assert "pipeline.plugin - INFO - metadata plugin active: embedded mode (single-tenant" in log, log
+    shown = subprocess.run(
+        [sys.executable, "-m", "pipeline", "records", "--account", "acme", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    jobs = [r for r in map(json.loads, shown.stdout.splitlines()) if r["kind"] == "job"]
+    assert [(j["account"], j["tasks_completed"], j["status"]) for j in jobs] == [("acme", 10, "finished")]
