@@ -12,7 +12,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -154,11 +156,16 @@ def test_a_scheduler_killed_mid_job_leaves_a_lost_cluster_and_a_lost_job(
     """Issue 18 case 3: after `kill -9` the cluster stayed open forever and the running job was never recorded."""
     monkeypatch.setenv("HOME", str(tmp_path / "member"))
     assert run("init").exit_code == 0
-    with serve_process(home, "--no-retention", server__cluster_lost_after="2s") as plane:
+    with serve_process(home, "--no-retention", server__cluster_lost_after="5s") as plane:
         token = json.loads(run("tokens", "create", "--account", "acme", "--user", "ann", "--json").output)
         assert run("login", "--url", plane.url, input=token["token"]).exit_code == 0
         out_dir = tmp_path / "etl"
         assert run("clusters", "create", "--account", "acme", "--out", str(out_dir)).exit_code == 0
+
+        def listed() -> dict[str, Any]:
+            [cluster] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
+            return dict(cluster)
+
         port = free_port()
         fast = {"DASK_PIPELINE__PLUGIN__INTERVAL": "200ms", "DASK_PIPELINE__EMITTER__LINGER": "0s"}
         client_code = (
@@ -191,7 +198,11 @@ def test_a_scheduler_killed_mid_job_leaves_a_lost_cluster_and_a_lost_job(
             )
             try:
                 assert client.stdout is not None and client.stdout.readline().strip() == "running"
-                time.sleep(1)  # a few snapshots report the job's progress
+                progressed = datetime.now(UTC) + timedelta(seconds=0.5)
+                wait_for(  # a snapshot taken after five tasks finished has arrived
+                    lambda: (contact := listed()["last_contact_at"]) and datetime.fromisoformat(contact) > progressed,
+                    "a snapshot of the running job",
+                )
                 scheduler.kill()  # SIGKILL: no plugin close, no last batch
                 scheduler.wait(30)
             finally:
@@ -200,15 +211,14 @@ def test_a_scheduler_killed_mid_job_leaves_a_lost_cluster_and_a_lost_job(
                 assert client.stdout is not None
                 client.stdout.close()
 
-        def listed() -> dict[str, object]:
-            [cluster] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
-            return cluster
+        def jobs() -> list[dict[str, Any]]:
+            records = run("records", "--account", "acme", "--json").output.splitlines()
+            return [r for r in map(json.loads, records) if r["kind"] == "job"]
 
-        wait_for(lambda: listed()["state"] == "lost", "the cluster to be lost", timeout=60)
+        wait_for(jobs, "serve's own sweep to record the lost job (nobody lists clusters)", timeout=60)
         cluster = listed()
-        assert cluster["last_contact_at"] and cluster["closed_at"] is None
-        records = [json.loads(line) for line in run("records", "--account", "acme", "--json").output.splitlines()]
-        [job] = [r for r in records if r["kind"] == "job"]
+        assert cluster["state"] == "lost" and cluster["last_contact_at"] and cluster["closed_at"] is None
+        [job] = jobs()
         assert (job["status"], job["tasks_total"], job["finished_at"]) == ("lost", 200, None)
         assert 5 <= job["tasks_completed"] < 200
         text = run("clusters", "list").output

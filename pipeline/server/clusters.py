@@ -13,7 +13,9 @@ erasing the account leaves its clusters listed without names.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,6 +33,7 @@ from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
+from pipeline.redact import first_line
 from pipeline.runtime import Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
@@ -39,6 +42,7 @@ from pipeline.server.names import NameBox
 __all__ = [
     "ROLE_FILES",
     "ClusterRegistry",
+    "LostClusterSweeper",
     "Registration",
     "check_role_files",
     "cluster_config",
@@ -46,6 +50,8 @@ __all__ = [
     "router",
     "write_role_files",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -347,6 +353,26 @@ def _jsonable(job: dict[str, Any]) -> dict[str, Any]:
 def _from_json(job: dict[str, Any]) -> dict[str, Any]:
     times = ("observed_at", "started_at", "finished_at")
     return {k: datetime.fromisoformat(v) if k in times and v is not None else v for k, v in job.items()}
+
+
+class LostClusterSweeper:
+    """Finds lost clusters every quarter of ``cluster-lost-after`` (at most a minute) on a thread of its own,
+    so their running jobs are recorded even when nobody lists clusters (``serve`` runs one)."""
+
+    def __init__(self, registry: ClusterRegistry) -> None:
+        self.registry = registry
+        self.period = min(60.0, max(0.5, registry.pipeline.settings.cluster_lost_after / 4))
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.registry.sweep()
+            except Exception as exc:  # the database is down: the next round tries again
+                logger.warning("could not look for lost clusters: %s", first_line(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class ClusterIn(BaseModel):
