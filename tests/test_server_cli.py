@@ -301,3 +301,24 @@ def test_a_member_follows_their_own_erasure_after_it_ended_their_token(plane: Co
     assert "completed" in status.output and "final on 20" in status.output
     wrong = httpx.get(f"{plane.url}/v1/erasure-requests/{request_id}/receipt", headers={"Receipt-Token": "mr_x"})
     assert wrong.status_code == 404
+
+
+def test_a_member_closes_their_clusters_and_only_theirs(plane: ControlPlane) -> None:
+    """Issue 18 case 3: a cluster's owner had no way to close it or revoke its token."""
+    from pipeline.server.auth import TokenStore
+
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    mine = json.loads(run("clusters", "create", "--account", "acme", "--json").output)
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "globex", "gil").token).exit_code == 0
+    other = run("clusters", "close", mine["cluster_id"])
+    assert other.exit_code == 2 and "404" in other.output
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    closed = run("clusters", "close", mine["cluster_id"])
+    assert closed.exit_code == 0, closed.output
+    assert f"cluster {mine['cluster_id']} closed; its token is revoked" in closed.output
+    [listed] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
+    assert (listed["state"], listed["last_contact_at"]) == ("closed", None)
+    revoked = {t.token_id: t.revoked_at for t in TokenStore(plane.pipeline).list()}
+    assert revoked[mine["token_id"]] is not None
+    text = run("clusters", "list").output
+    assert "closed" in text and "last contact never" in text
