@@ -104,6 +104,7 @@ def snapshot_records(batch: int) -> list[dict[str, Any]]:
                         "tasks_completed_total": 10_000 + 50 * i,
                         "tasks_erred_total": i // 50,
                         "compute_seconds_total": 1234.5 + i,
+                        "jobs_running": [],
                     }
                 )
     assert len(records) == RECORDS_PER_BATCH and set(records[0]) == set(KINDS["cluster_snapshot"].schema.names)

@@ -72,6 +72,7 @@ def _table(n: int, day: datetime, account: str = "bench") -> pa.Table:
             "tasks_completed_total": list(range(n)),
             "tasks_erred_total": [0] * n,
             "compute_seconds_total": [float(i) for i in range(n)],
+            "jobs_running": [[]] * n,
         },
         schema=KINDS["cluster_snapshot"].schema,
     )

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import yaml
@@ -23,7 +24,7 @@ from pipeline.errors import ApiError, ConfigError
 from pipeline.fsmodes import private_folder, write_private
 from pipeline.redact import mask_url
 
-__all__ = ["ApiClient", "Credentials", "credentials_path"]
+__all__ = ["ApiClient", "Credentials", "Receipt", "credentials_path"]
 
 
 def credentials_path() -> Path:
@@ -62,14 +63,59 @@ class Credentials:
         return path
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """A receipt token for one erasure request, kept beside the login: it follows the request to its end
+    even after the erasure has ended the requester's own API token."""
+
+    url: str
+    request_id: str
+    receipt_token: str
+
+    @staticmethod
+    def path(request_id: str) -> Path:
+        return credentials_path().parent / "receipts" / f"{quote(request_id, safe='')}.yaml"
+
+    @classmethod
+    def load(cls, request_id: str) -> Receipt | None:
+        """The kept receipt of ``request_id`` (``None``: none kept here).
+
+        :raises ConfigError: the file is unreadable or malformed
+        """
+        path = cls.path(request_id)
+        if not path.exists():
+            return None
+        try:
+            doc = yaml.safe_load(path.read_text())
+            return cls(str(doc["url"]), request_id, str(doc["receipt_token"]))
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a receipt written by erase request: {exc}") from exc
+
+    def save(self) -> Path:
+        """Write it 0600 in a 0700 folder."""
+        path = self.path(self.request_id)
+        private_folder(path.parent)
+        write_private(path, yaml.safe_dump({"url": self.url, "receipt_token": self.receipt_token}).encode())
+        return path
+
+    def status(self) -> Any:
+        """The request's state and receipt, asked with the receipt token alone.
+
+        :raises ApiError:
+        """
+        with ApiClient(Credentials(self.url, ""), headers={"Receipt-Token": self.receipt_token}) as client:
+            return client.json("GET", f"/v1/erasure-requests/{quote(self.request_id, safe='')}/receipt")
+
+
 class ApiClient:
     """httpx calls to the control plane with the login's bearer token."""
 
-    def __init__(self, credentials: Credentials, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, credentials: Credentials, *, timeout: float = 30.0, headers: dict[str, str] | None = None
+    ) -> None:
         self.url = credentials.url
-        self._http = httpx.Client(
-            base_url=credentials.url, headers={"Authorization": f"Bearer {credentials.token}"}, timeout=timeout
-        )
+        sent = {"Authorization": f"Bearer {credentials.token}"} if credentials.token else {}
+        self._http = httpx.Client(base_url=credentials.url, headers={**sent, **(headers or {})}, timeout=timeout)
 
     def __enter__(self) -> ApiClient:
         return self
@@ -78,13 +124,12 @@ class ApiClient:
         self._http.close()
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One call; its JSON answer.
+        """One call; its JSON answer (``None`` for an answer without a body, e.g. 204).
 
         :raises ApiError: the server answered with an error or cannot be reached
         """
         with self._send(method, path, **kwargs) as response:
-            response.read()
-            return response.json()
+            return response.json() if response.read() else None
 
     def lines(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """A streamed NDJSON answer, one object at a time."""

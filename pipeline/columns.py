@@ -94,6 +94,11 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
         items = column(type_.item_type, [item for entries in maps for item in entries.values()])
         entries = pa.StructArray.from_arrays([keys, items], fields=[type_.key_field, type_.item_field])
         return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, maps))], children=[entries])
+    if pa.types.is_struct(type_):
+        _check(kinds, Mapping, "a mapping")
+        structs = _filled(values, validity, {})
+        children = [column(field.type, [struct.get(field.name) for struct in structs]) for field in type_]
+        return pa.Array.from_buffers(type_, len(values), [validity], children=children)
     if pa.types.is_int64(type_):
         _check(kinds, numbers.Integral, "an integer", refused=(bool,))
         fixed = array("q", _filled(values, validity, 0))

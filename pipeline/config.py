@@ -102,6 +102,7 @@ class Settings:
     tls_key: Path | None
     cluster_token_ttl: float
     limits: ServerLimits
+    cluster_lost_after: float
     api_url: str | None
     ingest_url: str | None = None
     ingest_token: str | None = None
@@ -181,6 +182,7 @@ class Settings:
                 header_timeout=seconds("server.header-timeout"),
                 body_timeout=seconds("server.body-timeout"),
             ),
+            "cluster_lost_after": seconds("server.cluster-lost-after"),
             "api_url": _get("api.url"),
             "ingest_url": _get("ingest.url"),
             "ingest_token": _get("ingest.token"),

@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: the newest migration in ``pipeline/migrations/versions`` (a test checks it is alembic's head)
-SCHEMA_HEAD = "9d4f2a6c1e37"
+SCHEMA_HEAD = "f7b3d1e5a920"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -216,8 +216,19 @@ clusters = Table(
     Column("token_id", String(16), nullable=False),
     Column("names", Text, nullable=False),  # account, name and image, sealed under the account's data key
     Column("created_at", UTCDateTime, nullable=False),
-    Column("closed_at", UTCDateTime, nullable=True),  # its plugin closed with nothing undelivered
+    Column("closed_at", UTCDateTime, nullable=True),  # its plugin (or its owner) closed it
+    Column("last_contact_at", UTCDateTime, nullable=True),  # its last batch (snapshots are the heartbeat)
+    Column("lost_at", UTCDateTime, nullable=True),  # nothing heard for pipeline.server.cluster-lost-after
+    Column("running", Text, nullable=True),  # its running jobs as last reported, sealed like names
     Index("ix_clusters_subject", "subject_ref"),
+)
+
+erasure_receipts = Table(
+    "erasure_receipts",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),  # the receipt token itself is never stored
+    Column("request_id", String(64), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 env_visibility = Table(

@@ -31,7 +31,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
-from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable, Throttled
+from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable, Throttled, TokenRefused
 from pipeline.redact import first_line, mask_url
 from pipeline.spool import SpooledBatch
 
@@ -67,6 +67,7 @@ class Delivery(ABC):
         """Hand one sealed batch over; returning means it is stored (now or by an earlier attempt).
 
         :raises BatchRefused: the target refused the batch for good; never retry it
+        :raises TokenRefused: the target refused the credential itself; stop delivering
         :raises Exception: anything else means the target is down or busy; retry with back-off
         """
 
@@ -245,6 +246,8 @@ class HTTPDelivery(Delivery):
             raise Throttled(answer, _retry_after(response))
         if response.status_code >= 500:
             raise StoreUnavailable(answer)
+        if response.status_code == 401:  # the token, not the batch: revoked, expired, or its cluster closed
+            raise TokenRefused(f"the control plane refused this cluster's token: {answer}")
         raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")
 
     def retire(self) -> None:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import dask.config
 
 from pipeline.config import Settings
+from pipeline.errors import PipelineError
 from pipeline.runtime import Pipeline
 from pipeline.security.aws import forward_aws_credentials
 from pipeline.security.tls import ClusterCredentials, issue_credentials
@@ -62,6 +72,7 @@ def _workload(
         ) as aws,
     ):
         scheduler_address = cluster.scheduler_address
+        keys_in_reach = client.run_on_scheduler(_keys_in_reach)
         client.run(_quiet_task_errors)
         squares = client.map(_square, range(tasks))  # job 1: N tasks, 1 % fail
         wait(squares)
@@ -76,29 +87,60 @@ def _workload(
         "scheduler_address": scheduler_address,
         "tls": scheduler_address.startswith("tls://"),
         "aws_session_token": aws.credentials is not None,
+        "keys_in_reach_of_the_scheduler": keys_in_reach,
     }
+
+
+def _keys_in_reach() -> list[str]:
+    """What code on the scheduler finds of the control plane's keys: keyrings in its process, key files in its home.
+
+    Embedded, both (the mode is single-tenant); remote, neither.
+    """
+    import gc
+    from pathlib import Path
+
+    from pipeline.keys import Keyring
+
+    found = [f"a {type(o).__name__} in the scheduler's process" for o in gc.get_objects() if isinstance(o, Keyring)]
+    home = Path(str(dask.config.get("pipeline.home"))).expanduser()
+    return sorted(set(found)) + sorted(str(path) for path in home.rglob("*.key"))
 
 
 def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool = False) -> dict[str, Any]:
     """The workload, then what each store holds for its cluster.
 
-    Embedded (default): the plugin writes through the pipeline in-process. ``remote``: a
-    control plane on loopback, a member token and a registered cluster; the plugin holds
-    only the ingest URL, its cluster token and the intake public key, and the records
-    are read back through the API with the member's token.
+    Embedded (default, single-tenant): the plugin writes through the pipeline in-process,
+    so code on the scheduler can read every key. ``remote``: a control plane in a process of
+    its own (``serve`` on loopback), a member token and a registered cluster; the plugin holds
+    only the ingest URL, its cluster token and the intake public key, and the records are read
+    back through the API with the member's token.
     """
-    pipeline = Pipeline.open(Settings.from_config(), create=True)  # init, so a bad key fails first
+    settings = Settings.from_config()
     if remote:
-        stored_records, cluster_id, ran = _remote(pipeline, tasks, account, user)
-    else:
-        cluster_id = f"demo-{uuid.uuid4().hex[:12]}"
-        validity = timedelta(seconds=pipeline.settings.tls_validity)
-        credentials = issue_credentials(pipeline.keyring, account, cluster_id, validity=validity)
+        return _remote(settings, tasks, account, user)
+    pipeline = Pipeline.open(settings, create=True)  # init, so a bad key fails first
+    cluster_id = f"demo-{uuid.uuid4().hex[:12]}"
+    validity = timedelta(seconds=settings.tls_validity)
+    credentials = issue_credentials(pipeline.keyring, account, cluster_id, validity=validity)
+    pipeline.close()
+    cluster = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
+    ran = _workload(tasks, cluster, credentials, settings)
+    pipeline = Pipeline.open(settings)
+    try:
+        stored = {store: list(pipeline.read_records(store, account=account)) for store in pipeline.stores}
+    finally:
         pipeline.close()
-        settings = {"pipeline.account": account, "pipeline.user": user, "pipeline.cluster-id": cluster_id}
-        ran = _workload(tasks, settings, credentials, pipeline.settings)
-        pipeline = Pipeline.open(Settings.from_config())
-        stored_records = {store: list(pipeline.read_records(store, account=account)) for store in pipeline.stores}
+    return _summary(account, cluster_id, tasks, ran, stored, settings)
+
+
+def _summary(
+    account: str,
+    cluster_id: str,
+    tasks: int,
+    ran: dict[str, Any],
+    stored_records: dict[str, list[dict[str, Any]]],
+    settings: Settings,
+) -> dict[str, Any]:
     stored: dict[str, dict[str, int]] = {}
     jobs: list[dict[str, Any]] = []
     for store, rows in stored_records.items():
@@ -111,7 +153,6 @@ def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool 
                 jobs.append(record)
         stored[store] = dict(sorted(counts.items()))
     jobs.sort(key=lambda r: str(r["started_at"]))
-    pipeline.close()
     return {
         "account": account,
         "cluster_id": cluster_id,
@@ -120,32 +161,82 @@ def run_demo(*, tasks: int, account: str, user: str | None = None, remote: bool 
         "jobs": len(jobs),
         "stored": stored,
         "job_records": jobs,
-        "home": pipeline.settings.home,
+        "home": settings.home,
     }
 
 
-def _remote(
-    pipeline: Pipeline, tasks: int, account: str, user: str | None
-) -> tuple[dict[str, list[dict[str, Any]]], str, dict[str, Any]]:
-    """The workload through a control plane on loopback; (records per store, cluster id, how it ran)."""
+def _remote(settings: Settings, tasks: int, account: str, user: str | None) -> dict[str, Any]:
+    """The workload through a control plane in a process of its own: this one never opens a key."""
     from pipeline.apiclient import ApiClient, Credentials
-    from pipeline.server.auth import TokenStore
     from pipeline.server.clusters import cluster_config
-    from pipeline.server.runner import serving_in_thread
 
-    with serving_in_thread(pipeline) as url:
-        member = TokenStore(pipeline).create("member", account, user or "demo")
-        with ApiClient(Credentials(url, member.token)) as api:
+    with _control_plane_process(settings) as url:
+        member = _pipeline_command(settings, "tokens", "create", "--account", account, "--user", user or "demo")
+        with ApiClient(Credentials(url, member["token"])) as api:
             registration = api.json("POST", "/v1/clusters", json={"account": account, "name": "demo"})
             config = cluster_config(registration)["pipeline"]
-            settings = {
-                "pipeline.home": str(pipeline.settings.home / "demo-cluster"),  # the cluster's spool, nothing else
+            cluster = {
+                "pipeline.home": str(settings.home / "demo-cluster"),  # the cluster's spool, nothing else
                 "pipeline.account": account,
                 "pipeline.user": user,
                 "pipeline.cluster-id": config["cluster-id"],
                 "pipeline.ingest": config["ingest"],
             }
             credentials = ClusterCredentials.from_json(registration["cluster_id"], registration["tls"])
-            ran = _workload(tasks, settings, credentials, pipeline.settings)
-            stored = {store: list(api.lines("/v1/records", {"store": store})) for store in pipeline.stores}
-    return stored, registration["cluster_id"], ran
+            ran = _workload(tasks, cluster, credentials, settings)
+            stores = [*settings.store_urls(), *(["archive"] if settings.archive_url else [])]
+            stored = {store: list(api.lines("/v1/records", {"store": store})) for store in stores}
+    return _summary(account, registration["cluster_id"], tasks, ran, stored, settings)
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """This process's environment, the pipeline home made explicit (it may come from dask.config.set)."""
+    return {**os.environ, "DASK_PIPELINE__HOME": str(settings.home)}
+
+
+def _pipeline_command(settings: Settings, *args: str) -> Any:
+    """``metadata-pipeline ARGS --json`` in a process of its own; its JSON answer.
+
+    :raises PipelineError: it failed (its one-line message)
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--json"],
+        env=_child_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode:
+        raise PipelineError(f"metadata-pipeline {args[0]} {args[1]}: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+@contextmanager
+def _control_plane_process(settings: Settings) -> Iterator[str]:
+    """``metadata-pipeline serve --no-retention`` on a free loopback port until the block ends; its URL.
+
+    :raises PipelineError: it did not start (with what it said)
+    """
+    env = {**_child_env(settings), "DASK_PIPELINE__SERVER__HOST": "127.0.0.1", "DASK_PIPELINE__SERVER__PORT": "0"}
+    command = [sys.executable, "-m", "pipeline", "serve", "--no-retention"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    said: list[str] = []
+    try:
+        for line in proc.stderr:
+            said.append(line)
+            found = re.search(r"listening on (\S+)", line)
+            if found:
+                threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe from filling
+                yield found.group(1)
+                break
+        else:
+            raise PipelineError(f"the demo's control plane did not start: {''.join(said[-5:]).strip()}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import BatchRefused, ConfigError, Throttled
+from pipeline.errors import BatchRefused, ConfigError, Throttled, TokenRefused
 from pipeline.spool import Spool, SpooledBatch, new_batch_id
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class Emitter:
         self._backoff: dict[str, float] = {}
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self._token_refused = threading.Event()  # the cluster's credential is gone: nothing more is delivered
         self._deadline = float("inf")
         self._retire = False
         self._idle = threading.Condition()
@@ -102,6 +103,9 @@ class Emitter:
     def submit(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Hand records over without blocking; thread-safe."""
         if not records:
+            return
+        if self._token_refused.is_set():
+            self.stats.records_dropped += len(records)  # said once, when the token was refused
             return
         try:
             self._queue.put_nowait(records)
@@ -121,6 +125,8 @@ class Emitter:
             self._flushes += 1
             try:
                 while not self._is_idle():
+                    if self._token_refused.is_set():
+                        return False
                     self._wake.set()
                     if not self._idle.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic()))) and (
                         time.monotonic() >= deadline
@@ -141,7 +147,7 @@ class Emitter:
         self._wake.set()
         self._thread.join(timeout + 5)
         done = self._is_idle()
-        if not done:
+        if not done and not self._token_refused.is_set():
             logger.warning(
                 "metadata emitter closed with %d batches in the spool and %d unsealed records",
                 len(self._pending),
@@ -163,6 +169,8 @@ class Emitter:
                 if self._seal_due():
                     self._drain()
                 self._deliver()
+                if self._token_refused.is_set():
+                    return
                 with self._idle:
                     if self._is_idle():
                         self._idle.notify_all()
@@ -322,6 +330,9 @@ class Emitter:
         for batch in list(self._pending):
             try:
                 self.delivery.deliver(batch)
+            except TokenRefused as exc:
+                self._refused_token(exc)
+                return
             except BatchRefused as exc:
                 self._pending.remove(batch)
                 self.spool.refuse(batch, str(exc))
@@ -341,6 +352,16 @@ class Emitter:
             self._pending.remove(batch)
             self.spool.remove(batch)
             self.stats.batches_delivered += 1
+
+    def _refused_token(self, exc: TokenRefused) -> None:
+        """Stop for good, saying once why and what fixes it; the batches stay in the spool, not refused."""
+        self._token_refused.set()
+        self.stats.last_error = str(exc)
+        logger.warning(
+            "%s; metadata is no longer delivered. Register the cluster again (metadata-pipeline clusters create "
+            "--out DIR) and restart its scheduler with the new scheduler.yaml",
+            exc,
+        )
 
     def _backoff_for(self, name: str) -> float:
         delay = min(self._backoff.get(name, _MIN_BACKOFF / 2) * 2, self.retry_max)

@@ -16,10 +16,12 @@
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
      │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
      │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
+     ├── TokenRefused           the ingest endpoint refused the cluster's token itself (401): stop delivering
      ├── OutputError            a file or folder a command was asked to write cannot be written
      ├── AuditIntegrityError    the audit trail was altered
      ├── AuthenticationError    a missing, unknown, revoked or expired API token (HTTP 401)
      ├── TokenNotFound          no API token has this id
+     ├── ClusterNotFound        no registered cluster has this id
      └── ApiError               the control plane refused a command-line request or cannot be reached
 
 Lower-level exceptions are mapped at the boundary with ``raise ... from exc`` so
@@ -33,6 +35,7 @@ __all__ = [
     "AuditIntegrityError",
     "AuthenticationError",
     "BatchRefused",
+    "ClusterNotFound",
     "ConfigError",
     "CredentialsError",
     "ForbiddenBatch",
@@ -47,6 +50,7 @@ __all__ = [
     "StoreUnavailable",
     "Throttled",
     "TokenNotFound",
+    "TokenRefused",
     "UnknownAccountError",
 ]
 
@@ -118,6 +122,13 @@ class ForbiddenBatch(BatchRefused, PermissionError):
     """The caller may not ingest this batch (another account or cluster, or not a cluster)."""
 
 
+class TokenRefused(PipelineError):
+    """The ingest endpoint refused the cluster's token (revoked, expired, or its cluster closed).
+
+    No batch is at fault and none would be accepted: the plugin stops delivering.
+    """
+
+
 class OutputError(PipelineError):
     """A file or folder a command was asked to write (``--out``) cannot be written."""
 
@@ -139,6 +150,13 @@ class TokenNotFound(PipelineError, LookupError):
 
     def __init__(self, token_id: str) -> None:
         super().__init__(f"no API token with id {token_id!r} (see metadata-pipeline tokens list)")
+
+
+class ClusterNotFound(PipelineError, LookupError):
+    """No registered cluster has this id."""
+
+    def __init__(self, cluster_id: str) -> None:
+        super().__init__(f"no cluster {cluster_id!r} (see metadata-pipeline clusters list)")
 
 
 class ApiError(PipelineError):

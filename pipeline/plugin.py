@@ -38,6 +38,7 @@ from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.principals import Principal
+from pipeline.redact import mask_url
 from pipeline.spool import Spool
 
 if TYPE_CHECKING:
@@ -152,13 +153,20 @@ class MetadataPlugin(SchedulerPlugin):
         self.image = settings.image
         self.close_timeout = settings.close_timeout
         settings.ensure_home()
-        delivery = remote_delivery(settings) or EmbeddedDelivery.shared(
+        remote = remote_delivery(settings)
+        delivery = remote or EmbeddedDelivery.shared(
             settings, Principal.embedded_cluster(self.account, settings.cluster_id)
         )
         spool = Spool(settings.spool_dir)
         self.emitter = Emitter(delivery, spool, retry_max=settings.retry_max, linger=settings.linger)
         self.emitter.start()
         self.scheduler = scheduler  # from here on the plugin is running
+        mode = (
+            f"remote mode, delivering to {mask_url(settings.ingest_url or '')}"
+            if remote
+            else f"embedded mode (single-tenant: code on this scheduler can read every key in {settings.home})"
+        )
+        logger.info("metadata plugin active: %s; account %r, cluster %s", mode, self.account, self.cluster_id)
         scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
         callback.start()
         self._spawn(self._scheduler_environment())
@@ -188,7 +196,7 @@ class MetadataPlugin(SchedulerPlugin):
                 callback.stop()
             self._close_open()
             records = [self._snapshot_record()]
-            records += [self._job_record(job, finished_at=None) for job in self._jobs.values()]
+            records += [self._job_record(job, status="lost") for job in self._jobs.values()]  # the cluster ends first
             self._jobs.clear()
             self.emitter.submit(records)
             emitter, timeout = self.emitter, self.close_timeout
@@ -341,7 +349,7 @@ class MetadataPlugin(SchedulerPlugin):
     def _finish(self, job: _Job) -> None:
         self._jobs.pop(job.job_id, None)
         if self.emitter is not None:
-            self.emitter.submit([self._job_record(job, finished_at=utcnow())])
+            self.emitter.submit([self._job_record(job, status="finished")])
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         try:
@@ -396,14 +404,24 @@ class MetadataPlugin(SchedulerPlugin):
             "tasks_completed_total": self.completed_total,
             "tasks_erred_total": self.erred_total,
             "compute_seconds_total": self.compute_total,
+            "jobs_running": [self._progress(job) for job in self._jobs.values()],  # the heartbeat's payload
         }
 
-    def _job_record(self, job: _Job, *, finished_at: datetime | None) -> dict[str, Any]:
+    def _job_record(self, job: _Job, *, status: str) -> dict[str, Any]:
         return {
             **self._common("job", "cluster_jobs"),
+            "status": status,
+            "finished_at": utcnow() if status == "finished" else None,
+            **self._progress(job),
+        }
+
+    @staticmethod
+    def _progress(job: _Job) -> dict[str, Any]:
+        """A job's counts so far: in its record, and for a running job in each snapshot, so that the
+        control plane can record it ``lost`` with them if the cluster dies first."""
+        return {
             "job_id": job.job_id,
             "started_at": job.started_at,
-            "finished_at": finished_at,
             "tasks_total": job.total,
             "tasks_completed": job.completed,
             "tasks_erred": job.erred,

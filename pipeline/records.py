@@ -47,6 +47,18 @@ _STR_INT_MAP = pa.map_(pa.string(), pa.int64())
 #: the microseconds since 1970 a Python datetime can hold: the years 1 to 9999
 _PYTHON_TIMES = (-62135596800 * 10**6, 253402300799 * 10**6 + 999999)
 
+#: a job's progress so far (the fields of a ``job`` record that count)
+JOB_PROGRESS = [
+    pa.field("job_id", pa.string()),
+    pa.field("started_at", TIMESTAMP),
+    pa.field("tasks_total", pa.int64()),
+    pa.field("tasks_completed", pa.int64()),
+    pa.field("tasks_erred", pa.int64()),
+    pa.field("compute_seconds", pa.float64()),
+    pa.field("peak_memory_bytes", pa.int64()),
+    pa.field("task_prefixes", pa.list_(pa.string())),
+]
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -82,6 +94,7 @@ KINDS: dict[str, Kind] = {
                 pa.field("tasks_completed_total", pa.int64()),
                 pa.field("tasks_erred_total", pa.int64()),
                 pa.field("compute_seconds_total", pa.float64()),
+                pa.field("jobs_running", pa.list_(pa.struct(JOB_PROGRESS))),  # unfinished jobs' progress
             ],
         ),
         _kind(
@@ -97,6 +110,7 @@ KINDS: dict[str, Kind] = {
                 pa.field("compute_seconds", pa.float64()),
                 pa.field("peak_memory_bytes", pa.int64()),
                 pa.field("task_prefixes", pa.list_(pa.string())),
+                pa.field("status", pa.string()),  # running, finished, or lost (its cluster ended first)
             ],
         ),
         _kind(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -252,7 +252,14 @@ class Pipeline:
         return IngestTally(self.audit)
 
     # -- the one ingest path ---------------------------------------------------
-    def ingest(self, sealed: bytes, principal: Principal, *, idempotency_key: str | None = None) -> IngestResult:
+    def ingest(
+        self,
+        sealed: bytes,
+        principal: Principal,
+        *,
+        idempotency_key: str | None = None,
+        admit: Callable[[OpenedBatch], None] | None = None,
+    ) -> IngestResult:
         """Open, validate, scope, check tombstones, seal per subject, route and write one sealed batch, once per id.
 
         The embedded delivery calls this in-process and the API handler per request;
@@ -264,12 +271,17 @@ class Pipeline:
             names another account, user or cluster, or is an ``account`` record from a cluster;
             the batch is refused whole and audited (403)
         :raises StoreUnavailable: a store or the metadata database is down; retry later (503)
+
+        ``admit`` sees a scoped batch before anything is written (the control plane notes its
+        cluster's contact there, and refuses a lost cluster's newer records with ForbiddenBatch).
         """
         batch = open_batch(self.intake_key, sealed)
         if idempotency_key is not None and idempotency_key != batch.batch_id:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
         self._check_bounds(batch, principal)
         subject_ref = self._scope(batch, principal)
+        if admit is not None:
+            admit(batch)
         if self._already_ingested(subject_ref, batch.batch_id):
             return IngestResult(batch.n_records, duplicate=True)
         stamped = [_stamped(table, principal, subject_ref) for table in batch.tables]

@@ -350,7 +350,7 @@ def _files_written_since(base: Path, started: float) -> Iterator[tuple[Path, byt
 @pytest.mark.slow
 @REFUSALS
 def test_a_registered_cluster_gets_its_credentials_once_and_runs_over_them(home: Path) -> None:
-    """`POST /v1/clusters` returns the credentials; `clusters create` prints them as dask config for
+    """`POST /v1/clusters` returns the credentials; `clusters create` writes them as dask config for
     plain distributed; another registration's client certificate is refused."""
     pipeline = Pipeline.open(Settings.from_config(), create=True)
     with serving(pipeline) as plane, plane.member(ACCOUNT, "ann") as ann:
@@ -366,9 +366,10 @@ def test_a_registered_cluster_gets_its_credentials_once_and_runs_over_them(home:
         pipeline.keyring, first["cluster_id"]
     )
 
-    printed = CliRunner().invoke(main, ["clusters", "create", "--account", ACCOUNT])
+    out_dir = home.parent / "cluster"
+    printed = CliRunner().invoke(main, ["clusters", "create", "--account", ACCOUNT, "--out", str(out_dir)])
     assert printed.exit_code == 0, printed.output
-    created = yaml.safe_load(printed.output)
+    created = yaml.safe_load((out_dir / "scheduler.yaml").read_text())
     stored = load_credentials(pipeline.keyring, created["pipeline"]["cluster-id"])
     assert created["distributed"]["comm"]["tls"]["ca-file"] == stored.ca_cert
     assert created["distributed"]["comm"]["require-encryption"] is True

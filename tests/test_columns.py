@@ -40,6 +40,8 @@ def _values(type_: pa.DataType) -> st.SearchStrategy[Any]:
         return st.lists(st.none() | _values(type_.value_type), max_size=4)
     if pa.types.is_map(type_):
         return st.dictionaries(_TEXT, st.none() | _values(type_.item_type), max_size=4)
+    if pa.types.is_struct(type_):
+        return st.fixed_dictionaries({field.name: st.none() | _values(field.type) for field in type_})
     raise AssertionError(f"no strategy for {type_}")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +26,14 @@ from tcpproxy import TCPProxy
 from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.delivery import HTTPDelivery, remote_delivery
-from pipeline.errors import AuthenticationError, BatchRefused, ConfigError, IntakeError, StoreUnavailable
+from pipeline.errors import (
+    AuthenticationError,
+    BatchRefused,
+    ConfigError,
+    IntakeError,
+    StoreUnavailable,
+    TokenRefused,
+)
 from pipeline.intake import MEDIA_TYPE, open_batch
 from pipeline.keys import KeyProvider, Keyring
 from pipeline.runtime import Pipeline
@@ -116,7 +125,7 @@ def test_a_delivered_batch_carries_token_idempotency_key_and_media_type(control_
         (503, StoreUnavailable, "answered 503: control plane busy"),
         (429, StoreUnavailable, "answered 429: control plane busy"),
         (400, BatchRefused, "refused: ingest endpoint .* answered 400: control plane busy"),
-        (401, BatchRefused, "answered 401"),
+        (401, TokenRefused, "refused this cluster's token: ingest endpoint .* answered 401"),
         (413, BatchRefused, "answered 413"),
     ],
 )
@@ -143,7 +152,7 @@ def test_the_control_plane_answers_the_delivery_contract(control_plane: ControlP
         delivery.deliver(control_plane.batch(account="globex"))
     with pytest.raises(BatchRefused, match="answered 400: not a sealed metadata batch"):
         delivery.deliver(SpooledBatch("b-1", b"hello"))
-    with pytest.raises(BatchRefused, match="answered 401"):
+    with pytest.raises(TokenRefused, match="answered 401"):
         control_plane.delivery(TOKEN).deliver(SpooledBatch("b", b"x"))
 
 
@@ -157,23 +166,25 @@ def test_retire_revokes_the_cluster_token_and_marks_the_cluster_closed(control_p
         delivery.retire()  # the token that closed the cluster closes nothing more either
     (listed,) = control_plane.clusters()
     assert listed["cluster_id"] == control_plane.cluster.cluster_id and listed["closed_at"] is not None
-    with pytest.raises(BatchRefused, match="answered 401: token revoked"):
+    with pytest.raises(TokenRefused, match="answered 401: token revoked"):
         delivery.deliver(control_plane.batch())  # a closed cluster's token writes nothing more
 
 
-@pytest.mark.parametrize("who", ["another cluster", "a member"])
-def test_only_the_cluster_itself_may_close_it(control_plane: ControlPlane, who: str) -> None:
+@pytest.mark.parametrize(("who", "status"), [("another cluster", 403), ("a member of another account", 404)])
+def test_only_the_cluster_its_owner_or_an_admin_may_close_it(
+    control_plane: ControlPlane, who: str, status: int
+) -> None:
     registry = ClusterRegistry(control_plane.pipeline)
     token = (
         registry.register("acme", control_plane.url).token
         if who == "another cluster"
-        else registry.tokens.create("member", "acme", "alice").token
+        else registry.tokens.create("member", "globex", "gil").token
     )
     response = httpx.post(
         f"{control_plane.url}/v1/clusters/{control_plane.cluster.cluster_id}/close",
         headers={"Authorization": f"Bearer {token}"},
     )
-    assert response.status_code == 403, response.text
+    assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     control_plane.delivery().deliver(control_plane.batch())  # still valid
     assert all(c["closed_at"] is None for c in control_plane.clusters())
@@ -204,6 +215,36 @@ def test_a_cluster_that_closes_with_everything_delivered_loses_its_token(
         TokenStore(control_plane.pipeline).authenticate(control_plane.cluster.token)
     jobs = [r for r in control_plane.pipeline.read_records("long_term") if r["kind"] == "job"]
     assert [j["tasks_total"] for j in jobs] == [5]
+
+
+def test_a_scheduler_with_a_closed_clusters_config_warns_once_and_stops_delivering(
+    control_plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18 case 4: it used to log `401: token revoked` and set a refused spool file aside every few seconds."""
+    control_plane.delivery().retire()  # the cluster closed; its config is used again
+    config = {**_remote_config(control_plane, tmp_path / "cluster"), "pipeline.emitter.linger": "0s"}
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline"),
+        dask.config.set(config),
+        LocalCluster(
+            n_workers=1, processes=False, dashboard_address=":0", scheduler_kwargs={"preload": ["pipeline.preload"]}
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        wait(client.map(abs, range(-5, 0)))
+        plugin = cluster.scheduler.plugins["metadata-pipeline"]
+        deadline = time.monotonic() + 30
+        while not plugin.emitter.stats.last_error and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # five snapshot intervals: none of them is delivered or set aside
+        stats = plugin.emitter.stats
+        assert (stats.batches_refused, stats.batches_delivered) == (0, 0)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("pipeline")]
+    assert [r.getMessage() for r in warnings if "token" in r.getMessage()] == [
+        next(r.getMessage() for r in warnings if "Register the cluster again" in r.getMessage())
+    ]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert not list((tmp_path / "cluster").rglob("refused/*"))
 
 
 def test_a_cluster_that_closes_with_a_full_spool_keeps_its_token_for_spool_replay(

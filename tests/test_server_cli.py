@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import dask.config
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 from conftest import make_record
@@ -18,8 +22,8 @@ from pipeline.config import Settings
 from pipeline.runtime import Pipeline
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
+def run(*args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=input)
 
 
 @pytest.fixture
@@ -160,27 +164,168 @@ def test_demo_remote_runs_the_workload_through_a_loopback_control_plane(home: Pa
     assert not (home / "demo-cluster" / "master.key").exists()
 
 
-def test_clusters_create_prints_the_dask_config_a_cluster_needs(plane: ControlPlane) -> None:
+@pytest.mark.slow
+def test_code_on_the_remote_demos_scheduler_finds_no_key(home: Path) -> None:
+    """Issue 18 case 9: `demo --remote` ran its control plane inside the scheduler's process.
+
+    A process of its own, as people run it (this test process holds keyrings of other tests)."""
+    env = {**os.environ, "DASK_PIPELINE__HOME": str(home)}
+    command = [sys.executable, "-m", "pipeline", "demo", "--remote", "--tasks", "50"]
+    shown = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "code on the scheduler found no key (remote mode: the cluster only writes)" in shown.stdout
+
+
+@pytest.mark.slow
+def test_demo_embedded_says_it_is_single_tenant(home: Path) -> None:
+    result = run("demo", "--tasks", "100", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)["keys_in_reach_of_the_scheduler"]
+    assert any("Keyring" in item for item in found) and any(item.endswith("master.key") for item in found)
+
+
+def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane, tmp_path: Path) -> None:
     import yaml
 
-    local = run("clusters", "create", "--account", "acme", "--name", "etl")  # operator, on the control plane
+    out_dir = tmp_path / "fresh" / "etl"  # a fresh home: the folder and its parents do not exist yet
+    local = run("clusters", "create", "--account", "acme", "--name", "etl", "--out", str(out_dir))
     assert local.exit_code == 0, local.output
-    config = yaml.safe_load(local.output)["pipeline"]
-    assert set(config) == {"account", "user", "cluster-id", "image", "ingest"}
-    assert set(config["ingest"]) == {"url", "token", "public-key"}
-    assert config["account"] == "acme" and config["ingest"]["token"].startswith("mp_")
-    assert config["user"] is None  # an account-level service cluster
-    owned = run("clusters", "create", "--account", "acme", "--user", "ann")  # the operator names the owner
-    assert yaml.safe_load(owned.output)["pipeline"]["user"] == "ann"
+    assert oct(out_dir.stat().st_mode & 0o777) == "0o700"
+    files = {role: out_dir / f"{role}.yaml" for role in ("scheduler", "worker", "client")}
+    configs = {role: yaml.safe_load(path.read_text()) for role, path in files.items()}
+    assert {oct(path.stat().st_mode & 0o777) for path in files.values()} == {"0o600"}
+    for role, config in configs.items():
+        tls = config["distributed"]["comm"]["tls"]
+        assert set(tls) == {"ca-file", role}  # its own certificate and key, no other role's
+        assert "PRIVATE KEY" in tls[role]["key"] and "BEGIN CERTIFICATE" in tls["ca-file"]
+    scheduler = configs["scheduler"]["pipeline"]
+    assert scheduler["account"] == "acme" and scheduler["ingest"]["token"].startswith("mp_")
+    assert scheduler["user"] is None  # an account-level service cluster
+    assert "pipeline" not in configs["worker"] and "pipeline" not in configs["client"]
+    assert "mp_" not in files["worker"].read_text() + files["client"].read_text()
+    assert "PRIVATE KEY" not in local.output and "mp_" not in local.output  # nothing secret on the terminal
+    assert f"DASK_CONFIG={files['worker']} dask worker" in local.output
+    again = run("clusters", "create", "--account", "acme", "--out", str(out_dir))
+    assert again.exit_code == 2 and "already holds scheduler.yaml" in again.output
+    assert run("clusters", "create", "--account", "acme").exit_code == 2  # neither --out nor --json
+    owned = json.loads(run("clusters", "create", "--account", "acme", "--user", "ann", "--json").output)
+    assert owned["user"] == "ann"  # the operator names the owner
+
     assert (
         run("login", "--url", plane.url, "--token", plane.tokens.create("member", "globex", "bob").token).exit_code == 0
     )
-    remote = yaml.safe_load(run("clusters", "create", "--account", "globex").output)["pipeline"]
-    assert remote["ingest"]["url"] == plane.url and remote["user"] == "bob"  # a member's cluster is theirs
+    remote = json.loads(run("clusters", "create", "--account", "globex", "--json").output)
+    assert remote["ingest_url"] == plane.url and remote["tls"]["worker_key"]  # the whole registration
+    assert remote["user"] == "bob"  # a member's cluster is theirs
     for refused in (
-        run("clusters", "create", "--account", "acme"),
-        run("clusters", "create", "--account", "globex", "--user", "carol"),
+        run("clusters", "create", "--account", "acme", "--out", str(tmp_path / "other")),
+        run("clusters", "create", "--account", "globex", "--user", "carol", "--json"),
     ):
         assert refused.exit_code == 2 and "403" in refused.output
     listed = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
-    assert [c["cluster_id"] for c in listed] == [remote["cluster-id"]]  # bob sees globex's cluster only
+    assert [c["cluster_id"] for c in listed] == [remote["cluster_id"]]  # bob sees globex's cluster only
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "--out", "r"],
+        ["audit", "verify"],
+        ["audit", "export", "--out", "a"],
+        ["enforce"],
+        ["keys", "rotate"],
+        ["tokens", "list"],
+        ["tokens", "create", "--role", "admin"],
+        ["init"],
+    ],
+)
+def test_commands_that_need_the_keys_say_where_they_run_on_a_logged_in_machine(
+    plane: ControlPlane, tmp_path: Path, args: list[str]
+) -> None:
+    """Issue 18 case 5: they said `run metadata-pipeline init`, and init made a second, empty pipeline."""
+    assert run("login", "--url", plane.url, input=plane.tokens.create("admin", user="compliance").token).exit_code == 0
+    laptop = tmp_path / "laptop"
+    with dask.config.set({"pipeline.home": str(laptop)}):
+        result = run(*args)
+    assert result.exit_code == 2
+    command = " ".join(args[:2] if args[0] in ("audit", "keys", "tokens") else args[:1])
+    assert f"`{command}` runs on the control-plane host" in result.output
+    assert "init" not in result.output.replace("`init`", "")
+    assert not laptop.exists()
+
+
+def test_an_erasure_followed_through_the_api_to_its_end(plane: ControlPlane, tmp_path: Path) -> None:
+    """Issue 18 cases 1 and 6: `erase status` crashed on final_at; `tokens list` showed an erased token active."""
+    from pipeline.retention.requests import process_pending
+
+    ann = plane.tokens.create("member", "acme", "ann")
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(plane.tokens.create("admin", user="compliance").token + "\n")
+    assert run("login", "--url", plane.url, "--token-file", str(admin_file)).exit_code == 0
+    filed = run("erase", "request", "--account", "acme", "--user", "ann", "--json")
+    request_id = json.loads(filed.output)["request_id"]
+    [done] = process_pending(plane.pipeline)
+    assert done.state == "completed"
+    status = run("erase", "status", request_id)
+    assert status.exit_code == 0, status.output
+    assert "completed" in status.output and "final on 20" in status.output
+    rows = {
+        json.loads(line)["token_id"]: json.loads(line) for line in run("tokens", "list", "--json").output.splitlines()
+    }
+    assert rows[ann.token_id]["state"] == "erased"
+    assert f"{ann.token_id}  member  ended: erased" in run("tokens", "list").output
+
+
+def test_login_reads_the_token_from_standard_input_or_a_file(plane: ControlPlane, tmp_path: Path) -> None:
+    """Issue 18 case 8: the token was an argument only, visible in ps and shell history."""
+    token = plane.tokens.create("member", "acme", "ann").token
+    assert run("login", "--url", plane.url, input=f"{token}\n").exit_code == 0
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    assert run("login", "--url", plane.url, "--token-file", str(token_file), "--json").exit_code == 0
+    empty = run("login", "--url", plane.url, input="\n")
+    assert empty.exit_code == 2 and "no token given" in empty.output
+    missing = run("login", "--url", plane.url, "--token-file", str(tmp_path / "nope"))
+    assert missing.exit_code == 2 and "cannot read" in missing.output
+
+
+def test_a_member_follows_their_own_erasure_after_it_ended_their_token(plane: ControlPlane, user_home: Path) -> None:
+    """Issue 18 case 6: once the erasure completed, the requester's token was refused and they lost sight of it."""
+    from pipeline.retention.requests import process_pending
+
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    filed = run("erase", "request", "--account", "acme", "--user", "ann")
+    assert filed.exit_code == 0, filed.output
+    request_id = filed.stdout.strip()
+    receipt = user_home / f".config/metadata-pipeline/receipts/{request_id}.yaml"
+    assert oct(receipt.stat().st_mode & 0o777) == "0o600" and "mr_" not in filed.stdout
+    [done] = process_pending(plane.pipeline)
+    assert done.state == "completed"
+    refused = run("records")
+    assert refused.exit_code == 2 and "401" in refused.output  # the erasure ended the token
+    status = run("erase", "status", request_id)
+    assert status.exit_code == 0, status.output
+    assert "completed" in status.output and "final on 20" in status.output
+    wrong = httpx.get(f"{plane.url}/v1/erasure-requests/{request_id}/receipt", headers={"Receipt-Token": "mr_x"})
+    assert wrong.status_code == 404
+
+
+def test_a_member_closes_their_clusters_and_only_theirs(plane: ControlPlane) -> None:
+    """Issue 18 case 3: a cluster's owner had no way to close it or revoke its token."""
+    from pipeline.server.auth import TokenStore
+
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    mine = json.loads(run("clusters", "create", "--account", "acme", "--json").output)
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "globex", "gil").token).exit_code == 0
+    other = run("clusters", "close", mine["cluster_id"])
+    assert other.exit_code == 2 and "404" in other.output
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
+    closed = run("clusters", "close", mine["cluster_id"])
+    assert closed.exit_code == 0, closed.output
+    assert f"cluster {mine['cluster_id']} closed; its token is revoked" in closed.output
+    [listed] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
+    assert (listed["state"], listed["last_contact_at"]) == ("closed", None)
+    revoked = {t.token_id: t.revoked_at for t in TokenStore(plane.pipeline).list()}
+    assert revoked[mine["token_id"]] is not None
+    text = run("clusters", "list").output
+    assert "closed" in text and "last contact never" in text

@@ -15,25 +15,45 @@ erasing the account leaves its clusters listed without names.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
+import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
 from pipeline.db import clusters, transaction
-from pipeline.intake import intake_private_key, public_key_text
+from pipeline.errors import ForbiddenBatch, OutputError
+from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
+from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
-from pipeline.records import utcnow
+from pipeline.records import rows_from_table, utcnow
+from pipeline.redact import first_line
 from pipeline.runtime import Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.names import NameBox
 
-__all__ = ["ClusterRegistry", "Registration", "cluster_config", "router"]
+__all__ = [
+    "ROLE_FILES",
+    "ClusterRegistry",
+    "LostClusterSweeper",
+    "Registration",
+    "check_role_files",
+    "cluster_config",
+    "role_configs",
+    "router",
+    "write_role_files",
+]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,60 @@ def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+#: the file ``clusters create --out DIR`` writes for each role
+ROLE_FILES = {"scheduler": "scheduler.yaml", "worker": "worker.yaml", "client": "client.yaml"}
+
+
+def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One dask config per role (``scheduler``, ``worker``, ``client``), each with only its own key.
+
+    A worker or client host must not hold the scheduler's key (it would let it pose as the
+    scheduler) nor the cluster token (it would let it write as the cluster): only the
+    scheduler's config has ``pipeline.ingest``.
+    """
+    tls = registration["tls"]
+    configs = {}
+    for role in ROLE_FILES:
+        own = {"cert": tls[f"{role}_cert"], "key": tls[f"{role}_key"]}
+        configs[role] = {
+            "distributed": {
+                "comm": {"require-encryption": True, "tls": {"ca-file": tls["ca_cert"], role: own}},
+            },
+        }
+    configs["scheduler"]["pipeline"] = cluster_config(registration)["pipeline"]
+    return configs
+
+
+def check_role_files(out_dir: Path) -> None:
+    """Refuse a folder that already holds a role file (before registering: nothing is issued in vain).
+
+    :raises OutputError: a role file is there (another cluster's credentials would be overwritten)
+    """
+    taken = [name for name in ROLE_FILES.values() if (out_dir / name).exists()]
+    if taken:
+        raise OutputError(f"{out_dir} already holds {', '.join(taken)}; give another --out folder")
+
+
+def write_role_files(registration: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write each role's dask config to ``out_dir`` (0600 files in a folder created 0700); their paths by role.
+
+    :raises OutputError: the folder or a file cannot be written, or a role file is already there
+    """
+    import yaml
+
+    check_role_files(out_dir)
+    written = {}
+    with output_folder(out_dir):
+        os.chmod(out_dir, FOLDER_MODE)  # an existing folder too: it now holds private keys
+        for role, config in role_configs(registration).items():
+            path = written[role] = out_dir / ROLE_FILES[role]
+            try:
+                write_private(path, yaml.safe_dump(config, sort_keys=False).encode(), replace=False)
+            except FileExistsError:
+                raise OutputError(f"{path} appeared while writing; give another --out folder") from None
+    return written
 
 
 class ClusterRegistry:
@@ -126,19 +200,122 @@ class ClusterRegistry:
             tls.to_json(),
         )
 
-    def close(self, cluster_id: str, token_id: str, *, now: datetime | None = None) -> None:
-        """Revoke the cluster's token ``token_id`` and mark the cluster closed (idempotent)."""
+    def close(self, cluster_id: str, token_id: str, *, now: datetime | None = None, actor: str | None = None) -> None:
+        """Revoke the cluster's token ``token_id`` and mark the cluster closed (idempotent).
+
+        Its jobs still running, as last reported, are recorded with ``status: lost``.
+        """
         now = now or utcnow()
         self.tokens.revoke(token_id, now=now)  # first: a crash in between leaves no open token of a closed cluster
-        with transaction(self.pipeline.keyring.engine, "closing a cluster") as conn:
+        row = self._row(cluster_id)
+        if row is not None and row.closed_at is None and row.lost_at is None:
+            self._end(row, "closed", now, actor=actor)
+
+    def sweep(self, *, now: datetime | None = None) -> list[str]:
+        """Mark lost every open cluster not heard of for ``pipeline.server.cluster-lost-after``; their ids.
+
+        A lost cluster is lost from its last contact plus that time; its running jobs are
+        recorded then with the counts last reported and ``status: lost``. A cluster never
+        heard of is not lost: its files may wait days for their hosts (its token still expires).
+        """
+        now = now or utcnow()
+        lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
+        query = select(clusters).where(
+            clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at <= now - lost_after
+        )
+        with transaction(self.pipeline.keyring.engine, "finding lost clusters") as conn:
+            rows = conn.execute(query).all()
+        for row in rows:
+            self._end(row, "lost", row.last_contact_at + lost_after)
+        return [row.cluster_id for row in rows]
+
+    def heard_from(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> None:
+        """Admit a batch of cluster ``cluster_id``: note the contact and the running jobs it reports.
+
+        :raises ForbiddenBatch: the cluster was lost and the batch holds a record observed after
+            that (batches observed before it may still arrive, e.g. from ``spool replay``)
+        """
+        now = now or utcnow()
+        row = self._row(cluster_id)
+        if row is None:
+            return
+        lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
+        heard = row.last_contact_at
+        if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
+            self._end(row, "lost", heard + lost_after)  # silent too long: lost, whether or not a sweep saw it yet
+            row = self._row(cluster_id)
+        if row.lost_at is not None:
+            newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
+            if newest > row.lost_at:
+                raise ForbiddenBatch(
+                    f"batch {batch.batch_id} refused: cluster {cluster_id} was lost at {row.lost_at:%Y-%m-%d %H:%M:%S} "
+                    "UTC (nothing heard for pipeline.server.cluster-lost-after) and this batch was observed after; "
+                    "register the cluster again"
+                )
+            return
+        running = _running_after(self._running(row), batch)
+        with transaction(self.pipeline.keyring.engine, "noting a cluster's contact") as conn:
             conn.execute(
                 update(clusters)
-                .where(clusters.c.cluster_id == cluster_id, clusters.c.closed_at.is_(None))
-                .values(closed_at=now)
+                .where(clusters.c.cluster_id == cluster_id)
+                .values(last_contact_at=now, running=self._seal_running(row, running))
             )
 
-    def list(self, account: str | None = None) -> list[dict[str, Any]]:
-        """Clusters of ``account`` (``None``: of every account), oldest first."""
+    def _end(self, row: Any, state: str, when: datetime, *, actor: str | None = None) -> None:
+        """Record the running jobs as lost, then mark the cluster ``closed`` or ``lost`` at ``when``.
+
+        Records first: a crash in between writes them again (reports keep one record per job).
+        """
+        running = self._running(row)
+        lost = [
+            {**_from_json(job), "record_id": uuid.uuid4().hex, "observed_at": when, "status": "lost"}
+            for job in running.get("jobs", {}).values()
+        ]
+        if lost:
+            self.pipeline.write_records(lost)
+        column = clusters.c.closed_at if state == "closed" else clusters.c.lost_at
+        with transaction(self.pipeline.keyring.engine, f"marking a cluster {state}") as conn:
+            conn.execute(
+                update(clusters)
+                .where(clusters.c.cluster_id == row.cluster_id)
+                .where(clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
+                .values({column.name: when, "running": None})
+            )
+        self.pipeline.audit.append(
+            f"cluster.{state}",
+            actor=actor,
+            subject_ref=row.subject_ref,
+            details={"cluster_id": row.cluster_id, f"{state}_at": when.isoformat(), "jobs_lost": len(lost)},
+        )
+
+    def _row(self, cluster_id: str) -> Any:
+        with transaction(self.pipeline.keyring.engine, "reading a cluster") as conn:
+            return conn.execute(select(clusters).where(clusters.c.cluster_id == cluster_id)).first()
+
+    def _running(self, row: Any) -> dict[str, Any]:
+        """``{"observed_at": newest snapshot, "jobs": {job id: job record}}`` (sealed like names: prefixes
+        name the user's functions)."""
+        if row.running is None:
+            return {}
+        return self.names.open(f"{row.cluster_id}/running", row.running, subject_ref=row.subject_ref) or {}
+
+    def _seal_running(self, row: Any, running: dict[str, Any]) -> str | None:
+        if not running.get("jobs"):
+            return None
+        return self.names.seal(f"{row.cluster_id}/running", running, subject_ref=row.subject_ref)
+
+    def find(self, cluster_id: str) -> tuple[str | None, str] | None:
+        """``(account, token id)`` of a cluster, the account ``None`` once erased; ``None``: no such cluster."""
+        row = self._row(cluster_id)
+        if row is None:
+            return None
+        names = self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
+        return (None if names is None else names["account"]), str(row.token_id)
+
+    def list(self, account: str | None = None, *, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Clusters of ``account`` (``None``: of every account), oldest first, with state and last contact."""
+        now = now or utcnow()
+        self.sweep(now=now)
         query = select(clusters).order_by(clusters.c.created_at)
         if account is not None:
             query = query.where(clusters.c.subject_ref == self.pipeline.keyring.subject_ref(account))
@@ -149,11 +326,65 @@ class ClusterRegistry:
             {
                 "cluster_id": row.cluster_id,
                 **(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
+                "state": "closed" if row.closed_at else "lost" if row.lost_at else "open",
                 "created_at": row.created_at,
+                "last_contact_at": row.last_contact_at,
                 "closed_at": row.closed_at,
+                "lost_at": row.lost_at,
             }
             for row in rows
         ]
+
+
+def _running_after(running: dict[str, Any], batch: OpenedBatch) -> dict[str, Any]:
+    """The running jobs after a batch: its newest snapshot's, less the jobs it reports ended.
+
+    A snapshot older than the one kept (a batch delivered late) changes nothing.
+    """
+    jobs: dict[str, Any] = dict(running.get("jobs", {}))
+    newest = running.get("observed_at", "")
+    tables = {table.column("kind")[0].as_py(): table for table in batch.tables}
+    for snapshot in rows_from_table(tables["cluster_snapshot"]) if "cluster_snapshot" in tables else ():
+        observed_at = snapshot["observed_at"].isoformat()
+        if observed_at > newest:
+            newest = observed_at
+            common = {k: snapshot[k] for k in ("account", "user", "cluster_id")}
+            jobs = {
+                job["job_id"]: _jsonable({**common, "data_type": "cluster_jobs", "kind": "job", **job})
+                for job in snapshot["jobs_running"] or ()
+            }
+    for ended in rows_from_table(tables["job"]) if "job" in tables else ():
+        jobs.pop(ended["job_id"], None)
+    return {"observed_at": newest, "jobs": jobs}
+
+
+def _jsonable(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in job.items()}
+
+
+def _from_json(job: dict[str, Any]) -> dict[str, Any]:
+    times = ("observed_at", "started_at", "finished_at")
+    return {k: datetime.fromisoformat(v) if k in times and v is not None else v for k, v in job.items()}
+
+
+class LostClusterSweeper:
+    """Finds lost clusters every quarter of ``cluster-lost-after`` (at most a minute) on a thread of its own,
+    so their running jobs are recorded even when nobody lists clusters (``serve`` runs one)."""
+
+    def __init__(self, registry: ClusterRegistry) -> None:
+        self.registry = registry
+        self.period = min(60.0, max(0.5, registry.pipeline.settings.cluster_lost_after / 4))
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.registry.sweep()
+            except Exception as exc:  # the database is down: the next round tries again
+                logger.warning("could not look for lost clusters: %s", first_line(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class ClusterIn(BaseModel):
@@ -191,14 +422,22 @@ def register_cluster(
 
 @router.post("/v1/clusters/{cluster_id}/close", status_code=204)
 def close_cluster(
-    cluster_id: str, request: Request, principal: Annotated[Principal, Depends(require("cluster"))]
+    cluster_id: str,
+    request: Request,
+    principal: Annotated[Principal, Depends(require("cluster", "member", "admin"))],
 ) -> Response:
-    """The cluster's plugin closed with everything delivered: revoke its token, mark it closed."""
-    if principal.cluster_id != cluster_id:
-        raise HTTPException(403, "a cluster token may close its own cluster only")
+    """Close a cluster and revoke its token: its own plugin (everything delivered), its owner or an admin.
+
+    Its jobs still running are recorded with ``status: lost``.
+    """
     registry: ClusterRegistry = request.app.state.clusters
-    assert principal.token_id is not None  # every authenticated principal names its token
-    registry.close(cluster_id, principal.token_id)
+    if principal.kind == "cluster" and principal.cluster_id != cluster_id:
+        raise HTTPException(403, "a cluster token may close its own cluster only")
+    found = registry.find(cluster_id)
+    account = None if found is None else found[0]
+    if found is None or (principal.kind == "member" and (account is None or not principal.may_read(account))):
+        raise HTTPException(404, f"no cluster {cluster_id!r} of yours")
+    registry.close(cluster_id, found[1], actor=principal.actor)
     return Response(status_code=204)
 
 

@@ -5,17 +5,26 @@ same code ``erase request|status|list`` runs locally; the retention scheduler
 of ``serve`` carries them out. A member sees only requests about their own
 user; any other request id answers 404 exactly like an unknown one. Filing is
 bounded: one open request per subject, and a filing rate per member.
+
+Filing returns a ``receipt_token`` (shown once, only its SHA-256 kept): an erasure of
+their own user ends a member's API token, and with the receipt token the requester
+still follows the request to its end (``GET /v1/erasure-requests/{id}/receipt``).
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert, select
 
+from pipeline.db import erasure_receipts, transaction
 from pipeline.principals import Principal
+from pipeline.records import utcnow
 from pipeline.retention.requests import (
     OPEN_STATES,
     DeletionRequest,
@@ -25,10 +34,12 @@ from pipeline.retention.requests import (
     list_requests,
 )
 from pipeline.runtime import Pipeline
-from pipeline.server.auth import current_pipeline, require
+from pipeline.server.auth import current_pipeline, require, token_sha256
 from pipeline.server.limits import RateLimit, too_many
 
 __all__ = ["filing_limit", "router"]
+
+RECEIPT_PREFIX = "mr_"
 
 router = APIRouter(tags=["erasure"])
 People = Annotated[Principal, Depends(require("member", "admin"))]
@@ -88,12 +99,24 @@ def file_erasure(
     with _filing:
         for open_request in list_requests(pipeline, states=OPEN_STATES):
             if (open_request.subject_ref, open_request.user_ref) == subject:
-                response.status_code = 200
-                return open_request.as_dict()
+                response.status_code = 200  # the open one, with a receipt of the caller's own
+                return {**open_request.as_dict(), "receipt_token": _issue_receipt(pipeline, open_request.request_id)}
         filed = file_request(
             pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor
         )
-    return filed.as_dict()
+    return {**filed.as_dict(), "receipt_token": _issue_receipt(pipeline, filed.request_id)}
+
+
+def _issue_receipt(pipeline: Pipeline, request_id: str) -> str:
+    """A new receipt token for ``request_id``; only its SHA-256 is kept."""
+    receipt = RECEIPT_PREFIX + secrets.token_urlsafe(32)
+    with transaction(pipeline.keyring.engine, "issuing an erasure receipt") as conn:
+        conn.execute(
+            insert(erasure_receipts).values(
+                token_sha256=token_sha256(receipt), request_id=request_id, created_at=utcnow()
+            )
+        )
+    return receipt
 
 
 @router.get("/v1/erasure-requests")
@@ -111,3 +134,19 @@ def get_erasure(
     if not _visible(pipeline, principal, request):
         raise RequestNotFound(request_id)
     return request.as_dict()
+
+
+@router.get("/v1/erasure-requests/{request_id}/receipt")
+def get_erasure_by_receipt(
+    request_id: str,
+    pipeline: Annotated[Pipeline, Depends(current_pipeline)],
+    receipt_token: Annotated[str, Header(max_length=200)],
+) -> dict[str, Any]:
+    """State and receipt of one request, for whoever holds its receipt token (no API token needed)."""
+    with transaction(pipeline.keyring.engine, "reading an erasure receipt") as conn:
+        kept = conn.execute(
+            select(erasure_receipts.c.request_id).where(erasure_receipts.c.token_sha256 == token_sha256(receipt_token))
+        ).scalar_one_or_none()
+    if kept is None or not hmac.compare_digest(kept, request_id):
+        raise RequestNotFound(request_id)
+    return get_request(pipeline, request_id).as_dict()

@@ -9,6 +9,7 @@ records), idempotency and writing are the one ingest path in the pipeline.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -102,7 +103,10 @@ async def ingest(
         async with gate.admitted(principal):
             sealed = await request.body()  # bounded by the app's guard (MAX_SEALED_BYTES)
             async with gate.slots.slot(str(principal.account)):
-                result = await run_in_threadpool(pipeline.ingest, sealed, principal, idempotency_key=idempotency_key)
+                admit = functools.partial(request.app.state.clusters.heard_from, principal.cluster_id)
+                result = await run_in_threadpool(
+                    pipeline.ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
+                )
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise

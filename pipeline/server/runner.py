@@ -215,8 +215,11 @@ def run_control_plane(
 
     :raises ConfigError: bad TLS settings, or the address cannot be bound
     """
+    from pipeline.server.clusters import ClusterRegistry, LostClusterSweeper
+
     service: RetentionService | None = None
     thread: threading.Thread | None = None
+    sweeper = LostClusterSweeper(ClusterRegistry(pipeline))
     if retention:
         from pipeline.retention.service import RetentionService
 
@@ -224,6 +227,7 @@ def run_control_plane(
 
     def started(url: str) -> None:
         nonlocal thread
+        threading.Thread(target=sweeper.run, name="lost-clusters", daemon=True).start()
         if service is not None:
             thread = threading.Thread(target=service.run, name="retention-service", daemon=True)
             thread.start()
@@ -242,6 +246,7 @@ def run_control_plane(
             f"pipeline.server.host/port: cannot listen on {config.host}:{config.port} ({bind_errors.reason()})"
         ) from exc
     finally:
+        sweeper.stop()
         uvicorn_log.removeFilter(bind_errors)
         while thread is not None and thread.is_alive():  # stop() before the scheduler ran is a no-op: repeat
             assert service is not None

@@ -1,0 +1,190 @@
+"""What every command shares: the ``main`` group, the ``--json``/exit-status decorator, parameter types,
+and the pipeline or API client a command works with."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import click
+
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.output import Output
+from pipeline.redact import mask_url, printable, quoted
+
+__all__ = ["TEXT", "CheckFailed", "UTCTime", "api_client", "command", "main", "open_pipeline", "report_skipped"]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CheckFailed(Exception):
+    """A check ran and found a problem: exit status 1."""
+
+
+def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callable[[F], F]:
+    """A subcommand with ``--json`` and the error → exit status mapping."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, json_output: bool, **kwargs: Any) -> Any:
+            out = Output(json_output)
+            try:
+                return fn(out, *args, **kwargs)
+            except CheckFailed as exc:
+                click.echo(f"check failed: {printable(str(exc))}", err=True)
+                sys.exit(1)
+            except PipelineError as exc:
+                click.echo(f"error: {printable(str(exc))}", err=True)
+                sys.exit(2)
+
+        wrapper = click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")(wrapper)
+        return group.command(name, **attrs)(wrapper)  # type: ignore[return-value]
+
+    return decorate
+
+
+class OneLineGroup(click.Group):
+    """Bad usage (an unknown option, a value a parameter refuses) is one line on stderr, exit 2."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            click.echo(f"error: {printable(exc.format_message())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+class Text(click.ParamType):
+    """A name or free text from the command line: it must be valid UTF-8.
+
+    Arguments that are not UTF-8 reach Python as lone surrogates (``$'\\xff'`` → ``'\\udcff'``),
+    which no store, hash or terminal can encode.
+    """
+
+    name = "TEXT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{quoted(value)} is not valid UTF-8 text", param, ctx)
+        return value
+
+
+TEXT = Text()
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dask-metadata-pipeline")
+def main() -> None:
+    """Metadata and audit pipeline with retention enforcement for Dask clusters."""
+    pipeline_logger = logging.getLogger("pipeline")
+    if not pipeline_logger.handlers:  # commands report through their one line; `serve` configures logging
+        pipeline_logger.addHandler(logging.NullHandler())
+
+
+def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily for a fast --help
+    """The pipeline of the configured home: the control plane's keys, database and stores.
+
+    :raises ConfigError: this machine holds no master key but is logged in to a control plane
+    """
+    from pipeline.runtime import Pipeline
+
+    settings = Settings.from_config()
+    _check_control_plane_host(settings)
+    return Pipeline.open(settings, create=create)
+
+
+def _check_control_plane_host(settings: Settings) -> None:
+    """Refuse a command that needs the master key on a machine that has none but a login.
+
+    Such a machine talks to a control plane elsewhere: ``init`` there would start a second,
+    empty pipeline, so the message names where the command runs instead.
+    """
+    from pipeline.apiclient import Credentials
+
+    keys = urlparse(settings.keys_url)
+    if keys.scheme != "file" or Path(keys.path).exists():
+        return
+    credentials = Credentials.load(settings.api_url)
+    if credentials is None:
+        return
+    command = " ".join(click.get_current_context().command_path.split()[1:])  # without the program's name
+    raise ConfigError(
+        f"`{command}` runs on the control-plane host: it needs the master key, which this machine does not hold. "
+        f"You are logged in to {mask_url(credentials.url)}; through it use records, clusters and erase"
+    )
+
+
+def report_skipped(pipeline: Any, unreadable: list[Any]) -> None:
+    """One stderr line per skipped segment, record and store with foreign files; exit 1 for a segment.
+
+    A segment that does not decrypt is damage (or tampering) to look into. A record out of
+    range was stored before ingest checked bounds; it is named on every read, and failing
+    every read for it would change nothing.
+
+    :param pipeline: None for a read through the control plane (its foreign files are not ours to list)
+    """
+    for store, found in pipeline.foreign_files().items() if pipeline is not None else ():
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        click.echo(printable(f"skipped {len(found)} foreign file(s) in {store}: {shown}"), err=True)
+    for problem in unreadable:
+        click.echo(printable(str(problem)), err=True)
+    damaged = sum(problem.record_id is None for problem in unreadable)
+    if damaged:
+        raise CheckFailed(f"{damaged} segment(s) could not be read; every other record was shown")
+
+
+def api_client():  # noqa: ANN201 - an ApiClient, imported lazily for a fast --help
+    """A client of the control plane when ``login`` saved credentials; ``None`` works on the local home."""
+    from pipeline.apiclient import ApiClient, Credentials
+
+    credentials = Credentials.load(Settings.from_config().api_url)
+    return None if credentials is None else ApiClient(credentials)
+
+
+class UTCTime(click.ParamType):
+    """An ISO 8601 instant; without a zone it is taken as UTC."""
+
+    name = "ISO8601"
+
+    #: ages and deadlines of up to 100 years either side must stay within datetime's range
+    EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        except (ValueError, OverflowError):
+            self.fail(f"{quoted(value)} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
+        if not self.EARLIEST <= parsed < self.LATEST:
+            self.fail(
+                f"{quoted(value)} is out of range ({self.EARLIEST:%Y-%m-%d} to {self.LATEST:%Y-%m-%d})", param, ctx
+            )
+        return parsed

@@ -1,0 +1,132 @@
+"""``tokens`` (on the control plane) and ``login`` (anywhere)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import click
+
+from pipeline.cli.core import TEXT, command, main, open_pipeline
+from pipeline.output import Output
+from pipeline.redact import mask_url, quoted
+
+
+@main.group()
+def tokens() -> None:
+    """API tokens for people and clusters (run on the control plane)."""
+
+
+@command(tokens, "create")
+@click.option("--account", default=None, type=TEXT, help="The member's account (admins: none).")
+@click.option("--user", default=None, type=TEXT, help="Who holds the token.")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
+def tokens_create(out: Output, account: str | None, user: str | None, role: str) -> None:
+    """Issue a token; it is printed once and only its SHA-256 is kept."""
+    from pipeline.server.auth import TokenStore
+
+    issued = TokenStore(open_pipeline(create=True)).create(role, account, user)
+    if not out.as_json:
+        click.echo(f"{role} token {issued.token_id}; shown only now, store it safely:", err=True)
+    out.result(issued.as_dict(), issued.token)
+
+
+@command(tokens, "list")
+def tokens_list(out: Output) -> None:
+    """Every token issued (never the token itself), oldest first."""
+    from pipeline.server.auth import TokenStore
+
+    now = datetime.now(UTC)
+    out.rows(
+        ({**t.as_dict(), "state": _token_state(t.as_dict(), now)} for t in TokenStore(open_pipeline()).list()),
+        _render_token,
+    )
+
+
+def _token_state(t: dict[str, Any], now: datetime) -> str:
+    """``active``, or why it no longer works: ``revoked``, ``expired``, ``erased`` (its account or user was)."""
+    if t["revoked_at"]:
+        return "revoked"
+    if t["expires_at"] and t["expires_at"] <= now:
+        return "expired"
+    if t["kind"] != "admin" and t["account"] is None:  # its names were shredded with the subject's key
+        return "erased"
+    return "active"
+
+
+def _render_token(t: Any) -> str:
+    state = t["state"]
+    if state == "active" and t["expires_at"]:
+        state = f"expires {t['expires_at']:%Y-%m-%d}"
+    elif state != "active":
+        state = f"ended: {state}"
+    bound = " ".join(str(t[k]) for k in ("account", "user", "cluster_id") if t[k])
+    return f"{t['token_id']}  {t['kind']:<7} {state:<18} {bound}"
+
+
+@command(tokens, "revoke")
+@click.argument("token_id")
+def tokens_revoke(out: Output, token_id: str) -> None:
+    """Revoke a token: its next request is refused."""
+    from pipeline.server.auth import TokenStore
+
+    info = TokenStore(open_pipeline()).revoke(token_id).as_dict()
+    out.result(info, f"token {token_id} revoked")
+
+
+@command(main)
+@click.option("--url", required=True, type=TEXT, help="The control plane, e.g. https://metadata.example.com")
+@click.option(
+    "--token-file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file holding the member or admin token [default: read it from standard input].",
+)
+@click.option("--token", default=None, type=TEXT, help="The token itself (visible in ps and shell history).")
+def login(out: Output, url: str, token_file: Path | None, token: str | None) -> None:
+    """Check a token against the control plane and keep it in a 0600 credentials file."""
+    from pipeline.apiclient import ApiClient, Credentials
+
+    token = _read_token(token_file, token)
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise click.BadParameter(f"{quoted(mask_url(url))} is not an http(s):// URL", param_hint="--url")
+    credentials = Credentials(url.rstrip("/"), token)
+    with ApiClient(credentials) as client:
+        who = client.json("GET", "/v1/whoami")
+    if who["kind"] == "cluster":
+        raise click.BadParameter(
+            "a cluster token can only ingest; log in with a member or admin token", param_hint="--token"
+        )
+    path = credentials.save()
+    info = {
+        "url": mask_url(credentials.url),
+        "kind": who["kind"],
+        "account": who["account"],
+        "user": who["user"],
+        "credentials": path,
+    }
+    out.result(
+        info,
+        f"logged in to {info['url']} as {who['kind']} {who['account'] or ''} {who['user'] or ''}".rstrip(),
+    )
+
+
+def _read_token(token_file: Path | None, token: str | None) -> str:
+    """The token from --token-file, --token or standard input (prompted for, hidden, on a terminal)."""
+    if token_file is not None and token is not None:
+        raise click.UsageError("give --token-file or --token, not both")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {token_file}: {exc}", param_hint="--token-file") from None
+    elif token is None:
+        token = click.prompt("token", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()
+    token = token.strip()
+    if not token:
+        raise click.UsageError("no token given (standard input, --token-file or --token)")
+    return token

@@ -1,0 +1,127 @@
+"""A cluster is open, closed or lost; its running jobs end with it (an injected clock moves time)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import dask.config
+import pytest
+from conftest import make_record
+
+from pipeline.config import Settings
+from pipeline.errors import ForbiddenBatch
+from pipeline.intake import OpenedBatch
+from pipeline.records import tables_from_records, utcnow
+from pipeline.runtime import Pipeline
+from pipeline.server.auth import TokenStore
+from pipeline.server.clusters import ClusterRegistry, Registration
+
+LOST_AFTER = timedelta(minutes=10)  # the default of pipeline.server.cluster-lost-after
+
+
+@pytest.fixture
+def registry(home: Any) -> Iterator[ClusterRegistry]:
+    pipeline = Pipeline.open(Settings.from_config(), create=True)
+    yield ClusterRegistry(pipeline)
+    pipeline.close()
+
+
+def batch(cluster: Registration, *records: dict[str, Any]) -> OpenedBatch:
+    return OpenedBatch(f"b-{records[0]['record_id']}", tables_from_records(records))
+
+
+def snapshot(cluster: Registration, at: datetime, **progress: int) -> dict[str, Any]:
+    """A snapshot while one job (``job-1``) runs with these counts (none: no job running)."""
+    running = [
+        {
+            "job_id": "job-1",
+            "started_at": at - timedelta(seconds=30),
+            "tasks_total": 10,
+            "compute_seconds": 1.5,
+            "peak_memory_bytes": 0,
+            "task_prefixes": ["etl"],
+            **progress,
+        }
+    ]
+    return make_record(cluster_id=cluster.cluster_id, observed_at=at, jobs_running=running if progress else [])
+
+
+def jobs(registry: ClusterRegistry) -> list[dict[str, Any]]:
+    return [r for r in registry.pipeline.read_records("long_term", account="acme") if r["kind"] == "job"]
+
+
+def test_a_silent_cluster_is_lost_with_its_running_job_as_last_reported(registry: ClusterRegistry) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+    last = start + timedelta(seconds=5)
+    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, last, tasks_completed=6)), now=last)
+    late = snapshot(cluster, start + timedelta(seconds=1), tasks_completed=3)  # delivered late: changes nothing
+    registry.heard_from(cluster.cluster_id, batch(cluster, late), now=last)
+
+    [open_] = registry.list(now=last + LOST_AFTER - timedelta(seconds=1))
+    assert (open_["state"], open_["last_contact_at"]) == ("open", last)
+    assert registry.sweep(now=last + LOST_AFTER) == [cluster.cluster_id]
+    [lost] = registry.list(now=last + LOST_AFTER + timedelta(hours=1))
+    assert (lost["state"], lost["lost_at"], lost["last_contact_at"]) == ("lost", last + LOST_AFTER, last)
+    [job] = jobs(registry)
+    assert (job["status"], job["tasks_total"], job["tasks_completed"], job["finished_at"]) == ("lost", 10, 6, None)
+    assert (job["job_id"], job["task_prefixes"], job["observed_at"]) == ("job-1", ["etl"], last + LOST_AFTER)
+    assert registry.sweep(now=last + LOST_AFTER * 3) == []  # lost once
+    assert len(jobs(registry)) == 1
+
+    # its token may still deliver what it observed before the loss (spool replay), nothing newer
+    before = snapshot(cluster, last + LOST_AFTER - timedelta(seconds=1))
+    registry.heard_from(cluster.cluster_id, batch(cluster, before), now=last + LOST_AFTER * 2)
+    after = snapshot(cluster, last + LOST_AFTER + timedelta(seconds=1))
+    with pytest.raises(ForbiddenBatch, match="was lost at .* register the cluster again"):
+        registry.heard_from(cluster.cluster_id, batch(cluster, after), now=last + LOST_AFTER * 2)
+    assert registry.list()[0]["last_contact_at"] == last  # a lost cluster stays lost
+
+
+def test_a_cluster_heard_of_after_its_silence_is_lost_without_a_sweep(registry: ClusterRegistry) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=1)), now=start)
+    now = start + LOST_AFTER * 2
+    with pytest.raises(ForbiddenBatch):
+        registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, now)), now=now)
+    assert [j["status"] for j in jobs(registry)] == ["lost"]
+
+
+def test_closing_a_cluster_revokes_its_token_and_records_its_running_job_lost(registry: ClusterRegistry) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    now = utcnow()
+    finished = make_record("job", cluster_id=cluster.cluster_id, job_id="job-0", status="finished", observed_at=now)
+    registry.heard_from(
+        cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4), finished), now=now
+    )
+    registry.close(cluster.cluster_id, cluster.token_id, now=now + timedelta(minutes=1))
+    [closed] = registry.list()
+    assert (closed["state"], closed["closed_at"]) == ("closed", now + timedelta(minutes=1))
+    assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 4)]
+    assert TokenStore(registry.pipeline).list()[-1].revoked_at is not None
+    registry.close(cluster.cluster_id, cluster.token_id)  # idempotent: nothing recorded twice
+    assert len(jobs(registry)) == 1
+
+
+def test_a_job_that_finished_is_not_recorded_lost(registry: ClusterRegistry) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    now = utcnow()
+    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4)), now=now)
+    done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=now)
+    registry.heard_from(cluster.cluster_id, batch(cluster, done), now=now)
+    with dask.config.set({"pipeline.server.cluster-lost-after": "1m"}):
+        short = Pipeline.open(Settings.from_config())
+        assert ClusterRegistry(short).sweep(now=now + timedelta(minutes=1)) == [cluster.cluster_id]
+        short.close()
+    assert jobs(registry) == []
+
+
+def test_a_cluster_never_heard_of_stays_open(registry: ClusterRegistry) -> None:
+    """Its files may wait for their hosts: only silence after contact makes a cluster lost."""
+    registry.register("acme", "http://control-plane.invalid")
+    assert registry.sweep(now=utcnow() + LOST_AFTER * 100) == []
+    assert [c["state"] for c in registry.list(now=utcnow() + LOST_AFTER * 100)] == ["open"]
