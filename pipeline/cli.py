@@ -119,7 +119,9 @@ def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily fo
 
 @command(main)
 def init(out: Output) -> None:
-    """Create keys and schema under the configured home (idempotent)."""
+    """Create keys and schema under the configured home (idempotent); upgrades an earlier release's data."""
+    from pipeline.upgrade import upgrade_data
+
     pipeline = open_pipeline(create=True)
     s = pipeline.settings
     info = {
@@ -130,6 +132,9 @@ def init(out: Output) -> None:
         "policy": str(s.policy_path),
         "intake_public_key": pipeline.intake_public_key,
     }
+    upgraded = upgrade_data(pipeline)  # what an earlier release sealed under another key layout
+    if upgraded:
+        info["upgraded"] = upgraded
     pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
 
@@ -616,10 +621,12 @@ def clusters() -> None:
 
 @command(clusters, "create")
 @click.option("--account", required=True, type=TEXT)
+@click.option("--user", default=None, type=TEXT, help="Its owner (admins; a member's cluster is theirs).")
 @click.option("--name", default=None, type=TEXT, help="A label for people.")
 @click.option("--image", default=None, type=TEXT, help="The cluster's container image URL.")
-def clusters_create(out: Output, account: str, name: str | None, image: str | None) -> None:
-    """Register a cluster; prints the dask config (YAML) its scheduler needs."""
+def clusters_create(out: Output, account: str, user: str | None, name: str | None, image: str | None) -> None:
+    """Register a cluster owned by you (admin: by --user, or none for an account-level one);
+    prints the dask config (YAML) its scheduler needs."""
     import yaml
 
     from pipeline.server.clusters import ClusterRegistry, cluster_config
@@ -629,10 +636,11 @@ def clusters_create(out: Output, account: str, name: str | None, image: str | No
         pipeline = open_pipeline(create=True)
         s = pipeline.settings
         url = s.api_url or f"{'https' if s.tls_cert else 'http'}://{s.server_host}:{s.server_port}"
-        registration = ClusterRegistry(pipeline).register(account, url, name=name, image=image).as_dict()
+        registration = ClusterRegistry(pipeline).register(account, url, user=user, name=name, image=image).as_dict()
     else:
+        body = {"account": account, "user": user, "name": name, "image": image}
         with client:
-            registration = client.json("POST", "/v1/clusters", json={"account": account, "name": name, "image": image})
+            registration = client.json("POST", "/v1/clusters", json=body)
     out.result(registration, lambda r: yaml.safe_dump(cluster_config(r), sort_keys=False).rstrip())
 
 

@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
 from pipeline.redact import mask_url, quoted
 
-__all__ = ["Settings", "default_policy_path"]
+__all__ = ["ServerLimits", "Settings", "default_policy_path"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
@@ -44,6 +44,30 @@ def _get(key: str) -> Any:
     ``update_defaults`` added at import, and the plugin may start after one.
     """
     return dask.config.get(f"pipeline.{key}", default=dask.config.get(f"pipeline.{key}", None, config=_DEFAULTS))
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """``pipeline.server.*`` limits: what one tenant, token or connection may take of the control plane."""
+
+    ingest_concurrency_per_account: int
+    ingest_concurrency_per_token: int
+    ingest_rate_per_account: int  # batches a second (also the burst)
+    ingest_rate_per_token: int
+    erasure_filings_per_hour: int  # per member
+    max_connections: int
+    header_timeout: float
+    body_timeout: float
+
+
+_LIMIT_COUNTS = [
+    "ingest_concurrency_per_account",
+    "ingest_concurrency_per_token",
+    "ingest_rate_per_account",
+    "ingest_rate_per_token",
+    "erasure_filings_per_hour",
+    "max_connections",
+]
 
 
 @dataclass(frozen=True)
@@ -77,10 +101,12 @@ class Settings:
     tls_cert: Path | None
     tls_key: Path | None
     cluster_token_ttl: float
+    limits: ServerLimits
     api_url: str | None
     ingest_url: str | None = None
     ingest_token: str | None = None
     ingest_public_key: str | None = None
+    verify_key: str | None = None
 
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
@@ -107,6 +133,12 @@ class Settings:
             value = _get(key)
             return Path(os.path.expanduser(str(value))) if value else None
 
+        def count(key: str) -> int:
+            value = _get(key)
+            if not str(value).isdigit() or int(value) < 1:
+                raise ConfigError(f"pipeline.{key}: {value!r} is not a positive whole number")
+            return int(value)
+
         def port(key: str) -> int:
             value = _get(key)
             number = int(value) if str(value).isdigit() else -1
@@ -132,6 +164,7 @@ class Settings:
             "retire_after": timedelta(seconds=seconds("keys.retire-after")),
             "witness_url": url("audit.witness-url"),
             "signing_key_url": url("audit.signing-key-url"),
+            "verify_key": _get("audit.verify-key"),
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
@@ -143,6 +176,11 @@ class Settings:
             "tls_cert": path("server.tls-cert"),
             "tls_key": path("server.tls-key"),
             "cluster_token_ttl": seconds("server.cluster-token-ttl"),
+            "limits": ServerLimits(
+                **{field: count(f"server.{field.replace('_', '-')}") for field in _LIMIT_COUNTS},
+                header_timeout=seconds("server.header-timeout"),
+                body_timeout=seconds("server.body-timeout"),
+            ),
             "api_url": _get("api.url"),
             "ingest_url": _get("ingest.url"),
             "ingest_token": _get("ingest.token"),

@@ -13,8 +13,9 @@ One protocol, :class:`Delivery`, two backends chosen by whether
   store or database URL.
 
 A delivery either returns (the batch is stored, now or before), raises
-:class:`~pipeline.errors.BatchRefused` (never retry these bytes) or raises
-anything else (retry later with back-off).
+:class:`~pipeline.errors.BatchRefused` (never retry these bytes), raises
+:class:`~pipeline.errors.Throttled` (retry after the time it names, no failure)
+or raises anything else (retry later with back-off).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
-from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable
+from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable, Throttled
 from pipeline.redact import first_line, mask_url
 from pipeline.spool import SpooledBatch
 
@@ -44,6 +47,9 @@ __all__ = ["Delivery", "EmbeddedDelivery", "HTTPDelivery", "remote_delivery"]
 logger = logging.getLogger(__name__)
 
 _DETAIL_CHARS = 200
+#: a 429 without a usable Retry-After waits this long; a longer one is cut to the maximum
+_DEFAULT_RETRY_AFTER = 1.0
+_MAX_RETRY_AFTER = 3600.0
 
 
 class Delivery(ABC):
@@ -235,7 +241,9 @@ class HTTPDelivery(Delivery):
         if response.is_success:
             return
         answer = f"ingest endpoint {mask_url(self.endpoint)} answered {response.status_code}: {_detail(response)}"
-        if response.status_code == 429 or response.status_code >= 500:
+        if response.status_code == 429:
+            raise Throttled(answer, _retry_after(response))
+        if response.status_code >= 500:
             raise StoreUnavailable(answer)
         raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")
 
@@ -251,6 +259,18 @@ class HTTPDelivery(Delivery):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds a 429's ``Retry-After`` asks for (whole seconds or an HTTP date), at most an hour."""
+    value = response.headers.get("Retry-After", "").strip()
+    if value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return _DEFAULT_RETRY_AFTER
+    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), _MAX_RETRY_AFTER)
 
 
 def _detail(response: httpx.Response) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import BatchRefused, ConfigError
+from pipeline.errors import BatchRefused, ConfigError, Throttled
 from pipeline.spool import Spool, SpooledBatch, new_batch_id
 
 if TYPE_CHECKING:
@@ -328,6 +328,10 @@ class Emitter:
                 self.stats.batches_refused += 1
                 self.stats.last_error = str(exc)
                 continue
+            except Throttled as exc:  # the control plane asked this tenant to wait: no failure, no back-off
+                logger.debug("metadata emitter waits %.0f s: %s", exc.retry_after, exc)
+                self._retry_at = time.monotonic() + exc.retry_after
+                return
             except Exception as exc:
                 self.stats.delivery_failures += 1
                 self._note_error("deliver a batch", exc)

@@ -4,11 +4,13 @@
 
     PipelineError
      ├── ConfigError            bad setting, unknown URL scheme, missing optional extra
+     │    └── InvalidBinding    a token's kind, account, user or cluster id is wrong (HTTP 400)
      ├── PolicyError            invalid retention policy (file, dotted field, reason)
      ├── KeyringError           missing/wrong/insecure master key, destroyed data key
      ├── UnknownAccountError    an account the keyring has never seen
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
+     │         └── Throttled    the control plane asked to wait (HTTP 429 with Retry-After)
      ├── SpoolError             a spooled batch is unreadable
      ├── CredentialsError       cluster credentials cannot be issued, found or opened
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
@@ -35,6 +37,7 @@ __all__ = [
     "CredentialsError",
     "ForbiddenBatch",
     "IntakeError",
+    "InvalidBinding",
     "KeyringError",
     "OutputError",
     "PipelineError",
@@ -42,6 +45,7 @@ __all__ = [
     "SpoolError",
     "StoreError",
     "StoreUnavailable",
+    "Throttled",
     "TokenNotFound",
     "UnknownAccountError",
 ]
@@ -53,6 +57,10 @@ class PipelineError(Exception):
 
 class ConfigError(PipelineError, ValueError):
     """A configuration value is missing, malformed or names an unknown backend."""
+
+
+class InvalidBinding(ConfigError):
+    """What a token would be bound to is wrong: an unknown kind, a blank name, a missing account."""
 
 
 class PolicyError(PipelineError, ValueError):
@@ -80,6 +88,14 @@ class StoreError(PipelineError):
 
 class StoreUnavailable(StoreError):
     """A store cannot be reached; the operation may succeed later."""
+
+
+class Throttled(StoreUnavailable):
+    """The control plane is busy with this tenant: retry no sooner than ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class SpoolError(PipelineError):

@@ -8,29 +8,34 @@ Pipeline errors are mapped to statuses here, at the boundary, and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import (
     AuthenticationError,
     ForbiddenBatch,
     IntakeError,
+    InvalidBinding,
     PipelineError,
     StoreUnavailable,
     UnknownAccountError,
 )
+from pipeline.intake import MAX_SEALED_BYTES
 from pipeline.principals import Principal
 from pipeline.retention.requests import RequestNotFound
 from pipeline.server import clusters, envs, erasure, ingest, records
-from pipeline.server.auth import TokenStore, authenticated
+from pipeline.server.auth import PRINCIPAL, TokenStore, authenticated
 from pipeline.server.metrics import Metrics
 from pipeline.server.metrics import router as metrics_router
 
@@ -42,12 +47,13 @@ __all__ = ["create_app", "problem"]
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-#: largest JSON body any endpoint but ingest accepts
+#: largest body any endpoint but ingest accepts (all of them take JSON)
 MAX_JSON_BYTES = 64 * 1024
 #: pipeline errors a client can cause or must wait out, by HTTP status; anything else is a 500
 ERROR_STATUS: tuple[tuple[type[PipelineError], int], ...] = (
     (AuthenticationError, 401),
     (IntakeError, 400),
+    (InvalidBinding, 400),
     (ForbiddenBatch, 403),
     (UnknownAccountError, 404),
     (RequestNotFound, 404),
@@ -61,6 +67,19 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def pipeline_problem(exc: PipelineError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The answer to a pipeline error, by :data:`ERROR_STATUS`; anything unmapped is a logged 500."""
+    for error_type, status in ERROR_STATUS:
+        if isinstance(exc, error_type):
+            headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+            if status == 503:  # the reason names internal hosts: it goes to the log, not to the caller
+                logger.warning("answered 503: %s", exc)
+                return problem(503, "a store or the metadata database is unavailable; retry later", headers)
+            return problem(status, str(exc), headers)
+    logger.error("request failed: %s", exc, exc_info=exc)
+    return problem(500, "internal error; the server log has the details", headers)
+
+
 def _validation_detail(exc: RequestValidationError) -> str:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
@@ -68,14 +87,18 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 
 class _Guard:
-    """Pure ASGI middleware: time every request for the metrics, refuse oversized JSON bodies up front.
+    """Pure ASGI middleware: what every request passes before the app reads a byte of its body.
 
-    Only ``POST /v1/ingest`` takes a large body (it bounds its own stream); any other
-    request declaring more than :data:`MAX_JSON_BYTES` is answered 413 before it is read.
+    - It is timed for the metrics; a client that hangs up mid-request is logged at DEBUG, not as an error.
+    - Its body may not exceed :data:`MAX_SEALED_BYTES` on ``POST /v1/ingest``, :data:`MAX_JSON_BYTES`
+      elsewhere: a declared length over it is 413 up front, and the streamed bytes are counted
+      (chunked bodies too), 413 as soon as they pass it.
+    - A request with a body is authenticated first: without a valid token it is 401 unread.
+    - Each piece of a body must arrive within ``pipeline.server.body-timeout`` (408 otherwise).
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, tokens: TokenStore, body_timeout: float) -> None:
+        self.app, self.metrics, self.tokens, self.body_timeout = app, metrics, tokens, body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,15 +113,64 @@ class _Guard:
             await send(message)
 
         try:
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if scope["path"] != "/v1/ingest" and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
-                detail = f"request body over {MAX_JSON_BYTES} bytes"
-                await problem(413, detail)(scope, receive, observed)
+            refusal = await self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, observed)
             else:
-                await self.app(scope, receive, observed)
+                await self.app(scope, self._bounded(scope, receive), observed)
+        except ClientDisconnect:
+            status = 499  # nginx's code for it: the client left, nothing to answer
+            logger.debug("client disconnected during %s %s", scope["method"], scope["path"])
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.observe(scope["method"], route, status, started)
+
+    async def _refusal(self, scope: Scope) -> JSONResponse | None:
+        """The answer to a request refused before its body is read; ``None`` to let it in."""
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        limit = _body_limit(scope)
+        if declared.isdigit() and int(declared) > limit:
+            return problem(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
+        if declared.strip(b"0") or b"transfer-encoding" in headers:
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not token:
+                    raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
+                principal = await run_in_threadpool(self.tokens.authenticate, token.strip())
+            except PipelineError as exc:  # 401, or 503 while the database is away
+                return pipeline_problem(exc, _CLOSE)
+            scope.setdefault("state", {})[PRINCIPAL] = principal
+        return None
+
+    def _bounded(self, scope: Scope, receive: Receive) -> Receive:
+        limit, received, complete = _body_limit(scope), 0, False
+
+        async def bounded() -> Message:
+            nonlocal received, complete
+            if complete:  # the body is in: what follows is a wait for the disconnect, as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except TimeoutError:
+                detail = f"no part of the request body arrived for {self.body_timeout:g} s"
+                raise HTTPException(408, detail, _CLOSE) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if received > limit:
+                    raise HTTPException(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
+            return message
+
+        return bounded
+
+
+#: a request refused before its body was read ends its connection: the unread rest is never read
+_CLOSE = {"Connection": "close"}
+
+
+def _body_limit(scope: Scope) -> int:
+    return MAX_SEALED_BYTES if scope["path"] == "/v1/ingest" else MAX_JSON_BYTES
 
 
 def create_app(pipeline: Pipeline) -> FastAPI:
@@ -114,7 +186,8 @@ def create_app(pipeline: Pipeline) -> FastAPI:
     app.state.tokens = TokenStore(pipeline)
     app.state.clusters = clusters.ClusterRegistry(pipeline, app.state.tokens)
     app.state.metrics = metrics = Metrics()
-    app.state.ingest_slots = ingest.ingest_slots(pipeline)
+    app.state.ingest_gate = ingest.IngestGate(pipeline)
+    app.state.erasure_filings = erasure.filing_limit(pipeline)
     for module in (clusters, ingest, records, envs, erasure):
         app.include_router(module.router)
     app.include_router(metrics_router)
@@ -129,7 +202,9 @@ def create_app(pipeline: Pipeline) -> FastAPI:
         """Whom the token speaks for (what ``login`` checks)."""
         return {k: getattr(principal, k) for k in ("kind", "account", "user", "cluster_id", "token_id")}
 
-    app.add_middleware(_Guard, metrics=metrics)
+    app.add_middleware(
+        _Guard, metrics=metrics, tokens=app.state.tokens, body_timeout=pipeline.settings.limits.body_timeout
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -141,15 +216,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
 
     @app.exception_handler(PipelineError)
     async def pipeline_error(_request: Request, exc: PipelineError) -> JSONResponse:
-        for error_type, status in ERROR_STATUS:
-            if isinstance(exc, error_type):
-                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-                if status == 503:  # the reason names internal hosts: it goes to the log, not to the caller
-                    logger.warning("answered 503: %s", exc)
-                    return problem(503, "a store or the metadata database is unavailable; retry later", headers)
-                return problem(status, str(exc), headers)
-        logger.error("request failed: %s", exc, exc_info=exc)
-        return problem(500, "internal error; the server log has the details")
+        return pipeline_problem(exc)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

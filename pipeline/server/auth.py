@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import insert, select, update
 
 from pipeline.db import api_tokens, transaction
-from pipeline.errors import AuthenticationError, ConfigError, TokenNotFound
+from pipeline.errors import AuthenticationError, InvalidBinding, TokenNotFound
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.server.names import NameBox
@@ -31,9 +31,20 @@ from pipeline.server.names import NameBox
 if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
 
-__all__ = ["TOKEN_KINDS", "IssuedToken", "TokenInfo", "TokenStore", "authenticated", "current_pipeline", "require"]
+__all__ = [
+    "PRINCIPAL",
+    "TOKEN_KINDS",
+    "IssuedToken",
+    "TokenInfo",
+    "TokenStore",
+    "authenticated",
+    "current_pipeline",
+    "require",
+]
 
 TOKEN_KINDS = ("member", "admin", "cluster")
+#: where the app's guard leaves the principal of a request it authenticated before reading its body
+PRINCIPAL = "principal"
 TOKEN_PREFIX = "mp_"
 _TOKEN_SHAPE = re.compile(r"mp_[A-Za-z0-9_-]{43}")
 
@@ -102,7 +113,7 @@ class TokenStore:
     ) -> IssuedToken:
         """Issue a token; ``cluster`` tokens expire after ``ttl``.
 
-        :raises ConfigError: the kind or its binding (account, user, cluster id) is wrong
+        :raises InvalidBinding: the kind or its binding (account, user, cluster id) is wrong
         """
         _check_binding(kind, account, user, cluster_id)
         now = now or utcnow()
@@ -176,7 +187,10 @@ class TokenStore:
         names = self._names(row)
         if names is None:
             raise AuthenticationError("token of an erased account or user")
-        return Principal(row.kind, names["account"], names["user"], row.cluster_id, row.token_id)
+        registered_at = row.created_at if row.kind == "cluster" else None  # a cluster token is issued on registration
+        return Principal(
+            row.kind, names["account"], names["user"], row.cluster_id, row.token_id, registered_at=registered_at
+        )
 
     def _names(self, row: Any) -> dict[str, Any] | None:
         """The account and user a token speaks for; ``None`` once an erasure shredded them."""
@@ -198,16 +212,16 @@ class TokenStore:
 
 def _check_binding(kind: str, account: str | None, user: str | None, cluster_id: str | None) -> None:
     if kind not in TOKEN_KINDS:
-        raise ConfigError(f"unknown token kind {kind!r} (known: {', '.join(TOKEN_KINDS)})")
+        raise InvalidBinding(f"unknown token kind {kind!r} (known: {', '.join(TOKEN_KINDS)})")
     for what, value in (("account", account), ("user", user), ("cluster id", cluster_id)):
         if value is not None and not value.strip():
-            raise ConfigError(f"{kind} token: the {what} must not be empty")
+            raise InvalidBinding(f"{kind} token: the {what} must not be empty")
     if kind == "admin" and (account is not None or cluster_id is not None):
-        raise ConfigError("an admin token sees every account: give no --account")
+        raise InvalidBinding("an admin token sees every account: give no --account")
     if kind == "member" and (account is None or user is None):
-        raise ConfigError("a member token needs --account and --user")
+        raise InvalidBinding("a member token needs --account and --user")
     if kind == "cluster" and (account is None or cluster_id is None):
-        raise ConfigError("a cluster token needs an account and a cluster id")
+        raise InvalidBinding("a cluster token needs an account and a cluster id")
 
 
 def current_pipeline(request: Request) -> Pipeline:
@@ -223,6 +237,9 @@ def authenticated(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     """FastAPI dependency: the caller's principal (401 without a valid bearer token)."""
+    known: Principal | None = getattr(request.state, PRINCIPAL, None)
+    if known is not None:  # a request with a body, authenticated by the app's guard before it was read
+        return known
     if credentials is None:
         raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
     tokens: TokenStore = request.app.state.tokens

@@ -3,22 +3,32 @@
 Requests are filed and read through :mod:`pipeline.retention.requests`, the
 same code ``erase request|status|list`` runs locally; the retention scheduler
 of ``serve`` carries them out. A member sees only requests about their own
-user; any other request id answers 404 exactly like an unknown one.
+user; any other request id answers 404 exactly like an unknown one. Filing is
+bounded: one open request per subject, and a filing rate per member.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.principals import Principal
-from pipeline.retention.requests import DeletionRequest, RequestNotFound, file_request, get_request, list_requests
+from pipeline.retention.requests import (
+    OPEN_STATES,
+    DeletionRequest,
+    RequestNotFound,
+    file_request,
+    get_request,
+    list_requests,
+)
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require
+from pipeline.server.limits import RateLimit, too_many
 
-__all__ = ["router"]
+__all__ = ["filing_limit", "router"]
 
 router = APIRouter(tags=["erasure"])
 People = Annotated[Principal, Depends(require("member", "admin"))]
@@ -45,14 +55,44 @@ def _visible(pipeline: Pipeline, principal: Principal, request: DeletionRequest)
     )
 
 
-@router.post("/v1/erasure-requests", status_code=201)
+def filing_limit(pipeline: Pipeline) -> RateLimit:
+    """How many requests one member may file (``pipeline.server.erasure-filings-per-hour``)."""
+    return RateLimit(pipeline.settings.limits.erasure_filings_per_hour, period=3600)
+
+
+#: one filing at a time in this process, so two at once cannot both find no open request
+_filing = threading.Lock()
+
+
+@router.post("/v1/erasure-requests", status_code=201, responses={200: {"description": "The subject's open request."}})
 def file_erasure(
-    body: ErasureIn, principal: People, pipeline: Annotated[Pipeline, Depends(current_pipeline)]
+    body: ErasureIn,
+    principal: People,
+    pipeline: Annotated[Pipeline, Depends(current_pipeline)],
+    request: Request,
+    response: Response,
 ) -> dict[str, Any]:
-    """File a request; a member may ask only for their own user of their own account."""
+    """File a request; a member may ask only for their own user of their own account.
+
+    A subject (an account, or one user of it) has at most one open request: filing again
+    answers 200 with the open one. A member may file ``erasure-filings-per-hour`` requests (429 after).
+    """
     if not principal.sees_every_account and (body.account, body.user) != (principal.account, principal.user):
         raise HTTPException(403, "a member may request erasure of their own user only (give your account and user)")
-    filed = file_request(pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor)
+    if not principal.sees_every_account:
+        wait = request.app.state.erasure_filings.take(f"{principal.account}\0{principal.user}")
+        if wait:
+            raise too_many("you filed as many erasure requests as a member may this hour; retry later", wait)
+    keyring = pipeline.keyring
+    subject = (keyring.subject_ref(body.account), keyring.user_ref(body.account, body.user))
+    with _filing:
+        for open_request in list_requests(pipeline, states=OPEN_STATES):
+            if (open_request.subject_ref, open_request.user_ref) == subject:
+                response.status_code = 200
+                return open_request.as_dict()
+        filed = file_request(
+            pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor
+        )
     return filed.as_dict()
 
 

@@ -1,54 +1,82 @@
 """``POST /v1/ingest``: one sealed batch from a cluster, written through ``Pipeline.ingest``.
 
-The handler only bounds the body, authenticates the cluster and counts; opening,
+The handler only applies the fair-share limits (:class:`IngestGate`) and counts;
+the app's guard has authenticated the cluster and bounds the body; opening,
 validating, scoping (account and cluster id come from the token, never from the
 records), idempotency and writing are the one ingest path in the pipeline.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.errors import PipelineError
-from pipeline.intake import MAX_SEALED_BYTES
 from pipeline.principals import Principal
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require
+from pipeline.server.limits import Concurrency, FairSlots, RateLimit, too_many
 
-__all__ = ["BATCH_MEDIA_TYPE", "ingest_slots", "router"]
+__all__ = ["BATCH_MEDIA_TYPE", "IngestGate", "router"]
 
 BATCH_MEDIA_TYPE = "application/vnd.metadata-pipeline.batch"
 
 
-def ingest_slots(pipeline: Pipeline) -> asyncio.Semaphore:
-    """How many batches one process writes at once; the others wait their turn in arrival order.
+class IngestGate:
+    """Fair share of ingest: rates and concurrency per account and per token, write slots in turn.
+
+    A request over a rate or concurrency limit is answered 429 before its body is read;
+    an admitted one waits for a write slot, which goes to the waiting accounts in turn.
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        limits = pipeline.settings.limits
+        self.rates = {
+            "account": RateLimit(limits.ingest_rate_per_account),
+            "token": RateLimit(limits.ingest_rate_per_token),
+        }
+        self.concurrency = {
+            "account": Concurrency(limits.ingest_concurrency_per_account),
+            "token": Concurrency(limits.ingest_concurrency_per_token),
+        }
+        self.slots = FairSlots(_write_slots(pipeline))
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, principal: Principal) -> AsyncIterator[None]:
+        """Hold the caller's places for the block.
+
+        :raises HTTPException: 429 with ``Retry-After``, the account or token is over a limit
+        """
+        keys = {"account": str(principal.account), "token": str(principal.token_id)}
+        for scope, key in keys.items():
+            wait = self.rates[scope].take(key)
+            if wait:
+                raise too_many(f"this {scope} sends batches faster than the control plane accepts; retry later", wait)
+        with (
+            self.concurrency["account"].hold(keys["account"]) as by_account,
+            self.concurrency["token"].hold(keys["token"]) as by_token,
+        ):
+            if not (by_account and by_token):
+                scope = "account" if not by_account else "token"
+                raise too_many(f"this {scope} has as many batches in flight as it may; retry later", 1)
+            yield
+
+
+def _write_slots(pipeline: Pipeline) -> int:
+    """How many batches one process writes at once; the others wait their turn.
 
     SQLite takes one writer at a time and makes the others poll with growing sleeps, so
     many concurrent writers only lose throughput and starve some requests for seconds:
     two slots (one writing while the other seals or syncs files). PostgreSQL writes in parallel.
     """
-    return asyncio.Semaphore(2 if pipeline.keyring.engine.dialect.name == "sqlite" else 8)
+    return 2 if pipeline.keyring.engine.dialect.name == "sqlite" else 8
 
 
 router = APIRouter(tags=["ingest"])
-
-
-async def _bounded_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
-    too_large = HTTPException(413, f"sealed batch exceeds the limit of {limit} bytes; split it")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
 
 
 @router.post(
@@ -69,10 +97,12 @@ async def ingest(
 ) -> dict[str, Any]:
     """Accept one sealed batch (at most once per batch id): ``{records, duplicate}``."""
     metrics = request.app.state.metrics
+    gate: IngestGate = request.app.state.ingest_gate
     try:
-        sealed = await _bounded_body(request, MAX_SEALED_BYTES)
-        async with request.app.state.ingest_slots:  # in arrival order: none starves behind the write lock
-            result = await run_in_threadpool(pipeline.ingest, sealed, principal, idempotency_key=idempotency_key)
+        async with gate.admitted(principal):
+            sealed = await request.body()  # bounded by the app's guard (MAX_SEALED_BYTES)
+            async with gate.slots.slot(str(principal.account)):
+                result = await run_in_threadpool(pipeline.ingest, sealed, principal, idempotency_key=idempotency_key)
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
@@ -77,15 +77,25 @@ def get_records(
     until: datetime | None = None,
 ) -> StreamingResponse:
     """Records of the caller's account (admin: of every account, or of ``account``)."""
-    for name, moment in (("since", since), ("until", until)):
-        if moment is not None and moment.tzinfo is None:
-            raise HTTPException(400, f"{name}: give a time zone, e.g. 2026-11-30T12:00:00Z")
+    since, until = _utc("since", since), _utc("until", until)
     account = visible_account(pipeline, principal, account)
     if store not in pipeline.stores:
         raise HTTPException(404, f"store {store!r} is not configured on this control plane")
     unreadable: list[Unreadable] = []
     rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind, unreadable=unreadable)
     return StreamingResponse(_ndjson(rows, since, until, unreadable), media_type=NDJSON)
+
+
+def _utc(name: str, moment: datetime | None) -> datetime | None:
+    """A query's moment in UTC; 400 without a time zone or when it lies outside the years 1 to 9999 in UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise HTTPException(400, f"{name}: give a time zone, e.g. 2026-11-30T12:00:00Z")
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise HTTPException(400, f"{name}: out of range in UTC (years 1 to 9999)") from None
 
 
 def _ndjson(

@@ -8,16 +8,20 @@ normally instead of re-raising the signal, so ``serve`` exits 0 after a clean st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pipeline.config import ServerLimits
 from pipeline.errors import ConfigError
 from pipeline.server.app import create_app
 
@@ -30,6 +34,74 @@ __all__ = ["ControlPlaneServer", "run_control_plane", "serving_in_thread", "uvic
 #: idle connections stay open this long: longer than a plugin's delivery period, so a cluster
 #: keeps one connection instead of racing the server's close on every post (uvicorn's default: 5 s)
 KEEP_ALIVE_SECONDS = 75
+#: a request line and headers larger than this are refused (431) before they are parsed further
+MAX_HEADER_BYTES = 16 * 1024
+
+
+#: open files kept for everything but client connections (database, stores, logs, keys)
+_SPARE_FILES = 64
+#: connections the kernel queues for accepting (uvicorn's default is 2048)
+_BACKLOG = 128
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a request's headers and a cap on open connections.
+
+    uvicorn times out idle keep-alive connections but not a request whose headers never end
+    (a slow-loris client): each such connection holds a file until the process has none left.
+    Here the headers must be complete within ``header_timeout`` of their first byte (or of the
+    connection, for the first request), and a connection past ``max_connections`` is closed at once.
+    """
+
+    header_timeout: float
+    max_connections: int
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_deadline: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            transport.abort()
+            return
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_deadline()  # the first bytes of the next request on a kept-alive connection
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_due, self.cycle)
+
+    def _headers_due(self, cycle_before: object) -> None:
+        self._header_deadline = None
+        if self.cycle is cycle_before:  # no new request's headers completed in time
+            self.transport.abort()
+
+
+def _connection_limits(limits: ServerLimits) -> tuple[type[H11Protocol], int]:
+    """The HTTP protocol class with ``limits``, and the listen backlog.
+
+    Connections are accepted a backlog at a time before any is closed, so the open-files
+    limit must hold the kept connections, one backlog and the process's other files: it is
+    raised to fit where the hard limit allows, and the connection cap lowered where it does not.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limits.max_connections + _BACKLOG + _SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    cap, backlog = limits.max_connections, _BACKLOG
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        room = max(2, soft - _SPARE_FILES)
+        backlog = min(_BACKLOG, max(1, room // 4))
+        cap = min(cap, room - backlog)
+    attributes = {"header_timeout": limits.header_timeout, "max_connections": cap}
+    return type("GuardedH11Protocol", (_GuardedH11,), attributes), backlog
 
 
 class ControlPlaneServer(uvicorn.Server):
@@ -79,6 +151,7 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
     for key, path in (("tls-cert", s.tls_cert), ("tls-key", s.tls_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"pipeline.server.{key}: no such file {path}")
+    protocol, backlog = _connection_limits(s.limits)
     return uvicorn.Config(
         create_app(pipeline),
         host=host or s.server_host,
@@ -90,6 +163,9 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
         server_header=False,
         lifespan="off",
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        http=protocol,
+        backlog=backlog,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
 
