@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.db import segments
 from pipeline.records import TIMESTAMP, table_from_rows
 from pipeline.retention.requests import file_request
+from pipeline.retention.service import RetentionService
 from pipeline.runtime import Pipeline, seal_tables
 
 DAY0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -183,3 +184,18 @@ def test_an_altered_segment_is_named_at_the_end_of_the_stream_and_hides_no_envir
     assert lines[-1]["skipped"]["record_id"] is None
     assert envs.status_code == 200, envs.text
     assert [env["env_id"] for env in envs.json()] == ["env-acme"]
+
+
+def test_the_services_pass_is_not_stopped_by_a_record_dated_9999(pipeline: Pipeline) -> None:
+    old = datetime.now(UTC) - timedelta(days=31)
+    pipeline.write_records(_day0_records("acme"))
+    pipeline.write_records([make_record("job", account="acme", job_id="old", observed_at=old)])
+    write_raw(pipeline, table_from_rows("job", [make_record("job", observed_at=datetime(9999, 12, 31, tzinfo=UTC))]))
+    service = RetentionService(pipeline, holder="test-service")
+
+    service.run_job("retention", datetime.now(UTC).replace(minute=0, second=0, microsecond=0))
+
+    entry = pipeline.audit.last("retention.pass")
+    assert entry is not None and entry.details["failed_steps"] == {}
+    assert entry.details["removed"]["cloud_logging"]["cluster_jobs"]["records"] == 3  # day 0 and 31 days ago
+    assert [r["observed_at"].year for r in pipeline.read_records("cloud_logging", data_type="cluster_jobs")] == [9999]
