@@ -132,10 +132,16 @@ def init(out: Output) -> None:
         "policy": str(s.policy_path),
         "intake_public_key": pipeline.intake_public_key,
     }
+    set_up = {}  # e.g. the Cloud Logging bucket of the pipeline's own, its sink and exclusion
+    for name, store in pipeline.stores.items():
+        found = store.set_up({t: limit for where, t, limit in pipeline.policy.limits() if where == name})
+        if found is not None:
+            set_up[name] = info[f"{name}_set_up"] = found
     upgraded = upgrade_data(pipeline)  # what an earlier release sealed under another key layout
     if upgraded:
         info["upgraded"] = upgraded
-    pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
+    details = {"home": str(s.home), "policy_sha256": pipeline.policy.sha256}
+    pipeline.audit.append("init", details={**details, "set_up": set_up} if set_up else details)
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
 
 
@@ -757,6 +763,8 @@ def _render_request(d: Any, receipt: bool = False) -> str:
     for store, got in d["receipt"].get("stores", {}).items():
         when = got.get("erased_at", "not finished")
         lines.append(f"  {store:<14} {got['records']} records in {got['segments']} segments removed ({when})")
+        if "expires_at" in got:
+            lines.append(f"  {'':<14} by {got['method']}: the last entry expires by {got['expires_at']}")
     key = d["receipt"].get("key")
     if key:
         lines.append(f"  data key: {key['state']}" + (f" at {key['destroyed_at']}" if "destroyed_at" in key else ""))

@@ -69,7 +69,8 @@ def gcp_fakes():  # noqa: ANN201
     """The Cloud Logging REST fake and the ConfigServiceV2 gRPC fake, on loopback."""
     from fake_gcp import FakeConfigGRPC, FakeLoggingREST
 
-    rest, config = FakeLoggingREST().start(), FakeConfigGRPC().start()
+    config = FakeConfigGRPC().start()
+    rest = FakeLoggingREST(config).start()
     yield rest, config
     rest.stop()
     config.stop()
@@ -77,7 +78,16 @@ def gcp_fakes():  # noqa: ANN201
 
 @pytest.fixture
 def gcp_logging_url(gcp_fakes) -> str:  # noqa: ANN001
-    """A fresh project on the fakes, its _Default bucket at 30 days."""
+    """A fresh project on the fakes; the store in its _Default bucket (at 30 days), where logs.delete acts."""
+    rest, config = gcp_fakes
+    project = f"p-{uuid.uuid4().hex[:12]}"
+    config.add_bucket(f"projects/{project}/locations/global/buckets/_Default", 30)
+    return f"gcp-logging://{project}?bucket=_Default&endpoint={rest.endpoint}&config-endpoint={config.endpoint}"
+
+
+@pytest.fixture
+def gcp_own_bucket_url(gcp_fakes) -> str:  # noqa: ANN001
+    """A fresh project on the fakes; the store's default: a bucket of its own, which ``init`` creates."""
     rest, config = gcp_fakes
     project = f"p-{uuid.uuid4().hex[:12]}"
     config.add_bucket(f"projects/{project}/locations/global/buckets/_Default", 30)

@@ -7,6 +7,8 @@ cover what only the archive promises.
 from __future__ import annotations
 
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
@@ -17,7 +19,9 @@ import pytest
 from conftest import make_record
 
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable
+from pipeline.records import rows_from_table
 from pipeline.runtime import seal_records
+from pipeline.segments import open_segment
 from pipeline.stores import open_store
 from pipeline.stores.archive import decryption_properties
 
@@ -37,7 +41,7 @@ def _write(url: str, keyring, records):  # noqa: ANN001, ANN202
     return store
 
 
-def test_one_encrypted_parquet_object_per_type_day_and_subject(s3_archive_url, keyring) -> None:  # noqa: ANN001
+def test_a_write_puts_objects_of_its_own_and_compaction_one_per_type_day_and_subject(s3_archive_url, keyring) -> None:  # noqa: ANN001
     records = [
         make_record(kind, account=account, user="ann@example.com", observed_at=T0 + timedelta(days=d, minutes=m))
         for account in ("Acme Corp", "Globex")
@@ -45,17 +49,57 @@ def test_one_encrypted_parquet_object_per_type_day_and_subject(s3_archive_url, k
         for m in (0, 1)
         for kind in ("cluster_snapshot", "job")
     ]
-    _write(s3_archive_url, keyring, records)
-    objects = _objects(s3_archive_url)
+    store = _write(s3_archive_url, keyring, records)
     acme, ann = keyring.subject_ref("Acme Corp"), keyring.user_ref("Acme Corp", "ann@example.com")
+    written = sorted(k for k in _objects(s3_archive_url) if acme in k)
+    assert len(written) == 4  # one per segment (kind), each named after it
+    assert all(
+        k.startswith("metadata/data_type=cluster_jobs/day=2026-01-0") and f"/{acme}~{ann}." in k for k in written
+    )
+    before = sorted(s.segment_id for s in store.scan())
+    store.compact(datetime(2026, 1, 3, tzinfo=UTC), lambda segments: None)
+    objects = _objects(s3_archive_url)
     assert sorted(k for k in objects if acme in k) == [
         f"metadata/data_type=cluster_jobs/day=2026-01-01/{acme}~{ann}.parquet",
         f"metadata/data_type=cluster_jobs/day=2026-01-02/{acme}~{ann}.parquet",
     ]
     assert len(objects) == 4
+    assert sorted(s.segment_id for s in store.scan()) == before
     for body in objects.values():  # footer and columns encrypted: no name, no schema in clear
         assert b"Acme Corp" not in body and b"ann@example.com" not in body and b"n_workers" not in body
         assert body[-4:] == b"PARE"  # Parquet with an encrypted footer
+
+
+def test_two_writers_and_two_compactors_at_once_lose_nothing(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    batches = [
+        seal_records(keyring, [make_record(observed_at=T0 + timedelta(minutes=w * 100 + b), n_workers=w * 100 + b)])
+        for w in (0, 1)
+        for b in range(15)
+    ]
+    stores = [open_store(s3_archive_url, keyring=keyring) for _ in range(4)]
+    closed = datetime(2026, 1, 2, tzinfo=UTC)
+    done = threading.Event()
+
+    def writer(store, mine) -> None:  # noqa: ANN001
+        for batch in mine:
+            store.write(batch)
+
+    def compactor(store) -> None:  # noqa: ANN001
+        while not done.is_set():
+            store.compact(closed, lambda segments: None)
+
+    with ThreadPoolExecutor(4) as pool:
+        compactors = [pool.submit(compactor, stores[c]) for c in (2, 3)]
+        writers = [pool.submit(writer, stores[w], batches[w * 15 : (w + 1) * 15]) for w in (0, 1)]
+        for future in writers:
+            future.result()
+        done.set()
+        for future in compactors:
+            future.result()
+    stores[2].compact(closed, lambda segments: None)
+    workers = sorted(r["n_workers"] for s in stores[0].scan() for r in rows_from_table(open_segment(keyring, s)))
+    assert workers == sorted(w * 100 + b for w in (0, 1) for b in range(15))
+    assert len(_objects(s3_archive_url)) == 1  # the closed day, compacted
 
 
 def test_whoever_holds_the_keys_reads_the_records_with_pyarrow(s3_archive_url, keyring) -> None:  # noqa: ANN001

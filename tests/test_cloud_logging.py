@@ -1,9 +1,12 @@
 """The Cloud Logging store, with the real client, against the fakes on loopback.
 
-The behaviour suite (test_stores.py) covers write/scan/expire/erase; these tests
-cover what only this backend promises: what an entry reveals, chunking, the
-explicit time range, logs deleted on erasure, a crash mid-rewrite, an outage,
-and the bucket retention each pass reads, sets and audits.
+The behaviour suite (test_stores.py) covers write/scan/expire/erase in the
+``_Default`` bucket; these tests cover what only this backend promises: what an
+entry reveals, chunking, the explicit time range, a log per segment deleted on
+erasure, the service's rules (a deleted log name drops later entries, listings
+lag behind writes), the bucket of the pipeline's own that ``init`` sets up, a
+bucket that holds other logs left alone, erasure there by crypto-shredding plus
+expiry, an outage, and the bucket retention each pass reads, sets and audits.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from click.testing import CliRunner
 from conftest import make_record
 from google.auth.credentials import AnonymousCredentials
 from google.cloud.logging_v2 import Client
+from google.cloud.logging_v2.types import LogSink
 
 from pipeline.cli import main
 from pipeline.config import Settings
-from pipeline.errors import ConfigError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.records import rows_from_table, utcnow
 from pipeline.reports.collect import build_report
 from pipeline.retention.enforcer import enforce
+from pipeline.retention.requests import file_request, process_pending
 from pipeline.runtime import Pipeline, seal_records
 from pipeline.segments import open_segment
 from pipeline.stores import open_store
@@ -120,14 +125,18 @@ def test_erasing_a_subject_deletes_its_logs(gcp_fakes, gcp_logging_url, keyring)
     assert len(deleted) == 2
 
 
-def test_a_crash_between_rewrite_and_delete_loses_and_doubles_nothing(
+def test_a_shared_log_of_an_earlier_release_loses_nothing_to_a_crash(
     gcp_fakes, gcp_logging_url, keyring, monkeypatch
 ) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
     store = open_store(gcp_logging_url)
     assert isinstance(store, CloudLoggingStore)
-    records = [make_record(user=u, observed_at=T0, n_workers=i) for i, u in enumerate(("ann", "bob", "cy"))]
-    store.write(seal_records(keyring, records))
     acme = keyring.subject_ref("acme")
+    records = [make_record(user=u, observed_at=T0, n_workers=i) for i, u in enumerate(("ann", "bob", "cy"))]
+    shared = f"projects/{store.project}/logs/metadata-pipeline.{acme}.2026-01-01"
+    with monkeypatch.context() as patch:  # an earlier release: one log per subject and day
+        patch.setattr(store, "_log_name", lambda s: shared)
+        store.write(seal_records(keyring, records))
 
     def crash(action: str, log_name: str) -> None:
         raise StoreUnavailable("injected crash before the old log is deleted")
@@ -136,26 +145,10 @@ def test_a_crash_between_rewrite_and_delete_loses_and_doubles_nothing(
         patch.setattr(store, "_delete_log", crash)
         with pytest.raises(StoreUnavailable, match="injected crash"):
             store.erase(acme, keyring.user_ref("acme", "ann"))
-    survivors = sorted(s.user_ref for s in store.scan(subject_ref=acme))  # old and new log: each once
-    assert len(survivors) == 3
-    removed = store.erase(acme, keyring.user_ref("acme", "ann"))  # the rerun finishes the job
-    assert removed.segments == 1
-    workers = sorted(r["n_workers"] for s in store.scan() for r in rows_from_table(open_segment(keyring, s)))
-    assert workers == [1, 2]
-
-
-def test_erasure_after_a_crashed_rewrite_reaches_every_copy(gcp_fakes, gcp_logging_url, keyring, monkeypatch) -> None:  # noqa: ANN001
-    rest, _ = gcp_fakes
-    store = open_store(gcp_logging_url)
-    records = [make_record(user=u, observed_at=T0) for u in ("ann", "bob", "cy")]
-    store.write(seal_records(keyring, records))
-    acme = keyring.subject_ref("acme")
-    with monkeypatch.context() as patch:
-        patch.setattr(store, "_delete_log", lambda action, log: (_ for _ in ()).throw(StoreUnavailable("crash")))
-        with pytest.raises(StoreUnavailable):
-            store.erase(acme, keyring.user_ref("acme", "ann"))
-    assert len([log for log in rest.logs(_project(gcp_logging_url)) if acme in log]) == 2  # old and new log
-    assert store.erase(acme).segments == 3
+    assert len(list(store.scan(subject_ref=acme))) == 3  # the shared log and the survivors' own: each once
+    assert store.erase(acme, keyring.user_ref("acme", "ann")).segments == 1  # the rerun finishes the job
+    assert _workers(store, keyring) == [1, 2]
+    assert store.erase(acme).segments == 2
     assert [log for log in rest.logs(_project(gcp_logging_url)) if acme in log] == []
 
 
@@ -194,22 +187,70 @@ def test_no_google_credentials_is_one_clear_error(tmp_path, monkeypatch) -> None
 
 
 def _bucket(url: str) -> str:
-    query = parse_qs(urlparse(url).query)
-    assert "bucket" not in query
-    return f"projects/{_project(url)}/locations/global/buckets/_Default"
+    bucket = parse_qs(urlparse(url).query).get("bucket", ["metadata-pipeline"])[0]
+    return f"projects/{_project(url)}/locations/global/buckets/{bucket}"
 
 
 @pytest.fixture
 def gcp_settings(home, gcp_logging_url) -> Iterator[Settings]:  # noqa: ANN001
+    """The store in the project's _Default bucket (``bucket=_Default``)."""
     with dask.config.set({"pipeline.cloud-logging.url": gcp_logging_url}):
         yield Settings.from_config()
 
 
-def test_a_pass_sets_a_400_day_bucket_to_30_and_audits_it(gcp_fakes, gcp_settings, gcp_logging_url) -> None:  # noqa: ANN001
+@pytest.fixture
+def own_settings(home, gcp_own_bucket_url) -> Iterator[Settings]:  # noqa: ANN001
+    """The store as configured by default: a bucket of its own, after ``metadata-pipeline init``."""
+    with dask.config.set({"pipeline.cloud-logging.url": gcp_own_bucket_url}):
+        result = CliRunner().invoke(main, ["init", "--json"])
+        assert result.exit_code == 0, result.output
+        yield Settings.from_config()
+
+
+def test_init_makes_a_bucket_that_takes_the_pipelines_logs_and_only_them(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
+    rest, config = gcp_fakes
+    project, name = _project(gcp_own_bucket_url), _bucket(gcp_own_bucket_url)
+    assert config.buckets[name].retention_days == 30  # the policy's cloud_logging retention
+    [sink] = [k for k in config.sinks.values() if k.destination == f"logging.googleapis.com/{name}"]
+    assert sink.filter == f'logName:"projects/{project}/logs/metadata-pipeline."'
+    assert [e.filter for k, e in config.exclusions.items() if k.startswith(f"projects/{project}/")] == [sink.filter]
+    again = CliRunner().invoke(main, ["init", "--json"])  # idempotent: finds, creates nothing
+    assert again.exit_code == 0 and json.loads(again.stdout)["cloud_logging_set_up"]["created"] == []
+
+    pipeline = Pipeline.open(own_settings)
+    pipeline.write_records([make_record(observed_at=utcnow())])
+    client = Client(
+        project=project,
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": rest.endpoint},
+        _use_grpc=False,
+    )
+    client.logger("another-app").log_text("not the pipeline's")
+    assert [log.rsplit("/", 1)[1] for log in rest.logs(project)] == ["another-app"]  # _Default
+    [ours] = rest.logs(project, "metadata-pipeline")
+    assert ours.startswith(f"projects/{project}/logs/metadata-pipeline.")
+    assert sum(s.n_records for s in pipeline.stores["cloud_logging"].scan()) == 1  # read from the bucket's view
+
+
+def test_before_init_the_store_refuses_to_write_and_names_init(gcp_fakes, gcp_own_bucket_url, keyring) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_own_bucket_url)
+    with pytest.raises(
+        StoreError, match=r"log bucket .*/buckets/metadata-pipeline does not exist: run `metadata-pipeline init`"
+    ):
+        store.write(seal_records(keyring, [make_record(observed_at=T0)]))
+    assert not rest.logs(_project(gcp_own_bucket_url))  # nothing went to _Default meanwhile
+
+
+def test_a_pass_sets_the_pipelines_400_day_bucket_to_30_and_audits_it(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
     _, config = gcp_fakes
-    name = _bucket(gcp_logging_url)
-    config.add_bucket(name, 400)
-    pipeline = Pipeline.open(gcp_settings, create=True)
+    name = _bucket(gcp_own_bucket_url)
+    config.buckets[name].retention_days = 400  # changed by hand since init
+    pipeline = Pipeline.open(own_settings)
     report = enforce(pipeline)
     assert config.buckets[name].retention_days == 30
     found = {"bucket": name, "found_days": 400, "wanted_days": 30, "locked": False, "updated": True, "status": "PASS"}
@@ -220,13 +261,40 @@ def test_a_pass_sets_a_400_day_bucket_to_30_and_audits_it(gcp_fakes, gcp_setting
     assert len([u for u in config.updates if u.name == name]) == 1
 
 
-def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
-    gcp_fakes, gcp_settings, gcp_logging_url
+@pytest.mark.parametrize("holder", ["_Default", "another sink"])
+def test_a_bucket_that_holds_other_logs_is_never_changed(
+    gcp_fakes, home, gcp_logging_url, gcp_own_bucket_url, holder
 ) -> None:  # noqa: ANN001
     _, config = gcp_fakes
-    name = _bucket(gcp_logging_url)
+    url = gcp_logging_url if holder == "_Default" else gcp_own_bucket_url
+    with dask.config.set({"pipeline.cloud-logging.url": url}):
+        assert CliRunner().invoke(main, ["init"]).exit_code == 0
+        name = _bucket(url)
+        if holder == "another sink":
+            project = _project(url)
+            sink = LogSink(name="audit-app", destination=f"logging.googleapis.com/{name}", filter='logName:"audit"')
+            config.sinks[f"projects/{project}/sinks/audit-app"] = sink
+        config.buckets[name].retention_days = 400
+        report = enforce(Pipeline.open(Settings.from_config()))
+        assert config.buckets[name].retention_days == 400
+        assert report.failures == ["cloud_logging"]
+        found = report.backend["cloud_logging"]
+        assert found["status"] == "FAIL" and found["updated"] is False
+        assert found["holds_other_logs"] == [holder.replace("another sink", "audit-app")]
+        assert f"FAIL: {name} retention 400d, policy 30d (holds other logs: never changed)" in report.summary()
+        assert not [u for u in config.updates if u.name == name]
+        result = CliRunner().invoke(main, ["enforce"])
+        assert result.exit_code == 1
+        assert "retention of cloud_logging does not match the policy" in result.stderr
+
+
+def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
+    _, config = gcp_fakes
+    name = _bucket(gcp_own_bucket_url)
     config.add_bucket(name, 400, locked=True)
-    pipeline = Pipeline.open(gcp_settings, create=True)
+    pipeline = Pipeline.open(own_settings)
     pipeline.write_records([make_record(observed_at=utcnow())])
     report = enforce(pipeline)
     assert report.failures == ["cloud_logging"]
@@ -239,3 +307,98 @@ def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
     result = CliRunner().invoke(main, ["enforce"])
     assert result.exit_code == 1
     assert "retention of cloud_logging does not match the policy" in result.stderr
+
+
+def test_an_erasure_in_the_pipelines_bucket_is_crypto_shredding_until_expiry(
+    gcp_fakes, own_settings, gcp_own_bucket_url
+) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    pipeline = Pipeline.open(own_settings)
+    newest = utcnow() - timedelta(days=2)
+    pipeline.write_records(
+        [make_record(user=u, observed_at=newest - timedelta(hours=h)) for u in ("ann", "bob") for h in (0, 5)]
+    )
+    file_request(pipeline, "acme", user="ann")
+    before = utcnow()
+    [done] = process_pending(pipeline)
+    assert done.state == "completed", done.error
+    got = done.receipt["stores"]["cloud_logging"]
+    assert got["method"] == "crypto-shredding plus expiry"  # logs.delete does not reach this bucket
+    # the bucket's 30 days from now: an entry written just before may not be listed yet, none is newer than now
+    assert before + timedelta(days=30) <= datetime.fromisoformat(got["expires_at"]) <= utcnow() + timedelta(days=30)
+    assert (got["records"], "deleted" in got) == (2, False)
+    project = _project(gcp_own_bucket_url)
+    assert not [path for method, path, _ in rest.requests if method == "DELETE" and project in path]
+    users = {r["user"] for r in pipeline.read_records("cloud_logging")}  # ann's entries stay, unreadable
+    assert users == {"bob"}
+    shown = CliRunner().invoke(main, ["erase", "status", done.request_id])
+    assert "crypto-shredding plus expiry" in shown.stdout and got["expires_at"][:10] in shown.stdout
+
+
+# -- the service's delete and listing rules (tests/fake_gcp.py) ------------------------------
+
+
+@pytest.fixture
+def listing_delay(gcp_fakes) -> Iterator[None]:  # noqa: ANN001
+    """Entries written during the test show in listings only after settle(), as on the real service."""
+    rest, _ = gcp_fakes
+    rest.listing_delay = 3600.0
+    try:
+        yield
+    finally:
+        rest.listing_delay = 0.0
+        rest.settle()
+
+
+def _workers(store, keyring) -> list[int]:  # noqa: ANN001
+    return sorted(r["n_workers"] for s in store.scan() for r in rows_from_table(open_segment(keyring, s)))
+
+
+def test_a_replay_after_another_users_erasure_loses_nothing(gcp_fakes, gcp_logging_url, keyring) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    acme = keyring.subject_ref("acme")
+    store.write(seal_records(keyring, [make_record(user="ann", observed_at=T0)]))
+    bob = seal_records(keyring, [make_record(user="bob", observed_at=T0 + timedelta(minutes=m)) for m in range(7)])
+    assert store.erase(acme, keyring.user_ref("acme", "ann")).segments == 1
+    assert store.write(bob) == 1  # the spool replays bob's records of the same day after ann's erasure
+    assert [s.user_ref for s in store.scan(subject_ref=acme)] == [keyring.user_ref("acme", "bob")]
+    assert sum(s.n_records for s in store.scan(subject_ref=acme)) == 7
+
+
+def test_an_erasure_right_after_a_write_keeps_the_other_users_records(
+    gcp_fakes, gcp_logging_url, keyring, listing_delay
+) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    acme = keyring.subject_ref("acme")
+    store.write(seal_records(keyring, [make_record(user="ann", observed_at=T0, n_workers=1)]))
+    rest.settle()
+    store.write(seal_records(keyring, [make_record(user="bob", observed_at=T0, n_workers=2)]))  # not listable yet
+    store.erase(acme, keyring.user_ref("acme", "ann"))
+    rest.settle()
+    assert _workers(store, keyring) == [2]
+
+
+def test_a_replay_not_yet_listable_is_written_once(gcp_fakes, gcp_logging_url, keyring, listing_delay) -> None:  # noqa: ANN001
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    segments = seal_records(keyring, [make_record(observed_at=T0, n_workers=3)])
+    store.write(segments)
+    store.write(segments)  # the first write does not show yet: written again, same insertIds
+    rest.settle()
+    assert _workers(store, keyring) == [3]
+    assert sum(s.n_records for s in store.scan()) == 1
+
+
+def test_two_retention_passes_cut_a_segment_twice_and_keep_what_is_young(gcp_fakes, gcp_settings, keyring) -> None:  # noqa: ANN001
+    pipeline = Pipeline.open(gcp_settings, create=True)
+    store = pipeline.stores["cloud_logging"]
+    hours = [T0 + timedelta(hours=h) for h in range(4)]  # 12:00 .. 15:00, one segment
+    pipeline.write_records([make_record(observed_at=at, n_workers=i) for i, at in enumerate(hours)])
+    first = enforce(pipeline, T0 + timedelta(days=30, minutes=30))  # cutoff 12:30: 12:00 goes
+    assert first.removed["cloud_logging"]["cluster_jobs"].records == 1
+    second = enforce(pipeline, T0 + timedelta(days=30, minutes=90))  # cutoff 13:30: 13:00 goes
+    assert second.removed["cloud_logging"]["cluster_jobs"].records == 1
+    kept = [r for s in store.scan() for r in rows_from_table(open_segment(pipeline.keyring, s))]
+    assert sorted(r["n_workers"] for r in kept) == [2, 3]

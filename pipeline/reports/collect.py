@@ -235,7 +235,9 @@ def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
     return [
         {
             "store": store,
-            "data_type": f"bucket {b['bucket']}" + (" (locked)" if b["locked"] else ""),
+            "data_type": f"bucket {b['bucket']}"
+            + (" (locked)" if b["locked"] else "")
+            + (" (holds other logs)" if b.get("holds_other_logs") else ""),
             "retention": f"{b['wanted_days']}d (was {b['found_days']}d)"
             if b["updated"]
             else f"{b['found_days']}d" + ("" if b["status"] == "PASS" else f", policy {b['wanted_days']}d"),

@@ -99,6 +99,7 @@ class RetentionReport:
             lines.append(
                 f"  {store:<14} {found['status']}: {found['bucket']} retention {found['found_days']}d"
                 f"{' (locked)' if found['locked'] else ''}, policy {found['wanted_days']}d"
+                f"{' (holds other logs: never changed)' if found.get('holds_other_logs') else ''}"
                 f"{', updated' if found['updated'] else ''}"
             )
         for store, n in self.foreign_files.items():

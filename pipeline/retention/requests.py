@@ -309,6 +309,8 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         progress["records"] = max(progress["records"], removed.records)
         if removed.places:  # the S3 objects and Cloud Logging logs deleted
             progress["deleted"] = sorted(set(progress.get("deleted", [])) | set(removed.places))
+        if removed.expires_at is not None:  # the backend cannot delete them: the key destroyed below, then expiry
+            progress.update(method="crypto-shredding plus expiry", expires_at=removed.expires_at.isoformat())
         entry = _audit(
             pipeline,
             request,

@@ -1,10 +1,17 @@
 """Parquet archive on S3 (``pipeline.archive.url = s3://bucket/prefix``).
 
 The long-term records again, as Parquet that DuckDB, Spark or pyarrow read:
-``PREFIX/data_type=T/day=YYYY-MM-DD/<subject_ref>~<user_ref or ->.parquet``,
-one object per subject (account, or one person of it) and day (the day of each
-segment's newest record, as in the logging store), so a day's expiry and an
-erasure are whole-object deletes.
+``PREFIX/data_type=T/day=YYYY-MM-DD/<subject_ref>~<user_ref or ->[.<segment_id>].parquet``.
+A write puts one object per segment (``.<segment_id>``), created only if absent
+(``If-None-Match: *``): no object is ever read and written back by a write, so two
+writers never lose each other's rows and a replay writes nothing twice. Once a
+day is closed, :meth:`compact` merges each subject's objects of that day into
+one (``<subject_ref>~<user_ref>.parquet``), created with ``If-None-Match: *``
+or replaced with ``If-Match: <etag>`` of the version it read; a writer or
+compactor that lost the race changes nothing, and the merged objects are deleted
+only after the merged one is in place. Readers drop a segment seen twice (a
+compaction interrupted before its deletes). A day's expiry and an erasure are
+whole-object deletes (the day of each segment's newest record, as in the logging store).
 
 Every object is encrypted with Parquet modular encryption (footer and all
 columns): its data keys are wrapped, through :class:`KeyringKms`, by the
@@ -13,19 +20,20 @@ data key of that account or person from the keyring. Destroying that key
 object with :func:`decryption_properties`.
 
 Each row carries its segment's id, user ref and kind, so scans give back the
-same segments (sealed again under the subject's key) and writes stay idempotent.
-A rewrite (another segment of the same subject and day) replaces the object in
-one PUT: a reader sees the old or the new object, never half of one. Object
-metadata holds only counts. The endpoint comes from ``?endpoint=URL`` or
-boto3's own configuration (``AWS_ENDPOINT_URL``, profiles).
+same segments (sealed again under the subject's key). Object metadata holds
+only counts. The endpoint comes from ``?endpoint=URL`` or boto3's own
+configuration (``AWS_ENDPOINT_URL``, profiles).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
 from typing import Any, TypeVar
 
 import boto3
@@ -34,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyarrow.parquet.encryption as pe
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
 from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
@@ -52,6 +61,10 @@ SEGMENT_COLUMNS = [
     pa.field("_subject_ref", pa.string(), nullable=False),
 ]
 _NONCE = 12
+#: PUTs of one write sent at once (boto3 clients are thread-safe)
+PUT_THREADS = 8
+#: a conditional PUT that lost: the object exists (If-None-Match) or changed (If-Match), or a concurrent one won
+_LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 _T = TypeVar("_T")
 
 
@@ -90,7 +103,7 @@ def decryption_properties(keyring: Keyring) -> Any:
 
 
 class ArchiveStore(Store):
-    """Segments as rows of encrypted Parquet objects, one per subject and day, on S3."""
+    """Segments as rows of encrypted Parquet objects on S3: one per segment, one per subject and closed day."""
 
     #: opened with the keyring: it decrypts segments to write records and re-seals them on scan
     needs_keyring = True
@@ -105,6 +118,8 @@ class ArchiveStore(Store):
         self.prefix = parsed.path.strip("/")
         self.keyring = keyring
         self._s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
+        # objects are small: waiting for "100 Continue" before each body costs a round trip and saves nothing
+        self._s3.meta.events.unregister("before-call.s3", add_expect_header)
 
     # -- S3 calls, errors mapped at the boundary -----------------------------------------
 
@@ -122,8 +137,9 @@ class ArchiveStore(Store):
         except BotoCoreError as exc:
             raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
 
-    def _key(self, data_type: str, day: str, subject_ref: str, user_ref: str | None) -> str:
-        name = f"{_key_id(subject_ref, user_ref)}.parquet"
+    def _key(self, data_type: str, day: str, key_id: str, segment_id: str | None = None) -> str:
+        """A segment's own object, or (without ``segment_id``) the day's compacted object."""
+        name = f"{key_id}.{segment_id}.parquet" if segment_id else f"{key_id}.parquet"
         return "/".join(p for p in (self.prefix, f"data_type={data_type}", f"day={day}", name) if p)
 
     def _keys(self, data_type: str | None = None) -> Iterator[str]:
@@ -134,22 +150,32 @@ class ArchiveStore(Store):
         keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
         yield from sorted((k for k in keys if k.endswith(".parquet")), key=lambda k: (_part(k, "day"), k))
 
+    def _groups(self) -> Iterator[tuple[str, str, str, list[str]]]:
+        """(data type, day, key id, object keys): one subject's (or person's) objects of a type and day."""
+        parts = lambda k: (_part(k, "data_type"), _part(k, "day"), _key_of(k))  # noqa: E731
+        for (data_type, day, key_id), keys in groupby(self._keys(), parts):
+            yield data_type, day, key_id, list(keys)
+
     def _readable(self, key: str) -> pa.Table | None:
         """The object's rows; None when its subject's key was destroyed (nothing readable is left)."""
         try:
-            return self._read(key)
+            return self._read_versioned(key)[0]
         except KeyringError:
             return None
 
-    def _read(self, key: str) -> pa.Table:
-        body = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+    def _read_versioned(self, key: str) -> tuple[pa.Table, str]:
+        """The object's rows and the ETag of the version read (for a conditional replace)."""
+        got = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key))
+        body = self._call("read", got["Body"].read)
         try:
-            return pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
+            table = pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
         except OSError as exc:
             raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
+        return table, got["ETag"]
 
-    def _put(self, key: str, table: pa.Table) -> None:
-        footer_key = key.rsplit("/", 1)[1].removesuffix(".parquet")  # subject_ref~user_ref: whose key wraps it
+    def _put(self, key: str, table: pa.Table, *, if_match: str | None = None) -> bool:
+        """Write an object only if absent, or only over the version ``if_match``; False if that lost a race."""
+        footer_key = _key_of(key)  # subject_ref~user_ref: whose key wraps it
         properties = _factory(self.keyring).file_encryption_properties(
             pe.KmsConnectionConfig(),
             pe.EncryptionConfiguration(footer_key=footer_key, uniform_encryption=True, double_wrapping=False),
@@ -159,7 +185,15 @@ class ArchiveStore(Store):
         body = sink.getvalue().to_pybytes()
         n_segments = len(pc.unique(table.column("_segment_id")))
         metadata = {"segments": str(n_segments), "records": str(table.num_rows)}
-        self._call("write", lambda: self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata))
+        condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        put = functools.partial(self._s3.put_object, Bucket=self.bucket, Key=key, Body=body, Metadata=metadata)
+        try:
+            self._call("write", lambda: put(**condition))
+        except StoreError as exc:
+            if _code(exc) in _LOST_RACE:
+                return False
+            raise
+        return True
 
     def _drop(self, key: str) -> Removed:
         head = self._call("delete", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
@@ -168,9 +202,14 @@ class ArchiveStore(Store):
         return Removed(int(counts.get("segments", 0)), int(counts.get("records", 0)), (f"s3://{self.bucket}/{key}",))
 
     def _keep(self, key: str, keep: Callable[[pa.Table], pa.Array]) -> Removed:
-        """Rewrite an object with the rows ``keep`` selects (delete it when none are left)."""
-        table = self._readable(key)
-        if table is None:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
+        """Rewrite an object with the rows ``keep`` selects (delete it when none are left).
+
+        The rewrite replaces only the version read; one that changed meanwhile (a
+        compaction) is left for the next pass.
+        """
+        try:
+            table, etag = self._read_versioned(key)
+        except KeyringError:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
             return Removed()
         mask = keep(table)
         kept = table.filter(mask)
@@ -179,39 +218,22 @@ class ArchiveStore(Store):
         if kept.num_rows == 0:
             return self._drop(key)
         gone = table.filter(pc.invert(mask))
-        self._put(key, kept)
+        if not self._put(key, kept, if_match=etag):
+            return Removed()
         return Removed(len(pc.unique(gone.column("_segment_id"))), gone.num_rows)
 
     # -- the Store protocol --------------------------------------------------------------
 
     def write(self, segments: Sequence[Segment]) -> int:
-        groups: dict[str, list[Segment]] = {}
-        for s in segments:
-            groups.setdefault(self._key(s.data_type, _day(s), s.subject_ref, s.user_ref), []).append(s)
-        new = 0
-        for key, group in groups.items():
-            old = self._readable(key) if self._exists(key) else None  # a shredded object is replaced
-            present = set(old.column("_segment_id").to_pylist()) if old is not None else set()
-            fresh = {s.segment_id: s for s in group if s.segment_id not in present}
-            if not fresh:
-                continue
-            tables = [_rows(self.keyring, s) for s in fresh.values()]
-            merged = pa.concat_tables(([old] if old is not None else []) + tables, promote_options="default")
-            self._put(key, merged)
-            new += len(fresh)
-        return new
+        def put(s: Segment) -> bool:  # False: a replay, already there
+            key = self._key(s.data_type, _day(s), _key_id(s.subject_ref, s.user_ref), s.segment_id)
+            return self._put(key, _rows(self.keyring, s))
 
-    def _exists(self, key: str) -> bool:
-        try:
-            self._call("read", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
-        except StoreError as exc:
-            if isinstance(exc.__cause__, ClientError) and exc.__cause__.response["Error"]["Code"] in (
-                "404",
-                "NoSuchKey",
-            ):
-                return False
-            raise
-        return True
+        unique = list({s.segment_id: s for s in segments}.values())
+        if len(unique) == 1:
+            return int(put(unique[0]))
+        with ThreadPoolExecutor(min(PUT_THREADS, len(unique)), thread_name_prefix="archive-put") as pool:
+            return sum(pool.map(put, unique))  # S3 answers each PUT in tens of ms: send them side by side
 
     def scan(
         self,
@@ -223,13 +245,15 @@ class ArchiveStore(Store):
         with_payload: bool = True,
     ) -> Iterator[Segment]:
         def held() -> Iterator[Segment]:
+            seen: set[str] = set()  # a segment in its own object and a compacted one: once
             for key in self._keys(data_type):
                 if not _owned(key, subject_ref, user_ref):
                     continue
                 table = self._readable(key)
                 for segment in _segments(self.keyring, table) if table is not None else ():
-                    if (kind and segment.kind != kind) or (user_ref and segment.user_ref != user_ref):
+                    if segment.segment_id in seen or (kind and segment.kind != kind):
                         continue
+                    seen.add(segment.segment_id)
                     yield segment if with_payload else segment.header()
 
         # objects are listed day by day; the day of a segment is that of its newest record
@@ -261,6 +285,52 @@ class ArchiveStore(Store):
                 removed += self._drop(key)
         return removed
 
+    def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        """Merge each subject's objects of every day closed before ``closed_before`` into one object.
+
+        Segments stay as they are (rows keep their segment id), so ``merge`` is not used
+        and nothing is reported as merged away.
+        """
+        closed = closed_before.astimezone(UTC).strftime("%Y-%m-%d")
+        for data_type, day, key_id, keys in self._groups():
+            if day < closed and keys != [self._key(data_type, day, key_id)]:
+                self._compact_day(data_type, day, key_id, keys)
+        return Removed()
+
+    def _compact_day(self, data_type: str, day: str, key_id: str, keys: list[str]) -> None:
+        try:
+            self._merge_day(data_type, day, key_id, keys)
+        except StoreError as exc:
+            if _code(exc) != "NoSuchKey":
+                raise
+            # an object listed is gone: another compactor or an erasure is at this day; the next pass retries
+
+    def _merge_day(self, data_type: str, day: str, key_id: str, keys: list[str]) -> None:
+        target = self._key(data_type, day, key_id)
+        base: pa.Table | None = None
+        etag: str | None = None
+        if target in keys:
+            try:
+                base, etag = self._read_versioned(target)
+            except KeyringError:  # shredded: left for the erasure or expiry that drops it whole
+                return
+        tables, merged_keys = [base] if base is not None else [], []
+        present = set(base.column("_segment_id").to_pylist()) if base is not None else set()
+        for key in keys:
+            if key == target:
+                continue
+            table = self._readable(key)
+            if table is None:  # shredded: left for the erasure or expiry that drops it whole
+                continue
+            fresh = table.filter(pc.invert(pc.is_in(table.column("_segment_id"), pa.array(present, pa.string()))))
+            present.update(fresh.column("_segment_id").to_pylist())
+            tables.append(fresh)
+            merged_keys.append(key)
+        if not merged_keys or not self._put(target, pa.concat_tables(tables, promote_options="default"), if_match=etag):
+            return  # another compactor or a rewrite got there first: the next pass tries again
+        for key in merged_keys:
+            self._call("compact", functools.partial(self._s3.delete_object, Bucket=self.bucket, Key=key))
+
     def close(self) -> None:
         self._s3.close()
 
@@ -274,9 +344,19 @@ def _refs(key_id: str) -> tuple[str, str | None]:
     return subject_ref, None if user_ref in ("", "-") else user_ref
 
 
+def _key_of(key: str) -> str:
+    """``subject_ref~user_ref`` of an object: whose data key wraps it."""
+    return key.rsplit("/", 1)[1].split(".", 1)[0]
+
+
+def _code(exc: StoreError) -> str:
+    cause = exc.__cause__
+    return str(cause.response.get("Error", {}).get("Code", "")) if isinstance(cause, ClientError) else ""
+
+
 def _owned(key: str, subject_ref: str | None, user_ref: str | None) -> bool:
     """Whether an object holds data of ``subject_ref`` (every person of it, or only ``user_ref``)."""
-    subject, user = _refs(key.rsplit("/", 1)[1].removesuffix(".parquet"))
+    subject, user = _refs(_key_of(key))
     return (subject_ref is None or subject == subject_ref) and (user_ref is None or user == user_ref)
 
 

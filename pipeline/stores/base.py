@@ -31,9 +31,18 @@ class Removed:
     records: int = 0
     #: whole objects or logs deleted (S3 keys, Cloud Logging log names), for the erasure receipt
     places: tuple[str, ...] = ()
+    #: set when the backend cannot delete what it holds (a Cloud Logging bucket of its own): the
+    #: segments counted stay, unreadable once their key is destroyed, until this moment at the latest
+    expires_at: datetime | None = None
 
     def __add__(self, other: Removed) -> Removed:
-        return Removed(self.segments + other.segments, self.records + other.records, self.places + other.places)
+        expiries = [e for e in (self.expires_at, other.expires_at) if e is not None]
+        return Removed(
+            self.segments + other.segments,
+            self.records + other.records,
+            self.places + other.places,
+            max(expiries, default=None),
+        )
 
 
 class Store(ABC):
@@ -101,6 +110,16 @@ class Store(ABC):
 
         :returns: what was found and done, with ``status`` ``PASS`` or ``FAIL`` (e.g. a
             locked Cloud Logging bucket with another retention); recorded in the audit
+        """
+        return None
+
+    def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
+        """Create what the backend needs once, outside the data path (``metadata-pipeline init``).
+
+        Called with this store's finite limits by data type; idempotent. Backends with
+        nothing to set up (most) return None.
+
+        :returns: what was found and created, with ``status`` ``PASS`` or ``FAIL``
         """
         return None
 

@@ -3,31 +3,44 @@
 Each segment is one or more structured log entries: pseudonymous labels only
 (subject ref, user ref, data type, kind, segment id) and a JSON payload holding
 the sealed segment in base64, split into chunks below Cloud Logging's 256 KB
-entry limit. Cloud Logging cannot delete single entries, so:
+entry limit. The service sets three rules, and the store follows them:
 
-* an entry's log is ``metadata-pipeline.<subject_ref>.<day>`` (the day of the
-  segment's newest record): erasing a subject deletes its logs, and crypto-
-  shredding covers any copy a sink exported;
-* removing some entries of a log (expiry, one user's erasure, a cut at the
-  limit) writes the survivors to a new generation of that log and then deletes
-  the old one; a crash in between leaves duplicates that :meth:`scan` drops by
-  segment id, never a loss;
-* the 30-day rule is also the log bucket's retention, which
-  :meth:`apply_retention` reads and sets through ConfigServiceV2 (gRPC).
+* **Deleted log names stay deleted.** ``logs.delete`` also removes entries that
+  arrive later with a timestamp before the delete. So every segment has a log of
+  its own, ``metadata-pipeline.<subject_ref>.<day>.<segment_id>`` (the day of its
+  newest record): removing a segment deletes its log and nothing else, and the
+  only entries ever sent to a deleted name again are that segment's (a replay of
+  what was meant to go).
+* **Listings lag behind writes.** Nothing written depends on what a listing
+  shows: an entry's ``insertId`` (segment id and chunk) and timestamp make a
+  replay a duplicate the service drops, and :meth:`scan` drops any copy left.
+* **``logs.delete`` reaches the ``_Default`` bucket only.** By default the
+  entries go to a bucket of the pipeline's own (``bucket=metadata-pipeline``),
+  which :meth:`set_up` (``metadata-pipeline init``) creates through
+  ConfigServiceV2 with the policy's retention, a sink that routes only this
+  store's logs into it and an exclusion that keeps them out of ``_Default``.
+  There, entries cannot be deleted: the bucket's retention expires them by whole
+  days, and an erasure is crypto-shredding (the subject's key is destroyed) plus
+  that expiry, which :meth:`erase` reports with the moment by which the last entry goes.
+  With ``bucket=_Default`` the store deletes logs itself, exactly.
+
+Each pass, :meth:`apply_retention` brings the bucket's retention in line with the
+policy, unless the bucket holds other logs (``_Default``, or one another sink
+routes into): that is never changed, and the pass reports FAIL naming it.
 
 Every list filter carries an explicit timestamp range: the client otherwise
 adds a 24-hour window of its own. Entries are stamped with the segment's
-newest record time. Options in the URL query: ``bucket`` (default ``_Default``),
-``location`` (``global``), ``endpoint`` (REST base URL, e.g. an emulator's
-``http://127.0.0.1:8080``) and ``config-endpoint`` (``HOST:PORT`` of a plaintext
-gRPC ConfigServiceV2); either endpoint makes the client anonymous.
+newest record time. Options in the URL query: ``bucket`` (default
+``metadata-pipeline``), ``location`` (``global``), ``endpoint`` (REST base
+URL, e.g. an emulator's ``http://127.0.0.1:8080``) and ``config-endpoint``
+(``HOST:PORT`` of a plaintext gRPC ConfigServiceV2); either endpoint makes the
+client anonymous.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,24 +48,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import grpc
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.logging_v2 import Client
-from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
-from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
-from google.cloud.logging_v2.types import GetBucketRequest, LogBucket, UpdateBucketRequest
-from google.protobuf.field_mask_pb2 import FieldMask
 
-from pipeline.errors import ConfigError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreError
 from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store, oldest_first, url_options
+from pipeline.stores.log_bucket import LogBucketConfig, guarded
 
-__all__ = ["BucketRetention", "CloudLoggingStore"]
+__all__ = ["CloudLoggingStore"]
 
 LOG_PREFIX = "metadata-pipeline"
+#: the bucket of the pipeline's own, and the name of its sink and its exclusion on _Default
+OWN_BUCKET = "metadata-pipeline"
 #: base64 of a sealed segment per entry: well below the 256 KB entry limit with labels
 CHUNK = 180_000
 #: one entries.write request stays below the API's 10 MB limit
@@ -65,31 +76,6 @@ _TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class BucketRetention:
-    """What a retention pass found on the log bucket and did about it."""
-
-    bucket: str
-    found_days: int
-    wanted_days: int
-    locked: bool
-    updated: bool
-
-    @property
-    def ok(self) -> bool:
-        return self.updated or self.found_days == self.wanted_days
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "bucket": self.bucket,
-            "found_days": self.found_days,
-            "wanted_days": self.wanted_days,
-            "locked": self.locked,
-            "updated": self.updated,
-            "status": "PASS" if self.ok else "FAIL",
-        }
-
-
 class CloudLoggingStore(Store):
     """Encrypted segments as structured entries in Google Cloud Logging."""
 
@@ -100,38 +86,39 @@ class CloudLoggingStore(Store):
             raise ConfigError(f"store URL must be {form}, got {mask_url(url)!r}")
         self.url = url
         self.project = parsed.netloc
-        self.bucket = (
-            f"projects/{self.project}/locations/{query.get('location', 'global')}"
-            f"/buckets/{query.get('bucket', '_Default')}"
-        )
-        self._resource = {"type": "global", "labels": {"project_id": self.project}}
+        self.location = f"projects/{self.project}/locations/{query.get('location', 'global')}"
+        self.bucket_id = query.get("bucket", OWN_BUCKET)
+        self.bucket = f"{self.location}/buckets/{self.bucket_id}"
+        #: what the sink routes into the bucket and the exclusion keeps out of _Default: this store's logs only
+        self.log_filter = f'logName:"projects/{self.project}/logs/{LOG_PREFIX}."'
         endpoint, config_endpoint = query.get("endpoint"), query.get("config-endpoint")
+        self._bucket = LogBucketConfig(self.bucket, self.log_filter, config_endpoint)
+        #: logs.delete removes entries only in _Default; elsewhere the bucket's retention does
+        self.deletes = self._bucket.is_default
+        # a project's listing reads _Default; a bucket of its own is read through its view
+        self._read_from = f"projects/{self.project}" if self.deletes else f"{self.bucket}/views/_AllLogs"
+        self._bucket_found = self.deletes  # _Default always exists; a bucket of its own is looked up once
+        self._resource = {"type": "global", "labels": {"project_id": self.project}}
         anonymous = {"credentials": AnonymousCredentials()} if endpoint or config_endpoint else {}
         options = {"api_endpoint": endpoint} if endpoint else None
         try:
             self._client = Client(project=self.project, client_options=options, _use_grpc=False, **anonymous)
         except DefaultCredentialsError as exc:
             raise ConfigError(f"Cloud Logging {self.project}: no Google credentials: {first_line(exc)}") from exc
-        self._config_endpoint = config_endpoint
-        self._config: ConfigServiceV2Client | None = None
 
     # -- calls, with errors mapped at the boundary ---------------------------------------
 
     def _call(self, action: str, fn: Callable[[], _T]) -> _T:
-        where = f"Cloud Logging {self.project}"
-        try:
-            return fn()
-        except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.TooManyRequests, gexc.InternalServerError) as exc:
-            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
-        except gexc.RetryError as exc:
-            raise StoreUnavailable(f"{where} unavailable during {action}: {first_line(exc)}") from exc
-        except gexc.GoogleAPIError as exc:
-            raise StoreError(f"{where} refused {action}: {first_line(exc)}") from exc
-        except OSError as exc:  # requests' ConnectionError is an OSError
-            raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
+        return guarded(f"Cloud Logging {self.project}", action, fn)
+
+    def _require_bucket(self) -> None:
+        if not self._bucket_found:
+            self._bucket.require()
+            self._bucket_found = True
 
     def _list(self, action: str, clauses: Sequence[str]) -> Iterator[dict[str, Any]]:
         """Entries matching every clause, oldest first, as the API's JSON."""
+        self._require_bucket()
         now = datetime.now(UTC)
         filter_ = " AND ".join(
             [*clauses, f'timestamp>="{_stamp(now - _OLDEST)}"', f'timestamp<="{_stamp(now + _AHEAD)}"']
@@ -140,7 +127,7 @@ class CloudLoggingStore(Store):
         token: str | None = None
         while True:
             body: dict[str, Any] = {
-                "resourceNames": [f"projects/{self.project}"],
+                "resourceNames": [self._read_from],
                 "filter": filter_,
                 "orderBy": "timestamp asc",
                 "pageSize": PAGE_SIZE,
@@ -157,6 +144,7 @@ class CloudLoggingStore(Store):
 
     def _write_entries(self, action: str, entries: Sequence[dict[str, Any]]) -> None:
         """One entries.write per batch below the request size limit; all-or-nothing per batch."""
+        self._require_bucket()
         batches: list[list[dict[str, Any]]] = [[]]
         size = 0
         for entry in entries:
@@ -179,14 +167,14 @@ class CloudLoggingStore(Store):
 
     # -- entries <-> segments ------------------------------------------------------------
 
-    def _log_name(self, subject_ref: str, day: str, generation: str = "") -> str:
-        suffix = f".{generation}" if generation else ""
-        return f"projects/{self.project}/logs/{LOG_PREFIX}.{subject_ref}.{day}{suffix}"
+    def _log_name(self, segment: Segment) -> str:
+        """One log per segment: deleting it removes that segment only, and no name is reused."""
+        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+        return f"projects/{self.project}/logs/{LOG_PREFIX}.{segment.subject_ref}.{day}.{segment.segment_id}"
 
-    def _entries(self, segment: Segment, log_name: str | None = None) -> list[dict[str, Any]]:
+    def _entries(self, segment: Segment) -> list[dict[str, Any]]:
         sealed = base64.b64encode(segment.payload).decode()
         chunks = max(1, math.ceil(len(sealed) / CHUNK))
-        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
         labels = {
             "subject_ref": segment.subject_ref,
             "data_type": segment.data_type,
@@ -197,7 +185,7 @@ class CloudLoggingStore(Store):
             labels["user_ref"] = segment.user_ref
         return [
             {
-                "logName": log_name or self._log_name(segment.subject_ref, day),
+                "logName": self._log_name(segment),
                 "insertId": f"{segment.segment_id}.{i}",
                 "timestamp": _stamp(segment.max_observed_at),
                 "severity": "INFO",
@@ -241,6 +229,11 @@ class CloudLoggingStore(Store):
     # -- the Store protocol --------------------------------------------------------------
 
     def write(self, segments: Sequence[Segment]) -> int:
+        """Write every entry: ``insertId`` and timestamp make a replay a duplicate the service drops.
+
+        What is listed decides only the count returned, never what is written: a listing
+        lags behind writes, so a segment it does not show yet is written again, harmlessly.
+        """
         if not segments:
             return 0
         present: set[str] = set()
@@ -253,9 +246,9 @@ class CloudLoggingStore(Store):
                 f'timestamp<="{_stamp(high)}"',
             ]
             present.update(h.segment.segment_id for h in self._segments("write", clauses, with_payload=False))
-        new = {s.segment_id: s for s in segments if s.segment_id not in present}
-        self._write_entries("write", [e for s in new.values() for e in self._entries(s)])
-        return len(new)
+        unique = {s.segment_id: s for s in segments}
+        self._write_entries("write", [e for s in unique.values() for e in self._entries(s)])
+        return len(unique.keys() - present)
 
     def scan(
         self,
@@ -270,27 +263,26 @@ class CloudLoggingStore(Store):
             yield held.segment
 
     def _remove(self, action: str, doomed: Sequence[_Held]) -> Removed:
-        """Remove segments (every copy): delete each log they are in, rewriting its other segments first."""
+        """Remove segments (every copy) by deleting the logs they are in.
+
+        A segment's log holds nothing else, so no survivor is read back or moved. A log
+        shared by several segments (written by an earlier release) first has its other
+        segments written to their own logs, names that were never deleted.
+        """
         unique = {h.segment.segment_id: h.segment for h in doomed}
         deleted = []
         for log_name in sorted({h.log for h in doomed}):
-            subject_ref, day = log_name.rsplit("/", 1)[1].split(".")[1:3]
-            held = list(self._segments(action, [f'logName="{log_name}"'], every_copy=True))
-            kept = list({h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}.values())
-            if kept:  # survivors first: a crash before the delete leaves duplicates, not a loss
-                generation = hashlib.sha256(" ".join(sorted(s.segment_id for s in kept)).encode()).hexdigest()[:12]
-                target = self._log_name(subject_ref, day, generation)
-                if target == log_name:  # this log holds only copies of survivors
-                    continue
-                there = {h.segment.segment_id for h in self._segments(action, [f'logName="{target}"'], False)}
-                self._write_entries(
-                    action, [e for s in kept if s.segment_id not in there for e in self._entries(s, target)]
-                )
+            if log_name.rsplit(".", 1)[1] not in unique:  # not one segment's own log
+                held = self._segments(action, [f'logName="{log_name}"'], every_copy=True)
+                kept = {h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}
+                self._write_entries(action, [e for s in kept.values() for e in self._entries(s)])
             self._delete_log(action, log_name)
             deleted.append(log_name)
         return Removed(len(unique), sum(s.n_records for s in unique.values()), tuple(deleted))
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
+        if not self.deletes:  # never called: straddling() gives nothing to cut there
+            return Removed()
         doomed = [
             held
             for segment_id in dict.fromkeys(segment_ids)
@@ -299,55 +291,39 @@ class CloudLoggingStore(Store):
         return self._remove("delete", doomed)
 
     def expire(self, data_type: str, before: datetime) -> Removed:
+        if not self.deletes:  # the bucket's retention expires entries, by whole days
+            return Removed()
         # an entry's timestamp is its segment's newest record: older than ``before`` means past the limit
         clauses = [_label("data_type", data_type), f'timestamp<"{_stamp(before)}"']
         return self._remove("expire", list(self._segments("expire", clauses, False, every_copy=True)))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
-        held = self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True)
-        return self._remove("erase", list(held))
+        held = list(self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True))
+        if self.deletes:
+            return self._remove("erase", held)
+        # Entries here cannot be deleted: they stay, unreadable once the key is destroyed, until they
+        # expire. One written just now may not be listed yet, but its timestamp is not after now.
+        unique = {h.segment.segment_id: h.segment for h in held}
+        newest = max([datetime.now(UTC), *(s.max_observed_at for s in unique.values())])
+        expires_at = newest + timedelta(days=self._bucket.retention_days())
+        return Removed(len(unique), sum(s.n_records for s in unique.values()), (), expires_at)
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
+        if not self.deletes:  # the original could not be deleted: a cut copy would double its records
+            return
         clauses = [_label("data_type", data_type), f'timestamp>="{_stamp(at)}"']
         for held in self._segments("scan", clauses):
             if held.segment.min_observed_at < at:
                 yield held.segment
 
     def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
-        """Set the log bucket's retention to the policy's longest limit; a locked bucket is a FAIL."""
-        finite = [limit for limit in limits.values() if limit is not None]
-        if not finite:
-            return None
-        wanted = math.ceil(max(finite) / timedelta(days=1))
-        config = self._config_client()
-        bucket = self._call(
-            "reading the log bucket", lambda: config.get_bucket(request=GetBucketRequest(name=self.bucket))
-        )
-        found, locked = int(bucket.retention_days), bool(bucket.locked)
-        updated = False
-        if found != wanted and not locked:
-            request = UpdateBucketRequest(
-                name=self.bucket,
-                bucket=LogBucket(name=self.bucket, retention_days=wanted),
-                update_mask=FieldMask(paths=["retention_days"]),
-            )
-            self._call("setting the log bucket's retention", lambda: config.update_bucket(request=request))
-            updated = True
-        return BucketRetention(self.bucket, found, wanted, locked, updated).as_dict()
+        return self._bucket.apply_retention(limits)
 
-    def _config_client(self) -> ConfigServiceV2Client:
-        if self._config is None:
-            if self._config_endpoint:
-                channel = grpc.insecure_channel(self._config_endpoint)
-                self._config = ConfigServiceV2Client(transport=ConfigServiceV2GrpcTransport(channel=channel))
-            else:
-                self._config = ConfigServiceV2Client()
-        return self._config
+    def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
+        return self._bucket.set_up(limits)
 
     def close(self) -> None:
-        if self._config is not None:
-            self._config.transport.close()
-            self._config = None
+        self._bucket.close()
         self._client.close()
 
 
