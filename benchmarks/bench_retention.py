@@ -106,6 +106,7 @@ def _expiry(records: int, where: str | None = None) -> tuple[float, int, int, fl
         start = time.perf_counter()
         report = enforce(pipeline, DAY0 + timedelta(days=EXPIRED_DAYS + 30))
         seconds = time.perf_counter() - start
+        assert not report.failed_steps, report.failed_steps  # a step that failed would time nothing
         counts = report.removed["cloud_logging"]["cluster_jobs"]
         assert counts.records == expired, (counts, expired)
         pipeline.close()

@@ -429,12 +429,10 @@ class Pipeline:
         """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
 
         A segment that should open but does not (an altered header or payload, a subject or
-        key version the keyring never issued), and a record that cannot be read (see
-        :func:`~pipeline.records.unreadable_rows`; the table comes without it), is appended
-        to ``unreadable`` and skipped, so one bad segment or row hides nothing else; without
-        that list it stops the scan.
+        key version the keyring never issued) is appended to ``unreadable`` and skipped, so
+        one bad segment hides nothing else; without that list it stops the scan.
 
-        :raises StoreError: a segment or record is unreadable and no ``unreadable`` list was given
+        :raises StoreError: a segment is unreadable and no ``unreadable`` list was given
         """
         subject_ref = self.subject_ref(account) if account is not None else None
         keys: dict[str, tuple[str, int]] = {}
@@ -455,10 +453,6 @@ class Pipeline:
                     raise StoreError(str(problem)) from exc
                 unreadable.append(problem)
                 continue
-            if bad := unreadable_rows(table):
-                table = _without_rows(store, segment, table, bad, unreadable)
-                if not table.num_rows:
-                    continue
             yield segment, table
 
     def _key_status(self, subject_ref: str, user_ref: str | None) -> tuple[str, int]:
@@ -468,10 +462,24 @@ class Pipeline:
             return "active", version
         return self.keyring.key_state(subject_ref, user_ref), 0
 
-    def read_records(self, store: str = "long_term", **filters: Any) -> Iterator[dict[str, Any]]:
-        """Decrypted records as dicts (see :meth:`read_segments`)."""
-        for _segment, table in self.read_segments(store, **filters):
-            yield from rows_from_table(table)
+    def read_records(
+        self, store: str = "long_term", *, unreadable: list[Unreadable] | None = None, **filters: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Decrypted records as dicts (see :meth:`read_segments`).
+
+        A record with a time Python cannot hold (see :func:`~pipeline.records.unreadable_rows`)
+        is appended to ``unreadable`` and skipped like an unreadable segment. Looked for only
+        when a segment's conversion fails, so reads of sound data pay nothing for it.
+
+        :raises StoreError: a segment or record is unreadable and no ``unreadable`` list was given
+        """
+        for segment, table in self.read_segments(store, unreadable=unreadable, **filters):
+            try:
+                rows = list(rows_from_table(table))
+            except OverflowError:
+                table = _without_rows(store, segment, table, unreadable_rows(table), unreadable)
+                rows = list(rows_from_table(table))
+            yield from rows
 
     def foreign_files(self) -> dict[str, list[str]]:
         """Store name → what was skipped in it so far as not being its segments (see ``Store.foreign_files``)."""

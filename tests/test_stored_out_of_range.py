@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.db import segments
 from pipeline.records import TIMESTAMP, table_from_rows
 from pipeline.retention.requests import file_request
+from pipeline.retention.service import RetentionService
 from pipeline.runtime import Pipeline, seal_tables
 
 DAY0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -143,16 +144,16 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
 
     result = run("report", "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output + result.stderr
-    assert json.loads(result.stdout)["out_of_range_records"] == 5
+    assert json.loads(result.stdout)["out_of_range_records"] == 4
     document = json.loads((tmp_path / "report.json").read_text())
     named = {(r["store"], r["record_id"]): r["reason"] for r in document["out_of_range_records"]}
-    future_reason = "observed_at is outside 2000-01-01 to " + (now + timedelta(days=1)).strftime("%Y-%m-%d")
-    ancient_reason = "started_at is outside the years 1 to 9999"
+    bounds = "outside 2000-01-01 to " + (now + timedelta(days=1)).strftime("%Y-%m-%d")
     assert sorted(named.items()) == sorted(
         [
-            *(((store, future["record_id"]), future_reason) for store in ("cloud_logging", "long_term")),
-            *(((store, ancient), ancient_reason) for store in ("cloud_logging", "long_term")),
-            (("long_term", negative["record_id"]), "tasks_completed is negative or not a number"),  # usage: long-term
+            *(((store, future["record_id"]), f"observed_at is {bounds}") for store in ("cloud_logging", "long_term")),
+            # usage is counted from the long-term store: only there are these columns read
+            (("long_term", ancient), f"started_at is {bounds}"),
+            (("long_term", negative["record_id"]), "tasks_completed is negative"),
         ]
     )
     assert document["unreadable_segments"] == []
@@ -160,9 +161,9 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
     assert (acme["jobs"], acme["tasks_completed"]) == (1, 5)  # only the record in range
     assert all(row["day"] < "9999" for row in document["records_by_day"])
     html = (tmp_path / "report.html").read_text()
-    assert "Out of range: 5 records" in html
+    assert "Out of range: 4 records" in html
     assert all(record_id in html for _store, record_id in named)
-    assert len(result.stderr.splitlines()) == 5  # one line naming each
+    assert len(result.stderr.splitlines()) == 4  # one line naming each
 
 
 def test_an_altered_segment_is_named_at_the_end_of_the_stream_and_hides_no_environment(pipeline: Pipeline) -> None:
@@ -183,3 +184,18 @@ def test_an_altered_segment_is_named_at_the_end_of_the_stream_and_hides_no_envir
     assert lines[-1]["skipped"]["record_id"] is None
     assert envs.status_code == 200, envs.text
     assert [env["env_id"] for env in envs.json()] == ["env-acme"]
+
+
+def test_the_services_pass_is_not_stopped_by_a_record_dated_9999(pipeline: Pipeline) -> None:
+    old = datetime.now(UTC) - timedelta(days=31)
+    pipeline.write_records(_day0_records("acme"))
+    pipeline.write_records([make_record("job", account="acme", job_id="old", observed_at=old)])
+    write_raw(pipeline, table_from_rows("job", [make_record("job", observed_at=datetime(9999, 12, 31, tzinfo=UTC))]))
+    service = RetentionService(pipeline, holder="test-service")
+
+    service.run_job("retention", datetime.now(UTC).replace(minute=0, second=0, microsecond=0))
+
+    entry = pipeline.audit.last("retention.pass")
+    assert entry is not None and entry.details["failed_steps"] == {}
+    assert entry.details["removed"]["cloud_logging"]["cluster_jobs"]["records"] == 3  # day 0 and 31 days ago
+    assert [r["observed_at"].year for r in pipeline.read_records("cloud_logging", data_type="cluster_jobs")] == [9999]

@@ -38,8 +38,7 @@ def records(out: Output, account: str | None, data_type: str | None, store: str)
             n = out.rows(_records_and_skipped(client.lines("/v1/records", params), unreadable), _render_record)
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
-    if pipeline is not None or unreadable:
-        report_skipped(pipeline, unreadable)
+    report_skipped(pipeline, unreadable)
 
 
 def _records_and_skipped(lines: Iterator[dict[str, Any]], unreadable: list[Any]) -> Iterator[dict[str, Any]]:
@@ -48,7 +47,10 @@ def _records_and_skipped(lines: Iterator[dict[str, Any]], unreadable: list[Any])
 
     for line in lines:
         if "skipped" in line and "record_id" not in line:
-            unreadable.append(Unreadable(**line["skipped"]))
+            skipped = line["skipped"]  # the fields of Unreadable; a newer server may add some
+            unreadable.append(
+                Unreadable(skipped["store"], skipped["segment_id"], skipped["reason"], skipped.get("record_id"))
+            )
         else:
             yield line
 
