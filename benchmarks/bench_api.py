@@ -51,7 +51,8 @@ PACED_LOAD = 0.5  # the paced phase offers this fraction of the measured capacit
 
 
 def _records(account: str, cluster_id: str, batch: int) -> list[dict[str, Any]]:
-    start = datetime(2026, 11, 30, tzinfo=UTC) + timedelta(minutes=batch)
+    # observed in the last minutes: within the life of the clusters registered for the run (pipeline.bounds)
+    start = datetime.now(UTC) - timedelta(minutes=10) + timedelta(seconds=batch)
     return [
         {
             "record_id": uuid.uuid4().hex,

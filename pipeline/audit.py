@@ -11,11 +11,14 @@ a signed checkpoint of the chain's head goes to a witness outside the database
 (:mod:`pipeline.witness`); verification compares the chain with the newest one,
 so cutting the tail, wiping the table or restoring an older database is caught.
 
-A keyring made before the signing key had its own file still holds the old
-wrapped key: on first open the new key file is made, an
-``audit.signing_key_replaced`` entry signed by the old key names the new public
-key, a checkpoint pins the chain up to it, and the wrapped old key is destroyed.
-Verification follows that hand-over; after it only the file's key signs.
+Trust never comes from the database: the verifier's key is the configured
+signing key's public half or ``pipeline.audit.verify-key``
+(:mod:`pipeline.audit_trust`). A keyring made before the signing key had its
+own file still holds the old wrapped key: on first open the new key file is
+made, an ``audit.signing_key_replaced`` entry signed by the old key and
+endorsed by the new one names the new public key, a checkpoint pins the chain
+up to it, and the wrapped old key is destroyed. Before a checkpoint pins new
+entries they are verified, so a checkpoint never vouches for a forgery.
 
 Writers serialise on a database lock (PostgreSQL advisory lock, SQLite's write
 lock) while they read the chain's head and append, so concurrent processes
@@ -46,20 +49,20 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.audit_trust import HANDOVER, KeySchedule, handover_statement, key_schedule, signed_by
 from pipeline.db import audit_log
 from pipeline.errors import AuditIntegrityError, KeyringError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
 from pipeline.redact import mask_url
-from pipeline.signing import AuditSigner, FileSigner, PublicKey, load_public_hex, open_signer, public_hex, verifies
-from pipeline.witness import Checkpoint, Witness, open_witness
+from pipeline.signing import AuditSigner, FileSigner, PublicKey, open_signer, public_hex
+from pipeline.witness import Checkpoint, HighWater, Witness, open_witness
 
 __all__ = ["AuditEntry", "AuditLog", "VerifyResult", "canonical_entry", "default_actor", "verify_entries"]
 
 GENESIS = "0" * 64
 #: where the signing key lived before it had a file of its own (wrapped by the master key)
 LEGACY_SIGNING_KEY_ID = "audit-signing"
-HANDOVER = "audit.signing_key_replaced"
 _LOCK_KEY = 0x617564_6974  # PostgreSQL advisory lock id of the chain ("audit")
 
 
@@ -109,13 +112,35 @@ def canonical_entry(entry: Mapping[str, Any]) -> bytes:
 class AuditLog:
     """Append, checkpoint and verify the audit trail."""
 
-    def __init__(self, engine: Engine, signer: AuditSigner, witness: Witness) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        signer: AuditSigner,
+        witness: Witness,
+        *,
+        verify_key: PublicKey | None = None,
+        high_water: HighWater | None = None,
+    ) -> None:
+        """:param verify_key: the trust anchor; default: the signer's public key
+        :param high_water: where this host remembers the newest checkpoint it has seen
+        """
         self.engine = engine
         self.signer = signer
         self.witness = witness
+        self.trusted_key = verify_key or signer.public_key
+        self.high_water = high_water
 
     @classmethod
-    def open(cls, engine: Engine, keyring: Keyring, signing_key_url: str, witness_url: str) -> AuditLog:
+    def open(
+        cls,
+        engine: Engine,
+        keyring: Keyring,
+        signing_key_url: str,
+        witness_url: str,
+        *,
+        verify_key: PublicKey | None = None,
+        high_water: HighWater | None = None,
+    ) -> AuditLog:
         """The trail with its signing key file, made on first use (see the module docstring).
 
         :raises KeyringError: the key file is missing although the trail has entries and
@@ -123,14 +148,15 @@ class AuditLog:
         """
         witness = open_witness(witness_url)
         signer = open_signer(signing_key_url)
+        trusting = functools.partial(cls, verify_key=verify_key, high_water=high_water)
         if signer is not None:
-            return cls(engine, signer, witness)
+            return trusting(engine, signer, witness)
         path = Path(urlparse(signing_key_url).path)
         if keyring.key_state(LEGACY_SIGNING_KEY_ID) == "active":
             legacy = FileSigner(
                 path, Ed25519PrivateKey.from_private_bytes(keyring.named_key(LEGACY_SIGNING_KEY_ID, "audit"))
             )
-            audit = cls(engine, FileSigner.create(path), witness)
+            audit = trusting(engine, FileSigner.create(path), witness)
             cls(engine, legacy, witness)._hand_over(audit.signer)
             keyring.destroy(LEGACY_SIGNING_KEY_ID)
             audit.checkpoint()
@@ -140,14 +166,17 @@ class AuditLog:
                 raise KeyringError(
                     f"audit signing key {path} is missing but the audit trail has entries: restore the key file"
                 )
-        return cls(engine, FileSigner.create(path), witness)
+        return trusting(engine, FileSigner.create(path), witness)
 
     def _hand_over(self, new: AuditSigner) -> None:
-        def once(conn: Connection) -> list[Mapping[str, Any]]:
+        """Append a hand-over signed by this trail's key and endorsed by ``new``."""
+
+        def once(conn: Connection, seq: int, prev_hash: str) -> list[Mapping[str, Any]]:
             if conn.execute(select(audit_log.c.seq).where(audit_log.c.action == HANDOVER).limit(1)).first():
                 return []  # another process handed over first
             keys = {"previous_public_key": public_hex(self.public_key), "public_key": public_hex(new.public_key)}
-            return [{"action": HANDOVER, "details": {**keys, "key_url": new.url}}]
+            endorsement = new.sign(handover_statement(seq, prev_hash, **keys)).hex()
+            return [{"action": HANDOVER, "details": {**keys, "key_url": new.url, "endorsement": endorsement}}]
 
         self._append(once)
 
@@ -156,14 +185,15 @@ class AuditLog:
         return self.signer.public_key
 
     def public_key_pem(self) -> bytes:
-        return _pem(self.first_public_key())
+        """The trusted key, as ``audit export`` ships it."""
+        return _pem(self.trusted_key)
 
-    def first_public_key(self) -> PublicKey:
-        """The key that signed entry 1: the hand-over's previous key, if the trail had one."""
-        handover = self.first(HANDOVER)
-        if handover is None:
-            return self.public_key
-        return load_public_hex(handover.details["previous_public_key"])
+    def key_schedule(self, pinned_through: int = 0) -> KeySchedule:
+        """Which key is trusted for each entry, from the configured key back through endorsed hand-overs."""
+        query = select(audit_log).where(audit_log.c.action == HANDOVER)
+        with self.engine.connect() as conn:
+            handovers = [_entry(row).as_dict() for row in conn.execute(query)]
+        return key_schedule(handovers, self.trusted_key, pinned_through=pinned_through)
 
     def append(
         self,
@@ -175,12 +205,12 @@ class AuditLog:
     ) -> AuditEntry:
         """Add one entry at the end of the chain; safe under concurrent writers."""
         item = {"action": action, "actor": actor, "subject_ref": subject_ref, "details": details}
-        return self._append(lambda _conn: [item])[0]
+        return self._append(lambda *_: [item])[0]
 
     def append_many(self, items: Iterable[Mapping[str, Any]]) -> list[AuditEntry]:
         """Add several entries in one transaction (keys as :meth:`append`'s arguments)."""
         items = list(items)
-        return self._append(lambda _conn: items) if items else []
+        return self._append(lambda *_: items) if items else []
 
     def note_policy(self, path: str, sha256: str) -> AuditEntry | None:
         """Record ``policy.loaded`` when the policy differs from the last one recorded."""
@@ -190,7 +220,7 @@ class AuditLog:
 
         newest = self.newest_checkpoint()
 
-        def changed(conn: Connection) -> list[Mapping[str, Any]]:
+        def changed(conn: Connection, *_: Any) -> list[Mapping[str, Any]]:
             if _last_policy_sha(conn) == sha256:  # another process recorded it meanwhile
                 return []
             if newest is not None and (conn.scalar(select(func.max(audit_log.c.seq))) or 0) < newest.seq:
@@ -201,8 +231,8 @@ class AuditLog:
         entries = self._append(changed)
         return entries[0] if entries else None
 
-    def _append(self, build: Callable[[Connection], Iterable[Mapping[str, Any]]]) -> list[AuditEntry]:
-        """Lock the chain, read its head, sign and insert what ``build`` returns."""
+    def _append(self, build: Callable[[Connection, int, str], Iterable[Mapping[str, Any]]]) -> list[AuditEntry]:
+        """Lock the chain, read its head, sign and insert what ``build(conn, next seq, head hash)`` returns."""
         try:
             with self.engine.begin() as conn:
                 _lock_chain(conn)
@@ -211,7 +241,7 @@ class AuditLog:
                 ).first()
                 seq, prev_hash = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
                 entries = []
-                for item in build(conn):
+                for item in build(conn, seq, prev_hash):
                     entries.append(self._sign(seq, prev_hash, item))
                     seq, prev_hash = seq + 1, entries[-1].entry_hash
                 if entries:
@@ -239,9 +269,9 @@ class AuditLog:
             signature=self.signer.sign(bytes.fromhex(entry_hash)).hex(),
         )
 
-    def entries(self) -> Generator[AuditEntry, None, None]:
-        """Every entry in sequence order, streamed."""
-        query = select(audit_log).order_by(audit_log.c.seq)
+    def entries(self, after: int = 0) -> Generator[AuditEntry, None, None]:
+        """Every entry (past seq ``after``) in sequence order, streamed."""
+        query = select(audit_log).where(audit_log.c.seq > after).order_by(audit_log.c.seq)
         with self.engine.connect() as conn, conn.execution_options(yield_per=1000).execute(query) as rows:
             for row in rows:
                 yield _entry(row)
@@ -253,13 +283,9 @@ class AuditLog:
             checkpoint records that the chain lacks
         """
         checkpoint = self.newest_checkpoint()
+        schedule = self.key_schedule(checkpoint.seq if checkpoint else 0)
         with contextlib.closing(self.entries()) as entries:  # close the cursor when verification stops early
-            return verify_entries(
-                (e.as_dict() for e in entries),
-                self.first_public_key(),
-                checkpoint=checkpoint,
-                final_key=self.public_key,
-            )
+            return verify_entries((e.as_dict() for e in entries), schedule, checkpoint=checkpoint)
 
     def check(self) -> VerifyResult:
         """:meth:`verify` as a result to report rather than an exception."""
@@ -269,18 +295,31 @@ class AuditLog:
             return VerifyResult(False, max(exc.seq - 1, 0), exc.seq, exc.reason)
 
     def newest_checkpoint(self) -> Checkpoint | None:
-        """The witness's newest checkpoint, its signature checked.
+        """The trusted key's checkpoint with the highest sequence number among all the witness holds.
 
-        :raises AuditIntegrityError: it is not signed by the audit signing key
+        Checkpoints not signed by the trusted key are ignored, whatever their name.
+
+        :raises AuditIntegrityError: the witness lacks a checkpoint this host has seen (rolled back)
         """
-        checkpoint = self.witness.newest()
-        if checkpoint is None:
-            return None
-        if not _verifies(self.public_key, checkpoint.signature, checkpoint.body()):
+        newest = self.witness.newest(lambda c: signed_by(self.trusted_key, c.signature, c.body()))
+        if self.high_water is not None:
+            self._check_high_water(newest)
+        return newest
+
+    def _check_high_water(self, newest: Checkpoint | None) -> None:
+        """Name a witness that lacks what this host saw; else remember ``newest``."""
+        assert self.high_water is not None
+        seen = self.high_water.read()
+        trusted = seen is not None and signed_by(self.trusted_key, seen.signature, seen.body())
+        if seen is not None and trusted and (newest is None or newest.seq < seen.seq):
+            holds = f"holds checkpoints up to seq {newest.seq}" if newest else "holds no checkpoint"
             raise AuditIntegrityError(
-                checkpoint.seq, f"witness {checkpoint.name} is not signed by the audit signing key"
+                seen.seq,
+                f"witness {self.witness.url} {holds}, but this host saw the {seen.label} "
+                f"recording seq {seen.seq} (witness rolled back or checkpoints hidden)",
             )
-        return checkpoint
+        if newest is not None:
+            self.high_water.raise_to(newest)
 
     def checkpoint(self) -> Checkpoint:
         """Sign the chain's head and write it to the witness.
@@ -299,10 +338,21 @@ class AuditLog:
                 if pinned != newest.head_hash:
                     raise AuditIntegrityError(newest.seq, _mismatch(newest, head.seq if head else 0))
         seq, head_hash = (head.seq, head.entry_hash) if head else (0, GENESIS)
+        self._verify_since(newest, seq)
         unsigned = Checkpoint(seq, head_hash, count, utcnow())
         checkpoint = dataclasses.replace(unsigned, signature=self.signer.sign(unsigned.body()).hex())
         self.witness.write(checkpoint)
+        if self.high_water is not None:
+            self.high_water.raise_to(checkpoint)
         return checkpoint
+
+    def _verify_since(self, pinned: Checkpoint | None, head_seq: int) -> None:
+        """Verify the entries after ``pinned`` up to ``head_seq`` before a checkpoint vouches for them."""
+        start = (pinned.seq + 1, pinned.head_hash) if pinned else (1, GENESIS)
+        schedule = self.key_schedule(pinned.seq if pinned else 0)
+        with contextlib.closing(self.entries(after=start[0] - 1)) as entries:
+            rows = (e.as_dict() for e in entries if e.seq <= head_seq)
+            verify_entries(rows, schedule, start=start)
 
     def action_counts(self) -> dict[str, int]:
         """How many entries of each action the trail holds."""
@@ -357,13 +407,6 @@ def _last_policy_sha(conn: Connection) -> str | None:
     return None if details is None else json.loads(details).get("sha256")
 
 
-def _verifies(key: PublicKey, signature_hex: str, data: bytes) -> bool:
-    try:
-        return verifies(key, bytes.fromhex(signature_hex), data)
-    except ValueError:  # not hex
-        return False
-
-
 def _pem(key: PublicKey) -> bytes:
     return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
@@ -395,19 +438,18 @@ def _mismatch(checkpoint: Checkpoint, last_seq: int) -> str:
 
 def verify_entries(
     entries: Iterator[Mapping[str, Any]],
-    public_key: PublicKey,
+    schedule: KeySchedule,
     *,
     checkpoint: Checkpoint | None = None,
-    final_key: PublicKey | None = None,
+    start: tuple[int, str] = (1, GENESIS),
 ) -> int:
-    """Verify entries as dicts (as exported); returns how many were checked.
+    """Verify entries as dicts (as exported); returns the last sequence number checked.
 
-    :param public_key: the key that signed the first entry; an ``audit.signing_key_replaced``
-        entry (signed by the old key) hands over to the key it names
+    :param schedule: the key trusted for each sequence number (:func:`pipeline.audit_trust.key_schedule`)
     :param checkpoint: the chain must reach its sequence number with its head hash
-    :param final_key: the key the chain must end with (the audit signing key)
+    :param start: the first entry's seq and the hash it chains to (a verified prefix skipped)
     """
-    prev_hash, expected_seq, key_seq = GENESIS, 1, 1
+    expected_seq, prev_hash = start
     for entry in entries:
         seq = entry["seq"]
         if seq != expected_seq:
@@ -416,16 +458,12 @@ def verify_entries(
             raise AuditIntegrityError(seq, "does not chain to the previous entry (deleted, inserted or reordered)")
         if hashlib.sha256(canonical_entry(entry)).hexdigest() != entry["entry_hash"]:
             raise AuditIntegrityError(seq, "content does not match its hash (altered)")
-        if not _verifies(public_key, entry["signature"], bytes.fromhex(entry["entry_hash"])):
-            raise AuditIntegrityError(seq, "signature does not verify (not signed by the audit signing key)")
+        if not signed_by(schedule.key_for(seq), entry["signature"], bytes.fromhex(entry["entry_hash"])):
+            raise AuditIntegrityError(seq, "signature does not verify (not signed by a trusted audit signing key)")
         if checkpoint is not None and seq == checkpoint.seq and entry["entry_hash"] != checkpoint.head_hash:
             raise AuditIntegrityError(seq, _mismatch(checkpoint, seq))
-        if entry["action"] == HANDOVER:
-            public_key, key_seq = load_public_hex(entry["details"]["public_key"]), seq
         prev_hash, expected_seq = entry["entry_hash"], seq + 1
     last = expected_seq - 1
     if checkpoint is not None and last < checkpoint.seq:
         raise AuditIntegrityError(last + 1, _mismatch(checkpoint, last))
-    if final_key is not None and last and public_hex(public_key) != public_hex(final_key):
-        raise AuditIntegrityError(key_seq, "chain is signed with a key other than the audit signing key")
     return last

@@ -1,7 +1,9 @@
 """``audit export``: the audit trail as files a third party verifies without this package.
 
 The folder gets ``entries.jsonl`` (one entry a line, as :meth:`AuditEntry.as_dict`),
-``public_key.pem``, ``manifest.json`` (count and head hash) and ``README.md``,
+``public_key.pem`` (the configured key, never one from the database),
+``checkpoint.json`` (the witness's newest checkpoint that key signed),
+``manifest.json`` (count and head hash) and ``README.md``,
 which documents the procedure and carries a verification script that needs only
 ``cryptography``; the test suite runs that very script on an export.
 """
@@ -32,6 +34,7 @@ def verification_readme() -> str:
 
 def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
     """Write the export into ``out_dir`` (created if needed); returns the manifest."""
+    checkpoint = audit.newest_checkpoint()  # before the entries: they reach at least its seq
     with output_folder(out_dir) as folder:
         count, head = 0, GENESIS
         tmp = folder / ".entries.jsonl.tmp"
@@ -43,7 +46,9 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
             os.fsync(fh.fileno())
         os.replace(tmp, folder / "entries.jsonl")
         write_private(folder / "public_key.pem", audit.public_key_pem())
-        algorithm = "Ed25519" if isinstance(audit.first_public_key(), Ed25519PublicKey) else "ECDSA P-256 SHA-256"
+        if checkpoint is not None:
+            write_private(folder / "checkpoint.json", checkpoint.to_json())
+        algorithm = "Ed25519" if isinstance(audit.trusted_key, Ed25519PublicKey) else "ECDSA P-256 SHA-256"
         manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
         write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         write_private(folder / "README.md", verification_readme().encode())

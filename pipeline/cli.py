@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,7 +119,9 @@ def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily fo
 
 @command(main)
 def init(out: Output) -> None:
-    """Create keys and schema under the configured home (idempotent)."""
+    """Create keys and schema under the configured home (idempotent); upgrades an earlier release's data."""
+    from pipeline.upgrade import upgrade_data
+
     pipeline = open_pipeline(create=True)
     s = pipeline.settings
     info = {
@@ -130,6 +132,9 @@ def init(out: Output) -> None:
         "policy": str(s.policy_path),
         "intake_public_key": pipeline.intake_public_key,
     }
+    upgraded = upgrade_data(pipeline)  # what an earlier release sealed under another key layout
+    if upgraded:
+        info["upgraded"] = upgraded
     pipeline.audit.append("init", details={"home": str(s.home), "policy_sha256": pipeline.policy.sha256})
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
 
@@ -221,36 +226,57 @@ def accounts_add(
 def records(out: Output, account: str | None, data_type: str | None, store: str) -> None:
     """Print decrypted records (JSON lines with --json); with a login, those the token may see.
 
-    Locally, a segment that does not decrypt is named on stderr and the exit status is 1.
+    A segment that does not decrypt, or a record that cannot be read, is named on stderr,
+    every other record is printed, and the exit status is 1.
     """
-    from pipeline.records import rows_from_table
     from pipeline.runtime import Unreadable
 
     client = api_client()
     pipeline, unreadable = None, list[Unreadable]()
     if client is None:
         pipeline = open_pipeline()
-        segments = pipeline.read_segments(store, account=account, data_type=data_type, unreadable=unreadable)
-        n = out.rows((row for _segment, table in segments for row in rows_from_table(table)), _render_record)
+        rows = pipeline.read_records(store, account=account, data_type=data_type, unreadable=unreadable)
+        n = out.rows(rows, _render_record)
     else:
         with client:
             params = {"account": account, "data_type": data_type, "store": store}
-            n = out.rows(client.lines("/v1/records", params), _render_record)
+            n = out.rows(_records_and_skipped(client.lines("/v1/records", params), unreadable), _render_record)
     if not out.as_json:
         click.echo(f"{n} records in {store}", err=True)
     if pipeline is not None:
         _report_skipped(pipeline, unreadable)
+    elif unreadable:
+        _report_skipped(None, unreadable)
+
+
+def _records_and_skipped(lines: Iterator[dict[str, Any]], unreadable: list[Any]) -> Iterator[dict[str, Any]]:
+    """The records of a ``GET /v1/records`` stream; its ``skipped`` lines go to ``unreadable``."""
+    from pipeline.runtime import Unreadable
+
+    for line in lines:
+        if "skipped" in line and "record_id" not in line:
+            unreadable.append(Unreadable(**line["skipped"]))
+        else:
+            yield line
 
 
 def _report_skipped(pipeline: Any, unreadable: list[Any]) -> None:
-    """One stderr line per unreadable segment and per store with foreign files; exit 1 for the former."""
-    for store, found in pipeline.foreign_files().items():
+    """One stderr line per skipped segment, record and store with foreign files; exit 1 for a segment.
+
+    A segment that does not decrypt is damage (or tampering) to look into. A record out of
+    range was stored before ingest checked bounds; it is named on every read, and failing
+    every read for it would change nothing.
+
+    :param pipeline: None for a read through the control plane (its foreign files are not ours to list)
+    """
+    for store, found in pipeline.foreign_files().items() if pipeline is not None else ():
         shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         click.echo(printable(f"skipped {len(found)} foreign file(s) in {store}: {shown}"), err=True)
     for problem in unreadable:
         click.echo(printable(str(problem)), err=True)
-    if unreadable:
-        raise CheckFailed(f"{len(unreadable)} segment(s) could not be read; every other record was shown")
+    damaged = sum(problem.record_id is None for problem in unreadable)
+    if damaged:
+        raise CheckFailed(f"{damaged} segment(s) could not be read; every other record was shown")
 
 
 def _render_record(r: Any) -> str:
@@ -416,6 +442,7 @@ def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now
         "deletion_requests_overdue": built.deletion_requests["overdue"],
         "unreadable_segments": len(built.unreadable_segments),
         "foreign_files": len(built.foreign_files),
+        "out_of_range_records": len(built.out_of_range_records),
     }
     out.result(
         summary,
@@ -425,7 +452,8 @@ def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now
             f"{d['deletion_requests_overdue']} deletion requests overdue\n" + "\n".join(f"  {f}" for f in d["files"])
         ),
     )
-    _report_skipped(pipeline, [Unreadable(**u) for u in built.unreadable_segments])
+    skipped = built.unreadable_segments + built.out_of_range_records
+    _report_skipped(pipeline, [Unreadable(**u) for u in skipped])
 
 
 @main.group()
@@ -461,37 +489,37 @@ def enforce(out: Output, now: Any) -> None:
     """One retention pass and the pending deletion requests, then exit (for cron)."""
     from pipeline.records import utcnow
     from pipeline.retention.enforcer import enforce as enforce_retention
-    from pipeline.retention.requests import list_requests, process_pending
+    from pipeline.retention.requests import list_requests
 
     pipeline = open_pipeline()
     simulated = now is not None  # a --now is marked as such in the output and the pass's audit entry
     now = now or utcnow()
-    try:
-        report, retention_error = enforce_retention(pipeline, now, simulated=simulated), None
-    except PipelineError as exc:  # a broken store must not keep the erasures from running
-        report, retention_error = None, str(exc)
-    processed = process_pending(pipeline, now=now)
+    report = enforce_retention(pipeline, now, simulated=simulated, requests=True)  # each step runs on its own
     requests = list_requests(pipeline)
     overdue = [r.request_id for r in requests if r.overdue(now)]
     failed = [r.request_id for r in requests if r.state == "failed"]  # still owed, whoever processed them
     summary = {
-        "retention": report.as_dict() if report else {"error": retention_error},
-        "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in processed],
+        "retention": report.as_dict(),
+        "requests": [{"request_id": r.request_id, "state": r.state, "error": r.error} for r in report.requests],
         "failed_requests": failed,
         "overdue_requests": overdue,
+        "failed_steps": report.failed_steps,
     }
-    lines = [report.summary() if report else f"retention pass failed: {retention_error}"]
-    lines += [f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in processed]
+    lines = [report.summary()]
+    lines += [
+        f"deletion request {r.request_id}: {r.state}" + (f" ({r.error})" if r.error else "") for r in report.requests
+    ]
     if failed:
         lines.append(f"{len(failed)} deletion requests failed (retried with back-off): {', '.join(failed)}")
     if overdue:
         lines.append(f"{len(overdue)} deletion requests overdue: {', '.join(overdue)}")
     out.result(summary, "\n".join(lines))
-    if report is not None and report.failures:  # e.g. a locked Cloud Logging bucket with another retention
-        retention_error = f"retention of {', '.join(report.failures)} does not match the policy"
-    if failed or overdue or retention_error:  # cron and CronJobs alert on the exit status
-        problem = f"{len(failed)} deletion requests failed, {len(overdue)} overdue"
-        raise CheckFailed(problem + (f"; retention pass failed: {retention_error}" if retention_error else ""))
+    problems = [f"{len(failed)} deletion requests failed, {len(overdue)} overdue"] if failed or overdue else []
+    if report.failures:  # e.g. a locked Cloud Logging bucket with another retention
+        problems.append(f"retention of {', '.join(report.failures)} does not match the policy")
+    problems += [f"step {step} failed: {reason}" for step, reason in report.failed_steps.items()]
+    if problems:  # cron and CronJobs alert on the exit status
+        raise CheckFailed("; ".join(problems))
 
 
 @command(main)
@@ -593,10 +621,12 @@ def clusters() -> None:
 
 @command(clusters, "create")
 @click.option("--account", required=True, type=TEXT)
+@click.option("--user", default=None, type=TEXT, help="Its owner (admins; a member's cluster is theirs).")
 @click.option("--name", default=None, type=TEXT, help="A label for people.")
 @click.option("--image", default=None, type=TEXT, help="The cluster's container image URL.")
-def clusters_create(out: Output, account: str, name: str | None, image: str | None) -> None:
-    """Register a cluster; prints the dask config (YAML) its scheduler needs."""
+def clusters_create(out: Output, account: str, user: str | None, name: str | None, image: str | None) -> None:
+    """Register a cluster owned by you (admin: by --user, or none for an account-level one);
+    prints the dask config (YAML) its scheduler needs."""
     import yaml
 
     from pipeline.server.clusters import ClusterRegistry, cluster_config
@@ -606,10 +636,11 @@ def clusters_create(out: Output, account: str, name: str | None, image: str | No
         pipeline = open_pipeline(create=True)
         s = pipeline.settings
         url = s.api_url or f"{'https' if s.tls_cert else 'http'}://{s.server_host}:{s.server_port}"
-        registration = ClusterRegistry(pipeline).register(account, url, name=name, image=image).as_dict()
+        registration = ClusterRegistry(pipeline).register(account, url, user=user, name=name, image=image).as_dict()
     else:
+        body = {"account": account, "user": user, "name": name, "image": image}
         with client:
-            registration = client.json("POST", "/v1/clusters", json={"account": account, "name": name, "image": image})
+            registration = client.json("POST", "/v1/clusters", json=body)
     out.result(registration, lambda r: yaml.safe_dump(cluster_config(r), sort_keys=False).rstrip())
 
 

@@ -106,6 +106,7 @@ class Settings:
     ingest_url: str | None = None
     ingest_token: str | None = None
     ingest_public_key: str | None = None
+    verify_key: str | None = None
 
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
@@ -163,6 +164,7 @@ class Settings:
             "retire_after": timedelta(seconds=seconds("keys.retire-after")),
             "witness_url": url("audit.witness-url"),
             "signing_key_url": url("audit.signing-key-url"),
+            "verify_key": _get("audit.verify-key"),
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),

@@ -54,7 +54,14 @@ async def remote_environment() -> dict[str, Any]:
     return await offload(installed_environment)
 
 
-def environment_id(image: str | None, python_version: str, packages: dict[str, str]) -> str:
-    """Content hash of an environment: equal environments get equal ids."""
-    canonical = json.dumps({"image": image, "python_version": python_version, "packages": packages}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+def environment_id(
+    image: str | None, python_version: str | None, packages: dict[str, str] | None, *, account_ref: str | None = None
+) -> str:
+    """Content hash of an environment within an account: equal environments of one account get equal ids.
+
+    The control plane computes the id it stores, with the account's subject ref, so an
+    id never names another account's environment; a plugin's own id (no ref) only
+    tells it which environments it already reported.
+    """
+    content = {"account_ref": account_ref, "image": image, "python_version": python_version, "packages": packages}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]

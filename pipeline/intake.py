@@ -11,9 +11,10 @@ Sealed batch: ``MAGIC | len(batch_id) (1 byte) | batch_id | HPKE ciphertext``.
 The batch id travels in clear (it is the idempotency key) and is bound into
 the HPKE ``info``, so a batch relabelled with another id does not open. The
 plaintext is one uncompressed Arrow IPC stream per record kind, each framed by
-its 4-byte big-endian length (uncompressed, so the size limit on the sealed
-bytes also bounds memory); every table is checked against its kind's schema
-on open.
+its 4-byte big-endian length. A compressed record batch is refused before Arrow
+decodes it, so the size limit on the sealed bytes also bounds memory; every
+table is checked against its kind's schema on open (its values against
+:mod:`pipeline.bounds` on ingest).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _tables(plaintext: bytes) -> list[pa.Table]:
         if len(stream) != size or size == 0:
             raise ValueError("truncated record table")
         try:
-            table = pa.ipc.open_stream(stream).read_all()
+            table = _read_uncompressed(pa.py_buffer(stream))
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"unreadable record table: {str(exc).splitlines()[0]}") from None
         check_table(table)
@@ -132,6 +133,51 @@ def _tables(plaintext: bytes) -> list[pa.Table]:
     if not tables:
         raise ValueError("no records")
     return tables
+
+
+def _read_uncompressed(stream: pa.Buffer) -> pa.Table:
+    """An Arrow IPC stream read without copying: every record batch's buffers are slices of ``stream``.
+
+    A compressed body would make Arrow allocate what its buffers claim to expand to
+    (gigabytes from a few kilobytes), so a compressed or dictionary batch is refused
+    from its metadata, before Arrow decodes its body.
+    """
+    messages = pa.ipc.MessageReader.open_stream(stream)
+    try:
+        schema = pa.ipc.read_schema(messages.read_next_message())
+    except StopIteration:
+        raise ValueError("an empty Arrow stream") from None
+    batches = []
+    for message in messages:
+        if message.type != "record batch":
+            raise ValueError(f"an Arrow {message.type} message; a record table holds record batches only")
+        if _compressed(message.metadata.to_pybytes()):
+            raise ValueError("a compressed Arrow record batch; batches are sent uncompressed")
+        batches.append(pa.ipc.read_record_batch(message, schema))
+    return pa.Table.from_batches(batches, schema)
+
+
+def _compressed(metadata: bytes) -> bool:
+    """Whether an Arrow IPC ``Message`` flatbuffer holds a ``RecordBatch`` with a ``compression`` field.
+
+    Reads the two tables by hand (Arrow's ``Message.fbs``: ``Message.header`` is field 2,
+    ``RecordBatch.compression`` field 3); metadata Arrow would not accept fails later, in Arrow.
+    """
+
+    def field(table: int, index: int) -> int:
+        vtable = table - int.from_bytes(metadata[table : table + 4], "little", signed=True)
+        entry = 4 + 2 * index
+        if entry + 2 > int.from_bytes(metadata[vtable : vtable + 2], "little"):
+            return 0
+        offset = int.from_bytes(metadata[vtable + entry : vtable + entry + 2], "little")
+        return table + offset if offset else 0
+
+    message = int.from_bytes(metadata[0:4], "little")
+    header = field(message, 2)
+    if not header:
+        return False
+    record_batch = header + int.from_bytes(metadata[header : header + 4], "little")
+    return field(record_batch, 3) != 0
 
 
 def seal_batch(public_key: X25519PublicKey, batch_id: str, records: Sequence[Mapping[str, Any]]) -> bytes:

@@ -298,10 +298,8 @@ class Keyring:
     @staticmethod
     def _ensure_key(engine: Engine, provider: KeyProvider, key_id: str, purpose: str, account_ref: str | None) -> bool:
         """Insert a fresh wrapped key unless one exists; True when this call made it."""
-        key = AESGCM.generate_key(256)
-        _sync(engine, provider)  # wrap under the version that is current now, never a retired one
-        master_version, wrapped = provider.wrap(key, _aad(key_id, 1))
         with transaction(engine, "creating a data key") as conn:
+            master_version, wrapped = _wrap_current(conn, provider, AESGCM.generate_key(256), _aad(key_id, 1))
             created = conn.execute(
                 insert_ignoring_duplicates(engine, keyring_keys)
                 .returning(keyring_keys.c.key_id)  # rowcount is -1 on PostgreSQL for this statement
@@ -437,9 +435,9 @@ class Keyring:
             created = self._ensure_key(self.engine, self.provider, key_id, "subject", account_ref)
         else:  # a subject erased earlier comes back: a new key version, old data stays unreadable
             version = destroyed.key_version + 1
-            _sync(self.engine, self.provider)
-            master_version, wrapped = self.provider.wrap(AESGCM.generate_key(256), _aad(key_id, version))
             with transaction(self.engine, "creating a data key") as conn:
+                aad = _aad(key_id, version)
+                master_version, wrapped = _wrap_current(conn, self.provider, AESGCM.generate_key(256), aad)
                 created = (
                     conn.execute(
                         update(keyring_keys)
@@ -548,6 +546,31 @@ class Keyring:
             rows = conn.execute(select(master_keys).order_by(master_keys.c.version)).all()
         return [MasterVersion(r.version, r.created_at, r.superseded_at, r.retired_at) for r in rows]
 
+    def rewrap_leftovers(self) -> int:
+        """Re-wrap live keys still under a superseded master version under the current one; returns how many.
+
+        Keys are created under the key lock with the current version, so none
+        should be left; a keyring written by an older release may hold some.
+        """
+        with transaction(self.engine, "re-wrapping data keys") as conn:
+            lock_keys(conn)
+            _sync(conn, self.provider)
+            current = _current_master(conn, self.provider)
+            k = keyring_keys.c
+            rows = conn.execute(
+                select(k.key_id, k.key_version, k.master_version, k.wrapped).where(
+                    k.wrapped.is_not(None), k.master_version != current
+                )
+            ).all()
+            blobs = self.provider.rewrap([(m, bytes(w), _aad(k, v)) for k, v, m, w in rows], current)
+            for row, blob in zip(rows, blobs, strict=True):
+                conn.execute(
+                    update(keyring_keys)
+                    .where(keyring_keys.c.key_id == row.key_id)
+                    .values(master_version=current, wrapped=blob)
+                )
+        return len(rows)
+
     def retire_masters(self, after: timedelta, now: datetime | None = None) -> list[int]:
         """Destroy master versions superseded more than ``after`` ago that wrap no live key.
 
@@ -572,7 +595,8 @@ class Keyring:
                     select(keyring_keys.c.master_version).where(keyring_keys.c.wrapped.is_not(None)).distinct()
                 )
             )
-            retired = sorted(due - in_use - {self.provider.current_version()})
+            current = {self.provider.current_version(), _current_master(conn, self.provider)}
+            retired = sorted(due - in_use - current)
             for version in retired:
                 self.provider.destroy(version)
             if retired:
@@ -599,6 +623,31 @@ def _sync(db: Engine | Connection, provider: KeyProvider) -> None:
         live = {r.version: r.key_ref for r in rows if r.retired_at is None}
         provider.adopt(live, max(current), first=rows[0].key_ref)
     provider.refresh()
+
+
+def _current_master(conn: Connection, provider: KeyProvider) -> int:
+    """The version new keys are wrapped under: the newest the database records as current.
+
+    That includes a rotation's version committed but not yet activated in the
+    provider, so a key made in between is never wrapped under the version it supersedes.
+    """
+    recorded = conn.scalar(
+        select(func.max(master_keys.c.version)).where(
+            master_keys.c.superseded_at.is_(None), master_keys.c.retired_at.is_(None)
+        )
+    )
+    return int(recorded) if recorded is not None else provider.current_version()
+
+
+def _wrap_current(conn: Connection, provider: KeyProvider, key: bytes, aad: bytes) -> tuple[int, bytes]:
+    """Wrap a new data key under the current master version, holding the key lock until ``conn`` commits.
+
+    A rotation re-wraps what it reads under the same lock, so it either sees this
+    key or runs after it commits and has already made its version current here.
+    """
+    lock_keys(conn)
+    _sync(conn, provider)
+    return provider.wrap(key, aad, _current_master(conn, provider))
 
 
 def _keys_of(subject_ref: str, user_ref: str | None) -> ColumnElement[bool]:

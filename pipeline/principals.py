@@ -4,7 +4,8 @@ The control plane decides whose data it is from the principal, never from what
 a request or record says about itself. Every path that reads, writes or erases
 data takes one:
 
-- ``cluster``: bound to one account and one cluster id; may only ingest.
+- ``cluster``: bound to one account, its owner's user (none: an account-level
+  service cluster) and one cluster id; may only ingest, and its records are its own.
 - ``member``: a person of one account (and user); sees that account's data.
 - ``admin``: compliance/privacy staff; sees every account.
 - ``operator``: a command run on the control plane itself with the metadata
@@ -15,6 +16,7 @@ data takes one:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 __all__ = ["KINDS", "Principal"]
@@ -25,13 +27,21 @@ KINDS: tuple[str, ...] = ("cluster", "member", "admin", "operator")
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller; ``account``/``cluster_id`` scope what it may touch."""
+    """An authenticated caller; ``account``/``user``/``cluster_id`` scope what it may touch.
+
+    ``embedded`` marks an in-process plugin: its records name the users (and may carry the
+    ``account`` records) its own configuration gives, unchecked, since embedded mode is
+    single-tenant and its scheduler holds every key anyway.
+    ``registered_at`` is when a cluster was registered: its records cannot be older.
+    """
 
     kind: Kind
     account: str | None = None
     user: str | None = None
     cluster_id: str | None = None
     token_id: str | None = None
+    embedded: bool = False
+    registered_at: datetime | None = None
 
     @property
     def sees_every_account(self) -> bool:
@@ -56,4 +66,4 @@ class Principal:
         start gets a new id) scopes to the account only, so a restarted embedded
         scheduler can replay its predecessor's spool. Tokens always name a cluster.
         """
-        return cls("cluster", account=account, cluster_id=cluster_id)
+        return cls("cluster", account=account, cluster_id=cluster_id, embedded=True)

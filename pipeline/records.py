@@ -26,6 +26,7 @@ __all__ = [
     "table_from_rows",
     "check_table",
     "tables_from_records",
+    "unreadable_rows",
     "utcnow",
 ]
 
@@ -43,6 +44,8 @@ COMMON_FIELDS = [
 ]
 
 _STR_INT_MAP = pa.map_(pa.string(), pa.int64())
+#: the microseconds since 1970 a Python datetime can hold: the years 1 to 9999
+_PYTHON_TIMES = (-62135596800 * 10**6, 253402300799 * 10**6 + 999999)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,28 @@ def rows_from_table(table: pa.Table) -> Iterator[dict[str, Any]]:
             if row.get(name) is not None:
                 row[name] = dict(row[name])
         yield row
+
+
+def unreadable_rows(table: pa.Table) -> dict[int, str]:
+    """Row number → why it cannot be read: a time Python cannot hold (before year 1 or after 9999).
+
+    Ingest bounds every time now; such rows were stored before it did (a job started in
+    year -1199), and converting one to Python raises ``OverflowError`` part way through a
+    read. Callers name and skip them. Integers throughout: ``pa.scalar`` imports pandas.
+    """
+    bad: dict[int, str] = {}
+    first, last = _PYTHON_TIMES
+    for field in table.schema:
+        if not pa.types.is_timestamp(field.type):
+            continue
+        values = table.column(field.name).cast(pa.int64())
+        span = pc.min_max(values).as_py()
+        if span["min"] is None or (first <= span["min"] and span["max"] <= last):
+            continue
+        for row, value in enumerate(values.to_pylist()):
+            if value is not None and not first <= value <= last:
+                bad.setdefault(row, f"{field.name} is outside the years 1 to 9999")
+    return bad
 
 
 def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:

@@ -21,11 +21,13 @@ import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 
-from pipeline import tombstones
+from pipeline import bounds, tombstones
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
 from pipeline.db import ingested_batches, insert_ignoring_duplicates, transaction
+from pipeline.environment import environment_id
 from pipeline.errors import (
+    BatchRefused,
     ConfigError,
     ForbiddenBatch,
     IntakeError,
@@ -39,25 +41,31 @@ from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.principals import Principal
-from pipeline.records import rows_from_table, table_from_rows, utcnow
+from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, utcnow
 from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
+from pipeline.signing import load_verify_key
 from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
+from pipeline.witness import HighWater
 
 __all__ = ["IngestResult", "Pipeline", "Unreadable", "seal_records", "seal_tables"]
 
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A segment that should decrypt and does not: altered, or sealed by another keyring."""
+    """A segment that should decrypt and does not (altered, or sealed by another keyring), or one record
+    of a segment that cannot be read (a time out of range, stored before ingest bounded times)."""
 
     store: str
     segment_id: str
     reason: str
+    record_id: str | None = None  # None: the whole segment
 
     def __str__(self) -> str:
+        if self.record_id is not None:
+            return f"skipped record {self.record_id} in segment {self.segment_id} in {self.store}: {self.reason}"
         return f"unreadable segment {self.segment_id} in {self.store}: {self.reason}"
 
 
@@ -110,21 +118,59 @@ def _rows_by_subject_and_day(table: pa.Table) -> dict[tuple[str, str | None, dat
     return groups
 
 
-def _foreign_accounts(table: pa.Table, principal: Principal) -> list[str]:
-    """The account of each row that is not the principal's own (another account, or another cluster).
+def _without_rows(
+    store: str, segment: Segment, table: pa.Table, bad: dict[int, str], unreadable: list[Unreadable] | None
+) -> pa.Table:
+    """``table`` less the rows in ``bad``, each named in ``unreadable``.
+
+    :raises StoreError: naming the first, when there is no ``unreadable`` list
+    """
+    record_ids = table.column("record_id").to_pylist()
+    for row, reason in sorted(bad.items()):
+        problem = Unreadable(store, segment.segment_id, reason, record_id=record_ids[row])
+        if unreadable is None:
+            raise StoreError(str(problem))
+        unreadable.append(problem)
+    return table.filter([row not in bad for row in range(table.num_rows)])
+
+
+def _foreign_subjects(table: pa.Table, principal: Principal) -> list[tuple[str, str | None]]:
+    """The (account, user) of each row that is not the principal's own: another account,
+    another user (a record without a user is the cluster's own), or another cluster.
 
     Plain Python, like the grouping above; comparing with a Python value through
     pyarrow would import pandas (see :mod:`pipeline.columns`).
     """
-    accounts = table.column("account").to_pylist()
-    if principal.cluster_id is None:
-        return [account for account in accounts if account != principal.account]
-    clusters = table.column("cluster_id").to_pylist()
+    accounts, users = table.column("account").to_pylist(), table.column("user").to_pylist()
+    clusters = table.column("cluster_id").to_pylist() if principal.cluster_id is not None else [None] * len(accounts)
     return [
-        account
-        for account, cluster in zip(accounts, clusters, strict=True)
-        if account != principal.account or cluster != principal.cluster_id
+        (account, user)
+        for account, user, cluster in zip(accounts, users, clusters, strict=True)
+        if account != principal.account
+        or (not principal.embedded and user is not None and user != principal.user)
+        or (principal.cluster_id is not None and cluster != principal.cluster_id)
     ]
+
+
+def _stamped(table: pa.Table, principal: Principal, subject_ref: str) -> pa.Table:
+    """The table with what the control plane decides, not the cluster: its owner as every record's
+    user (a cluster bound to a user) and each environment's id, computed from its content within the account.
+
+    Run after :meth:`Pipeline._scope`, so a user a record names is already the owner: only records
+    naming none (a plugin configured without ``pipeline.user``) need the owner written in.
+    """
+    owner = principal.user if principal.kind == "cluster" and not principal.embedded else None
+    if owner is not None and table.column("user").null_count:
+        column = pa.repeat(pa.scalar(owner, pa.string()), table.num_rows)
+        table = table.set_column(table.schema.get_field_index("user"), table.schema.field("user"), column)
+    if table.column("kind")[0].as_py() == "software_env":
+        ids = [
+            environment_id(row["image"], row["python_version"], row["packages"], account_ref=subject_ref)
+            for row in rows_from_table(table.select(["kind", "image", "python_version", "packages"]))
+        ]
+        field = table.schema.field("env_id")
+        table = table.set_column(table.schema.get_field_index("env_id"), field, pa.array(ids, field.type))
+    return table
 
 
 @dataclass(frozen=True)
@@ -182,7 +228,14 @@ class Pipeline:
     def audit(self) -> AuditLog:
         """The audit trail in the metadata database, its signing key file and its witness."""
         s = self.settings
-        return AuditLog.open(self.keyring.engine, self.keyring, s.signing_key_url, s.witness_url)
+        return AuditLog.open(
+            self.keyring.engine,
+            self.keyring,
+            s.signing_key_url,
+            s.witness_url,
+            verify_key=load_verify_key(s.verify_key) if s.verify_key else None,
+            high_water=HighWater(s.home / "audit-high-water.json", s.witness_url),
+        )
 
     @functools.cached_property
     def intake_key(self) -> X25519PrivateKey:
@@ -205,18 +258,22 @@ class Pipeline:
         The embedded delivery calls this in-process and the API handler per request;
         neither re-implements a step. Accepting a batch id twice writes nothing.
 
-        :raises IntakeError: the batch is oversized, malformed, altered or holds an invalid record (400/413)
+        :raises IntakeError: the batch is oversized, malformed, altered or holds an invalid record (400/413);
+            a value out of :mod:`pipeline.bounds` is named, and the batch refused whole and audited
         :raises ForbiddenBatch: the principal is neither a cluster nor the operator, or a record
-            names another account or cluster; the batch is refused whole and audited (403)
+            names another account, user or cluster, or is an ``account`` record from a cluster;
+            the batch is refused whole and audited (403)
         :raises StoreUnavailable: a store or the metadata database is down; retry later (503)
         """
         batch = open_batch(self.intake_key, sealed)
         if idempotency_key is not None and idempotency_key != batch.batch_id:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
+        self._check_bounds(batch, principal)
         subject_ref = self._scope(batch, principal)
         if self._already_ingested(subject_ref, batch.batch_id):
             return IngestResult(batch.n_records, duplicate=True)
-        tables = self._drop_erased(batch, subject_ref)
+        stamped = [_stamped(table, principal, subject_ref) for table in batch.tables]
+        tables = self._drop_erased(batch, stamped, subject_ref)
         segments = seal_tables(self.keyring, tables, segment_seed=f"{subject_ref}/{batch.batch_id}")
         self._write_everywhere(segments)
         self._mark_ingested(subject_ref, batch)
@@ -225,8 +282,10 @@ class Pipeline:
     def _scope(self, batch: OpenedBatch, principal: Principal) -> str:
         """The subject ref the batch belongs to; refuse it whole unless every record is the principal's own.
 
-        A cluster may write only its own account and cluster. An operator (a local command
-        holding the master key, e.g. ``spool replay``) may replay any batch of one account.
+        A cluster may write only its own account, user and cluster, and no ``account`` record
+        (who people are is not a cluster's to say); an embedded plugin only its own account.
+        An operator (a local command holding the master key, e.g. ``spool replay``) may replay
+        any batch of one account.
         """
         if principal.kind == "operator":
             accounts = set().union(*(pc.unique(t.column("account")).to_pylist() for t in batch.tables))
@@ -235,26 +294,45 @@ class Pipeline:
             return self.keyring.subject_ref(accounts.pop())
         if principal.kind != "cluster" or principal.account is None:
             self._reject(batch, principal, f"a {principal.kind} principal may not ingest; only a cluster may")
-        foreign = [account for table in batch.tables for account in _foreign_accounts(table, principal)]
+        if not principal.embedded and any(table.column("kind")[0].as_py() == "account" for table in batch.tables):
+            self._reject(batch, principal, "a cluster may not send account records")
+        foreign = [subject for table in batch.tables for subject in _foreign_subjects(table, principal)]
         if foreign:
             self._reject(
                 batch,
                 principal,
-                f"{len(foreign)} of {batch.n_records} records name another account or cluster than the caller's",
-                foreign_subject_refs=sorted(self.keyring.subject_ref(account) for account in set(foreign)),
+                f"{len(foreign)} of {batch.n_records} records name another account, user or cluster than the caller's",
+                foreign_subject_refs=sorted({self.keyring.subject_ref(account) for account, _user in foreign}),
+                foreign_user_refs=sorted(
+                    {ref for account, user in foreign if (ref := self.keyring.user_ref(account, user)) is not None}
+                ),
             )
         assert principal.account is not None
         return self.keyring.subject_ref(principal.account)
 
-    def _reject(self, batch: OpenedBatch, principal: Principal, reason: str, **refs: Any) -> None:
-        """Audit a refused batch (refs only, never names) and raise :class:`ForbiddenBatch`."""
+    def _check_bounds(self, batch: OpenedBatch, principal: Principal) -> None:
+        """Refuse the batch whole (400, audited) when a value lies outside :mod:`pipeline.bounds`."""
+        try:
+            bounds.check_batch(batch.tables, bounds.Window.of(principal.registered_at, utcnow()))
+        except bounds.OutOfBounds as exc:
+            self._reject(batch, principal, f"out of bounds: {exc}", error=IntakeError, field=exc.field)
+
+    def _reject(
+        self,
+        batch: OpenedBatch,
+        principal: Principal,
+        reason: str,
+        error: type[BatchRefused] = ForbiddenBatch,
+        **refs: Any,
+    ) -> None:
+        """Audit a refused batch (refs and field names only, never names of people) and raise ``error``."""
         self.audit.append(
             "ingest.rejected",
             actor=principal.actor,
             subject_ref=None if principal.account is None else self.keyring.subject_ref(principal.account),
             details={"batch_id": batch.batch_id, "records": batch.n_records, "reason": reason, **refs},
         )
-        raise ForbiddenBatch(f"batch {batch.batch_id} refused: {reason}")
+        raise error(f"batch {batch.batch_id} refused: {reason}")
 
     def _already_ingested(self, subject_ref: str, batch_id: str) -> bool:
         with transaction(self.keyring.engine, "check the batch id") as conn:
@@ -265,10 +343,10 @@ class Pipeline:
             ).first()
         return taken is not None
 
-    def _drop_erased(self, batch: OpenedBatch, subject_ref: str) -> list[pa.Table]:
+    def _drop_erased(self, batch: OpenedBatch, tables: list[pa.Table], subject_ref: str) -> list[pa.Table]:
         """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch)."""
         tables, dropped = tombstones.drop_erased(
-            self.keyring.engine, batch.tables, lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u))
+            self.keyring.engine, tables, lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u))
         )
         if dropped:
             self.audit.append(
@@ -339,10 +417,12 @@ class Pipeline:
         """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
 
         A segment that should open but does not (an altered header or payload, a subject or
-        key version the keyring never issued) is appended to ``unreadable`` and skipped, so
-        one bad segment hides nothing else; without that list it stops the scan.
+        key version the keyring never issued), and a record that cannot be read (see
+        :func:`~pipeline.records.unreadable_rows`; the table comes without it), is appended
+        to ``unreadable`` and skipped, so one bad segment or row hides nothing else; without
+        that list it stops the scan.
 
-        :raises StoreError: a segment is unreadable and no ``unreadable`` list was given
+        :raises StoreError: a segment or record is unreadable and no ``unreadable`` list was given
         """
         subject_ref = self.subject_ref(account) if account is not None else None
         keys: dict[str, tuple[str, int]] = {}
@@ -363,6 +443,10 @@ class Pipeline:
                     raise StoreError(str(problem)) from exc
                 unreadable.append(problem)
                 continue
+            if bad := unreadable_rows(table):
+                table = _without_rows(store, segment, table, bad, unreadable)
+                if not table.num_rows:
+                    continue
             yield segment, table
 
     def _key_status(self, subject_ref: str, user_ref: str | None) -> tuple[str, int]:

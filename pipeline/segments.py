@@ -109,12 +109,13 @@ def seal(
     return replace(segment, payload=payload)
 
 
-def open_segment(keyring: Keyring, segment: Segment) -> pa.Table:
+def open_segment(keyring: Keyring, segment: Segment, cipher: AESGCM | None = None) -> pa.Table:
     """Decrypt a segment back to its Arrow table.
 
+    :param cipher: another data key to try (an upgrade opening what an earlier key layout sealed)
     :raises KeyringError: the data key was destroyed, or the segment was altered
     """
-    cipher = keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
+    cipher = cipher or keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
     try:
         data = cipher.decrypt(segment.payload[:_NONCE], segment.payload[_NONCE:], segment.aad)
     except InvalidTag:

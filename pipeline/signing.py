@@ -26,13 +26,24 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_der_public_key,
     load_pem_private_key,
+    load_pem_public_key,
 )
 
 from pipeline.awsclient import aws_client
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.fsmodes import private_folder, write_private
 
-__all__ = ["AuditSigner", "FileSigner", "KMSSigner", "PublicKey", "open_signer", "public_hex", "verifies"]
+__all__ = [
+    "AuditSigner",
+    "FileSigner",
+    "KMSSigner",
+    "PublicKey",
+    "load_public_hex",
+    "load_verify_key",
+    "open_signer",
+    "public_hex",
+    "verifies",
+]
 
 PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
 
@@ -51,6 +62,23 @@ def load_public_hex(text: str) -> PublicKey:
     if not isinstance(key, Ed25519PublicKey | ec.EllipticCurvePublicKey):
         raise ValueError(f"unsupported audit key type {type(key).__name__}")
     return key
+
+
+def load_verify_key(text: str) -> PublicKey:
+    """``pipeline.audit.verify-key``: a PEM public key, or hex as :func:`public_hex` writes it.
+
+    :raises ConfigError: it is neither, or not an Ed25519 / ECDSA P-256 key
+    """
+    text = text.strip()
+    try:
+        if text.startswith("-----BEGIN"):
+            key = load_pem_public_key(text.encode())
+            if not isinstance(key, Ed25519PublicKey | ec.EllipticCurvePublicKey):
+                raise ValueError(f"unsupported audit key type {type(key).__name__}")
+            return key
+        return load_public_hex(text)
+    except ValueError as exc:
+        raise ConfigError(f"pipeline.audit.verify-key is not an audit public key (PEM or hex DER): {exc}") from exc
 
 
 def verifies(key: PublicKey, signature: bytes, data: bytes) -> bool:

@@ -7,12 +7,28 @@ backups) or an S3 prefix in a bucket with Object Lock (``s3://bucket/prefix``;
 objects cannot be overwritten or deleted before their retention ends). ``audit
 verify`` compares the chain with the newest checkpoint, which is how a cut
 tail, a wiped table or a database restored from an older copy is noticed.
+
+The newest checkpoint is the validly signed one with the highest sequence
+number among every file, and every version of every object: names, listing
+order and S3 delete markers decide nothing, since whoever holds the pipeline's
+own credentials can add objects and delete markers. A name only orders the
+reading: objects are read from the highest sequence number their name claims
+down, and reading stops below the best signed one found, because the pipeline
+names what it writes truthfully and nobody else can sign; an object whose name
+claims nothing is always read. So a verification reads the listing and a few
+objects, not every checkpoint ever written. Each verifier also keeps
+the newest checkpoint it has seen in a 0600 file (:class:`HighWater`), so a
+witness that loses checkpoints is named rather than believed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +39,9 @@ from pipeline.awsclient import aws_client
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
 from pipeline.fsmodes import private_folder, write_private
 
-__all__ = ["Checkpoint", "FileWitness", "S3Witness", "Witness", "open_witness"]
+__all__ = ["Checkpoint", "FileWitness", "HighWater", "S3Witness", "Stored", "Witness", "open_witness"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,20 +99,47 @@ class Witness(ABC):
         """
 
     @abstractmethod
-    def names(self) -> list[str]:
-        """Every checkpoint object's name."""
+    def objects(self) -> list[Stored]:
+        """Every stored object, every version of it where the store keeps versions (nothing read yet).
 
-    @abstractmethod
-    def get(self, name: str) -> bytes:
-        """One object's bytes."""
+        :raises StoreUnavailable: the witness cannot be listed
+        """
 
     def write(self, checkpoint: Checkpoint) -> None:
         self.put(checkpoint.name, checkpoint.to_json())
 
-    def newest(self) -> Checkpoint | None:
-        """The checkpoint with the highest sequence number (then the latest time)."""
-        names = sorted(n for n in self.names() if n.startswith("checkpoint-") and n.endswith(".json"))
-        return Checkpoint.from_json(names[-1], self.get(names[-1])) if names else None
+    def newest(self, trusted: Callable[[Checkpoint], bool]) -> Checkpoint | None:
+        """The ``trusted`` checkpoint with the highest sequence number (then the latest time) of every object.
+
+        :raises StoreUnavailable: the witness cannot be read
+        """
+        best: Checkpoint | None = None
+        for claimed, stored in sorted(((_claimed_seq(o.name), o) for o in self.objects()), key=lambda c: -c[0]):
+            if best is not None and claimed < best.seq:
+                break  # every later object claims less than a checkpoint already trusted
+            try:
+                found = Checkpoint.from_json(stored.where, stored.read())
+            except AuditIntegrityError as exc:  # planted junk cannot be removed from a locked bucket: skip it
+                log.warning("audit witness %s: %s", self.url, exc.reason)
+                continue
+            if trusted(found) and (best is None or (found.seq, found.time) > (best.seq, best.time)):
+                best = found
+        return best
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored object (or object version) of a witness: its name, where it is, how to read it."""
+
+    name: str
+    where: str
+    read: Callable[[], bytes]
+
+
+def _claimed_seq(name: str) -> float:
+    """The sequence number a name claims (``checkpoint-<seq>-…``); infinity when it claims none."""
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "checkpoint" and parts[1].isdigit() else math.inf
 
 
 class FileWitness(Witness):
@@ -112,11 +157,18 @@ class FileWitness(Witness):
         except OSError as exc:
             raise StoreUnavailable(f"audit witness {self.path}: cannot write {name}: {exc.strerror}") from exc
 
-    def names(self) -> list[str]:
-        return [p.name for p in self.path.glob("checkpoint-*.json")] if self.path.is_dir() else []
+    def objects(self) -> list[Stored]:
+        if not self.path.is_dir():
+            return []
+        files = [p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")]  # not temp files
+        return [Stored(p.name, str(p), functools.partial(self._read, p)) for p in files]
 
-    def get(self, name: str) -> bytes:
-        return (self.path / name).read_bytes()
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise StoreUnavailable(f"audit witness: cannot read {path}: {exc.strerror}") from exc
 
 
 class S3Witness(Witness):
@@ -154,18 +206,54 @@ class S3Witness(Witness):
                 return  # another process checkpointed the same head at the same instant
             raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
 
-    def names(self) -> list[str]:
+    def objects(self) -> list[Stored]:
+        """Every version of every object under the prefix; delete markers hide nothing here."""
         try:
-            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(""))
-            return [obj["Key"].rsplit("/", 1)[-1] for page in pages for obj in page.get("Contents", [])]
+            pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=self._key(""))
+            versions = [(v["Key"], v["VersionId"]) for page in pages for v in page.get("Versions", [])]
         except self._errors as exc:
             raise StoreUnavailable(f"audit witness {self.url} unreachable: {exc}") from exc
+        return [
+            Stored(key.rsplit("/", 1)[-1], f"{key} (version {version})", functools.partial(self._read, key, version))
+            for key, version in versions
+        ]
 
-    def get(self, name: str) -> bytes:
+    def _read(self, key: str, version: str) -> bytes:
         try:
-            return bytes(self._s3.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read())
+            return bytes(self._s3.get_object(Bucket=self.bucket, Key=key, VersionId=version)["Body"].read())
         except self._errors as exc:
-            raise StoreUnavailable(f"audit witness {self.url}: cannot read {name}: {exc}") from exc
+            raise StoreUnavailable(f"audit witness {self.url}: cannot read {key} ({version}): {exc}") from exc
+
+
+class HighWater:
+    """The newest checkpoint this host has seen in one witness, in a 0600 file (outside database and witness).
+
+    It names the witness it is about: pointing ``pipeline.audit.witness-url`` at
+    a new place starts a new mark instead of reporting the new place as rolled back.
+    """
+
+    def __init__(self, path: Path, witness_url: str) -> None:
+        self.path = path
+        self.witness_url = witness_url
+
+    def read(self) -> Checkpoint | None:
+        """:raises AuditIntegrityError: the file is malformed"""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            about = json.loads(data).get("witness")
+        except (ValueError, AttributeError) as exc:
+            raise AuditIntegrityError(0, f"audit high-water mark {self.path} is malformed: {exc}") from exc
+        return Checkpoint.from_json(str(self.path), data) if about == self.witness_url else None
+
+    def raise_to(self, checkpoint: Checkpoint) -> None:
+        """Remember ``checkpoint`` if it is newer than what the file holds."""
+        seen = self.read()
+        if seen is None or (checkpoint.seq, checkpoint.time) > (seen.seq, seen.time):
+            doc = {**json.loads(checkpoint.to_json()), "witness": self.witness_url}
+            write_private(private_folder(self.path.parent) / self.path.name, json.dumps(doc, sort_keys=True).encode())
 
 
 def open_witness(url: str) -> Witness:

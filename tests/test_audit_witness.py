@@ -122,7 +122,7 @@ def test_a_chain_re_signed_with_another_key_fails(pipeline: Pipeline) -> None:
                     signature=mallory.sign(bytes.fromhex(entry["entry_hash"])).hex(),
                 )
             )
-    _verify_fails("audit entry 1: signature does not verify (not signed by the audit signing key)")
+    _verify_fails("audit entry 1: signature does not verify (not signed by a trusted audit signing key)")
 
 
 def test_the_signing_key_is_its_own_0600_file(home: Path) -> None:

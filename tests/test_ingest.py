@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dask.config
@@ -31,18 +32,21 @@ def _ids(pipeline: Pipeline, store: str) -> Counter[str]:
 
 def test_a_batch_is_stored_in_every_routed_store(pipeline: Pipeline) -> None:
     records = [make_record(), make_record("account", username="ann", email="ann@acme.test")]
-    assert pipeline.ingest(sealed_batch(pipeline, records)[1], ACME_C1) == IngestResult(records=2, duplicate=False)
+    operator = Principal("operator")  # account records come from the control plane's side, never from a cluster
+    assert pipeline.ingest(sealed_batch(pipeline, records)[1], operator) == IngestResult(records=2, duplicate=False)
     assert sorted(_ids(pipeline, "long_term")) == sorted(r["record_id"] for r in records)
     assert list(_ids(pipeline, "cloud_logging")) == [records[0]["record_id"]]
 
 
 @pytest.mark.parametrize(
-    "forged", [{"account": "globex"}, {"cluster_id": "cluster-of-someone-else"}], ids=["account", "cluster"]
+    "forged",
+    [{"account": "globex"}, {"user": "bob"}, {"cluster_id": "cluster-of-someone-else"}],
+    ids=["account", "user", "cluster"],
 )
 def test_a_forged_batch_is_refused_whole_and_audited_without_names(pipeline: Pipeline, forged: dict) -> None:
     records = [make_record(), make_record(**forged), make_record()]
     batch_id, sealed = sealed_batch(pipeline, records)
-    with pytest.raises(ForbiddenBatch, match=f"batch {batch_id} refused: 1 of 3 records name another account"):
+    with pytest.raises(ForbiddenBatch, match=f"batch {batch_id} refused: 1 of 3 records name another account, user"):
         pipeline.ingest(sealed, ACME_C1)
     assert list(pipeline.read_records("long_term")) == [] and list(pipeline.read_records("cloud_logging")) == []
     (entry,) = [e for e in pipeline.audit.entries() if e.action == "ingest.rejected"]
@@ -101,12 +105,12 @@ def test_a_retry_after_a_partial_failure_stores_every_record_exactly_once(home: 
     records = [make_record(), make_record("job", job_id="j1"), make_record(user="ann")]
     batch_id, sealed = sealed_batch(pipeline, records)
     with pytest.raises(StoreUnavailable):
-        pipeline.ingest(sealed, ACME_C1, idempotency_key=batch_id)
+        pipeline.ingest(sealed, Principal("operator"), idempotency_key=batch_id)
     assert len(_ids(pipeline, "long_term")) == 3  # the long-term store took it before the logging store failed
 
     blocked.unlink()
     healed = Pipeline.open(Settings.from_config())
-    assert healed.ingest(sealed, ACME_C1, idempotency_key=batch_id) == IngestResult(3, duplicate=False)
+    assert healed.ingest(sealed, Principal("operator"), idempotency_key=batch_id) == IngestResult(3, duplicate=False)
     for store in ("long_term", "cloud_logging"):
         ids = _ids(healed, store)
         assert sorted(ids) == sorted(r["record_id"] for r in records) and max(ids.values()) == 1
@@ -122,3 +126,16 @@ def test_an_idempotency_key_naming_another_batch_is_refused(pipeline: Pipeline) 
 def test_garbage_is_an_intake_error(pipeline: Pipeline) -> None:
     with pytest.raises(IntakeError, match="not a sealed metadata batch"):
         pipeline.ingest(b'{"records": []}', ACME_C1)
+
+
+@pytest.mark.parametrize(
+    "principal", [Principal.embedded_cluster("acme", None), Principal("operator")], ids=["embedded", "operator"]
+)
+def test_bounds_hold_for_batches_of_no_registered_cluster_too(pipeline: Pipeline, principal: Principal) -> None:
+    far = make_record(observed_at=datetime(9999, 12, 31, tzinfo=UTC))
+    with pytest.raises(IntakeError, match="cluster_snapshot.observed_at: outside the cluster's life"):
+        pipeline.ingest(sealed_batch(pipeline, [make_record(), far])[1], principal)
+    assert list(pipeline.read_records("long_term")) == []
+    old = make_record(observed_at=datetime(1999, 12, 31, tzinfo=UTC))
+    with pytest.raises(IntakeError, match=r"\(2000-01-01T00:00:00\+00:00 to "):
+        pipeline.ingest(sealed_batch(pipeline, [old])[1], principal)

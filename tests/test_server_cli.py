@@ -166,15 +166,21 @@ def test_clusters_create_prints_the_dask_config_a_cluster_needs(plane: ControlPl
     local = run("clusters", "create", "--account", "acme", "--name", "etl")  # operator, on the control plane
     assert local.exit_code == 0, local.output
     config = yaml.safe_load(local.output)["pipeline"]
-    assert set(config) == {"account", "cluster-id", "image", "ingest"}
+    assert set(config) == {"account", "user", "cluster-id", "image", "ingest"}
     assert set(config["ingest"]) == {"url", "token", "public-key"}
     assert config["account"] == "acme" and config["ingest"]["token"].startswith("mp_")
+    assert config["user"] is None  # an account-level service cluster
+    owned = run("clusters", "create", "--account", "acme", "--user", "ann")  # the operator names the owner
+    assert yaml.safe_load(owned.output)["pipeline"]["user"] == "ann"
     assert (
         run("login", "--url", plane.url, "--token", plane.tokens.create("member", "globex", "bob").token).exit_code == 0
     )
     remote = yaml.safe_load(run("clusters", "create", "--account", "globex").output)["pipeline"]
-    assert remote["ingest"]["url"] == plane.url
-    refused = run("clusters", "create", "--account", "acme")
-    assert refused.exit_code == 2 and "403" in refused.output
+    assert remote["ingest"]["url"] == plane.url and remote["user"] == "bob"  # a member's cluster is theirs
+    for refused in (
+        run("clusters", "create", "--account", "acme"),
+        run("clusters", "create", "--account", "globex", "--user", "carol"),
+    ):
+        assert refused.exit_code == 2 and "403" in refused.output
     listed = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
     assert [c["cluster_id"] for c in listed] == [remote["cluster-id"]]  # bob sees globex's cluster only

@@ -12,11 +12,12 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
@@ -72,12 +73,13 @@ def build_report(
     refs: dict[str, int] = {}
     names: dict[str, str] = {}
     unreadable: list[Unreadable] = []
+    bounds = _Bounds(EARLIEST, max(now, utcnow()) + AHEAD)
     with _progress(progress, sum(headers.values())) as advance:
         for store_name in pipeline.stores:
             for kind in KINDS:
                 schema = slice_schema(kind, usage=store_name == db.usage_store)
                 shown = names if show_names else None
-                batches = _slices(pipeline, store_name, kind, schema, refs, shown, advance, unreadable)
+                batches = _slices(pipeline, store_name, kind, schema, refs, shown, advance, unreadable, bounds)
                 _add_slice(db, store_name, kind, schema, batches)
     db.add_requests(_requests_table(pipeline))
 
@@ -97,7 +99,7 @@ def build_report(
         policy={"path": pipeline.policy.path, "sha256": pipeline.policy.sha256},
         names_shown=show_names,
         inventory=db.inventory(),
-        retention=db.retention() + _backend_retention(pipeline),
+        retention=db.retention() + _backend_retention(pipeline) + _failed_steps(pipeline),
         deletion_requests={
             **db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
             "not_final": _not_final(pipeline),
@@ -106,7 +108,8 @@ def build_report(
         usage=label(db.usage()),
         usage_daily=label(db.usage_daily()),
         records_by_day=db.records_by_day(),
-        unreadable_segments=[dataclasses.asdict(u) for u in unreadable],
+        unreadable_segments=[dataclasses.asdict(u) for u in unreadable if u.record_id is None],
+        out_of_range_records=[dataclasses.asdict(u) for u in unreadable if u.record_id is not None],
         foreign_files=[{"store": s, "path": p} for s, found in pipeline.foreign_files().items() for p in found],
     )
     if plots:
@@ -123,10 +126,15 @@ def _slices(
     names: dict[str, str] | None,
     advance: Callable[[], None],
     unreadable: list[Unreadable],
+    bounds: _Bounds,
 ) -> Iterator[pa.RecordBatch]:
     data_type = KINDS[kind].data_type
     for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=unreadable):
         advance()
+        if bad := bounds.outside(table, schema):
+            record_ids = table.column("record_id").to_pylist()
+            unreadable.extend(Unreadable(store, segment.segment_id, why, record_ids[row]) for row, why in bad.items())
+            table = table.filter([row not in bad for row in range(table.num_rows)])
         if not table.num_rows:
             continue
         subject = refs.setdefault(segment.subject_ref, len(refs))
@@ -135,6 +143,44 @@ def _slices(
         columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
         columns += [table.column(f.name).cast(f.type) for f in list(schema)[1:]]
         yield from pa.Table.from_arrays(columns, schema=schema).to_batches()
+
+
+#: no record of a Dask cluster is older than this: an earlier time was stored before ingest checked times
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+#: how far past the report's time (or the clock's, if later) a record may be observed: clock skew
+AHEAD = timedelta(days=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bounds:
+    """What a record must satisfy to be counted: times from ``earliest`` to ``latest``, no negative numbers.
+
+    Ingest enforces bounds (DESIGN Part 3); records stored before it did are named in the
+    report and left out of its numbers, so one row dated 9999 does not stretch or break
+    every section and plot.
+    """
+
+    earliest: datetime
+    latest: datetime
+
+    def outside(self, table: pa.Table, schema: pa.Schema) -> dict[int, str]:
+        """Row number -> the first reason it is out of range, over the columns the report reads."""
+        bad: dict[int, str] = {}
+        for field in schema:
+            if field.name == "subject":
+                continue
+            values = table.column(field.name)
+            if pa.types.is_timestamp(field.type):
+                outside = pc.or_(pc.less(values, self.earliest), pc.greater(values, self.latest))
+                reason = f"{field.name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
+            elif pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
+                outside = pc.invert(pc.greater_equal(values, 0))  # NaN compares false: out too
+                reason = f"{field.name} is negative or not a number"
+            else:
+                continue
+            for row in pc.indices_nonzero(pc.fill_null(outside, False)).to_pylist():
+                bad.setdefault(row, reason)
+        return bad
 
 
 def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
@@ -181,6 +227,28 @@ def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
         }
         for store, b in sorted(found.items())
     ]
+
+
+def _failed_steps(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """A FAIL row for each step the last retention pass could not carry out (a store down, say)."""
+    last_pass = pipeline.audit.last("retention.pass")
+    failed = {} if last_pass is None else last_pass.details.get("failed_steps", {})
+    rows = []
+    for step, reason in sorted(failed.items()):
+        target = step.partition(":")[2]  # expire:STORE/TYPE, compact:STORE, or none (key-retirement)
+        store, _, data_type = target.partition("/")
+        rows.append(
+            {
+                "store": store or "-",
+                "data_type": f"{data_type or '-'} (last pass: step {step} failed)",
+                "retention": reason,
+                "limit_days": None,
+                "oldest_age_days": None,
+                "overdue": 0,
+                "status": "FAIL",
+            }
+        )
+    return rows
 
 
 def _not_final(pipeline: Pipeline) -> list[dict[str, Any]]:

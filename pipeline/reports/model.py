@@ -29,6 +29,9 @@ class Report:
     #: report covers everything else and marks these
     unreadable_segments: list[dict[str, Any]] = field(default_factory=list)
     foreign_files: list[dict[str, Any]] = field(default_factory=list)
+    #: records stored before ingest bounded them (a time outside the years 1 to 9999 or in the future,
+    #: a negative count): named here, left out of every number and plot
+    out_of_range_records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def overdue_records(self) -> int:
@@ -54,6 +57,7 @@ class Report:
             "records_by_day": self.records_by_day,
             "unreadable_segments": self.unreadable_segments,
             "foreign_files": self.foreign_files,
+            "out_of_range_records": self.out_of_range_records,
         }
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -74,4 +78,5 @@ class Report:
             "usage_daily": self.usage_daily,
             "unreadable_segments": self.unreadable_segments,
             "foreign_files": self.foreign_files,
+            "out_of_range_records": self.out_of_range_records,
         }

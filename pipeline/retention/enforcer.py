@@ -8,6 +8,12 @@ the cutoff, sealed again and written before the old one is deleted. So nothing
 younger than the limit is removed and nothing older survives. The rewritten
 segment's id derives from the old id and the cutoff, so a pass interrupted
 between write and delete and run again writes the same segment once.
+
+Each store's backend retention, each (store, data type), each store's compaction,
+the deletion requests, key retirement and the checkpoint are separate steps: one
+that fails is named (report, audit entry, exit status of ``enforce``) and the
+others still run, so a store that is down or a row nobody foresaw never stops the
+rest of the pass, nor the anchoring of the audit chain.
 """
 
 from __future__ import annotations
@@ -15,15 +21,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import KeyringError
+from pipeline.errors import KeyringError, PipelineError
 from pipeline.records import utcnow
+from pipeline.retention.requests import DeletionRequest, process_pending
 from pipeline.retention.retirement import retire_master_keys
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Removed, Store
@@ -62,6 +70,10 @@ class RetentionReport:
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)
     foreign_files: dict[str, int] = field(default_factory=dict)  # store -> files skipped as not its segments
     retired_master_versions: list[int] = field(default_factory=list)
+    #: deletion requests carried out in this pass (``enforce``; the service runs them on their own)
+    requests: list[DeletionRequest] = field(default_factory=list)
+    #: step name (``expire:STORE/TYPE``, ``compact:STORE``, ``key-retirement``, ...) -> what went wrong
+    failed_steps: dict[str, str] = field(default_factory=dict)
     audit_seq: int | None = None
 
     @property
@@ -93,6 +105,8 @@ class RetentionReport:
             lines.append(f"  {store:<14} {n} foreign files skipped (left in place)")
         if self.retired_master_versions:
             lines.append(f"  master key versions retired: {', '.join(map(str, self.retired_master_versions))}")
+        for step, reason in self.failed_steps.items():
+            lines.append(f"  FAILED {step}: {reason}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -108,47 +122,95 @@ class RetentionReport:
             "compacted": {s: {"segments": r.segments, "records": r.records} for s, r in self.compacted.items()},
             "foreign_files": self.foreign_files,
             "retired_master_versions": self.retired_master_versions,
+            "failed_steps": self.failed_steps,
             "audit_seq": self.audit_seq,
         }
 
 
-def enforce(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool | None = None) -> RetentionReport:
-    """Run one retention pass as of ``now`` (default: the current time) and audit it.
+def enforce(
+    pipeline: Pipeline, now: datetime | None = None, *, simulated: bool | None = None, requests: bool = False
+) -> RetentionReport:
+    """Run one retention pass as of ``now`` (default: the current time), audit it and anchor the audit chain.
+
+    Every step (a store's backend retention, each data type of each store, a store's
+    compaction, the deletion requests, key retirement, the checkpoint) runs on its own:
+    one that fails is named in :attr:`RetentionReport.failed_steps` and the audit entry,
+    and every other step still runs. The checkpoint is written after every pass.
 
     :param simulated: ``now`` is not the clock's (``--now``, a what-if run); the audit entry
         and the report say so. Default: whether ``now`` was given.
+    :param requests: also carry out the pending deletion requests (``enforce``; the service
+        runs them as a job of their own)
     """
     report = RetentionReport(now or utcnow(), simulated=now is not None if simulated is None else simulated)
     now = report.now
+    run = functools.partial(_step, report)
     for name, backend in pipeline.stores.items():  # a retention the backend enforces itself
         limits = {t: limit for s, t, limit in pipeline.policy.limits() if s == name}
-        found = backend.apply_retention(limits) if limits else None
-        if found is not None:
-            report.backend[name] = found
+        if limits:
+            run(f"backend-retention:{name}", _apply_backend_retention, report, name, backend, limits)
     for store_name, data_type, limit in pipeline.policy.limits():
         store = pipeline.stores.get(store_name)
-        if store is None:
-            continue
-        cutoff = now - limit
-        removed = store.expire(data_type, cutoff)
-        rewritten = 0
-        for segment in list(store.straddling(data_type, cutoff)):
-            removed += _cut(pipeline, store, segment, cutoff)
-            rewritten += 1
-        report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
-        report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+        if store is not None:
+            cutoff = now - limit
+            run(f"expire:{store_name}/{data_type}", _expire, pipeline, report, store_name, store, data_type, cutoff)
     today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     for name, backend in pipeline.stores.items():
-        merged = backend.compact(today, functools.partial(_merge, pipeline))
-        if merged.segments:
-            report.compacted[name] = merged
+        run(f"compact:{name}", _compact, pipeline, report, name, backend, today)
     report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
-    report.retired_master_versions = retire_master_keys(pipeline, now)
+    if requests:
+        run("deletion-requests", lambda: report.requests.extend(process_pending(pipeline, now=now)))
+    run("key-retirement", lambda: report.retired_master_versions.extend(retire_master_keys(pipeline, now)))
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
-    pipeline.audit.checkpoint()
+    if not run("checkpoint", pipeline.audit.checkpoint):  # after the entry: its failure gets one of its own
+        details = {"step": "checkpoint", "error": report.failed_steps["checkpoint"], "pass_seq": report.audit_seq}
+        pipeline.audit.append("retention.step_failed", details=details)
+    if report.failed_steps:
+        logger.error("retention pass as of %s: failed steps: %s", now.isoformat(), ", ".join(report.failed_steps))
     logger.info("retention pass as of %s removed %d records", now.isoformat(), report.records)
     return report
+
+
+def _step(report: RetentionReport, name: str, action: Callable[..., Any], *args: Any) -> bool:
+    """Run one step; an error is named in the report (and logged) instead of ending the pass. True: it ran.
+
+    Any exception: whatever one step meets (a store down, a row no code foresaw) must not
+    stop the others. ``KeyboardInterrupt`` and ``SystemExit`` still end the pass.
+    """
+    try:
+        action(*args)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        report.failed_steps[name] = reason
+        logger.error("retention step %s failed: %s", name, reason, exc_info=not isinstance(exc, PipelineError))
+        return False
+    return True
+
+
+def _apply_backend_retention(report: RetentionReport, name: str, backend: Store, limits: dict[str, timedelta]) -> None:
+    found = backend.apply_retention(limits)
+    if found is not None:
+        report.backend[name] = found
+
+
+def _expire(
+    pipeline: Pipeline, report: RetentionReport, store_name: str, store: Store, data_type: str, cutoff: datetime
+) -> None:
+    """The limit of one data type in one store: whole segments, then those straddling the cutoff."""
+    removed = store.expire(data_type, cutoff)
+    rewritten = 0
+    for segment in list(store.straddling(data_type, cutoff)):
+        removed += _cut(pipeline, store, segment, cutoff)
+        rewritten += 1
+    report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
+    report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+
+
+def _compact(pipeline: Pipeline, report: RetentionReport, name: str, backend: Store, today: datetime) -> None:
+    merged = backend.compact(today, functools.partial(_merge, pipeline))
+    if merged.segments:
+        report.compacted[name] = merged
 
 
 def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:

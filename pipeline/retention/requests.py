@@ -46,6 +46,7 @@ from pipeline.retention.lease import Leases
 
 if TYPE_CHECKING:
     from pipeline.audit import AuditEntry
+    from pipeline.keys import Keyring
     from pipeline.runtime import Pipeline
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "list_requests",
     "process_pending",
     "retry_request",
+    "seal_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -432,12 +434,16 @@ def _select(pipeline: Pipeline, condition: Any) -> Iterator[DeletionRequest]:
 
 
 def _seal_reason(pipeline: Pipeline, request: DeletionRequest, reason: str | None) -> str | None:
-    """Free text may name people: encrypted under the subject's own key, so the erasure shreds it."""
     if reason is None:
         return None
-    version, cipher = pipeline.keyring.cipher(request.subject_ref, request.user_ref)
+    return seal_reason(pipeline.keyring, request.request_id, request.subject_ref, request.user_ref, reason)
+
+
+def seal_reason(keyring: Keyring, request_id: str, subject_ref: str, user_ref: str | None, reason: str) -> str:
+    """Free text may name people: encrypted under the subject's own key, so the erasure shreds it."""
+    version, cipher = keyring.cipher(subject_ref, user_ref)
     nonce = os.urandom(_NONCE)
-    sealed = nonce + cipher.encrypt(nonce, reason.encode(), request.request_id.encode())
+    sealed = nonce + cipher.encrypt(nonce, reason.encode(), request_id.encode())
     return f"{version}:{base64.b64encode(sealed).decode()}"
 
 

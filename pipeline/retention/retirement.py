@@ -7,6 +7,11 @@ destroyed once it wraps no live key and ``pipeline.keys.retire-after`` (the
 backup window, default 35 days) has passed since it was superseded. From then
 on no copy of the database opens what was erased; until then a restored backup
 would. Runs with every retention pass and with ``keys retire``.
+
+Data keys are created under the key lock and wrapped under the current
+version, so a rotation leaves nothing behind; whatever an older release left
+under a superseded version is re-wrapped (and audited) before retirement, so
+it never holds a version back past the receipt's ``final_at``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ __all__ = ["retire_master_keys"]
 def retire_master_keys(pipeline: Pipeline, now: datetime | None = None) -> list[int]:
     """Destroy the master key versions that are due; audited. Returns the versions retired."""
     now = now or utcnow()
+    rewrapped = pipeline.keyring.rewrap_leftovers()
+    if rewrapped:
+        pipeline.audit.append("key.rewrapped", details={"keys_rewrapped": rewrapped, "reason": "superseded master"})
     retired = pipeline.keyring.retire_masters(pipeline.settings.retire_after, now)
     if retired:
         pipeline.audit.append(

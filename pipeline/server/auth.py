@@ -187,7 +187,10 @@ class TokenStore:
         names = self._names(row)
         if names is None:
             raise AuthenticationError("token of an erased account or user")
-        return Principal(row.kind, names["account"], names["user"], row.cluster_id, row.token_id)
+        registered_at = row.created_at if row.kind == "cluster" else None  # a cluster token is issued on registration
+        return Principal(
+            row.kind, names["account"], names["user"], row.cluster_id, row.token_id, registered_at=registered_at
+        )
 
     def _names(self, row: Any) -> dict[str, Any] | None:
         """The account and user a token speaks for; ``None`` once an erasure shredded them."""

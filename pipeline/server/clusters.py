@@ -1,6 +1,8 @@
 """Clusters: register one (and issue its write-only token), list the caller's, close one.
 
-A registered cluster gets a cluster token bound to its account and cluster id,
+A registered cluster gets a cluster token bound to its account, its owner (the
+member who registered it, or the user an admin named; none for an account-level
+service cluster) and its cluster id,
 the control plane's ingest URL and the intake public key: everything its
 plugin needs to write, nothing that reads; and its own TLS credentials (a CA,
 scheduler / worker / client certificates and keys, see :mod:`pipeline.security.tls`).
@@ -40,6 +42,7 @@ class Registration:
 
     cluster_id: str
     account: str
+    user: str | None  # the owner: every record the cluster sends is theirs
     name: str | None
     image: str | None
     token_id: str
@@ -60,6 +63,7 @@ def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
         **dask_tls_config(registration["tls"]),
         "pipeline": {
             "account": registration["account"],
+            "user": registration["user"],
             "cluster-id": registration["cluster_id"],
             "image": registration["image"],
             "ingest": {
@@ -80,13 +84,20 @@ class ClusterRegistry:
         self.names = NameBox(pipeline.keyring)
 
     def register(
-        self, account: str, ingest_url: str, *, name: str | None = None, image: str | None = None
+        self,
+        account: str,
+        ingest_url: str,
+        *,
+        user: str | None = None,
+        name: str | None = None,
+        image: str | None = None,
     ) -> Registration:
-        """A new cluster of ``account`` with a cluster token valid for ``pipeline.server.cluster-token-ttl``."""
+        """A new cluster of ``account`` owned by ``user`` (none: account-level), with a cluster token
+        valid for ``pipeline.server.cluster-token-ttl``."""
         public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
-        issued = self.tokens.create("cluster", account, cluster_id=cluster_id, ttl=ttl)
+        issued = self.tokens.create("cluster", account, user, cluster_id=cluster_id, ttl=ttl)
         subject_ref = self.pipeline.keyring.subject_ref(account)
         names = {"account": account, "name": name, "image": image}
         with transaction(self.pipeline.keyring.engine, "registering a cluster") as conn:
@@ -104,6 +115,7 @@ class ClusterRegistry:
         return Registration(
             cluster_id,
             account,
+            user,
             name,
             image,
             issued.token_id,
@@ -149,6 +161,7 @@ class ClusterIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     account: str = Field(min_length=1, max_length=200)
+    user: str | None = Field(default=None, min_length=1, max_length=200)  # an admin's choice; a member owns theirs
     name: str | None = Field(default=None, max_length=200)
     image: str | None = Field(default=None, max_length=2000)
 
@@ -162,12 +175,18 @@ def register_cluster(
     request: Request,
     principal: Annotated[Principal, Depends(require("member", "admin"))],
 ) -> dict[str, Any]:
-    """Register a cluster of the caller's account: its id, cluster token, ingest URL, intake public key and
-    TLS credentials."""
+    """Register a cluster of the caller's account, owned by the caller (an admin names the owner, or none):
+    its id, cluster token, ingest URL, intake public key and TLS credentials."""
     if not principal.may_read(body.account):
         raise HTTPException(403, "a member may register clusters of their own account only")
+    if not principal.sees_every_account and body.user not in (None, principal.user):
+        raise HTTPException(403, "a member registers clusters for themselves only; an admin may name another user")
+    if body.user is not None and not body.user.strip():
+        raise HTTPException(400, "user: must not be blank")
+    user = body.user if principal.sees_every_account else principal.user
     ingest_url = str(request.base_url).rstrip("/")
-    return request.app.state.clusters.register(body.account, ingest_url, name=body.name, image=body.image).as_dict()
+    registry: ClusterRegistry = request.app.state.clusters
+    return registry.register(body.account, ingest_url, user=user, name=body.name, image=body.image).as_dict()
 
 
 @router.post("/v1/clusters/{cluster_id}/close", status_code=204)

@@ -1,14 +1,16 @@
 """Software environments: public by default, private on an owning account's request.
 
-An environment (``env_id`` is a hash of its content) is owned by every account
-whose clusters reported it. It is listed to everyone while any owner leaves it
-public; a private one only to its owners and admins. Visibility is kept per
-(account ref, env id); the listing never says which accounts own an environment.
+The control plane computes an environment's ``env_id`` on ingest, from its content
+within the account (see :func:`pipeline.environment.environment_id`), so each account
+has records of its own: another account reporting the same content, or an id it read,
+never reveals, replaces or outdates them. Visibility and the newest record are kept
+per (account ref, env id); the listing never says which account an environment is of.
+Cluster tokens read nothing here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -18,30 +20,29 @@ from sqlalchemy import select
 from pipeline.db import env_visibility, insert_ignoring_duplicates, transaction
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
-from pipeline.runtime import Pipeline
-from pipeline.server.auth import authenticated, current_pipeline, require
+from pipeline.runtime import Pipeline, Unreadable
+from pipeline.server.auth import current_pipeline, require
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["software-envs"])
+logger = logging.getLogger(__name__)
 Visibility = Literal["public", "private"]
 
 
-@dataclass
-class _Env:
-    record: dict[str, Any]
-    owners: set[str] = field(default_factory=set)
-
-
-def _environments(pipeline: Pipeline, account: str | None = None) -> dict[str, _Env]:
-    """env id → its newest record and the subject refs that reported it."""
-    found: dict[str, _Env] = {}
-    for segment, table in pipeline.read_segments("long_term", account=account, data_type="software_env"):
+def _environments(pipeline: Pipeline, account: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    """(subject ref, env id) → the newest record of that environment the account's clusters reported."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    unreadable: list[Unreadable] = []
+    for segment, table in pipeline.read_segments(
+        "long_term", account=account, data_type="software_env", unreadable=unreadable
+    ):
         for row in rows_from_table(table):
-            env = found.setdefault(row["env_id"], _Env(row))
-            if row["observed_at"] > env.record["observed_at"]:
-                env.record = row
-            env.owners.add(segment.subject_ref)
+            key = (segment.subject_ref, row["env_id"])
+            if key not in found or row["observed_at"] > found[key]["observed_at"]:
+                found[key] = row
+    for problem in unreadable:  # one bad segment or row never hides the other environments
+        logger.warning("software environments: skipped %s", problem)
     return found
 
 
@@ -55,33 +56,27 @@ def _private(pipeline: Pipeline) -> set[tuple[str, str]]:
 
 @router.get("/v1/software-envs")
 def list_envs(
-    principal: Annotated[Principal, Depends(authenticated)],
+    principal: Annotated[Principal, Depends(require("member", "admin"))],
     pipeline: Annotated[Pipeline, Depends(current_pipeline)],
 ) -> list[dict[str, Any]]:
-    """Public environments plus the caller's account's private ones (admin: all)."""
+    """Public environments plus the caller's account's private ones (admin: all); each id once, the caller's own
+    record first."""
     private = _private(pipeline)
     mine = pipeline.keyring.subject_ref(principal.account) if principal.kind == "member" and principal.account else None
-    listed = []
-    for env_id, env in sorted(_environments(pipeline).items()):
-        public_owners = {ref for ref in env.owners if (ref, env_id) not in private}
-        if mine in env.owners:
-            visibility = "private" if (mine, env_id) in private else "public"
-        elif public_owners or principal.sees_every_account:
-            visibility = "public" if public_owners else "private"
-        else:
+    listed: dict[str, dict[str, Any]] = {}
+    for (ref, env_id), record in sorted(_environments(pipeline).items(), key=lambda item: item[0][0] != mine):
+        visibility = "private" if (ref, env_id) in private else "public"
+        if env_id in listed or (visibility == "private" and ref != mine and not principal.sees_every_account):
             continue
-        record = env.record
-        listed.append(
-            {
-                "env_id": env_id,
-                "image": record["image"],
-                "python_version": record["python_version"],
-                "packages": record["packages"],
-                "visibility": visibility,
-                "observed_at": record["observed_at"],
-            }
-        )
-    return listed
+        listed[env_id] = {
+            "env_id": env_id,
+            "image": record["image"],
+            "python_version": record["python_version"],
+            "packages": record["packages"],
+            "visibility": visibility,
+            "observed_at": record["observed_at"],
+        }
+    return [listed[env_id] for env_id in sorted(listed)]
 
 
 class VisibilityIn(BaseModel):
@@ -101,7 +96,7 @@ def set_visibility(
     """Make an environment of the caller's account public or private (for that account)."""
     assert principal.account is not None  # a member token is always bound to an account
     ref = pipeline.keyring.subject_ref(principal.account)
-    if pipeline.keyring.key_state(ref) == "unknown" or env_id not in _environments(pipeline, principal.account):
+    if pipeline.keyring.key_state(ref) == "unknown" or (ref, env_id) not in _environments(pipeline, principal.account):
         raise HTTPException(404, f"no software environment {env_id!r} in your account")
     now = utcnow()
     with transaction(pipeline.keyring.engine, "setting environment visibility") as conn:

@@ -2,11 +2,14 @@
 
 A member sees the accounts of their token only. Asking for another account's
 records answers exactly like asking for an account that does not exist (the
-same 404 body), so the API is no oracle for which accounts exist.
+same 404 body), so the API is no oracle for which accounts exist. A segment or record that
+cannot be read is skipped and named in a ``{"skipped": ...}`` line at the end of the stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -19,12 +22,13 @@ from pipeline.output import to_json
 from pipeline.principals import Principal
 from pipeline.records import DATA_TYPES, KINDS
 from pipeline.retention.policy import STORES
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Pipeline, Unreadable
 from pipeline.server.auth import current_pipeline, require
 
 __all__ = ["router", "visible_account"]
 
 router = APIRouter(tags=["records"])
+logger = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 # the accepted values, as enums in the OpenAPI schema (built from the record and policy contracts)
@@ -77,8 +81,9 @@ def get_records(
     account = visible_account(pipeline, principal, account)
     if store not in pipeline.stores:
         raise HTTPException(404, f"store {store!r} is not configured on this control plane")
-    rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind)
-    return StreamingResponse(_ndjson(rows, since, until), media_type=NDJSON)
+    unreadable: list[Unreadable] = []
+    rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind, unreadable=unreadable)
+    return StreamingResponse(_ndjson(rows, since, until, unreadable), media_type=NDJSON)
 
 
 def _utc(name: str, moment: datetime | None) -> datetime | None:
@@ -93,7 +98,14 @@ def _utc(name: str, moment: datetime | None) -> datetime | None:
         raise HTTPException(400, f"{name}: out of range in UTC (years 1 to 9999)") from None
 
 
-def _ndjson(rows: Iterator[dict[str, Any]], since: datetime | None, until: datetime | None) -> Iterator[str]:
+def _ndjson(
+    rows: Iterator[dict[str, Any]], since: datetime | None, until: datetime | None, unreadable: list[Unreadable]
+) -> Iterator[str]:
+    """Record lines, then one ``{"skipped": {...}}`` line per segment or record that could not be read.
+
+    The status line is sent before the first record, so what was skipped is named in the stream
+    itself: one bad row never ends it part way.
+    """
     try:
         for row in rows:
             observed = row["observed_at"]
@@ -101,3 +113,6 @@ def _ndjson(rows: Iterator[dict[str, Any]], since: datetime | None, until: datet
                 yield to_json(row) + "\n"
     except UnknownAccountError:  # a member's own account before its first record: nothing to stream
         return
+    for problem in unreadable:
+        logger.warning("GET /v1/records skipped %s", problem)
+        yield to_json({"skipped": dataclasses.asdict(problem)}) + "\n"

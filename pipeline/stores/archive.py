@@ -248,7 +248,7 @@ class ArchiveStore(Store):
             start = datetime.strptime(_part(key, "day"), "%Y-%m-%d").replace(tzinfo=UTC)
             if start >= before:
                 break
-            if start + timedelta(days=1) <= before:  # every segment in it is older than the limit
+            if start <= before - timedelta(days=1):  # every segment in it is older than the limit
                 removed += self._drop(key)
             else:
                 removed += self._keep(key, lambda t: _segment_max_at_least(t, before))

@@ -47,6 +47,9 @@ __all__ = ["LocalFileStore"]
 _SUFFIX = ".seg"
 _JOURNAL = ".compacting"
 _MERGED = ".merged-ids"
+#: a day folder ends one day after its name; compared as ``start <= t - _DAY``, since ``start + _DAY``
+#: overflows for a folder named 9999-12-31 (a record stored before ingest checked its time)
+_DAY = timedelta(days=1)
 logger = logging.getLogger(__name__)
 
 
@@ -258,10 +261,10 @@ class LocalFileStore(Store):
         before_us = _us(before)
         with self._guard("expire"):
             for day in self._days(data_type):
-                start = datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC)
+                start = _day_start(day)
                 if start >= before:
                     break
-                if start + timedelta(days=1) <= before:  # the whole day is past the limit
+                if start <= before - _DAY:  # the whole day is past the limit (no overflow on 9999-12-31)
                     removed += self._drop_folder(day)
                     continue
                 removed += self._remove_files(
@@ -273,7 +276,7 @@ class LocalFileStore(Store):
         at_us = _us(at)
         with self._guard("scan"):
             for day in self._days(data_type):
-                if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) <= at:
+                if _day_start(day) <= at - _DAY:
                     continue  # every segment in this folder is older than ``at``
                 for entry, name in sorted(f for folder in self._dirs(day) for f in self._files(folder)):
                     if name.min_us < at_us <= name.max_us:
@@ -286,7 +289,7 @@ class LocalFileStore(Store):
         with self._guard("compact"):
             for data_type in sorted(DATA_TYPES):  # not the root's listing: a pass reads the type folders only
                 for day in self._days(data_type):
-                    if datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1) > closed_before:
+                    if _day_start(day) > closed_before - _DAY:
                         break
                     for folder in sorted(self._dirs(day)):
                         merged += self._compact_folder(folder, merge)
@@ -400,6 +403,11 @@ def _listing(path: Path) -> tuple[list[Path], list[Path]]:
         elif not _is_own(entry.name):
             files.append(entry)
     return dirs, files
+
+
+def _day_start(day: Path) -> datetime:
+    """Midnight UTC starting a day folder."""
+    return datetime.strptime(day.name, "%Y-%m-%d").replace(tzinfo=UTC)
 
 
 def _is_day(name: str) -> bool:

@@ -1,0 +1,138 @@
+"""What one sealed batch may hold: every bound a batch is checked against before anything is stored.
+
+A cluster runs user code and holds the intake public key, so whatever it seals is
+hostile input. The Arrow content is read under the byte budget of the sealed batch
+(compressed IPC buffers are refused, see :mod:`pipeline.intake`); then every
+timestamp, number, string, list, map, row count and subject count is checked here,
+on the Arrow columns (no row is turned into Python objects). The README lists
+each bound; change them here and there together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.emitter import MAX_BATCH_RECORDS
+
+__all__ = [
+    "CLOCK_SKEW",
+    "EARLIEST",
+    "MAX_BATCH_ROWS",
+    "MAX_BATCH_SUBJECTS",
+    "MAX_ITEMS",
+    "MAX_STRING_BYTES",
+    "OutOfBounds",
+    "Window",
+    "check_batch",
+]
+
+#: how far a cluster's clock may be off the server's, both ways
+CLOCK_SKEW = timedelta(minutes=15)
+#: earliest timestamp of a batch from no registered cluster (an embedded plugin, an operator's replay)
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+#: records per batch: as many as the emitter seals at most
+MAX_BATCH_ROWS = MAX_BATCH_RECORDS
+#: distinct (account, user) pairs per batch: each one costs a data key, audit entries and segments
+MAX_BATCH_SUBJECTS = 16
+#: UTF-8 bytes of any one string (names, ids, image URLs, package names and versions)
+MAX_STRING_BYTES = 2_048
+#: entries of any one list or map (task prefixes of a job, packages of an environment, tasks by state)
+MAX_ITEMS = 10_000
+
+
+class OutOfBounds(ValueError):
+    """A batch holds a value outside its bounds; ``field`` names it (``kind.field``)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {reason}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """The times a batch's timestamps may lie in: the cluster's life, widened by the clock skew."""
+
+    earliest: datetime
+    latest: datetime
+
+    @classmethod
+    def of(cls, registered_at: datetime | None, now: datetime) -> Window:
+        start = EARLIEST if registered_at is None else registered_at - CLOCK_SKEW
+        return cls(start, now + CLOCK_SKEW)
+
+    def micros(self) -> tuple[int, int]:
+        """``(earliest, latest)`` as microseconds since the epoch, the unit of the record timestamps."""
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        return (self.earliest - epoch) // timedelta(microseconds=1), (self.latest - epoch) // timedelta(microseconds=1)
+
+
+def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
+    """Check every table of one batch against the bounds.
+
+    :raises OutOfBounds: naming the first field out of bounds and why
+    """
+    rows = sum(table.num_rows for table in tables)
+    if rows > MAX_BATCH_ROWS:
+        raise OutOfBounds("records", f"{rows} records in one batch; at most {MAX_BATCH_ROWS}")
+    subjects: set[tuple[str, str | None]] = set()
+    for table in tables:
+        accounts, users = table.column("account"), table.column("user")
+        if len(pc.unique(accounts)) == 1:  # the usual case: one account, so its distinct users are the subjects
+            subjects.update((accounts[0].as_py(), user) for user in pc.unique(users).to_pylist())
+        else:
+            subjects.update(zip(accounts.to_pylist(), users.to_pylist(), strict=True))
+        if len(subjects) > MAX_BATCH_SUBJECTS:
+            raise OutOfBounds("user", f"more than {MAX_BATCH_SUBJECTS} distinct accounts and users in one batch")
+    micros = window.micros()
+    for table in tables:
+        kind_name = table.column("kind")[0].as_py()
+        for field in table.schema:
+            _check_column(f"{kind_name}.{field.name}", table.column(field.name), micros, window)
+
+
+def _check_column(name: str, column: pa.ChunkedArray, micros: tuple[int, int], window: Window) -> None:
+    """One column (or the flattened values of a list or map) against the bound of its type."""
+    kind = column.type
+    if pa.types.is_timestamp(kind):
+        low, high = pc.min_max(column.cast(pa.int64())).values()
+        if low.is_valid and (low.as_py() < micros[0] or high.as_py() > micros[1]):
+            raise OutOfBounds(
+                name, f"outside the cluster's life ({window.earliest.isoformat()} to {window.latest.isoformat()})"
+            )
+    elif pa.types.is_integer(kind):
+        low = pc.min(column)
+        if low.is_valid and low.as_py() < 0:
+            raise OutOfBounds(name, "negative")
+    elif pa.types.is_floating(kind):
+        if column.null_count < len(column) and not pc.all(pc.is_finite(column)).as_py():
+            raise OutOfBounds(name, "not a finite number")
+        low = pc.min(column)
+        if low.is_valid and low.as_py() < 0:
+            raise OutOfBounds(name, "negative")
+    elif pa.types.is_string(kind):
+        longest = pc.max(pc.binary_length(column))
+        if longest.is_valid and longest.as_py() > MAX_STRING_BYTES:
+            raise OutOfBounds(name, f"a string of {longest.as_py()} bytes; at most {MAX_STRING_BYTES}")
+    elif pa.types.is_map(kind):
+        entries = pa.list_(pa.struct([("key", kind.key_type), ("value", kind.item_type)]))
+        _check_items(name, column.cast(entries), micros, window)
+    elif pa.types.is_list(kind):
+        _check_items(name, column, micros, window)
+
+
+def _check_items(name: str, column: pa.ChunkedArray, micros: tuple[int, int], window: Window) -> None:
+    """A list column (a map as a list of key-value structs): its length, then its flattened values."""
+    longest = pc.max(pc.list_value_length(column))
+    if longest.is_valid and longest.as_py() > MAX_ITEMS:
+        raise OutOfBounds(name, f"{longest.as_py()} entries; at most {MAX_ITEMS}")
+    values = pc.list_flatten(column)
+    if pa.types.is_struct(values.type):
+        _check_column(f"{name} keys", pc.struct_field(values, 0), micros, window)
+        _check_column(f"{name} values", pc.struct_field(values, 1), micros, window)
+    else:
+        _check_column(name, values, micros, window)

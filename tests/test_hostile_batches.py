@@ -1,0 +1,316 @@
+"""Every field a cluster sends is hostile input: attacks through real HTTP with hand-sealed batches.
+
+Each test plays someone holding a cluster's config (its token and the intake public
+key) who seals whatever they like, as ``seal_batch`` does or byte by byte.
+"""
+
+from __future__ import annotations
+
+import resource
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from conftest import make_record
+from controlplane import ControlPlane, assert_problem, ndjson, serving
+from cryptography.hazmat.primitives import hpke
+
+from pipeline.config import Settings
+from pipeline.delivery import HTTPDelivery
+from pipeline.emitter import Emitter
+from pipeline.intake import load_public_key, seal_batch
+from pipeline.records import KINDS, tables_from_records
+from pipeline.retention.requests import process_pending
+from pipeline.runtime import Pipeline
+from pipeline.spool import Spool
+
+
+@pytest.fixture
+def plane(home: Path) -> Iterator[ControlPlane]:
+    pipeline = Pipeline.open(Settings.from_config(), create=True)
+    with serving(pipeline) as plane:
+        yield plane
+    pipeline.close()
+
+
+def register(plane: ControlPlane, account: str = "acme", user: str = "ann") -> dict[str, Any]:
+    """A cluster registered by a member for themselves, as ``clusters create`` does."""
+    with plane.member(account, user) as member:
+        response = member.post("/v1/clusters", json={"account": account})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def own(registration: dict[str, Any], kind: str = "cluster_snapshot", **fields: Any) -> dict[str, Any]:
+    """A record of the registered cluster, with no user: the plugin of a cluster nobody told who runs it."""
+    return make_record(kind, account=registration["account"], cluster_id=registration["cluster_id"], **fields)
+
+
+def post(plane: ControlPlane, registration: dict[str, Any], sealed: tuple[str, bytes]):  # noqa: ANN201
+    with plane.client(registration["token"]) as cluster:
+        return cluster.post("/v1/ingest", content=sealed[1], headers={"Idempotency-Key": sealed[0]})
+
+
+def sealed(registration: dict[str, Any], *records: dict[str, Any]) -> tuple[str, bytes]:
+    batch_id = uuid.uuid4().hex
+    return batch_id, seal_batch(load_public_key(registration["intake_public_key"]), batch_id, list(records))
+
+
+def sealed_by_hand(
+    registration: dict[str, Any], streams: Sequence[Sequence[pa.RecordBatch]], compression: str | None = None
+) -> tuple[str, bytes]:
+    """A sealed batch built from the documented format, byte by byte: length-framed Arrow streams, HPKE."""
+    frames = []
+    for batches in streams:
+        sink = pa.BufferOutputStream()
+        options = pa.ipc.IpcWriteOptions(compression=compression)
+        with pa.ipc.new_stream(sink, batches[0].schema, options=options) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        stream = sink.getvalue().to_pybytes()
+        frames += [len(stream).to_bytes(4, "big"), stream]
+    batch_id = uuid.uuid4().hex
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    key = load_public_key(registration["intake_public_key"])
+    ciphertext = suite.encrypt(b"".join(frames), key, info=b"MPBATCH1|" + batch_id.encode())
+    return batch_id, b"MPBATCH1" + bytes([len(batch_id)]) + batch_id.encode() + ciphertext
+
+
+def rejections(plane: ControlPlane) -> list[dict[str, Any]]:
+    return [e.details for e in plane.pipeline.audit.entries() if e.action == "ingest.rejected"]
+
+
+def stored(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
+    return {name: list(plane.pipeline.read_records(name)) for name in plane.pipeline.stores}
+
+
+# -- identity comes from the registration --------------------------------------------------------
+
+
+def test_a_members_erasure_removes_her_clusters_records_in_every_store(plane: ControlPlane) -> None:
+    registration = register(plane, "acme", "ann")
+    assert registration["user"] == "ann"
+    records = [own(registration), own(registration, "job", job_id="j1", user="ann"), own(registration, "software_env")]
+    assert post(plane, registration, sealed(registration, *records)).status_code == 202
+    with plane.member("acme", "ann") as ann:
+        assert {r["user"] for r in ndjson(ann.get("/v1/records"))} == {"ann"}  # stamped from the registration
+        filed = ann.post("/v1/erasure-requests", json={"account": "acme", "user": "ann"})
+        assert filed.status_code == 201, filed.text
+    process_pending(plane.pipeline)  # what the retention scheduler of serve runs
+    with plane.admin() as admin:  # ann's own token ended with her erasure
+        receipt = admin.get(f"/v1/erasure-requests/{filed.json()['request_id']}").json()
+    assert receipt["state"] == "completed"
+    holding = {name: len(rows) for name, rows in stored(plane).items() if rows}
+    assert holding == {}  # nothing of ann's cluster is left anywhere
+    counted = {name: store["records"] for name, store in receipt["receipt"]["stores"].items()}
+    assert counted["long_term"] == 3 and sum(counted.values()) >= 3
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [{"user": "bob"}, {"account": "globex"}, {"cluster_id": "cluster-of-someone-else"}],
+    ids=["user", "account", "cluster"],
+)
+def test_a_record_naming_another_user_account_or_cluster_refuses_the_batch_whole(
+    plane: ControlPlane, forged: dict[str, Any]
+) -> None:
+    registration = register(plane, "acme", "ann")
+    answer = post(plane, registration, sealed(registration, own(registration), {**own(registration), **forged}))
+    assert "1 of 2 records name another account, user or cluster" in assert_problem(answer, 403)["detail"]
+    assert stored(plane)["long_term"] == [] and len(rejections(plane)) == 1
+
+
+def test_a_service_cluster_of_an_admin_is_account_level_and_names_no_user(plane: ControlPlane) -> None:
+    with plane.admin() as admin:
+        service = admin.post("/v1/clusters", json={"account": "acme"}).json()
+        owned = admin.post("/v1/clusters", json={"account": "acme", "user": "carol"}).json()
+    assert (service["user"], owned["user"]) == (None, "carol")
+    assert_problem(post(plane, service, sealed(service, own(service, user="ann"))), 403)
+    assert post(plane, service, sealed(service, own(service))).status_code == 202
+    assert post(plane, owned, sealed(owned, own(owned))).status_code == 202
+    assert sorted(str(r["user"]) for r in stored(plane)["long_term"]) == ["None", "carol"]
+
+
+def test_a_member_registers_clusters_for_themselves_only(plane: ControlPlane) -> None:
+    with plane.member("acme", "ann") as ann:
+        assert_problem(ann.post("/v1/clusters", json={"account": "acme", "user": "bob"}), 403)
+        assert ann.post("/v1/clusters", json={"account": "acme", "user": "ann"}).json()["user"] == "ann"
+
+
+def test_a_cluster_never_sends_account_records(plane: ControlPlane) -> None:
+    registration = register(plane)
+    person = own(registration, "account", username="ann", email="ann@acme.test")
+    assert (
+        "may not send account records"
+        in assert_problem(post(plane, registration, sealed(registration, person)), 403)["detail"]
+    )
+    assert stored(plane)["long_term"] == [] and len(rejections(plane)) == 1
+
+
+# -- bounds, before anything is stored -----------------------------------------------------------
+
+
+def _with_column(record: dict[str, Any], name: str, value: pa.Array) -> pa.RecordBatch:
+    (table,) = tables_from_records([record])
+    return table.set_column(table.schema.get_field_index(name), table.schema.field(name), value).to_batches()[0]
+
+
+FAR_PAST = -((1970 + 1199) * 365 * 86_400 * 1_000_000)  # microseconds: about the year -1199
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("cluster_snapshot", "n_workers", pa.array([-4], pa.int64())),
+        ("job", "tasks_completed", pa.array([-1], pa.int64())),
+        ("job", "compute_seconds", pa.array([float("nan")])),
+        ("cluster_snapshot", "compute_seconds_total", pa.array([float("inf")])),
+        (
+            "cluster_snapshot",
+            "observed_at",
+            pa.array([datetime(9999, 12, 31, tzinfo=UTC)], KINDS["job"].schema.field("observed_at").type),
+        ),
+        ("job", "started_at", pa.array([FAR_PAST], pa.int64()).cast(pa.timestamp("us", tz="UTC"))),
+        ("job", "finished_at", pa.array([datetime.now(UTC) - timedelta(days=3)], pa.timestamp("us", tz="UTC"))),
+        ("software_env", "image", pa.array(["x" * 100_000])),
+        ("job", "task_prefixes", pa.array([["p"] * 20_000], pa.list_(pa.string()))),
+    ],
+    ids=[
+        "negative-count",
+        "negative-completed",
+        "nan",
+        "inf",
+        "year-9999",
+        "year-minus-1199",
+        "before-registration",
+        "long-string",
+        "long-list",
+    ],
+)
+def test_a_value_out_of_bounds_is_400_naming_the_field_and_stores_nothing(
+    plane: ControlPlane, kind: str, field: str, value: pa.Array
+) -> None:
+    registration = register(plane)
+    batch = _with_column(own(registration, kind), field, value)
+    answer = post(plane, registration, sealed_by_hand(registration, [[batch]]))
+    assert f"{kind}.{field}" in assert_problem(answer, 400)["detail"]
+    assert stored(plane)["long_term"] == []
+    (rejected,) = rejections(plane)
+    assert rejected["field"] == f"{kind}.{field}" and rejected["reason"].startswith("out of bounds")
+    with plane.member("acme", "ann") as ann:  # reads go on as before
+        assert ann.get("/v1/records").status_code == 200 and ann.get("/v1/software-envs").json() == []
+
+
+def test_a_thousand_users_in_one_batch_is_400(plane: ControlPlane) -> None:
+    registration = register(plane)
+    records = [own(registration, user=f"user-{n}") for n in range(1000)]
+    answer = post(plane, registration, sealed(registration, *records))
+    assert "distinct accounts and users" in assert_problem(answer, 400)["detail"]
+    assert (
+        stored(plane)["long_term"] == []
+        and plane.pipeline.keyring.live_version(
+            plane.pipeline.keyring.subject_ref("acme"), plane.pipeline.keyring.user_ref("acme", "user-7")
+        )
+        is None
+    )
+
+
+def test_a_compressed_batch_is_refused_before_it_expands(plane: ControlPlane) -> None:
+    """~800 MB of zstd-compressed Arrow in a sealed batch of a few hundred KB: refused, no big allocation."""
+    registration = register(plane)
+    (table,) = tables_from_records([own(registration, "software_env", image="x" * 8_000_000)])
+    bomb = sealed_by_hand(registration, [table.to_batches() * 100], compression="zstd")
+    assert len(bomb[1]) < 1024 * 1024
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server runs in this process
+    answer = post(plane, registration, bomb)
+    assert "compressed" in assert_problem(answer, 400)["detail"]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024
+    assert stored(plane)["long_term"] == []
+
+
+def test_the_plugin_sets_a_batch_out_of_bounds_aside_and_never_retries_it(plane: ControlPlane, tmp_path: Path) -> None:
+    registration = register(plane)
+    delivery = HTTPDelivery(
+        plane.url,
+        registration["token"],
+        load_public_key(registration["intake_public_key"]),
+        cluster_id=registration["cluster_id"],
+    )
+    spool = Spool(tmp_path / "spool")
+    emitter = Emitter(delivery, spool, retry_max=0.2)
+    emitter.start()
+    emitter.submit([own(registration, n_workers=-1)])
+    assert emitter.close(timeout=30.0) is True
+    delivery.close()
+    assert (emitter.stats.batches_refused, emitter.stats.batches_delivered) == (1, 0)
+    assert len(spool.refused_files()) == 1 and list((tmp_path / "spool").glob("*.batch")) == []
+    assert len(rejections(plane)) == 1  # one attempt, never retried
+
+
+# -- environments are per account; cluster tokens read nothing -----------------------------------
+
+
+def test_another_account_cannot_reveal_replace_or_outdate_an_environment(plane: ControlPlane) -> None:
+    acme, globex = register(plane, "acme", "ann"), register(plane, "globex", "bob")
+    secret = {"image": "registry.acme/secret:1", "python_version": "3.11.9", "packages": {"acme-internal": "7.0"}}
+    assert post(plane, acme, sealed(acme, own(acme, "software_env", env_id="x", **secret))).status_code == 202
+    with plane.member("acme", "ann") as ann:
+        (env,) = ann.get("/v1/software-envs").json()
+        assert ann.patch(f"/v1/software-envs/{env['env_id']}", json={"visibility": "private"}).status_code == 200
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    reports = [
+        own(globex, "software_env", env_id=env["env_id"], **secret),  # the same id and content
+        own(
+            globex,
+            "software_env",
+            env_id=env["env_id"],
+            image="evil",
+            python_version="3.0",
+            packages={},
+            observed_at=later,
+        ),
+    ]
+    assert post(plane, globex, sealed(globex, *reports)).status_code == 202
+    with (
+        plane.member("acme", "ann") as ann,
+        plane.member("initech", "eve") as eve,
+        plane.member("globex", "bob") as bob,
+    ):
+        listed = {e["env_id"]: e for e in ann.get("/v1/software-envs").json()}
+        mine = listed[env["env_id"]]  # besides globex's two, public ones
+        assert (mine["image"], mine["visibility"], len(listed)) == (secret["image"], "private", 3)
+        assert env["env_id"] not in {e["env_id"] for e in eve.get("/v1/software-envs").json()}
+        theirs = bob.get("/v1/software-envs").json()
+        assert env["env_id"] not in {e["env_id"] for e in theirs} and len(theirs) == 2  # globex's own two records
+        assert bob.patch(f"/v1/software-envs/{env['env_id']}", json={"visibility": "public"}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/software-envs", "/v1/records", "/v1/clusters", "/v1/erasure-requests", "/metrics"]
+)
+def test_a_cluster_token_reads_nothing(plane: ControlPlane, path: str) -> None:
+    registration = register(plane)
+    with plane.client(registration["token"]) as cluster:
+        assert_problem(cluster.get(path), 403)
+
+
+@pytest.mark.parametrize(
+    ("offset", "status"),
+    [
+        (timedelta(minutes=-10), 202),
+        (timedelta(minutes=-20), 400),
+        (timedelta(minutes=10), 202),
+        (timedelta(minutes=20), 400),
+    ],
+    ids=["skew-before-registration", "before-registration", "skew-ahead", "ahead"],
+)
+def test_timestamps_lie_within_the_clusters_life_give_or_take_the_clock_skew(
+    plane: ControlPlane, offset: timedelta, status: int
+) -> None:
+    registration = register(plane)
+    answer = post(plane, registration, sealed(registration, own(registration, observed_at=datetime.now(UTC) + offset)))
+    assert answer.status_code == status, answer.text

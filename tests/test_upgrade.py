@@ -1,0 +1,97 @@
+"""Upgrades lose nothing (issue 19).
+
+``tests/fixtures/upgrade/<release>/`` holds a home written by that release's own
+code (``make_fixture.py`` there says how): its SQLite database, local log store
+and key files, and what the release itself read back. After ``init`` (which
+runs the migrations) the current code reads every record, in both stores, with
+the same counts; records the first release sealed under the account's key for a
+user are re-sealed under the user's own key, so erasing that user removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import dask.config
+import pytest
+from click.testing import CliRunner
+from test_audit_export import readme_script, verify
+
+from pipeline.cli import main
+from pipeline.retention.requests import file_request, get_request, process_pending
+from pipeline.runtime import Pipeline
+
+FIXTURES = Path(__file__).parent / "fixtures" / "upgrade"
+#: the first release, the last one before issue 19, and the first as the last one upgraded it
+RELEASES = ["7bcb039", "b60f8d6", "7bcb039+b60f8d6"]
+
+
+def _home(release: str, tmp_path: Path) -> Path:
+    """The fixture copied to a fresh home, with the modes git does not keep."""
+    home = tmp_path / "home"
+    shutil.copytree(FIXTURES / release, home, ignore=shutil.ignore_patterns("expected.json"))
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    return home
+
+
+def _ids(pipeline: Pipeline, store: str, account: str) -> list[str]:
+    return sorted(r["record_id"] for r in pipeline.read_records(store, account=account))
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_home_written_by_an_earlier_release_reads_back_whole_after_init(release: str, tmp_path: Path) -> None:
+    expected = json.loads((FIXTURES / release / "expected.json").read_text())
+    home = _home(release, tmp_path)
+    with dask.config.set({"pipeline.home": str(home)}):
+        result = CliRunner().invoke(main, ["init"])
+        assert result.exit_code == 0, result.output
+        pipeline = Pipeline.open()
+        for store, accounts in expected["records"].items():
+            for account, ids in accounts.items():
+                assert _ids(pipeline, store, account) == ids, (store, account)
+
+        verified = CliRunner().invoke(main, ["audit", "verify"])
+        assert verified.exit_code == 0, verified.output
+        entries = list(pipeline.audit.entries())
+        assert entries[expected["audit"]["entries"] - 1].entry_hash == expected["audit"]["head"]
+        exported = tmp_path / "export"
+        assert CliRunner().invoke(main, ["audit", "export", "--out", str(exported)]).exit_code == 0
+        checked = verify(readme_script(exported, tmp_path), exported)  # a third party follows any hand-over
+        assert checked.returncode == 0 and checked.stdout.startswith(f"intact: {len(entries)} entries"), checked.stdout
+
+        for request_id, filed in expected["requests"].items():  # reasons: readable while open, shredded after
+            request = get_request(pipeline, request_id)
+            assert request.state == filed["state"]
+            assert request.reason == (filed["reason"] if filed["state"] != "completed" else None)
+            assert request.receipt["reason_sha256"] == hashlib.sha256(filed["reason"].encode()).hexdigest()
+
+        # ann's records are under her own key now: erasing her removes exactly them (gil's request runs too)
+        file_request(pipeline, "acme", "ann")
+        assert {done.state for done in process_pending(pipeline)} == {"completed"}
+        gone = {"rec-04", "rec-05", "rec-06", "rec-07", "rec-10"}
+        for store, accounts in expected["records"].items():
+            for account, ids in accounts.items():
+                assert _ids(pipeline, store, account) == sorted(set(ids) - gone), (store, account)
+        assert CliRunner().invoke(main, ["audit", "verify"]).exit_code == 0
+
+
+def test_init_upgrades_once_and_a_second_init_changes_nothing(tmp_path: Path) -> None:
+    home = _home("7bcb039", tmp_path)
+    with dask.config.set({"pipeline.home": str(home)}):
+        first = CliRunner().invoke(main, ["init", "--json"])
+        assert first.exit_code == 0, first.output
+        assert json.loads(first.stdout)["upgraded"] == {
+            "segments": {"long_term": 6, "cloud_logging": 4},  # ann, bob and gil
+            "reasons": {"resealed": 1, "dropped": 1},
+        }
+        again = CliRunner().invoke(main, ["init", "--json"])
+        assert again.exit_code == 0 and "upgraded" not in json.loads(again.stdout)
+        pipeline = Pipeline.open()
+        assert [e.details for e in pipeline.audit.entries() if e.action == "upgrade.resealed"] == [
+            json.loads(first.stdout)["upgraded"]
+        ]
+        assert pipeline.keyring.key_state("deletion-reasons") == "destroyed"
