@@ -7,7 +7,6 @@ read, half-sent requests cut, and client-caused errors answered 4xx, never 500.
 
 from __future__ import annotations
 
-import resource
 import socket
 import statistics
 import threading
@@ -15,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -208,23 +206,10 @@ def _send_chunked(host: str, port: int, head: str, total: int) -> int:
     return int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
 
-@contextmanager
-def few_open_files(count: int) -> Iterator[None]:
-    """Processes started in the block may open ``count`` files (as on a host with a low ``ulimit -n``)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def test_half_sent_requests_are_cut_and_health_still_answers(tmp_path: Path, tokens: TokenStore) -> None:
     member = tokens.create("member", "acme", "ann").token
     settings = {"server__header_timeout": "1s", "server__body_timeout": "1s", "server__max_connections": "100"}
-    with ExitStack() as stack:
-        with few_open_files(256):  # the server's files, not the test's
-            served = stack.enter_context(serve_process(tmp_path / "home", "--no-retention", **settings))
+    with serve_process(tmp_path / "home", "--no-retention", open_files=256, **settings) as served:
         host, port = served.url.removeprefix("http://").split(":")
         half_sent = []
         for number in range(300):
