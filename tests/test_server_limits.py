@@ -115,7 +115,9 @@ def test_one_accounts_flood_delays_only_that_account(tmp_path: Path, tokens: Tok
     print(
         f"globex: {quiet:.4f} s alone, {flooded:.4f} s in acme's flood ({len(accepted)} accepted, {len(throttled)} 429)"
     )
-    assert flooded < 3 * quiet, f"globex's batch: {flooded:.3f} s in acme's flood, {quiet:.3f} s alone"
+    # during the flood a batch of globex may wait for one of acme's batches on its write slot and for
+    # another holding SQLite's write lock (the same size as its own), and shares the CPU: at most 4x
+    assert flooded < 4 * quiet, f"globex's batch: {flooded:.3f} s in acme's flood, {quiet:.3f} s alone"
     assert accepted, "the flooding account still gets its share"
     assert throttled and all(value.isdigit() and int(value) >= 1 for value in throttled)
 
