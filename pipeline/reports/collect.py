@@ -58,7 +58,11 @@ def build_report(
     :param progress: show a progress bar on stderr (for long scans on a terminal)
     """
     now = now or utcnow()
-    db = ReportDB(pipeline.policy, now)
+    with ReportDB(pipeline.policy, now, folder=pipeline.settings.home) as db:
+        return _build(pipeline, db, now, show_names=show_names, progress=progress, plots=plots)
+
+
+def _build(pipeline: Pipeline, db: ReportDB, now: datetime, *, show_names: bool, progress: bool, plots: bool) -> Report:
     headers: Counter[tuple[str, str]] = Counter()
     header_records: Counter[tuple[str, str]] = Counter()
     for name, store in pipeline.stores.items():
@@ -145,6 +149,8 @@ def _slices(
         yield from pa.Table.from_arrays(columns, schema=schema).to_batches()
 
 
+#: rows per batch handed to DuckDB (a few MB in the slice schema)
+BATCH_ROWS = 131_072
 #: no record of a Dask cluster is older than this: an earlier time was stored before ingest checked times
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 #: how far past the report's time (or the clock's, if later) a record may be observed: clock skew
@@ -195,11 +201,25 @@ def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: 
             raise
 
     try:
-        db.add_slice(store, kind, pa.RecordBatchReader.from_batches(schema, kept()))
+        db.add_slice(store, kind, pa.RecordBatchReader.from_batches(schema, _coalesced(schema, kept())))
     except duckdb.Error:
         if failures:
             raise failures[0] from None
         raise
+
+
+def _coalesced(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Segments' batches joined into batches of about :data:`BATCH_ROWS`: DuckDB pays per batch it pulls."""
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        held.append(batch)
+        rows += batch.num_rows
+        if rows >= BATCH_ROWS:
+            yield from pa.Table.from_batches(held, schema).combine_chunks().to_batches()
+            held, rows = [], 0
+    if held:
+        yield from pa.Table.from_batches(held, schema).combine_chunks().to_batches()
 
 
 def _requests_table(pipeline: Pipeline) -> pa.Table:

@@ -1,9 +1,11 @@
 """Every number of the compliance report, computed by DuckDB over Arrow.
 
-Decrypted segments arrive as Arrow record batches, one slice per store and
-record kind; each slice is scanned once by DuckDB and reduced to small tables
-(records per store, type, subject and day; jobs; cluster activity per day), so
-memory holds at most one slice, never every record as Python objects. Subjects
+Decrypted segments arrive as a stream of Arrow record batches, one stream per
+store and record kind; each is scanned once by DuckDB and reduced to small
+tables (records per store, type, subject and day; cluster activity per day).
+Only jobs are kept row by row (a job reported running, then finished, counts
+once), in a database file of its own with a memory limit, so DuckDB spills
+them to disk: memory stays flat however many records a store holds. Subjects
 are small integers here; the caller keeps the subject_ref (and, only when asked,
 the name) for each. Times are naive UTC inside DuckDB (``TIMESTAMP``, not
 ``TIMESTAMPTZ``, whose per-row time-zone arithmetic costs 2-3x on day buckets);
@@ -12,8 +14,11 @@ results come back as aware UTC datetimes.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -22,7 +27,10 @@ import pyarrow as pa
 from pipeline.records import KINDS
 from pipeline.retention.policy import Policy
 
-__all__ = ["USAGE_COLUMNS", "UTC_NAIVE", "ReportDB", "slice_schema"]
+__all__ = ["MEMORY_LIMIT", "USAGE_COLUMNS", "UTC_NAIVE", "ReportDB", "slice_schema"]
+
+#: DuckDB's memory for a report; past it, tables and joins spill to the report's folder
+MEMORY_LIMIT = "256MB"
 
 #: how slices carry times: UTC without a zone (cast from the records' ``timestamp[us, UTC]``)
 UTC_NAIVE = pa.timestamp("us")
@@ -91,14 +99,33 @@ _LATEST_JOBS = """
 
 
 class ReportDB:
-    """An in-memory DuckDB database that slices are added to and sections read from."""
+    """A DuckDB database that slices are added to and sections read from; close it (or use ``with``).
 
-    def __init__(self, policy: Policy, now: datetime) -> None:
+    The database is a file in a private temporary folder (0700) under ``folder``
+    (the system's temporary folder by default), deleted on close: it holds
+    decrypted job rows, with subjects as small integers.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        now: datetime,
+        *,
+        folder: Path | None = None,
+        memory_limit: str = MEMORY_LIMIT,
+        usage_store: str | None = None,
+    ) -> None:
+        """:param usage_store: where usage is counted; default the first store holding cluster jobs"""
         self.now = _naive(now)
         #: usage is counted in one store (the first holding cluster jobs: long-term as shipped),
         #: so records kept in two stores are not counted twice
-        self.usage_store = next(iter(policy.stores_for("cluster_jobs")), None)
-        self.con = duckdb.connect()
+        self.usage_store = usage_store or next(iter(policy.stores_for("cluster_jobs")), None)
+        self._folder = Path(tempfile.mkdtemp(prefix="report-", dir=folder))
+        self.con = duckdb.connect(str(self._folder / "report.duckdb"))
+        self.con.execute(
+            f"SET memory_limit = '{memory_limit}'; SET temp_directory = '{self._folder / 'spill'}'; "
+            "SET preserve_insertion_order = false"
+        )
         self._jobs_deduplicated = False
         self._job_slices = 0
         self.con.execute("SET TimeZone = 'UTC'")
@@ -117,6 +144,17 @@ class ReportDB:
                 for data_type, limit in types.items()
             ],
         )
+
+    def close(self) -> None:
+        """Close the database and delete its folder."""
+        self.con.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> ReportDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- loading ------------------------------------------------------------
     def add_headers(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
