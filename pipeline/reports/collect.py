@@ -30,7 +30,7 @@ from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.requests import not_final
 from pipeline.runtime import Pipeline, Unreadable
 
-__all__ = ["build_report"]
+__all__ = ["Bounds", "Found", "assemble", "bounds_at", "build_report", "to_slice"]
 
 _REQUESTS_SCHEMA = pa.schema(
     [
@@ -59,10 +59,30 @@ def build_report(
     """
     now = now or utcnow()
     with ReportDB(pipeline.policy, now, folder=pipeline.settings.home) as db:
-        return _build(pipeline, db, now, show_names=show_names, progress=progress, plots=plots)
+        found = Found(names={} if show_names else None)
+        _scan(pipeline, db, found, bounds_at(now), progress)
+        found.foreign_files = [(s, p) for s, paths in pipeline.foreign_files().items() for p in paths]
+        return assemble(pipeline, db, now, found, plots=plots)
 
 
-def _build(pipeline: Pipeline, db: ReportDB, now: datetime, *, show_names: bool, progress: bool, plots: bool) -> Report:
+@dataclasses.dataclass
+class Found:
+    """What a scan found besides the numbers it added to :class:`ReportDB`."""
+
+    #: subject_ref -> the small integer DuckDB knows the subject by
+    refs: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: subject_ref -> account name, only when the report shows names
+    names: dict[str, str] | None = None
+    #: segments that do not open and records out of range (``record_id`` set), each skipped
+    unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
+    #: (store, path) of files a store skipped as not its own
+    foreign_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def subject(self, subject_ref: str) -> int:
+        return self.refs.setdefault(subject_ref, len(self.refs))
+
+
+def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progress: bool) -> None:
     headers: Counter[tuple[str, str]] = Counter()
     header_records: Counter[tuple[str, str]] = Counter()
     for name, store in pipeline.stores.items():
@@ -73,37 +93,44 @@ def _build(pipeline: Pipeline, db: ReportDB, now: datetime, *, show_names: bool,
         (store_name, data_type, n, header_records[(store_name, data_type)])
         for (store_name, data_type), n in headers.items()
     )
-
-    refs: dict[str, int] = {}
-    names: dict[str, str] = {}
-    unreadable: list[Unreadable] = []
-    bounds = _Bounds(EARLIEST, max(now, utcnow()) + AHEAD)
     with _progress(progress, sum(headers.values())) as advance:
         for store_name in pipeline.stores:
             for kind in KINDS:
                 schema = slice_schema(kind, usage=store_name == db.usage_store)
-                shown = names if show_names else None
-                batches = _slices(pipeline, store_name, kind, schema, refs, shown, advance, unreadable, bounds)
+                batches = _slices(pipeline, store_name, kind, schema, found, advance, bounds)
                 _add_slice(db, store_name, kind, schema, batches)
-    db.add_requests(_requests_table(pipeline))
 
-    subject_refs = {i: ref for ref, i in refs.items()}
+
+def assemble(
+    pipeline: Pipeline, db: ReportDB, now: datetime, found: Found, *, plots: bool, stores: set[str] | None = None
+) -> Report:
+    """The report from a filled :class:`ReportDB` and the control plane's database (requests, audit).
+
+    :param stores: the stores the report covers (default all): rows the last retention pass
+        wrote about other stores are left out
+    """
+    db.add_requests(_requests_table(pipeline))
+    subject_refs = {i: ref for ref, i in found.refs.items()}
+    names = found.names
 
     def label(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for row in rows:
             ref = subject_refs[row.pop("subject")]
-            named = {"account": names.get(ref)} if show_names else {}
+            named = {"account": names.get(ref)} if names is not None else {}
             out.append({"subject_ref": ref, **named, **row})
         return out
 
+    passes = [
+        r for r in _backend_retention(pipeline) + _failed_steps(pipeline) if stores is None or r["store"] in stores
+    ]
     report = Report(
         generated_at=utcnow(),
         now=now,
         policy={"path": pipeline.policy.path, "sha256": pipeline.policy.sha256},
-        names_shown=show_names,
+        names_shown=names is not None,
         inventory=db.inventory(),
-        retention=db.retention() + _backend_retention(pipeline) + _failed_steps(pipeline),
+        retention=db.retention() + passes,
         deletion_requests={
             **db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
             "not_final": _not_final(pipeline),
@@ -112,9 +139,9 @@ def _build(pipeline: Pipeline, db: ReportDB, now: datetime, *, show_names: bool,
         usage=label(db.usage()),
         usage_daily=label(db.usage_daily()),
         records_by_day=db.records_by_day(),
-        unreadable_segments=[dataclasses.asdict(u) for u in unreadable if u.record_id is None],
-        out_of_range_records=[dataclasses.asdict(u) for u in unreadable if u.record_id is not None],
-        foreign_files=[{"store": s, "path": p} for s, found in pipeline.foreign_files().items() for p in found],
+        unreadable_segments=[dataclasses.asdict(u) for u in found.unreadable if u.record_id is None],
+        out_of_range_records=[dataclasses.asdict(u) for u in found.unreadable if u.record_id is not None],
+        foreign_files=[{"store": s, "path": p} for s, p in found.foreign_files],
     )
     if plots:
         report.plots = render_plots(report)
@@ -126,27 +153,39 @@ def _slices(
     store: str,
     kind: str,
     schema: pa.Schema,
-    refs: dict[str, int],
-    names: dict[str, str] | None,
+    found: Found,
     advance: Callable[[], None],
-    unreadable: list[Unreadable],
-    bounds: _Bounds,
+    bounds: Bounds,
 ) -> Iterator[pa.RecordBatch]:
     data_type = KINDS[kind].data_type
-    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=unreadable):
+    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=found.unreadable):
         advance()
-        if bad := bounds.outside(table, schema):
-            record_ids = table.column("record_id").to_pylist()
-            unreadable.extend(Unreadable(store, segment.segment_id, why, record_ids[row]) for row, why in bad.items())
-            table = table.filter([row not in bad for row in range(table.num_rows)])
-        if not table.num_rows:
-            continue
-        subject = refs.setdefault(segment.subject_ref, len(refs))
-        if names is not None:
-            names.setdefault(segment.subject_ref, table.column("account")[0].as_py())
-        columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
-        columns += [table.column(f.name).cast(f.type) for f in list(schema)[1:]]
-        yield from pa.Table.from_arrays(columns, schema=schema).to_batches()
+        rows, bad = to_slice(table, schema, found.subject(segment.subject_ref), bounds)
+        record_ids = table.column("record_id")
+        found.unreadable.extend(
+            Unreadable(store, segment.segment_id, why, record_ids[row].as_py()) for row, why in bad.items()
+        )
+        if rows.num_rows and found.names is not None:
+            found.names.setdefault(segment.subject_ref, table.column("account")[0].as_py())
+        yield from rows.to_batches()
+
+
+def to_slice(table: pa.Table, schema: pa.Schema, subject: int, bounds: Bounds) -> tuple[pa.Table, dict[int, str]]:
+    """Decrypted records of one subject as the columns of ``schema``, with the rows out of bounds left out.
+
+    :returns: the slice, and row number -> why, for each row left out
+    """
+    bad = bounds.outside(table, schema)
+    if bad:
+        table = table.filter([row not in bad for row in range(table.num_rows)])
+    columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
+    columns += [table.column(f.name).cast(f.type) for f in list(schema)[1:]]
+    return pa.Table.from_arrays(columns, schema=schema), bad
+
+
+def bounds_at(now: datetime) -> Bounds:
+    """The bounds a report as of ``now`` counts records within."""
+    return Bounds(EARLIEST, max(now, utcnow()) + AHEAD)
 
 
 #: rows per batch handed to DuckDB (a few MB in the slice schema)
@@ -158,7 +197,7 @@ AHEAD = timedelta(days=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Bounds:
+class Bounds:
     """What a record must satisfy to be counted: times from ``earliest`` to ``latest``, no negative numbers.
 
     Ingest enforces bounds (DESIGN Part 3); records stored before it did are named in the

@@ -91,6 +91,13 @@ _STORE_TYPES = """
     UNION SELECT DISTINCT store, data_type FROM record_days
 """
 
+#: one row per cluster and day, however many parts it was added in
+_CLUSTER_DAYS = """
+    SELECT subject, cluster_id, day, min(first_seen) first_seen, max(last_seen) last_seen,
+           max(peak_memory_bytes) peak_memory_bytes, max(max_workers) max_workers
+    FROM cluster_days GROUP BY ALL
+"""
+
 _LATEST_JOBS = """
     SELECT * FROM jobs
     QUALIFY row_number() OVER (PARTITION BY subject, job_id
@@ -223,6 +230,23 @@ class ReportDB:
             [store, data_type, cutoff],
         )
 
+    #: what a slice is reduced to: tables a Dask worker hands back (see :meth:`partials`)
+    PARTIALS = ("headers", "record_days", "cluster_days", "jobs")
+
+    def partials(self) -> dict[str, pa.Table]:
+        """The reduced tables, for another ReportDB to :meth:`add_partials` (a worker's share of a report)."""
+        return {name: self.con.execute(f"SELECT * FROM {name}").to_arrow_table() for name in self.PARTIALS}
+
+    def add_partials(self, tables: dict[str, pa.Table]) -> None:
+        """Add tables from :meth:`partials` of another ReportDB (with the same subject numbers)."""
+        self._jobs_deduplicated = False
+        for name in self.PARTIALS:
+            self.con.register("partial_in", tables[name])
+            try:
+                self.con.execute(f"INSERT INTO {name} SELECT * FROM partial_in")
+            finally:
+                self.con.unregister("partial_in")
+
     def add_requests(self, table: pa.Table) -> None:
         """Deletion requests: request_id, state, created_at, deadline, completed_at."""
         self.con.register("requests_in", table)
@@ -310,7 +334,7 @@ class ReportDB:
                  per_cluster AS (SELECT subject, count(DISTINCT cluster_id) clusters,
                                         sum(epoch(last_seen - first_seen)) / 3600 cluster_hours,
                                         max(peak_memory_bytes) peak_cluster_memory
-                                 FROM cluster_days GROUP BY subject)
+                                 FROM ({_CLUSTER_DAYS}) GROUP BY subject)
             SELECT subject, coalesce(c.clusters, 0)::BIGINT clusters,
                    round(coalesce(c.cluster_hours, 0), 4) cluster_hours,
                    coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0)::BIGINT tasks_completed,
@@ -330,7 +354,7 @@ class ReportDB:
                               sum(compute_seconds) / 3600 compute_hours
                        FROM {self._latest_jobs()} GROUP BY ALL),
                  c AS (SELECT subject, day, sum(epoch(last_seen - first_seen)) / 3600 cluster_hours
-                       FROM cluster_days GROUP BY ALL)
+                       FROM ({_CLUSTER_DAYS}) GROUP BY ALL)
             SELECT subject, day, round(coalesce(c.cluster_hours, 0), 4) cluster_hours,
                    coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0)::BIGINT tasks_completed,
                    coalesce(j.tasks_erred, 0)::BIGINT tasks_erred, round(coalesce(j.compute_hours, 0), 6) compute_hours
