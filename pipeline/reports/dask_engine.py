@@ -138,7 +138,7 @@ def _groups(pipeline: Pipeline, found: Found) -> Iterator[Group]:
             parsed.netloc,
             tuple(sorted(options.items())),
             data_type,
-            tuple(sorted(objects)),  # a compacted object sorts before its segments' own
+            tuple(sorted(objects)),
             key_id,
             found.subject(subject_ref),
             data_key,
