@@ -14,6 +14,7 @@ must agree on the totals. ``--large`` adds 100 M records (generated once into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -143,17 +144,17 @@ def measure(argv: list[str], home: Path, cap: int | None = None) -> Run:
         child = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.DEVNULL)
         capped, seen = False, 0
         watched = psutil.Process(child.pid)
-        while child.poll() is None and cap is not None:
-            try:
-                seen = max(seen, watched.memory_info().rss)
-            except psutil.NoSuchProcess:
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage once it ended
+            if pid:
                 break
-            if seen > cap:
-                child.kill()
-                capped = True
-                break
+            if cap is not None and not capped:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    seen = max(seen, watched.memory_info().rss)
+                if seen > cap:
+                    child.kill()
+                    capped = True
             time.sleep(POLL)
-        _pid, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - started
         out.seek(0)

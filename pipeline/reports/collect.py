@@ -158,7 +158,10 @@ def _slices(
     bounds: Bounds,
 ) -> Iterator[pa.RecordBatch]:
     data_type = KINDS[kind].data_type
-    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=found.unreadable):
+    times = [f.name for f in KINDS[kind].schema if pa.types.is_timestamp(f.type)]  # each checked, even if unused
+    columns = ["record_id", *schema.names[1:], *times, *(["account"] if found.names is not None else [])]
+    scan = pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=found.unreadable, columns=columns)
+    for segment, table in scan:
         advance()
         rows, bad = to_slice(table, schema, found.subject(segment.subject_ref), bounds)
         record_ids = table.column("record_id")

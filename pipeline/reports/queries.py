@@ -316,7 +316,9 @@ class ReportDB:
 
     def records_by_day(self) -> list[dict[str, Any]]:
         """Records per store and day (for the inventory plot)."""
-        return self._rows("SELECT store, day, sum(records)::BIGINT records FROM record_days GROUP BY ALL ORDER BY day")
+        return self._rows(
+            "SELECT store, day, sum(records)::BIGINT records FROM record_days GROUP BY ALL ORDER BY day, store"
+        )
 
     def usage(self) -> list[dict[str, Any]]:
         """Per subject: clusters, cluster hours, jobs, tasks, compute hours, peak memory.
