@@ -113,9 +113,7 @@ def make_home(total: int) -> Path:
                 for account, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
                     if hi > lo:  # take copies: IPC of a slice would carry the whole day's buffers
                         rows = table.take(pa.array(np.arange(lo, hi)))
-                        segments.append(
-                            seal(pipeline.keyring, refs[account], None, rows, key=keys[(refs[account], None)])
-                        )
+                        segments.append(seal(pipeline.keyring, refs[account], None, rows, key=keys[account]))
             for store in pipeline.stores.values():
                 store.write(segments)
     finally:
