@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -78,8 +80,11 @@ class Found:
     #: (store, path) of files a store skipped as not its own
     foreign_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
     def subject(self, subject_ref: str) -> int:
-        return self.refs.setdefault(subject_ref, len(self.refs))
+        with self._lock:  # stores are scanned by threads of their own
+            return self.refs.setdefault(subject_ref, len(self.refs))
 
 
 def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progress: bool) -> None:
@@ -93,12 +98,17 @@ def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progre
         (store_name, data_type, n, header_records[(store_name, data_type)])
         for (store_name, data_type), n in headers.items()
     )
-    with _progress(progress, sum(headers.values())) as advance:
-        for store_name in pipeline.stores:
-            for kind in KINDS:
-                schema = slice_schema(kind, usage=store_name == db.usage_store)
-                batches = _slices(pipeline, store_name, kind, schema, found, advance, bounds)
-                _add_slice(db, store_name, kind, schema, batches)
+
+    def scan(store_name: str) -> None:
+        for kind in KINDS:
+            schema = slice_schema(kind, usage=store_name == db.usage_store)
+            batches = _slices(pipeline, store_name, kind, schema, found, advance, bounds)
+            _add_slice(db, store_name, kind, schema, batches)
+
+    # a thread per store: decompression and DuckDB release the GIL, so stores are read side by side
+    with _progress(progress, sum(headers.values())) as advance, ThreadPoolExecutor(len(pipeline.stores)) as pool:
+        for done in [pool.submit(scan, store_name) for store_name in pipeline.stores]:
+            done.result()
 
 
 def assemble(
@@ -137,7 +147,7 @@ def assemble(
         },
         audit=_audit_section(pipeline),
         usage=label(db.usage()),
-        usage_daily=label(db.usage_daily()),
+        usage_daily=sorted(label(db.usage_daily()), key=lambda row: (row["day"], row["subject_ref"])),
         records_by_day=db.records_by_day(),
         unreadable_segments=[dataclasses.asdict(u) for u in found.unreadable if u.record_id is None],
         out_of_range_records=[dataclasses.asdict(u) for u in found.unreadable if u.record_id is not None],

@@ -14,6 +14,7 @@ results come back as aware UTC datetimes.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -134,7 +135,7 @@ class ReportDB:
             "SET preserve_insertion_order = false"
         )
         self._jobs_deduplicated = False
-        self._job_slices = 0
+        self._job_slices = itertools.count(1)
         self.con.execute("SET TimeZone = 'UTC'")
         self.con.execute(_SCHEMA)
         self._cutoffs = {(store, data_type): self.now - limit for store, data_type, limit in policy.limits()}
@@ -171,25 +172,29 @@ class ReportDB:
             self.con.executemany("INSERT INTO headers VALUES (?, ?, ?, ?)", rows)
 
     def add_slice(self, store: str, kind: str, reader: pa.RecordBatchReader) -> None:
-        """Reduce one store's records of one kind (batches of :func:`slice_schema`), reading them once."""
+        """Reduce one store's records of one kind (batches of :func:`slice_schema`), reading them once.
+
+        Slices of different stores may be added from threads of their own at once.
+        """
         self._jobs_deduplicated = False
         data_type = KINDS[kind].data_type
         cutoff = self._cutoffs.get((store, data_type))  # None: kept until deleted (nothing is past a limit)
         usage = store == self.usage_store and kind in USAGE_COLUMNS
-        self.con.register("slice_in", reader)
+        con = self.con.cursor()  # a connection of this call's own: its temp table and registered stream
+        con.register("slice_in", reader)
         try:
             if usage and kind == "job":  # jobs are kept whole (deduplicated later); count days from them
-                self._job_slices += 1
-                self.con.execute(
+                number = next(self._job_slices)
+                con.execute(
                     "INSERT INTO jobs SELECT ?, subject, cluster_id, job_id, observed_at, started_at, finished_at, "
                     "tasks_completed, tasks_erred, compute_seconds, peak_memory_bytes FROM slice_in",
-                    [self._job_slices],
+                    [number],
                 )
-                self._add_record_days(store, data_type, cutoff, f"jobs WHERE slice = {self._job_slices}")
+                _add_record_days(con, store, data_type, cutoff, f"jobs WHERE slice = {number}")
             elif usage:  # snapshots: one pass to (subject, cluster, day), both tables from that
-                self.con.execute(
+                con.execute(
                     """
-                    CREATE OR REPLACE TEMP TABLE snapshot_days AS
+                    CREATE TEMP TABLE snapshot_days AS
                     SELECT subject, cluster_id, observed_at::DATE AS day, count(*) records,
                            min(observed_at) first_seen, max(observed_at) last_seen,
                            count(*) FILTER (WHERE observed_at < ?::TIMESTAMP) past_limit,
@@ -198,7 +203,7 @@ class ReportDB:
                     """,
                     [cutoff],
                 )
-                self.con.execute(
+                con.execute(
                     """
                     INSERT INTO record_days
                     SELECT ?, ?, subject, day, sum(records), min(first_seen), max(last_seen), sum(past_limit)
@@ -206,29 +211,17 @@ class ReportDB:
                     """,
                     [store, data_type],
                 )
-                self.con.execute(
+                con.execute(
                     """
                     INSERT INTO cluster_days
                     SELECT subject, cluster_id, day, first_seen, last_seen, peak_memory_bytes, max_workers
-                    FROM snapshot_days;
-                    DROP TABLE snapshot_days;
+                    FROM snapshot_days
                     """
                 )
             else:
-                self._add_record_days(store, data_type, cutoff, "slice_in")
+                _add_record_days(con, store, data_type, cutoff, "slice_in")
         finally:
-            self.con.unregister("slice_in")
-
-    def _add_record_days(self, store: str, data_type: str, cutoff: datetime | None, source: str) -> None:
-        self.con.execute(
-            f"""
-            INSERT INTO record_days
-            SELECT ?, ?, subject, observed_at::DATE AS day, count(*), min(observed_at), max(observed_at),
-                   count(*) FILTER (WHERE observed_at < ?::TIMESTAMP)
-            FROM {source} GROUP BY subject, day
-            """,
-            [store, data_type, cutoff],
-        )
+            con.close()
 
     #: what a slice is reduced to: tables a Dask worker hands back (see :meth:`partials`)
     PARTIALS = ("headers", "record_days", "cluster_days", "jobs")
@@ -400,6 +393,20 @@ class ReportDB:
         )
         status = "FAIL" if summary["failed"] or summary["overdue"] else "PASS"
         return {"deadline_days": deadline_days, "status": status, **summary, "by_state": by_state, "requests": listing}
+
+
+def _add_record_days(
+    con: duckdb.DuckDBPyConnection, store: str, data_type: str, cutoff: datetime | None, source: str
+) -> None:
+    con.execute(
+        f"""
+        INSERT INTO record_days
+        SELECT ?, ?, subject, observed_at::DATE AS day, count(*), min(observed_at), max(observed_at),
+               count(*) FILTER (WHERE observed_at < ?::TIMESTAMP)
+        FROM {source} GROUP BY subject, day
+        """,
+        [store, data_type, cutoff],
+    )
 
 
 def _naive(moment: datetime) -> datetime:
