@@ -174,7 +174,7 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, bounds: Bounds, name
         seen = pa.concat_arrays([seen, pc.unique(table.column("_segment_id"))])
         tables.append(table)
     account = None
-    with ReportDB(policy, now, usage_store=ARCHIVE) as db:
+    with ReportDB(policy, now, in_memory=True, usage_store=ARCHIVE) as db:  # nothing decrypted on a worker's disk
         if tables:
             rows = pa.concat_tables(tables, promote_options="default")
             db.add_headers([(ARCHIVE, group.data_type, len(seen), rows.num_rows)])

@@ -111,7 +111,8 @@ class ReportDB:
 
     The database is a file in a private temporary folder (0700) under ``folder``
     (the system's temporary folder by default), deleted on close: it holds
-    decrypted job rows, with subjects as small integers.
+    decrypted job rows, with subjects as small integers. With ``in_memory`` it
+    never touches a disk (and fails past ``memory_limit``): a Dask worker's share.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class ReportDB:
         now: datetime,
         *,
         folder: Path | None = None,
+        in_memory: bool = False,
         memory_limit: str = MEMORY_LIMIT,
         usage_store: str | None = None,
     ) -> None:
@@ -128,11 +130,11 @@ class ReportDB:
         #: usage is counted in one store (the first holding cluster jobs: long-term as shipped),
         #: so records kept in two stores are not counted twice
         self.usage_store = usage_store or next(iter(policy.stores_for("cluster_jobs")), None)
-        self._folder = Path(tempfile.mkdtemp(prefix="report-", dir=folder))
-        self.con = duckdb.connect(str(self._folder / "report.duckdb"))
+        self._folder = None if in_memory else Path(tempfile.mkdtemp(prefix="report-", dir=folder))
+        self.con = duckdb.connect() if self._folder is None else duckdb.connect(str(self._folder / "report.duckdb"))
+        spill = "" if self._folder is None else self._folder / "spill"  # '': no spilling
         self.con.execute(
-            f"SET memory_limit = '{memory_limit}'; SET temp_directory = '{self._folder / 'spill'}'; "
-            "SET preserve_insertion_order = false"
+            f"SET memory_limit = '{memory_limit}'; SET temp_directory = '{spill}'; SET preserve_insertion_order = false"
         )
         self._jobs_deduplicated = False
         self._job_slices = itertools.count(1)
@@ -156,7 +158,8 @@ class ReportDB:
     def close(self) -> None:
         """Close the database and delete its folder."""
         self.con.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def __enter__(self) -> ReportDB:
         return self
