@@ -1,9 +1,11 @@
 """Build a :class:`Report` from an open pipeline: scan, decrypt, hand Arrow to DuckDB.
 
-Each store is scanned once per record kind; each decrypted segment becomes Arrow
-batches of the few columns the report needs (with the subject as a small
-integer), streamed into :class:`ReportDB`. Names are decrypted into memory only
-when ``show_names`` asks for them; otherwise the report shows subject refs.
+Each store is scanned once per record kind, by a thread of its own; each decrypted
+segment (only the columns the report counts are decompressed) becomes Arrow
+batches with the subject as a small integer, streamed into :class:`ReportDB`.
+Names are decrypted into memory only when ``show_names`` asks for them;
+otherwise the report shows subject refs. :func:`assemble` makes the report from a
+filled ReportDB, whichever engine filled it (see :mod:`.dask_engine`).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def assemble(
     passes = [
         r for r in _backend_retention(pipeline) + _failed_steps(pipeline) if stores is None or r["store"] in stores
     ]
+    skipped = sorted(found.unreadable, key=lambda u: (u.store, u.segment_id, u.record_id or ""))  # threads interleave
     report = Report(
         generated_at=utcnow(),
         now=now,
@@ -149,8 +152,8 @@ def assemble(
         usage=label(db.usage()),
         usage_daily=sorted(label(db.usage_daily()), key=lambda row: (row["day"], row["subject_ref"])),
         records_by_day=db.records_by_day(),
-        unreadable_segments=[dataclasses.asdict(u) for u in found.unreadable if u.record_id is None],
-        out_of_range_records=[dataclasses.asdict(u) for u in found.unreadable if u.record_id is not None],
+        unreadable_segments=[dataclasses.asdict(u) for u in skipped if u.record_id is None],
+        out_of_range_records=[dataclasses.asdict(u) for u in skipped if u.record_id is not None],
         foreign_files=[{"store": s, "path": p} for s, p in found.foreign_files],
     )
     if plots:
