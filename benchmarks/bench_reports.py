@@ -193,23 +193,21 @@ def pandas_report() -> dict[str, Any]:
     policy = pipeline.policy
     usage_store = policy.stores_for("cluster_jobs")[0]
     now = NOW.replace(tzinfo=None)
-    record_days, inventory_rows, retention_rows = [], [], []
+    inventory_rows, retention_rows = [], []
     jobs: pd.DataFrame | None = None
     clusters: pd.DataFrame | None = None
     for store in pipeline.stores:
         for kind in SHARES:
             schema = slice_schema(kind, usage=True)
             names = [f.name for f in schema][1:]
-            tables = [
-                t.select(["account", *names])
-                for _s, t in pipeline.read_segments(store, data_type=KINDS[kind].data_type, kind=kind)
-            ]
+            columns = ["account", *names]  # read as the report reads: only these are decompressed
+            scan = pipeline.read_segments(store, data_type=KINDS[kind].data_type, kind=kind, columns=columns)
+            tables = [t.select(columns) for _s, t in scan]
             df = pa.concat_tables(tables).to_pandas()
             df["observed_at"] = df["observed_at"].dt.tz_localize(None)
             df["day"] = df["observed_at"].dt.floor("D")
             limit = policy.retention[store].get("cluster_jobs")
             df["past"] = df["observed_at"] < (now - limit) if limit is not None else False
-            record_days.append(df.groupby(["account", "day"]).agg(records=("observed_at", "size")).reset_index())
             retention_rows.append(int(df["past"].sum()))
             inventory_rows.append(len(df))
             if store == usage_store and kind == "job":
@@ -221,8 +219,7 @@ def pandas_report() -> dict[str, Any]:
                     .reset_index()
                 )
     assert jobs is not None and clusters is not None
-    for column in ("finished_at",):
-        jobs[column] = jobs[column].dt.tz_localize(None)
+    jobs["finished_at"] = jobs["finished_at"].dt.tz_localize(None)
     job = jobs.sort_values(["observed_at", "finished_at"], na_position="first")
     job = job.drop_duplicates(["account", "job_id"], keep="last")
     per_job = job.groupby("account").agg(

@@ -195,7 +195,9 @@ def to_slice(table: pa.Table, schema: pa.Schema, subject: int, bounds: Bounds) -
     if bad:
         table = table.filter([row not in bad for row in range(table.num_rows)])
     columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
-    columns += [table.column(f.name).cast(f.type) for f in list(schema)[1:]]
+    for field in list(schema)[1:]:
+        column = table.column(field.name)
+        columns.append(column if column.type == field.type else column.cast(field.type))
     return pa.Table.from_arrays(columns, schema=schema), bad
 
 
@@ -228,20 +230,30 @@ class Bounds:
         """Row number -> the first reason it is out of range, over the columns the report reads."""
         bad: dict[int, str] = {}
         for field in schema:
-            if field.name == "subject":
+            if field.name == "subject" or self._within(table.column(field.name), field.type):
                 continue
             values = table.column(field.name)
             if pa.types.is_timestamp(field.type):
                 outside = pc.or_(pc.less(values, self.earliest), pc.greater(values, self.latest))
                 reason = f"{field.name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
-            elif pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
+            else:
                 outside = pc.invert(pc.greater_equal(values, 0))  # NaN compares false: out too
                 reason = f"{field.name} is negative or not a number"
-            else:
-                continue
             for row in pc.indices_nonzero(pc.fill_null(outside, False)).to_pylist():
                 bad.setdefault(row, reason)
         return bad
+
+    def _within(self, values: pa.ChunkedArray, kind: pa.DataType) -> bool:
+        """Whether every value is in range, from a few calls per column (a segment is looked at row by row
+        only when not). Integers throughout: ``pa.scalar`` of a time imports pandas."""
+        if pa.types.is_timestamp(kind):
+            span = pc.min_max(values.cast(pa.int64())).as_py()
+            first, last = (int(moment.timestamp() * 1_000_000) for moment in (self.earliest, self.latest))
+            return span["min"] is None or (first <= span["min"] and span["max"] <= last)
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            low = pc.min(values).as_py()
+            return (low is None or low >= 0) and not (pa.types.is_floating(kind) and pc.any(pc.is_nan(values)).as_py())
+        return True
 
 
 def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
