@@ -297,7 +297,8 @@ def run(quick: bool, large: bool = False) -> list[dict[str, Any]]:
                     f"killed at {reference.rss / 2**30:.1f} GiB RSS (cap {PANDAS_CAP / 2**30:g} GiB): "
                     "every decrypted record in memory does not fit"
                     if reference.capped
-                    else f"same stores decrypted into pandas, same totals; peak RSS {reference.rss / 2**20:,.0f} MiB"
+                    else f"same stores and columns decrypted into pandas, same totals (no plots, no files); "
+                    f"peak RSS {reference.rss / 2**20:,.0f} MiB"
                 ),
             ),
         ]
