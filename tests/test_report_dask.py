@@ -82,3 +82,10 @@ def test_the_command_writes_the_archive_report(archived: Pipeline, scheduler: st
     assert len(document["usage"]["accounts"]) == 2 and (tmp_path / "report.html").exists()
     alone = run("report", "--engine", "dask", "--out", str(tmp_path))
     assert alone.exit_code == 2 and "--scheduler" in alone.output
+
+
+def test_an_unreachable_scheduler_is_one_line_and_exit_2(archived: Pipeline, tmp_path: Path) -> None:
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = run("report", "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "Dask scheduler tcp://127.0.0.1:1 cannot be reached" in result.output

@@ -21,9 +21,10 @@ from typing import Any, cast
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pipeline.errors import ConfigError, KeyringError
+from pipeline.errors import ConfigError, KeyringError, StoreError
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
 from pipeline.redact import first_line
@@ -86,7 +87,8 @@ def build_archive_report(
 ) -> Report:
     """The report over the archive, its records reduced on the Dask cluster at ``scheduler``.
 
-    :raises ConfigError: no archive is configured
+    :raises ConfigError: no archive is configured, or the scheduler cannot be reached
+    :raises StoreError: a worker cannot read the archive (its S3 credentials or endpoint)
     """
     from distributed import Client, as_completed
 
@@ -95,13 +97,21 @@ def build_archive_report(
     now = now or utcnow()
     policy = dataclasses.replace(pipeline.policy, retention={ARCHIVE: pipeline.policy.retention[ARCHIVE]})
     found = Found(names={} if show_names else None)
-    with ReportDB(policy, now, folder=pipeline.settings.home, usage_store=ARCHIVE) as db, Client(scheduler) as client:
+    try:
+        client = Client(scheduler)
+    except (OSError, ValueError) as exc:  # refused, timed out, or not an address
+        raise ConfigError(f"Dask scheduler {scheduler} cannot be reached: {first_line(exc)}") from exc
+    with ReportDB(policy, now, folder=pipeline.settings.home, usage_store=ARCHIVE) as db, client:
         groups = list(_groups(pipeline, found))
         reduce = functools.partial(_reduce, policy=policy, now=now, bounds=bounds_at(now), names=show_names)
         futures = client.map(reduce, groups, pure=False)
         group_of = dict(zip(futures, groups, strict=True))
         for future in as_completed(futures):
-            part: Part = future.result()
+            try:
+                part: Part = future.result()
+            except (BotoCoreError, ClientError) as exc:  # the worker's S3 credentials or endpoint
+                where = ", ".join(group_of[future].objects[:1])
+                raise StoreError(f"a Dask worker could not read {where}: {first_line(exc)}") from exc
             db.add_partials(part.tables)
             found.unreadable += part.unreadable
             if found.names is not None and part.account is not None:
