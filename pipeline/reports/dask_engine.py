@@ -107,15 +107,15 @@ def build_archive_report(
         futures = client.map(reduce, groups, pure=False)
         group_of = dict(zip(futures, groups, strict=True))
         for future in as_completed(futures):
+            group = group_of.pop(future)
             try:
                 part: Part = future.result()
             except (BotoCoreError, ClientError) as exc:  # the worker's S3 credentials or endpoint
-                where = ", ".join(group_of[future].objects[:1])
-                raise StoreError(f"a Dask worker could not read {where}: {first_line(exc)}") from exc
+                raise StoreError(f"a Dask worker could not read {group.objects[0]}: {first_line(exc)}") from exc
             db.add_partials(part.tables)
             found.unreadable += part.unreadable
             if found.names is not None and part.account is not None:
-                found.names.setdefault(group_of.pop(future).key_id.partition("~")[0], part.account)
+                found.names.setdefault(group.key_id.partition("~")[0], part.account)
             future.release()
         return assemble(pipeline, db, now, found, plots=plots, stores={ARCHIVE})
 
