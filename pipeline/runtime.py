@@ -12,7 +12,7 @@ import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -225,6 +225,10 @@ class Pipeline:
     policy: Policy
     keyring: Keyring
     stores: dict[str, Store]
+    _commits: GroupCommit[PreparedBatch, IngestResult] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._commits = GroupCommit(self._commit_group)  # one per pipeline: its ingests share commits
 
     @classmethod
     def open(cls, settings: Settings | None = None, *, create: bool = False) -> Pipeline:
@@ -279,10 +283,6 @@ class Pipeline:
     @functools.cached_property
     def _ingest_tally(self) -> IngestTally:
         return IngestTally(self.audit)
-
-    @functools.cached_property
-    def _commits(self) -> GroupCommit[PreparedBatch, IngestResult]:
-        return GroupCommit(self._commit_group)
 
     # -- the one ingest path ---------------------------------------------------
     def ingest(self, sealed: bytes, principal: Principal, *, idempotency_key: str | None = None) -> IngestResult:
