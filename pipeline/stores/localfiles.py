@@ -388,12 +388,10 @@ def _header(segment: Segment) -> bytes:
 
 
 def _sync_files(root: Path, files: Sequence[Path]) -> None:
-    """Make the files' data durable: one ``syncfs`` of the file system holding ``root`` (Linux),
-    else one fsync per file. ``syncfs`` also writes what other processes left dirty there, which
-    on a busy disk may cost more than a few fsyncs, but it is one wait rather than one per file."""
-    if not files:
-        return
-    if _syncfs is not None:
+    """Make the files' data durable: a lone file by its fsync, several by one ``syncfs`` of the file
+    system holding ``root`` (Linux; elsewhere an fsync each). ``syncfs`` also writes what other
+    processes left dirty there, so it costs more than one fsync, but it is one wait, not one a file."""
+    if len(files) > 1 and _syncfs is not None:
         fd = os.open(root, os.O_RDONLY)
         try:
             if _syncfs(fd) != 0:
