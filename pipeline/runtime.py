@@ -8,6 +8,7 @@ stores, whether the batch arrived in-process or over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections import defaultdict
@@ -217,6 +218,18 @@ def _mark_ingested(conn: Connection, engine: Engine, batches: Sequence[PreparedB
     return new
 
 
+@contextlib.contextmanager
+def _kept_for_retry(store: str) -> Iterator[None]:
+    """A store's refusal becomes :class:`StoreUnavailable`: the batches are valid, so the sender keeps
+    them for a retry rather than lose them."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except StoreError as exc:
+        raise StoreUnavailable(f"{store}: {exc}") from exc
+
+
 @dataclass
 class Pipeline:
     """Open handles on everything the configuration names."""
@@ -348,17 +361,16 @@ class Pipeline:
 
         for name in self.stores:
             if name != "long_term" and (segments := routed(name)):
-                self._write(name, segments)
+                with _kept_for_retry(name):
+                    self.stores[name].write(segments)
         long_term = self.stores["long_term"]
         assert isinstance(long_term, SQLStore)  # checked by open
-        try:
-            with transaction(self.keyring.engine, "commit ingested batches") as conn:
-                new = _mark_ingested(conn, self.keyring.engine, batches)
-                long_term.insert(conn, routed("long_term", new))
-        except StoreUnavailable:
-            raise
-        except StoreError as exc:  # the batches are valid: keep them for a retry rather than lose them
-            raise StoreUnavailable(f"long_term: {exc}") from exc
+        with (
+            _kept_for_retry("long_term"),
+            transaction(self.keyring.engine, "commit ingested batches") as conn,
+        ):
+            new = _mark_ingested(conn, self.keyring.engine, batches)
+            long_term.insert(conn, routed("long_term", new))
         for name in self.stores:
             self._ingest_tally.count(name, routed(name, new))
         return [IngestResult(batch.records, duplicate=id(batch) not in new) for batch in batches]
@@ -439,14 +451,6 @@ class Pipeline:
                 details={"batch_id": batch.batch_id, "records": sum(dropped.values()), "by_request": dict(dropped)},
             )
         return [table for table in tables if table.num_rows]
-
-    def _write(self, name: str, segments: Sequence[Segment]) -> None:
-        try:
-            self.stores[name].write(segments)
-        except StoreUnavailable:
-            raise
-        except StoreError as exc:  # the batch is valid: keep it for a retry rather than lose it
-            raise StoreUnavailable(f"{name}: {exc}") from exc
 
     def route(self, segments: Iterable[Segment]) -> dict[str, list[Segment]]:
         """Store name → the segments the policy lets it hold."""
