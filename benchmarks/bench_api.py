@@ -45,6 +45,7 @@ from typing import Any
 
 import dask.config
 import httpx
+import psutil
 
 from benchmarks import row
 from pipeline.config import Settings
@@ -193,15 +194,28 @@ async def _clients(cluster_ids: Iterable[str]) -> AsyncIterator[dict[str, httpx.
 
 
 async def _phases(
-    url: str, tokens: dict[str, str], saturated: dict[str, list[tuple[str, bytes]]], paced: dict[str, Any]
-) -> tuple[float, list[float], float, list[float]]:
-    """Saturated, then paced at :data:`PACED_LOAD` of the capacity measured; one connection per cluster, kept."""
+    served: tuple[str, int],
+    tokens: dict[str, str],
+    saturated: dict[str, list[tuple[str, bytes]]],
+    paced: dict[str, Any],
+) -> tuple[float, float, list[float], float, list[float]]:
+    """Saturated (its seconds and the server's CPU seconds), then paced at :data:`PACED_LOAD` of the capacity
+    measured; one connection per cluster, kept."""
+    url, pid = served
     async with _clients(saturated) as clients:
+        cpu = _cpu_seconds(pid)
         seconds, saturated_latencies = await _post_all(clients, [url], tokens, saturated, None)
+        cpu = _cpu_seconds(pid) - cpu
         capacity = len(saturated_latencies) / seconds  # batches per second
         period = CLUSTERS / (PACED_LOAD * capacity)  # each cluster's interval between posts
         _seconds, paced_latencies = await _post_all(clients, [url], tokens, paced, period)
-    return seconds, saturated_latencies, period, paced_latencies
+    return seconds, cpu, saturated_latencies, period, paced_latencies
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far: what a batch costs whatever else the machine runs."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 async def _saturate(urls: list[str], tokens: dict[str, str], sealed: dict[str, list[tuple[str, bytes]]]) -> float:
@@ -216,13 +230,13 @@ def _ms(latencies: list[float], q: int) -> float:
 
 
 @contextlib.contextmanager
-def _serving(home: Path, database: str | None, processes: int = 1) -> Iterator[list[str]]:
-    """``processes`` ``serve --no-retention`` on one home and database; their URLs until the block ends."""
+def _serving(home: Path, database: str | None, processes: int = 1) -> Iterator[list[tuple[str, int]]]:
+    """``processes`` ``serve --no-retention`` on one home and database; their (URL, pid) until the block ends."""
     started = []
     try:
         for _ in range(processes):
             started.append(_serve(home, database))
-        yield [url for _proc, url, _drain in started]
+        yield [(url, proc.pid) for proc, url, _drain in started]
     finally:
         for proc, _url, drain in started:
             proc.send_signal(signal.SIGTERM)
@@ -292,10 +306,11 @@ def _one_database(
     remote, sealed_saturated = _prepared(home, databases[1], saturated)
     sealed_paced = _sealed(remote, paced)
     remote.close()
-    with _serving(home, databases[1]) as urls:
-        seconds, saturated_latencies, period, paced_latencies = asyncio.run(
-            _phases(urls[0], tokens, sealed_saturated, sealed_paced)
+    with _serving(home, databases[1]) as served:
+        seconds, cpu, saturated_latencies, period, paced_latencies = asyncio.run(
+            _phases(served[0], tokens, sealed_saturated, sealed_paced)
         )
+    cpu_ms = cpu / (CLUSTERS * per_cluster) * 1000
     api_rate = n_saturated / seconds
     batches = api_rate / RECORDS_PER_BATCH
     ratio = api_rate / local_rate
@@ -317,6 +332,13 @@ def _one_database(
             f"≥ {GOAL_BATCHES:,.0f}",
             batches >= GOAL_BATCHES,
             f"one process; load average {_load()}",
+        ),
+        row(
+            f"{label}: serve CPU per batch, saturated",
+            cpu_ms,
+            "ms",
+            note=f"user + system CPU of the serve process over the saturated phase: at most {1000 / cpu_ms:,.0f} "
+            "batches/s on one free core",
         ),
         row(
             f"{label}: API ÷ in-process rate",
@@ -351,8 +373,8 @@ def _two_processes(tmp: Path, database: str, per_cluster: int) -> dict[str, Any]
     tokens = _tokens(home, database)
     remote, sealed = _prepared(home, database, saturated)
     remote.close()
-    with _serving(home, database, processes=2) as urls:
-        seconds = asyncio.run(_saturate(urls, tokens, sealed))
+    with _serving(home, database, processes=2) as served:
+        seconds = asyncio.run(_saturate([url for url, _pid in served], tokens, sealed))
     rate = CLUSTERS * per_cluster * RECORDS_PER_BATCH / seconds
     return row(
         "api ingest (postgresql): two serve processes, saturated",
