@@ -66,15 +66,14 @@ class GroupCommit(Generic[_T, _R]):
 
     def _lead(self, group: list[_Waiter[_T, _R]]) -> None:
         try:
-            results = self._commit([w.item for w in group])
+            for w, result in zip(group, self._commit([w.item for w in group]), strict=True):
+                w.result = result
         except BaseException as exc:  # every member hears of it, the leader re-raises it as its own
             for w in group:
                 w.error = exc
-        else:
-            for w, result in zip(group, results, strict=True):
-                w.result = result
-        with self._cond:
-            for w in group:
-                w.done = True
-            self._committing = False
-            self._cond.notify_all()
+        finally:  # whatever happened, the group is answered and the next leader may start
+            with self._cond:
+                for w in group:
+                    w.done = True
+                self._committing = False
+                self._cond.notify_all()
