@@ -8,18 +8,19 @@ stores, whether the batch arrived in-process or over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, select
 
 from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditLog
@@ -37,6 +38,7 @@ from pipeline.errors import (
     UnknownAccountError,
 )
 from pipeline.fsmodes import check_private_folder
+from pipeline.group_commit import GroupCommit
 from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import Keyring, open_key_provider
@@ -50,7 +52,7 @@ from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
 from pipeline.witness import HighWater
 
-__all__ = ["IngestResult", "Pipeline", "Unreadable", "seal_records", "seal_tables"]
+__all__ = ["IngestResult", "Pipeline", "PreparedBatch", "Unreadable", "seal_records", "seal_tables"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,55 @@ class IngestResult:
     duplicate: bool
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedBatch:
+    """A batch checked and sealed by :meth:`Pipeline.prepare_ingest`, ready to commit; ``taken``: seen before."""
+
+    subject_ref: str
+    batch_id: str
+    records: int
+    segments: list[Segment]
+    taken: bool = False
+
+
+def _mark_ingested(conn: Connection, engine: Engine, batches: Sequence[PreparedBatch]) -> set[int]:
+    """Record the batch ids in ``conn``'s transaction; the ``id()`` of each batch that was new.
+
+    Rows go in key order, so two processes committing overlapping groups wait for one
+    another rather than deadlock; a row another transaction holds is waited for, then skipped.
+    """
+    received_at = utcnow()
+    rows = sorted(
+        {(b.subject_ref, b.batch_id): b.records for b in batches}.items()  # a replay within the group: once
+    )
+    inserted = conn.execute(
+        insert_ignoring_duplicates(engine, ingested_batches).returning(
+            ingested_batches.c.subject_ref, ingested_batches.c.batch_id
+        ),
+        [{"subject_ref": s, "batch_id": b, "records": n, "received_at": received_at} for (s, b), n in rows],
+    )
+    fresh = {(row.subject_ref, row.batch_id) for row in inserted}
+    new = set()
+    for batch in batches:
+        key = (batch.subject_ref, batch.batch_id)
+        if key in fresh:
+            fresh.discard(key)  # the first of a replay within the group is new, the others duplicates
+            new.add(id(batch))
+    return new
+
+
+@contextlib.contextmanager
+def _kept_for_retry(store: str) -> Iterator[None]:
+    """A store's refusal becomes :class:`StoreUnavailable`: the batches are valid, so the sender keeps
+    them for a retry rather than lose them."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except StoreError as exc:
+        raise StoreUnavailable(f"{store}: {exc}") from exc
+
+
 @dataclass
 class Pipeline:
     """Open handles on everything the configuration names."""
@@ -189,6 +240,10 @@ class Pipeline:
     policy: Policy
     keyring: Keyring
     stores: dict[str, Store]
+    _commits: GroupCommit[PreparedBatch, IngestResult] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._commits = GroupCommit(self._commit_group)  # one per pipeline: its ingests share commits
 
     @classmethod
     def open(cls, settings: Settings | None = None, *, create: bool = False) -> Pipeline:
@@ -264,6 +319,7 @@ class Pipeline:
 
         The embedded delivery calls this in-process and the API handler per request;
         neither re-implements a step. Accepting a batch id twice writes nothing.
+        It is :meth:`prepare_ingest` then :meth:`commit_ingest`: concurrent callers share commits.
 
         :raises IntakeError: the batch is oversized, malformed, altered or holds an invalid record (400/413);
             a value out of :mod:`pipeline.bounds` is named, and the batch refused whole and audited
@@ -275,6 +331,23 @@ class Pipeline:
         ``admit`` sees a scoped batch before anything is written (the control plane notes its
         cluster's contact there, and refuses a lost cluster's newer records with ForbiddenBatch).
         """
+        prepared = self.prepare_ingest(sealed, principal, idempotency_key=idempotency_key, admit=admit)
+        return self.commit_ingest(prepared)
+
+    def prepare_ingest(
+        self,
+        sealed: bytes,
+        principal: Principal,
+        *,
+        idempotency_key: str | None = None,
+        admit: Callable[[OpenedBatch], None] | None = None,
+    ) -> PreparedBatch:
+        """Every check and the sealing of :meth:`ingest`, nothing written but the audit of a refusal.
+
+        A refused batch raises here, before it joins any group, so it never affects another batch.
+
+        :raises IntakeError, ForbiddenBatch, StoreUnavailable: as :meth:`ingest`
+        """
         batch = open_batch(self.intake_key, sealed)
         if idempotency_key is not None and idempotency_key != batch.batch_id:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
@@ -283,13 +356,51 @@ class Pipeline:
         if admit is not None:
             admit(batch)
         if self._already_ingested(subject_ref, batch.batch_id):
-            return IngestResult(batch.n_records, duplicate=True)
+            return PreparedBatch(subject_ref, batch.batch_id, batch.n_records, [], taken=True)
         stamped = [_stamped(table, principal, subject_ref) for table in batch.tables]
         tables = self._drop_erased(batch, stamped, subject_ref)
         segments = seal_tables(self.keyring, tables, segment_seed=f"{subject_ref}/{batch.batch_id}")
-        self._write_everywhere(segments)
-        self._mark_ingested(subject_ref, batch)
-        return IngestResult(batch.n_records, duplicate=False)
+        return PreparedBatch(subject_ref, batch.batch_id, batch.n_records, segments)
+
+    def commit_ingest(self, prepared: PreparedBatch) -> IngestResult:
+        """Write a prepared batch in the next group commit; returns once that commit is durable.
+
+        :raises StoreUnavailable: a store or the metadata database is down; nothing of the group
+            was acknowledged, and what was written is found and skipped by a retry (503)
+        """
+        if prepared.taken:
+            return IngestResult(prepared.records, duplicate=True)
+        return self._commits.submit(prepared)
+
+    def _commit_group(self, batches: Sequence[PreparedBatch]) -> list[IngestResult]:
+        """Write a group of batches: every store but the long-term one in one call each, then one
+        long-term transaction that records the batch ids and adds the segments of the batches it
+        found new (a concurrent process, or a replay within the group, may have taken one)."""
+        routes = [self.route(batch.segments) for batch in batches]
+
+        def routed(name: str, only: set[int] | None = None) -> list[Segment]:
+            return [
+                s
+                for b, route in zip(batches, routes, strict=True)
+                if only is None or id(b) in only
+                for s in route[name]
+            ]
+
+        for name in self.stores:
+            if name != "long_term" and (segments := routed(name)):
+                with _kept_for_retry(name):
+                    self.stores[name].write(segments)
+        long_term = self.stores["long_term"]
+        assert isinstance(long_term, SQLStore)  # checked by open
+        with (
+            _kept_for_retry("long_term"),
+            transaction(self.keyring.engine, "commit ingested batches") as conn,
+        ):
+            new = _mark_ingested(conn, self.keyring.engine, batches)
+            long_term.insert(conn, routed("long_term", new))
+        for name in self.stores:
+            self._ingest_tally.count(name, routed(name, new))
+        return [IngestResult(batch.records, duplicate=id(batch) not in new) for batch in batches]
 
     def _scope(self, batch: OpenedBatch, principal: Principal) -> str:
         """The subject ref the batch belongs to; refuse it whole unless every record is the principal's own.
@@ -367,30 +478,6 @@ class Pipeline:
                 details={"batch_id": batch.batch_id, "records": sum(dropped.values()), "by_request": dict(dropped)},
             )
         return [table for table in tables if table.num_rows]
-
-    def _write_everywhere(self, segments: Sequence[Segment]) -> None:
-        """Write to every store the policy routes to; idempotent by segment id, so a retry is safe."""
-        routed = {name: batch for name, batch in self.route(segments).items() if batch}
-        for name, batch in routed.items():
-            try:
-                self.stores[name].write(batch)
-            except StoreUnavailable:
-                raise
-            except StoreError as exc:  # the batch is valid: keep it for a retry rather than lose it
-                raise StoreUnavailable(f"{name}: {exc}") from exc
-        for name, batch in routed.items():
-            self._ingest_tally.count(name, batch)
-
-    def _mark_ingested(self, subject_ref: str, batch: OpenedBatch) -> None:
-        with transaction(self.keyring.engine, "record the batch id") as conn:
-            conn.execute(
-                insert_ignoring_duplicates(self.keyring.engine, ingested_batches).values(
-                    subject_ref=subject_ref,
-                    batch_id=batch.batch_id,
-                    records=batch.n_records,
-                    received_at=utcnow(),
-                )
-            )
 
     def route(self, segments: Iterable[Segment]) -> dict[str, list[Segment]]:
         """Store name → the segments the policy lets it hold."""

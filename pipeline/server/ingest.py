@@ -31,7 +31,8 @@ class IngestGate:
     """Fair share of ingest: rates and concurrency per account and per token, write slots in turn.
 
     A request over a rate or concurrency limit is answered 429 before its body is read;
-    an admitted one waits for a write slot, which goes to the waiting accounts in turn.
+    an admitted one waits for a slot to be checked and sealed in, which goes to the waiting
+    accounts in turn, then joins the next group commit (:mod:`pipeline.group_commit`).
     """
 
     def __init__(self, pipeline: Pipeline) -> None:
@@ -68,11 +69,10 @@ class IngestGate:
 
 
 def _write_slots(pipeline: Pipeline) -> int:
-    """How many batches one process writes at once; the others wait their turn.
+    """How many batches one process checks and seals at once; the others wait their turn.
 
-    SQLite takes one writer at a time and makes the others poll with growing sleeps, so
-    many concurrent writers only lose throughput and starve some requests for seconds:
-    two slots (one writing while the other seals or syncs files). PostgreSQL writes in parallel.
+    Mostly CPU under one GIL, with a few reads of the metadata database (batch id, tombstones):
+    with SQLite two slots (one reading while the other computes). PostgreSQL reads in parallel.
     """
     return 2 if pipeline.keyring.engine.dialect.name == "sqlite" else 8
 
@@ -102,11 +102,12 @@ async def ingest(
     try:
         async with gate.admitted(principal):
             sealed = await request.body()  # bounded by the app's guard (MAX_SEALED_BYTES)
-            async with gate.slots.slot(str(principal.account)):
+            async with gate.slots.slot(str(principal.account)):  # checks and sealing: CPU, in turn
                 admit = functools.partial(request.app.state.clusters.heard_from, principal.cluster_id)
-                result = await run_in_threadpool(
-                    pipeline.ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
+                prepared = await run_in_threadpool(
+                    pipeline.prepare_ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
                 )
+            result = await run_in_threadpool(pipeline.commit_ingest, prepared)  # shared with concurrent batches
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise

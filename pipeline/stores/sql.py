@@ -63,6 +63,11 @@ class SQLStore(Store):
                     new += len(rows)
         return new
 
+    def insert(self, conn: Connection, batch: Sequence[Segment]) -> None:
+        """Add segments within the caller's transaction (a group commit); ids already present are skipped."""
+        for start in range(0, len(batch), _CHUNK):
+            conn.execute(self._insert, [_row(s) for s in batch[start : start + _CHUNK]])
+
     def scan(
         self,
         *,
