@@ -1,4 +1,4 @@
-"""A ``gateway`` token (a dask-gateway server's): registers clusters of its accounts and closes its own, nothing else."""
+"""A ``gateway`` token (a dask-gateway server's): registers clusters of its accounts, closes its own, nothing else."""
 
 from __future__ import annotations
 
