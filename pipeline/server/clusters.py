@@ -51,6 +51,7 @@ __all__ = [
     "Registration",
     "check_role_files",
     "cluster_config",
+    "plugin_config",
     "role_configs",
     "router",
     "write_role_files",
@@ -79,23 +80,25 @@ class Registration:
         return dict(self.__dict__)
 
 
+def plugin_config(registration: dict[str, Any]) -> dict[str, Any]:
+    """The ``pipeline`` section a registered cluster's scheduler runs with (its plugin in remote mode)."""
+    return {
+        "account": registration["account"],
+        "user": registration["user"],
+        "cluster-id": registration["cluster_id"],
+        "image": registration["image"],
+        "ingest": {
+            "url": registration["ingest_url"],
+            "token": registration["token"],
+            "public-key": registration["intake_public_key"],
+        },
+    }
+
+
 def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
     """The dask config a registered cluster runs with: section ``pipeline``, and ``distributed.comm``
     for TLS with the cluster's own certificates."""
-    return {
-        **dask_tls_config(registration["tls"]),
-        "pipeline": {
-            "account": registration["account"],
-            "user": registration["user"],
-            "cluster-id": registration["cluster_id"],
-            "image": registration["image"],
-            "ingest": {
-                "url": registration["ingest_url"],
-                "token": registration["token"],
-                "public-key": registration["intake_public_key"],
-            },
-        },
-    }
+    return {**dask_tls_config(registration["tls"]), "pipeline": plugin_config(registration)}
 
 
 #: the file ``clusters create --out DIR`` writes for each role
@@ -118,7 +121,7 @@ def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "comm": {"require-encryption": True, "tls": {"ca-file": tls["ca_cert"], role: own}},
             },
         }
-    configs["scheduler"]["pipeline"] = cluster_config(registration)["pipeline"]
+    configs["scheduler"]["pipeline"] = plugin_config(registration)
     return configs
 
 
