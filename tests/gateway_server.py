@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -59,6 +58,14 @@ class GatewayServer:
     @property
     def log(self) -> str:
         return "".join(self.lines)
+
+    def wait_stopped(self, cluster_name: str, timeout: float = 60) -> None:
+        """Until the gateway logged that the cluster's processes are gone."""
+        deadline = time.monotonic() + timeout
+        while f"Cluster {cluster_name} stopped" not in self.log:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster {cluster_name} did not stop")
+            time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -129,8 +136,3 @@ def _healthy(address: str) -> bool:
         return httpx.get(f"{address}/api/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def cluster_names(log: str) -> list[str]:
-    """The clusters a gateway's log says it started."""
-    return re.findall(r"Cluster (\S+) is running", log)
