@@ -30,6 +30,7 @@ c.ClusterConfig.worker_cmd = [sys.executable, "-m", "distributed.cli.dask_worker
 c.ClusterConfig.environment = {environment!r}
 c.ClusterConfig.idle_timeout = 600
 c.DaskGateway.log_level = "DEBUG"
+{extra}
 {integration}
 """
 
@@ -76,9 +77,17 @@ def free_port() -> int:
 
 @contextmanager
 def gateway_server(
-    workdir: Path, *, integration: bool, env: dict[str, str] | None = None, cluster_env: dict[str, str] | None = None
+    workdir: Path,
+    *,
+    integration: bool,
+    env: dict[str, str] | None = None,
+    cluster_env: dict[str, str] | None = None,
+    extra: str = "",
 ) -> Iterator[GatewayServer]:
-    """``dask-gateway-server -f dask_gateway_config.py`` until the block ends (SIGINT, then a kill)."""
+    """``dask-gateway-server -f dask_gateway_config.py`` until the block ends (SIGINT, then a kill).
+
+    ``extra``: more lines of the config file.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     api_port, web_port, tcp_port = free_port(), free_port(), free_port()
     config = workdir / "dask_gateway_config.py"
@@ -90,6 +99,7 @@ def gateway_server(
             password=PASSWORD,
             clusters=str(workdir / "clusters"),
             environment=cluster_env or {},
+            extra=extra,
             integration=_INTEGRATION if integration else "",
         )
     )

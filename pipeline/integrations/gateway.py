@@ -25,7 +25,6 @@ on the control plane.
 from __future__ import annotations
 
 import asyncio
-import logging
 import string
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ from pipeline.redact import first_line
 from pipeline.spool import Spool
 
 __all__ = ["GatewaySettings", "configure", "registering_backend"]
-
-logger = logging.getLogger(__name__)
 
 #: where a cluster's control-plane id is kept in the gateway's cluster state (no secret)
 STATE_KEY = "pipeline_cluster_id"
@@ -197,12 +194,14 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
             if cluster_id is None:
                 return
             if cluster.target == JobStatus.FAILED:
-                logger.info("cluster %s failed: %s is left to become lost", cluster.name, cluster_id)
+                self.log.info(
+                    "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
+                )
                 return
             spool = settings.cluster_home(cluster.name) / "spool"
             if spool.is_dir() and Spool(spool).pending_files():
-                logger.warning(
-                    "cluster %s stopped with batches in %s: left open for `metadata-pipeline spool replay`",
+                self.log.warning(
+                    "Cluster %s stopped with batches in %s: left open for `metadata-pipeline spool replay`",
                     cluster.name,
                     spool,
                 )
@@ -213,9 +212,11 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
             try:
                 await asyncio.to_thread(settings.close, cluster_id)
             except Exception as exc:  # the control plane is down: the cluster becomes lost instead
-                logger.warning(
-                    "could not close cluster %s (%s) in the control plane: %s", name, cluster_id, first_line(exc)
+                self.log.warning(
+                    "Could not close cluster %s (%s) in the control plane: %s", name, cluster_id, first_line(exc)
                 )
+            else:
+                self.log.info("Cluster %s closed in the control plane (%s)", name, cluster_id)
 
         def _pending(self) -> dict[str, dict[str, Any]]:
             if not hasattr(self, "_registrations"):
