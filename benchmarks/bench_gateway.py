@@ -56,7 +56,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     from controlplane import serve_process  # the test helpers: benchmarks run from a source checkout
     from gateway_server import gateway_server
 
-    pairs = 2 if quick else 10
+    pairs = 2 if quick else 16
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp, ExitStack() as stack:
         root = Path(tmp)
         served = stack.enter_context(serve_process(root / "control-plane"))
