@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import pkgutil
@@ -33,11 +34,12 @@ def topics() -> list[str]:
     return sorted(n.removeprefix("bench_") for n in names if n.startswith("bench_"))
 
 
-def run_topic(topic: str, quick: bool) -> tuple[list[dict[str, Any]], bool]:
-    """The module's rows tagged with its topic, and whether it crashed."""
+def run_topic(topic: str, quick: bool, large: bool = False) -> tuple[list[dict[str, Any]], bool]:
+    """The module's rows tagged with its topic, and whether it crashed (``large``: to modules that have large sizes)."""
     try:
         module = importlib.import_module(f"benchmarks.bench_{topic}")
-        rows = list(module.run(quick))
+        sizes = {"large": True} if large and "large" in inspect.signature(module.run).parameters else {}
+        rows = list(module.run(quick, **sizes))
         for result in rows:
             missing = set(ROW_KEYS) - set(result)
             if missing:
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("topic", nargs="*", help=f"which modules to run (default all: {', '.join(known)})")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke test of every benchmark")
+    parser.add_argument("--large", action="store_true", help="also the large sizes (reports: 100 M records)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write rows (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
     unknown = [t for t in args.topic if t not in known]
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for topic in args.topic or known:
         console.print(f"[bold]{topic}[/] …")
         started = time.perf_counter()
-        topic_rows, topic_crashed = run_topic(topic, args.quick)
+        topic_rows, topic_crashed = run_topic(topic, args.quick, args.large)
         rows += topic_rows
         crashed |= topic_crashed
         console.print(f"[bold]{topic}[/] done in {time.perf_counter() - started:.1f} s")

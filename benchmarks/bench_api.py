@@ -110,6 +110,10 @@ def _serve(home: Path) -> tuple[subprocess.Popen[str], str, threading.Thread]:
         "DASK_PIPELINE__HOME": str(home),
         "DASK_PIPELINE__SERVER__HOST": "127.0.0.1",
         "DASK_PIPELINE__SERVER__PORT": "0",
+        # capacity, not fair share: ten clusters of an account post at once, as fast as they are answered
+        "DASK_PIPELINE__SERVER__INGEST_CONCURRENCY_PER_ACCOUNT": str(CLUSTERS),
+        "DASK_PIPELINE__SERVER__INGEST_RATE_PER_ACCOUNT": "100000",
+        "DASK_PIPELINE__SERVER__INGEST_RATE_PER_TOKEN": "100000",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--no-retention"],

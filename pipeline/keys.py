@@ -468,6 +468,18 @@ class Keyring:
             raise KeyringError(f"data key version {key_version} of subject {key_id[:12]}… was destroyed")
         return cipher
 
+    def data_key(self, subject_ref: str, user_ref: str | None = None) -> tuple[int, bytes]:
+        """The live data key as ``(key_version, key bytes)``, for a process that decrypts without the
+        keyring (a Dask worker reading the archive for ``report --engine dask``).
+
+        :raises KeyringError: the key was destroyed or never made
+        """
+        key_id = user_ref or subject_ref
+        row = self._row(key_id)
+        if row is None or row.wrapped is None:
+            raise KeyringError(f"data key of subject {key_id[:12]}… was destroyed or never made")
+        return row.key_version, self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
+
     def live_version(self, subject_ref: str, user_ref: str | None = None) -> int | None:
         """The version of the live data key, or None (destroyed or never made); read from the database."""
         row = self._row(user_ref or subject_ref)

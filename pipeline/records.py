@@ -100,15 +100,9 @@ KINDS: dict[str, Kind] = {
             "job",
             "cluster_jobs",
             [
-                pa.field("job_id", pa.string()),
-                pa.field("started_at", TIMESTAMP),
+                *JOB_PROGRESS[:2],  # job_id, started_at
                 pa.field("finished_at", TIMESTAMP),
-                pa.field("tasks_total", pa.int64()),
-                pa.field("tasks_completed", pa.int64()),
-                pa.field("tasks_erred", pa.int64()),
-                pa.field("compute_seconds", pa.float64()),
-                pa.field("peak_memory_bytes", pa.int64()),
-                pa.field("task_prefixes", pa.list_(pa.string())),
+                *JOB_PROGRESS[2:],  # the counts
                 pa.field("status", pa.string()),  # running, finished, or lost (its cluster ended first)
             ],
         ),

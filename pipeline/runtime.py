@@ -425,8 +425,11 @@ class Pipeline:
         data_type: str | None = None,
         kind: str | None = None,
         unreadable: list[Unreadable] | None = None,
+        columns: Sequence[str] | None = None,
     ) -> Iterator[tuple[Segment, pa.Table]]:
         """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
+
+        ``columns`` (with ``record_id``) limits the tables to those columns, read alone.
 
         A segment that should open but does not (an altered header or payload, a subject or
         key version the keyring never issued) is appended to ``unreadable`` and skipped, so
@@ -446,7 +449,7 @@ class Pipeline:
             try:
                 if state == "unknown" or segment.key_version != version:
                     raise KeyringError(f"subject or key version {segment.key_version} was never issued by this keyring")
-                table = open_segment(self.keyring, segment)
+                table = open_segment(self.keyring, segment, columns)
             except KeyringError as exc:
                 problem = Unreadable(store, segment.segment_id, str(exc))
                 if unreadable is None:

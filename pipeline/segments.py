@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -109,9 +110,12 @@ def seal(
     return replace(segment, payload=payload)
 
 
-def open_segment(keyring: Keyring, segment: Segment, cipher: AESGCM | None = None) -> pa.Table:
+def open_segment(
+    keyring: Keyring, segment: Segment, columns: Sequence[str] | None = None, *, cipher: AESGCM | None = None
+) -> pa.Table:
     """Decrypt a segment back to its Arrow table.
 
+    :param columns: only these (those it has): the others are not even decompressed (a report reads a few)
     :param cipher: another data key to try (an upgrade opening what an earlier key layout sealed)
     :raises KeyringError: the data key was destroyed, or the segment was altered
     """
@@ -120,4 +124,8 @@ def open_segment(keyring: Keyring, segment: Segment, cipher: AESGCM | None = Non
         data = cipher.decrypt(segment.payload[:_NONCE], segment.payload[_NONCE:], segment.aad)
     except InvalidTag:
         raise KeyringError(f"segment {segment.segment_id} does not decrypt: altered or wrong key") from None
-    return pa.ipc.open_stream(data).read_all()
+    if columns is None:
+        return pa.ipc.open_stream(data).read_all()
+    names = pa.ipc.open_stream(data).schema.names
+    wanted = sorted({names.index(name) for name in columns if name in names})
+    return pa.ipc.open_stream(data, options=pa.ipc.IpcReadOptions(included_fields=wanted, use_threads=False)).read_all()

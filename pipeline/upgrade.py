@@ -106,7 +106,7 @@ def _sealed_under_account(keyring: Keyring, found: Iterator[Segment]) -> Iterato
             pass
         try:
             account_key = keyring.cipher_for(segment.subject_ref, None, segment.key_version)
-            yield segment, open_segment(keyring, segment, account_key)
+            yield segment, open_segment(keyring, segment, cipher=account_key)
         except (KeyringError, UnknownAccountError):
             continue  # erased, or unreadable under any key: left as found
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -71,10 +72,11 @@ class Served:
 
 
 @contextmanager
-def serve_process(home: Path, *args: str, **settings: str) -> Iterator[Served]:
+def serve_process(home: Path, *args: str, open_files: int | None = None, **settings: str) -> Iterator[Served]:
     """``metadata-pipeline serve`` as a subprocess on a free loopback port.
 
     ``settings`` are ``pipeline.*`` keys as dask environment variables (``server__tls_cert="..."``).
+    ``open_files``: the process starts with this soft open-files limit (a host's low ``ulimit -n``).
     The block may stop it (``Served.stop``); otherwise it is stopped with SIGTERM at the end.
     """
     env = {
@@ -85,7 +87,18 @@ def serve_process(home: Path, *args: str, **settings: str) -> Iterator[Served]:
         **{f"DASK_PIPELINE__{key.upper()}": value for key, value in settings.items()},
     }
     command = [sys.executable, "-m", "pipeline", "serve", *args]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def limit_open_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit_open_files if open_files is not None else None,
+    )
     lines: list[str] = []
     pump = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
     pump.start()

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from pipeline.cli import main
 from pipeline.db import audit_log, segments
 from pipeline.reports import build_report, write_report
+from pipeline.reports.render import HTML_ROWS
 from pipeline.retention.enforcer import enforce
 from pipeline.retention.requests import file_request, process_pending
 from pipeline.runtime import Pipeline
@@ -284,3 +285,29 @@ def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(pipeline: 
     document = json.loads((tmp_path / "report.json").read_text())
     assert [u["segment_id"] for u in document["unreadable_segments"]] == [segment_id]
     assert document["usage"]["accounts"]  # every other segment is still reported
+
+
+def test_html_shows_the_busiest_accounts_and_the_csv_every_one(pipeline: Pipeline, tmp_path: Path) -> None:
+    accounts = HTML_ROWS + 20
+    pipeline.write_records(
+        make_record(
+            "job",
+            account=f"account-{n:03d}",
+            observed_at=T0 - timedelta(hours=1),
+            job_id=f"job-{n}",
+            finished_at=T0 - timedelta(hours=1),
+            tasks_completed=1,
+            compute_seconds=3600.0 * (n + 1),  # account-119 used the most
+        )
+        for n in range(accounts)
+    )
+    write_report(build_report(pipeline, now=T0, plots=False), tmp_path, ["html", "csv"])
+    html = (tmp_path / "report.html").read_text()
+    usage = html.split("<h2>Usage per account</h2>")[1]
+    shown = re.findall(r'<tr><td class="ref" title="([0-9a-f]+)"', usage)
+    assert len(shown) == HTML_ROWS
+    assert shown[0] == pipeline.subject_ref("account-119")
+    assert pipeline.subject_ref("account-000") not in usage
+    assert f"Showing the first {HTML_ROWS} of {accounts} accounts" in usage and "usage_accounts.csv" in usage
+    with open(tmp_path / "usage_accounts.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == accounts

@@ -7,7 +7,6 @@ read, half-sent requests cut, and client-caused errors answered 4xx, never 500.
 
 from __future__ import annotations
 
-import resource
 import socket
 import statistics
 import threading
@@ -15,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,47 +73,51 @@ def test_one_accounts_flood_delays_only_that_account(tmp_path: Path, tokens: Tok
         flooders = [register(served, tokens, "acme") for _ in range(3)]
         quiet = register(served, tokens, "globex")
 
-        def send(registration: dict[str, Any], http: httpx.Client) -> tuple[int, float, str]:
-            batch_id, sealed = batch(registration, 20)
+        def send(http: httpx.Client, sealed: tuple[str, bytes]) -> tuple[int, float, str]:
             started = time.perf_counter()
-            answer = http.post("/v1/ingest", content=sealed, headers={"Idempotency-Key": batch_id})
+            answer = http.post("/v1/ingest", content=sealed[1], headers={"Idempotency-Key": sealed[0]})
             return answer.status_code, time.perf_counter() - started, answer.headers.get("Retry-After", "")
 
         def latencies(count: int) -> list[float]:
+            batches = [batch(quiet, 20) for _ in range(count)]
             with client(served, quiet["token"]) as http:
-                answers = [send(quiet, http) for _ in range(count)]
+                answers = [send(http, sealed) for sealed in batches]
             assert {status for status, _, _ in answers} == {202}, answers
             return [seconds for _, seconds, _ in answers]
 
         latencies(3)  # warm up: first connections, first keys of the account
         flooding, stop, throttled, accepted = threading.Event(), threading.Event(), [], []
 
-        def flood(registration: dict[str, Any]) -> None:
+        def flood(registration: dict[str, Any], sealed: tuple[str, bytes]) -> None:
             with client(served, registration["token"]) as http:
                 while flooding.wait() and not stop.is_set():
-                    status, _, retry_after = send(registration, http)
+                    status, _, retry_after = send(http, sealed)
                     (throttled if status == 429 else accepted).append(retry_after)
-                    if status == 429:  # a greedy client: tries again well before Retry-After
+                    if status == 429:  # a greedy client: tries the same batch again well before Retry-After
                         time.sleep(0.05)
+                    else:
+                        sealed = batch(registration, 20)
 
         alone: list[float] = []
         during: list[float] = []
         with ThreadPoolExecutor(len(flooders) * 6) as pool:
             for registration in flooders * 6:
-                pool.submit(flood, registration)
-            for _ in range(3):  # alone and during in turns: the machine's other load weighs on both alike
+                pool.submit(flood, registration, batch(registration, 20))
+            for _ in range(4):  # alone and during in turns: the machine's other load weighs on both alike
                 flooding.clear()
                 time.sleep(0.3)  # batches in flight finish
-                alone += latencies(5)
+                alone += latencies(6)
                 flooding.set()
                 time.sleep(0.5)  # the flood is on
-                during += latencies(5)
+                during += latencies(6)
             stop.set()
     quiet, flooded = statistics.median(alone), statistics.median(during)
     print(
         f"globex: {quiet:.4f} s alone, {flooded:.4f} s in acme's flood ({len(accepted)} accepted, {len(throttled)} 429)"
     )
-    assert flooded < 3 * quiet, f"globex's batch: {flooded:.3f} s in acme's flood, {quiet:.3f} s alone"
+    # during the flood a batch of globex may wait for one of acme's batches on its write slot and for
+    # another holding SQLite's write lock (the same size as its own), and shares the CPU: at most 4x
+    assert flooded < 4 * quiet, f"globex's batch: {flooded:.3f} s in acme's flood, {quiet:.3f} s alone"
     assert accepted, "the flooding account still gets its share"
     assert throttled and all(value.isdigit() and int(value) >= 1 for value in throttled)
 
@@ -206,23 +208,10 @@ def _send_chunked(host: str, port: int, head: str, total: int) -> int:
     return int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
 
-@contextmanager
-def few_open_files(count: int) -> Iterator[None]:
-    """Processes started in the block may open ``count`` files (as on a host with a low ``ulimit -n``)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def test_half_sent_requests_are_cut_and_health_still_answers(tmp_path: Path, tokens: TokenStore) -> None:
     member = tokens.create("member", "acme", "ann").token
     settings = {"server__header_timeout": "1s", "server__body_timeout": "1s", "server__max_connections": "100"}
-    with ExitStack() as stack:
-        with few_open_files(256):  # the server's files, not the test's
-            served = stack.enter_context(serve_process(tmp_path / "home", "--no-retention", **settings))
+    with serve_process(tmp_path / "home", "--no-retention", open_files=256, **settings) as served:
         host, port = served.url.removeprefix("http://").split(":")
         half_sent = []
         for number in range(300):

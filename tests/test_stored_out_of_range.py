@@ -153,7 +153,7 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
             *(((store, future["record_id"]), f"observed_at is {bounds}") for store in ("cloud_logging", "long_term")),
             # usage is counted from the long-term store: only there are these columns read
             (("long_term", ancient), f"started_at is {bounds}"),
-            (("long_term", negative["record_id"]), "tasks_completed is negative"),
+            (("long_term", negative["record_id"]), "tasks_completed is negative or not a number"),
         ]
     )
     assert document["unreadable_segments"] == []

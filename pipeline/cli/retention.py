@@ -74,13 +74,30 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 )
 @click.option("--show-names", is_flag=True, help="Label accounts by name (decrypted) instead of subject refs.")
 @click.option("--now", type=UTCTime(), default=None, help="Measure ages and deadlines at this time [default: now].")
-def report(out: Output, out_dir: Path, formats: list[str], show_names: bool, now: Any) -> None:
+@click.option(
+    "--engine",
+    type=click.Choice(["duckdb", "dask"]),
+    default="duckdb",
+    show_default=True,
+    help="duckdb: every store, on this machine; dask: the S3 archive, on the Dask cluster at --scheduler.",
+)
+@click.option("--scheduler", default=None, help="Dask scheduler address for --engine dask (tcp://HOST:8786).")
+def report(
+    out: Output, out_dir: Path, formats: list[str], show_names: bool, now: Any, engine: str, scheduler: str | None
+) -> None:
     """Compliance report files: inventory, retention, deletion requests, audit, usage."""
     from pipeline.reports import build_report, write_report
     from pipeline.runtime import Unreadable
 
+    if (engine == "dask") != (scheduler is not None):
+        raise click.UsageError("--engine dask and --scheduler ADDRESS go together")
     pipeline = open_pipeline()
-    built = build_report(pipeline, now=now, show_names=show_names, progress=sys.stderr.isatty())
+    if scheduler is not None:
+        from pipeline.reports.dask_engine import build_archive_report
+
+        built = build_archive_report(pipeline, scheduler, now=now, show_names=show_names)
+    else:
+        built = build_report(pipeline, now=now, show_names=show_names, progress=sys.stderr.isatty())
     written = write_report(built, out_dir, formats)
     summary = {
         "files": [str(p) for p in written],

@@ -1,17 +1,21 @@
 """Build a :class:`Report` from an open pipeline: scan, decrypt, hand Arrow to DuckDB.
 
-Each store is scanned once per record kind; each decrypted segment becomes Arrow
-batches of the few columns the report needs (with the subject as a small
-integer), streamed into :class:`ReportDB`. Names are decrypted into memory only
-when ``show_names`` asks for them; otherwise the report shows subject refs.
+Each store is scanned once per record kind, by a thread of its own; each decrypted
+segment (only the columns the report counts are decompressed) becomes Arrow
+batches with the subject as a small integer, streamed into :class:`ReportDB`.
+Names are decrypted into memory only when ``show_names`` asks for them;
+otherwise the report shows subject refs. :func:`assemble` makes the report from a
+filled ReportDB, whichever engine filled it (see :mod:`.dask_engine`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,9 +33,8 @@ from pipeline.reports.plots import render_plots
 from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.requests import not_final
 from pipeline.runtime import Pipeline, Unreadable
-from pipeline.segments import Segment
 
-__all__ = ["build_report"]
+__all__ = ["Bounds", "Found", "assemble", "bounds_at", "build_report", "to_slice"]
 
 _REQUESTS_SCHEMA = pa.schema(
     [
@@ -59,7 +62,34 @@ def build_report(
     :param progress: show a progress bar on stderr (for long scans on a terminal)
     """
     now = now or utcnow()
-    db = ReportDB(pipeline.policy, now)
+    with ReportDB(pipeline.policy, now, folder=pipeline.settings.home) as db:
+        found = Found(names={} if show_names else None)
+        _scan(pipeline, db, found, bounds_at(now), progress)
+        found.foreign_files = [(s, p) for s, paths in pipeline.foreign_files().items() for p in paths]
+        return assemble(pipeline, db, now, found, plots=plots)
+
+
+@dataclasses.dataclass
+class Found:
+    """What a scan found besides the numbers it added to :class:`ReportDB`."""
+
+    #: subject_ref -> the small integer DuckDB knows the subject by
+    refs: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: subject_ref -> account name, only when the report shows names
+    names: dict[str, str] | None = None
+    #: segments that do not open and records out of range (``record_id`` set), each skipped
+    unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
+    #: (store, path) of files a store skipped as not its own
+    foreign_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def subject(self, subject_ref: str) -> int:
+        with self._lock:  # stores are scanned by threads of their own
+            return self.refs.setdefault(subject_ref, len(self.refs))
+
+
+def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progress: bool) -> None:
     headers: Counter[tuple[str, str]] = Counter()
     header_records: Counter[tuple[str, str]] = Counter()
     for name, store in pipeline.stores.items():
@@ -71,47 +101,60 @@ def build_report(
         for (store_name, data_type), n in headers.items()
     )
 
-    refs: dict[str, int] = {}
-    names: dict[str, str] = {}
-    unreadable: list[Unreadable] = []
-    bounds = _Bounds(EARLIEST, max(now, utcnow()) + AHEAD)
-    with _progress(progress, sum(headers.values())) as advance:
-        for store_name in pipeline.stores:
-            for kind in KINDS:
-                schema = slice_schema(kind, usage=store_name == db.usage_store)
-                shown = names if show_names else None
-                batches = _slices(pipeline, store_name, kind, schema, refs, shown, advance, unreadable, bounds)
-                _add_slice(db, store_name, kind, schema, batches)
-    db.add_requests(_requests_table(pipeline))
+    def scan(store_name: str) -> None:
+        for kind in KINDS:
+            schema = slice_schema(kind, usage=store_name == db.usage_store)
+            batches = _slices(pipeline, store_name, kind, schema, found, advance, bounds)
+            _add_slice(db, store_name, kind, schema, batches)
 
-    subject_refs = {i: ref for ref, i in refs.items()}
+    # a thread per store: decompression and DuckDB release the GIL, so stores are read side by side
+    with _progress(progress, sum(headers.values())) as advance, ThreadPoolExecutor(len(pipeline.stores)) as pool:
+        for done in [pool.submit(scan, store_name) for store_name in pipeline.stores]:
+            done.result()
+
+
+def assemble(
+    pipeline: Pipeline, db: ReportDB, now: datetime, found: Found, *, plots: bool, stores: set[str] | None = None
+) -> Report:
+    """The report from a filled :class:`ReportDB` and the control plane's database (requests, audit).
+
+    :param stores: the stores the report covers (default all): rows the last retention pass
+        wrote about other stores are left out
+    """
+    db.add_requests(_requests_table(pipeline))
+    subject_refs = {i: ref for ref, i in found.refs.items()}
+    names = found.names
 
     def label(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for row in rows:
             ref = subject_refs[row.pop("subject")]
-            named = {"account": names.get(ref)} if show_names else {}
+            named = {"account": names.get(ref)} if names is not None else {}
             out.append({"subject_ref": ref, **named, **row})
         return out
 
+    passes = [
+        r for r in _backend_retention(pipeline) + _failed_steps(pipeline) if stores is None or r["store"] in stores
+    ]
+    skipped = sorted(found.unreadable, key=lambda u: (u.store, u.segment_id, u.record_id or ""))  # threads interleave
     report = Report(
         generated_at=utcnow(),
         now=now,
         policy={"path": pipeline.policy.path, "sha256": pipeline.policy.sha256},
-        names_shown=show_names,
+        names_shown=names is not None,
         inventory=db.inventory(),
-        retention=db.retention() + _backend_retention(pipeline) + _failed_steps(pipeline),
+        retention=db.retention() + passes,
         deletion_requests={
             **db.requests(pipeline.policy.erasure_deadline.total_seconds() / 86400),
             "not_final": _not_final(pipeline),
         },
         audit=_audit_section(pipeline),
         usage=label(db.usage()),
-        usage_daily=label(db.usage_daily()),
+        usage_daily=sorted(label(db.usage_daily()), key=lambda row: (row["day"], row["subject_ref"])),
         records_by_day=db.records_by_day(),
-        unreadable_segments=[dataclasses.asdict(u) for u in unreadable if u.record_id is None],
-        out_of_range_records=[dataclasses.asdict(u) for u in unreadable if u.record_id is not None],
-        foreign_files=[{"store": s, "path": p} for s, found in pipeline.foreign_files().items() for p in found],
+        unreadable_segments=[dataclasses.asdict(u) for u in skipped if u.record_id is None],
+        out_of_range_records=[dataclasses.asdict(u) for u in skipped if u.record_id is not None],
+        foreign_files=[{"store": s, "path": p} for s, p in found.foreign_files],
     )
     if plots:
         report.plots = render_plots(report)
@@ -123,83 +166,101 @@ def _slices(
     store: str,
     kind: str,
     schema: pa.Schema,
-    refs: dict[str, int],
-    names: dict[str, str] | None,
+    found: Found,
     advance: Callable[[], None],
-    unreadable: list[Unreadable],
-    bounds: _Bounds,
+    bounds: Bounds,
 ) -> Iterator[pa.RecordBatch]:
     data_type = KINDS[kind].data_type
-    for segment, table in pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=unreadable):
+    times = [f.name for f in KINDS[kind].schema if pa.types.is_timestamp(f.type)]  # each checked, even if unused
+    columns = ["record_id", *schema.names[1:], *times, *(["account"] if found.names is not None else [])]
+    scan = pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=found.unreadable, columns=columns)
+    for segment, table in scan:
         advance()
-        if bad := bounds.outside(segment, table, schema):
-            record_ids = table.column("record_id").to_pylist()
-            unreadable.extend(Unreadable(store, segment.segment_id, why, record_ids[row]) for row, why in bad.items())
-            table = table.filter([row not in bad for row in range(table.num_rows)])
-        if not table.num_rows:
-            continue
-        subject = refs.setdefault(segment.subject_ref, len(refs))
-        if names is not None:
-            names.setdefault(segment.subject_ref, table.column("account")[0].as_py())
-        columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
-        columns += [table.column(f.name).cast(f.type) for f in list(schema)[1:]]
-        yield from pa.Table.from_arrays(columns, schema=schema).to_batches()
+        rows, bad = to_slice(table, schema, found.subject(segment.subject_ref), bounds)
+        record_ids = table.column("record_id")
+        found.unreadable.extend(
+            Unreadable(store, segment.segment_id, why, record_ids[row].as_py()) for row, why in bad.items()
+        )
+        if rows.num_rows and found.names is not None:
+            found.names.setdefault(segment.subject_ref, table.column("account")[0].as_py())
+        yield from rows.to_batches()
 
 
+def to_slice(table: pa.Table, schema: pa.Schema, subject: int, bounds: Bounds) -> tuple[pa.Table, dict[int, str]]:
+    """Decrypted records of one subject as the columns of ``schema``, with the rows out of bounds left out.
+
+    :returns: the slice, and row number -> why, for each row left out
+    """
+    bad = bounds.outside(table, schema)
+    if bad:
+        table = table.filter([row not in bad for row in range(table.num_rows)])
+    columns = [pa.repeat(pa.scalar(subject, pa.int32()), table.num_rows)]
+    for field in list(schema)[1:]:
+        column = table.column(field.name)
+        columns.append(column if column.type == field.type else column.cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema), bad
+
+
+def bounds_at(now: datetime) -> Bounds:
+    """The bounds a report as of ``now`` counts records within."""
+    return Bounds(EARLIEST, max(now, utcnow()) + AHEAD)
+
+
+#: rows per batch handed to DuckDB (a few MB in the slice schema)
+BATCH_ROWS = 131_072
 #: no record of a Dask cluster is older than this: an earlier time was stored before ingest checked times
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-#: the columns the report adds up: a negative one would take from every total it is in
-SUMMED = frozenset({"tasks_completed", "tasks_erred", "compute_seconds"})
 #: how far past the report's time (or the clock's, if later) a record may be observed: clock skew
 AHEAD = timedelta(days=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Bounds:
-    """What a record must satisfy to be counted: times from ``earliest`` to ``latest``, no negative sums.
+class Bounds:
+    """What a record must satisfy to be counted: times from ``earliest`` to ``latest``, no negative numbers.
 
     Ingest enforces bounds (DESIGN Part 3); records stored before it did are named in the
     report and left out of its numbers, so one row dated 9999 (or a job started in year
     -1199, which no Python datetime holds) does not stretch or break every section and
-    plot. ``observed_at`` is judged by the segment's header, the other columns by their
-    minimum and maximum (a compute call costs ~10 µs whatever its length); rows are
-    looked at one by one only in a column out of range.
+    plot. Times are compared as integers (microseconds), never as Python datetimes.
     """
 
     earliest: datetime
     latest: datetime
 
-    def outside(self, segment: Segment, table: pa.Table, schema: pa.Schema) -> dict[int, str]:
-        """Row number -> the first reason it is out of range, over the columns the report reads.
-
-        Timestamps are compared as integers: a year -1199 has no Python datetime.
-        """
-        first, last = _microseconds(self.earliest), _microseconds(self.latest)
-        in_header = self.earliest <= segment.min_observed_at and segment.max_observed_at <= self.latest
+    def outside(self, table: pa.Table, schema: pa.Schema) -> dict[int, str]:
+        """Row number -> the first reason it is out of range, over the columns the report reads."""
         bad: dict[int, str] = {}
-        for field in list(schema)[1:]:  # after the subject
-            values = table.column(field.name)
-            if pa.types.is_timestamp(field.type) and not (field.name == "observed_at" and in_header):
-                span = pc.min_max(values)
-                if span["min"].value is None or first <= span["min"].value and span["max"].value <= last:
-                    continue
-                outside = lambda v: not first <= v <= last  # noqa: E731
-                reason = f"{field.name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
-                values = values.cast(pa.int64())
-            elif field.name in SUMMED:
-                if (pc.min(values).as_py() or 0) >= 0:
-                    continue
-                outside, reason = lambda v: v < 0, f"{field.name} is negative"  # noqa: E731
-            else:
+        first, last = self._micros()
+        for field in schema:
+            if field.name == "subject" or self._within(table.column(field.name), field.type):
                 continue
-            for row, value in enumerate(values.to_pylist()):
-                if value is not None and outside(value):
-                    bad.setdefault(row, reason)
+            values = table.column(field.name)
+            if pa.types.is_timestamp(field.type):
+                ints = values.cast(pa.int64())
+                outside = pc.or_(pc.less(ints, first), pc.greater(ints, last))
+                reason = f"{field.name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
+            else:
+                outside = pc.invert(pc.greater_equal(values, 0))  # NaN compares false: out too
+                reason = f"{field.name} is negative or not a number"
+            for row in pc.indices_nonzero(pc.fill_null(outside, False)).to_pylist():
+                bad.setdefault(row, reason)
         return bad
 
+    def _micros(self) -> tuple[int, int]:
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        return (self.earliest - epoch) // timedelta(microseconds=1), (self.latest - epoch) // timedelta(microseconds=1)
 
-def _microseconds(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    def _within(self, values: pa.ChunkedArray, kind: pa.DataType) -> bool:
+        """Whether every value is in range, from a few calls per column (a segment is looked at row by row
+        only when not). Integers throughout: ``pa.scalar`` of a time imports pandas."""
+        if pa.types.is_timestamp(kind):
+            span = pc.min_max(values.cast(pa.int64())).as_py()
+            first, last = self._micros()
+            return span["min"] is None or (first <= span["min"] and span["max"] <= last)
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            low = pc.min(values).as_py()
+            return (low is None or low >= 0) and not (pa.types.is_floating(kind) and pc.any(pc.is_nan(values)).as_py())
+        return True
 
 
 def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
@@ -214,11 +275,25 @@ def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: 
             raise
 
     try:
-        db.add_slice(store, kind, pa.RecordBatchReader.from_batches(schema, kept()))
+        db.add_slice(store, kind, pa.RecordBatchReader.from_batches(schema, _coalesced(schema, kept())))
     except duckdb.Error:
         if failures:
             raise failures[0] from None
         raise
+
+
+def _coalesced(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Segments' batches joined into batches of about :data:`BATCH_ROWS`: DuckDB pays per batch it pulls."""
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        held.append(batch)
+        rows += batch.num_rows
+        if rows >= BATCH_ROWS:
+            yield from pa.Table.from_batches(held, schema).combine_chunks().to_batches()
+            held, rows = [], 0
+    if held:
+        yield from pa.Table.from_batches(held, schema).combine_chunks().to_batches()
 
 
 def _requests_table(pipeline: Pipeline) -> pa.Table:

@@ -1,9 +1,11 @@
 """Every number of the compliance report, computed by DuckDB over Arrow.
 
-Decrypted segments arrive as Arrow record batches, one slice per store and
-record kind; each slice is scanned once by DuckDB and reduced to small tables
-(records per store, type, subject and day; jobs; cluster activity per day), so
-memory holds at most one slice, never every record as Python objects. Subjects
+Decrypted segments arrive as a stream of Arrow record batches, one stream per
+store and record kind; each is scanned once by DuckDB and reduced to small
+tables (records per store, type, subject and day; cluster activity per day).
+Only jobs are kept row by row (a job reported running, then finished, counts
+once), in a database file of its own with a memory limit, so DuckDB spills
+them to disk: memory stays flat however many records a store holds. Subjects
 are small integers here; the caller keeps the subject_ref (and, only when asked,
 the name) for each. Times are naive UTC inside DuckDB (``TIMESTAMP``, not
 ``TIMESTAMPTZ``, whose per-row time-zone arithmetic costs 2-3x on day buckets);
@@ -12,8 +14,12 @@ results come back as aware UTC datetimes.
 
 from __future__ import annotations
 
+import itertools
+import shutil
+import tempfile
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -22,7 +28,10 @@ import pyarrow as pa
 from pipeline.records import KINDS
 from pipeline.retention.policy import Policy
 
-__all__ = ["USAGE_COLUMNS", "UTC_NAIVE", "ReportDB", "slice_schema"]
+__all__ = ["MEMORY_LIMIT", "USAGE_COLUMNS", "UTC_NAIVE", "ReportDB", "slice_schema"]
+
+#: DuckDB's memory for a report; past it, tables and joins spill to the report's folder
+MEMORY_LIMIT = "256MB"
 
 #: how slices carry times: UTC without a zone (cast from the records' ``timestamp[us, UTC]``)
 UTC_NAIVE = pa.timestamp("us")
@@ -83,6 +92,13 @@ _STORE_TYPES = """
     UNION SELECT DISTINCT store, data_type FROM record_days
 """
 
+#: one row per cluster and day, however many parts it was added in
+_CLUSTER_DAYS = """
+    SELECT subject, cluster_id, day, min(first_seen) first_seen, max(last_seen) last_seen,
+           max(peak_memory_bytes) peak_memory_bytes, max(max_workers) max_workers
+    FROM cluster_days GROUP BY ALL
+"""
+
 _LATEST_JOBS = """
     SELECT * FROM jobs
     QUALIFY row_number() OVER (PARTITION BY subject, job_id
@@ -91,16 +107,37 @@ _LATEST_JOBS = """
 
 
 class ReportDB:
-    """An in-memory DuckDB database that slices are added to and sections read from."""
+    """A DuckDB database that slices are added to and sections read from; close it (or use ``with``).
 
-    def __init__(self, policy: Policy, now: datetime) -> None:
+    The database is a file in a private temporary folder (0700) under ``folder``
+    (the system's temporary folder by default), deleted on close: it holds
+    decrypted job rows, with subjects as small integers. With ``in_memory`` it
+    never touches a disk (and fails past ``memory_limit``): a Dask worker's share.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        now: datetime,
+        *,
+        folder: Path | None = None,
+        in_memory: bool = False,
+        memory_limit: str = MEMORY_LIMIT,
+        usage_store: str | None = None,
+    ) -> None:
+        """:param usage_store: where usage is counted; default the first store holding cluster jobs"""
         self.now = _naive(now)
         #: usage is counted in one store (the first holding cluster jobs: long-term as shipped),
         #: so records kept in two stores are not counted twice
-        self.usage_store = next(iter(policy.stores_for("cluster_jobs")), None)
-        self.con = duckdb.connect()
+        self.usage_store = usage_store or next(iter(policy.stores_for("cluster_jobs")), None)
+        self._folder = None if in_memory else Path(tempfile.mkdtemp(prefix="report-", dir=folder))
+        self.con = duckdb.connect() if self._folder is None else duckdb.connect(str(self._folder / "report.duckdb"))
+        spill = "" if self._folder is None else self._folder / "spill"  # '': no spilling
+        self.con.execute(
+            f"SET memory_limit = '{memory_limit}'; SET temp_directory = '{spill}'; SET preserve_insertion_order = false"
+        )
         self._jobs_deduplicated = False
-        self._job_slices = 0
+        self._job_slices = itertools.count(1)
         self.con.execute("SET TimeZone = 'UTC'")
         self.con.execute(_SCHEMA)
         self._cutoffs = {(store, data_type): self.now - limit for store, data_type, limit in policy.limits()}
@@ -118,6 +155,18 @@ class ReportDB:
             ],
         )
 
+    def close(self) -> None:
+        """Close the database and delete its folder."""
+        self.con.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> ReportDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- loading ------------------------------------------------------------
     def add_headers(self, rows: Iterable[tuple[str, str, int, int]]) -> None:
         """(store, data type, segments, records) counted from clear segment headers."""
@@ -126,25 +175,29 @@ class ReportDB:
             self.con.executemany("INSERT INTO headers VALUES (?, ?, ?, ?)", rows)
 
     def add_slice(self, store: str, kind: str, reader: pa.RecordBatchReader) -> None:
-        """Reduce one store's records of one kind (batches of :func:`slice_schema`), reading them once."""
+        """Reduce one store's records of one kind (batches of :func:`slice_schema`), reading them once.
+
+        Slices of different stores may be added from threads of their own at once.
+        """
         self._jobs_deduplicated = False
         data_type = KINDS[kind].data_type
         cutoff = self._cutoffs.get((store, data_type))  # None: kept until deleted (nothing is past a limit)
         usage = store == self.usage_store and kind in USAGE_COLUMNS
-        self.con.register("slice_in", reader)
+        con = self.con.cursor()  # a connection of this call's own: its temp table and registered stream
+        con.register("slice_in", reader)
         try:
             if usage and kind == "job":  # jobs are kept whole (deduplicated later); count days from them
-                self._job_slices += 1
-                self.con.execute(
+                number = next(self._job_slices)
+                con.execute(
                     "INSERT INTO jobs SELECT ?, subject, cluster_id, job_id, observed_at, started_at, finished_at, "
                     "tasks_completed, tasks_erred, compute_seconds, peak_memory_bytes FROM slice_in",
-                    [self._job_slices],
+                    [number],
                 )
-                self._add_record_days(store, data_type, cutoff, f"jobs WHERE slice = {self._job_slices}")
+                _add_record_days(con, store, data_type, cutoff, f"jobs WHERE slice = {number}")
             elif usage:  # snapshots: one pass to (subject, cluster, day), both tables from that
-                self.con.execute(
+                con.execute(
                     """
-                    CREATE OR REPLACE TEMP TABLE snapshot_days AS
+                    CREATE TEMP TABLE snapshot_days AS
                     SELECT subject, cluster_id, observed_at::DATE AS day, count(*) records,
                            min(observed_at) first_seen, max(observed_at) last_seen,
                            count(*) FILTER (WHERE observed_at < ?::TIMESTAMP) past_limit,
@@ -153,7 +206,7 @@ class ReportDB:
                     """,
                     [cutoff],
                 )
-                self.con.execute(
+                con.execute(
                     """
                     INSERT INTO record_days
                     SELECT ?, ?, subject, day, sum(records), min(first_seen), max(last_seen), sum(past_limit)
@@ -161,29 +214,34 @@ class ReportDB:
                     """,
                     [store, data_type],
                 )
-                self.con.execute(
+                con.execute(
                     """
                     INSERT INTO cluster_days
                     SELECT subject, cluster_id, day, first_seen, last_seen, peak_memory_bytes, max_workers
-                    FROM snapshot_days;
-                    DROP TABLE snapshot_days;
+                    FROM snapshot_days
                     """
                 )
             else:
-                self._add_record_days(store, data_type, cutoff, "slice_in")
+                _add_record_days(con, store, data_type, cutoff, "slice_in")
         finally:
-            self.con.unregister("slice_in")
+            con.close()
 
-    def _add_record_days(self, store: str, data_type: str, cutoff: datetime | None, source: str) -> None:
-        self.con.execute(
-            f"""
-            INSERT INTO record_days
-            SELECT ?, ?, subject, observed_at::DATE AS day, count(*), min(observed_at), max(observed_at),
-                   count(*) FILTER (WHERE observed_at < ?::TIMESTAMP)
-            FROM {source} GROUP BY subject, day
-            """,
-            [store, data_type, cutoff],
-        )
+    #: what a slice is reduced to: tables a Dask worker hands back (see :meth:`partials`)
+    PARTIALS = ("headers", "record_days", "cluster_days", "jobs")
+
+    def partials(self) -> dict[str, pa.Table]:
+        """The reduced tables, for another ReportDB to :meth:`add_partials` (a worker's share of a report)."""
+        return {name: self.con.execute(f"SELECT * FROM {name}").to_arrow_table() for name in self.PARTIALS}
+
+    def add_partials(self, tables: dict[str, pa.Table]) -> None:
+        """Add tables from :meth:`partials` of another ReportDB (with the same subject numbers)."""
+        self._jobs_deduplicated = False
+        for name in self.PARTIALS:
+            self.con.register("partial_in", tables[name])
+            try:
+                self.con.execute(f"INSERT INTO {name} SELECT * FROM partial_in")
+            finally:
+                self.con.unregister("partial_in")
 
     def add_requests(self, table: pa.Table) -> None:
         """Deletion requests: request_id, state, created_at, deadline, completed_at."""
@@ -254,7 +312,9 @@ class ReportDB:
 
     def records_by_day(self) -> list[dict[str, Any]]:
         """Records per store and day (for the inventory plot)."""
-        return self._rows("SELECT store, day, sum(records)::BIGINT records FROM record_days GROUP BY ALL ORDER BY day")
+        return self._rows(
+            "SELECT store, day, sum(records)::BIGINT records FROM record_days GROUP BY ALL ORDER BY day, store"
+        )
 
     def usage(self) -> list[dict[str, Any]]:
         """Per subject: clusters, cluster hours, jobs, tasks, compute hours, peak memory.
@@ -272,7 +332,7 @@ class ReportDB:
                  per_cluster AS (SELECT subject, count(DISTINCT cluster_id) clusters,
                                         sum(epoch(last_seen - first_seen)) / 3600 cluster_hours,
                                         max(peak_memory_bytes) peak_cluster_memory
-                                 FROM cluster_days GROUP BY subject)
+                                 FROM ({_CLUSTER_DAYS}) GROUP BY subject)
             SELECT subject, coalesce(c.clusters, 0)::BIGINT clusters,
                    round(coalesce(c.cluster_hours, 0), 4) cluster_hours,
                    coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0)::BIGINT tasks_completed,
@@ -292,7 +352,7 @@ class ReportDB:
                               sum(compute_seconds) / 3600 compute_hours
                        FROM {self._latest_jobs()} GROUP BY ALL),
                  c AS (SELECT subject, day, sum(epoch(last_seen - first_seen)) / 3600 cluster_hours
-                       FROM cluster_days GROUP BY ALL)
+                       FROM ({_CLUSTER_DAYS}) GROUP BY ALL)
             SELECT subject, day, round(coalesce(c.cluster_hours, 0), 4) cluster_hours,
                    coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0)::BIGINT tasks_completed,
                    coalesce(j.tasks_erred, 0)::BIGINT tasks_erred, round(coalesce(j.compute_hours, 0), 6) compute_hours
@@ -336,6 +396,20 @@ class ReportDB:
         )
         status = "FAIL" if summary["failed"] or summary["overdue"] else "PASS"
         return {"deadline_days": deadline_days, "status": status, **summary, "by_state": by_state, "requests": listing}
+
+
+def _add_record_days(
+    con: duckdb.DuckDBPyConnection, store: str, data_type: str, cutoff: datetime | None, source: str
+) -> None:
+    con.execute(
+        f"""
+        INSERT INTO record_days
+        SELECT ?, ?, subject, observed_at::DATE AS day, count(*), min(observed_at), max(observed_at),
+               count(*) FILTER (WHERE observed_at < ?::TIMESTAMP)
+        FROM {source} GROUP BY subject, day
+        """,
+        [store, data_type, cutoff],
+    )
 
 
 def _naive(moment: datetime) -> datetime:

@@ -17,9 +17,11 @@ from pipeline.output import to_json
 from pipeline.reports.model import Report
 from pipeline.reports.plots import account_label
 
-__all__ = ["FORMATS", "html_table", "render_html", "write_report"]
+__all__ = ["FORMATS", "HTML_ROWS", "html_table", "render_html", "write_report"]
 
 FORMATS = ("html", "json", "csv")
+#: rows a table of the HTML report shows (the first, in the report's order); every row is in the CSV files
+HTML_ROWS = 100
 
 
 def write_report(report: Report, out_dir: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
@@ -70,7 +72,7 @@ def render_html(report: Report) -> str:
         undefined=jinja2.StrictUndefined,
     )
     env.filters.update(num=_num, when=_when, size=_size, b64=lambda b: base64.b64encode(b).decode())
-    env.globals["account_label"] = account_label
+    env.globals.update(account_label=account_label, html_rows=HTML_ROWS)
     return env.get_template("report.html.j2").render(r=report)
 
 

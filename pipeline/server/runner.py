@@ -4,6 +4,9 @@ uvicorn runs on the main thread and owns SIGTERM/SIGINT: the first signal stops
 accepting requests, lets requests in flight finish, then stops the retention
 scheduler (which finishes a pass in progress). The process then returns
 normally instead of re-raising the signal, so ``serve`` exits 0 after a clean stop.
+
+What a connection may take is bounded here (``pipeline.server.max-connections``,
+``header-timeout``, 16 KiB of headers); bodies are bounded by the app's guard.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ __all__ = ["ControlPlaneServer", "run_control_plane", "serving_in_thread", "uvic
 #: idle connections stay open this long: longer than a plugin's delivery period, so a cluster
 #: keeps one connection instead of racing the server's close on every post (uvicorn's default: 5 s)
 KEEP_ALIVE_SECONDS = 75
-#: a request line and headers larger than this are refused (431) before they are parsed further
+#: a request line and headers larger than this are refused (400) before they are parsed further
 MAX_HEADER_BYTES = 16 * 1024
 
 

@@ -20,6 +20,8 @@ __all__ = ["SQLStore"]
 
 _HEADER_COLUMNS = [c for c in segments.c if c.name != "payload"]
 _CHUNK = 500
+#: rows a payload scan fetches at once: segments of many records are hundreds of KB each
+_PAYLOAD_CHUNK = 32
 
 
 class SQLStore(Store):
@@ -77,7 +79,7 @@ class SQLStore(Store):
             .order_by(segments.c.min_observed_at, segments.c.segment_id)
         )
         with self._connection("scan") as conn:
-            for row in conn.execution_options(yield_per=_CHUNK).execute(query):
+            for row in conn.execution_options(yield_per=_PAYLOAD_CHUNK if with_payload else _CHUNK).execute(query):
                 yield _segment(row._mapping)
 
     def _remove(self, action: str, condition: ColumnElement[bool]) -> Removed:
@@ -103,7 +105,7 @@ class SQLStore(Store):
             segments.c.data_type == data_type, segments.c.max_observed_at >= at, segments.c.min_observed_at < at
         )
         with self._connection("scan") as conn:
-            for row in conn.execution_options(yield_per=_CHUNK).execute(query):
+            for row in conn.execution_options(yield_per=_PAYLOAD_CHUNK).execute(query):
                 yield _segment(row._mapping)
 
     def close(self) -> None:

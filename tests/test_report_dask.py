@@ -1,0 +1,91 @@
+"""``report --engine dask``: the S3 archive reduced on a real Dask cluster, section by section as the local report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import pytest
+from distributed import LocalCluster
+from test_reports import T0, run, write_demo_records
+
+from pipeline.reports import build_report
+from pipeline.reports.dask_engine import ARCHIVE, build_archive_report
+from pipeline.runtime import Pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def archived(home: Path, s3_archive_url: str) -> Iterator[Pipeline]:
+    """A pipeline whose long-term records are copied to an S3 archive on moto, holding the demo records."""
+    with dask.config.set({"pipeline.archive.url": s3_archive_url}):
+        pipeline = Pipeline.open(create=True)
+        write_demo_records(pipeline)
+        yield pipeline
+        pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def scheduler(moto_endpoint: str) -> Iterator[str]:
+    """Two worker processes with S3 credentials (moto's) and no pipeline home: only the data keys they are sent."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ENDPOINT_URL": moto_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+        }.items():
+            env.setenv(name, value)
+        env.setenv("DASK_PIPELINE__HOME", "/nonexistent")
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+    with cluster:
+        yield cluster.scheduler_address
+
+
+def _archive_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if row["store"] == ARCHIVE]
+
+
+def test_dask_over_the_archive_gives_the_local_reports_numbers(archived: Pipeline, scheduler: str) -> None:
+    local = build_report(archived, now=T0, plots=False)
+    remote = build_archive_report(archived, scheduler, now=T0, plots=False)
+    assert remote.inventory == _archive_rows(local.inventory)
+    assert remote.inventory[0]["records"] > 0 and remote.inventory[0]["segments"] > 0
+    assert remote.retention == _archive_rows(local.retention)
+    assert remote.records_by_day == _archive_rows(local.records_by_day)
+    # usage: the local report counts it in the long-term store, which holds the same records
+    assert remote.usage == local.usage and len(remote.usage) == 2
+    assert remote.usage_daily == local.usage_daily
+    assert remote.deletion_requests == local.deletion_requests
+    assert remote.audit["by_action"] == local.audit["by_action"]
+    assert remote.unreadable_segments == remote.out_of_range_records == []
+
+
+def test_a_shredded_subject_is_left_out_as_locally(archived: Pipeline, scheduler: str) -> None:
+    archived.keyring.destroy(archived.subject_ref("acme"))
+    local = build_report(archived, now=T0, plots=False)
+    remote = build_archive_report(archived, scheduler, now=T0, plots=False, show_names=True)
+    assert remote.inventory == _archive_rows(local.inventory)
+    assert [row["account"] for row in remote.usage] == ["globex"]
+
+
+def test_the_command_writes_the_archive_report(archived: Pipeline, scheduler: str, tmp_path: Path) -> None:
+    now = T0.isoformat()
+    result = run("report", "--engine", "dask", "--scheduler", scheduler, "--out", str(tmp_path), "--now", now)
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "report.json").read_text())
+    assert {row["store"] for row in document["inventory"]} == {ARCHIVE}
+    assert len(document["usage"]["accounts"]) == 2 and (tmp_path / "report.html").exists()
+    alone = run("report", "--engine", "dask", "--out", str(tmp_path))
+    assert alone.exit_code == 2 and "--scheduler" in alone.output
+
+
+def test_an_unreachable_scheduler_is_one_line_and_exit_2(archived: Pipeline, tmp_path: Path) -> None:
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = run("report", "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "Dask scheduler tcp://127.0.0.1:1 cannot be reached" in result.output
