@@ -15,11 +15,10 @@ from pipeline.runtime import Pipeline
 
 
 @pytest.fixture
-def plane(home: Path) -> Iterator[ControlPlane]:
-    pipeline = Pipeline.open(create=True)
+def plane(pipeline: Pipeline) -> Iterator[ControlPlane]:
+    """The API over SQLite and PostgreSQL (``tokens create`` runs on the same database)."""
     with serving(pipeline) as plane:
         yield plane
-    pipeline.close()
 
 
 def gateway(plane: ControlPlane, *accounts: str) -> tuple[str, str]:
