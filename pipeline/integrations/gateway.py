@@ -39,6 +39,7 @@ from pipeline.apiclient import ApiClient, Credentials
 from pipeline.config import Settings
 from pipeline.errors import ConfigError
 from pipeline.redact import first_line
+from pipeline.server.clusters import plugin_config  # imported with the gateway's config, not on its loop (1 s)
 from pipeline.spool import Spool
 
 __all__ = ["GatewaySettings", "configure", "registering_backend"]
@@ -135,8 +136,6 @@ def scheduler_env(registration: dict[str, Any], home: Path, close_timeout: float
     Values are Python literals (``repr``), which dask reads back as strings: an account
     called ``123`` stays a string.
     """
-    from pipeline.server.clusters import plugin_config
-
     config: dict[str, Any] = {**plugin_config(registration), "home": str(home)}
     if close_timeout is not None:
         config["emitter"] = {"close-timeout": f"{close_timeout:g}s"}
