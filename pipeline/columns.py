@@ -22,7 +22,6 @@ from operator import itemgetter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 __all__ = ["column", "observed_span", "table"]
 
@@ -118,6 +117,8 @@ def observed_span(values: pa.ChunkedArray) -> tuple[datetime, datetime]:
 
     Read as integers: ``as_py`` of a zoned timestamp imports pandas.
     """
+    import pyarrow.compute as pc  # here, not at the top: a scheduler's plugin starts without it (0.1-0.25 s)
+
     if not _is_utc_microseconds(values.type):
         raise TypeError(f"expected UTC timestamps in microseconds, got {values.type}")
     span = pc.min_max(values.cast(pa.int64())).as_py()

@@ -221,23 +221,33 @@ class HTTPDelivery(Delivery):
         from pipeline.intake import MEDIA_TYPE
 
         self._public_key = public_key
-        headers = {"Content-Type": MEDIA_TYPE}
+        self._headers = {"Content-Type": MEDIA_TYPE}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
-        import httpx  # here: importing it costs an embedded scheduler 0.1 s (its command line pulls in rich)
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._timeout = timeout
+        self._transport = transport
+        self._http: httpx.Client | None = None
 
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
-        self._errors = httpx.HTTPError
+    def _client(self) -> httpx.Client:
+        """Made on first use, on the emitter's thread: importing httpx and its SSL context cost a starting
+        scheduler 0.2 s (its command line pulls in rich)."""
+        if self._http is None:
+            import httpx
+
+            timeout = httpx.Timeout(self._timeout, connect=5.0)
+            self._http = httpx.Client(headers=self._headers, timeout=timeout, transport=self._transport)
+        return self._http
 
     def public_key(self) -> X25519PublicKey:
         return self._public_key
 
     def deliver(self, batch: SpooledBatch) -> None:
+        client = self._client()
+        import httpx
+
         try:
-            response = self._client.post(
-                self.endpoint, content=batch.sealed, headers={"Idempotency-Key": batch.batch_id}
-            )
-        except self._errors as exc:
+            response = client.post(self.endpoint, content=batch.sealed, headers={"Idempotency-Key": batch.batch_id})
+        except httpx.HTTPError as exc:
             raise StoreUnavailable(f"ingest endpoint {mask_url(self.endpoint)} unreachable: {exc}") from exc
         if response.is_success:
             return
@@ -253,15 +263,19 @@ class HTTPDelivery(Delivery):
     def retire(self) -> None:
         if self.close_endpoint is None:
             raise ConfigError("pipeline.cluster-id is not set: the cluster token stays valid until it expires")
+        client = self._client()
+        import httpx
+
         try:
-            response = self._client.post(self.close_endpoint)
-        except self._errors as exc:
+            response = client.post(self.close_endpoint)
+        except httpx.HTTPError as exc:
             raise StoreUnavailable(f"{self.close_endpoint} unreachable: {exc}") from exc
         if not response.is_success:
             raise StoreUnavailable(f"{self.close_endpoint} answered {response.status_code}: {_detail(response)}")
 
     def close(self) -> None:
-        self._client.close()
+        if self._http is not None:
+            self._http.close()
 
 
 def _retry_after(response: httpx.Response) -> float:

@@ -24,7 +24,7 @@ import binascii
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from cryptography.exceptions import InvalidTag
@@ -33,8 +33,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pipeline.errors import ConfigError, IntakeError
-from pipeline.keys import Keyring
 from pipeline.records import check_table, tables_from_records
+
+if TYPE_CHECKING:  # not imported: a scheduler's plugin seals without the keyring (and SQLAlchemy, 0.3 s)
+    from pipeline.keys import Keyring
 
 __all__ = [
     "MAX_SEALED_BYTES",

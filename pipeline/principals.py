@@ -8,6 +8,8 @@ data takes one:
   service cluster) and one cluster id; may only ingest, and its records are its own.
 - ``member``: a person of one account (and user); sees that account's data.
 - ``admin``: compliance/privacy staff; sees every account.
+- ``gateway``: a dask-gateway server; may register clusters for its ``accounts``
+  (``*``: any) and close the ones it registered, and nothing else: it reads nothing.
 - ``operator``: a command run on the control plane itself with the metadata
   database and master key at hand (no token involved); it can do anything the
   keys allow, so it is treated as an admin.
@@ -19,10 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-__all__ = ["KINDS", "Principal"]
+__all__ = ["ANY_ACCOUNT", "KINDS", "Principal"]
 
-Kind = Literal["cluster", "member", "admin", "operator"]
-KINDS: tuple[str, ...] = ("cluster", "member", "admin", "operator")
+Kind = Literal["cluster", "member", "admin", "gateway", "operator"]
+KINDS: tuple[str, ...] = ("cluster", "member", "admin", "gateway", "operator")
+#: a gateway token's account pattern for "any account"
+ANY_ACCOUNT = "*"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Principal:
     ``account`` records) its own configuration gives, unchecked, since embedded mode is
     single-tenant and its scheduler holds every key anyway.
     ``registered_at`` is when a cluster was registered: its records cannot be older.
+    ``accounts`` are the accounts a gateway token registers clusters for.
     """
 
     kind: Kind
@@ -42,6 +47,7 @@ class Principal:
     token_id: str | None = None
     embedded: bool = False
     registered_at: datetime | None = None
+    accounts: tuple[str, ...] = ()
 
     @property
     def sees_every_account(self) -> bool:
@@ -50,6 +56,12 @@ class Principal:
     def may_read(self, account: str) -> bool:
         """Whether records of ``account`` are visible to this principal."""
         return self.sees_every_account or (self.kind == "member" and self.account == account)
+
+    def may_register(self, account: str) -> bool:
+        """Whether this principal may register a cluster of ``account``."""
+        if self.kind == "gateway":
+            return ANY_ACCOUNT in self.accounts or account in self.accounts
+        return self.may_read(account)
 
     @property
     def actor(self) -> str:

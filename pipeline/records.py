@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import columns
 from pipeline.clock import utcnow  # here too: its callers import it with the record schemas
@@ -165,6 +164,8 @@ def unreadable_rows(table: pa.Table) -> dict[int, str]:
     year -1199), and converting one to Python raises ``OverflowError`` part way through a
     read. Callers name and skip them. Integers throughout: ``pa.scalar`` imports pandas.
     """
+    import pyarrow.compute as pc  # here, not at the top: a scheduler's plugin starts without it (0.25 s)
+
     bad: dict[int, str] = {}
     first, last = _PYTHON_TIMES
     for field in table.schema:
@@ -210,6 +211,8 @@ def check_table(table: pa.Table) -> str:
 
     :raises ValueError: naming what does not match
     """
+    import pyarrow.compute as pc  # see unreadable_rows
+
     if table.num_rows == 0 or "kind" not in table.column_names:
         raise ValueError("a table of records must be non-empty and have a kind column")
     kinds = pc.unique(table.column("kind")).to_pylist()

@@ -21,14 +21,29 @@ def tokens() -> None:
 
 
 @command(tokens, "create")
-@click.option("--account", default=None, type=TEXT, help="The member's account (admins: none).")
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    type=TEXT,
+    help="The member's account (admins: none); a gateway's accounts, repeated ('*': any account).",
+)
 @click.option("--user", default=None, type=TEXT, help="Who holds the token.")
-@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
-def tokens_create(out: Output, account: str | None, user: str | None, role: str) -> None:
-    """Issue a token; it is printed once and only its SHA-256 is kept."""
+@click.option("--role", type=click.Choice(["member", "admin", "gateway"]), default="member", show_default=True)
+def tokens_create(out: Output, accounts: tuple[str, ...], user: str | None, role: str) -> None:
+    """Issue a token; it is printed once and only its SHA-256 is kept.
+
+    A gateway token (for a dask-gateway server) may register clusters of its accounts and nothing else.
+    """
     from pipeline.server.auth import TokenStore
 
-    issued = TokenStore(open_pipeline(create=True)).create(role, account, user)
+    if role != "gateway" and len(accounts) > 1:
+        raise click.UsageError(f"a {role} token has one --account at most (a gateway token may have several)")
+    store = TokenStore(open_pipeline(create=True))
+    if role == "gateway":
+        issued = store.create(role, user=user, accounts=accounts)
+    else:
+        issued = store.create(role, accounts[0] if accounts else None, user)
     if not out.as_json:
         click.echo(f"{role} token {issued.token_id}; shown only now, store it safely:", err=True)
     out.result(issued.as_dict(), issued.token)
@@ -52,7 +67,7 @@ def _token_state(t: dict[str, Any], now: datetime) -> str:
         return "revoked"
     if t["expires_at"] and t["expires_at"] <= now:
         return "expired"
-    if t["kind"] != "admin" and t["account"] is None:  # its names were shredded with the subject's key
+    if t["kind"] not in ("admin", "gateway") and t["account"] is None:  # its names were shredded with the subject's key
         return "erased"
     return "active"
 
@@ -63,7 +78,7 @@ def _render_token(t: Any) -> str:
         state = f"expires {t['expires_at']:%Y-%m-%d}"
     elif state != "active":
         state = f"ended: {state}"
-    bound = " ".join(str(t[k]) for k in ("account", "user", "cluster_id") if t[k])
+    bound = " ".join([*(str(t[k]) for k in ("account", "user", "cluster_id") if t[k]), *t["accounts"]])
     return f"{t['token_id']}  {t['kind']:<7} {state:<18} {bound}"
 
 

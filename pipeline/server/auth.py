@@ -4,6 +4,8 @@ A token is ``mp_`` + 43 url-safe characters (32 random bytes). Only its
 SHA-256 is stored, so a copy of the database opens nothing; the account and
 user it speaks for are kept as HMAC refs plus names sealed under their data
 key (see :mod:`pipeline.server.names`), so erasing them also ends their tokens.
+A ``gateway`` token names the accounts it registers clusters for (``*``: any):
+operator configuration rather than a data subject, so sealed under the staff key.
 Every request looks its token up again, so a
 revocation takes effect on the next request.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
@@ -43,7 +45,7 @@ __all__ = [
     "require",
 ]
 
-TOKEN_KINDS = ("member", "admin", "cluster")
+TOKEN_KINDS = ("member", "admin", "cluster", "gateway")
 #: where the app's guard leaves the principal of a request it authenticated before reading its body
 PRINCIPAL = "principal"
 TOKEN_PREFIX = "mp_"
@@ -66,6 +68,7 @@ class TokenInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    accounts: tuple[str, ...] = ()  # a gateway token's
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -82,16 +85,18 @@ class IssuedToken:
     user: str | None
     cluster_id: str | None = None
     expires_at: datetime | None = None
+    accounts: tuple[str, ...] = ()  # a gateway token's
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields ``tokens create --json`` prints."""
-        return {
+        """The fields ``tokens create --json`` prints (a gateway token's ``accounts`` too)."""
+        fields = {
             "token_id": self.token_id,
             "token": self.token,
             "kind": self.kind,
             "account": self.account,
             "user": self.user,
         }
+        return {**fields, "accounts": list(self.accounts)} if self.kind == "gateway" else fields
 
 
 class TokenStore:
@@ -109,14 +114,16 @@ class TokenStore:
         user: str | None = None,
         *,
         cluster_id: str | None = None,
+        accounts: Sequence[str] = (),
         ttl: timedelta | None = None,
         now: datetime | None = None,
     ) -> IssuedToken:
-        """Issue a token; ``cluster`` tokens expire after ``ttl``.
+        """Issue a token; ``cluster`` tokens expire after ``ttl``; a ``gateway`` token names ``accounts``.
 
-        :raises InvalidBinding: the kind or its binding (account, user, cluster id) is wrong
+        :raises InvalidBinding: the kind or its binding (account, user, cluster id, accounts) is wrong
         """
-        _check_binding(kind, account, user, cluster_id)
+        accounts = tuple(accounts)
+        _check_binding(kind, account, user, cluster_id, accounts)
         now = now or utcnow()
         token_id = secrets.token_hex(8)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -134,7 +141,7 @@ class TokenStore:
                     user_ref=user_ref,
                     cluster_id=cluster_id,
                     names=self.names.seal(
-                        token_id, {"account": account, "user": user}, subject_ref=subject_ref, user_ref=user_ref
+                        token_id, _names(account, user, accounts), subject_ref=subject_ref, user_ref=user_ref
                     ),
                     created_at=now,
                     expires_at=expires_at,
@@ -145,7 +152,7 @@ class TokenStore:
             subject_ref=subject_ref,
             details={"token_id": token_id, "kind": kind, "cluster_id": cluster_id},
         )
-        return IssuedToken(token_id, token, kind, account, user, cluster_id, expires_at)
+        return IssuedToken(token_id, token, kind, account, user, cluster_id, expires_at, accounts)
 
     def list(self) -> list[TokenInfo]:
         """Every token ever issued, oldest first."""
@@ -190,7 +197,13 @@ class TokenStore:
             raise AuthenticationError("token of an erased account or user")
         registered_at = row.created_at if row.kind == "cluster" else None  # a cluster token is issued on registration
         return Principal(
-            row.kind, names["account"], names["user"], row.cluster_id, row.token_id, registered_at=registered_at
+            row.kind,
+            names["account"],
+            names["user"],
+            row.cluster_id,
+            row.token_id,
+            registered_at=registered_at,
+            accounts=tuple(names.get("accounts", ())),
         )
 
     def _names(self, row: Any) -> dict[str, Any] | None:
@@ -208,15 +221,36 @@ class TokenStore:
             row.created_at,
             row.expires_at,
             row.revoked_at,
+            tuple(names.get("accounts", ())),
         )
 
 
-def _check_binding(kind: str, account: str | None, user: str | None, cluster_id: str | None) -> None:
+def _names(account: str | None, user: str | None, accounts: tuple[str, ...]) -> dict[str, Any]:
+    """What a token's sealed names hold: its account and user, and a gateway token's accounts."""
+    return (
+        {"account": account, "user": user, "accounts": list(accounts)}
+        if accounts
+        else {"account": account, "user": user}
+    )
+
+
+def _check_binding(
+    kind: str, account: str | None, user: str | None, cluster_id: str | None, accounts: tuple[str, ...]
+) -> None:
     if kind not in TOKEN_KINDS:
         raise InvalidBinding(f"unknown token kind {kind!r} (known: {', '.join(TOKEN_KINDS)})")
-    for what, value in (("account", account), ("user", user), ("cluster id", cluster_id)):
+    for what, value in (
+        ("account", account),
+        ("user", user),
+        ("cluster id", cluster_id),
+        *(("account", a) for a in accounts),
+    ):
         if value is not None and not value.strip():
             raise InvalidBinding(f"{kind} token: the {what} must not be empty")
+    if kind == "gateway" and (not accounts or account is not None or user is not None or cluster_id is not None):
+        raise InvalidBinding("a gateway token needs one --account or more ('*': any account) and no --user")
+    if kind != "gateway" and accounts:
+        raise InvalidBinding(f"a {kind} token names one account, not a list")
     if kind == "admin" and (account is not None or cluster_id is not None):
         raise InvalidBinding("an admin token sees every account: give no --account")
     if kind == "member" and (account is None or user is None):

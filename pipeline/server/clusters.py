@@ -5,7 +5,10 @@ member who registered it, or the user an admin named; none for an account-level
 service cluster) and its cluster id,
 the control plane's ingest URL and the intake public key: everything its
 plugin needs to write, nothing that reads; and its own TLS credentials (a CA,
-scheduler / worker / client certificates and keys, see :mod:`pipeline.security.tls`).
+scheduler / worker / client certificates and keys, see :mod:`pipeline.security.tls`),
+except for a cluster a dask-gateway registers: the gateway gives each cluster TLS of its
+own, so the project issues none (``tls`` is empty) and the gateway token that registered
+it may close it.
 When the plugin closes with its spool empty it closes the cluster with its own
 token, which revokes that token: a closed cluster's credentials write nothing
 more. The account name is kept sealed
@@ -48,6 +51,7 @@ __all__ = [
     "Registration",
     "check_role_files",
     "cluster_config",
+    "plugin_config",
     "role_configs",
     "router",
     "write_role_files",
@@ -70,29 +74,31 @@ class Registration:
     expires_at: datetime | None
     ingest_url: str
     intake_public_key: str
-    tls: dict[str, str]  # the cluster's CA, role certificates and private keys (PEM): shown once
+    tls: dict[str, str]  # the cluster's CA, role certificates and private keys (PEM): shown once; none for a gateway
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+def plugin_config(registration: dict[str, Any]) -> dict[str, Any]:
+    """The ``pipeline`` section a registered cluster's scheduler runs with (its plugin in remote mode)."""
+    return {
+        "account": registration["account"],
+        "user": registration["user"],
+        "cluster-id": registration["cluster_id"],
+        "image": registration["image"],
+        "ingest": {
+            "url": registration["ingest_url"],
+            "token": registration["token"],
+            "public-key": registration["intake_public_key"],
+        },
+    }
+
+
 def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
     """The dask config a registered cluster runs with: section ``pipeline``, and ``distributed.comm``
     for TLS with the cluster's own certificates."""
-    return {
-        **dask_tls_config(registration["tls"]),
-        "pipeline": {
-            "account": registration["account"],
-            "user": registration["user"],
-            "cluster-id": registration["cluster_id"],
-            "image": registration["image"],
-            "ingest": {
-                "url": registration["ingest_url"],
-                "token": registration["token"],
-                "public-key": registration["intake_public_key"],
-            },
-        },
-    }
+    return {**dask_tls_config(registration["tls"]), "pipeline": plugin_config(registration)}
 
 
 #: the file ``clusters create --out DIR`` writes for each role
@@ -115,7 +121,7 @@ def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "comm": {"require-encryption": True, "tls": {"ca-file": tls["ca_cert"], role: own}},
             },
         }
-    configs["scheduler"]["pipeline"] = cluster_config(registration)["pipeline"]
+    configs["scheduler"]["pipeline"] = plugin_config(registration)
     return configs
 
 
@@ -165,15 +171,22 @@ class ClusterRegistry:
         user: str | None = None,
         name: str | None = None,
         image: str | None = None,
+        gateway_token_id: str | None = None,
     ) -> Registration:
         """A new cluster of ``account`` owned by ``user`` (none: account-level), with a cluster token
-        valid for ``pipeline.server.cluster-token-ttl``."""
+        valid for ``pipeline.server.cluster-token-ttl``.
+
+        ``gateway_token_id``: a dask-gateway registers it with that token (which may close it), and
+        its TLS is the gateway's, so none is issued.
+        """
         public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
         issued = self.tokens.create("cluster", account, user, cluster_id=cluster_id, ttl=ttl)
         subject_ref = self.pipeline.keyring.subject_ref(account)
         names = {"account": account, "name": name, "image": image}
+        if gateway_token_id is not None:
+            names["registered_by"] = gateway_token_id
         with transaction(self.pipeline.keyring.engine, "registering a cluster") as conn:
             conn.execute(
                 insert(clusters).values(
@@ -185,7 +198,11 @@ class ClusterRegistry:
                 )
             )
         validity = timedelta(seconds=self.pipeline.settings.tls_validity)
-        tls = issue_credentials(self.pipeline.keyring, account, cluster_id, validity=validity)
+        tls = (
+            {}
+            if gateway_token_id
+            else issue_credentials(self.pipeline.keyring, account, cluster_id, validity=validity).to_json()
+        )
         return Registration(
             cluster_id,
             account,
@@ -197,7 +214,7 @@ class ClusterRegistry:
             issued.expires_at,
             ingest_url,
             public_key,
-            tls.to_json(),
+            tls,
         )
 
     def close(self, cluster_id: str, token_id: str, *, now: datetime | None = None, actor: str | None = None) -> None:
@@ -304,6 +321,12 @@ class ClusterRegistry:
             return None
         return self.names.seal(f"{row.cluster_id}/running", running, subject_ref=row.subject_ref)
 
+    def registered_by(self, cluster_id: str) -> str | None:
+        """The id of the gateway token that registered a cluster (``None``: no gateway did, or erased)."""
+        row = self._row(cluster_id)
+        names = None if row is None else self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
+        return None if names is None else names.get("registered_by")
+
     def find(self, cluster_id: str) -> tuple[str | None, str] | None:
         """``(account, token id)`` of a cluster, the account ``None`` once erased; ``None``: no such cluster."""
         row = self._row(cluster_id)
@@ -325,7 +348,7 @@ class ClusterRegistry:
         return [
             {
                 "cluster_id": row.cluster_id,
-                **(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
+                **_shown(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
                 "state": "closed" if row.closed_at else "lost" if row.lost_at else "open",
                 "created_at": row.created_at,
                 "last_contact_at": row.last_contact_at,
@@ -334,6 +357,11 @@ class ClusterRegistry:
             }
             for row in rows
         ]
+
+
+def _shown(names: dict[str, Any]) -> dict[str, Any]:
+    """A cluster's names as listed (which gateway token registered it is the operator's business)."""
+    return {k: names[k] for k in ("account", "name", "image")}
 
 
 def _running_after(running: dict[str, Any], batch: OpenedBatch) -> dict[str, Any]:
@@ -404,29 +432,42 @@ router = APIRouter(tags=["clusters"])
 def register_cluster(
     body: ClusterIn,
     request: Request,
-    principal: Annotated[Principal, Depends(require("member", "admin"))],
+    principal: Annotated[Principal, Depends(require("member", "admin", "gateway"))],
 ) -> dict[str, Any]:
-    """Register a cluster of the caller's account, owned by the caller (an admin names the owner, or none):
-    its id, cluster token, ingest URL, intake public key and TLS credentials."""
-    if not principal.may_read(body.account):
-        raise HTTPException(403, "a member may register clusters of their own account only")
-    if not principal.sees_every_account and body.user not in (None, principal.user):
+    """Register a cluster of the caller's account, owned by the caller (an admin or a gateway names the owner;
+    an admin may name none): its id, cluster token, ingest URL, intake public key and TLS credentials (none
+    for a gateway, whose clusters use its own TLS)."""
+    gateway = principal.kind == "gateway"
+    if not principal.may_register(body.account):
+        raise HTTPException(403, f"a {principal.kind} token may not register clusters of this account")
+    if not (principal.sees_every_account or gateway) and body.user not in (None, principal.user):
         raise HTTPException(403, "a member registers clusters for themselves only; an admin may name another user")
     if body.user is not None and not body.user.strip():
         raise HTTPException(400, "user: must not be blank")
-    user = body.user if principal.sees_every_account else principal.user
+    if gateway and body.user is None:
+        raise HTTPException(400, "user: a gateway names the user who started the cluster")
+    user = body.user if principal.sees_every_account or gateway else principal.user
     ingest_url = str(request.base_url).rstrip("/")
     registry: ClusterRegistry = request.app.state.clusters
-    return registry.register(body.account, ingest_url, user=user, name=body.name, image=body.image).as_dict()
+    registration = registry.register(
+        body.account,
+        ingest_url,
+        user=user,
+        name=body.name,
+        image=body.image,
+        gateway_token_id=principal.token_id if gateway else None,
+    )
+    return registration.as_dict()
 
 
 @router.post("/v1/clusters/{cluster_id}/close", status_code=204)
 def close_cluster(
     cluster_id: str,
     request: Request,
-    principal: Annotated[Principal, Depends(require("cluster", "member", "admin"))],
+    principal: Annotated[Principal, Depends(require("cluster", "member", "admin", "gateway"))],
 ) -> Response:
-    """Close a cluster and revoke its token: its own plugin (everything delivered), its owner or an admin.
+    """Close a cluster and revoke its token: its own plugin (everything delivered), its owner, an admin,
+    or the gateway token that registered it.
 
     Its jobs still running are recorded with ``status: lost``.
     """
@@ -435,7 +476,8 @@ def close_cluster(
         raise HTTPException(403, "a cluster token may close its own cluster only")
     found = registry.find(cluster_id)
     account = None if found is None else found[0]
-    if found is None or (principal.kind == "member" and (account is None or not principal.may_read(account))):
+    others = principal.kind == "gateway" and registry.registered_by(cluster_id) != principal.token_id
+    if found is None or others or (principal.kind == "member" and (account is None or not principal.may_read(account))):
         raise HTTPException(404, f"no cluster {cluster_id!r} of yours")
     registry.close(cluster_id, found[1], actor=principal.actor)
     return Response(status_code=204)

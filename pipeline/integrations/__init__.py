@@ -1,0 +1,1 @@
+"""Drop-in integrations with the platforms that start Dask clusters (dask-gateway)."""

@@ -1,0 +1,247 @@
+"""Every cluster a dask-gateway server starts runs the plugin, registered for the gateway's user.
+
+The operator's ``dask_gateway_config.py`` calls :func:`configure` once, after choosing the
+backend. It replaces ``c.DaskGateway.backend_class`` with a subclass of that backend
+(local, jobqueue, YARN: every database-backed one) that
+
+- registers the cluster with the control plane when the gateway starts it (its name is
+  known there), with the gateway token, for the gateway's authenticated user as owner and
+  the account the rule ``pipeline.gateway.account`` gives (``{user}`` or a fixed name);
+- gives the cluster token, intake key and identity to the scheduler's environment only
+  (``get_scheduler_env``): the gateway stores a cluster's config in clear and gives it to
+  workers too, so nothing goes there, and workers get no token;
+- appends ``--preload pipeline.preload`` to the scheduler command (the gateway passes its
+  own ``--preload``, so ``distributed.scheduler.preload`` would be ignored);
+- gives each cluster a ``pipeline.home`` (its spool) of its own;
+- closes the cluster in the control plane when the gateway stops it. A scheduler that
+  died, or one whose spool still holds batches, is left open: the control plane marks it
+  ``lost`` after ``cluster-lost-after``, and ``spool replay`` can still deliver.
+
+Each cluster uses the gateway's own per-cluster TLS; the control plane issues none to a
+gateway. Registration and closing run on a worker thread: the gateway's loop never waits
+on the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import string
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import dask.config
+
+from pipeline.apiclient import ApiClient, Credentials
+from pipeline.config import Settings
+from pipeline.errors import ConfigError
+from pipeline.redact import first_line
+from pipeline.server.clusters import plugin_config  # imported with the gateway's config, not on its loop (1 s)
+from pipeline.spool import Spool
+
+__all__ = ["GatewaySettings", "configure", "registering_backend"]
+
+#: where a cluster's control-plane id is kept in the gateway's cluster state (no secret)
+STATE_KEY = "pipeline_cluster_id"
+_PRELOAD = ["--preload", "pipeline.preload"]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``pipeline.gateway.*``: where the control plane is, the gateway's token, the account rule."""
+
+    url: str
+    token_file: Path
+    account_rule: str
+    home: Path
+
+    @classmethod
+    def from_config(cls) -> GatewaySettings:
+        """Read and check the dask config (``DASK_PIPELINE__GATEWAY__*`` too).
+
+        :raises ConfigError: a key is missing, the token file unreadable or the account rule malformed
+        """
+        url, token_file, rule = (
+            dask.config.get(f"pipeline.gateway.{key}", None) for key in ("url", "token-file", "account")
+        )
+        if not url or not token_file:
+            raise ConfigError("pipeline.gateway.url and pipeline.gateway.token-file must be set for dask-gateway")
+        home = Settings.from_config().home
+        try:
+            base = Path(str(dask.config.get("pipeline.gateway.home")).format(home=home)).expanduser().absolute()
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"pipeline.gateway.home: only {{home}} may be expanded: {exc}") from exc
+        settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), str(rule or "{user}"), base)
+        fields = [field for _, field, _, _ in string.Formatter().parse(settings.account_rule) if field is not None]
+        if any(field != "user" for field in fields):
+            raise ConfigError(
+                f"pipeline.gateway.account: {settings.account_rule!r} may name {{user}} only (or be a fixed account)"
+            )
+        settings.token()
+        return settings
+
+    def token(self) -> str:
+        """The gateway token, read again each time (so it can be replaced without a restart).
+
+        :raises ConfigError: the file cannot be read or is empty
+        """
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"pipeline.gateway.token-file: cannot read {self.token_file}: {exc}") from exc
+        if not token:
+            raise ConfigError(f"pipeline.gateway.token-file: {self.token_file} is empty")
+        return token
+
+    def account_for(self, user: str) -> str:
+        """The account a gateway user's clusters belong to."""
+        return self.account_rule.format(user=user)
+
+    def cluster_home(self, cluster_name: str) -> Path:
+        """A cluster's own ``pipeline.home`` (its spool)."""
+        return self.home / cluster_name
+
+    @functools.cached_property
+    def _client(self) -> ApiClient:
+        """One client for the gateway's life: its connections and TLS context are reused (a new one costs
+        each cluster's start 30 ms). The token goes with each request, so a replaced token file counts."""
+        return ApiClient(Credentials(self.url, ""))
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token()}"}
+
+    def register(self, user: str, cluster_name: str) -> dict[str, Any]:
+        """Register a cluster owned by ``user``; the registration (cluster token included).
+
+        :raises ApiError: the control plane refused or cannot be reached
+        """
+        body = {"account": self.account_for(user), "user": user, "name": cluster_name}
+        registration: dict[str, Any] = self._client.json("POST", "/v1/clusters", json=body, headers=self._auth())
+        return registration
+
+    def close(self, cluster_id: str) -> None:
+        """Close a cluster this gateway registered (idempotent).
+
+        :raises ApiError:
+        """
+        self._client.json("POST", f"/v1/clusters/{quote(cluster_id, safe='')}/close", headers=self._auth())
+
+
+def scheduler_env(registration: dict[str, Any], home: Path, close_timeout: float | None) -> dict[str, str]:
+    """The ``DASK_PIPELINE__*`` variables a registered cluster's scheduler runs with.
+
+    Values are Python literals (``repr``), which dask reads back as strings: an account
+    called ``123`` stays a string.
+    """
+    config: dict[str, Any] = {**plugin_config(registration), "home": str(home)}
+    if close_timeout is not None:
+        config["emitter"] = {"close-timeout": f"{close_timeout:g}s"}
+    return {name: repr(value) for name, value in _flatten(config, "DASK_PIPELINE") if value is not None}
+
+
+def _flatten(config: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}__{key.upper().replace('-', '_')}"
+        pairs.extend(_flatten(value, name) if isinstance(value, dict) else [(name, value)])
+    return pairs
+
+
+def registering_backend(base: type, settings: GatewaySettings) -> type:
+    """A subclass of the gateway backend ``base`` that registers, configures and closes each cluster.
+
+    :raises ConfigError: ``base`` is not a database-backed backend (its start path is not in this process)
+    """
+    from dask_gateway_server.backends.db_base import DBBackendBase, JobStatus
+
+    if not (isinstance(base, type) and issubclass(base, DBBackendBase)):
+        raise ConfigError(
+            f"pipeline.integrations.gateway: backend {getattr(base, '__name__', base)!r} is not supported "
+            "(local, jobqueue and YARN backends are; Kubernetes starts clusters in its controller)"
+        )
+
+    class PipelineBackend(base):  # type: ignore[misc,valid-type]
+        """The operator's backend; every cluster registered with the control plane and running the plugin."""
+
+        _registrations: dict[str, dict[str, Any]]
+
+        async def do_start_cluster(self, cluster: Any) -> AsyncIterator[dict[str, Any]]:
+            registration = await asyncio.to_thread(settings.register, cluster.username, cluster.name)
+            cluster_id = registration["cluster_id"]
+            self._pending()[cluster.name] = registration  # in memory only, until the scheduler is started
+            started = False
+            try:
+                async for state in super().do_start_cluster(cluster):
+                    yield {**state, STATE_KEY: cluster_id}
+                started = True
+            finally:
+                self._pending().pop(cluster.name, None)
+                if not started:  # it never ran: nothing will close it
+                    await self._close(cluster_id, cluster.name)
+
+        def get_scheduler_env(self, cluster: Any) -> dict[str, str]:
+            env: dict[str, str] = super().get_scheduler_env(cluster)
+            registration = self._pending().get(cluster.name)
+            if registration is None:  # never run a scheduler unregistered (it would be embedded mode)
+                raise ConfigError(f"cluster {cluster.name} is not registered with the control plane")
+            sigint = getattr(self, "sigint_timeout", None)
+            close_timeout = max(1.0, sigint / 2) if sigint else None  # the plugin's flush fits before SIGTERM
+            env.update(scheduler_env(registration, settings.cluster_home(cluster.name), close_timeout))
+            return env
+
+        def get_scheduler_command(self, cluster: Any) -> list[str]:
+            return [*super().get_scheduler_command(cluster), *_PRELOAD]
+
+        async def do_stop_cluster(self, cluster: Any) -> None:
+            await super().do_stop_cluster(cluster)
+            cluster_id = (cluster.state or {}).get(STATE_KEY)
+            if cluster_id is None:
+                return
+            if cluster.target == JobStatus.FAILED:
+                self.log.info(
+                    "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
+                )
+                return
+            spool = settings.cluster_home(cluster.name) / "spool"
+            if spool.is_dir() and Spool(spool).pending_files():
+                self.log.warning(
+                    "Cluster %s stopped with batches in %s: left open for `metadata-pipeline spool replay`",
+                    cluster.name,
+                    spool,
+                )
+                return
+            await self._close(cluster_id, cluster.name)
+
+        async def _close(self, cluster_id: str, name: str) -> None:
+            try:
+                await asyncio.to_thread(settings.close, cluster_id)
+            except Exception as exc:  # the control plane is down: the cluster becomes lost instead
+                self.log.warning(
+                    "Could not close cluster %s (%s) in the control plane: %s", name, cluster_id, first_line(exc)
+                )
+            else:
+                self.log.info("Cluster %s closed in the control plane (%s)", name, cluster_id)
+
+        def _pending(self) -> dict[str, dict[str, Any]]:
+            if not hasattr(self, "_registrations"):
+                self._registrations = {}
+            return self._registrations
+
+    PipelineBackend.__name__ = PipelineBackend.__qualname__ = f"Pipeline{base.__name__}"
+    return PipelineBackend
+
+
+def configure(c: Any) -> None:
+    """Make every cluster the gateway configured by ``c`` starts run the plugin (call after choosing the backend).
+
+    :raises ConfigError: ``pipeline.gateway.*`` is incomplete or the backend unsupported
+    """
+    from traitlets.utils.importstring import import_item
+
+    backend = c.DaskGateway.get("backend_class", "dask_gateway_server.backends.local.UnsafeLocalBackend")
+    if isinstance(backend, str):
+        backend = import_item(backend)
+    c.DaskGateway.backend_class = registering_backend(backend, GatewaySettings.from_config())

@@ -1,0 +1,110 @@
+"""``configure(c)`` for dask-gateway: its settings, the backend it installs, what the scheduler gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.config
+import pytest
+from dask_gateway_server.backends.base import Backend
+from dask_gateway_server.backends.jobqueue.slurm import SlurmBackend
+from dask_gateway_server.backends.local import UnsafeLocalBackend
+from traitlets.config import Config
+
+from pipeline.errors import ConfigError
+from pipeline.integrations.gateway import GatewaySettings, configure, scheduler_env
+
+REGISTRATION = {
+    "cluster_id": "cluster-1",
+    "account": "123",
+    "user": "ann",
+    "image": None,
+    "token": "mp_" + "a" * 43,
+    "ingest_url": "http://cp.example:8800",
+    "intake_public_key": "key-text",
+    "tls": {},
+}
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.token"
+    path.write_text("mp_" + "g" * 43 + "\n")
+    return path
+
+
+def gateway_config(token_file: Path, **keys: str) -> dask.config.set:
+    return dask.config.set(
+        {"pipeline.gateway.url": "http://cp.example:8800/", "pipeline.gateway.token-file": str(token_file), **keys}
+    )
+
+
+def test_configure_wraps_the_backend_the_operator_chose(token_file: Path) -> None:
+    for chosen in ("dask_gateway_server.backends.jobqueue.slurm.SlurmBackend", SlurmBackend):
+        c = Config()
+        c.DaskGateway.backend_class = chosen
+        with gateway_config(token_file):
+            configure(c)
+        installed = c.DaskGateway.backend_class
+        assert issubclass(installed, SlurmBackend) and installed.__name__ == "PipelineSlurmBackend"
+
+
+def test_configure_without_a_backend_wraps_the_gateways_default(token_file: Path) -> None:
+    c = Config()
+    with gateway_config(token_file):
+        configure(c)
+    assert issubclass(c.DaskGateway.backend_class, UnsafeLocalBackend)
+
+
+def test_a_backend_that_starts_clusters_elsewhere_is_refused_by_name(token_file: Path) -> None:
+    class ElsewhereBackend(Backend):
+        pass
+
+    c = Config()
+    c.DaskGateway.backend_class = ElsewhereBackend
+    with gateway_config(token_file), pytest.raises(ConfigError, match="ElsewhereBackend"):
+        configure(c)
+
+
+def test_settings_map_users_to_accounts_by_the_rule(token_file: Path, tmp_path: Path) -> None:
+    with gateway_config(token_file, **{"pipeline.home": str(tmp_path / "home")}):
+        per_user = GatewaySettings.from_config()
+    with gateway_config(token_file, **{"pipeline.gateway.account": "research"}):
+        fixed = GatewaySettings.from_config()
+    assert (per_user.account_for("ann"), fixed.account_for("ann")) == ("ann", "research")
+    assert per_user.url == "http://cp.example:8800"
+    assert per_user.token() == "mp_" + "g" * 43
+    assert per_user.cluster_home("c1") == tmp_path / "home" / "gateway-clusters" / "c1"
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"pipeline.gateway.url": None}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.account": "{team}"}, "pipeline.gateway.account"),
+        ({"pipeline.gateway.token-file": "/nonexistent/token"}, "cannot read"),
+    ],
+)
+def test_settings_name_what_is_wrong(token_file: Path, keys: dict[str, str | None], message: str) -> None:
+    with gateway_config(token_file, **keys), pytest.raises(ConfigError, match=message):  # type: ignore[arg-type]
+        GatewaySettings.from_config()
+
+
+def test_the_scheduler_env_reads_back_as_the_registration_with_strings_kept_strings(tmp_path: Path) -> None:
+    env = scheduler_env(REGISTRATION, tmp_path / "c1", 5.0)
+    config = dask.config.collect_env(env)["pipeline"]
+    assert config["account"] == "123" and config["user"] == "ann" and config["cluster_id"] == "cluster-1"
+    assert config["ingest"] == {"url": "http://cp.example:8800", "token": "mp_" + "a" * 43, "public_key": "key-text"}
+    assert config["home"] == str(tmp_path / "c1") and config["emitter"] == {"close_timeout": "5s"}
+    assert "DASK_PIPELINE__IMAGE" not in env
+
+
+def test_the_documented_config_file_installs_the_integration(token_file: Path) -> None:
+    from dask_gateway_server.backends.local import LocalBackend
+
+    c = Config()
+    source = (Path(__file__).parent.parent / "docs" / "dask_gateway_config.py").read_text()
+    with gateway_config(token_file):
+        exec(compile(source, "dask_gateway_config.py", "exec"), {"c": c})
+    installed = c.DaskGateway.backend_class
+    assert issubclass(installed, LocalBackend) and installed.__name__ == "PipelineLocalBackend"
