@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -250,7 +251,10 @@ ingested_batches = Table(
     Column("received_at", UTCDateTime, nullable=False),
 )
 
-_engines: dict[str, tuple[Engine, tuple[int, int] | None]] = {}  # url -> engine, _sqlite_file(engine) then
+# url -> engine, held while something uses it: a process that opens many databases (a test suite,
+# a notebook making homes) would otherwise keep every one's pooled connections, and files, open
+_engines: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
+_engine_files: weakref.WeakKeyDictionary[Engine, tuple[int, int] | None] = weakref.WeakKeyDictionary()
 _engines_lock = threading.Lock()
 
 
@@ -264,21 +268,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def engine_for(url: str) -> Engine:
-    """One pooled engine per database URL and process.
+    """One pooled engine per database URL and process, for as long as anything holds it.
 
     A SQLite file removed or replaced since its engine was made (a home folder
     deleted between two clusters) gets a new engine: the old one's pooled
     connections would go on writing to the removed file.
     """
     with _engines_lock:
-        cached = _engines.get(url)
-        if cached is not None:
-            engine, file = cached
-            if _sqlite_file(engine) == file:
+        engine = _engines.get(url)
+        if engine is not None:
+            if _sqlite_file(engine) == _engine_files.get(engine):
                 return engine
             engine.dispose()
         engine = _create_engine(url)
-        _engines[url] = engine, _sqlite_file(engine)
+        _engines[url], _engine_files[engine] = engine, _sqlite_file(engine)
         return engine
 
 
