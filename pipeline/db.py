@@ -11,10 +11,11 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,10 +252,10 @@ ingested_batches = Table(
     Column("received_at", UTCDateTime, nullable=False),
 )
 
-# url -> engine, held while something uses it: a process that opens many databases (a test suite,
-# a notebook making homes) would otherwise keep every one's pooled connections, and files, open
-_engines: weakref.WeakValueDictionary[str, Engine] = weakref.WeakValueDictionary()
-_engine_files: weakref.WeakKeyDictionary[Engine, tuple[int, int] | None] = weakref.WeakKeyDictionary()
+_engines: OrderedDict[str, tuple[Engine, tuple[int, int] | None]] = OrderedDict()  # url -> engine, file then
+#: engines whose idle connections stay open: a process that opens many databases (a test suite, a
+#: notebook making homes) would otherwise keep every one's pooled connections, and files, open
+_KEEP_OPEN = 4
 _engines_lock = threading.Lock()
 
 
@@ -268,20 +269,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def engine_for(url: str) -> Engine:
-    """One pooled engine per database URL and process, for as long as anything holds it.
+    """One pooled engine per database URL and process; only the newest few keep idle connections open.
 
     A SQLite file removed or replaced since its engine was made (a home folder
     deleted between two clusters) gets a new engine: the old one's pooled
     connections would go on writing to the removed file.
     """
     with _engines_lock:
-        engine = _engines.get(url)
-        if engine is not None:
-            if _sqlite_file(engine) == _engine_files.get(engine):
+        cached = _engines.get(url)
+        if cached is not None:
+            engine, file = cached
+            if _sqlite_file(engine) == file:
+                _engines.move_to_end(url)
                 return engine
             engine.dispose()
         engine = _create_engine(url)
-        _engines[url], _engine_files[engine] = engine, _sqlite_file(engine)
+        _engines[url] = engine, _sqlite_file(engine)
+        _engines.move_to_end(url)
+        if len(_engines) > _KEEP_OPEN:  # the one now just past the newest: closing its idle connections
+            next(islice(reversed(_engines.values()), _KEEP_OPEN, None))[0].dispose()  # leaves it usable
         return engine
 
 

@@ -46,7 +46,7 @@ def postgres_url() -> Iterator[str]:
 
     with db._engines_lock:
         for url in [u for u in db._engines if schema in u]:
-            db._engines.pop(url).dispose()
+            db._engines.pop(url)[0].dispose()
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 

@@ -107,13 +107,7 @@ class SQLStore(Store):
                 yield _segment(row._mapping)
 
     def close(self) -> None:
-        """Close the pooled connections: a process that opens many databases (a test suite, a
-        notebook making homes) would otherwise keep each one's files open until it runs out.
-
-        The engine is shared per URL and process and stays usable: another user of the same
-        database opens new connections as it needs them.
-        """
-        self.engine.dispose()
+        """The engine is shared per URL and process; connections return to its pool."""
 
 
 def _filters(**values: Any) -> list[ColumnElement[bool]]:
