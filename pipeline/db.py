@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,7 +252,10 @@ ingested_batches = Table(
     Column("received_at", UTCDateTime, nullable=False),
 )
 
-_engines: dict[str, tuple[Engine, tuple[int, int] | None]] = {}  # url -> engine, _sqlite_file(engine) then
+_engines: OrderedDict[str, tuple[Engine, tuple[int, int] | None]] = OrderedDict()  # url -> engine, file then
+#: engines whose idle connections stay open: a process that opens many databases (a test suite, a
+#: notebook making homes) would otherwise keep every one's pooled connections, and files, open
+_KEEP_OPEN = 4
 _engines_lock = threading.Lock()
 
 
@@ -264,7 +269,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def engine_for(url: str) -> Engine:
-    """One pooled engine per database URL and process.
+    """One pooled engine per database URL and process; only the newest few keep idle connections open.
 
     A SQLite file removed or replaced since its engine was made (a home folder
     deleted between two clusters) gets a new engine: the old one's pooled
@@ -275,10 +280,14 @@ def engine_for(url: str) -> Engine:
         if cached is not None:
             engine, file = cached
             if _sqlite_file(engine) == file:
+                _engines.move_to_end(url)
                 return engine
             engine.dispose()
         engine = _create_engine(url)
         _engines[url] = engine, _sqlite_file(engine)
+        _engines.move_to_end(url)
+        if len(_engines) > _KEEP_OPEN:  # the one now just past the newest: closing its idle connections
+            next(islice(reversed(_engines.values()), _KEEP_OPEN, None))[0].dispose()  # leaves it usable
         return engine
 
 

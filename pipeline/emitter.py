@@ -87,6 +87,7 @@ class Emitter:
         self._unsealed: list[Mapping[str, Any]] = []
         self._queued_since: float | None = None  # when the oldest record still in the queue came
         self._flushes = 0  # flush() calls waiting: seal now rather than linger
+        self._in_hand = False  # records taken from the queue, not yet among the unsealed or pending
         self._retry_at = 0.0
         self._backoff: dict[str, float] = {}
         self._wake = threading.Event()
@@ -156,7 +157,15 @@ class Emitter:
         return done
 
     def _is_idle(self) -> bool:
-        return self._queue.empty() and not self._pending and not self._unsealed and self._public_key is not None
+        """Nothing submitted is undelivered: asked from other threads (flush) while the emitter works,
+        so each record stays in the queue, in hand, unsealed or pending until it is delivered."""
+        return (
+            self._queue.empty()
+            and not self._in_hand
+            and not self._pending
+            and not self._unsealed
+            and self._public_key is not None
+        )
 
     # -- background thread -------------------------------------------------
     def _run(self) -> None:
@@ -263,10 +272,13 @@ class Emitter:
         self._queued_since = None  # before taking: a record submitted meanwhile starts the next wait
         records = self._unsealed
         while True:
+            self._in_hand = True
             try:
                 records.extend(self._queue.get_nowait())
             except queue.Empty:
                 break
+            finally:
+                self._in_hand = False
         while records:
             chunk = records[:MAX_BATCH_RECORDS]
             try:
@@ -275,8 +287,8 @@ class Emitter:
                 self._unsealed = records
                 self._note_error("spool a batch", exc)
                 return
+            self._pending.extend(batches)  # before they leave the unsealed records
             del records[: len(chunk)]
-            self._pending.extend(batches)
         self._unsealed = []
 
     def _spool_batches(self, records: list[Mapping[str, Any]]) -> list[SpooledBatch]:
@@ -334,10 +346,10 @@ class Emitter:
                 self._refused_token(exc)
                 return
             except BatchRefused as exc:
-                self._pending.remove(batch)
                 self.spool.refuse(batch, str(exc))
                 self.stats.batches_refused += 1
                 self.stats.last_error = str(exc)
+                self._pending.remove(batch)  # last: a flush sees the emitter idle once this is all done
                 continue
             except Throttled as exc:  # the control plane asked this tenant to wait: no failure, no back-off
                 logger.debug("metadata emitter waits %.0f s: %s", exc.retry_after, exc)
@@ -349,9 +361,9 @@ class Emitter:
                 self._retry_at = time.monotonic() + self._backoff_for("deliver")
                 return
             self._backoff.pop("deliver", None)
-            self._pending.remove(batch)
             self.spool.remove(batch)
             self.stats.batches_delivered += 1
+            self._pending.remove(batch)  # last, as above
 
     def _refused_token(self, exc: TokenRefused) -> None:
         """Stop for good, saying once why and what fixes it; the batches stay in the spool, not refused."""

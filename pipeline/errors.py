@@ -115,7 +115,14 @@ class BatchRefused(PipelineError):
 
 
 class IntakeError(BatchRefused, ValueError):
-    """A sealed batch is malformed, does not decrypt, is too large, or holds invalid records."""
+    """A sealed batch is malformed, does not decrypt, is too large, or holds invalid records.
+
+    ``batch_id``: the batch's id once its header was read (the audit trail names it).
+    """
+
+    def __init__(self, message: str, *, batch_id: str | None = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
 
 
 class ForbiddenBatch(BatchRefused, PermissionError):

@@ -213,9 +213,10 @@ def open_batch(private_key: X25519PrivateKey, sealed: bytes) -> OpenedBatch:
         plaintext = _SUITE.decrypt(sealed[end:], private_key, info=_info(batch_id))
     except (InvalidTag, ValueError):
         raise IntakeError(
-            f"batch {batch_id} does not decrypt: altered, relabelled or sealed to another intake key"
+            f"batch {batch_id} does not decrypt: altered, relabelled or sealed to another intake key",
+            batch_id=batch_id,
         ) from None
     try:
         return OpenedBatch(batch_id, _tables(plaintext))
     except ValueError as exc:
-        raise IntakeError(f"batch {batch_id}: {exc}") from None
+        raise IntakeError(f"batch {batch_id}: {exc}", batch_id=batch_id) from None

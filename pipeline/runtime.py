@@ -321,8 +321,8 @@ class Pipeline:
         neither re-implements a step. Accepting a batch id twice writes nothing.
         It is :meth:`prepare_ingest` then :meth:`commit_ingest`: concurrent callers share commits.
 
-        :raises IntakeError: the batch is oversized, malformed, altered or holds an invalid record (400/413);
-            a value out of :mod:`pipeline.bounds` is named, and the batch refused whole and audited
+        :raises IntakeError: the batch is oversized, malformed, altered or holds an invalid record (400/413),
+            audited; a value out of :mod:`pipeline.bounds` is named, and the batch refused whole and audited
         :raises ForbiddenBatch: the principal is neither a cluster nor the operator, or a record
             names another account, user or cluster, or is an ``account`` record from a cluster;
             the batch is refused whole and audited (403)
@@ -348,7 +348,11 @@ class Pipeline:
 
         :raises IntakeError, ForbiddenBatch, StoreUnavailable: as :meth:`ingest`
         """
-        batch = open_batch(self.intake_key, sealed)
+        try:
+            batch = open_batch(self.intake_key, sealed)
+        except IntakeError as exc:  # the reason goes to the caller only: it may quote the batch's content
+            self._audit_rejected(principal, exc.batch_id, {"bytes": len(sealed), "reason": "could not be opened"})
+            raise
         if idempotency_key is not None and idempotency_key != batch.batch_id:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
         self._check_bounds(batch, principal)
@@ -449,13 +453,16 @@ class Pipeline:
         **refs: Any,
     ) -> None:
         """Audit a refused batch (refs and field names only, never names of people) and raise ``error``."""
+        self._audit_rejected(principal, batch.batch_id, {"records": batch.n_records, "reason": reason, **refs})
+        raise error(f"batch {batch.batch_id} refused: {reason}")
+
+    def _audit_rejected(self, principal: Principal, batch_id: str | None, details: dict[str, Any]) -> None:
         self.audit.append(
             "ingest.rejected",
             actor=principal.actor,
             subject_ref=None if principal.account is None else self.keyring.subject_ref(principal.account),
-            details={"batch_id": batch.batch_id, "records": batch.n_records, "reason": reason, **refs},
+            details={"batch_id": batch_id, **details},
         )
-        raise error(f"batch {batch.batch_id} refused: {reason}")
 
     def _already_ingested(self, subject_ref: str, batch_id: str) -> bool:
         with transaction(self.keyring.engine, "check the batch id") as conn:

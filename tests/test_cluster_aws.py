@@ -281,6 +281,11 @@ def test_no_credential_reaches_a_record_the_spool_a_log_line_or_a_report(
             dashboard_address=":0",
             security=tls.security(),
             scheduler_kwargs={"preload": ["pipeline.preload"]},
+            # LocalCluster otherwise sets the stream handlers on distributed's logger to WARNING while it
+            # runs, and pytest's capturing handlers are among them once distributed's logging is set up
+            # before pytest's (whenever distributed is imported first): every line below WARNING, the
+            # forwarder's included, would go unchecked
+            silence_logs=False,
         ) as local,
         Client(local) as client,
         SessionTokenForwarder(

@@ -15,7 +15,7 @@ from pipeline.emitter import Emitter
 from pipeline.errors import StoreUnavailable
 from pipeline.principals import Principal
 from pipeline.runtime import Pipeline
-from pipeline.spool import Spool
+from pipeline.spool import Spool, SpooledBatch
 
 
 def _ids(pipeline: Pipeline, store: str) -> Counter[str]:
@@ -68,6 +68,27 @@ def test_records_linger_to_share_one_batch_and_flush_or_close_seals_them_at_once
     assert emitter.close(timeout=60.0) is True  # nor does close: what lingered is delivered, in one batch
     assert (emitter.stats.batches_spooled, emitter.stats.records_sealed) == (2, 6)
     assert len(_ids(pipeline, "long_term")) == 6
+
+
+class _SlowToForget(Spool):
+    """A spool on a busy disk: forgetting a delivered batch (unlink, then sync the folder) takes a while."""
+
+    def remove(self, batch: SpooledBatch) -> None:
+        time.sleep(0.3)
+        super().remove(batch)
+
+
+def test_a_flush_returns_once_its_batches_are_delivered_and_out_of_the_spool(home: Path, settings: Settings) -> None:
+    pipeline = Pipeline.open(settings, create=True)
+    delivery = EmbeddedDelivery(lambda: pipeline, Principal.embedded_cluster("acme", None))
+    emitter = Emitter(delivery, _SlowToForget(settings.spool_dir), linger=3600.0)
+    emitter.start()
+    for _ in range(3):
+        emitter.submit([make_record()])
+        assert emitter.flush(timeout=60.0) is True
+        assert emitter.stats.batches_delivered == emitter.stats.batches_spooled  # not one still being forgotten
+        assert list(settings.spool_dir.glob("*.batch")) == []
+    assert emitter.close(timeout=60.0) is True and len(_ids(pipeline, "long_term")) == 3
 
 
 def test_an_emitter_opens_nothing_until_its_first_batch_is_due(home: Path, settings: Settings) -> None:

@@ -73,10 +73,15 @@ def sealed_by_hand(
                 writer.write_batch(batch)
         stream = sink.getvalue().to_pybytes()
         frames += [len(stream).to_bytes(4, "big"), stream]
+    return sealed_plaintext(registration, b"".join(frames))
+
+
+def sealed_plaintext(registration: dict[str, Any], plaintext: bytes) -> tuple[str, bytes]:
+    """``plaintext`` sealed to the intake key as the documented format says, whatever it holds."""
     batch_id = uuid.uuid4().hex
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
     key = load_public_key(registration["intake_public_key"])
-    ciphertext = suite.encrypt(b"".join(frames), key, info=b"MPBATCH1|" + batch_id.encode())
+    ciphertext = suite.encrypt(plaintext, key, info=b"MPBATCH1|" + batch_id.encode())
     return batch_id, b"MPBATCH1" + bytes([len(batch_id)]) + batch_id.encode() + ciphertext
 
 
@@ -229,6 +234,24 @@ def test_a_compressed_batch_is_refused_before_it_expands(plane: ControlPlane) ->
     answer = post(plane, registration, bomb)
     assert "compressed" in assert_problem(answer, 400)["detail"]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024
+    assert stored(plane)["long_term"] == []
+
+
+def test_batches_that_cannot_be_opened_are_audited_by_id_without_their_content(plane: ControlPlane) -> None:
+    registration = register(plane)
+    (table,) = tables_from_records([own(registration, "software_env", image="registry.acme/ann-private:1")])
+    refused = {
+        "compressed": sealed_by_hand(registration, [table.to_batches()], compression="zstd"),
+        "malformed Arrow": sealed_plaintext(registration, (16).to_bytes(4, "big") + b"ann-private-bytes"),
+        "bad framing": sealed_plaintext(registration, (1 << 20).to_bytes(4, "big") + b"short"),
+    }
+    for what, batch in refused.items():
+        answer = post(plane, registration, batch)
+        assert answer.status_code == 400, (what, answer.text)
+    audited = rejections(plane)
+    assert [entry["batch_id"] for entry in audited] == [batch_id for batch_id, _ in refused.values()]
+    assert {entry["reason"] for entry in audited} == {"could not be opened"}
+    assert "ann" not in repr(audited) and "acme" not in repr(audited)
     assert stored(plane)["long_term"] == []
 
 

@@ -311,7 +311,8 @@ def test_a_member_follows_their_own_erasure_after_it_ended_their_token(plane: Co
 
 
 def test_a_member_closes_their_clusters_and_only_theirs(plane: ControlPlane) -> None:
-    """Issue 18 case 3: a cluster's owner had no way to close it or revoke its token."""
+    """Issue 18 case 3: a cluster's owner had no way to close it or revoke its token; another member of
+    the account may not close it either."""
     from pipeline.server.auth import TokenStore
 
     assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
@@ -319,6 +320,10 @@ def test_a_member_closes_their_clusters_and_only_theirs(plane: ControlPlane) -> 
     assert run("login", "--url", plane.url, input=plane.tokens.create("member", "globex", "gil").token).exit_code == 0
     other = run("clusters", "close", mine["cluster_id"])
     assert other.exit_code == 2 and "404" in other.output
+    assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "bob").token).exit_code == 0
+    colleague = run("clusters", "close", mine["cluster_id"])  # bob sees ann's cluster listed, may not close it
+    assert colleague.exit_code == 2 and "403" in colleague.output and "owner" in colleague.output
+    assert json.loads(run("clusters", "list", "--json").output)["state"] == "open"
     assert run("login", "--url", plane.url, input=plane.tokens.create("member", "acme", "ann").token).exit_code == 0
     closed = run("clusters", "close", mine["cluster_id"])
     assert closed.exit_code == 0, closed.output
@@ -329,3 +334,13 @@ def test_a_member_closes_their_clusters_and_only_theirs(plane: ControlPlane) -> 
     assert revoked[mine["token_id"]] is not None
     text = run("clusters", "list").output
     assert "closed" in text and "last contact never" in text
+
+
+def test_an_account_level_cluster_is_closed_by_an_admin_not_by_a_member(plane: ControlPlane) -> None:
+    with plane.admin() as admin:
+        shared = admin.post("/v1/clusters", json={"account": "acme"}).json()  # no user: a service cluster
+    with plane.client(plane.tokens.create("member", "acme", "ann").token) as ann:
+        refused = ann.post(f"/v1/clusters/{shared['cluster_id']}/close")
+    assert refused.status_code == 403, refused.text
+    with plane.admin() as admin:
+        assert admin.post(f"/v1/clusters/{shared['cluster_id']}/close").status_code == 204

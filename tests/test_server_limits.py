@@ -73,51 +73,61 @@ def test_one_accounts_flood_delays_only_that_account(tmp_path: Path, tokens: Tok
         flooders = [register(served, tokens, "acme") for _ in range(3)]
         quiet = register(served, tokens, "globex")
 
-        def send(http: httpx.Client, sealed: tuple[str, bytes]) -> tuple[int, float, str]:
+        def send(http: httpx.Client, sealed: tuple[str, bytes]) -> tuple[int, float, float, str]:
             started = time.perf_counter()
             answer = http.post("/v1/ingest", content=sealed[1], headers={"Idempotency-Key": sealed[0]})
-            return answer.status_code, time.perf_counter() - started, answer.headers.get("Retry-After", "")
+            return answer.status_code, started, time.perf_counter(), answer.headers.get("Retry-After", "")
 
-        def latencies(count: int) -> list[float]:
+        def globex_batches(count: int) -> list[tuple[float, float]]:
+            """When each of ``count`` batches of globex, sent one after the other, was sent and answered."""
             batches = [batch(quiet, 20) for _ in range(count)]
             with client(served, quiet["token"]) as http:
                 answers = [send(http, sealed) for sealed in batches]
-            assert {status for status, _, _ in answers} == {202}, answers
-            return [seconds for _, seconds, _ in answers]
+            assert {status for status, *_ in answers} == {202}, answers
+            return [(started, answered) for _, started, answered, _ in answers]
 
-        latencies(3)  # warm up: first connections, first keys of the account
-        flooding, stop, throttled, accepted = threading.Event(), threading.Event(), [], []
+        globex_batches(3)  # warm up: first connections, first keys of the account
+        flooding, stop = threading.Event(), threading.Event()
+        throttled: list[str] = []
+        accepted: list[float] = []  # when each of acme's accepted batches was answered
 
         def flood(registration: dict[str, Any], sealed: tuple[str, bytes]) -> None:
             with client(served, registration["token"]) as http:
                 while flooding.wait() and not stop.is_set():
-                    status, _, retry_after = send(http, sealed)
-                    (throttled if status == 429 else accepted).append(retry_after)
+                    status, _, answered, retry_after = send(http, sealed)
                     if status == 429:  # a greedy client: tries the same batch again well before Retry-After
+                        throttled.append(retry_after)
                         time.sleep(0.05)
                     else:
+                        accepted.append(answered)
                         sealed = batch(registration, 20)
 
-        alone: list[float] = []
-        during: list[float] = []
+        alone: list[tuple[float, float]] = []
+        during: list[tuple[float, float]] = []
         with ThreadPoolExecutor(len(flooders) * 6) as pool:
             for registration in flooders * 6:
                 pool.submit(flood, registration, batch(registration, 20))
             for _ in range(4):  # alone and during in turns: the machine's other load weighs on both alike
                 flooding.clear()
                 time.sleep(0.3)  # batches in flight finish
-                alone += latencies(6)
+                alone += globex_batches(6)
                 flooding.set()
                 time.sleep(0.5)  # the flood is on
-                during += latencies(6)
+                during += globex_batches(6)
             stop.set()
-    quiet, flooded = statistics.median(alone), statistics.median(during)
+    # How long a batch takes depends on the machine's load (2 to 20 times as long during the flood as
+    # alone on a busy machine); how many of acme's batches are answered while one of globex's is in
+    # flight does not. Batches are written in two slots handed to the waiting accounts in turn: one of
+    # globex's waits for the batch of acme's it finds in a slot, and the other slot finishes one or two
+    # while globex's is read, waits and is written: a median of 2 to 4 as measured, the machine busy or
+    # not. Without the limits and the turns it waits behind acme's whole queue: a median of 17 or 18.
+    overtaken = sorted(sum(started < at < answered for at in accepted) for started, answered in during)
+    seconds = [statistics.median(answered - started for started, answered in times) for times in (alone, during)]
     print(
-        f"globex: {quiet:.4f} s alone, {flooded:.4f} s in acme's flood ({len(accepted)} accepted, {len(throttled)} 429)"
+        f"globex: {seconds[0]:.4f} s alone, {seconds[1]:.4f} s in acme's flood, acme's batches answered while one "
+        f"of globex's waited: {overtaken} ({len(accepted)} accepted, {len(throttled)} 429)"
     )
-    # during the flood a batch of globex may wait for one of acme's batches on its write slot and for
-    # another holding SQLite's write lock (the same size as its own), and shares the CPU: at most 4x
-    assert flooded < 4 * quiet, f"globex's batch: {flooded:.3f} s in acme's flood, {quiet:.3f} s alone"
+    assert statistics.median(overtaken) <= 6, f"globex's batches waited for {overtaken} of acme's"
     assert accepted, "the flooding account still gets its share"
     assert throttled and all(value.isdigit() and int(value) >= 1 for value in throttled)
 

@@ -113,7 +113,7 @@ def clusters_close(out: Output, cluster_id: str) -> None:
         found = registry.find(cluster_id)
         if found is None:
             raise ClusterNotFound(cluster_id)
-        registry.close(cluster_id, found[1], actor="operator")
+        registry.close(cluster_id, found.token_id, actor="operator")
     else:
         with client:
             client.json("POST", f"/v1/clusters/{quote(cluster_id, safe='')}/close")

@@ -160,6 +160,17 @@ class TokenStore:
             rows = conn.execute(select(api_tokens).order_by(api_tokens.c.created_at)).all()
         return [self._info(row) for row in rows]
 
+    def get(self, token_id: str) -> TokenInfo:
+        """One token, as ``tokens list`` shows it.
+
+        :raises TokenNotFound:
+        """
+        with transaction(self.engine, "reading an API token") as conn:
+            row = conn.execute(select(api_tokens).where(api_tokens.c.token_id == token_id)).first()
+        if row is None:
+            raise TokenNotFound(token_id)
+        return self._info(row)
+
     def revoke(self, token_id: str, *, now: datetime | None = None) -> TokenInfo:
         """Revoke a token (idempotent); its next request is refused.
 

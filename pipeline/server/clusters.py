@@ -47,6 +47,7 @@ from pipeline.server.names import NameBox
 __all__ = [
     "ROLE_FILES",
     "ClusterRegistry",
+    "FoundCluster",
     "LostClusterSweeper",
     "Registration",
     "check_role_files",
@@ -93,6 +94,16 @@ def plugin_config(registration: dict[str, Any]) -> dict[str, Any]:
             "public-key": registration["intake_public_key"],
         },
     }
+
+
+@dataclass(frozen=True)
+class FoundCluster:
+    """Whose a registered cluster is: ``account`` and ``owner`` ``None`` once erased (the owner also
+    for an account-level cluster), and its token."""
+
+    account: str | None
+    owner: str | None
+    token_id: str
 
 
 def cluster_config(registration: dict[str, Any]) -> dict[str, Any]:
@@ -327,13 +338,14 @@ class ClusterRegistry:
         names = None if row is None else self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
         return None if names is None else names.get("registered_by")
 
-    def find(self, cluster_id: str) -> tuple[str | None, str] | None:
-        """``(account, token id)`` of a cluster, the account ``None`` once erased; ``None``: no such cluster."""
+    def find(self, cluster_id: str) -> FoundCluster | None:
+        """Whose a cluster is and its token; ``None``: no such cluster."""
         row = self._row(cluster_id)
         if row is None:
             return None
         names = self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
-        return (None if names is None else names["account"]), str(row.token_id)
+        owner = self.tokens.get(str(row.token_id)).user  # the registration bound it to the cluster's token
+        return FoundCluster(None if names is None else names["account"], owner, str(row.token_id))
 
     def list(self, account: str | None = None, *, now: datetime | None = None) -> list[dict[str, Any]]:
         """Clusters of ``account`` (``None``: of every account), oldest first, with state and last contact."""
@@ -475,11 +487,13 @@ def close_cluster(
     if principal.kind == "cluster" and principal.cluster_id != cluster_id:
         raise HTTPException(403, "a cluster token may close its own cluster only")
     found = registry.find(cluster_id)
-    account = None if found is None else found[0]
+    member = principal.kind == "member"
     others = principal.kind == "gateway" and registry.registered_by(cluster_id) != principal.token_id
-    if found is None or others or (principal.kind == "member" and (account is None or not principal.may_read(account))):
+    if found is None or others or (member and (found.account is None or not principal.may_read(found.account))):
         raise HTTPException(404, f"no cluster {cluster_id!r} of yours")
-    registry.close(cluster_id, found[1], actor=principal.actor)
+    if member and (found.owner is None or found.owner != principal.user):
+        raise HTTPException(403, "only the cluster's owner or an admin may close it")  # listed to the account
+    registry.close(cluster_id, found.token_id, actor=principal.actor)
     return Response(status_code=204)
 
 

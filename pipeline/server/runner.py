@@ -89,20 +89,22 @@ class _GuardedH11(H11Protocol):
 def _connection_limits(limits: ServerLimits) -> tuple[type[H11Protocol], int]:
     """The HTTP protocol class with ``limits``, and the listen backlog.
 
-    Connections are accepted a backlog at a time before any is closed, so the open-files
-    limit must hold the kept connections, one backlog and the process's other files: it is
-    raised to fit where the hard limit allows, and the connection cap lowered where it does not.
+    Connections are accepted a backlog at a time before any is closed, and the next backlog
+    may be accepted before those past the cap of the last one are (asyncio closes an aborted
+    connection on its next turn), so the open-files limit must hold the kept connections, two
+    backlogs and the process's other files: it is raised to fit where the hard limit allows,
+    and the connection cap lowered where it does not.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = limits.max_connections + _BACKLOG + _SPARE_FILES
+    wanted = limits.max_connections + 2 * _BACKLOG + _SPARE_FILES
     if soft != resource.RLIM_INFINITY and soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     cap, backlog = limits.max_connections, _BACKLOG
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        room = max(2, soft - _SPARE_FILES)
+        room = max(3, soft - _SPARE_FILES)
         backlog = min(_BACKLOG, max(1, room // 4))
-        cap = min(cap, room - backlog)
+        cap = min(cap, room - 2 * backlog)
     attributes = {"header_timeout": limits.header_timeout, "max_connections": cap}
     return type("GuardedH11Protocol", (_GuardedH11,), attributes), backlog
 
