@@ -12,6 +12,7 @@ import matplotlib.dates  # noqa: F401 - registers its datetime.date converter: f
 import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
 import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
+from controlplane import ControlPlane, serving
 
 from pipeline.config import Settings
 from pipeline.runtime import Pipeline
@@ -102,6 +103,25 @@ def s3_archive_url(aws: str) -> str:
     bucket = f"archive-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     return f"s3://{bucket}/metadata?endpoint={aws}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
+    """The configured home's metadata database: SQLite, or PostgreSQL in a fresh schema."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    with dask.config.set({"pipeline.long-term.url": request.getfixturevalue("postgres_url")}):
+        yield "postgresql"
+
+
+@pytest.fixture
+def plane(home: Path) -> Iterator[ControlPlane]:
+    """An empty control plane serving the configured home on loopback (modules may override it)."""
+    pipeline = Pipeline.open(Settings.from_config(), create=True)
+    with serving(pipeline) as plane:
+        yield plane
+    pipeline.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import unicodedata
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -85,15 +84,6 @@ def _emails_in(backup_url: str) -> list[str]:
     with dask.config.set({"pipeline.long-term.url": backup_url}):
         pipeline = Pipeline.open(Settings.from_config())
     return [r["email"] for r in pipeline.read_records(account="acme", data_type="account")]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield "sqlite"
-        return
-    with dask.config.set({"pipeline.long-term.url": request.getfixturevalue("postgres_url")}):
-        yield "postgresql"
 
 
 def test_a_backup_from_before_an_erasure_opens_until_the_retirement_date_and_nothing_after(

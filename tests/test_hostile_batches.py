@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import resource
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,25 +16,15 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from conftest import make_record
-from controlplane import ControlPlane, assert_problem, ndjson, serving
+from controlplane import ControlPlane, assert_problem, ndjson
 from cryptography.hazmat.primitives import hpke
 
-from pipeline.config import Settings
 from pipeline.delivery import HTTPDelivery
 from pipeline.emitter import Emitter
 from pipeline.intake import load_public_key, seal_batch
 from pipeline.records import KINDS, tables_from_records
 from pipeline.retention.requests import process_pending
-from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
-
-
-@pytest.fixture
-def plane(home: Path) -> Iterator[ControlPlane]:
-    pipeline = Pipeline.open(Settings.from_config(), create=True)
-    with serving(pipeline) as plane:
-        yield plane
-    pipeline.close()
 
 
 def register(plane: ControlPlane, account: str = "acme", user: str = "ann") -> dict[str, Any]:

@@ -8,12 +8,9 @@ under the old version: that version then never retired, and the receipt's
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import dask.config
-import pytest
 from conftest import make_record
 from freezegun import freeze_time
 from sqlalchemy import select
@@ -25,15 +22,6 @@ from pipeline.retention.requests import file_request, not_final, process_pending
 from pipeline.runtime import Pipeline
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, home: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield "sqlite"
-        return
-    with dask.config.set({"pipeline.long-term.url": request.getfixturevalue("postgres_url")}):
-        yield "postgresql"
 
 
 def _wrapped_under(pipeline: Pipeline) -> set[int]:

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import make_record
-from controlplane import ControlPlane, assert_problem, serving
+from controlplane import ControlPlane, assert_problem
 
-from pipeline.config import Settings
 from pipeline.intake import MAX_SEALED_BYTES, load_public_key, seal_batch
-from pipeline.runtime import Pipeline
-
-
-@pytest.fixture
-def plane(home: Path) -> Iterator[ControlPlane]:
-    pipeline = Pipeline.open(Settings.from_config(), create=True)
-    with serving(pipeline) as plane:
-        yield plane
-    pipeline.close()
 
 
 def register(plane: ControlPlane, account: str = "acme", **extra: Any) -> dict[str, Any]:
