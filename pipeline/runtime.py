@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, Executable, select
 
 from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditLog
@@ -52,7 +52,16 @@ from pipeline.stores import Store, open_store
 from pipeline.stores.sql import SQLStore
 from pipeline.witness import HighWater
 
-__all__ = ["IngestResult", "Pipeline", "PreparedBatch", "Unreadable", "seal_records", "seal_tables"]
+__all__ = [
+    "IngestResult",
+    "Locking",
+    "Pipeline",
+    "PreparedBatch",
+    "Unreadable",
+    "seal_batches",
+    "seal_records",
+    "seal_tables",
+]
 
 
 @dataclass(frozen=True)
@@ -87,22 +96,28 @@ def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: s
     part, so sealing the same batch again yields the same ids and a retry after a
     partial write rewrites nothing twice; without it ids are random.
     """
+    return seal_batches(keyring, [(segment_seed, tables)])[0]
+
+
+def seal_batches(keyring: Keyring, batches: Sequence[tuple[str | None, Iterable[pa.Table]]]) -> list[list[Segment]]:
+    """:func:`seal_tables` for each ``(segment_seed, tables)``, every key they use checked in one query."""
     parts = []
-    for table in tables:
-        kind_name = table.column("kind")[0].as_py()
-        for (account, user, day), rows in _rows_by_subject_and_day(table).items():
-            part = table if len(rows) == table.num_rows else table.take(rows)
-            refs = keyring.subject_ref(account), keyring.user_ref(account, user)
-            parts.append((refs, kind_name, day, part))
-    ciphers = keyring.ciphers(refs for refs, _kind, _day, _part in parts)  # one check of every key
-    sealed = []
-    for (subject_ref, user_ref), kind_name, day, part in parts:
+    for n, (seed, tables) in enumerate(batches):
+        for table in tables:
+            kind_name = table.column("kind")[0].as_py()
+            for (account, user, day), rows in _rows_by_subject_and_day(table).items():
+                part = table if len(rows) == table.num_rows else table.take(rows)
+                refs = keyring.subject_ref(account), keyring.user_ref(account, user)
+                parts.append((n, seed, refs, kind_name, day, part))
+    ciphers = keyring.ciphers(refs for _n, _seed, refs, _kind, _day, _part in parts)  # one check of every key
+    sealed: list[list[Segment]] = [[] for _ in batches]
+    for n, seed, (subject_ref, user_ref), kind_name, day, part in parts:
         segment_id = None
-        if segment_seed is not None:
-            name = f"{segment_seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
+        if seed is not None:
+            name = f"{seed}|{subject_ref}|{user_ref or ''}|{kind_name}|{day.isoformat()}"
             segment_id = hashlib.sha256(name.encode()).hexdigest()[:32]
         key = ciphers[(subject_ref, user_ref)]
-        sealed.append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id, key=key))
+        sealed[n].append(seal(keyring, subject_ref, user_ref, part, segment_id=segment_id, key=key))
     return sealed
 
 
@@ -183,15 +198,25 @@ class IngestResult:
     duplicate: bool
 
 
+#: a statement for a group commit's transaction and the key of the row it locks
+Locking = tuple[str, Executable]
+
+
 @dataclass(frozen=True, eq=False)
 class PreparedBatch:
-    """A batch checked and sealed by :meth:`Pipeline.prepare_ingest`, ready to commit; ``taken``: seen before."""
+    """A batch opened, checked, scoped and stamped by :meth:`Pipeline.prepare_ingest`, ready to commit."""
 
     subject_ref: str
     batch_id: str
     records: int
-    segments: list[Segment]
-    taken: bool = False
+    tables: list[pa.Table]
+    #: run in the commit's transaction, taken or not (what ``admit`` returned: a cluster's contact)
+    statements: tuple[Locking, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What makes the batch itself: taken at most once."""
+        return self.subject_ref, self.batch_id
 
 
 def _mark_ingested(conn: Connection, engine: Engine, batches: Sequence[PreparedBatch]) -> set[int]:
@@ -313,7 +338,7 @@ class Pipeline:
         principal: Principal,
         *,
         idempotency_key: str | None = None,
-        admit: Callable[[OpenedBatch], None] | None = None,
+        admit: Callable[[OpenedBatch], Locking | None] | None = None,
     ) -> IngestResult:
         """Open, validate, scope, check tombstones, seal per subject, route and write one sealed batch, once per id.
 
@@ -328,8 +353,9 @@ class Pipeline:
             the batch is refused whole and audited (403)
         :raises StoreUnavailable: a store or the metadata database is down; retry later (503)
 
-        ``admit`` sees a scoped batch before anything is written (the control plane notes its
-        cluster's contact there, and refuses a lost cluster's newer records with ForbiddenBatch).
+        ``admit`` sees a scoped batch before anything is written, and may return a statement
+        for the commit that writes it, with the key of the row it locks (the control plane notes
+        its cluster's contact so, and refuses a lost cluster's newer records with ForbiddenBatch).
         """
         prepared = self.prepare_ingest(sealed, principal, idempotency_key=idempotency_key, admit=admit)
         return self.commit_ingest(prepared)
@@ -340,11 +366,13 @@ class Pipeline:
         principal: Principal,
         *,
         idempotency_key: str | None = None,
-        admit: Callable[[OpenedBatch], None] | None = None,
+        admit: Callable[[OpenedBatch], Locking | None] | None = None,
     ) -> PreparedBatch:
-        """Every check and the sealing of :meth:`ingest`, nothing written but the audit of a refusal.
+        """Every check of :meth:`ingest` that needs the batch alone, nothing written but the audit of a refusal.
 
         A refused batch raises here, before it joins any group, so it never affects another batch.
+        What needs the metadata database (batch ids taken, tombstones, data keys) is read once per
+        group in :meth:`commit_ingest`, which seals.
 
         :raises IntakeError, ForbiddenBatch, StoreUnavailable: as :meth:`ingest`
         """
@@ -357,37 +385,34 @@ class Pipeline:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
         self._check_bounds(batch, principal)
         subject_ref = self._scope(batch, principal)
-        if admit is not None:
-            admit(batch)
-        if self._already_ingested(subject_ref, batch.batch_id):
-            return PreparedBatch(subject_ref, batch.batch_id, batch.n_records, [], taken=True)
-        stamped = [_stamped(table, principal, subject_ref) for table in batch.tables]
-        tables = self._drop_erased(batch, stamped, subject_ref)
-        segments = seal_tables(self.keyring, tables, segment_seed=f"{subject_ref}/{batch.batch_id}")
-        return PreparedBatch(subject_ref, batch.batch_id, batch.n_records, segments)
+        noted = admit(batch) if admit is not None else None
+        tables = [_stamped(table, principal, subject_ref) for table in batch.tables]
+        return PreparedBatch(subject_ref, batch.batch_id, batch.n_records, tables, () if noted is None else (noted,))
 
     def commit_ingest(self, prepared: PreparedBatch) -> IngestResult:
-        """Write a prepared batch in the next group commit; returns once that commit is durable.
+        """Seal and write a prepared batch in the next group commit; returns once that commit is durable.
 
         :raises StoreUnavailable: a store or the metadata database is down; nothing of the group
             was acknowledged, and what was written is found and skipped by a retry (503)
         """
-        if prepared.taken:
-            return IngestResult(prepared.records, duplicate=True)
         return self._commits.submit(prepared)
 
     def _commit_group(self, batches: Sequence[PreparedBatch]) -> list[IngestResult]:
-        """Write a group of batches: every store but the long-term one in one call each, then one
-        long-term transaction that records the batch ids and adds the segments of the batches it
-        found new (a concurrent process, or a replay within the group, may have taken one)."""
-        routes = [self.route(batch.segments) for batch in batches]
+        """Write a group of batches: the ones not taken before, less what tombstones forbid, sealed
+        (reads of the metadata database once for the whole group: batch ids, tombstones, data keys);
+        then every store but the long-term one in one call each, then one long-term transaction that
+        records the batch ids and adds the segments of the batches it found new (a concurrent
+        process may have taken one meanwhile)."""
+        fresh = self._untaken(batches)
+        stones = tombstones.load(self.keyring.engine, {b.subject_ref for b in fresh})
+        sealed = seal_batches(
+            self.keyring, [(f"{b.subject_ref}/{b.batch_id}", self._drop_erased(b, stones)) for b in fresh]
+        )
+        routes = [self.route(segments) for segments in sealed]
 
         def routed(name: str, only: set[int] | None = None) -> list[Segment]:
             return [
-                s
-                for b, route in zip(batches, routes, strict=True)
-                if only is None or id(b) in only
-                for s in route[name]
+                s for b, route in zip(fresh, routes, strict=True) if only is None or id(b) in only for s in route[name]
             ]
 
         for name in self.stores:
@@ -400,11 +425,36 @@ class Pipeline:
             _kept_for_retry("long_term"),
             transaction(self.keyring.engine, "commit ingested batches") as conn,
         ):
-            new = _mark_ingested(conn, self.keyring.engine, batches)
+            # in key order, then the batch ids in theirs: two processes' commits wait, never deadlock
+            for _key, statement in sorted((s for batch in batches for s in batch.statements), key=lambda s: s[0]):
+                conn.execute(statement)
+            new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
             long_term.insert(conn, routed("long_term", new))
         for name in self.stores:
             self._ingest_tally.count(name, routed(name, new))
         return [IngestResult(batch.records, duplicate=id(batch) not in new) for batch in batches]
+
+    def _untaken(self, batches: Sequence[PreparedBatch]) -> list[PreparedBatch]:
+        """The first of each batch of the group whose id was not taken before, in one query."""
+        keys = {b.key for b in batches}
+        subjects, ids = sorted({s for s, _b in keys}), sorted({b for _s, b in keys})
+        taken: set[tuple[str, str]] = set()
+        with transaction(self.keyring.engine, "check the batch ids") as conn:
+            for start in range(0, len(ids), 500):
+                taken.update(
+                    (row.subject_ref, row.batch_id)
+                    for row in conn.execute(
+                        select(ingested_batches.c.subject_ref, ingested_batches.c.batch_id).where(
+                            ingested_batches.c.subject_ref.in_(subjects),
+                            ingested_batches.c.batch_id.in_(ids[start : start + 500]),
+                        )
+                    )
+                )
+        fresh: dict[tuple[str, str], PreparedBatch] = {}
+        for batch in batches:
+            if batch.key not in taken:
+                fresh.setdefault(batch.key, batch)  # a replay within the group: its first only
+        return list(fresh.values())
 
     def _scope(self, batch: OpenedBatch, principal: Principal) -> str:
         """The subject ref the batch belongs to; refuse it whole unless every record is the principal's own.
@@ -464,24 +514,18 @@ class Pipeline:
             details={"batch_id": batch_id, **details},
         )
 
-    def _already_ingested(self, subject_ref: str, batch_id: str) -> bool:
-        with transaction(self.keyring.engine, "check the batch id") as conn:
-            taken = conn.execute(
-                select(ingested_batches.c.batch_id).where(
-                    ingested_batches.c.subject_ref == subject_ref, ingested_batches.c.batch_id == batch_id
-                )
-            ).first()
-        return taken is not None
-
-    def _drop_erased(self, batch: OpenedBatch, tables: list[pa.Table], subject_ref: str) -> list[pa.Table]:
+    def _drop_erased(self, batch: PreparedBatch, stones: Mapping[str, list[tombstones.Tombstone]]) -> list[pa.Table]:
         """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch)."""
         tables, dropped = tombstones.drop_erased(
-            self.keyring.engine, tables, lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u))
+            self.keyring.engine,
+            batch.tables,
+            lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u)),
+            loaded=stones,
         )
         if dropped:
             self.audit.append(
                 "ingest.dropped",
-                subject_ref=subject_ref,
+                subject_ref=batch.subject_ref,
                 details={"batch_id": batch.batch_id, "records": sum(dropped.values()), "by_request": dict(dropped)},
             )
         return [table for table in tables if table.num_rows]

@@ -10,7 +10,7 @@ is lifted (``erase lift ID``); lifting lets new records in, never old ones.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from pipeline.db import tombstones, transaction
 from pipeline.errors import PipelineError
 
-__all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "lift"]
+__all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "lift", "load"]
 
 
 class TombstoneNotFound(PipelineError, LookupError):
@@ -75,9 +75,10 @@ def lift(engine: Engine, request_id: str, at: datetime) -> None:
         raise TombstoneNotFound(request_id)
 
 
-def _load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombstone]]:
+def load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombstone]]:
+    """The tombstones of each of ``subject_refs`` (an empty list for none), in one query per 500 subjects."""
     refs = sorted(set(subject_refs))
-    found: dict[str, list[Tombstone]] = {}
+    found: dict[str, list[Tombstone]] = {ref: [] for ref in refs}
     with transaction(engine, "reading tombstones") as conn:
         for start in range(0, len(refs), 500):
             rows = conn.execute(select(tombstones).where(tombstones.c.subject_ref.in_(refs[start : start + 500])))
@@ -89,11 +90,17 @@ def _load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombsto
 
 
 def drop_erased(
-    engine: Engine, tables: Iterable[pa.Table], refs: Callable[[str, str | None], tuple[str, str | None]]
+    engine: Engine,
+    tables: Iterable[pa.Table],
+    refs: Callable[[str, str | None], tuple[str, str | None]],
+    *,
+    loaded: Mapping[str, list[Tombstone]] | None = None,
 ) -> tuple[list[pa.Table], Counter[str]]:
     """The tables without the records tombstones forbid, and how many each tombstone dropped.
 
-    One query for the batch's subjects; rows are filtered vectorised, per tombstone.
+    One query for the batch's subjects that ``loaded`` (a result of :func:`load`: a group
+    commit reads its batches' tombstones once) does not hold; rows are filtered vectorised,
+    per tombstone.
 
     :param refs: ``(account, user) -> (subject_ref, user_ref)`` (the keyring's HMAC refs)
     """
@@ -102,9 +109,11 @@ def drop_erased(
     columns = ((t.column("account").to_pylist(), t.column("user").to_pylist()) for t in tables)
     pairs = {pair for accounts, users in columns for pair in zip(accounts, users, strict=True)}
     by_pair = {pair: refs(*pair) for pair in pairs}
-    stones = _load(engine, (subject for subject, _user in by_pair.values()))
+    loaded = loaded or {}
+    missing = {subject for subject, _user in by_pair.values()} - loaded.keys()
+    stones = {**loaded, **load(engine, missing)} if missing else loaded
     dropped: Counter[str] = Counter()
-    if not stones:
+    if not any(stones.values()):
         return tables, dropped
     kept = []
     for table in tables:

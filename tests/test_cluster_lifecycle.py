@@ -11,6 +11,7 @@ import pytest
 from conftest import make_record
 
 from pipeline.config import Settings
+from pipeline.db import transaction
 from pipeline.errors import ForbiddenBatch
 from pipeline.intake import OpenedBatch
 from pipeline.records import tables_from_records, utcnow
@@ -48,6 +49,14 @@ def snapshot(cluster: Registration, at: datetime, **progress: int) -> dict[str, 
     return make_record(cluster_id=cluster.cluster_id, observed_at=at, jobs_running=running if progress else [])
 
 
+def heard_from(registry: ClusterRegistry, cluster_id: str, batch: OpenedBatch, *, now: datetime) -> None:
+    """Admit a batch and write its note of contact, as the group commit that writes it does."""
+    noted = registry.admit(cluster_id, batch, now=now)
+    if noted is not None:
+        with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
+            conn.execute(noted[1])
+
+
 def jobs(registry: ClusterRegistry) -> list[dict[str, Any]]:
     return [r for r in registry.pipeline.read_records("long_term", account="acme") if r["kind"] == "job"]
 
@@ -55,11 +64,11 @@ def jobs(registry: ClusterRegistry) -> list[dict[str, Any]]:
 def test_a_silent_cluster_is_lost_with_its_running_job_as_last_reported(registry: ClusterRegistry) -> None:
     cluster = registry.register("acme", "http://control-plane.invalid")
     start = utcnow()
-    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
     last = start + timedelta(seconds=5)
-    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, last, tasks_completed=6)), now=last)
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, last, tasks_completed=6)), now=last)
     late = snapshot(cluster, start + timedelta(seconds=1), tasks_completed=3)  # delivered late: changes nothing
-    registry.heard_from(cluster.cluster_id, batch(cluster, late), now=last)
+    heard_from(registry, cluster.cluster_id, batch(cluster, late), now=last)
 
     [open_] = registry.list(now=last + LOST_AFTER - timedelta(seconds=1))
     assert (open_["state"], open_["last_contact_at"]) == ("open", last)
@@ -74,20 +83,20 @@ def test_a_silent_cluster_is_lost_with_its_running_job_as_last_reported(registry
 
     # its token may still deliver what it observed before the loss (spool replay), nothing newer
     before = snapshot(cluster, last + LOST_AFTER - timedelta(seconds=1))
-    registry.heard_from(cluster.cluster_id, batch(cluster, before), now=last + LOST_AFTER * 2)
+    heard_from(registry, cluster.cluster_id, batch(cluster, before), now=last + LOST_AFTER * 2)
     after = snapshot(cluster, last + LOST_AFTER + timedelta(seconds=1))
     with pytest.raises(ForbiddenBatch, match="was lost at .* register the cluster again"):
-        registry.heard_from(cluster.cluster_id, batch(cluster, after), now=last + LOST_AFTER * 2)
+        heard_from(registry, cluster.cluster_id, batch(cluster, after), now=last + LOST_AFTER * 2)
     assert registry.list()[0]["last_contact_at"] == last  # a lost cluster stays lost
 
 
 def test_a_cluster_heard_of_after_its_silence_is_lost_without_a_sweep(registry: ClusterRegistry) -> None:
     cluster = registry.register("acme", "http://control-plane.invalid")
     start = utcnow()
-    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=1)), now=start)
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=1)), now=start)
     now = start + LOST_AFTER * 2
     with pytest.raises(ForbiddenBatch):
-        registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, now)), now=now)
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, now)), now=now)
     assert [j["status"] for j in jobs(registry)] == ["lost"]
 
 
@@ -95,8 +104,8 @@ def test_closing_a_cluster_revokes_its_token_and_records_its_running_job_lost(re
     cluster = registry.register("acme", "http://control-plane.invalid")
     now = utcnow()
     finished = make_record("job", cluster_id=cluster.cluster_id, job_id="job-0", status="finished", observed_at=now)
-    registry.heard_from(
-        cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4), finished), now=now
+    heard_from(
+        registry, cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4), finished), now=now
     )
     registry.close(cluster.cluster_id, cluster.token_id, now=now + timedelta(minutes=1))
     [closed] = registry.list()
@@ -110,9 +119,9 @@ def test_closing_a_cluster_revokes_its_token_and_records_its_running_job_lost(re
 def test_a_job_that_finished_is_not_recorded_lost(registry: ClusterRegistry) -> None:
     cluster = registry.register("acme", "http://control-plane.invalid")
     now = utcnow()
-    registry.heard_from(cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4)), now=now)
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4)), now=now)
     done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=now)
-    registry.heard_from(cluster.cluster_id, batch(cluster, done), now=now)
+    heard_from(registry, cluster.cluster_id, batch(cluster, done), now=now)
     with dask.config.set({"pipeline.server.cluster-lost-after": "1m"}):
         short = Pipeline.open(Settings.from_config())
         assert ClusterRegistry(short).sweep(now=now + timedelta(minutes=1)) == [cluster.cluster_id]

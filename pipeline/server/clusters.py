@@ -39,7 +39,7 @@ from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
 from pipeline.redact import first_line
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Locking, Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.names import NameBox
@@ -257,8 +257,13 @@ class ClusterRegistry:
             self._end(row, "lost", row.last_contact_at + lost_after)
         return [row.cluster_id for row in rows]
 
-    def heard_from(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> None:
-        """Admit a batch of cluster ``cluster_id``: note the contact and the running jobs it reports.
+    def admit(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> Locking | None:
+        """Admit a batch of cluster ``cluster_id``: the statement that notes the contact and the running
+        jobs it reports, for the commit that writes the batch (no write transaction of its own per batch),
+        with the cluster id as the key of the row it locks.
+
+        The running jobs are computed from the cluster's row as read here: two batches of one
+        cluster in one group commit (a spool replayed beside live delivery) keep the later one's.
 
         :raises ForbiddenBatch: the cluster was lost and the batch holds a record observed after
             that (batches observed before it may still arrive, e.g. from ``spool replay``)
@@ -266,7 +271,7 @@ class ClusterRegistry:
         now = now or utcnow()
         row = self._row(cluster_id)
         if row is None:
-            return
+            return None
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
         heard = row.last_contact_at
         if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
@@ -280,14 +285,13 @@ class ClusterRegistry:
                     "UTC (nothing heard for pipeline.server.cluster-lost-after) and this batch was observed after; "
                     "register the cluster again"
                 )
-            return
+            return None
         running = _running_after(self._running(row), batch)
-        with transaction(self.pipeline.keyring.engine, "noting a cluster's contact") as conn:
-            conn.execute(
-                update(clusters)
-                .where(clusters.c.cluster_id == cluster_id)
-                .values(last_contact_at=now, running=self._seal_running(row, running))
-            )
+        return cluster_id, (
+            update(clusters)
+            .where(clusters.c.cluster_id == cluster_id)
+            .values(last_contact_at=now, running=self._seal_running(row, running))
+        )
 
     def _end(self, row: Any, state: str, when: datetime, *, actor: str | None = None) -> None:
         """Record the running jobs as lost, then mark the cluster ``closed`` or ``lost`` at ``when``.
@@ -379,12 +383,16 @@ def _shown(names: dict[str, Any]) -> dict[str, Any]:
 def _running_after(running: dict[str, Any], batch: OpenedBatch) -> dict[str, Any]:
     """The running jobs after a batch: its newest snapshot's, less the jobs it reports ended.
 
-    A snapshot older than the one kept (a batch delivered late) changes nothing.
+    A snapshot older than the one kept (a batch delivered late) changes nothing. Only the
+    newest snapshot is read into Python: a batch holds dozens.
     """
     jobs: dict[str, Any] = dict(running.get("jobs", {}))
     newest = running.get("observed_at", "")
     tables = {table.column("kind")[0].as_py(): table for table in batch.tables}
-    for snapshot in rows_from_table(tables["cluster_snapshot"]) if "cluster_snapshot" in tables else ():
+    snapshots = tables.get("cluster_snapshot")
+    if snapshots is not None and snapshots.num_rows:
+        times = snapshots.column("observed_at")
+        [snapshot] = rows_from_table(snapshots.slice(pc.index(times, pc.max(times)).as_py(), 1))
         observed_at = snapshot["observed_at"].isoformat()
         if observed_at > newest:
             newest = observed_at
@@ -393,8 +401,8 @@ def _running_after(running: dict[str, Any], batch: OpenedBatch) -> dict[str, Any
                 job["job_id"]: _jsonable({**common, "data_type": "cluster_jobs", "kind": "job", **job})
                 for job in snapshot["jobs_running"] or ()
             }
-    for ended in rows_from_table(tables["job"]) if "job" in tables else ():
-        jobs.pop(ended["job_id"], None)
+    for ended in tables["job"].column("job_id").to_pylist() if "job" in tables else ():
+        jobs.pop(ended, None)
     return {"observed_at": newest, "jobs": jobs}
 
 

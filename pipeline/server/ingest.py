@@ -103,7 +103,7 @@ async def ingest(
         async with gate.admitted(principal):
             sealed = await request.body()  # bounded by the app's guard (MAX_SEALED_BYTES)
             async with gate.slots.slot(str(principal.account)):  # checks and sealing: CPU, in turn
-                admit = functools.partial(request.app.state.clusters.heard_from, principal.cluster_id)
+                admit = functools.partial(request.app.state.clusters.admit, principal.cluster_id)
                 prepared = await run_in_threadpool(
                     pipeline.prepare_ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
                 )
