@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from starlette.concurrency import run_in_threadpool
 
-from pipeline.db import api_tokens, transaction
+from pipeline.db import api_tokens, keyring_keys, transaction
 from pipeline.errors import AuthenticationError, InvalidBinding, TokenNotFound
 from pipeline.principals import Principal
 from pipeline.records import utcnow
@@ -195,15 +195,23 @@ class TokenStore:
         """
         if not _TOKEN_SHAPE.fullmatch(token):
             raise AuthenticationError("malformed token: expected mp_ and 43 url-safe characters")
-        with transaction(self.engine, "checking an API token") as conn:
-            row = conn.execute(select(api_tokens).where(api_tokens.c.token_sha256 == token_sha256(token))).first()
+        key = keyring_keys.c.key_id == func.coalesce(api_tokens.c.user_ref, api_tokens.c.subject_ref)
+        live = case((keyring_keys.c.wrapped.is_not(None), keyring_keys.c.key_version)).label("live_version")
+        with transaction(self.engine, "checking an API token") as conn:  # and its names' key, in one query
+            row = conn.execute(
+                select(api_tokens, live)
+                .select_from(api_tokens.outerjoin(keyring_keys, key))
+                .where(api_tokens.c.token_sha256 == token_sha256(token))
+            ).first()
         if row is None:
             raise AuthenticationError("unknown token")
         if row.revoked_at is not None:
             raise AuthenticationError("token revoked")
         if row.expires_at is not None and (now or utcnow()) >= row.expires_at:
             raise AuthenticationError("token expired")
-        names = self._names(row)
+        names = self.names.open_at(
+            row.token_id, row.names, subject_ref=row.subject_ref, user_ref=row.user_ref, live_version=row.live_version
+        )
         if names is None:
             raise AuthenticationError("token of an erased account or user")
         registered_at = row.created_at if row.kind == "cluster" else None  # a cluster token is issued on registration

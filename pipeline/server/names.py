@@ -58,22 +58,39 @@ class NameBox:
 
         :raises KeyringError: the value was altered or moved to another row
         """
-        version_text, _, encoded = sealed.partition(":")
-        version = int(version_text)
         if subject_ref is None:
-            cipher = self._staff
-        else:
-            try:  # checked against the database, so an erasure by another process counts at once
-                live, cipher = self.keyring.cipher(subject_ref, user_ref, create=False)
-            except (KeyringError, UnknownAccountError):
-                return None
-            if live != version:  # erased, then the account came back under a new key
-                return None
-        blob = base64.b64decode(encoded)
+            return _opened(row_id, sealed, self._staff)
+        try:  # checked against the database, so an erasure by another process counts at once
+            live, _cipher = self.keyring.cipher(subject_ref, user_ref, create=False)
+        except (KeyringError, UnknownAccountError):
+            return None
+        return self.open_at(row_id, sealed, subject_ref=subject_ref, user_ref=user_ref, live_version=live)
+
+    def open_at(
+        self, row_id: str, sealed: str, *, subject_ref: str | None, user_ref: str | None, live_version: int | None
+    ) -> dict[str, Any] | None:
+        """:meth:`open` with the key's live version as the caller read it beside the row, in the same
+        query (``None``: destroyed or never made), so an erasure counts at once without a read of its own.
+
+        :raises KeyringError: the value was altered or moved to another row
+        """
+        if subject_ref is None:
+            return _opened(row_id, sealed, self._staff)
+        if live_version is None or live_version != int(sealed.partition(":")[0]):
+            return None  # erased (then perhaps back under a new key)
         try:
-            return dict(json.loads(cipher.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(row_id, version))))
-        except InvalidTag:
-            raise KeyringError(f"sealed names of {row_id!r} do not open: altered or moved") from None
+            return _opened(row_id, sealed, self.keyring.cipher_for(subject_ref, user_ref, live_version))
+        except (KeyringError, UnknownAccountError):  # destroyed since the caller's read
+            return None
+
+
+def _opened(row_id: str, sealed: str, cipher: AESGCM) -> dict[str, Any]:
+    version_text, _, encoded = sealed.partition(":")
+    blob = base64.b64decode(encoded)
+    try:
+        return dict(json.loads(cipher.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(row_id, int(version_text)))))
+    except InvalidTag:
+        raise KeyringError(f"sealed names of {row_id!r} do not open: altered or moved") from None
 
 
 def _aad(row_id: str, version: int) -> bytes:
