@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from sqlalchemy import Connection, Engine, Executable, select
+from sqlalchemy import Connection, Engine, Executable, bindparam, select
 
 from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditLog
@@ -245,6 +245,14 @@ def _mark_ingested(conn: Connection, engine: Engine, batches: Sequence[PreparedB
     return new
 
 
+#: which of some batch ids are taken: built once (building an IN clause of literal values costs
+#: more than the query), its lists given at each execution
+_TAKEN = select(ingested_batches.c.subject_ref, ingested_batches.c.batch_id).where(
+    ingested_batches.c.subject_ref.in_(bindparam("subjects", expanding=True)),
+    ingested_batches.c.batch_id.in_(bindparam("ids", expanding=True)),
+)
+
+
 @contextlib.contextmanager
 def _kept_for_retry(store: str) -> Iterator[None]:
     """A store's refusal becomes :class:`StoreUnavailable`: the batches are valid, so the sender keeps
@@ -443,12 +451,7 @@ class Pipeline:
             for start in range(0, len(ids), 500):
                 taken.update(
                     (row.subject_ref, row.batch_id)
-                    for row in conn.execute(
-                        select(ingested_batches.c.subject_ref, ingested_batches.c.batch_id).where(
-                            ingested_batches.c.subject_ref.in_(subjects),
-                            ingested_batches.c.batch_id.in_(ids[start : start + 500]),
-                        )
-                    )
+                    for row in conn.execute(_TAKEN, {"subjects": subjects, "ids": ids[start : start + 500]})
                 )
         fresh: dict[tuple[str, str], PreparedBatch] = {}
         for batch in batches:
