@@ -131,8 +131,10 @@ def _check_items(name: str, column: pa.ChunkedArray, window: Window) -> None:
     if longest.is_valid and longest.as_py() > MAX_ITEMS:
         raise OutOfBounds(name, f"{longest.as_py()} entries; at most {MAX_ITEMS}")
     values = pc.list_flatten(column)
-    if pa.types.is_struct(values.type):
-        _check_column(f"{name} keys", pc.struct_field(values, 0), window)
-        _check_column(f"{name} values", pc.struct_field(values, 1), window)
+    if pa.types.is_struct(values.type):  # a map's entries (its keys, its values), or records (every field)
+        fields = [f.name for f in values.type]
+        names = ["keys", "values"] if fields == ["key", "value"] else fields
+        for i, field_name in enumerate(names):
+            _check_column(f"{name} {field_name}", pc.struct_field(values, i), window)
     else:
         _check_column(name, values, window)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hpke
 from pipeline.delivery import HTTPDelivery
 from pipeline.emitter import Emitter
 from pipeline.intake import load_public_key, seal_batch
-from pipeline.records import KINDS, tables_from_records
+from pipeline.records import JOB_PROGRESS, KINDS, tables_from_records
 from pipeline.retention.requests import process_pending
 from pipeline.spool import Spool
 
@@ -198,6 +198,17 @@ def test_a_value_out_of_bounds_is_400_naming_the_field_and_stores_nothing(
     assert rejected["field"] == f"{kind}.{field}" and rejected["reason"].startswith("out of bounds")
     with plane.member("acme", "ann") as ann:  # reads go on as before
         assert ann.get("/v1/records").status_code == 200 and ann.get("/v1/software-envs").json() == []
+
+
+def test_a_running_jobs_progress_is_bounded_like_a_jobs(plane: ControlPlane) -> None:
+    """A snapshot's running jobs become job records when their cluster is lost: every field is checked."""
+    registration = register(plane)
+    progress = pa.struct(JOB_PROGRESS)
+    job = {"job_id": "job-1", "started_at": datetime.now(UTC), "tasks_total": 10, "tasks_completed": -5}
+    batch = _with_column(own(registration, "cluster_snapshot"), "jobs_running", pa.array([[job]], pa.list_(progress)))
+    answer = post(plane, registration, sealed_by_hand(registration, [[batch]]))
+    assert "cluster_snapshot.jobs_running tasks_completed: negative" in assert_problem(answer, 400)["detail"]
+    assert stored(plane)["long_term"] == []
 
 
 def test_a_thousand_users_in_one_batch_is_400(plane: ControlPlane) -> None:
