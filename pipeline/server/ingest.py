@@ -8,9 +8,10 @@ records), idempotency and writing are the one ingest path in the pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -18,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.errors import PipelineError
 from pipeline.principals import Principal
-from pipeline.runtime import Pipeline
+from pipeline.runtime import IngestResult, Pipeline
 from pipeline.server.auth import current_pipeline, require
 from pipeline.server.limits import Concurrency, FairSlots, RateLimit, too_many
 
@@ -31,8 +32,9 @@ class IngestGate:
     """Fair share of ingest: rates and concurrency per account and per token, write slots in turn.
 
     A request over a rate or concurrency limit is answered 429 before its body is read;
-    an admitted one waits for a slot to be checked and sealed in, which goes to the waiting
-    accounts in turn, then joins the next group commit (:mod:`pipeline.group_commit`).
+    an admitted one waits for a slot to be checked in, which goes to the waiting accounts
+    in turn, then joins the next group commit, which seals and writes
+    (:mod:`pipeline.group_commit`).
     """
 
     def __init__(self, pipeline: Pipeline) -> None:
@@ -69,10 +71,11 @@ class IngestGate:
 
 
 def _write_slots(pipeline: Pipeline) -> int:
-    """How many batches one process checks and seals at once; the others wait their turn.
+    """How many batches one process checks at once; the others wait their turn.
 
-    Mostly CPU under one GIL, with a few reads of the metadata database (batch id, tombstones):
-    with SQLite two slots (one reading while the other computes). PostgreSQL reads in parallel.
+    Mostly CPU under one GIL, with one read of the metadata database (the cluster's row; what
+    the whole group needs is read by its commit): with SQLite two slots (one reading while the
+    other computes). PostgreSQL reads in parallel.
     """
     return 2 if pipeline.keyring.engine.dialect.name == "sqlite" else 8
 
@@ -102,12 +105,19 @@ async def ingest(
     try:
         async with gate.admitted(principal):
             sealed = await request.body()  # bounded by the app's guard (MAX_SEALED_BYTES)
-            async with gate.slots.slot(str(principal.account)):  # checks and sealing: CPU, in turn
-                admit = functools.partial(request.app.state.clusters.admit, principal.cluster_id)
-                prepared = await run_in_threadpool(
-                    pipeline.prepare_ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
-                )
-            result = await run_in_threadpool(pipeline.commit_ingest, prepared)  # shared with concurrent batches
+            loop = asyncio.get_running_loop()
+            admit = functools.partial(request.app.state.clusters.admit, principal.cluster_id)
+
+            def checked_then_committed(give_back: Callable[[], None]) -> IngestResult:
+                """The checks in the slot; the commit, shared with concurrent batches, after it (one thread hop)."""
+                try:
+                    prepared = pipeline.prepare_ingest(sealed, principal, idempotency_key=idempotency_key, admit=admit)
+                finally:
+                    loop.call_soon_threadsafe(give_back)
+                return pipeline.commit_ingest(prepared)
+
+            async with gate.slots.slot(str(principal.account)) as give_back:  # the checks: CPU, in turn
+                result = await run_in_threadpool(checked_then_committed, give_back)
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise
