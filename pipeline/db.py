@@ -58,6 +58,7 @@ __all__ = [
     "engine_for",
     "insert_ignoring_duplicates",
     "metadata",
+    "reading",
     "transaction",
 ]
 
@@ -405,9 +406,24 @@ def _one_upgrader(engine: Engine) -> Iterator[None]:
 @contextmanager
 def transaction(engine: Engine, what: str) -> Iterator[Connection]:
     """``engine.begin()`` with database failures mapped to pipeline errors naming ``what``."""
+    with _mapped_errors(what), engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def reading(engine: Engine, what: str) -> Iterator[Connection]:
+    """A connection outside any transaction, for reads each complete in itself (one statement, or
+    chunks of one lookup): no BEGIN and COMMIT around them, so on PostgreSQL one round trip a read,
+    not three (the hot reads of ingest: a token, a cluster, batch ids, tombstones, key versions).
+    Failures are mapped as :func:`transaction` maps them."""
+    with _mapped_errors(what), engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def _mapped_errors(what: str) -> Iterator[None]:
     try:
-        with engine.begin() as conn:
-            yield conn
+        yield
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc.__class__.__name__).splitlines()[0]
         if isinstance(exc, OperationalError):

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, or_, select, text, update
 
-from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, transaction
+from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, reading, transaction
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
 from pipeline.fsmodes import private_folder, write_private
 from pipeline.records import utcnow
@@ -322,7 +322,7 @@ class Keyring:
         return created is not None
 
     def _row(self, key_id: str):  # noqa: ANN202 - a SQLAlchemy Row
-        with transaction(self.engine, "reading the keyring") as conn:
+        with reading(self.engine, "reading the keyring") as conn:
             return conn.execute(select(keyring_keys).where(keyring_keys.c.key_id == key_id)).first()
 
     def _load_index_key(self) -> bytes:
@@ -417,7 +417,7 @@ class Keyring:
         ids = sorted({user_ref or subject_ref for subject_ref, user_ref in wanted})
         live: dict[str, int] | None
         try:
-            with transaction(self.engine, "reading the keyring") as conn:
+            with reading(self.engine, "reading the keyring") as conn:
                 live = {
                     key_id: version
                     for start in range(0, len(ids), 500)
@@ -492,7 +492,7 @@ class Keyring:
 
         For an account this covers its users' keys too.
         """
-        with transaction(self.engine, "reading the keyring") as conn:
+        with reading(self.engine, "reading the keyring") as conn:
             live = (
                 conn.execute(select(keyring_keys.c.wrapped.is_not(None)).where(_keys_of(subject_ref, user_ref)))
                 .scalars()

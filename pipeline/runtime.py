@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, Executable, bindparam, select
 from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditLog
 from pipeline.config import Settings
-from pipeline.db import ingested_batches, insert_ignoring_duplicates, transaction
+from pipeline.db import ingested_batches, insert_ignoring_duplicates, reading, transaction
 from pipeline.environment import environment_id
 from pipeline.errors import (
     BatchRefused,
@@ -447,7 +447,7 @@ class Pipeline:
         keys = {b.key for b in batches}
         subjects, ids = sorted({s for s, _b in keys}), sorted({b for _s, b in keys})
         taken: set[tuple[str, str]] = set()
-        with transaction(self.keyring.engine, "check the batch ids") as conn:
+        with reading(self.keyring.engine, "check the batch ids") as conn:
             for start in range(0, len(ids), 500):
                 taken.update(
                     (row.subject_ref, row.batch_id)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
-from pipeline.db import tombstones, transaction
+from pipeline.db import reading, tombstones, transaction
 from pipeline.errors import PipelineError
 
 __all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "lift", "load"]
@@ -83,7 +83,7 @@ def load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombston
     """The tombstones of each of ``subject_refs`` (an empty list for none), in one query per 500 subjects."""
     refs = sorted(set(subject_refs))
     found: dict[str, list[Tombstone]] = {ref: [] for ref in refs}
-    with transaction(engine, "reading tombstones") as conn:
+    with reading(engine, "reading tombstones") as conn:
         for start in range(0, len(refs), 500):
             rows = conn.execute(_OF_SUBJECTS, {"refs": refs[start : start + 500]})
             for r in rows:

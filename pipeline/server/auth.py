@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import case, func, insert, select, update
 from starlette.concurrency import run_in_threadpool
 
-from pipeline.db import api_tokens, keyring_keys, transaction
+from pipeline.db import api_tokens, keyring_keys, reading, transaction
 from pipeline.errors import AuthenticationError, InvalidBinding, TokenNotFound
 from pipeline.principals import Principal
 from pipeline.records import utcnow
@@ -197,7 +197,7 @@ class TokenStore:
             raise AuthenticationError("malformed token: expected mp_ and 43 url-safe characters")
         key = keyring_keys.c.key_id == func.coalesce(api_tokens.c.user_ref, api_tokens.c.subject_ref)
         live = case((keyring_keys.c.wrapped.is_not(None), keyring_keys.c.key_version)).label("live_version")
-        with transaction(self.engine, "checking an API token") as conn:  # and its names' key, in one query
+        with reading(self.engine, "checking an API token") as conn:  # and its names' key, in one query
             row = conn.execute(
                 select(api_tokens, live)
                 .select_from(api_tokens.outerjoin(keyring_keys, key))

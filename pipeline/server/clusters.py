@@ -32,7 +32,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select, update
 
-from pipeline.db import clusters, transaction
+from pipeline.db import clusters, reading, transaction
 from pipeline.errors import ForbiddenBatch, OutputError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
@@ -321,7 +321,7 @@ class ClusterRegistry:
         )
 
     def _row(self, cluster_id: str) -> Any:
-        with transaction(self.pipeline.keyring.engine, "reading a cluster") as conn:
+        with reading(self.pipeline.keyring.engine, "reading a cluster") as conn:
             return conn.execute(select(clusters).where(clusters.c.cluster_id == cluster_id)).first()
 
     def _running(self, row: Any) -> dict[str, Any]:
