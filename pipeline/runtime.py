@@ -519,6 +519,8 @@ class Pipeline:
 
     def _drop_erased(self, batch: PreparedBatch, stones: Mapping[str, list[tombstones.Tombstone]]) -> list[pa.Table]:
         """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch)."""
+        if not stones.get(batch.subject_ref):  # every record is of the batch's account (scoped): none forbidden
+            return [table for table in batch.tables if table.num_rows]
         tables, dropped = tombstones.drop_erased(
             self.keyring.engine,
             batch.tables,
