@@ -41,7 +41,7 @@ from pipeline.keys import Keyring
 from pipeline.principals import Principal
 from pipeline.records import KINDS
 from pipeline.runtime import Pipeline, seal_records
-from pipeline.segments import Segment, seal
+from pipeline.segments import Segment, ipc_table, seal
 from pipeline.spool import new_batch_id
 from pipeline.stores import Store, open_store
 
@@ -114,7 +114,7 @@ def snapshot_records(batch: int) -> list[dict[str, Any]]:
 def _tables(clear: _ClearKeyring, records: list[dict[str, Any]]) -> list[tuple[str, str | None, pa.Table]]:
     """The batch as the Arrow tables ``seal_records`` builds, with their refs."""
     return [
-        (s.subject_ref, s.user_ref, pa.ipc.open_stream(s.payload[_NONCE:]).read_all())
+        (s.subject_ref, s.user_ref, ipc_table(s.payload[_NONCE:]))
         for s in seal_records(clear, records)  # type: ignore[arg-type]
     ]
 

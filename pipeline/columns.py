@@ -17,8 +17,8 @@ import numbers
 from array import array
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from itertools import accumulate
-from operator import itemgetter
+from itertools import accumulate, repeat
+from operator import floordiv, is_not, itemgetter, sub
 from typing import Any
 
 import pyarrow as pa
@@ -28,6 +28,7 @@ __all__ = ["column", "observed_span", "table"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _NONE = type(None)
+_BINARY_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
 
 def table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -106,7 +107,11 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
         fixed = array("d", _filled(values, validity, 0.0))
     elif _is_utc_microseconds(type_):
         _check(kinds, datetime, "a datetime")
-        fixed = array("q", [0 if v is None else _microseconds(v) for v in values])
+        times = _filled(values, validity, _EPOCH)
+        try:  # in C while every time has a zone
+            fixed = array("q", map(floordiv, map(sub, times, repeat(_EPOCH)), repeat(_MICROSECOND)))
+        except TypeError:  # a naive time
+            fixed = array("q", map(_microseconds, times))
     else:
         raise TypeError(f"no column builder for Arrow type {type_}")
     return pa.Array.from_buffers(type_, len(values), [validity, pa.py_buffer(fixed)])
@@ -132,16 +137,22 @@ def _is_utc_microseconds(type_: pa.DataType) -> bool:
 
 def _filled(values: Sequence[Any], validity: pa.Buffer | None, empty: Any) -> Sequence[Any]:
     """``values`` with ``empty`` in place of each null: the placeholder a null slot holds in the buffers."""
-    return values if validity is None else [empty if v is None else v for v in values]
+    if validity is None:
+        return values
+    try:  # in C, where the values can be dict keys (text, numbers, times)
+        return list(map({None: empty}.get, values, values))
+    except TypeError:  # lists and maps
+        return [empty if v is None else v for v in values]
 
 
 def _validity(values: Sequence[Any]) -> pa.Buffer:
-    """The validity bitmap of a column with nulls: bit i is set when value i is not null."""
-    bitmap = bytearray((len(values) + 7) // 8)
-    for i, value in enumerate(values):
-        if value is not None:
-            bitmap[i >> 3] |= 1 << (i & 7)
-    return pa.py_buffer(bitmap)
+    """The validity bitmap of a column with nulls: bit i is set when value i is not null.
+
+    Made in C: one byte 0 or 1 per value, reversed and read as a binary number, whose bit i is value i's.
+    """
+    flags = bytes(map(is_not, values, repeat(None)))
+    bits = int(flags[::-1].translate(_BINARY_DIGITS), 2)
+    return pa.py_buffer(bits.to_bytes((len(values) + 7) // 8, "little"))
 
 
 def _offsets(lengths: Any) -> pa.Buffer:

@@ -380,9 +380,13 @@ class Emitter:
         self._backoff[name] = delay
         return delay
 
-    def _next_wait(self) -> float:
+    def _next_wait(self) -> float | None:
+        """Seconds until the thread has something to do; None while idle, until a submit, flush or close
+        wakes it (an idle scheduler's emitter takes no GIL, not even once a second)."""
         if self._unsealed:
             return _MIN_BACKOFF
+        if self._queued_since is None and not self._pending:
+            return None
         wait = 1.0
         if self._queued_since is not None:
             wait = self._queued_since + self.linger - time.monotonic()
