@@ -96,6 +96,8 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
 
 def _check_column(name: str, column: pa.ChunkedArray, window: Window) -> None:
     """One column (or the flattened values of a list or map) against the bound of its type."""
+    if column.null_count == len(column):  # no values (an empty list's fields, a field no record sets)
+        return
     kind = column.type
     if pa.types.is_timestamp(kind):
         low, high = pc.min_max(column.cast(pa.int64())).values()  # as integers: no year is out of range
