@@ -321,6 +321,10 @@ def _create_engine(url: str) -> Engine:
     elif parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
         kwargs["pool_pre_ping"] = True  # a server restart leaves pooled connections dead
+        # as many connections as SQLAlchemy's default allows at once (5 + 10 overflow), all kept: an
+        # overflow connection is closed when returned, and under load each new one costs the server
+        # a backend process (hundreds a minute under ingest)
+        kwargs["pool_size"], kwargs["max_overflow"] = 15, 0
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
