@@ -265,11 +265,16 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture
 def aws(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """boto3's usual chain pointed at moto's server with test credentials."""
-    for name, value in {
-        "AWS_ENDPOINT_URL": moto_endpoint,
+    for name, value in moto_environment(moto_endpoint).items():
+        monkeypatch.setenv(name, value)
+    return moto_endpoint
+
+
+def moto_environment(endpoint: str) -> dict[str, str]:
+    """The environment that points boto3's usual chain at moto's server, with test credentials."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    return moto_endpoint
+    }

@@ -9,6 +9,7 @@ from typing import Any
 
 import dask.config
 import pytest
+from conftest import moto_environment
 from distributed import LocalCluster
 from test_reports import T0, run, write_demo_records
 
@@ -33,12 +34,7 @@ def archived(home: Path, s3_archive_url: str) -> Iterator[Pipeline]:
 def scheduler(moto_endpoint: str) -> Iterator[str]:
     """Two worker processes with S3 credentials (moto's) and no pipeline home: only the data keys they are sent."""
     with pytest.MonkeyPatch.context() as env:
-        for name, value in {
-            "AWS_ENDPOINT_URL": moto_endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "eu-west-1",
-        }.items():
+        for name, value in moto_environment(moto_endpoint).items():
             env.setenv(name, value)
         env.setenv("DASK_PIPELINE__HOME", "/nonexistent")
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
