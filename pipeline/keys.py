@@ -414,6 +414,8 @@ class Keyring:
     def ciphers(self, refs: Iterable[tuple[str, str | None]]) -> dict[tuple[str, str | None], tuple[int, AESGCM]]:
         """:meth:`cipher` for many ``(subject_ref, user_ref)`` at once, checked in one query (a batch's seal)."""
         wanted = set(refs)
+        if not wanted:  # nothing to seal (a group commit of replays only): no read
+            return {}
         ids = sorted({user_ref or subject_ref for subject_ref, user_ref in wanted})
         live: dict[str, int] | None
         try:

@@ -83,11 +83,13 @@ def load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombston
     """The tombstones of each of ``subject_refs`` (an empty list for none), in one query per 500 subjects."""
     refs = sorted(set(subject_refs))
     found: dict[str, list[Tombstone]] = {ref: [] for ref in refs}
+    if not refs:  # a group commit of replays only: nothing to ask
+        return found
     with reading(engine, "reading tombstones") as conn:
         for start in range(0, len(refs), 500):
             rows = conn.execute(_OF_SUBJECTS, {"refs": refs[start : start + 500]})
             for r in rows:
-                found.setdefault(r.subject_ref, []).append(
+                found[r.subject_ref].append(
                     Tombstone(r.request_id, r.subject_ref, r.user_ref, r.erased_at, r.suppress, r.lifted_at)
                 )
     return found
