@@ -313,18 +313,19 @@ def _create_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError(f"not a database URL: {mask_url(url)!r}") from exc
-    kwargs: dict[str, Any] = {}
+    # as many connections as SQLAlchemy's default allows at once (5 + 10 overflow), all kept: an
+    # overflow connection is closed when returned, and under load ingest opened hundreds a minute
+    # (each a backend process on PostgreSQL; on SQLite a file opened and four pragmas run)
+    kwargs: dict[str, Any] = {"pool_size": 15, "max_overflow": 0}
     if parsed.get_backend_name() == "sqlite":  # a file: no connection to go stale, so no ping per checkout
         if parsed.database and parsed.database != ":memory:":
             _create_private_file(Path(parsed.database))
+        else:  # in memory: SQLAlchemy's SingletonThreadPool, which takes no sizes
+            kwargs = {}
         kwargs["connect_args"] = {"timeout": 5}
     elif parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
         kwargs["pool_pre_ping"] = True  # a server restart leaves pooled connections dead
-        # as many connections as SQLAlchemy's default allows at once (5 + 10 overflow), all kept: an
-        # overflow connection is closed when returned, and under load each new one costs the server
-        # a backend process (hundreds a minute under ingest)
-        kwargs["pool_size"], kwargs["max_overflow"] = 15, 0
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
