@@ -221,8 +221,9 @@ class IngestResult:
     duplicate: bool
 
 
-#: a statement for a group commit's transaction and the key of the row it locks
-Locking = tuple[str, Executable]
+#: a statement for a group commit's transaction, with the key of the row it locks and its parameters
+#: (the statement built once, its values given per batch: building one costs more than running it)
+Locking = tuple[str, Executable, dict[str, Any]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -457,8 +458,10 @@ class Pipeline:
             transaction(self.keyring.engine, "commit ingested batches") as conn,
         ):
             # in key order, then the batch ids in theirs: two processes' commits wait, never deadlock
-            for _key, statement in sorted((s for batch in batches for s in batch.statements), key=lambda s: s[0]):
-                conn.execute(statement)
+            for _key, statement, params in sorted(
+                (s for batch in batches for s in batch.statements), key=lambda s: s[0]
+            ):
+                conn.execute(statement, params)
             new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
             long_term.insert(conn, routed("long_term", new))
         for name in self.stores:

@@ -54,7 +54,7 @@ def heard_from(registry: ClusterRegistry, cluster_id: str, batch: OpenedBatch, *
     noted = registry.admit(cluster_id, batch, now=now)
     if noted is not None:
         with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
-            conn.execute(noted[1])
+            conn.execute(noted[1], noted[2])
 
 
 def jobs(registry: ClusterRegistry) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.db import api_tokens, keyring_keys, reading, transaction
@@ -50,6 +50,20 @@ TOKEN_KINDS = ("member", "admin", "cluster", "gateway")
 PRINCIPAL = "principal"
 TOKEN_PREFIX = "mp_"
 _TOKEN_SHAPE = re.compile(r"mp_[A-Za-z0-9_-]{43}")
+
+#: a token by its hash, with its names' live key version, in one query; built once (every request runs it)
+_BY_TOKEN = (
+    select(
+        api_tokens,
+        case((keyring_keys.c.wrapped.is_not(None), keyring_keys.c.key_version)).label("live_version"),
+    )
+    .select_from(
+        api_tokens.outerjoin(
+            keyring_keys, keyring_keys.c.key_id == func.coalesce(api_tokens.c.user_ref, api_tokens.c.subject_ref)
+        )
+    )
+    .where(api_tokens.c.token_sha256 == bindparam("sha256"))
+)
 
 
 def token_sha256(token: str) -> str:
@@ -195,14 +209,8 @@ class TokenStore:
         """
         if not _TOKEN_SHAPE.fullmatch(token):
             raise AuthenticationError("malformed token: expected mp_ and 43 url-safe characters")
-        key = keyring_keys.c.key_id == func.coalesce(api_tokens.c.user_ref, api_tokens.c.subject_ref)
-        live = case((keyring_keys.c.wrapped.is_not(None), keyring_keys.c.key_version)).label("live_version")
-        with reading(self.engine, "checking an API token") as conn:  # and its names' key, in one query
-            row = conn.execute(
-                select(api_tokens, live)
-                .select_from(api_tokens.outerjoin(keyring_keys, key))
-                .where(api_tokens.c.token_sha256 == token_sha256(token))
-            ).first()
+        with reading(self.engine, "checking an API token") as conn:
+            row = conn.execute(_BY_TOKEN, {"sha256": token_sha256(token)}).first()
         if row is None:
             raise AuthenticationError("unknown token")
         if row.revoked_at is not None:

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from pipeline.db import clusters, reading, transaction
 from pipeline.errors import ForbiddenBatch, OutputError
@@ -287,11 +287,7 @@ class ClusterRegistry:
                 )
             return None
         running = _running_after(self._running(row), batch)
-        return cluster_id, (
-            update(clusters)
-            .where(clusters.c.cluster_id == cluster_id)
-            .values(last_contact_at=now, running=self._seal_running(row, running))
-        )
+        return cluster_id, _CONTACT, {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
 
     def _end(self, row: Any, state: str, when: datetime, *, actor: str | None = None) -> None:
         """Record the running jobs as lost, then mark the cluster ``closed`` or ``lost`` at ``when``.
@@ -322,7 +318,7 @@ class ClusterRegistry:
 
     def _row(self, cluster_id: str) -> Any:
         with reading(self.pipeline.keyring.engine, "reading a cluster") as conn:
-            return conn.execute(select(clusters).where(clusters.c.cluster_id == cluster_id)).first()
+            return conn.execute(_ROW, {"id": cluster_id}).first()
 
     def _running(self, row: Any) -> dict[str, Any]:
         """``{"observed_at": newest snapshot, "jobs": {job id: job record}}`` (sealed like names: prefixes
@@ -373,6 +369,15 @@ class ClusterRegistry:
             }
             for row in rows
         ]
+
+
+#: the hot statements of admission, built once (building one costs more than running it)
+_ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
+_CONTACT = (
+    update(clusters)
+    .where(clusters.c.cluster_id == bindparam("id"))
+    .values(last_contact_at=bindparam("at"), running=bindparam("running"))
+)
 
 
 def _shown(names: dict[str, Any]) -> dict[str, Any]:
