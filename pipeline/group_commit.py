@@ -1,31 +1,24 @@
 """Group commit: concurrent callers share one commit, each answered when that commit is done.
 
 A write transaction and an fsync cost about the same for one batch as for a
-hundred, so while one commit runs, the batches that arrive meanwhile queue up
-and the next caller to find no commit running takes them all in one (the
-*leader*); the others wait for their group's outcome. No thread of its own and
-no timer: a lone caller commits at once, and a busy one commits in larger groups.
+hundred, so while one commit runs, the items that arrive meanwhile queue up and
+the next commit takes them all. A committer thread runs while there is work,
+group after group, and ends when the queue is empty: a lone item commits at once,
+a busy stream in larger groups. Callers wait on a future, so a waiting caller holds
+no thread (the API awaits it on its event loop) and wakes only for its own answer.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Generic, TypeVar
 
 __all__ = ["GroupCommit"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-@dataclass
-class _Waiter(Generic[_T, _R]):
-    item: _T
-    done: bool = False
-    result: _R | None = None
-    error: BaseException | None = None
 
 
 class GroupCommit(Generic[_T, _R]):
@@ -38,42 +31,41 @@ class GroupCommit(Generic[_T, _R]):
     def __init__(self, commit: Callable[[Sequence[_T]], Sequence[_R]], *, max_group: int = 256) -> None:
         self._commit = commit
         self._max_group = max_group
-        self._cond = threading.Condition()
-        self._queue: list[_Waiter[_T, _R]] = []
+        self._lock = threading.Lock()
+        self._queue: list[tuple[_T, Future[_R]]] = []
         self._committing = False
+
+    def enqueue(self, item: _T) -> Future[_R]:
+        """Queue ``item`` for the next group; its future holds the result (or the error) once that group's
+        commit is done."""
+        future: Future[_R] = Future()
+        with self._lock:
+            self._queue.append((item, future))
+            idle, self._committing = not self._committing, True
+        if idle:
+            threading.Thread(target=self._run, name="group-commit", daemon=True).start()
+        return future
 
     def submit(self, item: _T) -> _R:
         """Commit ``item`` with whatever else is queued; its result once the shared commit is done.
 
         :raises Exception: whatever the group's ``commit`` raised
         """
-        waiter: _Waiter[_T, _R] = _Waiter(item)
-        with self._cond:
-            self._queue.append(waiter)
-        while True:
-            with self._cond:
-                while not waiter.done and self._committing:
-                    self._cond.wait()
-                if waiter.done:
-                    break
-                # no commit running and ours not taken: lead the next group (the oldest first)
-                group, self._queue = self._queue[: self._max_group], self._queue[self._max_group :]
-                self._committing = True
-            self._lead(group)
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.result  # type: ignore[return-value]  # done without error: set by the leader
+        return self.enqueue(item).result()
 
-    def _lead(self, group: list[_Waiter[_T, _R]]) -> None:
-        try:
-            for w, result in zip(group, self._commit([w.item for w in group]), strict=True):
-                w.result = result
-        except BaseException as exc:  # every member hears of it, the leader re-raises it as its own
-            for w in group:
-                w.error = exc
-        finally:  # whatever happened, the group is answered and the next leader may start
-            with self._cond:
-                for w in group:
-                    w.done = True
-                self._committing = False
-                self._cond.notify_all()
+    def _run(self) -> None:
+        """Commit group after group, the oldest first, until the queue is empty."""
+        while True:
+            with self._lock:
+                group, self._queue = self._queue[: self._max_group], self._queue[self._max_group :]
+                if not group:
+                    self._committing = False
+                    return
+            try:
+                answered = list(zip(group, self._commit([item for item, _future in group]), strict=True))
+            except BaseException as exc:  # every member hears of it; the next group starts afresh
+                for _item, future in group:
+                    future.set_exception(exc)
+            else:
+                for (_item, future), result in answered:
+                    future.set_result(result)

@@ -13,6 +13,7 @@ import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -428,6 +429,11 @@ class Pipeline:
             was acknowledged, and what was written is found and skipped by a retry (503)
         """
         return self._commits.submit(prepared)
+
+    def queue_ingest(self, prepared: PreparedBatch) -> Future[IngestResult]:
+        """:meth:`commit_ingest` without waiting: the future is done once the commit is durable (or failed,
+        with the errors of :meth:`commit_ingest`). The API awaits it on its event loop, holding no thread."""
+        return self._commits.enqueue(prepared)
 
     def _commit_group(self, batches: Sequence[PreparedBatch]) -> list[IngestResult]:
         """Write a group of batches: the ones not taken before, less what tombstones forbid, sealed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.errors import PipelineError
 from pipeline.principals import Principal
-from pipeline.runtime import IngestResult, Pipeline
+from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require
 from pipeline.server.limits import Concurrency, FairSlots, RateLimit, too_many
 
@@ -105,19 +105,12 @@ async def ingest(
     try:
         async with gate.admitted(principal):
             sealed = await request.body()  # bounded by the app's guard (MAX_SEALED_BYTES)
-            loop = asyncio.get_running_loop()
             admit = functools.partial(request.app.state.clusters.admit, principal.cluster_id)
-
-            def checked_then_committed(give_back: Callable[[], None]) -> IngestResult:
-                """The checks in the slot; the commit, shared with concurrent batches, after it (one thread hop)."""
-                try:
-                    prepared = pipeline.prepare_ingest(sealed, principal, idempotency_key=idempotency_key, admit=admit)
-                finally:
-                    loop.call_soon_threadsafe(give_back)
-                return pipeline.commit_ingest(prepared)
-
-            async with gate.slots.slot(str(principal.account)) as give_back:  # the checks: CPU, in turn
-                result = await run_in_threadpool(checked_then_committed, give_back)
+            async with gate.slots.slot(str(principal.account)):  # the checks: CPU, in turn
+                prepared = await run_in_threadpool(
+                    pipeline.prepare_ingest, sealed, principal, idempotency_key=idempotency_key, admit=admit
+                )
+            result = await asyncio.wrap_future(pipeline.queue_ingest(prepared))  # shared commit; no thread held
     except HTTPException as exc:
         metrics.rejected_batches.labels(str(exc.status_code)).inc()
         raise

@@ -97,9 +97,8 @@ class FairSlots:
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
 
     @asynccontextmanager
-    async def slot(self, key: str) -> AsyncIterator[Callable[[], None]]:
-        """Hold one slot for the block, after the other keys' turns; yields what gives it back
-        early (from the event loop's thread; idempotent), so the block can go on without it."""
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        """Hold one slot for the block, after the other keys' turns."""
         if self._free and not self._waiting:
             self._free -= 1
         else:
@@ -113,18 +112,10 @@ class FairSlots:
                 else:
                     self._forget(key, turn)
                 raise
-        held = True
-
-        def give_back() -> None:
-            nonlocal held
-            if held:
-                held = False
-                self._release()
-
         try:
-            yield give_back
+            yield
         finally:
-            give_back()
+            self._release()
 
     def _release(self) -> None:
         while self._waiting:
