@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -94,49 +95,78 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
             _check_column(f"{kind_name}.{field.name}", table.column(field.name), window)
 
 
-def _check_column(name: str, column: pa.ChunkedArray, window: Window) -> None:
-    """One column (or the flattened values of a list or map) against the bound of its type."""
-    if column.null_count == len(column):  # no values (an empty list's fields, a field no record sets)
-        return
-    kind = column.type
+def _check_column(name: str, column: pa.ChunkedArray | pa.Array, window: Window) -> None:
+    """One column (or the flattened values of a list or map) against the bound of its type.
+
+    Chunk by chunk, through numpy views of the Arrow buffers where that is exact (no copy, and
+    no Arrow kernel call, each of which costs more than the check on a small batch).
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if chunk.null_count < len(chunk):  # no values (an empty list's fields, a field no record sets): nothing
+            _check_chunk(name, chunk, window)
+
+
+def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
+    kind = chunk.type
     if pa.types.is_timestamp(kind):
-        low, high = pc.min_max(column.cast(pa.int64())).values()  # as integers: no year is out of range
+        low, high = _min_max(chunk)  # as integers: no year is out of range
         earliest, latest = window.micros()
-        if low.is_valid and (low.as_py() < earliest or high.as_py() > latest):
+        if low < earliest or high > latest:
             raise OutOfBounds(
                 name, f"outside the cluster's life ({window.earliest.isoformat()} to {window.latest.isoformat()})"
             )
     elif pa.types.is_integer(kind):
-        low = pc.min(column)
-        if low.is_valid and low.as_py() < 0:
+        if _min_max(chunk)[0] < 0:
             raise OutOfBounds(name, "negative")
     elif pa.types.is_floating(kind):
-        if column.null_count < len(column) and not pc.all(pc.is_finite(column)).as_py():
+        values = _numbers(chunk)
+        if not np.isfinite(values).all():
             raise OutOfBounds(name, "not a finite number")
-        low = pc.min(column)
-        if low.is_valid and low.as_py() < 0:
+        if values.min() < 0:
             raise OutOfBounds(name, "negative")
     elif pa.types.is_string(kind):
-        longest = pc.max(pc.binary_length(column))
-        if longest.is_valid and longest.as_py() > MAX_STRING_BYTES:
-            raise OutOfBounds(name, f"a string of {longest.as_py()} bytes; at most {MAX_STRING_BYTES}")
+        longest = int(np.diff(_offsets(chunk)).max())  # null slots too: a string no longer than any slot
+        if longest > MAX_STRING_BYTES:
+            raise OutOfBounds(name, f"a string of {longest} bytes; at most {MAX_STRING_BYTES}")
     elif pa.types.is_map(kind):
-        entries = pa.list_(pa.struct([("key", kind.key_type), ("value", kind.item_type)]))
-        _check_items(name, column.cast(entries), window)
+        _check_items(name, chunk, [("keys", chunk.keys), ("values", chunk.items)], window)
     elif pa.types.is_list(kind):
-        _check_items(name, column, window)
+        values = chunk.flatten()
+        if pa.types.is_struct(values.type):  # records (every field)
+            fields = [(field.name, values.field(i)) for i, field in enumerate(values.type)]
+            _check_items(name, chunk, fields, window)
+        else:
+            _check_items(name, chunk, [("", values)], window)
 
 
-def _check_items(name: str, column: pa.ChunkedArray, window: Window) -> None:
-    """A list column (a map as a list of key-value structs): its length, then its flattened values."""
-    longest = pc.max(pc.list_value_length(column))
-    if longest.is_valid and longest.as_py() > MAX_ITEMS:
-        raise OutOfBounds(name, f"{longest.as_py()} entries; at most {MAX_ITEMS}")
-    values = pc.list_flatten(column)
-    if pa.types.is_struct(values.type):  # a map's entries (its keys, its values), or records (every field)
-        fields = [f.name for f in values.type]
-        names = ["keys", "values"] if fields == ["key", "value"] else fields
-        for i, field_name in enumerate(names):
-            _check_column(f"{name} {field_name}", pc.struct_field(values, i), window)
-    else:
-        _check_column(name, values, window)
+def _check_items(name: str, chunk: pa.Array, values: list[tuple[str, pa.Array]], window: Window) -> None:
+    """A list or map chunk: its lengths, then its flattened values (a map's keys and values, or a record's
+    fields), each against its own bound."""
+    longest = int(np.diff(_offsets(chunk)).max())  # null slots too: no list longer than any slot
+    if longest > MAX_ITEMS:
+        raise OutOfBounds(name, f"{longest} entries; at most {MAX_ITEMS}")
+    for field_name, field_values in values:
+        _check_column(f"{name} {field_name}".rstrip(), field_values, window)
+
+
+def _numbers(chunk: pa.Array) -> np.ndarray:
+    """A numeric or timestamp chunk's valid values as numpy: a view of its data buffer (Arrow's own
+    ``to_numpy`` imports pandas)."""
+    if chunk.null_count:
+        chunk = chunk.drop_null()
+    kind = chunk.type
+    code = "f" if pa.types.is_floating(kind) else "u" if pa.types.is_unsigned_integer(kind) else "i"
+    dtype = np.dtype(f"{code}{kind.bit_width // 8}")
+    return np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+
+
+def _min_max(chunk: pa.Array) -> tuple[int, int]:
+    values = _numbers(chunk)
+    return int(values.min()), int(values.max())
+
+
+def _offsets(chunk: pa.Array) -> np.ndarray:
+    """The offsets of a string, list or map chunk's slots into its values, as numpy (a view, no copy)."""
+    width = np.int64 if pa.types.is_large_string(chunk.type) or pa.types.is_large_list(chunk.type) else np.int32
+    return np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=chunk.offset * width().itemsize)
