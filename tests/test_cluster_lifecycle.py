@@ -9,9 +9,10 @@ from typing import Any
 import dask.config
 import pytest
 from conftest import make_record
+from sqlalchemy import update
 
 from pipeline.config import Settings
-from pipeline.db import transaction
+from pipeline.db import clusters, transaction
 from pipeline.errors import ForbiddenBatch
 from pipeline.intake import OpenedBatch
 from pipeline.records import tables_from_records, utcnow
@@ -134,3 +135,55 @@ def test_a_cluster_never_heard_of_stays_open(registry: ClusterRegistry) -> None:
     registry.register("acme", "http://control-plane.invalid")
     assert registry.sweep(now=utcnow() + LOST_AFTER * 100) == []
     assert [c["state"] for c in registry.list(now=utcnow() + LOST_AFTER * 100)] == ["open"]
+
+
+def ends(registry: ClusterRegistry) -> list[str]:
+    return [e.action for e in registry.pipeline.audit.entries() if e.action in ("cluster.lost", "cluster.closed")]
+
+
+def test_two_processes_ending_one_cluster_at_once_end_it_and_record_its_job_once(registry: ClusterRegistry) -> None:
+    """Two ``serve`` processes each read the cluster open (a sweep in each, or a sweep and the plugin's
+    close), then each ends it: one ends it, records the running job and audits; the other does nothing."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+    other = Pipeline.open(Settings.from_config())
+    try:
+        row = registry._row(cluster.cluster_id)  # read open by both before either ends it
+        registry._end(row, "lost", start + LOST_AFTER)
+        ClusterRegistry(other)._end(row, "closed", start + LOST_AFTER + timedelta(seconds=1))
+    finally:
+        other.close()
+    assert ends(registry) == ["cluster.lost"]
+    assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 2)]
+    assert registry.list(now=start + LOST_AFTER * 2)[0]["state"] == "lost"
+
+
+def test_running_jobs_left_by_a_process_stopped_mid_end_are_recorded_by_the_next_sweep(
+    registry: ClusterRegistry,
+) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=3)), now=start)
+    with transaction(registry.pipeline.keyring.engine, "ending as a stopped process did") as conn:
+        conn.execute(update(clusters).where(clusters.c.cluster_id == cluster.cluster_id).values(closed_at=start))
+    assert jobs(registry) == []  # stopped after marking the cluster, before recording its job
+    assert registry.sweep(now=start + timedelta(seconds=1)) == []  # not lost: it was closed
+    assert [(j["status"], j["tasks_completed"], j["observed_at"]) for j in jobs(registry)] == [("lost", 3, start)]
+    registry.sweep(now=start + timedelta(seconds=2))
+    assert len(jobs(registry)) == 1  # recorded once
+
+
+def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it_ended(
+    registry: ClusterRegistry,
+) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start)), now=start)
+    registry.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(seconds=5))
+    replayed = snapshot(cluster, start + timedelta(seconds=1), tasks_completed=1)  # a spool replayed after close
+    assert registry.admit(cluster.cluster_id, batch(cluster, replayed), now=start + timedelta(seconds=9)) is None
+    registry.sweep(now=start + timedelta(seconds=10))
+    [closed] = registry.list()
+    assert (closed["state"], closed["last_contact_at"]) == ("closed", start)
+    assert jobs(registry) == []  # its progress names no job left running

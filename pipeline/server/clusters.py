@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 
 from pipeline.db import clusters, reading, transaction
 from pipeline.errors import ForbiddenBatch, OutputError
@@ -251,8 +251,12 @@ class ClusterRegistry:
         query = select(clusters).where(
             clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at <= now - lost_after
         )
+        ended = or_(clusters.c.closed_at.is_not(None), clusters.c.lost_at.is_not(None))
         with transaction(self.pipeline.keyring.engine, "finding lost clusters") as conn:
             rows = conn.execute(query).all()
+            stranded = conn.execute(select(clusters).where(ended, clusters.c.running.is_not(None))).all()
+        for row in stranded:  # ended, its jobs not yet recorded: the process ending it stopped in between
+            self._record_lost_jobs(row, row.closed_at or row.lost_at)
         for row in rows:
             self._end(row, "lost", row.last_contact_at + lost_after)
         return [row.cluster_id for row in rows]
@@ -286,35 +290,54 @@ class ClusterRegistry:
                     "register the cluster again"
                 )
             return None
+        if row.closed_at is not None:  # a late batch (a spool replayed): written, the cluster stays as it ended
+            return None
         running = _running_after(self._running(row), batch)
         return cluster_id, _CONTACT, {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
 
     def _end(self, row: Any, state: str, when: datetime, *, actor: str | None = None) -> None:
-        """Record the running jobs as lost, then mark the cluster ``closed`` or ``lost`` at ``when``.
+        """Mark the cluster ``closed`` or ``lost`` at ``when``, then record its running jobs as lost.
 
-        Records first: a crash in between writes them again (reports keep one record per job).
+        The mark is claimed first: of two ``serve`` processes ending one cluster at once (a sweep
+        each, or a sweep and the plugin's close), one ends it, records its jobs and audits, the
+        other does nothing. The running jobs stay in the row until recorded, so a crash in between
+        leaves them to the next sweep.
         """
-        running = self._running(row)
-        lost = [
-            {**_from_json(job), "record_id": uuid.uuid4().hex, "observed_at": when, "status": "lost"}
-            for job in running.get("jobs", {}).values()
-        ]
-        if lost:
-            self.pipeline.write_records(lost)
         column = clusters.c.closed_at if state == "closed" else clusters.c.lost_at
         with transaction(self.pipeline.keyring.engine, f"marking a cluster {state}") as conn:
-            conn.execute(
+            claimed = conn.execute(
                 update(clusters)
                 .where(clusters.c.cluster_id == row.cluster_id)
                 .where(clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
-                .values({column.name: when, "running": None})
-            )
+                .values({column.name: when})
+                .returning(clusters.c.cluster_id, clusters.c.subject_ref, clusters.c.running)
+            ).first()
+        if claimed is None:  # ended meanwhile, by another process or request
+            return
+        jobs_lost = self._record_lost_jobs(claimed, when)
         self.pipeline.audit.append(
             f"cluster.{state}",
             actor=actor,
             subject_ref=row.subject_ref,
-            details={"cluster_id": row.cluster_id, f"{state}_at": when.isoformat(), "jobs_lost": len(lost)},
+            details={"cluster_id": row.cluster_id, f"{state}_at": when.isoformat(), "jobs_lost": jobs_lost},
         )
+
+    def _record_lost_jobs(self, row: Any, when: datetime) -> int:
+        """Write an ended cluster's running jobs as ``status: lost`` at ``when``, then clear them; how many."""
+        lost = [
+            {**_from_json(job), "record_id": uuid.uuid4().hex, "observed_at": when, "status": "lost"}
+            for job in self._running(row).get("jobs", {}).values()
+        ]
+        if lost:
+            self.pipeline.write_records(lost)
+        if row.running is not None:
+            with transaction(self.pipeline.keyring.engine, "clearing a cluster's running jobs") as conn:
+                conn.execute(
+                    update(clusters)
+                    .where(clusters.c.cluster_id == row.cluster_id, clusters.c.running == row.running)
+                    .values(running=None)
+                )
+        return len(lost)
 
     def _row(self, cluster_id: str) -> Any:
         with reading(self.pipeline.keyring.engine, "reading a cluster") as conn:
@@ -373,9 +396,9 @@ class ClusterRegistry:
 
 #: the hot statements of admission, built once (building one costs more than running it)
 _ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
-_CONTACT = (
+_CONTACT = (  # of an open cluster: an ended one keeps its end, and its running jobs are recorded
     update(clusters)
-    .where(clusters.c.cluster_id == bindparam("id"))
+    .where(clusters.c.cluster_id == bindparam("id"), clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
     .values(last_contact_at=bindparam("at"), running=bindparam("running"))
 )
 
