@@ -61,6 +61,10 @@ class GroupCommit(Generic[_T, _R]):
                 if not group:
                     self._committing = False
                     return
+            # a caller gone (its request cancelled) has no use for its item; the rest can no longer be cancelled
+            group = [(item, future) for item, future in group if future.set_running_or_notify_cancel()]
+            if not group:
+                continue
             try:
                 answered = list(zip(group, self._commit([item for item, _future in group]), strict=True))
             except BaseException as exc:  # every member hears of it; the next group starts afresh

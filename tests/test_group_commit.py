@@ -214,3 +214,26 @@ def test_serve_killed_mid_commit_loses_no_acknowledged_batch_and_doubles_none(ho
     assert not any(pending.values())
     assert_exactly_once(pipeline, [rid for ids in record_ids.values() for rid in ids])
     pipeline.close()
+
+
+def test_a_caller_that_gives_up_before_its_group_commits_stops_nothing_for_the_others() -> None:
+    """A request cancelled while its batch waits (the client gone, the server stopping) cancels its
+    future: that item is left out, every other is committed and answered, and commits go on."""
+    release = threading.Event()
+    groups: list[list[int]] = []
+
+    def commit(items: Any) -> list[int]:
+        groups.append(list(items))
+        release.wait(5)
+        return list(items)
+
+    committer: GroupCommit[int, int] = GroupCommit(commit)
+    first = committer.enqueue(1)  # being committed: the others queue behind it
+    while not groups:
+        time.sleep(0.001)
+    gone, kept = committer.enqueue(2), committer.enqueue(3)
+    assert gone.cancel()
+    release.set()
+    assert (first.result(5), kept.result(5)) == (1, 3)
+    assert groups == [[1], [3]]
+    assert committer.submit(4) == 4
