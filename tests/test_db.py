@@ -1,9 +1,11 @@
-"""The metadata database: migrations match the tables, concurrent start-ups, UTC on every dialect."""
+"""The metadata database: migrations match the tables, concurrent start-ups, UTC on every dialect,
+pooled PostgreSQL connections that die while idle."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,9 +13,20 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+from tcpproxy import TCPProxy
 
-from pipeline.db import SCHEMA_HEAD, alembic_config, create_schema, engine_for, include_in_migrations, leases, metadata
+from pipeline.db import (
+    SCHEMA_HEAD,
+    alembic_config,
+    create_schema,
+    engine_for,
+    include_in_migrations,
+    leases,
+    metadata,
+    reading,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -52,3 +65,21 @@ def test_datetimes_come_back_utc_aware(database_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(leases.insert().values(name="x", holder="h", expires_at=moment))
         assert conn.execute(select(leases.c.expires_at)).scalar_one() == moment
+
+
+def test_a_pooled_postgres_connection_dropped_while_idle_is_replaced_unnoticed(postgres_url: str) -> None:
+    """A server restart or a dropped link kills the pool's idle connections: the next read gets a live one."""
+    url = make_url(postgres_url)
+    proxy = TCPProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        engine = engine_for(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+        with reading(engine, "a read") as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        proxy.cut()  # the pooled connection is reset
+        proxy.restore()
+        time.sleep(1.1)  # idle past the ping threshold (pipeline.db._PING_AFTER_IDLE)
+        with reading(engine, "a read after the drop") as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        engine.dispose()
+    finally:
+        proxy.close()
