@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from pipeline.db import clusters, reading, transaction
 from pipeline.errors import ForbiddenBatch, OutputError
@@ -251,11 +251,16 @@ class ClusterRegistry:
         query = select(clusters).where(
             clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at <= now - lost_after
         )
-        ended = or_(clusters.c.closed_at.is_not(None), clusters.c.lost_at.is_not(None))
+        # ended a while ago and its jobs not yet recorded: the process ending it stopped in between (one
+        # that did not records them moments after, so another process's sweep leaves those alone)
+        stranded = select(clusters).where(
+            func.coalesce(clusters.c.closed_at, clusters.c.lost_at) <= now - lost_after,
+            clusters.c.running.is_not(None),
+        )
         with transaction(self.pipeline.keyring.engine, "finding lost clusters") as conn:
             rows = conn.execute(query).all()
-            stranded = conn.execute(select(clusters).where(ended, clusters.c.running.is_not(None))).all()
-        for row in stranded:  # ended, its jobs not yet recorded: the process ending it stopped in between
+            left = conn.execute(stranded).all()
+        for row in left:
             self._record_lost_jobs(row, row.closed_at or row.lost_at)
         for row in rows:
             self._end(row, "lost", row.last_contact_at + lost_after)

@@ -225,7 +225,7 @@ def _long_lived_gc() -> None:
     The modules, the app and the engines made at start are never garbage, yet every full
     collection walked them all; frozen (after one collection, so no garbage stays), the
     collector walks only what requests made. With the young generation collected every
-    10,000 allocations rather than 700, a saturated ``serve`` spent a tenth as much CPU in
+    10,000 allocations rather than 700, a saturated ``serve`` spent a quarter as much CPU in
     the collector (0.1 instead of 0.4 ms a batch).
     """
     gc.collect()
