@@ -85,3 +85,20 @@ def test_a_cluster_token_of_another_cluster_cannot_write_for_this_one(plane: Con
     mine, theirs = register(plane), register(plane)
     record = make_record(account="acme", cluster_id=mine["cluster_id"])
     assert_problem(post(plane, theirs["token"], sealed(mine, record)), 403)
+
+
+def test_what_ingest_checks_before_the_batch_answers_as_documented(plane: ControlPlane) -> None:
+    """The handler reads its token and header itself: the same answers FastAPI's dependencies gave."""
+    reg = register(plane)
+    batch_id, data = sealed(reg, make_record(account="acme", cluster_id=reg["cluster_id"]))
+    with plane.client(reg["token"]) as cluster:
+        long_key = cluster.post("/v1/ingest", content=data, headers={"Idempotency-Key": "k" * 129})
+        assert "idempotency-key" in assert_problem(long_key, 400)["detail"]
+        assert_problem(cluster.get("/v1/ingest"), 405)
+        accepted = cluster.post("/v1/ingest", content=data, headers={"Idempotency-Key": batch_id})
+        assert (accepted.status_code, accepted.json()) == (202, {"records": 1, "duplicate": False})
+    with plane.client(None) as anonymous:
+        assert_problem(anonymous.post("/v1/ingest"), 401)  # no body: refused by the handler, not the guard
+        assert_problem(anonymous.post("/v1/ingest", headers={"Authorization": "Basic " + reg["token"]}), 401)
+    with plane.member("acme", "ann") as ann:
+        assert_problem(ann.post("/v1/ingest"), 403)

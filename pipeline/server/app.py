@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,9 +34,10 @@ from pipeline.intake import MAX_SEALED_BYTES
 from pipeline.principals import Principal
 from pipeline.retention.requests import RequestNotFound
 from pipeline.server import clusters, envs, erasure, ingest, records
-from pipeline.server.auth import PRINCIPAL, TokenStore, authenticated
+from pipeline.server.auth import PRINCIPAL, TokenStore, authenticated, bearer_token
 from pipeline.server.metrics import Metrics
 from pipeline.server.metrics import router as metrics_router
+from pipeline.server.threads import in_thread
 
 if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
@@ -133,11 +133,11 @@ class _Guard:
         if declared.isdigit() and int(declared) > limit:
             return problem(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
         if declared.strip(b"0") or b"transfer-encoding" in headers:
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
             try:
-                if scheme.lower() != "bearer" or not token:
+                if token is None:
                     raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
-                principal = await run_in_threadpool(self.tokens.authenticate, token.strip())
+                principal = await in_thread(self.tokens.authenticate, token)
             except PipelineError as exc:  # 401, or 503 while the database is away
                 return pipeline_problem(exc, _CLOSE)
             scope.setdefault("state", {})[PRINCIPAL] = principal

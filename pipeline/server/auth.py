@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import bindparam, case, func, insert, select, update
-from starlette.concurrency import run_in_threadpool
 
 from pipeline.db import api_tokens, keyring_keys, reading, transaction
 from pipeline.errors import AuthenticationError, InvalidBinding, TokenNotFound
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.server.names import NameBox
+from pipeline.server.threads import in_thread
 
 if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
@@ -41,6 +41,8 @@ __all__ = [
     "TokenInfo",
     "TokenStore",
     "authenticated",
+    "bearer_token",
+    "cluster_principal",
     "current_pipeline",
     "require",
 ]
@@ -299,25 +301,46 @@ async def current_pipeline(request: Request) -> Pipeline:
 _bearer = HTTPBearer(auto_error=False, description="An `mp_` token from `metadata-pipeline tokens create`.")
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header's value; None for any other."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 async def authenticated(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     """FastAPI dependency: the caller's principal (401 without a valid bearer token)."""
-    known: Principal | None = getattr(request.state, PRINCIPAL, None)
-    if known is not None:  # a request with a body, authenticated by the app's guard before it was read
-        return known
-    if credentials is None:
-        raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
-    tokens: TokenStore = request.app.state.tokens
-    return await run_in_threadpool(tokens.authenticate, credentials.credentials)
+    return await _principal(request, credentials.credentials if credentials is not None else None)
 
 
 def require(*kinds: str) -> Callable[[Principal], Awaitable[Principal]]:
     """FastAPI dependency: an authenticated principal of one of ``kinds`` (403 otherwise)."""
 
     async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-        if principal.kind not in kinds:
-            raise HTTPException(403, f"a {principal.kind} token may not do this (needs: {' or '.join(kinds)})")
-        return principal
+        return _of_kind(principal, kinds)
 
     return dependency
+
+
+async def cluster_principal(request: Request) -> Principal:
+    """``require("cluster")`` without FastAPI's dependency resolution, for ingest's hot path."""
+    token = bearer_token(request.headers.get("authorization", ""))
+    return _of_kind(await _principal(request, token), ("cluster",))
+
+
+async def _principal(request: Request, token: str | None) -> Principal:
+    known: Principal | None = getattr(request.state, PRINCIPAL, None)
+    if known is not None:  # a request with a body, authenticated by the app's guard before it was read
+        return known
+    if token is None:
+        raise AuthenticationError("missing bearer token: send Authorization: Bearer mp_...")
+    tokens: TokenStore = request.app.state.tokens
+    return await in_thread(tokens.authenticate, token)
+
+
+def _of_kind(principal: Principal, kinds: Sequence[str]) -> Principal:
+    """:raises HTTPException: 403, the principal is of none of ``kinds``"""
+    if principal.kind not in kinds:
+        raise HTTPException(403, f"a {principal.kind} token may not do this (needs: {' or '.join(kinds)})")
+    return principal
