@@ -6,7 +6,7 @@ question imports pandas: 0.2 s of CPU in every scheduler process that seals a
 batch, as much as importing the whole ingest path. The record schemas use six
 types (string, int64, float64, UTC timestamps in microseconds, lists of
 strings, maps from strings), so their columns are built here from
-:mod:`array` buffers with ``pa.Array.from_buffers``. Python types
+:mod:`array` and numpy buffers with ``pa.Array.from_buffers``. Python types
 are checked strictly (no bool as a number, no text as a list), and
 :func:`pipeline.records.check_table` validates the result in full.
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numbers
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from itertools import accumulate, repeat
+from itertools import chain, repeat
 from operator import floordiv, is_not, itemgetter, sub
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 __all__ = ["column", "observed_span", "table"]
@@ -29,6 +30,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _NONE = type(None)
 _BINARY_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+_MAX_OFFSET = 2**31 - 1
 
 
 def table(schema: pa.Schema, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -79,21 +81,25 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
         else:
             encoded = [v.encode() for v in text]
             data, lengths = b"".join(encoded), map(len, encoded)
-        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths), pa.py_buffer(data)])
+        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths, len(values)), pa.py_buffer(data)])
     if pa.types.is_list(type_):
         _check(kinds, Sequence, "a list", refused=(str, bytes))
         items = _filled(values, validity, ())
         child = column(type_.value_type, [item for sequence in items for item in sequence])
-        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, items))], children=[child])
+        return pa.Array.from_buffers(
+            type_, len(values), [validity, _offsets(map(len, items), len(values))], children=[child]
+        )
     if pa.types.is_map(type_):
         _check(kinds, Mapping, "a mapping")
         maps = _filled(values, validity, {})
-        key_list = [key for entries in maps for key in entries]
-        _check(set(map(type, key_list)), str, "a text key")  # a null key would make an invalid map array
-        keys = column(type_.key_type, key_list)
+        keys = column(type_.key_type, list(chain.from_iterable(maps)))
+        if keys.null_count:  # a null key would make an invalid map array
+            raise TypeError("expected a text key, got NoneType")
         items = column(type_.item_type, [item for entries in maps for item in entries.values()])
         entries = pa.StructArray.from_arrays([keys, items], fields=[type_.key_field, type_.item_field])
-        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(map(len, maps))], children=[entries])
+        return pa.Array.from_buffers(
+            type_, len(values), [validity, _offsets(map(len, maps), len(values))], children=[entries]
+        )
     if pa.types.is_struct(type_):
         _check(kinds, Mapping, "a mapping")
         structs = _filled(values, validity, {})
@@ -155,9 +161,16 @@ def _validity(values: Sequence[Any]) -> pa.Buffer:
     return pa.py_buffer(bits.to_bytes((len(values) + 7) // 8, "little"))
 
 
-def _offsets(lengths: Any) -> pa.Buffer:
-    """Offsets from lengths. From a list: ``array`` fills from an iterator an item at a time (35 % slower)."""
-    return pa.py_buffer(array("i", list(accumulate(lengths, initial=0))))
+def _offsets(lengths: Iterable[int], count: int) -> pa.Buffer:
+    """Offsets from ``count`` lengths, summed by numpy: half the time of ``accumulate`` into an ``array``.
+
+    :raises OverflowError: the lengths add up past what 32-bit offsets hold
+    """
+    offsets = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(lengths, dtype=np.int64, count=count), out=offsets[1:])
+    if offsets[-1] > _MAX_OFFSET:
+        raise OverflowError(f"{offsets[-1]} bytes or items in one column; at most {_MAX_OFFSET}")
+    return pa.py_buffer(offsets.astype(np.int32))
 
 
 def _check(kinds: set[type], allowed: type, what: str, *, refused: tuple[type, ...] = ()) -> None:

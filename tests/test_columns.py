@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from array import array
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from conftest import make_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import columns
 from pipeline.columns import observed_span
 from pipeline.records import KINDS, table_from_rows
 
@@ -81,6 +83,7 @@ def test_a_missing_field_is_null_and_an_unknown_key_is_ignored() -> None:
         ("account", "\udc80", ValueError, "field 'account': 'utf-8' codec can't encode"),
         ("tasks_by_state", [("memory", 1)], TypeError, "field 'tasks_by_state': expected a mapping, got list"),
         ("tasks_by_state", {None: 1}, TypeError, "field 'tasks_by_state': expected a text key, got NoneType"),
+        ("tasks_by_state", {5: 1}, TypeError, "field 'tasks_by_state': expected text, got int"),
         ("tasks_by_state", {"memory": "1"}, TypeError, "field 'tasks_by_state': expected an integer, got str"),
     ],
 )
@@ -89,6 +92,13 @@ def test_a_value_of_the_wrong_type_is_refused_naming_its_field(
 ) -> None:
     with pytest.raises(error, match=message):
         table_from_rows("cluster_snapshot", [make_record(**{field: value})])
+
+
+def test_a_column_past_32_bit_offsets_is_refused_not_wrapped() -> None:
+    """Offsets are summed in 64 bits: 2 GiB of text in one column is an error, not a negative offset."""
+    with pytest.raises(OverflowError, match="at most 2147483647"):
+        columns._offsets(iter([2**31 - 1, 1]), 2)
+    assert columns._offsets(iter([2**31 - 2, 1]), 2).to_pybytes() == array("i", [0, 2**31 - 2, 2**31 - 1]).tobytes()
 
 
 def test_a_list_field_refuses_text() -> None:  # pyarrow's converter would split "inc" into letters
