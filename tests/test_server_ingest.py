@@ -102,3 +102,7 @@ def test_what_ingest_checks_before_the_batch_answers_as_documented(plane: Contro
         assert_problem(anonymous.post("/v1/ingest", headers={"Authorization": "Basic " + reg["token"]}), 401)
     with plane.member("acme", "ann") as ann:
         assert_problem(ann.post("/v1/ingest"), 403)
+    with plane.admin() as admin:
+        timed = admin.get("/metrics").text
+    for method, status in (("POST", 202), ("POST", 400), ("POST", 401), ("POST", 403), ("GET", 405)):
+        assert f'_count{{method="{method}",route="/v1/ingest",status="{status}"}}' in timed  # as routed by FastAPI

@@ -93,6 +93,7 @@ router = APIRouter(tags=["ingest"])
 
 # The handler asks FastAPI for nothing (no dependencies, no response model): resolving them cost
 # the event loop more than the rest of the handler did, and a saturated serve is bound by its loop.
+# The app's guard calls it directly (pipeline.server.app._ingest); the route gives it its schema.
 @router.post(
     "/v1/ingest",
     status_code=202,
