@@ -304,7 +304,7 @@ _bearer = HTTPBearer(auto_error=False, description="An `mp_` token from `metadat
 def bearer_token(authorization: str) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header's value; None for any other."""
     scheme, _, token = authorization.partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 async def authenticated(
