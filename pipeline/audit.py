@@ -207,6 +207,18 @@ class AuditLog:
         item = {"action": action, "actor": actor, "subject_ref": subject_ref, "details": details}
         return self._append(lambda *_: [item])[0]
 
+    def append_with(self, build: Callable[[Connection, int], Mapping[str, Any] | None]) -> AuditEntry | None:
+        """Add the entry ``build(conn, its seq)`` returns (keys as :meth:`append`'s arguments), ``None``
+        for none, in the transaction that holds the chain's lock: what ``build`` writes through
+        ``conn`` commits with the entry or not at all, and two processes' builds run one after the other."""
+
+        def one(conn: Connection, seq: int, _head: str) -> list[Mapping[str, Any]]:
+            item = build(conn, seq)
+            return [] if item is None else [item]
+
+        entries = self._append(one)
+        return entries[0] if entries else None
+
     def append_many(self, items: Iterable[Mapping[str, Any]]) -> list[AuditEntry]:
         """Add several entries in one transaction (keys as :meth:`append`'s arguments)."""
         items = list(items)

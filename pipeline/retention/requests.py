@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, Select, insert, select, update
 
 from pipeline import tombstones
 from pipeline.db import deletion_requests, transaction
@@ -53,6 +53,7 @@ __all__ = [
     "DeletionRequest",
     "RequestNotFound",
     "file_request",
+    "file_unless_open",
     "get_request",
     "list_requests",
     "process_pending",
@@ -152,8 +153,42 @@ def file_request(
     With ``suppress``, records of the subject observed later are dropped on
     ingest too, until the tombstone is lifted (:func:`pipeline.tombstones.lift`).
     ``actor`` names who filed it in the audit trail (an API token's principal);
-    by default the OS user of this process.
+    by default the OS user of this process. The request, its tombstone and its
+    ``erasure.pending`` entry are written in one transaction.
     """
+    filed, _new = _file(pipeline, account, user, reason, suppress=suppress, now=now, actor=actor, unless_open=False)
+    return filed
+
+
+def file_unless_open(
+    pipeline: Pipeline,
+    account: str,
+    user: str | None = None,
+    reason: str | None = None,
+    *,
+    suppress: bool = False,
+    now: datetime | None = None,
+    actor: str | None = None,
+) -> tuple[DeletionRequest, bool]:
+    """:func:`file_request`, unless the subject has an open request: then that one. Whether it is new.
+
+    Checked and filed under the audit chain's lock, which every process takes: two
+    ``serve`` processes filing for one subject at once file one request, not two.
+    """
+    return _file(pipeline, account, user, reason, suppress=suppress, now=now, actor=actor, unless_open=True)
+
+
+def _file(
+    pipeline: Pipeline,
+    account: str,
+    user: str | None,
+    reason: str | None,
+    *,
+    suppress: bool,
+    now: datetime | None,
+    actor: str | None,
+    unless_open: bool,
+) -> tuple[DeletionRequest, bool]:
     now = now or utcnow()
     request = DeletionRequest(
         request_id=str(uuid.uuid4()),
@@ -166,14 +201,18 @@ def file_request(
         updated_at=now,
         completed_at=None,
     )
-    entry = _audit(
-        pipeline, request, "erasure.pending", actor=actor, deadline=request.deadline.isoformat(), suppress=suppress
-    )
-    request.receipt = {"scope": request.scope, "stores": {}, "audit": {"pending": entry.seq}, "suppress": suppress}
-    if reason is not None:
-        request.receipt["reason_sha256"] = hashlib.sha256(reason.encode()).hexdigest()
     sealed_reason = _seal_reason(pipeline, request, reason)
-    with transaction(pipeline.keyring.engine, "filing a deletion request") as conn:
+    open_id: str | None = None
+
+    def filed(conn: Connection, seq: int) -> dict[str, Any] | None:
+        nonlocal open_id
+        if unless_open:
+            open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
+            if open_id is not None:
+                return None
+        request.receipt = {"scope": request.scope, "stores": {}, "audit": {"pending": seq}, "suppress": suppress}
+        if reason is not None:
+            request.receipt["reason_sha256"] = hashlib.sha256(reason.encode()).hexdigest()
         conn.execute(
             insert(deletion_requests).values(
                 request_id=request.request_id,
@@ -188,7 +227,24 @@ def file_request(
             )
         )
         tombstones.add(conn, request.request_id, request.subject_ref, request.user_ref, at=now, suppress=suppress)
-    return request
+        return _entry(request, "erasure.pending", actor=actor, deadline=request.deadline.isoformat(), suppress=suppress)
+
+    pipeline.audit.append_with(filed)
+    if open_id is not None:
+        return get_request(pipeline, open_id), False
+    return request, True
+
+
+def _open_request(subject_ref: str, user_ref: str | None) -> Select[Any]:
+    """The oldest open request of exactly this subject (an account's own, or one user's)."""
+    c = deletion_requests.c
+    user = c.user_ref.is_(None) if user_ref is None else c.user_ref == user_ref
+    return (
+        select(c.request_id)
+        .where(c.subject_ref == subject_ref, user, c.state.in_(OPEN_STATES))
+        .order_by(c.created_at)
+        .limit(1)
+    )
 
 
 def get_request(pipeline: Pipeline, request_id: str) -> DeletionRequest:
@@ -386,17 +442,17 @@ def _audit(
     pipeline: Pipeline, request: DeletionRequest, action: str, *, actor: str | None = None, **details: Any
 ) -> AuditEntry:
     """An entry about this request, naming the subject by its ref only."""
-    return pipeline.audit.append(
-        action,
-        actor=actor,
-        subject_ref=request.subject_ref,
-        details={
-            "request_id": request.request_id,
-            "scope": request.scope,
-            "user_ref": request.user_ref,
-            **details,
-        },
-    )
+    return pipeline.audit.append(**_entry(request, action, actor=actor, **details))
+
+
+def _entry(request: DeletionRequest, action: str, *, actor: str | None = None, **details: Any) -> dict[str, Any]:
+    """The audit entry (as :meth:`pipeline.audit.AuditLog.append`'s arguments) about this request."""
+    return {
+        "action": action,
+        "actor": actor,
+        "subject_ref": request.subject_ref,
+        "details": {"request_id": request.request_id, "scope": request.scope, "user_ref": request.user_ref, **details},
+    }
 
 
 def _save(pipeline: Pipeline, request: DeletionRequest) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import threading
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
@@ -26,10 +25,9 @@ from pipeline.db import erasure_receipts, transaction
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.retention.requests import (
-    OPEN_STATES,
     DeletionRequest,
     RequestNotFound,
-    file_request,
+    file_unless_open,
     get_request,
     list_requests,
 )
@@ -71,10 +69,6 @@ def filing_limit(pipeline: Pipeline) -> RateLimit:
     return RateLimit(pipeline.settings.limits.erasure_filings_per_hour, period=3600)
 
 
-#: one filing at a time in this process, so two at once cannot both find no open request
-_filing = threading.Lock()
-
-
 @router.post("/v1/erasure-requests", status_code=201, responses={200: {"description": "The subject's open request."}})
 def file_erasure(
     body: ErasureIn,
@@ -94,16 +88,11 @@ def file_erasure(
         wait = request.app.state.erasure_filings.take(f"{principal.account}\0{principal.user}")
         if wait:
             raise too_many("you filed as many erasure requests as a member may this hour; retry later", wait)
-    keyring = pipeline.keyring
-    subject = (keyring.subject_ref(body.account), keyring.user_ref(body.account, body.user))
-    with _filing:
-        for open_request in list_requests(pipeline, states=OPEN_STATES):
-            if (open_request.subject_ref, open_request.user_ref) == subject:
-                response.status_code = 200  # the open one, with a receipt of the caller's own
-                return {**open_request.as_dict(), "receipt_token": _issue_receipt(pipeline, open_request.request_id)}
-        filed = file_request(
-            pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor
-        )
+    filed, new = file_unless_open(
+        pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor
+    )
+    if not new:
+        response.status_code = 200  # the open one, with a receipt of the caller's own
     return {**filed.as_dict(), "receipt_token": _issue_receipt(pipeline, filed.request_id)}
 
 
