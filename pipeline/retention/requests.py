@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Select, insert, select, update
 
 from pipeline import tombstones
-from pipeline.db import deletion_requests, transaction
+from pipeline.db import deletion_requests, reading, transaction
 from pipeline.errors import KeyringError, PipelineError, StoreUnavailable, UnknownAccountError
 from pipeline.records import utcnow
 from pipeline.retention.lease import Leases
@@ -201,12 +201,17 @@ def _file(
         updated_at=now,
         completed_at=None,
     )
-    sealed_reason = _seal_reason(pipeline, request, reason)
     open_id: str | None = None
+    if unless_open:  # the usual refiling: answered before the reason is sealed (which may make a key)
+        with reading(pipeline.keyring.engine, "looking for an open deletion request") as conn:
+            open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
+        if open_id is not None:
+            return get_request(pipeline, open_id), False
+    sealed_reason = _seal_reason(pipeline, request, reason)
 
     def filed(conn: Connection, seq: int) -> dict[str, Any] | None:
         nonlocal open_id
-        if unless_open:
+        if unless_open:  # again, under the lock: another process may have filed since
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
             if open_id is not None:
                 return None
