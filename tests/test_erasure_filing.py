@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.retention.requests import file_unless_open, list_requests
+from pipeline.retention.requests import file_request, list_requests
 from pipeline.runtime import Pipeline
 
 FILERS = 4
@@ -18,8 +19,7 @@ def test_filings_for_one_subject_at_once_leave_one_open_request(pipeline: Pipeli
 
         def file(_n: int, user: str = f"user-{round_}", start: threading.Barrier = start) -> tuple[str, bool]:
             start.wait()
-            request, new = file_unless_open(pipeline, "acme", user)
-            return request.request_id, new
+            return _filed(pipeline, "acme", user)
 
         with ThreadPoolExecutor(FILERS) as pool:
             filings = list(pool.map(file, range(FILERS)))
@@ -29,11 +29,18 @@ def test_filings_for_one_subject_at_once_leave_one_open_request(pipeline: Pipeli
 
 
 def test_a_request_and_its_audit_entry_are_filed_together(pipeline: Pipeline) -> None:
-    request, new = file_unless_open(pipeline, "acme", "ann", "asked by mail")
-    again, new_again = file_unless_open(pipeline, "acme", "ann")
-    account_wide, new_account = file_unless_open(pipeline, "acme")  # the account's own: another subject
-    assert (new, new_again, new_account) == (True, False, True)
-    assert again.request_id == request.request_id != account_wide.request_id
+    request = file_request(pipeline, "acme", "ann", "asked by mail", unless_open=True)
+    again_id, new_again = _filed(pipeline, "acme", "ann")
+    account_wide_id, new_account = _filed(pipeline, "acme")  # the account's own: another subject
+    assert (new_again, new_account) == (False, True)
+    assert again_id == request.request_id != account_wide_id
     pending = [e for e in pipeline.audit.entries() if e.action == "erasure.pending"]
-    assert [e.details["request_id"] for e in pending] == [request.request_id, account_wide.request_id]
+    assert [e.details["request_id"] for e in pending] == [request.request_id, account_wide_id]
     assert request.receipt["audit"]["pending"] == pending[0].seq
+
+
+def _filed(pipeline: Pipeline, account: str, user: str | None = None) -> tuple[str, bool]:
+    """The id of the request a filing answers with, and whether it filed it (as the API tells 201 from 200)."""
+    request_id = uuid.uuid4().hex
+    request = file_request(pipeline, account, user, unless_open=True, request_id=request_id)
+    return request.request_id, request.request_id == request_id

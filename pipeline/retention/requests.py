@@ -53,7 +53,6 @@ __all__ = [
     "DeletionRequest",
     "RequestNotFound",
     "file_request",
-    "file_unless_open",
     "get_request",
     "list_requests",
     "process_pending",
@@ -147,6 +146,8 @@ def file_request(
     suppress: bool = False,
     now: datetime | None = None,
     actor: str | None = None,
+    unless_open: bool = False,
+    request_id: str | None = None,
 ) -> DeletionRequest:
     """Record a pending request to erase an account (or one user of it) everywhere.
 
@@ -155,43 +156,15 @@ def file_request(
     ``actor`` names who filed it in the audit trail (an API token's principal);
     by default the OS user of this process. The request, its tombstone and its
     ``erasure.pending`` entry are written in one transaction.
-    """
-    filed, _new = _file(pipeline, account, user, reason, suppress=suppress, now=now, actor=actor, unless_open=False)
-    return filed
 
-
-def file_unless_open(
-    pipeline: Pipeline,
-    account: str,
-    user: str | None = None,
-    reason: str | None = None,
-    *,
-    suppress: bool = False,
-    now: datetime | None = None,
-    actor: str | None = None,
-) -> tuple[DeletionRequest, bool]:
-    """:func:`file_request`, unless the subject has an open request: then that one. Whether it is new.
-
-    Checked and filed under the audit chain's lock, which every process takes: two
+    With ``unless_open``, a subject that has an open request gets that one back instead
+    (the caller tells it from a new one by its id: not ``request_id``, a new UUID by default).
+    The check and the filing hold the audit chain's lock, which every process takes: two
     ``serve`` processes filing for one subject at once file one request, not two.
     """
-    return _file(pipeline, account, user, reason, suppress=suppress, now=now, actor=actor, unless_open=True)
-
-
-def _file(
-    pipeline: Pipeline,
-    account: str,
-    user: str | None,
-    reason: str | None,
-    *,
-    suppress: bool,
-    now: datetime | None,
-    actor: str | None,
-    unless_open: bool,
-) -> tuple[DeletionRequest, bool]:
     now = now or utcnow()
     request = DeletionRequest(
-        request_id=str(uuid.uuid4()),
+        request_id=request_id or str(uuid.uuid4()),
         subject_ref=pipeline.keyring.subject_ref(account),
         user_ref=pipeline.keyring.user_ref(account, user),
         reason=reason,
@@ -206,7 +179,7 @@ def _file(
         with reading(pipeline.keyring.engine, "looking for an open deletion request") as conn:
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
         if open_id is not None:
-            return get_request(pipeline, open_id), False
+            return get_request(pipeline, open_id)
     sealed_reason = _seal_reason(pipeline, request, reason)
 
     def filed(conn: Connection, seq: int) -> dict[str, Any] | None:
@@ -235,9 +208,7 @@ def _file(
         return _entry(request, "erasure.pending", actor=actor, deadline=request.deadline.isoformat(), suppress=suppress)
 
     pipeline.audit.append_with(filed)
-    if open_id is not None:
-        return get_request(pipeline, open_id), False
-    return request, True
+    return request if open_id is None else get_request(pipeline, open_id)
 
 
 def _open_request(subject_ref: str, user_ref: str | None) -> Select[Any]:

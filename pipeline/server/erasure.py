@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
@@ -27,7 +28,7 @@ from pipeline.records import utcnow
 from pipeline.retention.requests import (
     DeletionRequest,
     RequestNotFound,
-    file_unless_open,
+    file_request,
     get_request,
     list_requests,
 )
@@ -88,10 +89,18 @@ def file_erasure(
         wait = request.app.state.erasure_filings.take(f"{principal.account}\0{principal.user}")
         if wait:
             raise too_many("you filed as many erasure requests as a member may this hour; retry later", wait)
-    filed, new = file_unless_open(
-        pipeline, body.account, body.user, body.reason, suppress=body.suppress, actor=principal.actor
+    request_id = str(uuid.uuid4())
+    filed = file_request(
+        pipeline,
+        body.account,
+        body.user,
+        body.reason,
+        suppress=body.suppress,
+        actor=principal.actor,
+        unless_open=True,
+        request_id=request_id,
     )
-    if not new:
+    if filed.request_id != request_id:
         response.status_code = 200  # the open one, with a receipt of the caller's own
     return {**filed.as_dict(), "receipt_token": _issue_receipt(pipeline, filed.request_id)}
 
