@@ -172,7 +172,7 @@ class _Guard:
 
 #: a request refused before its body was read ends its connection: the unread rest is never read
 _CLOSE = {"Connection": "close"}
-#: the one request a saturated serve answers a thousand times a second
+#: the request a control plane answers most: every cluster, every few seconds
 _INGEST = ("POST", "/v1/ingest")
 
 
