@@ -126,7 +126,7 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
         if values.min() < 0:
             raise OutOfBounds(name, "negative")
     elif pa.types.is_string(kind):
-        longest = int(np.diff(_offsets(chunk)).max())  # null slots too: a string no longer than any slot
+        longest = _longest(chunk)
         if longest > MAX_STRING_BYTES:
             raise OutOfBounds(name, f"a string of {longest} bytes; at most {MAX_STRING_BYTES}")
     elif pa.types.is_map(kind):
@@ -143,7 +143,7 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
 def _check_items(name: str, chunk: pa.Array, values: list[tuple[str, pa.Array]], window: Window) -> None:
     """A list or map chunk: its lengths, then its flattened values (a map's keys and values, or a record's
     fields), each against its own bound."""
-    longest = int(np.diff(_offsets(chunk)).max())  # null slots too: no list longer than any slot
+    longest = _longest(chunk)
     if longest > MAX_ITEMS:
         raise OutOfBounds(name, f"{longest} entries; at most {MAX_ITEMS}")
     for field_name, field_values in values:
@@ -166,7 +166,12 @@ def _min_max(chunk: pa.Array) -> tuple[int, int]:
     return int(values.min()), int(values.max())
 
 
-def _offsets(chunk: pa.Array) -> np.ndarray:
-    """The offsets of a string, list or map chunk's slots into its values, as numpy (a view, no copy)."""
+def _longest(chunk: pa.Array) -> int:
+    """The longest slot of a string, list or map chunk, from its offsets as numpy (a view, no copy).
+
+    Null slots count too: a value is no longer than its slot.
+    """
     width = np.int64 if pa.types.is_large_string(chunk.type) or pa.types.is_large_list(chunk.type) else np.int32
-    return np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=chunk.offset * width().itemsize)
+    start = chunk.offset * width().itemsize
+    offsets = np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=start)
+    return int(np.diff(offsets).max())
