@@ -82,13 +82,15 @@ class Unreadable:
         return f"unreadable segment {self.segment_id} in {self.store}: {self.reason}"
 
 
-def seal_records(keyring: Keyring, records: Iterable[Mapping[str, Any]]) -> list[Segment]:
-    """Seal records as :func:`seal_tables` does, from dicts (one table per kind), with random segment ids."""
+def seal_records(
+    keyring: Keyring, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None
+) -> list[Segment]:
+    """Seal records as :func:`seal_tables` does, from dicts (one table per kind)."""
     by_kind: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for record in records:
         by_kind[record["kind"]].append(record)
     tables = [table_from_rows(kind_name, rows) for kind_name, rows in by_kind.items()]
-    return seal_tables(keyring, tables)
+    return seal_tables(keyring, tables, segment_seed=segment_seed)
 
 
 def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: str | None = None) -> list[Segment]:
@@ -578,9 +580,13 @@ class Pipeline:
                     routed[name].append(segment)
         return routed
 
-    def write_records(self, records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-        """Seal and write records straight to every store the policy routes them to."""
-        routed = self.route(seal_records(self.keyring, records))
+    def write_records(self, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None) -> dict[str, int]:
+        """Seal and write records straight to every store the policy routes them to.
+
+        With ``segment_seed`` (see :func:`seal_tables`), writing the same records again, after a
+        crash or from another process at the same moment, stores nothing twice.
+        """
+        routed = self.route(seal_records(self.keyring, records, segment_seed=segment_seed))
         return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
 
     def subject_ref(self, account: str) -> str:

@@ -176,6 +176,43 @@ def test_running_jobs_left_by_a_process_stopped_mid_end_are_recorded_by_the_next
     assert len(jobs(registry)) == 1  # recorded once
 
 
+def test_running_jobs_recorded_by_a_process_stopped_before_clearing_them_are_not_recorded_again(
+    registry: ClusterRegistry,
+) -> None:
+    """The process that ended the cluster wrote its running job as lost, then stopped before clearing
+    it from the cluster's row: the next sweep finds the job still there and writes it again."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=3)), now=start)
+    running = registry._row(cluster.cluster_id).running
+    registry.close(cluster.cluster_id, cluster.token_id, now=start)
+    with transaction(registry.pipeline.keyring.engine, "leaving the running jobs as a stopped process did") as conn:
+        conn.execute(update(clusters).where(clusters.c.cluster_id == cluster.cluster_id).values(running=running))
+    registry.sweep(now=start + LOST_AFTER)
+    assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 3)]
+    assert registry._row(cluster.cluster_id).running is None
+
+
+def test_two_sweeps_finding_one_stranded_cluster_record_its_job_once(registry: ClusterRegistry) -> None:
+    """Two ``serve`` processes' sweeps read the same ended cluster with its jobs not yet recorded, and
+    each records them: the second writes what the first wrote, and nothing is stored twice."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=5)), now=start)
+    with transaction(registry.pipeline.keyring.engine, "ending as a stopped process did") as conn:
+        conn.execute(update(clusters).where(clusters.c.cluster_id == cluster.cluster_id).values(closed_at=start))
+    row = registry._row(cluster.cluster_id)  # read stranded by both sweeps before either records it
+    other = Pipeline.open(Settings.from_config())
+    try:
+        assert registry._record_lost_jobs(row, start) == 1
+        assert ClusterRegistry(other)._record_lost_jobs(row, start) == 1
+    finally:
+        other.close()
+    assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 5)]
+    logged = [r for r in registry.pipeline.read_records("cloud_logging", account="acme") if r["kind"] == "job"]
+    assert [(j["status"], j["tasks_completed"]) for j in logged] == [("lost", 5)]
+
+
 def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it_ended(
     registry: ClusterRegistry,
 ) -> None:

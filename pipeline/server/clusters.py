@@ -18,6 +18,7 @@ erasing the account leaves its clusters listed without names.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -328,13 +329,23 @@ class ClusterRegistry:
         )
 
     def _record_lost_jobs(self, row: Any, when: datetime) -> int:
-        """Write an ended cluster's running jobs as ``status: lost`` at ``when``, then clear them; how many."""
+        """Write an ended cluster's running jobs as ``status: lost`` at ``when``, then clear them; how many.
+
+        Record and segment ids derive from the cluster and its jobs, so writing them again stores
+        nothing twice: two sweeps that find the same ended cluster at once, or a sweep after a
+        process stopped between writing them and clearing them.
+        """
         lost = [
-            {**_from_json(job), "record_id": uuid.uuid4().hex, "observed_at": when, "status": "lost"}
-            for job in self._running(row).get("jobs", {}).values()
+            {
+                **_from_json(job),
+                "record_id": _lost_record_id(row.cluster_id, job_id),
+                "observed_at": when,
+                "status": "lost",
+            }
+            for job_id, job in self._running(row).get("jobs", {}).items()
         ]
         if lost:
-            self.pipeline.write_records(lost)
+            self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{row.cluster_id}")
         if row.running is not None:
             with transaction(self.pipeline.keyring.engine, "clearing a cluster's running jobs") as conn:
                 conn.execute(
@@ -401,6 +412,13 @@ class ClusterRegistry:
 
 #: the hot statements of admission, built once (building one costs more than running it)
 _ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
+
+
+def _lost_record_id(cluster_id: str, job_id: str) -> str:
+    """The one record id of a cluster's job recorded lost, in the form of a random one (32 hex digits)."""
+    return hashlib.sha256(f"{cluster_id}/{job_id}/lost".encode()).hexdigest()[:32]
+
+
 _CONTACT = (  # of an open cluster: an ended one keeps its end, and its running jobs are recorded
     update(clusters)
     .where(clusters.c.cluster_id == bindparam("id"), clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
