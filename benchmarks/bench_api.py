@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,8 @@ def _in_process(pipeline: Pipeline, sealed: dict[str, list[tuple[str, bytes]]]) 
     return n / (time.perf_counter() - started)
 
 
-def _serve(home: Path, database: str | None) -> tuple[subprocess.Popen[str], str, threading.Thread]:
-    env = {
+def _serve_env(home: Path, database: str | None) -> dict[str, str]:
+    return {
         **os.environ,
         **OPEN_LIMITS,
         "DASK_PIPELINE__HOME": str(home),
@@ -131,12 +132,12 @@ def _serve(home: Path, database: str | None) -> tuple[subprocess.Popen[str], str
         "DASK_PIPELINE__SERVER__PORT": "0",
         **({"DASK_PIPELINE__LONG_TERM__URL": database} if database else {}),
     }
+
+
+def _start(module: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str, threading.Thread]:
+    """``python -m <module...>`` until it logs the URL it listens on."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--no-retention"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", *module], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -145,7 +146,7 @@ def _serve(home: Path, database: str | None) -> tuple[subprocess.Popen[str], str
             drain = threading.Thread(target=proc.stderr.read, daemon=True)  # keep the pipe from filling
             drain.start()
             return proc, found.group(1), drain
-    raise RuntimeError("serve did not start")
+    raise RuntimeError(f"{module[0]} did not start")
 
 
 async def _post_all(
@@ -198,18 +199,35 @@ async def _phases(
     tokens: dict[str, str],
     saturated: dict[str, list[tuple[str, bytes]]],
     paced: dict[str, Any],
-) -> tuple[float, float, list[float], float, list[float]]:
-    """Saturated (its seconds and the server's CPU seconds), then paced at :data:`PACED_LOAD` of the capacity
-    measured; one connection per cluster, kept."""
-    url, pid = served
+) -> tuple[_Saturated, float, list[float]]:
+    """Saturated, then paced at :data:`PACED_LOAD` of the capacity measured; one connection per cluster, kept."""
     async with _clients(saturated) as clients:
-        cpu = _cpu_seconds(pid)
-        seconds, saturated_latencies = await _post_all(clients, [url], tokens, saturated, None)
-        cpu = _cpu_seconds(pid) - cpu
-        capacity = len(saturated_latencies) / seconds  # batches per second
+        measured = await _saturated_phase(clients, served, tokens, saturated)
+        capacity = len(measured.latencies) / measured.seconds  # batches per second
         period = CLUSTERS / (PACED_LOAD * capacity)  # each cluster's interval between posts
-        _seconds, paced_latencies = await _post_all(clients, [url], tokens, paced, period)
-    return seconds, cpu, saturated_latencies, period, paced_latencies
+        _seconds, paced_latencies = await _post_all(clients, [served[0]], tokens, paced, period)
+    return measured, period, paced_latencies
+
+
+@dataclass(frozen=True)
+class _Saturated:
+    seconds: float
+    server_cpu: float  # CPU seconds of the server process over the phase
+    client_cpu: float  # CPU seconds of this process (the load generator) over the phase
+    latencies: list[float]
+
+
+async def _saturated_phase(
+    clients: dict[str, httpx.AsyncClient],
+    served: tuple[str, int],
+    tokens: dict[str, str],
+    sealed: dict[str, list[tuple[str, bytes]]],
+) -> _Saturated:
+    """Every cluster posts its batches back to back to the server ``served`` (URL, pid)."""
+    url, pid = served
+    server, client = _cpu_seconds(pid), _cpu_seconds(os.getpid())
+    seconds, latencies = await _post_all(clients, [url], tokens, sealed, None)
+    return _Saturated(seconds, _cpu_seconds(pid) - server, _cpu_seconds(os.getpid()) - client, latencies)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -232,10 +250,17 @@ def _ms(latencies: list[float], q: int) -> float:
 @contextlib.contextmanager
 def _serving(home: Path, database: str | None, processes: int = 1) -> Iterator[list[tuple[str, int]]]:
     """``processes`` ``serve --no-retention`` on one home and database; their (URL, pid) until the block ends."""
+    with _running(["pipeline", "serve", "--no-retention"], _serve_env(home, database), processes) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def _running(module: list[str], env: dict[str, str], processes: int = 1) -> Iterator[list[tuple[str, int]]]:
+    """``processes`` of ``python -m <module...>``; their (URL, pid) until the block ends (then SIGTERM)."""
     started = []
     try:
         for _ in range(processes):
-            started.append(_serve(home, database))
+            started.append(_start(module, env))
         yield [(url, proc.pid) for proc, url, _drain in started]
     finally:
         for proc, _url, drain in started:
@@ -307,11 +332,11 @@ def _one_database(
     sealed_paced = _sealed(remote, paced)
     remote.close()
     with _serving(home, databases[1]) as served:
-        seconds, cpu, saturated_latencies, period, paced_latencies = asyncio.run(
-            _phases(served[0], tokens, sealed_saturated, sealed_paced)
-        )
-    cpu_ms = cpu / (CLUSTERS * per_cluster) * 1000
-    api_rate = n_saturated / seconds
+        measured, period, paced_latencies = asyncio.run(_phases(served[0], tokens, sealed_saturated, sealed_paced))
+    saturated_latencies = measured.latencies
+    cpu_ms = measured.server_cpu / (CLUSTERS * per_cluster) * 1000
+    client_ms = measured.client_cpu / (CLUSTERS * per_cluster) * 1000
+    api_rate = n_saturated / measured.seconds
     batches = api_rate / RECORDS_PER_BATCH
     ratio = api_rate / local_rate
     p99 = _ms(paced_latencies, 99)
@@ -341,6 +366,13 @@ def _one_database(
             "batches/s on one free core",
         ),
         row(
+            f"{label}: load generator CPU per batch, saturated",
+            client_ms,
+            "ms",
+            note="user + system CPU of the benchmark's own process (the 200 clients) over the saturated phase; "
+            "it shares the machine's cores with serve",
+        ),
+        row(
             f"{label}: API ÷ in-process rate",
             ratio,
             "×",
@@ -362,6 +394,35 @@ def _one_database(
             f"({CLUSTERS / period * RECORDS_PER_BATCH:,.0f} records/s offered), {n_paced:,} records",
         ),
         row(f"{label}: latency p99, paced", p99, "ms", f"< {GOAL_P99_MS:.0f}", p99 < GOAL_P99_MS),
+    ]
+
+
+def _floor(tmp: Path, per_cluster: int) -> list[dict[str, Any]]:
+    """The same clients posting the same sealed batches to :mod:`benchmarks.asgi_floor`: serve's HTTP server
+    with none of the pipeline's work behind it."""
+    clusters = _clusters()
+    pipeline, sealed = _prepared(
+        tmp / "floor", None, {c: [_records(a, c, b) for b in range(per_cluster)] for a, c in clusters}
+    )
+    pipeline.close()
+
+    async def saturate(served: tuple[str, int]) -> _Saturated:
+        async with _clients(sealed) as clients:
+            return await _saturated_phase(clients, served, dict.fromkeys(sealed, "unchecked"), sealed)
+
+    with _running(["benchmarks.asgi_floor"], dict(os.environ)) as served:
+        measured = asyncio.run(saturate(served[0]))
+    n = CLUSTERS * per_cluster
+    return [
+        row(
+            "api floor: a 202-only ASGI app on serve's uvicorn, saturated",
+            n / measured.seconds,
+            "batches/s",
+            note="reads the body, answers 202; same clients and bodies as the api rows; "
+            f"{measured.server_cpu / n * 1000:.2f} ms of server CPU and {measured.client_cpu / n * 1000:.2f} ms of "
+            "load generator CPU a request: "
+            "the most any ingest behind this server takes on this machine",
+        )
     ]
 
 
@@ -394,6 +455,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     postgres = os.environ.get("PIPELINE_BENCH_POSTGRES_URL") or os.environ.get("PIPELINE_TEST_POSTGRES_URL")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        rows += _floor(Path(tmp), per_cluster)
         rows += _one_database(Path(tmp), "sqlite", [None, None], per_cluster, paced_batches)
         with _fresh_schemas(postgres, 3) as schemas:
             if schemas:
