@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from pipeline import columns
 from pipeline.clock import utcnow  # here too: its callers import it with the record schemas
+from pipeline.redact import first_line
 
 __all__ = [
     "DATA_TYPES",
@@ -43,6 +44,7 @@ COMMON_FIELDS = [
 ]
 
 _STR_INT_MAP = pa.map_(pa.string(), pa.int64())
+_SHOWN_CHARS = 40  # of a kind an error quotes: the text is the sender's
 #: the microseconds since 1970 a Python datetime can hold: the years 1 to 9999
 _PYTHON_TIMES = (-62135596800 * 10**6, 253402300799 * 10**6 + 999999)
 
@@ -209,15 +211,25 @@ def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
 def check_table(table: pa.Table) -> str:
     """The kind of a table that arrived from elsewhere, once it matches that kind's schema exactly.
 
+    Validated in full before any kernel reads it: a forged offset would have Arrow read past the
+    table's own buffers (the server's memory, quoted back in the error, or a crash).
+
     :raises ValueError: naming what does not match
     """
     import pyarrow.compute as pc  # see unreadable_rows
 
-    if table.num_rows == 0 or "kind" not in table.column_names:
-        raise ValueError("a table of records must be non-empty and have a kind column")
+    if table.num_rows == 0 or table.schema.get_field_index("kind") < 0:
+        raise ValueError("a table of records must be non-empty and have one kind column")
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"a record table is malformed: {first_line(exc)}") from None
+    if table.schema.field("kind").type != pa.string():
+        raise ValueError(f"a table's kind column must hold text, not {table.schema.field('kind').type}")
     kinds = pc.unique(table.column("kind")).to_pylist()
     if len(kinds) != 1 or kinds[0] not in KINDS:
-        raise ValueError(f"a table must hold one known record kind, got {kinds[:5]}")
+        shown = [kind if kind is None else kind[:_SHOWN_CHARS] for kind in kinds[:5]]
+        raise ValueError(f"a table must hold one known record kind, got {shown}")
     spec = KINDS[kinds[0]]
     if not table.schema.equals(spec.schema):
         raise ValueError(f"{spec.name} table does not match the {spec.name} record schema")
@@ -226,8 +238,4 @@ def check_table(table: pa.Table) -> str:
             raise ValueError(f"{spec.name} record lacks {field.name}")
     if pc.unique(table.column("data_type")).to_pylist() != [spec.data_type]:
         raise ValueError(f"{spec.name} record has a data_type other than {spec.data_type!r}")
-    try:
-        table.validate(full=True)
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"{spec.name} table is malformed: {exc}") from None
     return spec.name

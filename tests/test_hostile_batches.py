@@ -238,6 +238,46 @@ def test_a_compressed_batch_is_refused_before_it_expands(plane: ControlPlane) ->
     assert stored(plane)["long_term"] == []
 
 
+def _kind_column_reaching_past_its_data(end: int) -> bytes:
+    """A length-framed Arrow stream whose one text value's end offset is forged to ``end`` bytes."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, pa.schema({"kind": pa.string()})) as writer:
+        writer.write_table(pa.table({"kind": ["ABCDEFGH"]}))
+    stream = bytearray(sink.getvalue().to_pybytes())
+    offsets = stream.rfind((0).to_bytes(4, "little") + (8).to_bytes(4, "little"), 0, stream.rfind(b"ABCDEFGH"))
+    stream[offsets + 4 : offsets + 8] = end.to_bytes(4, "little")
+    return len(stream).to_bytes(4, "big") + bytes(stream)
+
+
+def test_an_offset_past_the_batch_reads_nothing_beyond_it(plane: ControlPlane) -> None:
+    """A forged offset is refused before any kernel follows it: nothing of the server's memory comes back
+    (and, 2 GiB further, no crash)."""
+    registration = register(plane)
+    answer = post(plane, registration, sealed_plaintext(registration, _kind_column_reaching_past_its_data(65_536)))
+    detail = assert_problem(answer, 400)["detail"]
+    assert "malformed" in detail
+    assert "ABCDEFGH" not in detail and len(detail) < 300
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pa.array([["cluster_snapshot"]]),
+        pa.array([{"kind": "cluster_snapshot"}]),
+        pa.array([[("cluster_snapshot", 1)]], pa.map_(pa.string(), pa.int64())),
+        pa.array([b"cluster_snapshot"]),
+        pa.array(["cluster_snapshot"], pa.large_string()),
+    ],
+    ids=["list", "struct", "map", "binary", "large_string"],
+)
+def test_a_kind_column_of_another_type_is_400_not_500(plane: ControlPlane, kind: pa.Array) -> None:
+    registration = register(plane)
+    answer = post(plane, registration, sealed_by_hand(registration, [pa.table({"kind": kind}).to_batches()]))
+    assert "kind column must hold text" in assert_problem(answer, 400)["detail"]
+    with plane.client(registration["token"]) as cluster:  # and the connection still serves
+        assert cluster.get("/v1/health").status_code == 200
+
+
 def test_batches_that_cannot_be_opened_are_audited_by_id_without_their_content(plane: ControlPlane) -> None:
     registration = register(plane)
     (table,) = tables_from_records([own(registration, "software_env", image="registry.acme/ann-private:1")])

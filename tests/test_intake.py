@@ -130,7 +130,7 @@ def _snapshot_table(**columns: Any) -> pa.Table:
         ([_snapshot_table(account=None)], "cluster_snapshot record lacks account"),
         ([_snapshot_table(kind="job")], "job table does not match the job record schema"),
         ([pa.table({"kind": ["cluster_snapshot"], "password": ["x"]})], "does not match the cluster_snapshot"),
-        ([pa.table({"n_workers": [1]})], "must be non-empty and have a kind column"),
+        ([pa.table({"n_workers": [1]})], "must be non-empty and have one kind column"),
         ([pa.table({"kind": ["secrets"]})], "one known record kind, got ['secrets']"),
         ([_snapshot_table().slice(0, 0)], "must be non-empty"),
         ([], "no records"),
