@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, Engine, Executable, bindparam, select
 
 from pipeline import bounds, columns, tombstones
@@ -622,6 +623,7 @@ class Pipeline:
         """
         subject_ref = self.subject_ref(account) if account is not None else None
         keys: dict[str, tuple[str, int]] = {}
+        ciphers: dict[str, AESGCM] = {}  # checked against the database once a scan, not once a segment
         for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
             key_id = segment.user_ref or segment.subject_ref
             if key_id not in keys:
@@ -632,7 +634,9 @@ class Pipeline:
             try:
                 if state == "unknown" or segment.key_version != version:
                     raise KeyringError(f"subject or key version {segment.key_version} was never issued by this keyring")
-                table = open_segment(self.keyring, segment, columns)
+                if key_id not in ciphers:
+                    ciphers[key_id] = self.keyring.cipher_for(segment.subject_ref, segment.user_ref, version)
+                table = open_segment(self.keyring, segment, columns, cipher=ciphers[key_id])
             except KeyringError as exc:
                 problem = Unreadable(store, segment.segment_id, str(exc))
                 if unreadable is None:

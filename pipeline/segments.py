@@ -138,7 +138,8 @@ def open_segment(
     """Decrypt a segment back to its Arrow table.
 
     :param columns: only these (those it has): a report reads a few
-    :param cipher: another data key to try (an upgrade opening what an earlier key layout sealed)
+    :param cipher: the data key to use instead of the keyring's (one checked for a whole scan, or an
+        upgrade opening what an earlier key layout sealed)
     :raises KeyringError: the data key was destroyed, or the segment was altered
     """
     cipher = cipher or keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)

@@ -31,6 +31,7 @@ from pipeline.errors import KeyringError
 from pipeline.retention.enforcer import enforce
 from pipeline.retention.requests import file_request, get_request, not_final, process_pending, retry_request
 from pipeline.runtime import Pipeline
+from pipeline.segments import open_segment
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 EMAIL = "ann@example.org"
@@ -165,6 +166,23 @@ def test_a_process_that_cached_a_key_never_seals_under_it_after_another_destroye
     assert [r["n_workers"] for r in fresh.read_records(account="acme")] == [7]
     stored = list(fresh.stores["long_term"].scan(subject_ref=fresh.keyring.subject_ref("acme")))
     assert [s.key_version for s in stored] == [2]  # a new key version, not the shredded one
+
+
+def test_a_process_that_cached_a_key_opens_nothing_with_it_after_another_destroyed_it(settings: Settings) -> None:
+    """A long-running ``serve`` read the request's sealed reason and the subject's segments (caching the key);
+    ``enforce`` in another process carries the erasure out: the cached key opens neither any more."""
+    serve = Pipeline.open(settings, create=True)
+    _fill(serve)
+    request = file_request(serve, "acme", "ann", reason="ticket 7")
+    assert get_request(serve, request.request_id).reason == "ticket 7"
+    [segment] = serve.stores["cloud_logging"].scan(user_ref=serve.keyring.user_ref("acme", "ann"))
+    open_segment(serve.keyring, segment)  # cached here
+    process_pending(Pipeline.open(settings))  # another process: the key is destroyed there
+
+    done = get_request(serve, request.request_id)
+    assert (done.state, done.reason) == ("completed", None)
+    with pytest.raises(KeyringError, match="destroyed"):
+        open_segment(serve.keyring, segment)  # a copy a store kept (a log bucket that cannot delete, a backup)
 
 
 # -- 5. failures are retried -----------------------------------------------------------------------
