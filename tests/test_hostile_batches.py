@@ -136,6 +136,16 @@ def test_a_member_registers_clusters_for_themselves_only(plane: ControlPlane) ->
         assert ann.post("/v1/clusters", json={"account": "acme", "user": "ann"}).json()["user"] == "ann"
 
 
+def test_a_cluster_is_registered_only_with_an_image_its_records_may_carry(plane: ControlPlane) -> None:
+    """The image goes into every software_env record its plugin sends: one ingest would refuse (2,048
+    bytes of UTF-8 at most) is refused at registration, before any token is issued."""
+    with plane.admin() as admin:
+        refused = admin.post("/v1/clusters", json={"account": "acme", "image": "é" * 1025})
+        assert "image: 2050 bytes of UTF-8; at most 2048" in assert_problem(refused, 400)["detail"]
+        assert admin.get("/v1/clusters").json() == []
+        assert admin.post("/v1/clusters", json={"account": "acme", "image": "é" * 1024}).status_code == 201
+
+
 def test_a_cluster_never_sends_account_records(plane: ControlPlane) -> None:
     registration = register(plane)
     person = own(registration, "account", username="ann", email="ann@acme.test")

@@ -287,3 +287,11 @@ def test_the_audit_trail_names_the_token_that_filed_an_erasure(plane: ControlPla
     entry = plane.pipeline.audit.last("erasure.pending")
     assert entry is not None and entry.details["request_id"] == filed.json()["request_id"]
     assert entry.actor == f"member-token:{issued.token_id}"
+
+
+@pytest.mark.parametrize("body", [{"account": " "}, {"account": "acme", "user": "\t"}])
+def test_an_erasure_of_a_blank_name_is_400_as_a_token_of_one_would_be(plane: ControlPlane, body: dict) -> None:
+    with plane.admin() as admin:
+        answer = admin.post("/v1/erasure-requests", json=body)
+        assert "must not be blank" in assert_problem(answer, 400)["detail"]
+        assert admin.get("/v1/erasure-requests").json() == []

@@ -33,8 +33,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, func, insert, select, update
 
+from pipeline.bounds import MAX_STRING_BYTES
 from pipeline.db import clusters, reading, transaction
-from pipeline.errors import ForbiddenBatch, OutputError
+from pipeline.errors import ForbiddenBatch, InvalidBinding, OutputError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
@@ -190,7 +191,11 @@ class ClusterRegistry:
 
         ``gateway_token_id``: a dask-gateway registers it with that token (which may close it), and
         its TLS is the gateway's, so none is issued.
+
+        :raises InvalidBinding: an image longer than ingest accepts in its plugin's records
         """
+        if image is not None and len(image.encode()) > MAX_STRING_BYTES:  # its plugin's records could never be sent
+            raise InvalidBinding(f"image: {len(image.encode())} bytes of UTF-8; at most {MAX_STRING_BYTES}")
         public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)

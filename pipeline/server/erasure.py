@@ -83,6 +83,9 @@ def file_erasure(
     A subject (an account, or one user of it) has at most one open request: filing again
     answers 200 with the open one. A member may file ``erasure-filings-per-hour`` requests (429 after).
     """
+    for what, value in (("account", body.account), ("user", body.user)):
+        if value is not None and not value.strip():  # as a token or a cluster refuses it
+            raise HTTPException(400, f"{what}: must not be blank")
     if not principal.sees_every_account and (body.account, body.user) != (principal.account, principal.user):
         raise HTTPException(403, "a member may request erasure of their own user only (give your account and user)")
     if not principal.sees_every_account:
