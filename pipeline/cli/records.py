@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from pipeline.cli.core import TEXT, api_client, command, main, open_pipeline, re
 from pipeline.config import Settings
 from pipeline.output import Output
 from pipeline.records import DATA_TYPES
+from pipeline.redact import quoted
 from pipeline.retention.policy import STORES
 
 
@@ -65,8 +67,28 @@ def spool() -> None:
     """The local delivery spool of a scheduler's plugin."""
 
 
+class Seconds(click.FloatRange):
+    """A number of seconds within a range; ``nan``, neither below nor above it, is refused too."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{quoted(value)} is not a number of seconds", param, ctx)
+        return seconds
+
+
+#: the longest replay: a day (a thread's join refuses timeouts of ~292 years and more)
+MAX_REPLAY_SECONDS = 86_400
+
+
 @command(spool, "replay")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to keep retrying delivery.")
+@click.option(
+    "--timeout",
+    type=Seconds(0, MAX_REPLAY_SECONDS),
+    default=60.0,
+    show_default=True,
+    help="Seconds to keep retrying delivery (at most a day).",
+)
 def spool_replay(out: Output, timeout: float) -> None:
     """Deliver the batches a stopped scheduler left in the spool (in-process, or to pipeline.ingest.url)."""
     from pipeline.delivery import Delivery, EmbeddedDelivery, remote_delivery

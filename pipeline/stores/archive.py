@@ -45,6 +45,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
+from pipeline.awsclient import mask_errors
 from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
@@ -117,7 +118,11 @@ class ArchiveStore(Store):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.keyring = keyring
-        self._s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
+        try:
+            s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
+        except (BotoCoreError, ValueError) as exc:  # ValueError: "Invalid endpoint: URL"
+            raise ConfigError(f"store URL {mask_url(url)!r}: {first_line(exc)}") from exc
+        self._s3 = mask_errors(s3)
         # objects are small: waiting for "100 Continue" before each body costs a round trip and saves nothing
         self._s3.meta.events.unregister("before-call.s3", add_expect_header)
 
