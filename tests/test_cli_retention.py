@@ -61,6 +61,17 @@ def test_enforce_now_keeps_day_0_logs_on_day_29_removes_them_on_day_31(settings)
     assert {r["data_type"] for r in _records()} == {"account", "cluster_jobs", "software_env"}
 
 
+def test_erase_request_again_prints_the_open_request_of_the_subject(pipeline) -> None:
+    """As the API answers: a subject has at most one open request, locally too."""
+    first = cli("erase", "request", "--account", "acme", "--user", "ann").strip()
+    again = CliRunner().invoke(main, ["erase", "request", "--account", "acme", "--user", "ann"])
+    assert (again.exit_code, again.stdout.strip()) == (0, first)
+    assert "has an open request" in again.stderr and "not filed again" in again.stderr
+    account_wide = cli("erase", "request", "--account", "acme").strip()  # the account's own: another subject
+    assert account_wide != first
+    assert len(cli("erase", "list", "--json").splitlines()) == 2
+
+
 def test_erase_request_enforce_status_list(pipeline) -> None:
     request_id = cli("erase", "request", "--account", "acme", "--reason", "GDPR art. 17 request #4411").strip()
     [listed] = [json.loads(line) for line in cli("erase", "list", "--json").splitlines()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -23,12 +24,23 @@ def erase() -> None:
 @click.option("--reason", default=None, type=TEXT, help="Why (encrypted under the subject's key, shredded with it).")
 @click.option("--suppress", is_flag=True, help="Also drop records observed later, until `erase lift ID`.")
 def erase_request(out: Output, account: str, user: str | None, reason: str | None, suppress: bool) -> None:
-    """File a deletion request; prints its id (carried out by enforce or serve)."""
+    """File a deletion request; prints its id (carried out by enforce or serve).
+
+    A subject has at most one open request: filing again prints the open one's id.
+    """
     from pipeline.retention.requests import file_request
 
     client = api_client()
     if client is None:
-        filed = file_request(open_pipeline(), account, user, reason, suppress=suppress).as_dict()
+        asked = str(uuid.uuid4())
+        filed = file_request(
+            open_pipeline(), account, user, reason, suppress=suppress, unless_open=True, request_id=asked
+        ).as_dict()
+        if filed["request_id"] != asked and not out.as_json:  # as the API answers a refiling
+            click.echo(
+                f"the subject has an open request, filed {filed['created_at']:%Y-%m-%d %H:%M:%S} UTC: not filed again",
+                err=True,
+            )
     else:
         from pipeline.apiclient import Receipt
 
