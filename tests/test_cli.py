@@ -67,6 +67,14 @@ def test_accounts_add_then_records_json_has_exactly_the_contract_fields(home: Pa
     assert run("records", "--account", "acme", "--store", "cloud_logging", "--json").output == ""
 
 
+def test_accounts_add_run_again_stores_no_copy_and_a_change_is_a_new_record(home: Path) -> None:
+    """Run again after a store was unreachable (exit 2, the others written), it completes, not duplicates."""
+    assert add_acme().exit_code == 0 and add_acme().exit_code == 0
+    assert len(run("records", "--account", "acme", "--json").output.splitlines()) == 1
+    assert run("accounts", "add", "--account", "acme", "--username", "ann", "--email", "ann@acme.test").exit_code == 0
+    assert len(run("records", "--account", "acme", "--json").output.splitlines()) == 2  # no team now: a change
+
+
 def test_records_filters_by_data_type_and_store(home: Path, settings: Settings) -> None:
     pipeline = Pipeline.open(settings, create=True)
     pipeline.write_records([make_record("cluster_snapshot"), make_record("job", job_id="j1", task_prefixes=["inc"])])
