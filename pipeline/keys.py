@@ -120,7 +120,9 @@ class LocalKeyFile(KeyProvider):
     renamed over the old one, so a reader sees the old or the new file, never half.
     """
 
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, keyring_made: bool = False) -> None:
+        """:param keyring_made: the metadata database holds keys wrapped by this file already: a missing
+        file is lost, never made again (a new key would open nothing and hide the loss)"""
         self.path = path
         self.url = f"file://{path}"
         self._lock = threading.Lock()
@@ -128,6 +130,11 @@ class LocalKeyFile(KeyProvider):
         self._ciphers: dict[int, AESGCM] = {}
         self._current = 0
         if not path.exists():
+            if keyring_made:
+                raise KeyringError(
+                    f"master key file {self.path} does not exist, but the metadata database holds a keyring made "
+                    "with it: restore the file from a backup (a new key would open nothing)"
+                )
             if not create:
                 raise KeyringError(f"master key file {self.path} does not exist; run metadata-pipeline init")
             self._keys, self._current = {1: AESGCM.generate_key(256)}, 1
@@ -230,11 +237,11 @@ _LIVE_VERSIONS = select(keyring_keys.c.key_id, keyring_keys.c.key_version).where
 )
 
 
-def open_key_provider(url: str, *, create: bool = False) -> KeyProvider:
-    """The provider for ``pipeline.keys.url``, chosen by its scheme."""
+def open_key_provider(url: str, *, create: bool = False, keyring_made: bool = False) -> KeyProvider:
+    """The provider for ``pipeline.keys.url``, chosen by its scheme (``keyring_made``: see :class:`LocalKeyFile`)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return LocalKeyFile(Path(parsed.path), create=create)
+        return LocalKeyFile(Path(parsed.path), create=create, keyring_made=keyring_made)
     if parsed.scheme == "aws-kms":
         from pipeline.kms import AWSKMSKeyProvider
 
@@ -300,6 +307,12 @@ class Keyring:
         if create:
             cls._ensure_key(engine, provider, INDEX_KEY_ID, "index", None)
         return cls(engine, provider)
+
+    @staticmethod
+    def made(engine: Engine) -> bool:
+        """Whether the metadata database holds a keyring (keys wrapped by some master key) already."""
+        with reading(engine, "reading the keyring") as conn:
+            return conn.execute(select(keyring_keys.c.key_id).limit(1)).first() is not None
 
     @staticmethod
     def _ensure_key(engine: Engine, provider: KeyProvider, key_id: str, purpose: str, account_ref: str | None) -> bool:

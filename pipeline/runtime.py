@@ -328,7 +328,7 @@ class Pipeline:
                 f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
                 f"got {mask_url(settings.long_term_url)!r}"
             )
-        provider = open_key_provider(settings.keys_url, create=create)
+        provider = open_key_provider(settings.keys_url, create=create, keyring_made=Keyring.made(long_term.engine))
         keyring = Keyring.open(long_term.engine, provider, create=create)
         if settings.archive_url:  # a copy of the long-term store: same routing, retention and erasure
             stores["archive"] = open_store(settings.archive_url, setting="pipeline.archive.url", keyring=keyring)

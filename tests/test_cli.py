@@ -121,6 +121,20 @@ def test_wrong_key_for_an_existing_store_writes_nothing(home: Path, tmp_path: Pa
     assert (home / "metadata.db").read_bytes() == db_bytes
 
 
+@pytest.mark.parametrize("command", [["records"], ["init"]])
+def test_a_lost_master_key_file_is_named_lost_and_never_made_again(home: Path, command: list[str]) -> None:
+    """init made a new, unrelated key before: it opened nothing, and every error after named it, not the loss."""
+    add_acme()
+    (home / "master.key").unlink()
+    result = run(*command)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: master key file {home / 'master.key'} does not exist, but the metadata database holds a keyring "
+        "made with it: restore the file from a backup (a new key would open nothing)"
+    ]
+    assert not (home / "master.key").exists()
+
+
 def test_spool_replay_sets_corrupt_files_aside_and_delivers_the_rest(home: Path, settings: Settings) -> None:
     pipeline = Pipeline.open(settings, create=True)
     spool = Spool(settings.spool_dir)
