@@ -48,8 +48,9 @@ def postgres_url() -> Iterator[str]:
     with db._engines_lock:
         for url in [u for u in db._engines if schema in u]:
             db._engines.pop(url)[0].dispose()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    with psycopg.connect(conninfo, autocommit=True) as conn:  # and those named after it (a backup's copy)
+        for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", [schema]):
+            conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
 
 @pytest.fixture
