@@ -46,11 +46,12 @@ from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import Connection, Engine, func, insert, select, text, update
+from sqlalchemy import Connection, Dialect, Engine, Select, func, insert, select, text, type_coerce, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.types import NullType
 
 from pipeline.audit_trust import HANDOVER, KeySchedule, handover_statement, key_schedule, signed_by
-from pipeline.db import audit_log
+from pipeline.db import audit_log, mapped_errors
 from pipeline.errors import AuditIntegrityError, KeyringError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
@@ -161,7 +162,7 @@ class AuditLog:
             keyring.destroy(LEGACY_SIGNING_KEY_ID)
             audit.checkpoint()
             return audit
-        with engine.connect() as conn:
+        with _reading(engine) as conn:
             if conn.execute(select(audit_log.c.seq).limit(1)).first() is not None:
                 raise KeyringError(
                     f"audit signing key {path} is missing but the audit trail has entries: restore the key file"
@@ -190,9 +191,10 @@ class AuditLog:
 
     def key_schedule(self, pinned_through: int = 0) -> KeySchedule:
         """Which key is trusted for each entry, from the configured key back through endorsed hand-overs."""
-        query = select(audit_log).where(audit_log.c.action == HANDOVER)
-        with self.engine.connect() as conn:
-            handovers = [_entry(row).as_dict() for row in conn.execute(query)]
+        query = _entries_query().where(audit_log.c.action == HANDOVER)
+        with _reading(self.engine) as conn:
+            read_time = _time_reader(conn.dialect)
+            handovers = [_entry(row, read_time).as_dict() for row in conn.execute(query)]
         return key_schedule(handovers, self.trusted_key, pinned_through=pinned_through)
 
     def append(
@@ -226,7 +228,7 @@ class AuditLog:
 
     def note_policy(self, path: str, sha256: str) -> AuditEntry | None:
         """Record ``policy.loaded`` when the policy differs from the last one recorded."""
-        with self.engine.connect() as conn:
+        with _reading(self.engine) as conn:
             if _last_policy_sha(conn) == sha256:  # the usual case: no write lock taken
                 return None
 
@@ -282,11 +284,16 @@ class AuditLog:
         )
 
     def entries(self, after: int = 0) -> Generator[AuditEntry, None, None]:
-        """Every entry (past seq ``after``) in sequence order, streamed."""
-        query = select(audit_log).where(audit_log.c.seq > after).order_by(audit_log.c.seq)
-        with self.engine.connect() as conn, conn.execution_options(yield_per=1000).execute(query) as rows:
+        """Every entry (past seq ``after``) in sequence order, streamed.
+
+        :raises AuditIntegrityError: at an entry whose row holds what the trail never writes
+        :raises StoreUnavailable: the database or its audit table cannot be read
+        """
+        query = _entries_query().where(audit_log.c.seq > after).order_by(audit_log.c.seq)
+        with _reading(self.engine) as conn, conn.execution_options(yield_per=1000).execute(query) as rows:
+            read_time = _time_reader(conn.dialect)
             for row in rows:
-                yield _entry(row)
+                yield _entry(row, read_time)
 
     def verify(self) -> int:
         """Check the chain, every signature and the newest witness checkpoint; returns the entry count.
@@ -340,7 +347,7 @@ class AuditLog:
             head (cut or rolled back): a new checkpoint would paper over it
         """
         newest = self.newest_checkpoint()
-        with self.engine.connect() as conn:
+        with _reading(self.engine) as conn:
             head = conn.execute(
                 select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
             ).first()
@@ -368,7 +375,7 @@ class AuditLog:
 
     def action_counts(self) -> dict[str, int]:
         """How many entries of each action the trail holds."""
-        with self.engine.connect() as conn:
+        with _reading(self.engine) as conn:
             rows = conn.execute(select(audit_log.c.action, func.count()).group_by(audit_log.c.action)).all()
         return {action: n for action, n in rows}
 
@@ -381,9 +388,10 @@ class AuditLog:
         return self._one(action, audit_log.c.seq)
 
     def _one(self, action: str, order: Any) -> AuditEntry | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(audit_log).where(audit_log.c.action == action).order_by(order).limit(1)).first()
-        return None if row is None else _entry(row)
+        query = _entries_query().where(audit_log.c.action == action).order_by(order).limit(1)
+        with _reading(self.engine) as conn:
+            row = conn.execute(query).first()
+            return None if row is None else _entry(row, _time_reader(conn.dialect))
 
 
 @dataclass(frozen=True)
@@ -409,14 +417,28 @@ def _lock_chain(conn: Connection) -> None:
         conn.execute(update(audit_log).where(audit_log.c.seq == -1).values(seq=audit_log.c.seq))
 
 
+@contextlib.contextmanager
+def _reading(engine: Engine) -> Iterator[Connection]:
+    """A connection (in a transaction on PostgreSQL: :meth:`AuditLog.entries` streams through a server-side
+    cursor) whose failures, an unreachable database or no audit table, are one line."""
+    with mapped_errors("reading the audit log"), engine.connect() as conn:
+        yield conn
+
+
 def _last_policy_sha(conn: Connection) -> str | None:
+    """The newest ``policy.loaded`` entry's sha256; None if there is none or its details do not read
+    (altered: recording the policy again is harmless, and `audit verify` names the altered entry)."""
     details = conn.execute(
         select(audit_log.c.details)
         .where(audit_log.c.action == "policy.loaded")
         .order_by(audit_log.c.seq.desc())
         .limit(1)
     ).scalar()
-    return None if details is None else json.loads(details).get("sha256")
+    try:
+        recorded = json.loads(details) if details is not None else None
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return recorded.get("sha256") if isinstance(recorded, dict) else None
 
 
 def _pem(key: PublicKey) -> bytes:
@@ -427,18 +449,59 @@ def _row(entry: AuditEntry) -> dict[str, Any]:
     return {**entry.as_dict(), "recorded_at": entry.recorded_at, "details": json.dumps(entry.details, sort_keys=True)}
 
 
-def _entry(row: Any) -> AuditEntry:
+def _entries_query() -> Select[Any]:
+    """Every column, ``recorded_at`` as stored: :func:`_entry` converts it, so an altered time fails
+    its own entry (named by seq) rather than the whole read."""
+    stored_time = type_coerce(audit_log.c.recorded_at, NullType()).label("recorded_at")
+    return select(*(stored_time if column.name == "recorded_at" else column for column in audit_log.c))
+
+
+def _time_reader(dialect: Dialect) -> Callable[[Any], Any]:
+    """The conversion the ``recorded_at`` column's type applies on this database, to call per row."""
+    convert = audit_log.c.recorded_at.type.dialect_impl(dialect).result_processor(dialect, None)
+    return convert or (lambda value: value)
+
+
+def _entry(row: Any, read_time: Callable[[Any], Any]) -> AuditEntry:
+    """The entry a row of :func:`_entries_query` holds.
+
+    :raises AuditIntegrityError: the row holds a value the trail never writes (altered in the database)
+    """
+    for name in ("actor", "action", "subject_ref", "prev_hash", "entry_hash", "signature"):
+        value = getattr(row, name)
+        if value is not None and not isinstance(value, str):  # a BLOB in SQLite
+            raise AuditIntegrityError(row.seq, f"{name} is not text")
     return AuditEntry(
         seq=row.seq,
-        recorded_at=row.recorded_at,
+        recorded_at=_recorded_at(row, read_time),
         actor=row.actor,
         action=row.action,
         subject_ref=row.subject_ref,
-        details=json.loads(row.details),
+        details=_details(row),
         prev_hash=row.prev_hash,
         entry_hash=row.entry_hash,
         signature=row.signature,
     )
+
+
+def _recorded_at(row: Any, read_time: Callable[[Any], Any]) -> datetime:
+    try:
+        value = read_time(row.recorded_at)
+    except (ValueError, TypeError, OverflowError):
+        value = None
+    if not isinstance(value, datetime):
+        raise AuditIntegrityError(row.seq, "recorded_at is not a time")
+    return value
+
+
+def _details(row: Any) -> dict[str, Any]:
+    try:
+        details = json.loads(row.details)
+    except (ValueError, TypeError, RecursionError):
+        raise AuditIntegrityError(row.seq, "details are not JSON") from None
+    if not isinstance(details, dict):
+        raise AuditIntegrityError(row.seq, "details are not a JSON object")
+    return details
 
 
 def _mismatch(checkpoint: Checkpoint, last_seq: int) -> str:

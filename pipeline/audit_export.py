@@ -36,15 +36,7 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
     """Write the export into ``out_dir`` (created if needed); returns the manifest."""
     checkpoint = audit.newest_checkpoint()  # before the entries: they reach at least its seq
     with output_folder(out_dir) as folder:
-        count, head = 0, GENESIS
-        tmp = folder / ".entries.jsonl.tmp"
-        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
-            for entry in audit.entries():
-                fh.write(json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
-                count, head = entry.seq, entry.entry_hash
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / "entries.jsonl")
+        count, head = _write_entries(audit, folder / "entries.jsonl")
         write_private(folder / "public_key.pem", audit.public_key_pem())
         if checkpoint is not None:
             write_private(folder / "checkpoint.json", checkpoint.to_json())
@@ -53,3 +45,22 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
         write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         write_private(folder / "README.md", verification_readme().encode())
     return {**manifest, "folder": str(out_dir)}
+
+
+def _write_entries(audit: AuditLog, path: Path) -> tuple[int, str]:
+    """Write every entry to ``path`` through a temporary file, removed if an entry does not read
+    (:class:`AuditIntegrityError`); returns the last seq and its hash."""
+    count, head = 0, GENESIS
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
+            for entry in audit.entries():
+                fh.write(json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+                count, head = entry.seq, entry.entry_hash
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return count, head

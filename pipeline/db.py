@@ -65,6 +65,7 @@ __all__ = [
     "create_schema",
     "engine_for",
     "insert_ignoring_duplicates",
+    "mapped_errors",
     "metadata",
     "reading",
     "transaction",
@@ -454,7 +455,7 @@ def _one_upgrader(engine: Engine) -> Iterator[None]:
 @contextmanager
 def transaction(engine: Engine, what: str) -> Iterator[Connection]:
     """``engine.begin()`` with database failures mapped to pipeline errors naming ``what``."""
-    with _mapped_errors(what), engine.begin() as conn:
+    with mapped_errors(what), engine.begin() as conn:
         yield conn
 
 
@@ -465,12 +466,13 @@ def reading(engine: Engine, what: str) -> Iterator[Connection]:
     not three (the hot reads of ingest: a token, a cluster, batch ids, tombstones, key versions).
     SQLite's driver begins no transaction for a read anyway, and switching its isolation level
     costs a statement more. Failures are mapped as :func:`transaction` maps them."""
-    with _mapped_errors(what), engine.connect() as conn:
+    with mapped_errors(what), engine.connect() as conn:
         yield conn if engine.dialect.name == "sqlite" else conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @contextmanager
-def _mapped_errors(what: str) -> Iterator[None]:
+def mapped_errors(what: str) -> Iterator[None]:
+    """SQLAlchemy's errors as one line naming ``what`` failed: unavailable (a retry may do), else refused."""
     try:
         yield
     except SQLAlchemyError as exc:

@@ -1,0 +1,91 @@
+"""Audit rows altered into values the trail never writes: one line naming the entry, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import text
+
+from pipeline.cli import main
+from pipeline.runtime import Pipeline
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def trail(pipeline: Pipeline) -> Pipeline:
+    """A pipeline whose trail holds ten real entries, the fifth a retention pass, all verified."""
+    entries = [{"action": "test.entry", "details": {"n": n}} for n in range(10)]
+    entries[4] = {"action": "retention.pass", "details": {"failed_steps": {}, "backend_retention": {}}}
+    pipeline.audit.append_many(entries[sum(pipeline.audit.action_counts().values()) :])
+    assert pipeline.audit.last("retention.pass").seq == 5
+    assert run("audit", "verify").exit_code == 0
+    return pipeline
+
+
+def execute(pipeline: Pipeline, sql: str) -> None:
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(text(sql))
+
+
+def sqlite_only(pipeline: Pipeline) -> None:
+    """Skip where the database's column types refuse the value (PostgreSQL's timestamptz, text)."""
+    if pipeline.keyring.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL refuses this value in the column")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("details = 'not json'", "details are not JSON"),
+        ("details = '[1, 2]'", "details are not a JSON object"),
+        ("recorded_at = 'garbage'", "recorded_at is not a time"),
+        ("recorded_at = 12345", "recorded_at is not a time"),
+        ("actor = x'00'", "actor is not text"),
+    ],
+    ids=["details-not-json", "details-not-object", "time-garbage", "time-number", "actor-blob"],
+)
+def test_verify_names_an_entry_whose_row_does_not_read(trail: Pipeline, change: str, reason: str) -> None:
+    if "recorded_at" in change or "x'" in change:
+        sqlite_only(trail)
+    execute(trail, f"UPDATE audit_log SET {change} WHERE seq = 5")
+    result = run("audit", "verify")
+    assert (result.exit_code, result.stderr) == (1, f"check failed: audit entry 5: {reason}\n")
+    as_json = run("audit", "verify", "--json")
+    assert as_json.exit_code == 1
+    document = json.loads(as_json.stdout)
+    assert (document["intact"], document["first_bad_seq"], document["entries"]) == (False, 5, 4)
+
+
+def test_an_unreadable_policy_entry_does_not_stop_the_pipeline_opening(trail: Pipeline) -> None:
+    execute(trail, "UPDATE audit_log SET details = 'not json' WHERE seq = 1")
+    result = run("audit", "verify")
+    assert (result.exit_code, result.stderr) == (1, "check failed: audit entry 1: details are not JSON\n")
+
+
+def test_a_missing_audit_table_is_one_line_naming_it(trail: Pipeline) -> None:
+    execute(trail, "DROP TABLE audit_log")
+    for command in (["audit", "verify"], ["audit", "export", "--out", "unused"]):
+        result = run(*command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: reading the audit log: ") and result.stderr.count("\n") == 1
+        assert "audit_log" in result.stderr  # "no such table" (SQLite), "relation does not exist" (PostgreSQL)
+
+
+def test_export_refuses_an_entry_that_does_not_read_and_leaves_no_entries_file(trail: Pipeline, tmp_path: Path) -> None:
+    execute(trail, "UPDATE audit_log SET details = 'not json' WHERE seq = 5")
+    out = tmp_path / "export"
+    result = run("audit", "export", "--out", str(out))
+    assert (result.exit_code, result.stderr) == (2, "error: audit entry 5: details are not JSON\n")
+    assert not [p.name for p in out.iterdir() if "entries" in p.name]
+
+
+def test_report_names_the_last_retention_pass_when_it_does_not_read(trail: Pipeline, tmp_path: Path) -> None:
+    execute(trail, "UPDATE audit_log SET details = 'not json' WHERE seq = 5")
+    result = run("report", "--out", str(tmp_path / "report"), "--format", "json")
+    assert (result.exit_code, result.stderr) == (2, "error: audit entry 5: details are not JSON\n")
