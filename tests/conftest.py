@@ -12,8 +12,10 @@ import matplotlib.dates  # noqa: F401 - registers its datetime.date converter: f
 import pandas  # noqa: F401 - imported before any freezegun test: pyarrow imports it (and _acero) lazily,
 import pyarrow.acero  # noqa: F401 - and C extensions refuse freezegun's datetime classes at import
 import pytest
+from click.testing import CliRunner, Result
 from controlplane import ControlPlane, serving
 
+from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.runtime import Pipeline
 from pipeline.stores import Store, open_store
@@ -279,3 +281,17 @@ def moto_environment(endpoint: str) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "eu-west-1",
     }
+
+
+def run(*args: str) -> Result:
+    """The command line, as a user runs it (stdout and stderr apart)."""
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line(result: Result, status: int = 2) -> str:
+    """The single stderr line of a refused command (asserting there is exactly one)."""
+    assert result.exit_code == status, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

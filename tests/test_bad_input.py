@@ -18,12 +18,11 @@ from pathlib import Path
 
 import dask.config
 import pytest
-from click.testing import CliRunner, Result
-from conftest import make_record, sealed_batch
+from click.testing import Result
+from conftest import make_record, one_line, run, sealed_batch
 from sqlalchemy import update
 
 from pipeline import db
-from pipeline.cli import main
 from pipeline.config import Settings, default_policy_path
 from pipeline.errors import PolicyError
 from pipeline.retention.policy import load_policy
@@ -31,19 +30,6 @@ from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
 
 SECRET = "s3cret-Pa55"
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line(result: Result, status: int = 2) -> str:
-    """The single stderr line of a refused command (asserting there is exactly one)."""
-    assert result.exit_code == status, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def add_account(account: str = "acme", user: str = "ann") -> Result:

@@ -5,26 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import make_record, sealed_batch
+from conftest import make_record, one_line, run, sealed_batch
 
-from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line(result: Result, status: int = 2) -> str:
-    """The single stderr line of a refused command (asserting there is exactly one)."""
-    assert result.exit_code == status, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("timeout", ["nan", "NaN", "inf", "-inf", "1e308", "-5", "-0.001", "86401", "ten"])

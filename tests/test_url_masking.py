@@ -12,25 +12,12 @@ from pathlib import Path
 
 import dask.config
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import one_line, run
 
-from pipeline.cli import main
 from pipeline.redact import first_line, mask_url, mask_urls
 
 SECRET = "pw5ecret"
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line(result: Result, status: int = 2) -> str:
-    """The single stderr line of a refused command (asserting there is exactly one)."""
-    assert result.exit_code == status, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def add_account() -> Result:
