@@ -287,6 +287,29 @@ def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(pipeline: 
     assert document["usage"]["accounts"]  # every other segment is still reported
 
 
+def test_a_payload_altered_into_text_is_one_unreadable_segment_not_a_failed_scan(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """SQLite keeps any type in any column: text that is not UTF-8 failed the whole scan in its driver."""
+    write_demo_records(pipeline)
+    with pipeline.keyring.engine.begin() as conn:
+        segment_id, payload = conn.execute(select(segments.c.segment_id, segments.c.payload).limit(1)).one()
+        altered = payload[:-1] + bytes([payload[-1] ^ 1])
+        conn.exec_driver_sql(
+            "UPDATE segments SET payload = CAST(? AS TEXT) WHERE segment_id = ?", (altered, segment_id)
+        )
+        assert (
+            conn.exec_driver_sql("SELECT typeof(payload) FROM segments WHERE segment_id = ?", (segment_id,)).scalar()
+            == "text"
+        )
+    result = run("report", "--out", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (
+        f"unreadable segment {segment_id} in long_term: segment {segment_id} does not decrypt: altered or wrong key"
+    )
+    assert json.loads((tmp_path / "report.json").read_text())["usage"]["accounts"]
+
+
 def test_html_shows_the_busiest_accounts_and_the_csv_every_one(pipeline: Pipeline, tmp_path: Path) -> None:
     accounts = HTML_ROWS + 20
     pipeline.write_records(

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, select
+from sqlalchemy import ColumnElement, Connection, LargeBinary, and_, cast, delete, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from pipeline.db import create_schema, engine_for, insert_ignoring_duplicates, segments
@@ -19,6 +19,9 @@ from pipeline.stores.base import Removed, Store
 __all__ = ["SQLStore"]
 
 _HEADER_COLUMNS = [c for c in segments.c if c.name != "payload"]
+#: the payload as bytes whatever a row holds: SQLite keeps any type in any column, and a payload altered
+#: into text failed the whole scan in its driver (UTF-8 decoding) rather than its one segment (AES-GCM)
+_COLUMNS = [cast(c, LargeBinary).label("payload") if c.name == "payload" else c for c in segments.c]
 _CHUNK = 500
 #: rows a payload scan fetches at once: segments of many records are hundreds of KB each
 _PAYLOAD_CHUNK = 32
@@ -77,7 +80,7 @@ class SQLStore(Store):
         kind: str | None = None,
         with_payload: bool = True,
     ) -> Iterator[Segment]:
-        columns = list(segments.c) if with_payload else _HEADER_COLUMNS
+        columns = _COLUMNS if with_payload else _HEADER_COLUMNS
         query = (
             select(*columns)
             .where(*_filters(subject_ref=subject_ref, user_ref=user_ref, data_type=data_type, kind=kind))
@@ -106,7 +109,7 @@ class SQLStore(Store):
         return self._remove("erase", and_(*_filters(subject_ref=subject_ref, user_ref=user_ref)))
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
-        query = select(segments).where(
+        query = select(*_COLUMNS).where(
             segments.c.data_type == data_type, segments.c.max_observed_at >= at, segments.c.min_observed_at < at
         )
         with self._connection("scan") as conn:
