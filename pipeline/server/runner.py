@@ -16,14 +16,17 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import resource
 import signal
 import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from pipeline.config import ServerLimits
 from pipeline.errors import ConfigError
@@ -46,19 +49,66 @@ MAX_HEADER_BYTES = 16 * 1024
 _SPARE_FILES = 64
 #: connections the kernel queues for accepting (uvicorn's default is 2048)
 _BACKLOG = 128
+#: the blank line that ends a request's head, as h11 finds it (a bare LF stands for CRLF)
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+class _HeadLimitedConnection(h11.Connection):
+    """An h11 server connection that refuses a request line and headers over ``max_head`` bytes.
+
+    h11's ``max_incomplete_event_size`` bounds only a head still incomplete: one that arrives
+    whole in one read (up to 256 KiB), alone or behind a pipelined request, was parsed however
+    large. Here the receive buffer is measured before h11 parses a head from it, and refused as
+    h11 refuses an incomplete one (uvicorn answers 400 and closes). Cheap on every request: only
+    when a head is awaited and the buffer may hold more than ``max_head`` bytes (it is copied then,
+    the count is kept otherwise), and the search for the head's end stops at ``max_head``.
+    """
+
+    def __init__(self, max_head: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
+        self._max_head = max_head
+        #: at least the bytes in the receive buffer: what it held when measured, and what came since
+        self._buffered_at_most = 0
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffered_at_most += len(data)
+        super().receive_data(data)
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        if self._buffered_at_most > self._max_head and self.their_state is h11.IDLE:
+            self._check_head()
+        return super().next_event()
+
+    def _check_head(self) -> None:
+        """:raises h11.RemoteProtocolError: the head h11 is about to parse is over ``max_head`` bytes"""
+        buffered = self.trailing_data[0]
+        self._buffered_at_most = len(buffered)
+        if len(buffered) > self._max_head and _HEAD_END.search(buffered, 0, self._max_head) is None:
+            raise h11.RemoteProtocolError("request line and headers too large", error_status_hint=431)
 
 
 class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for a request's headers and a cap on open connections.
+    """uvicorn's h11 protocol with a deadline and a size cap for a request's headers, and a cap on open connections.
 
     uvicorn times out idle keep-alive connections but not a request whose headers never end
     (a slow-loris client): each such connection holds a file until the process has none left.
     Here the headers must be complete within ``header_timeout`` of their first byte (or of the
     connection, for the first request), and a connection past ``max_connections`` is closed at once.
+    Request line and headers are at most ``MAX_HEADER_BYTES``, however they are split into reads.
     """
 
     header_timeout: float
     max_connections: int
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.conn = _HeadLimitedConnection(MAX_HEADER_BYTES)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
