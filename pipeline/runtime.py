@@ -633,7 +633,10 @@ class Pipeline:
                 continue  # crypto-shredded: unreadable on purpose
             try:
                 if state == "unknown" or segment.key_version != version:
-                    raise KeyringError(f"subject or key version {segment.key_version} was never issued by this keyring")
+                    raise KeyringError(
+                        f"subject or key version {segment.key_version} was never issued by this keyring: "
+                        "the segment or its header was altered"
+                    )
                 if key_id not in ciphers:
                     ciphers[key_id] = self.keyring.cipher_for(segment.subject_ref, segment.user_ref, version)
                 table = open_segment(self.keyring, segment, columns, cipher=ciphers[key_id])

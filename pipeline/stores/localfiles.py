@@ -8,7 +8,10 @@ File names carry the id, kind, user ref, record count and oldest and newest
 timestamps, so counting, expiring and finding segments that straddle a limit
 never open a file. Anything else in the tree (a ``notes.seg``, a backup folder)
 is foreign: skipped, left in place and listed by :meth:`~LocalFileStore.foreign_files`,
-never a reason to stop a scan, a retention pass or an erasure. A file is one JSON header line and the
+never a reason to stop a scan, a retention pass or an erasure. A file with a segment's name
+whose header is missing, altered or disagrees with that name is not foreign but a damaged
+segment: it is scanned as a stand-in that never decrypts, so readers name it as they name an
+altered payload, and expiry and erasure remove it by its name. A file is one JSON header line and the
 sealed payload; it is written to a temporary name, made durable (one sync for all the
 files of a write) and hard-linked into place, so a reader never sees half a segment and
 a replay never doubles one.
@@ -53,6 +56,8 @@ _MERGED = ".merged-ids"
 #: a day folder ends one day after its name; compared as ``start <= t - _DAY``, since ``start + _DAY``
 #: overflows for a folder named 9999-12-31 (a record stored before ingest checked its time)
 _DAY = timedelta(days=1)
+#: the payload of a damaged segment's stand-in: a zero nonce and tag, which no key opens
+_NEVER_OPENS = bytes(12 + 16)
 logger = logging.getLogger(__name__)
 
 
@@ -107,6 +112,7 @@ class LocalFileStore(Store):
         self.url = url
         self.root = Path(parsed.path)
         self._foreign: set[Path] = set()
+        self._damaged: set[Path] = set()
 
     def foreign_files(self) -> list[str]:
         return sorted(str(p) for p in self._foreign)
@@ -123,13 +129,39 @@ class LocalFileStore(Store):
             self._note_foreign(entry)
         return dirs
 
-    def _load(self, path: Path, with_payload: bool) -> Segment | None:
-        """The segment in ``path``; None (noted as foreign) when its header is not a segment's."""
+    def _note_damaged(self, path: Path, exc: _Damaged) -> None:
+        if path not in self._damaged:
+            self._damaged.add(path)
+            logger.warning("unreadable segment file %s: %s", path, exc)
+
+    def _load(self, path: Path, name: _Name, with_payload: bool) -> Segment | None:
+        """The segment in ``path``, None when it vanished; a damaged one as its stand-in (see :func:`_stand_in`).
+
+        The stand-in reaches readers like a segment whose payload was altered, so they name it
+        instead of losing its records without a word.
+        """
         try:
-            return _read(path, with_payload)
-        except ValueError:
-            self._note_foreign(path)
+            return self._intact(path, name, with_payload)
+        except _Damaged as exc:
+            self._note_damaged(path, exc)
+            return _stand_in(path, name, exc.key_version, with_payload)
+
+    def _intact(self, path: Path, name: _Name, with_payload: bool) -> Segment | None:
+        """The segment in ``path``, None when it vanished.
+
+        :raises _Damaged: its header is not a segment's, or not the one its name and folders describe
+        """
+        segment = _read(path, with_payload)
+        if segment is None:
             return None
+        try:
+            wrong = _differences(segment, path, name)
+        except (ValueError, OverflowError, OSError) as exc:  # times the store could never have written
+            raise _Damaged(f"header times out of range: {exc}", segment.key_version) from exc
+        if wrong:
+            reason = f"header disagrees with the file's name or folders on {', '.join(wrong)}"
+            raise _Damaged(reason, segment.key_version)
+        return segment
 
     def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
         """The segment files of a subject folder with their parsed names, after settling any
@@ -148,8 +180,7 @@ class LocalFileStore(Store):
         return _Guard(f"{self.root} unavailable during {action}")
 
     def _path(self, segment: Segment) -> Path:
-        day = segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
-        return self.root / segment.data_type / day / segment.subject_ref / _Name.of(segment).filename()
+        return self.root / segment.data_type / _day(segment) / segment.subject_ref / _Name.of(segment).filename()
 
     def write(self, segments: Sequence[Segment]) -> int:
         """Write every new segment to a temporary file, make them all durable at once, then link them.
@@ -217,7 +248,7 @@ class LocalFileStore(Store):
                     for entry, name in self._files(folder):
                         if (kind and name.kind != kind) or (user_ref and name.user_ref != user_ref):
                             continue
-                        segment = self._load(entry, with_payload)
+                        segment = self._load(entry, name, with_payload)
                         if segment is not None:
                             yield segment
 
@@ -278,7 +309,7 @@ class LocalFileStore(Store):
                     continue  # every segment in this folder is older than ``at``
                 for entry, name in sorted(f for folder in self._dirs(day) for f in self._files(folder)):
                     if name.min_us < at_us <= name.max_us:
-                        segment = self._load(entry, with_payload=True)
+                        segment = self._load(entry, name, with_payload=True)
                         if segment is not None:
                             yield segment
 
@@ -294,13 +325,13 @@ class LocalFileStore(Store):
         return merged
 
     def _compact_folder(self, folder: Path, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
-        groups: dict[tuple[str, str | None], list[Path]] = {}
+        groups: dict[tuple[str, str | None], list[tuple[Path, _Name]]] = {}
         for path, name in self._files(folder):
-            groups.setdefault((name.kind, name.user_ref), []).append(path)
+            groups.setdefault((name.kind, name.user_ref), []).append((path, name))
         plan: list[tuple[Segment, list[Path], list[Segment]]] = []
-        for paths in groups.values():
-            # a file that vanished or is foreign (no segment header) is neither merged nor removed
-            loaded = [(p, s) for p in paths if (s := self._load(p, with_payload=True)) is not None]
+        for files in groups.values():
+            # a file that vanished or is damaged is neither merged nor removed
+            loaded = [(p, s) for p, n in files if (s := self._mergeable(p, n)) is not None]
             if len(loaded) < 2:
                 continue
             target = merge([s for _, s in loaded])
@@ -321,6 +352,14 @@ class LocalFileStore(Store):
         self.write([target for target, _, _ in plan])  # each merge visible from here on, its sources hidden
         _settle(folder, folder / _JOURNAL)
         return Removed(sum(len(ps) for _, ps, _ in plan), sum(s.n_records for _, _, ss in plan for s in ss))
+
+    def _mergeable(self, path: Path, name: _Name) -> Segment | None:
+        """The intact segment in ``path``; None when it vanished or is damaged (left for readers to name)."""
+        try:
+            return self._intact(path, name, with_payload=True)
+        except _Damaged as exc:
+            self._note_damaged(path, exc)
+            return None
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         removed = Removed()
@@ -465,17 +504,83 @@ def _is_day(name: str) -> bool:
     return True
 
 
-def _read(path: Path, with_payload: bool) -> Segment | None:
-    """The segment in ``path``; None when it vanished (a concurrent expiry).
+class _Damaged(ValueError):
+    """A file with a segment's name whose header is not that segment's: missing, altered or moved."""
 
-    :raises ValueError: the file has a segment's name but not a segment's header
+    def __init__(self, reason: str, key_version: int = 0) -> None:
+        super().__init__(reason)
+        #: the header's key version when it has one, so a reader checks keys as for the intact segment
+        self.key_version = key_version
+
+
+def _stand_in(path: Path, name: _Name, key_version: int, with_payload: bool) -> Segment:
+    """What a damaged file's name and folders say it holds, with a payload no key opens.
+
+    Filters, counts, expiry and erasure see the segment its name describes; a reader gets
+    a decryption failure and names the segment, as for an altered payload.
+    """
+    return Segment(
+        segment_id=name.segment_id,
+        subject_ref=path.parent.name,
+        user_ref=name.user_ref,
+        data_type=path.parent.parent.parent.name,
+        kind=name.kind,
+        key_version=key_version,
+        min_observed_at=_moment(name.min_us),
+        max_observed_at=_moment(name.max_us),
+        n_records=name.n_records,
+        payload=_NEVER_OPENS if with_payload else b"",
+    )
+
+
+def _moment(us: int) -> datetime:
+    """The instant a file name's microseconds stand for (clamped to what datetime holds)."""
+    try:
+        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC) if us > 0 else datetime.min.replace(tzinfo=UTC)
+
+
+def _day(segment: Segment) -> str:
+    """The day folder of a segment: that of its newest record."""
+    return segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _differences(segment: Segment, path: Path, name: _Name) -> list[str]:
+    """The fields of a header that differ from what its file's folders and name say (the index readers trust).
+
+    :raises ValueError, OverflowError, OSError: the header's times have no day or microsecond count
+    """
+    data_type, day, subject_ref = path.parts[-4:-1]
+    placed = {"data_type": data_type, "day": day, "subject_ref": subject_ref, **name._asdict()}
+    header = {
+        "data_type": segment.data_type,
+        "day": _day(segment),
+        "subject_ref": segment.subject_ref,
+        **_Name.of(segment)._asdict(),
+    }
+    return [field for field, value in placed.items() if header[field] != value]
+
+
+def _read(path: Path, with_payload: bool) -> Segment | None:
+    """The segment in ``path`` as its header describes it; None when it vanished (a concurrent expiry).
+
+    :raises _Damaged: the file has a segment's name but not a segment's header
     """
     try:
         with path.open("rb") as fh:
-            header = json.loads(fh.readline())
+            line = fh.readline()
             payload = fh.read() if with_payload else b""
     except FileNotFoundError:
         return None
+    try:
+        header = json.loads(line)
+    except ValueError as exc:
+        raise _Damaged(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _Damaged(f"header is not a JSON object but {type(header).__name__}")
+    version = header.get("key_version")
+    key_version = version if isinstance(version, int) and not isinstance(version, bool) else 0
     try:
         return Segment(
             segment_id=header["segment_id"],
@@ -489,5 +594,5 @@ def _read(path: Path, with_payload: bool) -> Segment | None:
             n_records=int(header["n_records"]),
             payload=payload,
         )
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"no segment header: {exc!r}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Damaged(f"header field missing or malformed: {exc!r}", key_version) from exc
