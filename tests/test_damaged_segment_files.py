@@ -113,7 +113,7 @@ def test_only_a_file_without_a_segment_name_is_foreign(home: Path, settings: Set
     assert result.stderr.splitlines()[1:] == [
         f"skipped 1 foreign file(s) in cloud_logging: {stray}",
         f"unreadable segment {_segment_id(damaged)} in cloud_logging: subject or key version 0 was never issued"
-        " by this keyring",
+        " by this keyring: the segment or its header was altered",
         "check failed: 1 segment(s) could not be read; every other record was shown",
     ]
     assert damaged.read_bytes() == b"garbage\n" and stray.exists()  # a read changes nothing
