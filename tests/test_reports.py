@@ -234,6 +234,18 @@ def test_audit_section_names_the_first_bad_entry_of_a_tampered_trail(pipeline: P
     assert broken["status"] == "audit trail broken at entry 2: content does not match its hash (altered)"
 
 
+def test_a_retention_pass_entry_altered_into_another_shape_is_a_fail_row_not_a_crash(pipeline: Pipeline) -> None:
+    write_demo_records(pipeline)
+    enforce(pipeline, now=T0)
+    seq = pipeline.audit.last("retention.pass").seq
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(update(audit_log).where(audit_log.c.seq == seq).values(details='{"backend_retention": 5}'))
+    report = build_report(pipeline, now=T0, plots=False)
+    failed = [r for r in report.retention if r["status"] == "FAIL"]
+    assert [r["data_type"] for r in failed] == [f"- (last pass: audit entry {seq} does not read as a retention pass)"]
+    assert (report.audit["intact"], report.audit["first_bad_seq"]) == (False, seq)
+
+
 def test_csv_writes_one_file_per_table_with_the_json_numbers(pipeline: Pipeline, tmp_path: Path) -> None:
     write_demo_records(pipeline)
     report = build_report(pipeline, now=T0, plots=False)

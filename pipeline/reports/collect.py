@@ -133,9 +133,7 @@ def assemble(
             out.append({"subject_ref": ref, **named, **row})
         return out
 
-    passes = [
-        r for r in _backend_retention(pipeline) + _failed_steps(pipeline) if stores is None or r["store"] in stores
-    ]
+    passes = [r for r in _last_pass(pipeline) if stores is None or r["store"] in stores]
     skipped = sorted(found.unreadable, key=lambda u: (u.store, u.segment_id, u.record_id or ""))  # threads interleave
     report = Report(
         generated_at=utcnow(),
@@ -303,10 +301,31 @@ def _requests_table(pipeline: Pipeline) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_REQUESTS_SCHEMA)
 
 
-def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
-    """Rows for retentions a backend enforces itself (a Cloud Logging bucket), as the last pass found them."""
+def _last_pass(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """The rows the last retention pass's audit entry gives; one FAIL row if its details are not a pass's
+    (altered in the database: the audit section names the entry)."""
     last_pass = pipeline.audit.last("retention.pass")
-    found = {} if last_pass is None else last_pass.details.get("backend_retention", {})
+    if last_pass is None:
+        return []
+    try:
+        return _backend_retention(last_pass.details) + _failed_steps(last_pass.details)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return [
+            {
+                "store": "-",
+                "data_type": f"- (last pass: audit entry {last_pass.seq} does not read as a retention pass)",
+                "retention": "altered?",
+                "limit_days": None,
+                "oldest_age_days": None,
+                "overdue": 0,
+                "status": "FAIL",
+            }
+        ]
+
+
+def _backend_retention(details: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for retentions a backend enforces itself (a Cloud Logging bucket), as the last pass found them."""
+    found = details.get("backend_retention", {})
     return [
         {
             "store": store,
@@ -325,10 +344,9 @@ def _backend_retention(pipeline: Pipeline) -> list[dict[str, Any]]:
     ]
 
 
-def _failed_steps(pipeline: Pipeline) -> list[dict[str, Any]]:
+def _failed_steps(details: dict[str, Any]) -> list[dict[str, Any]]:
     """A FAIL row for each step the last retention pass could not carry out (a store down, say)."""
-    last_pass = pipeline.audit.last("retention.pass")
-    failed = {} if last_pass is None else last_pass.details.get("failed_steps", {})
+    failed = details.get("failed_steps", {})
     rows = []
     for step, reason in sorted(failed.items()):
         target = step.partition(":")[2]  # expire:STORE/TYPE, compact:STORE, or none (key-retirement)
