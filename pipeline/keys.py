@@ -474,14 +474,20 @@ class Keyring:
             self.on_key_created(key_id, row.key_version)
         return row
 
-    def cipher_for(self, subject_ref: str, user_ref: str | None, key_version: int) -> AESGCM:
+    def cipher_for(self, subject_ref: str, user_ref: str | None, key_version: int, *, checked: bool = False) -> AESGCM:
         """The data key that sealed a segment; fails once the key was destroyed.
 
         Checked against the database on every call, as :meth:`cipher` is: a long-running process
         that cached a key another process destroyed (an erasure by ``enforce``) opens nothing more
         with it. A caller opening many segments of one subject checks once and passes the cipher.
+
+        :param checked: the caller read ``key_version`` as the live version just now, in the query
+            that read what it opens: a cached key is used without a read of its own
         """
         key_id = user_ref or subject_ref
+        cached = self._ciphers.get(key_id) if checked else None
+        if cached is not None and cached[0] == key_version:
+            return cached[1]
         version, cipher = self.cipher(subject_ref, user_ref, create=False)
         if version != key_version:
             raise KeyringError(f"data key version {key_version} of subject {key_id[:12]}… was destroyed")

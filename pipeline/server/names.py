@@ -79,7 +79,7 @@ class NameBox:
         if live_version is None or live_version != int(sealed.partition(":")[0]):
             return None  # erased (then perhaps back under a new key)
         try:
-            return _opened(row_id, sealed, self.keyring.cipher_for(subject_ref, user_ref, live_version))
+            return _opened(row_id, sealed, self.keyring.cipher_for(subject_ref, user_ref, live_version, checked=True))
         except (KeyringError, UnknownAccountError):  # destroyed since the caller's read
             return None
 
