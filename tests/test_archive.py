@@ -158,6 +158,56 @@ def test_erasing_a_subject_deletes_its_objects_and_names_them(s3_archive_url, ke
     assert len(_objects(s3_archive_url)) == 2
 
 
+def _versions(url: str) -> dict[str, list[bytes]]:
+    """Every version of every object in the bucket (noncurrent ones too), by key."""
+    s3 = boto3.client("s3")
+    bucket = urlparse(url).netloc
+    found: dict[str, list[bytes]] = {}
+    for version in s3.list_object_versions(Bucket=bucket).get("Versions", []):
+        body = s3.get_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Body"].read()
+        found.setdefault(version["Key"], []).append(body)
+    return found
+
+
+def _readable_rows(keyring, versions: dict[str, list[bytes]], account: str) -> int:  # noqa: ANN001
+    """Rows of ``account`` that any version still gives whoever holds the live keys."""
+    rows = 0
+    for key, bodies in versions.items():
+        if keyring.subject_ref(account) in key:
+            for body in bodies:
+                rows += pq.read_table(
+                    pa.BufferReader(body), decryption_properties=decryption_properties(keyring)
+                ).num_rows
+    return rows
+
+
+def test_a_versioned_bucket_keeps_no_old_version_of_what_expiry_rewrites_or_erasure_deletes(
+    s3_archive_url, keyring
+) -> None:  # noqa: ANN001
+    """S3 keeps a deleted or replaced object as a noncurrent version: rows expired or erased would stay
+    readable with the live key."""
+    boto3.client("s3").put_bucket_versioning(
+        Bucket=urlparse(s3_archive_url).netloc, VersioningConfiguration={"Status": "Enabled"}
+    )
+    records = [
+        make_record("cluster_snapshot", account=account, observed_at=T0 + timedelta(days=d, hours=h))
+        for account in ("acme", "globex")
+        for d in (0, 1, 2)
+        for h in (0, 12)
+    ]
+    store = _write(s3_archive_url, keyring, records)
+    store.compact(T0 + timedelta(days=5), lambda segments: None)  # one object a day and subject, rewritten
+    assert _readable_rows(keyring, _versions(s3_archive_url), "acme") == 6  # compaction forgot the pieces
+
+    store.expire("cluster_jobs", T0 + timedelta(days=1, hours=6))  # day 0 dropped, day 1 rewritten
+    assert _readable_rows(keyring, _versions(s3_archive_url), "globex") == 3
+    store.erase(keyring.subject_ref("acme"))
+    assert _readable_rows(keyring, _versions(s3_archive_url), "acme") == 0
+    assert (
+        sorted(r["account"] for s in store.scan() for r in rows_from_table(open_segment(keyring, s))) == ["globex"] * 3
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "module", "backend", "extra"),
     [

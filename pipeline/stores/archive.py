@@ -12,6 +12,8 @@ compactor that lost the race changes nothing, and the merged objects are deleted
 only after the merged one is in place. Readers drop a segment seen twice (a
 compaction interrupted before its deletes). A day's expiry and an erasure are
 whole-object deletes (the day of each segment's newest record, as in the logging store).
+In a versioned bucket every delete and rewrite also deletes the object's noncurrent
+versions, which would otherwise keep expired or erased rows readable with the live key.
 
 Every object is encrypted with Parquet modular encryption (footer and all
 columns): its data keys are wrapped, through :class:`KeyringKms`, by the
@@ -203,8 +205,35 @@ class ArchiveStore(Store):
     def _drop(self, key: str) -> Removed:
         head = self._call("delete", lambda: self._s3.head_object(Bucket=self.bucket, Key=key))
         counts = head.get("Metadata", {})
-        self._call("delete", lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+        self._delete(key)
         return Removed(int(counts.get("segments", 0)), int(counts.get("records", 0)), (f"s3://{self.bucket}/{key}",))
+
+    def _delete(self, key: str) -> None:
+        self._call("delete", lambda: self._s3.delete_object(Bucket=self.bucket, Key=key))
+        self._forget_versions(key)
+
+    @functools.cached_property
+    def _versioned(self) -> bool:
+        """Whether the bucket keeps versions (enabled now, or suspended with some kept): asked on the first delete."""
+        answer = self._call("delete", lambda: self._s3.get_bucket_versioning(Bucket=self.bucket))
+        return answer.get("Status") in ("Enabled", "Suspended")
+
+    def _forget_versions(self, key: str) -> None:
+        """Delete every noncurrent version and delete marker of ``key``; the current one stays, so a write
+        that lands meanwhile is never lost. In a versioned bucket a delete or a rewrite leaves the old
+        data as a noncurrent version, still readable with the live data key."""
+        if not self._versioned:
+            return
+        pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key)
+        for page in self._call("delete", lambda: list(pages)):
+            for version in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                if version["Key"] == key and not version["IsLatest"]:
+                    self._call(
+                        "delete",
+                        functools.partial(
+                            self._s3.delete_object, Bucket=self.bucket, Key=key, VersionId=version["VersionId"]
+                        ),
+                    )
 
     def _keep(self, key: str, keep: Callable[[pa.Table], pa.Array]) -> Removed:
         """Rewrite an object with the rows ``keep`` selects (delete it when none are left).
@@ -225,6 +254,7 @@ class ArchiveStore(Store):
         gone = table.filter(pc.invert(mask))
         if not self._put(key, kept, if_match=etag):
             return Removed()
+        self._forget_versions(key)  # the version read still holds the rows gone
         return Removed(len(pc.unique(gone.column("_segment_id"))), gone.num_rows)
 
     # -- the Store protocol --------------------------------------------------------------
@@ -333,8 +363,9 @@ class ArchiveStore(Store):
             merged_keys.append(key)
         if not merged_keys or not self._put(target, pa.concat_tables(tables, promote_options="default"), if_match=etag):
             return  # another compactor or a rewrite got there first: the next pass tries again
+        self._forget_versions(target)
         for key in merged_keys:
-            self._call("compact", functools.partial(self._s3.delete_object, Bucket=self.bucket, Key=key))
+            self._delete(key)
 
     def close(self) -> None:
         self._s3.close()
