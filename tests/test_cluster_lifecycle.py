@@ -19,6 +19,7 @@ from pipeline.records import tables_from_records, utcnow
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import TokenStore
 from pipeline.server.clusters import ClusterRegistry, Registration
+from pipeline.server.listening import note_listening, sweep_period
 
 LOST_AFTER = timedelta(minutes=10)  # the default of pipeline.server.cluster-lost-after
 
@@ -211,6 +212,56 @@ def test_two_sweeps_finding_one_stranded_cluster_record_its_job_once(registry: C
     assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 5)]
     logged = [r for r in registry.pipeline.read_records("cloud_logging", account="acme") if r["kind"] == "job"]
     assert [(j["status"], j["tasks_completed"]) for j in logged] == [("lost", 5)]
+
+
+def listened(registry: ClusterRegistry, start: datetime, end: datetime) -> None:
+    """A ``serve`` noting every sweep period from ``start`` to ``end`` that it listens (as its sweeper does)."""
+    step = timedelta(seconds=sweep_period(registry.pipeline.settings.cluster_lost_after))
+    at = start
+    while at < end:
+        note_listening(registry.pipeline.keyring.engine, "serve", at, registry._gap)
+        at += step
+    note_listening(registry.pipeline.keyring.engine, "serve", end, registry._gap)
+
+
+def test_an_outage_of_the_control_plane_longer_than_lost_after_loses_no_live_cluster(registry: ClusterRegistry) -> None:
+    """Nothing is heard while no ``serve`` listens: silence counts from its restart, and the batches the
+    plugin spooled meanwhile are taken, not refused as observed after a loss."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    listened(registry, start, start)
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=1)), now=start)
+    restart = start + LOST_AFTER * 6  # serve was down since just after start
+    assert registry.list(now=restart)[0]["state"] == "open"  # `clusters list` during the outage finds none lost
+    listened(registry, restart, restart + timedelta(seconds=1))
+    assert registry.sweep(now=restart + timedelta(seconds=1)) == []
+    spooled = snapshot(cluster, start + LOST_AFTER * 3, tasks_completed=5)  # observed while serve was down
+    heard_from(registry, cluster.cluster_id, batch(cluster, spooled), now=restart + timedelta(seconds=2))
+    assert registry.list(now=restart + timedelta(seconds=3))[0]["state"] == "open"
+    assert jobs(registry) == []
+
+    later = restart + timedelta(seconds=2) + LOST_AFTER  # then silent while serve listens: lost
+    listened(registry, restart, later)
+    assert registry.sweep(now=later) == [cluster.cluster_id]
+    [lost] = registry.list(now=later)
+    assert (lost["state"], lost["lost_at"]) == ("lost", later)
+    assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 5)]
+
+
+def test_a_cluster_silent_since_before_an_outage_is_lost_a_full_lost_after_past_the_restart(
+    registry: ClusterRegistry,
+) -> None:
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    listened(registry, start, start)
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start)), now=start)
+    restart = start + LOST_AFTER * 6
+    too_soon = restart + LOST_AFTER - timedelta(seconds=1)
+    listened(registry, restart, too_soon)
+    assert registry.sweep(now=too_soon) == []
+    listened(registry, too_soon, restart + LOST_AFTER)
+    assert registry.sweep(now=restart + LOST_AFTER) == [cluster.cluster_id]
+    assert registry.list(now=restart + LOST_AFTER)[0]["lost_at"] == restart + LOST_AFTER
 
 
 def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it_ended(

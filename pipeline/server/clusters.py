@@ -41,9 +41,11 @@ from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
 from pipeline.redact import first_line
+from pipeline.retention.lease import default_holder
 from pipeline.runtime import Locking, Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
+from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
 from pipeline.server.names import NameBox
 
 __all__ = [
@@ -254,6 +256,7 @@ class ClusterRegistry:
         """
         now = now or utcnow()
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
+        run = listening(self.pipeline.keyring.engine)
         query = select(clusters).where(
             clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at <= now - lost_after
         )
@@ -268,9 +271,18 @@ class ClusterRegistry:
             left = conn.execute(stranded).all()
         for row in left:
             self._record_lost_jobs(row, row.closed_at or row.lost_at)
+        lost = []
         for row in rows:
-            self._end(row, "lost", row.last_contact_at + lost_after)
-        return [row.cluster_id for row in rows]
+            silent = run.silent_from(row.last_contact_at, now, self._gap)
+            if silent is not None and silent + lost_after <= now:
+                self._end(row, "lost", silent + lost_after)
+                lost.append(row.cluster_id)
+        return lost
+
+    @property
+    def _gap(self) -> timedelta:
+        """No note of a listening ``serve`` for this long: the control plane was not listening."""
+        return timedelta(seconds=GAP_PERIODS * sweep_period(self.pipeline.settings.cluster_lost_after))
 
     def admit(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> Locking | None:
         """Admit a batch of cluster ``cluster_id``: the statement that notes the contact and the running
@@ -290,8 +302,10 @@ class ClusterRegistry:
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
         heard = row.last_contact_at
         if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
-            self._end(row, "lost", heard + lost_after)  # silent too long: lost, whether or not a sweep saw it yet
-            row = self._row(cluster_id)
+            silent = listening(self.pipeline.keyring.engine).silent_from(heard, now, self._gap)
+            if silent is not None and silent + lost_after <= now:  # lost, whether or not a sweep saw it yet
+                self._end(row, "lost", silent + lost_after)
+                row = self._row(cluster_id)
         if row.lost_at is not None:
             newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
             if newest > row.lost_at:
@@ -472,20 +486,25 @@ def _from_json(job: dict[str, Any]) -> dict[str, Any]:
 
 
 class LostClusterSweeper:
-    """Finds lost clusters every quarter of ``cluster-lost-after`` (at most a minute) on a thread of its own,
-    so their running jobs are recorded even when nobody lists clusters (``serve`` runs one)."""
+    """Notes that this ``serve`` listens and finds lost clusters, at once and then every quarter of
+    ``cluster-lost-after`` (at most a minute), on a thread of its own, so their running jobs are recorded
+    even when nobody lists clusters (``serve`` runs one; see :mod:`pipeline.server.listening`)."""
 
     def __init__(self, registry: ClusterRegistry) -> None:
         self.registry = registry
-        self.period = min(60.0, max(0.5, registry.pipeline.settings.cluster_lost_after / 4))
+        self.period = sweep_period(registry.pipeline.settings.cluster_lost_after)
+        self._holder = default_holder()
         self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.period):
+        while True:
             try:
+                note_listening(self.registry.pipeline.keyring.engine, self._holder, utcnow(), self.registry._gap)
                 self.registry.sweep()
             except Exception as exc:  # the database is down: the next round tries again
                 logger.warning("could not look for lost clusters: %s", first_line(exc))
+            if self._stop.wait(self.period):
+                return
 
     def stop(self) -> None:
         self._stop.set()
