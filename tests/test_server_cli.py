@@ -226,6 +226,21 @@ def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane,
     assert [c["cluster_id"] for c in listed] == [remote["cluster_id"]]  # bob sees globex's cluster only
 
 
+def test_a_cluster_whose_files_cannot_be_written_is_closed_and_leaves_no_file(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    """Nobody holds its token then: it must not stay open, its token valid for a month."""
+    out_dir = tmp_path / "shared"
+    out_dir.mkdir()
+    (out_dir / "client.yaml").symlink_to(tmp_path / "elsewhere")  # dangling: not there to the check, there to the write
+    failed = run("clusters", "create", "--account", "acme", "--out", str(out_dir))
+    assert failed.exit_code == 2 and "appeared while writing" in failed.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["client.yaml"] and not (tmp_path / "elsewhere").exists()
+    [cluster] = [json.loads(line) for line in run("clusters", "list", "--json").output.splitlines()]
+    assert cluster["state"] == "closed"
+    assert all(t.revoked_at is not None for t in plane.tokens.list() if t.kind == "cluster")
+
+
 @pytest.mark.parametrize(
     "args",
     [

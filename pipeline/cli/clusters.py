@@ -48,7 +48,11 @@ def clusters_create(
     if out_dir is None:
         out.result(registration, "")
         return
-    written = write_role_files(registration, out_dir)
+    try:
+        written = write_role_files(registration, out_dir)
+    except BaseException:
+        _withdraw(registration)  # nobody holds its token now: closed, it writes nothing
+        raise
     out.result(registration, lambda r: _render_role_files(r, written))
 
 
@@ -65,6 +69,18 @@ def _register_cluster(account: str, user: str | None, name: str | None, image: s
     with client:
         body = {"account": account, "user": user, "name": name, "image": image}
         return client.json("POST", "/v1/clusters", json=body)
+
+
+def _withdraw(registration: dict[str, Any]) -> None:
+    """Close a cluster registered for files that could not be written, as its owner would."""
+    from pipeline.server.clusters import ClusterRegistry
+
+    client = api_client()
+    if client is None:
+        ClusterRegistry(open_pipeline()).close(registration["cluster_id"], registration["token_id"])
+        return
+    with client:
+        client.json("POST", f"/v1/clusters/{registration['cluster_id']}/close")
 
 
 def _render_role_files(registration: dict[str, Any], written: dict[str, Path]) -> str:

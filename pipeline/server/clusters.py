@@ -158,15 +158,21 @@ def write_role_files(registration: dict[str, Any], out_dir: Path) -> dict[str, P
     import yaml
 
     check_role_files(out_dir)
-    written = {}
+    written: dict[str, Path] = {}
     with output_folder(out_dir):
         os.chmod(out_dir, FOLDER_MODE)  # an existing folder too: it now holds private keys
-        for role, config in role_configs(registration).items():
-            path = written[role] = out_dir / ROLE_FILES[role]
-            try:
-                write_private(path, yaml.safe_dump(config, sort_keys=False).encode(), replace=False)
-            except FileExistsError:
-                raise OutputError(f"{path} appeared while writing; give another --out folder") from None
+        try:
+            for role, config in role_configs(registration).items():
+                path = out_dir / ROLE_FILES[role]
+                try:
+                    write_private(path, yaml.safe_dump(config, sort_keys=False).encode(), replace=False)
+                except FileExistsError:
+                    raise OutputError(f"{path} appeared while writing; give another --out folder") from None
+                written[role] = path
+        except BaseException:
+            for path in written.values():  # all the files or none
+                path.unlink(missing_ok=True)
+            raise
     return written
 
 
