@@ -31,7 +31,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
-from pipeline.errors import BatchRefused, ConfigError, StoreUnavailable, Throttled, TokenRefused
+from pipeline.errors import BatchRefused, ClusterLost, ConfigError, StoreUnavailable, Throttled, TokenRefused
 from pipeline.redact import first_line, mask_url
 from pipeline.spool import SpooledBatch
 
@@ -258,6 +258,8 @@ class HTTPDelivery(Delivery):
             raise StoreUnavailable(answer)
         if response.status_code == 401:  # the token, not the batch: revoked, expired, or its cluster closed
             raise TokenRefused(f"the control plane refused this cluster's token: {answer}")
+        if response.status_code == 403 and ClusterLost.MARK in answer:  # and every batch it makes from now on
+            raise TokenRefused(f"the control plane ended this cluster: {answer}")
         raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")
 
     def retire(self) -> None:

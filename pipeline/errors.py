@@ -129,6 +129,14 @@ class ForbiddenBatch(BatchRefused, PermissionError):
     """The caller may not ingest this batch (another account or cluster, or not a cluster)."""
 
 
+class ClusterLost(ForbiddenBatch):
+    """A batch of a lost cluster observed after the loss (403): none newer will be taken, so its plugin
+    stops delivering as for a refused token rather than refusing each batch it makes from then on."""
+
+    #: what every answer of this kind holds in its first line (the plugin tells it by this)
+    MARK = "was lost at"
+
+
 class TokenRefused(PipelineError):
     """The ingest endpoint refused the cluster's token (revoked, expired, or its cluster closed).
 

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from controlplane import cluster_settings
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from distributed import Client, LocalCluster, wait
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 from tcpproxy import TCPProxy
 
 from pipeline.cli import main
 from pipeline.config import Settings
+from pipeline.db import clusters
 from pipeline.delivery import HTTPDelivery, remote_delivery
 from pipeline.errors import (
     AuthenticationError,
@@ -36,6 +38,7 @@ from pipeline.errors import (
 )
 from pipeline.intake import MEDIA_TYPE, open_batch
 from pipeline.keys import KeyProvider, Keyring
+from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import TokenStore
 from pipeline.server.clusters import ClusterRegistry, Registration
@@ -154,6 +157,17 @@ def test_the_control_plane_answers_the_delivery_contract(control_plane: ControlP
         delivery.deliver(SpooledBatch("b-1", b"hello"))
     with pytest.raises(TokenRefused, match="answered 401"):
         control_plane.delivery(TOKEN).deliver(SpooledBatch("b", b"x"))
+
+
+def test_a_lost_clusters_next_batch_stops_its_plugin_as_a_refused_token_would(control_plane: ControlPlane) -> None:
+    """Every batch it makes from then on is observed after the loss: one refusal ends delivery (the batch
+    stays in the spool), not one refused batch and one warning every few seconds."""
+    control_plane.delivery().deliver(control_plane.batch(observed_at=utcnow() - timedelta(minutes=1)))
+    with control_plane.pipeline.keyring.engine.begin() as conn:
+        conn.execute(update(clusters).values(lost_at=utcnow() - timedelta(seconds=30)))
+    with pytest.raises(TokenRefused, match="ended this cluster: .* was lost at "):
+        control_plane.delivery().deliver(control_plane.batch())
+    control_plane.delivery().deliver(control_plane.batch(observed_at=utcnow() - timedelta(minutes=2)))  # before: taken
 
 
 # -- closing a cluster gives up its token -------------------------------------------------------------

@@ -35,7 +35,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 
 from pipeline.bounds import MAX_STRING_BYTES
 from pipeline.db import clusters, reading, transaction
-from pipeline.errors import ForbiddenBatch, InvalidBinding, OutputError
+from pipeline.errors import ClusterLost, InvalidBinding, OutputError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
@@ -298,7 +298,7 @@ class ClusterRegistry:
         The running jobs are computed from the cluster's row as read here: two batches of one
         cluster in one group commit (a spool replayed beside live delivery) keep the later one's.
 
-        :raises ForbiddenBatch: the cluster was lost and the batch holds a record observed after
+        :raises ClusterLost: the cluster was lost and the batch holds a record observed after
             that (batches observed before it may still arrive, e.g. from ``spool replay``)
         """
         now = now or utcnow()
@@ -315,10 +315,10 @@ class ClusterRegistry:
         if row.lost_at is not None:
             newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
             if newest > row.lost_at:
-                raise ForbiddenBatch(
-                    f"batch {batch.batch_id} refused: cluster {cluster_id} was lost at {row.lost_at:%Y-%m-%d %H:%M:%S} "
-                    "UTC (nothing heard for pipeline.server.cluster-lost-after) and this batch was observed after; "
-                    "register the cluster again"
+                raise ClusterLost(
+                    f"batch {batch.batch_id} refused: cluster {cluster_id} {ClusterLost.MARK} "
+                    f"{row.lost_at:%Y-%m-%d %H:%M:%S} UTC (nothing heard for pipeline.server.cluster-lost-after) "
+                    "and this batch was observed after; register the cluster again"
                 )
             return None
         if row.closed_at is not None:  # a late batch (a spool replayed): written, the cluster stays as it ended
