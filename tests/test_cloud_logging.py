@@ -26,7 +26,7 @@ from google.cloud.logging_v2 import Client
 from google.cloud.logging_v2.types import LogSink
 
 from pipeline.cli import main
-from pipeline.config import Settings
+from pipeline.config import Settings, default_policy_path
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.records import rows_from_table, utcnow
 from pipeline.reports.collect import build_report
@@ -307,6 +307,21 @@ def test_a_locked_bucket_with_another_retention_fails_the_pass_and_the_report(
     result = CliRunner().invoke(main, ["enforce"])
     assert result.exit_code == 1
     assert "retention of cloud_logging does not match the policy" in result.stderr
+
+
+def test_a_shorter_limit_in_the_pipelines_bucket_fails_the_pass_naming_the_type(
+    gcp_fakes, own_settings, gcp_own_bucket_url, tmp_path
+) -> None:  # noqa: ANN001
+    """Its entries cannot be deleted and the bucket keeps every entry 30 days: 7 days cannot be kept."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(default_policy_path().read_text().replace("    software_env: 30d", "    software_env: 7d"))
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        report = enforce(Pipeline.open(Settings.from_config()))
+        assert report.failures == ["cloud_logging"]
+        found = report.backend["cloud_logging"]
+        assert (found["status"], found["wanted_days"], found["kept_longer"]) == ("FAIL", 30, ["software_env"])
+        assert "software_env: a shorter limit its entries cannot be held to" in report.summary()
+        assert CliRunner().invoke(main, ["enforce"]).exit_code == 1
 
 
 def test_an_erasure_in_the_pipelines_bucket_is_crypto_shredding_until_expiry(

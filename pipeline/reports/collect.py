@@ -331,7 +331,8 @@ def _backend_retention(details: dict[str, Any]) -> list[dict[str, Any]]:
             "store": store,
             "data_type": f"bucket {b['bucket']}"
             + (" (locked)" if b["locked"] else "")
-            + (" (holds other logs)" if b.get("holds_other_logs") else ""),
+            + (" (holds other logs)" if b.get("holds_other_logs") else "")
+            + (f" ({', '.join(b['kept_longer'])} kept longer than their limit)" if b.get("kept_longer") else ""),
             "retention": f"{b['wanted_days']}d (was {b['found_days']}d)"
             if b["updated"]
             else f"{b['found_days']}d" + ("" if b["status"] == "PASS" else f", policy {b['wanted_days']}d"),

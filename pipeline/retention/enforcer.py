@@ -100,6 +100,7 @@ class RetentionReport:
                 f"  {store:<14} {found['status']}: {found['bucket']} retention {found['found_days']}d"
                 f"{' (locked)' if found['locked'] else ''}, policy {found['wanted_days']}d"
                 f"{' (holds other logs: never changed)' if found.get('holds_other_logs') else ''}"
+                f"{_kept_longer(found)}"
                 f"{', updated' if found['updated'] else ''}"
             )
         for store, n in self.foreign_files.items():
@@ -187,6 +188,11 @@ def _step(report: RetentionReport, name: str, action: Callable[..., Any], *args:
         logger.error("retention step %s failed: %s", name, reason, exc_info=not isinstance(exc, PipelineError))
         return False
     return True
+
+
+def _kept_longer(found: dict[str, Any]) -> str:
+    kept = found.get("kept_longer")
+    return f" ({', '.join(kept)}: a shorter limit its entries cannot be held to)" if kept else ""
 
 
 def _apply_backend_retention(report: RetentionReport, name: str, backend: Store, limits: dict[str, timedelta]) -> None:

@@ -70,10 +70,12 @@ class BucketRetention:
     updated: bool
     #: sinks that route other logs into the bucket: it is never changed
     shared_with: tuple[str, ...] = ()
+    #: data types whose limit is shorter than the bucket's one retention: kept longer than the policy says
+    kept_longer: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.updated or self.found_days == self.wanted_days
+        return (self.updated or self.found_days == self.wanted_days) and not self.kept_longer
 
     def as_dict(self) -> dict[str, Any]:
         found = {
@@ -86,6 +88,8 @@ class BucketRetention:
         }
         if self.shared_with:
             found["holds_other_logs"] = list(self.shared_with)
+        if self.kept_longer:
+            found["kept_longer"] = list(self.kept_longer)
         return found
 
 
@@ -110,11 +114,14 @@ class LogBucketConfig:
     def apply_retention(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
         """Set the log bucket's retention to the policy's longest limit.
 
-        A locked bucket, or one that holds other logs, with another retention is a FAIL.
+        A locked bucket, or one that holds other logs, with another retention is a FAIL; so is
+        a shorter limit of another data type in a bucket of the pipeline's own, whose entries
+        cannot be deleted: they stay as long as the bucket keeps any.
         """
         wanted = _days(limits)
         if wanted is None:
             return None
+        kept_longer = () if self.is_default else _shorter(limits, wanted)
         bucket = self._read_bucket()
         found, locked = int(bucket.retention_days), bool(bucket.locked)
         shared = self._other_writers()
@@ -128,7 +135,7 @@ class LogBucketConfig:
             config = self._client()
             self._call("setting the log bucket's retention", lambda: config.update_bucket(request=request))
             updated = True
-        return BucketRetention(self.bucket, found, wanted, locked, updated, shared).as_dict()
+        return BucketRetention(self.bucket, found, wanted, locked, updated, shared, kept_longer).as_dict()
 
     def set_up(self, limits: Mapping[str, timedelta]) -> dict[str, Any] | None:
         """Create the bucket of the pipeline's own, its sink and the exclusion on ``_Default`` (each once)."""
@@ -214,3 +221,8 @@ def _days(limits: Mapping[str, timedelta]) -> int | None:
     """The bucket retention a policy asks for: its longest finite limit, in whole days."""
     finite = [limit for limit in limits.values() if limit is not None]
     return math.ceil(max(finite) / timedelta(days=1)) if finite else None
+
+
+def _shorter(limits: Mapping[str, timedelta], days: int) -> tuple[str, ...]:
+    """The data types whose limit is shorter than ``days`` whole days."""
+    return tuple(sorted(t for t, limit in limits.items() if limit is not None and limit < timedelta(days=days)))
