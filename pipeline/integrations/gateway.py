@@ -15,7 +15,8 @@ backend. It replaces ``c.DaskGateway.backend_class`` with a subclass of that bac
 - gives each cluster a ``pipeline.home`` (its spool) of its own;
 - closes the cluster in the control plane when the gateway stops it. A scheduler that
   died, or one whose spool still holds batches, is left open: the control plane marks it
-  ``lost`` after ``cluster-lost-after``, and ``spool replay`` can still deliver.
+  ``lost`` after ``cluster-lost-after``. Its spool stays in the cluster's home, but the token
+  ``spool replay`` would need lived only in the scheduler's environment.
 
 Each cluster uses the gateway's own per-cluster TLS; the control plane issues none to a
 gateway. Registration and closing run on a worker thread: the gateway's loop never waits
@@ -208,7 +209,8 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
             spool = settings.cluster_home(cluster.name) / "spool"
             if spool.is_dir() and Spool(spool).pending_files():
                 self.log.warning(
-                    "Cluster %s stopped with batches in %s: left open for `metadata-pipeline spool replay`",
+                    "Cluster %s stopped with batches in %s: left open, to become lost (not delivered: its token "
+                    "was in the scheduler's environment only)",
                     cluster.name,
                     spool,
                 )
