@@ -18,7 +18,7 @@ bucket whose sink's filter matches it. ``entries:list`` on ``projects/P`` reads
 the ``_Default`` bucket; on ``projects/P/locations/L/buckets/B/views/V`` that bucket.
 
 ``FakeConfigGRPC`` serves ConfigServiceV2 ``GetBucket``, ``CreateBucket``,
-``UpdateBucket``, ``ListSinks``, ``CreateSink`` and ``CreateExclusion`` over
+``UpdateBucket``, ``ListSinks``, ``CreateSink``, ``CreateExclusion`` and ``GetExclusion`` over
 plaintext gRPC. Both check the shape of what they are sent (log names,
 resources, entry size, filter grammar, the explicit timestamp range, field
 masks, locked buckets) and answer with the API's error statuses, so a store
@@ -45,6 +45,7 @@ from google.cloud.logging_v2.types import (
     CreateExclusionRequest,
     CreateSinkRequest,
     GetBucketRequest,
+    GetExclusionRequest,
     ListSinksRequest,
     ListSinksResponse,
     LogBucket,
@@ -317,6 +318,7 @@ class FakeConfigGRPC:
             "ListSinks": (self.list_sinks, ListSinksRequest, ListSinksResponse),
             "CreateSink": (self.create_sink, CreateSinkRequest, LogSink),
             "CreateExclusion": (self.create_exclusion, CreateExclusionRequest, LogExclusion),
+            "GetExclusion": (self.get_exclusion, GetExclusionRequest, LogExclusion),
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(fn, request.deserialize, answer.serialize)
@@ -400,3 +402,8 @@ class FakeConfigGRPC:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"exclusion {name} already exists")
         self.exclusions[name] = LogExclusion(name=request.exclusion.name, filter=request.exclusion.filter)
         return self.exclusions[name]
+
+    def get_exclusion(self, request: GetExclusionRequest, context: grpc.ServicerContext) -> LogExclusion:
+        if request.name not in self.exclusions:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"exclusion {request.name} not found")
+        return self.exclusions[request.name]

@@ -244,6 +244,25 @@ def test_before_init_the_store_refuses_to_write_and_names_init(gcp_fakes, gcp_ow
     assert not rest.logs(_project(gcp_own_bucket_url))  # nothing went to _Default meanwhile
 
 
+@pytest.mark.parametrize("lost", ["sink", "exclusion on _Default"])
+def test_after_an_init_that_stopped_part_way_the_store_refuses_to_write(
+    gcp_fakes, own_settings, gcp_own_bucket_url, keyring, lost
+) -> None:  # noqa: ANN001
+    """Without the sink entries would land in _Default only, where reads never look; without the exclusion a
+    copy of each would, which expiry and erasure never reach."""
+    rest, config = gcp_fakes
+    project, name = _project(gcp_own_bucket_url), _bucket(gcp_own_bucket_url).rsplit("/", 1)[1]
+    kept = config.sinks if lost == "sink" else config.exclusions
+    del kept[f"projects/{project}/{'sinks' if lost == 'sink' else 'exclusions'}/{name}"]
+    store = open_store(gcp_own_bucket_url)
+    with pytest.raises(StoreError, match=f"has no {lost} for the pipeline's logs .* run `metadata-pipeline init`"):
+        store.write(seal_records(keyring, [make_record(observed_at=T0)]))
+    assert not rest.logs(project)  # nothing went to _Default meanwhile
+    assert CliRunner().invoke(main, ["init"]).exit_code == 0  # init makes what is missing
+    open_store(gcp_own_bucket_url).write(seal_records(keyring, [make_record(observed_at=utcnow())]))
+    assert not rest.logs(project) and len(rest.logs(project, "metadata-pipeline")) == 1  # routed, not copied
+
+
 def test_a_pass_sets_the_pipelines_400_day_bucket_to_30_and_audits_it(
     gcp_fakes, own_settings, gcp_own_bucket_url
 ) -> None:  # noqa: ANN001

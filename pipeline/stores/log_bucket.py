@@ -172,11 +172,14 @@ class LogBucketConfig:
         config = self._client()
         return self._call("reading the log bucket", lambda: config.get_bucket(request=request))
 
-    def _other_writers(self) -> tuple[str, ...]:
-        """Sinks that route logs other than this store's into the bucket (``_Default`` always has one)."""
+    def _sinks(self) -> list[LogSink]:
         config = self._client()
         request = ListSinksRequest(parent=f"projects/{self.project}")
-        sinks = self._call("listing the log sinks", lambda: list(config.list_sinks(request=request)))
+        return self._call("listing the log sinks", lambda: list(config.list_sinks(request=request)))
+
+    def _other_writers(self) -> tuple[str, ...]:
+        """Sinks that route logs other than this store's into the bucket (``_Default`` always has one)."""
+        sinks = self._sinks()
         destination = f"logging.googleapis.com/{self.bucket}"
         others = [
             sink.name
@@ -191,9 +194,11 @@ class LogBucketConfig:
         return int(self._read_bucket().retention_days)
 
     def require(self) -> None:
-        """Refuse to write or read before ``init`` made the bucket (entries would land in ``_Default``).
+        """Refuse to write or read before ``init`` made the bucket, its sink and the exclusion on ``_Default``:
+        without the sink entries land in ``_Default`` only, where reads never look; without the exclusion
+        a copy of each lands there too, which expiry and erasure never reach.
 
-        :raises StoreError: the bucket does not exist, naming it and the command that creates it
+        :raises StoreError: one is missing, naming it and the command that makes it
         """
         try:
             self._read_bucket()
@@ -201,6 +206,33 @@ class LogBucketConfig:
             if isinstance(exc.__cause__, gexc.NotFound):
                 raise StoreError(f"log bucket {self.bucket} does not exist: run `metadata-pipeline init`") from exc
             raise
+        if self.is_default:
+            return
+        missing = [
+            what for what, found in (("sink", self._routed), ("exclusion on _Default", self._excluded)) if not found()
+        ]
+        if missing:
+            raise StoreError(
+                f"log bucket {self.bucket} has no {' and no '.join(missing)} for the pipeline's logs "
+                "(an init that stopped part way): run `metadata-pipeline init`"
+            )
+
+    def _routed(self) -> bool:
+        """Whether this store's sink routes its logs into the bucket."""
+        destination = f"logging.googleapis.com/{self.bucket}"
+        return any(k.name == self.bucket_id and k.destination == destination and not k.disabled for k in self._sinks())
+
+    def _excluded(self) -> bool:
+        """Whether the exclusion that keeps this store's logs out of ``_Default`` is there."""
+        config = self._client()
+        name = f"projects/{self.project}/exclusions/{self.bucket_id}"
+        try:
+            found = self._call("reading the log exclusion", lambda: config.get_exclusion(name=name))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, gexc.NotFound):
+                return False
+            raise
+        return not found.disabled
 
     def _client(self) -> ConfigServiceV2Client:
         if self._config is None:
