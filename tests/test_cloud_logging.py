@@ -294,6 +294,8 @@ def test_a_bucket_that_holds_other_logs_is_never_changed(
             sink = LogSink(name="audit-app", destination=f"logging.googleapis.com/{name}", filter='logName:"audit"')
             config.sinks[f"projects/{project}/sinks/audit-app"] = sink
         config.buckets[name].retention_days = 400
+        again = CliRunner().invoke(main, ["init"])  # idempotent, and as honest as enforce about this bucket
+        assert again.exit_code == 1 and "retention of cloud_logging does not match the policy" in again.stderr
         report = enforce(Pipeline.open(Settings.from_config()))
         assert config.buckets[name].retention_days == 400
         assert report.failures == ["cloud_logging"]

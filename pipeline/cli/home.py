@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import TEXT, command, main, open_pipeline
+from pipeline.cli.core import TEXT, CheckFailed, command, main, open_pipeline
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
 
@@ -38,6 +38,9 @@ def init(out: Output) -> None:
     details = {"home": str(s.home), "policy_sha256": pipeline.policy.sha256}
     pipeline.audit.append("init", details={**details, "set_up": set_up} if set_up else details)
     out.result(info, lambda d: "initialised\n" + "\n".join(f"  {k:<14} {v}" for k, v in d.items()))
+    failed = [name for name, found in set_up.items() if found.get("status") == "FAIL"]
+    if failed:  # as enforce says of the same bucket
+        raise CheckFailed(f"retention of {', '.join(failed)} does not match the policy (see {failed[0]}_set_up)")
 
 
 @command(main)
