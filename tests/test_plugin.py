@@ -41,7 +41,16 @@ def _records(settings: Settings, store: str = "long_term", **filters: Any) -> li
 @pytest.fixture
 def cluster(home) -> Iterator[LocalCluster]:  # noqa: ANN001
     with (
-        dask.config.set({"pipeline.account": "acme", "pipeline.user": "ann", "pipeline.plugin.interval": "200ms"}),
+        dask.config.set(
+            {
+                "pipeline.account": "acme",
+                "pipeline.user": "ann",
+                "pipeline.plugin.interval": "200ms",
+                # in-process workers measure the whole test process, which outgrows 80 % of 1 GiB late in a
+                # run: paused, they never finish a task
+                "distributed.worker.memory.pause": False,
+            }
+        ),
         preloaded_cluster(
             n_workers=2,
             threads_per_worker=2,
