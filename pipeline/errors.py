@@ -5,6 +5,7 @@
     PipelineError
      ├── ConfigError            bad setting, unknown URL scheme, missing optional extra
      │    └── InvalidBinding    a token's kind, account, user or cluster id is wrong (HTTP 400)
+     ├── InvalidName            an account or user name holds a control character (HTTP 400)
      ├── PolicyError            invalid retention policy (file, dotted field, reason)
      ├── KeyringError           missing/wrong/insecure master key, destroyed data key
      ├── UnknownAccountError    an account the keyring has never seen
@@ -41,6 +42,7 @@ __all__ = [
     "ForbiddenBatch",
     "IntakeError",
     "InvalidBinding",
+    "InvalidName",
     "KeyringError",
     "OutputError",
     "PipelineError",
@@ -65,6 +67,10 @@ class ConfigError(PipelineError, ValueError):
 
 class InvalidBinding(ConfigError):
     """What a token would be bound to is wrong: an unknown kind, a blank name, a missing account."""
+
+
+class InvalidName(PipelineError, ValueError):
+    """An account or user name no subject may have (a control character in it)."""
 
 
 class PolicyError(PipelineError, ValueError):

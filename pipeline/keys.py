@@ -20,7 +20,6 @@ import json
 import os
 import stat
 import threading
-import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, Unknown
 from pipeline.fsmodes import private_folder, write_private
 from pipeline.records import utcnow
 from pipeline.redact import mask_url
+from pipeline.subject_names import checked
 
-__all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "normalise", "open_key_provider"]
+__all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "open_key_provider"]
 
 _NONCE = 12
 INDEX_KEY_ID = "index"
@@ -253,11 +253,6 @@ def _aad(key_id: str, key_version: int) -> bytes:
     return f"pipeline-key|{key_id}|{key_version}".encode()
 
 
-def normalise(name: str) -> str:
-    """NFC: ``café`` typed with a combining accent and without is one name, one ref."""
-    return unicodedata.normalize("NFC", name)
-
-
 @dataclass(frozen=True)
 class MasterVersion:
     """One master key version's life: made, superseded by a newer one, retired (destroyed)."""
@@ -369,11 +364,14 @@ class Keyring:
             conn.execute(insert_ignoring_duplicates(self.engine, master_keys), rows)
 
     def subject_ref(self, account: str, user: str | None = None) -> str:
-        """Keyed hash of an account (or of account and user): the only id stored in clear."""
+        """Keyed hash of an account (or of account and user): the only id stored in clear.
+
+        :raises InvalidName: a name holds a control character (see :mod:`pipeline.subject_names`)
+        """
         ref = self._refs.get((account, user))
         if ref is None:
-            account_nfc = normalise(account)
-            message = account_nfc if user is None else f"{account_nfc}\0{normalise(user)}"
+            account_nfc = checked("account", account)
+            message = account_nfc if user is None else f"{account_nfc}\0{checked('user', user)}"
             ref = hmac.new(self._index_key, message.encode(), hashlib.sha256).hexdigest()
             self._refs[(account, user)] = ref
         return ref

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from pipeline.subject_names import same
+
 __all__ = ["ANY_ACCOUNT", "KINDS", "Principal"]
 
 Kind = Literal["cluster", "member", "admin", "gateway", "operator"]
@@ -55,12 +57,12 @@ class Principal:
 
     def may_read(self, account: str) -> bool:
         """Whether records of ``account`` are visible to this principal."""
-        return self.sees_every_account or (self.kind == "member" and self.account == account)
+        return self.sees_every_account or (self.kind == "member" and same(self.account, account))
 
     def may_register(self, account: str) -> bool:
         """Whether this principal may register a cluster of ``account``."""
         if self.kind == "gateway":
-            return ANY_ACCOUNT in self.accounts or account in self.accounts
+            return ANY_ACCOUNT in self.accounts or any(same(a, account) for a in self.accounts)
         return self.may_read(account)
 
     @property

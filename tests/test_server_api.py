@@ -295,3 +295,40 @@ def test_an_erasure_of_a_blank_name_is_400_as_a_token_of_one_would_be(plane: Con
         answer = admin.post("/v1/erasure-requests", json=body)
         assert "must not be blank" in assert_problem(answer, 400)["detail"]
         assert admin.get("/v1/erasure-requests").json() == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", "/v1/erasure-requests", {"account": "acme-Holdings\0ann.smith"}),
+        ("post", "/v1/erasure-requests", {"account": "acme-Holdings", "user": "ann.smith\0x"}),
+        ("post", "/v1/clusters", {"account": "acme-Holdings\0ann.smith"}),
+        ("post", "/v1/clusters", {"account": "acme-Holdings", "user": "ann\nsmith"}),
+        ("get", "/v1/records?account=acme-Holdings%00ann.smith", None),
+    ],
+)
+def test_a_name_with_a_control_character_is_400_and_cannot_alias_another_subject(
+    plane: ControlPlane, method: str, path: str, body: dict | None
+) -> None:
+    """Account ``a\\0b`` would hash as user ``b`` of account ``a``: erasing it would shred ann's key."""
+    with plane.admin() as admin:
+        answer = admin.request(method, path, json=body)
+        assert "control character" in assert_problem(answer, 400)["detail"]
+        assert admin.get("/v1/erasure-requests").json() == []
+    with plane.member("acme-Holdings", "ann.smith") as ann:
+        assert ann.get("/v1/whoami").status_code == 200
+        assert len(ndjson(ann.get("/v1/records"))) == 2
+
+
+def test_a_members_own_names_typed_in_another_unicode_form_are_their_own(home: Path) -> None:
+    """``café`` typed with a combining accent is the same account, for reading, registering and erasing."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    pipeline = Pipeline.open(Settings.from_config(), create=True)
+    pipeline.write_records([make_record(account=composed, user="zo\u00eb")])
+    with serving(pipeline) as plane, plane.member(composed, "zo\u00eb") as zoe:
+        assert len(ndjson(zoe.get("/v1/records", params={"account": decomposed}))) == 1
+        registered = zoe.post("/v1/clusters", json={"account": decomposed, "user": "zoe\u0308"})
+        assert registered.status_code == 201, registered.text
+        filed = zoe.post("/v1/erasure-requests", json={"account": decomposed, "user": "zoe\u0308"})
+        assert filed.status_code == 201, filed.text
+    pipeline.close()

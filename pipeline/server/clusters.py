@@ -47,6 +47,7 @@ from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
 from pipeline.server.names import NameBox
+from pipeline.subject_names import same
 
 __all__ = [
     "ROLE_FILES",
@@ -541,7 +542,7 @@ def register_cluster(
     gateway = principal.kind == "gateway"
     if not principal.may_register(body.account):
         raise HTTPException(403, f"a {principal.kind} token may not register clusters of this account")
-    if not (principal.sees_every_account or gateway) and body.user not in (None, principal.user):
+    if not (principal.sees_every_account or gateway) and not (body.user is None or same(body.user, principal.user)):
         raise HTTPException(403, "a member registers clusters for themselves only; an admin may name another user")
     if body.user is not None and not body.user.strip():
         raise HTTPException(400, "user: must not be blank")

@@ -35,6 +35,7 @@ from pipeline.retention.requests import (
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require, token_sha256
 from pipeline.server.limits import RateLimit, too_many
+from pipeline.subject_names import same
 
 __all__ = ["filing_limit", "router"]
 
@@ -86,7 +87,9 @@ def file_erasure(
     for what, value in (("account", body.account), ("user", body.user)):
         if value is not None and not value.strip():  # as a token or a cluster refuses it
             raise HTTPException(400, f"{what}: must not be blank")
-    if not principal.sees_every_account and (body.account, body.user) != (principal.account, principal.user):
+    if not principal.sees_every_account and not (
+        same(body.account, principal.account) and same(body.user, principal.user)
+    ):
         raise HTTPException(403, "a member may request erasure of their own user only (give your account and user)")
     if not principal.sees_every_account:
         wait = request.app.state.erasure_filings.take(f"{principal.account}\0{principal.user}")

@@ -24,6 +24,7 @@ from pipeline.records import DATA_TYPES, KINDS
 from pipeline.retention.policy import STORES
 from pipeline.runtime import Pipeline, Unreadable
 from pipeline.server.auth import current_pipeline, require
+from pipeline.subject_names import same
 
 __all__ = ["router", "visible_account"]
 
@@ -50,7 +51,7 @@ def visible_account(pipeline: Pipeline, principal: Principal, account: str | Non
     """
     if account is None and not principal.sees_every_account:
         account = principal.account
-    if account is None or (principal.kind == "member" and account == principal.account):
+    if account is None or (principal.kind == "member" and same(account, principal.account)):
         return account
     if not principal.may_read(account):
         raise HTTPException(404, NOT_FOUND)

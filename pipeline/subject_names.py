@@ -1,0 +1,39 @@
+"""Account and user names as data subjects: one normal form, and nothing that joins two names into one.
+
+A subject's ref is a keyed hash of its account, or of account, NUL and user. A name
+holding NUL would make account ``a\\0b`` the same subject as user ``b`` of account
+``a`` (erasing one would shred the other), so no name may hold a control character.
+Names are compared as refs are made, in NFC: ``café`` typed with a combining accent
+and without is one name.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from pipeline.errors import InvalidName
+
+__all__ = ["checked", "normalise", "same"]
+
+
+def normalise(name: str) -> str:
+    """NFC: ``café`` typed with a combining accent and without is one name, one ref."""
+    return unicodedata.normalize("NFC", name)
+
+
+def checked(what: str, name: str) -> str:
+    """``name`` in NFC.
+
+    :raises InvalidName: it holds a control character (NUL, a line break, ...), naming it and ``what``
+    """
+    for char in name:
+        if unicodedata.category(char) == "Cc":
+            raise InvalidName(f"{what}: a name may not hold a control character (U+{ord(char):04X})")
+    return normalise(name)
+
+
+def same(a: str | None, b: str | None) -> bool:
+    """Whether two names (or two absent names) are one, however their accents were typed."""
+    if a is None or b is None:
+        return a is b
+    return normalise(a) == normalise(b)
