@@ -13,6 +13,7 @@ from pathlib import Path
 import dask.config
 import httpx
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 from conftest import make_record
 from controlplane import ControlPlane, serving
@@ -323,6 +324,9 @@ def test_a_member_follows_their_own_erasure_after_it_ended_their_token(plane: Co
     assert "completed" in status.output and "final on 20" in status.output
     wrong = httpx.get(f"{plane.url}/v1/erasure-requests/{request_id}/receipt", headers={"Receipt-Token": "mr_x"})
     assert wrong.status_code == 404
+    token = {"Receipt-Token": yaml.safe_load(receipt.read_text())["receipt_token"]}
+    not_ascii = httpx.get(f"{plane.url}/v1/erasure-requests/%C3%A9/receipt", headers=token)
+    assert not_ascii.status_code == 404, not_ascii.text  # was a 500
 
 
 def test_a_member_closes_their_clusters_and_only_theirs(plane: ControlPlane) -> None:

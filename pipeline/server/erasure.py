@@ -151,6 +151,6 @@ def get_erasure_by_receipt(
         kept = conn.execute(
             select(erasure_receipts.c.request_id).where(erasure_receipts.c.token_sha256 == token_sha256(receipt_token))
         ).scalar_one_or_none()
-    if kept is None or not hmac.compare_digest(kept, request_id):
+    if kept is None or not hmac.compare_digest(kept.encode(), request_id.encode()):  # str: ASCII only
         raise RequestNotFound(request_id)
     return get_request(pipeline, request_id).as_dict()
