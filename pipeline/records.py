@@ -238,4 +238,8 @@ def check_table(table: pa.Table) -> str:
             raise ValueError(f"{spec.name} record lacks {field.name}")
     if pc.unique(table.column("data_type")).to_pylist() != [spec.data_type]:
         raise ValueError(f"{spec.name} record has a data_type other than {spec.data_type!r}")
+    if spec.name == "cluster_snapshot":  # the control plane keeps each running job by its id
+        running = pc.list_flatten(table.column("jobs_running"))
+        if running.null_count or pc.struct_field(running, "job_id").null_count:
+            raise ValueError("cluster_snapshot record has a running job that is null or has no job_id")
     return spec.name

@@ -221,6 +221,17 @@ def test_a_running_jobs_progress_is_bounded_like_a_jobs(plane: ControlPlane) -> 
     assert stored(plane)["long_term"] == []
 
 
+@pytest.mark.parametrize("entry", [None, {"job_id": None, "tasks_total": 1}], ids=["null entry", "null job_id"])
+def test_a_running_job_without_an_id_is_400_not_500(plane: ControlPlane, entry: dict[str, Any] | None) -> None:
+    """The control plane keeps each running job by its id, to record it if the cluster ends first."""
+    registration = register(plane)
+    running = pa.array([[entry]], pa.list_(pa.struct(JOB_PROGRESS)))
+    batch = _with_column(own(registration, "cluster_snapshot"), "jobs_running", running)
+    answer = post(plane, registration, sealed_by_hand(registration, [[batch]]))
+    assert "running job that is null or has no job_id" in assert_problem(answer, 400)["detail"]
+    assert stored(plane)["long_term"] == []
+
+
 def test_a_thousand_users_in_one_batch_is_400(plane: ControlPlane) -> None:
     registration = register(plane)
     records = [own(registration, user=f"user-{n}") for n in range(1000)]
