@@ -114,8 +114,11 @@ def test_closing_a_cluster_revokes_its_token_and_records_its_running_job_lost(re
     assert (closed["state"], closed["closed_at"]) == ("closed", now + timedelta(minutes=1))
     assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 4)]
     assert TokenStore(registry.pipeline).list()[-1].revoked_at is not None
-    registry.close(cluster.cluster_id, cluster.token_id)  # idempotent: nothing recorded twice
+    for _ in range(3):  # idempotent: nothing recorded or audited twice
+        registry.close(cluster.cluster_id, cluster.token_id)
     assert len(jobs(registry)) == 1
+    audited = [e.action for e in registry.pipeline.audit.entries() if e.action in ("cluster.closed", "token.revoked")]
+    assert sorted(audited) == ["cluster.closed", "token.revoked"]
 
 
 def test_a_job_that_finished_is_not_recorded_lost(registry: ClusterRegistry) -> None:

@@ -193,15 +193,16 @@ class TokenStore:
         :raises TokenNotFound:
         """
         with transaction(self.engine, "revoking an API token") as conn:
-            conn.execute(
+            revoked = conn.execute(
                 update(api_tokens)
                 .where(api_tokens.c.token_id == token_id, api_tokens.c.revoked_at.is_(None))
                 .values(revoked_at=now or utcnow())
-            )
+            ).rowcount
             row = conn.execute(select(api_tokens).where(api_tokens.c.token_id == token_id)).first()
         if row is None:
             raise TokenNotFound(token_id)
-        self.pipeline.audit.append("token.revoked", subject_ref=row.subject_ref, details={"token_id": token_id})
+        if revoked:  # once: closing a closed cluster again must not grow the audit trail
+            self.pipeline.audit.append("token.revoked", subject_ref=row.subject_ref, details={"token_id": token_id})
         return self._info(row)
 
     def authenticate(self, token: str, *, now: datetime | None = None) -> Principal:
