@@ -343,18 +343,29 @@ def test_an_unwritable_out_folder_is_one_line(command: list[str], home: Path) ->
 # 7. Terminal injection -----------------------------------------------------------------------------------------
 
 
-def test_control_characters_in_names_are_escaped_in_text_and_exact_in_json(home: Path) -> None:
-    evil = "acme\n2026-01-01 00:00:00  account/account  root  -  -\x1b[2J\x1b]0;pwned\x07"
-    assert add_account(evil, "ann\rmallory").exit_code == 0
+def test_a_name_with_control_characters_is_refused_in_one_escaped_line(home: Path) -> None:
+    """A name may not hold one (account ``a\\0b`` would be user ``b`` of account ``a``); the refusal quotes none."""
+    evil = "acme\x1b[2J\x1b]0;pwned\x07"
+    refused = add_account(evil)
+    assert "account: a name may not hold a control character (U+001B)" in one_line(refused)
+    assert "\x1b" not in refused.output
+    assert "user: a name may not hold a control character (U+000D)" in one_line(add_account("acme", "ann\rmallory"))
+
+
+def test_control_characters_in_other_fields_are_escaped_in_text_and_exact_in_json(
+    home: Path, settings: Settings
+) -> None:
+    evil = "c\n2026-01-01 00:00:00  account/account  root  -  -\x1b[2J\x1b]0;pwned\x07"
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records([make_record(cluster_id=evil)])
+    pipeline.close()
     text = run("records")
     assert text.exit_code == 0, text.output
     (line,) = text.stdout.splitlines()
     assert "\x1b" not in text.output and "\r" not in text.output
-    assert (
-        "acme\\x0a2026-01-01 00:00:00  account/account  root  -  -\\x1b[2J\\x1b]0;pwned\\x07  ann\\x0dmallory" in line
-    )
+    assert "c\\x0a2026-01-01 00:00:00  account/account  root  -  -\\x1b[2J\\x1b]0;pwned\\x07" in line
     record = json.loads(run("records", "--json").stdout)
-    assert (record["account"], record["user"]) == (evil, "ann\rmallory")
+    assert record["cluster_id"] == evil
 
 
 # 8. Corrupt segments -------------------------------------------------------------------------------------------
