@@ -17,6 +17,7 @@
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
      │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
      │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
+     ├── SubjectSuppressed      an erasure filed with --suppress keeps the subject's records out
      ├── TokenRefused           the ingest endpoint refused the cluster's token itself (401): stop delivering
      ├── OutputError            a file or folder a command was asked to write cannot be written
      ├── AuditIntegrityError    the audit trail was altered
@@ -50,6 +51,7 @@ __all__ = [
     "SpoolError",
     "StoreError",
     "StoreUnavailable",
+    "SubjectSuppressed",
     "Throttled",
     "TokenNotFound",
     "TokenRefused",
@@ -141,6 +143,10 @@ class ClusterLost(ForbiddenBatch):
 
     #: what every answer of this kind holds in its first line (the plugin tells it by this)
     MARK = "was lost at"
+
+
+class SubjectSuppressed(PipelineError):
+    """A record was not stored: an erasure filed with ``--suppress`` drops its subject's until lifted."""
 
 
 class TokenRefused(PipelineError):

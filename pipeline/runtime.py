@@ -46,7 +46,7 @@ from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.principals import Principal
-from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, utcnow
+from pipeline.records import rows_from_table, table_from_rows, tables_from_records, unreadable_rows, utcnow
 from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
@@ -558,17 +558,27 @@ class Pipeline:
         """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch)."""
         if not stones.get(batch.subject_ref):  # every record is of the batch's account (scoped): none forbidden
             return [table for table in batch.tables if table.num_rows]
+        return self._without_erased(batch.tables, {"batch_id": batch.batch_id}, batch.subject_ref, stones)
+
+    def _without_erased(
+        self,
+        tables: Sequence[pa.Table],
+        source: dict[str, str],
+        subject_ref: str | None = None,
+        stones: Mapping[str, list[tombstones.Tombstone]] | None = None,
+    ) -> list[pa.Table]:
+        """``tables`` less what tombstones forbid, the drop audited with ``source`` (what the records came in)."""
         tables, dropped = tombstones.drop_erased(
             self.keyring.engine,
-            batch.tables,
+            tables,
             lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u)),
             loaded=stones,
         )
         if dropped:
             self.audit.append(
                 "ingest.dropped",
-                subject_ref=batch.subject_ref,
-                details={"batch_id": batch.batch_id, "records": sum(dropped.values()), "by_request": dict(dropped)},
+                subject_ref=subject_ref,
+                details={**source, "records": sum(dropped.values()), "by_request": dict(dropped)},
             )
         return [table for table in tables if table.num_rows]
 
@@ -582,12 +592,16 @@ class Pipeline:
         return routed
 
     def write_records(self, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None) -> dict[str, int]:
-        """Seal and write records straight to every store the policy routes them to.
+        """Seal and write records straight to every store the policy routes them to, less what an
+        erasure's tombstone forbids (dropped and audited, as ingest does); store name → segments new.
 
         With ``segment_seed`` (see :func:`seal_tables`), writing the same records again, after a
         crash or from another process at the same moment, stores nothing twice.
+
+        :raises ValueError: a record does not fit its kind's schema
         """
-        routed = self.route(seal_records(self.keyring, records, segment_seed=segment_seed))
+        tables = self._without_erased(tables_from_records(records), {"written_as": segment_seed or "records"})
+        routed = self.route(seal_tables(self.keyring, tables, segment_seed=segment_seed))
         return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
 
     def subject_ref(self, account: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner, Result
-from conftest import make_record, sealed_batch
+from conftest import make_record, one_line, sealed_batch
 
 from pipeline.cli import main
 from pipeline.config import Settings
@@ -172,3 +172,24 @@ def test_keys_rotate_keeps_data_readable(home: Path) -> None:
 def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_accounts_add_of_a_suppressed_user_stores_nothing_and_says_so(home: Path, settings: Settings) -> None:
+    """``--suppress`` drops the subject's later records: ``accounts add`` wrote carl's e-mail back, exit 0."""
+    assert run("init").exit_code == 0
+    assert run("erase", "request", "--account", "globex", "--user", "carl", "--suppress").exit_code == 0
+    assert run("enforce").exit_code == 0
+    added = run("accounts", "add", "--account", "globex", "--username", "carl", "--email", "carl@globex.test")
+    assert "an erasure suppresses them until lifted" in one_line(added)
+    pipeline = Pipeline.open(settings)
+    assert [r for store in pipeline.stores for r in pipeline.read_records(store)] == []
+    assert [e.details["records"] for e in pipeline.audit.entries() if e.action == "ingest.dropped"] == [1]
+    pipeline.close()
+
+
+def test_accounts_add_under_a_policy_that_keeps_account_records_nowhere_is_an_error(home: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nstores:\n  long_term:\n    cluster_jobs: until_deleted\n")
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        added = run("accounts", "add", "--account", "zed", "--username", "z", "--email", "z@zed.test")
+    assert "stores: no store keeps account records" in one_line(added)

@@ -79,7 +79,7 @@ def test_a_silent_cluster_is_lost_with_its_running_job_as_last_reported(registry
     assert (lost["state"], lost["lost_at"], lost["last_contact_at"]) == ("lost", last + LOST_AFTER, last)
     [job] = jobs(registry)
     assert (job["status"], job["tasks_total"], job["tasks_completed"], job["finished_at"]) == ("lost", 10, 6, None)
-    assert (job["job_id"], job["task_prefixes"], job["observed_at"]) == ("job-1", ["etl"], last + LOST_AFTER)
+    assert (job["job_id"], job["task_prefixes"], job["observed_at"]) == ("job-1", ["etl"], last)  # as last reported
     assert registry.sweep(now=last + LOST_AFTER * 3) == []  # lost once
     assert len(jobs(registry)) == 1
 
@@ -280,3 +280,30 @@ def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it
     [closed] = registry.list()
     assert (closed["state"], closed["last_contact_at"]) == ("closed", start)
     assert jobs(registry) == []  # its progress names no job left running
+
+
+@pytest.mark.parametrize("suppress", [False, True])
+@pytest.mark.parametrize("end", ["closed", "lost"])
+def test_a_running_job_of_a_user_erased_since_does_not_come_back_when_the_cluster_ends(
+    registry: ClusterRegistry, end: str, suppress: bool
+) -> None:
+    """The job was reported before ann's erasure; her cluster's end would have written it back, with her name."""
+    from pipeline.retention.requests import file_request, process_pending
+
+    cluster = registry.register("acme", "http://control-plane.invalid", user="ann")
+    start = utcnow()
+    report = snapshot(cluster, start, tasks_completed=3) | {"user": "ann"}
+    report["jobs_running"][0]["task_prefixes"] = ["ann_medical_etl"]
+    heard_from(registry, cluster.cluster_id, batch(cluster, report), now=start)
+    file_request(registry.pipeline, "acme", "ann", suppress=suppress)
+    [done] = process_pending(registry.pipeline)
+    assert done.state == "completed", done.error
+    if end == "closed":
+        registry.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(minutes=1))
+    else:
+        registry.sweep(now=start + LOST_AFTER * 2)
+    assert registry.list(now=start + LOST_AFTER * 2)[0]["state"] == end
+    for store in registry.pipeline.stores:
+        assert [r for r in registry.pipeline.read_records(store, account="acme") if r["kind"] == "job"] == []
+    [dropped] = [e for e in registry.pipeline.audit.entries() if e.action == "ingest.dropped"]
+    assert dropped.details["by_request"] == {done.request_id: 1}

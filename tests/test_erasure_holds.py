@@ -28,6 +28,7 @@ from pipeline.cli import main
 from pipeline.config import Settings
 from pipeline.db import keyring_keys, segments
 from pipeline.errors import KeyringError
+from pipeline.records import utcnow
 from pipeline.retention.enforcer import enforce
 from pipeline.retention.requests import file_request, get_request, not_final, process_pending, retry_request
 from pipeline.runtime import Pipeline
@@ -161,7 +162,8 @@ def test_a_process_that_cached_a_key_never_seals_under_it_after_another_destroye
     scheduler.write_records([make_record(account="acme", user="ann", observed_at=T0 - timedelta(hours=1))])
     _erase(Pipeline.open(settings), "acme")
 
-    scheduler.write_records([make_record(account="acme", user="ann", n_workers=7, observed_at=T0 + timedelta(days=1))])
+    after = utcnow()  # observed after the erasure: its tombstone lets it in
+    scheduler.write_records([make_record(account="acme", user="ann", n_workers=7, observed_at=after)])
     fresh = Pipeline.open(settings)
     assert [r["n_workers"] for r in fresh.read_records(account="acme")] == [7]
     stored = list(fresh.stores["long_term"].scan(subject_ref=fresh.keyring.subject_ref("acme")))

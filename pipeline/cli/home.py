@@ -107,6 +107,7 @@ def accounts_add(
     """
     import json
 
+    from pipeline.errors import PolicyError, SubjectSuppressed
     from pipeline.records import utcnow
 
     parsed: dict[str, float] = {}
@@ -133,7 +134,11 @@ def accounts_add(
         "team": team,
         "quotas": parsed,
     }
+    if not any(name in pipeline.stores for name in pipeline.policy.stores_for("account")):
+        raise PolicyError(pipeline.policy.path, "stores", "no store keeps account records: nothing would be stored")
     written = pipeline.write_records([record], segment_seed=f"account/{digest}")
+    if not written:  # a tombstone dropped it (audited as ingest.dropped)
+        raise SubjectSuppressed(f"{quoted(account)}, user {quoted(username)}: an erasure suppresses them until lifted")
     out.result({"account": account, "written": written}, f"account {account!r} stored in {', '.join(written)}")
 
 

@@ -355,20 +355,27 @@ class ClusterRegistry:
         )
 
     def _record_lost_jobs(self, row: Any, when: datetime) -> int:
-        """Write an ended cluster's running jobs as ``status: lost`` at ``when``, then clear them; how many.
+        """Write an ended cluster's running jobs as ``status: lost``, then clear them; how many.
+
+        Each is observed when its counts were last reported (``when`` the cluster ended, if no
+        snapshot says), and goes through the tombstones as ingest does: a job of a user erased
+        since must not come back with the cluster's end.
 
         Record and segment ids derive from the cluster and its jobs, so writing them again stores
         nothing twice: two sweeps that find the same ended cluster at once, or a sweep after a
         process stopped between writing them and clearing them.
         """
+        running = self._running(row)
+        reported = running.get("observed_at")
+        observed_at = when if reported is None else datetime.fromisoformat(reported)
         lost = [
             {
                 **_from_json(job),
                 "record_id": _lost_record_id(row.cluster_id, job_id),
-                "observed_at": when,
+                "observed_at": observed_at,
                 "status": "lost",
             }
-            for job_id, job in self._running(row).get("jobs", {}).items()
+            for job_id, job in running.get("jobs", {}).items()
         ]
         if lost:
             self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{row.cluster_id}")
