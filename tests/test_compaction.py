@@ -184,3 +184,39 @@ def test_a_damaged_file_with_a_segment_name_is_neither_merged_nor_removed(pipeli
     assert stray.read_text() == "not a segment\n"
     assert store.foreign_files() == []
     assert _records(pipeline, damaged="f" * 32) == before
+
+
+@pytest.mark.parametrize(("step", "erased_as"), [("compact", "seal"), ("cut", "open_segment")])
+def test_an_erasure_finishing_mid_rewrite_leaves_nothing_readable(
+    pipeline: Pipeline, monkeypatch, step, erased_as
+) -> None:  # noqa: ANN001
+    """The erasure of ann completes while the pass rewrites her segments (the request job of ``serve`` runs
+    beside its retention job), after it read them or as it seals: the rewrite must not seal them anew."""
+    from pipeline.retention.requests import file_request, process_pending
+
+    file_request(pipeline, "acme", "ann")
+    read, seal, erased = enforcer.open_segment, enforcer.seal, []
+
+    def erase_if_ann(table) -> None:  # noqa: ANN001
+        if not erased and table.column("user")[0].as_py() == "ann":
+            erased.extend(process_pending(pipeline))
+
+    def read_then_erase(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        table = read(*args, **kwargs)
+        erase_if_ann(table)
+        return table
+
+    def erase_then_seal(keyring, subject_ref, user_ref, table, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        erase_if_ann(table)
+        return seal(keyring, subject_ref, user_ref, table, **kwargs)
+
+    hooks = {"open_segment": read_then_erase, "seal": erase_then_seal}
+    monkeypatch.setattr(enforcer, erased_as, hooks[erased_as])
+    store = _store(pipeline)
+    if step == "compact":
+        enforcer._compact(pipeline, enforcer.RetentionReport(NOW), "cloud_logging", store, NOW)
+    else:
+        [segment, *_] = [s for s in store.scan() if s.user_ref == pipeline.keyring.user_ref("acme", "ann")]
+        enforcer._cut(pipeline, store, segment, segment.max_observed_at)
+    assert [r.state for r in erased] == ["completed"]
+    assert [r for r in pipeline.read_records("cloud_logging", account="acme") if r["user"] == "ann"] == []

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import KeyringError, PipelineError
+from pipeline.errors import KeyringError, PipelineError, UnknownAccountError
 from pipeline.records import utcnow
 from pipeline.retention.requests import DeletionRequest, process_pending
 from pipeline.retention.retirement import retire_master_keys
@@ -228,8 +228,21 @@ def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
         return None
     table = pa.concat_tables(tables).sort_by("observed_at")
     merged_id = hashlib.sha256("|".join(sorted(s.segment_id for s in segments)).encode()).hexdigest()[:32]
+    return _resealed(pipeline, segments, table, merged_id)
+
+
+def _resealed(pipeline: Pipeline, segments: list[Segment], table: pa.Table, segment_id: str) -> Segment | None:
+    """``table`` (read from ``segments``) sealed again under the key version that sealed them; ``None``
+    once that version is gone. An erasure may finish between the read and this seal: a new key (of records
+    that arrived since) must never hold records from before it."""
     first = segments[0]
-    return seal(pipeline.keyring, first.subject_ref, first.user_ref, table, segment_id=merged_id)
+    try:
+        key = pipeline.keyring.cipher(first.subject_ref, first.user_ref, create=False)
+    except (KeyringError, UnknownAccountError):
+        return None
+    if any(s.key_version != key[0] for s in segments):
+        return None
+    return seal(pipeline.keyring, first.subject_ref, first.user_ref, table, segment_id=segment_id, key=key)
 
 
 def _cut(pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime) -> Removed:
@@ -241,6 +254,9 @@ def _cut(pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime) -
     observed = table.column("observed_at")
     kept = table.filter(pc.greater_equal(observed, pa.scalar(cutoff, observed.type)))
     new_id = hashlib.sha256(f"{segment.segment_id}|{cutoff.isoformat()}".encode()).hexdigest()[:32]
-    store.write([seal(pipeline.keyring, segment.subject_ref, segment.user_ref, kept, segment_id=new_id)])
+    cut = _resealed(pipeline, [segment], kept, new_id)
+    if cut is None:  # crypto-shredded since it was read
+        return store.delete([segment.segment_id])
+    store.write([cut])
     store.delete([segment.segment_id])
     return Removed(0, segment.n_records - kept.num_rows)
