@@ -145,6 +145,14 @@ def test_duplicate_yaml_keys_are_refused(inserted: str, key: str, tmp_path: Path
     assert str(info.value) == f"{path}: not valid YAML at line 10: duplicate key {key!r}"
 
 
+@pytest.mark.parametrize("key", ["[a]", "{a: 1}"], ids=["list", "mapping"])
+def test_a_compound_yaml_key_is_one_line_not_a_traceback(key: str, tmp_path: Path, home: Path) -> None:
+    path = write_policy(tmp_path, SHIPPED.replace("erasure:", f"? {key}\n: 30d\nerasure:"))
+    with dask.config.set({"pipeline.policy": str(path)}):
+        line = one_line(run("records"))
+    assert line == f"error: {path}: not valid YAML at line 10: a mapping key must be a name"
+
+
 @pytest.mark.parametrize(
     "command",
     [["erase", "request", "--account", "acme"], ["enforce"], ["report", "--out", "REPORT"]],

@@ -57,7 +57,7 @@ def parse_duration(value: Any) -> timedelta | None:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader without aliases (a 500-byte file must not expand to gigabytes) or duplicate keys."""
+    """SafeLoader without aliases (a 500-byte file must not expand to gigabytes), duplicate or compound keys."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -69,7 +69,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _value in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool | None):  # a list or a mapping cannot be a key
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a name", key_node.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {quoted(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
