@@ -8,7 +8,9 @@ exactly as for any other dask setting. ``{home}`` in a URL expands to
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
 from pipeline.redact import mask_url, quoted
 
-__all__ = ["ServerLimits", "Settings", "default_policy_path"]
+__all__ = ["ServerLimits", "Settings", "default_policy_path", "spool_folder"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
@@ -45,6 +47,9 @@ def _get(key: str) -> Any:
     """
     return dask.config.get(f"pipeline.{key}", default=dask.config.get(f"pipeline.{key}", None, config=_DEFAULTS))
 
+
+#: a cluster id that may name a folder as it is
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -204,4 +209,18 @@ class Settings:
 
     @property
     def spool_dir(self) -> Path:
-        return self.home / "spool"
+        return spool_folder(self.home, self.cluster_id)
+
+
+def spool_folder(home: Path, cluster_id: str | None) -> Path:
+    """Where a scheduler spools: ``{home}/spool``, and with a cluster id a folder of that cluster's own.
+
+    Clusters started on one host with one home share it otherwise, and a new cluster's scheduler
+    would replay a dead one's batches, all refused (they name another cluster) and set aside.
+    An id that is no plain file name goes by its hash.
+    """
+    spool = home / "spool"
+    if cluster_id is None:
+        return spool
+    name = cluster_id if _PLAIN_NAME.fullmatch(cluster_id) else hashlib.sha256(cluster_id.encode()).hexdigest()[:32]
+    return spool / "clusters" / name

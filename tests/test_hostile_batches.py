@@ -13,12 +13,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import pyarrow as pa
 import pytest
-from conftest import make_record
-from controlplane import ControlPlane, assert_problem, ndjson
+from conftest import make_record, run
+from controlplane import ControlPlane, assert_problem, cluster_settings, ndjson
 from cryptography.hazmat.primitives import hpke
 
+from pipeline.config import Settings
 from pipeline.delivery import HTTPDelivery
 from pipeline.emitter import Emitter
 from pipeline.intake import load_public_key, seal_batch
@@ -399,3 +401,29 @@ def test_timestamps_lie_within_the_clusters_life_give_or_take_the_clock_skew(
     registration = register(plane)
     answer = post(plane, registration, sealed(registration, own(registration, observed_at=datetime.now(UTC) + offset)))
     assert answer.status_code == status, answer.text
+
+
+def test_two_clusters_started_with_one_home_keep_their_spools_apart(plane: ControlPlane, tmp_path: Path) -> None:
+    """A killed cluster's batches wait for ``spool replay`` with its config; the next cluster started on the
+    same host (same home) used to replay them as its own, each refused (another cluster's) and set aside."""
+    dead, live = register(plane), register(plane)
+    home = tmp_path / "scheduler-host"
+
+    def spool_of(registration: dict[str, Any]) -> Spool:
+        with dask.config.set(cluster_settings(registration, home)):
+            return Spool(Settings.from_config().spool_dir)
+
+    spool_of(dead).append(*sealed(dead, own(dead, n_workers=1)))  # left by the killed scheduler
+    delivery = HTTPDelivery(
+        plane.url, live["token"], load_public_key(live["intake_public_key"]), cluster_id=live["cluster_id"]
+    )
+    emitter = Emitter(delivery, spool_of(live), retry_max=0.2)
+    emitter.start()
+    emitter.submit([own(live, n_workers=2)])
+    assert emitter.close(timeout=30.0) is True
+    delivery.close()
+    assert (emitter.stats.batches_replayed, emitter.stats.batches_refused) == (0, 0) and rejections(plane) == []
+    with dask.config.set(cluster_settings(dead, home)):
+        replayed = run("spool", "replay", "--timeout", "20")
+    assert replayed.exit_code == 0, replayed.output
+    assert sorted(r["n_workers"] for r in stored(plane)["long_term"]) == [1, 2]

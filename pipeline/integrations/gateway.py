@@ -37,7 +37,7 @@ from urllib.parse import quote
 import dask.config
 
 from pipeline.apiclient import ApiClient, Credentials
-from pipeline.config import Settings
+from pipeline.config import Settings, spool_folder
 from pipeline.errors import ConfigError
 from pipeline.redact import first_line
 from pipeline.server.clusters import plugin_config  # imported with the gateway's config, not on its loop (1 s)
@@ -206,7 +206,7 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
                     "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
                 )
                 return
-            spool = settings.cluster_home(cluster.name) / "spool"
+            spool = spool_folder(settings.cluster_home(cluster.name), cluster_id)
             if spool.is_dir() and Spool(spool).pending_files():
                 self.log.warning(
                     "Cluster %s stopped with batches in %s: left open, to become lost (not delivered: its token "
