@@ -51,6 +51,7 @@ def _get(key: str) -> Any:
 #: a cluster id that may name a folder as it is
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
+
 @dataclass(frozen=True)
 class ServerLimits:
     """``pipeline.server.*`` limits: what one tenant, token or connection may take of the control plane."""
