@@ -105,10 +105,13 @@ class Spool:
             leftover.unlink(missing_ok=True)
         for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
             try:
-                yield self._load(path)
-            except SpoolError as exc:
+                batch = self._load(path)
+            except (SpoolError, OSError) as exc:  # an unreadable entry (a folder, no permission) is set aside too
+                reason = exc if isinstance(exc, SpoolError) else f"spool file {path.name} is unreadable: {exc.strerror}"
                 self._set_aside(path, self.corrupt_dir)
-                logger.error("%s; moved to %s", exc, self.corrupt_dir)
+                logger.error("%s; moved to %s", reason, self.corrupt_dir)
+                continue
+            yield batch
 
     def corrupt_files(self) -> list[Path]:
         return sorted(self.corrupt_dir.glob(f"*{_SUFFIX}")) if self.corrupt_dir.exists() else []

@@ -142,11 +142,12 @@ def test_spool_replay_sets_corrupt_files_aside_and_delivers_the_rest(home: Path,
     broken = spool.append(*sealed_batch(pipeline, [make_record("cluster_snapshot")]))
     path = settings.spool_dir / f"{broken.batch_id}.batch"
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    (settings.spool_dir / "zz.batch").mkdir()  # unreadable as a file: it stopped the replay (and an emitter) dead
 
     result = run("spool", "replay", "--timeout", "20")
     assert result.exit_code == 2
-    assert f"1 corrupt spool file(s) set aside in {settings.spool_dir / 'corrupt'}: {path.name}" in result.output
-    assert (settings.spool_dir / "corrupt" / path.name).exists()
+    assert f"2 corrupt spool file(s) set aside in {settings.spool_dir / 'corrupt'}: {path.name}" in result.output
+    assert (settings.spool_dir / "corrupt" / path.name).exists() and (settings.spool_dir / "corrupt/zz.batch").is_dir()
     assert spool.pending_files() == []
     assert len(list(pipeline.read_records("long_term"))) == 3
     assert len(list(pipeline.read_records("cloud_logging"))) == 3
