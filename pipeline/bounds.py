@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.emitter import MAX_BATCH_RECORDS
+from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS
 
 __all__ = [
     "CLOCK_SKEW",
@@ -42,8 +42,6 @@ MAX_BATCH_ROWS = MAX_BATCH_RECORDS
 MAX_BATCH_SUBJECTS = 16
 #: UTF-8 bytes of any one string (names, ids, image URLs, package names and versions)
 MAX_STRING_BYTES = 2_048
-#: entries of any one list or map (task prefixes of a job, packages of an environment, tasks by state)
-MAX_ITEMS = 10_000
 
 
 class OutOfBounds(ValueError):

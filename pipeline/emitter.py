@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 _MIN_BACKOFF = 0.1
 #: records per sealed batch: one batch stays far below MAX_SEALED_BYTES for every kind the plugin emits
 MAX_BATCH_RECORDS = 5_000
+#: entries of any one list or map a record may hold (task prefixes of a job, packages of an environment,
+#: tasks by state); ingest refuses more (:mod:`pipeline.bounds`)
+MAX_ITEMS = 10_000
 
 
 @dataclass

@@ -35,7 +35,7 @@ from tornado.ioloop import PeriodicCallback
 from pipeline.clock import utcnow
 from pipeline.config import Settings
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
-from pipeline.emitter import Emitter
+from pipeline.emitter import MAX_ITEMS, Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.principals import Principal
 from pipeline.redact import mask_url
@@ -427,7 +427,7 @@ class MetadataPlugin(SchedulerPlugin):
             "tasks_erred": job.erred,
             "compute_seconds": job.compute,
             "peak_memory_bytes": job.peak,
-            "task_prefixes": sorted(job.prefixes),
+            "task_prefixes": sorted(job.prefixes)[:MAX_ITEMS],  # ingest refuses more: the job would be lost
         }
 
     def _environment_record(self, python_version: str, packages: dict[str, str]) -> None:

@@ -16,11 +16,15 @@ import dask.config
 import distributed
 import pytest
 from clusters import preloaded_cluster
+from conftest import make_record, sealed_batch
 from distributed import Client, LocalCluster, wait
 
 from pipeline import environment
+from pipeline.bounds import MAX_ITEMS
 from pipeline.config import Settings
-from pipeline.plugin import MetadataPlugin
+from pipeline.plugin import MetadataPlugin, _Job
+from pipeline.principals import Principal
+from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
 
 
@@ -107,6 +111,20 @@ def test_one_job_record_per_client_call(cluster, settings) -> None:
     cluster.close()
     jobs = sorted((r["tasks_total"], r["task_prefixes"][0]) for r in _records(settings) if r["kind"] == "job")
     assert jobs == [(1, "sum"), (10, "maybe_fail")]
+
+
+def test_a_job_of_more_task_prefixes_than_ingest_takes_keeps_its_record(settings) -> None:
+    """Ingest takes at most 10,000 entries in a list: the job's record, and every snapshot while it ran, were
+    refused. (A real job of 10,050 prefixes costs a LocalCluster minutes: its progress is built here.)"""
+    job = _Job(utcnow())
+    job.prefixes = {f"t{i}" for i in range(MAX_ITEMS + 50)}
+    job.total = job.completed = MAX_ITEMS + 50
+    pipeline = Pipeline.open(settings, create=True)
+    record = make_record("job", account="acme", status="finished", **MetadataPlugin._progress(job))
+    pipeline.ingest(sealed_batch(pipeline, [record])[1], Principal.embedded_cluster("acme", None))
+    (stored,) = _records(settings)
+    assert len(stored["task_prefixes"]) == MAX_ITEMS and stored["task_prefixes"][0] == "t0"
+    pipeline.close()
 
 
 def test_snapshot_reports_the_cluster_as_the_scheduler_sees_it(cluster, settings) -> None:
