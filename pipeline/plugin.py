@@ -37,8 +37,9 @@ from pipeline.config import Settings
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import MAX_ITEMS, Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
+from pipeline.errors import PipelineError
 from pipeline.principals import Principal
-from pipeline.redact import mask_url
+from pipeline.redact import first_line, mask_url
 from pipeline.spool import Spool
 
 if TYPE_CHECKING:
@@ -137,7 +138,9 @@ class MetadataPlugin(SchedulerPlugin):
         try:
             self._start(scheduler)
         except Exception as exc:  # start must never raise: it would abort scheduler start-up
-            self._failed("start", exc)
+            self.errors += 1
+            expected = isinstance(exc, PipelineError | OSError | ValueError)  # a setting or the home: one line
+            logger.warning("metadata plugin not started: %s", first_line(exc), exc_info=None if expected else exc)
             await self._leave(scheduler)
 
     def _start(self, scheduler: Scheduler) -> None:

@@ -323,14 +323,22 @@ def test_a_home_removed_between_clusters_is_made_anew_and_the_next_cluster_lands
 
 @pytest.mark.parametrize(
     ("interval", "reason"),
-    [("soon", "pipeline.plugin.interval: 'soon' is not a duration"), ("0s", "positive callback_time")],
+    [
+        ("soon", "pipeline.plugin.interval: 'soon' is not a duration"),
+        ("0s", "positive callback_time"),
+        ("1s", "Not a directory"),
+    ],
 )
 def test_a_plugin_that_fails_to_start_leaves_the_scheduler(
     home, caplog: pytest.LogCaptureFixture, interval: str, reason: str
 ) -> None:
+    """One WARNING line and nothing written (a home under a file for the last case), no traceback."""
+    blocker = home.parent / "a-file"
+    blocker.write_text("")
     with (
         caplog.at_level(logging.WARNING, logger="pipeline"),
         dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": interval}),
+        dask.config.set({"pipeline.home": str(blocker / "home")} if interval == "1s" else {}),
         preloaded_cluster(
             n_workers=2,
             processes=False,
@@ -342,5 +350,6 @@ def test_a_plugin_that_fails_to_start_leaves_the_scheduler(
         client.wait_for_workers(3)
         assert sum(client.gather(client.map(maybe_fail, range(20)))) > 0
     (failure,) = [r for r in caplog.records if r.name.startswith("pipeline")]
-    assert reason in failure.getMessage()
+    assert failure.getMessage().startswith("metadata plugin not started: ") and reason in failure.getMessage()
+    assert failure.exc_info is None and "\n" not in failure.getMessage()
     assert not home.exists()  # nothing written
