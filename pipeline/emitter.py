@@ -93,6 +93,7 @@ class Emitter:
         self._in_hand = False  # records taken from the queue, not yet among the unsealed or pending
         self._retry_at = 0.0
         self._backoff: dict[str, float] = {}
+        self._logged: str | None = None  # the failure last logged: not again while it repeats
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._token_refused = threading.Event()  # the cluster's credential is gone: nothing more is delivered
@@ -363,7 +364,9 @@ class Emitter:
                 self._note_error("deliver a batch", exc)
                 self._retry_at = time.monotonic() + self._backoff_for("deliver")
                 return
-            self._backoff.pop("deliver", None)
+            if self._backoff.pop("deliver", None) is not None:  # an outage ended: say so, and log the next one
+                logger.info("metadata emitter delivers again")
+                self._logged = None
             self.spool.remove(batch)
             self.stats.batches_delivered += 1
             self._pending.remove(batch)  # last, as above
@@ -398,7 +401,8 @@ class Emitter:
         return max(0.01, min(1.0, wait))
 
     def _note_error(self, action: str, exc: BaseException) -> None:
+        """Log a failure once while it repeats (``_logged``); ``stats.last_error`` keeps it for status."""
         message = f"{action}: {exc}".splitlines()[0]
-        if message != self.stats.last_error:
+        if message != self._logged:
             logger.warning("metadata emitter could not %s", message)
-        self.stats.last_error = message
+        self._logged = self.stats.last_error = message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -187,3 +189,25 @@ def test_a_malformed_record_is_dropped_and_counted_without_blocking_the_rest(hom
     assert emitter.close(timeout=10.0)
     assert emitter.stats.records_dropped == 1
     assert sorted(r["n_workers"] for r in Pipeline.open(settings).read_records("long_term")) == [1, 2]
+
+
+def test_each_outage_is_logged_once_and_so_is_its_end(home: Path, tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """The warning of a second outage was never logged: it read the same as the first one's."""
+    blocked = tmp_path / "blocked"
+    with dask.config.set({"pipeline.cloud-logging.url": f"file://{blocked}/logs"}):
+        settings = Settings.from_config()
+    emitter = embedded_emitter(Pipeline.open(settings, create=True))
+    with caplog.at_level(logging.INFO, logger="pipeline.emitter"):
+        for _outage in range(2):
+            shutil.rmtree(blocked, ignore_errors=True)
+            blocked.write_text("not a folder")  # the logging store is unreachable
+            failures = emitter.stats.delivery_failures
+            emitter.submit([make_record()])
+            deadline = time.monotonic() + 120
+            while emitter.stats.delivery_failures < failures + 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            blocked.unlink()
+            assert emitter.flush(timeout=60.0) is True
+    assert emitter.close(timeout=10.0) is True
+    said = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "pipeline.emitter"]
+    assert said == ["metadata emitter could not deliver a batch", "metadata emitter delivers again"] * 2
