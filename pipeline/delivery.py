@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from pipeline.config import Settings
 from pipeline.errors import BatchRefused, ClusterLost, ConfigError, StoreUnavailable, Throttled, TokenRefused
-from pipeline.redact import first_line, mask_url
+from pipeline.redact import first_line, mask_url, quoted
 from pipeline.spool import SpooledBatch
 
 if TYPE_CHECKING:
@@ -306,10 +307,13 @@ def _detail(response: httpx.Response) -> str:
 def remote_delivery(settings: Settings) -> HTTPDelivery | None:
     """The :class:`HTTPDelivery` ``pipeline.ingest.*`` configures; None when no ingest URL is set (embedded).
 
-    :raises ConfigError: an ingest URL without a token or a valid public key
+    :raises ConfigError: an ingest URL that is not http(s)://HOST..., or without a token or a valid public key
     """
     if not settings.ingest_url:
         return None
+    parsed = urlparse(settings.ingest_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"pipeline.ingest.url {quoted(mask_url(settings.ingest_url))} is not an http(s):// URL")
     if not settings.ingest_token:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.token is not")
     if not settings.ingest_public_key:
