@@ -3,7 +3,7 @@
 The folder gets ``entries.jsonl`` (one entry a line, as :meth:`AuditEntry.as_dict`),
 ``public_key.pem`` (the configured key, never one from the database),
 ``checkpoint.json`` (the witness's newest checkpoint that key signed),
-``manifest.json`` (count and head hash) and ``README.md``,
+``manifest.json`` (count and head hash, signed) and ``README.md``,
 which documents the procedure and carries a verification script that needs only
 ``cryptography``; the test suite runs that very script on an export.
 """
@@ -41,7 +41,15 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
         if checkpoint is not None:
             write_private(folder / "checkpoint.json", checkpoint.to_json())
         algorithm = "Ed25519" if isinstance(audit.trusted_key, Ed25519PublicKey) else "ECDSA P-256 SHA-256"
-        manifest = {"entries": count, "head": head, "exported_at": utcnow().isoformat(), "signature": algorithm}
+        manifest: dict[str, Any] = {
+            "entries": count,
+            "head": head,
+            "exported_at": utcnow().isoformat(),
+            "signature": algorithm,
+        }
+        # signed: without it, entries cut from the end (with checkpoint.json removed) verified as intact
+        canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+        manifest["manifest_signature"] = audit.signer.sign(canonical).hex()
         write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         write_private(folder / "README.md", verification_readme().encode())
     return {**manifest, "folder": str(out_dir)}

@@ -79,9 +79,23 @@ def test_the_script_names_the_first_altered_or_missing_entry(home: Path, tmp_pat
     assert result.returncode == 1
     assert result.stdout.startswith("entry 4: expected seq 4, found 5")
 
+    (folder / "entries.jsonl").write_text("".join(lines[:-3]))  # the tail cut, no checkpoint to tell
+    result = verify(script, folder)
+    expected = (
+        f"entry {len(lines) - 2}: export ends at seq {len(lines) - 3}; manifest.json records {len(lines)} entries"
+    )
+    assert (result.returncode, result.stdout.strip()) == (1, expected)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "entries": len(lines) - 3}))
+    assert verify(script, folder).stdout.strip() == "manifest.json is not signed by public_key.pem"
+    (folder / "manifest.json").unlink()
+    assert verify(script, folder).stdout.strip() == "manifest.json is missing"
+
     (folder / "entries.jsonl").write_text("".join(lines))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify(script, folder).returncode == 0
     (folder / "public_key.pem").write_bytes(_other_public_key())
-    assert verify(script, folder).stdout.strip() == "entry 1: signature does not verify"
+    assert verify(script, folder).stdout.strip() == "manifest.json is not signed by public_key.pem"
 
 
 def _other_public_key() -> bytes:
