@@ -9,6 +9,7 @@ Pipeline errors are mapped to statuses here, at the boundary, and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from http import HTTPStatus
@@ -38,6 +39,7 @@ from pipeline.server import clusters, envs, erasure, ingest, records
 from pipeline.server.auth import PRINCIPAL, TokenStore, authenticated, bearer_token
 from pipeline.server.metrics import Metrics
 from pipeline.server.metrics import router as metrics_router
+from pipeline.server.openapi import PROBLEM_JSON, openapi_document
 from pipeline.server.threads import in_thread
 
 if TYPE_CHECKING:
@@ -47,7 +49,6 @@ __all__ = ["create_app", "problem"]
 
 logger = logging.getLogger(__name__)
 
-PROBLEM_JSON = "application/problem+json"
 #: largest body any endpoint but ingest accepts (all of them take JSON)
 MAX_JSON_BYTES = 64 * 1024
 #: pipeline errors a client can cause or must wait out, by HTTP status; anything else is a 500
@@ -209,6 +210,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.openapi = functools.partial(openapi_document, app)  # type: ignore[method-assign]
     app.state.pipeline = pipeline
     app.state.tokens = TokenStore(pipeline)
     app.state.clusters = clusters.ClusterRegistry(pipeline, app.state.tokens)
