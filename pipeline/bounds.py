@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -91,6 +92,38 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
         kind_name = table.column("kind")[0].as_py()
         for field in table.schema:
             _check_column(f"{kind_name}.{field.name}", table.column(field.name), window)
+        if kind_name == "job":
+            _check_job(table)
+        elif kind_name == "cluster_snapshot":
+            running = pc.list_flatten(table.column("jobs_running"))
+            _check_counts("cluster_snapshot.jobs_running tasks_completed", running)
+
+
+#: a job record's status: still running (never sent as such), ended, or its cluster ended first
+JOB_STATUSES = ("running", "finished", "lost")
+
+
+def _check_job(table: pa.Table) -> None:
+    """A job's own fields together: a known status (or none), no more tasks ended than it had."""
+    statuses = pc.drop_null(table.column("status"))
+    if len(statuses) and not pc.all(pc.is_in(statuses, pa.array(JOB_STATUSES))).as_py():
+        raise OutOfBounds("job.status", f"not one of {', '.join(JOB_STATUSES)}")
+    _check_counts("job.tasks_completed", table)
+
+
+def _check_counts(name: str, jobs: pa.Table | pa.ChunkedArray | pa.Array) -> None:
+    """Completed and erred tasks add up to at most the job's total, where it has one (a task ends once)."""
+    if not len(jobs):
+        return
+
+    def field(field_name: str) -> Any:
+        return jobs.column(field_name) if isinstance(jobs, pa.Table) else pc.struct_field(jobs, field_name)
+
+    completed, erred = pc.fill_null(field("tasks_completed"), 0), pc.fill_null(field("tasks_erred"), 0)
+    # completed + erred > total, without a sum that could overflow (each is non-negative, checked before)
+    over = pc.greater(completed, pc.subtract(field("tasks_total"), erred))
+    if pc.any(pc.fill_null(over, False)).as_py():
+        raise OutOfBounds(name, "more tasks completed and erred than tasks_total")
 
 
 def _check_column(name: str, column: pa.ChunkedArray | pa.Array, window: Window) -> None:

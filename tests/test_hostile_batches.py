@@ -427,3 +427,25 @@ def test_two_clusters_started_with_one_home_keep_their_spools_apart(plane: Contr
         replayed = run("spool", "replay", "--timeout", "20")
     assert replayed.exit_code == 0, replayed.output
     assert sorted(r["n_workers"] for r in stored(plane)["long_term"]) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"kind": "job", "tasks_total": 1, "tasks_completed": 10**15}, "job.tasks_completed"),
+        ({"kind": "job", "tasks_total": 4, "tasks_completed": 3, "tasks_erred": 2}, "job.tasks_completed"),
+        ({"kind": "job", "status": "pwned"}, "job.status"),
+        (
+            {"jobs_running": [{"job_id": "j", "tasks_total": 1, "tasks_completed": 5}]},
+            "cluster_snapshot.jobs_running tasks_completed",
+        ),
+    ],
+    ids=["completed-over-total", "completed-and-erred-over-total", "unknown-status", "running-over-total"],
+)
+def test_a_job_whose_fields_disagree_is_400(plane: ControlPlane, record: dict[str, Any], field: str) -> None:
+    """Each field in bounds, together impossible: 10^15 tasks completed of 1 would skew every usage report."""
+    registration = register(plane)
+    kind = record.pop("kind", "cluster_snapshot")
+    answer = post(plane, registration, sealed(registration, own(registration, kind, **record)))
+    assert field in assert_problem(answer, 400)["detail"]
+    assert stored(plane)["long_term"] == []
