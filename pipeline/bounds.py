@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.columns import column
 from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS
 
 __all__ = [
@@ -106,24 +107,30 @@ JOB_STATUSES = ("running", "finished", "lost")
 def _check_job(table: pa.Table) -> None:
     """A job's own fields together: a known status (or none), no more tasks ended than it had."""
     statuses = pc.drop_null(table.column("status"))
-    if len(statuses) and not pc.all(pc.is_in(statuses, pa.array(JOB_STATUSES))).as_py():
+    # built by pipeline.columns: a Python value given to a kernel imports pandas in the scheduler
+    if len(statuses) and not pc.all(pc.is_in(statuses, column(pa.string(), JOB_STATUSES))).as_py():
         raise OutOfBounds("job.status", f"not one of {', '.join(JOB_STATUSES)}")
     _check_counts("job.tasks_completed", table)
 
 
 def _check_counts(name: str, jobs: pa.Table | pa.ChunkedArray | pa.Array) -> None:
-    """Completed and erred tasks add up to at most the job's total, where it has one (a task ends once)."""
+    """Completed and erred tasks add up to at most the job's total (a task ends once), where it has one."""
     if not len(jobs):
         return
 
     def field(field_name: str) -> Any:
         return jobs.column(field_name) if isinstance(jobs, pa.Table) else pc.struct_field(jobs, field_name)
 
-    completed, erred = pc.fill_null(field("tasks_completed"), 0), pc.fill_null(field("tasks_erred"), 0)
-    # completed + erred > total, without a sum that could overflow (each is non-negative, checked before)
-    over = pc.greater(completed, pc.subtract(field("tasks_total"), erred))
-    if pc.any(pc.fill_null(over, False)).as_py():
-        raise OutOfBounds(name, "more tasks completed and erred than tasks_total")
+    # completed + erred > total, a missing count as none, without a sum that could overflow (each is
+    # non-negative, checked before) and without a Python 0 to fill nulls with (see above): kernels skip nulls
+    total, completed, erred = field("tasks_total"), field("tasks_completed"), field("tasks_erred")
+    for over in (
+        pc.greater(completed, total),
+        pc.greater(erred, total),
+        pc.greater(completed, pc.subtract(total, erred)),
+    ):
+        if pc.any(over).as_py():
+            raise OutOfBounds(name, "more tasks completed and erred than tasks_total")
 
 
 def _check_column(name: str, column: pa.ChunkedArray | pa.Array, window: Window) -> None:
