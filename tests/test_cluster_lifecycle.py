@@ -307,3 +307,39 @@ def test_a_running_job_of_a_user_erased_since_does_not_come_back_when_the_cluste
         assert [r for r in registry.pipeline.read_records(store, account="acme") if r["kind"] == "job"] == []
     [dropped] = [e for e in registry.pipeline.audit.entries() if e.action == "ingest.dropped"]
     assert dropped.details["by_request"] == {done.request_id: 1}
+
+
+def test_a_job_of_a_scheduler_killed_and_started_again_is_recorded_lost_as_last_reported(
+    registry: ClusterRegistry,
+) -> None:
+    """The new scheduler (same ``scheduler.yaml``) knows nothing of the old one's job: its first snapshot
+    replaced the running set, and the job was never recorded, neither lost nor finished."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=12)), now=start)
+    restarted = start + timedelta(seconds=30)
+    second = snapshot(cluster, restarted, tasks_completed=1)
+    second["jobs_running"][0]["job_id"] = "job-2"  # the new scheduler's own job
+    heard_from(registry, cluster.cluster_id, batch(cluster, second), now=restarted)
+    assert [(j["job_id"], j["status"], j["tasks_completed"], j["observed_at"]) for j in jobs(registry)] == [
+        ("job-1", "lost", 12, start)
+    ]
+    registry.close(cluster.cluster_id, cluster.token_id, now=restarted + timedelta(seconds=1))  # the same day
+    assert sorted((j["job_id"], j["status"]) for j in jobs(registry)) == [("job-1", "lost"), ("job-2", "lost")]
+
+
+def test_a_job_that_ends_is_never_recorded_lost_when_the_next_snapshot_omits_it(registry: ClusterRegistry) -> None:
+    """The plugin sends a job's end before the first snapshot without it: in an earlier batch, or the same."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    for n, together in enumerate((False, True)):
+        at = start + timedelta(minutes=n)
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, at, tasks_completed=3)), now=at)
+        end = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=at)
+        later = snapshot(cluster, at + timedelta(seconds=5))
+        if together:
+            heard_from(registry, cluster.cluster_id, batch(cluster, end, later), now=at)
+        else:
+            heard_from(registry, cluster.cluster_id, batch(cluster, end), now=at)
+            heard_from(registry, cluster.cluster_id, batch(cluster, later), now=at)
+    assert jobs(registry) == []

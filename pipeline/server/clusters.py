@@ -324,7 +324,9 @@ class ClusterRegistry:
             return None
         if row.closed_at is not None:  # a late batch (a spool replayed): written, the cluster stays as it ended
             return None
-        running = _running_after(self._running(row), batch)
+        running, vanished = _running_after(self._running(row), batch)
+        if vanished["jobs"]:  # rare (a restarted scheduler): written here, once, whoever admits it
+            self._write_lost_jobs(row.cluster_id, vanished, now)
         return cluster_id, _CONTACT, {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
 
     def _end(self, row: Any, state: str, when: datetime, *, actor: str | None = None) -> None:
@@ -365,20 +367,7 @@ class ClusterRegistry:
         nothing twice: two sweeps that find the same ended cluster at once, or a sweep after a
         process stopped between writing them and clearing them.
         """
-        running = self._running(row)
-        reported = running.get("observed_at")
-        observed_at = when if reported is None else datetime.fromisoformat(reported)
-        lost = [
-            {
-                **_from_json(job),
-                "record_id": _lost_record_id(row.cluster_id, job_id),
-                "observed_at": observed_at,
-                "status": "lost",
-            }
-            for job_id, job in running.get("jobs", {}).items()
-        ]
-        if lost:
-            self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{row.cluster_id}")
+        lost = self._write_lost_jobs(row.cluster_id, self._running(row), when)
         if row.running is not None:
             with transaction(self.pipeline.keyring.engine, "clearing a cluster's running jobs") as conn:
                 conn.execute(
@@ -386,6 +375,27 @@ class ClusterRegistry:
                     .where(clusters.c.cluster_id == row.cluster_id, clusters.c.running == row.running)
                     .values(running=None)
                 )
+        return lost
+
+    def _write_lost_jobs(self, cluster_id: str, running: dict[str, Any], when: datetime) -> int:
+        """Write the jobs of ``running`` (as :meth:`_running` reads it) as ``status: lost``; how many.
+
+        Record and segment ids derive from the cluster and the jobs, so the same jobs written again
+        are stored once."""
+        reported = running.get("observed_at")
+        observed_at = when if not reported else datetime.fromisoformat(reported)
+        lost = [
+            {
+                **_from_json(job),
+                "record_id": _lost_record_id(cluster_id, job_id),
+                "observed_at": observed_at,
+                "status": "lost",
+            }
+            for job_id, job in running.get("jobs", {}).items()
+        ]
+        if lost:  # the seed names the set: a cluster may lose jobs twice (a restart, then its end)
+            jobs = hashlib.sha256("|".join(sorted(running["jobs"])).encode()).hexdigest()[:16]
+            self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{cluster_id}/{jobs}")
         return len(lost)
 
     def _row(self, cluster_id: str) -> Any:
@@ -464,14 +474,19 @@ def _shown(names: dict[str, Any]) -> dict[str, Any]:
     return {k: names[k] for k in ("account", "name", "image")}
 
 
-def _running_after(running: dict[str, Any], batch: OpenedBatch) -> dict[str, Any]:
-    """The running jobs after a batch: its newest snapshot's, less the jobs it reports ended.
+def _running_after(running: dict[str, Any], batch: OpenedBatch) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The running jobs after a batch: its newest snapshot's, less the jobs it reports ended; and the
+    jobs that vanished, as last reported (``observed_at`` and ``jobs``, as the running ones).
 
-    A snapshot older than the one kept (a batch delivered late) changes nothing. Only the
-    newest snapshot is read into Python: a batch holds dozens.
+    A job vanishes when a newer snapshot no longer lists it and no end record came for it: its
+    scheduler was killed and started again with the same cluster (the new one knows nothing of
+    it), or the batch with its end was refused. A plugin sends a job's end before the first
+    snapshot without it. A snapshot older than the one kept (a batch delivered late) changes
+    nothing. Only the newest snapshot is read into Python: a batch holds dozens.
     """
     jobs: dict[str, Any] = dict(running.get("jobs", {}))
     newest = running.get("observed_at", "")
+    vanished: dict[str, Any] = {"observed_at": newest, "jobs": {}}
     tables = {table.column("kind")[0].as_py(): table for table in batch.tables}
     snapshots = tables.get("cluster_snapshot")
     if snapshots is not None and snapshots.num_rows:
@@ -481,13 +496,16 @@ def _running_after(running: dict[str, Any], batch: OpenedBatch) -> dict[str, Any
         if observed_at > newest:
             newest = observed_at
             common = {k: snapshot[k] for k in ("account", "user", "cluster_id")}
-            jobs = {
+            listed = {
                 job["job_id"]: _jsonable({**common, "data_type": "cluster_jobs", "kind": "job", **job})
                 for job in snapshot["jobs_running"] or ()
             }
+            vanished["jobs"] = {job_id: job for job_id, job in jobs.items() if job_id not in listed}
+            jobs = listed
     for ended in tables["job"].column("job_id").to_pylist() if "job" in tables else ():
         jobs.pop(ended, None)
-    return {"observed_at": newest, "jobs": jobs}
+        vanished["jobs"].pop(ended, None)
+    return {"observed_at": newest, "jobs": jobs}, vanished
 
 
 def _jsonable(job: dict[str, Any]) -> dict[str, Any]:
