@@ -46,7 +46,7 @@ from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import Keyring, open_key_provider
 from pipeline.principals import Principal
-from pipeline.records import rows_from_table, table_from_rows, tables_from_records, unreadable_rows, utcnow
+from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, utcnow
 from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
@@ -87,11 +87,18 @@ def seal_records(
     keyring: Keyring, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None
 ) -> list[Segment]:
     """Seal records as :func:`seal_tables` does, from dicts (one table per kind)."""
+    return seal_tables(keyring, _tables_by_kind(records), segment_seed=segment_seed)
+
+
+def _tables_by_kind(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
+    """Records as one Arrow table per kind, kinds in order of first appearance.
+
+    :raises TypeError, ValueError: a field of a record does not fit its kind's schema
+    """
     by_kind: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for record in records:
         by_kind[record["kind"]].append(record)
-    tables = [table_from_rows(kind_name, rows) for kind_name, rows in by_kind.items()]
-    return seal_tables(keyring, tables, segment_seed=segment_seed)
+    return [table_from_rows(kind_name, rows) for kind_name, rows in by_kind.items()]
 
 
 def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: str | None = None) -> list[Segment]:
@@ -598,9 +605,9 @@ class Pipeline:
         With ``segment_seed`` (see :func:`seal_tables`), writing the same records again, after a
         crash or from another process at the same moment, stores nothing twice.
 
-        :raises ValueError: a record does not fit its kind's schema
+        :raises TypeError, ValueError: a field of a record does not fit its kind's schema
         """
-        tables = self._without_erased(tables_from_records(records), {"written_as": segment_seed or "records"})
+        tables = self._without_erased(_tables_by_kind(records), {"written_as": segment_seed or "records"})
         routed = self.route(seal_tables(self.keyring, tables, segment_seed=segment_seed))
         return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
 
