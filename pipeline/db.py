@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: the newest migration in ``pipeline/migrations/versions`` (a test checks it is alembic's head)
-SCHEMA_HEAD = "f7b3d1e5a920"
+SCHEMA_HEAD = "a8c4e2f6b371"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -233,6 +233,15 @@ clusters = Table(
     Column("lost_at", UTCDateTime, nullable=True),  # nothing heard for pipeline.server.cluster-lost-after
     Column("running", Text, nullable=True),  # its running jobs as last reported, sealed like names
     Index("ix_clusters_subject", "subject_ref"),
+)
+
+lost_jobs = Table(
+    "lost_jobs",
+    metadata,
+    # a job the control plane recorded lost (its cluster ended, or a newer snapshot dropped it): its end
+    # record, delivered late by a spool replayed, is not stored beside it (the id hashes cluster and job)
+    Column("cluster_id", String(64), primary_key=True),
+    Column("record_id", String(32), primary_key=True),
 )
 
 erasure_receipts = Table(

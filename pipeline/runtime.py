@@ -56,6 +56,7 @@ from pipeline.stores.sql import SQLStore
 from pipeline.witness import HighWater
 
 __all__ = [
+    "Admitted",
     "IngestResult",
     "Locking",
     "Pipeline",
@@ -236,6 +237,9 @@ class IngestResult:
 #: a statement for a group commit's transaction, with the key of the row it locks and its parameters
 #: (the statement built once, its values given per batch: building one costs more than running it)
 Locking = tuple[str, Executable, dict[str, Any]]
+#: what admission makes of a batch: the batch to write (less records it does not take) and a statement
+#: for the commit that writes it
+Admitted = tuple[OpenedBatch, Locking | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -382,7 +386,7 @@ class Pipeline:
         principal: Principal,
         *,
         idempotency_key: str | None = None,
-        admit: Callable[[OpenedBatch], Locking | None] | None = None,
+        admit: Callable[[OpenedBatch], Admitted] | None = None,
     ) -> IngestResult:
         """Open, validate, scope, check tombstones, seal per subject, route and write one sealed batch, once per id.
 
@@ -397,9 +401,10 @@ class Pipeline:
             the batch is refused whole and audited (403)
         :raises StoreUnavailable: a store or the metadata database is down; retry later (503)
 
-        ``admit`` sees a scoped batch before anything is written, and may return a statement
-        for the commit that writes it, with the key of the row it locks (the control plane notes
-        its cluster's contact so, and refuses a lost cluster's newer records with ForbiddenBatch).
+        ``admit`` sees a scoped batch before anything is written, and returns the batch to write and
+        may return a statement for the commit that writes it, with the key of the row it locks (the
+        control plane notes its cluster's contact so, refuses a lost cluster's newer records with
+        ForbiddenBatch, and drops the late end of a job it recorded lost).
         """
         prepared = self.prepare_ingest(sealed, principal, idempotency_key=idempotency_key, admit=admit)
         return self.commit_ingest(prepared)
@@ -410,7 +415,7 @@ class Pipeline:
         principal: Principal,
         *,
         idempotency_key: str | None = None,
-        admit: Callable[[OpenedBatch], Locking | None] | None = None,
+        admit: Callable[[OpenedBatch], Admitted] | None = None,
     ) -> PreparedBatch:
         """Every check of :meth:`ingest` that needs the batch alone, nothing written but the audit of a refusal.
 
@@ -429,9 +434,10 @@ class Pipeline:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
         self._check_bounds(batch, principal)
         subject_ref = self._scope(batch, principal)
-        noted = admit(batch) if admit is not None else None
+        received = batch.n_records
+        batch, noted = admit(batch) if admit is not None else (batch, None)
         tables = [_stamped(table, principal, subject_ref) for table in batch.tables]
-        return PreparedBatch(subject_ref, batch.batch_id, batch.n_records, tables, () if noted is None else (noted,))
+        return PreparedBatch(subject_ref, batch.batch_id, received, tables, () if noted is None else (noted,))
 
     def commit_ingest(self, prepared: PreparedBatch) -> IngestResult:
         """Seal and write a prepared batch in the next group commit; returns once that commit is durable.

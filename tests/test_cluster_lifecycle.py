@@ -53,7 +53,7 @@ def snapshot(cluster: Registration, at: datetime, **progress: int) -> dict[str, 
 
 def heard_from(registry: ClusterRegistry, cluster_id: str, batch: OpenedBatch, *, now: datetime) -> None:
     """Admit a batch and write its note of contact, as the group commit that writes it does."""
-    noted = registry.admit(cluster_id, batch, now=now)
+    _admitted, noted = registry.admit(cluster_id, batch, now=now)
     if noted is not None:
         with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
             conn.execute(noted[1], noted[2])
@@ -275,7 +275,7 @@ def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it
     heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start)), now=start)
     registry.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(seconds=5))
     replayed = snapshot(cluster, start + timedelta(seconds=1), tasks_completed=1)  # a spool replayed after close
-    assert registry.admit(cluster.cluster_id, batch(cluster, replayed), now=start + timedelta(seconds=9)) is None
+    assert registry.admit(cluster.cluster_id, batch(cluster, replayed), now=start + timedelta(seconds=9))[1] is None
     registry.sweep(now=start + timedelta(seconds=10))
     [closed] = registry.list()
     assert (closed["state"], closed["last_contact_at"]) == ("closed", start)

@@ -66,9 +66,9 @@ class ControlPlane:
         self.opened.append(delivery)
         return delivery
 
-    def batch(self, **fields: Any) -> SpooledBatch:
+    def batch(self, kind: str = "cluster_snapshot", **fields: Any) -> SpooledBatch:
         """A sealed batch of one record of this cluster."""
-        record = make_record(cluster_id=self.cluster.cluster_id, **fields)
+        record = make_record(kind, cluster_id=self.cluster.cluster_id, **fields)
         return SpooledBatch(*sealed_batch(self.pipeline, [record]))
 
     def clusters(self) -> list[dict[str, Any]]:
@@ -168,6 +168,35 @@ def test_a_lost_clusters_next_batch_stops_its_plugin_as_a_refused_token_would(co
     with pytest.raises(TokenRefused, match="ended this cluster: .* was lost at "):
         control_plane.delivery().deliver(control_plane.batch())
     control_plane.delivery().deliver(control_plane.batch(observed_at=utcnow() - timedelta(minutes=2)))  # before: taken
+
+
+@pytest.mark.parametrize("ended_by", ["its loss", "a restarted scheduler"])
+def test_a_job_recorded_lost_is_stored_once_when_its_end_arrives_from_a_replayed_spool(
+    control_plane: ControlPlane, ended_by: str
+) -> None:
+    """The job finished before its cluster was lost (or its scheduler was killed and started again), but
+    its end waited in the dead scheduler's spool; the control plane recorded the job lost meanwhile.
+    ``spool replay`` then delivered the end, and the job was stored twice: finished and lost."""
+    start = utcnow() - timedelta(minutes=5)
+    running = {"job_id": "job-1", "started_at": start, "tasks_total": 10, "tasks_completed": 4, "task_prefixes": []}
+    delivery = control_plane.delivery()
+    delivery.deliver(control_plane.batch(observed_at=start, jobs_running=[running]))
+    if ended_by == "its loss":
+        ClusterRegistry(control_plane.pipeline).sweep(now=utcnow() + timedelta(minutes=15))
+    else:  # the new scheduler's first snapshot knows nothing of job-1
+        delivery.deliver(control_plane.batch(observed_at=start + timedelta(minutes=2), jobs_running=[]))
+    end = {"job_id": "job-1", "status": "finished", "tasks_total": 10, "tasks_completed": 10}
+    replayed = control_plane.batch("job", observed_at=start + timedelta(minutes=1), **end)
+    delivery.deliver(replayed)
+    stored = [
+        (r["job_id"], r["status"], r["tasks_completed"])
+        for store in control_plane.pipeline.stores
+        for r in control_plane.pipeline.read_records(store, account="acme")
+        if r["kind"] == "job"
+    ]
+    assert stored == [("job-1", "lost", 4)] * len(control_plane.pipeline.stores)
+    [dropped] = [e for e in control_plane.pipeline.audit.entries() if e.action == "ingest.dropped"]
+    assert (dropped.details["batch_id"], dropped.details["records"]) == (replayed.batch_id, 1)
 
 
 # -- closing a cluster gives up its token -------------------------------------------------------------

@@ -28,13 +28,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, func, insert, select, update
 
 from pipeline.bounds import MAX_STRING_BYTES
-from pipeline.db import clusters, reading, transaction
+from pipeline.columns import column
+from pipeline.db import clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
 from pipeline.errors import ClusterLost, InvalidBinding, OutputError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
@@ -42,7 +44,7 @@ from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
 from pipeline.redact import first_line
 from pipeline.retention.lease import default_holder
-from pipeline.runtime import Locking, Pipeline
+from pipeline.runtime import Admitted, Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
@@ -291,10 +293,11 @@ class ClusterRegistry:
         """No note of a listening ``serve`` for this long: the control plane was not listening."""
         return timedelta(seconds=GAP_PERIODS * sweep_period(self.pipeline.settings.cluster_lost_after))
 
-    def admit(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> Locking | None:
-        """Admit a batch of cluster ``cluster_id``: the statement that notes the contact and the running
-        jobs it reports, for the commit that writes the batch (no write transaction of its own per batch),
-        with the cluster id as the key of the row it locks.
+    def admit(self, cluster_id: str, batch: OpenedBatch, *, now: datetime | None = None) -> Admitted:
+        """Admit a batch of cluster ``cluster_id``: the batch to write, less the end of any job recorded
+        lost (a spool replayed after the cluster ended: the job is stored once, as recorded), and the
+        statement that notes the contact and the running jobs it reports, for the commit that writes the
+        batch (no write transaction of its own per batch), with the cluster id as the key of the row it locks.
 
         The running jobs are computed from the cluster's row as read here: two batches of one
         cluster in one group commit (a spool replayed beside live delivery) keep the later one's.
@@ -305,7 +308,7 @@ class ClusterRegistry:
         now = now or utcnow()
         row = self._row(cluster_id)
         if row is None:
-            return None
+            return batch, None
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
         heard = row.last_contact_at
         if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
@@ -321,13 +324,35 @@ class ClusterRegistry:
                     f"{row.lost_at:%Y-%m-%d %H:%M:%S} UTC (nothing heard for pipeline.server.cluster-lost-after) "
                     "and this batch was observed after; register the cluster again"
                 )
-            return None
-        if row.closed_at is not None:  # a late batch (a spool replayed): written, the cluster stays as it ended
-            return None
+        batch = self._without_jobs_recorded_lost(row, batch)
+        if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
+            return batch, None  # the cluster stays as it ended
         running, vanished = _running_after(self._running(row), batch)
         if vanished["jobs"]:  # rare (a restarted scheduler): written here, once, whoever admits it
             self._write_lost_jobs(row.cluster_id, vanished, now)
-        return cluster_id, _CONTACT, {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
+        contact = {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
+        return batch, (cluster_id, _CONTACT, contact)
+
+    def _without_jobs_recorded_lost(self, row: Any, batch: OpenedBatch) -> OpenedBatch:
+        """``batch`` less the end records of jobs this cluster's end (or a newer snapshot) recorded lost,
+        the drop audited: the job is stored once, as it was recorded (rare: one query for a batch with ends)."""
+        tables = {table.column("kind")[0].as_py(): table for table in batch.tables}
+        if "job" not in tables:
+            return batch
+        ends = tables["job"]
+        ids = [_lost_record_id(row.cluster_id, job_id) for job_id in ends.column("job_id").to_pylist()]
+        with reading(self.pipeline.keyring.engine, "reading a cluster's jobs recorded lost") as conn:
+            recorded = set(conn.scalars(_RECORDED_LOST, {"id": row.cluster_id, "records": ids}))
+        if not recorded:
+            return batch
+        kept = [n for n, record_id in enumerate(ids) if record_id not in recorded]
+        tables["job"] = ends.take(column(pa.int64(), kept))
+        self.pipeline.audit.append(
+            "ingest.dropped",
+            subject_ref=row.subject_ref,
+            details={"batch_id": batch.batch_id, "records": len(ids) - len(kept), "reason": "jobs recorded lost"},
+        )
+        return OpenedBatch(batch.batch_id, [table for table in tables.values() if table.num_rows])
 
     def _end(self, row: Any, state: str, when: datetime, *, actor: str | None = None) -> None:
         """Mark the cluster ``closed`` or ``lost`` at ``when``, then record its running jobs as lost.
@@ -384,10 +409,15 @@ class ClusterRegistry:
         are stored once."""
         reported = running.get("observed_at")
         observed_at = when if not reported else datetime.fromisoformat(reported)
+        ids = {job_id: _lost_record_id(cluster_id, job_id) for job_id in running.get("jobs", {})}
+        if ids:  # first: a late end record arriving meanwhile is dropped, not stored beside the lost one
+            with transaction(self.pipeline.keyring.engine, "noting a cluster's jobs recorded lost") as conn:
+                rows = [{"cluster_id": cluster_id, "record_id": record_id} for record_id in ids.values()]
+                conn.execute(insert_ignoring_duplicates(self.pipeline.keyring.engine, lost_jobs), rows)
         lost = [
             {
                 **_from_json(job),
-                "record_id": _lost_record_id(cluster_id, job_id),
+                "record_id": ids[job_id],
                 "observed_at": observed_at,
                 "status": "lost",
             }
@@ -455,6 +485,9 @@ class ClusterRegistry:
 
 #: the hot statements of admission, built once (building one costs more than running it)
 _ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
+_RECORDED_LOST = select(lost_jobs.c.record_id).where(
+    lost_jobs.c.cluster_id == bindparam("id"), lost_jobs.c.record_id.in_(bindparam("records", expanding=True))
+)
 
 
 def _lost_record_id(cluster_id: str, job_id: str) -> str:
