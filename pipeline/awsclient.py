@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.redact import first_line, mask_url, mask_urls
 
-__all__ = ["aws_client", "mask_errors"]
+__all__ = ["aws_client", "error_code", "mask_errors"]
 
 
 def aws_client(service: str, url: str, what: str) -> tuple[Any, tuple[type[Exception], ...]]:
@@ -46,3 +46,9 @@ def mask_errors(client: Any) -> Any:
 def _mask_error(exception: BaseException, **_: Any) -> None:
     """botocore's ``after-call-error`` hook: the message is rewritten before the error propagates."""
     exception.args = tuple(mask_urls(arg) if isinstance(arg, str) else arg for arg in exception.args)
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore ``ClientError`` (``NotFoundException``, ``SlowDown``); "" for others."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""

@@ -4,7 +4,10 @@ Each master key version is a KMS key of its own: the URL's key is version 1,
 a rotation creates a new key, and retiring a version schedules its key's
 deletion (KMS's shortest waiting period, 7 days), after which nothing wrapped
 under it — in a database backup or anywhere — can be unwrapped. The keyring
-records which key holds which version (``master_keys.key_ref``).
+records which key holds which version (``master_keys.key_ref``). So the URL's
+key need not outlive version 1: the URL opens the keyring while it names any of
+its keys, or the first one after KMS deleted it; an alias in the URL is moved
+to each new version's key, as KMS deletes an alias with its key.
 
 Data keys are wrapped with KMS ``Encrypt`` under an encryption context that
 carries the wrap's AAD, so a wrapped key moved to another subject fails to
@@ -15,9 +18,10 @@ points it elsewhere (tests use moto's server on loopback).
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import urlparse
 
-from pipeline.awsclient import aws_client
+from pipeline.awsclient import aws_client, error_code
 from pipeline.errors import ConfigError, KeyringError
 from pipeline.keys import KeyProvider
 from pipeline.redact import mask_url
@@ -26,6 +30,8 @@ __all__ = ["AWSKMSKeyProvider"]
 
 #: days KMS waits before deleting a retired version's key (its minimum)
 DELETION_WINDOW_DAYS = 7
+
+logger = logging.getLogger(__name__)
 
 
 class AWSKMSKeyProvider(KeyProvider):
@@ -40,21 +46,30 @@ class AWSKMSKeyProvider(KeyProvider):
             )
         self.url = url
         self._kms, self._errors = aws_client("kms", url, "AWS KMS")
+        #: the URL's key, or None with why: KMS has no such key (version 1's, deleted after its retirement?)
+        self._root: str | None = None
+        self._unusable: str | None = None
         try:
-            arn = self._kms.describe_key(KeyId=self.key_id)["KeyMetadata"]["Arn"]
+            self._root = self._kms.describe_key(KeyId=self.key_id)["KeyMetadata"]["Arn"]
         except self._errors as exc:
-            raise KeyringError(f"AWS KMS key {self.key_id!r} is not usable: {exc}") from exc
-        self._root = arn
-        self._keys: dict[int, str] = {1: arn}
+            self._unusable = f"AWS KMS key {self.key_id!r} is not usable: {exc}"
+            if error_code(exc) != "NotFoundException":
+                raise KeyringError(self._unusable) from exc
+        self._keys: dict[int, str] = {1: self._root} if self._root else {}
         self._current = 1
 
     def key_ref(self, version: int) -> str | None:
         return self._keys.get(version)
 
     def adopt(self, key_refs: dict[int, str | None], current: int, *, first: str | None) -> None:
-        if first != self._root:
+        if first is None:
+            raise KeyringError("the keyring records no KMS key for master key version 1")
+        if self._root is None and self.key_id not in (first, first.rsplit("/", 1)[-1]):
+            current_key = key_refs.get(current)
+            raise KeyringError(f"{self._unusable} (this keyring's current master key is aws-kms://{current_key})")
+        if self._root is not None and self._root != first and self._root not in key_refs.values():
             raise KeyringError(f"AWS KMS key {self.key_id!r} does not open this keyring (it was made with {first!r})")
-        prefix = self._root.rsplit("/", 1)[0] + "/"  # arn:aws:kms:REGION:ACCOUNT:key/
+        prefix = first.rsplit("/", 1)[0] + "/"  # arn:aws:kms:REGION:ACCOUNT:key/
         foreign = [ref for ref in key_refs.values() if ref and not ref.startswith(prefix)]
         if foreign:  # a database edit must not redirect wraps to someone else's key
             raise KeyringError(f"keyring names master keys outside {prefix}: {', '.join(foreign)}")
@@ -71,7 +86,8 @@ class AWSKMSKeyProvider(KeyProvider):
         try:
             return self._keys[version]
         except KeyError:
-            raise KeyringError(f"AWS KMS master key version {version} is retired or unknown") from None
+            why = self._unusable or f"AWS KMS master key version {version} is retired or unknown"
+            raise KeyringError(why) from None
 
     def wrap(self, plaintext: bytes, aad: bytes, version: int | None = None) -> tuple[int, bytes]:
         version = version or self._current
@@ -102,8 +118,19 @@ class AWSKMSKeyProvider(KeyProvider):
         return version
 
     def activate(self, version: int) -> None:
-        self._key(version)
+        key = self._key(version)
         self._current = version
+        if self.key_id.startswith("alias/"):  # KMS deletes an alias with its key: it follows the current one
+            try:
+                self._kms.update_alias(AliasName=self.key_id, TargetKeyId=key)
+            except self._errors as exc:
+                logger.warning(
+                    "AWS KMS alias %r still names an older master key (%s); once that key is retired and "
+                    "deleted, set pipeline.keys.url to aws-kms://%s",
+                    self.key_id,
+                    exc,
+                    key,
+                )
 
     def destroy(self, version: int) -> None:
         if version == self._current:
@@ -111,9 +138,17 @@ class AWSKMSKeyProvider(KeyProvider):
         key = self._keys.pop(version, None)
         if key is None:
             return
+        key_id = key.rsplit("/", 1)[-1]  # the id: accepted everywhere (moto takes no ARN here)
         try:
-            key_id = key.rsplit("/", 1)[-1]  # the id: accepted everywhere (moto takes no ARN here)
             self._kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=DELETION_WINDOW_DAYS)
         except self._errors as exc:
-            self._keys[version] = key
-            raise KeyringError(f"AWS KMS key {key!r} cannot be scheduled for deletion: {exc}") from exc
+            if not self._deleting(key_id):
+                self._keys[version] = key
+                raise KeyringError(f"AWS KMS key {key!r} cannot be scheduled for deletion: {exc}") from exc
+
+    def _deleting(self, key_id: str) -> bool:
+        """The key is deleted or waits for it: an earlier pass scheduled it, then stopped before recording so."""
+        try:
+            return self._kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "PendingDeletion"
+        except self._errors as exc:
+            return error_code(exc) == "NotFoundException"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.awsclient import aws_client
+from pipeline.awsclient import aws_client, error_code
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
 from pipeline.fsmodes import private_folder, write_private
 
@@ -202,7 +202,7 @@ class S3Witness(Witness):
         try:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*")
         except self._errors as exc:
-            if getattr(exc, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+            if error_code(exc) == "PreconditionFailed":
                 return  # another process checkpointed the same head at the same instant
             raise StoreUnavailable(f"audit witness {self.url}: cannot write {name}: {exc}") from exc
 

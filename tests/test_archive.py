@@ -230,6 +230,34 @@ def test_without_a_keyring_or_with_an_unknown_option_is_one_clear_error(s3_archi
     assert "s3cr3t" not in str(refused.value) and "AKIAEXAMPLE:***@bucket" in str(refused.value)
 
 
+def test_a_throttled_request_without_a_body_is_store_unavailable(aws, keyring) -> None:  # noqa: ANN001
+    """S3 answers a throttled HEAD with 503 and no body, so botocore's code is "503", not "SlowDown":
+    that was a refusal (StoreError), and an erasure touching it failed rather than waited."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Throttled(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET = do_PUT = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Throttled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = open_store(f"s3://bucket/p?endpoint=http://127.0.0.1:{server.server_port}", keyring=keyring)
+        with pytest.raises(StoreUnavailable, match="unavailable during"):
+            store.write(seal_records(keyring, [make_record(observed_at=T0)]))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_unreachable_endpoint_is_store_unavailable(aws, keyring) -> None:  # noqa: ANN001
     store = open_store("s3://bucket/p?endpoint=http://127.0.0.1:9", keyring=keyring)
     with pytest.raises(StoreUnavailable, match="unreachable during"):

@@ -74,3 +74,71 @@ def test_each_master_version_is_its_own_kms_key_and_retiring_schedules_its_delet
         assert retire_master_keys(pipeline) == [1]
     assert kms.describe_key(KeyId=root)["KeyMetadata"]["KeyState"] == "PendingDeletion"
     assert [r["n_workers"] for r in Pipeline.open(settings).read_records(account="acme")] == [3]
+
+
+def _waiting_period_ends(key_id: str) -> None:
+    """KMS deletes a key scheduled for deletion once its waiting period ends (and its aliases with it);
+    moto's server never does, so its backend is told to, as the service would."""
+    from moto.backends import get_backend
+
+    kms = boto3.client("kms")
+    meta = kms.describe_key(KeyId=key_id)["KeyMetadata"]
+    assert meta["KeyState"] == "PendingDeletion"
+    region = meta["Arn"].split(":")[3]
+    get_backend("kms")[meta["AWSAccountId"]][region].delete_key(meta["KeyId"])
+
+
+@pytest.mark.parametrize("named_by", ["key id", "alias"])
+def test_the_control_plane_opens_after_kms_deleted_the_retired_first_version(
+    home: Path,
+    kms,
+    named_by: str,  # noqa: ANN001
+) -> None:
+    """Version 1 is the URL's key: retiring it (35 days after the first erasure's rotation) schedules
+    its deletion, and 7 days later KMS deleted it. Every open then failed: "is not usable"."""
+    from datetime import timedelta
+
+    from freezegun import freeze_time
+
+    from pipeline.records import utcnow
+    from pipeline.retention.retirement import retire_master_keys
+
+    root = kms.create_key()["KeyMetadata"]["KeyId"]
+    url = root
+    if named_by == "alias":
+        url = f"alias/pipeline-master-{root[:8]}"
+        kms.create_alias(AliasName=url, TargetKeyId=root)
+    settings = _settings(home, url)
+    pipeline = Pipeline.open(settings, create=True)
+    pipeline.write_records([make_record(n_workers=3)])
+    pipeline.keyring.rotate_master()
+    with freeze_time(utcnow() + timedelta(days=36)):
+        assert retire_master_keys(pipeline) == [1]
+    _waiting_period_ends(root)
+    assert [r["n_workers"] for r in Pipeline.open(settings).read_records(account="acme")] == [3]
+    other = kms.create_key()["KeyMetadata"]["KeyId"]
+    with pytest.raises(KeyringError, match="does not open this keyring"):
+        Pipeline.open(_settings(home, other))
+
+
+def test_a_retirement_stopped_after_kms_deleted_the_key_completes_on_the_next_pass(home: Path, kms) -> None:  # noqa: ANN001
+    """A pass scheduled version 2's deletion, then stopped before recording it (a crash, a throttled call
+    for the next version); the next passes asked KMS again, which refuses a deleted key, and every later
+    retirement failed for good."""
+    from datetime import timedelta
+
+    from freezegun import freeze_time
+
+    from pipeline.records import utcnow
+    from pipeline.retention.retirement import retire_master_keys
+
+    pipeline = Pipeline.open(_settings(home, kms.create_key()["KeyMetadata"]["KeyId"]), create=True)
+    pipeline.write_records([make_record(n_workers=3)])
+    pipeline.keyring.rotate_master()
+    pipeline.keyring.rotate_master()
+    second = pipeline.keyring.provider.key_ref(2)
+    assert second is not None
+    kms.schedule_key_deletion(KeyId=second.rsplit("/", 1)[-1], PendingWindowInDays=7)  # the stopped pass
+    _waiting_period_ends(second.rsplit("/", 1)[-1])
+    with freeze_time(utcnow() + timedelta(days=36)):
+        assert retire_master_keys(pipeline) == [1, 2]

@@ -47,7 +47,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
-from pipeline.awsclient import mask_errors
+from pipeline.awsclient import error_code, mask_errors
 from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
@@ -137,8 +137,10 @@ class ArchiveStore(Store):
         except EndpointConnectionError as exc:
             raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+            code = error_code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            # a HEAD's error has no body: its code is the status ("503"), so a 5xx is judged by its status
+            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or status >= 500:
                 raise StoreUnavailable(f"{where} unavailable during {action}: {code}") from exc
             raise StoreError(f"{where} refused {action}: {code} {first_line(exc)}") from exc
         except BotoCoreError as exc:
@@ -386,8 +388,7 @@ def _key_of(key: str) -> str:
 
 
 def _code(exc: StoreError) -> str:
-    cause = exc.__cause__
-    return str(cause.response.get("Error", {}).get("Code", "")) if isinstance(cause, ClientError) else ""
+    return error_code(exc.__cause__) if exc.__cause__ is not None else ""
 
 
 def _owned(key: str, subject_ref: str | None, user_ref: str | None) -> bool:
