@@ -92,6 +92,9 @@ class FakeLoggingREST:
         self.unavailable = False
         #: seconds before a written entry shows in listings
         self.listing_delay = 0.0
+        #: project -> entries.list calls left in its read quota (the service's: 60 a minute by default;
+        #: unlimited here unless a test sets it); past it: 429 RESOURCE_EXHAUSTED
+        self.read_quota: dict[str, int] = {}
         #: log name -> when it was deleted
         self.deleted: dict[str, datetime] = {}
         fake = self
@@ -121,7 +124,13 @@ class FakeLoggingREST:
                         raise BadRequest(400, f"unexpected query {query!r}")
                     self._answer(200, fake.dispatch(method, path, body))
                 except BadRequest as exc:
-                    status = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 503: "UNAVAILABLE"}[exc.status]
+                    statuses = {
+                        400: "INVALID_ARGUMENT",
+                        404: "NOT_FOUND",
+                        429: "RESOURCE_EXHAUSTED",
+                        503: "UNAVAILABLE",
+                    }
+                    status = statuses[exc.status]
                     self._answer(exc.status, {"error": {"code": exc.status, "message": str(exc), "status": status}})
 
             def do_POST(self) -> None:  # noqa: N802
@@ -205,6 +214,11 @@ class FakeLoggingREST:
         if len(names) != 1 or not (re.match(r"^projects/[^/]+$", names[0]) or _VIEW.match(names[0])):
             raise BadRequest(400, f"resourceNames must be [projects/P] or [a bucket's view], got {names!r}")
         project = names[0].split("/")[1]
+        with self.lock:
+            if project in self.read_quota:
+                if self.read_quota[project] <= 0:
+                    raise BadRequest(429, "Quota exceeded for quota metric 'Read requests' of service logging")
+                self.read_quota[project] -= 1
         if (
             self.config is not None
             and "/views/" in names[0]

@@ -82,7 +82,8 @@ def test_a_segment_larger_than_one_entry_is_split_and_joined(gcp_fakes, gcp_logg
     [back] = store.scan()
     assert back.payload == segment.payload
     assert open_segment(keyring, back).num_rows == 800
-    assert store.write([segment]) == 0
+    store.write([segment])
+    assert [s.segment_id for s in store.scan()] == [segment.segment_id]
 
 
 def test_every_list_call_sends_an_explicit_time_range(gcp_fakes, gcp_logging_url, keyring) -> None:  # noqa: ANN001
@@ -97,7 +98,7 @@ def test_every_list_call_sends_an_explicit_time_range(gcp_fakes, gcp_logging_url
         for method, path, body in list(rest.requests)
         if path.startswith("/v2/entries:list") and body["resourceNames"] == [f"projects/{project}"]
     ]
-    assert len(filters) >= 3
+    assert len(filters) >= 2  # scan and expire (a write lists nothing)
     assert all("timestamp>=" in f and "timestamp<=" in f for f in filters)
     # the client's own default is a 24 h window with no upper bound: the fake refuses it, as a guard
     client = Client(
@@ -167,6 +168,22 @@ def test_an_unreachable_service_is_store_unavailable(gcp_fakes, gcp_logging_url,
     with pytest.raises(StoreUnavailable, match="unreachable during scan") as unreachable:
         list(open_store(closed).scan())
     assert "\n" not in str(unreachable.value)  # one line, not the HTTP library's traceback text
+
+
+def test_ingest_writes_while_the_projects_read_quota_is_spent(gcp_fakes, gcp_logging_url, keyring) -> None:  # noqa: ANN001
+    """Reads have a quota of their own (60 entries.list a minute per project): every write listed its
+    subjects first, so a busy control plane, or an operator's log explorer, spent it and ingest failed (503)."""
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    rest.read_quota[_project(gcp_logging_url)] = 0
+    try:
+        for account in ("acme", "globex", "initech"):
+            store.write(seal_records(keyring, [make_record(account=account, observed_at=T0)]))
+        with pytest.raises(StoreUnavailable, match="unavailable during scan"):
+            list(store.scan())  # the quota the fake enforces
+    finally:
+        del rest.read_quota[_project(gcp_logging_url)]
+    assert len(list(store.scan())) == 3
 
 
 def test_a_url_with_an_unknown_option_is_one_clear_error() -> None:
@@ -414,6 +431,26 @@ def test_an_erasure_right_after_a_write_keeps_the_other_users_records(
     store.erase(acme, keyring.user_ref("acme", "ann"))
     rest.settle()
     assert _workers(store, keyring) == [2]
+
+
+def test_an_erasure_in_default_bounds_what_the_listing_did_not_show_yet(
+    gcp_fakes, gcp_logging_url, keyring, listing_delay
+) -> None:  # noqa: ANN001
+    """An entry written shortly before the erasure is not listed yet, so its log is not deleted: the
+    receipt said the subject was deleted from _Default, exactly, while the entry stayed there."""
+    rest, _ = gcp_fakes
+    store = open_store(gcp_logging_url)
+    acme = keyring.subject_ref("acme")
+    rest.settle()
+    store.write(seal_records(keyring, [make_record(user="ann", observed_at=T0)]))
+    rest.settle()
+    store.write(seal_records(keyring, [make_record(user="ann", observed_at=T0 + timedelta(minutes=5))]))
+    before = utcnow()
+    removed = store.erase(acme, keyring.user_ref("acme", "ann"))
+    assert (removed.segments, len(removed.places)) == (1, 1)  # the listed one's log is deleted
+    assert removed.expires_at is not None and removed.expires_at >= before + timedelta(days=30)
+    rest.settle()
+    assert len(list(store.scan(subject_ref=acme))) == 1  # what stays, until removed.expires_at at the latest
 
 
 def test_a_replay_not_yet_listable_is_written_once(gcp_fakes, gcp_logging_url, keyring, listing_delay) -> None:  # noqa: ANN001

@@ -56,7 +56,8 @@ class Store(ABC):
         """Store segments idempotently: a segment id already present is left as it is.
 
         :param segments: sealed segments, any subjects and kinds
-        :returns: how many segments were new
+        :returns: how many segments were new (a backend that cannot tell without a listing, Cloud
+            Logging, counts every one it sent)
         :raises StoreUnavailable: the backend cannot be reached; nothing or only whole
             segments were written, so the same call may simply be retried
         """

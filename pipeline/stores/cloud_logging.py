@@ -40,6 +40,7 @@ client anonymous.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import math
 from collections import defaultdict
@@ -231,24 +232,14 @@ class CloudLoggingStore(Store):
     def write(self, segments: Sequence[Segment]) -> int:
         """Write every entry: ``insertId`` and timestamp make a replay a duplicate the service drops.
 
-        What is listed decides only the count returned, never what is written: a listing
-        lags behind writes, so a segment it does not show yet is written again, harmlessly.
+        Nothing is listed: a listing lags behind writes, so it could not tell a replay anyway, and
+        reads have a quota of their own (60 a minute per project by default) that ingest, one
+        write per group commit, would spend and then fail on. So every segment sent counts as new.
         """
-        if not segments:
-            return 0
-        present: set[str] = set()
-        for subject_ref, group in _by(segments, lambda s: s.subject_ref).items():
-            low = min(s.max_observed_at for s in group)
-            high = max(s.max_observed_at for s in group)
-            clauses = [
-                f'labels.subject_ref="{subject_ref}"',
-                f'timestamp>="{_stamp(low)}"',
-                f'timestamp<="{_stamp(high)}"',
-            ]
-            present.update(h.segment.segment_id for h in self._segments("write", clauses, with_payload=False))
         unique = {s.segment_id: s for s in segments}
-        self._write_entries("write", [e for s in unique.values() for e in self._entries(s)])
-        return len(unique.keys() - present)
+        if unique:
+            self._write_entries("write", [e for s in unique.values() for e in self._entries(s)])
+        return len(unique)
 
     def scan(
         self,
@@ -298,15 +289,23 @@ class CloudLoggingStore(Store):
         return self._remove("expire", list(self._segments("expire", clauses, False, every_copy=True)))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        """Delete the subject's logs (``_Default``), or count its entries (a bucket of its own, where
+        nothing can be deleted); either way, some entries may stay until the bucket's retention.
+
+        In a bucket of its own every entry stays. In ``_Default`` an entry written shortly before
+        may not be listed yet, or not reached by ``logs.delete`` ("log entries written shortly
+        before the delete operation might not be deleted", Google's reference). Such entries are
+        unreadable once the key is destroyed, and gone by the moment given: the newest entry's
+        time, or now (nothing listed late is newer), plus the bucket's retention.
+        """
         held = list(self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True))
-        if self.deletes:
-            return self._remove("erase", held)
-        # Entries here cannot be deleted: they stay, unreadable once the key is destroyed, until they
-        # expire. One written just now may not be listed yet, but its timestamp is not after now.
         unique = {h.segment.segment_id: h.segment for h in held}
+        if self.deletes:
+            removed = self._remove("erase", held)
+        else:
+            removed = Removed(len(unique), sum(s.n_records for s in unique.values()))
         newest = max([datetime.now(UTC), *(s.max_observed_at for s in unique.values())])
-        expires_at = newest + timedelta(days=self._bucket.retention_days())
-        return Removed(len(unique), sum(s.n_records for s in unique.values()), (), expires_at)
+        return dataclasses.replace(removed, expires_at=newest + timedelta(days=self._bucket.retention_days()))
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
         if not self.deletes:  # the original could not be deleted: a cut copy would double its records
