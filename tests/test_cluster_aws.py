@@ -218,6 +218,44 @@ def test_the_token_is_refreshed_on_the_workers_before_it_expires(
         assert on_worker(cluster, read_object, "private.txt") == "private data"
 
 
+def held_client_token() -> str | None:
+    """Runs on a worker: the token of an S3 client user code made once and keeps (as s3fs caches one)."""
+    import boto3
+    from distributed import get_worker
+
+    worker = get_worker()
+    if not hasattr(worker, "held_s3_client"):
+        worker.held_s3_client = boto3.client("s3")  # type: ignore[attr-defined]
+    return worker.held_s3_client._request_signer._credentials.get_frozen_credentials().token  # type: ignore[attr-defined]
+
+
+def test_a_client_made_before_a_refresh_takes_the_new_token(
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
+) -> None:
+    """The variables alone made static credentials: a client made before a refresh kept the old token,
+    and failed with ExpiredToken once it expired. STS's shortest token (15 minutes) is in the window
+    in which botocore reads refreshable credentials again."""
+    now = [utcnow()]
+    with enable_iam_authentication():
+        forwarder = SessionTokenForwarder(
+            cluster,
+            worker_cert=tls.certs["worker"],
+            session=aws_world["session"],
+            role_arn=ROLE_ARN,
+            duration=timedelta(minutes=15),
+            clock=lambda: now[0],
+        )
+        assert forwarder.forward()
+        first = forwarder.credentials
+        assert first is not None
+        assert on_worker(cluster, held_client_token) == first.token
+        now[0] = first.refresh_at
+        assert forwarder.refresh_if_due()
+        second = forwarder.credentials
+        assert second is not None and second.token != first.token
+        assert on_worker(cluster, held_client_token) == second.token
+
+
 def test_the_background_refresh_replaces_the_token(
     aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:

@@ -7,8 +7,10 @@ certificate** and registers :class:`AWSCredentialsPlugin`. The scheduler stores 
 relays only that ciphertext (distributed logs every message at DEBUG level, and user
 code can read the scheduler's plugins): only a process holding the cluster's worker TLS
 key opens it. Each worker, present and future, installs the token as the standard
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` variables, so
-boto3, botocore and everything built on them (s3fs, pyarrow) use it. Refreshing needs the
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` variables, with
+its expiry in ``AWS_CREDENTIAL_EXPIRATION``, so boto3, botocore and everything built on
+them (s3fs, pyarrow) use it, and a client made before a refresh reads the new one as its
+token nears expiry. Refreshing needs the
 long-term keys, so it happens on the client side too: once three quarters of the token's
 life have passed, the forwarder fetches a new one and re-registers the plugin, which
 replaces the old token on every worker before it expires.
@@ -53,7 +55,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: with the expiry set, botocore reads the other three again as it nears (a client made before a refresh
+#: takes the new token); without it, they are static for every client that read them
+ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CREDENTIAL_EXPIRATION")
 PLUGIN_NAME = "metadata-pipeline-aws-credentials"
 #: a token is replaced once this share of its lifetime is left
 REFRESH_AT_REMAINING = 0.25
@@ -132,6 +136,7 @@ def seal_for_workers(credentials: SessionCredentials, worker_cert: str) -> bytes
             "access_key_id": credentials.access_key_id,
             "secret_access_key": credentials.secret_access_key,
             "token": credentials.token,
+            "expiration": credentials.expiration.isoformat(),
         }
     ).encode()
     return _SUITE.encrypt(plain, public_key, info=_INFO)
@@ -173,6 +178,7 @@ class AWSCredentialsPlugin(WorkerPlugin):
             AWS_ACCESS_KEY_ID=opened["access_key_id"],
             AWS_SECRET_ACCESS_KEY=opened["secret_access_key"],
             AWS_SESSION_TOKEN=opened["token"],
+            AWS_CREDENTIAL_EXPIRATION=opened["expiration"],
         )
         _forget_cached_boto3_session()
 
