@@ -231,7 +231,8 @@ clusters = Table(
     Column("closed_at", UTCDateTime, nullable=True),  # its plugin (or its owner) closed it
     Column("last_contact_at", UTCDateTime, nullable=True),  # its last batch (snapshots are the heartbeat)
     Column("lost_at", UTCDateTime, nullable=True),  # nothing heard for pipeline.server.cluster-lost-after
-    Column("running", Text, nullable=True),  # its running jobs as last reported, sealed like names
+    Column("running", Text, nullable=True),  # its running jobs as last reported, sealed under its owner's key
+    Column("user_ref", String(64), nullable=True),  # its owner (none: account-level, or registered before it was kept)
     Index("ix_clusters_subject", "subject_ref"),
 )
 

@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from pipeline.config import Settings
 from pipeline.db import clusters, transaction
-from pipeline.errors import ForbiddenBatch
+from pipeline.errors import ForbiddenBatch, KeyringError
 from pipeline.intake import OpenedBatch
 from pipeline.records import tables_from_records, utcnow
 from pipeline.runtime import Pipeline
@@ -305,8 +305,30 @@ def test_a_running_job_of_a_user_erased_since_does_not_come_back_when_the_cluste
     assert registry.list(now=start + LOST_AFTER * 2)[0]["state"] == end
     for store in registry.pipeline.stores:
         assert [r for r in registry.pipeline.read_records(store, account="acme") if r["kind"] == "job"] == []
-    [dropped] = [e for e in registry.pipeline.audit.entries() if e.action == "ingest.dropped"]
-    assert dropped.details["by_request"] == {done.request_id: 1}
+
+
+def test_an_erasure_shreds_the_running_jobs_of_a_cluster_that_runs_on(registry: ClusterRegistry) -> None:
+    """The cluster row keeps its running jobs, with ann's name and her functions' prefixes, until the
+    cluster ends; sealed under the account's key, they stayed readable after her erasure (by anyone
+    holding the database and the account's key, which her erasure leaves alive)."""
+    from pipeline.retention.requests import file_request, process_pending
+
+    cluster = registry.register("acme", "http://control-plane.invalid", user="ann")
+    start = utcnow()
+    report = snapshot(cluster, start, tasks_completed=3) | {"user": "ann"}
+    report["jobs_running"][0]["task_prefixes"] = ["ann_medical_etl"]
+    heard_from(registry, cluster.cluster_id, batch(cluster, report), now=start)
+    row = registry._row(cluster.cluster_id)
+    assert [job["user"] for job in registry._running(row)["jobs"].values()] == ["ann"]
+    file_request(registry.pipeline, "acme", "ann")
+    [done] = process_pending(registry.pipeline)
+    assert done.state == "completed", done.error
+    row = registry._row(cluster.cluster_id)
+    assert registry._running(row) == {}
+    assert _opened_with_the_account_key(registry, row) is None  # alive, it does not open them either
+    later = snapshot(cluster, start + timedelta(seconds=5), tasks_completed=4) | {"user": "ann"}
+    heard_from(registry, cluster.cluster_id, batch(cluster, later), now=start + timedelta(seconds=5))
+    assert registry._row(cluster.cluster_id).running is None  # nothing of hers is sealed again
 
 
 def test_a_job_of_a_scheduler_killed_and_started_again_is_recorded_lost_as_last_reported(
@@ -343,3 +365,16 @@ def test_a_job_that_ends_is_never_recorded_lost_when_the_next_snapshot_omits_it(
             heard_from(registry, cluster.cluster_id, batch(cluster, end), now=at)
             heard_from(registry, cluster.cluster_id, batch(cluster, later), now=at)
     assert jobs(registry) == []
+
+
+def _opened_with_the_account_key(registry: ClusterRegistry, row: Any) -> dict[str, Any] | None:
+    """The running jobs as the account's key opens them, at the version they name (``None``: it does not)."""
+    from pipeline.server.names import NameBox
+
+    version = int(row.running.partition(":")[0])
+    try:
+        return NameBox(registry.pipeline.keyring).open_at(
+            f"{row.cluster_id}/running", row.running, subject_ref=row.subject_ref, user_ref=None, live_version=version
+        )
+    except KeyringError:
+        return None

@@ -37,7 +37,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from pipeline.bounds import MAX_STRING_BYTES
 from pipeline.columns import column
 from pipeline.db import clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
-from pipeline.errors import ClusterLost, InvalidBinding, OutputError
+from pipeline.errors import ClusterLost, InvalidBinding, KeyringError, OutputError, UnknownAccountError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
@@ -223,6 +223,7 @@ class ClusterRegistry:
                     token_id=issued.token_id,
                     names=self.names.seal(cluster_id, names, subject_ref=subject_ref),
                     created_at=utcnow(),
+                    user_ref=None if user is None else self.pipeline.keyring.user_ref(account, user),
                 )
             )
         validity = timedelta(seconds=self.pipeline.settings.tls_validity)
@@ -369,7 +370,7 @@ class ClusterRegistry:
                 .where(clusters.c.cluster_id == row.cluster_id)
                 .where(clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
                 .values({column.name: when})
-                .returning(clusters.c.cluster_id, clusters.c.subject_ref, clusters.c.running)
+                .returning(clusters.c.cluster_id, clusters.c.subject_ref, clusters.c.user_ref, clusters.c.running)
             ).first()
         if claimed is None:  # ended meanwhile, by another process or request
             return
@@ -433,16 +434,26 @@ class ClusterRegistry:
             return conn.execute(_ROW, {"id": cluster_id}).first()
 
     def _running(self, row: Any) -> dict[str, Any]:
-        """``{"observed_at": newest snapshot, "jobs": {job id: job record}}`` (sealed like names: prefixes
-        name the user's functions)."""
+        """``{"observed_at": newest snapshot, "jobs": {job id: job record}}``, sealed under the key of the
+        cluster's owner (the account's, for an account-level cluster): the jobs name her and her functions,
+        so her erasure shreds them while the cluster runs on (nothing then: her jobs are not recorded lost)."""
         if row.running is None:
             return {}
-        return self.names.open(f"{row.cluster_id}/running", row.running, subject_ref=row.subject_ref) or {}
+        opened = self.names.open(
+            f"{row.cluster_id}/running", row.running, subject_ref=row.subject_ref, user_ref=row.user_ref
+        )
+        return opened or {}
 
     def _seal_running(self, row: Any, running: dict[str, Any]) -> str | None:
+        """The running jobs sealed (``None``: none, or the owner's key is erased: nothing of hers is kept)."""
         if not running.get("jobs"):
             return None
-        return self.names.seal(f"{row.cluster_id}/running", running, subject_ref=row.subject_ref)
+        try:  # her key was made with the cluster's token: a key not live is an erasure's
+            return self.names.seal(
+                f"{row.cluster_id}/running", running, subject_ref=row.subject_ref, user_ref=row.user_ref, create=False
+            )
+        except (KeyringError, UnknownAccountError):
+            return None
 
     def registered_by(self, cluster_id: str) -> str | None:
         """The id of the gateway token that registered a cluster (``None``: no gateway did, or erased)."""

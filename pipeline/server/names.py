@@ -41,12 +41,23 @@ class NameBox:
     def _staff(self) -> AESGCM:
         return AESGCM(self.keyring.named_key(STAFF_KEY_ID, "names"))
 
-    def seal(self, row_id: str, names: dict[str, Any], *, subject_ref: str | None, user_ref: str | None = None) -> str:
-        """``<key version>:<base64 nonce || ciphertext>`` under the key of ``subject_ref``/``user_ref``."""
+    def seal(
+        self,
+        row_id: str,
+        names: dict[str, Any],
+        *,
+        subject_ref: str | None,
+        user_ref: str | None = None,
+        create: bool = True,
+    ) -> str:
+        """``<key version>:<base64 nonce || ciphertext>`` under the key of ``subject_ref``/``user_ref``.
+
+        :raises KeyringError, UnknownAccountError: without ``create``, that key is not live (erased)
+        """
         if subject_ref is None:
             version, cipher = _STAFF_VERSION, self._staff
         else:
-            version, cipher = self.keyring.cipher(subject_ref, user_ref)
+            version, cipher = self.keyring.cipher(subject_ref, user_ref, create=create)
         nonce = os.urandom(_NONCE)
         blob = nonce + cipher.encrypt(nonce, json.dumps(names).encode(), _aad(row_id, version))
         return f"{version}:{base64.b64encode(blob).decode()}"
