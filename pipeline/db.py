@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: the newest migration in ``pipeline/migrations/versions`` (a test checks it is alembic's head)
-SCHEMA_HEAD = "a8c4e2f6b371"
+SCHEMA_HEAD = "b5d1f3a7c902"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -1,5 +1,4 @@
-"""lost_jobs: a job recorded lost is stored once, though its end record arrives later (a spool replayed);
-clusters.user_ref: a cluster's running jobs are sealed under its owner's key, shredded by her erasure
+"""lost_jobs: a job recorded lost is stored once, though its end record arrives later (a spool replayed)
 
 Revision ID: a8c4e2f6b371
 Revises: f7b3d1e5a920
@@ -25,12 +24,8 @@ def upgrade() -> None:
         sa.Column("cluster_id", sa.String(64), primary_key=True),
         sa.Column("record_id", sa.String(32), primary_key=True),
     )
-    with op.batch_alter_table("clusters") as batch:
-        batch.add_column(sa.Column("user_ref", sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
-    with op.batch_alter_table("clusters") as batch:
-        batch.drop_column("user_ref")
     op.drop_table("lost_jobs")
