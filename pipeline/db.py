@@ -330,7 +330,7 @@ def _sqlite_file(engine: Engine) -> tuple[int, int] | None:
 def _create_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is no number
         raise ConfigError(f"not a database URL: {mask_url(url)!r}") from exc
     # as many connections as SQLAlchemy's default allows at once (5 + 10 overflow), all kept: an
     # overflow connection is closed when returned, and under load ingest opened hundreds a minute

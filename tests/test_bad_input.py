@@ -527,3 +527,27 @@ def test_audit_actor_is_the_os_user_not_the_user_variable(home: Path, monkeypatc
     finally:
         default_actor.cache_clear()
     assert {e.actor for e in entries} == {f"{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"}
+
+
+def test_a_home_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """The system refuses the folder (NotADirectoryError): that was a traceback and exit 1."""
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    with dask.config.set({"pipeline.home": str(taken)}):
+        line = one_line(run("init"))
+    assert str(taken) in line and "not a directory" in line
+
+
+def test_a_database_url_with_a_port_that_is_no_number_is_one_line(home: Path) -> None:
+    with dask.config.set({"pipeline.long-term.url": "postgresql+psycopg://root@127.0.0.1:notaport/x"}):
+        line = one_line(run("records"))
+    assert "not a database URL" in line
+
+
+def test_serve_with_a_tls_file_that_is_no_certificate_is_one_line(tmp_path: Path, home: Path) -> None:
+    garbage = tmp_path / "bad.pem"
+    garbage.write_text("garbage\n")
+    run("init")
+    with dask.config.set({"pipeline.server.tls-cert": str(garbage), "pipeline.server.tls-key": str(garbage)}):
+        line = one_line(run("serve", "--no-retention"))
+    assert line.startswith("error: pipeline.server.tls-cert/tls-key: ") and "not a PEM certificate" in line

@@ -44,11 +44,21 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
             except PipelineError as exc:
                 click.echo(f"error: {printable(str(exc))}", err=True)
                 sys.exit(2)
+            except OSError as exc:  # the file system refused what a setting names (a home that is a file)
+                click.echo(f"error: {printable(_refused_path(exc))}", err=True)
+                sys.exit(2)
 
         wrapper = click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")(wrapper)
         return group.command(name, **attrs)(wrapper)  # type: ignore[return-value]
 
     return decorate
+
+
+def _refused_path(exc: OSError) -> str:
+    """``path: reason`` of a file or folder the system would not make or read."""
+    if exc.filename is None:
+        return str(exc)
+    return f"cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}"
 
 
 class OneLineGroup(click.Group):

@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import signal
+import ssl
 import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from uvicorn.server import ServerState
 
 from pipeline.config import ServerLimits
 from pipeline.errors import ConfigError
+from pipeline.redact import first_line
 from pipeline.server.app import create_app
 
 if TYPE_CHECKING:
@@ -199,7 +201,8 @@ class ControlPlaneServer(uvicorn.Server):
 def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
     """The uvicorn configuration ``pipeline.server.*`` asks for (TLS when cert and key are set).
 
-    :raises ConfigError: only one of the TLS files is set, or one does not exist
+    :raises ConfigError: only one of the TLS files is set, one does not exist, or they are not a PEM
+        certificate and its key (checked here: uvicorn reads them as it starts, with a traceback)
     """
     s = pipeline.settings
     if (s.tls_cert is None) != (s.tls_key is None):
@@ -207,6 +210,14 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
     for key, path in (("tls-cert", s.tls_cert), ("tls-key", s.tls_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"pipeline.server.{key}: no such file {path}")
+    if s.tls_cert is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(s.tls_cert, s.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"pipeline.server.tls-cert/tls-key: {s.tls_cert} and {s.tls_key} are not a PEM certificate "
+                f"and its private key ({first_line(exc)})"
+            ) from exc
     protocol, backlog = _connection_limits(s.limits)
     return uvicorn.Config(
         create_app(pipeline),
