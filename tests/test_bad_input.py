@@ -551,3 +551,34 @@ def test_serve_with_a_tls_file_that_is_no_certificate_is_one_line(tmp_path: Path
     with dask.config.set({"pipeline.server.tls-cert": str(garbage), "pipeline.server.tls-key": str(garbage)}):
         line = one_line(run("serve", "--no-retention"))
     assert line.startswith("error: pipeline.server.tls-cert/tls-key: ") and "not a PEM certificate" in line
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["erase", "request", "--account", ""],
+        ["erase", "request", "--account", "acme", "--user", " "],
+        ["accounts", "add", "--account", "", "--username", "ann", "--email", "ann@example.com"],
+        ["accounts", "add", "--account", "acme", "--username", "", "--email", "ann@example.com"],
+        ["tokens", "create", "--account", ""],
+    ],
+)
+def test_a_blank_name_is_refused_as_the_api_refuses_it(command: list[str], home: Path) -> None:
+    """`erase request --account ""` filed an erasure of nobody, and `accounts add` stored a blank account."""
+    line = one_line(run(*command))
+    assert "must not be empty" in line
+
+
+def test_a_group_alone_shows_its_help_not_one_escaped_line() -> None:
+    result = run("erase")
+    assert result.exit_code == 2
+    assert "\\x0a" not in result.stderr and "Usage:" in result.stderr and len(result.stderr.splitlines()) > 3
+
+
+def test_a_quota_that_is_not_a_finite_number_is_refused(home: Path) -> None:
+    """NaN and Infinity were stored, and `records --json` printed them: not JSON."""
+    for value in ("nan", "inf", "-1"):
+        line = one_line(
+            run("accounts", "add", "--account", "a", "--username", "u", "--email", "e", "--quota", f"cpu={value}")
+        )
+        assert "a quota is a finite number" in line

@@ -76,6 +76,9 @@ class OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a group alone: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.UsageError as exc:
             click.echo(f"error: {printable(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
@@ -106,6 +109,21 @@ class Text(click.ParamType):
 
 
 TEXT = Text()
+
+
+class Name(Text):
+    """An account, user, username or e-mail: valid UTF-8 and not blank (the API refuses those too)."""
+
+    name = "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        value = super().convert(value, param, ctx)
+        if not value.strip():
+            self.fail("must not be empty", param, ctx)
+        return value
+
+
+NAME = Name()
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})

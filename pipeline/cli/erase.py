@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from pipeline.cli.core import TEXT, CheckFailed, api_client, command, main, open_pipeline
+from pipeline.cli.core import NAME, TEXT, CheckFailed, api_client, command, main, open_pipeline
 from pipeline.output import Output
 
 
@@ -19,8 +19,8 @@ def erase() -> None:
 
 
 @command(erase, "request")
-@click.option("--account", required=True, type=TEXT)
-@click.option("--user", default=None, type=TEXT, help="Erase only this user of the account.")
+@click.option("--account", required=True, type=NAME)
+@click.option("--user", default=None, type=NAME, help="Erase only this user of the account.")
 @click.option("--reason", default=None, type=TEXT, help="Why (encrypted under the subject's key, shredded with it).")
 @click.option("--suppress", is_flag=True, help="Also drop records observed later, until `erase lift ID`.")
 def erase_request(out: Output, account: str, user: str | None, reason: str | None, suppress: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import TEXT, CheckFailed, command, main, open_pipeline
+from pipeline.cli.core import NAME, TEXT, CheckFailed, command, main, open_pipeline
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
 
@@ -45,8 +45,8 @@ def init(out: Output) -> None:
 
 @command(main)
 @click.option("--tasks", default=2000, show_default=True, type=click.IntRange(1, 1_000_000))
-@click.option("--account", default="demo", show_default=True, type=TEXT)
-@click.option("--user", default=None, type=TEXT, help="User the cluster belongs to.")
+@click.option("--account", default="demo", show_default=True, type=NAME)
+@click.option("--user", default=None, type=NAME, help="User the cluster belongs to.")
 @click.option(
     "--remote", is_flag=True, help="Through a control plane in a process of its own: the cluster only writes."
 )
@@ -92,9 +92,9 @@ def accounts() -> None:
 
 
 @command(accounts, "add")
-@click.option("--account", required=True, type=TEXT)
-@click.option("--username", required=True, type=TEXT)
-@click.option("--email", required=True, type=TEXT)
+@click.option("--account", required=True, type=NAME)
+@click.option("--username", required=True, type=NAME)
+@click.option("--email", required=True, type=NAME)
 @click.option("--team", default=None, type=TEXT)
 @click.option("--quota", "quotas", multiple=True, type=TEXT, metavar="NAME=NUMBER", help="Repeatable.")
 def accounts_add(
@@ -106,6 +106,7 @@ def accounts_add(
     store was unreachable (exit 2, the other stores written) completes the write without a copy.
     """
     import json
+    import math
 
     from pipeline.errors import PolicyError, SubjectSuppressed
     from pipeline.records import utcnow
@@ -114,9 +115,12 @@ def accounts_add(
     for item in quotas:
         name, _, value = item.partition("=")
         try:
-            parsed[name] = float(value)
+            number = float(value)
         except ValueError:
             raise click.BadParameter(f"{quoted(item)} is not NAME=NUMBER", param_hint="--quota") from None
+        if not math.isfinite(number) or number < 0:  # NaN and Infinity are no JSON: `records --json` broke on them
+            raise click.BadParameter(f"{quoted(item)}: a quota is a finite number, 0 or more", param_hint="--quota")
+        parsed[name] = number
     pipeline = open_pipeline(create=True)
     now = utcnow()
     said = json.dumps([username, email, team, parsed, f"{now:%Y-%m-%d}"], sort_keys=True)

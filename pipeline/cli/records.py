@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import TEXT, api_client, command, main, open_pipeline, report_skipped
+from pipeline.cli.core import NAME, api_client, command, main, open_pipeline, report_skipped
 from pipeline.config import Settings
 from pipeline.output import Output
 from pipeline.records import DATA_TYPES
@@ -17,7 +17,7 @@ from pipeline.retention.policy import STORES
 
 
 @command(main)
-@click.option("--account", default=None, type=TEXT)
+@click.option("--account", default=None, type=NAME)
 @click.option("--data-type", type=click.Choice(DATA_TYPES), default=None)
 @click.option("--store", type=click.Choice(STORES), default="long_term", show_default=True)
 def records(out: Output, account: str | None, data_type: str | None, store: str) -> None:

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import click
 
-from pipeline.cli.core import TEXT, command, main, open_pipeline
+from pipeline.cli.core import NAME, TEXT, command, main, open_pipeline
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
 
@@ -25,10 +25,10 @@ def tokens() -> None:
     "--account",
     "accounts",
     multiple=True,
-    type=TEXT,
+    type=NAME,
     help="The member's account (admins: none); a gateway's accounts, repeated ('*': any account).",
 )
-@click.option("--user", default=None, type=TEXT, help="Who holds the token.")
+@click.option("--user", default=None, type=NAME, help="Who holds the token.")
 @click.option("--role", type=click.Choice(["member", "admin", "gateway"]), default="member", show_default=True)
 def tokens_create(out: Output, accounts: tuple[str, ...], user: str | None, role: str) -> None:
     """Issue a token; it is printed once and only its SHA-256 is kept.
