@@ -33,7 +33,7 @@ from distributed.utils import offload
 from tornado.ioloop import PeriodicCallback
 
 from pipeline.clock import utcnow
-from pipeline.config import Settings
+from pipeline.config import Settings, spool_folder
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
 from pipeline.emitter import MAX_ITEMS, Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
@@ -160,7 +160,7 @@ class MetadataPlugin(SchedulerPlugin):
         delivery = remote or EmbeddedDelivery.shared(
             settings, Principal.embedded_cluster(self.account, settings.cluster_id)
         )
-        spool = Spool(settings.spool_dir)
+        spool = Spool(settings.spool_dir, key_folder=None if remote else spool_folder(settings.home, None))
         self.emitter = Emitter(delivery, spool, retry_max=settings.retry_max, linger=settings.linger)
         self.emitter.start()
         self.scheduler = scheduler  # from here on the plugin is running

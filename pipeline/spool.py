@@ -53,8 +53,13 @@ class SpooledBatch:
 class Spool:
     """A folder of sealed batch files."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, key_folder: Path | None = None) -> None:
+        """:param key_folder: where the intake public key is also kept for every cluster of one home
+        (embedded mode: one key for all), so a new cluster's spool has one during an outage"""
         self.directory = directory
+        self._key_files = [directory / _PUBLIC_KEY]
+        if key_folder is not None and key_folder != directory:
+            self._key_files.append(key_folder / _PUBLIC_KEY)
         self.corrupt_dir = directory / "corrupt"
         self.refused_dir = directory / "refused"
         private_folder(directory)
@@ -76,17 +81,20 @@ class Spool:
 
     def remember_public_key(self, text: str) -> None:
         """Keep the intake public key (``public_key_text``) for :meth:`remembered_public_key`."""
-        path = self.directory / _PUBLIC_KEY
-        if not path.exists() or path.read_text() != text:
-            write_private(path, text.encode())
+        for path in self._key_files:
+            if not path.exists() or path.read_text() != text:
+                private_folder(path.parent)
+                write_private(path, text.encode())
 
     def remembered_public_key(self) -> tuple[str, Path] | None:
-        """The intake public key text an earlier process kept, and its file; None when there is none."""
-        path = self.directory / _PUBLIC_KEY
-        try:
-            return path.read_text(), path
-        except (OSError, UnicodeDecodeError):
-            return None
+        """The intake public key text an earlier process kept (this cluster's, else its home's), and its
+        file; None when there is none."""
+        for path in self._key_files:
+            try:
+                return path.read_text(), path
+            except (OSError, UnicodeDecodeError):
+                continue
+        return None
 
     def remove(self, batch: SpooledBatch) -> None:
         """Forget a delivered batch."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import dask.config
 from conftest import embedded_emitter, make_record, sealed_batch
 
-from pipeline.config import Settings
+from pipeline.config import Settings, spool_folder
 from pipeline.delivery import EmbeddedDelivery
 from pipeline.emitter import Emitter
 from pipeline.errors import StoreUnavailable
@@ -136,6 +136,37 @@ def test_records_are_sealed_and_spooled_while_the_keyring_is_unreachable_at_star
     again = embedded_emitter(pipeline)  # the database is back: the spool is replayed
     assert again.close(timeout=60.0) is True
     assert len(_ids(pipeline, "long_term")) == 4
+
+
+def test_a_new_cluster_of_a_home_seals_and_spools_during_an_outage_with_the_homes_key(
+    home: Path, settings: Settings
+) -> None:
+    """Each cluster spools in a folder of its own: a cluster started while the keyring was unreachable
+    had no key remembered there, held its records in memory and lost them at close."""
+    pipeline = Pipeline.open(settings, create=True)
+    shared = spool_folder(settings.home, None)
+    earlier = Emitter(
+        EmbeddedDelivery(lambda: pipeline, Principal.embedded_cluster("acme", "cluster-a")),
+        Spool(spool_folder(settings.home, "cluster-a"), key_folder=shared),
+        retry_max=0.2,
+    )
+    earlier.start()
+    earlier.submit([make_record(cluster_id="cluster-a")])
+    assert earlier.close(timeout=60.0) is True
+
+    def unreachable() -> Pipeline:
+        raise StoreUnavailable("metadata database unavailable: connection refused")
+
+    fresh = spool_folder(settings.home, "cluster-b")
+    down = Emitter(
+        EmbeddedDelivery(unreachable, Principal.embedded_cluster("acme", "cluster-b")),
+        Spool(fresh, key_folder=shared),
+        retry_max=0.2,
+    )
+    down.start()
+    down.submit([make_record(cluster_id="cluster-b") for _ in range(3)])
+    assert down.close(timeout=2.0) is False
+    assert down.stats.records_sealed == 3 and len(list(fresh.glob("*.batch"))) == 1
 
 
 def test_account_records_never_reach_the_logging_store(home: Path, settings: Settings) -> None:
