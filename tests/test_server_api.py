@@ -138,6 +138,14 @@ def test_a_json_body_over_64_kib_is_refused_before_it_is_read(plane: ControlPlan
     assert "over 65536 bytes" in assert_problem(response, 413)["detail"]
 
 
+@pytest.mark.parametrize("token", [None, "mp_" + "x" * 43])
+def test_an_oversized_body_without_a_valid_token_is_401_not_413(plane: ControlPlane, token: str | None) -> None:
+    """Who asks comes first: a stranger learns nothing of the limits, and every such request is 401."""
+    with plane.client(token) as stranger:
+        response = stranger.post("/v1/ingest", content=b"x" * (9 * 2**20))
+    assert_problem(response, 401)
+
+
 def test_bad_query_values_and_unknown_routes_are_problems(plane: ControlPlane) -> None:
     with plane.admin() as admin:
         assert_problem(admin.get("/v1/records", params={"kind": "nope"}), 400)

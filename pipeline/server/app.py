@@ -137,10 +137,7 @@ class _Guard:
         """The answer to a request refused before its body is read; ``None`` to let it in."""
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
-        limit = _body_limit(scope)
-        if declared.isdigit() and int(declared) > limit:
-            return problem(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
-        if declared.strip(b"0") or b"transfer-encoding" in headers:
+        if declared.strip(b"0") or b"transfer-encoding" in headers:  # who asks first, then how much
             token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
             try:
                 if token is None:
@@ -149,6 +146,9 @@ class _Guard:
             except PipelineError as exc:  # 401, or 503 while the database is away
                 return pipeline_problem(exc, _CLOSE)
             scope.setdefault("state", {})[PRINCIPAL] = principal
+        limit = _body_limit(scope)
+        if declared.isdigit() and int(declared) > limit:
+            return problem(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
         return None
 
     def _bounded(self, scope: Scope, receive: Receive) -> Receive:
