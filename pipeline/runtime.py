@@ -51,7 +51,7 @@ from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.signing import load_verify_key
-from pipeline.stores import Store, open_store
+from pipeline.stores import Store, is_sql_url, open_store
 from pipeline.stores.sql import SQLStore
 from pipeline.witness import HighWater
 
@@ -329,16 +329,19 @@ class Pipeline:
         policy = load_policy(settings.policy_path)
         if create:
             settings.ensure_home()
+        # it is also the metadata database (keys, audit, requests): checked first, before another
+        # backend asks for a keyring or credentials and names something else as the problem
+        if not is_sql_url(settings.long_term_url):
+            raise ConfigError(
+                f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
+                f"got {mask_url(settings.long_term_url)!r}"
+            )
         stores = {
             name: open_store(url, setting=f"pipeline.{name.replace('_', '-')}.url")
             for name, url in settings.store_urls().items()
         }
         long_term = stores["long_term"]
-        if not isinstance(long_term, SQLStore):  # it is also the metadata database (keys, audit, requests)
-            raise ConfigError(
-                f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
-                f"got {mask_url(settings.long_term_url)!r}"
-            )
+        assert isinstance(long_term, SQLStore)  # as its scheme says
         provider = open_key_provider(settings.keys_url, create=create, keyring_made=Keyring.made(long_term.engine))
         keyring = Keyring.open(long_term.engine, provider, create=create)
         if settings.archive_url:  # a copy of the long-term store: same routing, retention and erasure

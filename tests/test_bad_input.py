@@ -582,3 +582,11 @@ def test_a_quota_that_is_not_a_finite_number_is_refused(home: Path) -> None:
             run("accounts", "add", "--account", "a", "--username", "u", "--email", "e", "--quota", f"cpu={value}")
         )
         assert "a quota is a finite number" in line
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x", "gcp-logging://project", "file:///tmp/x", "memory://"])
+def test_a_long_term_url_that_is_no_sql_database_says_so(url: str, home: Path) -> None:
+    """An s3:// URL said the backend "needs the keyring", and gcp-logging:// went looking for Google credentials."""
+    with dask.config.set({"pipeline.long-term.url": url}):
+        line = one_line(run("records"))
+    assert line.startswith("error: pipeline.long-term.url must be a SQL database"), line

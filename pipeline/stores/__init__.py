@@ -17,7 +17,7 @@ from pipeline.stores.base import Removed, Store
 if TYPE_CHECKING:
     from pipeline.keys import Keyring
 
-__all__ = ["SCHEMES", "Removed", "Store", "open_store"]
+__all__ = ["SCHEMES", "Removed", "Store", "is_sql_url", "open_store"]
 
 #: scheme -> (module:Class, extra that provides its dependencies)
 SCHEMES: dict[str, tuple[str, str | None]] = {
@@ -29,6 +29,11 @@ SCHEMES: dict[str, tuple[str, str | None]] = {
     "memory": ("pipeline.stores.memory:MemoryStore", None),
     "s3": ("pipeline.stores.archive:ArchiveStore", "aws"),
 }
+
+
+def is_sql_url(url: str) -> bool:
+    """Whether ``url`` names a SQL database: the one backend that can also be the metadata database."""
+    return SCHEMES.get(urlparse(url).scheme, ("", None))[0] == SCHEMES["sqlite"][0]
 
 
 def open_store(url: str, *, setting: str = "store URL", keyring: Keyring | None = None) -> Store:
