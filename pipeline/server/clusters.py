@@ -34,8 +34,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, func, insert, select, update
 
+from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
-from pipeline.columns import column
 from pipeline.db import clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
 from pipeline.errors import ClusterLost, InvalidBinding, KeyringError, OutputError, UnknownAccountError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
@@ -347,7 +347,7 @@ class ClusterRegistry:
         if not recorded:
             return batch
         kept = [n for n, record_id in enumerate(ids) if record_id not in recorded]
-        tables["job"] = ends.take(column(pa.int64(), kept))
+        tables["job"] = ends.take(columns.column(pa.int64(), kept))
         self.pipeline.audit.append(
             "ingest.dropped",
             subject_ref=row.subject_ref,
