@@ -194,6 +194,12 @@ class S3Witness(Witness):
             raise ConfigError(
                 f"pipeline.audit.witness-url: bucket {self.bucket!r} needs Object Lock with a default retention"
             )
+        mode = lock["Rule"]["DefaultRetention"].get("Mode")
+        if mode != "COMPLIANCE":  # GOVERNANCE: whoever may bypass it (s3:BypassGovernanceRetention) deletes checkpoints
+            raise ConfigError(
+                f"pipeline.audit.witness-url: bucket {self.bucket!r} keeps objects in {mode} mode; "
+                "a witness needs COMPLIANCE mode, which no one can bypass"
+            )
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

@@ -177,12 +177,12 @@ def s3(aws: str):  # noqa: ANN201
     return boto3.client("s3")
 
 
-def _bucket(s3, name: str, *, locked: bool = True) -> str:  # noqa: ANN001
+def _bucket(s3, name: str, *, locked: bool = True, mode: str = "COMPLIANCE") -> str:  # noqa: ANN001
     s3.create_bucket(
         Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}, ObjectLockEnabledForBucket=locked
     )
     if locked:
-        rule = {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 400}}
+        rule = {"DefaultRetention": {"Mode": mode, "Days": 400}}
         s3.put_object_lock_configuration(
             Bucket=name, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled", "Rule": rule}
         )
@@ -270,3 +270,13 @@ def test_a_symmetric_kms_key_is_refused_as_the_audit_key(home: Path, aws: str) -
     assert result.stderr == (
         f"error: pipeline.audit.signing-key-url: KMS key {key_id!r} must be ECC_NIST_P256 for SIGN_VERIFY\n"
     )
+
+
+def test_a_bucket_whose_lock_can_be_bypassed_is_refused(home: Path, s3) -> None:  # noqa: ANN001
+    """GOVERNANCE mode lets anyone with s3:BypassGovernanceRetention delete checkpoints: no witness."""
+    bucket = _bucket(s3, "audit-witness-governance", mode="GOVERNANCE")
+    with (
+        dask.config.set({"pipeline.audit.witness-url": f"s3://{bucket}"}),
+        pytest.raises(ConfigError, match="keeps objects in GOVERNANCE mode; a witness needs COMPLIANCE mode"),
+    ):
+        _ = Pipeline.open(create=True).audit
