@@ -54,6 +54,8 @@ class KeyProvider(ABC):
     """
 
     url: str
+    #: how long a destroyed version may still be restored where it lives (a KMS key's waiting period)
+    destroyed_after: timedelta = timedelta(0)
 
     @abstractmethod
     def current_version(self) -> int:

@@ -19,6 +19,7 @@ points it elsewhere (tests use moto's server on loopback).
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from urllib.parse import urlparse
 
 from pipeline.awsclient import aws_client, error_code
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 class AWSKMSKeyProvider(KeyProvider):
     """Wrap and unwrap data keys with KMS keys, one per master key version."""
+
+    destroyed_after = timedelta(days=DELETION_WINDOW_DAYS)  # CancelKeyDeletion restores a key until then
 
     def __init__(self, url: str) -> None:
         parsed = urlparse(url)

@@ -142,3 +142,22 @@ def test_a_retirement_stopped_after_kms_deleted_the_key_completes_on_the_next_pa
     _waiting_period_ends(second.rsplit("/", 1)[-1])
     with freeze_time(utcnow() + timedelta(days=36)):
         assert retire_master_keys(pipeline) == [1, 2]
+
+
+def test_an_erasure_under_kms_is_final_only_after_the_keys_waiting_period(home: Path, kms) -> None:  # noqa: ANN001
+    """Retirement schedules the old version's deletion; CancelKeyDeletion restores it for 7 more days, and
+    with it a backup's copy of the erased key: the receipt's final_at said the retirement date."""
+    from datetime import UTC, datetime, timedelta
+
+    from freezegun import freeze_time
+
+    from pipeline.retention.requests import file_request, process_pending
+
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    pipeline = Pipeline.open(_settings(home, kms.create_key()["KeyMetadata"]["KeyId"]), create=True)
+    pipeline.write_records([make_record(user="ann", n_workers=3)])
+    with freeze_time(t0):
+        file_request(pipeline, "acme", "ann")
+        [done] = process_pending(pipeline)
+    assert done.state == "completed", done.error
+    assert done.final_at == t0 + timedelta(days=35 + 7)

@@ -375,14 +375,15 @@ def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> dict[str, An
     version, rewrapped = pipeline.keyring.rotate_master()
     pipeline.keyring.compact()
     now = utcnow()
-    final_at = now + pipeline.settings.retire_after
+    retire_at = now + pipeline.settings.retire_after
+    final_at = retire_at + pipeline.keyring.provider.destroyed_after  # KMS: then its waiting period
     entry = pipeline.audit.append(
         "key.rotated",
         details={
             "master_key_version": version,
             "keys_rewrapped": rewrapped,
             "after_erasures": [r.request_id for r in requests],
-            "old_versions_retire_at": final_at.isoformat(),
+            "old_versions_retire_at": retire_at.isoformat(),
         },
     )
     return {
