@@ -2,9 +2,12 @@
 
 Every deletion request leaves one (refs and time, no names). A record of the
 subject observed before the erasure — a replayed spool, a late batch — is
-dropped on ingest: it would bring back data the receipt says is gone. A
-tombstone filed with ``suppress`` also drops records observed later, until it
-is lifted (``erase lift ID``); lifting lets new records in, never old ones.
+dropped on ingest: it would bring back data the receipt says is gone. Until the
+request completes, every record of the subject is dropped: one taken between the
+key's destruction and the completion would be sealed under a new key and outlive
+the erasure it was observed before. A tombstone filed with ``suppress`` also
+drops records observed later, until it is lifted (``erase lift ID``); lifting
+lets new records in, never old ones.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
-from pipeline.db import reading, tombstones, transaction
+from pipeline.db import deletion_requests, reading, tombstones, transaction
 from pipeline.errors import PipelineError
 
 __all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "lift", "load"]
@@ -39,6 +42,8 @@ class Tombstone:
     erased_at: datetime
     suppress: bool
     lifted_at: datetime | None
+    #: the request is filed, not completed: every record of the subject is dropped
+    open: bool = False
 
 
 def add(
@@ -53,7 +58,10 @@ def add(
 
 
 def complete(engine: Engine, request_id: str, at: datetime) -> None:
-    """Move the tombstone to the erasure's completion: anything observed before it stays out."""
+    """Move the tombstone to the erasure's completion: anything observed before it stays out.
+
+    Run before the request is marked completed (at ``at``): until then its tombstone drops all.
+    """
     with transaction(engine, "updating a tombstone") as conn:
         conn.execute(update(tombstones).where(tombstones.c.request_id == request_id).values(erased_at=at))
 
@@ -76,7 +84,11 @@ def lift(engine: Engine, request_id: str, at: datetime) -> None:
 
 
 #: built once: building an IN clause of literal values costs more than the query
-_OF_SUBJECTS = select(tombstones).where(tombstones.c.subject_ref.in_(bindparam("refs", expanding=True)))
+_OF_SUBJECTS = (
+    select(tombstones, deletion_requests.c.state)
+    .join(deletion_requests, deletion_requests.c.request_id == tombstones.c.request_id, isouter=True)
+    .where(tombstones.c.subject_ref.in_(bindparam("refs", expanding=True)))
+)
 
 
 def load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombstone]]:
@@ -90,7 +102,15 @@ def load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombston
             rows = conn.execute(_OF_SUBJECTS, {"refs": refs[start : start + 500]})
             for r in rows:
                 found[r.subject_ref].append(
-                    Tombstone(r.request_id, r.subject_ref, r.user_ref, r.erased_at, r.suppress, r.lifted_at)
+                    Tombstone(
+                        r.request_id,
+                        r.subject_ref,
+                        r.user_ref,
+                        r.erased_at,
+                        r.suppress,
+                        r.lifted_at,
+                        open=r.state not in (None, "completed"),
+                    )
                 )
     return found
 
@@ -141,6 +161,8 @@ def _mask(table: pa.Table, account: str, user: str | None, stone: Tombstone) -> 
     mask = pc.equal(table.column("account"), account)
     if user is not None:
         mask = pc.and_(mask, pc.equal(table.column("user"), user))
+    if stone.open:  # not erased yet: nothing of the subject may be taken meanwhile
+        return pc.fill_null(mask, False)
     observed = table.column("observed_at")
     until = stone.erased_at
     if stone.suppress:

@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from click.testing import CliRunner
 from conftest import make_record, sealed_batch
+from sqlalchemy import update
 
 from pipeline.cli import main
+from pipeline.db import deletion_requests
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, table_from_rows
 from pipeline.retention.requests import file_request, process_pending
@@ -39,8 +41,15 @@ def _refs(pipeline: Pipeline):  # noqa: ANN202
 
 
 def _file(pipeline: Pipeline, account: str, user: str | None = None, *, suppress: bool = False) -> str:
+    """An erasure filed and completed at T0 (its tombstone, and the request's state, as the processing leaves them)."""
     request = file_request(pipeline, account, user, suppress=suppress, now=T0)
     complete(pipeline.keyring.engine, request.request_id, T0)
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            update(deletion_requests)
+            .where(deletion_requests.c.request_id == request.request_id)
+            .values(state="completed", completed_at=T0)
+        )
     return request.request_id
 
 
@@ -85,13 +94,34 @@ def test_suppress_drops_later_records_until_lifted_and_never_the_old_ones(pipeli
         lift(pipeline.keyring.engine, "no-such-request", T0)
 
 
-def test_the_tombstone_moves_to_the_completion_of_the_erasure(pipeline) -> None:
+def test_the_tombstone_drops_all_until_the_erasure_completes_then_what_came_before(pipeline) -> None:
     pipeline.write_records([make_record(account="acme", observed_at=BEFORE)])
     request = file_request(pipeline, "acme", now=T0 - timedelta(days=2))
-    assert _kept(pipeline, make_record(account="acme", observed_at=BEFORE)) == [("acme", None, BEFORE)]
+    now = datetime.now(UTC)
+    assert _kept(pipeline, make_record(account="acme", observed_at=BEFORE)) == []  # pending: nothing is taken
+    assert _kept(pipeline, make_record(account="acme", observed_at=now)) == []
     [done] = process_pending(pipeline)
     assert done.state == "completed" and done.request_id == request.request_id
-    assert _kept(pipeline, make_record(account="acme", observed_at=BEFORE)) == []  # observed before completion
+    assert _kept(pipeline, make_record(account="acme", observed_at=now)) == []  # observed before completion
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    assert _kept(pipeline, make_record(account="acme", observed_at=later)) == [("acme", None, later)]
+
+
+def test_a_record_taken_while_the_erasure_runs_does_not_outlive_it(pipeline, monkeypatch) -> None:  # noqa: ANN001
+    """Between the key's destruction and the completion, the tombstone still stood at the filing time:
+    a running scheduler's record of ann, observed then, was sealed under a new key and stayed readable."""
+    pipeline.write_records([make_record(account="acme", user=u, observed_at=BEFORE) for u in ("ann", "bob")])
+    file_request(pipeline, "acme", "ann")
+    rotate = pipeline.keyring.rotate_master
+
+    def rotate_while_ann_sends() -> tuple[int, int]:  # her key is destroyed; the request is not completed yet
+        pipeline.write_records([make_record(account="acme", user="ann", n_workers=7)])
+        return rotate()
+
+    monkeypatch.setattr(pipeline.keyring, "rotate_master", rotate_while_ann_sends)
+    [done] = process_pending(pipeline)
+    assert done.state == "completed", done.error
+    assert [r["user"] for r in pipeline.read_records("long_term", account="acme")] == ["bob"]
 
 
 # -- on the one ingest path (issue 8, attacks 3 and 4) ---------------------------------------------
@@ -144,3 +174,19 @@ def test_a_scheduler_that_cached_the_key_seals_under_a_new_one_after_the_erasure
     records = [make_record(account="acme", user="ann", n_workers=n) for n in (1, 2)]
     scheduler.ingest(sealed_batch(scheduler, records)[1], acme)
     assert sorted(r["n_workers"] for r in Pipeline.open(pipeline.settings).read_records(account="acme")) == [1, 2]
+
+
+def test_erasures_completed_are_reported_though_the_audit_checkpoint_then_fails(pipeline) -> None:
+    """A tampered audit trail made the checkpoint after the erasures raise, and the pass reported none of
+    the erasures it had just completed (`enforce` printed "requests": [])."""
+    from sqlalchemy import delete, func, select
+
+    from pipeline.db import audit_log
+
+    pipeline.write_records([make_record(account="acme", user=u, observed_at=BEFORE) for u in ("ann", "bob")])
+    pipeline.audit.checkpoint()
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == select(func.max(audit_log.c.seq)).scalar_subquery()))
+    request = file_request(pipeline, "acme", "ann")
+    [done] = process_pending(pipeline)
+    assert (done.request_id, done.state) == (request.request_id, "completed")
