@@ -30,6 +30,7 @@ REGISTRATION = {
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "gateway.token"
     path.write_text("mp_" + "g" * 43 + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -100,11 +101,27 @@ def test_the_scheduler_env_reads_back_as_the_registration_with_strings_kept_stri
 
 
 def test_the_documented_config_file_installs_the_integration(token_file: Path) -> None:
-    from dask_gateway_server.backends.local import LocalBackend
-
     c = Config()
     source = (Path(__file__).parent.parent / "docs" / "dask_gateway_config.py").read_text()
     with gateway_config(token_file):
         exec(compile(source, "dask_gateway_config.py", "exec"), {"c": c})
     installed = c.DaskGateway.backend_class
-    assert issubclass(installed, LocalBackend) and installed.__name__ == "PipelineLocalBackend"
+    assert issubclass(installed, SlurmBackend) and installed.__name__ == "PipelineSlurmBackend"
+
+
+def test_a_token_file_others_may_read_is_refused(token_file: Path) -> None:
+    """A cluster's code runs on the gateway's host as its user: a 0644 token let it register clusters of any
+    account (and close other users' clusters), as `tokens create ... > file` under the usual umask writes it."""
+    token_file.chmod(0o644)
+    with gateway_config(token_file), pytest.raises(ConfigError, match="may be read by others .*chmod 600"):
+        GatewaySettings.from_config()
+
+
+def test_a_local_backend_that_would_chown_the_root_is_refused() -> None:
+    """dask-gateway-server 2026.3's LocalBackend chowns "/" to the cluster's user as it starts a cluster."""
+    from dask_gateway_server.backends.local import LocalBackend
+
+    c = Config()
+    c.DaskGateway.backend_class = LocalBackend
+    with pytest.raises(ConfigError, match="changes the owner of / to the cluster's user"):
+        configure(c)

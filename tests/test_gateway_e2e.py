@@ -71,6 +71,7 @@ def gateway_env(home: Path, url: str, tmp_path: Path) -> dict[str, str]:
     """The gateway's environment: the control plane, a gateway token for any account, a folder for spools."""
     token_file = tmp_path / "gateway.token"
     token_file.write_text(cli(home, "tokens", "create", "--role", "gateway", "--account", "*")["token"])
+    token_file.chmod(0o600)
     return {
         "DASK_PIPELINE__GATEWAY__URL": url,
         "DASK_PIPELINE__GATEWAY__TOKEN_FILE": str(token_file),

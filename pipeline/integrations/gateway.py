@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import string
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -87,12 +88,19 @@ class GatewaySettings:
     def token(self) -> str:
         """The gateway token, read again each time (so it can be replaced without a restart).
 
-        :raises ConfigError: the file cannot be read or is empty
+        :raises ConfigError: the file cannot be read, is empty, or others may read it (a cluster's code,
+            running as its user on the gateway's host, would register clusters of any account with it)
         """
         try:
+            mode = self.token_file.stat().st_mode
             token = self.token_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"pipeline.gateway.token-file: cannot read {self.token_file}: {exc}") from exc
+        if mode & 0o077:
+            raise ConfigError(
+                f"pipeline.gateway.token-file: {self.token_file} may be read by others (mode {mode & 0o777:04o}); "
+                f"chmod 600 it: a cluster's code must not read the gateway token"
+            )
         if not token:
             raise ConfigError(f"pipeline.gateway.token-file: {self.token_file} is empty")
         return token
@@ -246,4 +254,26 @@ def configure(c: Any) -> None:
     backend = c.DaskGateway.get("backend_class", "dask_gateway_server.backends.local.UnsafeLocalBackend")
     if isinstance(backend, str):
         backend = import_item(backend)
+    if _chowns_the_root(backend):
+        raise ConfigError(
+            f"pipeline.integrations.gateway: {backend.__name__} of this dask-gateway-server changes the owner of / "
+            "to the cluster's user as it starts a cluster (its setup chowns each character of the TLS files' "
+            "paths); use a jobqueue or YARN backend until that is fixed upstream"
+        )
     c.DaskGateway.backend_class = registering_backend(backend, GatewaySettings.from_config())
+
+
+def _chowns_the_root(backend: Any) -> bool:
+    """Whether ``backend`` is a LocalBackend whose working-directory setup has dask-gateway-server 2026.3's
+    bug: ``paths.extend(path)`` puts each character of a TLS file's path ("/" first) in the list it chowns."""
+    from dask_gateway_server.backends.local import LocalBackend
+
+    if not (isinstance(backend, type) and issubclass(backend, LocalBackend)):
+        return False
+    if getattr(backend, "set_file_permissions", None) is not LocalBackend.set_file_permissions:
+        return False  # UnsafeLocalBackend: chowns nothing
+    try:
+        source = inspect.getsource(getattr(backend, "setup_working_directory"))  # noqa: B009
+    except (OSError, TypeError):
+        return False
+    return "paths.extend(path)" in source
