@@ -44,3 +44,16 @@ def _filed(pipeline: Pipeline, account: str, user: str | None = None) -> tuple[s
     request_id = uuid.uuid4().hex
     request = file_request(pipeline, account, user, unless_open=True, request_id=request_id)
     return request.request_id, request.request_id == request_id
+
+
+def test_a_reason_filed_for_a_subject_never_seen_does_not_make_the_receipt_claim_a_key(pipeline: Pipeline) -> None:
+    """Sealing the reason makes the subject's key: the receipt then said one key destroyed, and no word
+    that nothing had ever been stored. The same when refiled for a subject erased before."""
+    from pipeline.retention.requests import process_pending
+
+    file_request(pipeline, "nobody", "ghost", "typo in the form")
+    [done] = process_pending(pipeline)
+    assert done.receipt["note"] == "no data was ever stored for this subject: nothing to erase"
+    file_request(pipeline, "nobody", "ghost", "asked again")
+    [again] = process_pending(pipeline)
+    assert again.receipt["note"] == "nothing was stored for this subject since its last erasure: nothing to erase"

@@ -180,6 +180,7 @@ def file_request(
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
         if open_id is not None:
             return get_request(pipeline, open_id)
+    held = pipeline.keyring.key_state(request.subject_ref, request.user_ref)  # first: sealing a reason makes a key
     sealed_reason = _seal_reason(pipeline, request, reason)
 
     def filed(conn: Connection, seq: int) -> dict[str, Any] | None:
@@ -188,7 +189,13 @@ def file_request(
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
             if open_id is not None:
                 return None
-        request.receipt = {"scope": request.scope, "stores": {}, "audit": {"pending": seq}, "suppress": suppress}
+        request.receipt = {
+            "scope": request.scope,
+            "stores": {},
+            "audit": {"pending": seq},
+            "suppress": suppress,
+            "key_at_filing": held,
+        }
         if reason is not None:
             request.receipt["reason_sha256"] = hashlib.sha256(reason.encode()).hexdigest()
         conn.execute(
@@ -322,9 +329,11 @@ def _erase(pipeline: Pipeline, request: DeletionRequest) -> DeletionRequest:
 
 
 def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
-    unknown = pipeline.keyring.key_state(request.subject_ref, request.user_ref) == "unknown"
-    if unknown:
-        request.receipt["note"] = "no data was ever stored for this subject: nothing to erase"
+    # as the keyring stood when the request was filed: a reason filed with it is sealed under a key made then,
+    # and nothing of the subject is taken while the request is open
+    held = request.receipt.get("key_at_filing") or pipeline.keyring.key_state(request.subject_ref, request.user_ref)
+    if held in _NOTHING_HELD:
+        request.receipt["note"] = _NOTHING_HELD[held]
     stores = request.receipt.setdefault("stores", {})
     for name in pipeline.policy.erasure_stores:
         store = pipeline.stores.get(name)
@@ -357,6 +366,13 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         )
         progress.update(erased_at=utcnow().isoformat(), audit_seq=entry.seq)
         _save(pipeline, request)
+
+
+#: what a receipt notes when the keyring held no live key of the subject as its request was filed
+_NOTHING_HELD = {
+    "unknown": "no data was ever stored for this subject: nothing to erase",
+    "destroyed": "nothing was stored for this subject since its last erasure: nothing to erase",
+}
 
 
 def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
