@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: the newest migration in ``pipeline/migrations/versions`` (a test checks it is alembic's head)
-SCHEMA_HEAD = "b5d1f3a7c902"
+SCHEMA_HEAD = "c2e8a4d6f153"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -233,6 +233,7 @@ clusters = Table(
     Column("lost_at", UTCDateTime, nullable=True),  # nothing heard for pipeline.server.cluster-lost-after
     Column("running", Text, nullable=True),  # its running jobs as last reported, sealed under its owner's key
     Column("user_ref", String(64), nullable=True),  # its owner (none: account-level, or registered before it was kept)
+    Column("owner_names", Text, nullable=True),  # its name and image, sealed under its owner's key
     Index("ix_clusters_subject", "subject_ref"),
 )
 

@@ -378,3 +378,19 @@ def _opened_with_the_account_key(registry: ClusterRegistry, row: Any) -> dict[st
         )
     except KeyringError:
         return None
+
+
+def test_an_owners_erasure_shreds_her_clusters_name_and_image_and_keeps_its_account(registry: ClusterRegistry) -> None:
+    """The name and image were sealed under the account's key: after ann's erasure every member of acme
+    still listed "ann-secret-project" and her image."""
+    from pipeline.retention.requests import file_request, process_pending
+
+    registry.register("acme", "http://control-plane.invalid", user="ann", name="ann-secret-project", image="ann/img:1")
+    registry.register("acme", "http://control-plane.invalid", name="shared", image="team/img:2")  # the account's
+    shown = [(c["account"], c["name"], c["image"]) for c in registry.list("acme")]
+    assert shown == [("acme", "ann-secret-project", "ann/img:1"), ("acme", "shared", "team/img:2")]
+    file_request(registry.pipeline, "acme", "ann")
+    [done] = process_pending(registry.pipeline)
+    assert done.state == "completed", done.error
+    shown = [(c["account"], c["name"], c["image"]) for c in registry.list("acme")]
+    assert shown == [("acme", None, None), ("acme", "shared", "team/img:2")]

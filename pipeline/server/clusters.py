@@ -212,7 +212,10 @@ class ClusterRegistry:
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
         issued = self.tokens.create("cluster", account, user, cluster_id=cluster_id, ttl=ttl)
         subject_ref = self.pipeline.keyring.subject_ref(account)
-        names = {"account": account, "name": name, "image": image}
+        user_ref = None if user is None else self.pipeline.keyring.user_ref(account, user)
+        # what its owner named it and ran in it is hers (her erasure shreds it); its account is the account's
+        chosen = {"name": name, "image": image}
+        names: dict[str, Any] = {"account": account, **(chosen if user_ref is None else {})}
         if gateway_token_id is not None:
             names["registered_by"] = gateway_token_id
         with transaction(self.pipeline.keyring.engine, "registering a cluster") as conn:
@@ -223,7 +226,10 @@ class ClusterRegistry:
                     token_id=issued.token_id,
                     names=self.names.seal(cluster_id, names, subject_ref=subject_ref),
                     created_at=utcnow(),
-                    user_ref=None if user is None else self.pipeline.keyring.user_ref(account, user),
+                    user_ref=user_ref,
+                    owner_names=None
+                    if user_ref is None
+                    else self.names.seal(f"{cluster_id}/owner", chosen, subject_ref=subject_ref, user_ref=user_ref),
                 )
             )
         validity = timedelta(seconds=self.pipeline.settings.tls_validity)
@@ -470,6 +476,17 @@ class ClusterRegistry:
         owner = self.tokens.get(str(row.token_id)).user  # the registration bound it to the cluster's token
         return FoundCluster(None if names is None else names["account"], owner, str(row.token_id))
 
+    def _shown(self, row: Any) -> dict[str, Any]:
+        """A cluster's names as listed: its account (the account's key), its name and image (its owner's key,
+        ``None`` once she is erased); which gateway token registered it is the operator's business."""
+        names = self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or {}
+        if row.owner_names is not None:
+            owner = f"{row.cluster_id}/owner"
+            names.update(
+                self.names.open(owner, row.owner_names, subject_ref=row.subject_ref, user_ref=row.user_ref) or {}
+            )
+        return {k: names.get(k) for k in ("account", "name", "image")}
+
     def list(self, account: str | None = None, *, now: datetime | None = None) -> list[dict[str, Any]]:
         """Clusters of ``account`` (``None``: of every account), oldest first, with state and last contact."""
         now = now or utcnow()
@@ -479,11 +496,10 @@ class ClusterRegistry:
             query = query.where(clusters.c.subject_ref == self.pipeline.keyring.subject_ref(account))
         with transaction(self.pipeline.keyring.engine, "listing clusters") as conn:
             rows = conn.execute(query).all()
-        erased = {"account": None, "name": None, "image": None}
         return [
             {
                 "cluster_id": row.cluster_id,
-                **_shown(self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref) or erased),
+                **self._shown(row),
                 "state": "closed" if row.closed_at else "lost" if row.lost_at else "open",
                 "created_at": row.created_at,
                 "last_contact_at": row.last_contact_at,
@@ -511,11 +527,6 @@ _CONTACT = (  # of an open cluster: an ended one keeps its end, and its running 
     .where(clusters.c.cluster_id == bindparam("id"), clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
     .values(last_contact_at=bindparam("at"), running=bindparam("running"))
 )
-
-
-def _shown(names: dict[str, Any]) -> dict[str, Any]:
-    """A cluster's names as listed (which gateway token registered it is the operator's business)."""
-    return {k: names[k] for k in ("account", "name", "image")}
 
 
 def _running_after(running: dict[str, Any], batch: OpenedBatch) -> tuple[dict[str, Any], dict[str, Any]]:
