@@ -190,3 +190,28 @@ def test_erasures_completed_are_reported_though_the_audit_checkpoint_then_fails(
     request = file_request(pipeline, "acme", "ann")
     [done] = process_pending(pipeline)
     assert (done.request_id, done.state) == (request.request_id, "completed")
+
+
+def test_an_erased_accounts_batch_ids_go_with_it(pipeline) -> None:
+    """One row a batch (ref, count, arrival) stayed after the account's erasure: a timeline of its activity."""
+    from sqlalchemy import func, select
+
+    from pipeline.db import ingested_batches
+
+    acme = Principal.embedded_cluster("acme", None)
+    for n in range(3):
+        pipeline.ingest(sealed_batch(pipeline, [make_record(account="acme", n_workers=n)])[1], acme)
+    pipeline.ingest(
+        sealed_batch(pipeline, [make_record(account="globex")])[1], Principal.embedded_cluster("globex", None)
+    )
+
+    def batches(account: str) -> int:
+        ref = pipeline.keyring.subject_ref(account)
+        with pipeline.keyring.engine.connect() as conn:
+            return conn.scalar(select(func.count()).where(ingested_batches.c.subject_ref == ref))
+
+    assert (batches("acme"), batches("globex")) == (3, 1)
+    file_request(pipeline, "acme")
+    [done] = process_pending(pipeline)
+    assert done.state == "completed", done.error
+    assert (batches("acme"), batches("globex")) == (0, 1)

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Select, insert, select, update
+from sqlalchemy import Connection, Select, delete, insert, select, update
 
 from pipeline import tombstones
-from pipeline.db import deletion_requests, reading, transaction
+from pipeline.db import deletion_requests, ingested_batches, reading, transaction
 from pipeline.errors import AuditIntegrityError, KeyringError, PipelineError, StoreUnavailable, UnknownAccountError
 from pipeline.records import utcnow
 from pipeline.retention.lease import Leases
@@ -312,6 +312,7 @@ def _erase(pipeline: Pipeline, request: DeletionRequest) -> DeletionRequest:
     try:
         _erase_stores(pipeline, request)
         _destroy_keys(pipeline, request)
+        _forget_batches(pipeline, request)
     except StoreUnavailable as exc:
         request.error = str(exc)
         _save(pipeline, request)
@@ -366,6 +367,15 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         )
         progress.update(erased_at=utcnow().isoformat(), audit_seq=entry.seq)
         _save(pipeline, request)
+
+
+def _forget_batches(pipeline: Pipeline, request: DeletionRequest) -> None:
+    """An erased account's batch ids, counts and arrival times go too: a timeline of its activity.
+    (A batch replayed later is taken as new, and its records dropped by the tombstone.)"""
+    if request.user_ref is not None:  # the rows are the account's: a user's are not told apart
+        return
+    with transaction(pipeline.keyring.engine, "forgetting an erased account's batches") as conn:
+        conn.execute(delete(ingested_batches).where(ingested_batches.c.subject_ref == request.subject_ref))
 
 
 #: what a receipt notes when the keyring held no live key of the subject as its request was filed
