@@ -139,7 +139,9 @@ def test_a_gateway_cluster_whose_scheduler_dies_becomes_lost_not_closed(tmp_path
             name, pid = asyncio.run(_scheduler_pid(gw, "carol"))
             spool = tmp_path / "spools" / name / "spool"
             deadline = time.monotonic() + 30
-            while not spool.is_dir() or list(spool.glob("*.batch")):  # everything delivered: a spool replay has nothing
+            while not spool.is_dir() or list(
+                spool.rglob("*.batch")
+            ):  # everything delivered: a spool replay has nothing
                 assert time.monotonic() < deadline, "the scheduler's spool never emptied"
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
@@ -153,3 +155,51 @@ def test_a_gateway_cluster_whose_scheduler_dies_becomes_lost_not_closed(tmp_path
                 break
             time.sleep(0.5)
     assert [(c["name"], c["state"]) for c in listed] == [(name, "lost")]
+
+
+async def _work_then_stop_unreachable(server: Any, user: str, proxy: Any) -> str:
+    """As ``user``: a cluster, one computation, then the control plane cut off before the cluster stops."""
+    async with server.gateway(user, asynchronous=True) as gateway:
+        cluster = await gateway.new_cluster()
+        try:
+            await cluster.scale(1)
+            async with cluster.get_client(set_as_default=False) as client:
+                await client.wait_for_workers(1, timeout=120)
+                assert sum(await client.gather(client.map(operator.neg, range(21)))) == -sum(range(21))
+        finally:
+            proxy.cut()
+            await cluster.shutdown()
+    return str(cluster.name)
+
+
+def test_a_gateway_cluster_stopped_while_the_control_plane_is_down_delivers_its_spool_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The batches its scheduler could not deliver at the stop stayed in its spool for good: the cluster
+    token lived in the scheduler's environment only, so nothing could replay them."""
+    from tcpproxy import TCPProxy
+
+    home = tmp_path / "control-plane"
+    with serve_process(home) as served:
+        proxy = TCPProxy("127.0.0.1", int(served.url.rsplit(":", 1)[1]))
+        try:
+            env = gateway_env(home, f"http://127.0.0.1:{proxy.port}", tmp_path)
+            with gateway_server(tmp_path / "gateway", integration=True, env=env, cluster_env=FAST) as gw:
+                name = asyncio.run(_work_then_stop_unreachable(gw, "dave", proxy))
+                deadline = time.monotonic() + 60
+                while "delivering them, then closing it" not in gw.log:
+                    assert time.monotonic() < deadline, gw.log[-2000:]
+                    time.sleep(0.2)
+                proxy.restore()
+                member = cli(home, "tokens", "create", "--account", "dave", "--user", "dave")["token"]
+                headers = {"Authorization": f"Bearer {member}"}
+                deadline = time.monotonic() + 90
+                while httpx.get(f"{served.url}/v1/clusters", headers=headers).json()[0]["state"] != "closed":
+                    assert time.monotonic() < deadline, gw.log[-2000:]
+                    time.sleep(0.5)
+        finally:
+            proxy.close()
+        lines = httpx.get(f"{served.url}/v1/records", headers=headers).text.splitlines()
+    jobs = [r for r in map(json.loads, lines) if r["kind"] == "job"]
+    assert [(j["tasks_total"], j["tasks_completed"], j["status"]) for j in jobs] == [(21, 21, "finished")]
+    assert not list((tmp_path / "spools" / name).rglob("*.batch"))

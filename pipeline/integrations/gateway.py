@@ -13,10 +13,12 @@ backend. It replaces ``c.DaskGateway.backend_class`` with a subclass of that bac
 - appends ``--preload pipeline.preload`` to the scheduler command (the gateway passes its
   own ``--preload``, so ``distributed.scheduler.preload`` would be ignored);
 - gives each cluster a ``pipeline.home`` (its spool) of its own;
-- closes the cluster in the control plane when the gateway stops it. A scheduler that
-  died, or one whose spool still holds batches, is left open: the control plane marks it
-  ``lost`` after ``cluster-lost-after``. Its spool stays in the cluster's home, but the token
-  ``spool replay`` would need lived only in the scheduler's environment.
+- closes the cluster in the control plane when the gateway stops it. One whose spool still
+  holds batches (the control plane was down at the stop) has them delivered first, in the
+  background, with the cluster token this process kept since the start, for up to an hour.
+  A scheduler that died with an empty spool is left open: the control plane marks it
+  ``lost`` after ``cluster-lost-after``; so is one stopped after the gateway restarted, whose
+  token is then gone (it lived only in the scheduler's environment and this process).
 
 Each cluster uses the gateway's own per-cluster TLS; the control plane issues none to a
 gateway. Registration and closing run on a worker thread: the gateway's loop never waits
@@ -139,6 +141,31 @@ class GatewaySettings:
         self._client.json("POST", f"/v1/clusters/{quote(cluster_id, safe='')}/close", headers=self._auth())
 
 
+#: how long a stopped cluster's spool is delivered for in the background (the control plane down meanwhile)
+SPOOL_DELIVERY_SECONDS = 3600.0
+
+
+def deliver_spool(
+    registration: dict[str, Any], spool_dir: Path, *, close: bool, timeout: float = SPOOL_DELIVERY_SECONDS
+) -> bool:
+    """Deliver what a stopped cluster's scheduler left in its spool, with the cluster's own token (which
+    lived only in the scheduler's environment and in this process), then, with ``close``, close the
+    cluster; whether everything went. Retried until ``timeout``: the control plane may be down a while."""
+    from pipeline.delivery import HTTPDelivery
+    from pipeline.emitter import Emitter
+    from pipeline.intake import load_public_key
+
+    delivery = HTTPDelivery(
+        registration["ingest_url"],
+        registration["token"],
+        load_public_key(registration["intake_public_key"]),
+        cluster_id=registration["cluster_id"],
+    )
+    emitter = Emitter(delivery, Spool(spool_dir))
+    emitter.start()
+    return emitter.close(timeout, retire=close)
+
+
 def scheduler_env(registration: dict[str, Any], home: Path, close_timeout: float | None) -> dict[str, str]:
     """The ``DASK_PIPELINE__*`` variables a registered cluster's scheduler runs with.
 
@@ -180,20 +207,21 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
         async def do_start_cluster(self, cluster: Any) -> AsyncIterator[dict[str, Any]]:
             registration = await asyncio.to_thread(settings.register, cluster.username, cluster.name)
             cluster_id = registration["cluster_id"]
-            self._pending()[cluster.name] = registration  # in memory only, until the scheduler is started
+            # in memory only, for the cluster's life: its scheduler's environment, and its spool at the stop
+            self._registered()[cluster.name] = registration
             started = False
             try:
                 async for state in super().do_start_cluster(cluster):
                     yield {**state, STATE_KEY: cluster_id}
                 started = True
             finally:
-                self._pending().pop(cluster.name, None)
                 if not started:  # it never ran: nothing will close it
+                    self._registered().pop(cluster.name, None)
                     await self._close(cluster_id, cluster.name)
 
         def get_scheduler_env(self, cluster: Any) -> dict[str, str]:
             env: dict[str, str] = super().get_scheduler_env(cluster)
-            registration = self._pending().get(cluster.name)
+            registration = self._registered().get(cluster.name)
             if registration is None:  # never run a scheduler unregistered (it would be embedded mode)
                 raise ConfigError(f"cluster {cluster.name} is not registered with the control plane")
             sigint = getattr(self, "sigint_timeout", None)
@@ -206,24 +234,49 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
 
         async def do_stop_cluster(self, cluster: Any) -> None:
             await super().do_stop_cluster(cluster)
+            registration = self._registered().pop(cluster.name, None)
             cluster_id = (cluster.state or {}).get(STATE_KEY)
             if cluster_id is None:
                 return
-            if cluster.target == JobStatus.FAILED:
-                self.log.info(
-                    "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
-                )
-                return
+            failed = cluster.target == JobStatus.FAILED  # its scheduler died: it becomes lost, not closed
             spool = spool_folder(settings.cluster_home(cluster.name), cluster_id)
-            if spool.is_dir() and Spool(spool).pending_files():
+            left = spool.is_dir() and bool(Spool(spool).pending_files())
+            if left and registration is None:  # the gateway restarted since it started the cluster
                 self.log.warning(
-                    "Cluster %s stopped with batches in %s: left open, to become lost (not delivered: its token "
-                    "was in the scheduler's environment only)",
+                    "Cluster %s stopped with batches in %s: left open, to become lost (not delivered: its "
+                    "token was in the scheduler's environment and this gateway's memory only)",
                     cluster.name,
                     spool,
                 )
                 return
-            await self._close(cluster_id, cluster.name)
+            if left and registration is not None:
+                then = "" if failed else ", then closing it"
+                self.log.info("Cluster %s stopped with batches in %s: delivering them%s", cluster.name, spool, then)
+                task = asyncio.ensure_future(self._deliver(registration, spool, cluster.name, close=not failed))
+                self._deliveries().add(task)
+                task.add_done_callback(self._deliveries().discard)
+            if failed:
+                self.log.info(
+                    "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
+                )
+            elif not left:
+                await self._close(cluster_id, cluster.name)
+
+        async def _deliver(self, registration: dict[str, Any], spool: Path, name: str, *, close: bool) -> None:
+            try:
+                delivered = await asyncio.to_thread(deliver_spool, registration, spool, close=close)
+            except Exception as exc:  # a background task: nothing above it would say
+                self.log.warning("Cluster %s: its spool was not delivered: %s", name, first_line(exc))
+                return
+            if delivered:
+                self.log.info("Cluster %s: its spool delivered%s", name, " and the cluster closed" if close else "")
+            else:
+                self.log.warning(
+                    "Cluster %s: batches left in %s after %.0f s of trying; it becomes lost",
+                    name,
+                    spool,
+                    SPOOL_DELIVERY_SECONDS,
+                )
 
         async def _close(self, cluster_id: str, name: str) -> None:
             try:
@@ -235,10 +288,15 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
             else:
                 self.log.info("Cluster %s closed in the control plane (%s)", name, cluster_id)
 
-        def _pending(self) -> dict[str, dict[str, Any]]:
+        def _registered(self) -> dict[str, dict[str, Any]]:
             if not hasattr(self, "_registrations"):
                 self._registrations = {}
             return self._registrations
+
+        def _deliveries(self) -> set[asyncio.Future[None]]:
+            if not hasattr(self, "_delivering"):
+                self._delivering: set[asyncio.Future[None]] = set()
+            return self._delivering
 
     PipelineBackend.__name__ = PipelineBackend.__qualname__ = f"Pipeline{base.__name__}"
     return PipelineBackend
