@@ -189,18 +189,26 @@ def test_without_local_credentials_the_cluster_starts_with_none_and_reads_public
     assert on_worker(cluster, read_object, "private.txt", True) == "refused: ClientError"
 
 
+def _role_forwarder(
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client, now: list[datetime], **kwargs: Any
+) -> SessionTokenForwarder:
+    """A forwarder of role sessions to ``cluster``'s workers, on a clock the test moves (``now[0]``)."""
+    return SessionTokenForwarder(
+        cluster,
+        worker_cert=tls.certs["worker"],
+        session=aws_world["session"],
+        role_arn=ROLE_ARN,
+        clock=lambda: now[0],
+        **kwargs,
+    )
+
+
 def test_the_token_is_refreshed_on_the_workers_before_it_expires(
     aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
 ) -> None:
     now = [utcnow()]
     with enable_iam_authentication():
-        forwarder = SessionTokenForwarder(
-            cluster,
-            worker_cert=tls.certs["worker"],
-            session=aws_world["session"],
-            role_arn=ROLE_ARN,
-            clock=lambda: now[0],
-        )
+        forwarder = _role_forwarder(aws_world, tls, cluster, now)
         assert forwarder.forward()
         first = forwarder.credentials
         assert first is not None
@@ -237,14 +245,7 @@ def test_a_client_made_before_a_refresh_takes_the_new_token(
     in which botocore reads refreshable credentials again."""
     now = [utcnow()]
     with enable_iam_authentication():
-        forwarder = SessionTokenForwarder(
-            cluster,
-            worker_cert=tls.certs["worker"],
-            session=aws_world["session"],
-            role_arn=ROLE_ARN,
-            duration=timedelta(minutes=15),
-            clock=lambda: now[0],
-        )
+        forwarder = _role_forwarder(aws_world, tls, cluster, now, duration=timedelta(minutes=15))
         assert forwarder.forward()
         first = forwarder.credentials
         assert first is not None
