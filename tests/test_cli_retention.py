@@ -100,6 +100,27 @@ def test_erase_request_enforce_status_list(pipeline) -> None:
     assert {r["account"] for r in _records()} == {"globex"}
 
 
+def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipeline) -> None:
+    """A receipt edited in the database (500 records erased, where 4 were) showed as it said, while
+    `audit verify` found the trail intact."""
+    from sqlalchemy import func, update
+
+    from pipeline.db import deletion_requests
+
+    request_id = cli("erase", "request", "--account", "acme").strip()
+    cli("enforce")
+    cli("erase", "status", request_id)  # it agrees: exit 0
+    forged = func.replace(deletion_requests.c.receipt, '"records": 4', '"records": 500')
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            update(deletion_requests).where(deletion_requests.c.request_id == request_id).values(receipt=forged)
+        )
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"check failed: the receipt of {request_id} disagrees with the audit trail: ")
+    assert "records 500, audit entry" in result.stderr and "says 4" in result.stderr
+
+
 def test_erase_status_of_an_unknown_id_is_bad_input(pipeline) -> None:
     result = CliRunner().invoke(main, ["erase", "status", "no-such-id"])
     assert result.exit_code == 2

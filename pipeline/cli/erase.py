@@ -89,18 +89,23 @@ def erase_lift(out: Output, request_id: str) -> None:
 def erase_status(out: Output, request_id: str) -> None:
     """State and receipt of one request (with the receipt `erase request` kept: no login needed)."""
     from pipeline.apiclient import Receipt
-    from pipeline.retention.requests import get_request
+    from pipeline.retention.requests import get_request, receipt_disagreements
 
     receipt = Receipt.load(request_id)
     client = api_client() if receipt is None else None
+    disagreements: list[str] = []
     if receipt is not None:  # works without a login, and after the erasure ended the requester's token
         request = _request_from_api(receipt.status())
-    elif client is None:
-        request = get_request(open_pipeline(), request_id).as_dict()
+    elif client is None:  # on the control plane: the receipt is checked against the audit trail
+        pipeline = open_pipeline()
+        found = get_request(pipeline, request_id)
+        request, disagreements = found.as_dict(), receipt_disagreements(pipeline, found)
     else:
         with client:
             request = _request_from_api(client.json("GET", f"/v1/erasure-requests/{quote(request_id, safe='')}"))
     out.result(request, lambda d: _render_request(d, receipt=True))
+    if disagreements:
+        raise CheckFailed(f"the receipt of {request_id} disagrees with the audit trail: {'; '.join(disagreements)}")
 
 
 @command(erase, "list")

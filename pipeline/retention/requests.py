@@ -237,6 +237,44 @@ def get_request(pipeline: Pipeline, request_id: str) -> DeletionRequest:
     raise RequestNotFound(request_id)
 
 
+def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
+    """Where a receipt says other than the audit entries it cites; empty when they agree.
+
+    A receipt is a row anyone holding the database can edit (500 records erased, where none were);
+    the entries are chained, signed and checkpointed outside it (``audit verify``).
+    """
+    receipt, request_id = request.receipt, request.request_id
+    cited: list[tuple[int, str, dict[str, Any]]] = [
+        (seq, f"erasure.{state}", {"request_id": request_id}) for state, seq in receipt.get("audit", {}).items()
+    ]
+    for store, got in receipt.get("stores", {}).items():
+        if "audit_seq" in got:
+            said = {"request_id": request_id, "store": store, "segments": got["segments"], "records": got["records"]}
+            cited.append((got["audit_seq"], "store.erased", said))
+    key = receipt.get("key", {})
+    if "audit_seq" in key:
+        cited.append((key["audit_seq"], "key.destroyed", {"request_id": request_id, "keys": key["keys_destroyed"]}))
+    rotation = receipt.get("rotation", {})
+    if "audit_seq" in rotation:
+        cited.append((rotation["audit_seq"], "key.rotated", {"master_key_version": rotation["master_key_version"]}))
+    if not cited:
+        return []
+    seqs = {seq for seq, _action, _said in cited}
+    entries = {e.seq: e for e in pipeline.audit.entries(after=min(seqs) - 1) if e.seq in seqs}
+    found = []
+    for seq, action, said in cited:
+        entry = entries.get(seq)
+        if entry is None or entry.action != action:
+            found.append(f"it cites audit entry {seq} as {action}, which the trail does not hold")
+            continue
+        found += [
+            f"{name} {value!r}, audit entry {seq} says {entry.details.get(name)!r}"
+            for name, value in said.items()
+            if entry.details.get(name) != value
+        ]
+    return found
+
+
 def list_requests(pipeline: Pipeline, *, states: tuple[str, ...] = STATES) -> list[DeletionRequest]:
     """Requests in the given states, oldest first."""
     return list(_select(pipeline, deletion_requests.c.state.in_(states)))
