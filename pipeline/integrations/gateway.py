@@ -272,7 +272,7 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
                 self.log.info("Cluster %s: its spool delivered%s", name, " and the cluster closed" if close else "")
             else:
                 self.log.warning(
-                    "Cluster %s: batches left in %s after %.0f s of trying; it becomes lost",
+                    "Cluster %s: batches left in %s (refused, or not delivered within %.0f s); it becomes lost",
                     name,
                     spool,
                     SPOOL_DELIVERY_SECONDS,
