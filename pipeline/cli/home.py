@@ -142,7 +142,9 @@ def accounts_add(
         raise PolicyError(pipeline.policy.path, "stores", "no store keeps account records: nothing would be stored")
     written = pipeline.write_records([record], segment_seed=f"account/{digest}")
     if not written:  # a tombstone dropped it (audited as ingest.dropped)
-        raise SubjectSuppressed(f"{quoted(account)}, user {quoted(username)}: an erasure suppresses them until lifted")
+        raise SubjectSuppressed(
+            f"{quoted(account)}, user {quoted(username)}: an erasure of them is open, or suppresses them until lifted"
+        )
     out.result({"account": account, "written": written}, f"account {account!r} stored in {', '.join(written)}")
 
 
