@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,11 @@ class OpenedBatch:
     @property
     def n_records(self) -> int:
         return sum(table.num_rows for table in self.tables)
+
+    @functools.cached_property
+    def by_kind(self) -> dict[str, pa.Table]:
+        """Its tables by their kind's name, read once however many steps of admission ask."""
+        return {table.column("kind")[0].as_py(): table for table in self.tables}
 
 
 def intake_private_key(keyring: Keyring) -> X25519PrivateKey:

@@ -343,9 +343,9 @@ class ClusterRegistry:
     def _without_jobs_recorded_lost(self, row: Any, batch: OpenedBatch) -> OpenedBatch:
         """``batch`` less the end records of jobs this cluster's end (or a newer snapshot) recorded lost,
         the drop audited: the job is stored once, as it was recorded (rare: one query for a batch with ends)."""
-        tables = {table.column("kind")[0].as_py(): table for table in batch.tables}
-        if "job" not in tables:
+        if "job" not in batch.by_kind:
             return batch
+        tables = dict(batch.by_kind)
         ends = tables["job"]
         ids = [_lost_record_id(row.cluster_id, job_id) for job_id in ends.column("job_id").to_pylist()]
         with reading(self.pipeline.keyring.engine, "reading a cluster's jobs recorded lost") as conn:
@@ -542,7 +542,7 @@ def _running_after(running: dict[str, Any], batch: OpenedBatch) -> tuple[dict[st
     jobs: dict[str, Any] = dict(running.get("jobs", {}))
     newest = running.get("observed_at", "")
     vanished: dict[str, Any] = {"observed_at": newest, "jobs": {}}
-    tables = {table.column("kind")[0].as_py(): table for table in batch.tables}
+    tables = batch.by_kind
     snapshots = tables.get("cluster_snapshot")
     if snapshots is not None and snapshots.num_rows:
         times = snapshots.column("observed_at")
