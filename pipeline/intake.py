@@ -124,8 +124,16 @@ def _frames(tables: Sequence[pa.Table]) -> bytes:
 
 
 def _tables(plaintext: bytes) -> list[pa.Table]:
-    """Parse the frames; :raises ValueError: naming what is malformed."""
-    tables, at = [], 0
+    """Parse the frames, one table per kind (as :func:`seal_batch` frames them).
+
+    A second table of a kind is refused: admission reads a batch by kind, and the segments
+    sealed from two such tables would share ids, one of them then dropped as a replay.
+
+    :raises ValueError: naming what is malformed
+    """
+    tables: list[pa.Table] = []
+    kinds: set[str] = set()
+    at = 0
     while at < len(plaintext):
         size = int.from_bytes(plaintext[at : at + _FRAME], "big")
         stream = plaintext[at + _FRAME : at + _FRAME + size]
@@ -135,7 +143,10 @@ def _tables(plaintext: bytes) -> list[pa.Table]:
             table = _read_uncompressed(pa.py_buffer(stream))
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"unreadable record table: {str(exc).splitlines()[0]}") from None
-        check_table(table)
+        kind = check_table(table)
+        if kind in kinds:
+            raise ValueError(f"a second {kind} table; a batch holds one table per kind")
+        kinds.add(kind)
         tables.append(table)
         at += _FRAME + size
     if not tables:

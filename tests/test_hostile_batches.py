@@ -301,6 +301,17 @@ def test_a_kind_column_of_another_type_is_400_not_500(plane: ControlPlane, kind:
         assert cluster.get("/v1/health").status_code == 200
 
 
+def test_two_tables_of_one_kind_in_a_batch_are_400_and_store_nothing(plane: ControlPlane) -> None:
+    """A batch framed by hand with two job tables: admission reads a batch by kind, and their segments
+    would share an id (one table silently dropped as a replay, a lost job's late end let through)."""
+    registration = register(plane)
+    (first,) = tables_from_records([own(registration, "job", job_id="job-1")])
+    (second,) = tables_from_records([own(registration, "job", job_id="job-2")])
+    answer = post(plane, registration, sealed_by_hand(registration, [first.to_batches(), second.to_batches()]))
+    assert "a second job table" in assert_problem(answer, 400)["detail"]
+    assert all(records == [] for records in stored(plane).values())
+
+
 def test_batches_that_cannot_be_opened_are_audited_by_id_without_their_content(plane: ControlPlane) -> None:
     registration = register(plane)
     (table,) = tables_from_records([own(registration, "software_env", image="registry.acme/ann-private:1")])
