@@ -438,9 +438,10 @@ class Pipeline:
         self._check_bounds(batch, principal)
         subject_ref = self._scope(batch, principal)
         received = batch.n_records
+        # stamped before admission: the running jobs it keeps, and writes as lost one day, name the owner
+        batch = OpenedBatch(batch.batch_id, [_stamped(table, principal, subject_ref) for table in batch.tables])
         batch, noted = admit(batch) if admit is not None else (batch, None)
-        tables = [_stamped(table, principal, subject_ref) for table in batch.tables]
-        return PreparedBatch(subject_ref, batch.batch_id, received, tables, () if noted is None else (noted,))
+        return PreparedBatch(subject_ref, batch.batch_id, received, batch.tables, () if noted is None else (noted,))
 
     def commit_ingest(self, prepared: PreparedBatch) -> IngestResult:
         """Seal and write a prepared batch in the next group commit; returns once that commit is durable.

@@ -107,6 +107,24 @@ def test_a_members_erasure_removes_her_clusters_records_in_every_store(plane: Co
     assert counted["long_term"] == 3 and sum(counted.values()) >= 3
 
 
+def test_a_running_job_sent_without_a_user_is_recorded_lost_as_the_owners_and_erased_with_her(
+    plane: ControlPlane,
+) -> None:
+    """A plugin configured without ``pipeline.user`` reports ann's job running; her cluster closes, so the
+    job is recorded lost. That record is hers (the owner stamped in), and her erasure takes it too."""
+    registration = register(plane, "acme", "ann")
+    job = {"job_id": "j1", "started_at": datetime.now(UTC), "tasks_total": 4, "task_prefixes": ["ann_private_fn"]}
+    assert post(plane, registration, sealed(registration, own(registration, jobs_running=[job]))).status_code == 202
+    with plane.client(registration["token"]) as cluster:
+        assert cluster.post(f"/v1/clusters/{registration['cluster_id']}/close").status_code == 204
+    with plane.member("acme", "ann") as ann:
+        lost = [r for r in ndjson(ann.get("/v1/records")) if r["kind"] == "job"]
+        assert [(r["status"], r["user"]) for r in lost] == [("lost", "ann")]
+        assert ann.post("/v1/erasure-requests", json={"account": "acme", "user": "ann"}).status_code == 201
+    process_pending(plane.pipeline)
+    assert {name: rows for name, rows in stored(plane).items() if rows} == {}
+
+
 @pytest.mark.parametrize(
     "forged",
     [{"user": "bob"}, {"account": "globex"}, {"cluster_id": "cluster-of-someone-else"}],
