@@ -189,6 +189,47 @@ def test_usage_per_account_is_exact_and_pseudonymous_by_default(pipeline: Pipeli
     assert all(png.startswith(b"\x89PNG") for png in report.plots.values())
 
 
+def _finished_job(cluster_id: str, job_id: str, tasks: int, seconds: float) -> dict[str, Any]:
+    return make_record(
+        "job",
+        cluster_id=cluster_id,
+        job_id=job_id,
+        observed_at=T0,
+        started_at=T0 - timedelta(hours=1),
+        finished_at=T0,
+        tasks_total=tasks,
+        tasks_completed=tasks,
+        tasks_erred=0,
+        compute_seconds=seconds,
+    )
+
+
+def test_a_job_id_another_cluster_sends_does_not_replace_that_clusters_job(pipeline: Pipeline) -> None:
+    """Job ids are a cluster's own: one cluster (code of another member of the account) sending a job
+    under an id it read of another's is a job of its own, not the other's newest record."""
+    pipeline.write_records(
+        [_finished_job("ann-cluster", "job-1", 1_000, 36_000.0), _finished_job("bob-cluster", "job-1", 1, 0.1)]
+    )
+    (row,) = build_report(pipeline, now=T0).usage
+    assert (row["jobs"], row["tasks_completed"]) == (2, 1_001)
+    assert row["compute_hours"] == pytest.approx(36_000.1 / 3600, abs=1e-6)
+
+
+def test_usage_past_what_64_bits_hold_is_reported_exactly_in_every_format(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """1,100 jobs at the largest count ingest takes add up past 2**63: every format still reports, exactly."""
+    biggest = 2**53
+    pipeline.write_records([_finished_job("cluster-1", f"job-{n}", biggest, float(biggest)) for n in range(1_100)])
+    report = build_report(pipeline, now=T0)
+    assert report.usage[0]["tasks_completed"] == 1_100 * biggest > 2**63
+    for fmt in ("json", "csv", "html"):
+        result = run("report", "--format", fmt, "--out", str(tmp_path / fmt), "--now", T0.isoformat())
+        assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "json" / "report.json").read_text())
+    assert document["usage"]["accounts"][0]["tasks_completed"] == 1_100 * biggest
+
+
 def test_names_appear_only_with_show_names(pipeline: Pipeline, tmp_path: Path) -> None:
     write_demo_records(pipeline)
     assert run("report", "--out", str(tmp_path / "plain"), "--now", T0.isoformat()).exit_code == 0

@@ -101,7 +101,7 @@ _CLUSTER_DAYS = """
 
 _LATEST_JOBS = """
     SELECT * FROM jobs
-    QUALIFY row_number() OVER (PARTITION BY subject, job_id
+    QUALIFY row_number() OVER (PARTITION BY subject, cluster_id, job_id
                                ORDER BY observed_at DESC, finished_at DESC NULLS LAST) = 1
 """
 
