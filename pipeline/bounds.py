@@ -28,6 +28,7 @@ __all__ = [
     "MAX_BATCH_ROWS",
     "MAX_BATCH_SUBJECTS",
     "MAX_ITEMS",
+    "MAX_NUMBER",
     "MAX_STRING_BYTES",
     "OutOfBounds",
     "Window",
@@ -42,6 +43,10 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_BATCH_ROWS = MAX_BATCH_RECORDS
 #: distinct (account, user) pairs per batch: each one costs a data key, audit entries and segments
 MAX_BATCH_SUBJECTS = 16
+#: the largest count, number of seconds or bytes: past anything a cluster measures (9.0e15 tasks, 285
+#: million years, 8 PiB), and every value a float holds exactly; sums of them neither overflow a report's
+#: exact integers nor reach infinity
+MAX_NUMBER = 2**53
 #: UTF-8 bytes of any one string (names, ids, image URLs, package names and versions)
 MAX_STRING_BYTES = 2_048
 
@@ -155,14 +160,12 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
                 name, f"outside the cluster's life ({window.earliest.isoformat()} to {window.latest.isoformat()})"
             )
     elif pa.types.is_integer(kind):
-        if _min_max(chunk)[0] < 0:
-            raise OutOfBounds(name, "negative")
+        _check_number(name, *_min_max(chunk))
     elif pa.types.is_floating(kind):
         values = _numbers(chunk)
         if not np.isfinite(values).all():
             raise OutOfBounds(name, "not a finite number")
-        if values.min() < 0:
-            raise OutOfBounds(name, "negative")
+        _check_number(name, values.min(), values.max())
     elif pa.types.is_string(kind):
         longest = _longest(chunk)
         if longest > MAX_STRING_BYTES:
@@ -176,6 +179,14 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
             _check_items(name, chunk, fields, window)
         else:
             _check_items(name, chunk, [("", values)], window)
+
+
+def _check_number(name: str, low: float, high: float) -> None:
+    """:raises OutOfBounds: a value of the column (its least ``low``, its greatest ``high``) is out of bounds"""
+    if low < 0:
+        raise OutOfBounds(name, "negative")
+    if high > MAX_NUMBER:
+        raise OutOfBounds(name, f"{high:.4g} is more than a cluster measures; at most 2**53 ({MAX_NUMBER:.4g})")
 
 
 def _check_items(name: str, chunk: pa.Array, values: list[tuple[str, pa.Array]], window: Window) -> None:

@@ -194,6 +194,8 @@ FAR_PAST = -((1970 + 1199) * 365 * 86_400 * 1_000_000)  # microseconds: about th
         ("job", "tasks_completed", pa.array([-1], pa.int64())),
         ("job", "compute_seconds", pa.array([float("nan")])),
         ("cluster_snapshot", "compute_seconds_total", pa.array([float("inf")])),
+        ("job", "tasks_total", pa.array([2**53 + 1], pa.int64())),
+        ("job", "compute_seconds", pa.array([1e308])),
         (
             "cluster_snapshot",
             "observed_at",
@@ -209,6 +211,8 @@ FAR_PAST = -((1970 + 1199) * 365 * 86_400 * 1_000_000)  # microseconds: about th
         "negative-completed",
         "nan",
         "inf",
+        "count-past-2**53",
+        "seconds-past-2**53",
         "year-9999",
         "year-minus-1199",
         "before-registration",

@@ -335,8 +335,8 @@ class ReportDB:
                                  FROM ({_CLUSTER_DAYS}) GROUP BY subject)
             SELECT subject, coalesce(c.clusters, 0)::BIGINT clusters,
                    round(coalesce(c.cluster_hours, 0), 4) cluster_hours,
-                   coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0)::BIGINT tasks_completed,
-                   coalesce(j.tasks_erred, 0)::BIGINT tasks_erred, round(coalesce(j.compute_hours, 0), 6) compute_hours,
+                   coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0) tasks_completed,
+                   coalesce(j.tasks_erred, 0) tasks_erred, round(coalesce(j.compute_hours, 0), 6) compute_hours,
                    greatest(j.peak_job_memory, c.peak_cluster_memory) peak_memory_bytes
             FROM per_job j FULL OUTER JOIN per_cluster c USING (subject)
             ORDER BY compute_hours DESC, cluster_hours DESC, subject
@@ -354,8 +354,8 @@ class ReportDB:
                  c AS (SELECT subject, day, sum(epoch(last_seen - first_seen)) / 3600 cluster_hours
                        FROM ({_CLUSTER_DAYS}) GROUP BY ALL)
             SELECT subject, day, round(coalesce(c.cluster_hours, 0), 4) cluster_hours,
-                   coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0)::BIGINT tasks_completed,
-                   coalesce(j.tasks_erred, 0)::BIGINT tasks_erred, round(coalesce(j.compute_hours, 0), 6) compute_hours
+                   coalesce(j.jobs, 0)::BIGINT jobs, coalesce(j.tasks_completed, 0) tasks_completed,
+                   coalesce(j.tasks_erred, 0) tasks_erred, round(coalesce(j.compute_hours, 0), 6) compute_hours
             FROM j FULL OUTER JOIN c USING (subject, day)
             ORDER BY day, subject
             """
