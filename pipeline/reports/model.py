@@ -6,7 +6,70 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Report"]
+__all__ = ["TABLE_COLUMNS", "Report"]
+
+#: the columns of each table the CSV report writes, whether it has rows or not (downstream readers
+#: rely on the header); ``account`` only when the report shows names
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "inventory": ("store", "data_type", "segments", "records", "unreadable_records", "accounts", "oldest", "newest"),
+    "retention": ("store", "data_type", "retention", "limit_days", "oldest_age_days", "overdue", "status"),
+    "deletion_requests_summary": (
+        "deadline_days",
+        "status",
+        "total",
+        "completed",
+        "open",
+        "failed",
+        "overdue",
+        "completed_late",
+        "median_hours_to_complete",
+        "max_hours_to_complete",
+    ),
+    "deletion_requests_by_state": (
+        "state",
+        "requests",
+        "overdue",
+        "median_hours_to_complete",
+        "max_hours_to_complete",
+    ),
+    "deletion_requests": (
+        "request_id",
+        "state",
+        "created_at",
+        "deadline",
+        "completed_at",
+        "hours_to_complete",
+        "overdue",
+        "completed_late",
+    ),
+    "erasures_not_final": ("request_id", "completed_at", "final_at"),
+    "audit": ("status", "intact", "entries", "verified_entries", "first_bad_seq", "reason", "last_retention_pass"),
+    "audit_actions": ("action", "entries"),
+    "usage_accounts": (
+        "subject_ref",
+        "account",
+        "clusters",
+        "cluster_hours",
+        "jobs",
+        "tasks_completed",
+        "tasks_erred",
+        "compute_hours",
+        "peak_memory_bytes",
+    ),
+    "usage_daily": (
+        "subject_ref",
+        "account",
+        "day",
+        "cluster_hours",
+        "jobs",
+        "tasks_completed",
+        "tasks_erred",
+        "compute_hours",
+    ),
+    "unreadable_segments": ("store", "segment_id", "reason", "record_id"),
+    "foreign_files": ("store", "path"),
+    "out_of_range_records": ("store", "segment_id", "reason", "record_id"),
+}
 
 
 @dataclass
@@ -32,6 +95,10 @@ class Report:
     #: records stored before ingest bounded them (a time outside the years 1 to 9999 or in the future,
     #: a negative count): named here, left out of every number and plot
     out_of_range_records: list[dict[str, Any]] = field(default_factory=list)
+
+    def columns(self, table: str) -> list[str]:
+        """The columns of one of :meth:`tables`, in order."""
+        return [c for c in TABLE_COLUMNS[table] if c != "account" or self.names_shown]
 
     @property
     def overdue_records(self) -> int:
@@ -64,7 +131,7 @@ class Report:
         """Every table of the report by name (the CSV report writes one file each)."""
         requests = self.deletion_requests
         summary = {k: v for k, v in requests.items() if k not in ("by_state", "requests", "not_final")}
-        audit = {k: v for k, v in self.audit.items() if not isinstance(v, list | dict)}
+        audit = {k: v for k, v in self.audit.items() if k != "by_action"}
         return {
             "inventory": self.inventory,
             "retention": self.retention,

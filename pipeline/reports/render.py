@@ -44,9 +44,8 @@ def _csv(report: Report, out_dir: Path) -> list[Path]:
     paths = []
     for name, rows in report.tables().items():
         path = out_dir / f"{name}.csv"
-        columns = list(dict.fromkeys(k for row in rows for k in row))
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, columns)
+        writer = csv.DictWriter(text, report.columns(name))
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         write_private(path, text.getvalue().encode())
@@ -54,10 +53,18 @@ def _csv(report: Report, out_dir: Path) -> list[Path]:
     return paths
 
 
+#: what a spreadsheet reads a cell starting with as a formula (OWASP's list): names come from clusters and people
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat()
-    return to_json(value) if isinstance(value, dict | list) else value
+    if isinstance(value, dict | list):
+        return to_json(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value  # shown as text, never run
+    return value
 
 
 def render_html(report: Report) -> str:
