@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from pipeline.errors import UnknownAccountError
@@ -38,6 +39,8 @@ KindName = Literal[tuple(KINDS)]  # type: ignore[misc,valid-type]
 StoreName = Literal[STORES]  # type: ignore[valid-type]
 
 
+#: a number where a time belongs (seconds or milliseconds since 1970, to pydantic)
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
 #: the one answer for an account the caller may not see or that does not exist: the same bytes
 NOT_FOUND = "no such account, or not one your token may read"
 
@@ -68,6 +71,7 @@ def visible_account(pipeline: Pipeline, principal: Principal, account: str | Non
     responses={200: {"content": {NDJSON: {}}, "description": "One record (JSON object) a line."}},
 )
 def get_records(
+    request: Request,
     principal: Annotated[Principal, Depends(require("member", "admin"))],
     pipeline: Annotated[Pipeline, Depends(current_pipeline)],
     account: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
@@ -78,7 +82,9 @@ def get_records(
     until: datetime | None = None,
 ) -> StreamingResponse:
     """Records of the caller's account (admin: of every account, or of ``account``)."""
-    since, until = _utc("since", since), _utc("until", until)
+    since, until = _utc("since", since, request), _utc("until", until, request)
+    if since is not None and until is not None and since > until:
+        raise HTTPException(400, f"since ({since.isoformat()}) is after until ({until.isoformat()}): an empty range")
     account = visible_account(pipeline, principal, account)
     if store not in pipeline.stores:
         raise HTTPException(404, f"store {store!r} is not configured on this control plane")
@@ -87,10 +93,13 @@ def get_records(
     return StreamingResponse(_ndjson(rows, since, until, unreadable), media_type=NDJSON)
 
 
-def _utc(name: str, moment: datetime | None) -> datetime | None:
-    """A query's moment in UTC; 400 without a time zone or when it lies outside the years 1 to 9999 in UTC."""
+def _utc(name: str, moment: datetime | None, request: Request) -> datetime | None:
+    """A query's moment in UTC; 400 unless it is ISO 8601 with a time zone within the years 1 to 9999 in UTC
+    (as sent: pydantic also takes a bare number, as seconds since 1970)."""
     if moment is None:
         return None
+    if _NUMBER.fullmatch(request.query_params.get(name, "").strip()):
+        raise HTTPException(400, f"{name}: give an ISO 8601 time with a time zone, e.g. 2026-11-30T12:00:00Z")
     if moment.tzinfo is None:
         raise HTTPException(400, f"{name}: give a time zone, e.g. 2026-11-30T12:00:00Z")
     try:
