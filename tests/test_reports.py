@@ -217,9 +217,7 @@ def test_a_job_id_another_cluster_sends_does_not_replace_that_clusters_job(pipel
     assert row["compute_hours"] == pytest.approx(36_000.1 / 3600, abs=1e-6)
 
 
-def test_usage_past_what_64_bits_hold_is_reported_exactly_in_every_format(
-    pipeline: Pipeline, tmp_path: Path
-) -> None:
+def test_usage_past_what_64_bits_hold_is_reported_exactly_in_every_format(pipeline: Pipeline, tmp_path: Path) -> None:
     """1,100 jobs at the largest count ingest takes add up past 2**63: every format still reports, exactly."""
     biggest = 2**53
     pipeline.write_records([_finished_job("cluster-1", f"job-{n}", biggest, float(biggest)) for n in range(1_100)])
