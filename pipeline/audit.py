@@ -110,6 +110,15 @@ def canonical_entry(entry: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _recorded_elsewhere(witness: Witness, high_water: HighWater | None) -> str | None:
+    """Where a trail with entries was recorded outside the database (any checkpoint, whoever signed it:
+    the key to check it is what is missing); ``None`` for a new trail."""
+    if high_water is not None and (seen := high_water.read()) is not None:
+        return f"this host saw the {seen.label} recording seq {seen.seq} ({high_water.path})"
+    newest = witness.newest(lambda _checkpoint: True)
+    return None if newest is None else f"witness {witness.url} holds the {newest.label} recording seq {newest.seq}"
+
+
 class AuditLog:
     """Append, checkpoint and verify the audit trail."""
 
@@ -167,6 +176,12 @@ class AuditLog:
                 raise KeyringError(
                     f"audit signing key {path} is missing but the audit trail has entries: restore the key file"
                 )
+        recorded = _recorded_elsewhere(witness, high_water)
+        if recorded is not None:  # a wiped table and a deleted key file: a new key would verify an empty trail
+            raise KeyringError(
+                f"audit signing key {path} is missing and the audit trail is empty, but {recorded}: "
+                "the trail was wiped; restore the key file and the trail"
+            )
         return trusting(engine, FileSigner.create(path), witness)
 
     def _hand_over(self, new: AuditSigner) -> None:

@@ -142,6 +142,22 @@ def test_a_lost_signing_key_file_is_one_clear_error(pipeline: Pipeline, home: Pa
     assert "audit signing key" in result.stderr and "is missing" in result.stderr
 
 
+@pytest.mark.parametrize("host", ["same", "another"], ids=["with-high-water-mark", "witness-only"])
+def test_a_wiped_table_and_a_deleted_key_file_are_named_not_a_new_trail(
+    pipeline: Pipeline, home: Path, host: str
+) -> None:
+    """A new key made for the empty table would verify it as intact and checkpoint over the old trail."""
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(delete(audit_log))
+    (home / "audit-signing.key").unlink()
+    if host == "another":  # the high-water mark is this host's: the witness alone must tell
+        (home / "audit-high-water.json").unlink()
+    result = run("audit", "verify")
+    assert result.exit_code == 2, result.output
+    assert "the trail was wiped" in result.stderr and "seq 57" in result.stderr
+    assert not (home / "audit-signing.key").exists()
+
+
 def test_a_keyring_wrapped_signing_key_is_handed_over_to_a_key_file(home: Path, tmp_path: Path) -> None:
     """A database from before the key file: the old key signs a hand-over, then it is destroyed."""
     pipeline = Pipeline.open(create=True)
