@@ -298,13 +298,15 @@ class AuditLog:
             signature=self.signer.sign(bytes.fromhex(entry_hash)).hex(),
         )
 
-    def entries(self, after: int = 0) -> Generator[AuditEntry, None, None]:
-        """Every entry (past seq ``after``) in sequence order, streamed.
+    def entries(self, after: int = 0, *, actions: Iterable[str] | None = None) -> Generator[AuditEntry, None, None]:
+        """Every entry (past seq ``after``; of ``actions`` only, when given) in sequence order, streamed.
 
         :raises AuditIntegrityError: at an entry whose row holds what the trail never writes
         :raises StoreUnavailable: the database or its audit table cannot be read
         """
         query = _entries_query().where(audit_log.c.seq > after).order_by(audit_log.c.seq)
+        if actions is not None:
+            query = query.where(audit_log.c.action.in_(list(actions)))
         with _reading(self.engine) as conn, conn.execution_options(yield_per=1000).execute(query) as rows:
             read_time = _time_reader(conn.dialect)
             for row in rows:

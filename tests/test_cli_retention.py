@@ -121,6 +121,33 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     assert "records 500, audit entry" in result.stderr and "says 4" in result.stderr
 
 
+def test_erase_status_names_a_completion_forged_in_the_database_that_cites_no_audit_entry(pipeline) -> None:
+    """A pending request edited into a completed one with a receipt that cites nothing: it had nothing to
+    disagree with, so it showed completed (exit 0) while the data stayed readable."""
+    from sqlalchemy import update
+
+    from pipeline.db import deletion_requests
+
+    request_id = cli("erase", "request", "--account", "acme").strip()
+    at = "2026-12-07T01:00:00+00:00"
+    receipt = {
+        "scope": "account",
+        "suppress": False,
+        "stores": {"long_term": {"records": 4, "segments": 1, "started_at": at, "erased_at": at}},
+        "key": {"state": "destroyed", "keys_destroyed": 1, "destroyed_at": at},
+    }
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            update(deletion_requests)
+            .where(deletion_requests.c.request_id == request_id)
+            .values(state="completed", completed_at=datetime.fromisoformat(at), receipt=json.dumps(receipt))
+        )
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1, result.output
+    for missing in ("no erasure.completed entry", "no store.erased entry for long_term", "no key.destroyed entry"):
+        assert missing in result.stderr
+
+
 def test_erase_status_of_an_unknown_id_is_bad_input(pipeline) -> None:
     result = CliRunner().invoke(main, ["erase", "status", "no-such-id"])
     assert result.exit_code == 2

@@ -222,6 +222,7 @@ def test_a_failed_request_is_retried_with_back_off_and_enforce_fails_until_it_co
     assert json.loads(out)["requests"] == [{"request_id": request.request_id, "state": "completed", "error": None}]
     done = get_request(pipeline, request.request_id)
     assert done.receipt["attempts"] == 1 and "next_attempt_at" not in done.receipt
+    assert _cli("erase", "status", request.request_id)[0] == 0  # the receipt of a retried erasure agrees
     assert [r["user"] for r in pipeline.read_records("cloud_logging", account="acme")] == [None]
     assert _request_status(home) == "PASS"
 

@@ -257,11 +257,11 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
     rotation = receipt.get("rotation", {})
     if "audit_seq" in rotation:
         cited.append((rotation["audit_seq"], "key.rotated", {"master_key_version": rotation["master_key_version"]}))
+    found = _uncited(pipeline, request) if request.state == "completed" else []
     if not cited:
-        return []
+        return found
     seqs = {seq for seq, _action, _said in cited}
     entries = {e.seq: e for e in pipeline.audit.entries(after=min(seqs) - 1) if e.seq in seqs}
-    found = []
     for seq, action, said in cited:
         entry = entries.get(seq)
         if entry is None or entry.action != action:
@@ -272,6 +272,29 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
             for name, value in said.items()
             if entry.details.get(name) != value
         ]
+    return found
+
+
+def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
+    """What a completed request's receipt must cite and does not: its completion, the erasure of every
+    store it names or the trail records, and a destroyed key (a receipt edited to claim an erasure that
+    never ran cites nothing, and had nothing to disagree with)."""
+    receipt, request_id = request.receipt, request.request_id
+    actions = ("erasure.completed", "store.erased", "key.destroyed")
+    trail = [e for e in pipeline.audit.entries(actions=actions) if e.details.get("request_id") == request_id]
+    found = []
+    if not any(e.action == "erasure.completed" for e in trail):
+        found.append("it says completed, and the trail holds no erasure.completed entry for it")
+    elif "completed" not in receipt.get("audit", {}):
+        found.append("it cites no erasure.completed entry")
+    stores = receipt.get("stores", {})
+    recorded = {str(e.details.get("store")) for e in trail if e.action == "store.erased"}
+    for store in sorted(set(stores) | recorded):
+        if "audit_seq" not in stores.get(store, {}):
+            found.append(f"it cites no store.erased entry for {store}")
+    key = receipt.get("key", {})
+    if (key.get("state") == "destroyed" or any(e.action == "key.destroyed" for e in trail)) and "audit_seq" not in key:
+        found.append("it cites no key.destroyed entry")
     return found
 
 
