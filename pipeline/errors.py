@@ -102,6 +102,11 @@ class StoreUnavailable(StoreError):
     """A store cannot be reached; the operation may succeed later."""
 
 
+class StoreRefused(StoreError):
+    """A store refuses the operation until someone changes it (a permission, a read-only file system, an
+    immutable file): waiting alone will not help, so an erasure it blocks is ``failed``, not paused."""
+
+
 class Throttled(StoreUnavailable):
     """The control plane is busy with this tenant: retry no sooner than ``retry_after`` seconds."""
 

@@ -6,6 +6,7 @@ fails there and passes here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import unicodedata
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -255,6 +257,37 @@ def test_erase_retry_forces_a_retry_now(settings: Settings, home: Path) -> None:
     assert code == 0, err
     assert json.loads(out)["state"] == "completed"
     assert retry_request(pipeline, request.request_id).state == "completed"  # a rerun changes nothing
+
+
+@contextlib.contextmanager
+def _immutable(paths: list[Path]) -> Iterator[None]:
+    """Files nobody may delete, root included (``chattr +i``: a hold set outside the pipeline)."""
+    try:
+        subprocess.run(["chattr", "+i", *map(str, paths)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"chattr +i is not available here: {exc}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+
+
+def test_a_log_file_the_system_will_not_delete_fails_the_erasure_not_pauses_it(settings: Settings, home: Path) -> None:
+    """EPERM is no outage: the erasure was paused for ever, enforce exited 0 and the report said PASS."""
+    pipeline = Pipeline.open(settings, create=True)
+    _fill(pipeline, at=T0)
+    request = file_request(pipeline, "acme", "ann")
+    with _immutable(sorted((home / "logs").rglob("*.seg"))):
+        with freeze_time(T0):
+            code, out, err = _cli("enforce", "--json")
+        assert code == 1, err
+        assert json.loads(out)["failed_requests"] == [request.request_id]
+        failed = get_request(pipeline, request.request_id)
+        assert failed.state == "failed" and "Operation not permitted" in (failed.error or "")
+        assert _request_status(home) == "FAIL"
+    with freeze_time(T0 + timedelta(minutes=6)):  # the hold lifted and the back-off passed
+        assert _cli("enforce")[0] == 0
+    assert get_request(pipeline, request.request_id).state == "completed"
 
 
 # -- 6. concurrent rotations -----------------------------------------------------------------------

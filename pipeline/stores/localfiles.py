@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-from pipeline.errors import ConfigError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreRefused, StoreUnavailable
 from pipeline.fsmodes import open_private, private_folder, sync_folder, write_private
 from pipeline.records import DATA_TYPES
 from pipeline.redact import mask_url
@@ -375,8 +375,13 @@ class LocalFileStore(Store):
         return removed
 
 
+#: what the system answers for a file it will not change whoever asks again: refused, not unavailable
+_REFUSALS = (errno.EPERM, errno.EACCES, errno.EROFS)
+
+
 class _Guard:
-    """Map OS errors to StoreUnavailable with a message naming the folder."""
+    """Map OS errors to StoreRefused (see :data:`_REFUSALS`) or StoreUnavailable, with a message naming
+    the folder."""
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -386,7 +391,8 @@ class _Guard:
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
         if isinstance(exc, OSError):
-            raise StoreUnavailable(f"{self.message}: {exc.strerror or exc}") from exc
+            error = StoreRefused if exc.errno in _REFUSALS else StoreUnavailable
+            raise error(f"{self.message}: {exc.strerror or exc}") from exc
 
 
 def _settle(folder: Path, journal: Path) -> None:
