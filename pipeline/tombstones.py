@@ -57,6 +57,17 @@ def add(
     )
 
 
+def suppress(conn: Connection, request_id: str) -> bool:
+    """Make an open request's tombstone suppress later records too (in the caller's transaction);
+    ``False`` when it already did."""
+    made = conn.execute(
+        update(tombstones)
+        .where(tombstones.c.request_id == request_id, tombstones.c.suppress.is_(False))
+        .values(suppress=True)
+    )
+    return bool(made.rowcount)
+
+
 def complete(engine: Engine, request_id: str, at: datetime) -> None:
     """Move the tombstone to the erasure's completion: anything observed before it stays out.
 

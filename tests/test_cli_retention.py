@@ -72,6 +72,20 @@ def test_erase_request_again_prints_the_open_request_of_the_subject(pipeline) ->
     assert len(cli("erase", "list", "--json").splitlines()) == 2
 
 
+def test_erase_request_with_suppress_for_an_open_request_without_it_makes_that_one_suppress(pipeline) -> None:
+    """The refiling answered the open request and dropped --suppress without a word: once the erasure
+    completed, the user's new records were stored again."""
+    first = cli("erase", "request", "--account", "acme", "--user", "ann").strip()
+    again = CliRunner().invoke(main, ["erase", "request", "--account", "acme", "--user", "ann", "--suppress"])
+    assert (again.exit_code, again.stdout.strip()) == (0, first)
+    assert "it now suppresses later records too" in again.stderr
+    cli("enforce")
+    assert json.loads(cli("erase", "status", first, "--json"))["receipt"]["suppress"] is True
+    back = CliRunner().invoke(main, ["accounts", "add", "--account", "acme", "--username", "ann", "--email", "a@x"])
+    assert back.exit_code == 2 and "erasure" in back.stderr
+    assert [e.details["request_id"] for e in pipeline.audit.entries() if e.action == "erasure.suppressed"] == [first]
+
+
 def test_erase_request_enforce_status_list(pipeline) -> None:
     request_id = cli("erase", "request", "--account", "acme", "--reason", "GDPR art. 17 request #4411").strip()
     [listed] = [json.loads(line) for line in cli("erase", "list", "--json").splitlines()]

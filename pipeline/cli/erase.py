@@ -37,8 +37,10 @@ def erase_request(out: Output, account: str, user: str | None, reason: str | Non
             open_pipeline(), account, user, reason, suppress=suppress, unless_open=True, request_id=asked
         ).as_dict()
         if filed["request_id"] != asked and not out.as_json:  # as the API answers a refiling
+            also = "; it now suppresses later records too" if suppress else ""
             click.echo(
-                f"the subject has an open request, filed {filed['created_at']:%Y-%m-%d %H:%M:%S} UTC: not filed again",
+                f"the subject has an open request, filed {filed['created_at']:%Y-%m-%d %H:%M:%S} UTC: "
+                f"not filed again{also}",
                 err=True,
             )
     else:

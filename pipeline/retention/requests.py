@@ -158,7 +158,8 @@ def file_request(
     ``erasure.pending`` entry are written in one transaction.
 
     With ``unless_open``, a subject that has an open request gets that one back instead
-    (the caller tells it from a new one by its id: not ``request_id``, a new UUID by default).
+    (the caller tells it from a new one by its id: not ``request_id``, a new UUID by default);
+    with ``suppress``, that request suppresses later records from then on, audited.
     The check and the filing hold the audit chain's lock, which every process takes: two
     ``serve`` processes filing for one subject at once file one request, not two.
     """
@@ -178,7 +179,7 @@ def file_request(
     if unless_open:  # the usual refiling: answered before the reason is sealed (which may make a key)
         with reading(pipeline.keyring.engine, "looking for an open deletion request") as conn:
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
-        if open_id is not None:
+        if open_id is not None and not suppress:
             return get_request(pipeline, open_id)
     held = pipeline.keyring.key_state(request.subject_ref, request.user_ref)  # first: sealing a reason makes a key
     sealed_reason = _seal_reason(pipeline, request, reason)
@@ -188,7 +189,7 @@ def file_request(
         if unless_open:  # again, under the lock: another process may have filed since
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
             if open_id is not None:
-                return None
+                return _suppressing(conn, open_id, actor) if suppress else None
         request.receipt = {
             "scope": request.scope,
             "stores": {},
@@ -216,6 +217,22 @@ def file_request(
 
     pipeline.audit.append_with(filed)
     return request if open_id is None else get_request(pipeline, open_id)
+
+
+def _suppressing(conn: Connection, request_id: str, actor: str | None) -> dict[str, Any] | None:
+    """An open request refiled with ``suppress``: its tombstone and receipt now suppress later records,
+    and the audit entry that says so (``None`` when it suppressed already)."""
+    if not tombstones.suppress(conn, request_id):
+        return None
+    row = conn.execute(select(deletion_requests).where(deletion_requests.c.request_id == request_id)).one()
+    receipt = {**json.loads(row.receipt), "suppress": True}
+    conn.execute(
+        update(deletion_requests)
+        .where(deletion_requests.c.request_id == request_id)
+        .values(receipt=json.dumps(receipt))
+    )
+    details = {"request_id": request_id, "user_ref": row.user_ref}
+    return {"action": "erasure.suppressed", "actor": actor, "subject_ref": row.subject_ref, "details": details}
 
 
 def _open_request(subject_ref: str, user_ref: str | None) -> Select[Any]:
