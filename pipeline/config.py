@@ -52,6 +52,10 @@ def _get(key: str) -> Any:
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+#: durations that may be zero: no wait before sealing a batch, a superseded master key destroyed at once
+_MAY_BE_ZERO = frozenset({"emitter.linger", "keys.retire-after"})
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """``pipeline.server.*`` limits: what one tenant, token or connection may take of the control plane."""
@@ -130,11 +134,16 @@ class Settings:
                 raise ConfigError(f"pipeline.{key}: cannot expand {quoted(mask_url(str(value)))}: {exc}") from exc
 
         def seconds(key: str) -> float:
+            """A duration; more than none unless :data:`_MAY_BE_ZERO` says (a zero timeout answers nothing)."""
             value = _get(key)
             try:
-                return float(parse_timedelta(value, default="seconds"))
-            except (TypeError, ValueError, KeyError) as exc:
+                duration = float(parse_timedelta(value, default="seconds"))
+            except (TypeError, ValueError, KeyError, OverflowError) as exc:
                 raise ConfigError(f"pipeline.{key}: {quoted(value)} is not a duration") from exc
+            if not (duration >= 0 if key in _MAY_BE_ZERO else duration > 0) or duration == float("inf"):
+                at_least = "0 or more" if key in _MAY_BE_ZERO else "more than 0"
+                raise ConfigError(f"pipeline.{key}: {quoted(value)} must be a finite duration of {at_least}")
+            return duration
 
         def path(key: str) -> Path | None:
             value = _get(key)

@@ -590,3 +590,53 @@ def test_a_long_term_url_that_is_no_sql_database_says_so(url: str, home: Path) -
     with dask.config.set({"pipeline.long-term.url": url}):
         line = one_line(run("records"))
     assert line.startswith("error: pipeline.long-term.url must be a SQL database"), line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("server.header-timeout", "0s", "must be a finite duration of more than 0"),  # every request: no reply
+        ("tls.validity", "0s", "must be a finite duration of more than 0"),  # certificates expired when issued
+        ("server.cluster-lost-after", "0", "must be a finite duration of more than 0"),
+        ("server.body-timeout", "1e400s", "is not a duration"),  # OverflowError: a traceback
+    ],
+)
+def test_a_duration_a_setting_cannot_use_is_one_line_naming_it(key: str, value: str, reason: str, home: Path) -> None:
+    with dask.config.set({f"pipeline.{key}": value}):
+        line = one_line(run("init"))
+    assert line == f"error: pipeline.{key}: '{value}' {reason}"
+
+
+def test_an_unknown_key_url_scheme_names_the_setting(home: Path) -> None:
+    with dask.config.set({"pipeline.keys.url": "http://x"}):
+        assert one_line(run("init")).startswith("error: pipeline.keys.url: unknown key URL scheme 'http'")
+
+
+def test_a_cloud_logging_url_without_google_credentials_for_its_configuration_api_is_one_line(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``endpoint=`` names a local logging API, but the bucket's configuration API still looked for Google
+    credentials: a 48-line traceback."""
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "none.json"))
+    with dask.config.set({"pipeline.cloud-logging.url": "gcp-logging://proj?endpoint=http://127.0.0.1:9"}):
+        line = one_line(run("init"))
+    assert line.startswith("error: Cloud Logging proj: no Google credentials for its configuration API")
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(home: Path) -> None:
+    """`records --json | head -1` said "error: [Errno 32] Broken pipe" and exited 2, as for bad input."""
+    assert command_line(home, b"init").returncode == 0
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before the first line is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "init", "--json"],
+            env={**os.environ, "DASK_PIPELINE__HOME": str(home)},
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (141, b"")

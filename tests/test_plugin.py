@@ -325,7 +325,7 @@ def test_a_home_removed_between_clusters_is_made_anew_and_the_next_cluster_lands
     ("interval", "reason"),
     [
         ("soon", "pipeline.plugin.interval: 'soon' is not a duration"),
-        ("0s", "positive callback_time"),
+        ("0s", "pipeline.plugin.interval: '0s' must be a finite duration of more than 0"),
         ("1s", "Not a directory"),
     ],
 )
