@@ -248,7 +248,9 @@ def open_key_provider(url: str, *, create: bool = False, keyring_made: bool = Fa
         from pipeline.kms import AWSKMSKeyProvider
 
         return AWSKMSKeyProvider(url)
-    raise ConfigError(f"unknown key URL scheme {parsed.scheme!r} in {mask_url(url)!r} (known: file, aws-kms)")
+    raise ConfigError(
+        f"pipeline.keys.url: unknown key URL scheme {parsed.scheme!r} in {mask_url(url)!r} (known: file, aws-kms)"
+    )
 
 
 def _aad(key_id: str, key_version: int) -> bytes:
