@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.api_core import exceptions as gexc
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.logging_v2.services.config_service_v2 import ConfigServiceV2Client
 from google.cloud.logging_v2.services.config_service_v2.transports import ConfigServiceV2GrpcTransport
 from google.cloud.logging_v2.types import (
@@ -33,7 +34,7 @@ from google.cloud.logging_v2.types import (
 )
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from pipeline.errors import StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.redact import first_line
 
 __all__ = ["DEFAULT_BUCKET", "BucketRetention", "LogBucketConfig", "guarded"]
@@ -240,7 +241,13 @@ class LogBucketConfig:
                 channel = grpc.insecure_channel(self._endpoint)
                 self._config = ConfigServiceV2Client(transport=ConfigServiceV2GrpcTransport(channel=channel))
             else:
-                self._config = ConfigServiceV2Client()
+                try:
+                    self._config = ConfigServiceV2Client()
+                except DefaultCredentialsError as exc:
+                    raise ConfigError(
+                        f"Cloud Logging {self.project}: no Google credentials for its configuration API "
+                        f"(config-endpoint= names a local one): {first_line(exc)}"
+                    ) from exc
         return self._config
 
     def close(self) -> None:
