@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -23,6 +24,8 @@ __all__ = ["TEXT", "CheckFailed", "UTCTime", "api_client", "command", "main", "o
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: the status of a command whose reader closed the pipe, as a shell reports one ended by SIGPIPE (128 + 13)
+SIGPIPE_STATUS = 141
 
 
 class CheckFailed(Exception):
@@ -44,6 +47,9 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
             except PipelineError as exc:
                 click.echo(f"error: {printable(str(exc))}", err=True)
                 sys.exit(2)
+            except BrokenPipeError:  # the reader left (`| head`): end quietly, as a shell command ends by SIGPIPE
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+                sys.exit(SIGPIPE_STATUS)
             except OSError as exc:  # the file system refused what a setting names (a home that is a file)
                 click.echo(f"error: {printable(_refused_path(exc))}", err=True)
                 sys.exit(2)
