@@ -68,6 +68,8 @@ def test_a_home_written_by_an_earlier_release_reads_back_whole_after_init(releas
             assert request.state == filed["state"]
             assert request.reason == (filed["reason"] if filed["state"] != "completed" else None)
             assert request.receipt["reason_sha256"] == hashlib.sha256(filed["reason"].encode()).hexdigest()
+            status = CliRunner().invoke(main, ["erase", "status", request_id])  # its receipt agrees with the trail
+            assert status.exit_code == 0, status.output
 
         # ann's records are under her own key now: erasing her removes exactly them (gil's request runs too)
         file_request(pipeline, "acme", "ann")

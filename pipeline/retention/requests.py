@@ -269,8 +269,9 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
             said = {"request_id": request_id, "store": store, "segments": got["segments"], "records": got["records"]}
             cited.append((got["audit_seq"], "store.erased", said))
     key = receipt.get("key", {})
-    if "audit_seq" in key:
-        cited.append((key["audit_seq"], "key.destroyed", {"request_id": request_id, "keys": key["keys_destroyed"]}))
+    if "audit_seq" in key:  # the first release's receipts and entries do not count the keys
+        counted = {"keys": key["keys_destroyed"]} if "keys_destroyed" in key else {}
+        cited.append((key["audit_seq"], "key.destroyed", {"request_id": request_id, **counted}))
     rotation = receipt.get("rotation", {})
     if "audit_seq" in rotation:
         cited.append((rotation["audit_seq"], "key.rotated", {"master_key_version": rotation["master_key_version"]}))
