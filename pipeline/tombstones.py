@@ -19,7 +19,7 @@ from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, or_, select, update
 
 from pipeline.db import deletion_requests, reading, tombstones, transaction
 from pipeline.errors import PipelineError
@@ -58,14 +58,22 @@ def add(
 
 
 def suppress(conn: Connection, request_id: str) -> bool:
-    """Make an open request's tombstone suppress later records too (in the caller's transaction);
-    ``False`` when it already did."""
+    """Make an open request's tombstone suppress later records too, again if it was lifted (in the caller's
+    transaction); ``False`` when it suppresses already."""
     made = conn.execute(
         update(tombstones)
-        .where(tombstones.c.request_id == request_id, tombstones.c.suppress.is_(False))
-        .values(suppress=True)
+        .where(
+            tombstones.c.request_id == request_id,
+            or_(tombstones.c.suppress.is_(False), tombstones.c.lifted_at.is_not(None)),
+        )
+        .values(suppress=True, lifted_at=None)
     )
     return bool(made.rowcount)
+
+
+def suppresses(conn: Connection, request_id: str) -> bool:
+    """Whether a request's tombstone was made to suppress (lifted or not)."""
+    return bool(conn.scalar(select(tombstones.c.suppress).where(tombstones.c.request_id == request_id)))
 
 
 def complete(engine: Engine, request_id: str, at: datetime) -> None:

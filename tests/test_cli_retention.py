@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -83,6 +84,42 @@ def test_erase_request_with_suppress_for_an_open_request_without_it_makes_that_o
     assert json.loads(cli("erase", "status", first, "--json"))["receipt"]["suppress"] is True
     back = CliRunner().invoke(main, ["accounts", "add", "--account", "acme", "--username", "ann", "--email", "a@x"])
     assert back.exit_code == 2 and "erasure" in back.stderr
+    assert [e.details["request_id"] for e in pipeline.audit.entries() if e.action == "erasure.suppressed"] == [first]
+
+
+def test_a_refiling_with_suppress_while_the_erasure_runs_makes_no_key_and_the_receipt_keeps_it(
+    pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """acme's key is destroyed; while globex's stores are erased in the same pass, acme is refiled with
+    --suppress and a reason. Sealing that reason made acme a live key again, and the pass wrote back the
+    receipt it had read, without suppress."""
+    from pipeline.retention.requests import get_request, process_pending
+    from pipeline.stores.localfiles import LocalFileStore
+
+    acme = cli("erase", "request", "--account", "acme").strip()
+    cli("erase", "request", "--account", "globex")
+    erase = LocalFileStore.erase
+    globex = pipeline.keyring.subject_ref("globex")
+
+    def refiled_meanwhile(store: LocalFileStore, subject_ref: str, user_ref: str | None = None) -> Any:
+        if subject_ref == globex:
+            cli("erase", "request", "--account", "acme", "--suppress", "--reason", "again")
+        return erase(store, subject_ref, user_ref)
+
+    monkeypatch.setattr(LocalFileStore, "erase", refiled_meanwhile)
+    assert {r.state for r in process_pending(pipeline)} == {"completed"}
+    assert pipeline.keyring.key_state(pipeline.keyring.subject_ref("acme")) == "destroyed"
+    assert get_request(pipeline, acme).receipt["suppress"] is True
+    assert cli("erase", "status", acme)
+
+
+def test_erase_request_with_suppress_after_a_lift_suppresses_again(pipeline) -> None:
+    first = cli("erase", "request", "--account", "acme", "--user", "ann", "--suppress").strip()
+    cli("erase", "lift", first)
+    assert cli("erase", "request", "--account", "acme", "--user", "ann", "--suppress").strip() == first
+    cli("enforce")
+    back = CliRunner().invoke(main, ["accounts", "add", "--account", "acme", "--username", "ann", "--email", "a@x"])
+    assert back.exit_code == 2, back.output
     assert [e.details["request_id"] for e in pipeline.audit.entries() if e.action == "erasure.suppressed"] == [first]
 
 

@@ -179,7 +179,10 @@ def file_request(
     if unless_open:  # the usual refiling: answered before the reason is sealed (which may make a key)
         with reading(pipeline.keyring.engine, "looking for an open deletion request") as conn:
             open_id = conn.execute(_open_request(request.subject_ref, request.user_ref)).scalar()
-        if open_id is not None and not suppress:
+        if open_id is not None:  # nothing sealed for it: a reason would make the subject a key again
+            if suppress:
+                found = open_id
+                pipeline.audit.append_with(lambda conn, _seq: _suppressing(conn, found, actor))
             return get_request(pipeline, open_id)
     held = pipeline.keyring.key_state(request.subject_ref, request.user_ref)  # first: sealing a reason makes a key
     sealed_reason = _seal_reason(pipeline, request, reason)
@@ -220,8 +223,8 @@ def file_request(
 
 
 def _suppressing(conn: Connection, request_id: str, actor: str | None) -> dict[str, Any] | None:
-    """An open request refiled with ``suppress``: its tombstone and receipt now suppress later records,
-    and the audit entry that says so (``None`` when it suppressed already)."""
+    """An open request refiled with ``suppress``: its tombstone and receipt now suppress later records (again,
+    if it was lifted), and the audit entry that says so (``None`` when it suppressed already)."""
     if not tombstones.suppress(conn, request_id):
         return None
     row = conn.execute(select(deletion_requests).where(deletion_requests.c.request_id == request_id)).one()
@@ -546,6 +549,9 @@ def _entry(request: DeletionRequest, action: str, *, actor: str | None = None, *
 def _save(pipeline: Pipeline, request: DeletionRequest) -> None:
     request.updated_at = utcnow()
     with transaction(pipeline.keyring.engine, f"deletion request {request.request_id}") as conn:
+        # a refiling with --suppress may have made it suppress since this copy was read
+        suppressing = bool(request.receipt.get("suppress")) or tombstones.suppresses(conn, request.request_id)
+        request.receipt["suppress"] = suppressing
         conn.execute(
             update(deletion_requests)
             .where(deletion_requests.c.request_id == request.request_id)
