@@ -136,15 +136,17 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
     pipeline.write_records([make_record("job", account="acme", job_id="ok", observed_at=now, tasks_completed=5)])
     future = make_record("job", account="acme", job_id="future", observed_at=datetime(9999, 12, 31, tzinfo=UTC))
     negative = make_record("job", account="acme", job_id="negative", observed_at=now, tasks_completed=-(10**9))
-    for table in (table_from_rows("job", [future]), table_from_rows("job", [negative])):
-        write_raw(pipeline, table)
+    huge = make_record("job", account="acme", job_id="huge", observed_at=now, tasks_completed=2**62)
+    endless = make_record("job", account="acme", job_id="endless", observed_at=now, compute_seconds=float("inf"))
+    for record in (future, negative, huge, endless):
+        write_raw(pipeline, table_from_rows("job", [record]))
     ancient_job = job_started_in_year_minus_1199("acme", "ancient", now)
     write_raw(pipeline, ancient_job)
     ancient = ancient_job.column("record_id")[0].as_py()
 
     result = run("report", "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output + result.stderr
-    assert json.loads(result.stdout)["out_of_range_records"] == 4
+    assert json.loads(result.stdout)["out_of_range_records"] == 6
     document = json.loads((tmp_path / "report.json").read_text())
     named = {(r["store"], r["record_id"]): r["reason"] for r in document["out_of_range_records"]}
     bounds = "outside 2000-01-01 to " + (now + timedelta(days=1)).strftime("%Y-%m-%d")
@@ -153,7 +155,14 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
             *(((store, future["record_id"]), f"observed_at is {bounds}") for store in ("cloud_logging", "long_term")),
             # usage is counted from the long-term store: only there are these columns read
             (("long_term", ancient), f"started_at is {bounds}"),
-            (("long_term", negative["record_id"]), "tasks_completed is negative or not a number"),
+            *(
+                (("long_term", record["record_id"]), f"{field} is negative, over 2**53 or not a finite number")
+                for record, field in (
+                    (negative, "tasks_completed"),
+                    (huge, "tasks_completed"),
+                    (endless, "compute_seconds"),
+                )
+            ),
         ]
     )
     assert document["unreadable_segments"] == []
@@ -161,9 +170,9 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
     assert (acme["jobs"], acme["tasks_completed"]) == (1, 5)  # only the record in range
     assert all(row["day"] < "9999" for row in document["records_by_day"])
     html = (tmp_path / "report.html").read_text()
-    assert "Out of range: 4 records" in html
+    assert "Out of range: 6 records" in html
     assert all(record_id in html for _store, record_id in named)
-    assert len(result.stderr.splitlines()) == 4  # one line naming each
+    assert len(result.stderr.splitlines()) == 6  # one line naming each
 
 
 def test_an_altered_segment_is_named_at_the_end_of_the_stream_and_hides_no_environment(pipeline: Pipeline) -> None:

@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
+from pipeline.bounds import MAX_NUMBER
+from pipeline.columns import column
 from pipeline.db import deletion_requests
 from pipeline.records import KINDS, TIMESTAMP, utcnow
 from pipeline.reports.model import Report
@@ -214,7 +216,8 @@ AHEAD = timedelta(days=1)
 
 @dataclasses.dataclass(frozen=True)
 class Bounds:
-    """What a record must satisfy to be counted: times from ``earliest`` to ``latest``, no negative numbers.
+    """What a record must satisfy to be counted: times from ``earliest`` to ``latest``, numbers from 0 to
+    :data:`pipeline.bounds.MAX_NUMBER` (finite).
 
     Ingest enforces bounds (DESIGN Part 3); records stored before it did are named in the
     report and left out of its numbers, so one row dated 9999 (or a job started in year
@@ -237,9 +240,10 @@ class Bounds:
                 ints = values.cast(pa.int64())
                 outside = pc.or_(pc.less(ints, first), pc.greater(ints, last))
                 reason = f"{field.name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
-            else:
-                outside = pc.invert(pc.greater_equal(values, 0))  # NaN compares false: out too
-                reason = f"{field.name} is negative or not a number"
+            else:  # NaN compares false: out too
+                within = pc.and_(pc.greater_equal(values, 0), pc.less_equal(values, _largest(field.type)))
+                outside = pc.invert(within)
+                reason = f"{field.name} is negative, over 2**53 or not a finite number"
             for row in pc.indices_nonzero(pc.fill_null(outside, False)).to_pylist():
                 bad.setdefault(row, reason)
         return bad
@@ -256,9 +260,18 @@ class Bounds:
             first, last = self._micros()
             return span["min"] is None or (first <= span["min"] and span["max"] <= last)
         if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-            low = pc.min(values).as_py()
-            return (low is None or low >= 0) and not (pa.types.is_floating(kind) and pc.any(pc.is_nan(values)).as_py())
+            span = pc.min_max(values).as_py()
+            if span["min"] is None:
+                return True
+            finite = not pa.types.is_floating(kind) or pc.all(pc.is_finite(values)).as_py()
+            return bool(finite and span["min"] >= 0 and span["max"] <= MAX_NUMBER)
         return True
+
+
+def _largest(kind: pa.DataType) -> pa.Scalar:
+    """:data:`MAX_NUMBER` as an Arrow scalar of ``kind``, built without pyarrow's converter (see
+    :mod:`pipeline.columns`)."""
+    return column(kind, [MAX_NUMBER if pa.types.is_integer(kind) else float(MAX_NUMBER)])[0]
 
 
 def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
