@@ -227,6 +227,20 @@ def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane,
     assert [c["cluster_id"] for c in listed] == [remote["cluster_id"]]  # bob sees globex's cluster only
 
 
+def test_clusters_create_on_a_control_plane_listening_everywhere_needs_the_url_clusters_reach(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The README's `DASK_PIPELINE__SERVER__HOST=0.0.0.0` gave clusters `ingest.url: http://0.0.0.0:PORT`,
+    where a scheduler spooled for ever."""
+    with dask.config.set({"pipeline.server.host": "0.0.0.0"}):
+        refused = run("clusters", "create", "--account", "acme", "--json")
+        assert refused.exit_code == 2 and refused.stderr.startswith("error: pipeline.api.url: set it to the URL")
+        with dask.config.set({"pipeline.api.url": "https://plane.example:8800"}):
+            made = run("clusters", "create", "--account", "acme", "--json")
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["ingest_url"] == "https://plane.example:8800"
+
+
 def test_a_cluster_whose_files_cannot_be_written_is_closed_and_leaves_no_file(
     plane: ControlPlane, tmp_path: Path
 ) -> None:

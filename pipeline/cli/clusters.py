@@ -10,7 +10,7 @@ from urllib.parse import quote
 import click
 
 from pipeline.cli.core import NAME, TEXT, api_client, command, main, open_pipeline
-from pipeline.errors import ClusterNotFound
+from pipeline.errors import ClusterNotFound, ConfigError
 from pipeline.output import Output
 
 
@@ -56,6 +56,10 @@ def clusters_create(
     out.result(registration, lambda r: _render_role_files(r, written))
 
 
+#: a ``pipeline.server.host`` that listens everywhere and names no host
+_EVERY_INTERFACE = ("0.0.0.0", "::", "")
+
+
 def _register_cluster(account: str, user: str | None, name: str | None, image: str | None) -> dict[str, Any]:
     """A registration through the API with a login, else on the control-plane host itself."""
     from pipeline.server.clusters import ClusterRegistry
@@ -64,6 +68,11 @@ def _register_cluster(account: str, user: str | None, name: str | None, image: s
     if client is None:
         pipeline = open_pipeline(create=True)
         s = pipeline.settings
+        if not s.api_url and s.server_host in _EVERY_INTERFACE:
+            raise ConfigError(
+                f"pipeline.api.url: set it to the URL clusters reach this control plane at; pipeline.server.host "
+                f"{s.server_host!r} (every interface) is no address a cluster can connect to"
+            )
         url = s.api_url or f"{'https' if s.tls_cert else 'http'}://{s.server_host}:{s.server_port}"
         return ClusterRegistry(pipeline).register(account, url, user=user, name=name, image=image).as_dict()
     with client:
