@@ -188,3 +188,16 @@ def test_a_restarted_service_runs_the_pass_it_missed_while_down_once(settings, c
     finally:
         driver.stop()
     assert _passes(pipeline) == 1
+
+
+def test_a_changed_retention_schedule_applies_at_once_not_at_the_old_ones_next_slot(settings, clock) -> None:
+    """A yearly schedule changed to one at five past each hour waited for New Year's Day."""
+    import dataclasses
+
+    yearly = Pipeline.open(dataclasses.replace(settings, retention_cron="0 0 1 1 *"), create=True)
+    Driver(RetentionService(yearly)).stop()  # stored: retention due 2027-01-01
+    driver = Driver(RetentionService(Pipeline.open(dataclasses.replace(settings, retention_cron="5 * * * *"))))
+    try:
+        assert driver.service.scheduler.get_job("retention").next_run_time == at(10, 5)
+    finally:
+        driver.stop()

@@ -126,8 +126,6 @@ class RetentionService:
             cron = CronTrigger.from_crontab(settings.retention_cron, timezone=UTC)
         except ValueError as exc:
             raise ConfigError(f"pipeline.service.retention-cron: {settings.retention_cron!r}: {exc}") from exc
-        if settings.requests_interval <= 0:
-            raise ConfigError("pipeline.service.requests-interval: must be a positive duration")
         interval = IntervalTrigger(seconds=settings.requests_interval, start_date=INTERVAL_ANCHOR, timezone=UTC)
         for job, trigger, title in (
             ("retention", cron, f"retention pass ({settings.retention_cron})"),
@@ -145,13 +143,16 @@ class RetentionService:
             )
 
     def _stored_next_run(self, job: str) -> datetime | Any:
-        """When an earlier service left ``job`` due, so a slot missed while down still runs."""
+        """When an earlier service left ``job`` due, if that has passed: a slot missed while down still runs.
+        A time still to come is the old schedule's: the trigger configured now computes the next one."""
         table = self._jobstore.jobs_t
         with transaction(self.pipeline.keyring.engine, "reading the stored schedule") as conn:
             if not inspect(conn).has_table(table.name):
                 return undefined
             timestamp = conn.scalar(select(table.c.next_run_time).where(table.c.id == job))
-        return undefined if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+        if timestamp is None or timestamp > utcnow().timestamp():
+            return undefined
+        return datetime.fromtimestamp(timestamp, UTC)
 
     def run_job(self, job: str, slot: datetime) -> None:
         """Run one slot of a job under its lease; a slot another service took is skipped."""
