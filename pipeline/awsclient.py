@@ -52,3 +52,20 @@ def error_code(exc: BaseException) -> str:
     """The AWS error code of a botocore ``ClientError`` (``NotFoundException``, ``SlowDown``); "" for others."""
     response = getattr(exc, "response", None)
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+#: AWS error codes of a service that is there but busy or failing: worth another try
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException"}
+)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether an AWS call's error is the service's being away or busy (retry later), not a refusal: no answer
+    at all (a connection error, a timeout), a 5xx, or a throttling code. A HEAD's error has no body: its code
+    is the status ("503"), so a 5xx is judged by its status."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return True
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return error_code(exc) in _TRANSIENT_CODES or status >= 500

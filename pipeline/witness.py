@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.awsclient import aws_client, error_code
+from pipeline.awsclient import aws_client, error_code, transient
 from pipeline.errors import AuditIntegrityError, ConfigError, StoreUnavailable
 from pipeline.fsmodes import private_folder, write_private
+from pipeline.redact import first_line
 
 __all__ = ["Checkpoint", "FileWitness", "HighWater", "S3Witness", "Stored", "Witness", "open_witness"]
 
@@ -184,9 +185,22 @@ class S3Witness(Witness):
         if not self.bucket:
             raise ConfigError(f"pipeline.audit.witness-url {url!r} names no bucket (s3://bucket/prefix)")
         self._s3, self._errors = aws_client("s3", url, "an S3 witness")
+        self._locked = False
+        try:
+            self._check_lock()
+        except StoreUnavailable as exc:  # checked again before its first use: the rest of the pipeline runs on
+            log.warning("%s", exc)
+
+    def _check_lock(self) -> None:
+        """:raises ConfigError: the bucket has no Object Lock in COMPLIANCE mode
+        :raises StoreUnavailable: S3 did not answer"""
+        if self._locked:
+            return
         try:
             lock = self._s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
         except self._errors as exc:
+            if transient(exc):
+                raise StoreUnavailable(f"audit witness {self.url} unreachable: {first_line(exc)}") from exc
             raise ConfigError(
                 f"pipeline.audit.witness-url: bucket {self.bucket!r} has no usable Object Lock: {exc}"
             ) from exc
@@ -200,11 +214,13 @@ class S3Witness(Witness):
                 f"pipeline.audit.witness-url: bucket {self.bucket!r} keeps objects in {mode} mode; "
                 "a witness needs COMPLIANCE mode, which no one can bypass"
             )
+        self._locked = True
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def put(self, name: str, data: bytes) -> None:
+        self._check_lock()
         try:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*")
         except self._errors as exc:
@@ -214,6 +230,7 @@ class S3Witness(Witness):
 
     def objects(self) -> list[Stored]:
         """Every version of every object under the prefix; delete markers hide nothing here."""
+        self._check_lock()
         try:
             pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=self._key(""))
             versions = [(v["Key"], v["VersionId"]) for page in pages for v in page.get("Versions", [])]

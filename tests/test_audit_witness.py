@@ -224,6 +224,41 @@ def test_checkpoints_in_an_object_locked_bucket_catch_a_cut_tail_and_cannot_be_d
         s3.delete_object(Bucket=bucket, Key=obj["Key"], VersionId=version["VersionId"])
 
 
+def test_a_witness_out_of_reach_fails_the_checkpoint_step_only(
+    home: Path,
+    s3,
+    aws: str,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """S3 down when a command started: every command stopped with "bucket has no usable Object Lock" (exit 2),
+    erasures and the 30-day rule included."""
+    from urllib.parse import urlparse
+
+    from tcpproxy import TCPProxy
+
+    bucket = _bucket(s3, "audit-witness-away")
+    target = urlparse(aws)
+    proxy = TCPProxy(target.hostname or "127.0.0.1", target.port or 80)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.port}")
+    try:
+        with dask.config.set({"pipeline.audit.witness-url": f"s3://{bucket}/audit"}):
+            Pipeline.open(create=True).write_records([make_record(account="acme"), make_record(account="globex")])
+            proxy.cut()
+            request_id = run("erase", "request", "--account", "acme").stdout.strip()
+            result = run("enforce", "--json")
+            assert result.exit_code == 1, result.output
+            summary = json.loads(result.stdout)
+            assert summary["requests"] == [{"request_id": request_id, "state": "completed", "error": None}]
+            assert list(summary["failed_steps"]) == ["checkpoint"]
+            assert "unreachable" in summary["failed_steps"]["checkpoint"]
+            assert run("records", "--account", "globex").exit_code == 0
+            proxy.restore()
+            assert run("enforce").exit_code == 0
+            assert run("audit", "verify").exit_code == 0
+    finally:
+        proxy.close()
+
+
 def test_a_bucket_without_object_lock_is_refused(home: Path, s3) -> None:  # noqa: ANN001
     bucket = _bucket(s3, "audit-witness-unlocked", locked=False)
     with (

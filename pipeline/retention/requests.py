@@ -370,9 +370,9 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
                 at = utcnow()  # the tombstone first: the request's completion ends its dropping of all
                 tombstones.complete(pipeline.keyring.engine, request.request_id, at)
                 _transition(pipeline, request, "completed", at=at)
-            try:
+            try:  # the erasures are done: a pass's own checkpoint step reports a failure (and the witness away)
                 pipeline.audit.checkpoint()
-            except AuditIntegrityError as exc:  # the erasures are done: a pass's own checkpoint step reports it
+            except (AuditIntegrityError, StoreUnavailable) as exc:
                 logger.warning("erasures completed; audit checkpoint not written: %s", exc)
     finally:
         for name in held:

@@ -47,7 +47,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
-from pipeline.awsclient import error_code, mask_errors
+from pipeline.awsclient import error_code, mask_errors, transient
 from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
@@ -138,9 +138,7 @@ class ArchiveStore(Store):
             raise StoreUnavailable(f"{where} unreachable during {action}: {first_line(exc)}") from exc
         except ClientError as exc:
             code = error_code(exc)
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            # a HEAD's error has no body: its code is the status ("503"), so a 5xx is judged by its status
-            if code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout") or status >= 500:
+            if transient(exc):
                 raise StoreUnavailable(f"{where} unavailable during {action}: {code}") from exc
             raise StoreError(f"{where} refused {action}: {code} {first_line(exc)}") from exc
         except BotoCoreError as exc:
