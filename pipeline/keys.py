@@ -17,11 +17,12 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,13 +33,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, or_, select, text, update
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, reading, transaction
-from pipeline.errors import ConfigError, KeyringError, StoreUnavailable, UnknownAccountError
+from pipeline.errors import ConfigError, KeyringError, PipelineError, StoreUnavailable, UnknownAccountError
 from pipeline.fsmodes import private_folder, write_private
 from pipeline.records import utcnow
 from pipeline.redact import mask_url
 from pipeline.subject_names import checked
 
 __all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "open_key_provider"]
+
+logger = logging.getLogger(__name__)
 
 _NONCE = 12
 INDEX_KEY_ID = "index"
@@ -553,31 +556,46 @@ class Keyring:
             lock_keys(conn)
             _sync(conn, self.provider)
             new = self.provider.stage()
-            # driver-level SQL: at 100,000 keys SQLAlchemy's per-row work would double the time
-            rows = conn.exec_driver_sql(
-                "SELECT key_id, key_version, master_version, wrapped FROM keyring_keys WHERE wrapped IS NOT NULL"
-            ).fetchall()
-            blobs = self.provider.rewrap([(m, bytes(w), _aad(k, v)) for k, v, m, w in rows], new)
-            rewrapped = [(new, blob, row[0]) for row, blob in zip(rows, blobs, strict=True)]
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-            statement = f"UPDATE keyring_keys SET master_version = {mark}, wrapped = {mark} WHERE key_id = {mark}"
-            for start in range(0, len(rewrapped), 5000):
-                conn.exec_driver_sql(statement, rewrapped[start : start + 5000])
-            conn.execute(
-                update(master_keys)
-                .where(master_keys.c.superseded_at.is_(None), master_keys.c.version != new)
-                .values(superseded_at=now)
-            )
-            conn.execute(
-                insert_ignoring_duplicates(self.engine, master_keys).values(
-                    version=new, key_ref=self.provider.key_ref(new), created_at=now
+            with self._unstaged_on_error(new):  # until the body is done: the commit may then have landed
+                # driver-level SQL: at 100,000 keys SQLAlchemy's per-row work would double the time
+                rows = conn.exec_driver_sql(
+                    "SELECT key_id, key_version, master_version, wrapped FROM keyring_keys WHERE wrapped IS NOT NULL"
+                ).fetchall()
+                blobs = self.provider.rewrap([(m, bytes(w), _aad(k, v)) for k, v, m, w in rows], new)
+                rewrapped = [(new, blob, row[0]) for row, blob in zip(rows, blobs, strict=True)]
+                mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+                statement = f"UPDATE keyring_keys SET master_version = {mark}, wrapped = {mark} WHERE key_id = {mark}"
+                for start in range(0, len(rewrapped), 5000):
+                    conn.exec_driver_sql(statement, rewrapped[start : start + 5000])
+                conn.execute(
+                    update(master_keys)
+                    .where(master_keys.c.superseded_at.is_(None), master_keys.c.version != new)
+                    .values(superseded_at=now)
                 )
-            )
+                conn.execute(
+                    insert_ignoring_duplicates(self.engine, master_keys).values(
+                        version=new, key_ref=self.provider.key_ref(new), created_at=now
+                    )
+                )
         with transaction(self.engine, "activating the new master key") as conn:
             lock_keys(conn)  # a rotation that committed after this one activates its own, newer version
             if conn.scalar(select(func.max(master_keys.c.version))) == new:
                 self.provider.activate(new)
         return new, len(rewrapped)
+
+    @contextlib.contextmanager
+    def _unstaged_on_error(self, version: int) -> Iterator[None]:
+        """Destroy a staged master version (a KMS key each try makes, billed monthly) when the re-wrap under
+        it fails: nothing was wrapped under it. Not once the re-wrap is done: a commit whose answer was
+        lost may hold keys wrapped under it."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.provider.destroy(version)
+            except PipelineError as exc:
+                logger.warning("master key version %d, staged for a failed rotation, is left: %s", version, exc)
+            raise
 
     def master_versions(self) -> list[MasterVersion]:
         """Every master key version the keyring has used, oldest first."""

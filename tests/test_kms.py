@@ -76,6 +76,28 @@ def test_each_master_version_is_its_own_kms_key_and_retiring_schedules_its_delet
     assert [r["n_workers"] for r in Pipeline.open(settings).read_records(account="acme")] == [3]
 
 
+def test_a_rotation_whose_re_wrap_fails_leaves_no_kms_key_behind(home: Path, kms) -> None:  # noqa: ANN001
+    """Each failed try (here: a data key KMS will not unwrap) made a KMS key nobody retired, billed monthly."""
+    from sqlalchemy import update
+
+    from pipeline.db import keyring_keys
+    from pipeline.errors import KeyringError
+
+    root = kms.create_key()["KeyMetadata"]["KeyId"]
+    pipeline = Pipeline.open(_settings(home, root), create=True)
+    pipeline.write_records([make_record(n_workers=3)])
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(update(keyring_keys).where(keyring_keys.c.wrapped.is_not(None)).values(wrapped=b"x" * 60))
+    before = {k["KeyId"] for k in kms.list_keys()["Keys"]}
+    for _ in range(2):
+        with pytest.raises(KeyringError):
+            pipeline.keyring.rotate_master()
+    staged = [k["KeyId"] for k in kms.list_keys()["Keys"] if k["KeyId"] not in before]
+    states = [kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"] for key in staged]
+    assert states == ["PendingDeletion", "PendingDeletion"]  # one a try, each unstaged
+    assert [v.version for v in pipeline.keyring.master_versions()] == [1]
+
+
 def _waiting_period_ends(key_id: str) -> None:
     """KMS deletes a key scheduled for deletion once its waiting period ends (and its aliases with it);
     moto's server never does, so its backend is told to, as the service would."""
