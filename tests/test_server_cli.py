@@ -267,6 +267,7 @@ def test_a_cluster_whose_files_cannot_be_written_is_closed_and_leaves_no_file(
         ["tokens", "list"],
         ["tokens", "create", "--role", "admin"],
         ["init"],
+        ["demo", "--tasks", "5"],  # it made the machine a second pipeline, and tokens create then ran on it
     ],
 )
 def test_commands_that_need_the_keys_say_where_they_run_on_a_logged_in_machine(

@@ -149,11 +149,11 @@ def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily fo
     from pipeline.runtime import Pipeline
 
     settings = Settings.from_config()
-    _check_control_plane_host(settings)
+    check_control_plane_host(settings)
     return Pipeline.open(settings, create=create)
 
 
-def _check_control_plane_host(settings: Settings) -> None:
+def check_control_plane_host(settings: Settings) -> None:
     """Refuse a command that needs the master key on a machine that has none but a login.
 
     Such a machine talks to a control plane elsewhere: ``init`` there would start a second,

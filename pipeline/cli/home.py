@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import NAME, TEXT, CheckFailed, command, main, open_pipeline
+from pipeline.cli.core import NAME, TEXT, CheckFailed, check_control_plane_host, command, main, open_pipeline
+from pipeline.config import Settings
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
 
@@ -54,6 +55,7 @@ def demo(out: Output, tasks: int, account: str, user: str | None, remote: bool) 
     """Run a workload on a local Dask cluster with the plugin and show what was stored."""
     from pipeline.demo import run_demo
 
+    check_control_plane_host(Settings.from_config())  # a demo would make this machine a second pipeline
     summary = run_demo(tasks=tasks, account=account, user=user, remote=remote)
     out.result(summary, _render_demo)
 
