@@ -208,6 +208,29 @@ def test_a_versioned_bucket_keeps_no_old_version_of_what_expiry_rewrites_or_eras
     )
 
 
+@pytest.mark.parametrize("step", ["expire", "erase"])
+def test_versions_a_failed_cleanup_left_are_found_by_the_next_expiry_or_erasure(
+    s3_archive_url,
+    keyring,
+    step: str,  # noqa: ANN001
+) -> None:
+    """A delete whose sweep of old versions failed (S3 away in between) left the object as a delete marker
+    over a noncurrent version: no listing of current objects showed it again, its rows stayed readable with
+    the live key for good, and later passes reported PASS."""
+    bucket = urlparse(s3_archive_url).netloc
+    s3 = boto3.client("s3")
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    store = _write(s3_archive_url, keyring, [make_record(account="acme", observed_at=T0)])
+    for key in _objects(s3_archive_url):
+        s3.delete_object(Bucket=bucket, Key=key)  # the delete marker landed; the version sweep did not
+    assert _readable_rows(keyring, _versions(s3_archive_url), "acme") == 1
+    if step == "expire":  # a later pass, with nothing of its own to expire
+        store.expire("cluster_jobs", T0 - timedelta(days=30))
+    else:  # an erasure of someone else
+        store.erase(keyring.subject_ref("globex"))
+    assert _versions(s3_archive_url) == {}
+
+
 @pytest.mark.parametrize(
     ("url", "module", "backend", "extra"),
     [

@@ -149,11 +149,14 @@ class ArchiveStore(Store):
         name = f"{key_id}.{segment_id}.parquet" if segment_id else f"{key_id}.parquet"
         return "/".join(p for p in (self.prefix, f"data_type={data_type}", f"day={day}", name) if p)
 
+    def _base(self, data_type: str | None = None) -> str:
+        """The key prefix of the archive's objects (or of one data type's)."""
+        base = "/".join(p for p in (self.prefix, f"data_type={data_type}/" if data_type else "") if p)
+        return base + "/" if base and not base.endswith("/") else base
+
     def _keys(self, data_type: str | None = None) -> Iterator[str]:
         """Object keys under the prefix (or one data type), oldest day first."""
-        base = "/".join(p for p in (self.prefix, f"data_type={data_type}/" if data_type else "") if p)
-        base = base + "/" if base and not base.endswith("/") else base
-        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._base(data_type))
         keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
         yield from sorted((k for k in keys if k.endswith(".parquet")), key=lambda k: (_part(k, "day"), k))
 
@@ -218,20 +221,25 @@ class ArchiveStore(Store):
         answer = self._call("delete", lambda: self._s3.get_bucket_versioning(Bucket=self.bucket))
         return answer.get("Status") in ("Enabled", "Suspended")
 
-    def _forget_versions(self, key: str) -> None:
-        """Delete every noncurrent version and delete marker of ``key``; the current one stays, so a write
-        that lands meanwhile is never lost. In a versioned bucket a delete or a rewrite leaves the old
-        data as a noncurrent version, still readable with the live data key."""
+    def _forget_versions(self, prefix: str) -> None:
+        """Delete every noncurrent version and delete marker of the objects under ``prefix`` (one object's
+        key, or the archive's); the current ones stay, so a write that lands meanwhile is never lost. In a
+        versioned bucket a delete or a rewrite leaves the old data as a noncurrent version, still readable
+        with the live data key. Expiry and erasure sweep the whole archive so: a delete whose own sweep
+        failed left versions that no listing of current objects shows again."""
         if not self._versioned:
             return
-        pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key)
+        pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=prefix)
         for page in self._call("delete", lambda: list(pages)):
             for version in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                if version["Key"] == key and not version["IsLatest"]:
+                if not version["IsLatest"]:
                     self._call(
                         "delete",
                         functools.partial(
-                            self._s3.delete_object, Bucket=self.bucket, Key=key, VersionId=version["VersionId"]
+                            self._s3.delete_object,
+                            Bucket=self.bucket,
+                            Key=version["Key"],
+                            VersionId=version["VersionId"],
                         ),
                     )
 
@@ -302,6 +310,7 @@ class ArchiveStore(Store):
         return removed
 
     def expire(self, data_type: str, before: datetime) -> Removed:
+        self._forget_versions(self._base(data_type))
         removed = Removed()
         for key in self._keys(data_type):
             start = datetime.strptime(_part(key, "day"), "%Y-%m-%d").replace(tzinfo=UTC)
@@ -314,6 +323,7 @@ class ArchiveStore(Store):
         return removed
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
+        self._forget_versions(self._base())
         removed = Removed()
         for key in self._keys():
             if _owned(key, subject_ref, user_ref):
