@@ -95,7 +95,13 @@ class UnknownAccountError(PipelineError, LookupError):
 
 
 class StoreError(PipelineError):
-    """A store rejected an operation."""
+    """A store rejected an operation.
+
+    ``deleted``: the places (S3 keys, Cloud Logging logs) the operation deleted before it failed, which
+    no listing shows again: an erasure's receipt names them as it names those of a finished one.
+    """
+
+    deleted: tuple[str, ...] = ()
 
 
 class StoreUnavailable(StoreError):

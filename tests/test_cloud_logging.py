@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import dask.config
 import pytest
@@ -124,6 +124,24 @@ def test_erasing_a_subject_deletes_its_logs(gcp_fakes, gcp_logging_url, keyring)
     assert len([log for log in rest.logs(project) if globex in log]) == 2
     deleted = [path for method, path, _ in rest.requests if method == "DELETE" and acme in path]
     assert len(deleted) == 2
+
+
+def test_an_erasure_stopped_part_way_names_the_logs_it_had_deleted(gcp_fakes, gcp_logging_url, keyring) -> None:  # noqa: ANN001
+    """The service away after the first of two log deletes: the erasure's receipt lost that log."""
+    from faultproxy import FaultProxy
+
+    rest, _ = gcp_fakes
+    proxy = FaultProxy(int(rest.endpoint.rsplit(":", 1)[1]))
+    try:
+        store = open_store(gcp_logging_url.replace(rest.endpoint, f"http://127.0.0.1:{proxy.port}"))
+        store.write(seal_records(keyring, [make_record(observed_at=T0 + timedelta(days=d)) for d in (0, 1)]))
+        proxy.fail("DELETE", after=1)
+        with pytest.raises(StoreUnavailable) as stopped:
+            store.erase(keyring.subject_ref("acme"))
+    finally:
+        proxy.close()
+    deleted = [path for method, path, _ in rest.requests if method == "DELETE"]
+    assert len(stopped.value.deleted) == len(deleted) == 1 and stopped.value.deleted[0] in unquote(deleted[0])
 
 
 def test_a_shared_log_of_an_earlier_release_loses_nothing_to_a_crash(

@@ -131,3 +131,34 @@ def test_a_checkpoint_that_cannot_be_written_is_its_own_failed_step_and_audited(
     entry = pipeline.audit.last("retention.step_failed")
     assert entry is not None and entry.details["step"] == "checkpoint"
     assert entry.details["pass_seq"] == summary["retention"]["audit_seq"]
+
+
+def test_an_erasure_stopped_part_way_names_in_its_receipt_what_it_had_deleted(
+    home: Path, s3_archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 away after the first of two deletes: the object deleted then was missing from the completed
+    receipt, as no listing shows it again."""
+    from faultproxy import FaultProxy
+
+    from pipeline.retention.requests import process_pending
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    endpoint = urlparse(s3_archive_url.split("endpoint=")[1])
+    proxy = FaultProxy(endpoint.port or 80)
+    url = s3_archive_url.split("endpoint=")[0] + f"endpoint=http://127.0.0.1:{proxy.port}"
+    try:
+        with dask.config.set({"pipeline.archive.url": url}):
+            pipeline = Pipeline.open(create=True)
+            now = datetime.now(UTC)
+            pipeline.write_records([make_record(account="acme", observed_at=now - timedelta(days=d)) for d in (1, 2)])
+            request = file_request(pipeline, "acme")
+            proxy.fail("DELETE", after=1)
+            [paused] = process_pending(pipeline)
+            assert paused.state == "in_progress" and "unavailable" in (paused.error or "")
+            [first] = paused.receipt["stores"]["archive"]["deleted"]
+            [done] = process_pending(pipeline)
+    finally:
+        proxy.close()
+    assert done.state == "completed", done.error
+    deleted = get_request(pipeline, request.request_id).receipt["stores"]["archive"]["deleted"]
+    assert first in deleted and len(deleted) == 2

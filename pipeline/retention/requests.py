@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,14 @@ from sqlalchemy import Connection, Select, delete, insert, select, update
 
 from pipeline import tombstones
 from pipeline.db import deletion_requests, ingested_batches, reading, transaction
-from pipeline.errors import AuditIntegrityError, KeyringError, PipelineError, StoreUnavailable, UnknownAccountError
+from pipeline.errors import (
+    AuditIntegrityError,
+    KeyringError,
+    PipelineError,
+    StoreError,
+    StoreUnavailable,
+    UnknownAccountError,
+)
 from pipeline.records import utcnow
 from pipeline.retention.lease import Leases
 
@@ -432,11 +439,16 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
             }
             stores[name] = progress
             _save(pipeline, request)
-        removed = store.erase(request.subject_ref, request.user_ref)
+        try:
+            removed = store.erase(request.subject_ref, request.user_ref)
+        except StoreError as exc:  # what it deleted before it stopped: no listing shows it again
+            if exc.deleted:
+                _note_deleted(progress, exc.deleted)
+                _save(pipeline, request)
+            raise
         progress["segments"] = max(progress["segments"], removed.segments)
         progress["records"] = max(progress["records"], removed.records)
-        if removed.places:  # the S3 objects and Cloud Logging logs deleted
-            progress["deleted"] = sorted(set(progress.get("deleted", [])) | set(removed.places))
+        _note_deleted(progress, removed.places)
         if removed.expires_at is not None:  # the backend cannot delete them: the key destroyed below, then expiry
             progress.update(method="crypto-shredding plus expiry", expires_at=removed.expires_at.isoformat())
         entry = _audit(
@@ -449,6 +461,13 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         )
         progress.update(erased_at=utcnow().isoformat(), audit_seq=entry.seq)
         _save(pipeline, request)
+
+
+def _note_deleted(progress: dict[str, Any], places: Iterable[str]) -> None:
+    """Add the S3 objects and Cloud Logging logs an erasure deleted to its receipt's store progress."""
+    deleted = set(progress.get("deleted", [])) | set(places)
+    if deleted:
+        progress["deleted"] = sorted(deleted)
 
 
 def _forget_batches(pipeline: Pipeline, request: DeletionRequest) -> None:

@@ -53,7 +53,7 @@ from pipeline.keys import Keyring
 from pipeline.records import KINDS
 from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment, open_segment, seal
-from pipeline.stores.base import Removed, Store, oldest_first, url_options
+from pipeline.stores.base import Removed, Store, noting_deleted, oldest_first, url_options
 
 __all__ = ["ArchiveStore", "KeyringKms", "decryption_properties"]
 
@@ -325,9 +325,13 @@ class ArchiveStore(Store):
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
         self._forget_versions(self._base())
         removed = Removed()
-        for key in self._keys():
-            if _owned(key, subject_ref, user_ref):
-                removed += self._drop(key)
+        deleted: list[str] = []
+        with noting_deleted(deleted):
+            for key in self._keys():
+                if _owned(key, subject_ref, user_ref):
+                    dropped = self._drop(key)
+                    removed += dropped
+                    deleted += dropped.places
         return removed
 
     def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:

@@ -6,6 +6,7 @@ by clear, pseudonymous columns only; they never see keys or plaintext.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,11 +15,11 @@ from itertools import groupby
 from typing import Any, TypeVar
 from urllib.parse import ParseResult, parse_qs, urlparse
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.redact import mask_url
 from pipeline.segments import Segment
 
-__all__ = ["Removed", "Store", "oldest_first", "url_options"]
+__all__ = ["Removed", "Store", "noting_deleted", "oldest_first", "url_options"]
 
 _T = TypeVar("_T")
 
@@ -43,6 +44,17 @@ class Removed:
             self.places + other.places,
             max(expiries, default=None),
         )
+
+
+@contextlib.contextmanager
+def noting_deleted(deleted: list[str]) -> Iterator[None]:
+    """Attach ``deleted`` (the places deleted so far, appended to as the block goes) to a store error
+    leaving the block: see :attr:`pipeline.errors.StoreError.deleted`."""
+    try:
+        yield
+    except StoreError as exc:
+        exc.deleted = (*exc.deleted, *deleted)
+        raise
 
 
 class Store(ABC):

@@ -57,7 +57,7 @@ from google.cloud.logging_v2 import Client
 from pipeline.errors import ConfigError, StoreError
 from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment
-from pipeline.stores.base import Removed, Store, oldest_first, url_options
+from pipeline.stores.base import Removed, Store, noting_deleted, oldest_first, url_options
 from pipeline.stores.log_bucket import LogBucketConfig, guarded
 
 __all__ = ["CloudLoggingStore"]
@@ -261,14 +261,15 @@ class CloudLoggingStore(Store):
         segments written to their own logs, names that were never deleted.
         """
         unique = {h.segment.segment_id: h.segment for h in doomed}
-        deleted = []
-        for log_name in sorted({h.log for h in doomed}):
-            if log_name.rsplit(".", 1)[1] not in unique:  # not one segment's own log
-                held = self._segments(action, [f'logName="{log_name}"'], every_copy=True)
-                kept = {h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}
-                self._write_entries(action, [e for s in kept.values() for e in self._entries(s)])
-            self._delete_log(action, log_name)
-            deleted.append(log_name)
+        deleted: list[str] = []
+        with noting_deleted(deleted):
+            for log_name in sorted({h.log for h in doomed}):
+                if log_name.rsplit(".", 1)[1] not in unique:  # not one segment's own log
+                    held = self._segments(action, [f'logName="{log_name}"'], every_copy=True)
+                    kept = {h.segment.segment_id: h.segment for h in held if h.segment.segment_id not in unique}
+                    self._write_entries(action, [e for s in kept.values() for e in self._entries(s)])
+                self._delete_log(action, log_name)
+                deleted.append(log_name)
         return Removed(len(unique), sum(s.n_records for s in unique.values()), tuple(deleted))
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:

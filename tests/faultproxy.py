@@ -1,0 +1,71 @@
+"""An HTTP proxy on loopback in front of a cloud fake: forwards each request, or answers one with an error."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FaultProxy:
+    """Forward 127.0.0.1:<port> to ``target_port``; :meth:`fail` makes chosen requests answer S3's 503."""
+
+    def __init__(self, target_port: int) -> None:
+        self._rules: list[list] = []  # [method, requests to let pass first, failures left]
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy._failing(self.command):
+                    data = b"" if self.command == "HEAD" else b"<Error><Code>ServiceUnavailable</Code></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                upstream.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.port = self._server.server_port
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def fail(self, method: str, *, after: int = 0, times: int = 1) -> None:
+        """Answer 503 to ``times`` requests of ``method``, once ``after`` of them went through."""
+        with self._lock:
+            self._rules.append([method, after, times])
+
+    def _failing(self, method: str) -> bool:
+        with self._lock:
+            for rule in self._rules:
+                if rule[0] == method and rule[2] > 0:
+                    if rule[1] > 0:
+                        rule[1] -= 1
+                        return False
+                    rule[2] -= 1
+                    return True
+        return False
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
