@@ -140,7 +140,8 @@ def test_an_erasure_stopped_part_way_names_the_logs_it_had_deleted(gcp_fakes, gc
             store.erase(keyring.subject_ref("acme"))
     finally:
         proxy.close()
-    deleted = [path for method, path, _ in rest.requests if method == "DELETE"]
+    project = _project(gcp_logging_url)
+    deleted = [path for method, path, _ in rest.requests if method == "DELETE" and project in path]
     assert len(stopped.value.deleted) == len(deleted) == 1 and stopped.value.deleted[0] in unquote(deleted[0])
 
 

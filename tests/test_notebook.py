@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import nbformat
@@ -35,7 +36,9 @@ def outputs(nb: nbformat.NotebookNode) -> tuple[str, list[str], int]:
 @pytest.mark.slow
 def test_notebook_builds_the_report_with_plots(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = Pipeline.open(create=True)
-    write_demo_records(pipeline, utcnow())
+    # noon yesterday: each day's two snapshots (2 h and 1.5 h before the day's hour) fall on one UTC day,
+    # whenever the test runs (the notebook reports as of now: no later than now)
+    write_demo_records(pipeline, utcnow().replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(hours=12))
     enforce(pipeline)
     monkeypatch.setenv("DASK_PIPELINE__HOME", str(home))  # the kernel is another process: config by env
 
