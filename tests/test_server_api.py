@@ -205,9 +205,12 @@ def test_health_for_anyone_metrics_for_admins_only(plane: ControlPlane) -> None:
         assert_problem(anonymous.get("/metrics"), 401)
         assert_problem(ann.get("/metrics"), 403)
         ann.get("/v1/records")
+        for n in range(3):  # made-up methods: each a metric series for good, a gigabyte of /metrics in the end
+            anonymous.request(f"M{n}{'X' * 2000}", "/x")
         metrics = admin.get("/metrics")
     assert metrics.status_code == 200
     assert 'pipeline_request_seconds_count{method="GET",route="/v1/records",status="200"} 1.0' in metrics.text
+    assert "XXXX" not in metrics.text and 'method="OTHER",route="unmatched"' in metrics.text
     assert "pipeline_ingested_records_total 0.0" in metrics.text
 
 

@@ -44,7 +44,14 @@ class Metrics:
         )
 
     def observe(self, method: str, route: str, status: int, started: float) -> None:
+        """Time one request; a method no route answers is ``OTHER``: a label takes only bounded values (each
+        new one is a series kept for good, and anyone may send any method name)."""
+        method = method if method in _METHODS else "OTHER"
         self.request_seconds.labels(method, route, str(status)).observe(time.perf_counter() - started)
+
+
+#: the methods a label keeps as sent
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 router = APIRouter(tags=["metrics"])
