@@ -60,3 +60,31 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_bounded() -> None:
     assert _retry_after(answer("999999")) == 3600.0
     assert _retry_after(answer(None)) == _retry_after(answer("soon")) == 1.0
     assert _retry_after(answer("Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0
+
+
+def test_one_tokens_flood_spends_its_own_rate_not_the_accounts(home) -> None:  # noqa: ANN001
+    """ann's cluster posting in a loop drew the account's budget down with requests its own limit refused:
+    dan's cluster in the same account then got 429 for every batch."""
+    import pytest
+    from fastapi import HTTPException
+
+    from pipeline.principals import Principal
+    from pipeline.runtime import Pipeline
+    from pipeline.server.ingest import IngestGate
+
+    gate = IngestGate(Pipeline.open(create=True))  # 20 a second per token, 100 per account
+
+    async def admitted(token_id: str) -> bool:
+        try:
+            async with gate.admitted(Principal("cluster", "acme", token_id=token_id)):
+                return True
+        except HTTPException as refused:
+            assert refused.status_code == 429
+            return False
+
+    async def flood_then_another() -> tuple[int, bool]:
+        flooded = sum([await admitted("ann-cluster") for _ in range(500)])
+        return flooded, await admitted("dan-cluster")
+
+    flooded, other = asyncio.run(flood_then_another())
+    assert flooded == pytest.approx(20, abs=2) and other

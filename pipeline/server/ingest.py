@@ -60,7 +60,9 @@ class IngestGate:
 
         :raises HTTPException: 429 with ``Retry-After``, the account or token is over a limit
         """
-        keys = {"account": str(principal.account), "token": str(principal.token_id)}
+        # the token's own limit first: a request it refuses must not spend the account's (one cluster's
+        # flood would lock the account's other clusters out, other users' included)
+        keys = {"token": str(principal.token_id), "account": str(principal.account)}
         for scope, key in keys.items():
             wait = self.rates[scope].take(key)
             if wait:
