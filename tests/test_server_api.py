@@ -156,6 +156,12 @@ def test_bad_query_values_and_unknown_routes_are_problems(plane: ControlPlane) -
         reversed_range = {"since": "2026-12-06T01:00:00Z", "until": "2026-12-05T00:00:00Z"}  # not "no records"
         assert "after until" in assert_problem(admin.get("/v1/records", params=reversed_range), 400)["detail"]
         assert_problem(admin.get("/v1/nothing-here"), 404)
+        for path in ("/v1/erasure-requests/abc%00", "/v1/clusters/abc%00/close"):  # PostgreSQL: a 500 from NUL
+            assert_problem(admin.request("POST" if path.endswith("close") else "GET", path), 404)
+        injected = admin.post("/v1/clusters", json={"account": "acme", "x\nInjected: yes\r\n": 1})
+        assert (
+            assert_problem(injected, 400)["detail"] == "x\\x0aInjected: yes\\x0d\\x0a: Extra inputs are not permitted"
+        )
         assert_problem(admin.delete("/v1/records"), 405)
 
 

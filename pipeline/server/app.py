@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
@@ -34,6 +35,7 @@ from pipeline.errors import (
 )
 from pipeline.intake import MAX_SEALED_BYTES
 from pipeline.principals import Principal
+from pipeline.redact import printable
 from pipeline.retention.requests import RequestNotFound
 from pipeline.server import clusters, envs, erasure, ingest, records
 from pipeline.server.auth import PRINCIPAL, TokenStore, authenticated, bearer_token
@@ -84,9 +86,10 @@ def pipeline_problem(exc: PipelineError, headers: dict[str, str] | None = None) 
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
+    """One line: a field name the client sent is shown with its control characters escaped."""
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
-    return f"{where}: {first.get('msg', 'invalid')}"
+    return printable(f"{where}: {first.get('msg', 'invalid')}")
 
 
 class _Guard:
@@ -135,6 +138,8 @@ class _Guard:
 
     async def _refusal(self, scope: Scope) -> JSONResponse | None:
         """The answer to a request refused before its body is read; ``None`` to let it in."""
+        if _CONTROL.search(scope["path"]):  # no id holds one, and PostgreSQL refuses NUL in a query (a 500)
+            return problem(404, "Not Found")
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if declared.strip(b"0") or b"transfer-encoding" in headers:  # who asks first, then how much
@@ -173,6 +178,8 @@ class _Guard:
         return bounded
 
 
+#: a control character in a (percent-decoded) path
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: a request refused before its body was read ends its connection: the unread rest is never read
 _CLOSE = {"Connection": "close"}
 #: the request a control plane answers most: every cluster, every few seconds
