@@ -17,13 +17,17 @@ data takes one:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 from pipeline.subject_names import same
 
-__all__ = ["ANY_ACCOUNT", "KINDS", "Principal"]
+__all__ = ["ANY_ACCOUNT", "KINDS", "TOKEN_SHAPE", "Principal"]
+
+#: an API token as issued: ``mp_`` and 32 random bytes, url-safe base64
+TOKEN_SHAPE = re.compile(r"mp_[A-Za-z0-9_-]{43}")
 
 Kind = Literal["cluster", "member", "admin", "gateway", "operator"]
 KINDS: tuple[str, ...] = ("cluster", "member", "admin", "gateway", "operator")

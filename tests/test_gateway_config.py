@@ -117,6 +117,30 @@ def test_a_token_file_others_may_read_is_refused(token_file: Path) -> None:
         GatewaySettings.from_config()
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"token": "mp_' + "s" * 43 + '", "token_id": "t1"}\n', "mp_" + "s" * 43 + "\nmp_" + "t" * 43 + "\n"],
+    ids=["--json output", "two tokens"],
+)
+def test_a_token_file_of_anything_but_one_token_is_refused_without_quoting_it(token_file: Path, content: str) -> None:
+    """`tokens create --json > file`, or two tokens during a rotation, went whole into an Authorization header:
+    httpx refused it and the gateway logged the error quoting the header, the '*' token in full, three times."""
+    token_file.write_text(content)
+    with gateway_config(token_file), pytest.raises(ConfigError, match="must hold one gateway token") as refused:
+        GatewaySettings.from_config()
+    assert "sss" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["1e3", "0x1F", "None"])
+def test_a_fixed_account_read_from_the_environment_as_a_number_is_refused(token_file: Path, value: str) -> None:
+    """dask reads DASK_PIPELINE__GATEWAY__ACCOUNT=1e3 as 1000.0: clusters went to account '1000.0' (and
+    None to one account per user)."""
+    read = dask.config.collect_env({"DASK_PIPELINE__GATEWAY__ACCOUNT": value})["pipeline"]["gateway"]["account"]
+    keys = {"pipeline.gateway.account": read}
+    with gateway_config(token_file, **keys), pytest.raises(ConfigError, match="is not text"):  # type: ignore[arg-type]
+        GatewaySettings.from_config()
+
+
 def test_a_local_backend_that_would_chown_the_root_is_refused() -> None:
     """dask-gateway-server 2026.3's LocalBackend chowns "/" to the cluster's user as it starts a cluster."""
     from dask_gateway_server.backends.local import LocalBackend

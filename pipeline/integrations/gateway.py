@@ -42,6 +42,7 @@ import dask.config
 from pipeline.apiclient import ApiClient, Credentials
 from pipeline.config import Settings, spool_folder
 from pipeline.errors import ConfigError
+from pipeline.principals import TOKEN_SHAPE
 from pipeline.redact import first_line
 from pipeline.server.clusters import plugin_config  # imported with the gateway's config, not on its loop (1 s)
 from pipeline.spool import Spool
@@ -78,7 +79,12 @@ class GatewaySettings:
             base = Path(str(dask.config.get("pipeline.gateway.home")).format(home=home)).expanduser().absolute()
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"pipeline.gateway.home: only {{home}} may be expanded: {exc}") from exc
-        settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), str(rule or "{user}"), base)
+        if not isinstance(rule, str):  # DASK_PIPELINE__GATEWAY__ACCOUNT=1e3 is read as a number: account 1000.0
+            raise ConfigError(
+                f"pipeline.gateway.account: {rule!r} is not text; an environment variable is read as a Python "
+                f"literal: quote the name (DASK_PIPELINE__GATEWAY__ACCOUNT='\"name\"')"
+            )
+        settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), rule, base)
         fields = [field for _, field, _, _ in string.Formatter().parse(settings.account_rule) if field is not None]
         if any(field != "user" for field in fields):
             raise ConfigError(
@@ -103,8 +109,11 @@ class GatewaySettings:
                 f"pipeline.gateway.token-file: {self.token_file} may be read by others (mode {mode & 0o777:04o}); "
                 f"chmod 600 it: a cluster's code must not read the gateway token"
             )
-        if not token:
-            raise ConfigError(f"pipeline.gateway.token-file: {self.token_file} is empty")
+        if not TOKEN_SHAPE.fullmatch(token):  # its content is never quoted: it may hold a token among other text
+            raise ConfigError(
+                f"pipeline.gateway.token-file: {self.token_file} must hold one gateway token (mp_ and 43 url-safe "
+                "characters) and nothing else, as `tokens create --role gateway` prints it without --json"
+            )
         return token
 
     def account_for(self, user: str) -> str:

@@ -13,7 +13,6 @@ revocation takes effect on the next request.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 
 from pipeline.db import api_tokens, keyring_keys, reading, transaction
 from pipeline.errors import AuthenticationError, InvalidBinding, TokenNotFound
-from pipeline.principals import Principal
+from pipeline.principals import TOKEN_SHAPE, Principal
 from pipeline.records import utcnow
 from pipeline.server.names import NameBox
 from pipeline.server.threads import in_thread
@@ -51,7 +50,6 @@ TOKEN_KINDS = ("member", "admin", "cluster", "gateway")
 #: where the app's guard leaves the principal of a request it authenticated before reading its body
 PRINCIPAL = "principal"
 TOKEN_PREFIX = "mp_"
-_TOKEN_SHAPE = re.compile(r"mp_[A-Za-z0-9_-]{43}")
 
 #: a token by its hash, with its names' live key version, in one query; built once (every request runs it)
 _BY_TOKEN = (
@@ -210,7 +208,7 @@ class TokenStore:
 
         :raises AuthenticationError: malformed, unknown, revoked or expired
         """
-        if not _TOKEN_SHAPE.fullmatch(token):
+        if not TOKEN_SHAPE.fullmatch(token):
             raise AuthenticationError("malformed token: expected mp_ and 43 url-safe characters")
         with reading(self.engine, "checking an API token") as conn:
             row = conn.execute(_BY_TOKEN, {"sha256": token_sha256(token)}).first()
