@@ -142,6 +142,11 @@ class ApiClient:
     def _send(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
         try:
             response = self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
+        except httpx.LocalProtocolError:  # its text quotes the header refused: the token itself
+            raise ApiError(
+                f"control plane {mask_url(self.url)}: the request could not be sent: a header is malformed "
+                "(is the saved token one line? run `metadata-pipeline login` again)"
+            ) from None
         except httpx.HTTPError as exc:
             raise ApiError(f"control plane {mask_url(self.url)} unreachable: {exc}") from exc
         try:

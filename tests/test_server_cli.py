@@ -378,3 +378,16 @@ def test_an_account_level_cluster_is_closed_by_an_admin_not_by_a_member(plane: C
     assert refused.status_code == 403, refused.text
     with plane.admin() as admin:
         assert admin.post(f"/v1/clusters/{shared['cluster_id']}/close").status_code == 204
+
+
+def test_a_malformed_saved_token_is_never_quoted_in_the_error(plane: ControlPlane) -> None:
+    """httpx refuses a header holding a newline, and its message quoted the header: the token."""
+    from pipeline.apiclient import ApiClient, Credentials
+    from pipeline.errors import ApiError
+
+    with (
+        ApiClient(Credentials(plane.url, "mp_" + "s" * 43 + "\nmp_" + "t" * 43)) as client,
+        pytest.raises(ApiError, match="a header is malformed") as refused,
+    ):
+        client.json("GET", "/v1/whoami")
+    assert "sss" not in str(refused.value) and "ttt" not in str(refused.value)
