@@ -160,6 +160,30 @@ def test_a_gateway_cluster_whose_scheduler_dies_becomes_lost_not_closed(tmp_path
     assert [(c["name"], c["state"]) for c in listed] == [(name, "lost")]
 
 
+def test_a_gateway_cluster_whose_scheduler_never_starts_is_closed_not_left_open(tmp_path: Path) -> None:
+    """A broken image: registered, never heard of, so never lost either; it stayed open, its token live,
+    for the token's 30 days."""
+    home = tmp_path / "control-plane"
+    broken = 'c.ClusterConfig.scheduler_cmd = ["python", "-c", "raise SystemExit(\'no scheduler in this image\')"]'
+    with serve_process(home) as served:
+        env = gateway_env(home, served.url, tmp_path)
+        with gateway_server(tmp_path / "gateway", integration=True, env=env, cluster_env=FAST, extra=broken) as gw:
+
+            async def start() -> None:
+                async with gw.gateway("dora", asynchronous=True) as gateway:
+                    with pytest.raises(Exception):  # noqa: B017 - the gateway's own error for a failed start
+                        await asyncio.wait_for(gateway.new_cluster(), 60)
+
+            asyncio.run(start())
+            deadline = time.monotonic() + 30
+            while "closed in the control plane" not in gw.log:
+                assert time.monotonic() < deadline, gw.log[-2000:]
+                time.sleep(0.1)
+        member = cli(home, "tokens", "create", "--account", "dora", "--user", "dora")["token"]
+        listed = httpx.get(f"{served.url}/v1/clusters", headers={"Authorization": f"Bearer {member}"}).json()
+    assert [c["state"] for c in listed] == ["closed"]
+
+
 def test_a_gateway_cluster_stopped_while_the_control_plane_is_down_delivers_its_spool_once_it_is_back(
     tmp_path: Path,
 ) -> None:

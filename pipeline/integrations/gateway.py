@@ -264,11 +264,11 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
                 task = asyncio.ensure_future(self._deliver(registration, spool, cluster.name, close=not failed))
                 self._deliveries().add(task)
                 task.add_done_callback(self._deliveries().discard)
-            if failed:
+            if failed and spool.is_dir():
                 self.log.info(
                     "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
                 )
-            elif not left:
+            elif not left:  # a failed one that never made a batch was never heard of: it would stay open, never lost
                 await self._close(cluster_id, cluster.name)
 
         async def _deliver(self, registration: dict[str, Any], spool: Path, name: str, *, close: bool) -> None:
