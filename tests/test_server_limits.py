@@ -253,6 +253,27 @@ def test_half_sent_requests_are_cut_and_health_still_answers(tmp_path: Path, tok
     assert "Too many open files" not in stderr and "Traceback" not in stderr, stderr[:3000]
 
 
+def test_the_next_request_on_a_kept_connection_gets_its_own_header_deadline(tmp_path: Path) -> None:
+    """The deadline left from the first request was still pending when the second began, so none was set
+    for it until that one fired: a slow head got up to twice header-timeout."""
+    with serve_process(tmp_path / "home", "--no-retention", server__header_timeout="2s") as served:
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
+            started = time.monotonic()
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\n")
+            try:
+                while time.monotonic() - started < 6:  # one header line every 0.2 s, never the end
+                    sock.sendall(b"X-Slow: 1\r\n")
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            closed = time.monotonic() - started
+    assert closed < 3.0, f"the head was cut {closed:.1f} s after its first byte; header-timeout is 2 s"
+
+
 def test_an_admin_registering_a_cluster_of_a_blank_account_gets_400(tmp_path: Path, tokens: TokenStore) -> None:
     with (
         serve_process(tmp_path / "home", "--no-retention") as served,

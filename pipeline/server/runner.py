@@ -115,14 +115,20 @@ class _GuardedH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._armed_for: object = None
         if len(self.connections) > self.max_connections:
             transport.abort()
             return
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
-        if self._header_deadline is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm_header_deadline()  # the first bytes of the next request on a kept-alive connection
+        awaiting_head = self.cycle is None or self.cycle.response_complete
+        if awaiting_head and (self._header_deadline is None or self._armed_for is not self.cycle):
+            # the first bytes of the next request on a kept-alive connection: its own deadline, not one left
+            # from the request before (which gave a slow head up to twice the timeout)
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            self._arm_header_deadline()
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -131,6 +137,7 @@ class _GuardedH11(H11Protocol):
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
+        self._armed_for = self.cycle  # the request before the one whose head it times (None: the first)
         self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_due, self.cycle)
 
     def _headers_due(self, cycle_before: object) -> None:
