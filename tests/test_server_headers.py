@@ -6,6 +6,7 @@ h11 alone bounds only a head still incomplete, so one that arrived whole in a si
 
 from __future__ import annotations
 
+import json
 import re
 import select
 import socket
@@ -103,3 +104,24 @@ def test_the_limit_counts_each_request_of_a_kept_alive_connection(plane: Control
 def test_pipelined_requests_in_one_write_are_counted_each(plane: ControlPlane) -> None:
     assert exchange(plane, [head(10 * 1024) * 2], 2) == ([200, 200], False)
     assert exchange(plane, [head(10 * 1024) + head(100_000)], 2) == ([200, 400], True)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "detail"),
+    [(head(100_000), f"request line and headers over {MAX_HEADER_BYTES} bytes"), (b"\x00\r\n\r\n", "malformed")],
+    ids=["too large", "malformed"],
+)
+def test_a_refused_head_is_answered_as_every_other_error_problem_json(
+    plane: ControlPlane, request_bytes: bytes, detail: str
+) -> None:
+    """uvicorn answered it in text/plain ("Invalid HTTP request received."), unlike every other error."""
+    host, port = plane.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while piece := receive(sock):
+            answer += piece
+    head_text, _, body = answer.partition(b"\r\n\r\n")
+    assert head_text.startswith(b"HTTP/1.1 400") and b"content-type: application/problem+json" in head_text.lower()
+    problem = json.loads(body)
+    assert problem["status"] == 400 and problem["detail"].startswith(detail)

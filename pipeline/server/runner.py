@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import re
@@ -69,6 +70,8 @@ class _HeadLimitedConnection(h11.Connection):
     def __init__(self, max_head: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
         self._max_head = max_head
+        #: the request h11 refused had a head over ``max_head`` bytes (else it was malformed)
+        self.refused_head = False
         #: at least the bytes in the receive buffer: what it held when measured, and what came since
         self._buffered_at_most = 0
 
@@ -77,9 +80,13 @@ class _HeadLimitedConnection(h11.Connection):
         super().receive_data(data)
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        if self._buffered_at_most > self._max_head and self.their_state is h11.IDLE:
-            self._check_head()
-        return super().next_event()
+        try:
+            if self._buffered_at_most > self._max_head and self.their_state is h11.IDLE:
+                self._check_head()
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:  # answered by _GuardedH11.send_400_response
+            self.refused_head = exc.error_status_hint == 431
+            raise
 
     def _check_head(self) -> None:
         """:raises h11.RemoteProtocolError: the head h11 is about to parse is over ``max_head`` bytes"""
@@ -135,6 +142,20 @@ class _GuardedH11(H11Protocol):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 refuses, as every other error: problem+json, one line, closed."""
+        refused = self.conn.refused_head if isinstance(self.conn, _HeadLimitedConnection) else False
+        detail = f"request line and headers over {MAX_HEADER_BYTES} bytes" if refused else "malformed HTTP request"
+        body = json.dumps({"type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail}).encode()
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _arm_header_deadline(self) -> None:
         self._armed_for = self.cycle  # the request before the one whose head it times (None: the first)
