@@ -274,6 +274,31 @@ def test_the_next_request_on_a_kept_connection_gets_its_own_header_deadline(tmp_
     assert closed < 3.0, f"the head was cut {closed:.1f} s after its first byte; header-timeout is 2 s"
 
 
+def test_clients_that_never_read_their_answers_are_dropped_and_free_their_slots(tmp_path: Path) -> None:
+    """Pipelined requests whose answers are never read held every connection slot for good, with no token."""
+    settings = {"server__max_connections": "5", "server__body_timeout": "1s"}
+    with serve_process(tmp_path / "home", "--no-retention", **settings) as served:
+        host, port = served.url.removeprefix("http://").split(":")
+        readers = []
+        for _ in range(5):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 300)  # answers never read
+            readers.append(sock)
+        try:
+            deadline, health = time.monotonic() + 30, None
+            while health is None and time.monotonic() < deadline:
+                try:
+                    health = httpx.get(f"{served.url}/v1/health", timeout=2).json()
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            assert health == {"status": "ok"}
+        finally:
+            for sock in readers:
+                sock.close()
+
+
 def test_an_admin_registering_a_cluster_of_a_blank_account_gets_400(tmp_path: Path, tokens: TokenStore) -> None:
     with (
         serve_process(tmp_path / "home", "--no-retention") as served,

@@ -102,11 +102,13 @@ class _GuardedH11(H11Protocol):
     uvicorn times out idle keep-alive connections but not a request whose headers never end
     (a slow-loris client): each such connection holds a file until the process has none left.
     Here the headers must be complete within ``header_timeout`` of their first byte (or of the
-    connection, for the first request), and a connection past ``max_connections`` is closed at once.
+    connection, for the first request), an answer must be read within ``write_timeout`` once it fills the
+    send buffer, and a connection past ``max_connections`` is closed at once.
     Request line and headers are at most ``MAX_HEADER_BYTES``, however they are split into reads.
     """
 
     header_timeout: float
+    write_timeout: float
     max_connections: int
 
     def __init__(
@@ -122,6 +124,7 @@ class _GuardedH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
         self._armed_for: object = None
         if len(self.connections) > self.max_connections:
             transport.abort()
@@ -139,9 +142,27 @@ class _GuardedH11(H11Protocol):
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
+        for deadline in (self._header_deadline, self._write_deadline):
+            if deadline is not None:
+                deadline.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The answer fills the send buffer: the client must read it within ``write_timeout``, or its
+        connection is dropped (one that never reads would hold its slot, and the process's memory, for good)."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+        super().resume_writing()
+
+    def _write_stalled(self) -> None:
+        self._write_deadline = None
+        self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 refuses, as every other error: problem+json, one line, closed."""
@@ -186,7 +207,7 @@ def _connection_limits(limits: ServerLimits) -> tuple[type[H11Protocol], int]:
         room = max(3, soft - _SPARE_FILES)
         backlog = min(_BACKLOG, max(1, room // 4))
         cap = min(cap, room - 2 * backlog)
-    attributes = {"header_timeout": limits.header_timeout, "max_connections": cap}
+    attributes = {"header_timeout": limits.header_timeout, "write_timeout": limits.body_timeout, "max_connections": cap}
     return type("GuardedH11Protocol", (_GuardedH11,), attributes), backlog
 
 
