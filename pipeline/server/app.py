@@ -47,7 +47,7 @@ from pipeline.server.threads import in_thread
 if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
 
-__all__ = ["create_app", "problem"]
+__all__ = ["create_app", "problem", "problem_document"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +66,14 @@ ERROR_STATUS: tuple[tuple[type[PipelineError], int], ...] = (
 )
 
 
+def problem_document(status: int, detail: str) -> dict[str, Any]:
+    """The fields of an RFC 9457 problem document (the h11 protocol answers with them too, outside the app)."""
+    return {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+
+
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """An RFC 9457 problem document."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return JSONResponse(problem_document(status, detail), status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def pipeline_problem(exc: PipelineError, headers: dict[str, str] | None = None) -> JSONResponse:

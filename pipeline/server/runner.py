@@ -33,7 +33,8 @@ from uvicorn.server import ServerState
 from pipeline.config import ServerLimits
 from pipeline.errors import ConfigError
 from pipeline.redact import first_line
-from pipeline.server.app import create_app
+from pipeline.server.app import create_app, problem_document
+from pipeline.server.openapi import PROBLEM_JSON
 
 if TYPE_CHECKING:
     from pipeline.retention.service import RetentionService
@@ -168,9 +169,9 @@ class _GuardedH11(H11Protocol):
         """uvicorn's answer to a request h11 refuses, as every other error: problem+json, one line, closed."""
         refused = self.conn.refused_head if isinstance(self.conn, _HeadLimitedConnection) else False
         detail = f"request line and headers over {MAX_HEADER_BYTES} bytes" if refused else "malformed HTTP request"
-        body = json.dumps({"type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail}).encode()
+        body = json.dumps(problem_document(400, detail)).encode()
         headers = [
-            (b"content-type", b"application/problem+json"),
+            (b"content-type", PROBLEM_JSON.encode()),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]
