@@ -62,6 +62,17 @@ def batch(registration: dict[str, Any], records: int) -> tuple[str, bytes]:
     return batch_id, seal_batch(load_public_key(registration["intake_public_key"]), batch_id, rows)
 
 
+def health_within(served: Served, seconds: float) -> Any:
+    """``GET /v1/health``'s answer as soon as the server gives one within ``seconds``; None if it never did."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(f"{served.url}/v1/health", timeout=2).json()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return None
+
+
 def rss_kib(served: Served) -> int:
     status = Path(f"/proc/{served.proc.pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
@@ -233,13 +244,7 @@ def test_half_sent_requests_are_cut_and_health_still_answers(tmp_path: Path, tok
                 sock.sendall(head.encode() + b"Content-Length: 100\r\n\r\n{")
             half_sent.append(sock)
         try:
-            deadline, health = time.monotonic() + 10, None
-            while health is None and time.monotonic() < deadline:
-                try:
-                    health = httpx.get(f"{served.url}/v1/health", timeout=2).json()
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            assert health == {"status": "ok"}
+            assert health_within(served, 10) == {"status": "ok"}
             for sock in half_sent:
                 try:
                     while sock.recv(4096):  # until the server closes (a 408 may come first)
@@ -287,13 +292,7 @@ def test_clients_that_never_read_their_answers_are_dropped_and_free_their_slots(
             sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 300)  # answers never read
             readers.append(sock)
         try:
-            deadline, health = time.monotonic() + 30, None
-            while health is None and time.monotonic() < deadline:
-                try:
-                    health = httpx.get(f"{served.url}/v1/health", timeout=2).json()
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            assert health == {"status": "ok"}
+            assert health_within(served, 30) == {"status": "ok"}
         finally:
             for sock in readers:
                 sock.close()
