@@ -233,6 +233,8 @@ def check_table(table: pa.Table) -> str:
     spec = KINDS[kinds[0]]
     if not table.schema.equals(spec.schema):
         raise ValueError(f"{spec.name} table does not match the {spec.name} record schema")
+    if not table.schema.equals(spec.schema, check_metadata=True):  # stored with every segment, and unbounded
+        raise ValueError(f"{spec.name} table carries Arrow metadata; a record table has none")
     for field in spec.schema:
         if not field.nullable and table.column(field.name).null_count:
             raise ValueError(f"{spec.name} record lacks {field.name}")
