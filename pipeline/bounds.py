@@ -172,6 +172,7 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
             raise OutOfBounds(name, f"a string of {longest} bytes; at most {MAX_STRING_BYTES}")
     elif pa.types.is_map(kind):
         _check_items(name, chunk, [("keys", chunk.keys), ("values", chunk.items)], window)
+        _check_distinct_keys(name, chunk)
     elif pa.types.is_list(kind):
         values = chunk.flatten()
         if pa.types.is_struct(values.type):  # records (every field)
@@ -199,6 +200,20 @@ def _check_items(name: str, chunk: pa.Array, values: list[tuple[str, pa.Array]],
         _check_column(f"{name} {field_name}".rstrip(), field_values, window)
 
 
+def _check_distinct_keys(name: str, chunk: pa.MapArray) -> None:
+    """Each map names a key once: a mapping holds one value per key, so a second one is dropped on the way
+    to a record (and 5,000 copies of one key were an environment costing every listing 5,000 entries)."""
+    offsets = _offsets(chunk)
+    lengths = np.diff(offsets)
+    if len(lengths) == 0 or lengths.max() < 2:
+        return
+    keys = chunk.keys.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    codes = _numbers(pc.dictionary_encode(keys).indices).astype(np.int64)
+    slots = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    if len(np.unique(slots * (int(codes.max()) + 1) + codes)) < len(codes):
+        raise OutOfBounds(name, "a key twice in one mapping")
+
+
 def _numbers(chunk: pa.Array) -> np.ndarray:
     """A numeric or timestamp chunk's valid values as numpy: a view of its data buffer (Arrow's own
     ``to_numpy`` imports pandas)."""
@@ -220,7 +235,11 @@ def _longest(chunk: pa.Array) -> int:
 
     Null slots count too: a value is no longer than its slot.
     """
+    return int(np.diff(_offsets(chunk)).max())
+
+
+def _offsets(chunk: pa.Array) -> np.ndarray:
+    """A string, list or map chunk's offsets as numpy (a view, no copy)."""
     width = np.int64 if pa.types.is_large_string(chunk.type) or pa.types.is_large_list(chunk.type) else np.int32
     start = chunk.offset * width().itemsize
-    offsets = np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=start)
-    return int(np.diff(offsets).max())
+    return np.frombuffer(chunk.buffers()[1], dtype=width, count=len(chunk) + 1, offset=start)

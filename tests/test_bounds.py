@@ -106,3 +106,15 @@ def test_a_list_too_long_is_found_in_any_chunk() -> None:
         [[["p"]] * 4, [["p"] * (bounds.MAX_ITEMS + 1), None, [], ["q"]]], built.schema.field("task_prefixes").type
     )
     assert refused_field(replaced(built, "task_prefixes", lists[4:])) == "job.task_prefixes"
+
+
+def test_a_key_twice_in_one_mapping_is_found_and_the_same_key_in_two_is_not() -> None:
+    built = table(tasks_by_state={"memory": 1})
+    kind = built.schema.field("tasks_by_state").type
+    apart = pa.array([[("memory", 1), ("queued", 2)], None, [("memory", 3)], [("queued", 4), ("memory", 5)]], kind)
+    bounds.check_batch([replaced(built, "tasks_by_state", apart)], WINDOW)
+    twice = pa.array([[("a", 1), ("a", 1)], [("memory", 1)], [("memory", 2), ("b", 3), ("memory", 4)], [], []], kind)
+    assert refused_field(replaced(built, "tasks_by_state", twice.slice(1))) == "cluster_snapshot.tasks_by_state"
+    assert refused_field(replaced(built, "tasks_by_state", twice.slice(0, 4))) == "cluster_snapshot.tasks_by_state"
+    hidden = pa.array([[("a", 1), ("a", 1)], *apart.to_pylist()], kind).slice(1)  # the repeat lies before the slice
+    bounds.check_batch([replaced(built, "tasks_by_state", hidden)], WINDOW)

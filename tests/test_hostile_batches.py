@@ -205,6 +205,7 @@ FAR_PAST = -((1970 + 1199) * 365 * 86_400 * 1_000_000)  # microseconds: about th
         ("job", "finished_at", pa.array([datetime.now(UTC) - timedelta(days=3)], pa.timestamp("us", tz="UTC"))),
         ("software_env", "image", pa.array(["x" * 100_000])),
         ("job", "task_prefixes", pa.array([["p"] * 20_000], pa.list_(pa.string()))),
+        ("software_env", "packages", pa.array([[("numpy", "2.1")] * 5_000], pa.map_(pa.string(), pa.string()))),
     ],
     ids=[
         "negative-count",
@@ -218,6 +219,7 @@ FAR_PAST = -((1970 + 1199) * 365 * 86_400 * 1_000_000)  # microseconds: about th
         "before-registration",
         "long-string",
         "long-list",
+        "a-key-twice",
     ],
 )
 def test_a_value_out_of_bounds_is_400_naming_the_field_and_stores_nothing(
