@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import pytest
 from click.testing import CliRunner, Result
 from conftest import make_record
@@ -169,6 +170,31 @@ def test_with_the_clock_moved_31_days_and_no_enforce_logging_records_are_overdue
     assert document["retention"] == {**document["retention"], "status": "FAIL", "overdue": logging_jobs["overdue"]}
     html = (tmp_path / "late" / "report.html").read_text()
     assert re.search(r"cloud_logging</td><td>cluster_jobs</td>.*?badge FAIL", html, flags=re.S)
+
+
+@pytest.mark.parametrize(
+    ("cron", "after_pass", "overdue"),
+    [
+        ("0 * * * *", timedelta(minutes=50), 0),  # aged past the limit since the pass: the next one removes them
+        ("0 * * * *", timedelta(hours=1, minutes=50), 5),  # the pass due an hour ago did not run
+        ("0 12 * * *", timedelta(hours=23), 0),  # a daily schedule waits a day
+    ],
+)
+def test_records_are_overdue_only_once_the_pass_that_removes_them_is_missed(
+    pipeline: Pipeline, tmp_path: Path, cron: str, after_pass: timedelta, overdue: int
+) -> None:
+    """A snapshot every 10 minutes: between two hourly passes the oldest ones age past 30 days, and a report
+    then said FAIL on a healthy service, for as long as its schedule (the interval) leaves them."""
+    pipeline.write_records(
+        make_record("cluster_snapshot", account="acme", observed_at=T0 + after_pass - timedelta(minutes=10 * i))
+        for i in range(6 * 24 * 32)
+    )
+    enforce(pipeline, now=T0)
+    with dask.config.set({"pipeline.service.retention-cron": cron}):
+        result = run("report", "--out", str(tmp_path / "r"), "--format", "json", "--now", (T0 + after_pass).isoformat())
+    assert result.exit_code == 0, result.output
+    rows = retention_rows(json.loads((tmp_path / "r" / "report.json").read_text()))
+    assert rows[("cloud_logging", "cluster_jobs")]["overdue"] == overdue
 
 
 def test_usage_per_account_is_exact_and_pseudonymous_by_default(pipeline: Pipeline) -> None:

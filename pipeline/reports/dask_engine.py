@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import pyarrow as pa
@@ -32,6 +32,7 @@ from pipeline.reports.collect import Bounds, Found, assemble, bounds_at, to_slic
 from pipeline.reports.model import Report
 from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.policy import Policy
+from pipeline.retention.schedule import retention_interval
 from pipeline.runtime import Pipeline, Unreadable
 from pipeline.stores.archive import decryption_properties
 from pipeline.stores.base import url_options
@@ -101,9 +102,12 @@ def build_archive_report(
         client = Client(scheduler)
     except (OSError, ValueError) as exc:  # refused, timed out, or not an address
         raise ConfigError(f"Dask scheduler {scheduler} cannot be reached: {first_line(exc)}") from exc
-    with ReportDB(policy, now, folder=pipeline.settings.home, usage_store=ARCHIVE) as db, client:
+    grace = retention_interval(pipeline.settings.retention_cron, now)
+    with ReportDB(policy, now, folder=pipeline.settings.home, usage_store=ARCHIVE, grace=grace) as db, client:
         groups = list(_groups(pipeline, found))
-        reduce = functools.partial(_reduce, policy=policy, now=now, bounds=bounds_at(now), names=show_names)
+        reduce = functools.partial(
+            _reduce, policy=policy, now=now, grace=grace, bounds=bounds_at(now), names=show_names
+        )
         futures = client.map(reduce, groups, pure=False)
         group_of = dict(zip(futures, groups, strict=True))
         for future in as_completed(futures):
@@ -163,7 +167,7 @@ def _s3(options: tuple[tuple[str, str], ...]) -> Any:
     return boto3.client("s3", endpoint_url=given.get("endpoint"), region_name=given.get("region"))
 
 
-def _reduce(group: Group, *, policy: Policy, now: datetime, bounds: Bounds, names: bool) -> Part:
+def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bounds: Bounds, names: bool) -> Part:
     """On a worker: open a group's objects, keep each segment once, reduce them as a local report does."""
     subject_ref, _, user = group.key_id.partition("~")
     keys = DataKeys({(user if user not in ("", "-") else subject_ref): group.data_key})
@@ -184,7 +188,9 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, bounds: Bounds, name
         seen = pa.concat_arrays([seen, pc.unique(table.column("_segment_id"))])
         tables.append(table)
     account = None
-    with ReportDB(policy, now, in_memory=True, usage_store=ARCHIVE) as db:  # nothing decrypted on a worker's disk
+    with ReportDB(
+        policy, now, in_memory=True, usage_store=ARCHIVE, grace=grace
+    ) as db:  # nothing decrypted on a worker's disk
         if tables:
             rows = pa.concat_tables(tables, promote_options="default")
             db.add_headers([(ARCHIVE, group.data_type, len(seen), rows.num_rows)])

@@ -18,7 +18,7 @@ import itertools
 import shutil
 import tempfile
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,12 @@ class ReportDB:
         in_memory: bool = False,
         memory_limit: str = MEMORY_LIMIT,
         usage_store: str | None = None,
+        grace: timedelta = timedelta(0),
     ) -> None:
-        """:param usage_store: where usage is counted; default the first store holding cluster jobs"""
+        """:param usage_store: where usage is counted; default the first store holding cluster jobs
+        :param grace: how long past its limit a record is not yet overdue: one interval of the retention
+            schedule (:func:`pipeline.retention.schedule.retention_interval`), until the pass that removes it
+        """
         self.now = _naive(now)
         #: usage is counted in one store (the first holding cluster jobs: long-term as shipped),
         #: so records kept in two stores are not counted twice
@@ -140,7 +144,7 @@ class ReportDB:
         self._job_slices = itertools.count(1)
         self.con.execute("SET TimeZone = 'UTC'")
         self.con.execute(_SCHEMA)
-        self._cutoffs = {(store, data_type): self.now - limit for store, data_type, limit in policy.limits()}
+        self._cutoffs = {(store, data_type): self.now - limit - grace for store, data_type, limit in policy.limits()}
         self.con.executemany(
             "INSERT INTO limits VALUES (?, ?, ?, ?)",
             [

@@ -28,17 +28,16 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.blocking import BlockingScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import undefined
 from sqlalchemy import inspect, select
 
 from pipeline.db import APSCHEDULER_TABLE, transaction
-from pipeline.errors import ConfigError
 from pipeline.records import utcnow
 from pipeline.retention.enforcer import enforce
 from pipeline.retention.lease import Leases
 from pipeline.retention.requests import process_pending
+from pipeline.retention.schedule import retention_trigger
 from pipeline.runtime import Pipeline
 
 __all__ = ["RetentionService"]
@@ -122,10 +121,7 @@ class RetentionService:
             job_defaults={"coalesce": True, "max_instances": 1},
         )
         settings = pipeline.settings
-        try:
-            cron = CronTrigger.from_crontab(settings.retention_cron, timezone=UTC)
-        except ValueError as exc:
-            raise ConfigError(f"pipeline.service.retention-cron: {settings.retention_cron!r}: {exc}") from exc
+        cron = retention_trigger(settings.retention_cron)
         interval = IntervalTrigger(seconds=settings.requests_interval, start_date=INTERVAL_ANCHOR, timezone=UTC)
         for job, trigger, title in (
             ("retention", cron, f"retention pass ({settings.retention_cron})"),
