@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -467,7 +467,8 @@ class Pipeline:
         sealed = seal_batches(
             self.keyring, [(f"{b.subject_ref}/{b.batch_id}", self._drop_erased(b, stones)) for b in fresh]
         )
-        routes = [self.route(segments) for segments in sealed]
+        now = utcnow()
+        routes = [self.route(segments, arriving_at=now) for segments in sealed]
 
         def routed(name: str, only: set[int] | None = None) -> list[Segment]:
             return [
@@ -599,12 +600,20 @@ class Pipeline:
             )
         return [table for table in tables if table.num_rows]
 
-    def route(self, segments: Iterable[Segment]) -> dict[str, list[Segment]]:
-        """Store name → the segments the policy lets it hold."""
+    def route(self, segments: Iterable[Segment], *, arriving_at: datetime | None = None) -> dict[str, list[Segment]]:
+        """Store name → the segments the policy lets it hold.
+
+        :param arriving_at: when batches arrive: then none whose every record is past the store's limit
+            already (a spool replayed after a month), which the report would count overdue until removed
+        """
+        cutoffs: dict[tuple[str, str], datetime] = {}
+        if arriving_at is not None:
+            cutoffs = {(store, data_type): arriving_at - limit for store, data_type, limit in self.policy.limits()}
         routed: dict[str, list[Segment]] = {name: [] for name in self.stores}
         for segment in segments:
             for name in self.policy.stores_for(segment.data_type):
-                if name in routed:
+                cutoff = cutoffs.get((name, segment.data_type))
+                if name in routed and (cutoff is None or segment.max_observed_at >= cutoff):
                     routed[name].append(segment)
         return routed
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dask.config
@@ -36,6 +36,16 @@ def test_a_batch_is_stored_in_every_routed_store(pipeline: Pipeline) -> None:
     assert pipeline.ingest(sealed_batch(pipeline, records)[1], operator) == IngestResult(records=2, duplicate=False)
     assert sorted(_ids(pipeline, "long_term")) == sorted(r["record_id"] for r in records)
     assert list(_ids(pipeline, "cloud_logging")) == [records[0]["record_id"]]
+
+
+def test_a_store_takes_no_segment_already_past_its_limit(pipeline: Pipeline) -> None:
+    """A spool replayed after a month: its old days go to the long-term store only. The logging store
+    took them, and its records past 30 days failed the report until the next pass."""
+    now = datetime.now(UTC)
+    old, recent = (make_record(observed_at=now - timedelta(days=days)) for days in (31, 29))
+    assert pipeline.ingest(sealed_batch(pipeline, [old, recent])[1], Principal("operator")).records == 2
+    assert len(_ids(pipeline, "long_term")) == 2
+    assert list(_ids(pipeline, "cloud_logging")) == [recent["record_id"]]
 
 
 @pytest.mark.parametrize(
