@@ -2,6 +2,10 @@
 
 Ingestion is summarised once per hour (and when the pipeline closes), never per
 record, so the audit trail stays small while still accounting for every batch.
+Refused batches are audited one by one (``ingest.rejected``), up to
+:data:`REFUSALS_AUDITED_PER_HOUR` of one actor an hour; the hour's summary counts
+the rest, so a cluster sending garbage at its rate limit cannot grow the trail that
+every ``audit verify`` and report walks.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pipeline.audit import AuditLog
 from pipeline.records import utcnow
 from pipeline.segments import Segment
 
-__all__ = ["IngestTally"]
+__all__ = ["REFUSALS_AUDITED_PER_HOUR", "IngestTally"]
 
 logger = logging.getLogger(__name__)
+
+#: refused batches of one actor (a cluster token, an operator) audited one by one in an hour
+REFUSALS_AUDITED_PER_HOUR = 100
 
 
 class IngestTally:
@@ -28,6 +35,7 @@ class IngestTally:
         self._audit = audit
         self._lock = threading.Lock()
         self._counts: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
+        self._refusals: Counter[str] = Counter()  # actor -> batches refused this hour
         self._hour: datetime | None = None
 
     def count(self, store: str, segments: Iterable[Segment]) -> None:
@@ -39,18 +47,33 @@ class IngestTally:
                 counts[segment.data_type] += segment.n_records
             self._hour = self._hour or _hour(utcnow())
 
+    def refusal(self, actor: str) -> bool:
+        """Count a batch of ``actor`` refused; whether to audit it on its own (else the summary counts it)."""
+        self.summarise()
+        with self._lock:
+            self._refusals[actor] += 1
+            self._hour = self._hour or _hour(utcnow())
+            return self._refusals[actor] <= REFUSALS_AUDITED_PER_HOUR
+
     def summarise(self, *, final: bool = False) -> None:
         """Append ``ingest.summary`` once the counted hour is over (or now, with ``final``)."""
         with self._lock:
             if self._hour is None or (not final and _hour(utcnow()) == self._hour):
                 return
             records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._counts.items())}
+            details: dict[str, object] = {"hour": self._hour.isoformat(), "records": records}
+            unaudited = {
+                a: n - REFUSALS_AUDITED_PER_HOUR for a, n in self._refusals.items() if n > REFUSALS_AUDITED_PER_HOUR
+            }
+            if unaudited:
+                details["refused_not_audited"] = dict(sorted(unaudited.items()))
             try:
-                self._audit.append("ingest.summary", details={"hour": self._hour.isoformat(), "records": records})
+                if records or unaudited:  # an hour of refusals all audited already says nothing more
+                    self._audit.append("ingest.summary", details=details)
             except Exception as exc:  # the database may be down: keep counting, retry on the next call
                 logger.warning("could not write the ingest summary: %s", str(exc).splitlines()[0])
                 return
-            self._counts, self._hour = {}, None
+            self._counts, self._refusals, self._hour = {}, Counter(), None
 
 
 def _hour(moment: datetime) -> datetime:

@@ -565,6 +565,8 @@ class Pipeline:
         raise error(f"batch {batch.batch_id} refused: {reason}")
 
     def _audit_rejected(self, principal: Principal, batch_id: str | None, details: dict[str, Any]) -> None:
+        if not self._ingest_tally.refusal(principal.actor):  # past the hour's share: counted in its summary
+            return
         self.audit.append(
             "ingest.rejected",
             actor=principal.actor,

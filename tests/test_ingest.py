@@ -10,11 +10,13 @@ from pathlib import Path
 import dask.config
 import pytest
 from conftest import make_record, sealed_batch
+from freezegun import freeze_time
 from sqlalchemy import select
 
 from pipeline.config import Settings
 from pipeline.db import audit_log
 from pipeline.errors import ForbiddenBatch, IntakeError, StoreUnavailable
+from pipeline.ingest_tally import REFUSALS_AUDITED_PER_HOUR
 from pipeline.principals import Principal
 from pipeline.runtime import IngestResult, Pipeline
 
@@ -124,6 +126,30 @@ def test_a_retry_after_a_partial_failure_stores_every_record_exactly_once(home: 
     for store in ("long_term", "cloud_logging"):
         ids = _ids(healed, store)
         assert sorted(ids) == sorted(r["record_id"] for r in records) and max(ids.values()) == 1
+
+
+def test_one_tokens_refusals_past_a_hundred_an_hour_are_counted_not_audited_one_by_one(pipeline: Pipeline) -> None:
+    """A cluster sending garbage at its rate limit added an audit entry per batch (8.6 M a day, every
+    ``audit verify`` and report walking them); accepted batches were always summarised hourly."""
+
+    def refuse(count: int, principal: Principal = ACME_C1) -> None:
+        for _ in range(count):
+            with pytest.raises(IntakeError):
+                pipeline.ingest(b"MPBATCH1 garbage", principal)
+
+    def entries(action: str) -> list[dict]:
+        return [e.details for e in pipeline.audit.entries(actions=[action])]
+
+    hour = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    with freeze_time(hour + timedelta(minutes=5)):
+        refuse(REFUSALS_AUDITED_PER_HOUR + 7)
+        refuse(2, Principal("cluster", account="globex", cluster_id="cluster-g", token_id="tok-g"))
+    assert len(entries("ingest.rejected")) == REFUSALS_AUDITED_PER_HOUR + 2
+    with freeze_time(hour + timedelta(hours=1, minutes=5)):
+        refuse(1)  # a new hour: audited again, and the last one summarised
+    assert len(entries("ingest.rejected")) == REFUSALS_AUDITED_PER_HOUR + 3
+    [summary] = entries("ingest.summary")
+    assert summary == {"hour": hour.isoformat(), "records": {}, "refused_not_audited": {ACME_C1.actor: 7}}
 
 
 def test_an_idempotency_key_naming_another_batch_is_refused(pipeline: Pipeline) -> None:
