@@ -214,6 +214,7 @@ def test_emitter_records_ingestion_per_hour_not_per_record(
 ) -> None:
     clock = Clock(datetime(2026, 3, 1, 9, 15, tzinfo=UTC))
     monkeypatch.setattr("pipeline.ingest_tally.utcnow", clock)
+    monkeypatch.setattr("pipeline.runtime.utcnow", clock)  # ingest's now: no record is past the log store's limit
     pipeline = Pipeline.open(create=True)
     emitter = embedded_emitter(pipeline, spool_dir=tmp_path / "spool")
     observed = clock.now - timedelta(minutes=5)
