@@ -186,7 +186,9 @@ def test_a_run_stopped_after_the_long_term_store_is_resumed_exactly_once(pipelin
 
     [done] = process_pending(pipeline)
     assert done.state == "completed" and done.error is None
-    assert done.receipt["stores"]["long_term"] == stopped.receipt["stores"]["long_term"]  # not erased twice
+    swept = done.receipt["stores"]["long_term"]
+    assert swept.pop("swept_at") > swept["erased_at"]  # swept once more after the key was shredded
+    assert swept == stopped.receipt["stores"]["long_term"]  # not erased twice
     logged = done.receipt["stores"]["cloud_logging"]
     assert (logged["segments"], logged["records"]) == (12, 12)
     actions = _actions(pipeline, request.request_id)

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from pipeline.audit import AuditEntry
     from pipeline.keys import Keyring
     from pipeline.runtime import Pipeline
+    from pipeline.stores.base import Removed, Store
 
 __all__ = [
     "DeletionRequest",
@@ -401,6 +402,7 @@ def _erase(pipeline: Pipeline, request: DeletionRequest) -> DeletionRequest:
     try:
         _erase_stores(pipeline, request)
         _destroy_keys(pipeline, request)
+        _sweep_stores(pipeline, request)
         _forget_batches(pipeline, request)
     except StoreUnavailable as exc:
         request.error = str(exc)
@@ -439,13 +441,7 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
             }
             stores[name] = progress
             _save(pipeline, request)
-        try:
-            removed = store.erase(request.subject_ref, request.user_ref)
-        except StoreError as exc:  # what it deleted before it stopped: no listing shows it again
-            if exc.deleted:
-                _note_deleted(progress, exc.deleted)
-                _save(pipeline, request)
-            raise
+        removed = _erased(pipeline, request, store, progress)
         progress["segments"] = max(progress["segments"], removed.segments)
         progress["records"] = max(progress["records"], removed.records)
         _note_deleted(progress, removed.places)
@@ -460,6 +456,31 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
             records=progress["records"],
         )
         progress.update(erased_at=utcnow().isoformat(), audit_seq=entry.seq)
+        _save(pipeline, request)
+
+
+def _erased(pipeline: Pipeline, request: DeletionRequest, store: Store, progress: dict[str, Any]) -> Removed:
+    """``store`` erased of the request's subject; what it deleted before an error is saved in the receipt,
+    as no listing shows it again."""
+    try:
+        return store.erase(request.subject_ref, request.user_ref)
+    except StoreError as exc:
+        if exc.deleted:
+            _note_deleted(progress, exc.deleted)
+            _save(pipeline, request)
+        raise
+
+
+def _sweep_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
+    """Erase each store once more now the keys are shredded: a rewrite that read the subject's data before
+    the store was erased (a compaction in another process) may have put it back since, under the old key.
+    Unreadable, but deleted and named in the receipt all the same."""
+    for name, progress in request.receipt.get("stores", {}).items():
+        store = pipeline.stores.get(name)
+        if store is None or "swept_at" in progress:
+            continue
+        _note_deleted(progress, _erased(pipeline, request, store, progress).places)
+        progress["swept_at"] = utcnow().isoformat()
         _save(pipeline, request)
 
 

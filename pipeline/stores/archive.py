@@ -375,7 +375,13 @@ class ArchiveStore(Store):
             present.update(fresh.column("_segment_id").to_pylist())
             tables.append(fresh)
             merged_keys.append(key)
-        if not merged_keys or not self._put(target, pa.concat_tables(tables, promote_options="default"), if_match=etag):
+        try:
+            put = bool(merged_keys) and self._put(
+                target, pa.concat_tables(tables, promote_options="default"), if_match=etag
+            )
+        except KeyringError:  # shredded since it was read: the erasure that did it deletes the objects
+            return
+        if not put:
             return  # another compactor or a rewrite got there first: the next pass tries again
         self._forget_versions(target)
         for key in merged_keys:
