@@ -350,6 +350,23 @@ def test_a_job_of_a_scheduler_killed_and_started_again_is_recorded_lost_as_last_
     assert sorted((j["job_id"], j["status"]) for j in jobs(registry)) == [("job-1", "lost"), ("job-2", "lost")]
 
 
+def test_two_schedulers_started_with_one_clusters_files_record_a_job_lost_once(registry: ClusterRegistry) -> None:
+    """Scheduler A runs job-1, scheduler B (same ``scheduler.yaml``) runs nothing: their snapshots alternate.
+    The job was running, lost, running again and lost again, written each time with other counts: the logging
+    store held eight records of one id, the long-term store one."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    for n in range(4):
+        at = start + timedelta(seconds=10 * n)
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, at, tasks_completed=n + 1)), now=at)
+        idle = at + timedelta(seconds=5)
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, idle)), now=idle)
+    registry.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(minutes=1))
+    logged = [r for r in registry.pipeline.read_records("cloud_logging", account="acme") if r["kind"] == "job"]
+    assert [(j["job_id"], j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("job-1", "lost", 1)]
+    assert [(j["job_id"], j["status"], j["tasks_completed"]) for j in logged] == [("job-1", "lost", 1)]
+
+
 def test_a_job_that_ends_is_never_recorded_lost_when_the_next_snapshot_omits_it(registry: ClusterRegistry) -> None:
     """The plugin sends a job's end before the first snapshot without it: in an earlier batch, or the same."""
     cluster = registry.register("acme", "http://control-plane.invalid")

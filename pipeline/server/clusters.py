@@ -334,11 +334,25 @@ class ClusterRegistry:
         batch = self._without_jobs_recorded_lost(row, batch)
         if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
             return batch, None  # the cluster stays as it ended
-        running, vanished = _running_after(self._running(row), batch)
+        before = self._running(row)
+        running, vanished = _running_after(before, batch)
+        if arrived := running["jobs"].keys() - before.get("jobs", {}).keys():  # once a job starts: rare
+            for job_id in self._recorded_lost(row.cluster_id, arrived):
+                del running["jobs"][job_id]
         if vanished["jobs"]:  # rare (a restarted scheduler): written here, once, whoever admits it
             self._write_lost_jobs(row.cluster_id, vanished, now)
         contact = {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
         return batch, (cluster_id, _CONTACT, contact)
+
+    def _recorded_lost(self, cluster_id: str, job_ids: Iterable[str]) -> set[str]:
+        """The jobs of ``job_ids`` this cluster recorded lost. A snapshot listing one again is of a second
+        scheduler started with the cluster's files (the other one no longer lists it): it stays lost, written
+        once, rather than running again, and lost again, and written again with other counts."""
+        ids = {_lost_record_id(cluster_id, job_id): job_id for job_id in job_ids}
+        with reading(self.pipeline.keyring.engine, "reading a cluster's jobs recorded lost") as conn:
+            return {
+                ids[record_id] for record_id in conn.scalars(_RECORDED_LOST, {"id": cluster_id, "records": list(ids)})
+            }
 
     def _without_jobs_recorded_lost(self, row: Any, batch: OpenedBatch) -> OpenedBatch:
         """``batch`` less the end records of jobs this cluster's end (or a newer snapshot) recorded lost,
@@ -347,17 +361,16 @@ class ClusterRegistry:
             return batch
         tables = dict(batch.by_kind)
         ends = tables["job"]
-        ids = [_lost_record_id(row.cluster_id, job_id) for job_id in ends.column("job_id").to_pylist()]
-        with reading(self.pipeline.keyring.engine, "reading a cluster's jobs recorded lost") as conn:
-            recorded = set(conn.scalars(_RECORDED_LOST, {"id": row.cluster_id, "records": ids}))
+        job_ids = ends.column("job_id").to_pylist()
+        recorded = self._recorded_lost(row.cluster_id, job_ids)
         if not recorded:
             return batch
-        kept = [n for n, record_id in enumerate(ids) if record_id not in recorded]
+        kept = [n for n, job_id in enumerate(job_ids) if job_id not in recorded]
         tables["job"] = ends.take(columns.column(pa.int64(), kept))
         self.pipeline.audit.append(
             "ingest.dropped",
             subject_ref=row.subject_ref,
-            details={"batch_id": batch.batch_id, "records": len(ids) - len(kept), "reason": "jobs recorded lost"},
+            details={"batch_id": batch.batch_id, "records": len(job_ids) - len(kept), "reason": "jobs recorded lost"},
         )
         return OpenedBatch(batch.batch_id, [table for table in tables.values() if table.num_rows])
 
