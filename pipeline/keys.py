@@ -531,9 +531,13 @@ class Keyring:
         return "active" if any(live) else "destroyed"
 
     def destroy(self, subject_ref: str, user_ref: str | None = None) -> int:
-        """Crypto-shred a user's data key, or every key of an account; returns how many were live."""
+        """Crypto-shred a user's data key, or every key of an account; returns how many were live.
+
+        Under the key lock: a rotation re-wrapping meanwhile would write the key back (PostgreSQL reads
+        committed rows, so its read of the live keys may predate this)."""
         which = _keys_of(subject_ref, user_ref)
         with self._lock, transaction(self.engine, "destroying data keys") as conn:
+            lock_keys(conn)
             destroyed = conn.execute(
                 update(keyring_keys)
                 .where(which, keyring_keys.c.wrapped.is_not(None))
@@ -564,7 +568,10 @@ class Keyring:
                 blobs = self.provider.rewrap([(m, bytes(w), _aad(k, v)) for k, v, m, w in rows], new)
                 rewrapped = [(new, blob, row[0]) for row, blob in zip(rows, blobs, strict=True)]
                 mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-                statement = f"UPDATE keyring_keys SET master_version = {mark}, wrapped = {mark} WHERE key_id = {mark}"
+                statement = (  # a key destroyed since the read stays destroyed (destroy takes the lock as well)
+                    f"UPDATE keyring_keys SET master_version = {mark}, wrapped = {mark} "
+                    f"WHERE key_id = {mark} AND wrapped IS NOT NULL"
+                )
                 for start in range(0, len(rewrapped), 5000):
                     conn.exec_driver_sql(statement, rewrapped[start : start + 5000])
                 conn.execute(
@@ -623,7 +630,7 @@ class Keyring:
             for row, blob in zip(rows, blobs, strict=True):
                 conn.execute(
                     update(keyring_keys)
-                    .where(keyring_keys.c.key_id == row.key_id)
+                    .where(keyring_keys.c.key_id == row.key_id, keyring_keys.c.wrapped.is_not(None))
                     .values(master_version=current, wrapped=blob)
                 )
         return len(rows)

@@ -95,3 +95,24 @@ def test_a_key_an_older_release_left_under_a_superseded_version_is_re_wrapped_be
     assert _wrapped_under(pipeline) == {2}
     assert pipeline.audit.last("key.rewrapped").details["keys_rewrapped"] == 1
     assert [r["n_workers"] for r in Pipeline.open().read_records(account="globex")] == [8]
+
+
+def test_a_key_destroyed_while_a_rotation_re_wraps_stays_destroyed(pipeline: Pipeline, monkeypatch) -> None:  # noqa: ANN001
+    """On PostgreSQL the erasure's destroy committed between the rotation's read of the live keys and its
+    update, which wrapped the old key again: the request completed, its key live and its data readable."""
+    keyring = pipeline.keyring
+    victim = keyring.subject_ref("victim")
+    keyring.cipher(victim)
+    rewrap, destroyed = keyring.provider.rewrap, []
+    eraser = threading.Thread(target=lambda: destroyed.append(keyring.destroy(victim)))
+
+    def destroy_meanwhile(*args):  # noqa: ANN002, ANN202
+        eraser.start()
+        eraser.join(timeout=2)  # it commits now, or waits for the rotation to commit
+        return rewrap(*args)
+
+    monkeypatch.setattr(keyring.provider, "rewrap", destroy_meanwhile)
+    keyring.rotate_master()
+    eraser.join()
+    assert destroyed == [1]
+    assert keyring.key_state(victim) == "destroyed"
