@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import make_record
+from conftest import make_record, run
 from sqlalchemy import select
 
 from pipeline.db import deletion_requests
@@ -196,6 +196,42 @@ def test_a_run_stopped_after_the_long_term_store_is_resumed_exactly_once(pipelin
     assert actions.count("store.erased") == 2
     assert _accounts(pipeline, "cloud_logging") == {"globex"}
     assert process_pending(pipeline) == []
+
+
+@pytest.mark.parametrize("stopped", ["before its entry", "before its receipt"])
+def test_a_run_stopped_after_destroying_the_key_is_resumed_with_the_true_count_and_one_entry(
+    pipeline, monkeypatch, stopped
+) -> None:  # noqa: ANN001
+    """Killed after the destroy: the resumed run found no key live, and its receipt said 0 keys destroyed, citing
+    a second key.destroyed entry (``keys: 0``) beside the first."""
+    from pipeline.retention import requests
+
+    request = file_request(pipeline, "acme")
+    append, save = pipeline.audit.append, requests._save
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt("killed")
+
+    def append_unless_destroyed(action: str, **kwargs):  # noqa: ANN003, ANN202
+        return killed() if action == "key.destroyed" else append(action, **kwargs)
+
+    def save_unless_destroyed(pipeline, request):  # noqa: ANN001, ANN202
+        return killed() if "key" in request.receipt else save(pipeline, request)
+
+    if stopped == "before its entry":
+        monkeypatch.setattr(pipeline.audit, "append", append_unless_destroyed)
+    else:
+        monkeypatch.setattr(requests, "_save", save_unless_destroyed)
+    with pytest.raises(KeyboardInterrupt):
+        process_pending(pipeline)
+    monkeypatch.undo()
+    assert pipeline.keyring.key_state(request.subject_ref) == "destroyed"
+
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+    assert done.receipt["key"]["keys_destroyed"] == 3  # acme's key, ann's and bob's
+    assert _actions(pipeline, request.request_id).count("key.destroyed") == 1
+    assert run("erase", "status", request.request_id).exit_code == 0
 
 
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:

@@ -308,9 +308,8 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     """What a completed request's receipt must cite and does not: its completion, the erasure of every
     store it names or the trail records, and a destroyed key (a receipt edited to claim an erasure that
     never ran cites nothing, and had nothing to disagree with)."""
-    receipt, request_id = request.receipt, request.request_id
-    actions = ("erasure.completed", "store.erased", "key.destroyed")
-    trail = [e for e in pipeline.audit.entries(actions=actions) if e.details.get("request_id") == request_id]
+    receipt = request.receipt
+    trail = _entries_of(pipeline, request, ("erasure.completed", "store.erased", "key.destroyed"))
     found = []
     if not any(e.action == "erasure.completed" for e in trail):
         found.append("it says completed, and the trail holds no erasure.completed entry for it")
@@ -447,11 +446,11 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
         _note_deleted(progress, removed.places)
         if removed.expires_at is not None:  # the backend cannot delete them: the key destroyed below, then expiry
             progress.update(method="crypto-shredding plus expiry", expires_at=removed.expires_at.isoformat())
-        entry = _audit(
+        entry = _audited_once(
             pipeline,
             request,
             "store.erased",
-            store=name,
+            {"store": name},
             segments=progress["segments"],
             records=progress["records"],
         )
@@ -511,13 +510,16 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
     """Shred the user's key, or every key of the account; then drop the copies SQLite's WAL keeps."""
     if "key" in request.receipt:
         return
-    destroyed = pipeline.keyring.destroy(request.subject_ref, request.user_ref)
+    pipeline.keyring.destroy(request.subject_ref, request.user_ref)
     pipeline.keyring.compact()
     state = pipeline.keyring.key_state(request.subject_ref, request.user_ref)
+    # counted since the filing, not as destroy() returns: a run stopped after destroying, before this
+    # receipt was saved, destroyed them, and the resumed one finds none live
+    destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
     key: dict[str, Any] = {"state": state, "keys_destroyed": destroyed}
     if state == "destroyed":
-        entry = _audit(pipeline, request, "key.destroyed", keys=destroyed)
-        key.update(destroyed_at=utcnow().isoformat(), audit_seq=entry.seq)
+        entry = _audited_once(pipeline, request, "key.destroyed", {}, keys=destroyed)
+        key.update(destroyed_at=entry.recorded_at.isoformat(), audit_seq=entry.seq)
     request.receipt["key"] = key
     _save(pipeline, request)
 
@@ -574,6 +576,25 @@ def _audit(
 ) -> AuditEntry:
     """An entry about this request, naming the subject by its ref only."""
     return pipeline.audit.append(**_entry(request, action, actor=actor, **details))
+
+
+def _audited_once(
+    pipeline: Pipeline, request: DeletionRequest, action: str, match: dict[str, Any], **details: Any
+) -> AuditEntry:
+    """This request's entry of ``action`` (with ``match`` in its details) that a run stopped before saving
+    the receipt wrote, else a new one: a resumed erasure audits each step once."""
+    for entry in _entries_of(pipeline, request, (action,)):
+        if all(entry.details.get(name) == value for name, value in match.items()):
+            return entry
+    return _audit(pipeline, request, action, **match, **details)
+
+
+def _entries_of(pipeline: Pipeline, request: DeletionRequest, actions: Iterable[str]) -> list[AuditEntry]:
+    """The trail's entries of ``actions`` about this request, oldest first (from its filing on)."""
+    filed = request.receipt.get("audit", {}).get("pending", 0)
+    return [
+        e for e in pipeline.audit.entries(filed, actions=actions) if e.details.get("request_id") == request.request_id
+    ]
 
 
 def _entry(request: DeletionRequest, action: str, *, actor: str | None = None, **details: Any) -> dict[str, Any]:
