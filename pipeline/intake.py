@@ -211,6 +211,16 @@ def seal_batch(public_key: X25519PublicKey, batch_id: str, records: Sequence[Map
     return MAGIC + bytes([len(label)]) + label + _SUITE.encrypt(plaintext, public_key, info=_info(batch_id))
 
 
+def sealed_batch_id(sealed: bytes) -> str | None:
+    """The batch id a sealed batch's header gives (``None``: no such header, or a malformed one)."""
+    head = len(MAGIC) + 1
+    if len(sealed) < head or sealed[: len(MAGIC)] != MAGIC:
+        return None
+    end = head + sealed[len(MAGIC)]
+    batch_id = sealed[head:end].decode("ascii", errors="replace")
+    return batch_id if _BATCH_ID.fullmatch(batch_id) and len(sealed) > end else None
+
+
 def open_batch(private_key: X25519PrivateKey, sealed: bytes) -> OpenedBatch:
     """Open a sealed batch and check its tables against the record schemas.
 
@@ -219,15 +229,13 @@ def open_batch(private_key: X25519PrivateKey, sealed: bytes) -> OpenedBatch:
     """
     if len(sealed) > MAX_SEALED_BYTES:
         raise IntakeError(f"sealed batch of {len(sealed)} bytes exceeds the limit of {MAX_SEALED_BYTES} bytes")
-    head = len(MAGIC) + 1
-    if len(sealed) < head or sealed[: len(MAGIC)] != MAGIC:
+    if sealed[: len(MAGIC)] != MAGIC:
         raise IntakeError("not a sealed metadata batch (bad magic)")
-    end = head + sealed[len(MAGIC)]
-    batch_id = sealed[head:end].decode("ascii", errors="replace")
-    if not _BATCH_ID.fullmatch(batch_id) or len(sealed) <= end:
+    batch_id = sealed_batch_id(sealed)
+    if batch_id is None:
         raise IntakeError("not a sealed metadata batch (bad batch id header)")
     try:
-        plaintext = _SUITE.decrypt(sealed[end:], private_key, info=_info(batch_id))
+        plaintext = _SUITE.decrypt(sealed[len(MAGIC) + 1 + len(batch_id) :], private_key, info=_info(batch_id))
     except (InvalidTag, ValueError):
         raise IntakeError(
             f"batch {batch_id} does not decrypt: altered, relabelled or sealed to another intake key",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.errors import SpoolError
 from pipeline.fsmodes import open_private, private_folder, sync_folder, write_private
+from pipeline.intake import sealed_batch_id
 
 __all__ = ["SpooledBatch", "Spool", "new_batch_id"]
 
@@ -135,7 +136,10 @@ class Spool:
         head = len(MAGIC) + 32
         if data[: len(MAGIC)] != MAGIC or hashlib.sha256(data[head:]).digest() != data[len(MAGIC) : head]:
             raise SpoolError(f"spool file {path.name} is corrupt (bad header or checksum)")
-        return SpooledBatch(path.name[: -len(_SUFFIX)], data[head:])
+        batch_id = path.name[: -len(_SUFFIX)]
+        if sealed_batch_id(data[head:]) != batch_id:  # renamed or copied: sent under its name, it never goes
+            raise SpoolError(f"spool file {ascii(path.name)} is not named after the batch it holds")
+        return SpooledBatch(batch_id, data[head:])
 
     def _set_aside(self, path: Path, folder: Path) -> Path:
         private_folder(folder)

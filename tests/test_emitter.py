@@ -199,6 +199,21 @@ def test_corrupt_spool_file_is_set_aside_and_the_rest_delivered(home: Path, sett
     assert len(list(pipeline.read_records("cloud_logging"))) == 1
 
 
+def test_a_spool_file_renamed_from_its_batch_is_set_aside_and_the_rest_delivered(home: Path, settings: Settings) -> None:
+    """A copy named ``00-é.batch`` could never be sent (its name is the Idempotency-Key, and not ASCII):
+    it was retried for ever, and every batch behind it waited."""
+    pipeline = Pipeline.open(settings, create=True)
+    spool = Spool(settings.spool_dir)
+    kept = spool.append(*sealed_batch(pipeline, [make_record()]))
+    copy = settings.spool_dir / "00-é.batch"
+    copy.write_bytes((settings.spool_dir / f"{kept.batch_id}.batch").read_bytes())
+    emitter = embedded_emitter(pipeline)
+    assert emitter.close(timeout=10.0)
+    assert emitter.stats.corrupt_spool_files == 1
+    assert [p.name for p in spool.corrupt_files()] == ["00-é.batch"]
+    assert spool.pending_files() == [] and len(list(pipeline.read_records("cloud_logging"))) == 1
+
+
 def test_a_batch_refused_for_good_is_set_aside_counted_and_not_retried(home: Path, settings: Settings) -> None:
     pipeline = Pipeline.open(settings, create=True)
     spool = Spool(settings.spool_dir)
