@@ -199,7 +199,7 @@ def test_corrupt_spool_file_is_set_aside_and_the_rest_delivered(home: Path, sett
     assert len(list(pipeline.read_records("cloud_logging"))) == 1
 
 
-def test_a_spool_file_renamed_from_its_batch_is_set_aside_and_the_rest_delivered(home: Path, settings: Settings) -> None:
+def test_a_spool_file_renamed_from_its_batch_is_set_aside_and_the_rest_sent(home: Path, settings: Settings) -> None:
     """A copy named ``00-é.batch`` could never be sent (its name is the Idempotency-Key, and not ASCII):
     it was retried for ever, and every batch behind it waited."""
     pipeline = Pipeline.open(settings, create=True)
