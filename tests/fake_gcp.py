@@ -95,6 +95,10 @@ class FakeLoggingREST:
         #: project -> entries.list calls left in its read quota (the service's: 60 a minute by default;
         #: unlimited here unless a test sets it); past it: 429 RESOURCE_EXHAUSTED
         self.read_quota: dict[str, int] = {}
+        #: project -> (entries.list calls a window, the window in seconds): the quota refills each window,
+        #: as the service's does each minute
+        self.read_quota_refill: dict[str, tuple[int, float]] = {}  # its window starts at the next call
+        self._quota_window: dict[str, float] = {}
         #: log name -> when it was deleted
         self.deleted: dict[str, datetime] = {}
         fake = self
@@ -215,6 +219,11 @@ class FakeLoggingREST:
             raise BadRequest(400, f"resourceNames must be [projects/P] or [a bucket's view], got {names!r}")
         project = names[0].split("/")[1]
         with self.lock:
+            if project in self.read_quota_refill:
+                calls, window = self.read_quota_refill[project]
+                started = self._quota_window.get(project)
+                if started is None or time.monotonic() - started >= window:
+                    self.read_quota[project], self._quota_window[project] = calls, time.monotonic()
             if project in self.read_quota:
                 if self.read_quota[project] <= 0:
                     raise BadRequest(429, "Quota exceeded for quota metric 'Read requests' of service logging")

@@ -476,7 +476,7 @@ def _sweep_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
     Unreadable, but deleted and named in the receipt all the same."""
     for name, progress in request.receipt.get("stores", {}).items():
         store = pipeline.stores.get(name)
-        if store is None or "swept_at" in progress:
+        if store is None or not store.deletes or "swept_at" in progress:
             continue
         _note_deleted(progress, _erased(pipeline, request, store, progress).places)
         progress["swept_at"] = utcnow().isoformat()

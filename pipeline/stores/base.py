@@ -62,6 +62,9 @@ class Store(ABC):
 
     #: the URL this store was opened from
     url: str
+    #: whether :meth:`erase` deletes; a store that cannot (a log bucket of its own) leaves a subject's
+    #: data to expire, unreadable once the key is destroyed
+    deletes: bool = True
 
     @abstractmethod
     def write(self, segments: Sequence[Segment]) -> int:

@@ -43,6 +43,7 @@ import base64
 import dataclasses
 import functools
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud.logging_v2 import Client
 
-from pipeline.errors import ConfigError, StoreError
+from pipeline.bounds import CLOCK_SKEW
+from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment
 from pipeline.stores.base import Removed, Store, noting_deleted, oldest_first, url_options
@@ -70,6 +72,10 @@ CHUNK = 180_000
 #: one entries.write request stays below the API's 10 MB limit
 BATCH_BYTES = 8_000_000
 PAGE_SIZE = 1000
+#: a listing that spends the project's read quota (60 entries.list a minute) waits this long for it to
+#: refill before it gives up: a minute's worth, so a subject of a million entries is listed at the quota's
+#: pace rather than started over by every attempt
+QUOTA_WAIT = 65.0
 #: Cloud Logging keeps entries at most 3650 days and refuses ones more than a day ahead
 _OLDEST = timedelta(days=3651)
 _AHEAD = timedelta(days=2)
@@ -135,13 +141,25 @@ class CloudLoggingStore(Store):
             }
             if token:
                 body["pageToken"] = token
-            page = self._call(
+            page = self._page(
                 action, functools.partial(api.api_request, method="POST", path="/entries:list", data=body)
             )
             yield from page.get("entries", [])
             token = page.get("nextPageToken")
             if not token:
                 return
+
+    def _page(self, action: str, read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """One page of a listing; a 429 (the read quota spent) is waited out, up to :data:`QUOTA_WAIT`."""
+        waited, pause = 0.0, 0.25
+        while True:
+            try:
+                return self._call(action, read)
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, gexc.TooManyRequests) or waited >= QUOTA_WAIT:
+                    raise
+            time.sleep(pause)
+            waited, pause = waited + pause, min(pause * 2, 8.0)
 
     def _write_entries(self, action: str, entries: Sequence[dict[str, Any]]) -> None:
         """One entries.write per batch below the request size limit; all-or-nothing per batch."""
@@ -290,23 +308,24 @@ class CloudLoggingStore(Store):
         return self._remove("expire", list(self._segments("expire", clauses, False, every_copy=True)))
 
     def erase(self, subject_ref: str, user_ref: str | None = None) -> Removed:
-        """Delete the subject's logs (``_Default``), or count its entries (a bucket of its own, where
-        nothing can be deleted); either way, some entries may stay until the bucket's retention.
+        """Delete the subject's logs (``_Default``), or nothing (a bucket of its own, where nothing can be
+        deleted: no listing); either way, some entries may stay until the bucket's retention.
 
-        In a bucket of its own every entry stays. In ``_Default`` an entry written shortly before
-        may not be listed yet, or not reached by ``logs.delete`` ("log entries written shortly
-        before the delete operation might not be deleted", Google's reference). Such entries are
-        unreadable once the key is destroyed, and gone by the moment given: the newest entry's
-        time, or now (nothing listed late is newer), plus the bucket's retention.
+        In a bucket of its own every entry stays, until now plus the clock skew ingest allows (no entry is
+        newer) plus the bucket's retention. In ``_Default`` an entry written shortly before may not be listed
+        yet, or not reached by ``logs.delete`` ("log entries written shortly before the delete operation
+        might not be deleted", Google's reference). Such entries are unreadable once the key is destroyed,
+        and gone by the moment given: the newest entry's time, or now (nothing listed late is newer), plus
+        the bucket's retention.
         """
+        retention = timedelta(days=self._bucket.retention_days())
+        if not self.deletes:  # nothing to find: the caller counted the entries, none is newer than the bounds let in
+            return Removed(expires_at=datetime.now(UTC) + CLOCK_SKEW + retention)
         held = list(self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True))
         unique = {h.segment.segment_id: h.segment for h in held}
-        if self.deletes:
-            removed = self._remove("erase", held)
-        else:
-            removed = Removed(len(unique), sum(s.n_records for s in unique.values()))
+        removed = self._remove("erase", held)
         newest = max([datetime.now(UTC), *(s.max_observed_at for s in unique.values())])
-        return dataclasses.replace(removed, expires_at=newest + timedelta(days=self._bucket.retention_days()))
+        return dataclasses.replace(removed, expires_at=newest + retention)
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
         if not self.deletes:  # the original could not be deleted: a cut copy would double its records
