@@ -285,3 +285,17 @@ def test_an_unreachable_endpoint_is_store_unavailable(aws, keyring) -> None:  # 
     store = open_store("s3://bucket/p?endpoint=http://127.0.0.1:9", keyring=keyring)
     with pytest.raises(StoreUnavailable, match="unreachable during"):
         store.write(seal_records(keyring, [make_record(observed_at=T0)]))
+
+
+def test_a_scan_that_listed_objects_a_compaction_merged_since_reads_the_merged_one(
+    s3_archive_url, keyring, monkeypatch
+) -> None:  # noqa: ANN001
+    """A report listing the archive while a retention pass compacted it read a merged-away object: NoSuchKey,
+    and the report ended (exit 2)."""
+    store = _write(s3_archive_url, keyring, [make_record(account="acme", observed_at=T0)])
+    _write(s3_archive_url, keyring, [make_record(account="acme", observed_at=T0 + timedelta(minutes=5))])
+    listed = list(store._keys())
+    store.compact(T0 + timedelta(days=2), lambda segments: None)
+    assert len(_objects(s3_archive_url)) == 1 < len(listed)
+    monkeypatch.setattr(store, "_keys", lambda data_type=None: iter(listed))  # as listed before the compaction
+    assert sorted(s.n_records for s in store.scan()) == [1, 1]  # each segment once

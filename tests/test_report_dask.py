@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import dask.config
 import pytest
-from conftest import moto_environment
+from conftest import make_record, moto_environment
 from distributed import LocalCluster
 from test_reports import T0, run, write_demo_records
 
@@ -85,3 +87,40 @@ def test_an_unreachable_scheduler_is_one_line_and_exit_2(archived: Pipeline, tmp
         result = run("report", "--engine", "dask", "--scheduler", "tcp://127.0.0.1:1", "--out", str(tmp_path))
     assert result.exit_code == 2
     assert "Dask scheduler tcp://127.0.0.1:1 cannot be reached" in result.output
+
+
+def test_objects_a_compaction_merged_after_the_listing_are_read_from_the_merged_one(
+    archived: Pipeline, scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers read objects a retention pass had merged away since the client listed them: NoSuchKey."""
+    from pipeline.reports import dask_engine
+
+    archived.write_records([make_record("job", account="acme", job_id="late", observed_at=T0 - timedelta(days=3))])
+    listing = dask_engine._groups
+
+    def listed_then_compacted(pipeline: Pipeline, found: dask_engine.Found) -> Iterator[dask_engine.Group]:
+        groups = list(listing(pipeline, found))
+        archived.stores[ARCHIVE].compact(T0, lambda segments: None)
+        return iter(groups)
+
+    monkeypatch.setattr(dask_engine, "_groups", listed_then_compacted)
+    remote = build_archive_report(archived, scheduler, now=T0, plots=False)
+    assert remote.inventory == _archive_rows(build_report(archived, now=T0, plots=False).inventory)
+
+
+def test_a_worker_failing_for_another_reason_is_one_line_and_exit_2(
+    archived: Pipeline, scheduler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker raising what S3 does not (a worker of another release: an unknown argument) was a traceback."""
+    from pipeline.reports import dask_engine
+
+    listing = dask_engine._groups
+
+    def broken(pipeline: Pipeline, found: dask_engine.Found) -> Iterator[dask_engine.Group]:
+        [first, *_] = listing(pipeline, found)
+        return iter([dataclasses.replace(first, data_key=(1, b"not a key"))])  # AES-GCM refuses it on the worker
+
+    monkeypatch.setattr(dask_engine, "_groups", broken)
+    result = run("report", "--engine", "dask", "--scheduler", scheduler, "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "a Dask worker failed on" in result.output and "Traceback" not in result.output

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pipeline.awsclient import error_code
 from pipeline.errors import ConfigError, KeyringError, StoreError
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
@@ -34,7 +35,7 @@ from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.policy import Policy
 from pipeline.retention.schedule import retention_interval
 from pipeline.runtime import Pipeline, Unreadable
-from pipeline.stores.archive import decryption_properties
+from pipeline.stores.archive import decryption_properties, merged_key
 from pipeline.stores.base import url_options
 
 __all__ = ["ARCHIVE", "DataKeys", "build_archive_report"]
@@ -116,6 +117,11 @@ def build_archive_report(
                 part: Part = future.result()
             except (BotoCoreError, ClientError) as exc:  # the worker's S3 credentials or endpoint
                 raise StoreError(f"a Dask worker could not read {group.objects[0]}: {first_line(exc)}") from exc
+            except Exception as exc:  # e.g. a worker with another release of the pipeline installed
+                raise ConfigError(
+                    f"a Dask worker failed on {group.objects[0]}: {type(exc).__name__}: {first_line(exc)} "
+                    "(are the workers running this release of metadata-pipeline?)"
+                ) from exc
             db.add_partials(part.tables)
             found.unreadable += part.unreadable
             if found.names is not None and part.account is not None:
@@ -167,6 +173,18 @@ def _s3(options: tuple[tuple[str, str], ...]) -> Any:
     return boto3.client("s3", endpoint_url=given.get("endpoint"), region_name=given.get("region"))
 
 
+def _listed_body(group: Group, key: str) -> bytes | None:
+    """A listed object's bytes; when it is gone since the listing (a retention pass merged it), those of its
+    day's merged object, which holds its rows (kept once by segment id); None when that is gone too."""
+    for read in dict.fromkeys((key, merged_key(key))):
+        try:
+            return bytes(_s3(group.options).get_object(Bucket=group.bucket, Key=read)["Body"].read())
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchKey":
+                raise
+    return None
+
+
 def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bounds: Bounds, names: bool) -> Part:
     """On a worker: open a group's objects, keep each segment once, reduce them as a local report does."""
     subject_ref, _, user = group.key_id.partition("~")
@@ -176,7 +194,9 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bo
     tables: list[pa.Table] = []
     seen = pa.array([], pa.string())
     for key in group.objects:
-        body = _s3(group.options).get_object(Bucket=group.bucket, Key=key)["Body"].read()
+        body = _listed_body(group, key)
+        if body is None:  # expired or erased since the listing
+            continue
         try:
             table = pq.read_table(pa.BufferReader(body), decryption_properties=properties)
         except KeyringError:
