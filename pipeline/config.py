@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
 from pipeline.redact import mask_url, quoted
 
-__all__ = ["ServerLimits", "Settings", "default_policy_path", "spool_folder"]
+__all__ = ["ServerLimits", "Settings", "default_policy_path", "not_text", "spool_folder", "text_setting"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
@@ -54,6 +54,28 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 #: durations that may be zero: no wait before sealing a batch, a superseded master key destroyed at once
 _MAY_BE_ZERO = frozenset({"emitter.linger", "keys.retire-after"})
+#: the longest duration of any setting: certificates, tokens and keys past it end after the year 9999
+_MAX_DURATION = timedelta(days=100 * 365)
+
+
+def text_setting(key: str, value: Any) -> str | None:
+    """A setting that is text (or unset).
+
+    :raises ConfigError: :func:`not_text`
+    """
+    if value is None or isinstance(value, str):
+        return value
+    raise not_text(key, value)
+
+
+def not_text(key: str, value: Any) -> ConfigError:
+    """The error of a text setting given something else: dask reads an environment variable as a Python
+    literal (``DASK_PIPELINE__ACCOUNT=1234`` is the number 1234, ``…=1e3`` is 1000.0, ``…=None`` is None)."""
+    variable = "DASK_PIPELINE__" + key.upper().replace(".", "__").replace("-", "_")
+    return ConfigError(
+        f"pipeline.{key}: {value!r} is not text; an environment variable is read as a Python literal: "
+        f"quote it ({variable}='\"...\"')"
+    )
 
 
 @dataclass(frozen=True)
@@ -138,12 +160,17 @@ class Settings:
             value = _get(key)
             try:
                 duration = float(parse_timedelta(value, default="seconds"))
-            except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            except (TypeError, ValueError, KeyError, OverflowError, AttributeError) as exc:
                 raise ConfigError(f"pipeline.{key}: {quoted(value)} is not a duration") from exc
             if not (duration >= 0 if key in _MAY_BE_ZERO else duration > 0) or duration == float("inf"):
                 at_least = "0 or more" if key in _MAY_BE_ZERO else "more than 0"
                 raise ConfigError(f"pipeline.{key}: {quoted(value)} must be a finite duration of {at_least}")
+            if duration > _MAX_DURATION.total_seconds():
+                raise ConfigError(f"pipeline.{key}: {quoted(value)} must be a finite duration of at most 100 years")
             return duration
+
+        def text(key: str) -> str | None:
+            return text_setting(key, _get(key))
 
         def path(key: str) -> Path | None:
             value = _get(key)
@@ -162,13 +189,13 @@ class Settings:
                 raise ConfigError(f"pipeline.{key}: {value!r} is not a TCP port number")
             return number
 
-        policy = _get("policy")
+        policy = text("policy")
         values: dict[str, Any] = {
             "home": home,
-            "account": _get("account"),
-            "user": _get("user"),
-            "cluster_id": _get("cluster-id"),
-            "image": _get("image"),
+            "account": text("account"),
+            "user": text("user"),
+            "cluster_id": text("cluster-id"),
+            "image": text("image"),
             "plugin_interval": seconds("plugin.interval"),
             "close_timeout": seconds("emitter.close-timeout"),
             "retry_max": seconds("emitter.retry-max"),

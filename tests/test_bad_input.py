@@ -599,12 +599,23 @@ def test_a_long_term_url_that_is_no_sql_database_says_so(url: str, home: Path) -
         ("tls.validity", "0s", "must be a finite duration of more than 0"),  # certificates expired when issued
         ("server.cluster-lost-after", "0", "must be a finite duration of more than 0"),
         ("server.body-timeout", "1e400s", "is not a duration"),  # OverflowError: a traceback
+        ("plugin.interval", [1], "is not a duration"),  # YAML's list: AttributeError, a traceback
+        ("tls.validity", "9999999d", "must be a finite duration of at most 100 years"),  # a 500 per cluster
     ],
 )
 def test_a_duration_a_setting_cannot_use_is_one_line_naming_it(key: str, value: str, reason: str, home: Path) -> None:
     with dask.config.set({f"pipeline.{key}": value}):
         line = one_line(run("init"))
-    assert line == f"error: pipeline.{key}: '{value}' {reason}"
+    assert line == f"error: pipeline.{key}: {value!r} {reason}"
+
+
+@pytest.mark.parametrize("key", ["account", "user", "image", "policy"])
+def test_a_name_the_environment_gives_as_a_number_is_one_line_naming_it(key: str, home: Path) -> None:
+    """Dask reads ``DASK_PIPELINE__ACCOUNT=1234`` as a Python literal: the plugin said it was active and dropped
+    every record (``expected text, got int``); a numeric policy path was a traceback."""
+    with dask.config.set({f"pipeline.{key}": 1234}):
+        line = one_line(run("init"))
+    assert line.startswith(f"error: pipeline.{key}: 1234 is not text") and "quote it" in line
 
 
 def test_an_unknown_key_url_scheme_names_the_setting(home: Path) -> None:

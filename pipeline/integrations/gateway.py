@@ -40,7 +40,7 @@ from urllib.parse import quote
 import dask.config
 
 from pipeline.apiclient import ApiClient, Credentials
-from pipeline.config import Settings, spool_folder
+from pipeline.config import Settings, not_text, spool_folder
 from pipeline.errors import ConfigError
 from pipeline.principals import TOKEN_SHAPE
 from pipeline.redact import first_line
@@ -80,10 +80,7 @@ class GatewaySettings:
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"pipeline.gateway.home: only {{home}} may be expanded: {exc}") from exc
         if not isinstance(rule, str):  # DASK_PIPELINE__GATEWAY__ACCOUNT=1e3 is read as a number: account 1000.0
-            raise ConfigError(
-                f"pipeline.gateway.account: {rule!r} is not text; an environment variable is read as a Python "
-                f"literal: quote the name (DASK_PIPELINE__GATEWAY__ACCOUNT='\"name\"')"
-            )
+            raise not_text("gateway.account", rule)
         settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), rule, base)
         fields = [field for _, field, _, _ in string.Formatter().parse(settings.account_rule) if field is not None]
         if any(field != "user" for field in fields):
