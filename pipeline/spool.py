@@ -72,10 +72,14 @@ class Spool:
         """Persist a sealed batch durably and return it."""
         path = self._path(batch_id)
         tmp = path.with_suffix(".tmp")
-        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as fh:
-            fh.write(MAGIC + hashlib.sha256(sealed).digest() + sealed)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as fh:
+                fh.write(MAGIC + hashlib.sha256(sealed).digest() + sealed)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:  # a full disk: the emitter retries, and each try would leave its file
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         sync_folder(self.directory)
         return SpooledBatch(batch_id, sealed)

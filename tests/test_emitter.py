@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -257,3 +260,22 @@ def test_each_outage_is_logged_once_and_so_is_its_end(home: Path, tmp_path: Path
     assert emitter.close(timeout=10.0) is True
     said = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "pipeline.emitter"]
     assert said == ["metadata emitter could not deliver a batch", "metadata emitter delivers again"] * 2
+
+
+def test_a_spool_write_that_fails_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A full disk: every retry of the emitter (every 0.1 s) left an empty ``.tmp`` file, 158 in 40 s."""
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.spool import Spool\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a file past 4 KiB: EFBIG, as a full disk\n"
+        "spool = Spool(Path(sys.argv[1]))\n"
+        "try:\n"
+        "    spool.append('00000000000000000001-000000000001', b'x' * 100_000)\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spool")], capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout.strip() == str(errno.EFBIG), ran.stderr
+    assert list((tmp_path / "spool").iterdir()) == []
