@@ -285,6 +285,20 @@ def test_commands_that_need_the_keys_say_where_they_run_on_a_logged_in_machine(
     assert not laptop.exists()
 
 
+@pytest.mark.parametrize("args", [["records"], ["audit", "verify"], ["enforce"], ["erase", "list"], ["init"]])
+def test_commands_that_need_the_keys_say_where_they_run_on_a_cluster_host(tmp_path: Path, args: list[str]) -> None:
+    """With a cluster's scheduler.yaml (no login, no master key) they made a full metadata.db in the host's
+    home, then said `run metadata-pipeline init`: a second pipeline, as the design says never to make."""
+    host = tmp_path / "scheduler-host"
+    cluster = {"pipeline.home": str(host), "pipeline.ingest.url": "http://control-plane.invalid:8800"}
+    with dask.config.set(cluster):
+        result = run(*args)
+    assert result.exit_code == 2
+    command = " ".join(args[:2] if args[0] in ("audit", "erase") else args[:1])
+    assert f"`{command}` runs on the control-plane host" in result.output and "pipeline.ingest.url" in result.output
+    assert not (host / "metadata.db").exists()
+
+
 def test_an_erasure_followed_through_the_api_to_its_end(plane: ControlPlane, tmp_path: Path) -> None:
     """Issue 18 cases 1 and 6: `erase status` crashed on final_at; `tokens list` showed an erased token active."""
     from pipeline.retention.requests import process_pending

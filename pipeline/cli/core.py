@@ -154,7 +154,8 @@ def open_pipeline(*, create: bool = False):  # noqa: ANN201 - imported lazily fo
 
 
 def check_control_plane_host(settings: Settings) -> None:
-    """Refuse a command that needs the master key on a machine that has none but a login.
+    """Refuse a command that needs the master key on a machine that has none but a login, or a cluster's
+    configuration.
 
     Such a machine talks to a control plane elsewhere: ``init`` there would start a second,
     empty pipeline, so the message names where the command runs instead.
@@ -165,12 +166,19 @@ def check_control_plane_host(settings: Settings) -> None:
     if keys.scheme != "file" or Path(keys.path).exists():
         return
     credentials = Credentials.load(settings.api_url)
-    if credentials is None:
+    if credentials is not None:
+        elsewhere = f"You are logged in to {mask_url(credentials.url)}; through it use records, clusters and erase"
+    elif settings.ingest_url:  # a cluster's scheduler.yaml: this host sends to a control plane
+        elsewhere = (
+            f"This host is configured as a cluster of {mask_url(settings.ingest_url)} (pipeline.ingest.url); "
+            "log in to it (metadata-pipeline login) to use records, clusters and erase from here"
+        )
+    else:
         return
     command = " ".join(click.get_current_context().command_path.split()[1:])  # without the program's name
     raise ConfigError(
         f"`{command}` runs on the control-plane host: it needs the master key, which this machine does not hold. "
-        f"You are logged in to {mask_url(credentials.url)}; through it use records, clusters and erase"
+        + elsewhere
     )
 
 
