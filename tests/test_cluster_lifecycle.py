@@ -411,3 +411,20 @@ def test_an_owners_erasure_shreds_her_clusters_name_and_image_and_keeps_its_acco
     assert done.state == "completed", done.error
     shown = [(c["account"], c["name"], c["image"]) for c in registry.list("acme")]
     assert shown == [("acme", None, None), ("acme", "shared", "team/img:2")]
+
+
+def test_a_registration_whose_credentials_fail_leaves_no_open_cluster_or_token(
+    registry: ClusterRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TLS credentials were made last: a failure there (a validity past the year 9999 was one) left an
+    open cluster, never heard of, and an active cluster token nobody received."""
+    from pipeline.server import clusters
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(clusters, "issue_credentials", failing)
+    with pytest.raises(OverflowError):
+        registry.register("acme", "http://control-plane.invalid")
+    assert registry.list() == []
+    assert [t for t in registry.tokens.list() if t.kind == "cluster"] == []

@@ -210,6 +210,12 @@ class ClusterRegistry:
             raise InvalidBinding(f"image: {len(image.encode())} bytes of UTF-8; at most {MAX_STRING_BYTES}")
         public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
+        validity = timedelta(seconds=self.pipeline.settings.tls_validity)
+        tls = (  # before the token and the row: a failure leaves no open cluster with a token nobody received
+            {}
+            if gateway_token_id
+            else issue_credentials(self.pipeline.keyring, account, cluster_id, validity=validity).to_json()
+        )
         ttl = timedelta(seconds=self.pipeline.settings.cluster_token_ttl)
         issued = self.tokens.create("cluster", account, user, cluster_id=cluster_id, ttl=ttl)
         subject_ref = self.pipeline.keyring.subject_ref(account)
@@ -233,12 +239,6 @@ class ClusterRegistry:
                     else self.names.seal(f"{cluster_id}/owner", chosen, subject_ref=subject_ref, user_ref=user_ref),
                 )
             )
-        validity = timedelta(seconds=self.pipeline.settings.tls_validity)
-        tls = (
-            {}
-            if gateway_token_id
-            else issue_credentials(self.pipeline.keyring, account, cluster_id, validity=validity).to_json()
-        )
         return Registration(
             cluster_id,
             account,
