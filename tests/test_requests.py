@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from pipeline.db import deletion_requests
 from pipeline.errors import KeyringError, StoreError, StoreUnavailable
+from pipeline.records import utcnow
 from pipeline.retention.lease import Leases
 from pipeline.retention.requests import file_request, get_request, list_requests, process_pending
 from pipeline.runtime import Pipeline
@@ -232,6 +233,16 @@ def test_a_run_stopped_after_destroying_the_key_is_resumed_with_the_true_count_a
     assert done.receipt["key"]["keys_destroyed"] == 3  # acme's key, ann's and bob's
     assert _actions(pipeline, request.request_id).count("key.destroyed") == 1
     assert run("erase", "status", request.request_id).exit_code == 0
+
+
+def test_each_receipt_counts_the_keys_its_own_erasure_destroyed(pipeline) -> None:  # noqa: ANN001
+    """Counted as keys destroyed since the filing, ann's and then acme's erasure said 1 and 3 of three keys,
+    and a request filed on a host whose clock ran ahead said 0."""
+    ann = file_request(pipeline, "acme", "ann")
+    acme = file_request(pipeline, "acme", now=utcnow() + timedelta(minutes=1))  # the filing host's clock ahead
+    process_pending(pipeline)
+    assert get_request(pipeline, ann.request_id).receipt["key"]["keys_destroyed"] == 1
+    assert get_request(pipeline, acme.request_id).receipt["key"]["keys_destroyed"] == 2  # acme's and bob's
 
 
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:

@@ -510,15 +510,21 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
     """Shred the user's key, or every key of the account; then drop the copies SQLite's WAL keeps."""
     if "key" in request.receipt:
         return
-    pipeline.keyring.destroy(request.subject_ref, request.user_ref)
+    destroyed = pipeline.keyring.destroy(request.subject_ref, request.user_ref)
     pipeline.keyring.compact()
     state = pipeline.keyring.key_state(request.subject_ref, request.user_ref)
-    # counted since the filing, not as destroy() returns: a run stopped after destroying, before this
-    # receipt was saved, destroyed them, and the resumed one finds none live
-    destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
     key: dict[str, Any] = {"state": state, "keys_destroyed": destroyed}
     if state == "destroyed":
-        entry = _audited_once(pipeline, request, "key.destroyed", {}, keys=destroyed)
+        # a run stopped after destroying, before this receipt was saved: its entry says what it destroyed;
+        # stopped before that entry, the keyring says what was destroyed since the filing (as best it can)
+        earlier = _entries_of(pipeline, request, ("key.destroyed",))
+        if earlier:
+            entry = earlier[-1]
+        else:
+            if not destroyed:
+                destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
+            entry = _audit(pipeline, request, "key.destroyed", keys=destroyed)
+        key.update(keys_destroyed=entry.details.get("keys", destroyed))
         key.update(destroyed_at=entry.recorded_at.isoformat(), audit_seq=entry.seq)
     request.receipt["key"] = key
     _save(pipeline, request)
