@@ -172,29 +172,55 @@ def test_with_the_clock_moved_31_days_and_no_enforce_logging_records_are_overdue
     assert re.search(r"cloud_logging</td><td>cluster_jobs</td>.*?badge FAIL", html, flags=re.S)
 
 
+SUNDAY = datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
-    ("cron", "after_pass", "overdue"),
+    ("cron", "last_pass", "report_at", "missed"),
     [
-        ("0 * * * *", timedelta(minutes=50), 0),  # aged past the limit since the pass: the next one removes them
-        ("0 * * * *", timedelta(hours=1, minutes=50), 5),  # the pass due an hour ago did not run
-        ("0 12 * * *", timedelta(hours=23), 0),  # a daily schedule waits a day
+        ("0 * * * *", T0, T0 + timedelta(minutes=50), None),  # aged past the limit since: the next pass's
+        ("0 * * * *", T0, T0 + timedelta(hours=1, minutes=50), T0 + timedelta(hours=1)),  # 13:00 never ran
+        ("0 12 * * *", T0, T0 + timedelta(hours=23), None),  # a daily schedule waits a day
+        ("0 3 * * 1-5", SUNDAY - timedelta(days=2, hours=9), SUNDAY, None),  # Friday's ran, Monday's is next
+        (
+            "0 3 * * 1-5",
+            SUNDAY - timedelta(days=6, hours=9),
+            SUNDAY - timedelta(days=2, hours=10),
+            SUNDAY - timedelta(days=3, hours=9),
+        ),
     ],
+    ids=["hourly", "hourly-missed", "daily", "weekdays", "weekdays-missed"],
 )
 def test_records_are_overdue_only_once_the_pass_that_removes_them_is_missed(
-    pipeline: Pipeline, tmp_path: Path, cron: str, after_pass: timedelta, overdue: int
+    pipeline: Pipeline, tmp_path: Path, cron: str, last_pass: datetime, report_at: datetime, missed: datetime | None
 ) -> None:
-    """A snapshot every 10 minutes: between two hourly passes the oldest ones age past 30 days, and a report
-    then said FAIL on a healthy service, for as long as its schedule (the interval) leaves them."""
-    pipeline.write_records(
-        make_record("cluster_snapshot", account="acme", observed_at=T0 + after_pass - timedelta(minutes=10 * i))
-        for i in range(6 * 24 * 32)
-    )
-    enforce(pipeline, now=T0)
+    """A snapshot every 10 minutes: between two passes the oldest ones age past 30 days. A report then said
+    FAIL on a healthy service; measured by the next two passes' interval, a weekday schedule said FAIL over
+    the weekend, and PASS on the Friday before which Tuesday's to Thursday's passes never ran."""
+    times = [report_at - timedelta(minutes=10 * i) for i in range(6 * 24 * 40)]
+    pipeline.write_records(make_record("cluster_snapshot", account="acme", observed_at=t) for t in times)
+    enforce(pipeline, now=last_pass)
     with dask.config.set({"pipeline.service.retention-cron": cron}):
-        result = run("report", "--out", str(tmp_path / "r"), "--format", "json", "--now", (T0 + after_pass).isoformat())
+        result = run("report", "--out", str(tmp_path / "r"), "--format", "json", "--now", report_at.isoformat())
     assert result.exit_code == 0, result.output
     rows = retention_rows(json.loads((tmp_path / "r" / "report.json").read_text()))
-    assert rows[("cloud_logging", "cluster_jobs")]["overdue"] == overdue
+    limit = timedelta(days=30)
+    expected = 0 if missed is None else sum(last_pass - limit <= t < missed - limit for t in times)
+    assert rows[("cloud_logging", "cluster_jobs")]["overdue"] == expected and (missed is None or expected)
+
+
+def test_a_schedule_that_never_runs_counts_every_record_past_its_limit(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A cron of 31 February: the report was a traceback (no next pass to measure an interval with)."""
+    pipeline.write_records([make_record("cluster_snapshot", account="acme", observed_at=T0 - timedelta(days=31))])
+    with dask.config.set({"pipeline.service.retention-cron": "0 0 31 2 *"}):
+        result = run("report", "--out", str(tmp_path / "r"), "--format", "json", "--now", T0.isoformat())
+    assert result.exit_code == 0, result.output
+    assert (
+        retention_rows(json.loads((tmp_path / "r" / "report.json").read_text()))[("cloud_logging", "cluster_jobs")][
+            "overdue"
+        ]
+        == 1
+    )
 
 
 def test_usage_per_account_is_exact_and_pseudonymous_by_default(pipeline: Pipeline) -> None:

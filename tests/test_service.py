@@ -201,3 +201,23 @@ def test_a_changed_retention_schedule_applies_at_once_not_at_the_old_ones_next_s
         assert driver.service.scheduler.get_job("retention").next_run_time == at(10, 5)
     finally:
         driver.stop()
+
+
+@pytest.mark.parametrize(
+    ("cron", "days"),
+    [
+        ("0 3 * * 1-5", "Mon Tue Wed Thu Fri"),
+        ("0 3 * * 0,6", "Sat Sun"),
+        ("0 3 * * 7", "Sun"),
+        ("0 3 * * */3", "Wed Sat Sun"),
+    ],
+)
+def test_the_retention_cron_reads_days_of_the_week_as_crontab_does(cron: str, days: str) -> None:
+    """APScheduler 3's ``from_crontab`` counts weekdays from Monday: ``1-5`` ran passes Tuesday to Saturday."""
+    from pipeline.retention.schedule import retention_trigger
+
+    trigger, fired, at = retention_trigger(cron), set(), datetime(2026, 3, 1, tzinfo=UTC)  # a Sunday
+    for _ in range(7):
+        at = trigger.get_next_fire_time(None, at + timedelta(seconds=1))
+        fired.add(at.strftime("%a"))
+    assert sorted(fired) == sorted(days.split())

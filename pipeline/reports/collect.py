@@ -34,7 +34,7 @@ from pipeline.reports.model import Report
 from pipeline.reports.plots import render_plots
 from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.requests import not_final
-from pipeline.retention.schedule import retention_interval
+from pipeline.retention.schedule import since_last_pass
 from pipeline.runtime import Pipeline, Unreadable
 
 __all__ = ["Bounds", "Found", "assemble", "bounds_at", "build_report", "to_slice"]
@@ -65,7 +65,7 @@ def build_report(
     :param progress: show a progress bar on stderr (for long scans on a terminal)
     """
     now = now or utcnow()
-    grace = retention_interval(pipeline.settings.retention_cron, now)
+    grace = since_last_pass(pipeline.settings.retention_cron, now)
     with ReportDB(pipeline.policy, now, folder=pipeline.settings.home, grace=grace) as db:
         found = Found(names={} if show_names else None)
         _scan(pipeline, db, found, bounds_at(now), progress)

@@ -33,7 +33,7 @@ from pipeline.reports.collect import Bounds, Found, assemble, bounds_at, to_slic
 from pipeline.reports.model import Report
 from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.policy import Policy
-from pipeline.retention.schedule import retention_interval
+from pipeline.retention.schedule import since_last_pass
 from pipeline.runtime import Pipeline, Unreadable
 from pipeline.stores.archive import decryption_properties, merged_key
 from pipeline.stores.base import url_options
@@ -103,7 +103,7 @@ def build_archive_report(
         client = Client(scheduler)
     except (OSError, ValueError) as exc:  # refused, timed out, or not an address
         raise ConfigError(f"Dask scheduler {scheduler} cannot be reached: {first_line(exc)}") from exc
-    grace = retention_interval(pipeline.settings.retention_cron, now)
+    grace = since_last_pass(pipeline.settings.retention_cron, now)
     with ReportDB(policy, now, folder=pipeline.settings.home, usage_store=ARCHIVE, grace=grace) as db, client:
         groups = list(_groups(pipeline, found))
         reduce = functools.partial(

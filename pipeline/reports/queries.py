@@ -127,8 +127,8 @@ class ReportDB:
         grace: timedelta = timedelta(0),
     ) -> None:
         """:param usage_store: where usage is counted; default the first store holding cluster jobs
-        :param grace: how long past its limit a record is not yet overdue: one interval of the retention
-            schedule (:func:`pipeline.retention.schedule.retention_interval`), until the pass that removes it
+        :param grace: how long past its limit a record is not yet overdue: since the last pass that should
+            have removed it (:func:`pipeline.retention.schedule.since_last_pass`)
         """
         self.now = _naive(now)
         #: usage is counted in one store (the first holding cluster jobs: long-term as shipped),

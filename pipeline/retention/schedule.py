@@ -1,8 +1,8 @@
-"""The retention schedule (``pipeline.service.retention-cron``): when passes run, and how far apart.
+"""The retention schedule (``pipeline.service.retention-cron``): when passes run, and which one is due.
 
-A record reaches its limit between two passes and is removed by the next one, so
-it may outlive its limit by one interval of this schedule; the report counts a
-record overdue only past that (the pass that should have removed it did not).
+A record reaches its limit between two passes and is removed by the next one. The
+report counts it overdue only once a pass scheduled after its limit should have
+finished (the pass that should have removed it did not).
 """
 
 from __future__ import annotations
@@ -13,20 +13,55 @@ from apscheduler.triggers.cron import CronTrigger
 
 from pipeline.errors import ConfigError
 
-__all__ = ["retention_interval", "retention_trigger"]
+__all__ = ["RUN_ALLOWANCE", "retention_trigger", "since_last_pass"]
+
+#: how long a scheduled pass is given to finish before what it should remove counts as overdue
+RUN_ALLOWANCE = timedelta(minutes=10)
+#: crontab's day-of-week numbers, 0 and 7 both Sunday; APScheduler 3's ``from_crontab`` reads 0 as Monday
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: how far back a last pass is looked for: a schedule that ran none within a year waits for nothing
+_LOOK_BACK = (timedelta(hours=1), timedelta(days=1), timedelta(days=8), timedelta(days=32), timedelta(days=367))
 
 
 def retention_trigger(cron: str) -> CronTrigger:
-    """:raises ConfigError: naming ``pipeline.service.retention-cron``"""
+    """The crontab expression as a trigger, its day of week read as crontab reads it (``1-5``: Monday to
+    Friday; APScheduler alone ran such passes Tuesday to Saturday).
+
+    :raises ConfigError: naming ``pipeline.service.retention-cron``
+    """
+    fields = cron.split()
+    if len(fields) == 5:
+        fields[4] = _weekdays(fields[4])
     try:
-        return CronTrigger.from_crontab(cron, timezone=UTC)
+        return CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
     except ValueError as exc:
         raise ConfigError(f"pipeline.service.retention-cron: {cron!r}: {exc}") from exc
 
 
-def retention_interval(cron: str, at: datetime) -> timedelta:
-    """The time between the first two passes the schedule runs after ``at``."""
-    trigger = retention_trigger(cron)
-    first = trigger.get_next_fire_time(None, at)
-    second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
-    return second - first
+def _weekdays(field: str) -> str:
+    """A crontab day-of-week field with its numbers given as day names (names and ``*`` stay as they are)."""
+    names: list[str] = []
+    for part in field.split(","):
+        span, _, step = part.partition("/")
+        first, _, last = span.partition("-")
+        numbers = ("0", "7") if span == "*" else (first, last or (first if not step else "7"))
+        if not all(n.isdigit() and int(n) <= 7 for n in numbers) or (span == "*" and not step):
+            names.append(part)  # names, *, or what APScheduler refuses with its own reason
+            continue
+        days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if step.isdigit() and int(step) else 1)
+        names += [_DAYS[day] for day in days]
+    return ",".join(dict.fromkeys(names))
+
+
+def since_last_pass(cron: str, at: datetime) -> timedelta:
+    """How long before ``at`` the last pass the schedule should have finished by then started
+    (:data:`RUN_ALLOWANCE` given to each); none within a year: no time (nothing waits for a pass)."""
+    trigger, due = retention_trigger(cron), at - RUN_ALLOWANCE
+    for window in _LOOK_BACK:
+        fire = trigger.get_next_fire_time(None, due - window)
+        if fire is None or fire > due:
+            continue
+        while (following := trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))) and following <= due:
+            fire = following
+        return at - fire
+    return timedelta(0)
