@@ -524,8 +524,11 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
             if not destroyed:
                 destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
             entry = _audit(pipeline, request, "key.destroyed", keys=destroyed)
-        key.update(keys_destroyed=entry.details.get("keys", destroyed))
-        key.update(destroyed_at=entry.recorded_at.isoformat(), audit_seq=entry.seq)
+        key.update(
+            keys_destroyed=entry.details.get("keys", destroyed),
+            destroyed_at=entry.recorded_at.isoformat(),
+            audit_seq=entry.seq,
+        )
     request.receipt["key"] = key
     _save(pipeline, request)
 
