@@ -413,8 +413,7 @@ def _refs(key_id: str) -> tuple[str, str | None]:
 
 def merged_key(key: str) -> str:
     """The key of the object compaction merges an object's day (of its subject and type) into."""
-    folder, _, name = key.rpartition("/")
-    return f"{folder}/{name.split('.', 1)[0]}.parquet"
+    return f"{key.rsplit('/', 1)[0]}/{_key_of(key)}.parquet"
 
 
 def _key_of(key: str) -> str:
