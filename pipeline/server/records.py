@@ -40,7 +40,7 @@ StoreName = Literal[STORES]  # type: ignore[valid-type]
 
 
 #: a number where a time belongs (seconds or milliseconds since 1970, to pydantic)
-_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 #: the one answer for an account the caller may not see or that does not exist: the same bytes
 NOT_FOUND = "no such account, or not one your token may read"
 
