@@ -394,6 +394,15 @@ def test_an_account_level_cluster_is_closed_by_an_admin_not_by_a_member(plane: C
         assert admin.post(f"/v1/clusters/{shared['cluster_id']}/close").status_code == 204
 
 
+def test_an_owner_closes_a_cluster_registered_for_her_name_typed_in_another_form(plane: ControlPlane) -> None:
+    """josé (composed) was refused closing the cluster an admin registered for jose\u0301 (decomposed): one
+    name to ingest and erasure, two to the owner check."""
+    with plane.admin() as admin:
+        registered = admin.post("/v1/clusters", json={"account": "acme", "user": "jose\u0301"}).json()
+    with plane.client(plane.tokens.create("member", "acme", "jos\u00e9").token) as jose:
+        assert jose.post(f"/v1/clusters/{registered['cluster_id']}/close").status_code == 204
+
+
 def test_a_malformed_saved_token_is_never_quoted_in_the_error(plane: ControlPlane) -> None:
     """httpx refuses a header holding a newline, and its message quoted the header: the token."""
     from pipeline.apiclient import ApiClient, Credentials

@@ -675,7 +675,7 @@ def close_cluster(
     others = principal.kind == "gateway" and registry.registered_by(cluster_id) != principal.token_id
     if found is None or others or (member and (found.account is None or not principal.may_read(found.account))):
         raise HTTPException(404, f"no cluster {cluster_id!r} of yours")
-    if member and (found.owner is None or found.owner != principal.user):
+    if member and (found.owner is None or not same(found.owner, principal.user)):
         raise HTTPException(403, "only the cluster's owner or an admin may close it")  # listed to the account
     registry.close(cluster_id, found.token_id, actor=principal.actor)
     return Response(status_code=204)
