@@ -67,6 +67,14 @@ def test_a_backend_that_starts_clusters_elsewhere_is_refused_by_name(token_file:
         configure(c)
 
 
+def test_a_backend_that_cannot_be_imported_is_one_line(token_file: Path) -> None:
+    """The KubeBackend without kubernetes_asyncio installed was a ModuleNotFoundError traceback."""
+    c = Config()
+    c.DaskGateway.backend_class = "dask_gateway_server.backends.nowhere.NoBackend"
+    with gateway_config(token_file), pytest.raises(ConfigError, match="NoBackend' cannot be imported"):
+        configure(c)
+
+
 def test_settings_map_users_to_accounts_by_the_rule(token_file: Path, tmp_path: Path) -> None:
     with gateway_config(token_file, **{"pipeline.home": str(tmp_path / "home")}):
         per_user = GatewaySettings.from_config()
@@ -84,6 +92,17 @@ def test_settings_map_users_to_accounts_by_the_rule(token_file: Path, tmp_path: 
         ({"pipeline.gateway.url": None}, "pipeline.gateway.url"),
         ({"pipeline.gateway.account": "{team}"}, "pipeline.gateway.account"),
         ({"pipeline.gateway.token-file": "/nonexistent/token"}, "cannot read"),
+        # tracebacks at configure time, or a failure of every cluster start: each one line naming the key
+        ({"pipeline.gateway.account": "{user}}"}, "pipeline.gateway.account"),
+        ({"pipeline.gateway.account": "{"}, "pipeline.gateway.account"),
+        ({"pipeline.gateway.account": "{user:d}"}, "pipeline.gateway.account"),
+        ({"pipeline.gateway.account": "{user!r}"}, "pipeline.gateway.account"),
+        ({"pipeline.gateway.home": "{home.x}"}, "pipeline.gateway.home"),
+        ({"pipeline.gateway.home": "{home[0]}"}, "pipeline.gateway.home"),
+        ({"pipeline.gateway.home": "{home:>9}"}, "pipeline.gateway.home"),
+        ({"pipeline.gateway.url": "ftp://cp.example"}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.url": "cp.example:8800"}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.url": [1, 2]}, "pipeline.gateway.url"),
     ],
 )
 def test_settings_name_what_is_wrong(token_file: Path, keys: dict[str, str | None], message: str) -> None:

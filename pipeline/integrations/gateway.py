@@ -35,15 +35,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 import dask.config
 
 from pipeline.apiclient import ApiClient, Credentials
-from pipeline.config import Settings, not_text, spool_folder
+from pipeline.config import Settings, not_text, spool_folder, text_setting
 from pipeline.errors import ConfigError
 from pipeline.principals import TOKEN_SHAPE
-from pipeline.redact import first_line
+from pipeline.redact import first_line, mask_url
 from pipeline.server.clusters import plugin_config  # imported with the gateway's config, not on its loop (1 s)
 from pipeline.spool import Spool
 
@@ -74,19 +74,26 @@ class GatewaySettings:
         )
         if not url or not token_file:
             raise ConfigError("pipeline.gateway.url and pipeline.gateway.token-file must be set for dask-gateway")
+        address = urlparse(text_setting("gateway.url", url) or "")
+        if address.scheme not in ("http", "https") or not address.netloc:
+            raise ConfigError(f"pipeline.gateway.url: {mask_url(str(url))!r} is no http:// or https:// URL")
         home = Settings.from_config().home
         try:
             base = Path(str(dask.config.get("pipeline.gateway.home")).format(home=home)).expanduser().absolute()
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
             raise ConfigError(f"pipeline.gateway.home: only {{home}} may be expanded: {exc}") from exc
         if not isinstance(rule, str):  # DASK_PIPELINE__GATEWAY__ACCOUNT=1e3 is read as a number: account 1000.0
             raise not_text("gateway.account", rule)
-        settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), rule, base)
-        fields = [field for _, field, _, _ in string.Formatter().parse(settings.account_rule) if field is not None]
-        if any(field != "user" for field in fields):
-            raise ConfigError(
-                f"pipeline.gateway.account: {settings.account_rule!r} may name {{user}} only (or be a fixed account)"
+        try:  # {user} as it is, nothing else: a format spec or a conversion failed every cluster start
+            plain = all(
+                field in (None, "user") and not spec and conversion is None
+                for _, field, spec, conversion in string.Formatter().parse(rule)
             )
+        except ValueError:  # a single { or }
+            plain = False
+        if not plain:
+            raise ConfigError(f"pipeline.gateway.account: {rule!r} may name {{user}} only (or be a fixed account)")
+        settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), rule, base)
         settings.token()
         return settings
 
@@ -317,7 +324,10 @@ def configure(c: Any) -> None:
 
     backend = c.DaskGateway.get("backend_class", "dask_gateway_server.backends.local.UnsafeLocalBackend")
     if isinstance(backend, str):
-        backend = import_item(backend)
+        try:
+            backend = import_item(backend)
+        except ImportError as exc:  # KubeBackend without kubernetes_asyncio, a typo: the backend cannot be used
+            raise ConfigError(f"DaskGateway.backend_class {backend!r} cannot be imported: {first_line(exc)}") from exc
     if _chowns_the_root(backend):
         raise ConfigError(
             f"pipeline.integrations.gateway: {backend.__name__} of this dask-gateway-server changes the owner of / "
