@@ -134,11 +134,18 @@ def test_a_job_that_finished_is_not_recorded_lost(registry: ClusterRegistry) -> 
     assert jobs(registry) == []
 
 
-def test_a_cluster_never_heard_of_stays_open(registry: ClusterRegistry) -> None:
-    """Its files may wait for their hosts: only silence after contact makes a cluster lost."""
-    registry.register("acme", "http://control-plane.invalid")
+def test_a_cluster_never_heard_of_stays_open_until_its_token_expires(registry: ClusterRegistry) -> None:
+    """Its files may wait for their hosts: only silence after contact makes a cluster lost. Once its token
+    expired it can never deliver, and it was listed open for good."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
     assert registry.sweep(now=utcnow() + LOST_AFTER * 100) == []
     assert [c["state"] for c in registry.list(now=utcnow() + LOST_AFTER * 100)] == ["open"]
+    assert cluster.expires_at is not None
+    expired = cluster.expires_at + timedelta(seconds=1)
+    registry.sweep(now=expired)
+    [listed] = registry.list(now=expired)
+    assert (listed["state"], listed["closed_at"], listed["last_contact_at"]) == ("closed", cluster.expires_at, None)
+    assert ends(registry) == ["cluster.closed"]
 
 
 def ends(registry: ClusterRegistry) -> list[str]:

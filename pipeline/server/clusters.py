@@ -37,7 +37,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 
 from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
-from pipeline.db import clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
+from pipeline.db import api_tokens, clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
 from pipeline.errors import ClusterLost, InvalidBinding, KeyringError, OutputError, UnknownAccountError
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
@@ -269,13 +269,20 @@ class ClusterRegistry:
 
         A lost cluster is lost from its last contact plus that time; its running jobs are
         recorded then with the counts last reported and ``status: lost``. A cluster never
-        heard of is not lost: its files may wait days for their hosts (its token still expires).
+        heard of is not lost: its files may wait days for their hosts. Once its token expired
+        it can never deliver: it is closed, as of that moment.
         """
         now = now or utcnow()
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
         run = listening(self.pipeline.keyring.engine)
         query = select(clusters).where(
             clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at <= now - lost_after
+        )
+        unheard = (
+            select(clusters, api_tokens.c.expires_at)
+            .join(api_tokens, api_tokens.c.token_id == clusters.c.token_id)
+            .where(clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None), clusters.c.last_contact_at.is_(None))
+            .where(api_tokens.c.expires_at <= now)
         )
         # ended a while ago and its jobs not yet recorded: the process ending it stopped in between (one
         # that did not records them moments after, so another process's sweep leaves those alone)
@@ -286,8 +293,11 @@ class ClusterRegistry:
         with transaction(self.pipeline.keyring.engine, "finding lost clusters") as conn:
             rows = conn.execute(query).all()
             left = conn.execute(stranded).all()
+            expired = conn.execute(unheard).all()
         for row in left:
             self._record_lost_jobs(row, row.closed_at or row.lost_at)
+        for row in expired:
+            self._end(row, "closed", row.expires_at)
         lost = []
         for row in rows:
             silent = run.silent_from(row.last_contact_at, now, self._gap)
