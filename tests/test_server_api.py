@@ -353,3 +353,17 @@ def test_a_members_own_names_typed_in_another_unicode_form_are_their_own(home: P
         filed = zoe.post("/v1/erasure-requests", json={"account": decomposed, "user": "zoe\u0308"})
         assert filed.status_code == 201, filed.text
     pipeline.close()
+
+
+def test_head_answers_as_get_without_a_body_and_a_trailing_slash_is_not_redirected(plane: ControlPlane) -> None:
+    """HEAD was 405 (RFC 9110 requires it where GET is served: health checkers took the service for down), and
+    ``/v1/health/`` was redirected to whatever host the Host header named."""
+    with plane.admin() as admin:
+        got, head = admin.get("/v1/health"), admin.head("/v1/health")
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert admin.head("/v1/records").status_code == 200
+        assert admin.head("/v1/nothing-here").status_code == 404
+        slashed = admin.get("/v1/health/", headers={"Host": "evil.example"})
+    assert "location" not in slashed.headers
+    assert_problem(slashed, 404)

@@ -124,6 +124,7 @@ class _Guard:
             await send(message)
 
         route = "unmatched"
+        served = {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope  # GET's answer, no body
         try:
             refusal = await self._refusal(scope)
             if refusal is not None:
@@ -132,12 +133,14 @@ class _Guard:
                 route = _INGEST[1]
                 await _ingest(scope, self._bounded(scope, receive), observed)
             else:
-                await self.app(scope, self._bounded(scope, receive), observed)
+                await self.app(
+                    served, self._bounded(scope, receive), observed if served is scope else _bodiless(observed)
+                )
         except ClientDisconnect:
             status = 499  # nginx's code for it: the client left, nothing to answer
             logger.debug("client disconnected during %s %s", scope["method"], scope["path"])
         finally:
-            route = getattr(scope.get("route"), "path", route)
+            route = getattr(served.get("route"), "path", route)
             self.metrics.observe(scope["method"], route, status, started)
 
     async def _refusal(self, scope: Scope) -> JSONResponse | None:
@@ -182,6 +185,17 @@ class _Guard:
         return bounded
 
 
+def _bodiless(send: Send) -> Send:
+    """``send`` for a HEAD request: the GET answer's status and headers (its length too), no body."""
+
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
+
+
 #: a control character in a (percent-decoded) path
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: a request refused before its body was read ends its connection: the unread rest is never read
@@ -220,6 +234,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
         description="Clusters write, people read their own accounts; see DESIGN.md Part 2.",
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # its redirect named the Host header's host: /v1/health/ is 404, as any other path
     )
     app.openapi = functools.partial(openapi_document, app)  # type: ignore[method-assign]
     app.state.pipeline = pipeline
