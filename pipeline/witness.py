@@ -83,7 +83,7 @@ class Checkpoint:
                 datetime.fromisoformat(doc["time"]),
                 str(doc["signature"]),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # OverflowError: a seq of 1e999
             raise AuditIntegrityError(0, f"witness checkpoint {name} is malformed: {exc}") from exc
 
 
@@ -140,7 +140,8 @@ class Stored:
 def _claimed_seq(name: str) -> float:
     """The sequence number a name claims (``checkpoint-<seq>-…``); infinity when it claims none."""
     parts = name.split("-")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "checkpoint" and parts[1].isdigit() else math.inf
+    claims = len(parts) > 2 and parts[0] == "checkpoint" and parts[1].isascii() and parts[1].isdigit()  # not "²"
+    return int(parts[1]) if claims else math.inf
 
 
 class FileWitness(Witness):

@@ -285,6 +285,25 @@ def test_a_verification_reads_the_newest_checkpoints_not_every_one_ever_written(
     assert f"witness checkpoint {witness / 'notes.json'} is malformed" in read_junk
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("junk.json", '{"seq": 1e999, "head_hash": "x", "entries": 1, "time": "2026-01-01T00:00:00+00:00", "signature": "z"}'),
+        ("junk.json", '{"seq": 1, "head_hash": "x", "entries": Infinity, "time": "2026-01-01T00:00:00+00:00", "signature": "z"}'),
+        ("checkpoint-\u00b2-x.json", ""),
+    ],
+    ids=["seq-infinite", "entries-infinite", "superscript-seq"],
+)
+def test_junk_planted_in_the_witness_is_skipped(home: Path, name: str, content: str) -> None:
+    """The pipeline's credentials may add objects to a locked bucket, where they stay: one holding an infinite
+    number or named with a superscript digit made verify, report and every checkpoint a traceback, for good."""
+    _pipeline_with_checkpoint(3)
+    (home / "audit-witness" / name).write_text(content)
+    verified = run("audit", "verify")
+    assert verified.exit_code == 0 and verified.stdout.startswith("audit trail intact"), verified.output
+    assert run("enforce").exit_code == 0
+
+
 def test_moving_the_witness_starts_a_new_high_water_mark(home: Path, tmp_path: Path) -> None:
     _pipeline_with_checkpoint(3)
     assert run("audit", "verify").exit_code == 0
