@@ -285,11 +285,15 @@ def test_a_verification_reads_the_newest_checkpoints_not_every_one_ever_written(
     assert f"witness checkpoint {witness / 'notes.json'} is malformed" in read_junk
 
 
+#: a checkpoint's fields, unsigned
+JUNK = '{"seq": 1, "head_hash": "x", "entries": 1, "time": "2026-01-01T00:00:00+00:00", "signature": "z"}'
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [
-        ("junk.json", '{"seq": 1e999, "head_hash": "x", "entries": 1, "time": "2026-01-01T00:00:00+00:00", "signature": "z"}'),
-        ("junk.json", '{"seq": 1, "head_hash": "x", "entries": Infinity, "time": "2026-01-01T00:00:00+00:00", "signature": "z"}'),
+        ("junk.json", JUNK.replace('"seq": 1', '"seq": 1e999')),
+        ("junk.json", JUNK.replace('"entries": 1', '"entries": Infinity')),
         ("checkpoint-\u00b2-x.json", ""),
     ],
     ids=["seq-infinite", "entries-infinite", "superscript-seq"],
