@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import pwd
 import socket
@@ -46,8 +47,21 @@ from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import Connection, Dialect, Engine, Select, func, insert, select, text, type_coerce, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Engine,
+    LargeBinary,
+    Select,
+    cast,
+    func,
+    insert,
+    select,
+    text,
+    type_coerce,
+    update,
+)
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.types import NullType
 
 from pipeline.audit_trust import HANDOVER, KeySchedule, handover_statement, key_schedule, signed_by
@@ -60,6 +74,8 @@ from pipeline.signing import AuditSigner, FileSigner, PublicKey, open_signer, pu
 from pipeline.witness import Checkpoint, HighWater, Witness, open_witness
 
 __all__ = ["AuditEntry", "AuditLog", "VerifyResult", "canonical_entry", "default_actor", "verify_entries"]
+
+logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 #: where the signing key lived before it had a file of its own (wrapped by the master key)
@@ -247,7 +263,11 @@ class AuditLog:
             if _last_policy_sha(conn) == sha256:  # the usual case: no write lock taken
                 return None
 
-        newest = self.newest_checkpoint()
+        try:
+            newest = self.newest_checkpoint()
+        except AuditIntegrityError as exc:  # a rolled-back witness: leave the trail as found, for `audit verify`
+            logger.warning("policy %s not recorded in the audit trail: %s", path, exc)
+            return None
 
         def changed(conn: Connection, *_: Any) -> list[Mapping[str, Any]]:
             if _last_policy_sha(conn) == sha256:  # another process recorded it meanwhile
@@ -309,8 +329,16 @@ class AuditLog:
             query = query.where(audit_log.c.action.in_(list(actions)))
         with _reading(self.engine) as conn, conn.execution_options(yield_per=1000).execute(query) as rows:
             read_time = _time_reader(conn.dialect)
-            for row in rows:
-                yield _entry(row, read_time)
+            last = after
+            try:
+                for row in rows:
+                    yield _entry(row, read_time)
+                    last = row.seq
+            except OperationalError as exc:
+                if "decode to UTF-8" not in str(exc.orig):  # SQLite's own message; else the database is away
+                    raise
+                reason = "holds text that is not UTF-8 (altered in the database)"
+                raise AuditIntegrityError(_first_not_utf8(conn, last), reason) from None
 
     def verify(self) -> int:
         """Check the chain, every signature and the newest witness checkpoint; returns the entry count.
@@ -511,6 +539,22 @@ def _recorded_at(row: Any, read_time: Callable[[Any], Any]) -> datetime:
     return value
 
 
+def _first_not_utf8(conn: Connection, after: int) -> int:
+    """The first entry past ``after`` with a text column that is not UTF-8 (SQLite keeps what it is given),
+    read as bytes: read as text, the whole chunk of rows it is in fails."""
+    names = ("recorded_at", "actor", "action", "subject_ref", "details", "prev_hash", "entry_hash", "signature")
+    as_bytes = [cast(audit_log.c[name], LargeBinary) for name in names]
+    query = select(audit_log.c.seq, *as_bytes).where(audit_log.c.seq > after).order_by(audit_log.c.seq)
+    for seq, *values in conn.execute(query):
+        for value in values:
+            try:
+                if isinstance(value, bytes):
+                    value.decode()
+            except UnicodeDecodeError:
+                return int(seq)
+    return after + 1
+
+
 def _details(row: Any) -> dict[str, Any]:
     try:
         details = json.loads(row.details)
@@ -518,6 +562,11 @@ def _details(row: Any) -> dict[str, Any]:
         raise AuditIntegrityError(row.seq, "details are not JSON") from None
     if not isinstance(details, dict):
         raise AuditIntegrityError(row.seq, "details are not a JSON object")
+    if "\\u" in row.details:  # an escape may decode to a lone surrogate, which no UTF-8 encoder takes
+        try:
+            json.dumps(details, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise AuditIntegrityError(row.seq, "details hold text that is not Unicode (altered)") from None
     return details
 
 

@@ -187,6 +187,23 @@ def test_a_rolled_back_witness_folder_is_named_by_the_high_water_mark(home: Path
     _fails(f"this host saw the checkpoint of 2026-12-01T11:00Z recording seq {last} (witness rolled back")
 
 
+def test_a_wiped_witness_is_a_failed_check_when_the_policy_changed_too(home: Path, tmp_path: Path) -> None:
+    """A changed policy is recorded as the pipeline opens, after a look at the witness: its rollback escaped
+    there, so `audit verify` exited 2 (no JSON) and report and enforce would not run."""
+    from pipeline.config import default_policy_path
+
+    _pipeline_with_checkpoint(3)
+    assert run("audit", "verify").exit_code == 0  # this host now holds a high-water mark
+    shutil.rmtree(home / "audit-witness")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(default_policy_path().read_text() + "\n# edited\n")
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        _fails("holds no checkpoint, but this host saw")
+        verified = run("audit", "verify", "--json")
+        assert verified.exit_code == 1 and json.loads(verified.stdout)["intact"] is False
+        assert run("report", "--out", str(tmp_path / "report")).exit_code == 0
+
+
 @pytest.fixture
 def s3(aws: str):  # noqa: ANN201
     return boto3.client("s3")
