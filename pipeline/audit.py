@@ -73,7 +73,15 @@ from pipeline.redact import mask_url
 from pipeline.signing import AuditSigner, FileSigner, PublicKey, open_signer, public_hex
 from pipeline.witness import Checkpoint, HighWater, Witness, open_witness
 
-__all__ = ["AuditEntry", "AuditLog", "VerifyResult", "canonical_entry", "default_actor", "verify_entries"]
+__all__ = [
+    "AuditEntry",
+    "AuditLog",
+    "VerifyResult",
+    "canonical_entry",
+    "default_actor",
+    "entry_fault",
+    "verify_entries",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -577,6 +585,15 @@ def _mismatch(checkpoint: Checkpoint, last_seq: int) -> str:
     return f"entry differs from the {checkpoint.label} (rewritten, or a database rolled back and extended)"
 
 
+def entry_fault(entry: Mapping[str, Any], schedule: KeySchedule) -> str | None:
+    """Why one entry (as a dict) is not as it was signed, its content or its signature; ``None`` when it is."""
+    if hashlib.sha256(canonical_entry(entry)).hexdigest() != entry["entry_hash"]:
+        return "content does not match its hash (altered)"
+    if not signed_by(schedule.key_for(entry["seq"]), entry["signature"], bytes.fromhex(entry["entry_hash"])):
+        return "signature does not verify (not signed by a trusted audit signing key)"
+    return None
+
+
 def verify_entries(
     entries: Iterator[Mapping[str, Any]],
     schedule: KeySchedule,
@@ -597,10 +614,8 @@ def verify_entries(
             raise AuditIntegrityError(expected_seq, f"missing or out of order (found seq {seq} instead)")
         if entry["prev_hash"] != prev_hash:
             raise AuditIntegrityError(seq, "does not chain to the previous entry (deleted, inserted or reordered)")
-        if hashlib.sha256(canonical_entry(entry)).hexdigest() != entry["entry_hash"]:
-            raise AuditIntegrityError(seq, "content does not match its hash (altered)")
-        if not signed_by(schedule.key_for(seq), entry["signature"], bytes.fromhex(entry["entry_hash"])):
-            raise AuditIntegrityError(seq, "signature does not verify (not signed by a trusted audit signing key)")
+        if (fault := entry_fault(entry, schedule)) is not None:
+            raise AuditIntegrityError(seq, fault)
         if checkpoint is not None and seq == checkpoint.seq and entry["entry_hash"] != checkpoint.head_hash:
             raise AuditIntegrityError(seq, _mismatch(checkpoint, seq))
         prev_hash, expected_seq = entry["entry_hash"], seq + 1

@@ -156,7 +156,7 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     `audit verify` found the trail intact."""
     from sqlalchemy import func, update
 
-    from pipeline.db import deletion_requests
+    from pipeline.db import audit_log, deletion_requests
 
     request_id = cli("erase", "request", "--account", "acme").strip()
     cli("enforce")
@@ -170,6 +170,17 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     assert result.exit_code == 1
     assert result.stderr.startswith(f"check failed: the receipt of {request_id} disagrees with the audit trail: ")
     assert "records 500, audit entry" in result.stderr and "says 4" in result.stderr
+
+    # the cited entry edited the same way: its own hash and signature no longer hold (they were not checked)
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            update(audit_log)
+            .where(audit_log.c.action == "store.erased")
+            .values(details=func.replace(audit_log.c.details, '"records": 4', '"records": 500'))
+        )
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1, result.output
+    assert "whose content does not match its hash (altered)" in result.stderr
 
 
 def test_erase_status_names_a_completion_forged_in_the_database_that_cites_no_audit_entry(pipeline) -> None:

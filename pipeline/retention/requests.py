@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Select, delete, insert, select, update
 
 from pipeline import tombstones
+from pipeline.audit import entry_fault
 from pipeline.db import deletion_requests, ingested_batches, reading, transaction
 from pipeline.errors import (
     AuditIntegrityError,
@@ -291,10 +292,14 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
         return found
     seqs = {seq for seq, _action, _said in cited}
     entries = {e.seq: e for e in pipeline.audit.entries(after=min(seqs) - 1) if e.seq in seqs}
+    schedule = pipeline.audit.key_schedule()
     for seq, action, said in cited:
         entry = entries.get(seq)
         if entry is None or entry.action != action:
             found.append(f"it cites audit entry {seq} as {action}, which the trail does not hold")
+            continue
+        if (fault := entry_fault(entry.as_dict(), schedule)) is not None:  # edited beside the receipt
+            found.append(f"it cites audit entry {seq}, whose {fault}")
             continue
         found += [
             f"{name} {value!r}, audit entry {seq} says {entry.details.get(name)!r}"
