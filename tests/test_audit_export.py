@@ -98,6 +98,37 @@ def test_the_script_names_the_first_altered_or_missing_entry(home: Path, tmp_pat
     assert verify(script, folder).stdout.strip() == "manifest.json is not signed by public_key.pem"
 
 
+def test_the_script_refuses_content_no_signature_covers_and_damaged_files_in_one_line(
+    home: Path, tmp_path: Path
+) -> None:
+    """A second "records" in an entry's details (a reader keeping the first sees 500) and a field beside the
+    signed ones passed as intact; a blank line, a manifest without its head or a missing key were tracebacks."""
+    folder = export(home, tmp_path)
+    script = readme_script(folder, tmp_path)
+    entries = (folder / "entries.jsonl").read_text()
+    lines = entries.splitlines(keepends=True)
+
+    def fails(expected: str) -> None:
+        result = verify(script, folder)
+        assert (result.returncode, result.stderr) == (1, ""), result.stderr
+        assert result.stdout.count("\n") == 1 and expected in result.stdout, result.stdout
+        (folder / "entries.jsonl").write_text(entries)
+
+    (folder / "entries.jsonl").write_text("".join([*lines[:6], lines[6].replace('"n": ', '"n": 500, "n": '), *lines[7:]]))
+    fails("entry 7: a key twice in one object: 'n'")
+    extra = json.dumps({**json.loads(lines[6]), "records_really_erased": 500}) + "\n"
+    (folder / "entries.jsonl").write_text("".join([*lines[:6], extra, *lines[7:]]))
+    fails("entry 7: fields no signature covers: records_really_erased")
+    (folder / "entries.jsonl").write_text(entries + "\n")
+    fails(f"entry {len(lines) + 1}: does not read")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "head"}))
+    fails("manifest.json lacks 'head'")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "public_key.pem").unlink()
+    fails("public_key.pem")
+
+
 def _other_public_key() -> bytes:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
