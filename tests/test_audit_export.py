@@ -114,7 +114,9 @@ def test_the_script_refuses_content_no_signature_covers_and_damaged_files_in_one
         assert result.stdout.count("\n") == 1 and expected in result.stdout, result.stdout
         (folder / "entries.jsonl").write_text(entries)
 
-    (folder / "entries.jsonl").write_text("".join([*lines[:6], lines[6].replace('"n": ', '"n": 500, "n": '), *lines[7:]]))
+    (folder / "entries.jsonl").write_text(
+        "".join([*lines[:6], lines[6].replace('"n": ', '"n": 500, "n": '), *lines[7:]])
+    )
     fails("entry 7: a key twice in one object: 'n'")
     extra = json.dumps({**json.loads(lines[6]), "records_really_erased": 500}) + "\n"
     (folder / "entries.jsonl").write_text("".join([*lines[:6], extra, *lines[7:]]))
