@@ -125,6 +125,7 @@ class MetadataPlugin(SchedulerPlugin):
         self._open_stimulus: str | None = None
         self._envs: set[str] = set()
         self._background: set[asyncio.Future[Any]] = set()
+        self._callback: PeriodicCallback | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # register_plugin pickles the plugin before start(): ship the arguments only
@@ -170,7 +171,7 @@ class MetadataPlugin(SchedulerPlugin):
             else f"embedded mode (single-tenant: code on this scheduler can read every key in {settings.home})"
         )
         logger.info("metadata plugin active: %s; account %r, cluster %s", mode, self.account, self.cluster_id)
-        scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
+        scheduler.periodic_callbacks[f"{self.name}-snapshot"] = self._callback = callback
         callback.start()
         self._spawn(self._scheduler_environment())
         for address in list(scheduler.workers):  # hooks are not replayed for workers already there
@@ -189,21 +190,27 @@ class MetadataPlugin(SchedulerPlugin):
             self._failed("start", exc)
 
     async def close(self) -> None:
+        await self._shut(retire=True)  # the cluster is done: drop its token
+
+    async def _shut(self, *, retire: bool) -> None:
+        """Stop the snapshots, send a last one with the running jobs recorded lost, and close the emitter."""
         try:
             for task in list(self._background):
-                task.cancel()
+                if task is not asyncio.current_task():
+                    task.cancel()
             if self.emitter is None or self.scheduler is None:
                 return
-            callback = self.scheduler.periodic_callbacks.pop(f"{self.name}-snapshot", None)
-            if callback is not None:
-                callback.stop()
+            if self._callback is not None:
+                self._callback.stop()
+                if self.scheduler.periodic_callbacks.get(f"{self.name}-snapshot") is self._callback:
+                    del self.scheduler.periodic_callbacks[f"{self.name}-snapshot"]
             self._close_open()
             records = [self._snapshot_record()]
             records += [self._job_record(job, status="lost") for job in self._jobs.values()]  # the cluster ends first
             self._jobs.clear()
             self.emitter.submit(records)
-            emitter, timeout = self.emitter, self.close_timeout
-            close = functools.partial(emitter.close, timeout, retire=True)  # the cluster is done: drop its token
+            emitter, timeout, self.emitter = self.emitter, self.close_timeout, None
+            close = functools.partial(emitter.close, timeout, retire=retire)
             await asyncio.get_running_loop().run_in_executor(None, close)
         except Exception as exc:
             self._failed("close", exc)
@@ -368,6 +375,13 @@ class MetadataPlugin(SchedulerPlugin):
     # -- periodic and background work --------------------------------------
     def _snapshot_safely(self) -> None:
         try:
+            if self.scheduler is not None and self.scheduler.plugins.get(self.name) is not self:
+                # unregistered, or replaced by another plugin of its name: distributed does not close a plugin it
+                # removes, and no transition reaches it now; the cluster goes on, and so does its token
+                if self._callback is not None:
+                    self._callback.stop()
+                self._spawn(self._shut(retire=False))
+                return
             if self.emitter is not None:
                 self._close_open()
                 self.emitter.submit([self._snapshot_record()])

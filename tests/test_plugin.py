@@ -186,6 +186,37 @@ def test_register_plugin_on_a_running_cluster(home, settings) -> None:
     assert {r["kind"] for r in records} >= {"job", "cluster_snapshot", "software_env"}
 
 
+def slow(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x
+
+
+def test_an_unregistered_plugin_records_its_running_job_and_stops_its_snapshots(home, settings) -> None:  # noqa: ANN001
+    """distributed removes a plugin without closing it: its snapshots went on every interval, frozen, listing a
+    job long finished, which got no record at all; registered again, two streams of one cluster disagreed."""
+    with (
+        dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": "200ms"}),
+        preloaded_cluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        first = client.map(slow, range(3), seconds=0.5, key=[f"a-{i}" for i in range(3)])
+        time.sleep(0.7)  # job a runs
+        client.unregister_scheduler_plugin("metadata-pipeline")
+        wait(first)
+        client.register_plugin(MetadataPlugin(account="acme", interval=0.2))
+        wait(client.map(slow, range(2), seconds=0.1, key=[f"b-{i}" for i in range(2)]))
+        time.sleep(1)
+    jobs = _records(settings, kind="job")
+    assert sorted((j["status"], j["tasks_total"]) for j in jobs) == [("finished", 2), ("lost", 3)]
+    [lost] = [j for j in jobs if j["status"] == "lost"]
+    snapshots = sorted(_records(settings, kind="cluster_snapshot"), key=lambda r: r["observed_at"])
+    closed = max(r["observed_at"] for r in snapshots if lost["job_id"] in {j["job_id"] for j in r["jobs_running"]})
+    assert closed <= lost["observed_at"]  # listed running no longer once it is recorded lost
+    assert [r["tasks_completed_total"] for r in snapshots if r["observed_at"] > lost["observed_at"]] == sorted(
+        r["tasks_completed_total"] for r in snapshots if r["observed_at"] > lost["observed_at"]
+    )  # one stream: the totals never go back
+
+
 class _BrokenScheduler:
     """Anything the plugin touches raises."""
 
