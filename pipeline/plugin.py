@@ -375,7 +375,7 @@ class MetadataPlugin(SchedulerPlugin):
     # -- periodic and background work --------------------------------------
     def _snapshot_safely(self) -> None:
         try:
-            if self.scheduler is not None and self.scheduler.plugins.get(self.name) is not self:
+            if self.scheduler is not None and not any(p is self for p in self.scheduler.plugins.values()):
                 # unregistered, or replaced by another plugin of its name: distributed does not close a plugin it
                 # removes, and no transition reaches it now; the cluster goes on, and so does its token
                 if self._callback is not None:

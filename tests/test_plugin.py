@@ -217,6 +217,20 @@ def test_an_unregistered_plugin_records_its_running_job_and_stops_its_snapshots(
     )  # one stream: the totals never go back
 
 
+def test_a_plugin_registered_under_a_name_of_its_own_keeps_recording(home, settings) -> None:  # noqa: ANN001
+    """``register_plugin(plugin, name=...)`` keeps it under that name: taken for unregistered, it stopped after
+    its first snapshot and recorded no job."""
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(MetadataPlugin(account="acme", interval=0.2), name="meta")
+        time.sleep(0.6)  # snapshots come and go
+        wait(client.map(maybe_fail, range(5)))
+        time.sleep(0.5)
+    assert [j["status"] for j in _records(settings, kind="job")] == ["finished"]
+
+
 class _BrokenScheduler:
     """Anything the plugin touches raises."""
 
