@@ -83,7 +83,7 @@ class Checkpoint:
                 datetime.fromisoformat(doc["time"]),
                 str(doc["signature"]),
             )
-        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # OverflowError: a seq of 1e999
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:  # 1e999; [[[…]]]
             raise AuditIntegrityError(0, f"witness checkpoint {name} is malformed: {exc}") from exc
 
 

@@ -123,6 +123,12 @@ def test_the_script_refuses_content_no_signature_covers_and_damaged_files_in_one
     fails("entry 7: fields no signature covers: records_really_erased")
     (folder / "entries.jsonl").write_text(entries + "\n")
     fails(f"entry {len(lines) + 1}: does not read")
+    for handover in (
+        '{"action": "audit.signing_key_replaced"}',
+        '{"action": "audit.signing_key_replaced", "details": "x"}',
+    ):
+        (folder / "entries.jsonl").write_text(entries + handover + "\n")
+        fails(f"entry {len(lines) + 1}: the line lacks 'seq'")
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "head"}))
     fails("manifest.json lacks 'head'")

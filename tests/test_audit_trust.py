@@ -312,8 +312,9 @@ JUNK = '{"seq": 1, "head_hash": "x", "entries": 1, "time": "2026-01-01T00:00:00+
         ("junk.json", JUNK.replace('"seq": 1', '"seq": 1e999')),
         ("junk.json", JUNK.replace('"entries": 1', '"entries": Infinity')),
         ("checkpoint-\u00b2-x.json", ""),
+        ("checkpoint-999999999999999-x.json", "[" * 200_000 + "]" * 200_000),
     ],
-    ids=["seq-infinite", "entries-infinite", "superscript-seq"],
+    ids=["seq-infinite", "entries-infinite", "superscript-seq", "nested-deep"],
 )
 def test_junk_planted_in_the_witness_is_skipped(home: Path, name: str, content: str) -> None:
     """The pipeline's credentials may add objects to a locked bucket, where they stay: one holding an infinite
