@@ -182,6 +182,15 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     assert result.exit_code == 1, result.output
     assert "whose content does not match its hash (altered)" in result.stderr
 
+    quoted = func.replace(deletion_requests.c.receipt, '"audit_seq": ', '"audit_seq": "7", "was": ')  # a traceback
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            update(deletion_requests).where(deletion_requests.c.request_id == request_id).values(receipt=quoted)
+        )
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1, result.output
+    assert "it cites '7' as store.erased, which is no audit entry's number" in result.stderr
+
 
 def test_erase_status_names_a_completion_forged_in_the_database_that_cites_no_audit_entry(pipeline) -> None:
     """A pending request edited into a completed one with a receipt that cites nothing: it had nothing to

@@ -288,6 +288,12 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
     if "audit_seq" in rotation:
         cited.append((rotation["audit_seq"], "key.rotated", {"master_key_version": rotation["master_key_version"]}))
     found = _uncited(pipeline, request) if request.state == "completed" else []
+    found += [
+        f"it cites {seq!r} as {action}, which is no audit entry's number"
+        for seq, action, _ in cited
+        if not _is_seq(seq)
+    ]
+    cited = [(seq, action, said) for seq, action, said in cited if _is_seq(seq)]
     if not cited:
         return found
     seqs = {seq for seq, _action, _said in cited}
@@ -307,6 +313,11 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
             if entry.details.get(name) != value
         ]
     return found
+
+
+def _is_seq(value: Any) -> bool:
+    """An audit sequence number, as a receipt holds it (a receipt edited in the database may hold anything)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
