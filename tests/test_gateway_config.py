@@ -103,6 +103,10 @@ def test_settings_map_users_to_accounts_by_the_rule(token_file: Path, tmp_path: 
         ({"pipeline.gateway.url": "ftp://cp.example"}, "pipeline.gateway.url"),
         ({"pipeline.gateway.url": "cp.example:8800"}, "pipeline.gateway.url"),
         ({"pipeline.gateway.url": [1, 2]}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.url": "http://[::1"}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.url": "http://127.0.0.1:notaport"}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.url": "http://user:pw@/x"}, "pipeline.gateway.url"),
+        ({"pipeline.gateway.account": ""}, "pipeline.gateway.account"),
     ],
 )
 def test_settings_name_what_is_wrong(token_file: Path, keys: dict[str, str | None], message: str) -> None:

@@ -74,8 +74,7 @@ class GatewaySettings:
         )
         if not url or not token_file:
             raise ConfigError("pipeline.gateway.url and pipeline.gateway.token-file must be set for dask-gateway")
-        address = urlparse(text_setting("gateway.url", url) or "")
-        if address.scheme not in ("http", "https") or not address.netloc:
+        if not _http_url(text_setting("gateway.url", url) or ""):
             raise ConfigError(f"pipeline.gateway.url: {mask_url(str(url))!r} is no http:// or https:// URL")
         home = Settings.from_config().home
         try:
@@ -91,7 +90,7 @@ class GatewaySettings:
             )
         except ValueError:  # a single { or }
             plain = False
-        if not plain:
+        if not plain or not rule:
             raise ConfigError(f"pipeline.gateway.account: {rule!r} may name {{user}} only (or be a fixed account)")
         settings = cls(str(url).rstrip("/"), Path(str(token_file)).expanduser(), rule, base)
         settings.token()
@@ -313,6 +312,16 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
 
     PipelineBackend.__name__ = PipelineBackend.__qualname__ = f"Pipeline{base.__name__}"
     return PipelineBackend
+
+
+def _http_url(url: str) -> bool:
+    """An http(s) URL with a host and, if it names one, a port: what httpx can send requests to."""
+    try:
+        address = urlparse(url)
+        address.port  # noqa: B018 - raises for a port that is no number
+    except ValueError:  # an unclosed [IPv6, a port that is no number
+        return False
+    return address.scheme in ("http", "https") and bool(address.hostname)
 
 
 def configure(c: Any) -> None:
