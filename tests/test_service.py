@@ -221,3 +221,18 @@ def test_the_retention_cron_reads_days_of_the_week_as_crontab_does(cron: str, da
         at = trigger.get_next_fire_time(None, at + timedelta(seconds=1))
         fired.add(at.strftime("%a"))
     assert sorted(fired) == sorted(days.split())
+
+
+def test_a_retention_cron_restricting_both_day_fields_runs_on_either_as_crontab_does() -> None:
+    """APScheduler needs both to match: ``0 3 1 * 1`` ran on a Monday that is the 1st only (months apart), and
+    the report allowed a record that many months past its limit."""
+    from pipeline.errors import ConfigError
+    from pipeline.retention.schedule import retention_trigger
+
+    trigger, fired, at = retention_trigger("0 3 1 * 1"), [], datetime(2026, 11, 25, tzinfo=UTC)
+    for _ in range(4):
+        at = trigger.get_next_fire_time(None, at + timedelta(seconds=1))
+        fired.append(at.strftime("%a %d"))
+    assert fired == ["Mon 30", "Tue 01", "Mon 07", "Mon 14"]
+    with pytest.raises(ConfigError, match="'0 3 \\* \\* 5-1': The minimum value in a range"):
+        retention_trigger("0 3 * * 5-1")  # named, not "Wrong number of fields"

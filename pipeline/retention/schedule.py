@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from pipeline.errors import ConfigError
@@ -23,19 +25,30 @@ _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _LOOK_BACK = (timedelta(hours=1), timedelta(days=1), timedelta(days=8), timedelta(days=32), timedelta(days=367))
 
 
-def retention_trigger(cron: str) -> CronTrigger:
-    """The crontab expression as a trigger, its day of week read as crontab reads it (``1-5``: Monday to
-    Friday; APScheduler alone ran such passes Tuesday to Saturday).
+def retention_trigger(cron: str) -> BaseTrigger:
+    """The crontab expression as a trigger, its days read as crontab reads them: ``1-5`` is Monday to Friday
+    (APScheduler alone ran such passes Tuesday to Saturday), and with both a day of the month and a day of
+    the week restricted, either one matching runs a pass (APScheduler alone needed both).
 
     :raises ConfigError: naming ``pipeline.service.retention-cron``
     """
     fields = cron.split()
-    if len(fields) == 5:
-        fields[4] = _weekdays(fields[4])
+    if len(fields) != 5:
+        return _crontab(cron, cron)
+    fields[4] = _weekdays(fields[4])
+    if fields[2].startswith("*") or fields[4].startswith("*"):  # as cron tells "restricted": not starting with *
+        return _crontab(" ".join(fields), cron)
+    by_month_day, by_week_day = (
+        " ".join([*fields[:2], *days]) for days in ((fields[2], fields[3], "*"), ("*", *fields[3:]))
+    )
+    return OrTrigger([_crontab(by_month_day, cron), _crontab(by_week_day, cron)])
+
+
+def _crontab(expression: str, configured: str) -> CronTrigger:
     try:
-        return CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
+        return CronTrigger.from_crontab(expression, timezone=UTC)
     except ValueError as exc:
-        raise ConfigError(f"pipeline.service.retention-cron: {cron!r}: {exc}") from exc
+        raise ConfigError(f"pipeline.service.retention-cron: {configured!r}: {exc}") from exc
 
 
 def _weekdays(field: str) -> str:
@@ -45,8 +58,9 @@ def _weekdays(field: str) -> str:
         span, _, step = part.partition("/")
         first, _, last = span.partition("-")
         numbers = ("0", "7") if span == "*" else (first, last or (first if not step else "7"))
-        if not all(n.isdigit() and int(n) <= 7 for n in numbers) or (span == "*" and not step):
-            names.append(part)  # names, *, or what APScheduler refuses with its own reason
+        readable = all(n.isdigit() and int(n) <= 7 for n in numbers) and int(numbers[0]) <= int(numbers[1])
+        if not readable or (span == "*" and not step):
+            names.append(part)  # names, *, or what APScheduler refuses with its own reason (5-1, 9)
             continue
         days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if step.isdigit() and int(step) else 1)
         names += [_DAYS[day] for day in days]
