@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import rpc
@@ -125,7 +126,8 @@ class MetadataPlugin(SchedulerPlugin):
         self._open_stimulus: str | None = None
         self._envs: set[str] = set()
         self._background: set[asyncio.Future[Any]] = set()
-        self._callback: PeriodicCallback | None = None
+        #: its snapshot callback, weakly: the callback holds the event loop, and through it the whole process
+        self._callback: weakref.ref[PeriodicCallback] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # register_plugin pickles the plugin before start(): ship the arguments only
@@ -171,7 +173,8 @@ class MetadataPlugin(SchedulerPlugin):
             else f"embedded mode (single-tenant: code on this scheduler can read every key in {settings.home})"
         )
         logger.info("metadata plugin active: %s; account %r, cluster %s", mode, self.account, self.cluster_id)
-        scheduler.periodic_callbacks[f"{self.name}-snapshot"] = self._callback = callback
+        scheduler.periodic_callbacks[f"{self.name}-snapshot"] = callback
+        self._callback = weakref.ref(callback)
         callback.start()
         self._spawn(self._scheduler_environment())
         for address in list(scheduler.workers):  # hooks are not replayed for workers already there
@@ -200,9 +203,9 @@ class MetadataPlugin(SchedulerPlugin):
                     task.cancel()
             if self.emitter is None or self.scheduler is None:
                 return
-            if self._callback is not None:
-                self._callback.stop()
-                if self.scheduler.periodic_callbacks.get(f"{self.name}-snapshot") is self._callback:
+            if (callback := self._snapshots()) is not None:
+                callback.stop()
+                if self.scheduler.periodic_callbacks.get(f"{self.name}-snapshot") is callback:
                     del self.scheduler.periodic_callbacks[f"{self.name}-snapshot"]
             self._close_open()
             records = [self._snapshot_record()]
@@ -373,13 +376,16 @@ class MetadataPlugin(SchedulerPlugin):
             self._failed("add_worker", exc)
 
     # -- periodic and background work --------------------------------------
+    def _snapshots(self) -> PeriodicCallback | None:
+        return None if self._callback is None else self._callback()
+
     def _snapshot_safely(self) -> None:
         try:
             if self.scheduler is not None and not any(p is self for p in self.scheduler.plugins.values()):
                 # unregistered, or replaced by another plugin of its name: distributed does not close a plugin it
                 # removes, and no transition reaches it now; the cluster goes on, and so does its token
-                if self._callback is not None:
-                    self._callback.stop()
+                if (callback := self._snapshots()) is not None:
+                    callback.stop()
                 self._spawn(self._shut(retire=False))
                 return
             if self.emitter is not None:
