@@ -354,10 +354,18 @@ class AuditLog:
         :raises AuditIntegrityError: naming the first bad sequence number, or what the
             checkpoint records that the chain lacks
         """
-        checkpoint = self.newest_checkpoint()
-        schedule = self.key_schedule(checkpoint.seq if checkpoint else 0)
+        checkpoint, schedule = self.trusted()
         with contextlib.closing(self.entries()) as entries:  # close the cursor when verification stops early
             return verify_entries((e.as_dict() for e in entries), schedule, checkpoint=checkpoint)
+
+    def trusted(self) -> tuple[Checkpoint | None, KeySchedule]:
+        """The newest checkpoint, and the key trusted for each entry: hand-overs written before endorsements
+        existed count up to the checkpoint that pins them.
+
+        :raises AuditIntegrityError: the witness lacks a checkpoint this host has seen (rolled back)
+        """
+        checkpoint = self.newest_checkpoint()
+        return checkpoint, self.key_schedule(checkpoint.seq if checkpoint else 0)
 
     def check(self) -> VerifyResult:
         """:meth:`verify` as a result to report rather than an exception."""

@@ -298,7 +298,10 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
         return found
     seqs = {seq for seq, _action, _said in cited}
     entries = {e.seq: e for e in pipeline.audit.entries(after=min(seqs) - 1) if e.seq in seqs}
-    schedule = pipeline.audit.key_schedule()
+    try:
+        _checkpoint, schedule = pipeline.audit.trusted()
+    except AuditIntegrityError as exc:  # a rolled-back witness: no entry can vouch for the receipt
+        return [*found, f"the audit trail fails its check ({exc}), so no entry it cites can vouch for it"]
     for seq, action, said in cited:
         entry = entries.get(seq)
         if entry is None or entry.action != action:
