@@ -536,13 +536,9 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
     if state == "destroyed":
         # a run stopped after destroying, before this receipt was saved: its entry says what it destroyed;
         # stopped before that entry, the keyring says what was destroyed since the filing (as best it can)
-        earlier = _entries_of(pipeline, request, ("key.destroyed",))
-        if earlier:
-            entry = earlier[-1]
-        else:
-            if not destroyed:
-                destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
-            entry = _audit(pipeline, request, "key.destroyed", keys=destroyed)
+        if not destroyed:
+            destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
+        entry = _audited_once(pipeline, request, "key.destroyed", {}, keys=destroyed)
         key.update(
             keys_destroyed=entry.details.get("keys", destroyed),
             destroyed_at=entry.recorded_at.isoformat(),
