@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pipeline.awsclient import error_code
 from pipeline.errors import ConfigError, KeyringError, StoreError
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
@@ -35,7 +34,7 @@ from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.policy import Policy
 from pipeline.retention.schedule import since_last_pass
 from pipeline.runtime import Pipeline, Unreadable
-from pipeline.stores.archive import decryption_properties, merged_key
+from pipeline.stores.archive import decryption_properties, read_listed
 from pipeline.stores.base import url_options
 
 __all__ = ["ARCHIVE", "DataKeys", "build_archive_report"]
@@ -173,18 +172,6 @@ def _s3(options: tuple[tuple[str, str], ...]) -> Any:
     return boto3.client("s3", endpoint_url=given.get("endpoint"), region_name=given.get("region"))
 
 
-def _listed_body(group: Group, key: str) -> bytes | None:
-    """A listed object's bytes; when it is gone since the listing (a retention pass merged it), those of its
-    day's merged object, which holds its rows (kept once by segment id); None when that is gone too."""
-    for read in dict.fromkeys((key, merged_key(key))):
-        try:
-            return bytes(_s3(group.options).get_object(Bucket=group.bucket, Key=read)["Body"].read())
-        except ClientError as exc:
-            if error_code(exc) != "NoSuchKey":
-                raise
-    return None
-
-
 def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bounds: Bounds, names: bool) -> Part:
     """On a worker: open a group's objects, keep each segment once, reduce them as a local report does."""
     subject_ref, _, user = group.key_id.partition("~")
@@ -193,8 +180,9 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bo
     unreadable: list[Unreadable] = []
     tables: list[pa.Table] = []
     seen = pa.array([], pa.string())
+    s3 = _s3(group.options)  # one client for the group's objects
     for key in group.objects:
-        body = _listed_body(group, key)
+        body = read_listed(key, lambda name: bytes(s3.get_object(Bucket=group.bucket, Key=name)["Body"].read()))
         if body is None:  # expired or erased since the listing
             continue
         try:

@@ -55,7 +55,7 @@ from pipeline.redact import first_line, mask_url
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores.base import Removed, Store, noting_deleted, oldest_first, url_options
 
-__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties", "merged_key"]
+__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties", "merged_key", "read_listed"]
 
 #: columns the archive adds to every record
 SEGMENT_COLUMNS = [
@@ -172,17 +172,6 @@ class ArchiveStore(Store):
             return self._read_versioned(key)[0]
         except KeyringError:
             return None
-
-    def _read_listed(self, key: str) -> pa.Table | None:
-        """A listed object's rows. When it is gone since the listing (a retention pass in another process
-        merged it), its day's merged object holds them; None when that is gone too (expired, erased)."""
-        for read in dict.fromkeys((key, merged_key(key))):
-            try:
-                return self._readable(read)
-            except StoreError as exc:
-                if _code(exc) != "NoSuchKey":
-                    raise
-        return None
 
     def _read_versioned(self, key: str) -> tuple[pa.Table, str]:
         """The object's rows and the ETag of the version read (for a conditional replace)."""
@@ -303,7 +292,7 @@ class ArchiveStore(Store):
             for key in self._keys(data_type):
                 if not _owned(key, subject_ref, user_ref):
                     continue
-                table = self._read_listed(key)
+                table = read_listed(key, self._readable)
                 for segment in _segments(self.keyring, table) if table is not None else ():
                     if segment.segment_id in seen or (kind and segment.kind != kind):
                         continue
@@ -409,6 +398,19 @@ def _key_id(subject_ref: str, user_ref: str | None) -> str:
 def _refs(key_id: str) -> tuple[str, str | None]:
     subject_ref, _, user_ref = key_id.partition("~")
     return subject_ref, None if user_ref in ("", "-") else user_ref
+
+
+def read_listed(key: str, read: Callable[[str], _T]) -> _T | None:
+    """``read`` of a listed object. When it is gone since the listing (a retention pass in another process
+    merged it), ``read`` of its day's merged object, which holds its rows; None when that is gone too
+    (expired, erased). ``read`` raises botocore's error, or this store's with it as the cause."""
+    for name in dict.fromkeys((key, merged_key(key))):
+        try:
+            return read(name)
+        except (ClientError, StoreError) as exc:
+            if (_code(exc) if isinstance(exc, StoreError) else error_code(exc)) != "NoSuchKey":
+                raise
+    return None
 
 
 def merged_key(key: str) -> str:
