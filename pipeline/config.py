@@ -17,6 +17,7 @@ from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import dask.config
 import yaml
@@ -26,7 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
 from pipeline.redact import mask_url, quoted
 
-__all__ = ["ServerLimits", "Settings", "default_policy_path", "not_text", "spool_folder", "text_setting"]
+__all__ = ["ServerLimits", "Settings", "default_policy_path", "http_url", "not_text", "spool_folder", "text_setting"]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
@@ -56,6 +57,16 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAY_BE_ZERO = frozenset({"emitter.linger", "keys.retire-after"})
 #: the longest duration of any setting: certificates, tokens and keys past it end after the year 9999
 _MAX_DURATION = timedelta(days=100 * 365)
+
+
+def http_url(url: str) -> bool:
+    """An http(s) URL with a host and, if it names one, a port that is a number: one httpx can send to."""
+    try:
+        address = urlparse(url)
+        address.port  # noqa: B018 - raises for a port that is no number
+    except ValueError:  # an unclosed [IPv6, a port that is no number
+        return False
+    return address.scheme in ("http", "https") and bool(address.hostname)
 
 
 def text_setting(key: str, value: Any) -> str | None:

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
-from pipeline.config import Settings
+from pipeline.config import Settings, http_url
 from pipeline.errors import BatchRefused, ClusterLost, ConfigError, StoreUnavailable, Throttled, TokenRefused
 from pipeline.redact import first_line, mask_url, quoted
 from pipeline.spool import SpooledBatch
@@ -311,8 +310,7 @@ def remote_delivery(settings: Settings) -> HTTPDelivery | None:
     """
     if not settings.ingest_url:
         return None
-    parsed = urlparse(settings.ingest_url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    if not http_url(settings.ingest_url):
         raise ConfigError(f"pipeline.ingest.url {quoted(mask_url(settings.ingest_url))} is not an http(s):// URL")
     if not settings.ingest_token:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.token is not")

@@ -6,11 +6,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import click
 
 from pipeline.cli.core import NAME, TEXT, command, main, open_pipeline
+from pipeline.config import http_url
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
 
@@ -106,8 +106,7 @@ def login(out: Output, url: str, token_file: Path | None, token: str | None) -> 
     from pipeline.apiclient import ApiClient, Credentials
 
     token = _read_token(token_file, token)
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if not http_url(url):
         raise click.BadParameter(f"{quoted(mask_url(url))} is not an http(s):// URL", param_hint="--url")
     credentials = Credentials(url.rstrip("/"), token)
     with ApiClient(credentials) as client:

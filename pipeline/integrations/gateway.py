@@ -35,12 +35,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 import dask.config
 
 from pipeline.apiclient import ApiClient, Credentials
-from pipeline.config import Settings, not_text, spool_folder, text_setting
+from pipeline.config import Settings, http_url, not_text, spool_folder, text_setting
 from pipeline.errors import ConfigError
 from pipeline.principals import TOKEN_SHAPE
 from pipeline.redact import first_line, mask_url
@@ -74,7 +74,7 @@ class GatewaySettings:
         )
         if not url or not token_file:
             raise ConfigError("pipeline.gateway.url and pipeline.gateway.token-file must be set for dask-gateway")
-        if not _http_url(text_setting("gateway.url", url) or ""):
+        if not http_url(text_setting("gateway.url", url) or ""):
             raise ConfigError(f"pipeline.gateway.url: {mask_url(str(url))!r} is no http:// or https:// URL")
         home = Settings.from_config().home
         try:
@@ -312,16 +312,6 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
 
     PipelineBackend.__name__ = PipelineBackend.__qualname__ = f"Pipeline{base.__name__}"
     return PipelineBackend
-
-
-def _http_url(url: str) -> bool:
-    """An http(s) URL with a host and, if it names one, a port: what httpx can send requests to."""
-    try:
-        address = urlparse(url)
-        address.port  # noqa: B018 - raises for a port that is no number
-    except ValueError:  # an unclosed [IPv6, a port that is no number
-        return False
-    return address.scheme in ("http", "https") and bool(address.hostname)
 
 
 def configure(c: Any) -> None:
