@@ -23,13 +23,14 @@ _R = TypeVar("_R")
 
 
 class GroupCommit(Generic[_T, _R]):
-    """Commit items in groups with ``commit``, which returns one result per item, in order.
+    """Commit items in groups with ``commit``, which returns one result per item, in order; an
+    exception as an item's result is that item's error alone.
 
     If ``commit`` raises, every item of its group gets that error (``commit`` must then
     have written nothing, or only what a retry of the same items finds and skips).
     """
 
-    def __init__(self, commit: Callable[[Sequence[_T]], Sequence[_R]], *, max_group: int = 256) -> None:
+    def __init__(self, commit: Callable[[Sequence[_T]], Sequence[_R | Exception]], *, max_group: int = 256) -> None:
         self._commit = commit
         self._max_group = max_group
         self._lock = threading.Lock()
@@ -96,5 +97,8 @@ class GroupCommit(Generic[_T, _R]):
                 future.set_exception(exc)
         else:
             for (_item, future), result in answered:
-                future.set_result(result)
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
         return True

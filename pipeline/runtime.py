@@ -36,6 +36,7 @@ from pipeline.errors import (
     ForbiddenBatch,
     IntakeError,
     KeyringError,
+    PipelineError,
     StoreError,
     StoreUnavailable,
     UnknownAccountError,
@@ -57,6 +58,7 @@ from pipeline.witness import HighWater
 
 __all__ = [
     "Admitted",
+    "Guard",
     "IngestResult",
     "Locking",
     "Pipeline",
@@ -237,9 +239,13 @@ class IngestResult:
 #: a statement for a group commit's transaction, with the key of the row it locks and its parameters
 #: (the statement built once, its values given per batch: building one costs more than running it)
 Locking = tuple[str, Executable, dict[str, Any]]
-#: what admission makes of a batch: the batch to write (less records it does not take) and a statement
-#: for the commit that writes it
-Admitted = tuple[OpenedBatch, Locking | None]
+#: a check for a group commit's transaction, run after its locks: a statement selecting which of the keys
+#: given as its ``ids`` no longer stand as admission saw them, and the batch's keys; a batch with a key
+#: selected is admitted again (another process changed what its admission read)
+Guard = tuple[Executable, tuple[Any, ...]]
+#: what admission makes of a batch: the batch to write (less records it does not take), a statement
+#: for the commit that writes it, and a guard for that commit
+Admitted = tuple[OpenedBatch, Locking | None, Guard | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,6 +258,10 @@ class PreparedBatch:
     tables: list[pa.Table]
     #: run in the commit's transaction, taken or not (what ``admit`` returned: a cluster's contact)
     statements: tuple[Locking, ...] = ()
+    #: checked in the commit's transaction after its locks (what ``admit`` returned: a job's end)
+    guards: tuple[Guard, ...] = ()
+    #: the same batch admitted again, when a guard fails (``None``: no admission)
+    readmit: Callable[[], PreparedBatch] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -283,6 +293,34 @@ def _mark_ingested(conn: Connection, engine: Engine, batches: Sequence[PreparedB
             fresh.discard(key)  # the first of a replay within the group is new, the others duplicates
             new.add(id(batch))
     return new
+
+
+def _stale_admissions(conn: Connection, batches: Sequence[PreparedBatch]) -> set[int]:
+    """The ``id()`` of each batch a guard of its admission fails, checked in ``conn``'s transaction after
+    its locks; one query for each guard statement of the group (none without guards: most groups)."""
+    keys: dict[int, tuple[Executable, set[Any]]] = {}
+    for batch in batches:
+        for statement, ids in batch.guards:
+            keys.setdefault(id(statement), (statement, set()))[1].update(ids)
+    failed = {tuple(row) for statement, ids in keys.values() for row in conn.execute(statement, {"ids": list(ids)})}
+    return {id(batch) for batch in batches for _statement, ids in batch.guards if failed.intersection(ids)}
+
+
+class _StaleAdmission(Exception):
+    """What admission read of some batches changed before their commit: admit them again."""
+
+    def __init__(self, batches: set[int]) -> None:
+        super().__init__(f"{len(batches)} batches to admit again")
+        self.batches = batches
+
+
+def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
+    """``batch`` admitted again; the error of that admission is the batch's answer."""
+    assert batch.readmit is not None  # guards come from admission
+    try:
+        return batch.readmit()
+    except PipelineError as exc:
+        return exc
 
 
 #: which of some batch ids are taken: built once (building an IN clause of literal values costs
@@ -405,9 +443,10 @@ class Pipeline:
         :raises StoreUnavailable: a store or the metadata database is down; retry later (503)
 
         ``admit`` sees a scoped batch before anything is written, and returns the batch to write and
-        may return a statement for the commit that writes it, with the key of the row it locks (the
-        control plane notes its cluster's contact so, refuses a lost cluster's newer records with
-        ForbiddenBatch, and drops the late end of a job it recorded lost).
+        may return a statement for the commit that writes it, with the key of the row it locks, and a
+        guard that commit checks after its locks (the control plane notes its cluster's contact so,
+        refuses a lost cluster's newer records with ForbiddenBatch, and drops the end of a job it
+        recorded lost, also when another process records it lost between admission and commit).
         """
         prepared = self.prepare_ingest(sealed, principal, idempotency_key=idempotency_key, admit=admit)
         return self.commit_ingest(prepared)
@@ -440,8 +479,24 @@ class Pipeline:
         received = batch.n_records
         # stamped before admission: the running jobs it keeps, and writes as lost one day, name the owner
         batch = OpenedBatch(batch.batch_id, [_stamped(table, principal, subject_ref) for table in batch.tables])
-        batch, noted = admit(batch) if admit is not None else (batch, None)
-        return PreparedBatch(subject_ref, batch.batch_id, received, batch.tables, () if noted is None else (noted,))
+        return self._admitted(subject_ref, received, batch, admit)
+
+    def _admitted(
+        self, subject_ref: str, received: int, batch: OpenedBatch, admit: Callable[[OpenedBatch], Admitted] | None
+    ) -> PreparedBatch:
+        """``batch`` (scoped and stamped) through ``admit``, ready to commit, and how to admit it again."""
+        if admit is None:
+            return PreparedBatch(subject_ref, batch.batch_id, received, batch.tables)
+        admitted, noted, guard = admit(batch)
+        return PreparedBatch(
+            subject_ref,
+            admitted.batch_id,
+            received,
+            admitted.tables,
+            () if noted is None else (noted,),
+            () if guard is None else (guard,),
+            functools.partial(self._admitted, subject_ref, received, batch, admit),
+        )
 
     def commit_ingest(self, prepared: PreparedBatch) -> IngestResult:
         """Seal and write a prepared batch in the next group commit; returns once that commit is durable.
@@ -456,12 +511,30 @@ class Pipeline:
         with the errors of :meth:`commit_ingest`). The API awaits it on its event loop, holding no thread."""
         return self._commits.enqueue(prepared)
 
-    def _commit_group(self, batches: Sequence[PreparedBatch]) -> list[IngestResult]:
+    def _commit_group(self, batches: Sequence[PreparedBatch]) -> list[IngestResult | Exception]:
+        """Write a group of batches (:meth:`_commit_admitted`); a batch whose admission a guard finds
+        stale is admitted again and the group written afresh (rare: another process ended its cluster
+        meanwhile). An error of that second admission (its cluster found lost) is that batch's alone."""
+        group: list[PreparedBatch | Exception] = list(batches)
+        while True:
+            try:
+                results = iter(self._commit_admitted([b for b in group if isinstance(b, PreparedBatch)]))
+            except _StaleAdmission as stale:
+                group = [
+                    _readmitted(b) if isinstance(b, PreparedBatch) and id(b) in stale.batches else b for b in group
+                ]
+                continue
+            return [next(results) if isinstance(b, PreparedBatch) else b for b in group]
+
+    def _commit_admitted(self, batches: Sequence[PreparedBatch]) -> list[IngestResult]:
         """Write a group of batches: the ones not taken before, less what tombstones forbid, sealed
         (reads of the metadata database once for the whole group: batch ids, tombstones, data keys);
-        then every store but the long-term one in one call each, then one long-term transaction that
-        records the batch ids and adds the segments of the batches it found new (a concurrent
-        process may have taken one meanwhile)."""
+        then one long-term transaction that takes the admissions' locks and checks their guards, writes
+        every other store in one call each, records the batch ids and adds the segments of the batches
+        it found new (a concurrent process may have taken one meanwhile).
+
+        :raises _StaleAdmission: a guard failed; nothing was written
+        """
         fresh = self._untaken(batches)
         stones = tombstones.load(self.keyring.engine, {b.subject_ref for b in fresh})
         sealed = seal_batches(
@@ -475,10 +548,6 @@ class Pipeline:
                 s for b, route in zip(fresh, routes, strict=True) if only is None or id(b) in only for s in route[name]
             ]
 
-        for name in self.stores:
-            if name != "long_term" and (segments := routed(name)):
-                with _kept_for_retry(name):
-                    self.stores[name].write(segments)
         long_term = self.stores["long_term"]
         assert isinstance(long_term, SQLStore)  # checked by open
         with (
@@ -491,6 +560,12 @@ class Pipeline:
             for _statement_id, same in itertools.groupby(locking, key=lambda s: id(s[1])):
                 run = list(same)
                 conn.execute(run[0][1], [params for _key, _statement, params in run])
+            if stale := _stale_admissions(conn, fresh):
+                raise _StaleAdmission(stale)
+            for name in self.stores:  # after the checks, so no store holds what a stale admission let through
+                if name != "long_term" and (segments := routed(name)):
+                    with _kept_for_retry(name):
+                        self.stores[name].write(segments)
             new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
             long_term.insert(conn, routed("long_term", new))
         for name in self.stores:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,8 +14,8 @@ from sqlalchemy import update
 
 from pipeline.config import Settings
 from pipeline.db import clusters, transaction
-from pipeline.errors import ForbiddenBatch, KeyringError
-from pipeline.intake import OpenedBatch
+from pipeline.errors import ClusterLost, ForbiddenBatch, KeyringError
+from pipeline.intake import OpenedBatch, load_public_key, seal_batch
 from pipeline.records import tables_from_records, utcnow
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import TokenStore
@@ -53,7 +54,7 @@ def snapshot(cluster: Registration, at: datetime, **progress: int) -> dict[str, 
 
 def heard_from(registry: ClusterRegistry, cluster_id: str, batch: OpenedBatch, *, now: datetime) -> None:
     """Admit a batch and write its note of contact, as the group commit that writes it does."""
-    _admitted, noted = registry.admit(cluster_id, batch, now=now)
+    _admitted, noted, _guard = registry.admit(cluster_id, batch, now=now)
     if noted is not None:
         with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
             conn.execute(noted[1], noted[2])
@@ -168,6 +169,56 @@ def test_two_processes_ending_one_cluster_at_once_end_it_and_record_its_job_once
     assert ends(registry) == ["cluster.lost"]
     assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 2)]
     assert registry.list(now=start + LOST_AFTER * 2)[0]["state"] == "lost"
+
+
+@pytest.mark.parametrize("end", ["closed", "lost"])
+def test_a_job_ended_in_a_batch_committed_after_another_process_ended_its_cluster_is_stored_once(
+    database: str, end: str
+) -> None:
+    """Two ``serve`` replicas: one admits the batch with job-1's end, the other closes the cluster (or finds
+    it lost) and records job-1 lost, then the first commits. The job is stored once, as the end recorded it;
+    before, it was stored twice, ``lost`` and ``finished``."""
+    plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
+    try:
+        registry = ClusterRegistry(plane)
+        cluster = registry.register("acme", "http://control-plane.invalid")
+        principal = registry.tokens.authenticate(cluster.token)
+        start = utcnow()
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+        done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=start)
+        sealed = seal_batch(load_public_key(cluster.intake_public_key), "ends-job-1", [done])
+        prepared = plane.prepare_ingest(sealed, principal, admit=functools.partial(registry.admit, cluster.cluster_id))
+        ending = ClusterRegistry(other)
+        ending._end(ending._row(cluster.cluster_id), end, start + timedelta(seconds=1))
+        assert plane.commit_ingest(prepared).duplicate is False
+
+        assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 2)]
+        assert [r["status"] for r in plane.read_records("cloud_logging", account="acme") if r["kind"] == "job"] == [
+            "lost"
+        ]
+        [dropped] = [e for e in plane.audit.entries() if e.action == "ingest.dropped"]
+        assert dropped.details["records"] == 1
+    finally:
+        other.close()
+        plane.close()
+
+
+def test_a_batch_admitted_again_after_its_cluster_was_found_lost_is_refused_alone(registry: ClusterRegistry) -> None:
+    """Admitted while the cluster was open; another process found it lost before the commit, as of a time
+    before the batch's newest record: admitted again, the batch is refused as it would have been at once."""
+    pipeline = registry.pipeline
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+    later = start + timedelta(seconds=2)
+    done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=later)
+    sealed = seal_batch(load_public_key(cluster.intake_public_key), "ends-job-1", [done])
+    principal = registry.tokens.authenticate(cluster.token)
+    prepared = pipeline.prepare_ingest(sealed, principal, admit=functools.partial(registry.admit, cluster.cluster_id))
+    registry._end(registry._row(cluster.cluster_id), "lost", start + timedelta(seconds=1))
+    with pytest.raises(ClusterLost, match="ends-job-1 refused"):
+        pipeline.commit_ingest(prepared)
+    assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("lost", 2)]
 
 
 def test_running_jobs_left_by_a_process_stopped_mid_end_are_recorded_by_the_next_sweep(

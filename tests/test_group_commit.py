@@ -94,6 +94,15 @@ def test_a_failed_group_commit_fails_every_member_and_the_next_group_starts_afre
     assert committer.submit(99) == "ok 99"
 
 
+def test_an_error_given_as_one_items_result_is_that_items_alone() -> None:
+    committer: GroupCommit[int, int] = GroupCommit(lambda items: [ValueError(i) if i == 2 else i for i in items])
+    futures = [committer.enqueue(i) for i in range(4)]
+    assert [f.exception() is None for f in futures] == [True, True, False, True]
+    assert [f.result() for f in futures if f.exception() is None] == [0, 1, 3]
+    with pytest.raises(ValueError, match="2"):
+        futures[2].result()
+
+
 def test_concurrent_ingests_write_every_record_once_and_a_refused_batch_harms_no_other(pipeline: Pipeline) -> None:
     principal = Principal("cluster", account="acme", cluster_id="cluster-test", embedded=True)
     batches = [sealed_batch(pipeline.intake_public_key, "acme", "cluster-test") for _ in range(24)]

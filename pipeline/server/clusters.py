@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, tuple_, update
 
 from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
@@ -45,7 +45,7 @@ from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
 from pipeline.redact import first_line
 from pipeline.retention.lease import default_holder
-from pipeline.runtime import Admitted, Pipeline
+from pipeline.runtime import Admitted, Guard, Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
@@ -326,7 +326,7 @@ class ClusterRegistry:
         now = now or utcnow()
         row = self._row(cluster_id)
         if row is None:
-            return batch, None
+            return batch, None, None
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
         heard = row.last_contact_at
         if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
@@ -344,7 +344,7 @@ class ClusterRegistry:
                 )
         batch = self._without_jobs_recorded_lost(row, batch)
         if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
-            return batch, None  # the cluster stays as it ended
+            return batch, None, None  # the cluster stays as it ended
         before = self._running(row)
         running, vanished = _running_after(before, batch)
         if arrived := running["jobs"].keys() - before.get("jobs", {}).keys():  # once a job starts: rare
@@ -353,7 +353,7 @@ class ClusterRegistry:
         if vanished["jobs"]:  # rare (a restarted scheduler): written here, once, whoever admits it
             self._write_lost_jobs(row.cluster_id, vanished, now)
         contact = {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
-        return batch, (cluster_id, _CONTACT, contact)
+        return batch, (cluster_id, _CONTACT, contact), _ends_guard(cluster_id, batch)
 
     def _recorded_lost(self, cluster_id: str, job_ids: Iterable[str]) -> set[str]:
         """The jobs of ``job_ids`` this cluster recorded lost. A snapshot listing one again is of a second
@@ -391,7 +391,9 @@ class ClusterRegistry:
         The mark is claimed first: of two ``serve`` processes ending one cluster at once (a sweep
         each, or a sweep and the plugin's close), one ends it, records its jobs and audits, the
         other does nothing. The running jobs stay in the row until recorded, so a crash in between
-        leaves them to the next sweep.
+        leaves them to the next sweep. They are noted lost with the claim, in its transaction: a
+        batch with the end of one, committed after (by another process), drops that end; one
+        committed before changed the row's running jobs, which the claim then reads.
         """
         column = clusters.c.closed_at if state == "closed" else clusters.c.lost_at
         with transaction(self.pipeline.keyring.engine, f"marking a cluster {state}") as conn:
@@ -402,6 +404,8 @@ class ClusterRegistry:
                 .values({column.name: when})
                 .returning(clusters.c.cluster_id, clusters.c.subject_ref, clusters.c.user_ref, clusters.c.running)
             ).first()
+            if claimed is not None:
+                self._note_lost(conn, claimed.cluster_id, self._running(claimed))
         if claimed is None:  # ended meanwhile, by another process or request
             return
         jobs_lost = self._record_lost_jobs(claimed, when)
@@ -443,8 +447,7 @@ class ClusterRegistry:
         ids = {job_id: _lost_record_id(cluster_id, job_id) for job_id in running.get("jobs", {})}
         if ids:  # first: a late end record arriving meanwhile is dropped, not stored beside the lost one
             with transaction(self.pipeline.keyring.engine, "noting a cluster's jobs recorded lost") as conn:
-                rows = [{"cluster_id": cluster_id, "record_id": record_id} for record_id in ids.values()]
-                conn.execute(insert_ignoring_duplicates(self.pipeline.keyring.engine, lost_jobs), rows)
+                self._note_lost(conn, cluster_id, running)
         lost = [
             {
                 **_from_json(job),
@@ -458,6 +461,12 @@ class ClusterRegistry:
             jobs = hashlib.sha256("|".join(sorted(running["jobs"])).encode()).hexdigest()[:16]
             self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{cluster_id}/{jobs}")
         return len(lost)
+
+    def _note_lost(self, conn: Connection, cluster_id: str, running: dict[str, Any]) -> None:
+        """Note the jobs of ``running`` as recorded lost, in ``conn``'s transaction (again: nothing)."""
+        if jobs := running.get("jobs"):
+            rows = [{"cluster_id": cluster_id, "record_id": _lost_record_id(cluster_id, job_id)} for job_id in jobs]
+            conn.execute(insert_ignoring_duplicates(self.pipeline.keyring.engine, lost_jobs), rows)
 
     def _row(self, cluster_id: str) -> Any:
         with reading(self.pipeline.keyring.engine, "reading a cluster") as conn:
@@ -539,6 +548,21 @@ _ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
 _RECORDED_LOST = select(lost_jobs.c.record_id).where(
     lost_jobs.c.cluster_id == bindparam("id"), lost_jobs.c.record_id.in_(bindparam("records", expanding=True))
 )
+
+
+#: which of some (cluster id, record id) pairs name jobs recorded lost: a guard of admission (its ``ids``)
+_RECORDED_LOST_PAIRS = select(lost_jobs.c.cluster_id, lost_jobs.c.record_id).where(
+    tuple_(lost_jobs.c.cluster_id, lost_jobs.c.record_id).in_(bindparam("ids", expanding=True))
+)
+
+
+def _ends_guard(cluster_id: str, batch: OpenedBatch) -> Guard | None:
+    """The jobs a batch ends, checked again in the commit's transaction, after the cluster's row is locked:
+    another process closing the cluster (or finding it lost) meanwhile records them lost (``None``: no end)."""
+    if "job" not in batch.by_kind:
+        return None
+    job_ids = batch.by_kind["job"].column("job_id").to_pylist()
+    return _RECORDED_LOST_PAIRS, tuple((cluster_id, _lost_record_id(cluster_id, job_id)) for job_id in job_ids)
 
 
 def _lost_record_id(cluster_id: str, job_id: str) -> str:
