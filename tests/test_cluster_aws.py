@@ -375,3 +375,17 @@ def test_without_boto3_nothing_is_forwarded_unless_a_role_is_configured(monkeypa
     assert issue_session_credentials() is None
     with pytest.raises(ConfigError, match="pipeline.aws.role-arn needs boto3: install dask-metadata-pipeline"):
         issue_session_credentials(role_arn=ROLE_ARN)
+
+
+def test_temporary_local_credentials_without_a_role_are_one_clear_error() -> None:
+    """STS refuses GetSessionToken with session credentials (an instance role, SSO): the error names the fix."""
+    import boto3
+
+    temporary = boto3.Session(
+        aws_access_key_id="ASIAEXAMPLE",
+        aws_secret_access_key="secret",
+        aws_session_token="token",
+        region_name="eu-west-1",
+    )
+    with pytest.raises(CredentialsError, match="temporary .* set pipeline.aws.role-arn"):
+        issue_session_credentials(temporary)

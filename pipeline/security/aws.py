@@ -102,8 +102,14 @@ def issue_session_credentials(
                 raise ConfigError("pipeline.aws.role-arn needs boto3: install dask-metadata-pipeline[aws]") from exc
             return None
         session = boto3.Session()
-    if session.get_credentials() is None:
+    credentials = session.get_credentials()
+    if credentials is None:
         return None
+    if credentials.token and not role_arn:  # STS documents that it refuses them (an instance role, SSO)
+        raise CredentialsError(
+            "AWS STS GetSessionToken needs long-term credentials, and the ones here are temporary "
+            "(they hold a session token): set pipeline.aws.role-arn so workers get AssumeRole credentials"
+        )
     from botocore.exceptions import BotoCoreError, ClientError
 
     seconds = int(duration.total_seconds())
