@@ -56,6 +56,7 @@ from sqlalchemy import (
     cast,
     func,
     insert,
+    inspect,
     select,
     text,
     type_coerce,
@@ -66,7 +67,7 @@ from sqlalchemy.types import NullType
 
 from pipeline.audit_trust import HANDOVER, KeySchedule, handover_statement, key_schedule, signed_by
 from pipeline.db import audit_log, mapped_errors
-from pipeline.errors import AuditIntegrityError, KeyringError, StoreUnavailable
+from pipeline.errors import AuditIntegrityError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
 from pipeline.redact import mask_url
@@ -267,13 +268,12 @@ class AuditLog:
 
     def note_policy(self, path: str, sha256: str) -> AuditEntry | None:
         """Record ``policy.loaded`` when the policy differs from the last one recorded."""
-        with _reading(self.engine) as conn:
-            if _last_policy_sha(conn) == sha256:  # the usual case: no write lock taken
-                return None
-
         try:
+            with _reading(self.engine) as conn:
+                if _last_policy_sha(conn) == sha256:  # the usual case: no write lock taken
+                    return None
             newest = self.newest_checkpoint()
-        except AuditIntegrityError as exc:  # a rolled-back witness: leave the trail as found, for `audit verify`
+        except AuditIntegrityError as exc:  # its table gone, a rolled-back witness: left as found, for `audit verify`
             logger.warning("policy %s not recorded in the audit trail: %s", path, exc)
             return None
 
@@ -481,9 +481,20 @@ def _lock_chain(conn: Connection) -> None:
 @contextlib.contextmanager
 def _reading(engine: Engine) -> Iterator[Connection]:
     """A connection (in a transaction on PostgreSQL: :meth:`AuditLog.entries` streams through a server-side
-    cursor) whose failures, an unreachable database or no audit table, are one line."""
-    with mapped_errors("reading the audit log"), engine.connect() as conn:
-        yield conn
+    cursor) whose failures, an unreachable database or no audit table, are one line.
+
+    :raises AuditIntegrityError: the audit table is gone (``init`` made it: dropped since, the trail with it)
+    :raises StoreError: the database cannot be read
+    """
+    try:
+        with mapped_errors("reading the audit log"), engine.connect() as conn:
+            yield conn
+    except StoreError:
+        with mapped_errors("reading the audit log"):
+            gone = not inspect(engine).has_table(audit_log.name)
+        if gone:
+            raise AuditIntegrityError(1, f"the table {audit_log.name} is gone from the database (dropped)") from None
+        raise
 
 
 def _last_policy_sha(conn: Connection) -> str | None:
