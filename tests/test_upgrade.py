@@ -18,6 +18,7 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 from test_audit_export import readme_script, verify
 
 from pipeline.cli import main
@@ -97,3 +98,16 @@ def test_init_upgrades_once_and_a_second_init_changes_nothing(tmp_path: Path) ->
             json.loads(first.stdout)["upgraded"]
         ]
         assert pipeline.keyring.key_state("deletion-reasons") == "destroyed"
+
+
+def test_a_database_migrated_by_release_71832a6_upgrades(database: str) -> None:
+    """That release's a8c4e2f6b371 also added ``clusters.user_ref``, later moved to a revision of its own:
+    every command then failed on the duplicate column, for good."""
+    pipeline = Pipeline.open(create=True)
+    with pipeline.keyring.engine.begin() as conn:  # the schema as 71832a6 left it
+        conn.execute(text("ALTER TABLE clusters DROP COLUMN owner_names"))
+        conn.execute(text("UPDATE alembic_version SET version_num = 'a8c4e2f6b371'"))
+    pipeline.close()
+    result = CliRunner().invoke(main, ["init"])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, ["clusters", "list"]).exit_code == 0

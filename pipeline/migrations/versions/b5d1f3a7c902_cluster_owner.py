@@ -18,7 +18,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    """Upgrade schema."""
+    """Upgrade schema. A database migrated by release 71832a6 has the column already: its a8c4e2f6b371
+    added it (moved here later), so it is added only where it is missing."""
+    if "user_ref" in {column["name"] for column in sa.inspect(op.get_bind()).get_columns("clusters")}:
+        return
     with op.batch_alter_table("clusters") as batch:
         batch.add_column(sa.Column("user_ref", sa.String(64), nullable=True))
 
