@@ -18,7 +18,13 @@ running it again changes nothing, it only reads every user's segments):
   dropped (its subject's key is gone; the receipt keeps the reason's SHA-256);
   then the shared key is destroyed.
 
-Both are audited as ``upgrade.resealed``.
+- **An owned cluster's name and image under the account's key.** Releases before
+  a cluster's owner had a key of her own there kept them with the account's names;
+  they are moved under her key (dropped where an erasure destroyed it), so her
+  erasure shreds them. This runs at every ``init``: it reads only the owned
+  clusters that have no names of their owner's, none once moved.
+
+Each is audited as ``upgrade.resealed``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select, update
 
-from pipeline.db import deletion_requests, leases, transaction
+from pipeline.db import clusters, deletion_requests, leases, transaction
 from pipeline.errors import KeyringError, UnknownAccountError
 from pipeline.keys import Keyring
 from pipeline.retention.lease import Leases
@@ -57,6 +63,15 @@ _NONCE = 12
 
 def upgrade_data(pipeline: Pipeline) -> dict[str, Any] | None:
     """Re-seal what earlier releases sealed under keys this one does not use; None when there was nothing."""
+    done = _resealed_under_user_keys(pipeline) or {}
+    if moved := move_owner_names(pipeline):
+        done["cluster_names"] = moved
+        pipeline.audit.append(RESEALED, details={"cluster_names": moved})
+    return done or None
+
+
+def _resealed_under_user_keys(pipeline: Pipeline) -> dict[str, Any] | None:
+    """Records and reasons moved off the first release's keys, once per database (a lease marks it done)."""
     engine = pipeline.keyring.engine
     with transaction(engine, "reading the upgrade state") as conn:
         if conn.scalar(select(leases.c.completed_at).where(leases.c.name == UPGRADE)) is not None:
@@ -146,3 +161,37 @@ def reseal_reasons(pipeline: Pipeline) -> dict[str, int]:
         counts["resealed" if sealed else "dropped"] += 1
     keyring.destroy(LEGACY_REASON_KEY_ID)
     return counts
+
+
+def move_owner_names(pipeline: Pipeline) -> int:
+    """Move each owned cluster's name and image from the account's names to its owner's; returns how many.
+
+    Where her key was destroyed (she was erased before the upgrade) they are dropped: they were hers.
+    """
+    from pipeline.server.names import NameBox
+
+    box = NameBox(pipeline.keyring)
+    owned = select(clusters).where(clusters.c.user_ref.is_not(None), clusters.c.owner_names.is_(None))
+    with transaction(pipeline.keyring.engine, "reading clusters") as conn:
+        rows = conn.execute(owned).all()
+    moved = 0
+    for row in rows:
+        names = box.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
+        if names is None or not {"name", "image"} & names.keys():
+            continue  # the account's key is gone, or nothing of hers is there
+        chosen = {key: names.pop(key, None) for key in ("name", "image")}
+        owner = f"{row.cluster_id}/owner"
+        try:
+            sealed = box.seal(owner, chosen, subject_ref=row.subject_ref, user_ref=row.user_ref, create=False)
+        except UnknownAccountError:  # never made: made now, as a registration makes it
+            sealed = box.seal(owner, chosen, subject_ref=row.subject_ref, user_ref=row.user_ref)
+        except KeyringError:  # destroyed by her erasure
+            sealed = None
+        with transaction(pipeline.keyring.engine, f"cluster {row.cluster_id}") as conn:
+            conn.execute(
+                update(clusters)
+                .where(clusters.c.cluster_id == row.cluster_id, clusters.c.names == row.names)
+                .values(names=box.seal(row.cluster_id, names, subject_ref=row.subject_ref), owner_names=sealed)
+            )
+        moved += 1
+    return moved

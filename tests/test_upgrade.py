@@ -18,10 +18,11 @@ from pathlib import Path
 import dask.config
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
+from sqlalchemy import text, update
 from test_audit_export import readme_script, verify
 
 from pipeline.cli import main
+from pipeline.db import clusters
 from pipeline.retention.requests import file_request, get_request, process_pending
 from pipeline.runtime import Pipeline
 
@@ -111,3 +112,31 @@ def test_a_database_migrated_by_release_71832a6_upgrades(database: str) -> None:
     result = CliRunner().invoke(main, ["init"])
     assert result.exit_code == 0, result.output
     assert CliRunner().invoke(main, ["clusters", "list"]).exit_code == 0
+
+
+def test_an_owned_clusters_name_and_image_from_an_earlier_release_go_with_her_erasure(database: str) -> None:
+    """Releases before owners had names of their own kept a cluster's name and image with the account's:
+    after ``init`` and ann's erasure every member of acme still listed them."""
+    from pipeline.server.clusters import ClusterRegistry
+    from pipeline.server.names import NameBox
+
+    pipeline = Pipeline.open(create=True)
+    registry = ClusterRegistry(pipeline)
+    cluster = registry.register("acme", "http://control-plane.invalid", user="ann", name="ann-secret", image="ann/i:1")
+    earlier = {"account": "acme", "name": "ann-secret", "image": "ann/i:1"}  # as those releases sealed them
+    names = NameBox(pipeline.keyring).seal(cluster.cluster_id, earlier, subject_ref=pipeline.subject_ref("acme"))
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(update(clusters).values(names=names, owner_names=None))
+    pipeline.close()
+
+    upgraded = CliRunner().invoke(main, ["init", "--json"])
+    assert json.loads(upgraded.stdout)["upgraded"] == {"cluster_names": 1}
+    again = CliRunner().invoke(main, ["init", "--json"])
+    assert "upgraded" not in json.loads(again.stdout)
+    pipeline = Pipeline.open()
+    registry = ClusterRegistry(pipeline)
+    assert [(c["account"], c["name"], c["image"]) for c in registry.list()] == [("acme", "ann-secret", "ann/i:1")]
+    file_request(pipeline, "acme", "ann")
+    assert [done.state for done in process_pending(pipeline)] == ["completed"]
+    assert [(c["account"], c["name"], c["image"]) for c in registry.list()] == [("acme", None, None)]
+    pipeline.close()
