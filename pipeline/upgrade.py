@@ -24,7 +24,11 @@ running it again changes nothing, it only reads every user's segments):
   erasure shreds them. This runs at every ``init``: it reads only the owned
   clusters that have no names of their owner's, none once moved.
 
-Each is audited as ``upgrade.resealed``.
+- **Erasures completed without a master key rotation** (the first release's): one
+  rotation for them all, recorded in their receipts, so they are listed as not
+  final until the versions before it retire (audited as ``key.rotated``).
+
+The others are audited as ``upgrade.resealed``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pipeline.db import clusters, deletion_requests, leases, transaction
 from pipeline.errors import KeyringError, UnknownAccountError
 from pipeline.keys import Keyring
 from pipeline.retention.lease import Leases
-from pipeline.retention.requests import seal_reason
+from pipeline.retention.requests import rotate_for_unrotated, seal_reason
 from pipeline.segments import Segment, open_segment, seal
 from pipeline.stores import Store
 
@@ -64,6 +68,8 @@ _NONCE = 12
 def upgrade_data(pipeline: Pipeline) -> dict[str, Any] | None:
     """Re-seal what earlier releases sealed under keys this one does not use; None when there was nothing."""
     done = _resealed_under_user_keys(pipeline) or {}
+    if rotated := rotate_for_unrotated(pipeline):
+        done["erasures_rotated"] = len(rotated)
     if moved := move_owner_names(pipeline):
         done["cluster_names"] = moved
         pipeline.audit.append(RESEALED, details={"cluster_names": moved})

@@ -23,7 +23,7 @@ from test_audit_export import readme_script, verify
 
 from pipeline.cli import main
 from pipeline.db import clusters
-from pipeline.retention.requests import file_request, get_request, process_pending
+from pipeline.retention.requests import file_request, get_request, not_final, process_pending
 from pipeline.runtime import Pipeline
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upgrade"
@@ -72,6 +72,9 @@ def test_a_home_written_by_an_earlier_release_reads_back_whole_after_init(releas
             assert request.receipt["reason_sha256"] == hashlib.sha256(filed["reason"].encode()).hexdigest()
             status = CliRunner().invoke(main, ["erase", "status", request_id])  # its receipt agrees with the trail
             assert status.exit_code == 0, status.output
+            if filed["state"] == "completed":  # a backup from before it opens its data until the old versions retire
+                assert request.final_at is not None
+                assert request_id in [r.request_id for r in not_final(pipeline)]
 
         # ann's records are under her own key now: erasing her removes exactly them (gil's request runs too)
         file_request(pipeline, "acme", "ann")
@@ -91,13 +94,17 @@ def test_init_upgrades_once_and_a_second_init_changes_nothing(tmp_path: Path) ->
         assert json.loads(first.stdout)["upgraded"] == {
             "segments": {"long_term": 6, "cloud_logging": 4},  # ann, bob and gil
             "reasons": {"resealed": 1, "dropped": 1},
+            "erasures_rotated": 1,  # gil's: the first release rotated no master key after an erasure
         }
         again = CliRunner().invoke(main, ["init", "--json"])
         assert again.exit_code == 0 and "upgraded" not in json.loads(again.stdout)
         pipeline = Pipeline.open()
+        upgraded = json.loads(first.stdout)["upgraded"]
         assert [e.details for e in pipeline.audit.entries() if e.action == "upgrade.resealed"] == [
-            json.loads(first.stdout)["upgraded"]
+            {key: upgraded[key] for key in ("segments", "reasons")}
         ]
+        [rotated] = [e.details for e in pipeline.audit.entries() if e.action == "key.rotated"][-1:]
+        assert rotated["after_erasures"] == ["72986ebd-19b9-4e9a-865d-a9bbcdbd3727"]
         assert pipeline.keyring.key_state("deletion-reasons") == "destroyed"
 
 

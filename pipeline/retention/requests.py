@@ -572,6 +572,19 @@ def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> dict[str, An
     }
 
 
+def rotate_for_unrotated(pipeline: Pipeline) -> list[str]:
+    """Give completed erasures that an earlier release made without a master key rotation (the first
+    release's) one rotation now, recorded in their receipts: a backup from before them opens their data
+    until the versions before it retire, and their ``final_at`` says when. Their request ids."""
+    unrotated = [r for r in list_requests(pipeline, states=("completed",)) if "rotation" not in r.receipt]
+    if unrotated:
+        rotation = _rotate(pipeline, unrotated)
+        for request in unrotated:
+            request.receipt["rotation"] = rotation
+            _save(pipeline, request)
+    return [r.request_id for r in unrotated]
+
+
 def not_final(pipeline: Pipeline) -> list[DeletionRequest]:
     """Completed erasures that a backup could still undo: a master version older than their rotation lives."""
     live = [v.version for v in pipeline.keyring.master_versions() if v.retired_at is None]
