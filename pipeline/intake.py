@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pipeline.errors import ConfigError, IntakeError
-from pipeline.records import check_table, tables_from_records
+from pipeline.records import check_table, tables_from_records, with_later_fields
 
 if TYPE_CHECKING:  # not imported: a scheduler's plugin seals without the keyring (and SQLAlchemy, 0.3 s)
     from pipeline.keys import Keyring
@@ -143,6 +143,7 @@ def _tables(plaintext: bytes) -> list[pa.Table]:
             table = _read_uncompressed(pa.py_buffer(stream))
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"unreadable record table: {str(exc).splitlines()[0]}") from None
+        table = with_later_fields(table)  # a plugin of an earlier release
         kind = check_table(table)
         if kind in kinds:
             raise ValueError(f"a second {kind} table; a batch holds one table per kind")

@@ -25,6 +25,7 @@ __all__ = [
     "rows_from_table",
     "table_from_rows",
     "check_table",
+    "with_later_fields",
     "tables_from_records",
     "unreadable_rows",
     "utcnow",
@@ -206,6 +207,27 @@ def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
         check_table(table)
         tables.append(table)
     return tables
+
+
+def with_later_fields(table: pa.Table) -> pa.Table:
+    """A table of an earlier release's schema of its kind, with the fields added since as nulls.
+
+    A plugin not yet upgraded (or the spool it left) sends tables without them; fields are only
+    ever added, nullable and after the others, so such a table's schema is the first fields of
+    its kind's. Judged by the schema alone: nothing of the (hostile, not yet validated) data is
+    read. Any other table is returned as it is, for :func:`check_table` to judge.
+    """
+    schema = table.schema
+    for spec in KINDS.values():
+        fields = list(spec.schema)
+        earlier, added = fields[: len(schema)], fields[len(schema) :]
+        if not added or not all(field.nullable for field in added):
+            continue
+        if all(f.equals(field, check_metadata=True) for f, field in zip(earlier, schema, strict=True)):
+            for field in added:
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+            return table
+    return table
 
 
 def check_table(table: pa.Table) -> str:

@@ -143,6 +143,25 @@ def test_a_forged_batch_is_checked_against_the_record_schemas(
         open_batch(key, _forged(key, *tables))
 
 
+def test_a_batch_of_an_earlier_releases_plugin_opens_with_the_fields_added_since_as_nulls(
+    key: X25519PrivateKey,
+) -> None:
+    """Its snapshots lack ``jobs_running`` and its job ends ``status``: every such batch was refused
+    (400), and the plugin set it aside for good, while its clusters ran on through an upgrade."""
+    snapshot = table_from_rows("cluster_snapshot", [make_record(n_workers=2)]).drop_columns(["jobs_running"])
+    job = table_from_rows("job", [make_record("job", job_id="j", tasks_total=3)]).drop_columns(["status"])
+    opened = open_batch(key, _forged(key, snapshot, job))
+    rows = [row for table in opened.tables for row in rows_from_table(table)]
+    assert [(r["kind"], r.get("n_workers"), r.get("tasks_total")) for r in rows] == [
+        ("cluster_snapshot", 2, None),
+        ("job", None, 3),
+    ]
+    assert (rows[0]["jobs_running"], rows[1]["status"]) == (None, None)
+    middle = table_from_rows("cluster_snapshot", [make_record()]).drop_columns(["n_workers"])  # no release sent it
+    with pytest.raises(IntakeError, match="cluster_snapshot table does not match the cluster_snapshot record schema"):
+        open_batch(key, _forged(key, middle))
+
+
 @pytest.mark.parametrize(
     ("plaintext", "message"),
     [
