@@ -435,6 +435,8 @@ def create_schema(engine: Engine) -> None:
     with _one_upgrader(engine), engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+        else:  # SQLite's DDL is transactional, but its driver begins transactions only for DML: a process
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # killed mid-migration left half a schema, opened by none
         if MigrationContext.configure(conn).get_current_revision() != SCHEMA_HEAD:
             command.upgrade(alembic_config(conn), "head")
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dask.config
@@ -147,3 +150,41 @@ def test_an_owned_clusters_name_and_image_from_an_earlier_release_go_with_her_er
     assert [done.state for done in process_pending(pipeline)] == ["completed"]
     assert [(c["account"], c["name"], c["image"]) for c in registry.list()] == [("acme", None, None)]
     pipeline.close()
+
+
+_KILLED_AFTER_DDL = """
+import os, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+done = 0
+
+@event.listens_for(Engine, "after_cursor_execute")
+def killed(conn, cursor, statement, *args):
+    global done
+    if statement.lstrip().upper().startswith(("CREATE", "ALTER", "DROP")):
+        done += 1
+        if done == int(sys.argv[1]):
+            os._exit(137)
+
+from pipeline.cli import main
+main(["init"])
+"""
+
+
+@pytest.mark.parametrize("killed_after", [1, 5])
+def test_an_upgrade_killed_mid_migration_is_taken_up_by_the_next_init(killed_after: int, tmp_path: Path) -> None:
+    """SQLite's driver ran the migrations' DDL outside a transaction: killed after its first statements,
+    the database was left half migrated, and every command failed on a duplicate column for good."""
+    expected = json.loads((FIXTURES / "b60f8d6" / "expected.json").read_text())
+    home = _home("b60f8d6", tmp_path)
+    env = {**os.environ, "DASK_PIPELINE__HOME": str(home)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_DDL, str(killed_after)], env=env, check=False)
+    assert killed.returncode == 137
+    with dask.config.set({"pipeline.home": str(home)}):
+        result = CliRunner().invoke(main, ["init"])
+        assert result.exit_code == 0, result.output
+        pipeline = Pipeline.open()
+        for account, ids in expected["records"]["long_term"].items():
+            assert _ids(pipeline, "long_term", account) == ids
+        pipeline.close()
