@@ -52,7 +52,7 @@ class Credentials:
         try:
             doc = yaml.safe_load(path.read_text())
             return cls(url=str(api_url or doc["url"]).rstrip("/"), token=str(doc["token"]))
-        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path} is not a credentials file written by login: {exc}") from exc
 
     def save(self) -> Path:
@@ -88,7 +88,7 @@ class Receipt:
         try:
             doc = yaml.safe_load(path.read_text())
             return cls(str(doc["url"]), request_id, str(doc["receipt_token"]))
-        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path} is not a receipt written by erase request: {exc}") from exc
 
     def save(self) -> Path:
@@ -115,7 +115,10 @@ class ApiClient:
     ) -> None:
         self.url = credentials.url
         sent = {"Authorization": f"Bearer {credentials.token}"} if credentials.token else {}
-        self._http = httpx.Client(base_url=credentials.url, headers={**sent, **(headers or {})}, timeout=timeout)
+        try:
+            self._http = httpx.Client(base_url=credentials.url, headers={**sent, **(headers or {})}, timeout=timeout)
+        except UnicodeEncodeError:  # a header that is not ASCII: a token pasted with a non-breaking space
+            raise _malformed_header(self.url) from None
 
     def __enter__(self) -> ApiClient:
         return self
@@ -143,10 +146,7 @@ class ApiClient:
         try:
             response = self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
         except httpx.LocalProtocolError:  # its text quotes the header refused: the token itself
-            raise ApiError(
-                f"control plane {mask_url(self.url)}: the request could not be sent: a header is malformed "
-                "(is the saved token one line? run `metadata-pipeline login` again)"
-            ) from None
+            raise _malformed_header(self.url) from None
         except httpx.HTTPError as exc:
             raise ApiError(f"control plane {mask_url(self.url)} unreachable: {exc}") from exc
         try:
@@ -159,6 +159,14 @@ class ApiClient:
             yield response
         finally:
             response.close()
+
+
+def _malformed_header(url: str) -> ApiError:
+    """The error of a header httpx refuses, without its text: that quotes the header, the token."""
+    return ApiError(
+        f"control plane {mask_url(url)}: the request could not be sent: a header is malformed "
+        "(is the saved token one line of ASCII? run `metadata-pipeline login` again)"
+    )
 
 
 def _detail(response: httpx.Response) -> str:

@@ -158,7 +158,7 @@ class LocalKeyFile(KeyProvider):
             current = int(doc["current"])
             if any(len(k) != 32 for k in keys.values()) or current not in keys:
                 raise ValueError("keys must be 32 bytes and 'current' one of them")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:  # any JSON shape
             raise KeyringError(f"master key file {self.path} is malformed: {exc}") from exc
         with self._lock:
             self._keys, self._current = keys, current

@@ -107,6 +107,39 @@ def test_key_file_readable_by_others_is_refused(home: Path) -> None:
     assert f"master key file {home / 'master.key'} is readable by others (mode 0644)" in result.output
 
 
+@pytest.mark.parametrize("shape", ['{"current": 1, "keys": [1, 2]}', '{"current": 1e400, "keys": {}}'])
+def test_a_master_key_file_of_another_json_shape_is_one_line(home: Path, shape: str) -> None:
+    run("init")
+    (home / "master.key").write_text(shape)
+    assert one_line(run("records")).startswith(f"error: master key file {home / 'master.key'} is malformed: ")
+
+
+@pytest.mark.parametrize(
+    "command", [["erase", "status"], ["erase", "retry"], ["erase", "lift"], ["tokens", "revoke"]], ids=" ".join
+)
+def test_an_id_that_is_not_utf8_is_one_line(home: Path, command: list[str]) -> None:
+    run("init")
+    assert "is not valid UTF-8 text" in one_line(run(*command, "\udcff"))  # how Python reads byte 0xff of argv
+
+
+def test_login_files_that_are_not_utf8_are_one_line(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.apiclient import Receipt
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run("init")
+    saved = tmp_path / ".config" / "metadata-pipeline"
+    (saved / "receipts").mkdir(parents=True, mode=0o700)
+    (saved / "receipts" / "r-1.yaml").write_bytes(b"\xff\xfe")
+    (saved / "credentials.yaml").write_bytes(b"\xff\xfe")
+    (saved / "credentials.yaml").chmod(0o600)
+    assert "is not a credentials file written by login" in one_line(run("records"))
+    with pytest.raises(ConfigError, match="r-1.yaml is not a receipt written by erase request"):
+        Receipt.load("r-1")
+
+
 def test_wrong_key_for_an_existing_store_writes_nothing(home: Path, tmp_path: Path, settings: Settings) -> None:
     add_acme()
     with dask.config.set({"pipeline.home": str(tmp_path / "other")}):

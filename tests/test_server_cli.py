@@ -414,3 +414,13 @@ def test_a_malformed_saved_token_is_never_quoted_in_the_error(plane: ControlPlan
     ):
         client.json("GET", "/v1/whoami")
     assert "sss" not in str(refused.value) and "ttt" not in str(refused.value)
+
+
+def test_a_saved_token_that_is_not_ascii_is_one_line_never_quoted(plane: ControlPlane) -> None:
+    """A token pasted from a web page with a non-breaking space: httpx's encoder raised, a traceback."""
+    from pipeline.apiclient import ApiClient, Credentials
+    from pipeline.errors import ApiError
+
+    with pytest.raises(ApiError, match="a header is malformed .*one line of ASCII") as refused:
+        ApiClient(Credentials(plane.url, "mp_\u00a0" + "s" * 42))
+    assert "sss" not in str(refused.value)

@@ -61,7 +61,7 @@ def erase_request(out: Output, account: str, user: str | None, reason: str | Non
 
 
 @command(erase, "retry")
-@click.argument("request_id")
+@click.argument("request_id", type=TEXT)
 def erase_retry(out: Output, request_id: str) -> None:
     """Carry out a failed (or open) request now, whatever its back-off says."""
     from pipeline.retention.requests import retry_request
@@ -73,7 +73,7 @@ def erase_retry(out: Output, request_id: str) -> None:
 
 
 @command(erase, "lift")
-@click.argument("request_id")
+@click.argument("request_id", type=TEXT)
 def erase_lift(out: Output, request_id: str) -> None:
     """End the suppression of a request filed with --suppress: later records are accepted again."""
     from pipeline.records import utcnow
@@ -87,7 +87,7 @@ def erase_lift(out: Output, request_id: str) -> None:
 
 
 @command(erase, "status")
-@click.argument("request_id")
+@click.argument("request_id", type=TEXT)
 def erase_status(out: Output, request_id: str) -> None:
     """State and receipt of one request (with the receipt `erase request` kept: no login needed)."""
     from pipeline.apiclient import Receipt

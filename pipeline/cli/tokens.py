@@ -83,7 +83,7 @@ def _render_token(t: Any) -> str:
 
 
 @command(tokens, "revoke")
-@click.argument("token_id")
+@click.argument("token_id", type=TEXT)
 def tokens_revoke(out: Output, token_id: str) -> None:
     """Revoke a token: its next request is refused."""
     from pipeline.server.auth import TokenStore
