@@ -155,7 +155,10 @@ class Settings:
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
         """Read the current dask configuration; keyword arguments win over it."""
-        home = Path(os.path.expanduser(str(overrides.pop("home", None) or _get("home")))).absolute()
+        named = overrides.pop("home", None) or _get("home")
+        if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
+            raise ConfigError("pipeline.home: must name a folder, not be empty")
+        home = Path(os.path.expanduser(str(named))).absolute()
 
         def url(key: str) -> str | None:
             value = _get(key)

@@ -403,6 +403,32 @@ def test_unknown_format_is_bad_usage(home: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "choose from html, json, csv" in result.output
 
 
+def test_a_repeated_format_adds_to_the_others(home: Path, tmp_path: Path) -> None:
+    """click kept the last ``--format`` only: ``--format json --format csv`` wrote no JSON."""
+    run("init")
+    result = run("report", "--out", str(tmp_path / "r"), "--format", "json", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "report.json").exists() and list((tmp_path / "r").glob("*.csv"))
+    assert not (tmp_path / "r" / "report.html").exists()
+
+
+@pytest.mark.parametrize("command", [["report"], ["audit", "export"], ["clusters", "create", "--account", "acme"]])
+def test_an_empty_out_folder_is_bad_usage(home: Path, tmp_path: Path, command: list[str]) -> None:
+    """``--out "$UNSET"`` wrote the files into the current folder."""
+    run("init")
+    result = run(*command, "--out", "")
+    assert result.exit_code == 2 and "'--out': must name a folder, not be empty" in result.stderr
+
+
+def test_an_empty_home_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DASK_PIPELINE__HOME=`` made the current folder the home, and left a database there."""
+    monkeypatch.chdir(tmp_path)
+    with dask.config.set({"pipeline.home": ""}):
+        result = run("records")
+    assert (result.exit_code, result.stderr) == (2, "error: pipeline.home: must name a folder, not be empty\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(pipeline: Pipeline, tmp_path: Path) -> None:
     write_demo_records(pipeline)
     with pipeline.keyring.engine.begin() as conn:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.core import CheckFailed, command, main, open_pipeline
+from pipeline.cli.core import OUT_FOLDER, CheckFailed, command, main, open_pipeline
 from pipeline.output import Output
 
 
@@ -28,7 +28,7 @@ def audit_verify(out: Output) -> None:
 
 
 @command(audit, "export")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=OUT_FOLDER)
 def audit_export(out: Output, out_dir: Path) -> None:
     """Entries (JSON lines), public key and the verification procedure, for a third party."""
     from pipeline.audit_export import export_audit

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from pipeline.cli.core import NAME, TEXT, api_client, command, main, open_pipeline
+from pipeline.cli.core import NAME, OUT_FOLDER, TEXT, api_client, command, main, open_pipeline
 from pipeline.errors import ClusterNotFound, ConfigError
 from pipeline.output import Output
 
@@ -28,7 +28,7 @@ def clusters() -> None:
     "--out",
     "out_dir",
     default=None,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OUT_FOLDER,
     help="Folder (created 0700) for scheduler.yaml, worker.yaml and client.yaml (0600).",
 )
 def clusters_create(

@@ -20,7 +20,17 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.output import Output
 from pipeline.redact import mask_url, printable, quoted
 
-__all__ = ["TEXT", "CheckFailed", "UTCTime", "api_client", "command", "main", "open_pipeline", "report_skipped"]
+__all__ = [
+    "OUT_FOLDER",
+    "TEXT",
+    "CheckFailed",
+    "UTCTime",
+    "api_client",
+    "command",
+    "main",
+    "open_pipeline",
+    "report_skipped",
+]
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,6 +140,21 @@ class Name(Text):
 
 
 NAME = Name()
+
+
+class OutFolder(click.Path):
+    """A folder a command writes: an empty value (``--out "$UNSET"``) is refused, not taken as the current one."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must name a folder, not be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUT_FOLDER = OutFolder()
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})

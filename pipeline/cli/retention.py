@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import CheckFailed, UTCTime, command, main, open_pipeline, report_skipped
+from pipeline.cli.core import OUT_FOLDER, CheckFailed, UTCTime, command, main, open_pipeline, report_skipped
 from pipeline.output import Output
 
 
@@ -52,9 +52,11 @@ def keys_retire(out: Output, now: Any) -> None:
     )
 
 
-def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+def _formats(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    """Every format of every ``--format`` given (repeated, each may list several)."""
     from pipeline.reports.render import FORMATS
 
+    value = ",".join(values)
     chosen = [f.strip() for f in value.split(",") if f.strip()]
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
@@ -63,14 +65,15 @@ def _formats(ctx: click.Context, param: click.Parameter, value: str) -> list[str
 
 
 @command(main)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=OUT_FOLDER)
 @click.option(
     "--format",
     "formats",
-    default="html,json,csv",
+    default=["html,json,csv"],
+    multiple=True,
     show_default=True,
     callback=_formats,
-    help="Comma-separated: html, json, csv.",
+    help="Comma-separated, or repeated: html, json, csv.",
 )
 @click.option("--show-names", is_flag=True, help="Label accounts by name (decrypted) instead of subject refs.")
 @click.option("--now", type=UTCTime(), default=None, help="Measure ages and deadlines at this time [default: now].")
