@@ -315,8 +315,8 @@ class CloudLoggingStore(Store):
         newer) plus the bucket's retention. In ``_Default`` an entry written shortly before may not be listed
         yet, or not reached by ``logs.delete`` ("log entries written shortly before the delete operation
         might not be deleted", Google's reference). Such entries are unreadable once the key is destroyed,
-        and gone by the moment given: the newest entry's time, or now (nothing listed late is newer), plus
-        the bucket's retention.
+        and gone by the moment given: the newest entry's time, or now plus the clock skew ingest allows
+        (nothing listed late is newer), plus the bucket's retention.
         """
         retention = timedelta(days=self._bucket.retention_days())
         if not self.deletes:  # nothing to find: the caller counted the entries, none is newer than the bounds let in
@@ -324,7 +324,7 @@ class CloudLoggingStore(Store):
         held = list(self._segments("erase", _clauses(subject_ref, user_ref), False, every_copy=True))
         unique = {h.segment.segment_id: h.segment for h in held}
         removed = self._remove("erase", held)
-        newest = max([datetime.now(UTC), *(s.max_observed_at for s in unique.values())])
+        newest = max([datetime.now(UTC) + CLOCK_SKEW, *(s.max_observed_at for s in unique.values())])
         return dataclasses.replace(removed, expires_at=newest + retention)
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
