@@ -413,8 +413,11 @@ def test_a_repeated_format_adds_to_the_others(home: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("command", [["report"], ["audit", "export"], ["clusters", "create", "--account", "acme"]])
-def test_an_empty_out_folder_is_bad_usage(home: Path, tmp_path: Path, command: list[str]) -> None:
+def test_an_empty_out_folder_is_bad_usage(
+    home: Path, tmp_path: Path, command: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--out "$UNSET"`` wrote the files into the current folder."""
+    monkeypatch.chdir(tmp_path)  # not the checkout's
     run("init")
     result = run(*command, "--out", "")
     assert result.exit_code == 2 and "'--out': must name a folder, not be empty" in result.stderr
