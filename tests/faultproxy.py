@@ -11,7 +11,7 @@ class FaultProxy:
     """Forward 127.0.0.1:<port> to ``target_port``; :meth:`fail` makes chosen requests answer S3's 503."""
 
     def __init__(self, target_port: int) -> None:
-        self._rules: list[list] = []  # [method, requests to let pass first, failures left]
+        self._rules: list[list] = []  # [method, requests to let pass first, failures left, forwarded first]
         self._lock = threading.Lock()
         proxy = self
 
@@ -20,17 +20,17 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if proxy._failing(self.command):
+                failing = proxy._failing(self.command)
+                if failing is not None:
+                    if failing:  # done upstream, its answer lost on the way back
+                        self._forwarded(body)
                     data = b"" if self.command == "HEAD" else b"<Error><Code>ServiceUnavailable</Code></Error>"
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
                     return
-                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
-                upstream.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
-                answer = upstream.getresponse()
-                data = answer.read()
+                answer, data = self._forwarded(body)
                 self.send_response(answer.status)
                 for name, value in answer.getheaders():
                     if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -39,7 +39,14 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _forwarded(self, body: bytes) -> tuple[http.client.HTTPResponse, bytes]:
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                upstream.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                answer = upstream.getresponse()
+                data = answer.read()
                 upstream.close()
+                return answer, data
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -50,21 +57,23 @@ class FaultProxy:
         self.port = self._server.server_port
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def fail(self, method: str, *, after: int = 0, times: int = 1) -> None:
-        """Answer 503 to ``times`` requests of ``method``, once ``after`` of them went through."""
+    def fail(self, method: str, *, after: int = 0, times: int = 1, forwarded: bool = False) -> None:
+        """Answer 503 to ``times`` requests of ``method``, once ``after`` of them went through; with
+        ``forwarded``, each is done upstream first (its answer lost on the way back)."""
         with self._lock:
-            self._rules.append([method, after, times])
+            self._rules.append([method, after, times, forwarded])
 
-    def _failing(self, method: str) -> bool:
+    def _failing(self, method: str) -> bool | None:
+        """``None``: forward the request; else answer 503, after forwarding it when ``True``."""
         with self._lock:
             for rule in self._rules:
                 if rule[0] == method and rule[2] > 0:
                     if rule[1] > 0:
                         rule[1] -= 1
-                        return False
+                        return None
                     rule[2] -= 1
-                    return True
-        return False
+                    return bool(rule[3])
+        return None
 
     def close(self) -> None:
         self._server.shutdown()

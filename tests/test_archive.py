@@ -10,13 +10,14 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_record
+from faultproxy import FaultProxy
 
 from pipeline.errors import ConfigError, KeyringError, StoreUnavailable
 from pipeline.records import rows_from_table
@@ -156,6 +157,27 @@ def test_erasing_a_subject_deletes_its_objects_and_names_them(s3_archive_url, ke
     assert set(removed.places) == {f"s3://{bucket}/{k}" for k in before}
     assert [k for k in _objects(s3_archive_url) if acme in k] == []
     assert len(_objects(s3_archive_url)) == 2
+
+
+def test_an_object_whose_delete_answer_was_lost_is_named_by_the_erasure(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    """S3 deleted it, the answer never came back; the erasure resumed no longer listed it, so its receipt
+    named every object but that one."""
+    records = [make_record(account="acme", observed_at=T0 + timedelta(days=d)) for d in (0, 1)]
+    _write(s3_archive_url, keyring, records)
+    acme = keyring.subject_ref("acme")
+    bucket, endpoint = urlparse(s3_archive_url).netloc, parse_qs(urlparse(s3_archive_url).query)["endpoint"][0]
+    named = {f"s3://{bucket}/{k}" for k in _objects(s3_archive_url) if acme in k}
+    proxy = FaultProxy(urlparse(endpoint).port or 80)
+    try:
+        proxy.fail("DELETE", times=20, forwarded=True)  # every attempt of botocore's retries
+        store = open_store(s3_archive_url.replace(endpoint, f"http://127.0.0.1:{proxy.port}"), keyring=keyring)
+        with pytest.raises(StoreUnavailable) as cut:
+            store.erase(acme)
+    finally:
+        proxy.close()
+    assert len([k for k in _objects(s3_archive_url) if acme in k]) == 1  # the first went all the same
+    resumed = open_store(s3_archive_url, keyring=keyring).erase(acme)
+    assert set(cut.value.deleted) | set(resumed.places) == named
 
 
 def _versions(url: str) -> dict[str, list[bytes]]:

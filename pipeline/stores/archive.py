@@ -329,9 +329,10 @@ class ArchiveStore(Store):
         with noting_deleted(deleted):
             for key in self._keys():
                 if _owned(key, subject_ref, user_ref):
-                    dropped = self._drop(key)
-                    removed += dropped
-                    deleted += dropped.places
+                    # named first: a DELETE whose answer was lost deleted all the same, and a resumed erasure
+                    # no longer lists the object (one whose DELETE failed is listed, and deleted, again)
+                    deleted.append(f"s3://{self.bucket}/{key}")
+                    removed += self._drop(key)
         return removed
 
     def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
