@@ -496,3 +496,29 @@ def test_html_shows_the_busiest_accounts_and_the_csv_every_one(pipeline: Pipelin
     assert f"Showing the first {HTML_ROWS} of {accounts} accounts" in usage and "usage_accounts.csv" in usage
     with open(tmp_path / "usage_accounts.csv") as fh:
         assert len(list(csv.DictReader(fh))) == accounts
+
+
+def test_a_stores_reader_holds_few_segments_payloads_whatever_their_width() -> None:
+    """Each segment's batch is a view into its whole decrypted payload: a store's reader held every
+    payload of 131,072 rows at once, so a report of wide records (environments with thousands of
+    packages) grew by gigabytes with the data."""
+    import pyarrow as pa
+
+    from pipeline.reports.collect import SEGMENTS_HELD, _coalesced
+
+    schema = pa.schema([pa.field("n", pa.int64())])
+    payload = 1 << 20
+    held: list[int] = []
+
+    def segments() -> Any:
+        for n in range(SEGMENTS_HELD * 8):
+            decrypted = pa.allocate_buffer(payload)  # the whole record, of which the report reads one column
+            memoryview(decrypted).cast("B")[:8] = n.to_bytes(8, "little")
+            column = pa.Array.from_buffers(pa.int64(), 1, [None, decrypted.slice(0, 8)])  # pins the whole
+            yield pa.RecordBatch.from_arrays([column], schema=schema)
+            del decrypted
+            held.append(pa.total_allocated_bytes())
+
+    rows = [n for batch in _coalesced(schema, segments()) for n in batch.column(0).to_pylist()]
+    assert rows == list(range(SEGMENTS_HELD * 8))
+    assert max(held) - held[0] < (SEGMENTS_HELD + 2) * payload

@@ -210,6 +210,8 @@ def bounds_at(now: datetime) -> Bounds:
 
 #: rows per batch handed to DuckDB (a few MB in the slice schema)
 BATCH_ROWS = 131_072
+#: segments whose decrypted payloads a store's reader holds at most, before copying out what it reads
+SEGMENTS_HELD = 32
 #: no record of a Dask cluster is older than this: an earlier time was stored before ingest checked times
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 #: how far past the report's time (or the clock's, if later) a record may be observed: clock skew
@@ -296,17 +298,32 @@ def _add_slice(db: ReportDB, store: str, kind: str, schema: pa.Schema, batches: 
 
 
 def _coalesced(schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Segments' batches joined into batches of about :data:`BATCH_ROWS`: DuckDB pays per batch it pulls."""
-    held: list[pa.RecordBatch] = []
+    """Segments' batches joined into batches of about :data:`BATCH_ROWS`: DuckDB pays per batch it pulls.
+
+    A segment's batch is a view into its whole decrypted payload (every column, not only the few the
+    report reads), so the batches held are copied out every :data:`SEGMENTS_HELD`: memory then stays
+    flat however wide the records (a batch of environments with thousands of packages each held
+    gigabytes of payloads).
+    """
+    copied: list[pa.RecordBatch] = []
+    views: list[pa.RecordBatch] = []
     rows = 0
     for batch in batches:
-        held.append(batch)
+        views.append(batch)
         rows += batch.num_rows
         if rows >= BATCH_ROWS:
-            yield from pa.Table.from_batches(held, schema).combine_chunks().to_batches()
-            held, rows = [], 0
-    if held:
-        yield from pa.Table.from_batches(held, schema).combine_chunks().to_batches()
+            yield from _joined(schema, copied + views)
+            copied, views, rows = [], [], 0
+        elif len(views) >= SEGMENTS_HELD:
+            copied += _joined(schema, views)
+            views = []
+    if copied or views:
+        yield from _joined(schema, copied + views)
+
+
+def _joined(schema: pa.Schema, batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
+    """``batches`` as one, in memory of its own."""
+    return pa.Table.from_batches(batches, schema).combine_chunks().to_batches()
 
 
 def _requests_table(pipeline: Pipeline) -> pa.Table:
