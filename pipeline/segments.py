@@ -145,6 +145,6 @@ def open_segment(
     cipher = cipher or keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
     try:
         data = cipher.decrypt(segment.payload[:_NONCE], segment.payload[_NONCE:], segment.aad)
-    except InvalidTag:
+    except (InvalidTag, ValueError):  # ValueError: too short to hold a nonce (a truncated file)
         raise KeyringError(f"segment {segment.segment_id} does not decrypt: altered or wrong key") from None
     return ipc_table(data, columns)

@@ -432,11 +432,15 @@ def test_an_empty_home_is_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(pipeline: Pipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", [False, True], ids=["flipped", "truncated"])
+def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(
+    pipeline: Pipeline, tmp_path: Path, cut: bool
+) -> None:
+    """Truncated (shorter than a nonce): a traceback, and no report at all."""
     write_demo_records(pipeline)
     with pipeline.keyring.engine.begin() as conn:
         segment_id, payload = conn.execute(select(segments.c.segment_id, segments.c.payload).limit(1)).one()
-        altered = payload[:-1] + bytes([payload[-1] ^ 1])
+        altered = payload[:5] if cut else payload[:-1] + bytes([payload[-1] ^ 1])
         conn.execute(update(segments).where(segments.c.segment_id == segment_id).values(payload=altered))
     result = run("report", "--out", str(tmp_path))
     assert result.exit_code == 1

@@ -189,7 +189,7 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bo
             table = pq.read_table(pa.BufferReader(body), decryption_properties=properties)
         except KeyringError:
             continue  # written under a destroyed key version: shredded
-        except OSError as exc:
+        except (OSError, pa.ArrowException) as exc:  # ArrowInvalid: not Parquet (a truncated object)
             unreadable.append(Unreadable(ARCHIVE, key, f"archive object does not open: {first_line(exc)}"))
             continue
         table = table.filter(pc.invert(pc.is_in(table.column("_segment_id"), seen)))  # kept once (compaction)

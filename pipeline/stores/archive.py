@@ -179,7 +179,7 @@ class ArchiveStore(Store):
         body = self._call("read", got["Body"].read)
         try:
             table = pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
-        except OSError as exc:
+        except (OSError, pa.ArrowException) as exc:  # ArrowInvalid: not Parquet (a truncated object)
             raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
         return table, got["ETag"]
 
