@@ -526,3 +526,13 @@ def test_a_stores_reader_holds_few_segments_payloads_whatever_their_width() -> N
     rows = [n for batch in _coalesced(schema, segments()) for n in batch.column(0).to_pylist()]
     assert rows == list(range(SEGMENTS_HELD * 8))
     assert max(held) - held[0] < (SEGMENTS_HELD + 2) * payload
+
+
+def test_names_matplotlib_would_read_as_math_are_plotted_as_they_are(pipeline: Pipeline) -> None:
+    """An account ``pay$_$day`` (accepted everywhere) made ``report --show-names`` a mathtext traceback."""
+    from pipeline.reports.plots import render_plots
+
+    job = make_record("job", account="pay$_$day", job_id="j", tasks_completed=3, observed_at=T0 - timedelta(hours=1))
+    pipeline.write_records([job, make_record("job", account="_hidden", job_id="k", observed_at=T0)])
+    report = build_report(pipeline, now=T0, plots=False, show_names=True)
+    assert render_plots(report)

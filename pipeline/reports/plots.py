@@ -45,7 +45,7 @@ def render_plots(report: Report) -> dict[str, bytes]:
         bottom = [0.0] * len(days)
         for name in [*top, "other"] if "other" in series else top:
             heights = [series[name].get(day, 0.0) for day in days]
-            ax.bar(days, heights, bottom=bottom, label=name, width=0.8)
+            ax.bar(days, heights, bottom=bottom, label=_literal(name), width=0.8)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         ax.set_title(title)
         ax.set_ylabel(unit)
@@ -66,3 +66,10 @@ def render_plots(report: Report) -> dict[str, bytes]:
         "cluster_hours": stacked(daily, "who", "cluster_hours", "Cluster hours per day, by account", "hours"),
     }
     return {name: png for name, png in plots.items() if png is not None}
+
+
+def _literal(label: str) -> str:
+    """A name shown as it is: matplotlib reads text between two ``$`` as mathtext (a name ``pay$_$day`` was a
+    parse error, and no report), and hides a label starting with ``_`` from the legend."""
+    escaped = label.replace("$", r"\$")
+    return f" {escaped}" if escaped.startswith("_") else escaped
