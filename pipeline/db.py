@@ -49,6 +49,7 @@ from sqlalchemy.exc import (
     OperationalError,
     SQLAlchemyError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.types import TypeDecorator
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
@@ -490,6 +491,6 @@ def mapped_errors(what: str) -> Iterator[None]:
         yield
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc.__class__.__name__).splitlines()[0]
-        if isinstance(exc, OperationalError):
+        if isinstance(exc, OperationalError | PoolTimeout):  # down, or every pooled connection busy: retry
             raise StoreUnavailable(f"{what}: metadata database unavailable: {reason}") from exc
         raise StoreError(f"{what}: metadata database refused: {reason}") from exc

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -321,6 +321,18 @@ def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
         return batch.readmit()
     except PipelineError as exc:
         return exc
+
+
+@contextlib.contextmanager
+def _closed_after(iterator: Iterator[Any]) -> Iterator[None]:
+    """Close ``iterator`` when the block ends, if it can be (a store's scan: a generator holding a
+    database connection), rather than whenever the garbage collector finds it."""
+    try:
+        yield
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
 
 
 #: which of some batch ids are taken: built once (building an IN clause of literal values costs
@@ -727,8 +739,9 @@ class Pipeline:
         kind: str | None = None,
         unreadable: list[Unreadable] | None = None,
         columns: Sequence[str] | None = None,
-    ) -> Iterator[tuple[Segment, pa.Table]]:
-        """Each readable segment with its decrypted table, skipping crypto-shredded subjects.
+    ) -> Generator[tuple[Segment, pa.Table], None, None]:
+        """Each readable segment with its decrypted table, skipping crypto-shredded subjects; closed, it
+        closes the store's scan (a database connection held while it reads).
 
         ``columns`` (with ``record_id``) limits the tables to those columns, read alone.
 
@@ -741,29 +754,31 @@ class Pipeline:
         subject_ref = self.subject_ref(account) if account is not None else None
         keys: dict[str, tuple[str, int]] = {}
         ciphers: dict[str, AESGCM] = {}  # checked against the database once a scan, not once a segment
-        for segment in self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind):
-            key_id = segment.user_ref or segment.subject_ref
-            if key_id not in keys:
-                keys[key_id] = self._key_status(segment.subject_ref, segment.user_ref)
-            state, version = keys[key_id]
-            if state == "destroyed" or (state == "active" and 0 < segment.key_version < version):
-                continue  # crypto-shredded: unreadable on purpose
-            try:
-                if state == "unknown" or segment.key_version != version:
-                    raise KeyringError(
-                        f"subject or key version {segment.key_version} was never issued by this keyring: "
-                        "the segment or its header was altered"
-                    )
-                if key_id not in ciphers:
-                    ciphers[key_id] = self.keyring.cipher_for(segment.subject_ref, segment.user_ref, version)
-                table = open_segment(self.keyring, segment, columns, cipher=ciphers[key_id])
-            except KeyringError as exc:
-                problem = Unreadable(store, segment.segment_id, str(exc))
-                if unreadable is None:
-                    raise StoreError(str(problem)) from exc
-                unreadable.append(problem)
-                continue
-            yield segment, table
+        scan = self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind)
+        with _closed_after(scan):
+            for segment in scan:
+                key_id = segment.user_ref or segment.subject_ref
+                if key_id not in keys:
+                    keys[key_id] = self._key_status(segment.subject_ref, segment.user_ref)
+                state, version = keys[key_id]
+                if state == "destroyed" or (state == "active" and 0 < segment.key_version < version):
+                    continue  # crypto-shredded: unreadable on purpose
+                try:
+                    if state == "unknown" or segment.key_version != version:
+                        raise KeyringError(
+                            f"subject or key version {segment.key_version} was never issued by this keyring: "
+                            "the segment or its header was altered"
+                        )
+                    if key_id not in ciphers:
+                        ciphers[key_id] = self.keyring.cipher_for(segment.subject_ref, segment.user_ref, version)
+                    table = open_segment(self.keyring, segment, columns, cipher=ciphers[key_id])
+                except KeyringError as exc:
+                    problem = Unreadable(store, segment.segment_id, str(exc))
+                    if unreadable is None:
+                        raise StoreError(str(problem)) from exc
+                    unreadable.append(problem)
+                    continue
+                yield segment, table
 
     def _key_status(self, subject_ref: str, user_ref: str | None) -> tuple[str, int]:
         """``(key state, live key version)`` of a segment's data key; versions below the live one were destroyed."""
@@ -774,8 +789,8 @@ class Pipeline:
 
     def read_records(
         self, store: str = "long_term", *, unreadable: list[Unreadable] | None = None, **filters: Any
-    ) -> Iterator[dict[str, Any]]:
-        """Decrypted records as dicts (see :meth:`read_segments`).
+    ) -> Generator[dict[str, Any], None, None]:
+        """Decrypted records as dicts (see :meth:`read_segments`); closed, it closes the read.
 
         A record with a time Python cannot hold (see :func:`~pipeline.records.unreadable_rows`)
         is appended to ``unreadable`` and skipped like an unreadable segment. Looked for only
@@ -783,13 +798,14 @@ class Pipeline:
 
         :raises StoreError: a segment or record is unreadable and no ``unreadable`` list was given
         """
-        for segment, table in self.read_segments(store, unreadable=unreadable, **filters):
-            try:
-                rows = list(rows_from_table(table))
-            except OverflowError:
-                table = _without_rows(store, segment, table, unreadable_rows(table), unreadable)
-                rows = list(rows_from_table(table))
-            yield from rows
+        with contextlib.closing(self.read_segments(store, unreadable=unreadable, **filters)) as read:
+            for segment, table in read:
+                try:
+                    rows = list(rows_from_table(table))
+                except OverflowError:
+                    table = _without_rows(store, segment, table, unreadable_rows(table), unreadable)
+                    rows = list(rows_from_table(table))
+                yield from rows
 
     def foreign_files(self) -> dict[str, list[str]]:
         """Store name → what was skipped in it so far as not being its segments (see ``Store.foreign_files``)."""

@@ -242,6 +242,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
     app.state.clusters = clusters.ClusterRegistry(pipeline, app.state.tokens)
     app.state.metrics = metrics = Metrics()
     app.state.ingest_gate = ingest.IngestGate(pipeline)
+    app.state.record_streams = records.RecordStreams()
     app.state.erasure_filings = erasure.filing_limit(pipeline)
     for module in (clusters, ingest, records, envs, erasure):
         app.include_router(module.router)

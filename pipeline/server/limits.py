@@ -65,28 +65,39 @@ class RateLimit:
 
 
 class Concurrency:
-    """At most ``limit`` requests per key in flight (event-loop only: no lock needed)."""
+    """At most ``limit`` requests per key in flight (a lock: a streamed answer ends on a worker thread)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    @contextmanager
-    def hold(self, key: str) -> Iterator[bool]:
-        """Yields whether ``key`` got a place; the place is held until the block ends."""
-        held = self._in_flight.get(key, 0)
-        if held >= self.limit:
-            yield False
-            return
-        self._in_flight[key] = held + 1
-        try:
-            yield True
-        finally:
+    def acquire(self, key: str) -> bool:
+        """Take a place of ``key``; whether there was one (then :meth:`release` it)."""
+        with self._lock:
+            held = self._in_flight.get(key, 0)
+            if held >= self.limit:
+                return False
+            self._in_flight[key] = held + 1
+            return True
+
+    def release(self, key: str) -> None:
+        with self._lock:
             left = self._in_flight[key] - 1
             if left:
                 self._in_flight[key] = left
             else:
                 del self._in_flight[key]
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[bool]:
+        """Yields whether ``key`` got a place; the place is held until the block ends."""
+        got = self.acquire(key)
+        try:
+            yield got
+        finally:
+            if got:
+                self.release(key)
 
 
 class FairSlots:

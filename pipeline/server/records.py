@@ -8,15 +8,17 @@ cannot be read is skipped and named in a ``{"skipped": ...}`` line at the end of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Generator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from pipeline.errors import UnknownAccountError
 from pipeline.output import to_json
@@ -25,9 +27,10 @@ from pipeline.records import DATA_TYPES, KINDS
 from pipeline.retention.policy import STORES
 from pipeline.runtime import Pipeline, Unreadable
 from pipeline.server.auth import current_pipeline, require
+from pipeline.server.limits import Concurrency, too_many
 from pipeline.subject_names import same
 
-__all__ = ["router", "visible_account"]
+__all__ = ["RecordStreams", "router", "visible_account"]
 
 router = APIRouter(tags=["records"])
 logger = logging.getLogger(__name__)
@@ -88,9 +91,53 @@ def get_records(
     account = visible_account(pipeline, principal, account)
     if store not in pipeline.stores:
         raise HTTPException(404, f"store {store!r} is not configured on this control plane")
+    streams: RecordStreams = request.app.state.record_streams
+    reader = streams.take(principal)
     unreadable: list[Unreadable] = []
     rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind, unreadable=unreadable)
-    return StreamingResponse(_ndjson(rows, since, until, unreadable), media_type=NDJSON)
+    body = _ndjson(rows, since, until, unreadable)
+    return StreamingResponse(body, media_type=NDJSON, background=BackgroundTask(streams.ended, reader, body))
+
+
+#: record streams at once per account, and in all: a stream holds one of the pool's 15 connections
+STREAMS_PER_ACCOUNT = 3
+STREAMS = 8
+_ALL = "all"
+
+
+class RecordStreams:
+    """Record streams in flight, per account (admin: per token) and in all.
+
+    A stream holds a database connection for as long as its reader reads: a reader that hung up
+    held it until the garbage collector found the stream, and a tenant's slow or abandoned readers
+    took every connection of the pool, so every other tenant's requests waited and failed. A stream
+    is closed as its response ends, whichever way; over a limit is 429.
+    """
+
+    def __init__(self, per_account: int = STREAMS_PER_ACCOUNT, total: int = STREAMS) -> None:
+        self.per_account = Concurrency(per_account)
+        self.total = Concurrency(total)
+
+    def take(self, principal: Principal) -> str:
+        """A place for the caller's stream; its key, for :meth:`ended`.
+
+        :raises HTTPException: 429, the account (or every account together) has as many streams as it may
+        """
+        reader = str(principal.account) if principal.kind == "member" else f"token {principal.token_id}"
+        if not self.total.acquire(_ALL):
+            raise too_many("the control plane streams as many records as it may at once; retry later", 1)
+        if not self.per_account.acquire(reader):
+            self.total.release(_ALL)
+            raise too_many("this account has as many record streams open as it may; retry later", 1)
+        return reader
+
+    def ended(self, reader: str, body: Generator[str, None, None]) -> None:
+        """Close the stream (its database connection back to the pool) and give its place back."""
+        try:
+            body.close()
+        finally:
+            self.per_account.release(reader)
+            self.total.release(_ALL)
 
 
 def _utc(name: str, moment: datetime | None, request: Request) -> datetime | None:
@@ -109,18 +156,22 @@ def _utc(name: str, moment: datetime | None, request: Request) -> datetime | Non
 
 
 def _ndjson(
-    rows: Iterator[dict[str, Any]], since: datetime | None, until: datetime | None, unreadable: list[Unreadable]
-) -> Iterator[str]:
+    rows: Generator[dict[str, Any], None, None],
+    since: datetime | None,
+    until: datetime | None,
+    unreadable: list[Unreadable],
+) -> Generator[str, None, None]:
     """Record lines, then one ``{"skipped": {...}}`` line per segment or record that could not be read.
 
     The status line is sent before the first record, so what was skipped is named in the stream
-    itself: one bad row never ends it part way.
+    itself: one bad row never ends it part way. Closed, it closes the read (and its connection).
     """
     try:
-        for row in rows:
-            observed = row["observed_at"]
-            if (since is None or observed >= since) and (until is None or observed < until):
-                yield to_json(row) + "\n"
+        with contextlib.closing(rows):
+            for row in rows:
+                observed = row["observed_at"]
+                if (since is None or observed >= since) and (until is None or observed < until):
+                    yield to_json(row) + "\n"
     except UnknownAccountError:  # a member's own account before its first record: nothing to stream
         return
     for problem in unreadable:
