@@ -132,6 +132,14 @@ def test_malformed_bodies_are_400_problems_never_422(plane: ControlPlane, body: 
     assert_problem(response, 400)
 
 
+@pytest.mark.parametrize("suppress", ["yes", 0, "true"])
+def test_a_flag_that_is_not_a_json_boolean_is_400(plane: ControlPlane, suppress: object) -> None:
+    """``"suppress": "yes"`` filed an erasure that dropped the subject's later records (pydantic's lax mode)."""
+    with plane.admin() as admin:
+        response = admin.post("/v1/erasure-requests", json={"account": "acme-Holdings", "suppress": suppress})
+    assert_problem(response, 400)
+
+
 def test_a_json_body_over_64_kib_is_refused_before_it_is_read(plane: ControlPlane) -> None:
     with plane.member("acme-Holdings", "ann.smith") as ann:
         response = ann.post("/v1/clusters", json={"account": "acme-Holdings", "name": "x" * 70_000})

@@ -648,7 +648,7 @@ class LostClusterSweeper:
 class ClusterIn(BaseModel):
     """``POST /v1/clusters`` body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # each value of its own JSON type: no "yes" or 0 for a bool
     account: str = Field(min_length=1, max_length=200)
     user: str | None = Field(default=None, min_length=1, max_length=200)  # an admin's choice; a member owns theirs
     name: str | None = Field(default=None, max_length=200)

@@ -82,7 +82,7 @@ def list_envs(
 class VisibilityIn(BaseModel):
     """``PATCH /v1/software-envs/{env_id}`` body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # each value of its own JSON type: no "yes" or 0 for a bool
     visibility: Visibility
 
 

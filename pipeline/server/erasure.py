@@ -48,7 +48,7 @@ People = Annotated[Principal, Depends(require("member", "admin"))]
 class ErasureIn(BaseModel):
     """``POST /v1/erasure-requests`` body: an account, or one user of it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # each value of its own JSON type: no "yes" or 0 for a bool
     account: str = Field(min_length=1, max_length=200)
     user: str | None = Field(default=None, min_length=1, max_length=200)
     reason: str | None = Field(default=None, max_length=2000)
