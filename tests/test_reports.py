@@ -453,6 +453,25 @@ def test_an_altered_segment_is_named_and_marked_and_the_rest_reported(
     assert document["usage"]["accounts"]  # every other segment is still reported
 
 
+@pytest.mark.parametrize("column", ["kind", "data_type"])
+def test_a_segment_whose_header_names_no_kind_is_named_not_left_out_unseen(
+    pipeline: Pipeline, tmp_path: Path, column: str
+) -> None:
+    """The report reads each kind on its own: a segment whose header was altered to name no kind was read
+    by none, and the report said PASS (exit 0) without naming it (``bogus``: a retention row of its own)."""
+    write_demo_records(pipeline)
+    with pipeline.keyring.engine.begin() as conn:
+        segment_id = conn.execute(select(segments.c.segment_id).limit(1)).scalar_one()
+        conn.execute(update(segments).where(segments.c.segment_id == segment_id).values({column: "bogus"}))
+    result = run("report", "--out", str(tmp_path), "--format", "json")
+    assert result.exit_code == 1
+    document = json.loads((tmp_path / "report.json").read_text())
+    [skipped] = document["unreadable_segments"]
+    assert (skipped["segment_id"], skipped["store"]) == (segment_id, "long_term")
+    assert "names no record kind" in skipped["reason"]
+    assert "bogus" not in {row["data_type"] for row in document["retention"]["rows"]}
+
+
 def test_a_payload_altered_into_text_is_one_unreadable_segment_not_a_failed_scan(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

@@ -93,11 +93,20 @@ class Found:
             return self.refs.setdefault(subject_ref, len(self.refs))
 
 
+#: why a segment whose header names no record kind is skipped
+_NO_KIND = "its header names no record kind ({0.data_type}/{0.kind}): altered"
+
+
 def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progress: bool) -> None:
     headers: Counter[tuple[str, str]] = Counter()
     header_records: Counter[tuple[str, str]] = Counter()
     for name, store in pipeline.stores.items():
         for segment in store.scan(with_payload=False):
+            spec = KINDS.get(segment.kind)
+            if spec is None or spec.data_type != segment.data_type:
+                # read by no slice (each reads one kind): named here, or it was left out unseen
+                found.unreadable.append(Unreadable(name, segment.segment_id, _NO_KIND.format(segment)))
+                continue
             headers[(name, segment.data_type)] += 1
             header_records[(name, segment.data_type)] += segment.n_records
     db.add_headers(
