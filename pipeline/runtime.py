@@ -297,13 +297,18 @@ def _mark_ingested(conn: Connection, engine: Engine, batches: Sequence[PreparedB
 
 def _stale_admissions(conn: Connection, batches: Sequence[PreparedBatch]) -> set[int]:
     """The ``id()`` of each batch a guard of its admission fails, checked in ``conn``'s transaction after
-    its locks; one query for each guard statement of the group (none without guards: most groups)."""
+    its locks; one query for each guard statement of the group and 500 keys (none without guards: most
+    groups), as a group may hold 256 batches of 5,000 job ends and PostgreSQL takes 65,535 parameters."""
     keys: dict[int, tuple[Executable, set[Any]]] = {}
     for batch in batches:
-        for statement, ids in batch.guards:
-            keys.setdefault(id(statement), (statement, set()))[1].update(ids)
-    failed = {tuple(row) for statement, ids in keys.values() for row in conn.execute(statement, {"ids": list(ids)})}
-    return {id(batch) for batch in batches for _statement, ids in batch.guards if failed.intersection(ids)}
+        for statement, guarded in batch.guards:
+            keys.setdefault(id(statement), (statement, set()))[1].update(guarded)
+    failed: set[Any] = set()
+    for statement, wanted in keys.values():
+        listed = sorted(wanted)
+        for start in range(0, len(listed), 500):
+            failed.update(tuple(row) for row in conn.execute(statement, {"ids": listed[start : start + 500]}))
+    return {id(batch) for batch in batches for _statement, guarded in batch.guards if failed.intersection(guarded)}
 
 
 class _StaleAdmission(Exception):

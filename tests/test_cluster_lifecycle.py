@@ -486,3 +486,23 @@ def test_a_registration_whose_credentials_fail_leaves_no_open_cluster_or_token(
         registry.register("acme", "http://control-plane.invalid")
     assert registry.list() == []
     assert [t for t in registry.tokens.list() if t.kind == "cluster"] == []
+
+
+def test_a_group_whose_ends_name_more_jobs_than_one_query_takes_is_checked_in_parts(pipeline: Pipeline) -> None:
+    """Seven batches of 5,000 job ends in one group were 70,000 parameters in one query, over PostgreSQL's
+    65,535: the whole group failed, other accounts' batches with it."""
+    from pipeline.db import insert_ignoring_duplicates, lost_jobs
+    from pipeline.runtime import PreparedBatch, _stale_admissions
+    from pipeline.server.clusters import _RECORDED_LOST_PAIRS, _lost_record_id
+
+    pairs = tuple(("c-1", _lost_record_id("c-1", f"job-{n}")) for n in range(40_000))
+    ends, other = (
+        PreparedBatch("s", "b-1", 0, [], guards=((_RECORDED_LOST_PAIRS, pairs),)),
+        PreparedBatch("s", "b-2", 0, []),
+    )
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            insert_ignoring_duplicates(pipeline.keyring.engine, lost_jobs),
+            [dict(zip(("cluster_id", "record_id"), pairs[-1], strict=True))],
+        )
+        assert _stale_admissions(conn, [ends, other]) == {id(ends)}
