@@ -67,3 +67,27 @@ def test_a_stream_whose_reader_hung_up_is_closed_whatever_else_holds_it(
     while held[0].gi_frame is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert held[0].gi_frame is None  # closed: its scan's connection is back in the pool
+
+
+def test_a_stream_that_fails_part_way_gives_its_place_back(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starlette runs a response's background task only when its body ends well: three streams cut by a
+    database gone part way locked the account out of its records until a restart."""
+    from pipeline.errors import StoreUnavailable
+
+    plane.pipeline.write_records([make_record(account="acme", cluster_id=f"c-{n}") for n in range(3)])
+    read = plane.pipeline.read_records
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        rows = read(*args, **kwargs)
+        yield next(rows)
+        raise StoreUnavailable("long_term unreachable during scan")
+
+    monkeypatch.setattr(plane.pipeline, "read_records", failing)
+    with plane.member("acme", "ann") as ann:
+        for _ in range(STREAMS_PER_ACCOUNT + 1):
+            with pytest.raises(httpx.RemoteProtocolError):  # the stream is cut, as the server logs
+                ann.get("/v1/records")
+        monkeypatch.undo()
+        assert ann.get("/v1/records").status_code == 200

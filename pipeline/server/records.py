@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import threading
 from collections.abc import Generator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -30,7 +31,7 @@ from pipeline.server.auth import current_pipeline, require
 from pipeline.server.limits import Concurrency, too_many
 from pipeline.subject_names import same
 
-__all__ = ["RecordStreams", "router", "visible_account"]
+__all__ = ["RecordStreams", "StreamPlace", "router", "visible_account"]
 
 router = APIRouter(tags=["records"])
 logger = logging.getLogger(__name__)
@@ -92,11 +93,11 @@ def get_records(
     if store not in pipeline.stores:
         raise HTTPException(404, f"store {store!r} is not configured on this control plane")
     streams: RecordStreams = request.app.state.record_streams
-    reader = streams.take(principal)
+    place = streams.take(principal)
     unreadable: list[Unreadable] = []
     rows = pipeline.read_records(store, account=account, data_type=data_type, kind=kind, unreadable=unreadable)
-    body = _ndjson(rows, since, until, unreadable)
-    return StreamingResponse(body, media_type=NDJSON, background=BackgroundTask(streams.ended, reader, body))
+    body = _ndjson(rows, since, until, unreadable, place)
+    return StreamingResponse(body, media_type=NDJSON, background=BackgroundTask(_ended, body, place))
 
 
 #: record streams at once per account, and in all: a stream holds one of the pool's 15 connections
@@ -118,8 +119,8 @@ class RecordStreams:
         self.per_account = Concurrency(per_account)
         self.total = Concurrency(total)
 
-    def take(self, principal: Principal) -> str:
-        """A place for the caller's stream; its key, for :meth:`ended`.
+    def take(self, principal: Principal) -> StreamPlace:
+        """A place for the caller's stream.
 
         :raises HTTPException: 429, the account (or every account together) has as many streams as it may
         """
@@ -129,15 +130,33 @@ class RecordStreams:
         if not self.per_account.acquire(reader):
             self.total.release(_ALL)
             raise too_many("this account has as many record streams open as it may; retry later", 1)
-        return reader
+        return StreamPlace(self, reader)
 
-    def ended(self, reader: str, body: Generator[str, None, None]) -> None:
-        """Close the stream (its database connection back to the pool) and give its place back."""
-        try:
-            body.close()
-        finally:
-            self.per_account.release(reader)
-            self.total.release(_ALL)
+
+class StreamPlace:
+    """One stream's places, given back once: when its body ends (read to the end, failed part way, or
+    closed), or after its response if the body never started."""
+
+    def __init__(self, streams: RecordStreams, reader: str) -> None:
+        self._streams, self._reader = streams, reader
+        self._held = True
+        self._lock = threading.Lock()
+
+    def give_back(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._streams.per_account.release(self._reader)
+            self._streams.total.release(_ALL)
+
+
+def _ended(body: Generator[str, None, None], place: StreamPlace) -> None:
+    """After the response, however it ended (Starlette leaves a body its reader hung up on suspended): close
+    the body, its database connection back to the pool, and give the place back."""
+    try:
+        body.close()
+    finally:
+        place.give_back()
 
 
 def _utc(name: str, moment: datetime | None, request: Request) -> datetime | None:
@@ -160,11 +179,13 @@ def _ndjson(
     since: datetime | None,
     until: datetime | None,
     unreadable: list[Unreadable],
+    place: StreamPlace,
 ) -> Generator[str, None, None]:
     """Record lines, then one ``{"skipped": {...}}`` line per segment or record that could not be read.
 
     The status line is sent before the first record, so what was skipped is named in the stream
-    itself: one bad row never ends it part way. Closed, it closes the read (and its connection).
+    itself: one bad row never ends it part way. Closed, it closes the read (and its connection);
+    ended, however, it gives its place back (a database gone part way ends it with an error).
     """
     try:
         with contextlib.closing(rows):
@@ -172,8 +193,10 @@ def _ndjson(
                 observed = row["observed_at"]
                 if (since is None or observed >= since) and (until is None or observed < until):
                     yield to_json(row) + "\n"
+        for problem in unreadable:
+            logger.warning("GET /v1/records skipped %s", problem)
+            yield to_json({"skipped": dataclasses.asdict(problem)}) + "\n"
     except UnknownAccountError:  # a member's own account before its first record: nothing to stream
         return
-    for problem in unreadable:
-        logger.warning("GET /v1/records skipped %s", problem)
-        yield to_json({"skipped": dataclasses.asdict(problem)}) + "\n"
+    finally:
+        place.give_back()
