@@ -53,6 +53,11 @@ def fails_until(flag: str) -> int:
     return busy(flag)
 
 
+def even_fails_until(n: int, flag: str) -> int:
+    """An even ``n`` raises until the file ``flag`` exists."""
+    return fails_until(flag) if n % 2 == 0 else busy(n)
+
+
 def maybe_fail(x: int) -> int:
     if x % 50 == 49:
         raise ValueError(x)
@@ -191,6 +196,27 @@ def test_a_retry_is_a_job_of_its_own(threads_cluster, settings, tmp_path: Path) 
     assert jobs[1]["task_prefixes"] == ["fails_until"]
     final = _final(settings)
     assert (final["tasks_completed_total"], final["tasks_erred_total"]) == (1, 1)
+
+
+def test_a_retry_of_results_and_errors_takes_the_errors_whatever_the_order(
+    threads_cluster, settings, tmp_path: Path
+) -> None:
+    """``client.retry()`` runs every key it is given again, results in memory too: the retry's job took
+    those handled after its first error and left those before it, 10 tasks giving 9 or fewer."""
+    flag = tmp_path / "ready"
+    with Client(threads_cluster) as client:
+        futures = client.map(even_fails_until, range(10), flag=str(flag))  # one computation
+        wait(futures)
+        flag.touch()
+        client.retry(futures)
+        assert client.gather(futures) == [1] * 10
+        del futures
+    threads_cluster.close()
+
+    jobs = sorted(_records(settings, "job"), key=lambda j: j["started_at"])
+    assert [(j["tasks_total"], j["tasks_completed"], j["tasks_erred"]) for j in jobs] == [(10, 5, 5), (5, 5, 0)]
+    final = _final(settings)
+    assert (final["tasks_completed_total"], final["tasks_erred_total"]) == (10, 5)
 
 
 def test_tasks_by_state_shows_only_tasks_the_scheduler_holds(threads_cluster, settings) -> None:
