@@ -328,6 +328,15 @@ def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
         return exc
 
 
+def _policy_of(settings: Settings) -> Policy:
+    """The configured policy; an archive is a copy of the long-term store (same routing, retention and erasure).
+
+    :raises PolicyError: naming the file, the dotted field and the reason
+    """
+    policy = load_policy(settings.policy_path)
+    return policy.with_copy("archive", of="long_term") if settings.archive_url else policy
+
+
 @contextlib.contextmanager
 def _closed_after(iterator: Iterator[Any]) -> Iterator[None]:
     """Close ``iterator`` when the block ends, if it can be (a store's scan: a generator holding a
@@ -381,7 +390,7 @@ class Pipeline:
         """
         settings = settings or Settings.from_config()
         check_private_folder(settings.home)
-        policy = load_policy(settings.policy_path)
+        policy = _policy_of(settings)
         if create:
             settings.ensure_home()
         # it is also the metadata database (keys, audit, requests): checked first, before another
@@ -399,13 +408,23 @@ class Pipeline:
         assert isinstance(long_term, SQLStore)  # as its scheme says
         provider = open_key_provider(settings.keys_url, create=create, keyring_made=Keyring.made(long_term.engine))
         keyring = Keyring.open(long_term.engine, provider, create=create)
-        if settings.archive_url:  # a copy of the long-term store: same routing, retention and erasure
+        if settings.archive_url:
             stores["archive"] = open_store(settings.archive_url, setting="pipeline.archive.url", keyring=keyring)
-            policy = policy.with_copy("archive", of="long_term")
         pipeline = cls(settings, policy, keyring, stores)
         keyring.on_key_created = pipeline._audit_key_created
         pipeline.audit.note_policy(policy.path, policy.sha256)
         return pipeline
+
+    def reload_policy(self) -> None:
+        """Read the policy file again, for a process that runs for long (``serve``: each retention pass and
+        each erasure filed): an edited policy is in force from then on, and noted in the audit trail.
+
+        :raises PolicyError: the file is invalid now; the policy read before stays in force
+        """
+        policy = _policy_of(self.settings)
+        if policy.sha256 != self.policy.sha256:
+            self.policy = policy
+            self.audit.note_policy(policy.path, policy.sha256)
 
     def _audit_key_created(self, subject_ref: str, key_version: int) -> None:
         self.audit.append("key.created", subject_ref=subject_ref, details={"key_version": key_version})

@@ -135,3 +135,33 @@ def test_a_straddling_segment_of_an_erased_subject_is_dropped(hourly_store) -> N
     left = list(pipeline.stores[store].scan(subject_ref=pipeline.keyring.subject_ref("globex")))
     assert left == []
     assert {a for a, _ in _observed(pipeline, store)} == {"acme"}
+
+
+def test_a_pass_of_a_long_running_service_applies_the_policy_as_edited_since(tmp_path, home) -> None:  # noqa: ANN001
+    """serve read the policy once: a limit shortened, a deadline changed or a file made invalid since
+    went unseen by every pass (audited with the old file's hash), and erasures got the old deadline."""
+    from pipeline.retention.requests import file_request
+
+    doc = yaml.safe_load(default_policy_path().read_text())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(doc))
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        pipeline = Pipeline.open(create=True)  # as serve opens it, once
+        pipeline.write_records([make_record(observed_at=DAY0)])
+        doc["stores"]["cloud_logging"]["cluster_jobs"] = "12h"
+        doc["erasure"]["deadline"] = "2h"
+        policy.write_text(yaml.safe_dump(doc))
+        report = enforce(pipeline, DAY0 + timedelta(days=1))
+        assert report.removed["cloud_logging"]["cluster_jobs"].records == 1 and not report.failed_steps
+        [noted] = [e for e in pipeline.audit.entries() if e.action == "policy.loaded"][-1:]
+        assert noted.details["sha256"] == pipeline.policy.sha256
+        assert pipeline.audit.last("retention.pass").details["policy_sha256"] == pipeline.policy.sha256
+        request = file_request(pipeline, "acme")
+        assert request.deadline - request.created_at == timedelta(hours=2)
+
+        policy.write_text("version: 1\nstores: {cloud_logging: {cluster_jobs: thirty days}}\n")
+        failed = enforce(pipeline, DAY0 + timedelta(days=2))
+        assert "thirty days" in failed.failed_steps["policy"] and str(policy) in failed.failed_steps["policy"]
+        assert set(failed.failed_steps) == {"policy"}  # every other step ran, under the policy read before
+        assert pipeline.audit.last("retention.pass").details["failed_steps"] == failed.failed_steps
+        assert pipeline.policy.erasure_deadline == timedelta(hours=2)

@@ -147,6 +147,7 @@ def enforce(
     report = RetentionReport(now or utcnow(), simulated=now is not None if simulated is None else simulated)
     now = report.now
     run = functools.partial(_step, report)
+    run("policy", pipeline.reload_policy)  # an edit since serve started; invalid: the one in force, and FAIL
     for name, backend in pipeline.stores.items():  # a retention the backend enforces itself
         limits = {t: limit for s, t, limit in pipeline.policy.limits() if s == name}
         if limits:

@@ -14,6 +14,7 @@ still follows the request to its end (``GET /v1/erasure-requests/{id}/receipt``)
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import uuid
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select
 
 from pipeline.db import erasure_receipts, transaction
+from pipeline.errors import PolicyError
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.retention.requests import (
@@ -42,6 +44,7 @@ __all__ = ["filing_limit", "router"]
 RECEIPT_PREFIX = "mr_"
 
 router = APIRouter(tags=["erasure"])
+logger = logging.getLogger(__name__)
 People = Annotated[Principal, Depends(require("member", "admin"))]
 
 
@@ -95,6 +98,10 @@ def file_erasure(
         wait = request.app.state.erasure_filings.take(f"{principal.account}\0{principal.user}")
         if wait:
             raise too_many("you filed as many erasure requests as a member may this hour; retry later", wait)
+    try:  # its deadline is the published policy's (serve runs for long)
+        pipeline.reload_policy()
+    except PolicyError as exc:  # the one in force stays: the next retention pass fails and names it
+        logger.error("erasure filed under the policy read before: %s", exc)
     request_id = str(uuid.uuid4())
     filed = file_request(
         pipeline,
