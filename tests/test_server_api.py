@@ -375,3 +375,20 @@ def test_head_answers_as_get_without_a_body_and_a_trailing_slash_is_not_redirect
         slashed = admin.get("/v1/health/", headers={"Host": "evil.example"})
     assert "location" not in slashed.headers
     assert_problem(slashed, 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/v1/clusters", "GET, HEAD, POST"),
+        ("DELETE", "/v1/erasure-requests", "GET, HEAD, POST"),
+        ("DELETE", "/v1/records", "GET, HEAD"),
+        ("PUT", "/v1/software-envs/e-1", "PATCH"),
+    ],
+)
+def test_a_405_lists_every_method_of_its_path(plane: ControlPlane, method: str, path: str, allowed: str) -> None:
+    """RFC 9110: ``Allow`` lists the methods the path is served with; it named the first route's only."""
+    with plane.admin() as admin:
+        refused = admin.request(method, path)
+    assert_problem(refused, 405)
+    assert refused.headers["allow"] == allowed

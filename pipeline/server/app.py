@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import (
@@ -222,6 +223,13 @@ def _error_problem(exc: StarletteHTTPException | PipelineError) -> JSONResponse:
     return problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
+def _allowed(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method the path is served with (one route each), HEAD with GET (RFC 9110: a 405 lists them all)."""
+    path = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""), "method": "GET"}
+    methods = {m for route in app.state.routes if route.matches(dict(path))[0] != Match.NONE for m in route.methods}
+    return sorted(methods | ({"HEAD"} if "GET" in methods else set()))
+
+
 def _body_limit(scope: Scope) -> int:
     return MAX_SEALED_BYTES if scope["path"] == "/v1/ingest" else MAX_JSON_BYTES
 
@@ -244,9 +252,9 @@ def create_app(pipeline: Pipeline) -> FastAPI:
     app.state.ingest_gate = ingest.IngestGate(pipeline)
     app.state.record_streams = records.RecordStreams()
     app.state.erasure_filings = erasure.filing_limit(pipeline)
-    for module in (clusters, ingest, records, envs, erasure):
-        app.include_router(module.router)
-    app.include_router(metrics_router)
+    routers = [module.router for module in (clusters, ingest, records, envs, erasure)] + [metrics_router]
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/v1/health", tags=["health"])
     def health() -> dict[str, str]:
@@ -258,12 +266,18 @@ def create_app(pipeline: Pipeline) -> FastAPI:
         """Whom the token speaks for (what ``login`` checks)."""
         return {k: getattr(principal, k) for k in ("kind", "account", "user", "cluster_id", "token_id")}
 
+    # every route with its methods, for a 405's Allow (the app's own list nests the included routers)
+    app.state.routes = [route for router in routers for route in router.routes] + [
+        route for route in app.routes if isinstance(route, Route)
+    ]
     app.add_middleware(
         _Guard, metrics=metrics, tokens=app.state.tokens, body_timeout=pipeline.settings.limits.body_timeout
     )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:  # Starlette's Allow names the first route's method of the path only
+            exc.headers = {"Allow": ", ".join(_allowed(app, request.scope))}
         return _error_problem(exc)
 
     @app.exception_handler(RequestValidationError)
