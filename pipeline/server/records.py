@@ -103,7 +103,6 @@ def get_records(
 #: record streams at once per account, and in all: a stream holds one of the pool's 15 connections
 STREAMS_PER_ACCOUNT = 3
 STREAMS = 8
-_ALL = "all"
 
 
 class RecordStreams:
@@ -117,7 +116,7 @@ class RecordStreams:
 
     def __init__(self, per_account: int = STREAMS_PER_ACCOUNT, total: int = STREAMS) -> None:
         self.per_account = Concurrency(per_account)
-        self.total = Concurrency(total)
+        self.total = threading.BoundedSemaphore(total)
 
     def take(self, principal: Principal) -> StreamPlace:
         """A place for the caller's stream.
@@ -125,10 +124,10 @@ class RecordStreams:
         :raises HTTPException: 429, the account (or every account together) has as many streams as it may
         """
         reader = str(principal.account) if principal.kind == "member" else f"token {principal.token_id}"
-        if not self.total.acquire(_ALL):
+        if not self.total.acquire(blocking=False):
             raise too_many("the control plane streams as many records as it may at once; retry later", 1)
         if not self.per_account.acquire(reader):
-            self.total.release(_ALL)
+            self.total.release()
             raise too_many("this account has as many record streams open as it may; retry later", 1)
         return StreamPlace(self, reader)
 
@@ -147,7 +146,7 @@ class StreamPlace:
             held, self._held = self._held, False
         if held:
             self._streams.per_account.release(self._reader)
-            self._streams.total.release(_ALL)
+            self._streams.total.release()
 
 
 def _ended(body: Generator[str, None, None], place: StreamPlace) -> None:
