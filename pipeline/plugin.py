@@ -68,6 +68,7 @@ class _Job:
         "peak",
         "prefixes",
         "remaining",
+        "retry",
         "started_at",
         "total",
     )
@@ -79,6 +80,7 @@ class _Job:
         self.compute = 0.0
         self.nbytes = self.peak = 0
         self.prefixes: set[str] = set()
+        self.retry = False  # a client.retry(): it takes the erred tasks it runs again
 
 
 def _compute_seconds(startstops: Any) -> float:
@@ -124,7 +126,6 @@ class MetadataPlugin(SchedulerPlugin):
         self._jobs: dict[str, _Job] = {}  # unfinished jobs that have tasks
         self._open: _Job | None = None  # the job still taking tasks from its stimulus' transitions
         self._open_stimulus: str | None = None
-        self._open_retry = False  # the open job is a client.retry(): it takes the erred tasks it runs again
         self._envs: set[str] = set()
         self._background: set[asyncio.Future[Any]] = set()
         #: its snapshot callback, weakly: the callback holds the event loop, and through it the whole process
@@ -259,7 +260,7 @@ class MetadataPlugin(SchedulerPlugin):
     def _open_job(self, stimulus_id: str | None) -> _Job:
         self._close_open()
         job = self._open = _Job(utcnow())
-        self._open_stimulus, self._open_retry = stimulus_id, False
+        self._open_stimulus = stimulus_id
         return job
 
     def _close_open(self) -> None:
@@ -278,14 +279,14 @@ class MetadataPlugin(SchedulerPlugin):
             if self._errored.pop(key, None) is None:
                 return  # submitted before the plugin started: no job to count it in
             job = self._open_job(stimulus_id)  # client.retry(): a computation of its own
-            self._open_retry = True
+            job.retry = True
         else:
             previous = self._pending.get(key)
             if previous is job:
                 return
             if previous is not None:  # released by its own computation before it finished
                 self._dropped(previous)
-            elif self._open_retry and key in self._done:
+            elif job.retry and key in self._done:
                 return  # a result in memory that the retry runs again: like a recomputation, its computation's
             elif self._done.pop(key, None) is None and self._errored:
                 self._errored.pop(key, None)
