@@ -23,9 +23,7 @@ from pipeline.columns import observed_span
 from pipeline.records import KINDS, table_from_rows
 
 _TEXT = st.text(max_size=8)
-_TIMES = st.datetimes(
-    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.sampled_from([UTC, None])
-)
+_TIMES = st.datetimes(min_value=datetime.min, max_value=datetime.max, timezones=st.sampled_from([UTC, None]))
 
 
 def _values(type_: pa.DataType) -> st.SearchStrategy[Any]:
