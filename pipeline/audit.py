@@ -249,6 +249,14 @@ class AuditLog:
         item = {"action": action, "actor": actor, "subject_ref": subject_ref, "details": details}
         return self._append(lambda *_: [item])[0]
 
+    def append_within(
+        self, conn: Connection, action: str, *, subject_ref: str | None = None, details: Mapping[str, Any] | None = None
+    ) -> AuditEntry:
+        """:meth:`append` in the caller's transaction (``conn``), which then holds the chain's lock to its end:
+        the entry commits with the caller's change or not at all."""
+        item = {"action": action, "subject_ref": subject_ref, "details": details}
+        return self._append_on(conn, lambda *_: [item])[0]
+
     def append_with(self, build: Callable[[Connection, int], Mapping[str, Any] | None]) -> AuditEntry | None:
         """Add the entry ``build(conn, its seq)`` returns (keys as :meth:`append`'s arguments), ``None``
         for none, in the transaction that holds the chain's lock: what ``build`` writes through
@@ -292,21 +300,26 @@ class AuditLog:
         """Lock the chain, read its head, sign and insert what ``build(conn, next seq, head hash)`` returns."""
         try:
             with self.engine.begin() as conn:
-                _lock_chain(conn)
-                last = conn.execute(
-                    select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
-                ).first()
-                seq, prev_hash = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
-                entries = []
-                for item in build(conn, seq, prev_hash):
-                    entries.append(self._sign(seq, prev_hash, item))
-                    seq, prev_hash = seq + 1, entries[-1].entry_hash
-                if entries:
-                    conn.execute(insert(audit_log), [_row(entry) for entry in entries])
-            return entries
+                return self._append_on(conn, build)
         except SQLAlchemyError as exc:
             where = mask_url(self.engine.url.render_as_string(hide_password=False))
             raise StoreUnavailable(f"audit log in {where} unwritable: {exc.__class__.__name__}") from exc
+
+    def _append_on(
+        self, conn: Connection, build: Callable[[Connection, int, str], Iterable[Mapping[str, Any]]]
+    ) -> list[AuditEntry]:
+        _lock_chain(conn)
+        last = conn.execute(
+            select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
+        ).first()
+        seq, prev_hash = (last.seq + 1, last.entry_hash) if last else (1, GENESIS)
+        entries = []
+        for item in build(conn, seq, prev_hash):
+            entries.append(self._sign(seq, prev_hash, item))
+            seq, prev_hash = seq + 1, entries[-1].entry_hash
+        if entries:
+            conn.execute(insert(audit_log), [_row(entry) for entry in entries])
+        return entries
 
     def _sign(self, seq: int, prev_hash: str, item: Mapping[str, Any]) -> AuditEntry:
         body = {

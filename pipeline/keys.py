@@ -562,12 +562,15 @@ class Keyring:
                 or 0
             )
 
-    def rotate_master(self) -> tuple[int, int]:
+    def rotate_master(self, recorded: Callable[[Connection, int, int], object] | None = None) -> tuple[int, int]:
         """New master key version; re-wrap every live key. Returns (version, keys re-wrapped).
 
         Serialised by a database lock. The new version is added to the provider
         beside the old ones before the re-wrap and made current only after the
         re-wrap commits, so a crash at any point leaves every key openable.
+
+        :param recorded: called with ``(conn, version, keys re-wrapped)`` in the re-wrap's transaction, last:
+            what it writes (the rotation's audit entry) commits with the rotation or not at all
         """
         now = utcnow()
         with transaction(self.engine, "rotating the master key") as conn:
@@ -598,6 +601,8 @@ class Keyring:
                         version=new, key_ref=self.provider.key_ref(new), created_at=now
                     )
                 )
+                if recorded is not None:
+                    recorded(conn, new, len(rewrapped))
         with transaction(self.engine, "activating the new master key") as conn:
             lock_keys(conn)  # a rotation that committed after this one activates its own, newer version
             if conn.scalar(select(func.max(master_keys.c.version))) == new:

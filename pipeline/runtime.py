@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, Engine, Executable, bindparam, select
 
 from pipeline import bounds, columns, tombstones
-from pipeline.audit import AuditLog
+from pipeline.audit import AuditEntry, AuditLog
 from pipeline.config import Settings
 from pipeline.db import ingested_batches, insert_ignoring_duplicates, reading, transaction
 from pipeline.environment import environment_id
@@ -425,6 +425,29 @@ class Pipeline:
         if policy.sha256 != self.policy.sha256:
             self.policy = policy
             self.audit.note_policy(policy.path, policy.sha256)
+
+    def rotate_master(self, **details: Any) -> tuple[int, int, AuditEntry]:
+        """:meth:`Keyring.rotate_master`, its ``key.rotated`` entry (with ``details``) committed in the
+        rotation's transaction: no rotation goes unrecorded, whenever the process dies.
+
+        :returns: the new version, the keys re-wrapped and the entry, which says when the versions
+            before it retire at the earliest (``old_versions_retire_at``)
+        """
+        audit = self.audit  # opened before the rotation's transaction: SQLite has one writer
+        entries: list[AuditEntry] = []
+
+        def recorded(conn: Connection, version: int, rewrapped: int) -> None:
+            retire_at = utcnow() + self.settings.retire_after  # not before: the old versions' superseded_at
+            rotation = {
+                "master_key_version": version,
+                "keys_rewrapped": rewrapped,
+                **details,
+                "old_versions_retire_at": retire_at.isoformat(),
+            }
+            entries.append(audit.append_within(conn, "key.rotated", details=rotation))
+
+        version, rewrapped = self.keyring.rotate_master(recorded)
+        return version, rewrapped, entries[-1]
 
     def _audit_key_created(self, subject_ref: str, key_version: int) -> None:
         self.audit.append("key.created", subject_ref=subject_ref, details={"key_version": key_version})

@@ -174,9 +174,37 @@ def test_init_key_creation_and_rotation_are_recorded_by_subject_ref_only(home: P
     created = entries[2]
     assert created.subject_ref == pipeline.subject_ref("acme")
     assert created.details == {"key_version": 1}
-    assert entries[3].details == {"master_key_version": 2, "keys_rewrapped": 3}  # index, intake, acme: no signing key
+    rotated = dict(entries[3].details)
+    retire_at = datetime.fromisoformat(rotated.pop("old_versions_retire_at"))
+    assert rotated == {"master_key_version": 2, "keys_rewrapped": 3}  # index, intake, acme: no signing key
+    assert abs(retire_at - (entries[3].recorded_at + pipeline.settings.retire_after)) < timedelta(seconds=1)
     assert "acme" not in json.dumps([e.as_dict() for e in entries])
     assert pipeline.audit.verify() == 4
+
+
+def test_a_rotation_commits_with_its_audit_entry_or_not_at_all(home: Path) -> None:
+    """A process dying between a rotation and its entry left a master key version no entry named;
+    the entry is now written in the rotation's transaction. Here it cannot be written."""
+    assert run("init").exit_code == 0
+    pipeline = Pipeline.open()
+    pipeline.write_records([make_record(account="acme")])
+    refuse = (
+        "CREATE TRIGGER refuse_rotated BEFORE INSERT ON audit_log WHEN NEW.action = 'key.rotated' "
+        "BEGIN SELECT RAISE(ABORT, 'audit entry refused'); END"
+    )
+    with pipeline.keyring.engine.begin() as conn:
+        conn.exec_driver_sql(refuse)
+    failed = run("keys", "rotate")
+    assert failed.exit_code != 0 and len(failed.output.splitlines()) == 1, failed.output
+    assert "audit entry refused" in failed.output
+    assert [v.version for v in pipeline.keyring.master_versions()] == [1]
+    assert pipeline.audit.last("key.rotated") is None
+    with pipeline.keyring.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER refuse_rotated")
+    assert run("keys", "rotate").exit_code == 0
+    assert [v.version for v in pipeline.keyring.master_versions()] == [1, 2]
+    assert [e.details["master_key_version"] for e in pipeline.audit.entries(actions=["key.rotated"])] == [2]
+    assert len(list(Pipeline.open().read_records())) == 1  # every key still opens
 
 
 def test_policy_loaded_is_recorded_once_per_distinct_policy(home: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -114,9 +115,9 @@ def test_a_record_taken_while_the_erasure_runs_does_not_outlive_it(pipeline, mon
     file_request(pipeline, "acme", "ann")
     rotate = pipeline.keyring.rotate_master
 
-    def rotate_while_ann_sends() -> tuple[int, int]:  # her key is destroyed; the request is not completed yet
+    def rotate_while_ann_sends(recorded: Any) -> tuple[int, int]:  # her key is destroyed; the request is not done
         pipeline.write_records([make_record(account="acme", user="ann", n_workers=7)])
-        return rotate()
+        return rotate(recorded)
 
     monkeypatch.setattr(pipeline.keyring, "rotate_master", rotate_while_ann_sends)
     [done] = process_pending(pipeline)

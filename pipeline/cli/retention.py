@@ -21,8 +21,7 @@ def keys() -> None:
 def keys_rotate(out: Output) -> None:
     """New master key version; data keys re-wrapped, data untouched."""
     pipeline = open_pipeline()
-    version, rewrapped = pipeline.keyring.rotate_master()
-    pipeline.audit.append("key.rotated", details={"master_key_version": version, "keys_rewrapped": rewrapped})
+    version, rewrapped, _entry = pipeline.rotate_master()
     out.result(
         {"master_key_version": version, "keys_rewrapped": rewrapped},
         f"master key version {version}; {rewrapped} keys re-wrapped",

@@ -550,23 +550,13 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
 
 def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> dict[str, Any]:
     """One master key rotation for these erasures: the shredded keys' backups die with the old versions."""
-    version, rewrapped = pipeline.keyring.rotate_master()
+    version, _rewrapped, entry = pipeline.rotate_master(after_erasures=[r.request_id for r in requests])
     pipeline.keyring.compact()
-    now = utcnow()
-    retire_at = now + pipeline.settings.retire_after
+    retire_at = datetime.fromisoformat(entry.details["old_versions_retire_at"])
     final_at = retire_at + pipeline.keyring.provider.destroyed_after  # KMS: then its waiting period
-    entry = pipeline.audit.append(
-        "key.rotated",
-        details={
-            "master_key_version": version,
-            "keys_rewrapped": rewrapped,
-            "after_erasures": [r.request_id for r in requests],
-            "old_versions_retire_at": retire_at.isoformat(),
-        },
-    )
     return {
         "master_key_version": version,
-        "rotated_at": now.isoformat(),
+        "rotated_at": entry.recorded_at.isoformat(),
         "final_at": final_at.isoformat(),
         "audit_seq": entry.seq,
     }
