@@ -59,14 +59,12 @@ from sqlalchemy import (
     inspect,
     select,
     text,
-    type_coerce,
     update,
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.types import NullType
 
 from pipeline.audit_trust import HANDOVER, KeySchedule, handover_statement, key_schedule, signed_by
-from pipeline.db import audit_log, mapped_errors
+from pipeline.db import as_stored, audit_log, mapped_errors, stored_reader
 from pipeline.errors import AuditIntegrityError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
@@ -537,14 +535,11 @@ def _row(entry: AuditEntry) -> dict[str, Any]:
 def _entries_query() -> Select[Any]:
     """Every column, ``recorded_at`` as stored: :func:`_entry` converts it, so an altered time fails
     its own entry (named by seq) rather than the whole read."""
-    stored_time = type_coerce(audit_log.c.recorded_at, NullType()).label("recorded_at")
-    return select(*(stored_time if column.name == "recorded_at" else column for column in audit_log.c))
+    return select(*(as_stored(c) if c.name == "recorded_at" else c for c in audit_log.c))
 
 
 def _time_reader(dialect: Dialect) -> Callable[[Any], Any]:
-    """The conversion the ``recorded_at`` column's type applies on this database, to call per row."""
-    convert = audit_log.c.recorded_at.type.dialect_impl(dialect).result_processor(dialect, None)
-    return convert or (lambda value: value)
+    return stored_reader(audit_log.c.recorded_at, dialect)
 
 
 def _entry(row: Any, read_time: Callable[[Any], Any]) -> AuditEntry:

@@ -38,6 +38,7 @@ from sqlalchemy import (
     create_engine,
     event,
     text,
+    type_coerce,
 )
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect, make_url
@@ -50,7 +51,8 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.sql.elements import Label
+from sqlalchemy.types import NullType, TypeDecorator
 
 from pipeline.errors import ConfigError, StoreError, StoreUnavailable
 from pipeline.fsmodes import open_private, private_folder
@@ -94,6 +96,20 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def as_stored(column: Column[Any]) -> Label[Any]:
+    """``column`` as the database holds it, unconverted: SQLite keeps any type in any column, and a
+    value altered into another type failed the whole read in the column type's conversion, not its
+    one row. Convert each row's with :func:`stored_reader`."""
+    return type_coerce(column, NullType()).label(column.name)
+
+
+def stored_reader(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any]:
+    """The conversion ``column``'s type applies on this database, to call per row on :func:`as_stored`'s
+    value (it raises ``ValueError``, ``TypeError`` or ``OverflowError`` on an altered one)."""
+    convert = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    return convert or (lambda value: value)
 
 
 metadata = MetaData()

@@ -24,9 +24,11 @@ from pipeline.errors import KeyringError
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
 
-__all__ = ["Segment", "ipc_bytes", "ipc_table", "open_segment", "seal"]
+__all__ = ["NEVER_OPENS", "Segment", "ipc_bytes", "ipc_table", "open_segment", "seal"]
 
 _NONCE = 12
+#: the payload of a damaged segment's stand-in (see the stores): a zero nonce and tag, which no key opens
+NEVER_OPENS = bytes(_NONCE + 16)
 
 
 @dataclass(frozen=True, slots=True)

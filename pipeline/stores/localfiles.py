@@ -45,7 +45,7 @@ from pipeline.errors import ConfigError, StoreRefused, StoreUnavailable
 from pipeline.fsmodes import open_private, private_folder, sync_folder, write_private
 from pipeline.records import DATA_TYPES
 from pipeline.redact import mask_url
-from pipeline.segments import Segment
+from pipeline.segments import NEVER_OPENS, Segment
 from pipeline.stores.base import Removed, Store
 
 __all__ = ["LocalFileStore"]
@@ -56,8 +56,6 @@ _MERGED = ".merged-ids"
 #: a day folder ends one day after its name; compared as ``start <= t - _DAY``, since ``start + _DAY``
 #: overflows for a folder named 9999-12-31 (a record stored before ingest checked its time)
 _DAY = timedelta(days=1)
-#: the payload of a damaged segment's stand-in: a zero nonce and tag, which no key opens
-_NEVER_OPENS = bytes(12 + 16)
 logger = logging.getLogger(__name__)
 
 
@@ -535,7 +533,7 @@ def _stand_in(path: Path, name: _Name, key_version: int, with_payload: bool) -> 
         min_observed_at=_moment(name.min_us),
         max_observed_at=_moment(name.max_us),
         n_records=name.n_records,
-        payload=_NEVER_OPENS if with_payload else b"",
+        payload=NEVER_OPENS if with_payload else b"",
     )
 
 

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, LargeBinary, and_, cast, delete, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from pipeline.db import create_schema, engine_for, insert_ignoring_duplicates, segments
+from pipeline.db import as_stored, create_schema, engine_for, insert_ignoring_duplicates, segments, stored_reader
 from pipeline.errors import StoreError, StoreUnavailable
 from pipeline.redact import mask_url
-from pipeline.segments import Segment
+from pipeline.segments import NEVER_OPENS, Segment
 from pipeline.stores.base import Removed, Store
 
 __all__ = ["SQLStore"]
 
-_HEADER_COLUMNS = [c for c in segments.c if c.name != "payload"]
+#: header columns of a type other than text, read as stored and converted per row (see :func:`_segment`)
+_CONVERTED = ("key_version", "min_observed_at", "max_observed_at", "n_records")
+_HEADER_COLUMNS = [as_stored(c) if c.name in _CONVERTED else c for c in segments.c if c.name != "payload"]
 #: the payload as bytes whatever a row holds: SQLite keeps any type in any column, and a payload altered
 #: into text failed the whole scan in its driver (UTF-8 decoding) rather than its one segment (AES-GCM)
-_COLUMNS = [cast(c, LargeBinary).label("payload") if c.name == "payload" else c for c in segments.c]
+_COLUMNS = [*_HEADER_COLUMNS, cast(segments.c.payload, LargeBinary).label("payload")]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CHUNK = 500
 #: rows a payload scan fetches at once: segments of many records are hundreds of KB each
 _PAYLOAD_CHUNK = 32
@@ -87,8 +90,9 @@ class SQLStore(Store):
             .order_by(segments.c.min_observed_at, segments.c.segment_id)
         )
         with self._connection("scan") as conn:
+            read_time = stored_reader(segments.c.min_observed_at, conn.dialect)
             for row in conn.execution_options(yield_per=_PAYLOAD_CHUNK if with_payload else _CHUNK).execute(query):
-                yield _segment(row._mapping)
+                yield _segment(row._mapping, read_time)
 
     def _remove(self, action: str, condition: ColumnElement[bool]) -> Removed:
         with self._connection(action, begin=True) as conn:
@@ -113,8 +117,9 @@ class SQLStore(Store):
             segments.c.data_type == data_type, segments.c.max_observed_at >= at, segments.c.min_observed_at < at
         )
         with self._connection("scan") as conn:
+            read_time = stored_reader(segments.c.min_observed_at, conn.dialect)
             for row in conn.execution_options(yield_per=_PAYLOAD_CHUNK).execute(query):
-                yield _segment(row._mapping)
+                yield _segment(row._mapping, read_time)
 
     def close(self) -> None:
         """The engine is shared per URL and process; connections return to its pool."""
@@ -139,16 +144,35 @@ def _row(s: Segment) -> dict[str, Any]:
     }
 
 
-def _segment(row: Any) -> Segment:
+def _segment(row: Any, read_time: Callable[[Any], Any]) -> Segment:
+    """The segment a row holds. A row whose key version, times or count were altered into values of
+    another type (SQLite keeps them) gives a stand-in that no key opens: a reader names it, as a
+    file store names a damaged file, and the scan goes on."""
+    key_version, n_records = (_integer(row[name]) for name in ("key_version", "n_records"))
+    first, last = (_time(row[name], read_time) for name in ("min_observed_at", "max_observed_at"))
+    altered = None in (key_version, n_records, first, last)
+    payload = bytes(row.get("payload") or b"")
     return Segment(
         segment_id=row["segment_id"],
         subject_ref=row["subject_ref"],
         user_ref=row["user_ref"],
         data_type=row["data_type"],
         kind=row["kind"],
-        key_version=row["key_version"],
-        min_observed_at=row["min_observed_at"],
-        max_observed_at=row["max_observed_at"],
-        n_records=row["n_records"],
-        payload=bytes(row.get("payload") or b""),
+        key_version=key_version or 0,
+        min_observed_at=first or last or _EPOCH,
+        max_observed_at=last or first or _EPOCH,
+        n_records=n_records or 0,
+        payload=NEVER_OPENS if altered and payload else payload,
     )
+
+
+def _integer(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _time(value: Any, read_time: Callable[[Any], Any]) -> datetime | None:
+    try:
+        value = read_time(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return value if isinstance(value, datetime) else None
