@@ -82,6 +82,16 @@ INVALID_POLICIES = {
         "stores.cloud_logging.cluster_jobs",
         "'99999999999999999999d' is not a duration like 30d or 12h",
     ),
+    "duration in Arabic-Indic digits": (
+        SHIPPED.replace("cluster_jobs: 30d", "cluster_jobs: \u0663\u0660d"),
+        "stores.cloud_logging.cluster_jobs",
+        "'\u0663\u0660d' is not a duration like 30d or 12h",
+    ),
+    "duration ending in a newline": (
+        SHIPPED.replace("cluster_jobs: 30d", 'cluster_jobs: "30d\\n"'),
+        "stores.cloud_logging.cluster_jobs",
+        "'30d\\n' is not a duration like 30d or 12h",
+    ),
     "duration of 2.7 million years": (
         SHIPPED.replace("cluster_jobs: 30d", "cluster_jobs: 999999999d"),
         "stores.cloud_logging.cluster_jobs",

@@ -37,7 +37,7 @@ STORES = ("long_term", "cloud_logging")
 UNTIL_DELETED = "until_deleted"
 #: data types a store must never hold, whatever a policy says
 FORBIDDEN = {"cloud_logging": {"account"}}
-_DURATION = re.compile(r"^(\d{1,9})([dh])$")
+_DURATION = re.compile(r"([0-9]{1,9})([dh])")  # ASCII digits: \d takes ٣٠ as 30
 #: the longest duration a policy may give: long enough for any law, short enough for date arithmetic
 MAX_DURATION = timedelta(days=36500)
 
@@ -46,7 +46,7 @@ def parse_duration(value: Any) -> timedelta | None:
     """``'30d'`` / ``'12h'`` → timedelta, ``None`` for ``until_deleted``; ValueError otherwise."""
     if value == UNTIL_DELETED:
         return None
-    match = _DURATION.match(value) if isinstance(value, str) else None
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None  # $ ends before a newline
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{quoted(value)} is not a duration like 30d or 12h")
     n = int(match.group(1))
