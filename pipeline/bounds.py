@@ -98,6 +98,7 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
         kind_name = table.column("kind")[0].as_py()
         for field in table.schema:
             _check_column(f"{kind_name}.{field.name}", table.column(field.name), window)
+        _check_record_ids(f"{kind_name}.record_id", table.column("record_id"))
         if kind_name == "job":
             _check_job(table)
         elif kind_name == "cluster_snapshot":
@@ -105,17 +106,31 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
             _check_counts("cluster_snapshot.jobs_running tasks_completed", running)
 
 
+def _check_record_ids(name: str, ids: pa.ChunkedArray) -> None:
+    """A record id names one record: not empty, not repeated in the table (the plugin's are random UUIDs;
+    a report or a skipped record's line naming two would name neither)."""
+    if not len(ids):
+        return
+    if pc.min(pc.binary_length(ids)).as_py() == 0:
+        raise OutOfBounds(name, "empty")
+    if len(pc.unique(ids)) < len(ids):
+        raise OutOfBounds(name, "the same record id twice in one batch")
+
+
 #: a job record's status: still running (never sent as such), ended, or its cluster ended first
 JOB_STATUSES = ("running", "finished", "lost")
 
 
 def _check_job(table: pa.Table) -> None:
-    """A job's own fields together: a known status (or none), no more tasks ended than it had."""
+    """A job's own fields together: a known status (or none), no more tasks ended than it had, no end
+    before its start."""
     statuses = pc.drop_null(table.column("status"))
     # built by pipeline.columns: a Python value given to a kernel imports pandas in the scheduler
     if len(statuses) and not pc.all(pc.is_in(statuses, column(pa.string(), JOB_STATUSES))).as_py():
         raise OutOfBounds("job.status", f"not one of {', '.join(JOB_STATUSES)}")
     _check_counts("job.tasks_completed", table)
+    if pc.any(pc.less(table.column("finished_at"), table.column("started_at"))).as_py():
+        raise OutOfBounds("job.finished_at", "before started_at")
 
 
 def _check_counts(name: str, jobs: pa.Table | pa.ChunkedArray | pa.Array) -> None:

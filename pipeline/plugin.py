@@ -439,7 +439,8 @@ class MetadataPlugin(SchedulerPlugin):
         return {
             **self._common("job", "cluster_jobs"),
             "status": status,
-            "finished_at": utcnow() if status == "finished" else None,
+            # never before its start, which ingest refuses: the wall clock may have stepped back since
+            "finished_at": max(utcnow(), job.started_at) if status == "finished" else None,
             **self._progress(job),
         }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import resource
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,25 @@ def test_a_value_out_of_bounds_is_400_naming_the_field_and_stores_nothing(
     assert rejected["field"] == f"{kind}.{field}" and rejected["reason"].startswith("out of bounds")
     with plane.member("acme", "ann") as ann:  # reads go on as before
         assert ann.get("/v1/records").status_code == 200 and ann.get("/v1/software-envs").json() == []
+
+
+@pytest.mark.parametrize(
+    ("records", "field", "reason"),
+    [
+        (lambda at: [{"started_at": at, "finished_at": at - timedelta(seconds=1)}], "finished_at", "before started_at"),
+        (lambda at: [{"record_id": ""}], "record_id", "empty"),
+        (lambda at: [{"record_id": "r1"}, {"record_id": "r1"}], "record_id", "the same record id twice"),
+    ],
+    ids=["finished-before-started", "empty-record-id", "record-id-twice"],
+)
+def test_a_record_that_contradicts_itself_is_400_naming_the_field(
+    plane: ControlPlane, records: Callable[[datetime], list[dict[str, Any]]], field: str, reason: str
+) -> None:
+    registration = register(plane)
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    answer = post(plane, registration, sealed(registration, *(own(registration, "job", **r) for r in records(at))))
+    assert f"out of bounds: job.{field}: {reason}" in assert_problem(answer, 400)["detail"]
+    assert stored(plane)["long_term"] == []
 
 
 def test_a_running_jobs_progress_is_bounded_like_a_jobs(plane: ControlPlane) -> None:
