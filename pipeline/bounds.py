@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.columns import column
-from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS
+from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS, MAX_STRING_BYTES
 
 __all__ = [
     "CLOCK_SKEW",
@@ -47,8 +47,6 @@ MAX_BATCH_SUBJECTS = 16
 #: million years, 8 PiB), and every value a float holds exactly; sums of them neither overflow a report's
 #: exact integers nor reach infinity
 MAX_NUMBER = 2**53
-#: UTF-8 bytes of any one string (names, ids, image URLs, package names and versions)
-MAX_STRING_BYTES = 2_048
 
 
 class OutOfBounds(ValueError):

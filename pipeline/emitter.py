@@ -49,6 +49,8 @@ MAX_BATCH_RECORDS = 5_000
 #: entries of any one list or map a record may hold (task prefixes of a job, packages of an environment,
 #: tasks by state); ingest refuses more (:mod:`pipeline.bounds`)
 MAX_ITEMS = 10_000
+#: UTF-8 bytes of any one string a record may hold; ingest refuses more (:mod:`pipeline.bounds`)
+MAX_STRING_BYTES = 2_048
 
 
 @dataclass

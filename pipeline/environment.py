@@ -43,8 +43,11 @@ def installed_environment() -> dict[str, Any]:
         if match is not None:
             name, version = match["name"], match["version"]
         else:  # egg-info and editable installs: read the metadata file
-            name, version = dist.metadata["Name"], dist.version
-        if name and _normalize(name) not in packages:
+            try:
+                name, version = dist.metadata["Name"], dist.version
+            except (KeyError, OSError, ValueError):  # a broken install (no Version): one package, not the list
+                continue
+        if name and version and _normalize(name) not in packages:
             packages[_normalize(name)] = version
     return {"python_version": platform.python_version(), "packages": dict(sorted(packages.items()))}
 

@@ -24,6 +24,7 @@ import logging
 import os
 import uuid
 import weakref
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import rpc
@@ -36,7 +37,7 @@ from tornado.ioloop import PeriodicCallback
 from pipeline.clock import utcnow
 from pipeline.config import Settings, spool_folder
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
-from pipeline.emitter import MAX_ITEMS, Emitter
+from pipeline.emitter import MAX_ITEMS, MAX_STRING_BYTES, Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.errors import PipelineError
 from pipeline.principals import Principal
@@ -432,7 +433,8 @@ class MetadataPlugin(SchedulerPlugin):
             "tasks_completed_total": self.completed_total,
             "tasks_erred_total": self.erred_total,
             "compute_seconds_total": self.compute_total,
-            "jobs_running": [self._progress(job) for job in self._jobs.values()],  # the heartbeat's payload
+            # the heartbeat's payload, the oldest jobs as many as ingest takes: one more would lose the snapshot
+            "jobs_running": [self._progress(job) for job in islice(self._jobs.values(), MAX_ITEMS)],
         }
 
     def _job_record(self, job: _Job, *, status: str) -> dict[str, Any]:
@@ -456,10 +458,12 @@ class MetadataPlugin(SchedulerPlugin):
             "tasks_erred": job.erred,
             "compute_seconds": job.compute,
             "peak_memory_bytes": job.peak,
-            "task_prefixes": sorted(job.prefixes)[:MAX_ITEMS],  # ingest refuses more: the job would be lost
+            # ingest refuses more, or longer: the job would be lost, and every record batched with it
+            "task_prefixes": [_clipped(prefix) for prefix in sorted(job.prefixes)[:MAX_ITEMS]],
         }
 
     def _environment_record(self, python_version: str, packages: dict[str, str]) -> None:
+        python_version, packages = _clipped(python_version), _bounded(packages)
         env_id = environment_id(self.image, python_version, packages)
         if env_id in self._envs or self.emitter is None:
             return
@@ -500,8 +504,8 @@ class MetadataPlugin(SchedulerPlugin):
             ws = scheduler.workers.get(worker)
             versions = (ws.versions if ws is not None else None) or {}
             host = versions.get("host", {})
-            env = {
-                "python_version": str(host.get("python", "unknown")).split()[0],
+            env = {  # distributed's "3.11.7.final.0" as platform.python_version() gives it
+                "python_version": ".".join(str(host.get("python", "unknown")).split()[0].split(".")[:3]),
                 "packages": {k: str(v) for k, v in versions.get("packages", {}).items() if v is not None},
             }
         self._environment_record(env["python_version"], env["packages"])
@@ -520,3 +524,19 @@ class MetadataPlugin(SchedulerPlugin):
         self.errors += 1
         if self.errors <= _LOGGED_ERRORS or self.errors % 1000 == 0:
             logger.warning("MetadataPlugin error #%d in %s: %r", self.errors, where, exc, exc_info=exc)
+
+
+def _clipped(text: str) -> str:
+    """``text`` cut to the UTF-8 bytes ingest takes in one string, at a character's end."""
+    data = text.encode()
+    return text if len(data) <= MAX_STRING_BYTES else data[:MAX_STRING_BYTES].decode(errors="ignore")
+
+
+def _bounded(packages: dict[str, str]) -> dict[str, str]:
+    """The first packages by name, as many as ingest takes, names and versions clipped (a name once)."""
+    bounded: dict[str, str] = {}
+    for name, version in sorted(packages.items()):
+        bounded.setdefault(_clipped(name), _clipped(version))
+        if len(bounded) == MAX_ITEMS:
+            break
+    return bounded

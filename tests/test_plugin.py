@@ -22,7 +22,7 @@ from distributed import Client, LocalCluster, wait
 from pipeline import environment
 from pipeline.bounds import MAX_ITEMS
 from pipeline.config import Settings
-from pipeline.plugin import MetadataPlugin, _Job
+from pipeline.plugin import MetadataPlugin, _bounded, _Job
 from pipeline.principals import Principal
 from pipeline.records import utcnow
 from pipeline.runtime import Pipeline
@@ -125,6 +125,73 @@ def test_a_job_of_more_task_prefixes_than_ingest_takes_keeps_its_record(settings
     (stored,) = _records(settings)
     assert len(stored["task_prefixes"]) == MAX_ITEMS and stored["task_prefixes"][0] == "t0"
     pipeline.close()
+
+
+def test_a_job_of_task_prefixes_longer_than_ingest_takes_keeps_its_record(settings) -> None:
+    """A key's prefix is the user's to choose: one of 2,110 bytes sank the job's record and its batch."""
+    job = _Job(utcnow())
+    job.prefixes = {"result_of_" + "x" * 2100, "ä" * 1500, "inc"}
+    job.total = job.completed = 3
+    pipeline = Pipeline.open(settings, create=True)
+    record = make_record("job", account="acme", status="finished", **MetadataPlugin._progress(job))
+    pipeline.ingest(sealed_batch(pipeline, [record])[1], Principal.embedded_cluster("acme", None))
+    (stored,) = _records(settings)
+    assert [len(p.encode()) for p in stored["task_prefixes"]] == [3, 2048, 2048]
+    assert stored["task_prefixes"][2] == "ä" * 1024
+    pipeline.close()
+
+
+def test_an_environment_beyond_ingests_bounds_is_recorded_within_them(settings) -> None:
+    """10,177 distributions, or a name of 3,000 bytes, sank the environment's record and its batch for good."""
+    packages = {f"pkg{i:05d}": "1.0" for i in range(MAX_ITEMS + 177)} | {"a" * 3000: "1", "b": "v" * 3000}
+    pipeline = Pipeline.open(settings, create=True)
+    record = make_record("software_env", account="acme", python_version="3.11.7", packages=_bounded(packages))
+    pipeline.ingest(sealed_batch(pipeline, [record])[1], Principal.embedded_cluster("acme", None))
+    (stored,) = _records(settings, data_type="software_env")
+    assert len(stored["packages"]) == MAX_ITEMS
+    assert stored["packages"]["a" * 2048] == "1" and stored["packages"]["b"] == "v" * 2048
+    pipeline.close()
+
+
+def test_a_broken_install_leaves_the_rest_of_the_environment(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """An egg-info without a Version made the whole list fail: no scheduler environment at all."""
+    (tmp_path / "noversion.egg-info").mkdir()
+    (tmp_path / "noversion.egg-info" / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: noversion\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    environment.installed_environment.cache_clear()
+    try:
+        packages = environment.installed_environment()["packages"]
+    finally:
+        environment.installed_environment.cache_clear()
+    assert packages["distributed"] == distributed.__version__ and "noversion" not in packages
+
+
+def test_a_snapshot_of_more_running_jobs_than_ingest_takes_is_stored(cluster, settings) -> None:
+    """Each client.submit is a job: 10,051 queued ones made every snapshot 400, so a healthy remote cluster
+    went lost. The snapshot lists the oldest 10,000."""
+
+    def open_jobs(dask_scheduler: Any, count: int) -> None:
+        plugin = dask_scheduler.plugins["metadata-pipeline"]
+        plugin._jobs.clear()
+        for _ in range(count):
+            job = _Job(utcnow())
+            plugin._jobs[job.job_id] = job
+
+    with Client(cluster) as client:
+        client.run_on_scheduler(open_jobs, count=MAX_ITEMS + 51)
+        plugin: MetadataPlugin = cluster.scheduler.plugins["metadata-pipeline"]
+
+        def snapshots_with_jobs() -> list[dict[str, Any]]:
+            plugin.emitter.flush()
+            return [r for r in _records(settings) if r["kind"] == "cluster_snapshot" and r["jobs_running"]]
+
+        deadline = time.monotonic() + 30
+        while not (taken := snapshots_with_jobs()):
+            assert time.monotonic() < deadline, f"no snapshot with running jobs: {plugin.emitter.stats}"
+            time.sleep(0.2)
+        client.run_on_scheduler(open_jobs, count=0)
+    assert len(taken[0]["jobs_running"]) == MAX_ITEMS
+    assert plugin.emitter.stats.records_dropped == 0
 
 
 def test_snapshot_reports_the_cluster_as_the_scheduler_sees_it(cluster, settings) -> None:
