@@ -654,11 +654,19 @@ class Keyring:
                 )
         return len(rows)
 
-    def retire_masters(self, after: timedelta, now: datetime | None = None) -> list[int]:
-        """Destroy master versions superseded more than ``after`` ago that wrap no live key.
+    def retire_masters(
+        self,
+        after: timedelta,
+        now: datetime | None = None,
+        recorded: Callable[[Connection, list[int]], object] | None = None,
+    ) -> list[int]:
+        """Destroy master versions superseded more than ``after`` before ``now`` that wrap no live key.
 
         What is destroyed opens nothing anywhere: database backups, WAL or dead
-        tuples holding keys wrapped under it become unreadable. Returns the versions retired.
+        tuples holding keys wrapped under it become unreadable. Returns the versions retired,
+        each marked retired at the clock's time (``now`` may be a simulated one).
+
+        :param recorded: called with ``(conn, versions)`` in the retirement's transaction when it retires any
         """
         now = now or utcnow()
         with transaction(self.engine, "retiring master key versions") as conn:
@@ -683,7 +691,9 @@ class Keyring:
             for version in retired:
                 self.provider.destroy(version)
             if retired:
-                conn.execute(update(master_keys).where(master_keys.c.version.in_(retired)).values(retired_at=now))
+                conn.execute(update(master_keys).where(master_keys.c.version.in_(retired)).values(retired_at=utcnow()))
+                if recorded is not None:
+                    recorded(conn, retired)
         return retired
 
     def compact(self) -> None:

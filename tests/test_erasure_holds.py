@@ -363,4 +363,9 @@ def test_keys_retire_runs_retirement_by_hand_and_lists_the_versions(settings: Se
     assert [v["retires_at"] for v in listing["versions"]] == [(T0 + timedelta(days=35)).isoformat(), None]
     code, out, err = _cli("keys", "retire", "--now", (T0 + timedelta(days=36)).isoformat())
     assert (code, out.strip()) == (0, "master key versions retired: 1"), err
-    assert [e.details["master_key_versions"] for e in pipeline.audit.entries() if e.action == "key.retired"] == [[1]]
+    [retired] = pipeline.audit.entries(actions=["key.retired"])
+    assert retired.details["master_key_versions"] == [1]
+    # a simulated clock says so, and the version is marked retired when it was destroyed, not in the future
+    assert retired.details["as_of"] == (T0 + timedelta(days=36)).isoformat() and retired.details["simulated_clock"]
+    [version] = [v for v in pipeline.keyring.master_versions() if v.retired_at is not None]
+    assert version.retired_at <= retired.recorded_at and datetime.now(UTC) - version.retired_at < timedelta(minutes=1)

@@ -163,7 +163,10 @@ def enforce(
     report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
     if requests:
         run("deletion-requests", lambda: report.requests.extend(process_pending(pipeline, now=now)))
-    run("key-retirement", lambda: report.retired_master_versions.extend(retire_master_keys(pipeline, now)))
+    run(
+        "key-retirement",
+        lambda: report.retired_master_versions.extend(retire_master_keys(pipeline, now, simulated=report.simulated)),
+    )
     details = {"policy_sha256": pipeline.policy.sha256, **report.as_dict()}
     report.audit_seq = pipeline.audit.append("retention.pass", details=details).seq
     if not run("checkpoint", pipeline.audit.checkpoint):  # after the entry: its failure gets one of its own

@@ -27,16 +27,27 @@ if TYPE_CHECKING:
 __all__ = ["retire_master_keys"]
 
 
-def retire_master_keys(pipeline: Pipeline, now: datetime | None = None) -> list[int]:
-    """Destroy the master key versions that are due; audited. Returns the versions retired."""
+def retire_master_keys(pipeline: Pipeline, now: datetime | None = None, *, simulated: bool | None = None) -> list[int]:
+    """Destroy the master key versions that are due as of ``now``; audited in the same transaction.
+    Returns the versions retired.
+
+    :param simulated: ``now`` is not the clock's (``--now``); the entry says so. Default: whether it was given.
+    """
+    simulated = now is not None if simulated is None else simulated
     now = now or utcnow()
     rewrapped = pipeline.keyring.rewrap_leftovers()
     if rewrapped:
         pipeline.audit.append("key.rewrapped", details={"keys_rewrapped": rewrapped, "reason": "superseded master"})
-    retired = pipeline.keyring.retire_masters(pipeline.settings.retire_after, now)
-    if retired:
-        pipeline.audit.append(
-            "key.retired",
-            details={"master_key_versions": retired, "retire_after_s": pipeline.settings.retire_after.total_seconds()},
-        )
-    return retired
+    audit = pipeline.audit  # opened before the retirement's transaction: SQLite has one writer
+    details = {
+        "retire_after_s": pipeline.settings.retire_after.total_seconds(),
+        "as_of": now.isoformat(),
+        "simulated_clock": simulated,
+    }
+    return pipeline.keyring.retire_masters(
+        pipeline.settings.retire_after,
+        now,
+        lambda conn, retired: audit.append_within(
+            conn, "key.retired", details={"master_key_versions": retired, **details}
+        ),
+    )
