@@ -123,6 +123,16 @@ def test_the_scheduler_env_reads_back_as_the_registration_with_strings_kept_stri
     assert "DASK_PIPELINE__IMAGE" not in env
 
 
+def test_the_scheduler_trusts_the_control_plane_as_the_gateway_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a private CA, the local backends' schedulers lacked SSL_CERT_FILE: nothing arrived while they ran."""
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/pipeline/ca.pem")
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    env = scheduler_env(REGISTRATION, tmp_path / "c1", 5.0)
+    assert env["SSL_CERT_FILE"] == "/etc/pipeline/ca.pem" and "SSL_CERT_DIR" not in env
+
+
 def test_the_documented_config_file_installs_the_integration(token_file: Path) -> None:
     c = Config()
     source = (Path(__file__).parent.parent / "docs" / "dask_gateway_config.py").read_text()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 import string
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -178,8 +179,14 @@ def deliver_spool(
     return emitter.close(timeout, retire=close)
 
 
+#: how this process trusts the control plane's certificate (a private CA): its schedulers post to the same URL,
+#: and the local backends pass on only PATH and a few others
+TRUST_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
 def scheduler_env(registration: dict[str, Any], home: Path, close_timeout: float | None) -> dict[str, str]:
-    """The ``DASK_PIPELINE__*`` variables a registered cluster's scheduler runs with.
+    """The ``DASK_PIPELINE__*`` variables a registered cluster's scheduler runs with, and this gateway's
+    :data:`TRUST_VARIABLES`.
 
     Values are Python literals (``repr``), which dask reads back as strings: an account
     called ``123`` stays a string.
@@ -187,7 +194,8 @@ def scheduler_env(registration: dict[str, Any], home: Path, close_timeout: float
     config: dict[str, Any] = {**plugin_config(registration), "home": str(home)}
     if close_timeout is not None:
         config["emitter"] = {"close-timeout": f"{close_timeout:g}s"}
-    return {name: repr(value) for name, value in _flatten(config, "DASK_PIPELINE") if value is not None}
+    trust = {name: os.environ[name] for name in TRUST_VARIABLES if os.environ.get(name)}
+    return trust | {name: repr(value) for name, value in _flatten(config, "DASK_PIPELINE") if value is not None}
 
 
 def _flatten(config: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
