@@ -13,7 +13,10 @@ import unicodedata
 
 from pipeline.errors import InvalidName
 
-__all__ = ["checked", "normalise", "same"]
+__all__ = ["MAX_NAME_CHARS", "checked", "control_character", "normalise", "same"]
+
+#: characters of an account or user name the API takes (and the CLI gives tokens and accounts)
+MAX_NAME_CHARS = 200
 
 
 def normalise(name: str) -> str:
@@ -26,10 +29,18 @@ def checked(what: str, name: str) -> str:
 
     :raises InvalidName: it holds a control character (NUL, a line break, ...), naming it and ``what``
     """
-    for char in name:
-        if unicodedata.category(char) == "Cc":
-            raise InvalidName(f"{what}: a name may not hold a control character (U+{ord(char):04X})")
+    found = control_character(name)
+    if found is not None:
+        raise InvalidName(f"{what}: a name may not hold a control character ({found})")
     return normalise(name)
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in ``text``, as ``U+XXXX``; None when it holds none."""
+    for char in text:
+        if unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
 
 
 def same(a: str | None, b: str | None) -> bool:

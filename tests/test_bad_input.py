@@ -594,6 +594,32 @@ def test_a_quota_that_is_not_a_finite_number_is_refused(home: Path) -> None:
         assert "a quota is a finite number" in line
 
 
+@pytest.mark.parametrize(
+    ("quotas", "reason"),
+    [(["=5"], "names no quota"), (["cpu=1", "cpu=2"], "names quota 'cpu' a second time")],
+)
+def test_a_quota_without_a_name_or_named_twice_is_refused(home: Path, quotas: list[str], reason: str) -> None:
+    """``=5`` stored a quota named "", and a repeated name kept the last value unsaid."""
+    args = [arg for quota in quotas for arg in ("--quota", quota)]
+    line = one_line(run("accounts", "add", "--account", "a", "--username", "u", "--email", "e", *args))
+    assert reason in line and not (home / "metadata.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["accounts", "add", "--account", "a" * 201, "--username", "u", "--email", "e"],
+        ["tokens", "create", "--account", "a" * 201, "--user", "u"],
+        ["tokens", "create", "--account", "a", "--user", "u" * 201],
+    ],
+    ids=["account", "token-account", "token-user"],
+)
+def test_a_name_longer_than_the_api_takes_is_refused_where_it_would_be_made(home: Path, args: list[str]) -> None:
+    """A member token was issued for an account the API refuses: it could never register a cluster."""
+    line = one_line(run(*args))
+    assert "201 characters; the API takes at most 200" in line
+
+
 @pytest.mark.parametrize("url", ["s3://bucket/x", "gcp-logging://project", "file:///tmp/x", "memory://"])
 def test_a_long_term_url_that_is_no_sql_database_says_so(url: str, home: Path) -> None:
     """An s3:// URL said the backend "needs the keyring", and gcp-logging:// went looking for Google credentials."""

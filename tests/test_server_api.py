@@ -333,6 +333,8 @@ def test_an_erasure_of_a_blank_name_is_400_as_a_token_of_one_would_be(plane: Con
         ("post", "/v1/erasure-requests", {"account": "acme-Holdings", "user": "ann.smith\0x"}),
         ("post", "/v1/clusters", {"account": "acme-Holdings\0ann.smith"}),
         ("post", "/v1/clusters", {"account": "acme-Holdings", "user": "ann\nsmith"}),
+        ("post", "/v1/clusters", {"account": "acme-Holdings", "name": "etl\u0000nightly"}),  # printed back
+        ("post", "/v1/clusters", {"account": "acme-Holdings", "image": "img\u001b[31m"}),
         ("get", "/v1/records?account=acme-Holdings%00ann.smith", None),
     ],
 )

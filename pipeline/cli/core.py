@@ -19,6 +19,7 @@ from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.output import Output
 from pipeline.redact import mask_url, printable, quoted
+from pipeline.subject_names import MAX_NAME_CHARS
 
 __all__ = [
     "OUT_FOLDER",
@@ -128,18 +129,29 @@ TEXT = Text()
 
 
 class Name(Text):
-    """An account, user, username or e-mail: valid UTF-8 and not blank (the API refuses those too)."""
+    """An account, user, username or e-mail: valid UTF-8 and not blank (the API refuses those too).
+
+    :param max_chars: for a name the API must take (a token's, an account's); none for one that may
+        come from a cluster's records (an erasure, a read), whose bound is in bytes
+    """
 
     name = "NAME"
+
+    def __init__(self, max_chars: int | None = None) -> None:
+        self.max_chars = max_chars
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         value = super().convert(value, param, ctx)
         if not value.strip():
             self.fail("must not be empty", param, ctx)
+        if self.max_chars is not None and len(value) > self.max_chars:
+            self.fail(f"{len(value):,} characters; the API takes at most {self.max_chars}", param, ctx)
         return value
 
 
 NAME = Name()
+#: an account or user the API must take: one a token or an account is made for
+API_NAME = Name(MAX_NAME_CHARS)
 
 
 class OutFolder(click.Path):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import NAME, TEXT, CheckFailed, check_control_plane_host, command, main, open_pipeline
+from pipeline.cli.core import API_NAME, NAME, TEXT, CheckFailed, check_control_plane_host, command, main, open_pipeline
 from pipeline.config import Settings
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
@@ -94,7 +94,7 @@ def accounts() -> None:
 
 
 @command(accounts, "add")
-@click.option("--account", required=True, type=NAME)
+@click.option("--account", required=True, type=API_NAME)
 @click.option("--username", required=True, type=NAME)
 @click.option("--email", required=True, type=NAME)
 @click.option("--team", default=None, type=TEXT)
@@ -122,6 +122,9 @@ def accounts_add(
             raise click.BadParameter(f"{quoted(item)} is not NAME=NUMBER", param_hint="--quota") from None
         if not math.isfinite(number) or number < 0:  # NaN and Infinity are no JSON: `records --json` broke on them
             raise click.BadParameter(f"{quoted(item)}: a quota is a finite number, 0 or more", param_hint="--quota")
+        if not name.strip() or name in parsed:  # a map names each key once; the later one was kept unsaid
+            why = "names no quota" if not name.strip() else f"names quota {quoted(name)} a second time"
+            raise click.BadParameter(f"{quoted(item)} {why}", param_hint="--quota")
         parsed[name] = number
     pipeline = open_pipeline(create=True)
     now = utcnow()

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli.core import NAME, TEXT, command, main, open_pipeline
+from pipeline.cli.core import API_NAME, TEXT, command, main, open_pipeline
 from pipeline.config import http_url
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
@@ -25,10 +25,10 @@ def tokens() -> None:
     "--account",
     "accounts",
     multiple=True,
-    type=NAME,
+    type=API_NAME,
     help="The member's account (admins: none); a gateway's accounts, repeated ('*': any account).",
 )
-@click.option("--user", default=None, type=NAME, help="Who holds the token.")
+@click.option("--user", default=None, type=API_NAME, help="Who holds the token.")
 @click.option("--role", type=click.Choice(["member", "admin", "gateway"]), default="member", show_default=True)
 def tokens_create(out: Output, accounts: tuple[str, ...], user: str | None, role: str) -> None:
     """Issue a token; it is printed once and only its SHA-256 is kept.

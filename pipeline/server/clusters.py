@@ -32,7 +32,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, bindparam, func, insert, select, tuple_, update
 
 from pipeline import columns
@@ -50,7 +50,7 @@ from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
 from pipeline.server.names import NameBox
-from pipeline.subject_names import same
+from pipeline.subject_names import MAX_NAME_CHARS, control_character, same
 
 __all__ = [
     "ROLE_FILES",
@@ -645,14 +645,22 @@ class LostClusterSweeper:
         self._stop.set()
 
 
+def _printable(value: str | None) -> str | None:
+    """A cluster's name or image, printed back by ``clusters list``: no control character."""
+    found = None if value is None else control_character(value)
+    if found is not None:
+        raise ValueError(f"may not hold a control character ({found})")
+    return value
+
+
 class ClusterIn(BaseModel):
     """``POST /v1/clusters`` body."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # each value of its own JSON type: no "yes" or 0 for a bool
-    account: str = Field(min_length=1, max_length=200)
-    user: str | None = Field(default=None, min_length=1, max_length=200)  # an admin's choice; a member owns theirs
-    name: str | None = Field(default=None, max_length=200)
-    image: str | None = Field(default=None, max_length=2000)
+    account: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    user: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)  # an admin's; a member owns theirs
+    name: Annotated[str | None, AfterValidator(_printable)] = Field(default=None, max_length=200)
+    image: Annotated[str | None, AfterValidator(_printable)] = Field(default=None, max_length=2000)
 
 
 router = APIRouter(tags=["clusters"])

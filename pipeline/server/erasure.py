@@ -37,7 +37,7 @@ from pipeline.retention.requests import (
 from pipeline.runtime import Pipeline
 from pipeline.server.auth import current_pipeline, require, token_sha256
 from pipeline.server.limits import RateLimit, too_many
-from pipeline.subject_names import same
+from pipeline.subject_names import MAX_NAME_CHARS, same
 
 __all__ = ["filing_limit", "router"]
 
@@ -52,8 +52,8 @@ class ErasureIn(BaseModel):
     """``POST /v1/erasure-requests`` body: an account, or one user of it."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # each value of its own JSON type: no "yes" or 0 for a bool
-    account: str = Field(min_length=1, max_length=200)
-    user: str | None = Field(default=None, min_length=1, max_length=200)
+    account: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    user: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)
     reason: str | None = Field(default=None, max_length=2000)
     suppress: bool = False  # also drop records of the subject observed later, until the request is lifted
 

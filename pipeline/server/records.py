@@ -29,7 +29,7 @@ from pipeline.retention.policy import STORES
 from pipeline.runtime import Pipeline, Unreadable
 from pipeline.server.auth import current_pipeline, require
 from pipeline.server.limits import Concurrency, too_many
-from pipeline.subject_names import same
+from pipeline.subject_names import MAX_NAME_CHARS, same
 
 __all__ = ["RecordStreams", "StreamPlace", "router", "visible_account"]
 
@@ -78,7 +78,7 @@ def get_records(
     request: Request,
     principal: Annotated[Principal, Depends(require("member", "admin"))],
     pipeline: Annotated[Pipeline, Depends(current_pipeline)],
-    account: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    account: Annotated[str | None, Query(min_length=1, max_length=MAX_NAME_CHARS)] = None,
     data_type: DataType | None = None,
     kind: KindName | None = None,  # type: ignore[valid-type]
     store: StoreName = "long_term",
