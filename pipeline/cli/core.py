@@ -264,6 +264,8 @@ class UTCTime(click.ParamType):
             self.fail(f"{quoted(value)} is not an ISO 8601 time like 2026-01-31T12:00:00Z", param, ctx)
         if not self.EARLIEST <= parsed < self.LATEST:
             self.fail(
-                f"{quoted(value)} is out of range ({self.EARLIEST:%Y-%m-%d} to {self.LATEST:%Y-%m-%d})", param, ctx
+                f"{quoted(value)} is out of range ({self.EARLIEST:%Y-%m-%d} or later, before {self.LATEST:%Y-%m-%d})",
+                param,
+                ctx,
             )
         return parsed
