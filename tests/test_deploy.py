@@ -90,7 +90,7 @@ def scheduler_command(port: int) -> list[str]:
         "--port",
         str(port),
         "--dashboard-address",
-        ":0",
+        "127.0.0.1:0",  # as the README starts it: the dashboard is plain HTTP
     ]
 
 

@@ -95,6 +95,13 @@ def test_login_keeps_a_0600_credentials_file_and_records_are_scoped_to_the_token
     assert "404" in other.output and "globex" not in other.output.replace("--account globex", "")
 
 
+def test_login_says_who_with_one_space_between_words(plane: ControlPlane, user_home: Path) -> None:
+    token = plane.tokens.create("admin", None, "privacy-team").token
+    result = run("login", "--url", plane.url, "--token", token)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"logged in to {plane.url} as admin privacy-team"
+
+
 def test_login_with_a_bad_token_writes_nothing(plane: ControlPlane, user_home: Path) -> None:
     result = run("login", "--url", plane.url, "--token", "mp_" + "x" * 43)
     assert result.exit_code == 2

@@ -125,7 +125,7 @@ def login(out: Output, url: str, token_file: Path | None, token: str | None) -> 
     }
     out.result(
         info,
-        f"logged in to {info['url']} as {who['kind']} {who['account'] or ''} {who['user'] or ''}".rstrip(),
+        " ".join(["logged in to", info["url"], "as", *filter(None, (who["kind"], who["account"], who["user"]))]),
     )
 
 
