@@ -95,7 +95,7 @@ def _withdraw(registration: dict[str, Any]) -> None:
 def _render_role_files(registration: dict[str, Any], written: dict[str, Path]) -> str:
     """Where each file goes and how it is used; no secret (the files hold them)."""
     usage = {
-        "scheduler": "dask scheduler --preload pipeline.preload",
+        "scheduler": "dask scheduler --preload pipeline.preload --dashboard-address 127.0.0.1:8787",
         "worker": "dask worker tls://SCHEDULER-HOST:8786",
         "client": "python -c 'from distributed import Client; Client(\"tls://SCHEDULER-HOST:8786\")'",
     }
