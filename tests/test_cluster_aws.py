@@ -36,6 +36,7 @@ from pipeline.security.aws import (
     issue_session_credentials,
 )
 from pipeline.security.tls import ClusterCredentials, issue_credentials
+from pipeline.server.clusters import role_configs
 
 BUCKET = "acme-private"
 ROLE_ARN = "arn:aws:iam::123456789012:role/cluster-reader"
@@ -159,6 +160,28 @@ def test_workers_read_a_private_object_only_through_the_forwarded_role_session(
     assert token and access_key == forwarder.credentials.access_key_id
     # never the long-term keys
     assert access_key != aws_world["access_key_id"] and secret != aws_world["secret_access_key"]
+
+
+def test_a_client_forwards_with_the_clusters_client_yaml_alone(
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
+) -> None:
+    """client.yaml held no worker certificate: forwarding needed worker.yaml, the workers' private key with it."""
+    registration = {"tls": tls.to_json(), "account": "acme", "user": None, "cluster_id": "c-aws", "image": None}
+    client_yaml = role_configs(
+        {**registration, "ingest_url": "https://cp.example", "token": "t", "intake_public_key": "k"}
+    )["client"]
+    keys = client_yaml["distributed"]["comm"]["tls"]
+    assert set(keys) == {"ca-file", "client"} and "PRIVATE KEY" not in client_yaml["pipeline"]["aws"]["worker-cert"]
+    pipeline_section = {"pipeline": client_yaml["pipeline"]}  # the TLS section: the cluster fixture has its own
+    with dask.config.set(pipeline_section), SessionTokenForwarder(cluster, session=aws_world["session"]) as forwarder:
+        assert forwarder.forward()
+        access_key, _secret, token = on_worker(cluster, worker_credentials)
+    assert token and access_key == forwarder.credentials.access_key_id
+
+
+def test_without_a_worker_certificate_the_forwarder_says_where_to_find_it(cluster: Client) -> None:
+    with pytest.raises(ConfigError, match="run with the cluster's client.yaml"):
+        SessionTokenForwarder(cluster)
 
 
 def test_without_a_role_workers_get_a_get_session_token_token(

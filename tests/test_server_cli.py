@@ -209,7 +209,9 @@ def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane,
     scheduler = configs["scheduler"]["pipeline"]
     assert scheduler["account"] == "acme" and scheduler["ingest"]["token"].startswith("mp_")
     assert scheduler["user"] is None  # an account-level service cluster
-    assert "pipeline" not in configs["worker"] and "pipeline" not in configs["client"]
+    assert "pipeline" not in configs["worker"]
+    worker_cert = configs["worker"]["distributed"]["comm"]["tls"]["worker"]["cert"]
+    assert configs["client"]["pipeline"] == {"aws": {"worker-cert": worker_cert}}  # public, for AWS session tokens
     assert "mp_" not in files["worker"].read_text() + files["client"].read_text()
     assert "PRIVATE KEY" not in local.output and "mp_" not in local.output  # nothing secret on the terminal
     assert f"DASK_CONFIG={files['worker']} dask worker" in local.output

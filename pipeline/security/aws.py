@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import dask.config
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke, serialization
@@ -213,13 +214,23 @@ class SessionTokenForwarder:
         self,
         client: Client,
         *,
-        worker_cert: str,
+        worker_cert: str | None = None,
         session: boto3.Session | None = None,
         role_arn: str | None = None,
         duration: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = utcnow,
         check_every: float = 60.0,
     ) -> None:
+        """:param worker_cert: the cluster's worker certificate (PEM); default ``pipeline.aws.worker-cert``,
+            which a cluster's ``client.yaml`` holds
+        :raises ConfigError: neither is given
+        """
+        worker_cert = worker_cert or dask.config.get("pipeline.aws.worker-cert", None)
+        if not worker_cert:
+            raise ConfigError(
+                "no worker certificate to seal AWS session tokens to: run with the cluster's client.yaml "
+                "(pipeline.aws.worker-cert) or give worker_cert"
+            )
         self.client = client
         self.worker_cert = worker_cert
         self.session = session

@@ -129,7 +129,7 @@ def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     A worker or client host must not hold the scheduler's key (it would let it pose as the
     scheduler) nor the cluster token (it would let it write as the cluster): only the
-    scheduler's config has ``pipeline.ingest``.
+    scheduler's config has ``pipeline.ingest``. The client's has the workers' certificate.
     """
     tls = registration["tls"]
     configs = {}
@@ -141,6 +141,8 @@ def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
             },
         }
     configs["scheduler"]["pipeline"] = plugin_config(registration)
+    # public: a client seals the AWS session tokens it forwards to the workers' key (SessionTokenForwarder)
+    configs["client"]["pipeline"] = {"aws": {"worker-cert": tls["worker_cert"]}}
     return configs
 
 
