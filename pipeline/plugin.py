@@ -22,11 +22,13 @@ import asyncio
 import functools
 import logging
 import os
+import sys
 import uuid
 import weakref
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+import dask.config
 from distributed.core import rpc
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
@@ -141,6 +143,7 @@ class MetadataPlugin(SchedulerPlugin):
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
+        _log_like_distributed()  # preloaded or registered by a client: the scheduler's log shows its lines
         try:
             self._start(scheduler)
         except Exception as exc:  # start must never raise: it would abort scheduler start-up
@@ -540,3 +543,19 @@ def _bounded(packages: dict[str, str]) -> dict[str, str]:
         if len(bounded) == MAX_ITEMS:
             break
     return bounded
+
+
+def _log_like_distributed() -> None:
+    """Give the plugin's log lines distributed's format (time, logger, level) and INFO level.
+
+    distributed configures only its own loggers: without this, ``dask scheduler`` prints the
+    plugin's warnings through Python's last-resort handler, bare, and its INFO lines not at all.
+    A process whose logging is already set up (a notebook, pytest, an application) keeps its own.
+    """
+    pipeline_logger = logging.getLogger("pipeline")
+    if pipeline_logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(dask.config.get("distributed.admin.log-format")))
+    pipeline_logger.addHandler(handler)
+    pipeline_logger.setLevel(logging.INFO)

@@ -263,3 +263,28 @@ def test_the_readmes_embedded_example_works_as_written(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     jobs = [r for r in map(json.loads, shown.stdout.splitlines()) if r["kind"] == "job"]
     assert [(j["account"], j["tasks_completed"], j["status"]) for j in jobs] == [("acme", 10, "finished")]
+
+
+def test_a_plugin_a_client_registers_logs_in_the_schedulers_format(tmp_path: Path) -> None:
+    """Registered by `client.register_plugin` on a plain `dask scheduler`, the plugin's WARNING came out bare
+    (Python's last resort) and its INFO line, which says the mode it runs in, not at all."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env |= {"HOME": str(tmp_path / "ann"), "DASK_PIPELINE__EMITTER__LINGER": "0s"}
+    port = free_port()
+    plain = [c for c in scheduler_command(port) if c not in ("--preload", "pipeline.preload")]
+    with process(plain, env, tmp_path / "scheduler.log") as scheduler:
+        client_code = (
+            "from distributed import Client\n"
+            "from pipeline.plugin import MetadataPlugin\n"
+            f"with Client('tcp://127.0.0.1:{port}', timeout=60) as c:\n"
+            "    c.register_plugin(MetadataPlugin())\n"
+        )
+        registered = subprocess.run(
+            [sys.executable, "-c", client_code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert registered.returncode == 0, registered.stderr
+        scheduler.send_signal(signal.SIGINT)
+        scheduler.wait(90)
+    log = (tmp_path / "scheduler.log").read_text()
+    assert "pipeline.plugin - WARNING - pipeline.account is not set" in log, log
+    assert "pipeline.plugin - INFO - metadata plugin active: embedded mode" in log, log
