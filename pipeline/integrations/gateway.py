@@ -339,7 +339,8 @@ def configure(c: Any) -> None:
         raise ConfigError(
             f"pipeline.integrations.gateway: {backend.__name__} of this dask-gateway-server changes the owner of / "
             "to the cluster's user as it starts a cluster (its setup chowns each character of the TLS files' "
-            "paths); use a jobqueue or YARN backend until that is fixed upstream"
+            "paths); use a jobqueue or YARN backend until that is fixed upstream (or UnsafeLocalBackend, for one "
+            "trusted user)"
         )
     c.DaskGateway.backend_class = registering_backend(backend, GatewaySettings.from_config())
 
