@@ -9,6 +9,7 @@ whoever can write it can swap the database or key file.
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
 import uuid
@@ -79,6 +80,11 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     sync_folder(path.parent)
+
+
+def stale_copies(path: Path) -> list[Path]:
+    """The temporary copies of ``path`` that :func:`write_private` leaves when its process is killed mid-write."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
 
 
 def sync_folder(path: Path) -> None:

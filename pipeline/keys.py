@@ -34,7 +34,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, bindparam, func, or_, 
 
 from pipeline.db import insert_ignoring_duplicates, keyring_keys, master_keys, reading, transaction
 from pipeline.errors import ConfigError, KeyringError, PipelineError, StoreUnavailable, UnknownAccountError
-from pipeline.fsmodes import private_folder, write_private
+from pipeline.fsmodes import private_folder, stale_copies, write_private
 from pipeline.records import utcnow
 from pipeline.redact import mask_url
 from pipeline.subject_names import checked
@@ -167,6 +167,9 @@ class LocalKeyFile(KeyProvider):
     def _save(self, *, exclusive: bool = False) -> None:
         doc = {"current": self._current, "keys": {str(v): base64.b64encode(k).decode() for v, k in self._keys.items()}}
         private_folder(self.path.parent)
+        if not exclusive:  # changes hold the keyring's lock: a copy found now is a killed writer's, whose
+            for copy in stale_copies(self.path):  # versions a retirement must destroy with the file's own
+                copy.unlink(missing_ok=True)
         with contextlib.suppress(FileExistsError):  # first creation: never replace a file another process just made
             write_private(self.path, json.dumps(doc).encode(), replace=not exclusive)
 

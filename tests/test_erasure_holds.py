@@ -118,6 +118,26 @@ def test_a_backup_from_before_an_erasure_opens_until_the_retirement_date_and_not
     assert [r["n_workers"] for r in pipeline.read_records(account="globex")] == [8]
 
 
+def test_a_copy_of_the_key_file_a_killed_write_left_retires_with_it(settings: Settings, tmp_path: Path) -> None:
+    """A rotation killed while writing the key file left ``.master.key.tmp-…``, a whole copy that no
+    retirement touched: restored beside a backup, it opened an erased person's data after ``final_at``."""
+    key_file = settings.home / "master.key"
+    with freeze_time(T0 - timedelta(days=1)):
+        pipeline = Pipeline.open(settings, create=True)
+        _fill(pipeline)
+        backup = _sqlite_backup(settings, tmp_path)
+        killed_write = key_file.with_name(f".{key_file.name}.tmp-{uuid.uuid4().hex}")
+        killed_write.write_bytes(key_file.read_bytes())  # written and fsync'd, the process gone before the rename
+        killed_write.chmod(0o600)
+    with freeze_time(T0):
+        _erase(pipeline, "acme")
+    with freeze_time(T0 + timedelta(days=35, minutes=1)):
+        assert enforce(pipeline).retired_master_versions == [1]
+    assert sorted(p.name for p in key_file.parent.glob(".master.key*")) == []
+    with pytest.raises(KeyringError, match="no key version 1"):
+        _emails_in(backup)
+
+
 def test_a_receipt_and_the_report_say_when_an_erasure_becomes_final(settings: Settings, tmp_path: Path) -> None:
     with freeze_time(T0):
         pipeline = Pipeline.open(settings, create=True)
