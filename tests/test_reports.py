@@ -555,3 +555,28 @@ def test_names_matplotlib_would_read_as_math_are_plotted_as_they_are(pipeline: P
     pipeline.write_records([job, make_record("job", account="_hidden", job_id="k", observed_at=T0)])
     report = build_report(pipeline, now=T0, plots=False, show_names=True)
     assert render_plots(report)
+
+
+@pytest.mark.parametrize("cleaner", ["report", "enforce"])
+def test_a_killed_reports_decrypted_rows_are_removed_by_the_next_report_or_pass(
+    pipeline: Pipeline, tmp_path: Path, cleaner: str
+) -> None:
+    """A report killed mid-run left report-*/report.duckdb under the home for good: decrypted job rows that
+    outlived their owner's erasure. A running report's folder (its process alive) is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    home = pipeline.settings.home
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = home / f"report-{dead.stdout.strip()}-x1y2z3"
+    earlier_release = home / "report-k9j8h7g6"
+    running = home / f"report-{os.getpid()}-a1b2c3"
+    for folder in (killed, earlier_release, running):
+        folder.mkdir(mode=0o700)
+        (folder / "report.duckdb").write_bytes(b"decrypted job rows")
+    args = ["report", "--out", str(tmp_path / "r"), "--format", "json"] if cleaner == "report" else ["enforce"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and not earlier_release.exists()
+    assert (running / "report.duckdb").exists()

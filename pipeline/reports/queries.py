@@ -26,6 +26,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.records import KINDS
+from pipeline.reports.residue import folder_prefix, remove_killed_reports
 from pipeline.retention.policy import Policy
 
 __all__ = ["MEMORY_LIMIT", "USAGE_COLUMNS", "UTC_NAIVE", "ReportDB", "slice_schema"]
@@ -134,7 +135,9 @@ class ReportDB:
         #: usage is counted in one store (the first holding cluster jobs: long-term as shipped),
         #: so records kept in two stores are not counted twice
         self.usage_store = usage_store or next(iter(policy.stores_for("cluster_jobs")), None)
-        self._folder = None if in_memory else Path(tempfile.mkdtemp(prefix="report-", dir=folder))
+        if folder is not None and not in_memory:
+            remove_killed_reports(folder)
+        self._folder = None if in_memory else Path(tempfile.mkdtemp(prefix=folder_prefix(), dir=folder))
         self.con = duckdb.connect() if self._folder is None else duckdb.connect(str(self._folder / "report.duckdb"))
         spill = "" if self._folder is None else self._folder / "spill"  # '': no spilling
         self.con.execute(

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import KeyringError, PipelineError, UnknownAccountError
 from pipeline.records import utcnow
+from pipeline.reports.residue import remove_killed_reports
 from pipeline.retention.requests import DeletionRequest, process_pending
 from pipeline.retention.retirement import retire_master_keys
 from pipeline.segments import Segment, open_segment, seal
@@ -161,6 +162,7 @@ def enforce(
     for name, backend in pipeline.stores.items():
         run(f"compact:{name}", _compact, pipeline, report, name, backend, today)
     report.foreign_files = {name: len(found) for name, found in pipeline.foreign_files().items()}
+    run("report-residue", remove_killed_reports, pipeline.settings.home)  # decrypted rows of a killed report
     if requests:
         run("deletion-requests", lambda: report.requests.extend(process_pending(pipeline, now=now)))
     run(
