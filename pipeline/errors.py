@@ -18,6 +18,7 @@
      │    ├── IntakeError       malformed, undecryptable or oversized batch (HTTP 400 / 413)
      │    └── ForbiddenBatch    the batch names another account or cluster, or the caller may not ingest (403)
      ├── SubjectSuppressed      an erasure filed with --suppress keeps the subject's records out
+     ├── RequestBusy            another process holds a deletion request (retry once its lease ends)
      ├── TokenRefused           the ingest endpoint refused the cluster's token itself (401): stop delivering
      ├── OutputError            a file or folder a command was asked to write cannot be written
      ├── AuditIntegrityError    the audit trail was altered
@@ -48,6 +49,7 @@ __all__ = [
     "OutputError",
     "PipelineError",
     "PolicyError",
+    "RequestBusy",
     "SpoolError",
     "StoreError",
     "StoreUnavailable",
@@ -154,6 +156,10 @@ class ClusterLost(ForbiddenBatch):
 
     #: what every answer of this kind holds in its first line (the plugin tells it by this)
     MARK = "was lost at"
+
+
+class RequestBusy(PipelineError):
+    """Another process holds the lease of a deletion request: it is carrying it out, or died doing so."""
 
 
 class SubjectSuppressed(PipelineError):

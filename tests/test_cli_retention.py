@@ -249,3 +249,18 @@ def test_enforce_exits_1_while_a_request_is_overdue(settings) -> None:  # noqa: 
     stuck.release(f"erasure:{request.request_id}")
     summary = json.loads(cli("enforce", "--now", day31, "--json"))  # done, late: nothing is overdue any more
     assert [r["state"] for r in summary["requests"]] == ["completed"] and summary["overdue_requests"] == []
+
+
+def test_erase_retry_of_a_request_another_process_holds_names_it_and_until_when(settings) -> None:  # noqa: ANN001
+    """It said "deletion request … is in_progress: None"."""
+    from pipeline.retention.lease import Leases
+    from pipeline.retention.requests import file_request
+
+    pipeline = _write(settings)
+    request = file_request(pipeline, "acme")
+    held = Leases(pipeline.keyring.engine, holder="other-host:4242:ab12cd34")
+    assert held.acquire(f"erasure:{request.request_id}", timedelta(minutes=10))
+    result = CliRunner().invoke(main, ["erase", "retry", request.request_id])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: deletion request {request.request_id} is being carried out by other-host:4242")

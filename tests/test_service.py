@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import Counter
@@ -97,6 +98,28 @@ def test_leases_grant_a_slot_once_and_an_abandoned_one_after_it_expires(metadata
     b.release("requests@T")
     assert a.acquire("requests@T", ttl, now=T0 + timedelta(minutes=11))
     assert a.prune(T0 + timedelta(days=1)) == 1  # the completed retention slot
+
+
+def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once(metadata_engine) -> None:
+    """An erasure killed mid-way held its lease 10 minutes: enforce skipped it unsaid and erase retry failed."""
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = socket.gethostname()
+    ttl = timedelta(minutes=10)
+    killed = Leases(metadata_engine, f"{here}:{ended.stdout.strip()}:ab12cd34")
+    running = Leases(metadata_engine, f"{here}:{os.getpid()}:ef56ab78")
+    elsewhere = Leases(metadata_engine, "other-host:1:00000000")
+    taker = Leases(metadata_engine, "taker")
+    for lease, name in ((killed, "erasure:1"), (running, "erasure:2"), (elsewhere, "erasure:3")):
+        assert lease.acquire(name, ttl, now=T0)
+    assert taker.acquire("erasure:1", ttl, now=T0 + timedelta(seconds=1))
+    assert not taker.acquire("erasure:2", ttl, now=T0 + timedelta(seconds=1))  # its process runs
+    assert not taker.acquire("erasure:3", ttl, now=T0 + timedelta(seconds=1))  # another host's: until it expires
+    assert taker.held_by("erasure:3") == ("other-host:1:00000000", T0 + ttl)
+    assert taker.acquire("erasure:3", ttl, now=T0 + ttl)
 
 
 def test_the_hourly_pass_and_the_request_job_fire_when_due_and_coalesce_after_downtime(settings, clock) -> None:

@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.processes import alive
+
 __all__ = ["folder_prefix", "remove_killed_reports"]
 
 
@@ -21,17 +23,7 @@ def remove_killed_reports(folder: Path) -> list[Path]:
     removed = []
     for found in folder.glob("report-*"):
         pid = found.name.split("-")[1]
-        if found.is_dir() and not (pid.isdigit() and _alive(int(pid))):  # an earlier release's: no id
+        if found.is_dir() and not (pid.isdigit() and alive(int(pid))):  # an earlier release's: no id
             shutil.rmtree(found, ignore_errors=True)
             removed.append(found)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

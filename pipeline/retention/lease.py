@@ -5,7 +5,8 @@ retention services on one database would both run a due pass. Each run first
 takes a lease named after the job and its scheduled slot (``retention@<time>``):
 the first service inserts the row and runs; the other finds it and skips. A
 finished run marks its lease completed, so that slot never runs again; a holder
-that dies leaves an uncompleted lease that anyone may take over once it expires.
+that dies leaves an uncompleted lease that anyone may take over once it expires,
+and a process of the same host at once.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import socket
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, select, update
 
 from pipeline.db import insert_ignoring_duplicates, leases, transaction
+from pipeline.processes import dead_here
 from pipeline.records import utcnow
 
 __all__ = ["Leases", "default_holder"]
@@ -46,13 +48,27 @@ class Leases:
             insert = insert_ignoring_duplicates(self.engine, leases).values(name=name, **values)
             if conn.execute(insert.returning(leases.c.name)).first() is not None:
                 return True
-            # someone had it: take it over only if they abandoned it
+            # someone had it: take it over only if they abandoned it (it expired, or they died on this host)
+            holder = conn.scalar(select(leases.c.holder).where(leases.c.name == name))
+            taken_over = (
+                leases.c.holder == holder if holder is not None and dead_here(holder) else leases.c.expires_at <= now
+            )
             result = conn.execute(
                 update(leases)
-                .where(leases.c.name == name, leases.c.completed_at.is_(None), leases.c.expires_at <= now)
+                .where(leases.c.name == name, leases.c.completed_at.is_(None), taken_over)
                 .values(**values)
             )
         return result.rowcount == 1
+
+    def held_by(self, name: str) -> tuple[str, datetime] | None:
+        """Who holds ``name`` unfinished, and until when; None when nobody does."""
+        with transaction(self.engine, f"lease {name!r}") as conn:
+            held = conn.execute(
+                select(leases.c.holder, leases.c.expires_at).where(
+                    leases.c.name == name, leases.c.completed_at.is_(None)
+                )
+            ).first()
+        return None if held is None else (held.holder, held.expires_at)
 
     def complete(self, name: str, *, now: datetime | None = None) -> None:
         """Mark the work done: the lease is never granted again (until pruned)."""

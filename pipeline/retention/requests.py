@@ -45,6 +45,7 @@ from pipeline.errors import (
     AuditIntegrityError,
     KeyringError,
     PipelineError,
+    RequestBusy,
     StoreError,
     StoreUnavailable,
     UnknownAccountError,
@@ -370,8 +371,17 @@ def retry_request(pipeline: Pipeline, request_id: str, *, leases: Leases | None 
     request = get_request(pipeline, request_id)
     if request.state == "completed":
         return request
-    done = _process(pipeline, [request], leases or Leases(pipeline.keyring.engine))
-    return done[0] if done else get_request(pipeline, request_id)
+    leases = leases or Leases(pipeline.keyring.engine)
+    done = _process(pipeline, [request], leases)
+    if done:
+        return done[0]
+    held = leases.held_by(f"erasure:{request_id}")
+    if held is not None:  # another process carries it out, or one on another host died doing so
+        raise RequestBusy(
+            f"deletion request {request_id} is being carried out by {held[0]} until {held[1].isoformat()} "
+            "(a process of another host that died doing so holds it until then)"
+        )
+    return get_request(pipeline, request_id)
 
 
 def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases) -> list[DeletionRequest]:
