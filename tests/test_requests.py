@@ -235,6 +235,33 @@ def test_a_run_stopped_after_destroying_the_key_is_resumed_with_the_true_count_a
     assert run("erase", "status", request.request_id).exit_code == 0
 
 
+def test_a_run_stopped_while_completing_is_resumed_with_one_completion_and_one_rotation(pipeline, monkeypatch) -> None:  # noqa: ANN001
+    """Killed after its erasure.completed entry, before the request's state: the trail said completed of a
+    request in progress for 10 minutes, and the resumed run rotated and audited completion again."""
+    from pipeline.retention import requests
+
+    request = file_request(pipeline, "acme")
+    save_on = requests._save_on
+
+    def killed_when_completed(conn, request):  # noqa: ANN001, ANN202
+        if request.state == "completed":
+            raise KeyboardInterrupt("killed")
+        return save_on(conn, request)
+
+    monkeypatch.setattr(requests, "_save_on", killed_when_completed)
+    with pytest.raises(KeyboardInterrupt):
+        process_pending(pipeline)
+    monkeypatch.undo()
+    assert get_request(pipeline, request.request_id).state == "in_progress"
+    assert "erasure.completed" not in _actions(pipeline, request.request_id)
+
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+    assert _actions(pipeline, request.request_id).count("erasure.completed") == 1
+    assert [e.action for e in pipeline.audit.entries(actions=["key.rotated"])] == ["key.rotated"]
+    assert run("erase", "status", request.request_id).exit_code == 0
+
+
 def test_each_receipt_counts_the_keys_its_own_erasure_destroyed(pipeline) -> None:  # noqa: ANN001
     """Counted as keys destroyed since the filing, ann's and then acme's erasure said 1 and 3 of three keys,
     and a request filed on a host whose clock ran ahead said 0."""

@@ -400,9 +400,13 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
             if request.state == "in_progress" and "key" in request.receipt:
                 erased.append(request)
         if erased:
-            rotation = _rotate(pipeline, erased)
+            unrotated = [r for r in erased if "rotation" not in r.receipt]  # a resumed run's were rotated for
+            if unrotated:
+                rotation = _rotate(pipeline, unrotated)
+                for request in unrotated:
+                    request.receipt["rotation"] = rotation
+                    _save(pipeline, request)
             for request in erased:
-                request.receipt["rotation"] = rotation
                 at = utcnow()  # the tombstone first: the request's completion ends its dropping of all
                 tombstones.complete(pipeline.keyring.engine, request.request_id, at)
                 _transition(pipeline, request, "completed", at=at)
@@ -599,13 +603,20 @@ def not_final(pipeline: Pipeline) -> list[DeletionRequest]:
 def _transition(
     pipeline: Pipeline, request: DeletionRequest, state: str, *, at: datetime | None = None, **details: Any
 ) -> None:
-    entry = _audit(pipeline, request, f"erasure.{state}", **details)
-    request.state = state
-    request.receipt.setdefault("audit", {})[state] = entry.seq
-    if state == "completed":
-        request.completed_at = at or utcnow()
-        request.receipt.pop("next_attempt_at", None)
-    _save(pipeline, request)
+    """The request's new state and its entry, in one transaction: a process killed between the two
+    left the trail saying ``completed`` of a request still in progress, which a resumed run then
+    erased, rotated for and audited again."""
+
+    def moved(conn: Connection, seq: int) -> dict[str, Any]:
+        request.state = state
+        request.receipt.setdefault("audit", {})[state] = seq
+        if state == "completed":
+            request.completed_at = at or utcnow()
+            request.receipt.pop("next_attempt_at", None)
+        _save_on(conn, request)
+        return _entry(request, f"erasure.{state}", **details)
+
+    pipeline.audit.append_with(moved)
 
 
 def _audit(
@@ -645,22 +656,26 @@ def _entry(request: DeletionRequest, action: str, *, actor: str | None = None, *
 
 
 def _save(pipeline: Pipeline, request: DeletionRequest) -> None:
-    request.updated_at = utcnow()
     with transaction(pipeline.keyring.engine, f"deletion request {request.request_id}") as conn:
-        # a refiling with --suppress may have made it suppress since this copy was read
-        suppressing = bool(request.receipt.get("suppress")) or tombstones.suppresses(conn, request.request_id)
-        request.receipt["suppress"] = suppressing
-        conn.execute(
-            update(deletion_requests)
-            .where(deletion_requests.c.request_id == request.request_id)
-            .values(
-                state=request.state,
-                updated_at=request.updated_at,
-                completed_at=request.completed_at,
-                receipt=json.dumps(request.receipt, sort_keys=True),
-                error=request.error,
-            )
+        _save_on(conn, request)
+
+
+def _save_on(conn: Connection, request: DeletionRequest) -> None:
+    request.updated_at = utcnow()
+    # a refiling with --suppress may have made it suppress since this copy was read
+    suppressing = bool(request.receipt.get("suppress")) or tombstones.suppresses(conn, request.request_id)
+    request.receipt["suppress"] = suppressing
+    conn.execute(
+        update(deletion_requests)
+        .where(deletion_requests.c.request_id == request.request_id)
+        .values(
+            state=request.state,
+            updated_at=request.updated_at,
+            completed_at=request.completed_at,
+            receipt=json.dumps(request.receipt, sort_keys=True),
+            error=request.error,
         )
+    )
 
 
 def _select(pipeline: Pipeline, condition: Any) -> Iterator[DeletionRequest]:
