@@ -64,7 +64,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from pipeline.audit_trust import HANDOVER, KeySchedule, handover_statement, key_schedule, signed_by
-from pipeline.db import as_stored, audit_log, mapped_errors, stored_reader
+from pipeline.db import as_stored, audit_log, driver_reason, mapped_errors, stored_reader
 from pipeline.errors import AuditIntegrityError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import utcnow
@@ -301,7 +301,7 @@ class AuditLog:
                 return self._append_on(conn, build)
         except SQLAlchemyError as exc:
             where = mask_url(self.engine.url.render_as_string(hide_password=False))
-            raise StoreUnavailable(f"audit log in {where} unwritable: {exc.__class__.__name__}") from exc
+            raise StoreUnavailable(f"audit log in {where} unwritable: {driver_reason(exc)}") from exc
 
     def _append_on(
         self, conn: Connection, build: Callable[[Connection, int, str], Iterable[Mapping[str, Any]]]

@@ -506,7 +506,12 @@ def mapped_errors(what: str) -> Iterator[None]:
     try:
         yield
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc.__class__.__name__).splitlines()[0]
+        reason = driver_reason(exc)
         if isinstance(exc, OperationalError | PoolTimeout):  # down, or every pooled connection busy: retry
             raise StoreUnavailable(f"{what}: metadata database unavailable: {reason}") from exc
         raise StoreError(f"{what}: metadata database refused: {reason}") from exc
+
+
+def driver_reason(exc: SQLAlchemyError) -> str:
+    """The first line of what the database driver said, else the error's class."""
+    return str(getattr(exc, "orig", None) or exc.__class__.__name__).splitlines()[0]

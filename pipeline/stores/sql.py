@@ -10,7 +10,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, LargeBinary, and_, cast, delete, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
-from pipeline.db import as_stored, create_schema, engine_for, insert_ignoring_duplicates, segments, stored_reader
+from pipeline.db import (
+    as_stored,
+    create_schema,
+    driver_reason,
+    engine_for,
+    insert_ignoring_duplicates,
+    segments,
+    stored_reader,
+)
 from pipeline.errors import StoreError, StoreUnavailable
 from pipeline.redact import mask_url
 from pipeline.segments import NEVER_OPENS, Segment
@@ -48,7 +56,7 @@ class SQLStore(Store):
                 yield conn
         except (OperationalError, DBAPIError) as exc:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                reason = str(exc.orig).splitlines()[0] if exc.orig else exc.__class__.__name__
+                reason = driver_reason(exc)
                 raise StoreUnavailable(f"{where} unreachable during {action}: {reason}") from exc
             raise StoreError(f"{where} refused {action}: {exc.orig}") from exc
         except SQLAlchemyError as exc:
