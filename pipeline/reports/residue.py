@@ -16,14 +16,11 @@ def folder_prefix() -> str:
     return f"report-{os.getpid()}-"
 
 
-def remove_killed_reports(folder: Path) -> list[Path]:
+def remove_killed_reports(folder: Path) -> None:
     """Delete the folders of reports whose process died before closing them (SIGKILL): each holds
     decrypted job rows, which would outlive an erasure of their owner. A folder of a live process
-    (a report running now) is kept. Returns those deleted."""
-    removed = []
+    (a report running now) is kept."""
     for found in folder.glob("report-*"):
         pid = found.name.split("-")[1]
         if found.is_dir() and not (pid.isdigit() and alive(int(pid))):  # an earlier release's: no id
             shutil.rmtree(found, ignore_errors=True)
-            removed.append(found)
-    return removed
