@@ -613,13 +613,28 @@ def test_a_quota_without_a_name_or_named_twice_is_refused(home: Path, quotas: li
         ["accounts", "add", "--account", "a" * 201, "--username", "u", "--email", "e"],
         ["tokens", "create", "--account", "a" * 201, "--user", "u"],
         ["tokens", "create", "--account", "a", "--user", "u" * 201],
+        ["clusters", "create", "--account", "a" * 201, "--out", "c"],
     ],
-    ids=["account", "token-account", "token-user"],
+    ids=["account", "token-account", "token-user", "cluster-account"],
 )
-def test_a_name_longer_than_the_api_takes_is_refused_where_it_would_be_made(home: Path, args: list[str]) -> None:
+def test_a_name_longer_than_the_api_takes_is_refused_where_it_would_be_made(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
     """A member token was issued for an account the API refuses: it could never register a cluster."""
+    monkeypatch.chdir(tmp_path)  # `--out c`, written here if it were taken
     line = one_line(run(*args))
     assert "201 characters; the API takes at most 200" in line
+
+
+@pytest.mark.parametrize(("option", "value"), [("--name", "evil\x1b[2J\rname"), ("--image", "img\nnext")])
+def test_a_cluster_name_or_image_with_a_control_character_is_refused_on_the_control_plane_host_too(
+    home: Path, tmp_path: Path, option: str, value: str
+) -> None:
+    """Only POST /v1/clusters refused it; registered locally, the image's newline went into scheduler.yaml."""
+    run("init")
+    line = one_line(run("clusters", "create", "--account", "acme", option, value, "--out", str(tmp_path / "c")))
+    assert f"{option[2:]}: may not hold a control character" in line
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/x", "gcp-logging://project", "file:///tmp/x", "memory://"])

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from pipeline.cli.core import NAME, OUT_FOLDER, TEXT, api_client, command, main, open_pipeline
+from pipeline.cli.core import API_NAME, OUT_FOLDER, TEXT, api_client, command, main, open_pipeline
 from pipeline.errors import ClusterNotFound, ConfigError
 from pipeline.output import Output
 
@@ -20,8 +20,8 @@ def clusters() -> None:
 
 
 @command(clusters, "create")
-@click.option("--account", required=True, type=NAME)
-@click.option("--user", default=None, type=NAME, help="Its owner (admins; a member's cluster is theirs).")
+@click.option("--account", required=True, type=API_NAME)
+@click.option("--user", default=None, type=API_NAME, help="Its owner (admins; a member's cluster is theirs).")
 @click.option("--name", default=None, type=TEXT, help="A label for people.")
 @click.option("--image", default=None, type=TEXT, help="The cluster's container image URL.")
 @click.option(

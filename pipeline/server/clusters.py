@@ -32,7 +32,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, bindparam, func, insert, select, tuple_, update
 
 from pipeline import columns
@@ -206,10 +206,15 @@ class ClusterRegistry:
         ``gateway_token_id``: a dask-gateway registers it with that token (which may close it), and
         its TLS is the gateway's, so none is issued.
 
-        :raises InvalidBinding: an image longer than ingest accepts in its plugin's records
+        :raises InvalidBinding: an image longer than ingest accepts in its plugin's records; a name or image
+            with a control character (printed back by ``clusters list``, written into ``scheduler.yaml``)
         """
         if image is not None and len(image.encode()) > MAX_STRING_BYTES:  # its plugin's records could never be sent
             raise InvalidBinding(f"image: {len(image.encode())} bytes of UTF-8; at most {MAX_STRING_BYTES}")
+        for field, value in (("name", name), ("image", image)):
+            found = None if value is None else control_character(value)
+            if found is not None:
+                raise InvalidBinding(f"{field}: may not hold a control character ({found})")
         public_key = public_key_text(intake_private_key(self.pipeline.keyring))  # first: nothing issued if it fails
         cluster_id = f"cluster-{uuid.uuid4().hex[:12]}"
         validity = timedelta(seconds=self.pipeline.settings.tls_validity)
@@ -647,22 +652,14 @@ class LostClusterSweeper:
         self._stop.set()
 
 
-def _printable(value: str | None) -> str | None:
-    """A cluster's name or image, printed back by ``clusters list``: no control character."""
-    found = None if value is None else control_character(value)
-    if found is not None:
-        raise ValueError(f"may not hold a control character ({found})")
-    return value
-
-
 class ClusterIn(BaseModel):
     """``POST /v1/clusters`` body."""
 
     model_config = ConfigDict(extra="forbid", strict=True)  # each value of its own JSON type: no "yes" or 0 for a bool
     account: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     user: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)  # an admin's; a member owns theirs
-    name: Annotated[str | None, AfterValidator(_printable)] = Field(default=None, max_length=200)
-    image: Annotated[str | None, AfterValidator(_printable)] = Field(default=None, max_length=2000)
+    name: str | None = Field(default=None, max_length=200)
+    image: str | None = Field(default=None, max_length=2000)
 
 
 router = APIRouter(tags=["clusters"])
