@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 __all__ = ["MetadataPlugin"]
 
 logger = logging.getLogger(__name__)
+#: UTF-8 bytes of task prefixes in one job's record, and in a snapshot's running jobs together: a sealed batch
+#: is at most 8 MiB, whatever names the user's code gives its keys
+JOB_PREFIX_BYTES = 1 << 20
+SNAPSHOT_PREFIX_BYTES = 4 << 20
 
 _UNASSIGNED = "unassigned"
 _LOGGED_ERRORS = 10
@@ -436,8 +440,7 @@ class MetadataPlugin(SchedulerPlugin):
             "tasks_completed_total": self.completed_total,
             "tasks_erred_total": self.erred_total,
             "compute_seconds_total": self.compute_total,
-            # the heartbeat's payload, the oldest jobs as many as ingest takes: one more would lose the snapshot
-            "jobs_running": [self._progress(job) for job in islice(self._jobs.values(), MAX_ITEMS)],
+            "jobs_running": self._running(),  # the heartbeat's payload
         }
 
     def _job_record(self, job: _Job, *, status: str) -> dict[str, Any]:
@@ -448,6 +451,18 @@ class MetadataPlugin(SchedulerPlugin):
             "finished_at": max(utcnow(), job.started_at) if status == "finished" else None,
             **self._progress(job),
         }
+
+    def _running(self) -> list[dict[str, Any]]:
+        """The oldest running jobs' progress, as many as a snapshot holds within ingest's bounds: one more
+        entry, or 8 MiB sealed, would lose the snapshot, the heartbeat that keeps a cluster from being lost."""
+        running, prefix_bytes = [], 0
+        for job in islice(self._jobs.values(), MAX_ITEMS):
+            progress = self._progress(job)
+            prefix_bytes += sum(map(len, map(str.encode, progress["task_prefixes"])))
+            if prefix_bytes > SNAPSHOT_PREFIX_BYTES:
+                break
+            running.append(progress)
+        return running
 
     @staticmethod
     def _progress(job: _Job) -> dict[str, Any]:
@@ -461,8 +476,7 @@ class MetadataPlugin(SchedulerPlugin):
             "tasks_erred": job.erred,
             "compute_seconds": job.compute,
             "peak_memory_bytes": job.peak,
-            # ingest refuses more, or longer: the job would be lost, and every record batched with it
-            "task_prefixes": [_clipped(prefix) for prefix in sorted(job.prefixes)[:MAX_ITEMS]],
+            "task_prefixes": _prefixes(job.prefixes),
         }
 
     def _environment_record(self, python_version: str, packages: dict[str, str]) -> None:
@@ -533,6 +547,20 @@ def _clipped(text: str) -> str:
     """``text`` cut to the UTF-8 bytes ingest takes in one string, at a character's end."""
     data = text.encode()
     return text if len(data) <= MAX_STRING_BYTES else data[:MAX_STRING_BYTES].decode(errors="ignore")
+
+
+def _prefixes(prefixes: set[str]) -> list[str]:
+    """A job's task prefixes by name within ingest's bounds (more, or longer, and the job's record would be
+    refused with every record batched with it): as many as a list takes, each clipped, :data:`JOB_PREFIX_BYTES`
+    in all."""
+    kept, size = [], 0
+    for prefix in sorted(prefixes)[:MAX_ITEMS]:
+        clipped = _clipped(prefix)
+        size += len(clipped.encode())
+        if size > JOB_PREFIX_BYTES:
+            break
+        kept.append(clipped)
+    return kept
 
 
 def _bounded(packages: dict[str, str]) -> dict[str, str]:

@@ -141,6 +141,19 @@ def test_a_job_of_task_prefixes_longer_than_ingest_takes_keeps_its_record(settin
     pipeline.close()
 
 
+def test_a_job_of_more_prefix_bytes_than_a_batch_holds_keeps_its_record(settings) -> None:
+    """10,000 prefixes of 2,048 bytes sealed past the 8 MiB a batch may hold: the record was dropped."""
+    job = _Job(utcnow())
+    job.prefixes = {f"{i:05d}" + "p" * 2043 for i in range(MAX_ITEMS)}
+    job.total = job.completed = MAX_ITEMS
+    pipeline = Pipeline.open(settings, create=True)
+    record = make_record("job", account="acme", status="finished", **MetadataPlugin._progress(job))
+    pipeline.ingest(sealed_batch(pipeline, [record])[1], Principal.embedded_cluster("acme", None))
+    (stored,) = _records(settings)
+    assert len(stored["task_prefixes"]) == 512  # 1 MiB of them, the first by name
+    pipeline.close()
+
+
 def test_an_environment_beyond_ingests_bounds_is_recorded_within_them(settings) -> None:
     """10,177 distributions, or a name of 3,000 bytes, sank the environment's record and its batch for good."""
     packages = {f"pkg{i:05d}": "1.0" for i in range(MAX_ITEMS + 177)} | {"a" * 3000: "1", "b": "v" * 3000}
@@ -166,19 +179,27 @@ def test_a_broken_install_leaves_the_rest_of_the_environment(tmp_path, monkeypat
     assert packages["distributed"] == distributed.__version__ and "noversion" not in packages
 
 
-def test_a_snapshot_of_more_running_jobs_than_ingest_takes_is_stored(cluster, settings) -> None:
-    """Each client.submit is a job: 10,051 queued ones made every snapshot 400, so a healthy remote cluster
-    went lost. The snapshot lists the oldest 10,000."""
+@pytest.mark.parametrize(
+    ("jobs", "prefixes", "listed"),
+    [(MAX_ITEMS + 51, 0, MAX_ITEMS), (2_000, 40, 1_048)],  # 4 MiB of prefixes: 1,048 jobs of 40 × 100 bytes
+    ids=["more-entries", "more-bytes"],
+)
+def test_a_snapshot_of_more_running_jobs_than_ingest_takes_is_stored(
+    cluster, settings, jobs: int, prefixes: int, listed: int
+) -> None:
+    """Each client.submit is a job: 10,051 queued ones made every snapshot 400, and 10,000 with 20 prefixes
+    each sealed it past 8 MiB, so a healthy remote cluster went lost. The snapshot lists the oldest it holds."""
 
     def open_jobs(dask_scheduler: Any, count: int) -> None:
         plugin = dask_scheduler.plugins["metadata-pipeline"]
         plugin._jobs.clear()
-        for _ in range(count):
+        for n in range(count):
             job = _Job(utcnow())
+            job.prefixes = {f"{n:05d}-{p:02d}-" + "x" * 91 for p in range(prefixes)}  # 100 bytes each
             plugin._jobs[job.job_id] = job
 
     with Client(cluster) as client:
-        client.run_on_scheduler(open_jobs, count=MAX_ITEMS + 51)
+        client.run_on_scheduler(open_jobs, count=jobs)
         plugin: MetadataPlugin = cluster.scheduler.plugins["metadata-pipeline"]
 
         def snapshots_with_jobs() -> list[dict[str, Any]]:
@@ -190,7 +211,7 @@ def test_a_snapshot_of_more_running_jobs_than_ingest_takes_is_stored(cluster, se
             assert time.monotonic() < deadline, f"no snapshot with running jobs: {plugin.emitter.stats}"
             time.sleep(0.2)
         client.run_on_scheduler(open_jobs, count=0)
-    assert len(taken[0]["jobs_running"]) == MAX_ITEMS
+    assert len(taken[0]["jobs_running"]) == listed
     assert plugin.emitter.stats.records_dropped == 0
 
 
