@@ -25,6 +25,7 @@ import os
 import sys
 import uuid
 import weakref
+from collections.abc import Iterable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +56,11 @@ __all__ = ["MetadataPlugin"]
 
 logger = logging.getLogger(__name__)
 #: UTF-8 bytes of task prefixes in one job's record, and in a snapshot's running jobs together: a sealed batch
-#: is at most 8 MiB, whatever names the user's code gives its keys
+#: is at most 8 MiB, whatever names the user's code gives its keys (or its environment's packages)
 JOB_PREFIX_BYTES = 1 << 20
 SNAPSHOT_PREFIX_BYTES = 4 << 20
+#: UTF-8 bytes of an environment's package names and versions
+ENVIRONMENT_BYTES = 4 << 20
 
 _UNASSIGNED = "unassigned"
 _LOGGED_ERRORS = 10
@@ -543,34 +546,36 @@ class MetadataPlugin(SchedulerPlugin):
             logger.warning("MetadataPlugin error #%d in %s: %r", self.errors, where, exc, exc_info=exc)
 
 
+def _prefixes(prefixes: set[str]) -> list[str]:
+    """A job's task prefixes by name within ingest's bounds: more, or longer, and the job's record would be
+    refused with every record batched with it."""
+    return _first(map(_clipped, sorted(prefixes)), JOB_PREFIX_BYTES)
+
+
+def _bounded(packages: dict[str, str]) -> dict[str, str]:
+    """An environment's packages by name within ingest's bounds, names and versions clipped (a name once)."""
+    clipped: dict[str, str] = {}
+    for name, version in sorted(packages.items()):
+        clipped.setdefault(_clipped(name), _clipped(version))
+    return dict(_first(clipped.items(), ENVIRONMENT_BYTES))
+
+
+def _first(items: Iterable[Any], max_bytes: int) -> list[Any]:
+    """The first ``items`` (texts, or tuples of them), as many as a list takes and ``max_bytes`` of UTF-8."""
+    kept: list[Any] = []
+    size = 0
+    for item in islice(items, MAX_ITEMS):
+        size += sum(len(text.encode()) for text in ((item,) if isinstance(item, str) else item))
+        if size > max_bytes:
+            break
+        kept.append(item)
+    return kept
+
+
 def _clipped(text: str) -> str:
     """``text`` cut to the UTF-8 bytes ingest takes in one string, at a character's end."""
     data = text.encode()
     return text if len(data) <= MAX_STRING_BYTES else data[:MAX_STRING_BYTES].decode(errors="ignore")
-
-
-def _prefixes(prefixes: set[str]) -> list[str]:
-    """A job's task prefixes by name within ingest's bounds (more, or longer, and the job's record would be
-    refused with every record batched with it): as many as a list takes, each clipped, :data:`JOB_PREFIX_BYTES`
-    in all."""
-    kept, size = [], 0
-    for prefix in sorted(prefixes)[:MAX_ITEMS]:
-        clipped = _clipped(prefix)
-        size += len(clipped.encode())
-        if size > JOB_PREFIX_BYTES:
-            break
-        kept.append(clipped)
-    return kept
-
-
-def _bounded(packages: dict[str, str]) -> dict[str, str]:
-    """The first packages by name, as many as ingest takes, names and versions clipped (a name once)."""
-    bounded: dict[str, str] = {}
-    for name, version in sorted(packages.items()):
-        bounded.setdefault(_clipped(name), _clipped(version))
-        if len(bounded) == MAX_ITEMS:
-            break
-    return bounded
 
 
 def _log_like_distributed() -> None:

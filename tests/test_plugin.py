@@ -154,15 +154,25 @@ def test_a_job_of_more_prefix_bytes_than_a_batch_holds_keeps_its_record(settings
     pipeline.close()
 
 
-def test_an_environment_beyond_ingests_bounds_is_recorded_within_them(settings) -> None:
-    """10,177 distributions, or a name of 3,000 bytes, sank the environment's record and its batch for good."""
-    packages = {f"pkg{i:05d}": "1.0" for i in range(MAX_ITEMS + 177)} | {"a" * 3000: "1", "b": "v" * 3000}
+@pytest.mark.parametrize(
+    ("packages", "kept"),
+    [
+        ({f"pkg{i:05d}": "1.0" for i in range(MAX_ITEMS + 177)} | {"a" * 3000: "1", "b": "v" * 3000}, MAX_ITEMS),
+        ({f"{i:05d}" + "n" * 2043: "v" * 2048 for i in range(MAX_ITEMS)}, 1_024),  # 4 MiB of 4 KiB each
+    ],
+    ids=["more-entries", "more-bytes"],
+)
+def test_an_environment_beyond_ingests_bounds_is_recorded_within_them(
+    settings, packages: dict[str, str], kept: int
+) -> None:
+    """10,177 distributions, a name of 3,000 bytes or 40 MB of names sank the environment's record and its
+    batch for good."""
     pipeline = Pipeline.open(settings, create=True)
     record = make_record("software_env", account="acme", python_version="3.11.7", packages=_bounded(packages))
     pipeline.ingest(sealed_batch(pipeline, [record])[1], Principal.embedded_cluster("acme", None))
     (stored,) = _records(settings, data_type="software_env")
-    assert len(stored["packages"]) == MAX_ITEMS
-    assert stored["packages"]["a" * 2048] == "1" and stored["packages"]["b"] == "v" * 2048
+    assert len(stored["packages"]) == kept
+    assert all(len(name.encode()) <= 2048 and len(v.encode()) <= 2048 for name, v in stored["packages"].items())
     pipeline.close()
 
 
