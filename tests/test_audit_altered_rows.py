@@ -80,14 +80,14 @@ def test_an_unreadable_policy_entry_does_not_stop_the_pipeline_opening(trail: Pi
     assert (result.exit_code, result.stderr) == (1, "check failed: audit entry 1: details are not JSON\n")
 
 
-def test_a_missing_audit_table_is_one_line_naming_it_and_a_failed_check(trail: Pipeline) -> None:
+def test_a_missing_audit_table_is_one_line_naming_it_and_a_failed_check(trail: Pipeline, tmp_path: Path) -> None:
     """Dropped: the trail is gone, which ``audit verify`` reports as the failed check it is (it said that
     the database was unavailable, exit 2, as if to retry); an export has nothing to export (exit 2)."""
     execute(trail, "DROP TABLE audit_log")
     gone = "audit entry 1: the table audit_log is gone from the database (dropped)\n"
     verified = run("audit", "verify")
     assert (verified.exit_code, verified.stderr) == (1, f"check failed: {gone}")
-    exported = run("audit", "export", "--out", "unused")
+    exported = run("audit", "export", "--out", str(tmp_path / "export"))
     assert (exported.exit_code, exported.stderr) == (2, f"error: {gone}")
 
 
