@@ -567,16 +567,18 @@ def test_a_killed_reports_decrypted_rows_are_removed_by_the_next_report_or_pass(
     import subprocess
     import sys
 
+    from pipeline.processes import namespace
+
     home = pipeline.settings.home
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = home / f"report-{dead.stdout.strip()}-x1y2z3"
-    earlier_release = home / "report-k9j8h7g6"
-    running = home / f"report-{os.getpid()}-a1b2c3"
-    for folder in (killed, earlier_release, running):
+    killed = home / f"report-{namespace()}-{dead.stdout.strip()}-x1y2z3"
+    running = home / f"report-{namespace()}-{os.getpid()}-a1b2c3"
+    other_container = home / f"report-0123456789ab.4026531999-{dead.stdout.strip()}-d4e5f6"  # its pid: not ours
+    for folder in (killed, running, other_container):
         folder.mkdir(mode=0o700)
         (folder / "report.duckdb").write_bytes(b"decrypted job rows")
     args = ["report", "--out", str(tmp_path / "r"), "--format", "json"] if cleaner == "report" else ["enforce"]
     result = run(*args)
     assert result.exit_code == 0, result.output
-    assert not killed.exists() and not earlier_release.exists()
-    assert (running / "report.duckdb").exists()
+    assert not killed.exists()
+    assert (running / "report.duckdb").exists() and (other_container / "report.duckdb").exists()

@@ -101,25 +101,32 @@ def test_leases_grant_a_slot_once_and_an_abandoned_one_after_it_expires(metadata
 
 
 def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once(metadata_engine) -> None:
-    """An erasure killed mid-way held its lease 10 minutes: enforce skipped it unsaid and erase retry failed."""
+    """An erasure killed mid-way held its lease 10 minutes: enforce skipped it unsaid and erase retry failed.
+    Only a process of this very PID namespace is judged by its id: a container sharing the hostname, or a
+    machine of the same name, would take a running process for dead."""
     import socket
     import subprocess
     import sys
 
+    from pipeline.processes import namespace
+
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    here = socket.gethostname()
+    here, gone, ns = socket.gethostname(), ended.stdout.strip(), namespace()
     ttl = timedelta(minutes=10)
-    killed = Leases(metadata_engine, f"{here}:{ended.stdout.strip()}:ab12cd34")
-    running = Leases(metadata_engine, f"{here}:{os.getpid()}:ef56ab78")
-    elsewhere = Leases(metadata_engine, "other-host:1:00000000")
+    holders = {
+        "erasure:killed": f"{here}:{gone}:ab12cd34:{ns}",
+        "erasure:running": f"{here}:{os.getpid()}:ef56ab78:{ns}",
+        "erasure:other-namespace": f"{here}:{gone}:01234567:0123456789ab.4026531999",
+        "erasure:earlier-release": f"{here}:{gone}:89abcdef",
+        "erasure:elsewhere": "other-host:1:00000000:0123456789ab.4026531836",
+    }
+    for name, holder in holders.items():
+        assert Leases(metadata_engine, holder).acquire(name, ttl, now=T0)
     taker = Leases(metadata_engine, "taker")
-    for lease, name in ((killed, "erasure:1"), (running, "erasure:2"), (elsewhere, "erasure:3")):
-        assert lease.acquire(name, ttl, now=T0)
-    assert taker.acquire("erasure:1", ttl, now=T0 + timedelta(seconds=1))
-    assert not taker.acquire("erasure:2", ttl, now=T0 + timedelta(seconds=1))  # its process runs
-    assert not taker.acquire("erasure:3", ttl, now=T0 + timedelta(seconds=1))  # another host's: until it expires
-    assert taker.held_by("erasure:3") == ("other-host:1:00000000", T0 + ttl)
-    assert taker.acquire("erasure:3", ttl, now=T0 + ttl)
+    soon = T0 + timedelta(seconds=1)
+    assert [name for name in holders if taker.acquire(name, ttl, now=soon)] == ["erasure:killed"]
+    assert taker.held_by("erasure:elsewhere") == (holders["erasure:elsewhere"], T0 + ttl)
+    assert taker.acquire("erasure:elsewhere", ttl, now=T0 + ttl)  # expired
 
 
 def test_the_hourly_pass_and_the_request_job_fire_when_due_and_coalesce_after_downtime(settings, clock) -> None:

@@ -6,7 +6,7 @@ takes a lease named after the job and its scheduled slot (``retention@<time>``):
 the first service inserts the row and runs; the other finds it and skips. A
 finished run marks its lease completed, so that slot never runs again; a holder
 that dies leaves an uncompleted lease that anyone may take over once it expires,
-and a process of the same host at once.
+and a process of the same host (and PID namespace) at once.
 """
 
 from __future__ import annotations
@@ -19,15 +19,22 @@ from datetime import datetime, timedelta
 from sqlalchemy import Engine, delete, select, update
 
 from pipeline.db import insert_ignoring_duplicates, leases, transaction
-from pipeline.processes import dead_here
+from pipeline.processes import dead_here, namespace
 from pipeline.records import utcnow
 
 __all__ = ["Leases", "default_holder"]
 
 
 def default_holder() -> str:
-    """``host:pid:random``, unique per process and per service object."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """``host:pid:random:namespace``, unique per process and per service object; the namespace tells another
+    process whether the pid is one it can check (:mod:`pipeline.processes`)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{namespace()}"
+
+
+def _abandoned(holder: str) -> bool:
+    """Whether ``holder`` is a process of this namespace that is gone (an earlier release's name: unknown)."""
+    _host, pid, _random, where = (holder.split(":") + ["", "", "", ""])[:4]
+    return dead_here(where, pid)
 
 
 class Leases:
@@ -51,7 +58,7 @@ class Leases:
             # someone had it: take it over only if they abandoned it (it expired, or they died on this host)
             holder = conn.scalar(select(leases.c.holder).where(leases.c.name == name))
             taken_over = (
-                leases.c.holder == holder if holder is not None and dead_here(holder) else leases.c.expires_at <= now
+                leases.c.holder == holder if holder is not None and _abandoned(holder) else leases.c.expires_at <= now
             )
             result = conn.execute(
                 update(leases)
