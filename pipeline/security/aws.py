@@ -229,7 +229,8 @@ class SessionTokenForwarder:
         if not worker_cert:
             raise ConfigError(
                 "no worker certificate to seal AWS session tokens to: run with the cluster's client.yaml "
-                "(pipeline.aws.worker-cert) or give worker_cert"
+                "(pipeline.aws.worker-cert; one written before this release has none) or give worker_cert, "
+                "the certificate (not the key) in the cluster's worker.yaml"
             )
         self.client = client
         self.worker_cert = worker_cert
