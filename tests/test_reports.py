@@ -566,19 +566,27 @@ def test_a_killed_reports_decrypted_rows_are_removed_by_the_next_report_or_pass(
     import os
     import subprocess
     import sys
+    import time
 
     from pipeline.processes import namespace
+    from pipeline.reports.residue import IDLE_AFTER
 
     home = pipeline.settings.home
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = home / f"report-{namespace()}-{dead.stdout.strip()}-x1y2z3"
-    running = home / f"report-{namespace()}-{os.getpid()}-a1b2c3"
-    other_container = home / f"report-0123456789ab.4026531999-{dead.stdout.strip()}-d4e5f6"  # its pid: not ours
-    for folder in (killed, running, other_container):
+    gone, other = dead.stdout.strip(), "0123456789ab.4026531999"  # another container's namespace: its pids not ours
+    killed = home / f"report-db-{namespace()}-{gone}-x1y2z3"
+    running = home / f"report-db-{namespace()}-{os.getpid()}-a1b2c3"
+    other_container = home / f"report-db-{other}-{gone}-d4e5f6"
+    other_container_long_ago = home / f"report-db-{other}-1-g7h8i9"  # a pid 1 killed: pid 1 always runs
+    output_named_so = home / "report-jan"  # `report --out HOME/report-jan`
+    for folder in (killed, running, other_container, other_container_long_ago, output_named_so):
         folder.mkdir(mode=0o700)
         (folder / "report.duckdb").write_bytes(b"decrypted job rows")
+    day_ago = time.time() - IDLE_AFTER - 60
+    for path in (other_container_long_ago, other_container_long_ago / "report.duckdb"):
+        os.utime(path, (day_ago, day_ago))
     args = ["report", "--out", str(tmp_path / "r"), "--format", "json"] if cleaner == "report" else ["enforce"]
     result = run(*args)
     assert result.exit_code == 0, result.output
-    assert not killed.exists()
-    assert (running / "report.duckdb").exists() and (other_container / "report.duckdb").exists()
+    assert not killed.exists() and not other_container_long_ago.exists()
+    assert all((kept / "report.duckdb").exists() for kept in (running, other_container, output_named_so))
