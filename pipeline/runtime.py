@@ -426,10 +426,13 @@ class Pipeline:
             self.policy = policy
             self.audit.note_policy(policy.path, policy.sha256)
 
-    def rotate_master(self, **details: Any) -> tuple[int, int, AuditEntry]:
+    def rotate_master(
+        self, *, then: Callable[[Connection, AuditEntry], object] | None = None, **details: Any
+    ) -> tuple[int, int, AuditEntry]:
         """:meth:`Keyring.rotate_master`, its ``key.rotated`` entry (with ``details``) committed in the
         rotation's transaction: no rotation goes unrecorded, whenever the process dies.
 
+        :param then: called with the transaction and the entry, last: what it writes commits with them
         :returns: the new version, the keys re-wrapped and the entry, which says when the versions
             before it retire at the earliest (``old_versions_retire_at``)
         """
@@ -445,6 +448,8 @@ class Pipeline:
                 "old_versions_retire_at": retire_at.isoformat(),
             }
             entries.append(audit.append_within(conn, "key.rotated", details=rotation))
+            if then is not None:
+                then(conn, entries[-1])
 
         version, rewrapped = self.keyring.rotate_master(recorded)
         return version, rewrapped, entries[-1]

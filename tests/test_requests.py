@@ -262,6 +262,29 @@ def test_a_run_stopped_while_completing_is_resumed_with_one_completion_and_one_r
     assert run("erase", "status", request.request_id).exit_code == 0
 
 
+def test_a_run_stopped_right_after_its_rotation_is_resumed_without_another(pipeline, monkeypatch) -> None:  # noqa: ANN001
+    """Killed after the rotation committed and before the receipt noted it (activation, compaction), the
+    resumed run rotated again: two key.rotated entries naming the request, a master version more."""
+    request = file_request(pipeline, "acme")
+    compact = pipeline.keyring.compact
+
+    def killed_once_rotated() -> None:  # the key's destruction compacts too, before the rotation
+        if pipeline.audit.last("key.rotated") is not None:
+            raise KeyboardInterrupt("killed")
+        compact()
+
+    monkeypatch.setattr(pipeline.keyring, "compact", killed_once_rotated)
+    with pytest.raises(KeyboardInterrupt):
+        process_pending(pipeline)
+    monkeypatch.undo()
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+    assert [e.details["after_erasures"] for e in pipeline.audit.entries(actions=["key.rotated"])] == [
+        [request.request_id]
+    ]
+    assert run("erase", "status", request.request_id).exit_code == 0
+
+
 def test_each_receipt_counts_the_keys_its_own_erasure_destroyed(pipeline) -> None:  # noqa: ANN001
     """Counted as keys destroyed since the filing, ann's and then acme's erasure said 1 and 3 of three keys,
     and a request filed on a host whose clock ran ahead said 0."""

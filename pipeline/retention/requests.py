@@ -402,10 +402,7 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
         if erased:
             unrotated = [r for r in erased if "rotation" not in r.receipt]  # a resumed run's were rotated for
             if unrotated:
-                rotation = _rotate(pipeline, unrotated)
-                for request in unrotated:
-                    request.receipt["rotation"] = rotation
-                    _save(pipeline, request)
+                _rotate(pipeline, unrotated)
             for request in erased:
                 at = utcnow()  # the tombstone first: the request's completion ends its dropping of all
                 tombstones.complete(pipeline.keyring.engine, request.request_id, at)
@@ -562,18 +559,24 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
     _save(pipeline, request)
 
 
-def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> dict[str, Any]:
-    """One master key rotation for these erasures: the shredded keys' backups die with the old versions."""
-    version, _rewrapped, entry = pipeline.rotate_master(after_erasures=[r.request_id for r in requests])
+def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> None:
+    """One master key rotation for these erasures: the shredded keys' backups die with the old versions.
+    Each receipt notes it in the rotation's own transaction, so a resumed run never rotates for it again."""
+
+    def noted(conn: Connection, entry: AuditEntry) -> None:
+        retire_at = datetime.fromisoformat(entry.details["old_versions_retire_at"])
+        rotation = {
+            "master_key_version": entry.details["master_key_version"],
+            "rotated_at": entry.recorded_at.isoformat(),
+            "final_at": (retire_at + pipeline.keyring.provider.destroyed_after).isoformat(),  # KMS: its wait
+            "audit_seq": entry.seq,
+        }
+        for request in requests:
+            request.receipt["rotation"] = rotation
+            _save_on(conn, request)
+
+    pipeline.rotate_master(after_erasures=[r.request_id for r in requests], then=noted)
     pipeline.keyring.compact()
-    retire_at = datetime.fromisoformat(entry.details["old_versions_retire_at"])
-    final_at = retire_at + pipeline.keyring.provider.destroyed_after  # KMS: then its waiting period
-    return {
-        "master_key_version": version,
-        "rotated_at": entry.recorded_at.isoformat(),
-        "final_at": final_at.isoformat(),
-        "audit_seq": entry.seq,
-    }
 
 
 def rotate_for_unrotated(pipeline: Pipeline) -> list[str]:
@@ -582,10 +585,7 @@ def rotate_for_unrotated(pipeline: Pipeline) -> list[str]:
     until the versions before it retire, and their ``final_at`` says when. Their request ids."""
     unrotated = [r for r in list_requests(pipeline, states=("completed",)) if "rotation" not in r.receipt]
     if unrotated:
-        rotation = _rotate(pipeline, unrotated)
-        for request in unrotated:
-            request.receipt["rotation"] = rotation
-            _save(pipeline, request)
+        _rotate(pipeline, unrotated)
     return [r.request_id for r in unrotated]
 
 
