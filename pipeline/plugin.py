@@ -55,12 +55,14 @@ if TYPE_CHECKING:
 __all__ = ["MetadataPlugin"]
 
 logger = logging.getLogger(__name__)
-#: UTF-8 bytes of task prefixes in one job's record, and in a snapshot's running jobs together: a sealed batch
-#: is at most 8 MiB, whatever names the user's code gives its keys (or its environment's packages)
+#: bytes (in Arrow) of task prefixes in one job's record, and of a snapshot's running jobs together: a sealed
+#: batch is at most 8 MiB, whatever names the user's code gives its keys (or its environment's packages)
 JOB_PREFIX_BYTES = 1 << 20
 SNAPSHOT_PREFIX_BYTES = 4 << 20
 #: UTF-8 bytes of an environment's package names and versions
 ENVIRONMENT_BYTES = 4 << 20
+_OFFSET_BYTES = 4  # an Arrow string's offset
+_RUNNING_JOB_BYTES = 128  # a running job's entry besides its prefixes: id, times, counts, offsets
 
 _UNASSIGNED = "unassigned"
 _LOGGED_ERRORS = 10
@@ -458,11 +460,11 @@ class MetadataPlugin(SchedulerPlugin):
     def _running(self) -> list[dict[str, Any]]:
         """The oldest running jobs' progress, as many as a snapshot holds within ingest's bounds: one more
         entry, or 8 MiB sealed, would lose the snapshot, the heartbeat that keeps a cluster from being lost."""
-        running, prefix_bytes = [], 0
+        running, size = [], 0
         for job in islice(self._jobs.values(), MAX_ITEMS):
             progress = self._progress(job)
-            prefix_bytes += sum(map(len, map(str.encode, progress["task_prefixes"])))
-            if prefix_bytes > SNAPSHOT_PREFIX_BYTES:
+            size += _RUNNING_JOB_BYTES + _arrow_bytes(progress["task_prefixes"])
+            if size > SNAPSHOT_PREFIX_BYTES:
                 break
             running.append(progress)
         return running
@@ -565,11 +567,16 @@ def _first(items: Iterable[Any], max_bytes: int) -> list[Any]:
     kept: list[Any] = []
     size = 0
     for item in islice(items, MAX_ITEMS):
-        size += sum(len(text.encode()) for text in ((item,) if isinstance(item, str) else item))
+        size += _arrow_bytes((item,) if isinstance(item, str) else item)
         if size > max_bytes:
             break
         kept.append(item)
     return kept
+
+
+def _arrow_bytes(texts: Iterable[str]) -> int:
+    """What ``texts`` take in an Arrow string column: their UTF-8 and an offset each."""
+    return sum(len(text.encode()) + _OFFSET_BYTES for text in texts)
 
 
 def _clipped(text: str) -> str:

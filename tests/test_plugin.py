@@ -150,7 +150,7 @@ def test_a_job_of_more_prefix_bytes_than_a_batch_holds_keeps_its_record(settings
     record = make_record("job", account="acme", status="finished", **MetadataPlugin._progress(job))
     pipeline.ingest(sealed_batch(pipeline, [record])[1], Principal.embedded_cluster("acme", None))
     (stored,) = _records(settings)
-    assert len(stored["task_prefixes"]) == 512  # 1 MiB of them, the first by name
+    assert len(stored["task_prefixes"]) == 511  # 1 MiB of them in Arrow (2,048 bytes and an offset), by name
     pipeline.close()
 
 
@@ -158,7 +158,7 @@ def test_a_job_of_more_prefix_bytes_than_a_batch_holds_keeps_its_record(settings
     ("packages", "kept"),
     [
         ({f"pkg{i:05d}": "1.0" for i in range(MAX_ITEMS + 177)} | {"a" * 3000: "1", "b": "v" * 3000}, MAX_ITEMS),
-        ({f"{i:05d}" + "n" * 2043: "v" * 2048 for i in range(MAX_ITEMS)}, 1_024),  # 4 MiB of 4 KiB each
+        ({f"{i:05d}" + "n" * 2043: "v" * 2048 for i in range(MAX_ITEMS)}, 1_022),  # 4 MiB of 2 × (2,048 + 4)
     ],
     ids=["more-entries", "more-bytes"],
 )
@@ -190,12 +190,16 @@ def test_a_broken_install_leaves_the_rest_of_the_environment(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(
-    ("jobs", "prefixes", "listed"),
-    [(MAX_ITEMS + 51, 0, MAX_ITEMS), (2_000, 40, 1_048)],  # 4 MiB of prefixes: 1,048 jobs of 40 × 100 bytes
-    ids=["more-entries", "more-bytes"],
+    ("jobs", "prefixes", "length", "listed"),
+    [
+        (MAX_ITEMS + 51, 0, 0, MAX_ITEMS),
+        (2_000, 40, 100, 978),  # 4 MiB in Arrow: 978 jobs of 128 bytes and 40 prefixes of 100 (+ 4 for the offset)
+        (MAX_ITEMS, 120, 3, 4_332),  # 128 + 120 × (3 + 4) bytes each: the offsets outweigh the text
+    ],
+    ids=["more-entries", "more-bytes", "more-short-prefixes"],
 )
 def test_a_snapshot_of_more_running_jobs_than_ingest_takes_is_stored(
-    cluster, settings, jobs: int, prefixes: int, listed: int
+    cluster, settings, jobs: int, prefixes: int, length: int, listed: int
 ) -> None:
     """Each client.submit is a job: 10,051 queued ones made every snapshot 400, and 10,000 with 20 prefixes
     each sealed it past 8 MiB, so a healthy remote cluster went lost. The snapshot lists the oldest it holds."""
@@ -203,9 +207,10 @@ def test_a_snapshot_of_more_running_jobs_than_ingest_takes_is_stored(
     def open_jobs(dask_scheduler: Any, count: int) -> None:
         plugin = dask_scheduler.plugins["metadata-pipeline"]
         plugin._jobs.clear()
-        for n in range(count):
+        names = [f"{p:03d}" + "x" * (length - 3) for p in range(prefixes)]
+        for _ in range(count):
             job = _Job(utcnow())
-            job.prefixes = {f"{n:05d}-{p:02d}-" + "x" * 91 for p in range(prefixes)}  # 100 bytes each
+            job.prefixes = set(names)
             plugin._jobs[job.job_id] = job
 
     with Client(cluster) as client:
