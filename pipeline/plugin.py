@@ -55,10 +55,10 @@ if TYPE_CHECKING:
 __all__ = ["MetadataPlugin"]
 
 logger = logging.getLogger(__name__)
-#: bytes (in Arrow) of task prefixes in one job's record, and of a snapshot's running jobs together: a sealed
-#: batch is at most 8 MiB, whatever names the user's code gives its keys (or its environment's packages)
+#: bytes (in Arrow) of the task prefixes in one job's record, and of a snapshot's running jobs together: a
+#: sealed batch is at most 8 MiB, whatever names the user's code gives its keys (or its environment's packages)
 JOB_PREFIX_BYTES = 1 << 20
-SNAPSHOT_PREFIX_BYTES = 4 << 20
+SNAPSHOT_RUNNING_BYTES = 4 << 20
 #: UTF-8 bytes of an environment's package names and versions
 ENVIRONMENT_BYTES = 4 << 20
 _OFFSET_BYTES = 4  # an Arrow string's offset
@@ -464,7 +464,7 @@ class MetadataPlugin(SchedulerPlugin):
         for job in islice(self._jobs.values(), MAX_ITEMS):
             progress = self._progress(job)
             size += _RUNNING_JOB_BYTES + _arrow_bytes(progress["task_prefixes"])
-            if size > SNAPSHOT_PREFIX_BYTES:
+            if size > SNAPSHOT_RUNNING_BYTES:
                 break
             running.append(progress)
         return running
