@@ -33,8 +33,8 @@ def default_holder() -> str:
 
 def _abandoned(holder: str) -> bool:
     """Whether ``holder`` is a process of this namespace that is gone (an earlier release's name: unknown)."""
-    _host, pid, _random, where = (holder.split(":") + ["", "", "", ""])[:4]
-    return dead_here(where, pid)
+    parts = holder.split(":")
+    return len(parts) == 4 and dead_here(where=parts[3], pid=parts[1])
 
 
 class Leases:
