@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,11 @@ from sqlalchemy import select, update
 
 from pipeline.cli import main
 from pipeline.db import audit_log, segments
+from pipeline.processes import namespace
 from pipeline.reports import build_report, write_report
 from pipeline.reports.model import TABLE_COLUMNS
 from pipeline.reports.render import HTML_ROWS
+from pipeline.reports.residue import IDLE_AFTER
 from pipeline.retention.enforcer import enforce
 from pipeline.retention.requests import file_request, process_pending
 from pipeline.runtime import Pipeline
@@ -563,13 +569,6 @@ def test_a_killed_reports_decrypted_rows_are_removed_by_the_next_report_or_pass(
 ) -> None:
     """A report killed mid-run left report-*/report.duckdb under the home for good: decrypted job rows that
     outlived their owner's erasure. A running report's folder (its process alive) is left alone."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from pipeline.processes import namespace
-    from pipeline.reports.residue import IDLE_AFTER
 
     home = pipeline.settings.home
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

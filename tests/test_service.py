@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -15,6 +18,7 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MI
 from conftest import make_record
 
 from pipeline.db import create_schema, engine_for
+from pipeline.processes import namespace
 from pipeline.retention.lease import Leases
 from pipeline.retention.requests import file_request, get_request
 from pipeline.retention.service import RetentionService
@@ -104,11 +108,6 @@ def test_a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once(metadata_e
     """An erasure killed mid-way held its lease 10 minutes: enforce skipped it unsaid and erase retry failed.
     Only a process of this very PID namespace is judged by its id: a container sharing the hostname, or a
     machine of the same name, would take a running process for dead."""
-    import socket
-    import subprocess
-    import sys
-
-    from pipeline.processes import namespace
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     here, gone, ns = socket.gethostname(), ended.stdout.strip(), namespace()
