@@ -25,9 +25,9 @@ import os
 import sys
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask.config
 from distributed.core import rpc
@@ -63,6 +63,8 @@ SNAPSHOT_RUNNING_BYTES = 4 << 20
 ENVIRONMENT_BYTES = 4 << 20
 _OFFSET_BYTES = 4  # an Arrow string's offset
 _RUNNING_JOB_BYTES = 128  # a running job's entry besides its prefixes: id, times, counts, offsets
+
+_Item = TypeVar("_Item")
 
 _UNASSIGNED = "unassigned"
 _LOGGED_ERRORS = 10
@@ -460,14 +462,11 @@ class MetadataPlugin(SchedulerPlugin):
     def _running(self) -> list[dict[str, Any]]:
         """The oldest running jobs' progress, as many as a snapshot holds within ingest's bounds: one more
         entry, or 8 MiB sealed, would lose the snapshot, the heartbeat that keeps a cluster from being lost."""
-        running, size = [], 0
-        for job in islice(self._jobs.values(), MAX_ITEMS):
-            progress = self._progress(job)
-            size += _RUNNING_JOB_BYTES + _arrow_bytes(progress["task_prefixes"])
-            if size > SNAPSHOT_RUNNING_BYTES:
-                break
-            running.append(progress)
-        return running
+        return _first(
+            map(self._progress, self._jobs.values()),
+            SNAPSHOT_RUNNING_BYTES,
+            lambda progress: _RUNNING_JOB_BYTES + _arrow_bytes(progress["task_prefixes"]),
+        )
 
     @staticmethod
     def _progress(job: _Job) -> dict[str, Any]:
@@ -551,7 +550,7 @@ class MetadataPlugin(SchedulerPlugin):
 def _prefixes(prefixes: set[str]) -> list[str]:
     """A job's task prefixes by name within ingest's bounds: more, or longer, and the job's record would be
     refused with every record batched with it."""
-    return _first(map(_clipped, sorted(prefixes)), JOB_PREFIX_BYTES)
+    return _first(map(_clipped, sorted(prefixes)), JOB_PREFIX_BYTES, lambda prefix: _arrow_bytes((prefix,)))
 
 
 def _bounded(packages: dict[str, str]) -> dict[str, str]:
@@ -559,16 +558,16 @@ def _bounded(packages: dict[str, str]) -> dict[str, str]:
     clipped: dict[str, str] = {}
     for name, version in sorted(packages.items()):
         clipped.setdefault(_clipped(name), _clipped(version))
-    return dict(_first(clipped.items(), ENVIRONMENT_BYTES))
+    return dict(_first(clipped.items(), ENVIRONMENT_BYTES, _arrow_bytes))
 
 
-def _first(items: Iterable[Any], max_bytes: int) -> list[Any]:
-    """The first ``items`` (texts, or tuples of them), as many as a list takes and ``max_bytes`` of UTF-8."""
-    kept: list[Any] = []
-    size = 0
+def _first(items: Iterable[_Item], max_bytes: int, size: Callable[[_Item], int]) -> list[_Item]:
+    """The first ``items``, as many as a list takes and as fit ``max_bytes`` by their ``size``."""
+    kept: list[_Item] = []
+    total = 0
     for item in islice(items, MAX_ITEMS):
-        size += _arrow_bytes((item,) if isinstance(item, str) else item)
-        if size > max_bytes:
+        total += size(item)
+        if total > max_bytes:
             break
         kept.append(item)
     return kept
