@@ -791,11 +791,15 @@ class Pipeline:
         kind: str | None = None,
         unreadable: list[Unreadable] | None = None,
         columns: Sequence[str] | None = None,
+        visited: Callable[[Segment], None] | None = None,
     ) -> Generator[tuple[Segment, pa.Table], None, None]:
         """Each readable segment with its decrypted table, skipping crypto-shredded subjects; closed, it
         closes the store's scan (a database connection held while it reads).
 
         ``columns`` (with ``record_id``) limits the tables to those columns, read alone.
+
+        ``visited`` is called with every segment the scan reads, shredded and unreadable ones too: what
+        this read saw, where a scan of its own would see the stores at another moment.
 
         A segment that should open but does not (an altered header or payload, a subject or
         key version the keyring never issued) is appended to ``unreadable`` and skipped, so
@@ -809,6 +813,8 @@ class Pipeline:
         scan = self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind)
         with _closed_after(scan):
             for segment in scan:
+                if visited is not None:
+                    visited(segment)
                 key_id = segment.user_ref or segment.subject_ref
                 if key_id not in keys:
                     keys[key_id] = self._key_status(segment.subject_ref, segment.user_ref)

@@ -589,3 +589,44 @@ def test_a_killed_reports_decrypted_rows_are_removed_by_the_next_report_or_pass(
     assert result.exit_code == 0, result.output
     assert not killed.exists() and not other_container_long_ago.exists()
     assert all((kept / "report.duckdb").exists() for kept in (running, other_container, output_named_so))
+
+
+class _ChangedBetweenReads:
+    """A store whose header-only scan is followed at once by ``meanwhile``: a writer or a retention pass
+    that lands between a report's listing of the segments and its read of their records."""
+
+    def __init__(self, store: Any, meanwhile: Any) -> None:
+        self.store, self.meanwhile = store, meanwhile
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def scan(self, **filters: Any) -> Any:
+        yield from self.store.scan(**filters)
+        if filters.get("with_payload") is False and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+
+
+@pytest.mark.parametrize("change", ["written", "removed"])
+def test_a_report_counts_the_segments_it_read_not_those_that_came_or_went_meanwhile(
+    pipeline: Pipeline, change: str
+) -> None:
+    """Counted by a listing of its own, a segment written meanwhile made ``unreadable_records`` negative
+    (-5: its records read, not counted), and one removed meanwhile made its records unreadable."""
+    write_demo_records(pipeline)
+    store = pipeline.stores["long_term"]
+    old = list(store.scan(data_type="cluster_jobs", kind="cluster_snapshot", with_payload=False))[0]
+
+    def meanwhile() -> None:
+        if change == "written":
+            pipeline.write_records([make_record("cluster_snapshot", account="acme") for _ in range(5)])
+        else:
+            store.delete([old.segment_id])
+
+    pipeline.stores["long_term"] = _ChangedBetweenReads(store, meanwhile)  # type: ignore[assignment]
+    rows = {(r["store"], r["data_type"]): r for r in build_report(pipeline, plots=False).as_dict()["inventory"]}
+    pipeline.stores["long_term"] = store
+    after = {(r["store"], r["data_type"]): r for r in build_report(pipeline, plots=False).as_dict()["inventory"]}
+    assert rows[("long_term", "cluster_jobs")]["unreadable_records"] == 0
+    assert rows[("long_term", "cluster_jobs")] == after[("long_term", "cluster_jobs")]

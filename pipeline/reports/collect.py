@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.requests import not_final
 from pipeline.retention.schedule import since_last_pass
 from pipeline.runtime import Pipeline, Unreadable
+from pipeline.segments import Segment
 
 __all__ = ["Bounds", "Found", "assemble", "bounds_at", "build_report", "to_slice"]
 
@@ -85,6 +87,10 @@ class Found:
     unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
     #: (store, path) of files a store skipped as not its own
     foreign_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: (store, data type) -> segments, and records their headers count, of the segments the record scan
+    #: read (counted in that scan: segments written or removed meanwhile are on both sides or on neither)
+    header_segments: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
+    header_records: Counter[tuple[str, str]] = dataclasses.field(default_factory=Counter)
 
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -92,14 +98,19 @@ class Found:
         with self._lock:  # stores are scanned by threads of their own
             return self.refs.setdefault(subject_ref, len(self.refs))
 
+    def read(self, store: str, segment: Segment) -> None:
+        """Count a segment the record scan read, by its header."""
+        with self._lock:
+            self.header_segments[(store, segment.data_type)] += 1
+            self.header_records[(store, segment.data_type)] += segment.n_records
+
 
 #: why a segment whose header names no record kind is skipped
 _NO_KIND = "its header names no record kind ({0.data_type}/{0.kind}): altered"
 
 
 def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progress: bool) -> None:
-    headers: Counter[tuple[str, str]] = Counter()
-    header_records: Counter[tuple[str, str]] = Counter()
+    total = 0
     for name, store in pipeline.stores.items():
         for segment in store.scan(with_payload=False):
             spec = KINDS.get(segment.kind)
@@ -107,12 +118,7 @@ def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progre
                 # read by no slice (each reads one kind): named here, or it was left out unseen
                 found.unreadable.append(Unreadable(name, segment.segment_id, _NO_KIND.format(segment)))
                 continue
-            headers[(name, segment.data_type)] += 1
-            header_records[(name, segment.data_type)] += segment.n_records
-    db.add_headers(
-        (store_name, data_type, n, header_records[(store_name, data_type)])
-        for (store_name, data_type), n in headers.items()
-    )
+            total += 1
 
     def scan(store_name: str) -> None:
         for kind in KINDS:
@@ -121,9 +127,13 @@ def _scan(pipeline: Pipeline, db: ReportDB, found: Found, bounds: Bounds, progre
             _add_slice(db, store_name, kind, schema, batches)
 
     # a thread per store: decompression and DuckDB release the GIL, so stores are read side by side
-    with _progress(progress, sum(headers.values())) as advance, ThreadPoolExecutor(len(pipeline.stores)) as pool:
+    with _progress(progress, total) as advance, ThreadPoolExecutor(len(pipeline.stores)) as pool:
         for done in [pool.submit(scan, store_name) for store_name in pipeline.stores]:
             done.result()
+    db.add_headers(
+        (store, data_type, n, found.header_records[(store, data_type)])
+        for (store, data_type), n in found.header_segments.items()
+    )
 
 
 def assemble(
@@ -184,7 +194,14 @@ def _slices(
     data_type = KINDS[kind].data_type
     times = [f.name for f in KINDS[kind].schema if pa.types.is_timestamp(f.type)]  # each checked, even if unused
     columns = ["record_id", *schema.names[1:], *times, *(["account"] if found.names is not None else [])]
-    scan = pipeline.read_segments(store, data_type=data_type, kind=kind, unreadable=found.unreadable, columns=columns)
+    scan = pipeline.read_segments(
+        store,
+        data_type=data_type,
+        kind=kind,
+        unreadable=found.unreadable,
+        columns=columns,
+        visited=functools.partial(found.read, store),
+    )
     for segment, table in scan:
         advance()
         rows, bad = to_slice(table, schema, found.subject(segment.subject_ref), bounds)
