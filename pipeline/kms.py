@@ -108,7 +108,9 @@ class AWSKMSKeyProvider(KeyProvider):
         try:
             reply = self._kms.decrypt(KeyId=key, CiphertextBlob=blob, EncryptionContext={"aad": aad.hex()})
         except self._errors as exc:
-            raise KeyringError(f"AWS KMS key {key!r} does not open this keyring (wrong key or context): {exc}") from exc
+            wrong = error_code(exc) in ("InvalidCiphertextException", "IncorrectKeyException")
+            why = "does not open this keyring (wrong key or context)" if wrong else "did not decrypt"
+            raise KeyringError(f"AWS KMS key {key!r} {why}: {exc}") from exc
         return bytes(reply["Plaintext"])
 
     def stage(self) -> int:

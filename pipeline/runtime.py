@@ -838,6 +838,13 @@ class Pipeline:
                     continue
                 yield segment, table
 
+    def key_stands(self, segment: Segment) -> bool:
+        """Whether the data key version that sealed ``segment`` stands, as the keyring's database says (no
+        key service asked): then only damage, or a key service that fails, keeps the segment from opening;
+        otherwise it was crypto-shredded (or its header names a key never issued)."""
+        state, version = self._key_status(segment.subject_ref, segment.user_ref)
+        return state == "active" and segment.key_version == version
+
     def _key_status(self, subject_ref: str, user_ref: str | None) -> tuple[str, int]:
         """``(key state, live key version)`` of a segment's data key; versions below the live one were destroyed."""
         version = self.keyring.live_version(subject_ref, user_ref)

@@ -183,3 +183,39 @@ def test_an_erasure_under_kms_is_final_only_after_the_keys_waiting_period(home: 
         [done] = process_pending(pipeline)
     assert done.state == "completed", done.error
     assert done.final_at == t0 + timedelta(days=35 + 7)
+
+
+def test_a_straddling_segment_whose_data_key_kms_does_not_give_is_kept_and_its_step_fails(
+    home: Path, kms, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """A failed Decrypt (throttled, denied, unreachable) was taken for crypto-shredding: the retention pass
+    deleted the whole straddling segment, records younger than the limit with it, and said it succeeded."""
+    from datetime import UTC, datetime, timedelta
+    from urllib.parse import urlparse
+
+    from faultproxy import FaultProxy
+
+    from pipeline.retention.enforcer import enforce
+
+    day = datetime(2026, 11, 8, tzinfo=UTC)
+    settings = _settings(home, kms.create_key()["KeyMetadata"]["KeyId"])
+    Pipeline.open(settings, create=True).write_records(
+        [make_record(observed_at=day + timedelta(hours=hour)) for hour in (10, 14)]
+    )
+    proxy = FaultProxy(urlparse(moto_endpoint).port or 80)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    try:
+        pipeline = Pipeline.open(settings)  # a process of its own (enforce, serve): no data key unwrapped yet
+        proxy.fail("POST", times=1_000)  # every KMS call from here on
+        report = enforce(pipeline, day + timedelta(days=30, hours=12))
+    finally:
+        proxy.close()
+    assert "was kept whole: AWS KMS key" in report.failed_steps["expire:cloud_logging/cluster_jobs"]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    pipeline = Pipeline.open(settings)
+    assert sorted(r["observed_at"].hour for r in pipeline.read_records("cloud_logging")) == [10, 14]
+    report = enforce(pipeline, day + timedelta(days=30, hours=12))  # KMS answers again
+    assert not report.failed_steps
+    assert [r["observed_at"].hour for r in pipeline.read_records("cloud_logging")] == [14]

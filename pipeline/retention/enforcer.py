@@ -237,6 +237,25 @@ def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
     return _resealed(pipeline, segments, table, merged_id)
 
 
+def _opened(pipeline: Pipeline, segment: Segment) -> pa.Table | None:
+    """``segment``'s records, or None when nothing opens them: its key was destroyed (or its header names a
+    key never issued), or it does not decrypt under its own key (damaged).
+
+    :raises KeyringError: its data key stands but the key service did not give it (throttled, access
+        denied, unreachable): that fails the same way, yet the segment is whole
+    """
+    if not pipeline.key_stands(segment):
+        return None
+    try:
+        cipher = pipeline.keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
+    except KeyringError as exc:
+        raise KeyringError(f"segment {segment.segment_id} was kept whole: {exc}") from exc
+    try:
+        return open_segment(pipeline.keyring, segment, cipher=cipher)
+    except KeyringError:
+        return None
+
+
 def _resealed(pipeline: Pipeline, segments: list[Segment], table: pa.Table, segment_id: str) -> Segment | None:
     """``table`` (read from ``segments``) sealed again under the key version that sealed them; ``None``
     once that version is gone. An erasure may finish between the read and this seal: a new key (of records
@@ -252,17 +271,23 @@ def _resealed(pipeline: Pipeline, segments: list[Segment], table: pa.Table, segm
 
 
 def _cut(pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime) -> Removed:
-    """Replace a straddling segment by its records at or after ``cutoff``."""
-    try:
-        table = open_segment(pipeline.keyring, segment)
-    except KeyringError:  # its subject was crypto-shredded: nothing readable is lost
+    """Replace a straddling segment by its records at or after ``cutoff``; one that nothing opens (its
+    key destroyed, or the segment damaged) is removed whole, nothing readable in it.
+
+    :raises KeyringError: its data key stands but could not be read (the key service failing): the
+        segment is kept whole and the step fails, where removing it would lose records younger than the limit
+    """
+    table = _opened(pipeline, segment)
+    if table is None:
         return store.delete([segment.segment_id])
     observed = table.column("observed_at")
     kept = table.filter(pc.greater_equal(observed, pa.scalar(cutoff, observed.type)))
     new_id = hashlib.sha256(f"{segment.segment_id}|{cutoff.isoformat()}".encode()).hexdigest()[:32]
     cut = _resealed(pipeline, [segment], kept, new_id)
-    if cut is None:  # crypto-shredded since it was read
-        return store.delete([segment.segment_id])
+    if cut is None:
+        if pipeline.key_stands(segment):
+            raise KeyringError(f"segment {segment.segment_id} was kept whole: its data key could not be read")
+        return store.delete([segment.segment_id])  # crypto-shredded since it was read
     store.write([cut])
     store.delete([segment.segment_id])
     return Removed(0, segment.n_records - kept.num_rows)
