@@ -179,6 +179,32 @@ def test_a_client_forwards_with_the_clusters_client_yaml_alone(
     assert token and access_key == forwarder.credentials.access_key_id
 
 
+def caller_arn() -> str:
+    """Runs on a worker: who AWS takes its credentials for."""
+    import boto3
+
+    return boto3.client("sts").get_caller_identity()["Arn"]
+
+
+def test_a_forwarder_asks_for_the_role_and_lifetime_the_configuration_names(
+    aws_world: dict[str, Any], tls: ClusterCredentials, cluster: Client
+) -> None:
+    """Only the demo passed them on: a forwarder made as the README says sent GetSessionToken credentials
+    (the user's own permissions, not the role's) for an hour, whatever pipeline.aws.role-arn and
+    pipeline.aws.session-duration said."""
+    configured = {
+        "pipeline.aws.worker-cert": tls.certs["worker"],
+        "pipeline.aws.role-arn": ROLE_ARN,
+        "pipeline.aws.session-duration": "15m",
+    }
+    with dask.config.set(configured), SessionTokenForwarder(cluster, session=aws_world["session"]) as forwarder:
+        assert forwarder.forward()
+        lifetime = forwarder.credentials.expiration - utcnow()
+        worker_is = on_worker(cluster, caller_arn)
+    assert timedelta(minutes=14) < lifetime <= timedelta(minutes=15)
+    assert ":assumed-role/cluster-reader/" in worker_is
+
+
 def test_without_a_worker_certificate_the_forwarder_says_where_to_find_it(cluster: Client) -> None:
     with pytest.raises(ConfigError, match="run with the cluster's client.yaml"):
         SessionTokenForwarder(cluster)

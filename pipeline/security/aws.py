@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from distributed import WorkerPlugin
 
+from pipeline.config import Settings
 from pipeline.errors import ConfigError, CredentialsError
 from pipeline.records import utcnow
 
@@ -217,13 +218,16 @@ class SessionTokenForwarder:
         worker_cert: str | None = None,
         session: boto3.Session | None = None,
         role_arn: str | None = None,
-        duration: timedelta = timedelta(hours=1),
+        duration: timedelta | None = None,
         clock: Callable[[], datetime] = utcnow,
         check_every: float = 60.0,
     ) -> None:
         """:param worker_cert: the cluster's worker certificate (PEM); default ``pipeline.aws.worker-cert``,
             which a cluster's ``client.yaml`` holds
-        :raises ConfigError: neither is given
+        :param role_arn: the role whose ``AssumeRole`` credentials workers get; default
+            ``pipeline.aws.role-arn`` (none: ``GetSessionToken`` credentials)
+        :param duration: a token's lifetime; default ``pipeline.aws.session-duration``
+        :raises ConfigError: no worker certificate, or a configuration key that does not parse
         """
         worker_cert = worker_cert or dask.config.get("pipeline.aws.worker-cert", None)
         if not worker_cert:
@@ -232,6 +236,10 @@ class SessionTokenForwarder:
                 "(pipeline.aws.worker-cert; one written before this release has none) or give worker_cert, "
                 "the certificate (not the key) in the cluster's worker.yaml"
             )
+        if role_arn is None or duration is None:
+            settings = Settings.from_config()
+            role_arn = role_arn or settings.aws_role_arn
+            duration = duration or timedelta(seconds=settings.aws_session_duration)
         self.client = client
         self.worker_cert = worker_cert
         self.session = session
