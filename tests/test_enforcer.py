@@ -13,6 +13,7 @@ from conftest import make_record
 from freezegun import freeze_time
 
 from pipeline.config import default_policy_path
+from pipeline.errors import StoreError
 from pipeline.retention.enforcer import enforce
 from pipeline.runtime import Pipeline
 
@@ -126,6 +127,35 @@ def test_a_pass_killed_between_rewrite_and_delete_is_completed_by_the_next(hourl
     kept = _observed(pipeline, store)
     assert len(kept) == len(set(kept)) == 24  # the cut segment was written once
     assert all(t >= DAY0 for _, t in kept)
+
+
+@pytest.mark.parametrize("later", [timedelta(minutes=15), timedelta(hours=3)], ids=["cut-whole", "cut-straddles"])
+def test_a_cut_whose_original_outlived_it_leaves_each_record_once(hourly_store, monkeypatch, later) -> None:  # noqa: ANN001
+    """A cut's id named its cutoff: a pass that wrote the cut but failed to delete the original left both,
+    and the next pass, at another cutoff, cut the original again under another id (and local compaction
+    merged the two): every younger record twice, for good. Its cut straddling the new cutoff too, or not."""
+    pipeline, store = hourly_store
+    target = pipeline.stores[store]
+    real_delete = target.delete
+    originals = {s.segment_id for s in target.straddling("cluster_jobs", DAY0)}
+
+    def failing(ids):  # noqa: ANN001, ANN202
+        if originals & set(ids):
+            raise StoreError("the original's delete failed")
+        return real_delete(ids)
+
+    monkeypatch.setattr(target, "delete", failing)
+    first = enforce(pipeline, DAY0 + timedelta(days=30))  # cutoff: day 0, 12:00
+    assert f"expire:{store}/cluster_jobs" in first.failed_steps
+    monkeypatch.setattr(target, "delete", real_delete)
+
+    now = DAY0 + timedelta(days=30) + later
+    second = enforce(pipeline, now)
+    assert not second.failed_steps
+    kept = _observed(pipeline, store)
+    hours = [DAY0.replace(hour=0) + timedelta(hours=h, minutes=30) for h in range(24)]
+    assert kept == [(a, t) for a in ("acme", "globex") for t in hours if t >= now - timedelta(days=30)]
+    assert second.removed[store]["cluster_jobs"].records == 48 - len(kept)  # each removal counted once
 
 
 def test_a_straddling_segment_of_an_erased_subject_is_dropped(hourly_store) -> None:

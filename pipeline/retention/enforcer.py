@@ -212,9 +212,12 @@ def _expire(
 ) -> None:
     """The limit of one data type in one store: whole segments, then those straddling the cutoff."""
     removed = store.expire(data_type, cutoff)
+    straddling = {segment.segment_id: segment for segment in store.straddling(data_type, cutoff)}
     rewritten = 0
-    for segment in list(store.straddling(data_type, cutoff)):
-        removed += _cut(pipeline, store, segment, cutoff)
+    # an original listed beside its cut (an earlier pass wrote the cut, then failed to delete the original)
+    # goes first: after the cut is cut in turn and deleted, the original's cut would be written again
+    for segment in sorted(straddling.values(), key=lambda s: _cut_id(s) not in straddling):
+        removed += _cut(pipeline, store, segment, cutoff, straddling.get(_cut_id(segment)))
         rewritten += 1
     report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
     report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
@@ -228,6 +231,9 @@ def _compact(pipeline: Pipeline, report: RetentionReport, name: str, backend: St
 
 def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
     """One segment with the records of ``segments`` (one subject, user and kind); its id derives from theirs."""
+    ids = {s.segment_id for s in segments}
+    if any(_cut_id(s) in ids for s in segments):
+        return None  # an original beside its cut (its delete failed): left to the expiry that finishes the cut
     try:
         tables = [open_segment(pipeline.keyring, s) for s in segments]
     except KeyringError:  # crypto-shredded: nothing readable to merge, expiry or erasure removes it
@@ -270,20 +276,33 @@ def _resealed(pipeline: Pipeline, segments: list[Segment], table: pa.Table, segm
     return seal(pipeline.keyring, first.subject_ref, first.user_ref, table, segment_id=segment_id, key=key)
 
 
-def _cut(pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime) -> Removed:
+def _cut_id(segment: Segment) -> str:
+    """The id of the segment that replaces a straddling ``segment`` by its younger records: one id whatever
+    the cutoff, so that a cut whose original outlived it (its delete failed) is not written again under
+    another id by the next pass, every record in it twice."""
+    return hashlib.sha256(f"{segment.segment_id}|cut".encode()).hexdigest()[:32]
+
+
+def _cut(
+    pipeline: Pipeline, store: Store, segment: Segment, cutoff: datetime, earlier_cut: Segment | None = None
+) -> Removed:
     """Replace a straddling segment by its records at or after ``cutoff``; one that nothing opens (its
     key destroyed, or the segment damaged) is removed whole, nothing readable in it.
 
+    :param earlier_cut: its cut, written by an earlier pass that then failed to delete it: only the
+        delete is left to do (that cut straddles this cutoff too, and is cut in turn)
     :raises KeyringError: its data key stands but could not be read (the key service failing): the
         segment is kept whole and the step fails, where removing it would lose records younger than the limit
     """
+    if earlier_cut is not None:
+        store.delete([segment.segment_id])
+        return Removed(0, segment.n_records - earlier_cut.n_records)
     table = _opened(pipeline, segment)
     if table is None:
         return store.delete([segment.segment_id])
     observed = table.column("observed_at")
     kept = table.filter(pc.greater_equal(observed, pa.scalar(cutoff, observed.type)))
-    new_id = hashlib.sha256(f"{segment.segment_id}|{cutoff.isoformat()}".encode()).hexdigest()[:32]
-    cut = _resealed(pipeline, [segment], kept, new_id)
+    cut = _resealed(pipeline, [segment], kept, _cut_id(segment))
     if cut is None:
         if pipeline.key_stands(segment):
             raise KeyringError(f"segment {segment.segment_id} was kept whole: its data key could not be read")
