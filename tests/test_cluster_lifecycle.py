@@ -93,6 +93,26 @@ def test_a_silent_cluster_is_lost_with_its_running_job_as_last_reported(registry
     assert registry.list()[0]["last_contact_at"] == last  # a lost cluster stays lost
 
 
+def test_a_batch_that_says_nothing_of_jobs_notes_the_contact_and_leaves_the_running_jobs_as_sealed(
+    registry: ClusterRegistry,
+) -> None:
+    """Every batch opened the cluster's running jobs and sealed them again: with 10,000 running, each
+    environment batch of 2 KB cost 0.3 s inside the group commit that other accounts' batches share."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+    sealed = registry._row(cluster.cluster_id).running
+    environment = make_record("software_env", cluster_id=cluster.cluster_id, observed_at=start, env_id="e1")
+    later = start + timedelta(seconds=5)
+    heard_from(registry, cluster.cluster_id, batch(cluster, environment), now=later)
+    row = registry._row(cluster.cluster_id)
+    assert (row.running, row.last_contact_at) == (sealed, later)
+    assert registry.sweep(now=start + LOST_AFTER) == []  # heard from later: not lost
+    registry.sweep(now=later + LOST_AFTER)
+    [job] = jobs(registry)
+    assert (job["job_id"], job["status"], job["tasks_completed"]) == ("job-1", "lost", 2)
+
+
 def test_a_cluster_heard_of_after_its_silence_is_lost_without_a_sweep(registry: ClusterRegistry) -> None:
     cluster = registry.register("acme", "http://control-plane.invalid")
     start = utcnow()

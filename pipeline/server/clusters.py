@@ -352,6 +352,8 @@ class ClusterRegistry:
         batch = self._without_jobs_recorded_lost(row, batch)
         if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
             return batch, None, None  # the cluster stays as it ended
+        if not {"cluster_snapshot", "job"} & batch.by_kind.keys():  # nothing of its jobs: the contact alone
+            return batch, (cluster_id, _HEARD, {"id": cluster_id, "at": now}), _ends_guard(cluster_id, batch)
         before = self._running(row)
         running, vanished = _running_after(before, batch)
         if arrived := running["jobs"].keys() - before.get("jobs", {}).keys():  # once a job starts: rare
@@ -577,11 +579,13 @@ def _lost_record_id(cluster_id: str, job_id: str) -> str:
     return hashlib.sha256(f"{cluster_id}/{job_id}/lost".encode()).hexdigest()[:32]
 
 
-_CONTACT = (  # of an open cluster: an ended one keeps its end, and its running jobs are recorded
-    update(clusters)
-    .where(clusters.c.cluster_id == bindparam("id"), clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None))
-    .values(last_contact_at=bindparam("at"), running=bindparam("running"))
+_OPEN_CLUSTER = update(clusters).where(  # an ended one keeps its end, and its running jobs are recorded
+    clusters.c.cluster_id == bindparam("id"), clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None)
 )
+#: the contact of an open cluster, and the running jobs its batch leaves
+_CONTACT = _OPEN_CLUSTER.values(last_contact_at=bindparam("at"), running=bindparam("running"))
+#: the contact alone, of a batch that says nothing of its jobs: its running ones stand
+_HEARD = _OPEN_CLUSTER.values(last_contact_at=bindparam("at"))
 
 
 def _running_after(running: dict[str, Any], batch: OpenedBatch) -> tuple[dict[str, Any], dict[str, Any]]:
