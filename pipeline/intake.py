@@ -173,7 +173,9 @@ def _read_uncompressed(stream: pa.Buffer) -> pa.Table:
             raise ValueError(f"an Arrow {message.type} message; a record table holds record batches only")
         if _compressed(message.metadata.to_pybytes()):
             raise ValueError("a compressed Arrow record batch; batches are sent uncompressed")
-        batches.append(pa.ipc.read_record_batch(message, schema))
+        batch = pa.ipc.read_record_batch(message, schema)
+        batch.validate()  # the rows it claims, against its buffers: a later step allocates per claimed row
+        batches.append(batch)
     return pa.Table.from_batches(batches, schema)
 
 
