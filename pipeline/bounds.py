@@ -96,23 +96,26 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
         kind_name = table.column("kind")[0].as_py()
         for field in table.schema:
             _check_column(f"{kind_name}.{field.name}", table.column(field.name), window)
-        _check_record_ids(f"{kind_name}.record_id", table.column("record_id"))
+        if len(ids := table.column("record_id")) and pc.min(pc.binary_length(ids)).as_py() == 0:
+            raise OutOfBounds(f"{kind_name}.record_id", "empty")
         if kind_name == "job":
             _check_job(table)
         elif kind_name == "cluster_snapshot":
             running = pc.list_flatten(table.column("jobs_running"))
             _check_counts("cluster_snapshot.jobs_running tasks_completed", running)
+    _check_record_ids(tables)
 
 
-def _check_record_ids(name: str, ids: pa.ChunkedArray) -> None:
-    """A record id names one record: not empty, not repeated in the table (the plugin's are random UUIDs;
-    a report or a skipped record's line naming two would name neither)."""
-    if not len(ids):
+def _check_record_ids(tables: Sequence[pa.Table]) -> None:
+    """A record id names one record of the batch, whatever its kind (the plugin's are random UUIDs; a
+    report or a skipped record's line naming two would name neither)."""
+    ids = pa.chunked_array([chunk for table in tables for chunk in table.column("record_id").chunks], pa.string())
+    if len(pc.unique(ids)) == len(ids):
         return
-    if pc.min(pc.binary_length(ids)).as_py() == 0:
-        raise OutOfBounds(name, "empty")
-    if len(pc.unique(ids)) < len(ids):
-        raise OutOfBounds(name, "the same record id twice in one batch")
+    for table in tables:  # which kind holds one twice (the error path only: a hash of each table again)
+        if len(pc.unique(table.column("record_id"))) < table.num_rows:
+            raise OutOfBounds(f"{table.column('kind')[0].as_py()}.record_id", "the same record id twice in one batch")
+    raise OutOfBounds("record_id", "the same record id in records of two kinds in one batch")
 
 
 #: a job record's status: still running (never sent as such), ended, or its cluster ended first
@@ -120,11 +123,13 @@ JOB_STATUSES = ("running", "finished", "lost")
 
 
 def _check_job(table: pa.Table) -> None:
-    """A job's own fields together: a known status (or none), no more tasks ended than it had.
+    """A job's own fields together: an id, a known status (or none), no more tasks ended than it had.
 
     An end before its start is taken: an earlier release's plugin sends one when its scheduler's clock
     steps back during the job, and refusing it would lose the whole batch (this release's never does).
     """
+    if table.column("job_id").null_count:  # reports count a job by its id: jobs without one would be one job
+        raise OutOfBounds("job.job_id", "null; a job record names its job")
     statuses = pc.drop_null(table.column("status"))
     # built by pipeline.columns: a Python value given to a kernel imports pandas in the scheduler
     if len(statuses) and not pc.all(pc.is_in(statuses, column(pa.string(), JOB_STATUSES))).as_py():

@@ -213,6 +213,7 @@ def make_record(kind: str = "cluster_snapshot", *, account: str = "acme", user: 
         "user": user,
         "cluster_id": "cluster-test",
         "observed_at": utcnow(),
+        **({"job_id": f"job-{uuid.uuid4().hex[:8]}"} if kind == "job" else {}),  # a report counts jobs by id
     }
     for field in KINDS[kind].schema:
         record.setdefault(field.name, None)

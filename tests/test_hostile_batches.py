@@ -241,8 +241,9 @@ def test_a_value_out_of_bounds_is_400_naming_the_field_and_stores_nothing(
     [
         (lambda at: [{"record_id": ""}], "record_id", "empty"),
         (lambda at: [{"record_id": "r1"}, {"record_id": "r1"}], "record_id", "the same record id twice"),
+        (lambda at: [{"job_id": None}, {"job_id": None}], "job_id", "null"),
     ],
-    ids=["empty-record-id", "record-id-twice"],
+    ids=["empty-record-id", "record-id-twice", "job-without-id"],
 )
 def test_a_record_that_contradicts_itself_is_400_naming_the_field(
     plane: ControlPlane, records: Callable[[datetime], list[dict[str, Any]]], field: str, reason: str
@@ -251,6 +252,17 @@ def test_a_record_that_contradicts_itself_is_400_naming_the_field(
     at = datetime.now(UTC) - timedelta(minutes=1)
     answer = post(plane, registration, sealed(registration, *(own(registration, "job", **r) for r in records(at))))
     assert f"out of bounds: job.{field}: {reason}" in assert_problem(answer, 400)["detail"]
+    assert stored(plane)["long_term"] == []
+
+
+def test_one_record_id_in_records_of_two_kinds_is_400(plane: ControlPlane) -> None:
+    """Record ids were checked table by table, a table a kind: a snapshot and a job of one id were stored."""
+    registration = register(plane)
+    twice = [own(registration, "cluster_snapshot", record_id="r1"), own(registration, "job", record_id="r1")]
+    answer = post(plane, registration, sealed(registration, *twice))
+    assert (
+        "out of bounds: record_id: the same record id in records of two kinds" in assert_problem(answer, 400)["detail"]
+    )
     assert stored(plane)["long_term"] == []
 
 
@@ -313,6 +325,44 @@ def test_a_compressed_batch_is_refused_before_it_expands(plane: ControlPlane) ->
     assert stored(plane)["long_term"] == []
 
 
+def _earlier_snapshots_claiming(registration: dict[str, Any], rows: int) -> bytes:
+    """A length-framed Arrow stream of 333 snapshots as an earlier release sent them (no ``jobs_running``),
+    whose record batch claims ``rows`` rows (the batch's length and its columns'): its body is unchanged."""
+    (table,) = tables_from_records([own(registration, user="ann") for _ in range(333)])
+    table = table.drop_columns(["jobs_running"])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    stream = sink.getvalue().to_pybytes()
+    schema_end = 8 + int.from_bytes(stream[4:8], "little")
+    length = int.from_bytes(stream[schema_end + 4 : schema_end + 8], "little")
+    batch = stream[schema_end + 8 : schema_end + 8 + length].replace(
+        (333).to_bytes(8, "little"), rows.to_bytes(8, "little")
+    )
+    forged = stream[: schema_end + 8] + batch + stream[schema_end + 8 + length :]
+    return len(forged).to_bytes(4, "big") + forged
+
+
+def test_a_batch_claiming_more_rows_than_its_buffers_hold_is_refused_before_anything_is_allocated(
+    plane: ControlPlane,
+) -> None:
+    """An earlier release's table is given its later fields as nulls, one per row it claims: 134 million
+    from a sealed batch of 70 KB were 1.2 GB allocated before any check refused it (2**40 killed serve)."""
+    registration = register(plane)
+    forged = sealed_plaintext(registration, _earlier_snapshots_claiming(registration, 2**27))
+    assert len(forged[1]) < 100 * 1024
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())  # counts what Arrow allocates from here on
+    default = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        answer = post(plane, registration, forged)
+    finally:
+        pa.set_memory_pool(default)
+    assert "buffer" in assert_problem(answer, 400)["detail"].lower()
+    assert pool.max_memory() < 16 * 1024 * 1024
+    assert stored(plane)["long_term"] == []
+
+
 def _kind_column_reaching_past_its_data(end: int) -> bytes:
     """A length-framed Arrow stream whose one text value's end offset is forged to ``end`` bytes."""
     sink = pa.BufferOutputStream()
@@ -330,7 +380,7 @@ def test_an_offset_past_the_batch_reads_nothing_beyond_it(plane: ControlPlane) -
     registration = register(plane)
     answer = post(plane, registration, sealed_plaintext(registration, _kind_column_reaching_past_its_data(65_536)))
     detail = assert_problem(answer, 400)["detail"]
-    assert "malformed" in detail
+    assert "unreadable record table: In column 0: Invalid: Length spanned by binary offsets" in detail
     assert "ABCDEFGH" not in detail and len(detail) < 300
 
 
