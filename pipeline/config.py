@@ -26,6 +26,7 @@ from dask.utils import parse_timedelta
 from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
 from pipeline.redact import mask_url, quoted
+from pipeline.subject_names import control_character
 
 __all__ = ["ServerLimits", "Settings", "default_policy_path", "http_url", "not_text", "spool_folder", "text_setting"]
 
@@ -186,6 +187,15 @@ class Settings:
         def text(key: str) -> str | None:
             return text_setting(key, _get(key))
 
+        def name(key: str) -> str | None:
+            value = text(key)
+            found = None if value is None else control_character(value)
+            if found is not None:  # refused by ingest: every batch of the plugin would wait in the spool
+                raise ConfigError(
+                    f"pipeline.{key}: {quoted(value)} holds a control character ({found}); a name may not"
+                )
+            return value
+
         def path(key: str) -> Path | None:
             value = _get(key)
             return Path(os.path.expanduser(str(value))) if value else None
@@ -206,8 +216,8 @@ class Settings:
         policy = text("policy")
         values: dict[str, Any] = {
             "home": home,
-            "account": text("account"),
-            "user": text("user"),
+            "account": name("account"),
+            "user": name("user"),
             "cluster_id": text("cluster-id"),
             "image": text("image"),
             "plugin_interval": seconds("plugin.interval"),

@@ -671,6 +671,15 @@ def test_a_name_the_environment_gives_as_a_number_is_one_line_naming_it(key: str
     assert line.startswith(f"error: pipeline.{key}: 1234 is not text") and "quote it" in line
 
 
+@pytest.mark.parametrize("key", ["account", "user"])
+def test_a_name_with_a_control_character_is_one_line_naming_it(key: str, home: Path) -> None:
+    """Ingest refuses such a name (one would join two subjects): a plugin configured with one started, and its
+    every batch waited in the spool for ever, with every later scheduler's of its home behind them."""
+    with dask.config.set({f"pipeline.{key}": "bad\tname"}):
+        line = one_line(run("init"))
+    assert line == f"error: pipeline.{key}: 'bad\\tname' holds a control character (U+0009); a name may not"
+
+
 def test_an_unknown_key_url_scheme_names_the_setting(home: Path) -> None:
     with dask.config.set({"pipeline.keys.url": "http://x"}):
         assert one_line(run("init")).startswith("error: pipeline.keys.url: unknown key URL scheme 'http'")

@@ -230,6 +230,24 @@ def test_a_batch_refused_for_good_is_set_aside_counted_and_not_retried(home: Pat
     assert [r["account"] for r in pipeline.read_records("long_term")] == ["acme"]
 
 
+def test_a_spooled_batch_of_a_name_ingest_refuses_is_set_aside_not_retried_for_ever(
+    home: Path, settings: Settings
+) -> None:
+    """A plugin configured with a name holding a control character spooled batches that failed delivery for
+    ever, and the batches of every later scheduler of its home waited behind them."""
+    pipeline = Pipeline.open(settings, create=True)
+    spool = Spool(settings.spool_dir)
+    bad = spool.append(*sealed_batch(pipeline, [make_record(account="bad\tname")]))
+    emitter = embedded_emitter(pipeline, account="bad\tname")  # the plugin that spooled it, started again
+    assert emitter.close(timeout=10.0)
+    assert emitter.stats.batches_refused == 1
+    assert [p.name for p in spool.refused_files()] == [f"{bad.batch_id}.batch"]
+    emitter = embedded_emitter(pipeline)  # the next scheduler of the home
+    emitter.submit([make_record()])
+    assert emitter.close(timeout=10.0) and spool.pending_files() == []
+    assert [r["account"] for r in pipeline.read_records("long_term")] == ["acme"]
+
+
 def test_a_malformed_record_is_dropped_and_counted_without_blocking_the_rest(home: Path, settings: Settings) -> None:
     emitter = embedded_emitter(Pipeline.open(settings, create=True))
     emitter.submit([make_record(n_workers="not a number"), make_record(n_workers=1)])
