@@ -192,6 +192,32 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     assert "it cites '7' as store.erased, which is no audit entry's number" in result.stderr
 
 
+@pytest.mark.parametrize("field", ["final_at", "rotated_at", "completed_at"])
+def test_erase_status_names_a_time_of_the_receipt_edited_in_the_database(pipeline, field: str) -> None:  # noqa: ANN001
+    """Of the rotation only its master key version was compared: a receipt edited to be final sooner than
+    the old keys retire, or a completion moved before the filing (a negative time to complete in the
+    report), showed as it said (exit 0)."""
+    from sqlalchemy import select, update
+
+    from pipeline.db import deletion_requests
+
+    request_id = cli("erase", "request", "--account", "acme").strip()
+    cli("enforce")
+    cli("erase", "status", request_id)  # it agrees: exit 0
+    forged = datetime(2026, 1, 1, tzinfo=UTC)
+    this = deletion_requests.c.request_id == request_id
+    with pipeline.keyring.engine.begin() as conn:
+        receipt = json.loads(conn.scalar(select(deletion_requests.c.receipt).where(this)))
+        if field == "completed_at":
+            conn.execute(update(deletion_requests).where(this).values(completed_at=forged))
+        else:
+            receipt["rotation"][field] = forged.isoformat()
+            conn.execute(update(deletion_requests).where(this).values(receipt=json.dumps(receipt)))
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1, result.output
+    assert f"{field} '{forged.isoformat()}', audit entry " in result.stderr
+
+
 def test_erase_status_names_a_completion_forged_in_the_database_that_cites_no_audit_entry(pipeline) -> None:
     """A pending request edited into a completed one with a receipt that cites nothing: it had nothing to
     disagree with, so it showed completed (exit 0) while the data stayed readable."""

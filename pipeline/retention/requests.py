@@ -274,8 +274,11 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
     the entries are chained, signed and checkpointed outside it (``audit verify``).
     """
     receipt, request_id = request.receipt, request.request_id
+    # the time the report's SLA figures count to, as its entry says
+    completed = {} if request.completed_at is None else {"completed_at": request.completed_at.isoformat()}
     cited: list[tuple[int, str, dict[str, Any]]] = [
-        (seq, f"erasure.{state}", {"request_id": request_id}) for state, seq in receipt.get("audit", {}).items()
+        (seq, f"erasure.{state}", {"request_id": request_id, **(completed if state == "completed" else {})})
+        for state, seq in receipt.get("audit", {}).items()
     ]
     for store, got in receipt.get("stores", {}).items():
         if "audit_seq" in got:
@@ -287,7 +290,8 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
         cited.append((key["audit_seq"], "key.destroyed", {"request_id": request_id, **counted}))
     rotation = receipt.get("rotation", {})
     if "audit_seq" in rotation:
-        cited.append((rotation["audit_seq"], "key.rotated", {"master_key_version": rotation["master_key_version"]}))
+        said = {name: rotation.get(name) for name in ("master_key_version", "rotated_at", "final_at")}
+        cited.append((rotation["audit_seq"], "key.rotated", said))
     found = _uncited(pipeline, request) if request.state == "completed" else []
     found += [
         f"it cites {seq!r} as {action}, which is no audit entry's number"
@@ -311,12 +315,17 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
         if (fault := entry_fault(entry.as_dict(), schedule)) is not None:  # edited beside the receipt
             found.append(f"it cites audit entry {seq}, whose {fault}")
             continue
+        vouched = {**entry.details, **(_rotation(pipeline, entry) if action == "key.rotated" else {})}
         found += [
-            f"{name} {value!r}, audit entry {seq} says {entry.details.get(name)!r}"
+            f"{name} {value!r}, audit entry {seq} says {vouched.get(name)!r}"
             for name, value in said.items()
-            if entry.details.get(name) != value
+            if vouched.get(name) != value and (name in vouched or name not in _LATER_FIGURES)
         ]
     return found
+
+
+#: figures a receipt holds that an earlier release's entries do not record: compared where they do
+_LATER_FIGURES = frozenset({"completed_at", "final_at"})
 
 
 def _is_seq(value: Any) -> bool:
@@ -559,18 +568,25 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
     _save(pipeline, request)
 
 
+def _rotation(pipeline: Pipeline, entry: AuditEntry) -> dict[str, Any]:
+    """What a receipt says of the rotation a ``key.rotated`` entry records: the new master key version,
+    when, and when the erasure is final (the old versions retired, and for KMS its waiting period past)."""
+    rotation = {
+        "master_key_version": entry.details.get("master_key_version"),
+        "rotated_at": entry.recorded_at.isoformat(),
+    }
+    if "old_versions_retire_at" in entry.details:  # not in the first release's entries
+        retire_at = datetime.fromisoformat(entry.details["old_versions_retire_at"])
+        rotation["final_at"] = (retire_at + pipeline.keyring.provider.destroyed_after).isoformat()
+    return rotation
+
+
 def _rotate(pipeline: Pipeline, requests: list[DeletionRequest]) -> None:
     """One master key rotation for these erasures: the shredded keys' backups die with the old versions.
     Each receipt notes it in the rotation's own transaction, so a resumed run never rotates for it again."""
 
     def noted(conn: Connection, entry: AuditEntry) -> None:
-        retire_at = datetime.fromisoformat(entry.details["old_versions_retire_at"])
-        rotation = {
-            "master_key_version": entry.details["master_key_version"],
-            "rotated_at": entry.recorded_at.isoformat(),
-            "final_at": (retire_at + pipeline.keyring.provider.destroyed_after).isoformat(),  # KMS: its wait
-            "audit_seq": entry.seq,
-        }
+        rotation = {**_rotation(pipeline, entry), "audit_seq": entry.seq}
         for request in requests:
             request.receipt["rotation"] = rotation
             _save_on(conn, request)
@@ -613,6 +629,7 @@ def _transition(
         if state == "completed":
             request.completed_at = at or utcnow()
             request.receipt.pop("next_attempt_at", None)
+            details["completed_at"] = request.completed_at.isoformat()  # the SLA's figure, vouched for
         _save_on(conn, request)
         return _entry(request, f"erasure.{state}", **details)
 
