@@ -40,6 +40,8 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
         write_private(folder / "public_key.pem", audit.public_key_pem())
         if checkpoint is not None:
             write_private(folder / "checkpoint.json", checkpoint.to_json())
+        else:  # an earlier export's, into this folder: its verification would fail this one
+            (folder / "checkpoint.json").unlink(missing_ok=True)
         algorithm = "Ed25519" if isinstance(audit.trusted_key, Ed25519PublicKey) else "ECDSA P-256 SHA-256"
         manifest: dict[str, Any] = {
             "entries": count,

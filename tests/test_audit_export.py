@@ -63,6 +63,17 @@ def test_export_verifies_with_a_standalone_script_using_only_cryptography(home: 
     assert "acme" not in (folder / "entries.jsonl").read_text()  # subjects appear only as refs
 
 
+def test_an_export_into_the_folder_of_another_homes_verifies(home: Path, tmp_path: Path) -> None:
+    """A trail with no checkpoint yet left the folder's earlier checkpoint.json, which its own script then
+    refused: "checkpoint.json is not signed by public_key.pem"."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "checkpoint.json").write_text('{"seq": 99, "head": "of another home", "signature": "00"}\n')
+    assert export(home, tmp_path) == folder and not (folder / "checkpoint.json").exists()
+    result = verify(readme_script(folder, tmp_path), folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_script_names_the_first_altered_or_missing_entry(home: Path, tmp_path: Path) -> None:
     folder = export(home, tmp_path)
     script = readme_script(folder, tmp_path)
