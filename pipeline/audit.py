@@ -590,9 +590,24 @@ def _first_not_utf8(conn: Connection, after: int) -> int:
     return after + 1
 
 
+class _KeyTwice(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each named once: of two values the hash covers the last, and another
+    reader may take the first (``{"records": 999, "records": 6}``)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _KeyTwice
+    return found
+
+
 def _details(row: Any) -> dict[str, Any]:
     try:
-        details = json.loads(row.details)
+        details = json.loads(row.details, object_pairs_hook=_object_once)
+    except _KeyTwice:
+        raise AuditIntegrityError(row.seq, "details name a key twice (altered)") from None
     except (ValueError, TypeError, RecursionError):
         raise AuditIntegrityError(row.seq, "details are not JSON") from None
     if not isinstance(details, dict):

@@ -51,6 +51,11 @@ def sqlite_only(pipeline: Pipeline) -> None:
         ('details = \'{"n": "x\\ud800"}\'', "details hold text that is not Unicode (altered)"),
         # "metadata database unavailable", exit 2: as if to retry
         ("actor = cast(x'ff' as text)", "holds text that is not UTF-8 (altered in the database)"),
+        # passed: the hash covers the last value, and a reader taking the first saw a failed step
+        (
+            'details = \'{"failed_steps": {"expire": "x"}, "failed_steps": {}, "backend_retention": {}}\'',
+            "details name a key twice (altered)",
+        ),
     ],
     ids=[
         "details-not-json",
@@ -60,6 +65,7 @@ def sqlite_only(pipeline: Pipeline) -> None:
         "actor-blob",
         "surrogate",
         "not-utf8",
+        "key-twice",
     ],
 )
 def test_verify_names_an_entry_whose_row_does_not_read(trail: Pipeline, change: str, reason: str) -> None:
