@@ -259,21 +259,24 @@ class Bounds:
     latest: datetime
 
     def outside(self, table: pa.Table, schema: pa.Schema) -> dict[int, str]:
-        """Row number -> the first reason it is out of range, over the columns the report reads."""
+        """Row number -> the first reason it is out of range, over the columns the report reads and every
+        time the table holds: a record is counted or not whatever store's slice (of other columns) reads it."""
         bad: dict[int, str] = {}
         first, last = self._micros()
-        for field in schema:
-            if field.name == "subject" or self._within(table.column(field.name), field.type):
+        names = [name for name in schema.names if name != "subject"]
+        names += [f.name for f in table.schema if pa.types.is_timestamp(f.type) and f.name not in names]
+        for name in names:
+            values = table.column(name)
+            if self._within(values, values.type):
                 continue
-            values = table.column(field.name)
-            if pa.types.is_timestamp(field.type):
+            if pa.types.is_timestamp(values.type):
                 ints = values.cast(pa.int64())
                 outside = pc.or_(pc.less(ints, first), pc.greater(ints, last))
-                reason = f"{field.name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
+                reason = f"{name} is outside {self.earliest:%Y-%m-%d} to {self.latest:%Y-%m-%d}"
             else:  # NaN compares false: out too
-                within = pc.and_(pc.greater_equal(values, 0), pc.less_equal(values, _largest(field.type)))
+                within = pc.and_(pc.greater_equal(values, 0), pc.less_equal(values, _largest(values.type)))
                 outside = pc.invert(within)
-                reason = f"{field.name} is negative, over 2**53 or not a finite number"
+                reason = f"{name} is negative, over 2**53 or not a finite number"
             for row in pc.indices_nonzero(pc.fill_null(outside, False)).to_pylist():
                 bad.setdefault(row, reason)
         return bad
