@@ -8,6 +8,7 @@
      ├── InvalidName            an account or user name holds a control character (HTTP 400)
      ├── PolicyError            invalid retention policy (file, dotted field, reason)
      ├── KeyringError           missing/wrong/insecure master key, destroyed data key
+     │    └── KeyServiceError   the key service (AWS KMS) did not answer: throttled, denied, unreachable
      ├── UnknownAccountError    an account the keyring has never seen
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
@@ -45,6 +46,7 @@ __all__ = [
     "IntakeError",
     "InvalidBinding",
     "InvalidName",
+    "KeyServiceError",
     "KeyringError",
     "OutputError",
     "PipelineError",
@@ -87,6 +89,11 @@ class PolicyError(PipelineError, ValueError):
 
 class KeyringError(PipelineError):
     """A key cannot be loaded, is insecure, or does not open the data."""
+
+
+class KeyServiceError(KeyringError):
+    """The key service did not unwrap or wrap a key it holds (throttled, access denied, unreachable): an
+    outage, never a sign that the data was crypto-shredded, so nothing may be skipped or deleted for it."""
 
 
 class UnknownAccountError(PipelineError, LookupError):

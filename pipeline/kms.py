@@ -23,7 +23,7 @@ from datetime import timedelta
 from urllib.parse import urlparse
 
 from pipeline.awsclient import aws_client, error_code
-from pipeline.errors import ConfigError, KeyringError
+from pipeline.errors import ConfigError, KeyringError, KeyServiceError
 from pipeline.keys import KeyProvider
 from pipeline.redact import mask_url
 
@@ -98,7 +98,7 @@ class AWSKMSKeyProvider(KeyProvider):
         try:
             blob = self._kms.encrypt(KeyId=key, Plaintext=plaintext, EncryptionContext={"aad": aad.hex()})
         except self._errors as exc:
-            raise KeyringError(f"AWS KMS key {key!r} cannot encrypt: {exc}") from exc
+            raise KeyServiceError(f"AWS KMS key {key!r} cannot encrypt: {exc}") from exc
         return version, blob["CiphertextBlob"]
 
     def unwrap(self, version: int, blob: bytes, aad: bytes) -> bytes:
@@ -108,9 +108,11 @@ class AWSKMSKeyProvider(KeyProvider):
         try:
             reply = self._kms.decrypt(KeyId=key, CiphertextBlob=blob, EncryptionContext={"aad": aad.hex()})
         except self._errors as exc:
-            wrong = error_code(exc) in ("InvalidCiphertextException", "IncorrectKeyException")
-            why = "does not open this keyring (wrong key or context)" if wrong else "did not decrypt"
-            raise KeyringError(f"AWS KMS key {key!r} {why}: {exc}") from exc
+            if error_code(exc) in ("InvalidCiphertextException", "IncorrectKeyException"):
+                raise KeyringError(
+                    f"AWS KMS key {key!r} does not open this keyring (wrong key or context): {exc}"
+                ) from exc
+            raise KeyServiceError(f"AWS KMS key {key!r} did not decrypt: {exc}") from exc
         return bytes(reply["Plaintext"])
 
     def stage(self) -> int:

@@ -219,3 +219,29 @@ def test_a_straddling_segment_whose_data_key_kms_does_not_give_is_kept_and_its_s
     report = enforce(pipeline, day + timedelta(days=30, hours=12))  # KMS answers again
     assert not report.failed_steps
     assert [r["observed_at"].hour for r in pipeline.read_records("cloud_logging")] == [14]
+
+
+def test_an_archive_object_whose_data_key_kms_does_not_give_is_an_error_not_left_out(
+    home: Path, kms, moto_endpoint: str, s3_archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """A failed Decrypt was taken for crypto-shredding: the archive's scan left the object out, unnamed,
+    and its records were missing from what read it (a report counted fewer, and said nothing)."""
+    from urllib.parse import urlparse
+
+    from faultproxy import FaultProxy
+
+    with dask.config.set({"pipeline.archive.url": s3_archive_url}):
+        settings = _settings(home, kms.create_key()["KeyMetadata"]["KeyId"])
+    Pipeline.open(settings, create=True).write_records([make_record(n_workers=n) for n in (1, 2)])
+    proxy = FaultProxy(urlparse(moto_endpoint).port or 80)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")  # KMS; S3 is named by the URL
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    try:
+        pipeline = Pipeline.open(settings)  # no data key unwrapped yet
+        proxy.fail("POST", times=1_000)  # every KMS call from here on
+        with pytest.raises(KeyringError, match="did not decrypt"):
+            list(pipeline.read_records("archive"))
+    finally:
+        proxy.close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    assert sorted(r["n_workers"] for r in Pipeline.open(settings).read_records("archive")) == [1, 2]

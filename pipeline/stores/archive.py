@@ -48,7 +48,7 @@ from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
 from pipeline.awsclient import error_code, mask_errors, transient
-from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, KeyringError, KeyServiceError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
 from pipeline.redact import first_line, mask_url
@@ -167,9 +167,14 @@ class ArchiveStore(Store):
             yield data_type, day, key_id, list(keys)
 
     def _readable(self, key: str) -> pa.Table | None:
-        """The object's rows; None when its subject's key was destroyed (nothing readable is left)."""
+        """The object's rows; None when its subject's key was destroyed (nothing readable is left).
+
+        :raises KeyServiceError: the key service failed: the object is whole, and left out it would go unnamed
+        """
         try:
             return self._read_versioned(key)[0]
+        except KeyServiceError:
+            raise
         except KeyringError:
             return None
 
@@ -251,6 +256,8 @@ class ArchiveStore(Store):
         """
         try:
             table, etag = self._read_versioned(key)
+        except KeyServiceError:  # an outage: the rows it would remove are still there, so the step fails
+            raise
         except KeyringError:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
             return Removed()
         mask = keep(table)
