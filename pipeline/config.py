@@ -187,8 +187,9 @@ class Settings:
         def text(key: str) -> str | None:
             return text_setting(key, _get(key))
 
-        def name(key: str) -> str | None:
-            value = text(key)
+        def name(key: str) -> str | None:  # given as a keyword (a plugin made in code) or configured
+            given = overrides.pop(key, None)
+            value = text(key) if given is None else text_setting(key, given)
             found = None if value is None else control_character(value)
             if found is not None:  # refused by ingest: every batch of the plugin would wait in the spool
                 raise ConfigError(

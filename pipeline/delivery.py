@@ -31,15 +31,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 from pipeline.config import Settings, http_url
-from pipeline.errors import (
-    BatchRefused,
-    ClusterLost,
-    ConfigError,
-    InvalidName,
-    StoreUnavailable,
-    Throttled,
-    TokenRefused,
-)
+from pipeline.errors import BatchRefused, ClusterLost, ConfigError, StoreUnavailable, Throttled, TokenRefused
 from pipeline.redact import first_line, mask_url, quoted
 from pipeline.spool import SpooledBatch
 
@@ -108,10 +100,7 @@ class EmbeddedDelivery(Delivery):
         return self.pipeline.intake_key.public_key()
 
     def deliver(self, batch: SpooledBatch) -> None:
-        try:
-            self.pipeline.ingest(batch.sealed, self.principal, idempotency_key=batch.batch_id)
-        except InvalidName as exc:  # as the API's 400: delivered again it would be refused again, and hold the spool
-            raise BatchRefused(str(exc)) from exc
+        self.pipeline.ingest(batch.sealed, self.principal, idempotency_key=batch.batch_id)
 
     def close(self) -> None:
         if self._pipeline is not None:

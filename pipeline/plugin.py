@@ -198,16 +198,24 @@ class MetadataPlugin(SchedulerPlugin):
             self.add_worker(scheduler, address)
 
     async def _leave(self, scheduler: Scheduler) -> None:
-        """After a failed start: out of the scheduler, so that the plugin costs nothing and stays quiet."""
+        """After a failed start: out of the scheduler, so that the plugin costs nothing and stays quiet.
+
+        A preloaded plugin is in the scheduler's plugins when it starts; one a client registers is added
+        once its start returns, so it is taken out right after (scheduled last, with nothing awaited since).
+        """
         self.scheduler = None
         try:
-            if scheduler.plugins.get(self.name) is self:
-                scheduler.remove_plugin(self.name)
             emitter, self.emitter = self.emitter, None
             if emitter is not None:
                 await asyncio.get_running_loop().run_in_executor(None, emitter.close, 0)
+            self._out_of(scheduler)
+            asyncio.get_running_loop().call_soon(self._out_of, scheduler)
         except Exception as exc:
             self._failed("start", exc)
+
+    def _out_of(self, scheduler: Scheduler) -> None:
+        if scheduler.plugins.get(self.name) is self:
+            scheduler.remove_plugin(self.name)
 
     async def close(self) -> None:
         await self._shut(retire=True)  # the cluster is done: drop its token

@@ -35,6 +35,7 @@ from pipeline.errors import (
     ConfigError,
     ForbiddenBatch,
     IntakeError,
+    InvalidName,
     KeyringError,
     PipelineError,
     StoreError,
@@ -539,7 +540,10 @@ class Pipeline:
         if idempotency_key is not None and idempotency_key != batch.batch_id:
             raise IntakeError(f"Idempotency-Key {idempotency_key[:140]!r} does not match batch id {batch.batch_id}")
         self._check_bounds(batch, principal)
-        subject_ref = self._scope(batch, principal)
+        try:
+            subject_ref = self._scope(batch, principal)
+        except InvalidName as exc:  # refused for good, as a malformed batch is: a spooled copy is set aside
+            raise IntakeError(f"batch {batch.batch_id} refused: {exc}") from exc
         received = batch.n_records
         # stamped before admission: the running jobs it keeps, and writes as lost one day, name the owner
         batch = OpenedBatch(batch.batch_id, [_stamped(table, principal, subject_ref) for table in batch.tables])

@@ -501,3 +501,44 @@ def test_a_plugin_that_fails_to_start_leaves_the_scheduler(
     assert failure.getMessage().startswith("metadata plugin not started: ") and reason in failure.getMessage()
     assert failure.exc_info is None and "\n" not in failure.getMessage()
     assert not home.exists()  # nothing written
+
+
+def test_a_spooled_batch_of_a_name_ingest_refuses_is_set_aside_by_the_next_plugin_of_the_home(
+    home, settings: Settings
+) -> None:
+    """An earlier release's plugin configured with a name holding a control character spooled batches
+    that failed delivery for ever, and the records of every later scheduler of its home waited behind them."""
+    from pipeline.spool import Spool
+
+    pipeline = Pipeline.open(settings, create=True)
+    bad = Spool(settings.spool_dir).append(*sealed_batch(pipeline, [make_record(account="acme\tbad")]))
+    pipeline.close()
+    with (
+        dask.config.set({"pipeline.account": "acme"}),
+        preloaded_cluster(n_workers=1, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        assert sum(client.gather(client.map(maybe_fail, range(5)))) > 0
+    assert [p.name for p in Spool(settings.spool_dir).refused_files()] == [f"{bad.batch_id}.batch"]
+    assert Spool(settings.spool_dir).pending_files() == []
+    jobs = [r for r in Pipeline.open(settings).read_records("long_term") if r["kind"] == "job"]
+    assert [(j["account"], j["tasks_total"]) for j in jobs] == [("acme", 5)]
+
+
+@pytest.mark.parametrize("name", ["account", "user"])
+def test_a_plugin_given_a_name_with_a_control_character_leaves_the_scheduler(
+    home, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """Given in code, the name was not checked: the plugin started, and every batch stayed in its spool."""
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline"),
+        LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.register_plugin(MetadataPlugin(**{"account": "acme", name: "bad\tname"}))
+        deadline = time.monotonic() + 10
+        while "metadata-pipeline" in cluster.scheduler.plugins and time.monotonic() < deadline:
+            time.sleep(0.01)  # taken out on the scheduler's loop, once distributed added it
+        assert "metadata-pipeline" not in cluster.scheduler.plugins
+    (failure,) = [r for r in caplog.records if r.name.startswith("pipeline")]
+    assert f"pipeline.{name}: 'bad\\tname' holds a control character (U+0009)" in failure.getMessage()
