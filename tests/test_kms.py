@@ -189,7 +189,8 @@ def test_a_straddling_segment_whose_data_key_kms_does_not_give_is_kept_and_its_s
     home: Path, kms, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001
     """A failed Decrypt (throttled, denied, unreachable) was taken for crypto-shredding: the retention pass
-    deleted the whole straddling segment, records younger than the limit with it, and said it succeeded."""
+    deleted the whole straddling segment, records younger than the limit with it, and said it succeeded.
+    Another subject's segment is still cut, and what the step removed is still counted."""
     from datetime import UTC, datetime, timedelta
     from urllib.parse import urlparse
 
@@ -200,25 +201,37 @@ def test_a_straddling_segment_whose_data_key_kms_does_not_give_is_kept_and_its_s
     day = datetime(2026, 11, 8, tzinfo=UTC)
     settings = _settings(home, kms.create_key()["KeyMetadata"]["KeyId"])
     Pipeline.open(settings, create=True).write_records(
-        [make_record(observed_at=day + timedelta(hours=hour)) for hour in (10, 14)]
+        [
+            make_record(account=a, observed_at=day + timedelta(hours=hour))
+            for a in ("acme", "globex")
+            for hour in (10, 14)
+        ]
     )
     proxy = FaultProxy(urlparse(moto_endpoint).port or 80)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     try:
         pipeline = Pipeline.open(settings)  # a process of its own (enforce, serve): no data key unwrapped yet
-        proxy.fail("POST", times=1_000)  # every KMS call from here on
+        assert len(list(pipeline.read_records("cloud_logging", account="globex"))) == 2  # globex's key: unwrapped
+        proxy.fail("POST", times=1_000)  # every KMS call from here on: acme's key is not given
         report = enforce(pipeline, day + timedelta(days=30, hours=12))
     finally:
         proxy.close()
-    assert "was kept whole: AWS KMS key" in report.failed_steps["expire:cloud_logging/cluster_jobs"]
+    failed = report.failed_steps["expire:cloud_logging/cluster_jobs"]
+    assert failed.startswith("1 straddling segment(s) kept whole; the first: segment ")
+    assert "AWS KMS key" in failed and "did not decrypt" in failed
+    assert report.removed["cloud_logging"]["cluster_jobs"].records == 1  # globex's 10:00
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     pipeline = Pipeline.open(settings)
-    assert sorted(r["observed_at"].hour for r in pipeline.read_records("cloud_logging")) == [10, 14]
+
+    def hours() -> list[tuple[str, int]]:
+        return sorted((r["account"], r["observed_at"].hour) for r in pipeline.read_records("cloud_logging"))
+
+    assert hours() == [("acme", 10), ("acme", 14), ("globex", 14)]
     report = enforce(pipeline, day + timedelta(days=30, hours=12))  # KMS answers again
     assert not report.failed_steps
-    assert [r["observed_at"].hour for r in pipeline.read_records("cloud_logging")] == [14]
+    assert hours() == [("acme", 14), ("globex", 14)]
 
 
 def test_an_archive_object_whose_data_key_kms_does_not_give_is_an_error_not_left_out(

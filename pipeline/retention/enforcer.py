@@ -210,17 +210,32 @@ def _apply_backend_retention(report: RetentionReport, name: str, backend: Store,
 def _expire(
     pipeline: Pipeline, report: RetentionReport, store_name: str, store: Store, data_type: str, cutoff: datetime
 ) -> None:
-    """The limit of one data type in one store: whole segments, then those straddling the cutoff."""
+    """The limit of one data type in one store: whole segments, then those straddling the cutoff.
+
+    What was removed is counted even when the step fails. A segment whose data key could not be read
+    fails the step once every other segment was cut (one subject's key is no reason to keep the others').
+
+    :raises KeyringError: naming the segments kept whole
+    """
     removed = store.expire(data_type, cutoff)
-    straddling = {segment.segment_id: segment for segment in store.straddling(data_type, cutoff)}
     rewritten = 0
-    # an original listed beside its cut (an earlier pass wrote the cut, then failed to delete the original)
-    # goes first: after the cut is cut in turn and deleted, the original's cut would be written again
-    for segment in sorted(straddling.values(), key=lambda s: _cut_id(s) not in straddling):
-        removed += _cut(pipeline, store, segment, cutoff, straddling.get(_cut_id(segment)))
-        rewritten += 1
-    report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
-    report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+    kept: list[str] = []
+    try:
+        straddling = {segment.segment_id: segment for segment in store.straddling(data_type, cutoff)}
+        # an original listed beside its cut (an earlier pass wrote the cut, then failed to delete the original)
+        # goes first: after the cut is cut in turn and deleted, the original's cut would be written again
+        for segment in sorted(straddling.values(), key=lambda s: _cut_id(s) not in straddling):
+            try:
+                removed += _cut(pipeline, store, segment, cutoff, straddling.get(_cut_id(segment)))
+            except KeyringError as exc:
+                kept.append(str(exc))
+                continue
+            rewritten += 1
+    finally:
+        report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
+        report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
+    if kept:
+        raise KeyringError(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")
 
 
 def _compact(pipeline: Pipeline, report: RetentionReport, name: str, backend: Store, today: datetime) -> None:
