@@ -191,6 +191,18 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     assert result.exit_code == 1, result.output
     assert "it cites '7' as store.erased, which is no audit entry's number" in result.stderr
 
+    # one that no longer reads (a key twice, not JSON): a failed check too (it was exit 2, as bad input)
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(
+            update(audit_log)
+            .where(audit_log.c.action == "store.erased")
+            .values(details=func.replace(audit_log.c.details, '"records": 500', '"records": 4, "records": 4'))
+        )
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1, result.output
+    assert "the audit trail fails its check (audit entry " in result.stderr
+    assert "details name a key twice (altered)), so no entry it cites can vouch for it" in result.stderr
+
 
 @pytest.mark.parametrize("field", ["final_at", "rotated_at", "completed_at"])
 def test_erase_status_names_a_time_of_the_receipt_edited_in_the_database(pipeline, field: str) -> None:  # noqa: ANN001

@@ -273,6 +273,13 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
     A receipt is a row anyone holding the database can edit (500 records erased, where none were);
     the entries are chained, signed and checkpointed outside it (``audit verify``).
     """
+    try:
+        return _disagreements(pipeline, request)
+    except AuditIntegrityError as exc:  # an entry that does not read, or a rolled-back witness
+        return [f"the audit trail fails its check ({exc}), so no entry it cites can vouch for it"]
+
+
+def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     receipt, request_id = request.receipt, request.request_id
     # the time the report's SLA figures count to, as its entry says
     completed = {} if request.completed_at is None else {"completed_at": request.completed_at.isoformat()}
@@ -303,10 +310,7 @@ def receipt_disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[
         return found
     seqs = {seq for seq, _action, _said in cited}
     entries = {e.seq: e for e in pipeline.audit.entries(after=min(seqs) - 1) if e.seq in seqs}
-    try:
-        _checkpoint, schedule = pipeline.audit.trusted()
-    except AuditIntegrityError as exc:  # a rolled-back witness: no entry can vouch for the receipt
-        return [*found, f"the audit trail fails its check ({exc}), so no entry it cites can vouch for it"]
+    _checkpoint, schedule = pipeline.audit.trusted()
     for seq, action, said in cited:
         entry = entries.get(seq)
         if entry is None or entry.action != action:
