@@ -260,7 +260,8 @@ class Bounds:
 
     def outside(self, table: pa.Table, schema: pa.Schema) -> dict[int, str]:
         """Row number -> the first reason it is out of range, over the columns the report reads and every
-        time the table holds: a record is counted or not whatever store's slice (of other columns) reads it."""
+        time the table holds: a record's times decide its day and age in every store, so it is counted or not
+        alike in each (its numbers are checked where the report sums them: the usage store's slice)."""
         bad: dict[int, str] = {}
         first, last = self._micros()
         names = [name for name in schema.names if name != "subject"]
