@@ -176,6 +176,23 @@ def test_report_over_out_of_range_records_names_them_and_counts_the_rest(pipelin
     assert len(result.stderr.splitlines()) == 7  # one line naming each
 
 
+def test_jobs_stored_without_an_id_are_named_and_left_out_of_usage(pipeline: Pipeline, tmp_path: Path) -> None:
+    """An earlier release took them: usage counted them all as one job, with one of their counts."""
+    now = datetime.now(UTC)
+    pipeline.write_records([make_record("job", account="acme", job_id="ok", observed_at=now, tasks_completed=7)])
+    nameless = [make_record("job", account="acme", job_id=None, observed_at=now, tasks_completed=n) for n in (3, 5)]
+    write_raw(pipeline, table_from_rows("job", nameless))
+    result = run("report", "--out", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    document = json.loads((tmp_path / "report.json").read_text())
+    [acme] = document["usage"]["accounts"]
+    assert (acme["jobs"], acme["tasks_completed"]) == (1, 7)
+    assert sorted((r["store"], r["record_id"], r["reason"]) for r in document["out_of_range_records"]) == sorted(
+        ("long_term", r["record_id"], "job_id is missing (jobs are counted by it: all such would be one)")
+        for r in nameless
+    )
+
+
 def test_an_altered_segment_is_named_at_the_end_of_the_stream_and_hides_no_environment(pipeline: Pipeline) -> None:
     pipeline.write_records(
         [make_record("job", account="acme", job_id="kept")]

@@ -280,6 +280,9 @@ class Bounds:
                 reason = f"{name} is negative, over 2**53 or not a finite number"
             for row in pc.indices_nonzero(pc.fill_null(outside, False)).to_pylist():
                 bad.setdefault(row, reason)
+        if "job_id" in schema.names and table.column("job_id").null_count:  # stored before ingest refused it
+            for row in pc.indices_nonzero(pc.is_null(table.column("job_id"))).to_pylist():
+                bad.setdefault(row, "job_id is missing (jobs are counted by it: all such would be one)")
         return bad
 
     def _micros(self) -> tuple[int, int]:
