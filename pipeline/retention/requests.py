@@ -323,13 +323,29 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         found += [
             f"{name} {value!r}, audit entry {seq} says {vouched.get(name)!r}"
             for name, value in said.items()
-            if vouched.get(name) != value and (name in vouched or name not in _LATER_FIGURES)
+            if not _agrees(name, value, vouched) and (name in vouched or name not in _LATER_FIGURES)
         ]
     return found
 
 
 #: figures a receipt holds that an earlier release's entries do not record: compared where they do
 _LATER_FIGURES = frozenset({"completed_at", "final_at"})
+#: times of a receipt, and how far from its entry's each may be: an earlier release read the clock once for
+#: the receipt and once for the entry (this one writes both from one reading)
+_TIMES = frozenset({"completed_at", "final_at", "rotated_at"})
+_CLOCK_READS_APART = timedelta(seconds=1)
+
+
+def _agrees(name: str, said: Any, vouched: dict[str, Any]) -> bool:
+    """Whether a receipt's figure is what the entry it cites says (a time: within two clock readings)."""
+    if said == vouched.get(name):
+        return True
+    if name not in _TIMES:
+        return False
+    try:
+        return abs(datetime.fromisoformat(said) - datetime.fromisoformat(vouched[name])) <= _CLOCK_READS_APART
+    except (TypeError, ValueError, KeyError):  # not a time (edited into anything), or none to compare
+        return False
 
 
 def _is_seq(value: Any) -> bool:
