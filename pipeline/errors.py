@@ -8,11 +8,11 @@
      ├── InvalidName            an account or user name holds a control character (HTTP 400)
      ├── PolicyError            invalid retention policy (file, dotted field, reason)
      ├── KeyringError           missing/wrong/insecure master key, destroyed data key
-     │    └── KeyServiceError   the key service (AWS KMS) did not answer: throttled, denied, unreachable
      ├── UnknownAccountError    an account the keyring has never seen
      ├── StoreError             a store refused or mangled data
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
-     │         └── Throttled    the control plane asked to wait (HTTP 429 with Retry-After)
+     │         ├── Throttled    the control plane asked to wait (HTTP 429 with Retry-After)
+     │         └── KeyServiceError  the key service (AWS KMS) did not answer: throttled, denied, unreachable
      ├── SpoolError             a spooled batch is unreadable
      ├── CredentialsError       cluster credentials cannot be issued, found or opened
      ├── BatchRefused           an ingest target refused a sealed batch for good (never retried)
@@ -91,11 +91,6 @@ class KeyringError(PipelineError):
     """A key cannot be loaded, is insecure, or does not open the data."""
 
 
-class KeyServiceError(KeyringError):
-    """The key service did not unwrap or wrap a key it holds (throttled, access denied, unreachable): an
-    outage, never a sign that the data was crypto-shredded, so nothing may be skipped or deleted for it."""
-
-
 class UnknownAccountError(PipelineError, LookupError):
     """No data of this account is held: never stored, or erased (the same answer for both)."""
 
@@ -128,6 +123,12 @@ class Throttled(StoreUnavailable):
     def __init__(self, message: str, retry_after: float) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class KeyServiceError(StoreUnavailable):
+    """The key service did not unwrap or wrap a key it holds (throttled, access denied, unreachable): an
+    outage to wait out (HTTP 503), never a sign that the data was crypto-shredded. Not a
+    :class:`KeyringError`, which code takes for that: nothing is skipped or deleted for it."""
 
 
 class SpoolError(PipelineError):

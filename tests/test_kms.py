@@ -10,7 +10,7 @@ import pytest
 from conftest import make_record
 
 from pipeline.config import Settings
-from pipeline.errors import KeyringError
+from pipeline.errors import KeyringError, KeyServiceError
 from pipeline.runtime import Pipeline
 
 
@@ -252,9 +252,40 @@ def test_an_archive_object_whose_data_key_kms_does_not_give_is_an_error_not_left
     try:
         pipeline = Pipeline.open(settings)  # no data key unwrapped yet
         proxy.fail("POST", times=1_000)  # every KMS call from here on
-        with pytest.raises(KeyringError, match="did not decrypt"):
+        with pytest.raises(KeyServiceError, match="did not decrypt"):
             list(pipeline.read_records("archive"))
     finally:
         proxy.close()
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     assert sorted(r["n_workers"] for r in Pipeline.open(settings).read_records("archive")) == [1, 2]
+
+
+def test_a_dask_report_over_an_archive_whose_keys_kms_does_not_give_is_an_error_not_empty(
+    home: Path, kms, moto_endpoint: str, s3_archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """The Dask engine took a failed Decrypt for crypto-shredding: a report of 0 records, naming nothing."""
+    from datetime import UTC, datetime, timedelta
+    from urllib.parse import urlparse
+
+    from distributed import LocalCluster
+    from faultproxy import FaultProxy
+
+    from pipeline.reports.dask_engine import build_archive_report
+
+    with dask.config.set({"pipeline.archive.url": s3_archive_url}):
+        settings = _settings(home, kms.create_key()["KeyMetadata"]["KeyId"])
+    now = datetime.now(UTC)
+    Pipeline.open(settings, create=True).write_records(
+        [make_record(account=a, observed_at=now - timedelta(hours=2)) for a in ("acme", "globex")]
+    )
+    proxy = FaultProxy(urlparse(moto_endpoint).port or 80)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")  # KMS; S3 is named by the URL
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    try:
+        with LocalCluster(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster:
+            pipeline = Pipeline.open(settings)
+            proxy.fail("POST", times=1_000)  # every KMS call from here on
+            with pytest.raises(KeyServiceError, match="did not decrypt"):
+                build_archive_report(pipeline, cluster.scheduler_address, now=now, plots=False)
+    finally:
+        proxy.close()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import KeyringError, PipelineError, UnknownAccountError
+from pipeline.errors import KeyringError, KeyServiceError, PipelineError, UnknownAccountError
 from pipeline.records import utcnow
 from pipeline.reports.residue import remove_killed_reports
 from pipeline.retention.requests import DeletionRequest, process_pending
@@ -227,7 +227,7 @@ def _expire(
         for segment in sorted(straddling.values(), key=lambda s: _cut_id(s) not in straddling):
             try:
                 removed += _cut(pipeline, store, segment, cutoff, straddling.get(_cut_id(segment)))
-            except KeyringError as exc:
+            except (KeyringError, KeyServiceError) as exc:
                 kept.append(str(exc))
                 continue
             rewritten += 1
@@ -269,7 +269,7 @@ def _opened(pipeline: Pipeline, segment: Segment) -> pa.Table | None:
         return None
     try:
         cipher = pipeline.keyring.cipher_for(segment.subject_ref, segment.user_ref, segment.key_version)
-    except KeyringError as exc:
+    except (KeyringError, KeyServiceError) as exc:
         raise KeyringError(f"segment {segment.segment_id} was kept whole: {exc}") from exc
     try:
         return open_segment(pipeline.keyring, segment, cipher=cipher)

@@ -48,7 +48,7 @@ from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
 from pipeline.awsclient import error_code, mask_errors, transient
-from pipeline.errors import ConfigError, KeyringError, KeyServiceError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
 from pipeline.redact import first_line, mask_url
@@ -173,8 +173,6 @@ class ArchiveStore(Store):
         """
         try:
             return self._read_versioned(key)[0]
-        except KeyServiceError:
-            raise
         except KeyringError:
             return None
 
@@ -256,8 +254,6 @@ class ArchiveStore(Store):
         """
         try:
             table, etag = self._read_versioned(key)
-        except KeyServiceError:  # an outage: the rows it would remove are still there, so the step fails
-            raise
         except KeyringError:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
             return Removed()
         mask = keep(table)
