@@ -158,6 +158,33 @@ def test_a_cut_whose_original_outlived_it_leaves_each_record_once(hourly_store, 
     assert second.removed[store]["cluster_jobs"].records == 48 - len(kept)  # each removal counted once
 
 
+@pytest.mark.parametrize("hourly_store", ["cloud_logging"], indirect=True)  # the store that compacts
+def test_a_cut_an_earlier_release_left_beside_its_original_leaves_each_record_once(hourly_store) -> None:  # noqa: ANN001
+    """An earlier release named a cut by its cutoff: a pass of it killed between the cut's write and the
+    original's delete left both, which this release's cut ids do not recognise; the original was cut
+    again, and compaction merged the two cuts, every younger record twice for good. Compaction keeps one
+    copy of each (stores that do not compact, SQL's, keep both until the day expires)."""
+    import hashlib
+
+    from pipeline.retention.enforcer import _resealed
+    from pipeline.segments import open_segment
+
+    pipeline, store = hourly_store
+    target = pipeline.stores[store]
+    earlier_cutoff = DAY0
+    for original in list(target.straddling("cluster_jobs", earlier_cutoff)):  # the earlier release's cut
+        table = open_segment(pipeline.keyring, original)
+        kept = table.filter([t >= earlier_cutoff for t in table.column("observed_at").to_pylist()])
+        old_id = hashlib.sha256(f"{original.segment_id}|{earlier_cutoff.isoformat()}".encode()).hexdigest()[:32]
+        target.write([_resealed(pipeline, [original], kept, old_id)])
+    now = DAY0 + timedelta(days=30, minutes=15)
+    report = enforce(pipeline, now)
+    assert not report.failed_steps
+    kept = _observed(pipeline, store)
+    hours = [DAY0.replace(hour=0) + timedelta(hours=h, minutes=30) for h in range(24)]
+    assert kept == [(a, t) for a in ("acme", "globex") for t in hours if t >= now - timedelta(days=30)]
+
+
 def test_a_straddling_segment_of_an_erased_subject_is_dropped(hourly_store) -> None:
     pipeline, store = hourly_store
     pipeline.keyring.destroy(pipeline.keyring.subject_ref("globex"))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.columns import column
 from pipeline.errors import KeyringError, KeyServiceError, PipelineError, UnknownAccountError
 from pipeline.records import utcnow
 from pipeline.reports.residue import remove_killed_reports
@@ -253,9 +254,27 @@ def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
         tables = [open_segment(pipeline.keyring, s) for s in segments]
     except KeyringError:  # crypto-shredded: nothing readable to merge, expiry or erasure removes it
         return None
-    table = pa.concat_tables(tables).sort_by("observed_at")
+    table = _once_each(pa.concat_tables(tables).sort_by("observed_at"), segments)
     merged_id = hashlib.sha256("|".join(sorted(s.segment_id for s in segments)).encode()).hexdigest()[:32]
     return _resealed(pipeline, segments, table, merged_id)
+
+
+def _once_each(table: pa.Table, segments: list[Segment]) -> pa.Table:
+    """``table`` with each record once: copies of one record in two segments of a day are a cut beside
+    its original, left by an earlier release's pass killed between them (its cut ids named their cutoff,
+    so this release's cut the original again); merged, they would stay twice for good."""
+    ids = table.column("record_id")
+    if len(pc.unique(ids)) == len(ids):
+        return table
+    first: dict[str, int] = {}
+    for row, record_id in enumerate(ids.to_pylist()):
+        first.setdefault(record_id, row)
+    logger.warning(
+        "compaction kept one copy of %d records held twice in segments %s",
+        len(ids) - len(first),
+        ", ".join(sorted(s.segment_id for s in segments)),
+    )
+    return table.take(column(pa.int64(), sorted(first.values())))
 
 
 def _opened(pipeline: Pipeline, segment: Segment) -> pa.Table | None:
