@@ -230,6 +230,30 @@ def test_erase_status_names_a_time_of_the_receipt_edited_in_the_database(pipelin
     assert f"{field} '{forged.isoformat()}', audit entry " in result.stderr
 
 
+@pytest.mark.parametrize("cut", ["audit_seq", "rotation"])
+def test_erase_status_names_a_receipt_whose_rotation_no_longer_cites_its_entry(pipeline, cut: str) -> None:  # noqa: ANN001
+    """With its citation (or the whole rotation) taken out, a receipt's final_at was only its own say: edited
+    to a day before the completion, it passed (exit 0), and the report listed the erasure as final."""
+    from sqlalchemy import select, update
+
+    from pipeline.db import deletion_requests
+
+    request_id = cli("erase", "request", "--account", "acme").strip()
+    cli("enforce")
+    this = deletion_requests.c.request_id == request_id
+    with pipeline.keyring.engine.begin() as conn:
+        receipt = json.loads(conn.scalar(select(deletion_requests.c.receipt).where(this)))
+        if cut == "rotation":
+            del receipt["rotation"]
+        else:
+            del receipt["rotation"]["audit_seq"]
+            receipt["rotation"]["final_at"] = "2026-01-01T00:00:00+00:00"
+        conn.execute(update(deletion_requests).where(this).values(receipt=json.dumps(receipt)))
+    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    assert result.exit_code == 1, result.output
+    assert "it cites no key.rotated entry, and the trail rotated the master key after it" in result.stderr
+
+
 def test_erase_status_names_a_completion_forged_in_the_database_that_cites_no_audit_entry(pipeline) -> None:
     """A pending request edited into a completed one with a receipt that cites nothing: it had nothing to
     disagree with, so it showed completed (exit 0) while the data stayed readable."""

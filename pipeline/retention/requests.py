@@ -328,8 +328,11 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     return found
 
 
-#: figures a receipt holds that an earlier release's entries do not record: compared where they do
+#: figures a receipt holds that an earlier release's entries do not record: compared where they do (its
+#: completion entry's own time is no stand-in: a pass run with ``--now`` completed requests at that time)
 _LATER_FIGURES = frozenset({"completed_at", "final_at"})
+
+
 #: times of a receipt, and how far from its entry's each may be: an earlier release read the clock once for
 #: the receipt and once for the entry (this one writes both from one reading)
 _TIMES = frozenset({"completed_at", "final_at", "rotated_at"})
@@ -372,6 +375,13 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     key = receipt.get("key", {})
     if (key.get("state") == "destroyed" or any(e.action == "key.destroyed" for e in trail)) and "audit_seq" not in key:
         found.append("it cites no key.destroyed entry")
+    filed = receipt.get("audit", {}).get("pending", 0)
+    rotated = any(
+        request.request_id in (e.details.get("after_erasures") or ())
+        for e in pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=("key.rotated",))
+    )
+    if rotated and "audit_seq" not in receipt.get("rotation", {}):  # its final_at would be the receipt's say
+        found.append("it cites no key.rotated entry, and the trail rotated the master key after it")
     return found
 
 
