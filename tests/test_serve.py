@@ -65,6 +65,35 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
+def test_serve_writes_the_ingest_summary_of_the_hour_in_progress_as_it_stops(tmp_path: Path) -> None:
+    """It was written hourly only: what a serve stopped (or restarted) within the hour took since the last
+    summary, and the refusals past each token's first 100, were in no entry."""
+    from conftest import make_record
+
+    from pipeline.intake import load_public_key, seal_batch
+
+    home = tmp_path / "home"
+    with serve_process(home, "--json") as served:
+        with dask.config.set({"pipeline.home": str(home)}):
+            pipeline = Pipeline.open(Settings.from_config())
+            admin = TokenStore(pipeline).create("admin", user="ops").token
+            pipeline.close()
+        with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {admin}"}) as client:
+            cluster = client.post("/v1/clusters", json={"account": "acme"}).json()
+        records = [make_record(account="acme", cluster_id=cluster["cluster_id"]) for _ in range(3)]
+        sealed = seal_batch(load_public_key(cluster["intake_public_key"]), "b1", records)
+        answer = httpx.post(
+            f"{served.url}/v1/ingest", content=sealed, headers={"Authorization": f"Bearer {cluster['token']}"}
+        )
+        assert answer.status_code == 202, answer.text
+        served.stop()
+    assert served.proc.returncode == 0
+    with dask.config.set({"pipeline.home": str(home)}):
+        pipeline = Pipeline.open(Settings.from_config())
+        summaries = [e.details["records"] for e in pipeline.audit.entries() if e.action == "ingest.summary"]
+    assert summaries == [{"long_term": {"cluster_jobs": 3}, "cloud_logging": {"cluster_jobs": 3}}]
+
+
 def test_serve_carries_out_an_erasure_filed_through_its_api(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with serve_process(home, "--json", service__requests_interval="1s") as served:

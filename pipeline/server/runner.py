@@ -31,7 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from pipeline.config import ServerLimits
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.redact import first_line
 from pipeline.server.app import create_app, problem_document
 from pipeline.server.openapi import PROBLEM_JSON
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
 
 __all__ = ["ControlPlaneServer", "run_control_plane", "serving_in_thread", "uvicorn_config"]
+
+logger = logging.getLogger(__name__)
 
 #: idle connections stay open this long: longer than a plugin's delivery period, so a cluster
 #: keeps one connection instead of racing the server's close on every post (uvicorn's default: 5 s)
@@ -389,6 +391,16 @@ def run_control_plane(
             assert service is not None
             service.stop()
             thread.join(timeout=0.5)
+        _summarised(pipeline)
     if service is None:
         return []
     return [{"job": r.job, "slot": r.slot, "outcome": r.outcome} for r in service.history]
+
+
+def _summarised(pipeline: Pipeline) -> None:
+    """The ingest summary of the hour in progress, as the process stops: otherwise what it took since the
+    last hour's, and the refusals past each token's first 100, would be in no entry."""
+    try:
+        pipeline.summarise_ingest()
+    except PipelineError as exc:  # the database went first: say so, the process stops anyway
+        logger.error("ingest summary not written as the control plane stopped: %s", exc)
