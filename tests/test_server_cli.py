@@ -433,3 +433,17 @@ def test_a_saved_token_that_is_not_ascii_is_one_line_never_quoted(plane: Control
     with pytest.raises(ApiError, match="a header is malformed .*one line of ASCII") as refused:
         ApiClient(Credentials(plane.url, "mp_\u00a0" + "s" * 42))
     assert "sss" not in str(refused.value)
+
+
+def test_clusters_list_shows_an_erased_accounts_cluster_without_a_name(plane: ControlPlane, tmp_path: Path) -> None:
+    """Its account's name is gone with the erasure: the text line said `None` where `-` stands for it."""
+    from pipeline.retention.requests import file_request, process_pending
+
+    assert run("login", "--url", plane.url, "--token", plane.tokens.create("admin", user="ops").token).exit_code == 0
+    made = json.loads(run("clusters", "create", "--account", "acme", "--name", "etl", "--json").output)
+    file_request(plane.pipeline, "acme")
+    process_pending(plane.pipeline)
+    listed = run("clusters", "list")
+    assert listed.exit_code == 0, listed.output
+    cluster_id, _state, account, name, *_when = listed.stdout.split()
+    assert (cluster_id, account, name) == (made["cluster_id"], "-", "-")

@@ -122,7 +122,7 @@ def clusters_list(out: Output) -> None:
 def _render_cluster(c: Any) -> str:
     contact = str(c["last_contact_at"] or "never")[:19].replace("T", " ")
     created = str(c["created_at"])[:19].replace("T", " ")
-    named = f"{c['account']}  {c['name'] or '-'}"
+    named = f"{c['account'] or '-'}  {c['name'] or '-'}"  # an erased account's name is gone
     return f"{c['cluster_id']}  {c['state']:<6} {named}  created {created}  last contact {contact}"
 
 
