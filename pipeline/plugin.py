@@ -214,8 +214,9 @@ class MetadataPlugin(SchedulerPlugin):
             self._failed("start", exc)
 
     def _out_of(self, scheduler: Scheduler) -> None:
-        if scheduler.plugins.get(self.name) is self:
-            scheduler.remove_plugin(self.name)
+        for name, plugin in list(scheduler.plugins.items()):  # by itself: a client may register it by any name
+            if plugin is self:
+                scheduler.remove_plugin(name)
 
     async def close(self) -> None:
         await self._shut(retire=True)  # the cluster is done: drop its token

@@ -525,20 +525,25 @@ def test_a_spooled_batch_of_a_name_ingest_refuses_is_set_aside_by_the_next_plugi
     assert [(j["account"], j["tasks_total"]) for j in jobs] == [("acme", 5)]
 
 
-@pytest.mark.parametrize("name", ["account", "user"])
+@pytest.mark.parametrize(("name", "registered_as"), [("account", None), ("user", "metadata")])
 def test_a_plugin_given_a_name_with_a_control_character_leaves_the_scheduler(
-    home, caplog: pytest.LogCaptureFixture, name: str
+    home, caplog: pytest.LogCaptureFixture, name: str, registered_as: str | None
 ) -> None:
-    """Given in code, the name was not checked: the plugin started, and every batch stayed in its spool."""
+    """Given in code, the name was not checked: the plugin started, and every batch stayed in its spool.
+    Registered by a client (by any name), a plugin that failed to start stayed, its hooks running."""
     with (
         caplog.at_level(logging.WARNING, logger="pipeline"),
         LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        client.register_plugin(MetadataPlugin(**{"account": "acme", name: "bad\tname"}))
+        client.register_plugin(MetadataPlugin(**{"account": "acme", name: "bad\tname"}), name=registered_as)
         deadline = time.monotonic() + 10
-        while "metadata-pipeline" in cluster.scheduler.plugins and time.monotonic() < deadline:
+        while _metadata_plugins(cluster) and time.monotonic() < deadline:
             time.sleep(0.01)  # taken out on the scheduler's loop, once distributed added it
-        assert "metadata-pipeline" not in cluster.scheduler.plugins
+        assert _metadata_plugins(cluster) == []
     (failure,) = [r for r in caplog.records if r.name.startswith("pipeline")]
     assert f"pipeline.{name}: 'bad\\tname' holds a control character (U+0009)" in failure.getMessage()
+
+
+def _metadata_plugins(cluster: LocalCluster) -> list[str]:
+    return [name for name, plugin in cluster.scheduler.plugins.items() if isinstance(plugin, MetadataPlugin)]
