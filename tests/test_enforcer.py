@@ -158,6 +158,28 @@ def test_a_cut_whose_original_outlived_it_leaves_each_record_once(hourly_store, 
     assert second.removed[store]["cluster_jobs"].records == 48 - len(kept)  # each removal counted once
 
 
+def test_a_straddling_segment_its_store_refuses_to_delete_leaves_the_others_cut(hourly_store, monkeypatch) -> None:  # noqa: ANN001
+    """The first refusal ended the step: every other subject's records older than the limit stayed."""
+    pipeline, store = hourly_store
+    target = pipeline.stores[store]
+    real_delete = target.delete
+    acme = pipeline.keyring.subject_ref("acme")
+    refused = {s.segment_id for s in target.straddling("cluster_jobs", DAY0) if s.subject_ref == acme}
+
+    def failing(ids):  # noqa: ANN001, ANN202
+        if refused & set(ids):
+            raise StoreError("made immutable")
+        return real_delete(ids)
+
+    monkeypatch.setattr(target, "delete", failing)
+    report = enforce(pipeline, DAY0 + timedelta(days=30))
+    assert report.failed_steps[f"expire:{store}/cluster_jobs"].startswith("1 straddling segment(s) kept whole")
+    assert report.removed[store]["cluster_jobs"].records == 12  # globex's, counted
+    assert [t for a, t in _observed(pipeline, store) if a == "globex"] == [
+        DAY0.replace(hour=0) + timedelta(hours=h, minutes=30) for h in range(12, 24)
+    ]
+
+
 @pytest.mark.parametrize("hourly_store", ["cloud_logging"], indirect=True)  # the store that compacts
 def test_a_cut_an_earlier_release_left_beside_its_original_leaves_each_record_once(hourly_store) -> None:  # noqa: ANN001
     """An earlier release named a cut by its cutoff: a pass of it killed between the cut's write and the

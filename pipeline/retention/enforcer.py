@@ -30,7 +30,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.columns import column
-from pipeline.errors import KeyringError, KeyServiceError, PipelineError, UnknownAccountError
+from pipeline.errors import (
+    KeyringError,
+    KeyServiceError,
+    PipelineError,
+    StoreError,
+    StoreUnavailable,
+    UnknownAccountError,
+)
 from pipeline.records import utcnow
 from pipeline.reports.residue import remove_killed_reports
 from pipeline.retention.requests import DeletionRequest, process_pending
@@ -213,10 +220,11 @@ def _expire(
 ) -> None:
     """The limit of one data type in one store: whole segments, then those straddling the cutoff.
 
-    What was removed is counted even when the step fails. A segment whose data key could not be read
-    fails the step once every other segment was cut (one subject's key is no reason to keep the others').
+    What was removed is counted even when the step fails. A segment whose data key could not be read, or
+    that its store refused to delete, fails the step once every other segment was cut (one subject's key or
+    file is no reason to keep the others'); a store that is down fails it at once.
 
-    :raises KeyringError: naming the segments kept whole
+    :raises StoreError: naming the segments kept whole
     """
     removed = store.expire(data_type, cutoff)
     rewritten = 0
@@ -231,12 +239,17 @@ def _expire(
             except (KeyringError, KeyServiceError) as exc:
                 kept.append(str(exc))
                 continue
+            except StoreUnavailable:  # the store is down: every other segment would wait out the same
+                raise
+            except StoreError as exc:  # this one segment refused (a file made immutable): the others go on
+                kept.append(f"segment {segment.segment_id}: {exc}")
+                continue
             rewritten += 1
     finally:
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
     if kept:
-        raise KeyringError(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")
+        raise StoreError(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")
 
 
 def _compact(pipeline: Pipeline, report: RetentionReport, name: str, backend: Store, today: datetime) -> None:
