@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.columns import column
-from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS, MAX_STRING_BYTES
+from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS, MAX_NUMBER, MAX_STRING_BYTES
 
 __all__ = [
     "CLOCK_SKEW",
@@ -43,10 +43,6 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_BATCH_ROWS = MAX_BATCH_RECORDS
 #: distinct (account, user) pairs per batch: each one costs a data key, audit entries and segments
 MAX_BATCH_SUBJECTS = 16
-#: the largest count, number of seconds or bytes: past anything a cluster measures (9.0e15 tasks, 285
-#: million years, 8 PiB), and every value a float holds exactly; sums of them neither overflow a report's
-#: exact integers nor reach infinity
-MAX_NUMBER = 2**53
 
 
 class OutOfBounds(ValueError):

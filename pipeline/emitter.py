@@ -51,6 +51,10 @@ MAX_BATCH_RECORDS = 5_000
 MAX_ITEMS = 10_000
 #: UTF-8 bytes of any one string a record may hold; ingest refuses more (:mod:`pipeline.bounds`)
 MAX_STRING_BYTES = 2_048
+#: the largest count, number of seconds or bytes a record may hold; ingest refuses more (:mod:`pipeline.bounds`):
+#: past anything a cluster measures (9.0e15 tasks, 285 million years, 8 PiB), and every value a float holds
+#: exactly; sums of them neither overflow a report's exact integers nor reach infinity
+MAX_NUMBER = 2**53
 
 
 @dataclass

@@ -40,7 +40,7 @@ from tornado.ioloop import PeriodicCallback
 from pipeline.clock import utcnow
 from pipeline.config import Settings, spool_folder
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
-from pipeline.emitter import MAX_ITEMS, MAX_STRING_BYTES, Emitter
+from pipeline.emitter import MAX_ITEMS, MAX_NUMBER, MAX_STRING_BYTES, Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.errors import PipelineError
 from pipeline.principals import Principal
@@ -98,12 +98,20 @@ class _Job:
 
 
 def _compute_seconds(startstops: Any) -> float:
+    """A task's compute time from its worker's wall-clock intervals: one the clock stepped back in counts as
+    none (negative, it would make every later snapshot's cumulative total one ingest refuses)."""
     total = 0.0
     if startstops:
         for interval in startstops:
             if interval["action"] == "compute":
-                total += interval["stop"] - interval["start"]
+                total += max(0.0, interval["stop"] - interval["start"])
     return total
+
+
+def _measure(value: int) -> int:
+    """A size within what ingest takes (0 to 2**53): ``sizeof`` of a result may claim any number, and one
+    past the bound would have ingest refuse the record with every record batched with it."""
+    return min(max(value, 0), MAX_NUMBER)
 
 
 class MetadataPlugin(SchedulerPlugin):
@@ -340,12 +348,12 @@ class MetadataPlugin(SchedulerPlugin):
             self._done[key] = job
         job.compute += compute
         self.compute_total += compute
-        nbytes = kwargs.get("nbytes")
+        nbytes = _measure(kwargs.get("nbytes") or 0)
         if nbytes:
             self._held[key] = nbytes
             held = job.nbytes = job.nbytes + nbytes
             if held > job.peak:
-                job.peak = held
+                job.peak = min(held, MAX_NUMBER)
         if first_time and not job.remaining and job is not self._open:
             self._finish(job)
 
@@ -447,11 +455,11 @@ class MetadataPlugin(SchedulerPlugin):
             **self._common("cluster_snapshot", "cluster_jobs"),
             "n_workers": len(scheduler.workers),
             "n_threads": scheduler.total_nthreads,
-            "memory_limit_bytes": sum(ws.memory_limit or 0 for ws in scheduler.workers.values()),
-            "memory_process_bytes": memory.process,
-            "memory_managed_bytes": memory.managed,
-            "memory_unmanaged_bytes": memory.unmanaged,
-            "memory_spilled_bytes": memory.spilled,
+            "memory_limit_bytes": _measure(sum(ws.memory_limit or 0 for ws in scheduler.workers.values())),
+            "memory_process_bytes": _measure(memory.process),
+            "memory_managed_bytes": _measure(memory.managed),
+            "memory_unmanaged_bytes": _measure(memory.unmanaged),
+            "memory_spilled_bytes": _measure(memory.spilled),
             "tasks_by_state": states,
             "tasks_completed_total": self.completed_total,
             "tasks_erred_total": self.erred_total,

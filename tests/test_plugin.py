@@ -547,3 +547,51 @@ def test_a_plugin_given_a_name_with_a_control_character_leaves_the_scheduler(
 
 def _metadata_plugins(cluster: LocalCluster) -> list[str]:
     return [name for name, plugin in cluster.scheduler.plugins.items() if isinstance(plugin, MetadataPlugin)]
+
+
+class _ClaimsAnySize:
+    def __sizeof__(self) -> int:
+        return 2**60
+
+
+def _result_of_any_size(i: int) -> _ClaimsAnySize:
+    return _ClaimsAnySize()
+
+
+def _clock_steps_back(x: int) -> int:
+    """Runs on a worker (of this process): its wall clock steps back 30 s as the task ends (an NTP step)."""
+    import distributed.worker
+
+    real = time.time
+    distributed.worker.time = lambda: real() - 30
+    return x
+
+
+def test_a_result_claiming_any_size_or_a_clock_step_keeps_every_record_within_ingests_bounds(
+    home, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result whose ``sizeof`` was 2**60 had ingest refuse its job's record, and the snapshots batched
+    with it; a clock step back during a task made its compute time negative, and with it every later
+    snapshot's cumulative total: the cluster's metadata ended there (in remote mode, the cluster was lost)."""
+    import distributed.worker
+
+    monkeypatch.setattr(distributed.worker, "time", distributed.worker.time)  # put back after the test
+    with (
+        dask.config.set({"pipeline.account": "acme", "pipeline.plugin.interval": "200ms"}),
+        preloaded_cluster(n_workers=1, processes=False) as cluster,
+        Client(cluster) as client,
+    ):
+        wait(client.submit(_result_of_any_size, 1))
+        wait(client.submit(_clock_steps_back, 2))
+        time.sleep(0.6)  # snapshots after both
+        assert sum(client.gather(client.map(maybe_fail, range(3)))) > 0
+    assert list(settings.spool_dir.glob("refused/*")) == []
+    jobs = sorted(_records(settings, kind="job"), key=lambda j: j["started_at"])
+    assert [(j["tasks_completed"], j["peak_memory_bytes"] == 2**53) for j in jobs] == [
+        (1, True),
+        (1, False),
+        (3, False),
+    ]
+    assert all(j["compute_seconds"] >= 0 for j in jobs)
+    snapshots = _records(settings, kind="cluster_snapshot")
+    assert max(s["tasks_completed_total"] for s in snapshots) == 5  # heartbeats went on after both
