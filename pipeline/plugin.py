@@ -103,8 +103,8 @@ def _compute_seconds(startstops: Any) -> float:
     total = 0.0
     if startstops:
         for interval in startstops:
-            if interval["action"] == "compute":
-                total += max(0.0, interval["stop"] - interval["start"])
+            if interval["action"] == "compute" and (seconds := interval["stop"] - interval["start"]) > 0:
+                total += seconds
     return total
 
 
@@ -348,12 +348,14 @@ class MetadataPlugin(SchedulerPlugin):
             self._done[key] = job
         job.compute += compute
         self.compute_total += compute
-        nbytes = _measure(kwargs.get("nbytes") or 0)
+        nbytes = kwargs.get("nbytes")
         if nbytes:
+            if not 0 < nbytes <= MAX_NUMBER:  # rare: checked before any call, on the hot path
+                nbytes = _measure(nbytes)
             self._held[key] = nbytes
             held = job.nbytes = job.nbytes + nbytes
             if held > job.peak:
-                job.peak = min(held, MAX_NUMBER)
+                job.peak = held if held <= MAX_NUMBER else MAX_NUMBER
         if first_time and not job.remaining and job is not self._open:
             self._finish(job)
 
