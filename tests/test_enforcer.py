@@ -207,6 +207,20 @@ def test_a_cut_an_earlier_release_left_beside_its_original_leaves_each_record_on
     assert kept == [(a, t) for a in ("acme", "globex") for t in hours if t >= now - timedelta(days=30)]
 
 
+def test_compaction_keeps_two_records_a_cluster_sent_under_one_id(settings) -> None:  # noqa: ANN001
+    """Ingest refuses an id twice within a batch, not across batches: compaction kept one record per id,
+    and the other (another job) went, unsaid ("0 records removed")."""
+    pipeline = Pipeline.open(settings, create=True)
+    for cluster, tasks in (("c1", 5), ("c2", 7)):  # two batches
+        pipeline.write_records(
+            [make_record("job", record_id="ab" * 16, cluster_id=cluster, observed_at=DAY0, tasks_total=tasks)]
+        )
+    report = enforce(pipeline, DAY0 + timedelta(days=2))
+    assert report.compacted["cloud_logging"].segments == 2
+    jobs = sorted((r["cluster_id"], r["tasks_total"]) for r in pipeline.read_records("cloud_logging"))
+    assert jobs == [("c1", 5), ("c2", 7)]
+
+
 def test_a_straddling_segment_of_an_erased_subject_is_dropped(hourly_store) -> None:
     pipeline, store = hourly_store
     pipeline.keyring.destroy(pipeline.keyring.subject_ref("globex"))

@@ -38,7 +38,7 @@ from pipeline.errors import (
     StoreUnavailable,
     UnknownAccountError,
 )
-from pipeline.records import utcnow
+from pipeline.records import rows_from_table, utcnow
 from pipeline.reports.residue import remove_killed_reports
 from pipeline.retention.requests import DeletionRequest, process_pending
 from pipeline.retention.retirement import retire_master_keys
@@ -275,19 +275,25 @@ def _merge(pipeline: Pipeline, segments: list[Segment]) -> Segment | None:
 def _once_each(table: pa.Table, segments: list[Segment]) -> pa.Table:
     """``table`` with each record once: copies of one record in two segments of a day are a cut beside
     its original, left by an earlier release's pass killed between them (its cut ids named their cutoff,
-    so this release's cut the original again); merged, they would stay twice for good."""
+    so this release's cut the original again); merged, they would stay twice for good. Only whole copies
+    go: two records a cluster sent under one id in two batches differ, and both stay."""
     ids = table.column("record_id")
     if len(pc.unique(ids)) == len(ids):
         return table
-    first: dict[str, int] = {}
-    for row, record_id in enumerate(ids.to_pylist()):
-        first.setdefault(record_id, row)
-    logger.warning(
-        "compaction kept one copy of %d records held twice in segments %s",
-        len(ids) - len(first),
-        ", ".join(sorted(s.segment_id for s in segments)),
-    )
-    return table.take(column(pa.int64(), sorted(first.values())))
+    kept: list[int] = []
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for n, row in enumerate(rows_from_table(table)):  # rare: a day of one subject's records, once
+        same_id = seen.setdefault(row["record_id"], [])
+        if row not in same_id:  # every field alike: a copy
+            same_id.append(row)
+            kept.append(n)
+    if len(kept) < len(ids):
+        logger.warning(
+            "compaction kept one copy of %d records held twice in segments %s",
+            len(ids) - len(kept),
+            ", ".join(sorted(s.segment_id for s in segments)),
+        )
+    return table.take(column(pa.int64(), kept))
 
 
 def _opened(pipeline: Pipeline, segment: Segment) -> pa.Table | None:
