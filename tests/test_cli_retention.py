@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from conftest import make_record
 
 from pipeline.cli import main
@@ -161,44 +161,38 @@ def test_erase_status_checks_the_receipt_against_the_audit_entries_it_cites(pipe
     request_id = cli("erase", "request", "--account", "acme").strip()
     cli("enforce")
     cli("erase", "status", request_id)  # it agrees: exit 0
-    forged = func.replace(deletion_requests.c.receipt, '"records": 4', '"records": 500')
-    with pipeline.keyring.engine.begin() as conn:
-        conn.execute(
-            update(deletion_requests).where(deletion_requests.c.request_id == request_id).values(receipt=forged)
-        )
-    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    receipt = update(deletion_requests).where(deletion_requests.c.request_id == request_id)
+    erased_entry = update(audit_log).where(audit_log.c.action == "store.erased")
+
+    def status_after(edit: Any) -> Result:
+        """``erase status`` once ``edit`` changed the database."""
+        with pipeline.keyring.engine.begin() as conn:
+            conn.execute(edit)
+        return CliRunner().invoke(main, ["erase", "status", request_id])
+
+    result = status_after(
+        receipt.values(receipt=func.replace(deletion_requests.c.receipt, '"records": 4', '"records": 500'))
+    )
     assert result.exit_code == 1
     assert result.stderr.startswith(f"check failed: the receipt of {request_id} disagrees with the audit trail: ")
     assert "records 500, audit entry" in result.stderr and "says 4" in result.stderr
 
     # the cited entry edited the same way: its own hash and signature no longer hold (they were not checked)
-    with pipeline.keyring.engine.begin() as conn:
-        conn.execute(
-            update(audit_log)
-            .where(audit_log.c.action == "store.erased")
-            .values(details=func.replace(audit_log.c.details, '"records": 4', '"records": 500'))
-        )
-    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    result = status_after(
+        erased_entry.values(details=func.replace(audit_log.c.details, '"records": 4', '"records": 500'))
+    )
     assert result.exit_code == 1, result.output
     assert "whose content does not match its hash (altered)" in result.stderr
 
     quoted = func.replace(deletion_requests.c.receipt, '"audit_seq": ', '"audit_seq": "7", "was": ')  # a traceback
-    with pipeline.keyring.engine.begin() as conn:
-        conn.execute(
-            update(deletion_requests).where(deletion_requests.c.request_id == request_id).values(receipt=quoted)
-        )
-    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    result = status_after(receipt.values(receipt=quoted))
     assert result.exit_code == 1, result.output
     assert "it cites '7' as store.erased, which is no audit entry's number" in result.stderr
 
     # one that no longer reads (a key twice, not JSON): a failed check too (it was exit 2, as bad input)
-    with pipeline.keyring.engine.begin() as conn:
-        conn.execute(
-            update(audit_log)
-            .where(audit_log.c.action == "store.erased")
-            .values(details=func.replace(audit_log.c.details, '"records": 500', '"records": 4, "records": 4'))
-        )
-    result = CliRunner().invoke(main, ["erase", "status", request_id])
+    result = status_after(
+        erased_entry.values(details=func.replace(audit_log.c.details, '"records": 500', '"records": 4, "records": 4'))
+    )
     assert result.exit_code == 1, result.output
     assert "the audit trail fails its check (audit entry " in result.stderr
     assert "details name a key twice (altered)), so no entry it cites can vouch for it" in result.stderr
