@@ -6,6 +6,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -158,3 +159,19 @@ def test_serve_on_a_taken_port_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: pipeline.server.host/port: cannot listen on 127.0.0.1:{port} (address already in use)"
     ]
+
+
+def test_serve_over_tls_stops_at_once_while_a_client_holds_an_idle_connection(tmp_path: Path) -> None:
+    """asyncio waits up to 30 s for a TLS peer's close_notify when a connection closes: an idle keep-alive
+    connection (a cluster's client between batches) held every stop of ``serve`` that long."""
+    cert, key = self_signed(tmp_path)
+    with serve_process(tmp_path / "home", server__tls_cert=str(cert), server__tls_key=str(key)) as served:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            assert client.get(f"{served.url}/v1/health").status_code == 200  # its connection is kept alive
+            started = time.monotonic()
+            served.proc.send_signal(signal.SIGTERM)
+            served.proc.wait(120)
+            took = time.monotonic() - started
+        served.stop()
+    assert served.proc.returncode == 0
+    assert took < 20, f"serve took {took:.0f} s to stop"  # asyncio's TLS shutdown timeout is 30 s

@@ -150,6 +150,19 @@ class _GuardedH11(H11Protocol):
                 deadline.cancel()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """A connection between requests, its last answer sent, is dropped at once as the server stops.
+
+        Closed as uvicorn does, a TLS connection waits for the peer's reply to its close (up to 30 s,
+        asyncio's SSL shutdown timeout), and a client between requests does not read: every stop of
+        ``serve`` waited that long while a cluster's client was connected.
+        """
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            super().shutdown()
+
     def pause_writing(self) -> None:
         """The answer fills the send buffer: the client must read it within ``write_timeout``, or its
         connection is dropped (one that never reads would hold its slot, and the process's memory, for good)."""
