@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.columns import column
-from pipeline.emitter import MAX_BATCH_RECORDS, MAX_ITEMS, MAX_NUMBER, MAX_STRING_BYTES
+from pipeline.emitter import MAX_BATCH_RECORDS
+from pipeline.limits import MAX_ITEMS, MAX_NUMBER, MAX_STRING_BYTES
 
 __all__ = [
     "CLOCK_SKEW",

@@ -25,6 +25,7 @@ from dask.utils import parse_timedelta
 
 from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
+from pipeline.limits import MAX_STRING_BYTES
 from pipeline.redact import mask_url, quoted
 from pipeline.subject_names import control_character
 
@@ -187,14 +188,20 @@ class Settings:
         def text(key: str) -> str | None:
             return text_setting(key, _get(key))
 
-        def name(key: str) -> str | None:  # given as a keyword (a plugin made in code) or configured
-            given = overrides.pop(key, None)
+        def name(key: str, *, printable: bool = True) -> str | None:
+            """A name the plugin's records carry, given as a keyword (a plugin made in code) or configured;
+            refused here where ingest would refuse it (every batch of the plugin would be set aside)."""
+            given = overrides.pop(key.replace("-", "_"), None)
             value = text(key) if given is None else text_setting(key, given)
-            found = None if value is None else control_character(value)
-            if found is not None:  # refused by ingest: every batch of the plugin would wait in the spool
+            if value is None:
+                return None
+            found = control_character(value) if printable else None
+            if found is not None:
                 raise ConfigError(
                     f"pipeline.{key}: {quoted(value)} holds a control character ({found}); a name may not"
                 )
+            if (size := len(value.encode())) > MAX_STRING_BYTES:
+                raise ConfigError(f"pipeline.{key}: {size} bytes of UTF-8; at most {MAX_STRING_BYTES}")
             return value
 
         def path(key: str) -> Path | None:
@@ -219,8 +226,8 @@ class Settings:
             "home": home,
             "account": name("account"),
             "user": name("user"),
-            "cluster_id": text("cluster-id"),
-            "image": text("image"),
+            "cluster_id": name("cluster-id", printable=False),
+            "image": name("image", printable=False),
             "plugin_interval": seconds("plugin.interval"),
             "close_timeout": seconds("emitter.close-timeout"),
             "retry_max": seconds("emitter.retry-max"),

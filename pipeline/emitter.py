@@ -46,15 +46,6 @@ logger = logging.getLogger(__name__)
 _MIN_BACKOFF = 0.1
 #: records per sealed batch: one batch stays far below MAX_SEALED_BYTES for every kind the plugin emits
 MAX_BATCH_RECORDS = 5_000
-#: entries of any one list or map a record may hold (task prefixes of a job, packages of an environment,
-#: tasks by state); ingest refuses more (:mod:`pipeline.bounds`)
-MAX_ITEMS = 10_000
-#: UTF-8 bytes of any one string a record may hold; ingest refuses more (:mod:`pipeline.bounds`)
-MAX_STRING_BYTES = 2_048
-#: the largest count, number of seconds or bytes a record may hold; ingest refuses more (:mod:`pipeline.bounds`):
-#: past anything a cluster measures (9.0e15 tasks, 285 million years, 8 PiB), and every value a float holds
-#: exactly; sums of them neither overflow a report's exact integers nor reach infinity
-MAX_NUMBER = 2**53
 
 
 @dataclass

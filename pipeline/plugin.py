@@ -40,9 +40,10 @@ from tornado.ioloop import PeriodicCallback
 from pipeline.clock import utcnow
 from pipeline.config import Settings, spool_folder
 from pipeline.delivery import EmbeddedDelivery, remote_delivery
-from pipeline.emitter import MAX_ITEMS, MAX_NUMBER, MAX_STRING_BYTES, Emitter
+from pipeline.emitter import Emitter
 from pipeline.environment import environment_id, installed_environment, remote_environment
 from pipeline.errors import PipelineError
+from pipeline.limits import MAX_ITEMS, MAX_NUMBER, MAX_STRING_BYTES
 from pipeline.principals import Principal
 from pipeline.redact import first_line, mask_url
 from pipeline.spool import Spool

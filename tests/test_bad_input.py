@@ -680,6 +680,15 @@ def test_a_name_with_a_control_character_is_one_line_naming_it(key: str, home: P
     assert line == f"error: pipeline.{key}: 'bad\\tname' holds a control character (U+0009); a name may not"
 
 
+@pytest.mark.parametrize("key", ["account", "user", "cluster-id", "image"])
+def test_a_name_longer_than_ingest_takes_is_one_line_naming_it(key: str, home: Path) -> None:
+    """Ingest refuses a string over 2,048 bytes: a plugin configured with such a name started, and every batch
+    it sealed was set aside as refused (its records lost)."""
+    with dask.config.set({f"pipeline.{key}": "é" * 1025}):
+        line = one_line(run("init"))
+    assert line == f"error: pipeline.{key}: 2050 bytes of UTF-8; at most 2048"
+
+
 def test_an_unknown_key_url_scheme_names_the_setting(home: Path) -> None:
     with dask.config.set({"pipeline.keys.url": "http://x"}):
         assert one_line(run("init")).startswith("error: pipeline.keys.url: unknown key URL scheme 'http'")

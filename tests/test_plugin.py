@@ -525,24 +525,32 @@ def test_a_spooled_batch_of_a_name_ingest_refuses_is_set_aside_by_the_next_plugi
     assert [(j["account"], j["tasks_total"]) for j in jobs] == [("acme", 5)]
 
 
-@pytest.mark.parametrize(("name", "registered_as"), [("account", None), ("user", "metadata")])
-def test_a_plugin_given_a_name_with_a_control_character_leaves_the_scheduler(
-    home, caplog: pytest.LogCaptureFixture, name: str, registered_as: str | None
+@pytest.mark.parametrize(
+    ("name", "value", "registered_as", "why"),
+    [
+        ("account", "bad\tname", None, "'bad\\tname' holds a control character (U+0009)"),
+        ("user", "bad\tname", "metadata", "'bad\\tname' holds a control character (U+0009)"),
+        ("cluster_id", "c" * 2049, None, "2049 bytes of UTF-8; at most 2048"),
+    ],
+)
+def test_a_plugin_given_a_name_ingest_refuses_leaves_the_scheduler(
+    home, caplog: pytest.LogCaptureFixture, name: str, value: str, registered_as: str | None, why: str
 ) -> None:
-    """Given in code, the name was not checked: the plugin started, and every batch stayed in its spool.
-    Registered by a client (by any name), a plugin that failed to start stayed, its hooks running."""
+    """Given in code, the name was not checked: the plugin started, and every batch stayed in its spool (or,
+    a name too long, was set aside as refused). Registered by a client (by any name), a plugin that failed
+    to start stayed, its hooks running."""
     with (
         caplog.at_level(logging.WARNING, logger="pipeline"),
         LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
-        client.register_plugin(MetadataPlugin(**{"account": "acme", name: "bad\tname"}), name=registered_as)
+        client.register_plugin(MetadataPlugin(**{"account": "acme", name: value}), name=registered_as)
         deadline = time.monotonic() + 10
         while _metadata_plugins(cluster) and time.monotonic() < deadline:
             time.sleep(0.01)  # taken out on the scheduler's loop, once distributed added it
         assert _metadata_plugins(cluster) == []
     (failure,) = [r for r in caplog.records if r.name.startswith("pipeline")]
-    assert f"pipeline.{name}: 'bad\\tname' holds a control character (U+0009)" in failure.getMessage()
+    assert f"pipeline.{name.replace('_', '-')}: {why}" in failure.getMessage()
 
 
 def _metadata_plugins(cluster: LocalCluster) -> list[str]:
