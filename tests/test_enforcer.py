@@ -180,6 +180,32 @@ def test_a_straddling_segment_its_store_refuses_to_delete_leaves_the_others_cut(
     ]
 
 
+def test_an_original_whose_delete_keeps_failing_is_never_cut_twice(hourly_store, monkeypatch) -> None:  # noqa: ANN001
+    """Its cut was cut in turn at the next pass and deleted, freeing the cut's id: the pass after cut the
+    original again, and every younger record gained a copy each second pass (3, then 4: the inventory grew)."""
+    pipeline, store = hourly_store
+    target = pipeline.stores[store]
+    real_delete = target.delete
+    acme = pipeline.keyring.subject_ref("acme")
+    refused = {s.segment_id for s in target.straddling("cluster_jobs", DAY0) if s.subject_ref == acme}
+
+    def failing(ids):  # noqa: ANN001, ANN202
+        if refused & set(ids):
+            raise StoreError("made immutable")
+        return real_delete(ids)
+
+    monkeypatch.setattr(target, "delete", failing)
+    for hour in range(6):
+        now = DAY0 + timedelta(days=30, hours=hour)
+        report = enforce(pipeline, now)
+        assert report.failed_steps[f"expire:{store}/cluster_jobs"].startswith("1 straddling segment(s) kept whole")
+        held = [s.n_records for s in target.scan(data_type="cluster_jobs", with_payload=False) if s.subject_ref == acme]
+        assert sorted(held) == [12, 24], f"pass {hour}"  # the original and its one cut, left as they are
+        assert sorted(t for a, t in _observed(pipeline, store) if a == "globex") == [
+            DAY0.replace(hour=0) + timedelta(hours=h, minutes=30) for h in range(24) if h >= 12 + hour
+        ]
+
+
 @pytest.mark.parametrize("hourly_store", ["cloud_logging"], indirect=True)  # the store that compacts
 def test_a_cut_an_earlier_release_left_beside_its_original_leaves_each_record_once(hourly_store) -> None:  # noqa: ANN001
     """An earlier release named a cut by its cutoff: a pass of it killed between the cut's write and the

@@ -232,10 +232,15 @@ def _expire(
     try:
         straddling = {segment.segment_id: segment for segment in store.straddling(data_type, cutoff)}
         # an original listed beside its cut (an earlier pass wrote the cut, then failed to delete the original)
-        # goes first: after the cut is cut in turn and deleted, the original's cut would be written again
+        # goes first; while its delete fails, its cut stays as it is: cut in turn and deleted, it would free
+        # its id, and the next pass would cut the original again (every younger record one copy more)
+        held: set[str] = set()
         for segment in sorted(straddling.values(), key=lambda s: _cut_id(s) not in straddling):
+            if segment.segment_id in held:
+                continue
+            earlier_cut = straddling.get(_cut_id(segment))
             try:
-                removed += _cut(pipeline, store, segment, cutoff, straddling.get(_cut_id(segment)))
+                removed += _cut(pipeline, store, segment, cutoff, earlier_cut)
             except (KeyringError, KeyServiceError) as exc:
                 kept.append(str(exc))
                 continue
@@ -243,6 +248,8 @@ def _expire(
                 raise
             except StoreError as exc:  # this one segment refused (a file made immutable): the others go on
                 kept.append(f"segment {segment.segment_id}: {exc}")
+                if earlier_cut is not None:
+                    held.add(earlier_cut.segment_id)
                 continue
             rewritten += 1
     finally:
