@@ -220,3 +220,34 @@ def test_an_erasure_finishing_mid_rewrite_leaves_nothing_readable(
         enforcer._cut(pipeline, store, segment, segment.max_observed_at)
     assert [r.state for r in erased] == ["completed"]
     assert [r for r in pipeline.read_records("cloud_logging", account="acme") if r["user"] == "ann"] == []
+
+
+def _immutable(path: Path) -> bool:
+    """Make ``path`` immutable (``chattr +i``, as an operator may); whether the file system allows it."""
+    import shutil
+    import subprocess
+
+    chattr = shutil.which("chattr")
+    return chattr is not None and subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode == 0
+
+
+def test_a_merged_file_the_system_will_not_remove_is_left_out_and_every_read_goes_on(pipeline: Pipeline) -> None:
+    """Compaction's settling unlinked each source as every listing began: one it could not remove (a file
+    made immutable) failed every read of the store, ``records`` and ``report`` alike, from then on."""
+    import subprocess
+
+    before = _records(pipeline)
+    store = _store(pipeline)
+    folder = store.root / "cluster_jobs" / DAYS[0].strftime("%Y-%m-%d")
+    source = sorted(next(iter(folder.iterdir())).glob("*.seg"))[0]
+    if not _immutable(source):
+        pytest.skip("chattr +i is not available here")
+    try:
+        merged = _compact(pipeline)
+        assert merged.segments == 64  # every merge landed; the one source stays
+        assert source.exists()
+        assert _records(pipeline) == before  # its records once: in the merge
+        assert _compact(pipeline).segments == 0  # its folder is left as it is (its journal must stay)
+    finally:
+        subprocess.run(["chattr", "-i", str(source)], check=True)
+    assert _records(pipeline) == before and not source.exists()  # settled by the next listing

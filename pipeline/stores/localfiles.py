@@ -21,8 +21,10 @@ kind and user into one file, so expiry and scans touch few files. It first
 writes a journal (``.compacting``: each merged id with its source names), then
 links the merged files, then unlinks the sources, then the journal. Every
 listing settles a journal: while a merged file is absent its sources count;
-once it exists they are removed. So at every instant, and after a crash at any
-point, each record is seen exactly once. The journal and a day's ``.merged-ids``
+once it exists they are removed (one the system refuses to remove, a file made
+immutable, is left out of listings, and its folder is not compacted again while it
+stays). So at every instant, and after a crash at any point, each record is seen
+exactly once. The journal and a day's ``.merged-ids``
 are the store's own files, never foreign.
 """
 
@@ -111,6 +113,7 @@ class LocalFileStore(Store):
         self.root = Path(parsed.path)
         self._foreign: set[Path] = set()
         self._damaged: set[Path] = set()
+        self._stuck: set[Path] = set()
 
     def foreign_files(self) -> list[str]:
         return sorted(str(p) for p in self._foreign)
@@ -126,6 +129,11 @@ class LocalFileStore(Store):
         for entry in files:
             self._note_foreign(entry)
         return dirs
+
+    def _note_stuck(self, path: Path) -> None:
+        if path not in self._stuck:
+            self._stuck.add(path)
+            logger.warning("%s was merged by compaction and cannot be removed: left out (its records are merged)", path)
 
     def _note_damaged(self, path: Path, exc: _Damaged) -> None:
         if path not in self._damaged:
@@ -164,9 +172,12 @@ class LocalFileStore(Store):
     def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
         """The segment files of a subject folder with their parsed names, after settling any
         compaction journal in it; other files are foreign."""
-        _settle(folder, folder / _JOURNAL)
+        merged_away = _settle(folder, folder / _JOURNAL)
         found = []
         for entry in _listing(folder)[1]:
+            if entry.name in merged_away:
+                self._note_stuck(entry)
+                continue
             name = _Name.parse(entry.name)
             if name is None:
                 self._note_foreign(entry)
@@ -323,6 +334,8 @@ class LocalFileStore(Store):
         return merged
 
     def _compact_folder(self, folder: Path, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
+        if _settle(folder, folder / _JOURNAL):  # its journal must stay: a new one would replace it
+            return Removed()
         groups: dict[tuple[str, str | None], list[tuple[Path, _Name]]] = {}
         for path, name in self._files(folder):
             groups.setdefault((name.kind, name.user_ref), []).append((path, name))
@@ -393,25 +406,35 @@ class _Guard:
             raise error(f"{self.message}: {exc.strerror or exc}") from exc
 
 
-def _settle(folder: Path, journal: Path) -> None:
+def _settle(folder: Path, journal: Path) -> set[str]:
     """Finish the merges of a compaction journal whose merged file exists: remove their sources.
 
     A merge whose file is absent has not landed: its sources are the data and the
-    journal stays (the next compaction of the folder replaces it).
+    journal stays (the next compaction of the folder replaces it). A source the system
+    refuses to remove (a file made immutable) stays with the journal, merged: its name is
+    returned, for listings to leave out (its records are in the merged file), where raising
+    would end every read of the store.
     """
     try:
         lines = [line.split(" ") for line in journal.read_text().splitlines() if line]
     except FileNotFoundError:  # no compaction here, or settled by another reader
-        return
+        return set()
     present = {p.name.split("~", 1)[0] for p in folder.iterdir()}
     landed = [sources for merged_id, *sources in lines if merged_id in present]
+    stuck = set()
     for sources in landed:
         for name in sources:
-            (folder / name).unlink(missing_ok=True)
+            try:
+                (folder / name).unlink(missing_ok=True)
+            except OSError as exc:
+                if exc.errno not in _REFUSALS:
+                    raise
+                stuck.add(name)
     if landed:
         sync_folder(folder)
-    if len(landed) == len(lines):
+    if len(landed) == len(lines) and not stuck:
         journal.unlink(missing_ok=True)
+    return stuck
 
 
 def _header(segment: Segment) -> bytes:
