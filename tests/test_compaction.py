@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_record
 
+from pipeline.errors import StoreRefused
 from pipeline.records import rows_from_table
 from pipeline.retention import enforcer
 from pipeline.runtime import Pipeline, seal_records
@@ -248,6 +249,13 @@ def test_a_merged_file_the_system_will_not_remove_is_left_out_and_every_read_goe
         assert source.exists()
         assert _records(pipeline) == before  # its records once: in the merge
         assert _compact(pipeline).segments == 0  # its folder is left as it is (its journal must stay)
+        owner = localfiles._Name.parse(source.name)
+        assert owner is not None
+        with pytest.raises(StoreRefused, match="Operation not permitted"):  # its subject erased: named, not left
+            store.erase(source.parent.name, owner.user_ref)
+        with pytest.raises(StoreRefused, match="Operation not permitted"):  # its day expired: the same
+            store.expire("cluster_jobs", DAYS[1].replace(hour=0))
+        assert set(_records(pipeline).values()) == {1}  # each record once: the merge still hides it
     finally:
         subprocess.run(["chattr", "-i", str(source)], check=True)
-    assert _records(pipeline) == before and not source.exists()  # settled by the next listing
+    assert set(_records(pipeline).values()) == {1} and not source.exists()  # settled by the next listing

@@ -169,13 +169,19 @@ class LocalFileStore(Store):
             raise _Damaged(reason, segment.key_version)
         return segment
 
-    def _files(self, folder: Path) -> list[tuple[Path, _Name]]:
+    def _files(self, folder: Path, *, to_remove: bool = False) -> list[tuple[Path, _Name]]:
         """The segment files of a subject folder with their parsed names, after settling any
-        compaction journal in it; other files are foreign."""
+        compaction journal in it; other files are foreign.
+
+        A source compaction merged that the system would not remove is left out, its records
+        read from the merge; ``to_remove`` includes it, first, so that removing the folder's
+        files fails on it while its merge still hides it (it would come back once the merge
+        and journal were gone).
+        """
         merged_away = _settle(folder, folder / _JOURNAL)
         found = []
         for entry in _listing(folder)[1]:
-            if entry.name in merged_away:
+            if entry.name in merged_away and not to_remove:
                 self._note_stuck(entry)
                 continue
             name = _Name.parse(entry.name)
@@ -183,7 +189,7 @@ class LocalFileStore(Store):
                 self._note_foreign(entry)
             else:
                 found.append((entry, name))
-        return sorted(found)
+        return sorted(found, key=lambda file: (file[0].name not in merged_away, file))
 
     def _guard(self, action: str) -> _Guard:
         return _Guard(f"{self.root} unavailable during {action}")
@@ -271,7 +277,7 @@ class LocalFileStore(Store):
         """Remove every segment and compaction file under ``folder``, then the folders left empty
         (foreign files stay)."""
         folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        removed = self._remove_files([f for sub in [*folders, folder] for f in self._files(sub)])
+        removed = self._remove_files([f for sub in [*folders, folder] for f in self._files(sub, to_remove=True)])
         for sub in [*folders, folder]:
             for own in (_JOURNAL, _MERGED):
                 (sub / own).unlink(missing_ok=True)
@@ -306,7 +312,12 @@ class LocalFileStore(Store):
                     removed += self._drop_folder(day)
                     continue
                 removed += self._remove_files(
-                    [(f, n) for folder in self._dirs(day) for f, n in self._files(folder) if n.max_us < before_us]
+                    [
+                        (f, n)
+                        for folder in self._dirs(day)
+                        for f, n in self._files(folder, to_remove=True)
+                        if n.max_us < before_us
+                    ]
                 )
         return removed
 
@@ -382,7 +393,8 @@ class LocalFileStore(Store):
                 if user_ref is None:
                     removed += self._drop_folder(folder)
                 else:
-                    removed += self._remove_files([(f, n) for f, n in self._files(folder) if n.user_ref == user_ref])
+                    doomed = [(f, n) for f, n in self._files(folder, to_remove=True) if n.user_ref == user_ref]
+                    removed += self._remove_files(doomed)
         return removed
 
 
