@@ -320,6 +320,11 @@ class _StaleAdmission(Exception):
         self.batches = batches
 
 
+class _TombstonesMoved(Exception):
+    """A request was filed (or moved on) for a subject of the group after its tombstones were read: drop
+    and seal the group again."""
+
+
 def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
     """``batch`` admitted again; the error of that admission is the batch's answer."""
     assert batch.readmit is not None  # guards come from admission
@@ -587,6 +592,8 @@ class Pipeline:
         while True:
             try:
                 results = iter(self._commit_admitted([b for b in group if isinstance(b, PreparedBatch)]))
+            except _TombstonesMoved:
+                continue
             except _StaleAdmission as stale:
                 group = [
                     _readmitted(b) if isinstance(b, PreparedBatch) and id(b) in stale.batches else b for b in group
@@ -602,9 +609,11 @@ class Pipeline:
         it found new (a concurrent process may have taken one meanwhile).
 
         :raises _StaleAdmission: a guard failed; nothing was written
+        :raises _TombstonesMoved: a subject's tombstones changed since they were read; nothing was written
         """
         fresh = self._untaken(batches)
-        stones = tombstones.load(self.keyring.engine, {b.subject_ref for b in fresh})
+        subjects = {b.subject_ref for b in fresh}
+        stones = tombstones.load(self.keyring.engine, subjects)
         sealed = seal_batches(
             self.keyring, [(f"{b.subject_ref}/{b.batch_id}", self._drop_erased(b, stones)) for b in fresh]
         )
@@ -622,6 +631,7 @@ class Pipeline:
             _kept_for_retry("long_term"),
             transaction(self.keyring.engine, "commit ingested batches") as conn,
         ):
+            tombstones.hold(conn, subjects)  # first: an erasure filed from here on waits for this commit
             # in key order, then the batch ids in theirs: two processes' commits wait, never deadlock;
             # a run of one statement goes as one executemany (one round trip on PostgreSQL)
             locking = sorted((s for batch in batches for s in batch.statements), key=lambda s: s[0])
@@ -630,6 +640,8 @@ class Pipeline:
                 conn.execute(run[0][1], [params for _key, _statement, params in run])
             if stale := _stale_admissions(conn, fresh):
                 raise _StaleAdmission(stale)
+            if not tombstones.stand(conn, stones):  # one filed, or run, while the group was sealed
+                raise _TombstonesMoved()
             for name in self.stores:  # after the checks, so no store holds what a stale admission let through
                 if name != "long_term" and (segments := routed(name)):
                     with _kept_for_retry(name):

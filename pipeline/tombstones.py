@@ -12,6 +12,7 @@ lets new records in, never old ones.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -19,12 +20,12 @@ from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Engine, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, or_, select, text, update
 
 from pipeline.db import deletion_requests, reading, tombstones, transaction
 from pipeline.errors import PipelineError
 
-__all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "lift", "load"]
+__all__ = ["Tombstone", "TombstoneNotFound", "add", "complete", "drop_erased", "hold", "lift", "load", "stand"]
 
 
 class TombstoneNotFound(PipelineError, LookupError):
@@ -46,10 +47,48 @@ class Tombstone:
     open: bool = False
 
 
+#: PostgreSQL advisory lock space (int4) of the subjects' tombstones ("tomb")
+_LOCK_SPACE = 0x746F6D62
+
+
+def hold(conn: Connection, subject_refs: Iterable[str], *, exclusive: bool = False) -> None:
+    """Hold the subjects' tombstones still until the transaction ends: shared by the commits that write
+    the subjects' records, exclusive by the filing of a request (:func:`add`).
+
+    A commit that reads the tombstones after this (:func:`stand`) then sees every request filed before
+    it, and a request filed after it waits for the commit to be durable, so its erasure finds what the
+    commit wrote. Without it a batch that read no tombstone was written after an erasure filed, ran and
+    completed meanwhile: sealed under a new key, its records from before the erasure stayed readable.
+    PostgreSQL: a transaction-level advisory lock a subject (one round trip); SQLite: the database's
+    write lock, which its one writer at a time holds to the end (a write taking it is the first
+    statement of the transaction: a read before it could see tombstones older than the lock).
+    """
+    refs = sorted(set(subject_refs))
+    if not refs:
+        return
+    if conn.dialect.name == "postgresql":
+        lock = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        keys = sorted({int.from_bytes(hashlib.sha256(ref.encode()).digest()[:4], "big", signed=True) for ref in refs})
+        conn.execute(
+            text(f"SELECT {lock}(:space, key) FROM unnest(CAST(:keys AS integer[])) AS key"),
+            {"space": _LOCK_SPACE, "keys": keys},
+        ).all()
+    else:
+        conn.execute(update(tombstones).where(tombstones.c.request_id.is_(None)).values(suppress=tombstones.c.suppress))
+
+
+def stand(conn: Connection, loaded: Mapping[str, list[Tombstone]]) -> bool:
+    """Whether the tombstones of ``loaded``'s subjects are still as :func:`load` read them (in a transaction
+    that holds them: :func:`hold`)."""
+    now = _load_on(conn, loaded)
+    return all(set(now[ref]) == set(stones) for ref, stones in loaded.items())
+
+
 def add(
     conn: Connection, request_id: str, subject_ref: str, user_ref: str | None, *, at: datetime, suppress: bool
 ) -> None:
-    """The tombstone of a request being filed (in the caller's transaction)."""
+    """The tombstone of a request being filed (in the caller's transaction), its subject held (:func:`hold`)."""
+    hold(conn, [subject_ref], exclusive=True)
     conn.execute(
         insert(tombstones).values(
             request_id=request_id, subject_ref=subject_ref, user_ref=user_ref, erased_at=at, suppress=suppress
@@ -113,24 +152,28 @@ _OF_SUBJECTS = (
 def load(engine: Engine, subject_refs: Iterable[str]) -> dict[str, list[Tombstone]]:
     """The tombstones of each of ``subject_refs`` (an empty list for none), in one query per 500 subjects."""
     refs = sorted(set(subject_refs))
-    found: dict[str, list[Tombstone]] = {ref: [] for ref in refs}
     if not refs:  # a group commit of replays only: nothing to ask
-        return found
+        return {}
     with reading(engine, "reading tombstones") as conn:
-        for start in range(0, len(refs), 500):
-            rows = conn.execute(_OF_SUBJECTS, {"refs": refs[start : start + 500]})
-            for r in rows:
-                found[r.subject_ref].append(
-                    Tombstone(
-                        r.request_id,
-                        r.subject_ref,
-                        r.user_ref,
-                        r.erased_at,
-                        r.suppress,
-                        r.lifted_at,
-                        open=r.state not in (None, "completed"),
-                    )
+        return _load_on(conn, refs)
+
+
+def _load_on(conn: Connection, subject_refs: Iterable[str]) -> dict[str, list[Tombstone]]:
+    refs = sorted(set(subject_refs))
+    found: dict[str, list[Tombstone]] = {ref: [] for ref in refs}
+    for start in range(0, len(refs), 500):
+        for r in conn.execute(_OF_SUBJECTS, {"refs": refs[start : start + 500]}):
+            found[r.subject_ref].append(
+                Tombstone(
+                    r.request_id,
+                    r.subject_ref,
+                    r.user_ref,
+                    r.erased_at,
+                    r.suppress,
+                    r.lifted_at,
+                    open=r.state not in (None, "completed"),
                 )
+            )
     return found
 
 
