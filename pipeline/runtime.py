@@ -783,9 +783,22 @@ class Pipeline:
 
         :raises TypeError, ValueError: a field of a record does not fit its kind's schema
         """
-        tables = self._without_erased(_tables_by_kind(records), {"written_as": segment_seed or "records"})
-        routed = self.route(seal_tables(self.keyring, tables, segment_seed=segment_seed))
-        return {name: self.stores[name].write(batch) for name, batch in routed.items() if batch}
+        tables = _tables_by_kind(records)
+        subjects = {self.keyring.subject_ref(a) for t in tables for a in set(t.column("account").to_pylist())}
+        long_term = self.stores["long_term"]
+        assert isinstance(long_term, SQLStore)  # checked by open
+        while True:  # as a group commit of ingest writes (see _commit_admitted): an erasure filed meanwhile
+            stones = tombstones.load(self.keyring.engine, subjects)
+            kept = self._without_erased(tables, {"written_as": segment_seed or "records"}, stones=stones)
+            routed = self.route(seal_tables(self.keyring, kept, segment_seed=segment_seed))
+            with transaction(self.keyring.engine, "writing records") as conn:
+                tombstones.hold(conn, subjects)
+                if not tombstones.stand(conn, stones):
+                    continue
+                written = {name: self.stores[name].write(b) for name, b in routed.items() if b and name != "long_term"}
+                if routed.get("long_term"):  # last, in the transaction holding the tombstones
+                    written["long_term"] = long_term.write_within(conn, routed["long_term"])
+                return {name: written[name] for name in routed if name in written}
 
     def subject_ref(self, account: str) -> str:
         """The subject ref of an account that has data now.

@@ -254,6 +254,29 @@ def test_a_batch_sealed_while_its_subject_is_erased_brings_nothing_back(database
     assert _ann_everywhere(pipeline) == {"long_term": 0, "cloud_logging": 0}
 
 
+def test_records_written_while_their_subject_is_erased_come_back_nowhere(database, monkeypatch) -> None:  # noqa: ANN001
+    """Jobs of a cluster found lost are written as records are: read the tombstones, seal, write. An erasure
+    filed and completed in between left them readable under a new key."""
+    from pipeline import tombstones
+
+    pipeline = Pipeline.open(create=True)
+    pipeline.write_records([make_record(account="acme", user="ann", observed_at=BEFORE)])
+    load, erased = tombstones.load, []
+
+    def erase_meanwhile(engine, refs):  # noqa: ANN001, ANN202
+        loaded = load(engine, refs)
+        monkeypatch.setattr(tombstones, "load", load)
+        file_request(pipeline, "acme", "ann")
+        erased.extend(process_pending(pipeline))
+        return loaded
+
+    monkeypatch.setattr(tombstones, "load", erase_meanwhile)
+    recent = datetime.now(UTC) - timedelta(minutes=5)
+    assert pipeline.write_records([make_record("job", account="acme", user="ann", observed_at=recent)]) == {}
+    assert [r.state for r in erased] == ["completed"]
+    assert _ann_everywhere(pipeline) == {"long_term": 0, "cloud_logging": 0}
+
+
 def test_an_erasure_filed_while_a_batch_commits_waits_and_finds_it(database, monkeypatch) -> None:  # noqa: ANN001
     """Filed and run while the commit wrote (PostgreSQL: nothing held them apart), the erasure swept before
     the batch's segments were committed: they stayed, ciphertext of ann in a store after her receipt."""

@@ -65,16 +65,20 @@ class SQLStore(Store):
     def write(self, batch: Sequence[Segment]) -> int:
         if not batch:
             return 0
-        new = 0
         with self._connection("write", begin=True) as conn:
-            for start in range(0, len(batch), _CHUNK):
-                chunk = batch[start : start + _CHUNK]
-                ids = [s.segment_id for s in chunk]
-                present = set(conn.scalars(select(segments.c.segment_id).where(segments.c.segment_id.in_(ids))))
-                rows = [_row(s) for s in chunk if s.segment_id not in present]
-                if rows:
-                    conn.execute(self._insert, rows)
-                    new += len(rows)
+            return self.write_within(conn, batch)
+
+    def write_within(self, conn: Connection, batch: Sequence[Segment]) -> int:
+        """:meth:`write` within the caller's transaction; how many segments were new."""
+        new = 0
+        for start in range(0, len(batch), _CHUNK):
+            chunk = batch[start : start + _CHUNK]
+            ids = [s.segment_id for s in chunk]
+            present = set(conn.scalars(select(segments.c.segment_id).where(segments.c.segment_id.in_(ids))))
+            rows = [_row(s) for s in chunk if s.segment_id not in present]
+            if rows:
+                conn.execute(self._insert, rows)
+                new += len(rows)
         return new
 
     def insert(self, conn: Connection, batch: Sequence[Segment]) -> None:
