@@ -48,7 +48,7 @@ from botocore.handlers import add_expect_header
 from cryptography.exceptions import InvalidTag
 
 from pipeline.awsclient import error_code, mask_errors, transient
-from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable
+from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavailable, UnknownAccountError
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
 from pipeline.redact import first_line, mask_url
@@ -72,14 +72,24 @@ _T = TypeVar("_T")
 
 
 class KeyringKms(pe.KmsClient):  # type: ignore[misc]
-    """Wraps Parquet data keys with a data key of the keyring; the key id is ``subject_ref~user_ref``."""
+    """Wraps Parquet data keys with a data key of the keyring; the key id is ``subject_ref~user_ref``.
 
-    def __init__(self, keyring: Keyring) -> None:
+    With ``key_version``, only under that version of the data key: rows read under it are never wrapped
+    under the next (an erasure destroyed it meanwhile, and a later record made a new one).
+    """
+
+    def __init__(self, keyring: Keyring, key_version: int | None = None) -> None:
         super().__init__()
         self.keyring = keyring
+        self.key_version = key_version
 
     def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
         version, cipher = self.keyring.cipher(*_refs(master_key_identifier), create=False)
+        if self.key_version is not None and version != self.key_version:
+            raise KeyringError(
+                f"archive key of subject {master_key_identifier[:12]}… is version {version}, not the "
+                f"{self.key_version} the rows were read under: destroyed since"
+            )
         nonce = os.urandom(_NONCE)
         sealed = cipher.encrypt(nonce, key_bytes, master_key_identifier.encode())
         return f"{version}:{base64.b64encode(nonce + sealed).decode()}"
@@ -94,8 +104,8 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
             raise KeyringError(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
 
 
-def _factory(keyring: Keyring) -> pe.CryptoFactory:
-    return pe.CryptoFactory(lambda _config: KeyringKms(keyring))
+def _factory(keyring: Keyring, key_version: int | None = None) -> pe.CryptoFactory:
+    return pe.CryptoFactory(lambda _config: KeyringKms(keyring, key_version))
 
 
 def decryption_properties(keyring: Keyring) -> Any:
@@ -186,10 +196,13 @@ class ArchiveStore(Store):
             raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
         return table, got["ETag"]
 
-    def _put(self, key: str, table: pa.Table, *, if_match: str | None = None) -> bool:
-        """Write an object only if absent, or only over the version ``if_match``; False if that lost a race."""
+    def _put(self, key: str, table: pa.Table, *, if_match: str | None = None, key_version: int | None = None) -> bool:
+        """Write an object only if absent, or only over the version ``if_match``; False if that lost a race.
+
+        :raises KeyringError: ``key_version`` is not the subject's live data key version (see :class:`KeyringKms`)
+        """
         footer_key = _key_of(key)  # subject_ref~user_ref: whose key wraps it
-        properties = _factory(self.keyring).file_encryption_properties(
+        properties = _factory(self.keyring, key_version).file_encryption_properties(
             pe.KmsConnectionConfig(),
             pe.EncryptionConfiguration(footer_key=footer_key, uniform_encryption=True, double_wrapping=False),
         )
@@ -359,6 +372,10 @@ class ArchiveStore(Store):
             # an object listed is gone: another compactor or an erasure is at this day; the next pass retries
 
     def _merge_day(self, data_type: str, day: str, key_id: str, keys: list[str]) -> None:
+        try:  # what it reads opens under this version or not at all: the merge is put under it or not at all
+            live, _cipher = self.keyring.cipher(*_refs(key_id), create=False)
+        except (KeyringError, UnknownAccountError):  # shredded: left for the erasure or expiry that drops it whole
+            return
         target = self._key(data_type, day, key_id)
         base: pa.Table | None = None
         etag: str | None = None
@@ -381,7 +398,7 @@ class ArchiveStore(Store):
             merged_keys.append(key)
         try:
             put = bool(merged_keys) and self._put(
-                target, pa.concat_tables(tables, promote_options="default"), if_match=etag
+                target, pa.concat_tables(tables, promote_options="default"), if_match=etag, key_version=live
             )
         except KeyringError:  # shredded since it was read: the erasure that did it deletes the objects
             return
