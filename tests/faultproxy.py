@@ -8,10 +8,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultProxy:
-    """Forward 127.0.0.1:<port> to ``target_port``; :meth:`fail` makes chosen requests answer S3's 503."""
+    """Forward 127.0.0.1:<port> to ``target_port``; :meth:`fail` makes chosen requests answer an S3 error
+    (503 ServiceUnavailable unless it says)."""
 
     def __init__(self, target_port: int) -> None:
-        self._rules: list[list] = []  # [method, requests to let pass first, failures left, forwarded first]
+        # [method, requests to let pass first, failures left, forwarded first, (status, code)]
+        self._rules: list[list] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -22,10 +24,11 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 failing = proxy._failing(self.command)
                 if failing is not None:
-                    if failing:  # done upstream, its answer lost on the way back
+                    forwarded, (status, code) = failing
+                    if forwarded:  # done upstream, its answer lost on the way back
                         self._forwarded(body)
-                    data = b"" if self.command == "HEAD" else b"<Error><Code>ServiceUnavailable</Code></Error>"
-                    self.send_response(503)
+                    data = b"" if self.command == "HEAD" else f"<Error><Code>{code}</Code></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -57,14 +60,23 @@ class FaultProxy:
         self.port = self._server.server_port
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def fail(self, method: str, *, after: int = 0, times: int = 1, forwarded: bool = False) -> None:
-        """Answer 503 to ``times`` requests of ``method``, once ``after`` of them went through; with
-        ``forwarded``, each is done upstream first (its answer lost on the way back)."""
+    def fail(
+        self,
+        method: str,
+        *,
+        after: int = 0,
+        times: int = 1,
+        forwarded: bool = False,
+        status: int = 503,
+        code: str = "ServiceUnavailable",
+    ) -> None:
+        """Answer ``status`` and ``code`` to ``times`` requests of ``method``, once ``after`` of them went
+        through; with ``forwarded``, each is done upstream first (its answer lost on the way back)."""
         with self._lock:
-            self._rules.append([method, after, times, forwarded])
+            self._rules.append([method, after, times, forwarded, (status, code)])
 
-    def _failing(self, method: str) -> bool | None:
-        """``None``: forward the request; else answer 503, after forwarding it when ``True``."""
+    def _failing(self, method: str) -> tuple[bool, tuple[int, str]] | None:
+        """``None``: forward the request; else (whether to forward it first, the error to answer)."""
         with self._lock:
             for rule in self._rules:
                 if rule[0] == method and rule[2] > 0:
@@ -72,7 +84,7 @@ class FaultProxy:
                         rule[1] -= 1
                         return None
                     rule[2] -= 1
-                    return bool(rule[3])
+                    return bool(rule[3]), rule[4]
         return None
 
     def close(self) -> None:

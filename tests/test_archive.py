@@ -180,6 +180,24 @@ def test_an_object_whose_delete_answer_was_lost_is_named_by_the_erasure(s3_archi
     assert set(cut.value.deleted) | set(resumed.places) == named
 
 
+def test_a_write_s3_answers_with_a_conflict_is_retried_not_taken_as_written(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    """S3 answers 409 ConditionalRequestConflict when another conditional write to the key is under way, and
+    says to retry; it was taken for 412 (the object exists), and the segment never reached the archive."""
+    segments = seal_records(keyring, [make_record(account="acme", observed_at=T0)])
+    endpoint = parse_qs(urlparse(s3_archive_url).query)["endpoint"][0]
+    proxy = FaultProxy(urlparse(endpoint).port or 80)
+    try:
+        proxy.fail("PUT", status=409, code="ConditionalRequestConflict")
+        store = open_store(s3_archive_url.replace(endpoint, f"http://127.0.0.1:{proxy.port}"), keyring=keyring)
+        with pytest.raises(StoreUnavailable, match="ConditionalRequestConflict"):
+            store.write(segments)
+        assert not _objects(s3_archive_url)
+        assert store.write(segments) == 1  # the retry
+    finally:
+        proxy.close()
+    assert len(_objects(s3_archive_url)) == 1
+
+
 def _versions(url: str) -> dict[str, list[bytes]]:
     """Every version of every object in the bucket (noncurrent ones too), by key."""
     s3 = boto3.client("s3")

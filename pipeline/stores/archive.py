@@ -67,7 +67,10 @@ _NONCE = 12
 #: PUTs of one write sent at once (boto3 clients are thread-safe)
 PUT_THREADS = 8
 #: a conditional PUT that lost: the object exists (If-None-Match) or changed (If-Match), or a concurrent one won
-_LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+#: a conditional PUT's condition failed: the object exists (If-None-Match), or changed (If-Match)
+_LOST_RACE = {"PreconditionFailed", "412"}
+#: another conditional write to the key was under way; S3 says to retry
+_CONFLICT = {"ConditionalRequestConflict", "409"}
 _T = TypeVar("_T")
 
 
@@ -200,6 +203,7 @@ class ArchiveStore(Store):
         """Write an object only if absent, or only over the version ``if_match``; False if that lost a race.
 
         :raises KeyringError: ``key_version`` is not the subject's live data key version (see :class:`KeyringKms`)
+        :raises StoreUnavailable: S3 answered a new object's write with a conflict (409): retry
         """
         footer_key = _key_of(key)  # subject_ref~user_ref: whose key wraps it
         properties = _factory(self.keyring, key_version).file_encryption_properties(
@@ -216,8 +220,11 @@ class ArchiveStore(Store):
         try:
             self._call("write", lambda: put(**condition))
         except StoreError as exc:
-            if _code(exc) in _LOST_RACE:
+            code = _code(exc)
+            if code in _LOST_RACE or (if_match and code in _CONFLICT):  # a rewrite: the next pass tries again
                 return False
+            if code in _CONFLICT:  # not written: taken for a replay, the segment would never reach the archive
+                raise StoreUnavailable(f"{exc}; another write to the object was under way") from exc
             raise
         return True
 
