@@ -198,6 +198,25 @@ def test_a_write_s3_answers_with_a_conflict_is_retried_not_taken_as_written(s3_a
     assert len(_objects(s3_archive_url)) == 1
 
 
+def test_a_parquet_file_of_another_layout_is_skipped_and_listed_never_a_reason_to_stop(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    """A summary a query engine wrote beside the partitions failed every scan, compaction and erasure of the
+    archive ("is not under day=…/"): an erasure stayed failed, its subject's objects kept."""
+    records = [make_record(account="acme", user="ann", observed_at=T0 + timedelta(minutes=m)) for m in (0, 1, 2)]
+    store = _write(s3_archive_url, keyring, records[:1])
+    store.write(seal_records(keyring, records[1:2]))
+    store.write(seal_records(keyring, records[2:]))
+    bucket = urlparse(s3_archive_url).netloc
+    stray, body = ["metadata/summary.parquet", "metadata/data_type=cluster_jobs/day=2026-01-01/part-0.parquet"], b"PAR1"
+    for key in stray:
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body)
+    assert len(list(store.scan())) == 3
+    store.compact(T0 + timedelta(days=2), lambda segments: None)
+    assert len([k for k in _objects(s3_archive_url) if keyring.subject_ref("acme") in k]) == 1  # merged
+    assert store.erase(keyring.subject_ref("acme")).records == 3
+    assert store.foreign_files() == sorted(f"s3://{bucket}/{key}" for key in stray)
+    assert _objects(s3_archive_url) == dict.fromkeys(stray, body)  # left in place
+
+
 def _versions(url: str) -> dict[str, list[bytes]]:
     """Every version of every object in the bucket (noncurrent ones too), by key."""
     s3 = boto3.client("s3")

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -71,7 +73,10 @@ PUT_THREADS = 8
 _LOST_RACE = {"PreconditionFailed", "412"}
 #: another conditional write to the key was under way; S3 says to retry
 _CONFLICT = {"ConditionalRequestConflict", "409"}
+#: an object's key under the prefix: a segment's own object, or a subject's day once compacted (see ``_key``)
+_OWN_KEY = re.compile(r"data_type=[^/]+/day=\d{4}-\d{2}-\d{2}/[^/~.]+~[^/~.]+(\.[^/~.]+)?\.parquet")
 _T = TypeVar("_T")
+logger = logging.getLogger(__name__)
 
 
 class KeyringKms(pe.KmsClient):  # type: ignore[misc]
@@ -133,6 +138,7 @@ class ArchiveStore(Store):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.keyring = keyring
+        self._foreign: set[str] = set()
         try:
             s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
         except (BotoCoreError, ValueError) as exc:  # ValueError: "Invalid endpoint: URL"
@@ -168,10 +174,24 @@ class ArchiveStore(Store):
         return base + "/" if base and not base.endswith("/") else base
 
     def _keys(self, data_type: str | None = None) -> Iterator[str]:
-        """Object keys under the prefix (or one data type), oldest day first."""
+        """The archive's object keys under the prefix (or one data type), oldest day first.
+
+        A Parquet file of another layout (a summary a query engine wrote beside the partitions) is not
+        one of its objects: skipped and listed by :meth:`foreign_files`, never read, merged or deleted.
+        """
         pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._base(data_type))
         keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
-        yield from sorted((k for k in keys if k.endswith(".parquet")), key=lambda k: (_part(k, "day"), k))
+        own = []
+        for key in (k for k in keys if k.endswith(".parquet")):
+            if _OWN_KEY.fullmatch(key.removeprefix(f"{self.prefix}/" if self.prefix else "")):
+                own.append(key)
+            elif key not in self._foreign:
+                self._foreign.add(key)
+                logger.warning("skipped s3://%s/%s: not an object of this archive", self.bucket, key)
+        yield from sorted(own, key=lambda k: (_part(k, "day"), k))
+
+    def foreign_files(self) -> list[str]:
+        return sorted(f"s3://{self.bucket}/{key}" for key in self._foreign)
 
     def _groups(self) -> Iterator[tuple[str, str, str, list[str]]]:
         """(data type, day, key id, object keys): one subject's (or person's) objects of a type and day."""
