@@ -350,7 +350,7 @@ class Keyring:
                 f"no keyring in {mask_url(self.engine.url.render_as_string(hide_password=False))}; "
                 "run metadata-pipeline init"
             )
-        return self.provider.unwrap(row.master_version, row.wrapped, _aad(INDEX_KEY_ID, row.key_version))
+        return self._unwrap(row.master_version, row.wrapped, _aad(INDEX_KEY_ID, row.key_version))
 
     def _adopt_master_versions(self) -> None:
         """Record the provider's versions (a keyring made before retirement existed has none recorded)."""
@@ -398,7 +398,7 @@ class Keyring:
             row = self._row(key_id)
             if row is None or row.wrapped is None:
                 raise KeyringError(f"key {key_id!r} was destroyed")
-        return self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
+        return self._unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
 
     def cipher(self, subject_ref: str, user_ref: str | None = None, *, create: bool = True) -> tuple[int, AESGCM]:
         """The current data key of an account (or of one of its users) as ``(key_version, AESGCM)``.
@@ -428,7 +428,7 @@ class Keyring:
                 row = self._new_version(key_id, row, subject_ref if user_ref else None)
             cached = self._ciphers.get(key_id)
             if cached is None or cached[0] != row.key_version:
-                key = self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
+                key = self._unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
                 cached = self._ciphers[key_id] = (row.key_version, AESGCM(key))
             return cached
 
@@ -482,6 +482,14 @@ class Keyring:
             self.on_key_created(key_id, row.key_version)
         return row
 
+    def _unwrap(self, master_version: int, wrapped: bytes, aad: bytes) -> bytes:
+        """A data key wrapped under ``master_version``, which another process's rotation may have made since
+        this one synced: then the provider learns it first (a KMS key of its own; unknown, the URL's key
+        was asked, and every key re-wrapped since failed until a restart)."""
+        if master_version not in self.provider.versions():
+            _sync(self.engine, self.provider)
+        return self.provider.unwrap(master_version, wrapped, aad)
+
     def cipher_for(self, subject_ref: str, user_ref: str | None, key_version: int, *, checked: bool = False) -> AESGCM:
         """The data key that sealed a segment; fails once the key was destroyed.
 
@@ -511,7 +519,7 @@ class Keyring:
         row = self._row(key_id)
         if row is None or row.wrapped is None:
             raise KeyringError(f"data key of subject {key_id[:12]}… was destroyed or never made")
-        return row.key_version, self.provider.unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
+        return row.key_version, self._unwrap(row.master_version, row.wrapped, _aad(key_id, row.key_version))
 
     def live_version(self, subject_ref: str, user_ref: str | None = None) -> int | None:
         """The version of the live data key, or None (destroyed or never made); read from the database."""

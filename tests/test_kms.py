@@ -37,6 +37,20 @@ def test_kms_master_key_round_trip_and_rotation(home: Path, kms) -> None:  # noq
     assert [r["n_workers"] for r in reopened.read_records(account="acme")] == [3]
 
 
+def test_a_running_process_opens_keys_another_process_rotated_to_a_new_kms_key(home: Path, kms) -> None:  # noqa: ANN001
+    """A version another process made (``keys rotate``, or an erasure's rotation by ``enforce``) was unknown to a
+    running ``serve``: it asked the URL's key, and every read and ingest of a key it had not cached failed
+    (503) until a restart."""
+    settings = _settings(home, kms.create_key()["KeyMetadata"]["KeyId"])
+    Pipeline.open(settings, create=True).write_records([make_record(account="acme", user="ann", n_workers=3)])
+    serving = Pipeline.open(settings)
+    other = Pipeline.open(settings)
+    assert other.keyring.rotate_master()[0] == 2
+    assert [r["n_workers"] for r in serving.read_records(account="acme")] == [3]
+    serving.write_records([make_record(account="acme", user="ann", n_workers=4)])
+    assert sorted(r["n_workers"] for r in other.read_records(account="acme")) == [3, 4]
+
+
 def test_another_kms_key_does_not_open_the_keyring(home: Path, kms) -> None:  # noqa: ANN001
     right, wrong = (kms.create_key()["KeyMetadata"]["KeyId"] for _ in range(2))
     Pipeline.open(_settings(home, right), create=True)
