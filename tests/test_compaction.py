@@ -259,3 +259,24 @@ def test_a_merged_file_the_system_will_not_remove_is_left_out_and_every_read_goe
     finally:
         subprocess.run(["chattr", "-i", str(source)], check=True)
     assert set(_records(pipeline).values()) == {1} and not source.exists()  # settled by the next listing
+
+
+def test_a_day_past_the_bound_is_merged_into_several_segments_each_within_it(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file of a subject's day went into one merge, read whole: a cluster sending large batches all day
+    had compaction, and every report reading the merge, hold the day in memory (GBs on a 2 GB day)."""
+    before = _records(pipeline)
+    store = _store(pipeline)
+    folder = store.root / "cluster_jobs" / DAYS[0].strftime("%Y-%m-%d")
+    sources = [p.stat().st_size for p in folder.rglob("*.seg")]
+    bound = 3 * max(sources)  # a run of at least 3 of a group's 8 files
+    monkeypatch.setattr(localfiles, "MAX_MERGED_BYTES", bound)
+    _compact(pipeline)
+    merged = [p.stat().st_size for p in folder.rglob("*.seg")]
+    assert 2 * 2 * 2 <= len(merged) < len(sources)  # every group of 8 in at least 2 merges, fewer files
+    assert max(merged) <= bound
+    assert _records(pipeline) == before
+    _compact(pipeline)  # merges that fit together are merged again: never past the bound
+    assert max(p.stat().st_size for p in folder.rglob("*.seg")) <= bound
+    assert _records(pipeline) == before

@@ -350,15 +350,28 @@ class LocalFileStore(Store):
         groups: dict[tuple[str, str | None], list[tuple[Path, _Name]]] = {}
         for path, name in self._files(folder):
             groups.setdefault((name.kind, name.user_ref), []).append((path, name))
+        merged = Removed()
         plan: list[tuple[Segment, list[Path], list[Segment]]] = []
+        held = 0  # bytes of the sources and merges planned: landed once past the bound, which memory holds
         for files in groups.values():
-            # a file that vanished or is damaged is neither merged nor removed
-            loaded = [(p, s) for p, n in files if (s := self._mergeable(p, n)) is not None]
-            if len(loaded) < 2:
-                continue
-            target = merge([s for _, s in loaded])
-            if target is not None:
-                plan.append((target, [p for p, _ in loaded], [s for _, s in loaded]))
+            for run in _runs(files, MAX_MERGED_BYTES):
+                # a file that vanished or is damaged is neither merged nor removed
+                loaded = [(p, s) for p, n in run if (s := self._mergeable(p, n)) is not None]
+                if len(loaded) < 2:
+                    continue
+                target = merge([s for _, s in loaded])
+                if target is not None:
+                    plan.append((target, [p for p, _ in loaded], [s for _, s in loaded]))
+                    held += len(target.payload) + sum(len(s.payload) for _, s in loaded)
+                if held >= MAX_MERGED_BYTES:
+                    merged += self._land(folder, plan)
+                    plan, held = [], 0
+                    if (folder / _JOURNAL).exists():  # a source that stays: its journal must too
+                        return merged
+        return merged + self._land(folder, plan)
+
+    def _land(self, folder: Path, plan: list[tuple[Segment, list[Path], list[Segment]]]) -> Removed:
+        """Journal the merges of ``plan``, write them, then remove their sources (see the module's docstring)."""
         if not plan:
             return Removed()
         # one line per merge: merged id, then its sources
@@ -416,6 +429,30 @@ class _Guard:
         if isinstance(exc, OSError):
             error = StoreRefused if exc.errno in _REFUSALS else StoreUnavailable
             raise error(f"{self.message}: {exc.strerror or exc}") from exc
+
+
+#: bytes of segment files merged into one: a day's segments of one subject, kind and user past it make
+#: several merges (a cluster sending large batches all day would otherwise have compaction, and every read
+#: of the merge, hold the day in memory at once)
+MAX_MERGED_BYTES = 32 * 2**20
+
+
+def _runs(files: list[tuple[Path, _Name]], bound: int) -> Iterator[list[tuple[Path, _Name]]]:
+    """Consecutive runs of ``files`` of at most ``bound`` bytes each (a file larger than that alone)."""
+    run: list[tuple[Path, _Name]] = []
+    size = 0
+    for path, name in files:
+        try:
+            length = path.stat().st_size
+        except FileNotFoundError:  # removed meanwhile (an erasure): nothing to merge
+            continue
+        if run and size + length > bound:
+            yield run
+            run, size = [], 0
+        run.append((path, name))
+        size += length
+    if run:
+        yield run
 
 
 def _settle(folder: Path, journal: Path) -> set[str]:
