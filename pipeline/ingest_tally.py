@@ -5,7 +5,8 @@ record, so the audit trail stays small while still accounting for every batch.
 Refused batches are audited one by one (``ingest.rejected``), up to
 :data:`REFUSALS_AUDITED_PER_HOUR` of one actor an hour; the hour's summary counts
 the rest, so a cluster sending garbage at its rate limit cannot grow the trail that
-every ``audit verify`` and report walks.
+every ``audit verify`` and report walks. So are a cluster's batches whose records
+admission dropped (``ingest.dropped``: the end of a job recorded lost, sent again).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class IngestTally:
         self._audit = audit
         self._lock = threading.Lock()
         self._counts: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
-        self._refusals: Counter[str] = Counter()  # actor -> batches refused this hour
+        #: the hour's batches counted past their audited share: refused ones by actor, ones with records
+        #: dropped by cluster id; each named for the summary's field
+        self._batches: dict[str, Counter[str]] = _no_batches()
         self._hour: datetime | None = None
 
     def count(self, store: str, segments: Iterable[Segment]) -> None:
@@ -49,11 +52,19 @@ class IngestTally:
 
     def refusal(self, actor: str) -> bool:
         """Count a batch of ``actor`` refused; whether to audit it on its own (else the summary counts it)."""
+        return self._noted("refused_not_audited", actor)
+
+    def drop(self, cluster_id: str) -> bool:
+        """Count a batch of cluster ``cluster_id`` whose records admission dropped; whether to audit it on its own."""
+        return self._noted("dropped_not_audited", cluster_id)
+
+    def _noted(self, field: str, key: str) -> bool:
         self.summarise()
         with self._lock:
-            self._refusals[actor] += 1
+            counter = self._batches[field]
+            counter[key] += 1
             self._hour = self._hour or _hour(utcnow())
-            return self._refusals[actor] <= REFUSALS_AUDITED_PER_HOUR
+            return counter[key] <= REFUSALS_AUDITED_PER_HOUR
 
     def summarise(self, *, final: bool = False) -> None:
         """Append ``ingest.summary`` once the counted hour is over (or now, with ``final``)."""
@@ -62,18 +73,23 @@ class IngestTally:
                 return
             records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._counts.items())}
             details: dict[str, object] = {"hour": self._hour.isoformat(), "records": records}
+            past = REFUSALS_AUDITED_PER_HOUR
             unaudited = {
-                a: n - REFUSALS_AUDITED_PER_HOUR for a, n in self._refusals.items() if n > REFUSALS_AUDITED_PER_HOUR
+                field: dict(sorted((key, n - past) for key, n in counter.items() if n > past))
+                for field, counter in self._batches.items()
             }
-            if unaudited:
-                details["refused_not_audited"] = dict(sorted(unaudited.items()))
+            details.update((name, counted) for name, counted in unaudited.items() if counted)
             try:
-                if records or unaudited:  # an hour of refusals all audited already says nothing more
+                if records or any(unaudited.values()):  # an hour of batches all audited already says nothing more
                     self._audit.append("ingest.summary", details=details)
             except Exception as exc:  # the database may be down: keep counting, retry on the next call
                 logger.warning("could not write the ingest summary: %s", str(exc).splitlines()[0])
                 return
-            self._counts, self._refusals, self._hour = {}, Counter(), None
+            self._counts, self._batches, self._hour = {}, _no_batches(), None
+
+
+def _no_batches() -> dict[str, Counter[str]]:
+    return {"refused_not_audited": Counter(), "dropped_not_audited": Counter()}
 
 
 def _hour(moment: datetime) -> datetime:

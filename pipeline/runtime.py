@@ -719,6 +719,13 @@ class Pipeline:
         self._audit_rejected(principal, batch.batch_id, {"records": batch.n_records, "reason": reason, **refs})
         raise error(f"batch {batch.batch_id} refused: {reason}")
 
+    def audit_dropped(self, cluster_id: str, subject_ref: str, details: dict[str, Any]) -> None:
+        """Audit records of a cluster's batch that admission dropped (``ingest.dropped``): one entry each for
+        the cluster's first batches of an hour, the rest counted in the hour's ``ingest.summary`` (a cluster
+        sending a lost job's end again and again must not grow the trail at will)."""
+        if self._ingest_tally.drop(cluster_id):
+            self.audit.append("ingest.dropped", subject_ref=subject_ref, details=details)
+
     def _audit_rejected(self, principal: Principal, batch_id: str | None, details: dict[str, Any]) -> None:
         if not self._ingest_tally.refusal(principal.actor):  # past the hour's share: counted in its summary
             return

@@ -526,3 +526,25 @@ def test_a_group_whose_ends_name_more_jobs_than_one_query_takes_is_checked_in_pa
             [dict(zip(("cluster_id", "record_id"), pairs[-1], strict=True))],
         )
         assert _stale_admissions(conn, [ends, other]) == {id(ends)}
+
+
+def test_a_lost_jobs_end_sent_again_and_again_is_audited_a_hundred_times_an_hour_then_counted(
+    registry: ClusterRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch carrying the end of a job recorded lost added an ``ingest.dropped`` entry: a cluster's code
+    sending it at the rate limit grew the trail every ``audit verify`` and report walks, 1.6 M entries a day."""
+    from pipeline import ingest_tally
+
+    monkeypatch.setattr(ingest_tally, "REFUSALS_AUDITED_PER_HOUR", 3)
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    now = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=4)), now=now)
+    registry.close(cluster.cluster_id, cluster.token_id, now=now + timedelta(minutes=1))
+    for n in range(5):
+        done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=now)
+        heard_from(registry, cluster.cluster_id, batch(cluster, done), now=now + timedelta(minutes=2, seconds=n))
+    pipeline = registry.pipeline
+    assert len(list(pipeline.audit.entries(actions=["ingest.dropped"]))) == 3
+    pipeline._ingest_tally.summarise(final=True)
+    [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
+    assert summary["dropped_not_audited"] == {cluster.cluster_id: 2}

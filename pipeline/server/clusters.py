@@ -376,7 +376,8 @@ class ClusterRegistry:
 
     def _without_jobs_recorded_lost(self, row: Any, batch: OpenedBatch) -> OpenedBatch:
         """``batch`` less the end records of jobs this cluster's end (or a newer snapshot) recorded lost,
-        the drop audited: the job is stored once, as it was recorded (rare: one query for a batch with ends)."""
+        the drop audited (:meth:`Pipeline.audit_dropped`): the job is stored once, as it was recorded (rare:
+        one query for a batch with ends)."""
         if "job" not in batch.by_kind:
             return batch
         tables = dict(batch.by_kind)
@@ -387,10 +388,10 @@ class ClusterRegistry:
             return batch
         kept = [n for n, job_id in enumerate(job_ids) if job_id not in recorded]
         tables["job"] = ends.take(columns.column(pa.int64(), kept))
-        self.pipeline.audit.append(
-            "ingest.dropped",
-            subject_ref=row.subject_ref,
-            details={"batch_id": batch.batch_id, "records": len(job_ids) - len(kept), "reason": "jobs recorded lost"},
+        self.pipeline.audit_dropped(
+            row.cluster_id,
+            row.subject_ref,
+            {"batch_id": batch.batch_id, "records": len(job_ids) - len(kept), "reason": "jobs recorded lost"},
         )
         return OpenedBatch(batch.batch_id, [table for table in tables.values() if table.num_rows])
 
