@@ -25,6 +25,9 @@ from pipeline.server.listening import note_listening, sweep_period
 LOST_AFTER = timedelta(minutes=10)  # the default of pipeline.server.cluster-lost-after
 
 
+MICRO = timedelta(microseconds=1)
+
+
 @pytest.fixture
 def registry(home: Any) -> Iterator[ClusterRegistry]:
     pipeline = Pipeline.open(Settings.from_config(), create=True)
@@ -358,6 +361,19 @@ def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it
     [closed] = registry.list()
     assert (closed["state"], closed["last_contact_at"]) == ("closed", start)
     assert jobs(registry) == []  # its progress names no job left running
+
+
+def test_a_batch_of_a_closed_cluster_observed_after_its_close_is_refused(registry: ClusterRegistry) -> None:
+    """A request authenticated before the close, its body trickled in after (within the body timeout, for
+    as long as it liked), wrote records observed after the close: the closed cluster's token still wrote."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start)), now=start)
+    closed_at = start + timedelta(seconds=5)
+    registry.close(cluster.cluster_id, cluster.token_id, now=closed_at)
+    after = make_record("job", cluster_id=cluster.cluster_id, job_id="after-close", observed_at=closed_at + MICRO)
+    with pytest.raises(ForbiddenBatch, match="was closed at .* and this batch was observed after"):
+        registry.admit(cluster.cluster_id, batch(cluster, after), now=closed_at + timedelta(minutes=1))
 
 
 @pytest.mark.parametrize("suppress", [False, True])

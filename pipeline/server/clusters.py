@@ -38,7 +38,14 @@ from sqlalchemy import Connection, bindparam, func, insert, select, tuple_, upda
 from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
 from pipeline.db import api_tokens, clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
-from pipeline.errors import ClusterLost, InvalidBinding, KeyringError, OutputError, UnknownAccountError
+from pipeline.errors import (
+    ClusterLost,
+    ForbiddenBatch,
+    InvalidBinding,
+    KeyringError,
+    OutputError,
+    UnknownAccountError,
+)
 from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
@@ -329,6 +336,8 @@ class ClusterRegistry:
 
         :raises ClusterLost: the cluster was lost and the batch holds a record observed after
             that (batches observed before it may still arrive, e.g. from ``spool replay``)
+        :raises ForbiddenBatch: the cluster was closed and the batch holds a record observed after that (a
+            request authenticated before the close, its body sent after: a closed cluster writes nothing new)
         """
         now = now or utcnow()
         row = self._row(cluster_id)
@@ -341,14 +350,18 @@ class ClusterRegistry:
             if silent is not None and silent + lost_after <= now:  # lost, whether or not a sweep saw it yet
                 self._end(row, "lost", silent + lost_after)
                 row = self._row(cluster_id)
-        if row.lost_at is not None:
-            newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
-            if newest > row.lost_at:
-                raise ClusterLost(
-                    f"batch {batch.batch_id} refused: cluster {cluster_id} {ClusterLost.MARK} "
-                    f"{row.lost_at:%Y-%m-%d %H:%M:%S} UTC (nothing heard for pipeline.server.cluster-lost-after) "
-                    "and this batch was observed after; register the cluster again"
-                )
+        newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
+        if row.lost_at is not None and newest > row.lost_at:
+            raise ClusterLost(
+                f"batch {batch.batch_id} refused: cluster {cluster_id} {ClusterLost.MARK} "
+                f"{row.lost_at:%Y-%m-%d %H:%M:%S} UTC (nothing heard for pipeline.server.cluster-lost-after) "
+                "and this batch was observed after; register the cluster again"
+            )
+        if row.closed_at is not None and newest > row.closed_at:  # its token was revoked as its body trickled in
+            raise ForbiddenBatch(
+                f"batch {batch.batch_id} refused: cluster {cluster_id} was closed at "
+                f"{row.closed_at:%Y-%m-%d %H:%M:%S} UTC and this batch was observed after"
+            )
         batch = self._without_jobs_recorded_lost(row, batch)
         if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
             return batch, None, None  # the cluster stays as it ended
