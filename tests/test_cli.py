@@ -177,9 +177,14 @@ def test_spool_replay_sets_corrupt_files_aside_and_delivers_the_rest(home: Path,
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     (settings.spool_dir / "zz.batch").mkdir()  # unreadable as a file: it stopped the replay (and an emitter) dead
 
-    result = run("spool", "replay", "--timeout", "20")
+    result = run("spool", "replay", "--timeout", "20", "--json")
     assert result.exit_code == 2
-    assert f"2 corrupt spool file(s) set aside in {settings.spool_dir / 'corrupt'}: {path.name}" in result.output
+    assert f"2 corrupt spool file(s) set aside in {settings.spool_dir / 'corrupt'}: {path.name}" in result.stderr
+    summary = json.loads(result.stdout)  # the summary all the same: it was printed only when nothing went aside
+    assert summary["corrupt_files"] == [
+        str(settings.spool_dir / "corrupt" / n) for n in sorted([path.name, "zz.batch"])
+    ]
+    assert (summary["batches_delivered"], summary["batches_left"]) == (1, 0)
     assert (settings.spool_dir / "corrupt" / path.name).exists() and (settings.spool_dir / "corrupt/zz.batch").is_dir()
     assert spool.pending_files() == []
     assert len(list(pipeline.read_records("long_term"))) == 3

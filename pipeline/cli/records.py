@@ -116,6 +116,7 @@ def spool_replay(out: Output, timeout: float) -> None:
         "corrupt_files": [str(p) for p in corrupt],
         "refused_files": [str(p) for p in refused],
     }
+    out.result(summary, f"{summary['batches_delivered']} of {summary['batches_replayed']} spooled batches delivered")
     if corrupt or refused:
         raise SpoolError(
             f"{len(corrupt)} corrupt spool file(s) set aside in {queue.corrupt_dir}"
@@ -126,4 +127,3 @@ def spool_replay(out: Output, timeout: float) -> None:
         )
     if not delivered_all:
         raise StoreUnavailable(f"{summary['batches_left']} batches left in the spool: {emitter.stats.last_error}")
-    out.result(summary, f"{summary['batches_delivered']} of {summary['batches_replayed']} spooled batches delivered")
