@@ -29,7 +29,15 @@ from pipeline.limits import MAX_STRING_BYTES
 from pipeline.redact import mask_url, quoted
 from pipeline.subject_names import control_character
 
-__all__ = ["ServerLimits", "Settings", "default_policy_path", "http_url", "not_text", "spool_folder", "text_setting"]
+__all__ = [
+    "ServerLimits",
+    "Settings",
+    "default_policy_path",
+    "http_url_problem",
+    "not_text",
+    "spool_folder",
+    "text_setting",
+]
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
@@ -61,14 +69,20 @@ _MAY_BE_ZERO = frozenset({"emitter.linger", "keys.retire-after"})
 _MAX_DURATION = timedelta(days=100 * 365)
 
 
-def http_url(url: str) -> bool:
-    """An http(s) URL with a host and, if it names one, a port that is a number: one httpx can send to."""
+def http_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being the control plane's address, as a phrase (None: nothing): it must be an
+    http(s) URL with a host and, if it names one, a port that is a number (one httpx can send to), and name
+    no user or password (httpx would send them as Basic auth in place of the bearer token: a 401)."""
     try:
         address = urlparse(url)
         address.port  # noqa: B018 - raises for a port that is no number
     except ValueError:  # an unclosed [IPv6, a port that is no number
-        return False
-    return address.scheme in ("http", "https") and bool(address.hostname)
+        return "is not an http(s):// URL"
+    if address.scheme not in ("http", "https") or not address.hostname:
+        return "is not an http(s):// URL"
+    if address.username is not None or address.password is not None:
+        return "names a user or password: the API token is the credential; give the URL without them"
+    return None
 
 
 def text_setting(key: str, value: Any) -> str | None:

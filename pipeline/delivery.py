@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
-from pipeline.config import Settings, http_url
+from pipeline.config import Settings, http_url_problem
 from pipeline.errors import BatchRefused, ClusterLost, ConfigError, StoreUnavailable, Throttled, TokenRefused
 from pipeline.redact import first_line, mask_url, quoted
 from pipeline.spool import SpooledBatch
@@ -310,8 +310,8 @@ def remote_delivery(settings: Settings) -> HTTPDelivery | None:
     """
     if not settings.ingest_url:
         return None
-    if not http_url(settings.ingest_url):
-        raise ConfigError(f"pipeline.ingest.url {quoted(mask_url(settings.ingest_url))} is not an http(s):// URL")
+    if problem := http_url_problem(settings.ingest_url):
+        raise ConfigError(f"pipeline.ingest.url {quoted(mask_url(settings.ingest_url))} {problem}")
     if not settings.ingest_token:
         raise ConfigError("pipeline.ingest.url is set but pipeline.ingest.token is not")
     if not settings.ingest_public_key:

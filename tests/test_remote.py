@@ -327,6 +327,7 @@ def test_a_cluster_that_closes_with_a_full_spool_keeps_its_token_for_spool_repla
         ({"url": "http://127.0.0.1:1", "token": TOKEN, "public-key": "nope"}, "pipeline.ingest.public-key: expected"),
         ({"url": "not a url", "token": TOKEN}, "pipeline.ingest.url 'not a url' is not an http"),
         ({"url": "ftp://u:secret@host/", "token": TOKEN}, r"pipeline.ingest.url 'ftp://u:\*\*\*@host/' is not an http"),
+        ({"url": "https://u:secret@host/", "token": TOKEN}, "'https://u:\\*\\*\\*@host/' names a user or password"),
     ],
 )
 def test_an_incomplete_remote_configuration_names_the_missing_setting(

@@ -110,6 +110,19 @@ def test_login_with_a_bad_token_writes_nothing(plane: ControlPlane, user_home: P
     assert run("login", "--url", "ftp://x", "--token", "t").exit_code == 2
 
 
+def test_login_to_a_url_naming_a_user_and_password_is_one_line_not_a_wrong_401(
+    plane: ControlPlane, user_home: Path
+) -> None:
+    """httpx sent them as Basic auth in place of the bearer token: "401 missing bearer token", a valid token given."""
+    token = plane.tokens.create("admin", user="ops").token
+    url = plane.url.replace("http://", "http://u:secret@")
+    result = run("login", "--url", url, "--token", token)
+    assert result.exit_code == 2
+    assert "names a user or password: the API token is the credential" in result.stderr
+    assert "secret" not in result.output and result.stderr.count("\n") == 1
+    assert not (user_home / ".config/metadata-pipeline/credentials.yaml").exists()
+
+
 def test_erase_through_the_api_is_limited_to_the_members_own_user(plane: ControlPlane) -> None:
     assert (
         run("login", "--url", plane.url, "--token", plane.tokens.create("member", "acme", "ann").token).exit_code == 0

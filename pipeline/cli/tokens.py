@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from pipeline.cli.core import API_NAME, TEXT, command, main, open_pipeline
-from pipeline.config import http_url
+from pipeline.config import http_url_problem
 from pipeline.output import Output
 from pipeline.redact import mask_url, quoted
 
@@ -106,8 +106,8 @@ def login(out: Output, url: str, token_file: Path | None, token: str | None) -> 
     from pipeline.apiclient import ApiClient, Credentials
 
     token = _read_token(token_file, token)
-    if not http_url(url):
-        raise click.BadParameter(f"{quoted(mask_url(url))} is not an http(s):// URL", param_hint="--url")
+    if problem := http_url_problem(url):
+        raise click.BadParameter(f"{quoted(mask_url(url))} {problem}", param_hint="--url")
     credentials = Credentials(url.rstrip("/"), token)
     with ApiClient(credentials) as client:
         who = client.json("GET", "/v1/whoami")

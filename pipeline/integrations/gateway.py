@@ -41,7 +41,7 @@ from urllib.parse import quote
 import dask.config
 
 from pipeline.apiclient import ApiClient, Credentials
-from pipeline.config import Settings, http_url, not_text, spool_folder, text_setting
+from pipeline.config import Settings, http_url_problem, not_text, spool_folder, text_setting
 from pipeline.errors import ConfigError
 from pipeline.principals import TOKEN_SHAPE
 from pipeline.redact import first_line, mask_url
@@ -75,8 +75,8 @@ class GatewaySettings:
         )
         if not url or not token_file:
             raise ConfigError("pipeline.gateway.url and pipeline.gateway.token-file must be set for dask-gateway")
-        if not http_url(text_setting("gateway.url", url) or ""):
-            raise ConfigError(f"pipeline.gateway.url: {mask_url(str(url))!r} is no http:// or https:// URL")
+        if problem := http_url_problem(text_setting("gateway.url", url) or ""):
+            raise ConfigError(f"pipeline.gateway.url: {mask_url(str(url))!r} {problem}")
         home = Settings.from_config().home
         try:
             base = Path(str(dask.config.get("pipeline.gateway.home")).format(home=home)).expanduser().absolute()
