@@ -12,7 +12,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -614,8 +614,10 @@ class Pipeline:
         fresh = self._untaken(batches)
         subjects = {b.subject_ref for b in fresh}
         stones = tombstones.load(self.keyring.engine, subjects)
+        kept = [self._drop_erased(b, stones) for b in fresh]
         sealed = seal_batches(
-            self.keyring, [(f"{b.subject_ref}/{b.batch_id}", self._drop_erased(b, stones)) for b in fresh]
+            self.keyring,
+            [(f"{b.subject_ref}/{b.batch_id}", tables) for b, (tables, _) in zip(fresh, kept, strict=True)],
         )
         now = utcnow()
         routes = [self.route(segments, arriving_at=now) for segments in sealed]
@@ -650,6 +652,9 @@ class Pipeline:
             long_term.insert(conn, routed("long_term", new))
         for name in self.stores:
             self._ingest_tally.count(name, routed(name, new))
+        for batch, (_tables, dropped) in zip(fresh, kept, strict=True):  # once written: a retried group says once
+            if id(batch) in new:
+                self._audit_drop({"batch_id": batch.batch_id}, batch.subject_ref, dropped)
         return [IngestResult(batch.records, duplicate=id(batch) not in new) for batch in batches]
 
     def _untaken(self, batches: Sequence[PreparedBatch]) -> list[PreparedBatch]:
@@ -736,33 +741,35 @@ class Pipeline:
             details={"batch_id": batch_id, **details},
         )
 
-    def _drop_erased(self, batch: PreparedBatch, stones: Mapping[str, list[tombstones.Tombstone]]) -> list[pa.Table]:
-        """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch)."""
+    def _drop_erased(
+        self, batch: PreparedBatch, stones: Mapping[str, list[tombstones.Tombstone]]
+    ) -> tuple[list[pa.Table], Counter[str]]:
+        """The batch's tables without records an erasure's tombstone forbids (a replayed spool, a late batch),
+        and how many each tombstone dropped."""
         if not stones.get(batch.subject_ref):  # every record is of the batch's account (scoped): none forbidden
-            return [table for table in batch.tables if table.num_rows]
-        return self._without_erased(batch.tables, {"batch_id": batch.batch_id}, batch.subject_ref, stones)
+            return [table for table in batch.tables if table.num_rows], Counter()
+        return self._without_erased(batch.tables, stones)
 
     def _without_erased(
-        self,
-        tables: Sequence[pa.Table],
-        source: dict[str, str],
-        subject_ref: str | None = None,
-        stones: Mapping[str, list[tombstones.Tombstone]] | None = None,
-    ) -> list[pa.Table]:
-        """``tables`` less what tombstones forbid, the drop audited with ``source`` (what the records came in)."""
-        tables, dropped = tombstones.drop_erased(
+        self, tables: Sequence[pa.Table], stones: Mapping[str, list[tombstones.Tombstone]]
+    ) -> tuple[list[pa.Table], Counter[str]]:
+        """``tables`` less what tombstones forbid, and how many records each tombstone dropped."""
+        kept, dropped = tombstones.drop_erased(
             self.keyring.engine,
             tables,
             lambda a, u: (self.keyring.subject_ref(a), self.keyring.user_ref(a, u)),
             loaded=stones,
         )
+        return [table for table in kept if table.num_rows], dropped
+
+    def _audit_drop(self, source: dict[str, str], subject_ref: str | None, dropped: Counter[str]) -> None:
+        """Audit what tombstones dropped of records written (``source``: what they came in), once they were."""
         if dropped:
             self.audit.append(
                 "ingest.dropped",
                 subject_ref=subject_ref,
                 details={**source, "records": sum(dropped.values()), "by_request": dict(dropped)},
             )
-        return [table for table in tables if table.num_rows]
 
     def route(self, segments: Iterable[Segment], *, arriving_at: datetime | None = None) -> dict[str, list[Segment]]:
         """Store name → the segments the policy lets it hold.
@@ -796,7 +803,7 @@ class Pipeline:
         assert isinstance(long_term, SQLStore)  # checked by open
         while True:  # as a group commit of ingest writes (see _commit_admitted): an erasure filed meanwhile
             stones = tombstones.load(self.keyring.engine, subjects)
-            kept = self._without_erased(tables, {"written_as": segment_seed or "records"}, stones=stones)
+            kept, dropped = self._without_erased(tables, stones)
             routed = self.route(seal_tables(self.keyring, kept, segment_seed=segment_seed))
             with transaction(self.keyring.engine, "writing records") as conn:
                 tombstones.hold(conn, subjects)
@@ -805,7 +812,8 @@ class Pipeline:
                 written = {name: self.stores[name].write(b) for name, b in routed.items() if b and name != "long_term"}
                 if routed.get("long_term"):  # last, in the transaction holding the tombstones
                     written["long_term"] = long_term.write_within(conn, routed["long_term"])
-                return {name: written[name] for name in routed if name in written}
+            self._audit_drop({"written_as": segment_seed or "records"}, None, dropped)
+            return {name: written[name] for name in routed if name in written}
 
     def subject_ref(self, account: str) -> str:
         """The subject ref of an account that has data now.

@@ -301,3 +301,28 @@ def test_an_erasure_filed_while_a_batch_commits_waits_and_finds_it(database, mon
     eraser.join(120)
     assert [r.state for r in erased] == ["completed"]
     assert _ann_everywhere(pipeline) == {"long_term": 0, "cloud_logging": 0}
+
+
+def test_a_group_sealed_again_after_a_filing_audits_its_drop_once(database, monkeypatch) -> None:  # noqa: ANN001
+    """The drop was audited as the group was sealed: sealed again (a request for bob filed meanwhile), the
+    batch's one record of ann dropped made two ``ingest.dropped`` entries."""
+    from pipeline import tombstones
+
+    pipeline = Pipeline.open(create=True)
+    file_request(pipeline, "acme", "ann")  # open: every record of ann is dropped
+    load = tombstones.load
+
+    def file_meanwhile(engine, refs):  # noqa: ANN001, ANN202
+        loaded = load(engine, refs)
+        monkeypatch.setattr(tombstones, "load", load)
+        file_request(pipeline, "acme", "bob")
+        return loaded
+
+    monkeypatch.setattr(tombstones, "load", file_meanwhile)
+    recent = datetime.now(UTC) - timedelta(minutes=5)
+    records = [make_record(account="acme", user=u, observed_at=recent) for u in ("ann", "carl")]
+    batch_id, sealed = sealed_batch(pipeline, records)
+    pipeline.ingest(sealed, Principal.embedded_cluster("acme", None))
+    dropped = [e.details for e in pipeline.audit.entries(actions=["ingest.dropped"])]
+    assert [(d["batch_id"], d["records"]) for d in dropped] == [(batch_id, 1)]
+    assert [r["user"] for r in pipeline.read_records("long_term", account="acme")] == ["carl"]
