@@ -73,8 +73,9 @@ PUT_THREADS = 8
 _LOST_RACE = {"PreconditionFailed", "412"}
 #: another conditional write to the key was under way; S3 says to retry
 _CONFLICT = {"ConditionalRequestConflict", "409"}
-#: an object's key under the prefix: a segment's own object, or a subject's day once compacted (see ``_key``)
-_OWN_KEY = re.compile(r"data_type=[^/]+/day=\d{4}-\d{2}-\d{2}/[^/~.]+~[^/~.]+(\.[^/~.]+)?\.parquet")
+#: an object's key under the prefix: a segment's own object, or a subject's day once compacted (see ``_key``);
+#: the first release named a day's object by its subject ref alone
+_OWN_KEY = re.compile(r"data_type=[^/]+/day=\d{4}-\d{2}-\d{2}/[0-9a-f]{64}(~([0-9a-f]{64}|-))?(\.[0-9a-f-]+)?\.parquet")
 _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
@@ -219,11 +220,21 @@ class ArchiveStore(Store):
             raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
         return table, got["ETag"]
 
-    def _put(self, key: str, table: pa.Table, *, if_match: str | None = None, key_version: int | None = None) -> bool:
-        """Write an object only if absent, or only over the version ``if_match``; False if that lost a race.
+    def _put(
+        self,
+        key: str,
+        table: pa.Table,
+        *,
+        if_match: str | None = None,
+        key_version: int | None = None,
+        retry_conflict: bool = False,
+    ) -> bool:
+        """Write an object only if absent, or only over the version ``if_match``; False if that lost a race
+        (or met another write under way: a rewrite or compaction the next pass does again).
 
         :raises KeyringError: ``key_version`` is not the subject's live data key version (see :class:`KeyringKms`)
-        :raises StoreUnavailable: S3 answered a new object's write with a conflict (409): retry
+        :raises StoreUnavailable: with ``retry_conflict`` (a segment's own object, nothing else writes it later),
+            S3 answered with a conflict (409): retry
         """
         footer_key = _key_of(key)  # subject_ref~user_ref: whose key wraps it
         properties = _factory(self.keyring, key_version).file_encryption_properties(
@@ -241,7 +252,7 @@ class ArchiveStore(Store):
             self._call("write", lambda: put(**condition))
         except StoreError as exc:
             code = _code(exc)
-            if code in _LOST_RACE or (if_match and code in _CONFLICT):  # a rewrite: the next pass tries again
+            if code in _LOST_RACE or (not retry_conflict and code in _CONFLICT):  # the next pass tries again
                 return False
             if code in _CONFLICT:  # not written: taken for a replay, the segment would never reach the archive
                 raise StoreUnavailable(f"{exc}; another write to the object was under way") from exc
@@ -313,7 +324,7 @@ class ArchiveStore(Store):
     def write(self, segments: Sequence[Segment]) -> int:
         def put(s: Segment) -> bool:  # False: a replay, already there
             key = self._key(s.data_type, _day(s), _key_id(s.subject_ref, s.user_ref), s.segment_id)
-            return self._put(key, _rows(self.keyring, s))
+            return self._put(key, _rows(self.keyring, s), retry_conflict=True)
 
         unique = list({s.segment_id: s for s in segments}.values())
         if len(unique) == 1:
