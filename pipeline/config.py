@@ -218,6 +218,13 @@ class Settings:
                 raise ConfigError(f"pipeline.{key}: {size} bytes of UTF-8; at most {MAX_STRING_BYTES}")
             return value
 
+        def address(key: str) -> str | None:
+            """The control plane's URL as others reach it (empty: unset)."""
+            value = text(key)
+            if value and (problem := http_url_problem(value)):
+                raise ConfigError(f"pipeline.{key}: {quoted(mask_url(value))} {problem}")
+            return value
+
         def path(key: str) -> Path | None:
             value = _get(key)
             return Path(os.path.expanduser(str(value))) if value else None
@@ -271,7 +278,7 @@ class Settings:
                 body_timeout=seconds("server.body-timeout"),
             ),
             "cluster_lost_after": seconds("server.cluster-lost-after"),
-            "api_url": _get("api.url"),
+            "api_url": address("api.url"),
             "ingest_url": _get("ingest.url"),
             "ingest_token": _get("ingest.token"),
             "ingest_public_key": _get("ingest.public-key"),

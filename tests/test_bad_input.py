@@ -689,6 +689,21 @@ def test_a_name_longer_than_ingest_takes_is_one_line_naming_it(key: str, home: P
     assert line == f"error: pipeline.{key}: 2050 bytes of UTF-8; at most 2048"
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://ann:secret@127.0.0.1:8800", "'http://ann:***@127.0.0.1:8800' names a user or password"),
+        ("ftp://127.0.0.1", "'ftp://127.0.0.1' is not an http(s):// URL"),
+    ],
+)
+def test_an_api_url_that_is_not_the_control_planes_address_is_one_line(home: Path, url: str, reason: str) -> None:
+    """With a user and password, httpx sent them as Basic auth in place of the saved token: every command
+    said "401 missing bearer token"; clusters registered on the host were told the URL."""
+    with dask.config.set({"pipeline.api.url": url}):
+        line = one_line(run("init"))
+    assert line.startswith(f"error: pipeline.api.url: {reason}") and "secret" not in line
+
+
 def test_an_unknown_key_url_scheme_names_the_setting(home: Path) -> None:
     with dask.config.set({"pipeline.keys.url": "http://x"}):
         assert one_line(run("init")).startswith("error: pipeline.keys.url: unknown key URL scheme 'http'")
