@@ -172,8 +172,11 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
         low, high = _min_max(chunk)  # as integers: no year is out of range
         earliest, latest = window.micros()
         if low < earliest or high > latest:
+            # the value named: a scheduler's clock ahead of the server's shows as a time in the future
+            when = _time(low if low < earliest else high)
             raise OutOfBounds(
-                name, f"outside the cluster's life ({window.earliest.isoformat()} to {window.latest.isoformat()})"
+                name,
+                f"{when} is outside the cluster's life ({window.earliest.isoformat()} to {window.latest.isoformat()})",
             )
     elif pa.types.is_integer(kind):
         _check_number(name, *_min_max(chunk))
@@ -196,6 +199,14 @@ def _check_chunk(name: str, chunk: pa.Array, window: Window) -> None:
             _check_items(name, chunk, fields, window)
         else:
             _check_items(name, chunk, [("", values)], window)
+
+
+def _time(micros: int) -> str:
+    """Microseconds since the epoch as an ISO time, or as the number where no datetime holds it."""
+    try:
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)).isoformat()
+    except OverflowError:
+        return f"{micros} µs since 1970"
 
 
 def _check_number(name: str, low: float, high: float) -> None:

@@ -46,7 +46,7 @@ __all__ = ["Delivery", "EmbeddedDelivery", "HTTPDelivery", "remote_delivery"]
 
 logger = logging.getLogger(__name__)
 
-_DETAIL_CHARS = 200
+_DETAIL_CHARS = 500  # of the control plane's answer, in a log line
 #: a 429 without a usable Retry-After waits this long; a longer one is cut to the maximum
 _DEFAULT_RETRY_AFTER = 1.0
 _MAX_RETRY_AFTER = 3600.0
@@ -251,7 +251,8 @@ class HTTPDelivery(Delivery):
             raise StoreUnavailable(f"ingest endpoint {mask_url(self.endpoint)} unreachable: {exc}") from exc
         if response.is_success:
             return
-        answer = f"ingest endpoint {mask_url(self.endpoint)} answered {response.status_code}: {_detail(response)}"
+        detail = _detail(response).removeprefix(f"batch {batch.batch_id} refused: ")  # said once, below
+        answer = f"ingest endpoint {mask_url(self.endpoint)} answered {response.status_code}: {detail}"
         if response.status_code == 429:
             raise Throttled(answer, _retry_after(response))
         if response.status_code >= 500:
@@ -260,7 +261,7 @@ class HTTPDelivery(Delivery):
             raise TokenRefused(f"the control plane refused this cluster's token: {answer}")
         if response.status_code == 403 and ClusterLost.MARK in answer:  # and every batch it makes from now on
             raise TokenRefused(f"the control plane ended this cluster: {answer}")
-        raise BatchRefused(f"batch {batch.batch_id} refused: {answer}")
+        raise BatchRefused(answer)
 
     def retire(self) -> None:
         if self.close_endpoint is None:
@@ -300,7 +301,8 @@ def _detail(response: httpx.Response) -> str:
     except ValueError:
         text = ""
     text = text or response.text or response.reason_phrase
-    return (text.splitlines() or [""])[0][:_DETAIL_CHARS]
+    line = (text.splitlines() or [""])[0]
+    return line if len(line) <= _DETAIL_CHARS else line[: _DETAIL_CHARS - 1].rsplit(" ", 1)[0] + "…"
 
 
 def remote_delivery(settings: Settings) -> HTTPDelivery | None:
