@@ -619,8 +619,10 @@ def test_a_report_counts_the_segments_it_read_not_those_that_came_or_went_meanwh
     old = list(store.scan(data_type="cluster_jobs", kind="cluster_snapshot", with_payload=False))[0]
 
     def meanwhile() -> None:
-        if change == "written":
-            pipeline.write_records([make_record("cluster_snapshot", account="acme") for _ in range(5)])
+        if change == "written":  # by another process: this one's stores as they are
+            writer = Pipeline.open(pipeline.settings)
+            writer.write_records([make_record("cluster_snapshot", account="acme") for _ in range(5)])
+            writer.close()
         else:
             store.delete([old.segment_id])
 
