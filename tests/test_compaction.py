@@ -280,3 +280,28 @@ def test_a_day_past_the_bound_is_merged_into_several_segments_each_within_it(
     _compact(pipeline)  # merges that fit together are merged again: never past the bound
     assert max(p.stat().st_size for p in folder.rglob("*.seg")) <= bound
     assert _records(pipeline) == before
+
+
+def _killed_write(store: LocalFileStore, segment) -> Path:  # noqa: ANN001
+    """What a write killed before its link leaves: the segment's header and ciphertext under a temporary name."""
+    path = store._path(segment)
+    leftover = path.parent / ".tmp-0123456789abcdef"
+    leftover.write_bytes(localfiles._header(segment) + b"\n" + segment.payload)
+    return leftover
+
+
+@pytest.mark.parametrize("by", ["user erasure", "account erasure", "expiry"])
+def test_a_write_killed_before_its_link_leaves_nothing_past_an_erasure_or_expiry(pipeline: Pipeline, by: str) -> None:
+    """A ``serve`` killed between writing a segment's temporary file and linking it left the file: hidden from
+    listings, it outlived the erasure of its user (a completed receipt) and every expiry of its day."""
+    store = _store(pipeline)
+    [ann] = [s for s in seal_records(pipeline.keyring, [make_record(account="acme", user="ann", observed_at=DAYS[0])])]
+    leftover = _killed_write(store, ann)
+    if by == "user erasure":
+        store.erase(ann.subject_ref, ann.user_ref)
+    elif by == "account erasure":
+        store.erase(ann.subject_ref)
+    else:
+        store.expire("cluster_jobs", DAYS[1])
+    assert not leftover.exists()
+    assert [p.name for p in leftover.parent.glob(".tmp-*")] == []

@@ -37,7 +37,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -281,6 +281,8 @@ class LocalFileStore(Store):
         for sub in [*folders, folder]:
             for own in (_JOURNAL, _MERGED):
                 (sub / own).unlink(missing_ok=True)
+            for path, _header in _leftovers(sub):
+                path.unlink(missing_ok=True)
             try:
                 sub.rmdir()
             except OSError as exc:
@@ -311,12 +313,21 @@ class LocalFileStore(Store):
                 if start <= before - _DAY:  # the whole day is past the limit (no overflow on 9999-12-31)
                     removed += self._drop_folder(day)
                     continue
+                folders = self._dirs(day)
                 removed += self._remove_files(
                     [
                         (f, n)
-                        for folder in self._dirs(day)
+                        for folder in folders
                         for f, n in self._files(folder, to_remove=True)
                         if n.max_us < before_us
+                    ]
+                )
+                _unlink(
+                    [
+                        path
+                        for folder in folders
+                        for path, header in _leftovers(folder)
+                        if header is not None and header.max_observed_at < before
                     ]
                 )
         return removed
@@ -408,6 +419,9 @@ class LocalFileStore(Store):
                 else:
                     doomed = [(f, n) for f, n in self._files(folder, to_remove=True) if n.user_ref == user_ref]
                     removed += self._remove_files(doomed)
+                    _unlink(
+                        [p for p, header in _leftovers(folder) if header is not None and header.user_ref == user_ref]
+                    )
         return removed
 
 
@@ -543,6 +557,25 @@ def _merged_ids(day: Path, cache: dict[Path, set[str]]) -> set[str]:
         except FileNotFoundError:
             cache[day] = set()
     return cache[day]
+
+
+def _leftovers(folder: Path) -> list[tuple[Path, Segment | None]]:
+    """Temporary files a write killed before it linked them (``.tmp-*``), each with its header (None: it does
+    not read). Never listed as segments, they are removed with what they would have been: an erasure of
+    their subject or user, the expiry of their day, as their segment would be (they hold its header, names
+    of its subject and user, and its ciphertext)."""
+    found: list[tuple[Path, Segment | None]] = []
+    for path in folder.glob(".tmp-*"):
+        try:
+            found.append((path, _read(path, with_payload=False)))
+        except _Damaged:
+            found.append((path, None))
+    return found
+
+
+def _unlink(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _is_own(name: str) -> bool:
