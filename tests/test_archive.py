@@ -234,6 +234,22 @@ def test_an_object_the_first_release_named_by_its_subject_alone_is_read_and_eras
     assert not _objects(s3_archive_url)
 
 
+def test_a_users_erasure_takes_her_rows_out_of_an_object_the_first_release_wrote(s3_archive_url, keyring) -> None:  # noqa: ANN001
+    """That release kept a day's records of every user in one object under the account's key: named by the
+    account alone, it matched no user's erasure, and her rows stayed readable once her key was destroyed."""
+    from pipeline.stores.archive import _rows
+
+    store = open_store(s3_archive_url, keyring=keyring)
+    acme, ann = keyring.subject_ref("acme"), keyring.user_ref("acme", "ann")
+    seal_records(keyring, [make_record(account="acme", observed_at=T0)])  # the account's key: that release's only
+    segments = seal_records(keyring, [make_record(account="acme", user=u, observed_at=T0) for u in ("ann", "bob")])
+    legacy = store._key(segments[0].data_type, f"{T0:%Y-%m-%d}", acme)  # <account ref>.parquet
+    assert store._put(legacy, pa.concat_tables([_rows(keyring, s) for s in segments]))
+    assert store.erase(acme, ann).records == 1
+    left = [r["user"] for s in store.scan(subject_ref=acme) for r in rows_from_table(open_segment(keyring, s))]
+    assert left == ["bob"]
+
+
 def test_a_compaction_meeting_another_write_under_way_leaves_the_day_to_the_next_pass(
     s3_archive_url, keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # noqa: ANN001

@@ -387,6 +387,23 @@ class ArchiveStore(Store):
                     # no longer lists the object (one whose DELETE failed is listed, and deleted, again)
                     deleted.append(f"s3://{self.bucket}/{key}")
                     removed += self._drop(key)
+                elif user_ref is not None and _key_of(key) == subject_ref:
+                    removed += self._erase_rows(key, user_ref)
+        return removed
+
+    def _erase_rows(self, key: str, user_ref: str) -> Removed:
+        """A first-release object (every user's rows of a day, under the account's key) less one user's rows,
+        as that release erased a user; the user's key does not shred them.
+
+        :raises StoreUnavailable: the object changed as its rows were erased (a compaction): erase again
+        """
+
+        def users(table: pa.Table) -> pa.ChunkedArray:
+            return pc.fill_null(pc.equal(table.column("_user_ref"), user_ref), False)
+
+        removed = self._keep(key, lambda table: pc.invert(users(table)))
+        if not removed.records and (left := self._readable(key)) is not None and pc.any(users(left)).as_py():
+            raise StoreUnavailable(f"s3://{self.bucket}/{key} changed as a user's rows were erased from it; retry")
         return removed
 
     def compact(self, closed_before: datetime, merge: Callable[[list[Segment]], Segment | None]) -> Removed:
