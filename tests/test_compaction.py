@@ -305,3 +305,19 @@ def test_a_write_killed_before_its_link_leaves_nothing_past_an_erasure_or_expiry
         store.expire("cluster_jobs", DAYS[1])
     assert not leftover.exists()
     assert [p.name for p in leftover.parent.glob(".tmp-*")] == []
+
+
+def test_a_folder_or_a_journal_named_as_a_temporary_is_no_reason_to_stop_an_erasure(pipeline: Pipeline) -> None:
+    """A folder named ``.tmp-*`` made every erasure and expiry of its subject fail (it was opened as a file);
+    a compaction journal's temporary a killed write left outlived the account's erasure, naming its files."""
+    store = _store(pipeline)
+    [ann] = seal_records(pipeline.keyring, [make_record(account="acme", user="ann", observed_at=DAYS[0])])
+    folder = store._path(ann).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".tmp-not-a-file").mkdir()
+    (folder / ".tmp-not-a-file" / "notes").write_text("an operator's")
+    (folder / f".{localfiles._JOURNAL}.tmp-0123").write_text("a journal's line")
+    store.erase(ann.subject_ref, ann.user_ref)
+    assert (folder / ".tmp-not-a-file").is_dir()  # foreign: left in place
+    store.erase(ann.subject_ref)
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-not-a-file"]

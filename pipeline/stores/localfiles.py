@@ -283,6 +283,7 @@ class LocalFileStore(Store):
                 (sub / own).unlink(missing_ok=True)
             for path, _header in _leftovers(sub):
                 path.unlink(missing_ok=True)
+            _unlink(p for p in sub.glob(f".{_JOURNAL}.tmp-*") if p.is_file())  # a journal's killed write
             try:
                 sub.rmdir()
             except OSError as exc:
@@ -566,10 +567,15 @@ def _leftovers(folder: Path) -> list[tuple[Path, Segment | None]]:
     of its subject and user, and its ciphertext)."""
     found: list[tuple[Path, Segment | None]] = []
     for path in folder.glob(".tmp-*"):
+        if not path.is_file():  # a folder so named is foreign: left in place
+            continue
         try:
-            found.append((path, _read(path, with_payload=False)))
+            header = _read(path, with_payload=False)
         except _Damaged:
-            found.append((path, None))
+            header = None
+        if header is not None and header.max_observed_at.tzinfo is None:  # not a header this store writes
+            header = None
+        found.append((path, header))
     return found
 
 
