@@ -255,6 +255,12 @@ class AuditLog:
         item = {"action": action, "subject_ref": subject_ref, "details": details}
         return self._append_on(conn, lambda *_: [item])[0]
 
+    def hold(self, conn: Connection) -> None:
+        """Take the chain's lock in the caller's transaction now, to its end: a transaction that appends with
+        :meth:`append_within` after taking other locks takes this one first, in the order every writer
+        takes them (the chain's, then a subject's tombstones: see :func:`pipeline.tombstones.hold`)."""
+        _lock_chain(conn)
+
     def append_with(self, build: Callable[[Connection, int], Mapping[str, Any] | None]) -> AuditEntry | None:
         """Add the entry ``build(conn, its seq)`` returns (keys as :meth:`append`'s arguments), ``None``
         for none, in the transaction that holds the chain's lock: what ``build`` writes through

@@ -629,10 +629,13 @@ class Pipeline:
 
         long_term = self.stores["long_term"]
         assert isinstance(long_term, SQLStore)  # checked by open
+        dropping = any(dropped for _tables, dropped in kept)
         with (
             _kept_for_retry("long_term"),
             transaction(self.keyring.engine, "commit ingested batches") as conn,
         ):
+            if dropping:  # its drops are audited in this transaction: the chain's lock first, as a filing takes it
+                self.audit.hold(conn)
             tombstones.hold(conn, subjects)  # first: an erasure filed from here on waits for this commit
             # in key order, then the batch ids in theirs: two processes' commits wait, never deadlock;
             # a run of one statement goes as one executemany (one round trip on PostgreSQL)
@@ -650,11 +653,11 @@ class Pipeline:
                         self.stores[name].write(segments)
             new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
             long_term.insert(conn, routed("long_term", new))
+            for batch, (_tables, dropped) in zip(fresh, kept, strict=True):  # with the batch: a group sealed
+                if id(batch) in new:  # again, or a batch sent again, says it once
+                    self._audit_drop(conn, {"batch_id": batch.batch_id}, batch.subject_ref, dropped)
         for name in self.stores:
             self._ingest_tally.count(name, routed(name, new))
-        for batch, (_tables, dropped) in zip(fresh, kept, strict=True):  # once written: a retried group says once
-            if id(batch) in new:
-                self._audit_drop({"batch_id": batch.batch_id}, batch.subject_ref, dropped)
         return [IngestResult(batch.records, duplicate=id(batch) not in new) for batch in batches]
 
     def _untaken(self, batches: Sequence[PreparedBatch]) -> list[PreparedBatch]:
@@ -762,10 +765,14 @@ class Pipeline:
         )
         return [table for table in kept if table.num_rows], dropped
 
-    def _audit_drop(self, source: dict[str, str], subject_ref: str | None, dropped: Counter[str]) -> None:
-        """Audit what tombstones dropped of records written (``source``: what they came in), once they were."""
+    def _audit_drop(
+        self, conn: Connection, source: dict[str, str], subject_ref: str | None, dropped: Counter[str]
+    ) -> None:
+        """Audit what tombstones dropped of records written (``source``: what they came in), in the transaction
+        that writes them (which took the chain's lock first: :meth:`AuditLog.hold`)."""
         if dropped:
-            self.audit.append(
+            self.audit.append_within(
+                conn,
                 "ingest.dropped",
                 subject_ref=subject_ref,
                 details={**source, "records": sum(dropped.values()), "by_request": dict(dropped)},
@@ -806,13 +813,15 @@ class Pipeline:
             kept, dropped = self._without_erased(tables, stones)
             routed = self.route(seal_tables(self.keyring, kept, segment_seed=segment_seed))
             with transaction(self.keyring.engine, "writing records") as conn:
+                if dropped:  # audited in this transaction: the chain's lock first, as a filing takes it
+                    self.audit.hold(conn)
                 tombstones.hold(conn, subjects)
                 if not tombstones.stand(conn, stones):
                     continue
                 written = {name: self.stores[name].write(b) for name, b in routed.items() if b and name != "long_term"}
                 if routed.get("long_term"):  # last, in the transaction holding the tombstones
                     written["long_term"] = long_term.write_within(conn, routed["long_term"])
-            self._audit_drop({"written_as": segment_seed or "records"}, None, dropped)
+                self._audit_drop(conn, {"written_as": segment_seed or "records"}, None, dropped)
             return {name: written[name] for name in routed if name in written}
 
     def subject_ref(self, account: str) -> str:
