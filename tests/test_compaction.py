@@ -315,7 +315,7 @@ def test_a_folder_or_a_journal_named_as_a_temporary_is_no_reason_to_stop_an_eras
     folder = store._path(ann).parent
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".tmp-not-a-file").mkdir()
-    (folder / ".tmp-not-a-file" / "notes").write_text("an operator's")
+    (folder / ".tmp-not-a-file" / ".tmp-notes").write_text("an operator's")
     (folder / f".{localfiles._JOURNAL}.tmp-0123").write_text("a journal's line")
     store.erase(ann.subject_ref, ann.user_ref)
     assert (folder / ".tmp-not-a-file").is_dir()  # foreign: left in place

@@ -281,8 +281,7 @@ class LocalFileStore(Store):
         for sub in [*folders, folder]:
             for own in (_JOURNAL, _MERGED):
                 (sub / own).unlink(missing_ok=True)
-            for path, _header in _leftovers(sub):
-                path.unlink(missing_ok=True)
+            _unlink(path for path, header in _leftovers(sub) if header is not None)  # a segment's: not an operator's
             _unlink(p for p in sub.glob(f".{_JOURNAL}.tmp-*") if p.is_file())  # a journal's killed write
             try:
                 sub.rmdir()
