@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dask.config
 import pandas  # noqa: F401 - pyarrow imports it lazily; it must not load under freezegun
@@ -158,9 +159,8 @@ def test_a_cut_whose_original_outlived_it_leaves_each_record_once(hourly_store, 
     assert second.removed[store]["cluster_jobs"].records == 48 - len(kept)  # each removal counted once
 
 
-def test_a_straddling_segment_its_store_refuses_to_delete_leaves_the_others_cut(hourly_store, monkeypatch) -> None:  # noqa: ANN001
-    """The first refusal ended the step: every other subject's records older than the limit stayed."""
-    pipeline, store = hourly_store
+def _refusing_to_delete_acmes_straddling_segment(pipeline: Pipeline, store: str, monkeypatch) -> Any:  # noqa: ANN001
+    """``store``, whose delete of acme's segment straddling day 0's noon is refused (a file made immutable)."""
     target = pipeline.stores[store]
     real_delete = target.delete
     acme = pipeline.keyring.subject_ref("acme")
@@ -172,6 +172,13 @@ def test_a_straddling_segment_its_store_refuses_to_delete_leaves_the_others_cut(
         return real_delete(ids)
 
     monkeypatch.setattr(target, "delete", failing)
+    return target
+
+
+def test_a_straddling_segment_its_store_refuses_to_delete_leaves_the_others_cut(hourly_store, monkeypatch) -> None:  # noqa: ANN001
+    """The first refusal ended the step: every other subject's records older than the limit stayed."""
+    pipeline, store = hourly_store
+    _refusing_to_delete_acmes_straddling_segment(pipeline, store, monkeypatch)
     report = enforce(pipeline, DAY0 + timedelta(days=30))
     assert report.failed_steps[f"expire:{store}/cluster_jobs"].startswith("1 straddling segment(s) kept whole")
     assert report.removed[store]["cluster_jobs"].records == 12  # globex's, counted
@@ -184,17 +191,8 @@ def test_an_original_whose_delete_keeps_failing_is_never_cut_twice(hourly_store,
     """Its cut was cut in turn at the next pass and deleted, freeing the cut's id: the pass after cut the
     original again, and every younger record gained a copy each second pass (3, then 4: the inventory grew)."""
     pipeline, store = hourly_store
-    target = pipeline.stores[store]
-    real_delete = target.delete
+    target = _refusing_to_delete_acmes_straddling_segment(pipeline, store, monkeypatch)
     acme = pipeline.keyring.subject_ref("acme")
-    refused = {s.segment_id for s in target.straddling("cluster_jobs", DAY0) if s.subject_ref == acme}
-
-    def failing(ids):  # noqa: ANN001, ANN202
-        if refused & set(ids):
-            raise StoreError("made immutable")
-        return real_delete(ids)
-
-    monkeypatch.setattr(target, "delete", failing)
     for hour in range(6):
         now = DAY0 + timedelta(days=30, hours=hour)
         report = enforce(pipeline, now)

@@ -230,23 +230,36 @@ def _ann_everywhere(pipeline: Pipeline) -> dict[str, int]:
     }
 
 
+def _right_after_the_tombstones_are_read(monkeypatch: pytest.MonkeyPatch, then: Any) -> None:
+    """Run ``then`` once, right after the next read of tombstones: between a commit's read and its write."""
+    from pipeline import tombstones
+
+    load = tombstones.load
+
+    def loading(engine, refs):  # noqa: ANN001, ANN202
+        loaded = load(engine, refs)
+        monkeypatch.setattr(tombstones, "load", load)
+        then()
+        return loaded
+
+    monkeypatch.setattr(tombstones, "load", loading)
+
+
+def _erased_meanwhile(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Ann's erasure filed and carried out right after the next read of tombstones; the requests it completed."""
+    erased: list[Any] = []
+    _right_after_the_tombstones_are_read(
+        monkeypatch, lambda: (file_request(pipeline, "acme", "ann"), erased.extend(process_pending(pipeline)))
+    )
+    return erased
+
+
 def test_a_batch_sealed_while_its_subject_is_erased_brings_nothing_back(database, monkeypatch) -> None:  # noqa: ANN001
     """The group commit read the tombstones, then sealed and wrote: an erasure filed and completed in between
     found nothing of the batch, which, sealed under a new key, brought ann's records from before it back."""
-    from pipeline import tombstones
-
     pipeline = Pipeline.open(create=True)
     pipeline.write_records([make_record(account="acme", user="ann", observed_at=BEFORE)])
-    load, erased = tombstones.load, []
-
-    def erase_meanwhile(engine, refs):  # noqa: ANN001, ANN202
-        loaded = load(engine, refs)
-        monkeypatch.setattr(tombstones, "load", load)
-        file_request(pipeline, "acme", "ann")
-        erased.extend(process_pending(pipeline))
-        return loaded
-
-    monkeypatch.setattr(tombstones, "load", erase_meanwhile)
+    erased = _erased_meanwhile(pipeline, monkeypatch)
     recent = datetime.now(UTC) - timedelta(minutes=5)  # within the logging store's limit: both stores take it
     late = [make_record(account="acme", user="ann", observed_at=recent + timedelta(minutes=m)) for m in (1, 2)]
     pipeline.ingest(sealed_batch(pipeline, late)[1], Principal.embedded_cluster("acme", None))
@@ -257,20 +270,9 @@ def test_a_batch_sealed_while_its_subject_is_erased_brings_nothing_back(database
 def test_records_written_while_their_subject_is_erased_come_back_nowhere(database, monkeypatch) -> None:  # noqa: ANN001
     """Jobs of a cluster found lost are written as records are: read the tombstones, seal, write. An erasure
     filed and completed in between left them readable under a new key."""
-    from pipeline import tombstones
-
     pipeline = Pipeline.open(create=True)
     pipeline.write_records([make_record(account="acme", user="ann", observed_at=BEFORE)])
-    load, erased = tombstones.load, []
-
-    def erase_meanwhile(engine, refs):  # noqa: ANN001, ANN202
-        loaded = load(engine, refs)
-        monkeypatch.setattr(tombstones, "load", load)
-        file_request(pipeline, "acme", "ann")
-        erased.extend(process_pending(pipeline))
-        return loaded
-
-    monkeypatch.setattr(tombstones, "load", erase_meanwhile)
+    erased = _erased_meanwhile(pipeline, monkeypatch)
     recent = datetime.now(UTC) - timedelta(minutes=5)
     assert pipeline.write_records([make_record("job", account="acme", user="ann", observed_at=recent)]) == {}
     assert [r.state for r in erased] == ["completed"]
@@ -306,19 +308,9 @@ def test_an_erasure_filed_while_a_batch_commits_waits_and_finds_it(database, mon
 def test_a_group_sealed_again_after_a_filing_audits_its_drop_once(database, monkeypatch) -> None:  # noqa: ANN001
     """The drop was audited as the group was sealed: sealed again (a request for bob filed meanwhile), the
     batch's one record of ann dropped made two ``ingest.dropped`` entries."""
-    from pipeline import tombstones
-
     pipeline = Pipeline.open(create=True)
     file_request(pipeline, "acme", "ann")  # open: every record of ann is dropped
-    load = tombstones.load
-
-    def file_meanwhile(engine, refs):  # noqa: ANN001, ANN202
-        loaded = load(engine, refs)
-        monkeypatch.setattr(tombstones, "load", load)
-        file_request(pipeline, "acme", "bob")
-        return loaded
-
-    monkeypatch.setattr(tombstones, "load", file_meanwhile)
+    _right_after_the_tombstones_are_read(monkeypatch, lambda: file_request(pipeline, "acme", "bob"))
     recent = datetime.now(UTC) - timedelta(minutes=5)
     records = [make_record(account="acme", user=u, observed_at=recent) for u in ("ann", "carl")]
     batch_id, sealed = sealed_batch(pipeline, records)
