@@ -350,18 +350,19 @@ class ClusterRegistry:
             if silent is not None and silent + lost_after <= now:  # lost, whether or not a sweep saw it yet
                 self._end(row, "lost", silent + lost_after)
                 row = self._row(cluster_id)
-        newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
-        if row.lost_at is not None and newest > row.lost_at:
-            raise ClusterLost(
-                f"batch {batch.batch_id} refused: cluster {cluster_id} {ClusterLost.MARK} "
-                f"{row.lost_at:%Y-%m-%d %H:%M:%S} UTC (nothing heard for pipeline.server.cluster-lost-after) "
-                "and this batch was observed after; register the cluster again"
-            )
-        if row.closed_at is not None and newest > row.closed_at:  # its token was revoked as its body trickled in
-            raise ForbiddenBatch(
-                f"batch {batch.batch_id} refused: cluster {cluster_id} was closed at "
-                f"{row.closed_at:%Y-%m-%d %H:%M:%S} UTC and this batch was observed after"
-            )
+        if row.lost_at is not None or row.closed_at is not None:  # ended: a late batch, observed before the end
+            newest = max(pc.max(table.column("observed_at")).as_py() for table in batch.tables)
+            if row.lost_at is not None and newest > row.lost_at:
+                raise ClusterLost(
+                    f"batch {batch.batch_id} refused: cluster {cluster_id} {ClusterLost.MARK} "
+                    f"{row.lost_at:%Y-%m-%d %H:%M:%S} UTC (nothing heard for pipeline.server.cluster-lost-after) "
+                    "and this batch was observed after; register the cluster again"
+                )
+            if row.closed_at is not None and newest > row.closed_at:  # its token revoked as its body trickled in
+                raise ForbiddenBatch(
+                    f"batch {batch.batch_id} refused: cluster {cluster_id} was closed at "
+                    f"{row.closed_at:%Y-%m-%d %H:%M:%S} UTC and this batch was observed after"
+                )
         batch = self._without_jobs_recorded_lost(row, batch)
         if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
             return batch, None, None  # the cluster stays as it ended
