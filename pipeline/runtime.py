@@ -634,9 +634,7 @@ class Pipeline:
             _kept_for_retry("long_term"),
             transaction(self.keyring.engine, "commit ingested batches") as conn,
         ):
-            if dropping:  # its drops are audited in this transaction: the chain's lock first, as a filing takes it
-                self.audit.hold(conn)
-            tombstones.hold(conn, subjects)  # first: an erasure filed from here on waits for this commit
+            self._hold_for_writing(conn, subjects, auditing=dropping)  # an erasure filed from here on waits
             # in key order, then the batch ids in theirs: two processes' commits wait, never deadlock;
             # a run of one statement goes as one executemany (one round trip on PostgreSQL)
             locking = sorted((s for batch in batches for s in batch.statements), key=lambda s: s[0])
@@ -765,6 +763,13 @@ class Pipeline:
         )
         return [table for table in kept if table.num_rows], dropped
 
+    def _hold_for_writing(self, conn: Connection, subjects: Iterable[str], *, auditing: bool) -> None:
+        """First in a transaction that writes records of ``subjects``: hold their tombstones (and, when it
+        audits what they dropped, the audit chain's lock before them, the order a filing takes both in)."""
+        if auditing:
+            self.audit.hold(conn)
+        tombstones.hold(conn, subjects)
+
     def _audit_drop(
         self, conn: Connection, source: dict[str, str], subject_ref: str | None, dropped: Counter[str]
     ) -> None:
@@ -813,9 +818,7 @@ class Pipeline:
             kept, dropped = self._without_erased(tables, stones)
             routed = self.route(seal_tables(self.keyring, kept, segment_seed=segment_seed))
             with transaction(self.keyring.engine, "writing records") as conn:
-                if dropped:  # audited in this transaction: the chain's lock first, as a filing takes it
-                    self.audit.hold(conn)
-                tombstones.hold(conn, subjects)
+                self._hold_for_writing(conn, subjects, auditing=bool(dropped))
                 if not tombstones.stand(conn, stones):
                     continue
                 written = {name: self.stores[name].write(b) for name, b in routed.items() if b and name != "long_term"}
