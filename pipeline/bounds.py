@@ -34,6 +34,7 @@ __all__ = [
     "OutOfBounds",
     "Window",
     "check_batch",
+    "holds_only",
 ]
 
 #: how far a cluster's clock may be off the server's, both ways
@@ -273,6 +274,26 @@ def _longest(chunk: pa.Array) -> int:
     Null slots count too: a value is no longer than its slot.
     """
     return int(np.diff(_offsets(chunk)).max())
+
+
+def holds_only(values: pa.ChunkedArray, value: str) -> bool:
+    """Whether every slot of a string column holds ``value`` (a null does not).
+
+    Read from the buffers, as the bounds are: evenly spaced offsets over bytes that are ``value`` repeated.
+    No Python string per row (admission asks this of a whole batch's account, user and cluster columns).
+    """
+    expected = value.encode()
+    for chunk in values.chunks:
+        if chunk.null_count:
+            return False
+        offsets = _offsets(chunk)
+        start = int(offsets[0])
+        if not np.array_equal(offsets, start + len(expected) * np.arange(len(chunk) + 1)):
+            return False
+        data = chunk.buffers()[2]
+        if data is None or data[start : start + len(expected) * len(chunk)] != expected * len(chunk):
+            return False
+    return True
 
 
 def _offsets(chunk: pa.Array) -> np.ndarray:

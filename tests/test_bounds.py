@@ -118,3 +118,15 @@ def test_a_key_twice_in_one_mapping_is_found_and_the_same_key_in_two_is_not() ->
     assert refused_field(replaced(built, "tasks_by_state", twice.slice(0, 4))) == "cluster_snapshot.tasks_by_state"
     hidden = pa.array([[("a", 1), ("a", 1)], *apart.to_pylist()], kind).slice(1)  # the repeat lies before the slice
     bounds.check_batch([replaced(built, "tasks_by_state", hidden)], WINDOW)
+
+
+def test_a_column_holds_only_a_value_when_every_slot_is_that_value() -> None:
+    """Admission's test of a cluster's own rows, read from the buffers: evenly cut slots of the value's bytes."""
+    one = pa.array(["acme", "acme", "acme"])
+    assert bounds.holds_only(pa.chunked_array([one, one.slice(1)]), "acme")
+    assert bounds.holds_only(pa.chunked_array([], pa.string()), "acme")
+    assert not bounds.holds_only(pa.chunked_array([pa.array(["ac", "meacme"])]), "acme")  # the same bytes
+    assert not bounds.holds_only(pa.chunked_array([pa.array(["acme", None])]), "acme")
+    assert not bounds.holds_only(pa.chunked_array([one, pa.array(["acme", "acmf"])]), "acme")
+    assert not bounds.holds_only(pa.chunked_array([pa.array(["globex", "acme", "acme"]).slice(1), one]), "acm")
+    assert bounds.holds_only(pa.chunked_array([pa.array(["globex", "acme", "acme"]).slice(1)]), "acme")

@@ -139,6 +139,27 @@ def test_a_record_naming_another_user_account_or_cluster_refuses_the_batch_whole
     assert stored(plane)["long_term"] == [] and len(rejections(plane)) == 1
 
 
+@pytest.mark.parametrize("shape", ["a later Arrow batch", "the caller's names cut elsewhere"])
+def test_rows_that_only_look_like_the_callers_own_refuse_the_batch(plane: ControlPlane, shape: str) -> None:
+    """Admission reads a batch's account, user and cluster columns from their buffers when every row is the
+    caller's: a foreign row in a second Arrow batch, or slots cut from the caller's name repeated ("acme" ×
+    2 as "ac" and "meacme"), are the caller's in no row."""
+    registration = register(plane, "acme", "ann")
+    (table,) = tables_from_records([own(registration, user="ann"), own(registration, user="ann")])
+    if shape == "a later Arrow batch":
+        (other,) = tables_from_records(
+            [own(registration, user="ann"), {**own(registration, user="ann"), "account": "ac"}]
+        )
+        batches, expected = [*table.to_batches(), *other.to_batches()], "1 of 4 records"
+    else:
+        index = table.schema.get_field_index("account")
+        cut = table.set_column(index, table.schema.field(index), pa.array(["ac", "meacme"], pa.string()))
+        batches, expected = cut.to_batches(), "2 of 2 records"
+    answer = post(plane, registration, sealed_by_hand(registration, [batches]))
+    assert f"{expected} name another account, user or cluster" in assert_problem(answer, 403)["detail"]
+    assert stored(plane)["long_term"] == []
+
+
 def test_a_service_cluster_of_an_admin_is_account_level_and_names_no_user(plane: ControlPlane) -> None:
     with plane.admin() as admin:
         service = admin.post("/v1/clusters", json={"account": "acme"}).json()
