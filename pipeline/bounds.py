@@ -84,7 +84,7 @@ def check_batch(tables: Sequence[pa.Table], window: Window) -> None:
     subjects: set[tuple[str, str | None]] = set()
     for table in tables:
         accounts, users = table.column("account"), table.column("user")
-        if len(pc.unique(accounts)) == 1:  # the usual case: one account, so its distinct users are the subjects
+        if holds_only(accounts, accounts[0].as_py()):  # the usual case: one account, whose users are the subjects
             subjects.update((accounts[0].as_py(), user) for user in pc.unique(users).to_pylist())
         else:
             subjects.update(zip(accounts.to_pylist(), users.to_pylist(), strict=True))
