@@ -248,27 +248,35 @@ def test_erase_status_names_a_receipt_whose_rotation_no_longer_cites_its_entry(p
     assert "it cites no key.rotated entry, and the trail rotated the master key after it" in result.stderr
 
 
-def test_erase_status_names_a_receipt_citing_a_rotation_made_before_its_request(pipeline) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("when", ["before the request", "before, pending uncited", "after, before the erasure"])
+def test_erase_status_names_a_receipt_citing_a_rotation_not_made_for_its_request(pipeline, when: str) -> None:  # noqa: ANN001
     """Only the cited rotation's figures were compared: a receipt edited to cite a rotation an operator made
-    before the request (its figures copied, final sooner) passed, and the report listed the erasure as final."""
+    (its figures copied, final sooner) passed, and the report listed the erasure as final. Such a rotation
+    re-wraps keys still alive, whether made before the request (its ``pending`` entry cited or removed) or
+    after it but before the erasure destroyed the key."""
     from sqlalchemy import select, update
 
     from pipeline.db import deletion_requests
     from pipeline.retention.requests import _rotation
 
-    cli("keys", "rotate")
-    (manual,) = pipeline.audit.entries(actions=("key.rotated",))
+    if when != "after, before the erasure":
+        cli("keys", "rotate")
     request_id = cli("erase", "request", "--account", "acme").strip()
+    if when == "after, before the erasure":
+        cli("keys", "rotate")
+    (manual,) = pipeline.audit.entries(actions=("key.rotated",))
     cli("enforce")
     this = deletion_requests.c.request_id == request_id
     with pipeline.keyring.engine.begin() as conn:
         receipt = json.loads(conn.scalar(select(deletion_requests.c.receipt).where(this)))
         assert receipt["rotation"]["audit_seq"] > manual.seq
         receipt["rotation"] = {**_rotation(pipeline, manual), "audit_seq": manual.seq}
+        if when == "before, pending uncited":
+            del receipt["audit"]["pending"]
         conn.execute(update(deletion_requests).where(this).values(receipt=json.dumps(receipt)))
     result = CliRunner().invoke(main, ["erase", "status", request_id])
     assert result.exit_code == 1, result.output
-    assert f"it cites audit entry {manual.seq} as its rotation, which was not made after it" in result.stderr
+    assert f"it cites audit entry {manual.seq} as its rotation, which was not made for it" in result.stderr
 
 
 def test_erase_status_names_a_completion_forged_in_the_database_that_cites_no_audit_entry(pipeline) -> None:

@@ -319,8 +319,8 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         if (fault := entry_fault(entry.as_dict(), schedule)) is not None:  # edited beside the receipt
             found.append(f"it cites audit entry {seq}, whose {fault}")
             continue
-        if action == "key.rotated" and not _rotated_after(entry, request):
-            found.append(f"it cites audit entry {seq} as its rotation, which was not made after it")
+        if action == "key.rotated" and not _rotated_for(entry, request):
+            found.append(f"it cites audit entry {seq} as its rotation, which was not made for it")
             continue
         vouched = {**entry.details, **(_rotation(pipeline, entry) if action == "key.rotated" else {})}
         found += [
@@ -354,15 +354,11 @@ def _agrees(name: str, said: Any, vouched: dict[str, Any]) -> bool:
         return False
 
 
-def _rotated_after(entry: AuditEntry, request: DeletionRequest) -> bool:
-    """Whether a ``key.rotated`` entry is a rotation after the request: recorded after its filing, and naming
-    it where the entry names the erasures it follows (the first release's do not). Any other rotation's
-    figures, copied into a receipt, would make it final sooner."""
-    filed = request.receipt.get("audit", {}).get("pending")
-    if _is_seq(filed) and entry.seq <= filed:
-        return False
-    erasures = entry.details.get("after_erasures")
-    return erasures is None or request.request_id in erasures
+def _rotated_for(entry: AuditEntry, request: DeletionRequest) -> bool:
+    """Whether a ``key.rotated`` entry is a rotation made for the request: every rotation a receipt holds
+    names the erasures it follows (an earlier release's receipts got theirs at upgrade, naming them). Any
+    other rotation's figures, an operator's ``keys rotate`` even after the filing, would make it final sooner."""
+    return request.request_id in (entry.details.get("after_erasures") or ())
 
 
 def _is_seq(value: Any) -> bool:
