@@ -214,7 +214,11 @@ class Settings:
                 raise ConfigError(
                     f"pipeline.{key}: {quoted(value)} holds a control character ({found}); a name may not"
                 )
-            if (size := len(value.encode())) > MAX_STRING_BYTES:
+            try:
+                size = len(value.encode())
+            except UnicodeEncodeError:  # bytes an environment variable held that are no UTF-8
+                raise ConfigError(f"pipeline.{key}: {quoted(value)} is not UTF-8 text") from None
+            if size > MAX_STRING_BYTES:
                 raise ConfigError(f"pipeline.{key}: {size} bytes of UTF-8; at most {MAX_STRING_BYTES}")
             return value
 

@@ -689,6 +689,15 @@ def test_a_name_longer_than_ingest_takes_is_one_line_naming_it(key: str, home: P
     assert line == f"error: pipeline.{key}: 2050 bytes of UTF-8; at most 2048"
 
 
+@pytest.mark.parametrize("key", ["account", "cluster-id"])
+def test_a_name_of_bytes_that_are_no_utf8_is_one_line_naming_it(key: str, home: Path) -> None:
+    """An environment variable holding such bytes (``DASK_PIPELINE__ACCOUNT=$'c\\xff'``) reaches Python as a
+    lone surrogate: measuring the name's UTF-8 made every command a traceback."""
+    with dask.config.set({f"pipeline.{key}": "c\udcff"}):
+        line = one_line(run("init"))
+    assert line == f"error: pipeline.{key}: 'c\\udcff' is not UTF-8 text"
+
+
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
