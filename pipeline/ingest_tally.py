@@ -6,7 +6,8 @@ Refused batches are audited one by one (``ingest.rejected``), up to
 :data:`REFUSALS_AUDITED_PER_HOUR` of one actor an hour; the hour's summary counts
 the rest, so a cluster sending garbage at its rate limit cannot grow the trail that
 every ``audit verify`` and report walks. So are a cluster's batches whose records
-admission dropped (``ingest.dropped``: the end of a job recorded lost, sent again).
+admission dropped (``ingest.dropped``: the end of a job recorded lost, sent again, or records
+an erasure's tombstone forbids).
 """
 
 from __future__ import annotations

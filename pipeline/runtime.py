@@ -282,6 +282,8 @@ class PreparedBatch:
     guards: tuple[Guard, ...] = ()
     #: the same batch admitted again, when a guard fails (``None``: no admission)
     readmit: Callable[[], PreparedBatch] | None = None
+    #: the cluster that sent it, whose drops are audited up to an hourly share (``None``: an operator's)
+    cluster_id: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -571,14 +573,19 @@ class Pipeline:
         received = batch.n_records
         # stamped before admission: the running jobs it keeps, and writes as lost one day, name the owner
         batch = OpenedBatch(batch.batch_id, [_stamped(table, principal, subject_ref) for table in batch.tables])
-        return self._admitted(subject_ref, received, batch, admit)
+        return self._admitted(subject_ref, received, batch, admit, principal.cluster_id)
 
     def _admitted(
-        self, subject_ref: str, received: int, batch: OpenedBatch, admit: Callable[[OpenedBatch], Admitted] | None
+        self,
+        subject_ref: str,
+        received: int,
+        batch: OpenedBatch,
+        admit: Callable[[OpenedBatch], Admitted] | None,
+        cluster_id: str | None,
     ) -> PreparedBatch:
         """``batch`` (scoped and stamped) through ``admit``, ready to commit, and how to admit it again."""
         if admit is None:
-            return PreparedBatch(subject_ref, batch.batch_id, received, batch.tables)
+            return PreparedBatch(subject_ref, batch.batch_id, received, batch.tables, cluster_id=cluster_id)
         admitted, noted, guard = admit(batch)
         return PreparedBatch(
             subject_ref,
@@ -587,7 +594,8 @@ class Pipeline:
             admitted.tables,
             () if noted is None else (noted,),
             () if guard is None else (guard,),
-            functools.partial(self._admitted, subject_ref, received, batch, admit),
+            functools.partial(self._admitted, subject_ref, received, batch, admit, cluster_id),
+            cluster_id,
         )
 
     def commit_ingest(self, prepared: PreparedBatch) -> IngestResult:
@@ -671,7 +679,12 @@ class Pipeline:
             new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
             long_term.insert(conn, routed("long_term", new))
             for batch, (_tables, dropped) in zip(fresh, kept, strict=True):  # with the batch: a group sealed
-                if id(batch) in new:  # again, or a batch sent again, says it once
+                # again, or a batch sent again, says it once; a cluster's past its hour's share, the summary
+                if (
+                    id(batch) in new
+                    and dropped
+                    and (batch.cluster_id is None or self._ingest_tally.drop(batch.cluster_id))
+                ):
                     self._audit_drop(conn, {"batch_id": batch.batch_id}, batch.subject_ref, dropped)
         for name in self.stores:
             self._ingest_tally.count(name, routed(name, new))
@@ -747,7 +760,8 @@ class Pipeline:
     def audit_dropped(self, cluster_id: str, subject_ref: str, details: dict[str, Any]) -> None:
         """Audit records of a cluster's batch that admission dropped (``ingest.dropped``): one entry each for
         the cluster's first batches of an hour, the rest counted in the hour's ``ingest.summary`` (a cluster
-        sending a lost job's end again and again must not grow the trail at will)."""
+        sending a lost job's end again and again must not grow the trail at will; its tombstones' drops
+        share that count, see :meth:`_commit_admitted`)."""
         if self._ingest_tally.drop(cluster_id):
             self.audit.append("ingest.dropped", subject_ref=subject_ref, details=details)
 

@@ -318,3 +318,25 @@ def test_a_group_sealed_again_after_a_filing_audits_its_drop_once(database, monk
     dropped = [e.details for e in pipeline.audit.entries(actions=["ingest.dropped"])]
     assert [(d["batch_id"], d["records"]) for d in dropped] == [(batch_id, 1)]
     assert [r["user"] for r in pipeline.read_records("long_term", account="acme")] == ["carl"]
+
+
+def test_a_clusters_records_of_an_erased_user_are_audited_a_hundred_batches_an_hour_then_counted(
+    pipeline, monkeypatch
+) -> None:  # noqa: ANN001
+    """Each batch of a cluster whose user is being erased added an ``ingest.dropped`` entry: its code
+    sending at the rate limit grew the trail every ``audit verify`` and report walks. An operator's
+    replay (no cluster) is audited batch by batch still."""
+    from pipeline import ingest_tally
+
+    monkeypatch.setattr(ingest_tally, "REFUSALS_AUDITED_PER_HOUR", 3)
+    file_request(pipeline, "acme", "ann", suppress=True)
+    cluster = Principal("cluster", account="acme", user="ann", cluster_id="cluster-x")
+    recent = datetime.now(UTC) - timedelta(minutes=5)
+    for _ in range(5):
+        ann = make_record(account="acme", user="ann", cluster_id="cluster-x", observed_at=recent)
+        pipeline.ingest(sealed_batch(pipeline, [ann])[1], cluster)
+    pipeline.ingest(sealed_batch(pipeline, [make_record(account="acme", user="ann")])[1], Principal("operator"))
+    assert len(list(pipeline.audit.entries(actions=["ingest.dropped"]))) == 4
+    pipeline._ingest_tally.summarise(final=True)
+    [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
+    assert summary["dropped_not_audited"] == {"cluster-x": 2}
