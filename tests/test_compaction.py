@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -285,7 +286,7 @@ def test_a_day_past_the_bound_is_merged_into_several_segments_each_within_it(
 def _killed_write(store: LocalFileStore, segment) -> Path:  # noqa: ANN001
     """What a write killed before its link leaves: the segment's header and ciphertext under a temporary name."""
     path = store._path(segment)
-    leftover = path.parent / ".tmp-0123456789abcdef"
+    leftover = path.parent / f".tmp-{uuid.uuid4().hex}"
     leftover.write_bytes(localfiles._header(segment) + b"\n" + segment.payload)
     return leftover
 
@@ -305,6 +306,28 @@ def test_a_write_killed_before_its_link_leaves_nothing_past_an_erasure_or_expiry
         store.expire("cluster_jobs", DAYS[1])
     assert not leftover.exists()
     assert [p.name for p in leftover.parent.glob(".tmp-*")] == []
+
+
+@pytest.mark.parametrize("by", ["account erasure", "expiry"])
+def test_a_write_killed_in_its_header_leaves_nothing_past_its_accounts_erasure_or_its_days_expiry(
+    pipeline: Pipeline, by: str
+) -> None:
+    """A temporary file cut before its header was whole (or empty) was taken for an operator's: the account's
+    erasure completed and left it, with the folder named by the account's ref. An operator's ``.tmp-notes``
+    is no name the store writes: it stays, and is listed as foreign."""
+    store = _store(pipeline)
+    [ann] = seal_records(pipeline.keyring, [make_record(account="acme", user="ann", observed_at=DAYS[0])])
+    folder = _killed_write(store, ann).parent
+    cut = [folder / f".tmp-{uuid.uuid4().hex}" for _ in range(2)]
+    cut[0].write_bytes(b"")
+    cut[1].write_bytes(localfiles._header(ann)[:40])
+    (folder / ".tmp-notes").write_text("an operator's")
+    if by == "account erasure":
+        store.erase(ann.subject_ref)
+    else:
+        store.expire("cluster_jobs", DAYS[1])
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-notes"]
+    assert store.foreign_files() == [str(folder / ".tmp-notes")]
 
 
 def test_a_folder_or_a_journal_named_as_a_temporary_is_no_reason_to_stop_an_erasure(pipeline: Pipeline) -> None:

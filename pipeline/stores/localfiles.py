@@ -35,6 +35,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,6 +55,8 @@ __all__ = ["LocalFileStore"]
 
 _SUFFIX = ".seg"
 _JOURNAL = ".compacting"
+#: the name :meth:`LocalFileStore.write` gives a segment before it links it (an operator's ``.tmp-notes`` is not)
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}")
 _MERGED = ".merged-ids"
 #: a day folder ends one day after its name; compared as ``start <= t - _DAY``, since ``start + _DAY``
 #: overflows for a folder named 9999-12-31 (a record stored before ingest checked its time)
@@ -281,7 +284,7 @@ class LocalFileStore(Store):
         for sub in [*folders, folder]:
             for own in (_JOURNAL, _MERGED):
                 (sub / own).unlink(missing_ok=True)
-            _unlink(path for path, header in _leftovers(sub) if header is not None)  # a segment's: not an operator's
+            _unlink(path for path, _header in _leftovers(sub))  # a killed write's, read or not (cut in its header)
             _unlink(p for p in sub.glob(f".{_JOURNAL}.tmp-*") if p.is_file())  # a journal's killed write
             try:
                 sub.rmdir()
@@ -563,10 +566,10 @@ def _leftovers(folder: Path) -> list[tuple[Path, Segment | None]]:
     """Temporary files a write killed before it linked them (``.tmp-*``), each with its header (None: it does
     not read). Never listed as segments, they are removed with what they would have been: an erasure of
     their subject or user, the expiry of their day, as their segment would be (they hold its header, names
-    of its subject and user, and its ciphertext)."""
+    of its subject and user, and its ciphertext); one whose header does not read, with its folder."""
     found: list[tuple[Path, Segment | None]] = []
     for path in folder.glob(".tmp-*"):
-        if not path.is_file():  # a folder so named is foreign: left in place
+        if not _TEMPORARY.fullmatch(path.name) or not path.is_file():  # an operator's, or a folder: foreign
             continue
         try:
             header = _read(path, with_payload=False)
@@ -586,7 +589,7 @@ def _unlink(paths: Iterable[Path]) -> None:
 def _is_own(name: str) -> bool:
     """A file the store writes besides segments: a temporary file, a compaction journal (or its
     temporary), a day's merged ids."""
-    return name.startswith((".tmp-", _JOURNAL, f".{_JOURNAL}.tmp-")) or name == _MERGED
+    return bool(_TEMPORARY.fullmatch(name)) or name.startswith((_JOURNAL, f".{_JOURNAL}.tmp-")) or name == _MERGED
 
 
 def _listing(path: Path) -> tuple[list[Path], list[Path]]:
