@@ -22,12 +22,15 @@ from pipeline.audit import AuditLog
 from pipeline.records import utcnow
 from pipeline.segments import Segment
 
-__all__ = ["REFUSALS_AUDITED_PER_HOUR", "IngestTally"]
+__all__ = ["AUDITED_PER_ACCOUNT_HOUR", "REFUSALS_AUDITED_PER_HOUR", "IngestTally"]
 
 logger = logging.getLogger(__name__)
 
-#: refused batches of one actor (a cluster token, an operator) audited one by one in an hour
+#: refused batches of one actor (a cluster token, an operator) audited one by one in an hour; so are a
+#: cluster's batches with records dropped
 REFUSALS_AUDITED_PER_HOUR = 100
+#: ... and of one account's actors together: a member registers as many clusters, each a token, as it likes
+AUDITED_PER_ACCOUNT_HOUR = 1_000
 
 
 class IngestTally:
@@ -37,9 +40,9 @@ class IngestTally:
         self._audit = audit
         self._lock = threading.Lock()
         self._counts: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
-        #: the hour's batches counted past their audited share: refused ones by actor, ones with records
-        #: dropped by cluster id; each named for the summary's field
-        self._batches: dict[str, Counter[str]] = _no_batches()
+        #: the hour's batches: refused ones by actor, ones with records dropped by cluster id, each named for
+        #: the summary's field; those seen, those audited per account, those past a share (the summary's)
+        self._seen, self._audited, self._batches = _no_batches(), _no_batches(), _no_batches()
         self._hour: datetime | None = None
 
     def count(self, store: str, segments: Iterable[Segment]) -> None:
@@ -51,21 +54,27 @@ class IngestTally:
                 counts[segment.data_type] += segment.n_records
             self._hour = self._hour or _hour(utcnow())
 
-    def refusal(self, actor: str) -> bool:
-        """Count a batch of ``actor`` refused; whether to audit it on its own (else the summary counts it)."""
-        return self._noted("refused_not_audited", actor)
+    def refusal(self, actor: str, subject_ref: str | None) -> bool:
+        """Count a batch of ``actor`` (of the account ``subject_ref``, if any) refused; whether to audit it on
+        its own (else the summary counts it)."""
+        return self._noted("refused_not_audited", actor, subject_ref)
 
-    def drop(self, cluster_id: str) -> bool:
+    def drop(self, cluster_id: str, subject_ref: str) -> bool:
         """Count a batch of cluster ``cluster_id`` whose records admission dropped; whether to audit it on its own."""
-        return self._noted("dropped_not_audited", cluster_id)
+        return self._noted("dropped_not_audited", cluster_id, subject_ref)
 
-    def _noted(self, field: str, key: str) -> bool:
+    def _noted(self, field: str, key: str, subject_ref: str | None) -> bool:
         self.summarise()
         with self._lock:
-            counter = self._batches[field]
-            counter[key] += 1
             self._hour = self._hour or _hour(utcnow())
-            return counter[key] <= REFUSALS_AUDITED_PER_HOUR
+            self._seen[field][key] += 1
+            audited = self._seen[field][key] <= REFUSALS_AUDITED_PER_HOUR
+            if audited and subject_ref is not None:
+                self._audited[field][subject_ref] += 1
+                audited = self._audited[field][subject_ref] <= AUDITED_PER_ACCOUNT_HOUR
+            if not audited:
+                self._batches[field][key] += 1
+            return audited
 
     def summarise(self, *, final: bool = False) -> None:
         """Append ``ingest.summary`` once the counted hour is over (or now, with ``final``)."""
@@ -74,11 +83,7 @@ class IngestTally:
                 return
             records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._counts.items())}
             details: dict[str, object] = {"hour": self._hour.isoformat(), "records": records}
-            past = REFUSALS_AUDITED_PER_HOUR
-            unaudited = {
-                field: dict(sorted((key, n - past) for key, n in counter.items() if n > past))
-                for field, counter in self._batches.items()
-            }
+            unaudited = {field: dict(sorted(counter.items())) for field, counter in self._batches.items()}
             details.update((name, counted) for name, counted in unaudited.items() if counted)
             try:
                 if records or any(unaudited.values()):  # an hour of batches all audited already says nothing more
@@ -86,7 +91,8 @@ class IngestTally:
             except Exception as exc:  # the database may be down: keep counting, retry on the next call
                 logger.warning("could not write the ingest summary: %s", str(exc).splitlines()[0])
                 return
-            self._counts, self._batches, self._hour = {}, _no_batches(), None
+            self._counts, self._hour = {}, None
+            self._seen, self._audited, self._batches = _no_batches(), _no_batches(), _no_batches()
 
 
 def _no_batches() -> dict[str, Counter[str]]:

@@ -689,7 +689,7 @@ class Pipeline:
                 if (
                     id(batch) in new
                     and dropped
-                    and (batch.cluster_id is None or self._ingest_tally.drop(batch.cluster_id))
+                    and (batch.cluster_id is None or self._ingest_tally.drop(batch.cluster_id, batch.subject_ref))
                 ):
                     self._audit_drop(conn, {"batch_id": batch.batch_id}, batch.subject_ref, dropped)
         for name in self.stores:
@@ -768,17 +768,15 @@ class Pipeline:
         the cluster's first batches of an hour, the rest counted in the hour's ``ingest.summary`` (a cluster
         sending a lost job's end again and again must not grow the trail at will; its tombstones' drops
         share that count, see :meth:`_commit_admitted`)."""
-        if self._ingest_tally.drop(cluster_id):
+        if self._ingest_tally.drop(cluster_id, subject_ref):
             self.audit.append("ingest.dropped", subject_ref=subject_ref, details=details)
 
     def _audit_rejected(self, principal: Principal, batch_id: str | None, details: dict[str, Any]) -> None:
-        if not self._ingest_tally.refusal(principal.actor):  # past the hour's share: counted in its summary
+        subject_ref = None if principal.account is None else self.keyring.subject_ref(principal.account)
+        if not self._ingest_tally.refusal(principal.actor, subject_ref):  # past a share: counted in the summary
             return
         self.audit.append(
-            "ingest.rejected",
-            actor=principal.actor,
-            subject_ref=None if principal.account is None else self.keyring.subject_ref(principal.account),
-            details={"batch_id": batch_id, **details},
+            "ingest.rejected", actor=principal.actor, subject_ref=subject_ref, details={"batch_id": batch_id, **details}
         )
 
     def _drop_erased(

@@ -152,6 +152,28 @@ def test_one_tokens_refusals_past_a_hundred_an_hour_are_counted_not_audited_one_
     assert summary == {"hour": hour.isoformat(), "records": {}, "refused_not_audited": {ACME_C1.actor: 7}}
 
 
+def test_an_accounts_refusals_past_its_share_are_counted_whatever_number_of_clusters_send_them(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The share was per token, and a member registers clusters at will: 12 clusters' garbage added 1,200
+    entries in 16 s. Another account's refusals keep their own share."""
+    from pipeline import ingest_tally
+
+    monkeypatch.setattr(ingest_tally, "REFUSALS_AUDITED_PER_HOUR", 3)
+    monkeypatch.setattr(ingest_tally, "AUDITED_PER_ACCOUNT_HOUR", 5)
+    clusters = [Principal("cluster", account="acme", cluster_id=f"c{n}", token_id=f"tok-{n}") for n in range(4)]
+    globex = Principal("cluster", account="globex", cluster_id="g", token_id="tok-g")
+    with freeze_time(datetime(2026, 6, 1, 12, 5, tzinfo=UTC)):
+        for principal in [*clusters, *clusters, globex, globex]:  # acme's 6th, 7th and 8th are past its share
+            with pytest.raises(IntakeError):
+                pipeline.ingest(b"MPBATCH1 garbage", principal)
+        pipeline._ingest_tally.summarise(final=True)
+    audited = Counter(e.actor for e in pipeline.audit.entries(actions=["ingest.rejected"]))
+    assert sum(n for actor, n in audited.items() if actor != globex.actor) == 5 and audited[globex.actor] == 2
+    [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
+    assert summary["refused_not_audited"] == {p.actor: 1 for p in clusters[1:]}
+
+
 def test_an_idempotency_key_naming_another_batch_is_refused(pipeline: Pipeline) -> None:
     batch_id, sealed = sealed_batch(pipeline, [make_record()])
     with pytest.raises(IntakeError, match=f"does not match batch id {batch_id}"):
