@@ -282,3 +282,46 @@ def test_a_pass_of_a_long_running_service_applies_the_policy_as_edited_since(tmp
         assert set(failed.failed_steps) == {"policy"}  # every other step ran, under the policy read before
         assert pipeline.audit.last("retention.pass").details["failed_steps"] == failed.failed_steps
         assert pipeline.policy.erasure_deadline == timedelta(hours=2)
+
+
+def _policy_file(tmp_path) -> tuple[Any, dict]:  # noqa: ANN001
+    doc = yaml.safe_load(default_policy_path().read_text())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(doc))
+    return policy, doc
+
+
+def test_a_type_an_edit_took_off_a_stores_list_is_removed_from_it_by_the_next_pass(tmp_path, home) -> None:  # noqa: ANN001
+    """The report counted such records overdue (``not allowed``, FAIL) while every pass left them and passed:
+    an edit leaving the logging store software environments only kept its jobs there for ever."""
+    policy, doc = _policy_file(tmp_path)
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        with freeze_time(DAY0):
+            pipeline = Pipeline.open(create=True)
+            pipeline.write_records(_day0_records())
+        del doc["stores"]["cloud_logging"]["cluster_jobs"]
+        policy.write_text(yaml.safe_dump(doc))
+        report = enforce(pipeline, DAY0 + timedelta(days=2))
+    assert _kinds(pipeline, "cloud_logging") == Counter({"software_env": 1}) and not report.failed_steps
+    assert report.removed["cloud_logging"]["cluster_jobs"].records == 2
+    assert "account" not in report.removed["cloud_logging"]  # a type it never held: no step to report
+    assert _kinds(pipeline, "long_term") == Counter({"cluster_snapshot": 1, "job": 1, "software_env": 1, "account": 1})
+
+
+def test_an_erasure_covers_a_store_the_policy_lists_as_holding_nothing(tmp_path, home) -> None:  # noqa: ANN001
+    """A policy may list a store with no data types and leave it out of ``erasure.stores``: the store still
+    held what it held before that edit, and an account's erasure completed with its records there."""
+    from pipeline.retention.requests import file_request, process_pending
+
+    policy, doc = _policy_file(tmp_path)
+    with dask.config.set({"pipeline.policy": str(policy)}):
+        pipeline = Pipeline.open(create=True)
+        pipeline.write_records(_day0_records())
+        doc["stores"]["cloud_logging"], doc["erasure"]["stores"] = {}, ["long_term"]
+        policy.write_text(yaml.safe_dump(doc))
+        pipeline.reload_policy()
+        file_request(pipeline, "acme")
+        [done] = process_pending(pipeline)
+    assert done.state == "completed"
+    assert done.receipt["stores"]["cloud_logging"]["records"] == 3
+    assert _kinds(pipeline, "cloud_logging") == Counter() == _kinds(pipeline, "long_term")

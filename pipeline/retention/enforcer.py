@@ -38,7 +38,7 @@ from pipeline.errors import (
     StoreUnavailable,
     UnknownAccountError,
 )
-from pipeline.records import rows_from_table, utcnow
+from pipeline.records import DATA_TYPES, rows_from_table, utcnow
 from pipeline.reports.residue import remove_killed_reports
 from pipeline.retention.requests import DeletionRequest, process_pending
 from pipeline.retention.retirement import retire_master_keys
@@ -166,6 +166,18 @@ def enforce(
         if store is not None:
             cutoff = now - limit
             run(f"expire:{store_name}/{data_type}", _expire, pipeline, report, store_name, store, data_type, cutoff)
+    for store_name, store in pipeline.stores.items():  # what an edit took off a store's list: not allowed there
+        for data_type in sorted(set(DATA_TYPES) - set(pipeline.policy.retention.get(store_name, {}))):
+            run(
+                f"expire:{store_name}/{data_type}",
+                _expire_unlisted,
+                pipeline,
+                report,
+                store_name,
+                store,
+                data_type,
+                now,
+            )
     today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     for name, backend in pipeline.stores.items():
         run(f"compact:{name}", _compact, pipeline, report, name, backend, today)
@@ -213,6 +225,15 @@ def _apply_backend_retention(report: RetentionReport, name: str, backend: Store,
     found = backend.apply_retention(limits)
     if found is not None:
         report.backend[name] = found
+
+
+def _expire_unlisted(
+    pipeline: Pipeline, report: RetentionReport, store_name: str, store: Store, data_type: str, now: datetime
+) -> None:
+    """Records of a type the policy does not list for the store, which held them before an edit: removed as
+    past a limit of 0 (the report counts them overdue), or, with none (the usual case), nothing to say."""
+    if next(iter(store.scan(data_type=data_type, with_payload=False)), None) is not None:
+        _expire(pipeline, report, store_name, store, data_type, now)
 
 
 def _expire(

@@ -505,7 +505,8 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
     if held in _NOTHING_HELD:
         request.receipt["note"] = _NOTHING_HELD[held]
     stores = request.receipt.setdefault("stores", {})
-    for name in pipeline.policy.erasure_stores:
+    # every store: one the policy lists as holding nothing may hold what it held before an edit
+    for name in dict.fromkeys([*pipeline.policy.erasure_stores, *pipeline.stores]):
         store = pipeline.stores.get(name)
         progress = stores.get(name, {})
         if store is None or "erased_at" in progress:
