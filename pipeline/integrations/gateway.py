@@ -32,6 +32,7 @@ import functools
 import inspect
 import os
 import string
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,8 +326,18 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
 def configure(c: Any) -> None:
     """Make every cluster the gateway configured by ``c`` starts run the plugin (call after choosing the backend).
 
-    :raises ConfigError: ``pipeline.gateway.*`` is incomplete or the backend unsupported
+    ``pipeline.gateway.*`` incomplete or the backend unsupported ends ``dask-gateway-server`` as every command
+    of the pipeline ends on a configuration error: one line naming it, exit status 2 (raised through the
+    gateway's loading of its config file, it was a traceback of that file's ``exec``).
     """
+    try:
+        _configure(c)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _configure(c: Any) -> None:
     from traitlets.utils.importstring import import_item
 
     backend = c.DaskGateway.get("backend_class", "dask_gateway_server.backends.local.UnsafeLocalBackend")
