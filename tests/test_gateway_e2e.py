@@ -23,7 +23,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from controlplane import serve_process
-from gateway_server import gateway_server
+from gateway_server import free_port, gateway_server
 
 from pipeline.cli import main
 
@@ -182,6 +182,31 @@ def test_a_gateway_cluster_whose_scheduler_never_starts_is_closed_not_left_open(
         member = cli(home, "tokens", "create", "--account", "dora", "--user", "dora")["token"]
         listed = httpx.get(f"{served.url}/v1/clusters", headers={"Authorization": f"Bearer {member}"}).json()
     assert [c["state"] for c in listed] == ["closed"]
+
+
+def test_a_cluster_the_control_plane_cannot_register_fails_to_start_naming_why(tmp_path: Path) -> None:
+    """The control plane down as a user starts a cluster: the gateway logged the error with a traceback
+    through the HTTP client; its last line now says which cluster and why, after two frames."""
+    token_file = tmp_path / "gateway.token"
+    token_file.write_text("mp_" + "g" * 43)
+    token_file.chmod(0o600)
+    down = f"http://127.0.0.1:{free_port()}"
+    env = {"DASK_PIPELINE__GATEWAY__URL": down, "DASK_PIPELINE__GATEWAY__TOKEN_FILE": str(token_file)}
+    with gateway_server(tmp_path / "gateway", integration=True, env=env) as gw:
+
+        async def start() -> None:
+            async with gw.gateway("erin", asynchronous=True) as gateway:
+                with pytest.raises(Exception):  # noqa: B017 - the gateway's own error for a failed start
+                    await asyncio.wait_for(gateway.new_cluster(), 60)
+
+        asyncio.run(start())
+        deadline = time.monotonic() + 30
+        while "not registered with the control plane" not in gw.log:
+            assert time.monotonic() < deadline, gw.log[-2000:]
+            time.sleep(0.1)
+    [said] = [line for line in gw.lines if line.startswith("pipeline.errors.ApiError")]
+    assert "not registered with the control plane" in said and f"{down} unreachable" in said, said
+    assert "httpx" not in gw.log, gw.log[-3000:]
 
 
 def test_a_gateway_cluster_stopped_while_the_control_plane_is_down_delivers_its_spool_once_it_is_back(

@@ -43,7 +43,7 @@ import dask.config
 
 from pipeline.apiclient import ApiClient, Credentials
 from pipeline.config import Settings, http_url_problem, not_text, spool_folder, text_setting
-from pipeline.errors import ConfigError
+from pipeline.errors import ApiError, ConfigError
 from pipeline.principals import TOKEN_SHAPE
 from pipeline.redact import first_line, mask_url
 from pipeline.server.clusters import plugin_config  # imported with the gateway's config, not on its loop (1 s)
@@ -226,7 +226,10 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
         _registrations: dict[str, dict[str, Any]]
 
         async def do_start_cluster(self, cluster: Any) -> AsyncIterator[dict[str, Any]]:
-            registration = await asyncio.to_thread(settings.register, cluster.username, cluster.name)
+            try:
+                registration = await asyncio.to_thread(settings.register, cluster.username, cluster.name)
+            except ApiError as exc:  # the gateway logs it with its traceback: through the HTTP client, 60 lines
+                raise ApiError(f"cluster {cluster.name} not registered with the control plane: {exc}") from None
             cluster_id = registration["cluster_id"]
             # in memory only, for the cluster's life: its scheduler's environment, and its spool at the stop
             self._registered()[cluster.name] = registration
