@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from pipeline.audit import AuditLog
@@ -34,38 +34,65 @@ AUDITED_PER_ACCOUNT_HOUR = 1_000
 
 
 class IngestTally:
-    """Counts ingested records per store and data type; appends one audit entry per hour."""
+    """Counts ingested records per store and data type; appends one audit entry per hour.
+
+    Counting never writes: a batch's drop is counted inside the transaction that writes it, which holds
+    the audit chain's lock. An hour that is over is set aside, and appended by the next :meth:`count`,
+    :meth:`refusal` or :meth:`summarise` (each called outside any transaction).
+    """
 
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
         self._lock = threading.Lock()
+        self._appending = threading.Lock()  # never taken under ``_lock``: an append waits for the chain's lock
+        self._pending: list[dict[str, object]] = []  # summaries of hours that are over, oldest first
+        self._start(None)
+
+    def _start(self, hour: datetime | None) -> None:
+        self._hour = hour
         self._counts: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
         #: the hour's batches: refused ones by actor, ones with records dropped by cluster id, each named for
         #: the summary's field; those seen, those audited per account, those past a share (the summary's)
         self._seen, self._audited, self._batches = _no_batches(), _no_batches(), _no_batches()
-        self._hour: datetime | None = None
+        #: records of the batches past a share: by cluster, and by the erasure request whose tombstone dropped them
+        self._dropped: dict[str, Counter[str]] = {
+            "records_dropped_not_audited": Counter(),
+            "by_request_not_audited": Counter(),
+        }
 
     def count(self, store: str, segments: Iterable[Segment]) -> None:
-        """Add what ``store`` just took; first closes the previous hour if it is over."""
+        """Add what ``store`` just took; first appends the previous hour's summary if it is over."""
         self.summarise()
         with self._lock:
+            self._roll()
+            self._hour = self._hour or _hour(utcnow())
             counts = self._counts.setdefault(store, Counter())
             for segment in segments:
                 counts[segment.data_type] += segment.n_records
-            self._hour = self._hour or _hour(utcnow())
 
     def refusal(self, actor: str, subject_ref: str | None) -> bool:
         """Count a batch of ``actor`` (of the account ``subject_ref``, if any) refused; whether to audit it on
         its own (else the summary counts it)."""
-        return self._noted("refused_not_audited", actor, subject_ref)
+        audited = self._noted("refused_not_audited", actor, subject_ref)
+        self.summarise()
+        return audited
 
-    def drop(self, cluster_id: str, subject_ref: str) -> bool:
-        """Count a batch of cluster ``cluster_id`` whose records admission dropped; whether to audit it on its own."""
-        return self._noted("dropped_not_audited", cluster_id, subject_ref)
+    def drop(
+        self, cluster_id: str, subject_ref: str, records: int, by_request: Mapping[str, int] | None = None
+    ) -> bool:
+        """Count a batch of cluster ``cluster_id`` whose ``records`` admission dropped (``by_request``: those an
+        erasure's tombstone did); whether to audit it on its own. Appends nothing: callable within a
+        transaction holding the audit chain's lock."""
+        audited = self._noted("dropped_not_audited", cluster_id, subject_ref)
+        if not audited:
+            with self._lock:
+                self._dropped["records_dropped_not_audited"][cluster_id] += records
+                self._dropped["by_request_not_audited"].update(by_request or {})
+        return audited
 
     def _noted(self, field: str, key: str, subject_ref: str | None) -> bool:
-        self.summarise()
         with self._lock:
+            self._roll()
             self._hour = self._hour or _hour(utcnow())
             self._seen[field][key] += 1
             audited = self._seen[field][key] <= REFUSALS_AUDITED_PER_HOUR
@@ -76,23 +103,36 @@ class IngestTally:
                 self._batches[field][key] += 1
             return audited
 
-    def summarise(self, *, final: bool = False) -> None:
-        """Append ``ingest.summary`` once the counted hour is over (or now, with ``final``)."""
-        with self._lock:
-            if self._hour is None or (not final and _hour(utcnow()) == self._hour):
-                return
-            records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._counts.items())}
+    def _roll(self, *, final: bool = False) -> None:
+        """Under ``_lock``: set the counted hour's summary aside once it is over (or now, with ``final``), and
+        count in the hour of now from here on."""
+        now = _hour(utcnow())
+        if self._hour is not None and (final or now != self._hour):
+            records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._counts.items()) if counts}
             details: dict[str, object] = {"hour": self._hour.isoformat(), "records": records}
-            unaudited = {field: dict(sorted(counter.items())) for field, counter in self._batches.items()}
-            details.update((name, counted) for name, counted in unaudited.items() if counted)
-            try:
-                if records or any(unaudited.values()):  # an hour of batches all audited already says nothing more
+            for counters in (self._batches, self._dropped):
+                details.update((name, dict(sorted(counted.items()))) for name, counted in counters.items() if counted)
+            if len(details) > 2 or records:  # an hour of batches all audited already says nothing more
+                self._pending.append(details)
+            self._start(None)
+
+    def summarise(self, *, final: bool = False) -> None:
+        """Append ``ingest.summary`` of every hour that is over (and of this one, with ``final``)."""
+        with self._lock:
+            self._roll(final=final)
+        with self._appending:
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        return
+                    details = self._pending[0]
+                try:
                     self._audit.append("ingest.summary", details=details)
-            except Exception as exc:  # the database may be down: keep counting, retry on the next call
-                logger.warning("could not write the ingest summary: %s", str(exc).splitlines()[0])
-                return
-            self._counts, self._hour = {}, None
-            self._seen, self._audited, self._batches = _no_batches(), _no_batches(), _no_batches()
+                except Exception as exc:  # the database may be down: keep counting, retry on the next call
+                    logger.warning("could not write the ingest summary: %s", str(exc).splitlines()[0])
+                    return
+                with self._lock:
+                    self._pending.pop(0)
 
 
 def _no_batches() -> dict[str, Counter[str]]:

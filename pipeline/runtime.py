@@ -686,10 +686,10 @@ class Pipeline:
             long_term.insert(conn, routed("long_term", new))
             for batch, (_tables, dropped) in zip(fresh, kept, strict=True):  # with the batch: a group sealed
                 # again, or a batch sent again, says it once; a cluster's past its hour's share, the summary
-                if (
-                    id(batch) in new
-                    and dropped
-                    and (batch.cluster_id is None or self._ingest_tally.drop(batch.cluster_id, batch.subject_ref))
+                if not (id(batch) in new and dropped):
+                    continue
+                if batch.cluster_id is None or self._ingest_tally.drop(
+                    batch.cluster_id, batch.subject_ref, sum(dropped.values()), dropped
                 ):
                     self._audit_drop(conn, {"batch_id": batch.batch_id}, batch.subject_ref, dropped)
         for name in self.stores:
@@ -768,8 +768,9 @@ class Pipeline:
         the cluster's first batches of an hour, the rest counted in the hour's ``ingest.summary`` (a cluster
         sending a lost job's end again and again must not grow the trail at will; its tombstones' drops
         share that count, see :meth:`_commit_admitted`)."""
-        if self._ingest_tally.drop(cluster_id, subject_ref):
+        if self._ingest_tally.drop(cluster_id, subject_ref, details["records"]):
             self.audit.append("ingest.dropped", subject_ref=subject_ref, details=details)
+        self._ingest_tally.summarise()  # an hour over meanwhile: outside any transaction, its summary
 
     def _audit_rejected(self, principal: Principal, batch_id: str | None, details: dict[str, Any]) -> None:
         subject_ref = None if principal.account is None else self.keyring.subject_ref(principal.account)

@@ -340,3 +340,43 @@ def test_a_clusters_records_of_an_erased_user_are_audited_a_hundred_batches_an_h
     pipeline._ingest_tally.summarise(final=True)
     [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
     assert summary["dropped_not_audited"] == {"cluster-x": 2}
+
+
+def test_a_drop_counted_as_a_new_hour_begins_is_committed_and_the_last_hours_summary_written(database) -> None:  # noqa: ANN001
+    """Counting a cluster's drop inside its commit, which holds the audit chain's lock, appended the hour
+    that was over on another connection: on PostgreSQL that waited for the commit's own lock for ever, and
+    every audit append of every process behind it. The drop's records are counted in the summary when they
+    are past the share."""
+    import threading
+
+    from freezegun import freeze_time
+
+    from pipeline import ingest_tally
+
+    pipeline = Pipeline.open(create=True)
+    request = file_request(pipeline, "acme", "ann", suppress=True)
+    cluster = Principal("cluster", account="acme", user="ann", cluster_id="cluster-x")
+    hour = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    with freeze_time(hour + timedelta(minutes=30)) as clock:
+        pipeline.ingest(sealed_batch(pipeline, [make_record(account="acme", user="bob")])[1], Principal("operator"))
+        clock.tick(timedelta(hours=1))
+        ann = [make_record(account="acme", user="ann", cluster_id="cluster-x") for _ in range(3)]
+        committed = threading.Thread(
+            target=pipeline.ingest, args=(sealed_batch(pipeline, ann)[1], cluster), daemon=True
+        )
+        committed.start()
+        committed.join(60)
+        assert not committed.is_alive(), "the commit waits for its own audit lock"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ingest_tally, "REFUSALS_AUDITED_PER_HOUR", 0)  # past the share: counted, not audited
+            pipeline.ingest(
+                sealed_batch(pipeline, ann[:2] + [make_record(account="acme", user="ann", cluster_id="cluster-x")])[1],
+                cluster,
+            )
+        pipeline._ingest_tally.summarise(final=True)
+    summaries = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
+    assert [s["hour"] for s in summaries] == [hour.isoformat(), (hour + timedelta(hours=1)).isoformat()]
+    assert [d["records"] for d in (e.details for e in pipeline.audit.entries(actions=["ingest.dropped"]))] == [3]
+    assert summaries[1]["dropped_not_audited"] == {"cluster-x": 1}
+    assert summaries[1]["records_dropped_not_audited"] == {"cluster-x": 3}
+    assert summaries[1]["by_request_not_audited"] == {request.request_id: 3}
