@@ -208,3 +208,21 @@ def test_a_gateway_started_with_a_setting_missing_ends_in_one_line(token_file: P
     assert ended.returncode == 2, ended.stderr
     assert ended.stderr.splitlines()[-1].startswith("error: pipeline.gateway.url and pipeline.gateway.token-file")
     assert "Traceback" not in ended.stderr
+
+
+def test_a_cluster_started_after_its_token_file_was_opened_to_others_fails_naming_the_cluster(
+    token_file: Path,
+) -> None:
+    """The token file is read at each registration: one made readable by others since the gateway started
+    refuses the cluster, which the error named only for an unreachable control plane."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.integrations.gateway import registering_backend
+
+    with gateway_config(token_file):
+        backend = registering_backend(UnsafeLocalBackend, GatewaySettings.from_config())
+    token_file.chmod(0o644)
+    starting = backend.do_start_cluster(object(), SimpleNamespace(username="ann", name="c0ffee"))
+    with pytest.raises(ConfigError, match="^cluster c0ffee not registered with the control plane: pipeline.gateway"):
+        asyncio.run(starting.__anext__())

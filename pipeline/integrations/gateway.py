@@ -228,8 +228,8 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
         async def do_start_cluster(self, cluster: Any) -> AsyncIterator[dict[str, Any]]:
             try:
                 registration = await asyncio.to_thread(settings.register, cluster.username, cluster.name)
-            except ApiError as exc:  # the gateway logs it with its traceback: through the HTTP client, 60 lines
-                raise ApiError(f"cluster {cluster.name} not registered with the control plane: {exc}") from None
+            except (ApiError, ConfigError) as exc:  # the gateway logs it with its traceback (the HTTP client's)
+                raise type(exc)(f"cluster {cluster.name} not registered with the control plane: {exc}") from None
             cluster_id = registration["cluster_id"]
             # in memory only, for the cluster's life: its scheduler's environment, and its spool at the stop
             self._registered()[cluster.name] = registration

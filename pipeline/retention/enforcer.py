@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.bounds import CLOCK_SKEW
 from pipeline.columns import column
 from pipeline.errors import (
     KeyringError,
@@ -231,9 +232,10 @@ def _expire_unlisted(
     pipeline: Pipeline, report: RetentionReport, store_name: str, store: Store, data_type: str, now: datetime
 ) -> None:
     """Records of a type the policy does not list for the store, which held them before an edit: removed as
-    past a limit of 0 (the report counts them overdue), or, with none (the usual case), nothing to say."""
+    past a limit of 0 (the report counts them overdue), or, with none (the usual case), nothing to say.
+    Those observed up to the clock skew ingest allows ahead of ``now`` too: none is ever written again."""
     if next(iter(store.scan(data_type=data_type, with_payload=False)), None) is not None:
-        _expire(pipeline, report, store_name, store, data_type, now)
+        _expire(pipeline, report, store_name, store, data_type, now + CLOCK_SKEW)
 
 
 def _expire(
