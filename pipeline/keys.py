@@ -39,13 +39,24 @@ from pipeline.records import utcnow
 from pipeline.redact import mask_url
 from pipeline.subject_names import checked
 
-__all__ = ["KeyProvider", "Keyring", "LocalKeyFile", "MasterVersion", "lock_keys", "open_key_provider"]
+__all__ = [
+    "KEY_STATE_READ_EVERY",
+    "KeyProvider",
+    "Keyring",
+    "LocalKeyFile",
+    "MasterVersion",
+    "lock_keys",
+    "open_key_provider",
+]
 
 logger = logging.getLogger(__name__)
 
 _NONCE = 12
 INDEX_KEY_ID = "index"
 _LOCK_KEY = 0x6B657973  # PostgreSQL advisory lock id of key operations ("keys")
+#: seconds a read uses a data key's state, read from the database, before reading it again; an erasure
+#: completes no sooner after destroying a key, so no read opens a segment of it once the receipt says completed
+KEY_STATE_READ_EVERY = 0.5
 
 
 class KeyProvider(ABC):
@@ -708,10 +719,19 @@ class Keyring:
         return retired
 
     def compact(self) -> None:
-        """Drop copies of destroyed keys the database keeps outside its tables (SQLite's WAL)."""
+        """Drop copies of destroyed keys the database keeps outside its tables (SQLite's WAL).
+
+        :raises StoreUnavailable: a read in progress (``records``, a report, an API stream) holds a snapshot
+            the log still serves, so it could not be emptied: the erasure waits for the next run
+        """
         if self.engine.dialect.name == "sqlite":
             with self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                busy, _frames, _copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            if busy:
+                raise StoreUnavailable(
+                    f"{mask_url(str(self.engine.url))}: a read in progress holds its write-ahead log, which still "
+                    "holds what was destroyed; the erasure resumes once it is over"
+                )
 
 
 def _sync(db: Engine | Connection, provider: KeyProvider) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -46,7 +47,7 @@ from pipeline.fsmodes import check_private_folder
 from pipeline.group_commit import GroupCommit
 from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
-from pipeline.keys import Keyring, open_key_provider
+from pipeline.keys import KEY_STATE_READ_EVERY, Keyring, open_key_provider
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, utcnow
 from pipeline.redact import mask_url
@@ -903,12 +904,17 @@ class Pipeline:
         """
         subject_ref = self.subject_ref(account) if account is not None else None
         keys: dict[str, tuple[str, int]] = {}
-        ciphers: dict[str, AESGCM] = {}  # checked against the database once a scan, not once a segment
+        ciphers: dict[str, AESGCM] = {}  # checked against the database every half second, not once a segment
+        read_at = time.monotonic()
         scan = self.stores[store].scan(subject_ref=subject_ref, data_type=data_type, kind=kind)
         with _closed_after(scan):
             for segment in scan:
                 if visited is not None:
                     visited(segment)
+                if time.monotonic() - read_at > KEY_STATE_READ_EVERY:  # a scan outlasting an erasure (a slow
+                    keys.clear()  # reader, a cursor's snapshot of segments since deleted) opens nothing of it
+                    ciphers.clear()
+                    read_at = time.monotonic()
                 key_id = segment.user_ref or segment.subject_ref
                 if key_id not in keys:
                     keys[key_id] = self._key_status(segment.subject_ref, segment.user_ref)

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from pipeline.errors import (
     StoreUnavailable,
     UnknownAccountError,
 )
+from pipeline.keys import KEY_STATE_READ_EVERY
 from pipeline.records import utcnow
 from pipeline.retention.lease import Leases
 
@@ -445,6 +447,7 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
             if current.state == "completed":  # another run finished it after this one listed it
                 continue
             request = _erase(pipeline, current)
+            erased_at = time.monotonic()
             done.append(request)
             if request.state == "in_progress" and "key" in request.receipt:
                 erased.append(request)
@@ -452,6 +455,8 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
             unrotated = [r for r in erased if "rotation" not in r.receipt]  # a resumed run's were rotated for
             if unrotated:
                 _rotate(pipeline, unrotated)
+            # every read in progress reads the destroyed keys' state again before the receipts say completed
+            time.sleep(max(0.0, erased_at + KEY_STATE_READ_EVERY - time.monotonic()))
             for request in erased:
                 at = utcnow()  # the tombstone first: the request's completion ends its dropping of all
                 tombstones.complete(pipeline.keyring.engine, request.request_id, at)
