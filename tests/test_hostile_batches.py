@@ -160,6 +160,28 @@ def test_rows_that_only_look_like_the_callers_own_refuse_the_batch(plane: Contro
     assert stored(plane)["long_term"] == []
 
 
+def test_a_late_copy_of_a_batch_leaves_a_finished_job_finished(plane: ControlPlane) -> None:
+    """A batch taken again late (a retry reaching another replica, two spool replays) rewrote the cluster's
+    running jobs from its older snapshot: no job running was kept without its time, so the job it listed
+    ran again, and the next snapshot recorded it lost beside its end (one job, two records)."""
+    registration = register(plane)
+    start = datetime.now(UTC) - timedelta(seconds=30)
+    progress = {"started_at": start, "tasks_total": 40, "tasks_completed": 7, "tasks_erred": 1}
+    running = own(
+        registration, user="ann", observed_at=start + timedelta(seconds=5), jobs_running=[{"job_id": "x", **progress}]
+    )
+    end = own(registration, "job", user="ann", job_id="x", status="finished", observed_at=start + timedelta(seconds=7))
+    first = sealed(registration, running)
+    for copy in (
+        first,
+        sealed(registration, end, own(registration, user="ann", observed_at=start + timedelta(seconds=10))),
+    ):
+        assert post(plane, registration, copy).status_code == 202
+    assert post(plane, registration, first).json()["duplicate"] is True
+    assert post(plane, registration, sealed(registration, own(registration, user="ann"))).status_code == 202
+    assert [r["status"] for r in stored(plane)["long_term"] if r["kind"] == "job"] == ["finished"]
+
+
 def test_a_service_cluster_of_an_admin_is_account_level_and_names_no_user(plane: ControlPlane) -> None:
     with plane.admin() as admin:
         service = admin.post("/v1/clusters", json={"account": "acme"}).json()

@@ -502,15 +502,19 @@ class ClusterRegistry:
         so her erasure shreds them while the cluster runs on (nothing then: her jobs are not recorded lost)."""
         if row.running is None:
             return {}
+        if row.running.startswith(_NONE_RUNNING):
+            return {"observed_at": row.running.removeprefix(_NONE_RUNNING), "jobs": {}}
         opened = self.names.open(
             f"{row.cluster_id}/running", row.running, subject_ref=row.subject_ref, user_ref=row.user_ref
         )
         return opened or {}
 
     def _seal_running(self, row: Any, running: dict[str, Any]) -> str | None:
-        """The running jobs sealed (``None``: none, or the owner's key is erased: nothing of hers is kept)."""
+        """The running jobs sealed (``None``: the owner's key is erased, nothing of hers is kept); none, as of
+        the newest snapshot in clear (no name, no key to read): a late batch's older snapshot, its duplicate
+        even, then changes nothing (without it, one listed a finished job running again, recorded lost next)."""
         if not running.get("jobs"):
-            return None
+            return f"{_NONE_RUNNING}{running['observed_at']}" if running.get("observed_at") else None
         try:  # her key was made with the cluster's token: a key not live is an erasure's
             return self.names.seal(
                 f"{row.cluster_id}/running", running, subject_ref=row.subject_ref, user_ref=row.user_ref, create=False
@@ -566,6 +570,10 @@ class ClusterRegistry:
             for row in rows
         ]
 
+
+#: a cluster's ``running`` with no job running, followed by its newest snapshot's time (a sealed value starts
+#: with its key version, a digit)
+_NONE_RUNNING = "none since "
 
 #: the hot statements of admission, built once (building one costs more than running it)
 _ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
