@@ -44,10 +44,12 @@ def retire_master_keys(pipeline: Pipeline, now: datetime | None = None, *, simul
         "as_of": now.isoformat(),
         "simulated_clock": simulated,
     }
-    return pipeline.keyring.retire_masters(
+    retired = pipeline.keyring.retire_masters(
         pipeline.settings.retire_after,
         now,
         lambda conn, retired: audit.append_within(
             conn, "key.retired", details={"master_key_versions": retired, **details}
         ),
     )
+    pipeline.keyring.compact()  # copies an erasure's compaction could not drop while a read was in progress
+    return retired
