@@ -394,3 +394,21 @@ def test_a_405_lists_every_method_of_its_path(plane: ControlPlane, method: str, 
         refused = admin.request(method, path)
     assert_problem(refused, 405)
     assert refused.headers["allow"] == allowed
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"), [("GET", "/v1/whoami", None), ("POST", "/v1/clusters", {"account": "globex"})]
+)
+def test_two_authorization_headers_are_refused_whichever_the_route(
+    plane: ControlPlane, method: str, path: str, body: dict | None
+) -> None:
+    """A member's token then an admin's: a request without a body acted as the first, one with a body as the
+    second (registering a cluster in another account), while a proxy reading the first named the member."""
+    member = plane.tokens.create("member", "acme", "ann").token
+    admin = plane.tokens.create("admin", user="compliance").token
+    headers = [("Authorization", f"Bearer {member}"), ("Authorization", f"Bearer {admin}")]
+    with plane.client() as anyone:
+        answer = anyone.request(method, path, headers=headers, json=body)
+    assert "more than one Authorization header" in assert_problem(answer, 400)["detail"]
+    with plane.admin() as admin_alone:
+        assert admin_alone.get("/v1/clusters").json() == []

@@ -149,6 +149,8 @@ class _Guard:
         if _CONTROL.search(scope["path"]):  # no id holds one, and PostgreSQL refuses NUL in a query (a 500)
             return problem(404, "Not Found")
         headers = dict(scope["headers"])
+        if sum(name == b"authorization" for name, _value in scope["headers"]) > 1:  # one caller, or none known
+            return problem(400, "more than one Authorization header; send one bearer token", _CLOSE)
         declared = headers.get(b"content-length", b"")
         if declared.strip(b"0") or b"transfer-encoding" in headers:  # who asks first, then how much
             token = bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
