@@ -160,6 +160,21 @@ def test_a_gateway_cluster_whose_scheduler_dies_becomes_lost_not_closed(tmp_path
     assert [(c["name"], c["state"]) for c in listed] == [(name, "lost")]
 
 
+def start_fails(gw: Any, user: str, *, then_logged: str) -> None:
+    """As ``user``: a cluster whose start fails (the gateway's error); then until the gateway logs ``then_logged``."""
+
+    async def start() -> None:
+        async with gw.gateway(user, asynchronous=True) as gateway:
+            with pytest.raises(Exception):  # noqa: B017 - the gateway's own error for a failed start
+                await asyncio.wait_for(gateway.new_cluster(), 60)
+
+    asyncio.run(start())
+    deadline = time.monotonic() + 30
+    while then_logged not in gw.log:
+        assert time.monotonic() < deadline, gw.log[-2000:]
+        time.sleep(0.1)
+
+
 def test_a_gateway_cluster_whose_scheduler_never_starts_is_closed_not_left_open(tmp_path: Path) -> None:
     """A broken image: registered, never heard of, so never lost either; it stayed open, its token live,
     for the token's 30 days."""
@@ -168,17 +183,7 @@ def test_a_gateway_cluster_whose_scheduler_never_starts_is_closed_not_left_open(
     with serve_process(home) as served:
         env = gateway_env(home, served.url, tmp_path)
         with gateway_server(tmp_path / "gateway", integration=True, env=env, cluster_env=FAST, extra=broken) as gw:
-
-            async def start() -> None:
-                async with gw.gateway("dora", asynchronous=True) as gateway:
-                    with pytest.raises(Exception):  # noqa: B017 - the gateway's own error for a failed start
-                        await asyncio.wait_for(gateway.new_cluster(), 60)
-
-            asyncio.run(start())
-            deadline = time.monotonic() + 30
-            while "closed in the control plane" not in gw.log:
-                assert time.monotonic() < deadline, gw.log[-2000:]
-                time.sleep(0.1)
+            start_fails(gw, "dora", then_logged="closed in the control plane")
         member = cli(home, "tokens", "create", "--account", "dora", "--user", "dora")["token"]
         listed = httpx.get(f"{served.url}/v1/clusters", headers={"Authorization": f"Bearer {member}"}).json()
     assert [c["state"] for c in listed] == ["closed"]
@@ -193,17 +198,7 @@ def test_a_cluster_the_control_plane_cannot_register_fails_to_start_naming_why(t
     down = f"http://127.0.0.1:{free_port()}"
     env = {"DASK_PIPELINE__GATEWAY__URL": down, "DASK_PIPELINE__GATEWAY__TOKEN_FILE": str(token_file)}
     with gateway_server(tmp_path / "gateway", integration=True, env=env) as gw:
-
-        async def start() -> None:
-            async with gw.gateway("erin", asynchronous=True) as gateway:
-                with pytest.raises(Exception):  # noqa: B017 - the gateway's own error for a failed start
-                    await asyncio.wait_for(gateway.new_cluster(), 60)
-
-        asyncio.run(start())
-        deadline = time.monotonic() + 30
-        while "not registered with the control plane" not in gw.log:
-            assert time.monotonic() < deadline, gw.log[-2000:]
-            time.sleep(0.1)
+        start_fails(gw, "erin", then_logged="not registered with the control plane")
     [said] = [line for line in gw.lines if line.startswith("pipeline.errors.ApiError")]
     assert "not registered with the control plane" in said and f"{down} unreachable" in said, said
     assert "httpx" not in gw.log, gw.log[-3000:]
