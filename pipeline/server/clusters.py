@@ -25,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, bindparam, case, func, insert, or_, select, tuple_, update
+from sqlalchemy import Connection, bindparam, func, insert, select, tuple_, update
 
 from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
@@ -499,36 +499,28 @@ class ClusterRegistry:
     def _running(self, row: Any) -> dict[str, Any]:
         """``{"observed_at": newest snapshot, "jobs": {job id: job record}}``, sealed under the key of the
         cluster's owner (the account's, for an account-level cluster): the jobs name her and her functions,
-        so her erasure shreds them while the cluster runs on (nothing then: her jobs are not recorded lost).
-        The newest snapshot's time precedes them in clear (see :data:`_CONTACT`)."""
+        so her erasure shreds them while the cluster runs on (nothing then: her jobs are not recorded lost)."""
         if row.running is None:
             return {}
-        stamp, _, payload = row.running.partition(" ")
-        if not payload:  # an earlier release's: sealed, no time before it
-            payload = stamp
-        elif payload == _NO_JOB:
-            return {"observed_at": datetime.fromisoformat(f"{stamp}+00:00").isoformat(), "jobs": {}}
+        if row.running.startswith(_NONE_RUNNING):
+            return {"observed_at": row.running.removeprefix(_NONE_RUNNING), "jobs": {}}
         opened = self.names.open(
-            f"{row.cluster_id}/running", payload, subject_ref=row.subject_ref, user_ref=row.user_ref
+            f"{row.cluster_id}/running", row.running, subject_ref=row.subject_ref, user_ref=row.user_ref
         )
         return opened or {}
 
     def _seal_running(self, row: Any, running: dict[str, Any]) -> str | None:
-        """The running jobs sealed, after the newest snapshot's time in clear (no name, no key to read), which
-        orders two admissions' writes (:data:`_CONTACT`); none running (or the owner's key is erased: nothing of
-        hers is kept) is the time alone. ``None``: no snapshot yet."""
-        if not running.get("observed_at"):
-            return None
-        stamp = datetime.fromisoformat(running["observed_at"]).astimezone(UTC).strftime(_STAMP)
+        """The running jobs sealed (``None``: the owner's key is erased, nothing of hers is kept); none, as of
+        the newest snapshot in clear (no name, no key to read): a late batch's older snapshot, its duplicate
+        even, then changes nothing (without it, one listed a finished job running again, recorded lost next)."""
         if not running.get("jobs"):
-            return f"{stamp} {_NO_JOB}"
+            return f"{_NONE_RUNNING}{running['observed_at']}" if running.get("observed_at") else None
         try:  # her key was made with the cluster's token: a key not live is an erasure's
-            sealed = self.names.seal(
+            return self.names.seal(
                 f"{row.cluster_id}/running", running, subject_ref=row.subject_ref, user_ref=row.user_ref, create=False
             )
         except (KeyringError, UnknownAccountError):
-            return f"{stamp} {_NO_JOB}"
-        return f"{stamp} {sealed}"
+            return None
 
     def registered_by(self, cluster_id: str) -> str | None:
         """The id of the gateway token that registered a cluster (``None``: no gateway did, or erased)."""
@@ -579,10 +571,9 @@ class ClusterRegistry:
         ]
 
 
-#: the newest snapshot's time before a cluster's running jobs: fixed width, so that strings sort as times
-_STAMP, _STAMP_WIDTH = "%Y-%m-%dT%H:%M:%S.%f", len("2026-01-01T00:00:00.000000")
-#: what follows it when no job runs
-_NO_JOB = "none"
+#: a cluster's ``running`` with no job running, followed by its newest snapshot's time (a sealed value starts
+#: with its key version, a digit)
+_NONE_RUNNING = "none since "
 
 #: the hot statements of admission, built once (building one costs more than running it)
 _ROW = select(clusters).where(clusters.c.cluster_id == bindparam("id"))
@@ -615,21 +606,7 @@ _OPEN_CLUSTER = update(clusters).where(  # an ended one keeps its end, and its r
     clusters.c.cluster_id == bindparam("id"), clusters.c.closed_at.is_(None), clusters.c.lost_at.is_(None)
 )
 #: the contact of an open cluster, and the running jobs its batch leaves
-_CONTACT = _OPEN_CLUSTER.values(
-    last_contact_at=bindparam("at"),
-    # as of a snapshot no older than the one kept: a batch admitted from the row before a newer one committed
-    # (a late copy on another replica, two spool replays) leaves it (it listed a finished job running again)
-    running=case(
-        (
-            or_(
-                clusters.c.running.is_(None),
-                func.substr(clusters.c.running, 1, _STAMP_WIDTH) <= func.substr(bindparam("running"), 1, _STAMP_WIDTH),
-            ),
-            bindparam("running"),
-        ),
-        else_=clusters.c.running,
-    ),
-)
+_CONTACT = _OPEN_CLUSTER.values(last_contact_at=bindparam("at"), running=bindparam("running"))
 #: the contact alone, of a batch that says nothing of its jobs: its running ones stand
 _HEARD = _OPEN_CLUSTER.values(last_contact_at=bindparam("at"))
 
