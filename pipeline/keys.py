@@ -718,22 +718,21 @@ class Keyring:
                     recorded(conn, retired)
         return retired
 
-    def compact(self) -> bool:
-        """Drop copies of destroyed keys the database keeps outside its tables (SQLite's WAL); whether it could.
+    def compact(self) -> None:
+        """Drop copies of destroyed keys the database keeps outside its tables (SQLite's WAL).
 
         A read in progress (``records``, a report, an API stream) keeps the log in use, and with it those
         copies, until it ends: then the next call, which every retention pass makes, drops them. Waiting for
         reads here would let any reader, another tenant's stream among them, hold erasures back.
         """
         if self.engine.dialect.name != "sqlite":
-            return True
+            return
         with self.engine.connect() as conn:
             busy, _frames, _copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
         if busy:
             logger.warning(
                 "a read in progress keeps SQLite's write-ahead log in use: retried by the next retention pass"
             )
-        return not busy
 
 
 def _sync(db: Engine | Connection, provider: KeyProvider) -> None:
