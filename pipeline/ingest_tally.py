@@ -46,10 +46,11 @@ class IngestTally:
         self._lock = threading.Lock()
         self._appending = threading.Lock()  # never taken under ``_lock``: an append waits for the chain's lock
         self._pending: list[dict[str, object]] = []  # summaries of hours that are over, oldest first
-        self._start(None)
+        self._start()
 
-    def _start(self, hour: datetime | None) -> None:
-        self._hour = hour
+    def _start(self) -> None:
+        """Count from nothing, in no hour yet."""
+        self._hour: datetime | None = None
         self._counts: dict[str, Counter[str]] = {}  # store -> data type -> records this hour
         #: the hour's batches: refused ones by actor, ones with records dropped by cluster id, each named for
         #: the summary's field; those seen, those audited per account, those past a share (the summary's)
@@ -64,8 +65,7 @@ class IngestTally:
         """Add what ``store`` just took; first appends the previous hour's summary if it is over."""
         self.summarise()
         with self._lock:
-            self._roll()
-            self._hour = self._hour or _hour(utcnow())
+            self._counting()
             counts = self._counts.setdefault(store, Counter())
             for segment in segments:
                 counts[segment.data_type] += segment.n_records
@@ -92,8 +92,7 @@ class IngestTally:
 
     def _noted(self, field: str, key: str, subject_ref: str | None) -> bool:
         with self._lock:
-            self._roll()
-            self._hour = self._hour or _hour(utcnow())
+            self._counting()
             self._seen[field][key] += 1
             audited = self._seen[field][key] <= REFUSALS_AUDITED_PER_HOUR
             if audited and subject_ref is not None:
@@ -103,18 +102,21 @@ class IngestTally:
                 self._batches[field][key] += 1
             return audited
 
+    def _counting(self) -> None:
+        """Under ``_lock``: count in the hour of now, the one counted before set aside if it is over."""
+        self._roll()
+        self._hour = self._hour or _hour(utcnow())
+
     def _roll(self, *, final: bool = False) -> None:
-        """Under ``_lock``: set the counted hour's summary aside once it is over (or now, with ``final``), and
-        count in the hour of now from here on."""
-        now = _hour(utcnow())
-        if self._hour is not None and (final or now != self._hour):
+        """Under ``_lock``: set the counted hour's summary aside once it is over (or now, with ``final``)."""
+        if self._hour is not None and (final or _hour(utcnow()) != self._hour):
             records = {store: dict(sorted(counts.items())) for store, counts in sorted(self._counts.items()) if counts}
             details: dict[str, object] = {"hour": self._hour.isoformat(), "records": records}
             for counters in (self._batches, self._dropped):
                 details.update((name, dict(sorted(counted.items()))) for name, counted in counters.items() if counted)
             if len(details) > 2 or records:  # an hour of batches all audited already says nothing more
                 self._pending.append(details)
-            self._start(None)
+            self._start()
 
     def summarise(self, *, final: bool = False) -> None:
         """Append ``ingest.summary`` of every hour that is over (and of this one, with ``final``)."""
