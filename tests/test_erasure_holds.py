@@ -32,7 +32,14 @@ from pipeline.db import keyring_keys, segments
 from pipeline.errors import KeyringError
 from pipeline.records import utcnow
 from pipeline.retention.enforcer import enforce
-from pipeline.retention.requests import file_request, get_request, not_final, process_pending, retry_request
+from pipeline.retention.requests import (
+    file_request,
+    get_request,
+    list_requests,
+    not_final,
+    process_pending,
+    retry_request,
+)
 from pipeline.runtime import Pipeline
 from pipeline.segments import open_segment
 
@@ -413,3 +420,23 @@ def test_keys_retire_runs_retirement_by_hand_and_lists_the_versions(settings: Se
     assert retired.details["as_of"] == (T0 + timedelta(days=36)).isoformat() and retired.details["simulated_clock"]
     [version] = [v for v in pipeline.keyring.master_versions() if v.retired_at is not None]
     assert version.retired_at <= retired.recorded_at and datetime.now(UTC) - version.retired_at < timedelta(minutes=1)
+
+
+def test_an_early_retirement_makes_the_erasure_final_when_it_happened(settings: Settings) -> None:
+    """`keys retire --now` a day past the window, run the day after the erasure: the versions were gone
+    while `erase status` still said the erasure would be final 35 days on (r13, r18)."""
+    with freeze_time(T0):
+        pipeline = Pipeline.open(settings, create=True)
+        _fill(pipeline)
+        _erase(pipeline, "acme", "ann")
+        [request] = list_requests(pipeline)
+    assert request.final_at == T0 + timedelta(days=35)
+    with freeze_time(T0 + timedelta(days=1)):
+        assert _cli("keys", "retire", "--now", (T0 + timedelta(days=36)).isoformat())[0] == 0
+        code, out, err = _cli("erase", "status", request.request_id, "--json")
+        text = _cli("erase", "status", request.request_id)[1]
+    assert code == 0, err
+    status = json.loads(out)
+    assert datetime.fromisoformat(status["final_at"]) == T0 + timedelta(days=1)
+    assert status["receipt"]["rotation"]["final_at"] == (T0 + timedelta(days=35)).isoformat()  # as planned, audited
+    assert f"final on {T0 + timedelta(days=1):%Y-%m-%d %H:%M} UTC" in text

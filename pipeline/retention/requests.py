@@ -105,6 +105,8 @@ class DeletionRequest:
     completed_at: datetime | None
     receipt: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: when the master versions its rotation superseded were in fact all retired (and destroyed), if they are
+    retired_at: datetime | None = None
 
     @property
     def scope(self) -> str:
@@ -120,9 +122,11 @@ class DeletionRequest:
 
     @property
     def final_at(self) -> datetime | None:
-        """When no backup opens the erased data any more (the superseded master keys' retirement)."""
-        final = self.receipt.get("rotation", {}).get("final_at")
-        return None if final is None else datetime.fromisoformat(final)
+        """When no backup opens the erased data any more: the superseded master keys' retirement as
+        planned at the rotation (the receipt's), or as it happened when an operator retired them sooner."""
+        planned = self.receipt.get("rotation", {}).get("final_at")
+        final = None if planned is None else datetime.fromisoformat(planned)
+        return self.retired_at if self.retired_at is not None and (final is None or self.retired_at < final) else final
 
     def retry_due(self, now: datetime) -> bool:
         """A failed request whose back-off has passed."""
@@ -745,7 +749,9 @@ def _select(pipeline: Pipeline, condition: Any) -> Iterator[DeletionRequest]:
     query = select(deletion_requests).where(condition).order_by(deletion_requests.c.created_at)
     with transaction(pipeline.keyring.engine, "reading deletion requests") as conn:
         rows = conn.execute(query).all()
+    retired = _retired_before(pipeline) if rows else {}
     for row in rows:
+        receipt = json.loads(row.receipt)
         yield DeletionRequest(
             request_id=row.request_id,
             subject_ref=row.subject_ref,
@@ -756,9 +762,24 @@ def _select(pipeline: Pipeline, condition: Any) -> Iterator[DeletionRequest]:
             deadline=row.deadline,
             updated_at=row.updated_at,
             completed_at=row.completed_at,
-            receipt=json.loads(row.receipt),
+            receipt=receipt,
             error=row.error,
+            retired_at=retired.get(receipt.get("rotation", {}).get("master_key_version")),
         )
+
+
+def _retired_before(pipeline: Pipeline) -> dict[int, datetime]:
+    """For each master version, when every version before it was destroyed (their retirement, and for KMS
+    its waiting period), where all of them were; a version with none before it is left out."""
+    retired: dict[int, datetime] = {}
+    latest: datetime | None = None
+    for version in pipeline.keyring.master_versions():  # oldest first
+        if latest is not None:
+            retired[version.version] = latest + pipeline.keyring.provider.destroyed_after
+        if version.retired_at is None:
+            break
+        latest = version.retired_at if latest is None else max(latest, version.retired_at)
+    return retired
 
 
 def _seal_reason(pipeline: Pipeline, request: DeletionRequest, reason: str | None) -> str | None:
