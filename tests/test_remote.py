@@ -246,6 +246,20 @@ def test_only_the_cluster_its_owner_or_an_admin_may_close_it(
     assert all(c["closed_at"] is None for c in control_plane.clusters())
 
 
+def test_another_accounts_cluster_is_refused_before_its_names_are_decrypted(control_plane: ControlPlane) -> None:
+    """Closing another account's cluster answered 404 as for an unknown id, 0.5-2 ms later: its names were
+    decrypted before the account was compared, which told a member the id exists (r20)."""
+    registry = ClusterRegistry(control_plane.pipeline)
+    opened: list[str] = []
+    open_names = registry.names.open
+    registry.names.open = lambda *args, **kwargs: opened.append(args[0]) or open_names(*args, **kwargs)  # type: ignore[method-assign]
+    cluster_id = control_plane.cluster.cluster_id
+    assert registry.find(cluster_id, of_account="globex") is None
+    assert registry.find("no-such-cluster", of_account="globex") is None
+    assert opened == []
+    assert registry.find(cluster_id, of_account="acme") is not None and opened == [cluster_id]
+
+
 def _remote_config(control_plane: ControlPlane, cluster_home: Path) -> dict[str, Any]:
     return cluster_settings(control_plane.cluster.as_dict(), cluster_home, **{"pipeline.emitter.close-timeout": "2s"})
 

@@ -528,10 +528,11 @@ class ClusterRegistry:
         names = None if row is None else self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
         return None if names is None else names.get("registered_by")
 
-    def find(self, cluster_id: str) -> FoundCluster | None:
-        """Whose a cluster is and its token; ``None``: no such cluster."""
+    def find(self, cluster_id: str, *, of_account: str | None = None) -> FoundCluster | None:
+        """Whose a cluster is and its token; ``None``: no such cluster (with ``of_account``, none of that
+        account, told from its ref before any name is decrypted: as soon as for an unknown id)."""
         row = self._row(cluster_id)
-        if row is None:
+        if row is None or (of_account is not None and row.subject_ref != self.pipeline.keyring.subject_ref(of_account)):
             return None
         names = self.names.open(row.cluster_id, row.names, subject_ref=row.subject_ref)
         owner = self.tokens.get(str(row.token_id)).user  # the registration bound it to the cluster's token
@@ -738,8 +739,8 @@ def close_cluster(
     registry: ClusterRegistry = request.app.state.clusters
     if principal.kind == "cluster" and principal.cluster_id != cluster_id:
         raise HTTPException(403, "a cluster token may close its own cluster only")
-    found = registry.find(cluster_id)
     member = principal.kind == "member"
+    found = registry.find(cluster_id, of_account=principal.account if member else None)
     others = principal.kind == "gateway" and registry.registered_by(cluster_id) != principal.token_id
     if found is None or others or (member and (found.account is None or not principal.may_read(found.account))):
         raise HTTPException(404, f"no cluster {cluster_id!r} of yours")
