@@ -887,6 +887,7 @@ class Pipeline:
         unreadable: list[Unreadable] | None = None,
         columns: Sequence[str] | None = None,
         visited: Callable[[Segment], None] | None = None,
+        known: Callable[[Segment], bool] | None = None,
     ) -> Generator[tuple[Segment, pa.Table], None, None]:
         """Each readable segment with its decrypted table, skipping crypto-shredded subjects; closed, it
         closes the store's scan (a database connection held while it reads).
@@ -895,6 +896,9 @@ class Pipeline:
 
         ``visited`` is called with every segment the scan reads, shredded and unreadable ones too: what
         this read saw, where a scan of its own would see the stores at another moment.
+
+        ``known`` is asked of each segment whose data key stands, before it is decrypted: one it answers
+        true for (the caller holds what it read of it before) is not decrypted or yielded.
 
         A segment that should open but does not (an altered header or payload, a subject or
         key version the keyring never issued) is appended to ``unreadable`` and skipped, so
@@ -921,6 +925,8 @@ class Pipeline:
                 state, version = keys[key_id]
                 if state == "destroyed" or (state == "active" and 0 < segment.key_version < version):
                     continue  # crypto-shredded: unreadable on purpose
+                if known is not None and state == "active" and segment.key_version == version and known(segment):
+                    continue
                 try:
                     if state == "unknown" or segment.key_version != version:
                         raise KeyringError(

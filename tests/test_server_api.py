@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_record
@@ -211,6 +212,50 @@ def test_software_envs_are_public_until_an_owner_makes_them_private(plane: Contr
         assert (own["visibility"], own["packages"]) == ("private", {"numpy": "2.1"})
     with plane.admin() as admin:
         assert [e["visibility"] for e in admin.get("/v1/software-envs").json()] == ["private"]
+
+
+def test_listing_environments_decrypts_only_segments_not_read_before(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every listing decrypted every environment record ever reported (one a cluster start), for every
+    account (r14). Now a listing reads what was written since the last, and sees an erasure at once."""
+    from pipeline import runtime
+    from pipeline.retention.requests import file_request, process_pending
+
+    opened: list[str] = []
+    open_segment = runtime.open_segment
+
+    def counted(keyring: Any, segment: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(segment.data_type)
+        return open_segment(keyring, segment, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "open_segment", counted)
+    earlier, later = utcnow() - timedelta(hours=2), utcnow() - timedelta(hours=1)
+    plane.pipeline.write_records(
+        [
+            make_record("software_env", account=account, env_id=env_id, observed_at=earlier)
+            for account, env_id in (("acme-Holdings", "e-acme"), ("globex-Corp", "e-globex"))
+        ]
+    )
+    with plane.admin() as admin:
+
+        def listing() -> dict[str, datetime]:
+            return {
+                e["env_id"]: datetime.fromisoformat(e["observed_at"]) for e in admin.get("/v1/software-envs").json()
+            }
+
+        assert listing() == {"e-acme": earlier, "e-globex": earlier}
+        assert opened.count("software_env") == 2
+        assert listing() == {"e-acme": earlier, "e-globex": earlier}
+        assert opened.count("software_env") == 2  # nothing read again
+        plane.pipeline.write_records(
+            [make_record("software_env", account="acme-Holdings", env_id="e-acme", observed_at=later)]
+        )
+        assert listing() == {"e-acme": later, "e-globex": earlier}
+        assert opened.count("software_env") == 3  # the new segment alone
+        file_request(plane.pipeline, "globex-Corp")
+        process_pending(plane.pipeline)
+        assert listing() == {"e-acme": later}  # a segment gone: read again, without it
 
 
 def test_health_for_anyone_metrics_for_admins_only(plane: ControlPlane) -> None:

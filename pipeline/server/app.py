@@ -254,6 +254,7 @@ def create_app(pipeline: Pipeline) -> FastAPI:
     app.state.ingest_gate = ingest.IngestGate(pipeline)
     app.state.record_streams = records.RecordStreams()
     app.state.erasure_filings = erasure.filing_limit(pipeline)
+    app.state.environments = envs.EnvironmentIndex()
     routers = [module.router for module in (clusters, ingest, records, envs, erasure)] + [metrics_router]
     for router in routers:
         app.include_router(router)

@@ -11,9 +11,10 @@ Cluster tokens read nothing here.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
@@ -21,29 +22,61 @@ from pipeline.db import env_visibility, insert_ignoring_duplicates, transaction
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
 from pipeline.runtime import Pipeline, Unreadable
+from pipeline.segments import Segment
 from pipeline.server.auth import current_pipeline, require
 
-__all__ = ["router"]
+__all__ = ["EnvironmentIndex", "router"]
 
 router = APIRouter(tags=["software-envs"])
 logger = logging.getLogger(__name__)
 Visibility = Literal["public", "private"]
 
 
-def _environments(pipeline: Pipeline, account: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-    """(subject ref, env id) → the newest record of that environment the account's clusters reported."""
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    unreadable: list[Unreadable] = []
-    for segment, table in pipeline.read_segments(
-        "long_term", account=account, data_type="software_env", unreadable=unreadable
-    ):
-        for row in rows_from_table(table):
-            key = (segment.subject_ref, row["env_id"])
-            if key not in found or row["observed_at"] > found[key]["observed_at"]:
-                found[key] = row
-    for problem in unreadable:  # one bad segment or row never hides the other environments
-        logger.warning("software environments: skipped %s", problem)
-    return found
+class EnvironmentIndex:
+    """The newest record of each (account ref, env id), kept by a ``serve`` between listings.
+
+    An environment gains a record with every cluster that starts in it, so reading every record was
+    every listing's cost, for every account, growing with the platform's history. Each listing still
+    scans the environment segments and checks their keys (an erasure or a retention pass shows at
+    once), but decrypts only the segments it has not read before. A segment read before that is gone
+    (erased, expired, its key shredded) may have held an environment's newest record: then it reads
+    them all again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._read: set[str] = set()
+        self._newest: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def newest(self, pipeline: Pipeline) -> dict[tuple[str, str], dict[str, Any]]:
+        """(subject ref, env id) → the newest record of that environment the account's clusters reported."""
+        with self._lock:
+            standing = self._update(pipeline)
+            if self._read - standing:
+                self._read, self._newest = set(), {}
+                self._update(pipeline)
+            return dict(self._newest)
+
+    def _update(self, pipeline: Pipeline) -> set[str]:
+        """Read the segments not read before into the index; the ids of every segment standing."""
+        standing: set[str] = set()
+
+        def known(segment: Segment) -> bool:
+            standing.add(segment.segment_id)
+            return segment.segment_id in self._read
+
+        unreadable: list[Unreadable] = []
+        for segment, table in pipeline.read_segments(
+            "long_term", data_type="software_env", unreadable=unreadable, known=known
+        ):
+            for row in rows_from_table(table):
+                key = (segment.subject_ref, row["env_id"])
+                if key not in self._newest or row["observed_at"] > self._newest[key]["observed_at"]:
+                    self._newest[key] = row
+            self._read.add(segment.segment_id)
+        for problem in unreadable:  # one bad segment or row never hides the other environments
+            logger.warning("software environments: skipped %s", problem)
+        return standing
 
 
 def _private(pipeline: Pipeline) -> set[tuple[str, str]]:
@@ -56,6 +89,7 @@ def _private(pipeline: Pipeline) -> set[tuple[str, str]]:
 
 @router.get("/v1/software-envs")
 def list_envs(
+    request: Request,
     principal: Annotated[Principal, Depends(require("member", "admin"))],
     pipeline: Annotated[Pipeline, Depends(current_pipeline)],
 ) -> list[dict[str, Any]]:
@@ -64,7 +98,9 @@ def list_envs(
     private = _private(pipeline)
     mine = pipeline.keyring.subject_ref(principal.account) if principal.kind == "member" and principal.account else None
     listed: dict[str, dict[str, Any]] = {}
-    for (ref, env_id), record in sorted(_environments(pipeline).items(), key=lambda item: item[0][0] != mine):
+    environments: EnvironmentIndex = request.app.state.environments
+    found = environments.newest(pipeline)
+    for (ref, env_id), record in sorted(found.items(), key=lambda item: item[0][0] != mine):
         visibility = "private" if (ref, env_id) in private else "public"
         if env_id in listed or (visibility == "private" and ref != mine and not principal.sees_every_account):
             continue
@@ -90,13 +126,15 @@ class VisibilityIn(BaseModel):
 def set_visibility(
     env_id: str,
     body: VisibilityIn,
+    request: Request,
     principal: Annotated[Principal, Depends(require("member"))],
     pipeline: Annotated[Pipeline, Depends(current_pipeline)],
 ) -> dict[str, Any]:
     """Make an environment of the caller's account public or private (for that account)."""
     assert principal.account is not None  # a member token is always bound to an account
     ref = pipeline.keyring.subject_ref(principal.account)
-    if pipeline.keyring.key_state(ref) == "unknown" or (ref, env_id) not in _environments(pipeline, principal.account):
+    environments: EnvironmentIndex = request.app.state.environments
+    if pipeline.keyring.key_state(ref) == "unknown" or (ref, env_id) not in environments.newest(pipeline):
         raise HTTPException(404, f"no software environment {env_id!r} in your account")
     now = utcnow()
     with transaction(pipeline.keyring.engine, "setting environment visibility") as conn:
