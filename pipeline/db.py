@@ -75,7 +75,7 @@ __all__ = [
 ]
 
 #: the newest migration in ``pipeline/migrations/versions`` (a test checks it is alembic's head)
-SCHEMA_HEAD = "c2e8a4d6f153"
+SCHEMA_HEAD = "d9e3b7a1c604"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -259,6 +259,16 @@ lost_jobs = Table(
     metadata,
     # a job the control plane recorded lost (its cluster ended, or a newer snapshot dropped it): its end
     # record, delivered late by a spool replayed, is not stored beside it (the id hashes cluster and job)
+    Column("cluster_id", String(64), primary_key=True),
+    Column("record_id", String(32), primary_key=True),
+)
+
+ended_jobs = Table(
+    "ended_jobs",
+    metadata,
+    # a job of an open cluster whose end a batch stored: never recorded lost after, though a copy of an older
+    # snapshot, admitted on another replica before the end committed, lists it running again (the id is
+    # its lost record's); a cluster's rows go once its end has recorded its running jobs
     Column("cluster_id", String(64), primary_key=True),
     Column("record_id", String(32), primary_key=True),
 )

@@ -270,9 +270,9 @@ Locking = tuple[str, Executable, dict[str, Any]]
 #: given as its ``ids`` no longer stand as admission saw them, and the batch's keys; a batch with a key
 #: selected is admitted again (another process changed what its admission read)
 Guard = tuple[Executable, tuple[Any, ...]]
-#: what admission makes of a batch: the batch to write (less records it does not take), a statement
+#: what admission makes of a batch: the batch to write (less records it does not take), statements
 #: for the commit that writes it, and a guard for that commit
-Admitted = tuple[OpenedBatch, Locking | None, Guard | None]
+Admitted = tuple[OpenedBatch, tuple[Locking, ...], Guard | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -593,13 +593,13 @@ class Pipeline:
         """``batch`` (scoped and stamped) through ``admit``, ready to commit, and how to admit it again."""
         if admit is None:
             return PreparedBatch(subject_ref, batch.batch_id, received, batch.tables, cluster_id=cluster_id)
-        admitted, noted, guard = admit(batch)
+        admitted, statements, guard = admit(batch)
         return PreparedBatch(
             subject_ref,
             admitted.batch_id,
             received,
             admitted.tables,
-            () if noted is None else (noted,),
+            statements,
             () if guard is None else (guard,),
             functools.partial(self._admitted, subject_ref, received, batch, admit, cluster_id),
             cluster_id,

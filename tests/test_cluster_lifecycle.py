@@ -10,10 +10,10 @@ from typing import Any
 import dask.config
 import pytest
 from conftest import make_record
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from pipeline.config import Settings
-from pipeline.db import clusters, transaction
+from pipeline.db import clusters, ended_jobs, transaction
 from pipeline.errors import ClusterLost, ForbiddenBatch, KeyringError
 from pipeline.intake import OpenedBatch, load_public_key, seal_batch
 from pipeline.records import tables_from_records, utcnow
@@ -57,10 +57,10 @@ def snapshot(cluster: Registration, at: datetime, **progress: int) -> dict[str, 
 
 def heard_from(registry: ClusterRegistry, cluster_id: str, batch: OpenedBatch, *, now: datetime) -> None:
     """Admit a batch and write its note of contact, as the group commit that writes it does."""
-    _admitted, noted, _guard = registry.admit(cluster_id, batch, now=now)
-    if noted is not None:
-        with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
-            conn.execute(noted[1], noted[2])
+    _admitted, statements, _guard = registry.admit(cluster_id, batch, now=now)
+    with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
+        for _key, statement, params in statements:
+            conn.execute(statement, params)
 
 
 def jobs(registry: ClusterRegistry) -> list[dict[str, Any]]:
@@ -356,7 +356,7 @@ def test_a_late_batch_of_a_closed_cluster_is_stored_and_leaves_the_cluster_as_it
     heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start)), now=start)
     registry.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(seconds=5))
     replayed = snapshot(cluster, start + timedelta(seconds=1), tasks_completed=1)  # a spool replayed after close
-    assert registry.admit(cluster.cluster_id, batch(cluster, replayed), now=start + timedelta(seconds=9))[1] is None
+    assert registry.admit(cluster.cluster_id, batch(cluster, replayed), now=start + timedelta(seconds=9))[1] == ()
     registry.sweep(now=start + timedelta(seconds=10))
     [closed] = registry.list()
     assert (closed["state"], closed["last_contact_at"]) == ("closed", start)
@@ -476,6 +476,65 @@ def test_a_job_that_ends_is_never_recorded_lost_when_the_next_snapshot_omits_it(
             heard_from(registry, cluster.cluster_id, batch(cluster, end), now=at)
             heard_from(registry, cluster.cluster_id, batch(cluster, later), now=at)
     assert jobs(registry) == []
+
+
+@pytest.mark.parametrize("race", ["a late copy of a snapshot", "the ends of two jobs on two replicas"])
+def test_a_job_ended_while_another_replica_admits_from_the_row_before_is_not_recorded_lost(
+    database: str, race: str
+) -> None:
+    """Two ``serve`` replicas admit batches of one cluster from its row as each read it, and the later commit's
+    running jobs stand: a late copy of an older snapshot, or the end of another job, listed a job running again
+    after its end was stored. The next snapshot then recorded it lost too (r21, r22): stored twice."""
+    plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
+    try:
+        here, there = ClusterRegistry(plane), ClusterRegistry(other)
+        cluster = here.register("acme", "http://control-plane.invalid")
+        principal = here.tokens.authenticate(cluster.token)
+        start = utcnow()
+
+        def prepared(replica: Pipeline, registry: ClusterRegistry, name: str, *records: dict[str, Any]) -> Any:
+            sealed = seal_batch(load_public_key(cluster.intake_public_key), name, list(records))
+            return replica.prepare_ingest(
+                sealed, principal, admit=functools.partial(registry.admit, cluster.cluster_id)
+            )
+
+        def running(seconds: int, *job_ids: str) -> dict[str, Any]:
+            at = start + timedelta(seconds=seconds)
+            listed = [{"job_id": j, "started_at": start, "tasks_total": 10, "tasks_completed": 2} for j in job_ids]
+            return make_record(cluster_id=cluster.cluster_id, observed_at=at, jobs_running=listed)
+
+        def ended(seconds: int, job_id: str) -> dict[str, Any]:
+            at = start + timedelta(seconds=seconds)
+            return make_record("job", cluster_id=cluster.cluster_id, job_id=job_id, status="finished", observed_at=at)
+
+        if race == "a late copy of a snapshot":
+            plane.commit_ingest(prepared(plane, here, "s0", running(0, "job-1")))
+            late = prepared(other, there, "s1", running(1, "job-1"))  # admitted from the row: job-1 running
+            plane.commit_ingest(prepared(plane, here, "end", ended(2, "job-1"), running(3)))
+            other.commit_ingest(late)  # its running jobs stand: job-1 again, as of second 1
+        else:
+            plane.commit_ingest(prepared(plane, here, "s0", running(0, "job-1", "job-2")))
+            first = prepared(plane, here, "end-1", ended(1, "job-1"))  # both read job-1 and job-2 running
+            second = prepared(other, there, "end-2", ended(1, "job-2"))
+            plane.commit_ingest(first)
+            other.commit_ingest(second)  # its running jobs stand: job-1, whose end is stored
+        plane.commit_ingest(prepared(plane, here, "s4", running(4)))  # job-1 no longer listed
+        assert _ended_noted(plane) == (1 if race.startswith("a late") else 2)
+        here.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(seconds=5))
+        assert _ended_noted(plane) == 0  # kept while the cluster runs, no longer
+
+        stored = sorted((j["job_id"], j["status"]) for j in jobs(here))
+        assert stored == (
+            [("job-1", "finished")] if race.startswith("a late") else [("job-1", "finished"), ("job-2", "finished")]
+        )
+    finally:
+        other.close()
+        plane.close()
+
+
+def _ended_noted(pipeline: Pipeline) -> int:
+    with pipeline.keyring.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(ended_jobs)).scalar_one()
 
 
 def _opened_with_the_account_key(registry: ClusterRegistry, row: Any) -> dict[str, Any] | None:

@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, bindparam, func, insert, select, tuple_, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, tuple_, update
 
 from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
-from pipeline.db import api_tokens, clusters, insert_ignoring_duplicates, lost_jobs, reading, transaction
+from pipeline.db import api_tokens, clusters, ended_jobs, insert_ignoring_duplicates, lost_jobs, reading, transaction
 from pipeline.errors import (
     ClusterLost,
     ForbiddenBatch,
@@ -52,7 +52,7 @@ from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
 from pipeline.redact import first_line
 from pipeline.retention.lease import default_holder
-from pipeline.runtime import Admitted, Guard, Pipeline
+from pipeline.runtime import Admitted, Guard, Locking, Pipeline
 from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
@@ -196,6 +196,7 @@ class ClusterRegistry:
         self.pipeline = pipeline
         self.tokens = tokens or TokenStore(pipeline)
         self.names = NameBox(pipeline.keyring)
+        self._note_ended = insert_ignoring_duplicates(pipeline.keyring.engine, ended_jobs)
 
     def register(
         self,
@@ -342,7 +343,7 @@ class ClusterRegistry:
         now = now or utcnow()
         row = self._row(cluster_id)
         if row is None:
-            return batch, None, None
+            return batch, (), None
         lost_after = timedelta(seconds=self.pipeline.settings.cluster_lost_after)
         heard = row.last_contact_at
         if row.closed_at is None and row.lost_at is None and heard is not None and heard + lost_after <= now:
@@ -365,9 +366,9 @@ class ClusterRegistry:
                 )
         batch = self._without_jobs_recorded_lost(row, batch)
         if row.lost_at is not None or row.closed_at is not None:  # a late batch (a spool replayed): written,
-            return batch, None, None  # the cluster stays as it ended
+            return batch, (), None  # the cluster stays as it ended
         if not {"cluster_snapshot", "job"} & batch.by_kind.keys():  # nothing of its jobs: the contact alone
-            return batch, (cluster_id, _HEARD, {"id": cluster_id, "at": now}), _ends_guard(cluster_id, batch)
+            return batch, ((cluster_id, _HEARD, {"id": cluster_id, "at": now}),), None
         before = self._running(row)
         running, vanished = _running_after(before, batch)
         if arrived := running["jobs"].keys() - before.get("jobs", {}).keys():  # once a job starts: rare
@@ -376,7 +377,20 @@ class ClusterRegistry:
         if vanished["jobs"]:  # rare (a restarted scheduler): written here, once, whoever admits it
             self._write_lost_jobs(row.cluster_id, vanished, now)
         contact = {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
-        return batch, (cluster_id, _CONTACT, contact), _ends_guard(cluster_id, batch)
+        return (
+            batch,
+            ((cluster_id, _CONTACT, contact), *self._ends_noted(cluster_id, batch)),
+            _ends_guard(cluster_id, batch),
+        )
+
+    def _ends_noted(self, cluster_id: str, batch: OpenedBatch) -> list[Locking]:
+        """Statements noting the jobs a batch ends as ended, in the commit that stores the ends (after the
+        cluster's row is locked): a job ended is never recorded lost after, though an admission that read
+        the row before this commit lists it running again (two replicas, a late copy of a batch)."""
+        return [
+            (cluster_id, self._note_ended, {"cluster_id": cluster_id, "record_id": record_id})
+            for record_id in _job_ends(cluster_id, batch)
+        ]
 
     def _recorded_lost(self, cluster_id: str, job_ids: Iterable[str]) -> set[str]:
         """The jobs of ``job_ids`` this cluster recorded lost. A snapshot listing one again is of a second
@@ -452,13 +466,17 @@ class ClusterRegistry:
         process stopped between writing them and clearing them.
         """
         lost = self._write_lost_jobs(row.cluster_id, self._running(row), when)
-        if row.running is not None:
-            with transaction(self.pipeline.keyring.engine, "clearing a cluster's running jobs") as conn:
-                conn.execute(
+        with transaction(self.pipeline.keyring.engine, "clearing a cluster's running jobs") as conn:
+            cleared = (
+                row.running is None
+                or conn.execute(
                     update(clusters)
                     .where(clusters.c.cluster_id == row.cluster_id, clusters.c.running == row.running)
                     .values(running=None)
-                )
+                ).rowcount
+            )
+            if cleared:  # ended, nothing running: no job of it is recorded lost any more
+                conn.execute(delete(ended_jobs).where(ended_jobs.c.cluster_id == row.cluster_id))
         return lost
 
     def _write_lost_jobs(self, cluster_id: str, running: dict[str, Any], when: datetime) -> int:
@@ -468,29 +486,34 @@ class ClusterRegistry:
         are stored once."""
         reported = running.get("observed_at")
         observed_at = when if not reported else datetime.fromisoformat(reported)
-        ids = {job_id: _lost_record_id(cluster_id, job_id) for job_id in running.get("jobs", {})}
-        if ids:  # first: a late end record arriving meanwhile is dropped, not stored beside the lost one
+        noted: set[str] = set()
+        if running.get("jobs"):  # first: a late end record arriving meanwhile is dropped, not stored beside it
             with transaction(self.pipeline.keyring.engine, "noting a cluster's jobs recorded lost") as conn:
-                self._note_lost(conn, cluster_id, running)
+                conn.execute(_LOCK_CLUSTER, {"id": cluster_id})  # after a commit storing an end, or before it
+                noted = self._note_lost(conn, cluster_id, running)
         lost = [
             {
                 **_from_json(job),
-                "record_id": ids[job_id],
+                "record_id": _lost_record_id(cluster_id, job_id),
                 "observed_at": observed_at,
                 "status": "lost",
             }
             for job_id, job in running.get("jobs", {}).items()
+            if job_id in noted
         ]
         if lost:  # the seed names the set: a cluster may lose jobs twice (a restart, then its end)
-            jobs = hashlib.sha256("|".join(sorted(running["jobs"])).encode()).hexdigest()[:16]
+            jobs = hashlib.sha256("|".join(sorted(noted)).encode()).hexdigest()[:16]
             self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{cluster_id}/{jobs}")
         return len(lost)
 
-    def _note_lost(self, conn: Connection, cluster_id: str, running: dict[str, Any]) -> None:
-        """Note the jobs of ``running`` as recorded lost, in ``conn``'s transaction (again: nothing)."""
-        if jobs := running.get("jobs"):
-            rows = [{"cluster_id": cluster_id, "record_id": _lost_record_id(cluster_id, job_id)} for job_id in jobs]
+    def _note_lost(self, conn: Connection, cluster_id: str, running: dict[str, Any]) -> set[str]:
+        """Note the jobs of ``running`` as recorded lost, in ``conn``'s transaction, which holds the cluster's
+        row (again: nothing); the ids of those noted, less the jobs whose end a batch stored meanwhile."""
+        ids = {_lost_record_id(cluster_id, job_id): job_id for job_id in running.get("jobs", {})}
+        ended = set(conn.scalars(_ENDED, {"id": cluster_id, "records": list(ids)})) if ids else set()
+        if rows := [{"cluster_id": cluster_id, "record_id": r} for r in ids if r not in ended]:
             conn.execute(insert_ignoring_duplicates(self.pipeline.keyring.engine, lost_jobs), rows)
+        return {job_id for record_id, job_id in ids.items() if record_id not in ended}
 
     def _row(self, cluster_id: str) -> Any:
         with reading(self.pipeline.keyring.engine, "reading a cluster") as conn:
@@ -583,19 +606,32 @@ _RECORDED_LOST = select(lost_jobs.c.record_id).where(
 )
 
 
+_ENDED = select(ended_jobs.c.record_id).where(
+    ended_jobs.c.cluster_id == bindparam("id"), ended_jobs.c.record_id.in_(bindparam("records", expanding=True))
+)
+
+#: the cluster's row, held by a transaction recording its jobs lost until it ends, as a commit storing
+#: an end holds it (its contact statement): one of the two settles each job
+_LOCK_CLUSTER = select(clusters.c.cluster_id).where(clusters.c.cluster_id == bindparam("id")).with_for_update()
+
 #: which of some (cluster id, record id) pairs name jobs recorded lost: a guard of admission (its ``ids``)
 _RECORDED_LOST_PAIRS = select(lost_jobs.c.cluster_id, lost_jobs.c.record_id).where(
     tuple_(lost_jobs.c.cluster_id, lost_jobs.c.record_id).in_(bindparam("ids", expanding=True))
 )
 
 
+def _job_ends(cluster_id: str, batch: OpenedBatch) -> list[str]:
+    """The ids a batch's job ends settle (their lost records' ids): none, or each once."""
+    if "job" not in batch.by_kind:
+        return []
+    return sorted({_lost_record_id(cluster_id, job_id) for job_id in batch.by_kind["job"].column("job_id").to_pylist()})
+
+
 def _ends_guard(cluster_id: str, batch: OpenedBatch) -> Guard | None:
     """The jobs a batch ends, checked again in the commit's transaction, after the cluster's row is locked:
     another process closing the cluster (or finding it lost) meanwhile records them lost (``None``: no end)."""
-    if "job" not in batch.by_kind:
-        return None
-    job_ids = batch.by_kind["job"].column("job_id").to_pylist()
-    return _RECORDED_LOST_PAIRS, tuple((cluster_id, _lost_record_id(cluster_id, job_id)) for job_id in job_ids)
+    ends = _job_ends(cluster_id, batch)
+    return (_RECORDED_LOST_PAIRS, tuple((cluster_id, record_id) for record_id in ends)) if ends else None
 
 
 def _lost_record_id(cluster_id: str, job_id: str) -> str:
