@@ -78,7 +78,7 @@ class IngestTally:
         return audited
 
     def drop(
-        self, cluster_id: str, subject_ref: str, records: int, by_request: Mapping[str, int] | None = None
+        self, cluster_id: str, subject_ref: str | None, records: int, by_request: Mapping[str, int] | None = None
     ) -> bool:
         """Count a batch of cluster ``cluster_id`` whose ``records`` admission dropped (``by_request``: those an
         erasure's tombstone did); whether to audit it on its own. Appends nothing: callable within a

@@ -839,12 +839,17 @@ class Pipeline:
                     routed[name].append(segment)
         return routed
 
-    def write_records(self, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None) -> dict[str, int]:
+    def write_records(
+        self, records: Iterable[Mapping[str, Any]], *, segment_seed: str | None = None, cluster_id: str | None = None
+    ) -> dict[str, int]:
         """Seal and write records straight to every store the policy routes them to, less what an
         erasure's tombstone forbids (dropped and audited, as ingest does); store name → segments new.
 
         With ``segment_seed`` (see :func:`seal_tables`), writing the same records again, after a
         crash or from another process at the same moment, stores nothing twice.
+
+        With ``cluster_id`` (records the control plane writes for a cluster: its jobs recorded lost, which
+        its own snapshots decide), drops are audited within the cluster's hourly share, as its batches' are.
 
         :raises TypeError, ValueError: a field of a record does not fit its kind's schema
         """
@@ -863,7 +868,13 @@ class Pipeline:
                 written = {name: self.stores[name].write(b) for name, b in routed.items() if b and name != "long_term"}
                 if routed.get("long_term"):  # last, in the transaction holding the tombstones
                     written["long_term"] = long_term.write_within(conn, routed["long_term"])
-                self._audit_drop(conn, {"written_as": segment_seed or "records"}, None, dropped)
+                [subject_ref] = subjects if cluster_id is not None else [None]  # a cluster's records: one account
+                if (
+                    not dropped
+                    or cluster_id is None
+                    or self._ingest_tally.drop(cluster_id, subject_ref, sum(dropped.values()), dropped)
+                ):
+                    self._audit_drop(conn, {"written_as": segment_seed or "records"}, None, dropped)
             return {name: written[name] for name in routed if name in written}
 
     def subject_ref(self, account: str) -> str:

@@ -623,3 +623,31 @@ def test_a_lost_jobs_end_sent_again_and_again_is_audited_a_hundred_times_an_hour
     pipeline._ingest_tally.summarise(final=True)
     [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
     assert summary["dropped_not_audited"] == {cluster.cluster_id: 2}
+
+
+def test_jobs_recorded_lost_and_dropped_by_an_open_erasure_are_audited_within_the_clusters_share(
+    registry: ClusterRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an erasure of its account was open, each snapshot naming a new job in place of the last one made
+    the control plane record that job lost, which the tombstone dropped: one ``ingest.dropped`` entry a batch,
+    past the cluster's hourly share (r24: 1,589 in one hour)."""
+    from pipeline import ingest_tally
+    from pipeline.retention.requests import file_request
+
+    monkeypatch.setattr(ingest_tally, "REFUSALS_AUDITED_PER_HOUR", 3)
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    now = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, now, tasks_completed=1)), now=now)
+    file_request(registry.pipeline, "acme")
+    for n in range(1, 6):
+        at = now + timedelta(seconds=n)
+        job = {"job_id": f"job-{n + 1}", "started_at": now, "tasks_total": 10, "tasks_completed": 1}
+        record = make_record(cluster_id=cluster.cluster_id, observed_at=at, jobs_running=[job])
+        heard_from(registry, cluster.cluster_id, batch(cluster, record), now=at)
+    pipeline = registry.pipeline
+    dropped = [e.details for e in pipeline.audit.entries(actions=["ingest.dropped"])]
+    assert len(dropped) == 3 and all(d["written_as"].startswith("lost-jobs/") for d in dropped)
+    pipeline._ingest_tally.summarise(final=True)
+    [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
+    assert summary["dropped_not_audited"] == {cluster.cluster_id: 2}
+    assert summary["records_dropped_not_audited"] == {cluster.cluster_id: 2}

@@ -503,7 +503,7 @@ class ClusterRegistry:
         ]
         if lost:  # the seed names the set: a cluster may lose jobs twice (a restart, then its end)
             jobs = hashlib.sha256("|".join(sorted(noted)).encode()).hexdigest()[:16]
-            self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{cluster_id}/{jobs}")
+            self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{cluster_id}/{jobs}", cluster_id=cluster_id)
         return len(lost)
 
     def _note_lost(self, conn: Connection, cluster_id: str, running: dict[str, Any]) -> set[str]:
