@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from pipeline.errors import SpoolError
 from pipeline.fsmodes import open_private, private_folder, sync_folder, write_private
-from pipeline.intake import sealed_batch_id
+from pipeline.intake import MAX_SEALED_BYTES, sealed_batch_id
 
 __all__ = ["SpooledBatch", "Spool", "new_batch_id"]
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"PLSPOOL2"
 _SUFFIX = ".batch"
 _PUBLIC_KEY = "intake.pub"
+_KEY_TEXT_BYTES = 4096  # a PEM public key's text is far shorter
 
 
 def new_batch_id() -> str:
@@ -87,7 +89,7 @@ class Spool:
     def remember_public_key(self, text: str) -> None:
         """Keep the intake public key (``public_key_text``) for :meth:`remembered_public_key`."""
         for path in self._key_files:
-            if not path.exists() or path.read_text() != text:
+            if _kept_text(path) != text:
                 private_folder(path.parent)
                 write_private(path, text.encode())
 
@@ -95,10 +97,8 @@ class Spool:
         """The intake public key text an earlier process kept (this cluster's, else its home's), and its
         file; None when there is none."""
         for path in self._key_files:
-            try:
-                return path.read_text(), path
-            except (OSError, UnicodeDecodeError):
-                continue
+            if (text := _kept_text(path)) is not None:
+                return text, path
         return None
 
     def remove(self, batch: SpooledBatch) -> None:
@@ -136,8 +136,8 @@ class Spool:
         return sorted(self.directory.glob(f"*{_SUFFIX}"))
 
     def _load(self, path: Path) -> SpooledBatch:
-        data = path.read_bytes()
         head = len(MAGIC) + 32
+        data = _read_regular(path, head + MAX_SEALED_BYTES)
         if data[: len(MAGIC)] != MAGIC or hashlib.sha256(data[head:]).digest() != data[len(MAGIC) : head]:
             raise SpoolError(f"spool file {path.name} is corrupt (bad header or checksum)")
         batch_id = path.name[: -len(_SUFFIX)]
@@ -151,3 +151,33 @@ class Spool:
         os.replace(path, target)
         sync_folder(self.directory)
         return target
+
+
+def _kept_text(path: Path) -> str | None:
+    """A remembered public key's text; ``None`` when there is none to read (missing, unreadable, not a
+    regular file, longer than any key's text)."""
+    try:
+        return _read_regular(path, _KEY_TEXT_BYTES).decode()
+    except (OSError, SpoolError, UnicodeDecodeError):
+        return None
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """A spool folder's file's bytes, if it is a regular file of at most ``limit`` bytes.
+
+    Code on a cluster can write its spool folder, and whoever delivers it after the scheduler stops (a
+    dask-gateway, ``spool replay``) reads it: a FIFO blocked that reader for good, a link to ``/dev/zero``
+    filled its memory. Neither is followed nor read.
+
+    :raises SpoolError: not a regular file, or larger than any batch
+    :raises OSError: a symbolic link (``ELOOP``), or unreadable
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise SpoolError(f"spool file {ascii(path.name)} is not a regular file")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise SpoolError(f"spool file {ascii(path.name)} is larger than a sealed batch may be ({limit} bytes)")
+    return data

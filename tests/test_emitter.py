@@ -217,6 +217,37 @@ def test_a_spool_file_renamed_from_its_batch_is_set_aside_and_the_rest_sent(home
     assert spool.pending_files() == [] and len(list(pipeline.read_records("cloud_logging"))) == 1
 
 
+def test_spool_entries_that_are_no_regular_files_or_too_large_are_set_aside_unread(
+    home: Path, settings: Settings
+) -> None:
+    """Code on a cluster writes its spool folder, and a dask-gateway delivers it after the scheduler stops:
+    a FIFO named ``x.batch`` (or ``intake.pub``) held the reader's thread for an hour, six of them every new
+    cluster's registration; a link to ``/dev/zero`` was read into memory (r26)."""
+    import os
+
+    pipeline = Pipeline.open(settings, create=True)
+    spool = Spool(settings.spool_dir)
+    kept = spool.append(*sealed_batch(pipeline, [make_record()]))
+    os.mkfifo(settings.spool_dir / "00000000000000000001-fifo.batch")
+    os.mkfifo(settings.spool_dir / "intake.pub")
+    (settings.spool_dir / "00000000000000000002-zero.batch").symlink_to("/dev/zero")
+    with open(settings.spool_dir / "00000000000000000003-huge.batch", "wb") as huge:
+        huge.truncate(9 * 2**20)  # sparse: larger than any sealed batch
+    emitter = embedded_emitter(pipeline)
+    assert emitter.close(timeout=10.0)
+    assert emitter.stats.corrupt_spool_files == 3
+    assert [p.name for p in spool.corrupt_files()] == [
+        "00000000000000000001-fifo.batch",
+        "00000000000000000002-zero.batch",
+        "00000000000000000003-huge.batch",
+    ]
+    assert spool.pending_files() == [] and [r["record_id"] for r in pipeline.read_records("cloud_logging")] == [
+        r["record_id"] for r in pipeline.read_records("long_term")
+    ]
+    assert f"{kept.batch_id}.batch" not in os.listdir(settings.spool_dir)
+    assert (settings.spool_dir / "intake.pub").is_file()  # the FIFO replaced by the key, never read
+
+
 def test_a_batch_refused_for_good_is_set_aside_counted_and_not_retried(home: Path, settings: Settings) -> None:
     pipeline = Pipeline.open(settings, create=True)
     spool = Spool(settings.spool_dir)
