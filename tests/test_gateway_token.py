@@ -110,3 +110,28 @@ def test_tokens_list_shows_a_gateway_token_with_its_accounts(plane: ControlPlane
 def test_a_gateway_token_needs_accounts_and_nothing_else(home: Path, args: list[str]) -> None:
     result = CliRunner().invoke(main, ["tokens", "create", *args])
     assert result.exit_code == 2, result.output
+
+
+def test_a_gateway_whose_token_file_was_replaced_closes_what_it_registered_before(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The token file is read at each registration, so it may be replaced without a restart; but only the
+    gateway token that registered a cluster closes it, and a cluster started before the rotation stayed open
+    when the gateway stopped it (r26). The gateway closes it with the cluster's own token, held for its life."""
+    from pipeline.errors import ApiError
+    from pipeline.integrations.gateway import GatewaySettings
+
+    token_file = tmp_path / "gateway.token"
+    token_file.write_text(gateway(plane, "acme")[1])
+    token_file.chmod(0o600)
+    settings = GatewaySettings(plane.url, token_file, "{user}", tmp_path / "clusters")
+    with settings._client:  # the gateway's one client, for its life
+        registration = settings.register("acme", "dask-1")
+        token_file.write_text(gateway(plane, "acme")[1])  # rotated
+        with pytest.raises(ApiError) as refused:
+            settings.close(registration["cluster_id"])
+        assert refused.value.status == 404
+        settings.close(registration["cluster_id"], registration["token"])
+    with plane.admin() as admin:
+        (listed,) = admin.get("/v1/clusters").json()
+    assert (listed["cluster_id"], listed["state"]) == (registration["cluster_id"], "closed")

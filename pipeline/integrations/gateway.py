@@ -147,12 +147,19 @@ class GatewaySettings:
         registration: dict[str, Any] = self._client.json("POST", "/v1/clusters", json=body, headers=self._auth())
         return registration
 
-    def close(self, cluster_id: str) -> None:
-        """Close a cluster this gateway registered (idempotent).
+    def close(self, cluster_id: str, cluster_token: str | None = None) -> None:
+        """Close a cluster this gateway registered (idempotent); with the cluster's own token (held for its
+        life) where the gateway token in the file now is not the one that registered it (a rotation: 404).
 
         :raises ApiError:
         """
-        self._client.json("POST", f"/v1/clusters/{quote(cluster_id, safe='')}/close", headers=self._auth())
+        path = f"/v1/clusters/{quote(cluster_id, safe='')}/close"
+        try:
+            self._client.json("POST", path, headers=self._auth())
+        except ApiError as exc:
+            if exc.status != 404 or cluster_token is None:
+                raise
+            self._client.json("POST", path, headers={"Authorization": f"Bearer {cluster_token}"})
 
 
 #: how long a stopped cluster's spool is delivered for in the background (the control plane down meanwhile)
@@ -241,7 +248,7 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
             finally:
                 if not started:  # it never ran: nothing will close it
                     self._registered().pop(cluster.name, None)
-                    await self._close(cluster_id, cluster.name)
+                    await self._close(cluster_id, cluster.name, registration)
 
         def get_scheduler_env(self, cluster: Any) -> dict[str, str]:
             env: dict[str, str] = super().get_scheduler_env(cluster)
@@ -284,7 +291,7 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
                     "Cluster %s failed: %s is left to become lost in the control plane", cluster.name, cluster_id
                 )
             elif not left:  # a failed one that never made a batch was never heard of: it would stay open, never lost
-                await self._close(cluster_id, cluster.name)
+                await self._close(cluster_id, cluster.name, registration)
 
         async def _deliver(self, registration: dict[str, Any], spool: Path, name: str, *, close: bool) -> None:
             try:
@@ -302,9 +309,11 @@ def registering_backend(base: type, settings: GatewaySettings) -> type:
                     SPOOL_DELIVERY_SECONDS,
                 )
 
-        async def _close(self, cluster_id: str, name: str) -> None:
+        async def _close(self, cluster_id: str, name: str, registration: dict[str, Any] | None) -> None:
             try:
-                await asyncio.to_thread(settings.close, cluster_id)
+                await asyncio.to_thread(
+                    settings.close, cluster_id, None if registration is None else registration["token"]
+                )
             except Exception as exc:  # the control plane is down: the cluster becomes lost instead
                 self.log.warning(
                     "Could not close cluster %s (%s) in the control plane: %s", name, cluster_id, first_line(exc)
