@@ -174,6 +174,10 @@ class Settings:
         named = overrides.pop("home", None) or _get("home")
         if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
             raise ConfigError("pipeline.home: must name a folder, not be empty")
+        try:
+            str(named).encode()
+        except UnicodeEncodeError:  # bytes an environment variable held that are no UTF-8
+            raise ConfigError(f"pipeline.home: {quoted(named)} is not UTF-8 text") from None
         home = Path(os.path.expanduser(str(named))).absolute()
 
         def url(key: str) -> str | None:
@@ -181,9 +185,14 @@ class Settings:
             if value is None:
                 return None
             try:
-                return str(value).format(home=home)
+                expanded = str(value).format(home=home)
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(f"pipeline.{key}: cannot expand {quoted(mask_url(str(value)))}: {exc}") from exc
+            try:  # read by each store's own parser later, where a broken host was a traceback
+                urlparse(expanded).port  # noqa: B018 - parsed for its errors
+            except ValueError as exc:
+                raise ConfigError(f"pipeline.{key}: {quoted(mask_url(expanded))} is not a URL: {exc}") from None
+            return expanded
 
         def seconds(key: str) -> float:
             """A duration; more than none unless :data:`_MAY_BE_ZERO` says (a zero timeout answers nothing)."""

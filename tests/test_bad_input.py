@@ -163,6 +163,31 @@ def test_a_compound_yaml_key_is_one_line_not_a_traceback(key: str, tmp_path: Pat
     assert line == f"error: {path}: not valid YAML at line 10: a mapping key must be a name"
 
 
+def test_a_policy_nested_hundreds_deep_is_one_line_not_a_traceback(tmp_path: Path, home: Path) -> None:
+    """The YAML parser's RecursionError was 2,990 lines of traceback (r23)."""
+    path = write_policy(tmp_path, "version: 1\nstores: " + "[" * 400 + "]" * 400 + "\n")
+    with dask.config.set({"pipeline.policy": str(path)}):
+        assert one_line(run("records")) == f"error: {path}: nested too deeply to be a policy"
+
+
+@pytest.mark.parametrize("key", ["long-term.url", "cloud-logging.url", "keys.url", "audit.witness-url"])
+def test_a_url_setting_with_a_broken_host_is_one_line(key: str, home: Path) -> None:
+    """An unclosed ``[`` (``postgresql+psycopg://root@[::1/test``) was a ValueError traceback from each
+    store's own URL parser (r23)."""
+    with dask.config.set({f"pipeline.{key}": "postgresql+psycopg://root:pw@[::1/test"}):
+        line = one_line(run("records"))
+    assert line == f"error: pipeline.{key}: 'postgresql+psycopg://***@[::1/test' is not a URL: Invalid IPv6 URL"
+
+
+def test_a_home_that_is_not_utf8_is_one_line_and_made_nowhere(tmp_path: Path) -> None:
+    """``DASK_PIPELINE__HOME=$'…\\xff'`` made the folder, then a UnicodeEncodeError traceback (r23)."""
+    named = os.fsdecode(os.fsencode(str(tmp_path)) + b"/h\xff")
+    with dask.config.set({"pipeline.home": named}):
+        line = one_line(run("records"))
+    assert line.startswith("error: pipeline.home: ") and line.endswith("is not UTF-8 text")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "command",
     [["erase", "request", "--account", "acme"], ["enforce"], ["report", "--out", "REPORT"]],

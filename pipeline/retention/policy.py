@@ -129,6 +129,8 @@ def load_policy(path: Path | str) -> Policy:
         at = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None)
         raise PolicyError(where, "", f"not valid YAML{at}" + (f": {problem}" if problem else "")) from exc
+    except RecursionError:  # a few hundred [ deep: the YAML parser's recursion, not a policy
+        raise PolicyError(where, "", "nested too deeply to be a policy") from None
     if not isinstance(doc, dict):
         raise PolicyError(where, "", "must be a mapping with version, stores and erasure")
 
