@@ -621,6 +621,17 @@ def test_a_quota_that_is_not_a_finite_number_is_refused(home: Path) -> None:
         assert "a quota is a finite number" in line
 
 
+def test_a_quota_above_2_53_is_refused_not_stored_as_another_number(home: Path) -> None:
+    """``cpu=9007199254740993`` was stored as 9007199254740992.0, and 10**20 as 1e+20 (r23)."""
+    for value in ("9007199254740993", "99999999999999999999", "1e17"):
+        line = one_line(
+            run("accounts", "add", "--account", "a", "--username", "u", "--email", "e", "--quota", f"cpu={value}")
+        )
+        assert "a quota is at most 2**53" in line and not (home / "metadata.db").exists()
+    quota = "--quota", "cpu=9007199254740992"
+    assert run("accounts", "add", "--account", "a", "--username", "u", "--email", "e", *quota).exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("quotas", "reason"),
     [(["=5"], "names no quota"), (["cpu=1", "cpu=2"], "names quota 'cpu' a second time")],

@@ -107,10 +107,12 @@ def accounts_add(
     The record's ids derive from what it says and the day, so running the command again after a
     store was unreachable (exit 2, the other stores written) completes the write without a copy.
     """
+    import decimal
     import json
     import math
 
     from pipeline.errors import PolicyError, SubjectSuppressed
+    from pipeline.limits import MAX_NUMBER
     from pipeline.records import utcnow
 
     parsed: dict[str, float] = {}
@@ -122,6 +124,8 @@ def accounts_add(
             raise click.BadParameter(f"{quoted(item)} is not NAME=NUMBER", param_hint="--quota") from None
         if not math.isfinite(number) or number < 0:  # NaN and Infinity are no JSON: `records --json` broke on them
             raise click.BadParameter(f"{quoted(item)}: a quota is a finite number, 0 or more", param_hint="--quota")
+        if decimal.Decimal(value) > MAX_NUMBER:  # as typed: 2**53 + 1 reads as 2**53
+            raise click.BadParameter(f"{quoted(item)}: a quota is at most 2**53", param_hint="--quota")
         if not name.strip() or name in parsed:  # a map names each key once; the later one was kept unsaid
             why = "names no quota" if not name.strip() else f"names quota {quoted(name)} a second time"
             raise click.BadParameter(f"{quoted(item)} {why}", param_hint="--quota")
