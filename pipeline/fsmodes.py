@@ -9,9 +9,11 @@ whoever can write it can swap the database or key file.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import stat
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from pipeline.errors import ConfigError, OutputError
 __all__ = [
     "FILE_MODE",
     "FOLDER_MODE",
+    "check_output_folder",
     "check_private_folder",
     "open_private",
     "output_folder",
@@ -104,6 +107,22 @@ def output_folder(path: Path) -> Iterator[Path]:
     """
     try:
         yield private_folder(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+
+
+def check_output_folder(path: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be made or written in (``/proc/x``, a file):
+    found only when writing, after the work, it left that work behind (a cluster registered for nothing).
+
+    :raises OutputError:
+    """
+    absolute = path.absolute()
+    existing = next(p for p in (absolute, *absolute.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))  # as root too, where access() says yes
     except OSError as exc:
         raise OutputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
 

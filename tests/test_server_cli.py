@@ -205,6 +205,18 @@ def test_demo_embedded_says_it_is_single_tenant(home: Path) -> None:
     assert any("Keyring" in item for item in found) and any(item.endswith("master.key") for item in found)
 
 
+@pytest.mark.parametrize("out_dir", ["/proc/pipeline-out", "/dev/null", "/dev/null/etl"])
+def test_clusters_create_to_a_folder_it_cannot_write_registers_nothing(plane: ControlPlane, out_dir: str) -> None:
+    """The folder was found unwritable after the registration: each try left a cluster registered, then
+    closed, and its audit entries (r23)."""
+    refused = run("clusters", "create", "--account", "acme", "--out", out_dir)
+    assert refused.exit_code == 2 and refused.stderr.startswith(f"error: cannot write to {out_dir}: ")
+    assert len(refused.stderr.splitlines()) == 1
+    assert list(plane.pipeline.audit.entries(actions=["cluster.registered", "cluster.closed"])) == []
+    with plane.admin() as admin:
+        assert admin.get("/v1/clusters").json() == []
+
+
 def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane, tmp_path: Path) -> None:
     import yaml
 

@@ -46,7 +46,7 @@ from pipeline.errors import (
     OutputError,
     UnknownAccountError,
 )
-from pipeline.fsmodes import FOLDER_MODE, output_folder, write_private
+from pipeline.fsmodes import FOLDER_MODE, check_output_folder, output_folder, write_private
 from pipeline.intake import OpenedBatch, intake_private_key, public_key_text
 from pipeline.principals import Principal
 from pipeline.records import rows_from_table, utcnow
@@ -154,13 +154,16 @@ def role_configs(registration: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_role_files(out_dir: Path) -> None:
-    """Refuse a folder that already holds a role file (before registering: nothing is issued in vain).
+    """Refuse a folder that already holds a role file, or cannot be written (before registering: nothing is
+    issued in vain).
 
-    :raises OutputError: a role file is there (another cluster's credentials would be overwritten)
+    :raises OutputError: a role file is there (another cluster's credentials would be overwritten), or the
+        folder cannot be made or written in
     """
     taken = [name for name in ROLE_FILES.values() if (out_dir / name).exists()]
     if taken:
         raise OutputError(f"{out_dir} already holds {', '.join(taken)}; give another --out folder")
+    check_output_folder(out_dir)
 
 
 def write_role_files(registration: dict[str, Any], out_dir: Path) -> dict[str, Path]:
