@@ -155,7 +155,8 @@ API_NAME = Name(MAX_NAME_CHARS)
 
 
 class OutFolder(click.Path):
-    """A folder a command writes: an empty value (``--out "$UNSET"``) is refused, not taken as the current one."""
+    """A folder a command writes: an empty value (``--out "$UNSET"``) is refused, not taken as the current one,
+    and so is one that is not UTF-8 (``--json`` printed it as another path)."""
 
     def __init__(self) -> None:
         super().__init__(file_okay=False, path_type=Path)
@@ -163,7 +164,7 @@ class OutFolder(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and not value.strip():
             self.fail("must name a folder, not be empty", param, ctx)
-        return super().convert(value, param, ctx)
+        return super().convert(TEXT.convert(value, param, ctx) if isinstance(value, str) else value, param, ctx)
 
 
 OUT_FOLDER = OutFolder()
