@@ -478,8 +478,10 @@ def test_a_job_that_ends_is_never_recorded_lost_when_the_next_snapshot_omits_it(
     assert jobs(registry) == []
 
 
-@pytest.mark.parametrize("race", ["a late copy of a snapshot", "the ends of two jobs on two replicas"])
-def test_a_job_ended_while_another_replica_admits_from_the_row_before_is_not_recorded_lost(
+@pytest.mark.parametrize(
+    "race", ["a late copy of a snapshot", "the ends of two jobs on two replicas", "a late copy after a loss"]
+)
+def test_a_job_settled_while_another_replica_admits_from_the_row_before_is_stored_once(
     database: str, race: str
 ) -> None:
     """Two ``serve`` replicas admit batches of one cluster from its row as each read it, and the later commit's
@@ -512,6 +514,11 @@ def test_a_job_ended_while_another_replica_admits_from_the_row_before_is_not_rec
             late = prepared(other, there, "s1", running(1, "job-1"))  # admitted from the row: job-1 running
             plane.commit_ingest(prepared(plane, here, "end", ended(2, "job-1"), running(3)))
             other.commit_ingest(late)  # its running jobs stand: job-1 again, as of second 1
+        elif race == "a late copy after a loss":  # r28: job-1 recorded lost, then lost again with job-2
+            plane.commit_ingest(prepared(plane, here, "s0", running(0, "job-1", "job-2")))
+            late = prepared(other, there, "s1", running(1, "job-1", "job-2"))
+            plane.commit_ingest(prepared(plane, here, "s2", running(2, "job-2")))  # job-1 vanished: lost
+            other.commit_ingest(late)  # job-1 listed running again: lost again below, with job-2
         else:
             plane.commit_ingest(prepared(plane, here, "s0", running(0, "job-1", "job-2")))
             first = prepared(plane, here, "end-1", ended(1, "job-1"))  # both read job-1 and job-2 running
@@ -519,17 +526,78 @@ def test_a_job_ended_while_another_replica_admits_from_the_row_before_is_not_rec
             plane.commit_ingest(first)
             other.commit_ingest(second)  # its running jobs stand: job-1, whose end is stored
         plane.commit_ingest(prepared(plane, here, "s4", running(4)))  # job-1 no longer listed
-        assert _ended_noted(plane) == (1 if race.startswith("a late") else 2)
+        assert _ended_noted(plane) == {"a late copy of a snapshot": 1, "the ends of two jobs on two replicas": 2}.get(
+            race, 0
+        )
         here.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(seconds=5))
         assert _ended_noted(plane) == 0  # kept while the cluster runs, no longer
 
         stored = sorted((j["job_id"], j["status"]) for j in jobs(here))
-        assert stored == (
-            [("job-1", "finished")] if race.startswith("a late") else [("job-1", "finished"), ("job-2", "finished")]
+        assert (
+            stored
+            == {
+                "a late copy of a snapshot": [("job-1", "finished")],
+                "the ends of two jobs on two replicas": [("job-1", "finished"), ("job-2", "finished")],
+                "a late copy after a loss": [("job-1", "lost"), ("job-2", "lost")],
+            }[race]
         )
     finally:
         other.close()
         plane.close()
+
+
+def test_a_job_ended_in_a_commit_under_way_is_not_recorded_lost_by_a_snapshot_admitted_meanwhile(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite (one ``serve``), a newer snapshot admitted while the commit storing a job's end ran read the
+    jobs ended before that commit, then recorded the job lost too (r28): a row lock SQLite does not have."""
+    import threading
+    import time
+
+    pipeline = Pipeline.open(Settings.from_config(), create=True)
+    try:
+        registry = ClusterRegistry(pipeline)
+        cluster = registry.register("acme", "http://control-plane.invalid")
+        principal = registry.tokens.authenticate(cluster.token)
+        start = utcnow()
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+        done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=start)
+        sealed = seal_batch(load_public_key(cluster.intake_public_key), "ends-job-1", [done])
+        prepared = pipeline.prepare_ingest(
+            sealed, principal, admit=functools.partial(registry.admit, cluster.cluster_id)
+        )
+        logging_store, writing = pipeline.stores["cloud_logging"], threading.Event()
+        write = logging_store.write
+
+        def slow_write(segments: Any) -> Any:  # in the commit's transaction, as a Cloud Logging call is
+            writing.set()
+            time.sleep(1)
+            return write(segments)
+
+        monkeypatch.setattr(logging_store, "write", slow_write)
+        committing = threading.Thread(target=pipeline.commit_ingest, args=(prepared,))
+        committing.start()
+        assert writing.wait(30)
+        later = start + timedelta(seconds=5)  # no job running: job-1 vanished, unless its end is seen
+        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, later)), now=later)
+        committing.join(30)
+        assert [(j["status"], j["tasks_completed"]) for j in jobs(registry)] == [("finished", None)]
+    finally:
+        pipeline.close()
+
+
+def test_an_end_committed_after_its_cluster_ended_leaves_no_note_behind(registry: ClusterRegistry) -> None:
+    """Admitted while the cluster was open, committed after its end had cleared the cluster's notes of jobs
+    ended: the note was left for good (r28)."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    start = utcnow()
+    done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=start)
+    _admitted, statements, _guard = registry.admit(cluster.cluster_id, batch(cluster, done), now=start)
+    registry.close(cluster.cluster_id, cluster.token_id, now=start + timedelta(seconds=1))
+    with transaction(registry.pipeline.keyring.engine, "committing the batch") as conn:
+        for _key, statement, params in statements:
+            conn.execute(statement, params)
+    assert _ended_noted(registry.pipeline) == 0
 
 
 def _ended_noted(pipeline: Pipeline) -> int:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import Connection, String, bindparam, delete, func, insert, select, tuple_, update
 
 from pipeline import columns
 from pipeline.bounds import MAX_STRING_BYTES
@@ -199,7 +199,18 @@ class ClusterRegistry:
         self.pipeline = pipeline
         self.tokens = tokens or TokenStore(pipeline)
         self.names = NameBox(pipeline.keyring)
-        self._note_ended = insert_ignoring_duplicates(pipeline.keyring.engine, ended_jobs)
+        self._note_ended = insert_ignoring_duplicates(pipeline.keyring.engine, ended_jobs).from_select(
+            ["cluster_id", "record_id"],
+            select(bindparam("cluster_id", type_=String), bindparam("record_id", type_=String)).where(
+                select(clusters.c.cluster_id)  # an ended cluster recorded its running jobs: nothing to note
+                .where(
+                    clusters.c.cluster_id == bindparam("cluster_id"),
+                    clusters.c.closed_at.is_(None),
+                    clusters.c.lost_at.is_(None),
+                )
+                .exists()
+            ),
+        )
 
     def register(
         self,
@@ -504,9 +515,10 @@ class ClusterRegistry:
             for job_id, job in running.get("jobs", {}).items()
             if job_id in noted
         ]
-        if lost:  # the seed names the set: a cluster may lose jobs twice (a restart, then its end)
-            jobs = hashlib.sha256("|".join(sorted(noted)).encode()).hexdigest()[:16]
-            self.pipeline.write_records(lost, segment_seed=f"lost-jobs/{cluster_id}/{jobs}", cluster_id=cluster_id)
+        for record in lost:  # a seed of its own: written again with another set (a late copy of an older
+            # snapshot listed it running again, then its cluster ended), it is stored once
+            job = hashlib.sha256(record["job_id"].encode()).hexdigest()[:16]
+            self.pipeline.write_records([record], segment_seed=f"lost-jobs/{cluster_id}/{job}", cluster_id=cluster_id)
         return len(lost)
 
     def _note_lost(self, conn: Connection, cluster_id: str, running: dict[str, Any]) -> set[str]:
@@ -614,8 +626,12 @@ _ENDED = select(ended_jobs.c.record_id).where(
 )
 
 #: the cluster's row, held by a transaction recording its jobs lost until it ends, as a commit storing
-#: an end holds it (its contact statement): one of the two settles each job
-_LOCK_CLUSTER = select(clusters.c.cluster_id).where(clusters.c.cluster_id == bindparam("id")).with_for_update()
+#: an end holds it (its contact statement): one of the two settles each job. A write, not a SELECT FOR
+#: UPDATE: SQLite has no row locks, and its driver begins no transaction for a read, so a read of the
+#: jobs ended was taken while that commit ran; the write waits for it, and the reads after see it
+_LOCK_CLUSTER = (
+    update(clusters).where(clusters.c.cluster_id == bindparam("id")).values(cluster_id=clusters.c.cluster_id)
+)
 
 #: which of some (cluster id, record id) pairs name jobs recorded lost: a guard of admission (its ``ids``)
 _RECORDED_LOST_PAIRS = select(lost_jobs.c.cluster_id, lost_jobs.c.record_id).where(
