@@ -174,11 +174,11 @@ class Settings:
         named = overrides.pop("home", None) or _get("home")
         if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
             raise ConfigError("pipeline.home: must name a folder, not be empty")
-        try:
-            str(named).encode()
-        except UnicodeEncodeError:  # bytes an environment variable held that are no UTF-8
-            raise ConfigError(f"pipeline.home: {quoted(named)} is not UTF-8 text") from None
         home = Path(os.path.expanduser(str(named))).absolute()
+        try:  # as expanded: $HOME or the current folder may hold the bytes
+            str(home).encode()
+        except UnicodeEncodeError:  # bytes an environment variable held that are no UTF-8
+            raise ConfigError(f"pipeline.home: {quoted(str(home))} is not UTF-8 text") from None
 
         def url(key: str) -> str | None:
             value = _get(key)
@@ -189,7 +189,7 @@ class Settings:
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(f"pipeline.{key}: cannot expand {quoted(mask_url(str(value)))}: {exc}") from exc
             try:  # read by each store's own parser later, where a broken host was a traceback
-                urlparse(expanded).port  # noqa: B018 - parsed for its errors
+                urlparse(expanded)
             except ValueError as exc:
                 raise ConfigError(f"pipeline.{key}: {quoted(mask_url(expanded))} is not a URL: {exc}") from None
             return expanded

@@ -12,10 +12,11 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,7 @@ __all__ = [
     "output_folder",
     "private_folder",
     "sync_folder",
+    "write_all_private",
     "write_private",
 ]
 
@@ -69,13 +71,8 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     the new name survives a crash. With ``replace=False`` an existing file is kept
     (``FileExistsError``): a hard link never overwrites.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    fd = open_private(tmp)
+    tmp = _temporary_copy(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         if replace:
             os.replace(tmp, path)
         else:
@@ -83,6 +80,41 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     sync_folder(path.parent)
+
+
+def write_all_private(files: Mapping[Path, bytes]) -> None:
+    """:func:`write_private` of several files together: every one is written under its temporary name
+    before any is moved into place, so one that cannot be written (a full disk, no permission, a folder in
+    its place) leaves the others as they were, not some of this run's beside the last run's."""
+    copies: dict[Path, Path] = {}
+    try:
+        for path, data in files.items():
+            copies[path] = _temporary_copy(path, data)
+        for path in copies:  # a folder in a file's place is found before any file moves (an immutable file is not)
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        for path, tmp in copies.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in copies.values():
+            tmp.unlink(missing_ok=True)
+    for folder in {path.parent for path in files}:
+        sync_folder(folder)
+
+
+def _temporary_copy(path: Path, data: bytes) -> Path:
+    """``data`` durably in a new 0600 file beside ``path``, under a temporary name unique to the call."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    fd = open_private(tmp)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def stale_copies(path: Path) -> list[Path]:
@@ -107,8 +139,17 @@ def output_folder(path: Path) -> Iterator[Path]:
     """
     try:
         yield private_folder(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {path}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # the file it could not write, where the error names one
+        named = next((f for f in (exc.filename2, exc.filename) if isinstance(f, str)), None)
+        raise OutputError(
+            f"cannot write to {path if named is None else _written_as(Path(named))}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _written_as(path: Path) -> Path:
+    """The file a temporary copy of :func:`write_private` is written for (any other path as it is)."""
+    copy = re.fullmatch(r"\.(.+)\.tmp-[0-9a-f]{32}", path.name)
+    return path if copy is None else path.with_name(copy[1])
 
 
 def check_output_folder(path: Path) -> None:
@@ -118,7 +159,7 @@ def check_output_folder(path: Path) -> None:
     :raises OutputError:
     """
     absolute = path.absolute()
-    existing = next(p for p in (absolute, *absolute.parents) if p.exists())
+    existing = next(p for p in (absolute, *absolute.parents) if p.exists() or p.is_symlink())  # a dangling link too
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))

@@ -188,6 +188,17 @@ def test_a_home_that_is_not_utf8_is_one_line_and_made_nowhere(tmp_path: Path) ->
     assert os.listdir(tmp_path) == []
 
 
+def test_a_home_under_a_home_folder_that_is_not_utf8_is_one_line_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``~/pl`` (or the default home) with ``$HOME`` not UTF-8 passed the check, made as given (r28)."""
+    monkeypatch.setenv("HOME", os.fsdecode(os.fsencode(str(tmp_path)) + b"/h\xff"))
+    with dask.config.set({"pipeline.home": "~/pl"}):
+        line = one_line(run("records"))
+    assert line.startswith("error: pipeline.home: ") and line.endswith("is not UTF-8 text")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "command",
     [["erase", "request", "--account", "acme"], ["enforce"], ["report", "--out", "REPORT"]],
@@ -385,6 +396,23 @@ def test_an_unwritable_out_folder_is_one_line(command: list[str], home: Path) ->
     run("init")
     line = one_line(run(*command, "--out", "/proc/x"))
     assert line.startswith("error: cannot write to /proc/x: ")
+
+
+def test_a_report_file_that_cannot_be_replaced_leaves_the_last_report_whole_and_is_named(
+    home: Path, tmp_path: Path
+) -> None:
+    """The new report.html and report.json were left beside the last run's CSV files, and the error named the
+    folder, with the wrong cause ("Is a directory"), not the file in the way (r23)."""
+    run("init")
+    out = tmp_path / "report"
+    assert run("report", "--out", str(out), "--now", "2026-12-01T00:00:00+00:00").exit_code == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    (out / "inventory.csv").unlink()
+    (out / "inventory.csv").mkdir()
+    line = one_line(run("report", "--out", str(out), "--now", "2026-12-02T00:00:00+00:00"))
+    assert line == f"error: cannot write to {out / 'inventory.csv'}: Is a directory"
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert after == {name: data for name, data in before.items() if name != "inventory.csv"}
 
 
 # 7. Terminal injection -----------------------------------------------------------------------------------------

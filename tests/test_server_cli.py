@@ -217,6 +217,14 @@ def test_clusters_create_to_a_folder_it_cannot_write_registers_nothing(plane: Co
         assert admin.get("/v1/clusters").json() == []
 
 
+def test_clusters_create_to_a_dangling_link_registers_nothing(plane: ControlPlane, tmp_path: Path) -> None:
+    """A link to a folder that is not there passed as a folder to make, in a parent that is writable (r28)."""
+    (tmp_path / "out").symlink_to(tmp_path / "gone" / "deeper")
+    refused = run("clusters", "create", "--account", "acme", "--out", str(tmp_path / "out"))
+    assert refused.exit_code == 2 and refused.stderr.startswith(f"error: cannot write to {tmp_path / 'out'}: ")
+    assert list(plane.pipeline.audit.entries(actions=["cluster.registered", "cluster.closed"])) == []
+
+
 def test_clusters_create_writes_one_private_config_per_role(plane: ControlPlane, tmp_path: Path) -> None:
     import yaml
 

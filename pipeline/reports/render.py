@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.fsmodes import output_folder, write_private
+from pipeline.fsmodes import output_folder, write_all_private
 from pipeline.output import to_json
 from pipeline.reports.model import Report
 from pipeline.reports.plots import account_label
@@ -26,31 +26,28 @@ HTML_ROWS = 100
 
 def write_report(report: Report, out_dir: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
     """Write the chosen formats into ``out_dir``; returns the files written."""
-    writers: dict[str, Callable[[Report, Path], list[Path]]] = {"html": _html, "json": _json, "csv": _csv}
-    written: list[Path] = []
-    with output_folder(out_dir):
-        for name in formats:
-            written += writers[name](report, out_dir)
-    return written
+    writers: dict[str, Callable[[Report, Path], dict[Path, bytes]]] = {"html": _html, "json": _json, "csv": _csv}
+    files: dict[Path, bytes] = {}
+    for name in formats:
+        files.update(writers[name](report, out_dir))
+    with output_folder(out_dir):  # all of them or none: never one run's files beside another's
+        write_all_private(files)
+    return list(files)
 
 
-def _json(report: Report, out_dir: Path) -> list[Path]:
-    path = out_dir / "report.json"
-    write_private(path, (to_json(report.as_dict(), indent=2) + "\n").encode())
-    return [path]
+def _json(report: Report, out_dir: Path) -> dict[Path, bytes]:
+    return {out_dir / "report.json": (to_json(report.as_dict(), indent=2) + "\n").encode()}
 
 
-def _csv(report: Report, out_dir: Path) -> list[Path]:
-    paths = []
+def _csv(report: Report, out_dir: Path) -> dict[Path, bytes]:
+    files = {}
     for name, rows in report.tables().items():
-        path = out_dir / f"{name}.csv"
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, report.columns(name))
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-        write_private(path, text.getvalue().encode())
-        paths.append(path)
-    return paths
+        files[out_dir / f"{name}.csv"] = text.getvalue().encode()
+    return files
 
 
 #: what a spreadsheet reads a cell starting with as a formula (OWASP's list): names come from clusters and people
@@ -83,10 +80,8 @@ def render_html(report: Report) -> str:
     return env.get_template("report.html.j2").render(r=report)
 
 
-def _html(report: Report, out_dir: Path) -> list[Path]:
-    path = out_dir / "report.html"
-    write_private(path, render_html(report).encode())
-    return [path]
+def _html(report: Report, out_dir: Path) -> dict[Path, bytes]:
+    return {out_dir / "report.html": render_html(report).encode()}
 
 
 def _num(value: float | None, digits: int = 0) -> str:
