@@ -17,7 +17,7 @@ from pipeline.db import clusters, ended_jobs, transaction
 from pipeline.errors import ClusterLost, ForbiddenBatch, KeyringError
 from pipeline.intake import OpenedBatch, load_public_key, seal_batch
 from pipeline.records import tables_from_records, utcnow
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Pipeline, PreparedBatch
 from pipeline.server.auth import TokenStore
 from pipeline.server.clusters import ClusterRegistry, Registration
 from pipeline.server.listening import note_listening, sweep_period
@@ -61,6 +61,19 @@ def heard_from(registry: ClusterRegistry, cluster_id: str, batch: OpenedBatch, *
     with transaction(registry.pipeline.keyring.engine, "noting a cluster's contact") as conn:
         for _key, statement, params in statements:
             conn.execute(statement, params)
+
+
+def end_of_job_1_prepared(registry: ClusterRegistry) -> tuple[Registration, datetime, PreparedBatch]:
+    """A cluster reported running job-1 (2 tasks done), when, and a batch with job-1's end prepared by the
+    registry's pipeline (admitted, not committed)."""
+    cluster = registry.register("acme", "http://control-plane.invalid")
+    principal = registry.tokens.authenticate(cluster.token)
+    start = utcnow()
+    heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
+    done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=start)
+    sealed = seal_batch(load_public_key(cluster.intake_public_key), "ends-job-1", [done])
+    admit = functools.partial(registry.admit, cluster.cluster_id)
+    return cluster, start, registry.pipeline.prepare_ingest(sealed, principal, admit=admit)
 
 
 def jobs(registry: ClusterRegistry) -> list[dict[str, Any]]:
@@ -204,13 +217,7 @@ def test_a_job_ended_in_a_batch_committed_after_another_process_ended_its_cluste
     plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
     try:
         registry = ClusterRegistry(plane)
-        cluster = registry.register("acme", "http://control-plane.invalid")
-        principal = registry.tokens.authenticate(cluster.token)
-        start = utcnow()
-        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
-        done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=start)
-        sealed = seal_batch(load_public_key(cluster.intake_public_key), "ends-job-1", [done])
-        prepared = plane.prepare_ingest(sealed, principal, admit=functools.partial(registry.admit, cluster.cluster_id))
+        cluster, start, prepared = end_of_job_1_prepared(registry)
         ending = ClusterRegistry(other)
         ending._end(ending._row(cluster.cluster_id), end, start + timedelta(seconds=1))
         assert plane.commit_ingest(prepared).duplicate is False
@@ -557,15 +564,7 @@ def test_a_job_ended_in_a_commit_under_way_is_not_recorded_lost_by_a_snapshot_ad
     pipeline = Pipeline.open(Settings.from_config(), create=True)
     try:
         registry = ClusterRegistry(pipeline)
-        cluster = registry.register("acme", "http://control-plane.invalid")
-        principal = registry.tokens.authenticate(cluster.token)
-        start = utcnow()
-        heard_from(registry, cluster.cluster_id, batch(cluster, snapshot(cluster, start, tasks_completed=2)), now=start)
-        done = make_record("job", cluster_id=cluster.cluster_id, job_id="job-1", status="finished", observed_at=start)
-        sealed = seal_batch(load_public_key(cluster.intake_public_key), "ends-job-1", [done])
-        prepared = pipeline.prepare_ingest(
-            sealed, principal, admit=functools.partial(registry.admit, cluster.cluster_id)
-        )
+        cluster, start, prepared = end_of_job_1_prepared(registry)
         logging_store, writing = pipeline.stores["cloud_logging"], threading.Event()
         write = logging_store.write
 
