@@ -391,19 +391,19 @@ class ClusterRegistry:
         if vanished["jobs"]:  # rare (a restarted scheduler): written here, once, whoever admits it
             self._write_lost_jobs(row.cluster_id, vanished, now)
         contact = {"id": cluster_id, "at": now, "running": self._seal_running(row, running)}
+        ends = _job_ends(cluster_id, batch)
         return (
             batch,
-            ((cluster_id, _CONTACT, contact), *self._ends_noted(cluster_id, batch)),
-            _ends_guard(cluster_id, batch),
+            ((cluster_id, _CONTACT, contact), *self._ends_noted(cluster_id, ends)),
+            _ends_guard(cluster_id, ends),
         )
 
-    def _ends_noted(self, cluster_id: str, batch: OpenedBatch) -> list[Locking]:
-        """Statements noting the jobs a batch ends as ended, in the commit that stores the ends (after the
-        cluster's row is locked): a job ended is never recorded lost after, though an admission that read
-        the row before this commit lists it running again (two replicas, a late copy of a batch)."""
+    def _ends_noted(self, cluster_id: str, ends: list[str]) -> list[Locking]:
+        """Statements noting the jobs a batch ends (:func:`_job_ends`) as ended, in the commit that stores the
+        ends (after the cluster's row is locked): a job ended is never recorded lost after, though an admission
+        that read the row before this commit lists it running again (two replicas, a late copy of a batch)."""
         return [
-            (cluster_id, self._note_ended, {"cluster_id": cluster_id, "record_id": record_id})
-            for record_id in _job_ends(cluster_id, batch)
+            (cluster_id, self._note_ended, {"cluster_id": cluster_id, "record_id": record_id}) for record_id in ends
         ]
 
     def _recorded_lost(self, cluster_id: str, job_ids: Iterable[str]) -> set[str]:
@@ -646,10 +646,10 @@ def _job_ends(cluster_id: str, batch: OpenedBatch) -> list[str]:
     return sorted({_lost_record_id(cluster_id, job_id) for job_id in batch.by_kind["job"].column("job_id").to_pylist()})
 
 
-def _ends_guard(cluster_id: str, batch: OpenedBatch) -> Guard | None:
-    """The jobs a batch ends, checked again in the commit's transaction, after the cluster's row is locked:
-    another process closing the cluster (or finding it lost) meanwhile records them lost (``None``: no end)."""
-    ends = _job_ends(cluster_id, batch)
+def _ends_guard(cluster_id: str, ends: list[str]) -> Guard | None:
+    """The jobs a batch ends (:func:`_job_ends`), checked again in the commit's transaction, after the cluster's
+    row is locked: another process closing the cluster (or finding it lost) meanwhile records them lost
+    (``None``: no end)."""
     return (_RECORDED_LOST_PAIRS, tuple((cluster_id, record_id) for record_id in ends)) if ends else None
 
 
