@@ -11,15 +11,14 @@ which documents the procedure and carries a verification script that needs only
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pipeline.audit import GENESIS, AuditLog
-from pipeline.fsmodes import open_private, output_folder, write_private
+from pipeline.fsmodes import output_folder, written_together
 from pipeline.records import utcnow
 
 __all__ = ["README_NAME", "export_audit", "verification_readme"]
@@ -33,15 +32,17 @@ def verification_readme() -> str:
 
 
 def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
-    """Write the export into ``out_dir`` (created if needed); returns the manifest."""
+    """Write the export into ``out_dir`` (created if needed), every file or none (an earlier export's
+    files stay as they were when one cannot be written); returns the manifest."""
     checkpoint = audit.newest_checkpoint()  # before the entries: they reach at least its seq
-    with output_folder(out_dir) as folder:
-        count, head = _write_entries(audit, folder / "entries.jsonl")
-        write_private(folder / "public_key.pem", audit.public_key_pem())
+    with output_folder(out_dir) as folder, written_together() as files:
+        with files.stream(folder / "entries.jsonl") as fh:
+            count, head = _write_entries(audit, fh)
+        files.write(folder / "public_key.pem", audit.public_key_pem())
         if checkpoint is not None:
-            write_private(folder / "checkpoint.json", checkpoint.to_json())
+            files.write(folder / "checkpoint.json", checkpoint.to_json())
         else:  # an earlier export's, into this folder: its verification would fail this one
-            (folder / "checkpoint.json").unlink(missing_ok=True)
+            files.remove(folder / "checkpoint.json")
         algorithm = "Ed25519" if isinstance(audit.trusted_key, Ed25519PublicKey) else "ECDSA P-256 SHA-256"
         manifest: dict[str, Any] = {
             "entries": count,
@@ -52,25 +53,16 @@ def export_audit(audit: AuditLog, out_dir: Path) -> dict[str, Any]:
         # signed: without it, entries cut from the end (with checkpoint.json removed) verified as intact
         canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         manifest["manifest_signature"] = audit.signer.sign(canonical).hex()
-        write_private(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-        write_private(folder / "README.md", verification_readme().encode())
+        files.write(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        files.write(folder / "README.md", verification_readme().encode())
     return {**manifest, "folder": str(out_dir)}
 
 
-def _write_entries(audit: AuditLog, path: Path) -> tuple[int, str]:
-    """Write every entry to ``path`` through a temporary file, removed if an entry does not read
-    (:class:`AuditIntegrityError`); returns the last seq and its hash."""
+def _write_entries(audit: AuditLog, fh: BinaryIO) -> tuple[int, str]:
+    """Write every entry, one a line; returns the last seq and its hash. An entry that does not read
+    (:class:`AuditIntegrityError`) ends the export with nothing of it in place."""
     count, head = 0, GENESIS
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as fh:
-            for entry in audit.entries():
-                fh.write(json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
-                count, head = entry.seq, entry.entry_hash
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    for entry in audit.entries():
+        fh.write((json.dumps(entry.as_dict(), ensure_ascii=False, sort_keys=True) + "\n").encode())
+        count, head = entry.seq, entry.entry_hash
     return count, head

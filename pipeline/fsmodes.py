@@ -19,12 +19,14 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline.errors import ConfigError, OutputError
 
 __all__ = [
     "FILE_MODE",
     "FOLDER_MODE",
+    "Staging",
     "check_output_folder",
     "check_private_folder",
     "open_private",
@@ -33,6 +35,7 @@ __all__ = [
     "sync_folder",
     "write_all_private",
     "write_private",
+    "written_together",
 ]
 
 FILE_MODE = 0o600
@@ -82,39 +85,81 @@ def write_private(path: Path, data: bytes, *, replace: bool = True) -> None:
     sync_folder(path.parent)
 
 
-def write_all_private(files: Mapping[Path, bytes]) -> None:
-    """:func:`write_private` of several files together: every one is written under its temporary name
-    before any is moved into place, so one that cannot be written (a full disk, no permission, a folder in
-    its place) leaves the others as they were, not some of this run's beside the last run's."""
-    copies: dict[Path, Path] = {}
+class Staging:
+    """Files of one :func:`written_together` block, each under its temporary name until the block ends."""
+
+    def __init__(self) -> None:
+        self.copies: dict[Path, Path] = {}
+        self.removed: list[Path] = []
+
+    def write(self, path: Path, data: bytes) -> None:
+        with self.stream(path) as fh:
+            fh.write(data)
+
+    @contextmanager
+    def stream(self, path: Path) -> Iterator[BinaryIO]:
+        """A file written piece by piece (the whole audit trail, say), never held in memory."""
+        with _temporary_file(path) as (tmp, fh):
+            self.copies[path] = tmp
+            yield fh
+
+    def remove(self, path: Path) -> None:
+        """``path`` is to be gone once the others are in place (an earlier run's file this one has not)."""
+        self.removed.append(path)
+
+
+@contextmanager
+def written_together() -> Iterator[Staging]:
+    """Files that are all put in place when the block ends, or none: each is written under its temporary
+    name first, so one that cannot be written (a full disk, no permission, a folder in its place), or an
+    error in the block, leaves the others as they were, not some of this run's beside the last run's."""
+    staging = Staging()
     try:
-        for path, data in files.items():
-            copies[path] = _temporary_copy(path, data)
-        for path in copies:  # a folder in a file's place is found before any file moves (an immutable file is not)
+        yield staging
+        for (
+            path
+        ) in staging.copies:  # a folder in a file's place is found before any file moves (an immutable file is not)
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        for path, tmp in copies.items():
+        for path, tmp in staging.copies.items():
             os.replace(tmp, path)
+        for path in staging.removed:
+            path.unlink(missing_ok=True)
     finally:
-        for tmp in copies.values():
+        for tmp in staging.copies.values():
             tmp.unlink(missing_ok=True)
-    for folder in {path.parent for path in files}:
+    for folder in {path.parent for path in (*staging.copies, *staging.removed)}:
         sync_folder(folder)
+
+
+def write_all_private(files: Mapping[Path, bytes]) -> None:
+    """:func:`write_private` of several files together, all of them or none (:func:`written_together`)."""
+    with written_together() as staging:
+        for path, data in files.items():
+            staging.write(path, data)
 
 
 def _temporary_copy(path: Path, data: bytes) -> Path:
     """``data`` durably in a new 0600 file beside ``path``, under a temporary name unique to the call."""
+    with _temporary_file(path) as (tmp, fh):
+        fh.write(data)
+    return tmp
+
+
+@contextmanager
+def _temporary_file(path: Path) -> Iterator[tuple[Path, BinaryIO]]:
+    """A new 0600 file beside ``path`` under a temporary name unique to the call, synced when the block
+    ends; removed if the block raises."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     fd = open_private(tmp)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield tmp, fh
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return tmp
 
 
 def stale_copies(path: Path) -> list[Path]:

@@ -415,6 +415,24 @@ def test_a_report_file_that_cannot_be_replaced_leaves_the_last_report_whole_and_
     assert after == {name: data for name, data in before.items() if name != "inventory.csv"}
 
 
+def test_an_export_file_that_cannot_be_replaced_leaves_the_last_export_whole_and_is_named(
+    home: Path, tmp_path: Path
+) -> None:
+    """Each file was moved into place as it was written: the new entries.jsonl and public_key.pem were left
+    beside the last export's manifest, whose count and head they no longer matched (r23)."""
+    run("init")
+    out = tmp_path / "export"
+    assert run("audit", "export", "--out", str(out)).exit_code == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert add_account().exit_code == 0  # the trail grows: the next export's entries differ
+    (out / "manifest.json").unlink()
+    (out / "manifest.json").mkdir()
+    line = one_line(run("audit", "export", "--out", str(out)))
+    assert line == f"error: cannot write to {out / 'manifest.json'}: Is a directory"
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert after == {name: data for name, data in before.items() if name != "manifest.json"}
+
+
 # 7. Terminal injection -----------------------------------------------------------------------------------------
 
 
