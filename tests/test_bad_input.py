@@ -383,6 +383,23 @@ def command_line(home: Path, *args: bytes) -> subprocess.CompletedProcess[bytes]
     return subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
 
 
+@pytest.mark.parametrize("script", [False, True], ids=["python -m pipeline", "metadata-pipeline"])
+@pytest.mark.parametrize("text", ["a: b: c\n", "- a list\n"], ids=["not YAML", "not a mapping"])
+def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
+    script: bool, text: str, home: Path, tmp_path: Path
+) -> None:
+    """dask reads its config files when it is imported, before the command line is: a hand-edited file that
+    does not parse was dask's own traceback for every command, ``--help`` included (r23)."""
+    config = tmp_path / "dask.yaml"
+    config.write_text(text)
+    argv = [str(Path(sys.executable).with_name("metadata-pipeline"))] if script else [sys.executable, "-m", "pipeline"]
+    env = {**os.environ, "DASK_PIPELINE__HOME": str(home), "DASK_CONFIG": str(config)}
+    done = subprocess.run([*argv, "--help"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: A dask config file at '{config}' is malformed"), line
+
+
 def test_arguments_that_are_not_utf8_are_one_line_from_a_real_shell(home: Path) -> None:
     done = command_line(home, b"records", b"--account", b"\xff")
     assert done.returncode == 2
