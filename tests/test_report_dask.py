@@ -71,6 +71,18 @@ def test_a_shredded_subject_is_left_out_as_locally(archived: Pipeline, scheduler
     assert [row["account"] for row in remote.usage] == ["globex"]
 
 
+def test_an_object_whose_wrapped_key_was_altered_is_named_not_taken_for_shredded(
+    archived: Pipeline, scheduler: str, s3_archive_url: str
+) -> None:
+    """The workers took the key that did not unwrap for a destroyed one: the object's records left out unnamed (r29)."""
+    from test_archive_damage import _damage, _key_altered
+
+    key = _damage(s3_archive_url, archived.subject_ref("globex"), _key_altered)
+    remote = build_archive_report(archived, scheduler, now=T0, plots=False)
+    assert [u["segment_id"] for u in remote.unreadable_segments] == [key]
+    assert "does not unwrap" in remote.unreadable_segments[0]["reason"]
+
+
 def test_the_command_writes_the_archive_report(archived: Pipeline, scheduler: str, tmp_path: Path) -> None:
     now = T0.isoformat()
     result = run("report", "--engine", "dask", "--scheduler", scheduler, "--out", str(tmp_path), "--now", now)

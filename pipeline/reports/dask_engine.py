@@ -20,7 +20,6 @@ from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -34,7 +33,7 @@ from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.policy import Policy
 from pipeline.retention.schedule import since_last_pass
 from pipeline.runtime import Pipeline, Unreadable
-from pipeline.stores.archive import decryption_properties, read_listed
+from pipeline.stores.archive import decryption_properties, open_object, read_listed
 from pipeline.stores.base import url_options
 
 __all__ = ["ARCHIVE", "DataKeys", "build_archive_report"]
@@ -186,11 +185,11 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bo
         if body is None:  # expired or erased since the listing
             continue
         try:
-            table = pq.read_table(pa.BufferReader(body), decryption_properties=properties)
+            table = open_object(key, body, properties)
         except KeyringError:
             continue  # written under a destroyed key version: shredded
-        except (OSError, pa.ArrowException) as exc:  # ArrowInvalid: not Parquet (a truncated object)
-            unreadable.append(Unreadable(ARCHIVE, key, f"archive object does not open: {first_line(exc)}"))
+        except StoreError as exc:  # not Parquet (a truncated object), or its key altered
+            unreadable.append(Unreadable(ARCHIVE, key, str(exc)))
             continue
         table = table.filter(pc.invert(pc.is_in(table.column("_segment_id"), seen)))  # kept once (compaction)
         seen = pa.concat_arrays([seen, pc.unique(table.column("_segment_id"))])

@@ -54,10 +54,10 @@ from pipeline.errors import ConfigError, KeyringError, StoreError, StoreUnavaila
 from pipeline.keys import Keyring
 from pipeline.records import KINDS
 from pipeline.redact import first_line, mask_url
-from pipeline.segments import Segment, open_segment, seal
+from pipeline.segments import NEVER_OPENS, Segment, open_segment, seal
 from pipeline.stores.base import Removed, Store, noting_deleted, oldest_first, url_options
 
-__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties", "merged_key", "read_listed"]
+__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties", "merged_key", "open_object", "read_listed"]
 
 #: columns the archive adds to every record
 SEGMENT_COLUMNS = [
@@ -104,13 +104,30 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
         return f"{version}:{base64.b64encode(nonce + sealed).decode()}"
 
     def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        """The object's key, under the data key version it names.
+
+        :raises KeyringError: that version was destroyed (crypto-shredded: nothing readable is left)
+        :raises _Altered: the wrapped key does not open under a version that stands (the object was altered)
+        """
         version, _, blob = wrapped_key.partition(":")
-        cipher = self.keyring.cipher_for(*_refs(master_key_identifier), int(version))
-        raw = base64.b64decode(blob)
+        try:
+            number, raw = int(version), base64.b64decode(blob, validate=True)
+        except ValueError:  # binascii.Error too
+            raise _Altered(f"archive key of subject {master_key_identifier[:12]}… is malformed") from None
+        cipher = self.keyring.cipher_for(*_refs(master_key_identifier), number)
         try:
             return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], master_key_identifier.encode())
-        except InvalidTag:
-            raise KeyringError(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
+        except (InvalidTag, ValueError):
+            raise _Altered(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
+
+
+class _Altered(Exception):
+    """An object's wrapped key that does not open under a data key version that stands."""
+
+
+class _Unopenable(StoreError):
+    """An object that is not the Parquet this store wrote, or whose key was altered: named, never taken
+    for a crypto-shredded one (which holds nothing readable, on purpose)."""
 
 
 def _factory(keyring: Keyring, key_version: int | None = None) -> pe.CryptoFactory:
@@ -140,6 +157,7 @@ class ArchiveStore(Store):
         self.prefix = parsed.path.strip("/")
         self.keyring = keyring
         self._foreign: set[str] = set()
+        self._unopenable: set[str] = set()  # named once a process
         try:
             s3 = boto3.client("s3", endpoint_url=query.get("endpoint"), region_name=query.get("region"))
         except (BotoCoreError, ValueError) as exc:  # ValueError: "Invalid endpoint: URL"
@@ -204,6 +222,7 @@ class ArchiveStore(Store):
         """The object's rows; None when its subject's key was destroyed (nothing readable is left).
 
         :raises KeyServiceError: the key service failed: the object is whole, and left out it would go unnamed
+        :raises _Unopenable: the object does not open (overwritten, cut, altered)
         """
         try:
             return self._read_versioned(key)[0]
@@ -214,11 +233,35 @@ class ArchiveStore(Store):
         """The object's rows and the ETag of the version read (for a conditional replace)."""
         got = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key))
         body = self._call("read", got["Body"].read)
-        try:
-            table = pq.read_table(pa.BufferReader(body), decryption_properties=decryption_properties(self.keyring))
-        except (OSError, pa.ArrowException) as exc:  # ArrowInvalid: not Parquet (a truncated object)
-            raise StoreError(f"archive object {key} does not open: {first_line(exc)}") from exc
-        return table, got["ETag"]
+        return open_object(key, body, decryption_properties(self.keyring)), got["ETag"]
+
+    def _stand_in(self, key: str, exc: _Unopenable) -> Segment:
+        """What an object that does not open holds, as far as its key says, with a payload no key opens.
+
+        Counts, erasure and expiry see it under its subject and day; a reader gets a decryption failure
+        and names it (the segment id is the object's key), where leaving it out would lose its records
+        without a word, and one unreadable object stopped every read, report and erasure of the archive.
+        Which kinds it held is unknown: it stands as the first kind of its data type, so a read of every
+        kind (a report reads them one by one) names it once.
+        """
+        if key not in self._unopenable:
+            self._unopenable.add(key)
+            logger.warning("%s", exc)
+        subject_ref, user_ref = _refs(_key_of(key))
+        data_type = _part(key, "data_type")
+        day = datetime.strptime(_part(key, "day"), "%Y-%m-%d").replace(tzinfo=UTC)
+        return Segment(
+            segment_id=key,
+            subject_ref=subject_ref,
+            user_ref=user_ref,
+            data_type=data_type,
+            kind=next(k.name for k in KINDS.values() if k.data_type == data_type),
+            key_version=self.keyring.live_version(subject_ref, user_ref) or 0,
+            min_observed_at=day,
+            max_observed_at=day + timedelta(days=1) - timedelta(microseconds=1),
+            n_records=0,
+            payload=NEVER_OPENS,
+        )
 
     def _put(
         self,
@@ -307,6 +350,9 @@ class ArchiveStore(Store):
             table, etag = self._read_versioned(key)
         except KeyringError:  # crypto-shredded: expiry by day or the subject's erasure drops it whole
             return Removed()
+        except _Unopenable as exc:  # its rows cannot be chosen: expiry by day or an erasure drops it whole
+            logger.warning("%s: left as it is", exc)
+            return Removed()
         mask = keep(table)
         kept = table.filter(mask)
         if kept.num_rows == table.num_rows:
@@ -346,7 +392,13 @@ class ArchiveStore(Store):
             for key in self._keys(data_type):
                 if not _owned(key, subject_ref, user_ref):
                     continue
-                table = read_listed(key, self._readable)
+                try:
+                    table = read_listed(key, self._readable)
+                except _Unopenable as exc:
+                    stand_in = self._stand_in(key, exc)
+                    if not kind or stand_in.kind == kind:
+                        yield stand_in if with_payload else stand_in.header()
+                    continue
                 for segment in _segments(self.keyring, table) if table is not None else ():
                     if segment.segment_id in seen or (kind and segment.kind != kind):
                         continue
@@ -439,12 +491,19 @@ class ArchiveStore(Store):
                 base, etag = self._read_versioned(target)
             except KeyringError:  # shredded: left for the erasure or expiry that drops it whole
                 return
+            except _Unopenable as exc:  # no merge may replace it: left, named, for expiry or an erasure
+                logger.warning("%s: its day is not compacted", exc)
+                return
         tables, merged_keys = [base] if base is not None else [], []
         present = set(base.column("_segment_id").to_pylist()) if base is not None else set()
         for key in keys:
             if key == target:
                 continue
-            table = self._readable(key)
+            try:
+                table = self._readable(key)
+            except _Unopenable as exc:  # left as it is, named; the rest of the day is merged
+                logger.warning("%s: left out of its day's compaction", exc)
+                continue
             if table is None:  # shredded: left for the erasure or expiry that drops it whole
                 continue
             fresh = table.filter(pc.invert(pc.is_in(table.column("_segment_id"), pa.array(present, pa.string()))))
@@ -474,6 +533,18 @@ def _key_id(subject_ref: str, user_ref: str | None) -> str:
 def _refs(key_id: str) -> tuple[str, str | None]:
     subject_ref, _, user_ref = key_id.partition("~")
     return subject_ref, None if user_ref in ("", "-") else user_ref
+
+
+def open_object(key: str, body: bytes, properties: Any) -> pa.Table:
+    """The rows of the object ``key`` read as ``body``, opened with ``properties`` (:func:`decryption_properties`).
+
+    :raises KeyringError: it was written under a data key version since destroyed (crypto-shredded)
+    :raises StoreError: it does not open (overwritten, cut, its wrapped key altered)
+    """
+    try:
+        return pq.read_table(pa.BufferReader(body), decryption_properties=properties)
+    except (OSError, pa.ArrowException, _Altered) as exc:  # ArrowInvalid: not Parquet (a truncated object)
+        raise _Unopenable(f"archive object {key} does not open: {first_line(exc)}") from exc
 
 
 def read_listed(key: str, read: Callable[[str], _T]) -> _T | None:
