@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -20,6 +21,7 @@ import dask.config
 import httpx
 import pytest
 from click.testing import CliRunner
+from conftest import one_line, run
 from distributed import Client, LocalCluster
 from moto.core.authorization import enable_iam_authentication
 
@@ -438,3 +440,39 @@ def test_temporary_local_credentials_without_a_role_are_one_clear_error() -> Non
     )
     with pytest.raises(CredentialsError, match="temporary .* set pipeline.aws.role-arn"):
         issue_session_credentials(temporary)
+
+
+@pytest.mark.slow
+def test_local_credentials_that_cannot_be_resolved_stop_the_demo_with_one_line(
+    aws_world: dict[str, Any], home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expired SSO login or a failing credential_process: botocore's CredentialRetrievalError escaped
+    issue_session_credentials, and the demo printed its traceback, exit 1 (r29)."""
+    config = tmp_path / "aws-config"
+    failing = "echo 'Error loading SSO Token: Token for my-sso has expired' >&2; exit 1"
+    config.write_text(f'[profile expired-sso]\ncredential_process = /bin/sh -c "{failing}"\nregion = eu-west-1\n')
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "expired-sso")
+    shown = one_line(run("demo", "--tasks", "20", "--account", "acme"))
+    assert shown == (
+        "error: the local AWS credentials (profile expired-sso) cannot be resolved: Error when retrieving "
+        "credentials from custom-process: Error loading SSO Token: Token for my-sso has expired"
+    )
+
+
+@pytest.mark.parametrize(
+    ("environment", "reason"),
+    [
+        ({"AWS_PROFILE": "nowhere"}, "The config profile (nowhere) could not be found"),
+        ({"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY"),
+    ],
+    ids=["missing profile", "partial keys"],
+)
+def test_local_credentials_botocore_cannot_resolve_are_a_credentials_error(
+    aws_world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], reason: str
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    expected = rf"^the local AWS credentials.* cannot be resolved: {re.escape(reason)}$"
+    with pytest.raises(CredentialsError, match=expected):
+        issue_session_credentials()

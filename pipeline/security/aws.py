@@ -93,7 +93,9 @@ def issue_session_credentials(
 ) -> SessionCredentials | None:
     """A session token made with the local long-term credentials; None when there are none.
 
-    :raises CredentialsError: STS refused (the reason names the call and the role)
+    :raises CredentialsError: the local credentials cannot be resolved (an expired SSO login, a failing
+        ``credential_process``, an assume-role profile whose source keys are refused), are temporary
+        without a role, or STS refused (the reason names the call and the role)
     :raises ConfigError: a role is configured but boto3 is not installed
     """
     if session is None:
@@ -103,16 +105,24 @@ def issue_session_credentials(
             if role_arn:
                 raise ConfigError("pipeline.aws.role-arn needs boto3: install dask-metadata-pipeline[aws]") from exc
             return None
-        session = boto3.Session()
-    credentials = session.get_credentials()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if session is None:
+            session = boto3.Session()
+        # botocore resolves lazily: a profile's credential_process, SSO login or AssumeRole runs here
+        credentials = session.get_credentials()
+        temporary = credentials is not None and bool(credentials.token)
+    except (BotoCoreError, ClientError) as exc:
+        profile = f" (profile {session.profile_name})" if session is not None else ""
+        raise CredentialsError(f"the local AWS credentials{profile} cannot be resolved: {_one_line(exc)}") from exc
     if credentials is None:
         return None
-    if credentials.token and not role_arn:  # STS documents that it refuses them (an instance role, SSO)
+    if temporary and not role_arn:  # STS documents that it refuses them (an instance role, SSO)
         raise CredentialsError(
             "AWS STS GetSessionToken needs long-term credentials, and the ones here are temporary "
             "(they hold a session token): set pipeline.aws.role-arn so workers get AssumeRole credentials"
         )
-    from botocore.exceptions import BotoCoreError, ClientError
 
     seconds = int(duration.total_seconds())
     what = f"AssumeRole of {role_arn}" if role_arn else "GetSessionToken"
@@ -123,7 +133,7 @@ def issue_session_credentials(
         else:
             response = sts.get_session_token(DurationSeconds=seconds)
     except (BotoCoreError, ClientError) as exc:
-        raise CredentialsError(f"AWS STS {what} failed: {exc}") from exc
+        raise CredentialsError(f"AWS STS {what} failed: {_one_line(exc)}") from exc
     issued = response["Credentials"]
     return SessionCredentials(
         access_key_id=issued["AccessKeyId"],
@@ -132,6 +142,11 @@ def issue_session_credentials(
         expiration=issued["Expiration"],
         lifetime=duration,
     )
+
+
+def _one_line(exc: Exception) -> str:
+    """botocore's message on one line (a credential_process's stderr may hold several, and ends in one)."""
+    return " ".join(str(exc).split())
 
 
 def seal_for_workers(credentials: SessionCredentials, worker_cert: str) -> bytes:
