@@ -23,11 +23,12 @@ import dask.config
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.runtime import Pipeline
-from pipeline.security.aws import forward_aws_credentials
+from pipeline.security.aws import forward_aws_credentials, withheld_from_new_processes
 from pipeline.security.tls import ClusterCredentials, issue_credentials
 
 __all__ = ["run_demo"]
 
+WORKERS = 2
 FAIL_EVERY = 100  # one task in a hundred raises, to show erred counts
 
 
@@ -51,37 +52,41 @@ def _workload(
     tasks: int, settings: dict[str, Any], credentials: ClusterCredentials, config: Settings
 ) -> dict[str, Any]:
     """Three computations on a 2-worker LocalCluster loaded with the plugin by preload, over the
-    cluster's own TLS, workers given an AWS session token when there are local AWS credentials."""
+    cluster's own TLS, workers given an AWS session token when there are local AWS credentials
+    (and started without the user's own: the worker processes inherit the environment)."""
     from distributed import Client, LocalCluster, wait
 
     with (
         dask.config.set(settings),
         LocalCluster(
-            n_workers=2,
+            n_workers=0,  # the scheduler first, with the environment: its plugin may use AWS (a KMS key)
             threads_per_worker=1,
             dashboard_address=":0",
             security=credentials.security(),
             scheduler_kwargs={"preload": ["pipeline.preload"]},
         ) as cluster,
         Client(cluster) as client,
-        forward_aws_credentials(
+    ):
+        with withheld_from_new_processes():
+            cluster.scale(WORKERS)
+            client.wait_for_workers(WORKERS)
+        with forward_aws_credentials(
             client,
             worker_cert=credentials.certs["worker"],
             role_arn=config.aws_role_arn,
             duration=timedelta(seconds=config.aws_session_duration),
-        ) as aws,
-    ):
-        scheduler_address = cluster.scheduler_address
-        keys_in_reach = client.run_on_scheduler(_keys_in_reach)
-        client.run(_quiet_task_errors)
-        squares = client.map(_square, range(tasks))  # job 1: N tasks, 1 % fail
-        wait(squares)
-        good = [f for f in squares if f.status == "finished"]
-        erred = len(squares) - len(good)
-        chunks = client.map(_total, [good[i : i + 100] for i in range(0, len(good), 100)])  # job 2
-        total = client.submit(_total, chunks)  # job 3
-        total.result()
-        del squares, good, chunks, total
+        ) as aws:
+            scheduler_address = cluster.scheduler_address
+            keys_in_reach = client.run_on_scheduler(_keys_in_reach)
+            client.run(_quiet_task_errors)
+            squares = client.map(_square, range(tasks))  # job 1: N tasks, 1 % fail
+            wait(squares)
+            good = [f for f in squares if f.status == "finished"]
+            erred = len(squares) - len(good)
+            chunks = client.map(_total, [good[i : i + 100] for i in range(0, len(good), 100)])  # job 2
+            total = client.submit(_total, chunks)  # job 3
+            total.result()
+            del squares, good, chunks, total
     return {
         "erred": erred,
         "scheduler_address": scheduler_address,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -476,3 +477,75 @@ def test_local_credentials_botocore_cannot_resolve_are_a_credentials_error(
     expected = rf"^the local AWS credentials.* cannot be resolved: {re.escape(reason)}$"
     with pytest.raises(CredentialsError, match=expected):
         issue_session_credentials()
+
+
+def kept_by_the_plugin() -> str:
+    """Runs on a worker: everything the credentials plugin holds, as text."""
+    from distributed import get_worker
+
+    return repr(vars(get_worker().plugins[PLUGIN_NAME]))
+
+
+def test_the_plugin_neither_keeps_nor_puts_back_the_keys_a_worker_inherited(
+    aws_world: dict[str, Any], tls: ClusterCredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LocalCluster started where the user's long-term keys are in the environment: its workers inherit
+    them. The plugin kept them beside the session token and put them back at teardown (r29)."""
+    long_term = (aws_world["access_key_id"], aws_world["secret_access_key"], None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", long_term[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", long_term[1])
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0", security=tls.security()) as local,
+        Client(local) as client,
+    ):
+        assert on_worker(client, worker_credentials) == long_term
+        with SessionTokenForwarder(client, worker_cert=tls.certs["worker"], session=aws_world["session"]) as f:
+            assert f.forward()
+        assert on_worker(client, worker_credentials)[2] == f.credentials.token
+        kept = on_worker(client, kept_by_the_plugin)
+        client.unregister_worker_plugin(PLUGIN_NAME)  # teardown
+        after_teardown = on_worker(client, worker_credentials)
+    assert long_term[1] not in kept
+    assert after_teardown is None
+
+
+WORKER_START = """
+import os
+from pathlib import Path
+
+import dask.config
+
+
+def dask_setup(worker):
+    seen = Path(dask.config.get("tests.worker-environ"))
+    (seen / str(os.getpid())).write_bytes(Path("/proc/self/environ").read_bytes())
+"""
+
+
+@pytest.mark.slow
+def test_the_demos_workers_start_without_the_users_long_term_keys(
+    aws_world: dict[str, Any], home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's worker processes inherited the client's environment, the user's long-term keys in it,
+    before any session token was forwarded (r29). Each worker writes the environment it started with."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", aws_world["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_world["secret_access_key"])
+    preload = tmp_path / "worker_start.py"
+    preload.write_text(WORKER_START)
+    seen = tmp_path / "worker-environ"
+    seen.mkdir()
+    with dask.config.set({"distributed.worker.preload": [str(preload)], "tests.worker-environ": str(seen)}):
+        result = run("demo", "--tasks", "20", "--account", "acme", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["aws_session_token"]
+    started = [path.read_bytes() for path in seen.iterdir()]
+    assert len(started) == 2
+    for environ in started:
+        assert b"AWS_EC2_METADATA_DISABLED=true" in environ  # the rest of the environment is inherited
+        assert aws_world["access_key_id"].encode() not in environ
+        assert aws_world["secret_access_key"].encode() not in environ
+    # the client's own environment is as it was: the forwarder used the keys
+    assert (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]) == (
+        aws_world["access_key_id"],
+        aws_world["secret_access_key"],
+    )

@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ __all__ = [
     "forward_aws_credentials",
     "issue_session_credentials",
     "seal_for_workers",
+    "withheld_from_new_processes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ logger = logging.getLogger(__name__)
 #: with the expiry set, botocore reads the other three again as it nears (a client made before a refresh
 #: takes the new token); without it, they are static for every client that read them
 ENV_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CREDENTIAL_EXPIRATION")
+#: what processes started from the client must not inherit (``AWS_SECURITY_TOKEN``: botocore's older name)
+WITHHELD_ENV_NAMES = (*ENV_NAMES, "AWS_SECURITY_TOKEN")
 PLUGIN_NAME = "metadata-pipeline-aws-credentials"
 #: a token is replaced once this share of its lifetime is left
 REFRESH_AT_REMAINING = 0.25
@@ -185,32 +189,36 @@ def _open_on_worker(sealed: bytes, worker: Worker) -> dict[str, str]:
 
 
 class AWSCredentialsPlugin(WorkerPlugin):
-    """Opens a sealed session token on a worker and installs it for boto3/botocore; removes it at teardown."""
+    """Opens a sealed session token on a worker and installs it for boto3/botocore; removes it at teardown.
+
+    Credentials the worker had in these variables before (a LocalCluster's workers inherit the client's
+    environment) are replaced, and neither kept nor put back: teardown leaves none in the environment.
+    """
 
     name = PLUGIN_NAME
     idempotent = False  # registering again replaces the token: that is how it is refreshed
 
     def __init__(self, sealed: bytes) -> None:
         self.sealed = sealed
-        self._previous: dict[str, str | None] = {}
+        self._installed: str | None = None  # the access key id of the session it installed
 
     def setup(self, worker: Worker) -> None:
         opened = _open_on_worker(self.sealed, worker)
-        self._previous = {name: os.environ.get(name) for name in ENV_NAMES}
         os.environ.update(
             AWS_ACCESS_KEY_ID=opened["access_key_id"],
             AWS_SECRET_ACCESS_KEY=opened["secret_access_key"],
             AWS_SESSION_TOKEN=opened["token"],
             AWS_CREDENTIAL_EXPIRATION=opened["expiration"],
         )
+        self._installed = opened["access_key_id"]
         _forget_cached_boto3_session()
 
     def teardown(self, worker: Worker) -> None:
-        for name, value in self._previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if self._installed is None or os.environ.get("AWS_ACCESS_KEY_ID") != self._installed:
+            return  # none installed, or code on the worker has set credentials of its own since
+        for name in ENV_NAMES:
+            os.environ.pop(name, None)
+        self._installed = None
         _forget_cached_boto3_session()
 
 
@@ -221,6 +229,19 @@ def _forget_cached_boto3_session() -> None:
     except ModuleNotFoundError:
         return
     boto3.DEFAULT_SESSION = None
+
+
+@contextmanager
+def withheld_from_new_processes() -> Iterator[None]:
+    """This process's AWS credential variables removed while processes it starts inherit its environment
+    (a LocalCluster spawning its workers), then put back: the workers start with none and get only the
+    session token forwarded to them. Another thread of this process resolving credentials meanwhile finds
+    none there: start the processes while nothing else does (a boto3 client made before keeps its own)."""
+    held = {name: os.environ.pop(name) for name in WITHHELD_ENV_NAMES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(held)
 
 
 class SessionTokenForwarder:
