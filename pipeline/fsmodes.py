@@ -116,9 +116,8 @@ def written_together() -> Iterator[Staging]:
     staging = Staging()
     try:
         yield staging
-        for (
-            path
-        ) in staging.copies:  # a folder in a file's place is found before any file moves (an immutable file is not)
+        # a folder in a file's place is found before any file moves (an immutable file is not)
+        for path in staging.copies:
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         for path, tmp in staging.copies.items():
