@@ -394,21 +394,44 @@ class AuditLog:
     def newest_checkpoint(self) -> Checkpoint | None:
         """The trusted key's checkpoint with the highest sequence number among all the witness holds.
 
-        Checkpoints not signed by the trusted key are ignored, whatever their name.
+        A checkpoint past it that no trusted key signed is named, whatever its name: an older key counts only
+        where a hand-over trusts it (see :meth:`_vouches`).
 
-        :raises AuditIntegrityError: the witness lacks a checkpoint this host has seen (rolled back)
+        :raises AuditIntegrityError: the witness lacks a checkpoint this host has seen (rolled back), or it or
+            this host's mark holds one that no trusted key signed (the signing key replaced, the trail rewritten)
         """
-        newest = self.witness.newest(lambda c: signed_by(self.trusted_key, c.signature, c.body()))
+        newest, past = self.witness.survey(lambda c: signed_by(self.trusted_key, c.signature, c.body()))
+        vouches = self._vouches(newest)
+        if (foreign := next((c for c in past if not vouches(c)), None)) is not None:
+            raise AuditIntegrityError(
+                0,
+                f"witness {self.witness.url} holds the {foreign.label} recording seq {foreign.seq}, signed by "
+                "a key other than the trusted one (the signing key was replaced, or the trail rewritten)",
+            )
         if self.high_water is not None:
-            self._check_high_water(newest)
+            self._check_high_water(past[0] if past else newest, vouches)
         return newest
 
-    def _check_high_water(self, newest: Checkpoint | None) -> None:
-        """Name a witness that lacks what this host saw; else remember ``newest``."""
+    def _vouches(self, newest: Checkpoint | None) -> Callable[[Checkpoint], bool]:
+        """Whether the key trusted at a checkpoint's seq signed it: the anchor, or an older key a hand-over
+        names, so the checkpoints written before a legitimate hand-over stay explained. The hand-overs are
+        read only for a checkpoint the anchor did not sign."""
+        schedule = functools.cache(lambda: self.key_schedule(newest.seq if newest else 0))
+
+        def vouches(checkpoint: Checkpoint) -> bool:
+            body = checkpoint.body()
+            return signed_by(self.trusted_key, checkpoint.signature, body) or signed_by(
+                schedule().key_for(checkpoint.seq), checkpoint.signature, body
+            )
+
+        return vouches
+
+    def _check_high_water(self, newest: Checkpoint | None, vouches: Callable[[Checkpoint], bool]) -> None:
+        """Name a witness that lacks what this host saw, or a mark no trusted key signed; else remember ``newest``
+        (the witness's newest checkpoint that a trusted key signed)."""
         assert self.high_water is not None
-        seen = self.high_water.read()
-        trusted = seen is not None and signed_by(self.trusted_key, seen.signature, seen.body())
-        if seen is not None and trusted and (newest is None or newest.seq < seen.seq):
+        seen = self.high_water.seen(vouches)
+        if seen is not None and (newest is None or newest.seq < seen.seq):
             holds = f"holds checkpoints up to seq {newest.seq}" if newest else "holds no checkpoint"
             raise AuditIntegrityError(
                 seen.seq,

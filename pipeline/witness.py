@@ -114,7 +114,16 @@ class Witness(ABC):
 
         :raises StoreUnavailable: the witness cannot be read
         """
+        return self.survey(trusted)[0]
+
+    def survey(self, trusted: Callable[[Checkpoint], bool]) -> tuple[Checkpoint | None, list[Checkpoint]]:
+        """:meth:`newest`, and the well-formed checkpoints past its seq that ``trusted`` rejects, highest first:
+        the caller tells another key's from a forgery (an older key that a hand-over names, say).
+
+        :raises StoreUnavailable: the witness cannot be read
+        """
         best: Checkpoint | None = None
+        rejected: list[Checkpoint] = []
         for claimed, stored in sorted(((_claimed_seq(o.name), o) for o in self.objects()), key=lambda c: -c[0]):
             if best is not None and claimed < best.seq:
                 break  # every later object claims less than a checkpoint already trusted
@@ -123,9 +132,12 @@ class Witness(ABC):
             except AuditIntegrityError as exc:  # planted junk cannot be removed from a locked bucket: skip it
                 log.warning("audit witness %s: %s", self.url, exc.reason)
                 continue
-            if trusted(found) and (best is None or (found.seq, found.time) > (best.seq, best.time)):
+            if not trusted(found):
+                rejected.append(found)
+            elif best is None or (found.seq, found.time) > (best.seq, best.time):
                 best = found
-        return best
+        floor = best.seq if best is not None else 0
+        return best, sorted((c for c in rejected if c.seq > floor), key=lambda c: (c.seq, c.time), reverse=True)
 
 
 @dataclass(frozen=True)
@@ -261,7 +273,10 @@ class HighWater:
         self.witness_url = witness_url
 
     def read(self) -> Checkpoint | None:
-        """:raises AuditIntegrityError: the file is malformed"""
+        """The mark as the file holds it, whoever signed it.
+
+        :raises AuditIntegrityError: the file is malformed
+        """
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -271,6 +286,22 @@ class HighWater:
         except (ValueError, AttributeError) as exc:
             raise AuditIntegrityError(0, f"audit high-water mark {self.path} is malformed: {exc}") from exc
         return Checkpoint.from_json(str(self.path), data) if about == self.witness_url else None
+
+    def seen(self, trusted: Callable[[Checkpoint], bool]) -> Checkpoint | None:
+        """The mark, once ``trusted`` vouches for it: one it rejects is named, never ignored.
+
+        :raises AuditIntegrityError: the file is malformed, or its checkpoint was not signed by a trusted key
+            (the mark edited, or the signing key replaced and the trail rewritten)
+        """
+        seen = self.read()
+        if seen is not None and not trusted(seen):
+            raise AuditIntegrityError(
+                0,
+                f"audit high-water mark {self.path} holds the {seen.label} recording seq {seen.seq}, "
+                "whose signature does not verify with the trusted audit signing key "
+                "(the mark was edited, or the signing key was replaced and the trail rewritten)",
+            )
+        return seen
 
     def raise_to(self, checkpoint: Checkpoint) -> None:
         """Remember ``checkpoint`` if it is newer than what the file holds."""

@@ -27,12 +27,13 @@ from freezegun import freeze_time
 from sqlalchemy import delete, insert, select, update
 from test_audit_export import readme_script, verify
 
-from pipeline.audit import HANDOVER, canonical_entry
+from pipeline.audit import HANDOVER, LEGACY_SIGNING_KEY_ID, AuditLog, canonical_entry
 from pipeline.cli import main
 from pipeline.db import audit_log
 from pipeline.retention.enforcer import enforce
 from pipeline.runtime import Pipeline
 from pipeline.signing import FileSigner, public_hex
+from pipeline.witness import HighWater
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 NOT_TRUSTED = "signature does not verify (not signed by a trusted audit signing key)"
@@ -153,7 +154,74 @@ def test_a_pinned_verify_key_catches_a_replaced_signing_key_file(home: Path) -> 
                 sig = mallory.sign(bytes.fromhex(row.entry_hash)).hex()
                 conn.execute(update(audit_log).where(audit_log.c.seq == row.seq).values(signature=sig))
         _fails(f"audit entry 1: {NOT_TRUSTED}")
-    assert run("audit", "verify").exit_code == 0  # trusting the file's key alone, it verifies: why pin one
+    # trusting the file's key alone, the witness's checkpoint, which the key before signed, names the swap
+    _fails("holds the checkpoint of 2026-12-01T10:00Z recording seq 5, signed by a key other than the trusted one")
+
+
+def _rewrite_with_a_key_of_their_own(pipeline: Pipeline, home: Path, keep: int) -> None:
+    """With write access to the home and the database: a new signing key file, and the trail cut to its
+    first ``keep`` entries (an erasure's, say), re-chained and re-signed with that key."""
+    key_file = home / "audit-signing.key"
+    key_file.unlink()
+    mallory = FileSigner.create(key_file)
+    entries = [e.as_dict() for e in pipeline.audit.entries()][:keep]
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(delete(audit_log))
+        prev = "0" * 64
+        for entry in entries:
+            entry["prev_hash"] = prev
+            entry["entry_hash"] = prev = hashlib.sha256(canonical_entry(entry)).hexdigest()
+            entry["signature"] = mallory.sign(bytes.fromhex(prev)).hex()
+            details = json.dumps(entry["details"])
+            stored = {"recorded_at": datetime.fromisoformat(entry["recorded_at"]), "details": details}
+            conn.execute(insert(audit_log).values(**{**entry, **stored}))
+
+
+@pytest.mark.parametrize("left", ["witness", "high-water-mark"])
+def test_a_replaced_signing_key_file_and_a_rewritten_trail_are_named(home: Path, tmp_path: Path, left: str) -> None:
+    """The checkpoints the key before signed were ignored, so the shorter trail verified as intact (r30)."""
+    pipeline = _pipeline_with_checkpoint(10)
+    _rewrite_with_a_key_of_their_own(pipeline, home, keep=6)
+    if left == "witness":  # a host that never verified: the witness alone must tell
+        (home / "audit-high-water.json").unlink()
+        _fails(
+            f"witness file://{home / 'audit-witness'} holds the checkpoint of 2026-12-01T10:00Z recording seq 12, "
+            "signed by a key other than the trusted one (the signing key was replaced, or the trail rewritten)"
+        )
+    else:  # the witness moved away too: this host's mark tells
+        shutil.move(home / "audit-witness", tmp_path / "witness-elsewhere")
+        _fails(
+            f"audit high-water mark {home / 'audit-high-water.json'} holds the checkpoint of 2026-12-01T10:00Z "
+            "recording seq 12, whose signature does not verify with the trusted audit signing key"
+        )
+    result = run("enforce")  # and no checkpoint of the new key is written over it
+    assert result.exit_code == 1 and "audit entry 0:" in result.stderr, result.output
+
+
+def test_checkpoints_of_the_key_before_a_hand_over_are_not_named(home: Path) -> None:
+    """The first release's key checkpointed the trail; its hand-over explains those checkpoints, here and
+    in this host's mark."""
+    pipeline = Pipeline.open(create=True)
+    legacy = Ed25519PrivateKey.from_private_bytes(pipeline.keyring.named_key(LEGACY_SIGNING_KEY_ID, "audit"))
+    old_trail = AuditLog(
+        pipeline.keyring.engine, FileSigner(home / "x", legacy), pipeline.audit.witness, high_water=_mark(home)
+    )
+    with pipeline.keyring.engine.begin() as conn:
+        conn.execute(delete(audit_log))
+    old_trail.append_many({"action": "test.entry", "details": {"n": n}} for n in range(5))
+    with freeze_time(T0):
+        old_trail.checkpoint()
+    (home / "audit-signing.key").unlink()
+
+    migrated = Pipeline.open()  # hands over at seq 6, checkpointed by the new key
+    migrated.audit.append("test.after")
+    verified = run("audit", "verify")
+    assert verified.exit_code == 0 and verified.stdout.strip() == "audit trail intact: 8 entries", verified.output
+    assert json.loads((home / "audit-high-water.json").read_text())["seq"] == 6
+
+
+def _mark(home: Path) -> HighWater:
+    return HighWater(home / "audit-high-water.json", f"file://{home / 'audit-witness'}")
 
 
 def test_a_malformed_verify_key_is_one_clear_error(home: Path) -> None:
