@@ -48,17 +48,20 @@ from urllib.parse import urlparse
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Dialect,
     Engine,
     LargeBinary,
     Select,
+    and_,
     cast,
     func,
     insert,
     inspect,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -343,18 +346,21 @@ class AuditLog:
             signature=self.signer.sign(bytes.fromhex(entry_hash)).hex(),
         )
 
-    def entries(self, after: int = 0, *, actions: Iterable[str] | None = None) -> Generator[AuditEntry, None, None]:
+    def entries(
+        self, after: int | None = None, *, actions: Iterable[str] | None = None
+    ) -> Generator[AuditEntry, None, None]:
         """Every entry (past seq ``after``; of ``actions`` only, when given) in sequence order, streamed.
+        Without ``after``, rows numbered below 1 too: inserted beside the chain, verification names them.
 
         :raises AuditIntegrityError: at an entry whose row holds what the trail never writes
         :raises StoreUnavailable: the database or its audit table cannot be read
         """
-        query = _entries_query().where(audit_log.c.seq > after).order_by(audit_log.c.seq)
+        query = _entries_query().where(_past(after)).order_by(audit_log.c.seq)
         if actions is not None:
             query = query.where(audit_log.c.action.in_(list(actions)))
         with _reading(self.engine) as conn, conn.execution_options(yield_per=1000).execute(query) as rows:
             read_time = _time_reader(conn.dialect)
-            last = after
+            last: int | None = after
             try:
                 for row in rows:
                     yield _entry(row, read_time)
@@ -452,7 +458,7 @@ class AuditLog:
             head = conn.execute(
                 select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
             ).first()
-            count = conn.scalar(select(func.count()).select_from(audit_log)) or 0
+            count = conn.scalar(select(func.count()).where(_numbered())) or 0
             if newest is not None:
                 pinned = conn.scalar(select(audit_log.c.entry_hash).where(audit_log.c.seq == newest.seq))
                 if pinned != newest.head_hash:
@@ -470,14 +476,15 @@ class AuditLog:
         """Verify the entries after ``pinned`` up to ``head_seq`` before a checkpoint vouches for them."""
         start = (pinned.seq + 1, pinned.head_hash) if pinned else (1, GENESIS)
         schedule = self.key_schedule(pinned.seq if pinned else 0)
-        with contextlib.closing(self.entries(after=start[0] - 1)) as entries:
+        with contextlib.closing(self.entries(after=pinned.seq if pinned else None)) as entries:
             rows = (e.as_dict() for e in entries if e.seq <= head_seq)
             verify_entries(rows, schedule, start=start)
 
-    def action_counts(self) -> dict[str, int]:
-        """How many entries of each action the trail holds."""
+    def action_counts(self, through: int | None = None) -> dict[str, int]:
+        """How many entries of each action the chain holds (up to seq ``through``, say the verified ones)."""
+        query = select(audit_log.c.action, func.count()).where(_numbered(through)).group_by(audit_log.c.action)
         with _reading(self.engine) as conn:
-            rows = conn.execute(select(audit_log.c.action, func.count()).group_by(audit_log.c.action)).all()
+            rows = conn.execute(query).all()
         return {action: n for action, n in rows}
 
     def last(self, action: str) -> AuditEntry | None:
@@ -489,7 +496,7 @@ class AuditLog:
         return self._one(action, audit_log.c.seq)
 
     def _one(self, action: str, order: Any) -> AuditEntry | None:
-        query = _entries_query().where(audit_log.c.action == action).order_by(order).limit(1)
+        query = _entries_query().where(audit_log.c.action == action, _numbered()).order_by(order).limit(1)
         with _reading(self.engine) as conn:
             row = conn.execute(query).first()
             return None if row is None else _entry(row, _time_reader(conn.dialect))
@@ -508,6 +515,18 @@ class VerifyResult:
         if self.intact:
             return f"audit trail intact: {self.entries:,} entries"
         return f"audit trail broken at entry {self.first_bad_seq}: {self.reason}"
+
+
+def _numbered(through: int | None = None) -> ColumnElement[bool]:
+    """Rows in the chain's numbering (1, 2, …; up to ``through``): one below 1 was inserted beside it, and
+    counts for nothing (:func:`verify_entries` names it)."""
+    numbered = audit_log.c.seq >= 1
+    return numbered if through is None else and_(numbered, audit_log.c.seq <= through)
+
+
+def _past(after: int | None) -> ColumnElement[bool]:
+    """Rows past seq ``after``; every row, those numbered below 1 too, for ``None``."""
+    return audit_log.c.seq > after if after is not None else true()
 
 
 def _lock_chain(conn: Connection) -> None:
@@ -603,12 +622,12 @@ def _recorded_at(row: Any, read_time: Callable[[Any], Any]) -> datetime:
     return value
 
 
-def _first_not_utf8(conn: Connection, after: int) -> int:
+def _first_not_utf8(conn: Connection, after: int | None) -> int:
     """The first entry past ``after`` with a text column that is not UTF-8 (SQLite keeps what it is given),
     read as bytes: read as text, the whole chunk of rows it is in fails."""
     names = ("recorded_at", "actor", "action", "subject_ref", "details", "prev_hash", "entry_hash", "signature")
     as_bytes = [cast(audit_log.c[name], LargeBinary) for name in names]
-    query = select(audit_log.c.seq, *as_bytes).where(audit_log.c.seq > after).order_by(audit_log.c.seq)
+    query = select(audit_log.c.seq, *as_bytes).where(_past(after)).order_by(audit_log.c.seq)
     for seq, *values in conn.execute(query):
         for value in values:
             try:
@@ -616,7 +635,7 @@ def _first_not_utf8(conn: Connection, after: int) -> int:
                     value.decode()
             except UnicodeDecodeError:
                 return int(seq)
-    return after + 1
+    return 1 if after is None else after + 1
 
 
 class _KeyTwice(ValueError):
@@ -681,6 +700,8 @@ def verify_entries(
     expected_seq, prev_hash = start
     for entry in entries:
         seq = entry["seq"]
+        if seq < 1:
+            raise AuditIntegrityError(seq, "numbered below 1, outside the chain (inserted into the table)")
         if seq != expected_seq:
             raise AuditIntegrityError(expected_seq, f"missing or out of order (found seq {seq} instead)")
         if entry["prev_hash"] != prev_hash:

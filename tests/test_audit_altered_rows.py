@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import text
+from test_audit_export import readme_script, verify
 
 from pipeline.cli import main
 from pipeline.runtime import Pipeline
@@ -109,3 +110,26 @@ def test_report_names_the_last_retention_pass_when_it_does_not_read(trail: Pipel
     execute(trail, "UPDATE audit_log SET details = 'not json' WHERE seq = 5")
     result = run("report", "--out", str(tmp_path / "report"), "--format", "json")
     assert (result.exit_code, result.stderr) == (2, "error: audit entry 5: details are not JSON\n")
+
+
+def test_rows_numbered_below_1_are_named_and_counted_nowhere(trail: Pipeline, tmp_path: Path) -> None:
+    """Inserted with seq 0 and -1 (database access alone): verify and export read from seq 1 and passed
+    them by, intact, while the report counted them, a forged erasure among its actions (r30)."""
+    columns = "seq, recorded_at, actor, action, subject_ref, details, prev_hash, entry_hash, signature"
+    for seq, action in ((0, "erasure.completed"), (-1, "retention.pass")):
+        row = f"{seq}, '2026-01-01 00:00:00', 'x@y', '{action}', NULL, '{{}}', 'x', 'x', 'x'"
+        execute(trail, f"INSERT INTO audit_log ({columns}) VALUES ({row})")
+    inserted = "audit entry -1: numbered below 1, outside the chain (inserted into the table)"
+    result = run("audit", "verify")
+    assert (result.exit_code, result.stderr) == (1, f"check failed: {inserted}\n")
+
+    assert trail.audit.last("retention.pass").seq == 5 and trail.audit.first("erasure.completed") is None
+    assert sum(trail.audit.action_counts().values()) == 10
+    assert run("report", "--out", str(tmp_path / "report"), "--format", "json").exit_code == 0
+    audit = json.loads((tmp_path / "report" / "report.json").read_text())["audit"]
+    assert (audit["first_bad_seq"], audit["entries"], audit["by_action"]) == (-1, 0, [])  # none verified
+
+    exported = tmp_path / "export"  # shipped, for the third party's script to name as well
+    assert run("audit", "export", "--out", str(exported)).exit_code == 0
+    checked = verify(readme_script(exported, tmp_path), exported)
+    assert checked.returncode == 1 and checked.stdout.startswith("entry 1: "), checked.stdout

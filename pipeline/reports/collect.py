@@ -443,7 +443,7 @@ def _audit_section(pipeline: Pipeline) -> dict[str, Any]:
     audit = pipeline.audit
     result = audit.check()
     last_pass = audit.last("retention.pass")
-    by_action = audit.action_counts()
+    by_action = audit.action_counts(through=result.entries)  # verified entries only: a forged one never counts
     return {
         "status": str(result),
         "intact": result.intact,
