@@ -406,6 +406,11 @@ class AuditLog:
         :raises AuditIntegrityError: the witness lacks a checkpoint this host has seen (rolled back), or it or
             this host's mark holds one that no trusted key signed (the signing key replaced, the trail rewritten)
         """
+        return self._anchored()[0]
+
+    def _anchored(self) -> tuple[Checkpoint | None, Callable[[Checkpoint], bool]]:
+        """:meth:`newest_checkpoint`, and the test (:meth:`_vouches`) the witness and this host's mark passed:
+        the mark is raised only past what it accepts."""
         newest, past = self.witness.survey(lambda c: signed_by(self.trusted_key, c.signature, c.body()))
         vouches = self._vouches(newest)
         if (foreign := next((c for c in past if not vouches(c)), None)) is not None:
@@ -416,7 +421,7 @@ class AuditLog:
             )
         if self.high_water is not None:
             self._check_high_water(past[0] if past else newest, vouches)
-        return newest
+        return newest, vouches
 
     def _vouches(self, newest: Checkpoint | None) -> Callable[[Checkpoint], bool]:
         """Whether the key trusted at a checkpoint's seq signed it: the anchor, or an older key a hand-over
@@ -445,7 +450,7 @@ class AuditLog:
                 f"recording seq {seen.seq} (witness rolled back or checkpoints hidden)",
             )
         if newest is not None:
-            self.high_water.raise_to(newest)
+            self.high_water.raise_to(newest, vouches)
 
     def checkpoint(self) -> Checkpoint:
         """Sign the chain's head and write it to the witness.
@@ -453,7 +458,7 @@ class AuditLog:
         :raises AuditIntegrityError: the chain no longer holds the newest checkpoint's
             head (cut or rolled back): a new checkpoint would paper over it
         """
-        newest = self.newest_checkpoint()
+        newest, vouches = self._anchored()
         with _reading(self.engine) as conn:
             head = conn.execute(
                 select(audit_log.c.seq, audit_log.c.entry_hash).order_by(audit_log.c.seq.desc()).limit(1)
@@ -469,7 +474,7 @@ class AuditLog:
         checkpoint = dataclasses.replace(unsigned, signature=self.signer.sign(unsigned.body()).hex())
         self.witness.write(checkpoint)
         if self.high_water is not None:
-            self.high_water.raise_to(checkpoint)
+            self.high_water.raise_to(checkpoint, vouches)
         return checkpoint
 
     def _verify_since(self, pinned: Checkpoint | None, head_seq: int) -> None:

@@ -303,9 +303,13 @@ class HighWater:
             )
         return seen
 
-    def raise_to(self, checkpoint: Checkpoint) -> None:
-        """Remember ``checkpoint`` if it is newer than what the file holds."""
-        seen = self.read()
+    def raise_to(self, checkpoint: Checkpoint, trusted: Callable[[Checkpoint], bool]) -> None:
+        """Remember ``checkpoint`` if it is newer than the mark, which ``trusted`` must vouch for: an edited
+        seq compared as it stands would keep every later checkpoint out.
+
+        :raises AuditIntegrityError: the file is malformed, or ``trusted`` rejects its checkpoint
+        """
+        seen = self.seen(trusted)
         if seen is None or (checkpoint.seq, checkpoint.time) > (seen.seq, seen.time):
             doc = {**json.loads(checkpoint.to_json()), "witness": self.witness_url}
             write_private(private_folder(self.path.parent) / self.path.name, json.dumps(doc, sort_keys=True).encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -30,10 +31,11 @@ from test_audit_export import readme_script, verify
 from pipeline.audit import HANDOVER, LEGACY_SIGNING_KEY_ID, AuditLog, canonical_entry
 from pipeline.cli import main
 from pipeline.db import audit_log
+from pipeline.errors import AuditIntegrityError
 from pipeline.retention.enforcer import enforce
 from pipeline.runtime import Pipeline
 from pipeline.signing import FileSigner, public_hex
-from pipeline.witness import HighWater
+from pipeline.witness import Checkpoint, HighWater
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 NOT_TRUSTED = "signature does not verify (not signed by a trusted audit signing key)"
@@ -218,6 +220,36 @@ def test_checkpoints_of_the_key_before_a_hand_over_are_not_named(home: Path) -> 
     verified = run("audit", "verify")
     assert verified.exit_code == 0 and verified.stdout.strip() == "audit trail intact: 8 entries", verified.output
     assert json.loads((home / "audit-high-water.json").read_text())["seq"] == 6
+
+
+def test_a_high_water_mark_edited_higher_is_named_and_never_compared_with(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its seq raised, its signature left: verify passed it by, and raise_to compared every later checkpoint
+    with the edited seq, so the mark never rose again and a rollback of the witness went unnoticed (r30)."""
+    pipeline = _pipeline_with_checkpoint(3)
+    mark = home / "audit-high-water.json"
+    genuine = mark.read_text()
+    edited = json.dumps({**json.loads(genuine), "seq": 10**9})
+    mark.write_text(edited)
+    unverified = (
+        f"audit entry 0: audit high-water mark {mark} holds the checkpoint of 2026-12-01T10:00Z recording "
+        "seq 1000000000, whose signature does not verify with the trusted audit signing key"
+    )
+    _fails(unverified)
+    assert run("enforce").exit_code == 1  # no checkpoint is written past it either
+
+    mark.write_text(genuine)  # edited while a checkpoint is written: raising the mark checks it again
+    write = pipeline.audit.witness.write
+
+    def write_then_edit(checkpoint: Checkpoint) -> None:
+        write(checkpoint)
+        mark.write_text(edited)
+
+    monkeypatch.setattr(pipeline.audit.witness, "write", write_then_edit)
+    with pytest.raises(AuditIntegrityError, match=re.escape(unverified)):
+        pipeline.audit.checkpoint()
+    assert mark.read_text() == edited  # left as found, for verify to name
 
 
 def _mark(home: Path) -> HighWater:
