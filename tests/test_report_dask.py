@@ -71,16 +71,19 @@ def test_a_shredded_subject_is_left_out_as_locally(archived: Pipeline, scheduler
     assert [row["account"] for row in remote.usage] == ["globex"]
 
 
-def test_an_object_whose_wrapped_key_was_altered_is_named_not_taken_for_shredded(
-    archived: Pipeline, scheduler: str, s3_archive_url: str
+@pytest.mark.parametrize("damage", ["_key_altered", "_version_never_issued", "_another_subjects"])
+def test_an_altered_object_is_named_not_taken_for_shredded_or_for_the_subjects(
+    archived: Pipeline, scheduler: str, s3_archive_url: str, damage: str
 ) -> None:
-    """The workers took the key that did not unwrap for a destroyed one: the object's records left out unnamed (r29)."""
-    from test_archive_damage import _damage, _key_altered
+    """The workers took a key that did not unwrap, or a version never issued, for a destroyed one, and read
+    another subject's object copied under this one's name as this one's: records left out unnamed (r29, r31)."""
+    import test_archive_damage
 
-    key = _damage(s3_archive_url, archived.subject_ref("globex"), _key_altered)
+    key = test_archive_damage._damage(
+        s3_archive_url, archived.subject_ref("globex"), getattr(test_archive_damage, damage)
+    )
     remote = build_archive_report(archived, scheduler, now=T0, plots=False)
     assert [u["segment_id"] for u in remote.unreadable_segments] == [key]
-    assert "does not unwrap" in remote.unreadable_segments[0]["reason"]
 
 
 def test_the_command_writes_the_archive_report(archived: Pipeline, scheduler: str, tmp_path: Path) -> None:

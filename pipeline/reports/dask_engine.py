@@ -46,11 +46,20 @@ ARCHIVE = "archive"
 class DataKeys:
     """Data keys by key id (user_ref, else subject_ref): all a worker holds to open a group's objects.
 
-    Stands in for the keyring in :class:`~pipeline.stores.archive.KeyringKms` (which only
-    calls :meth:`cipher_for`): no master key, no database, no other subject's key.
+    Stands in for the keyring in :class:`~pipeline.stores.archive.KeyringKms` (which calls
+    :meth:`cipher_for`, and the other two to tell a shredded object from an altered one): no master
+    key, no database, no other subject's key.
     """
 
     keys: dict[str, tuple[int, bytes]]
+
+    def live_version(self, subject_ref: str, user_ref: str | None = None) -> int | None:
+        held = self.keys.get(user_ref or subject_ref)
+        return None if held is None else held[0]
+
+    def key_state(self, subject_ref: str, user_ref: str | None = None) -> str:
+        """A key this worker was not sent is no key of the group's objects: one naming it was altered."""
+        return "active" if (user_ref or subject_ref) in self.keys else "unknown"
 
     def cipher_for(self, subject_ref: str, user_ref: str | None, key_version: int) -> AESGCM:
         key_id = user_ref or subject_ref
@@ -175,7 +184,7 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bo
     """On a worker: open a group's objects, keep each segment once, reduce them as a local report does."""
     subject_ref, _, user = group.key_id.partition("~")
     keys = DataKeys({(user if user not in ("", "-") else subject_ref): group.data_key})
-    properties = decryption_properties(cast(Keyring, keys))  # KeyringKms calls only cipher_for
+    properties = decryption_properties(cast(Keyring, keys))  # KeyringKms calls only what DataKeys has
     unreadable: list[Unreadable] = []
     tables: list[pa.Table] = []
     seen = pa.array([], pa.string())

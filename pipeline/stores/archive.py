@@ -107,18 +107,36 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
         """The object's key, under the data key version it names.
 
         :raises KeyringError: that version was destroyed (crypto-shredded: nothing readable is left)
-        :raises _Altered: the wrapped key does not open under a version that stands (the object was altered)
+        :raises _Altered: the wrapped key does not open under a version that stands, or names a version or
+            subject the keyring never issued (the object was altered)
         """
         version, _, blob = wrapped_key.partition(":")
         try:
             number, raw = int(version), base64.b64decode(blob, validate=True)
         except ValueError:  # binascii.Error too
             raise _Altered(f"archive key of subject {master_key_identifier[:12]}… is malformed") from None
-        cipher = self.keyring.cipher_for(*_refs(master_key_identifier), number)
+        refs = _refs(master_key_identifier)
+        try:
+            cipher = self.keyring.cipher_for(*refs, number)
+        except KeyringError:
+            if not self._shredded(refs, number):
+                raise _Altered(
+                    f"archive key of subject {master_key_identifier[:12]}… names data key version {number}, "
+                    "which the keyring never issued"
+                ) from None
+            raise
         try:
             return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], master_key_identifier.encode())
         except (InvalidTag, ValueError):
             raise _Altered(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
+
+    def _shredded(self, refs: tuple[str, str | None], version: int) -> bool:
+        """Whether data key ``version`` of ``refs`` was destroyed: below the live version, or of a subject
+        whose keys were all destroyed. A version past the live one, or a subject never known, never was."""
+        live = self.keyring.live_version(*refs)
+        if live is not None:
+            return 0 < version < live
+        return self.keyring.key_state(*refs) == "destroyed"
 
 
 class _Altered(Exception):
@@ -202,7 +220,7 @@ class ArchiveStore(Store):
         keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
         own = []
         for key in (k for k in keys if k.endswith(".parquet")):
-            if _OWN_KEY.fullmatch(key.removeprefix(f"{self.prefix}/" if self.prefix else "")):
+            if _OWN_KEY.fullmatch(key.removeprefix(f"{self.prefix}/" if self.prefix else "")) and _valid_parts(key):
                 own.append(key)
             elif key not in self._foreign:
                 self._foreign.add(key)
@@ -454,7 +472,14 @@ class ArchiveStore(Store):
             return pc.fill_null(pc.equal(table.column("_user_ref"), user_ref), False)
 
         removed = self._keep(key, lambda table: pc.invert(users(table)))
-        if not removed.records and (left := self._readable(key)) is not None and pc.any(users(left)).as_py():
+        if removed.records:
+            return removed
+        try:
+            left = self._readable(key)
+        except _Unopenable as exc:  # her rows cannot be told from the others': it goes whole, none of it readable
+            logger.warning("%s: deleted whole by a person's erasure", exc)
+            return self._drop(key)
+        if left is not None and pc.any(users(left)).as_py():
             raise StoreUnavailable(f"s3://{self.bucket}/{key} changed as a user's rows were erased from it; retry")
         return removed
 
@@ -539,12 +564,51 @@ def open_object(key: str, body: bytes, properties: Any) -> pa.Table:
     """The rows of the object ``key`` read as ``body``, opened with ``properties`` (:func:`decryption_properties`).
 
     :raises KeyringError: it was written under a data key version since destroyed (crypto-shredded)
-    :raises StoreError: it does not open (overwritten, cut, its wrapped key altered)
+    :raises StoreError: it does not open (overwritten, cut, its wrapped key altered), or is not what this store
+        writes there: its footer in clear (anyone may write that), another layout, or rows of another subject
+        (an object copied under this one's name, which would hide this one's rows and be nobody's to erase)
     """
     try:
-        return pq.read_table(pa.BufferReader(body), decryption_properties=properties)
-    except (OSError, pa.ArrowException, _Altered) as exc:  # ArrowInvalid: not Parquet (a truncated object)
+        if body[-4:] != _ENCRYPTED_FOOTER:
+            raise ValueError("its footer is not encrypted: not an object this store wrote")
+        table = pq.read_table(pa.BufferReader(body), decryption_properties=properties)
+        _check_layout(key, table)
+    except (OSError, ValueError, pa.ArrowException, _Altered) as exc:  # ArrowInvalid: not Parquet (cut)
         raise _Unopenable(f"archive object {key} does not open: {first_line(exc)}") from exc
+    return table
+
+
+#: the last bytes of a Parquet file whose footer is encrypted (``PAR1`` ends one in clear)
+_ENCRYPTED_FOOTER = b"PARE"
+
+
+def _check_layout(key: str, table: pa.Table) -> None:
+    """Refuse rows that are not this store's, or not of the subject (and person) the object's name gives.
+
+    :raises ValueError: naming what is wrong
+    """
+    missing = {"_segment_id", "_subject_ref", "_user_ref", "kind"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"not this store's layout: no column {', '.join(sorted(missing))}")
+    kinds = set(pc.unique(table.column("kind")).to_pylist())
+    for kind in kinds:
+        spec = KINDS.get(kind) if isinstance(kind, str) else None
+        if spec is None or spec.data_type != _part(key, "data_type"):
+            raise ValueError(f"rows of kind {str(kind)[:40]!r}, not one of its data type")
+        if absent := [f.name for f in spec.schema if f.name not in table.column_names]:
+            raise ValueError(f"not this store's layout: no column {absent[0]} of {kind}")
+    key_id = _key_of(key)
+    subject_ref, user_ref = _refs(key_id)
+    subjects = table.column("_subject_ref")
+    if pc.any(pc.fill_null(pc.not_equal(subjects, subject_ref), True)).as_py():
+        raise ValueError("rows of another subject than its name gives")
+    users = table.column("_user_ref")
+    if "~" in key_id and (  # a first-release object (subject_ref.parquet) holds every person's rows of its subject
+        pc.any(pc.is_valid(users)).as_py()
+        if user_ref is None
+        else pc.any(pc.fill_null(pc.not_equal(users, user_ref), True)).as_py()
+    ):
+        raise ValueError("rows of another person than its name gives")
 
 
 def read_listed(key: str, read: Callable[[str], _T]) -> _T | None:
@@ -582,6 +646,15 @@ def _owned(key: str, subject_ref: str | None, user_ref: str | None) -> bool:
 
 def _day(segment: Segment) -> str:
     return segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _valid_parts(key: str) -> bool:
+    """Whether an object's data type is one of the records' and its day a date (``day=2026-19-40`` is not)."""
+    try:
+        datetime.strptime(_part(key, "day"), "%Y-%m-%d")
+    except ValueError:
+        return False
+    return _part(key, "data_type") in {kind.data_type for kind in KINDS.values()}
 
 
 def _part(key: str, name: str) -> str:
