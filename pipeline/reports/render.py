@@ -30,7 +30,7 @@ def write_report(report: Report, out_dir: Path, formats: Iterable[str] = FORMATS
     files: dict[Path, bytes] = {}
     for name in formats:
         files.update(writers[name](report, out_dir))
-    with output_folder(out_dir):  # all of them or none: never one run's files beside another's
+    with output_folder(out_dir):  # all of them or none: never some of this run's files beside the last run's
         write_all_private(files)
     return list(files)
 
