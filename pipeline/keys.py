@@ -537,6 +537,11 @@ class Keyring:
         row = self._row(user_ref or subject_ref)
         return None if row is None or row.wrapped is None else int(row.key_version)
 
+    def key_issued(self, subject_ref: str, user_ref: str | None = None) -> bool:
+        """Whether this very key (a person's, or the account's own: unlike :meth:`key_state`, an account's
+        users' keys do not count) was ever made, destroyed since or not."""
+        return self._row(user_ref or subject_ref) is not None
+
     def key_state(self, subject_ref: str, user_ref: str | None = None) -> str:
         """``active`` (a live key), ``destroyed`` (keys, none live) or ``unknown`` (never any key).
 

@@ -178,3 +178,82 @@ def test_an_object_whose_data_type_or_day_is_none_of_the_stores_is_foreign_never
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert sorted(f["path"] for f in report["foreign_files"]) == sorted(f"s3://{bucket}/{key}" for key in odd)
+
+
+def _report(url: str, tmp_path: Path) -> tuple[int, dict]:  # type: ignore[type-arg]
+    with dask.config.set({"pipeline.archive.url": url}):
+        result = run("report", "--out", str(tmp_path), "--format", "json")
+    return result.exit_code, json.loads((tmp_path / "report.json").read_text())
+
+
+def _put_body(url: str, key: str, body: bytes) -> None:
+    boto3.client("s3").put_object(Bucket=urlparse(url).netloc, Key=key, Body=body)
+
+
+def test_an_object_relabelled_with_a_shredded_subjects_key_id_is_named_not_taken_for_shredded(
+    archived: Pipeline, s3_archive_url: str, tmp_path: Path
+) -> None:
+    """The key id its footer names is in clear: edited to an erased subject's, the object passed for shredded
+    and its records went unnamed (r33)."""
+    day = datetime.now(UTC) - timedelta(days=3)
+    archived.write_records([make_record(account="acme", observed_at=day)])  # acme's own object: ref~-
+    archived.stores["archive"].compact(datetime.now(UTC) - timedelta(days=1), lambda segments: None)
+    acme, globex = archived.subject_ref("acme"), archived.subject_ref("globex")
+    archived.keyring.destroy(globex)
+    key = min(k for k in _objects(s3_archive_url) if f"{acme}~-" in k)
+    _put_body(s3_archive_url, key, _objects(s3_archive_url)[key].replace(f"{acme}~-".encode(), f"{globex}~-".encode()))
+    status, report = _report(s3_archive_url, tmp_path)
+    assert status == 1 and [u["segment_id"] for u in report["unreadable_segments"]] == [key]
+
+
+def test_a_live_object_whose_version_was_edited_down_to_a_destroyed_one_is_named(
+    archived: Pipeline, s3_archive_url: str, tmp_path: Path
+) -> None:
+    """After ann's erasure a record of hers made key version 2; her object's wrapped keys edited to name version
+    1, destroyed, made it pass for shredded (r33). It still opens under the live key: named."""
+    ann = archived.keyring.user_ref("acme", "ann")
+    file_request(archived, "acme", "ann")
+    process_pending(archived)
+    archived.write_records([make_record(account="acme", user="ann")])
+    key = min(k for k in _objects(s3_archive_url) if ann in k)
+    _put_body(s3_archive_url, key, _objects(s3_archive_url)[key].replace(b'wrappedDEK":"2:', b'wrappedDEK":"1:'))
+    status, report = _report(s3_archive_url, tmp_path)
+    assert status == 1 and [u["segment_id"] for u in report["unreadable_segments"]] == [key]
+
+
+def test_a_backup_of_an_erased_accounts_object_is_shredded_though_a_user_of_it_has_a_key_since(
+    archived: Pipeline, s3_archive_url: str, tmp_path: Path
+) -> None:
+    """The account's own key destroyed, then a record of its user made her a key: the account "active" by its
+    users' keys, a restored copy of the account's object was named as altered on every report (r33)."""
+    globex = archived.subject_ref("globex")
+    backup = {k: v for k, v in _objects(s3_archive_url).items() if globex in k}
+    file_request(archived, "globex")
+    process_pending(archived)
+    archived.write_records([make_record(account="globex", user="gil")])
+    for key, body in backup.items():
+        _put_body(s3_archive_url, key, body)
+    status, report = _report(s3_archive_url, tmp_path)
+    assert status == 0 and report["unreadable_segments"] == []
+
+
+def test_an_object_written_before_later_fields_reads_them_as_null_and_a_persons_erasure_keeps_the_rest(
+    archived: Pipeline, s3_archive_url: str
+) -> None:
+    """A first-release object lacks the fields added since (a snapshot's jobs_running): refused as another
+    layout, it went whole in ann's erasure, the account's and bob's rows with it (r33)."""
+    from pipeline.records import rows_from_table
+    from pipeline.segments import open_segment
+    from pipeline.stores.archive import _rows
+
+    archive, keyring = archived.stores["archive"], archived.keyring
+    acme, ann = keyring.subject_ref("acme"), keyring.user_ref("acme", "ann")
+    day = datetime.now(UTC) - timedelta(days=5)
+    seal_records(keyring, [make_record(account="acme", observed_at=day)])  # the account's key: that release's only
+    segments = seal_records(keyring, [make_record(account="acme", user=u, observed_at=day) for u in ("ann", "bob")])
+    legacy = archive._key(segments[0].data_type, f"{day:%Y-%m-%d}", acme)  # <account ref>.parquet
+    table = pa.concat_tables([_rows(keyring, s) for s in segments])
+    assert archive._put(legacy, table.drop_columns(["jobs_running"]))
+    assert archive.erase(acme, ann).records == 1 + 3  # her row in it, and her own three of the fixture
+    left = [r for s in archive.scan(subject_ref=acme) for r in rows_from_table(open_segment(keyring, s))]
+    assert [(r["user"], r["jobs_running"]) for r in left] == [("bob", None)]

@@ -86,6 +86,24 @@ def test_an_altered_object_is_named_not_taken_for_shredded_or_for_the_subjects(
     assert [u["segment_id"] for u in remote.unreadable_segments] == [key]
 
 
+def test_a_key_the_store_never_writes_is_a_foreign_file_as_locally(
+    archived: Pipeline, scheduler: str, s3_archive_url: str
+) -> None:
+    """A copy of an object under ``day=2026-19-40``, listed as foreign by the local report, was counted by the
+    workers: its records twice (r33)."""
+    import boto3
+    from test_archive_damage import _objects
+
+    key, body = min(_objects(s3_archive_url).items())
+    odd = key.replace(key.split("/day=")[1].split("/")[0], "2026-19-40")
+    bucket = s3_archive_url.split("/")[2]
+    boto3.client("s3").put_object(Bucket=bucket, Key=odd, Body=body)
+    local = build_report(archived, now=T0, plots=False)
+    remote = build_archive_report(archived, scheduler, now=T0, plots=False)
+    assert remote.inventory == _archive_rows(local.inventory)
+    assert remote.foreign_files == [{"store": ARCHIVE, "path": f"s3://{bucket}/{odd}"}]
+
+
 def test_the_command_writes_the_archive_report(archived: Pipeline, scheduler: str, tmp_path: Path) -> None:
     now = T0.isoformat()
     result = run("report", "--engine", "dask", "--scheduler", scheduler, "--out", str(tmp_path), "--now", now)

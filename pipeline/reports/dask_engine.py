@@ -33,7 +33,7 @@ from pipeline.reports.queries import ReportDB, slice_schema
 from pipeline.retention.policy import Policy
 from pipeline.retention.schedule import since_last_pass
 from pipeline.runtime import Pipeline, Unreadable
-from pipeline.stores.archive import decryption_properties, open_object, read_listed
+from pipeline.stores.archive import decryption_properties, open_object, own_key, read_listed
 from pipeline.stores.base import url_options
 
 __all__ = ["ARCHIVE", "DataKeys", "build_archive_report"]
@@ -57,9 +57,9 @@ class DataKeys:
         held = self.keys.get(user_ref or subject_ref)
         return None if held is None else held[0]
 
-    def key_state(self, subject_ref: str, user_ref: str | None = None) -> str:
+    def key_issued(self, subject_ref: str, user_ref: str | None = None) -> bool:
         """A key this worker was not sent is no key of the group's objects: one naming it was altered."""
-        return "active" if (user_ref or subject_ref) in self.keys else "unknown"
+        return (user_ref or subject_ref) in self.keys
 
     def cipher_for(self, subject_ref: str, user_ref: str | None, key_version: int) -> AESGCM:
         key_id = user_ref or subject_ref
@@ -150,10 +150,14 @@ def _groups(pipeline: Pipeline, found: Found) -> Iterator[Group]:
         Bucket=parsed.netloc, Prefix=f"{prefix}/" if prefix else ""
     ):
         for entry in page.get("Contents", []):
-            parts = entry["Key"].removeprefix(f"{prefix}/").split("/")
-            if len(parts) == 3 and parts[0].startswith("data_type=") and parts[2].endswith(".parquet"):
-                key_id = parts[2].split(".", 1)[0]
-                grouped.setdefault((parts[0].removeprefix("data_type="), parts[1], key_id), []).append(entry["Key"])
+            key = entry["Key"]
+            if not own_key(key, prefix):  # as the store lists it: never read, counted or named unreadable
+                if key.endswith(".parquet"):
+                    found.foreign_files.append((ARCHIVE, f"s3://{parsed.netloc}/{key}"))
+                continue
+            parts = key.removeprefix(f"{prefix}/").split("/")
+            key_id = parts[2].split(".", 1)[0]
+            grouped.setdefault((parts[0].removeprefix("data_type="), parts[1], key_id), []).append(key)
     s3.close()
     for (data_type, _day, key_id), objects in sorted(grouped.items()):
         subject_ref, _, user = key_id.partition("~")
@@ -184,7 +188,7 @@ def _reduce(group: Group, *, policy: Policy, now: datetime, grace: timedelta, bo
     """On a worker: open a group's objects, keep each segment once, reduce them as a local report does."""
     subject_ref, _, user = group.key_id.partition("~")
     keys = DataKeys({(user if user not in ("", "-") else subject_ref): group.data_key})
-    properties = decryption_properties(cast(Keyring, keys))  # KeyringKms calls only what DataKeys has
+    properties = decryption_properties(cast(Keyring, keys), group.key_id)  # KeyringKms calls only what DataKeys has
     unreadable: list[Unreadable] = []
     tables: list[pa.Table] = []
     seen = pa.array([], pa.string())

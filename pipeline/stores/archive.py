@@ -57,7 +57,7 @@ from pipeline.redact import first_line, mask_url
 from pipeline.segments import NEVER_OPENS, Segment, open_segment, seal
 from pipeline.stores.base import Removed, Store, noting_deleted, oldest_first, url_options
 
-__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties", "merged_key", "open_object", "read_listed"]
+__all__ = ["ArchiveStore", "KeyringKms", "decryption_properties", "merged_key", "open_object", "own_key", "read_listed"]
 
 #: columns the archive adds to every record
 SEGMENT_COLUMNS = [
@@ -87,10 +87,11 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
     under the next (an erasure destroyed it meanwhile, and a later record made a new one).
     """
 
-    def __init__(self, keyring: Keyring, key_version: int | None = None) -> None:
+    def __init__(self, keyring: Keyring, key_version: int | None = None, key_id: str | None = None) -> None:
         super().__init__()
         self.keyring = keyring
         self.key_version = key_version
+        self.key_id = key_id
 
     def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
         version, cipher = self.keyring.cipher(*_refs(master_key_identifier), create=False)
@@ -107,40 +108,57 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
         """The object's key, under the data key version it names.
 
         :raises KeyringError: that version was destroyed (crypto-shredded: nothing readable is left)
-        :raises _Altered: the wrapped key does not open under a version that stands, or names a version or
-            subject the keyring never issued (the object was altered)
+        :raises _Altered: the wrapped key is not under the key its object's name gives, does not open under a
+            version that stands, or names a version or subject the keyring never issued (the object was altered)
         """
+        subject = master_key_identifier[:12]
+        if self.key_id is not None and master_key_identifier != self.key_id:  # its footer's key id is in clear
+            raise _Altered(f"archive key is wrapped under subject {subject}…'s key, not the one its name gives")
         version, _, blob = wrapped_key.partition(":")
         try:
             number, raw = int(version), base64.b64decode(blob, validate=True)
         except ValueError:  # binascii.Error too
-            raise _Altered(f"archive key of subject {master_key_identifier[:12]}… is malformed") from None
+            raise _Altered(f"archive key of subject {subject}… is malformed") from None
         refs = _refs(master_key_identifier)
         try:
             cipher = self.keyring.cipher_for(*refs, number)
         except KeyringError:
-            if not self._shredded(refs, number):
+            if not self._shredded(refs, number, raw, master_key_identifier):
                 raise _Altered(
-                    f"archive key of subject {master_key_identifier[:12]}… names data key version {number}, "
-                    "which the keyring never issued"
+                    f"archive key of subject {subject}… names data key version {number}, which the keyring never "
+                    "issued, or which was destroyed while the key opens under the live one (its version edited)"
                 ) from None
             raise
         try:
             return cipher.decrypt(raw[:_NONCE], raw[_NONCE:], master_key_identifier.encode())
         except (InvalidTag, ValueError):
-            raise _Altered(f"archive key of subject {master_key_identifier[:12]}… does not unwrap") from None
+            raise _Altered(f"archive key of subject {subject}… does not unwrap") from None
 
-    def _shredded(self, refs: tuple[str, str | None], version: int) -> bool:
-        """Whether data key ``version`` of ``refs`` was destroyed: below the live version, or of a subject
-        whose keys were all destroyed. A version past the live one, or a subject never known, never was."""
+    def _shredded(self, refs: tuple[str, str | None], version: int, raw: bytes, key_id: str) -> bool:
+        """Whether data key ``version`` of ``refs`` was destroyed, and the wrapped key ``raw`` was sealed under it.
+
+        Below the live version, and not opening under the live one (a version number edited down would make
+        a live object look shredded); or of a key id whose keys were all destroyed. A version past the live
+        one, or of a key id never issued (an account's users' keys do not count), never was.
+        """
         live = self.keyring.live_version(*refs)
-        if live is not None:
-            return 0 < version < live
-        return self.keyring.key_state(*refs) == "destroyed"
+        if live is None:
+            return self.keyring.key_issued(*refs)
+        if not 0 < version < live:
+            return False
+        try:
+            self.keyring.cipher_for(*refs, live).decrypt(raw[:_NONCE], raw[_NONCE:], key_id.encode())
+        except (InvalidTag, ValueError):
+            return True
+        return False
 
 
 class _Altered(Exception):
     """An object's wrapped key that does not open under a data key version that stands."""
+
+
+class _NotOurs(Exception):
+    """An object that opens but is not what this store writes under its name."""
 
 
 class _Unopenable(StoreError):
@@ -148,13 +166,14 @@ class _Unopenable(StoreError):
     for a crypto-shredded one (which holds nothing readable, on purpose)."""
 
 
-def _factory(keyring: Keyring, key_version: int | None = None) -> pe.CryptoFactory:
-    return pe.CryptoFactory(lambda _config: KeyringKms(keyring, key_version))
+def _factory(keyring: Keyring, key_version: int | None = None, key_id: str | None = None) -> pe.CryptoFactory:
+    return pe.CryptoFactory(lambda _config: KeyringKms(keyring, key_version, key_id))
 
 
-def decryption_properties(keyring: Keyring) -> Any:
-    """What ``pq.read_table(..., decryption_properties=...)`` needs to open an archive object."""
-    return _factory(keyring).file_decryption_properties(
+def decryption_properties(keyring: Keyring, key_id: str | None = None) -> Any:
+    """What ``pq.read_table(..., decryption_properties=...)`` needs to open an archive object; with ``key_id``
+    (``subject_ref~user_ref``, as the object's name gives), only one whose keys are wrapped under that key."""
+    return _factory(keyring, key_id=key_id).file_decryption_properties(
         pe.KmsConnectionConfig(), pe.DecryptionConfiguration(cache_lifetime=timedelta(seconds=60))
     )
 
@@ -220,7 +239,7 @@ class ArchiveStore(Store):
         keys = [o["Key"] for page in self._call("list", lambda: list(pages)) for o in page.get("Contents", [])]
         own = []
         for key in (k for k in keys if k.endswith(".parquet")):
-            if _OWN_KEY.fullmatch(key.removeprefix(f"{self.prefix}/" if self.prefix else "")) and _valid_parts(key):
+            if own_key(key, self.prefix):
                 own.append(key)
             elif key not in self._foreign:
                 self._foreign.add(key)
@@ -251,7 +270,7 @@ class ArchiveStore(Store):
         """The object's rows and the ETag of the version read (for a conditional replace)."""
         got = self._call("read", lambda: self._s3.get_object(Bucket=self.bucket, Key=key))
         body = self._call("read", got["Body"].read)
-        return open_object(key, body, decryption_properties(self.keyring)), got["ETag"]
+        return open_object(key, body, decryption_properties(self.keyring, _key_of(key))), got["ETag"]
 
     def _stand_in(self, key: str, exc: _Unopenable) -> Segment:
         """What an object that does not open holds, as far as its key says, with a payload no key opens.
@@ -570,10 +589,10 @@ def open_object(key: str, body: bytes, properties: Any) -> pa.Table:
     """
     try:
         if body[-4:] != _ENCRYPTED_FOOTER:
-            raise ValueError("its footer is not encrypted: not an object this store wrote")
+            raise _NotOurs("its footer is not encrypted: not an object this store wrote")
         table = pq.read_table(pa.BufferReader(body), decryption_properties=properties)
         _check_layout(key, table)
-    except (OSError, ValueError, pa.ArrowException, _Altered) as exc:  # ArrowInvalid: not Parquet (cut)
+    except (OSError, pa.ArrowException, _Altered, _NotOurs) as exc:  # ArrowInvalid: not Parquet (cut)
         raise _Unopenable(f"archive object {key} does not open: {first_line(exc)}") from exc
     return table
 
@@ -585,30 +604,28 @@ _ENCRYPTED_FOOTER = b"PARE"
 def _check_layout(key: str, table: pa.Table) -> None:
     """Refuse rows that are not this store's, or not of the subject (and person) the object's name gives.
 
-    :raises ValueError: naming what is wrong
+    :raises _NotOurs: naming what is wrong
     """
     missing = {"_segment_id", "_subject_ref", "_user_ref", "kind"} - set(table.column_names)
     if missing:
-        raise ValueError(f"not this store's layout: no column {', '.join(sorted(missing))}")
+        raise _NotOurs(f"not this store's layout: no column {', '.join(sorted(missing))}")
     kinds = set(pc.unique(table.column("kind")).to_pylist())
     for kind in kinds:
         spec = KINDS.get(kind) if isinstance(kind, str) else None
         if spec is None or spec.data_type != _part(key, "data_type"):
-            raise ValueError(f"rows of kind {str(kind)[:40]!r}, not one of its data type")
-        if absent := [f.name for f in spec.schema if f.name not in table.column_names]:
-            raise ValueError(f"not this store's layout: no column {absent[0]} of {kind}")
+            raise _NotOurs(f"rows of kind {str(kind)[:40]!r}, not one of its data type")
     key_id = _key_of(key)
     subject_ref, user_ref = _refs(key_id)
     subjects = table.column("_subject_ref")
     if pc.any(pc.fill_null(pc.not_equal(subjects, subject_ref), True)).as_py():
-        raise ValueError("rows of another subject than its name gives")
+        raise _NotOurs("rows of another subject than its name gives")
     users = table.column("_user_ref")
     if "~" in key_id and (  # a first-release object (subject_ref.parquet) holds every person's rows of its subject
         pc.any(pc.is_valid(users)).as_py()
         if user_ref is None
         else pc.any(pc.fill_null(pc.not_equal(users, user_ref), True)).as_py()
     ):
-        raise ValueError("rows of another person than its name gives")
+        raise _NotOurs("rows of another person than its name gives")
 
 
 def read_listed(key: str, read: Callable[[str], _T]) -> _T | None:
@@ -648,6 +665,11 @@ def _day(segment: Segment) -> str:
     return segment.max_observed_at.astimezone(UTC).strftime("%Y-%m-%d")
 
 
+def own_key(key: str, prefix: str) -> bool:
+    """Whether ``key`` (under the archive's ``prefix``) names one of its objects; another is a foreign file."""
+    return bool(_OWN_KEY.fullmatch(key.removeprefix(f"{prefix}/" if prefix else ""))) and _valid_parts(key)
+
+
 def _valid_parts(key: str) -> bool:
     """Whether an object's data type is one of the records' and its day a date (``day=2026-19-40`` is not)."""
     try:
@@ -682,7 +704,12 @@ def _segments(keyring: Keyring, table: pa.Table) -> Iterator[Segment]:
     for segment_id in pc.unique(ids).to_pylist():
         rows = table.filter(pc.equal(ids, segment_id))
         kind = KINDS[rows.column("kind")[0].as_py()]
-        records = pa.Table.from_arrays([rows.column(f.name).cast(f.type) for f in kind.schema], schema=kind.schema)
+        # a field added since an object was written reads as null, as ingest fills it for an older cluster
+        columns = [
+            rows.column(f.name).cast(f.type) if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+            for f in kind.schema
+        ]
+        records = pa.Table.from_arrays(columns, schema=kind.schema)
         yield seal(
             keyring,
             rows.column("_subject_ref")[0].as_py(),
