@@ -419,8 +419,9 @@ class AuditLog:
                 f"witness {self.witness.url} holds the {foreign.label} recording seq {foreign.seq}, signed by "
                 "a key other than the trusted one (the signing key was replaced, or the trail rewritten)",
             )
-        if self.high_water is not None:
-            self._check_high_water(past[0] if past else newest, vouches)
+        if self.high_water is not None:  # the witness's newest a trusted key signed, the key before a hand-over too
+            highest = max((c for c in (newest, *past) if c is not None), key=lambda c: (c.seq, c.time), default=None)
+            self._check_high_water(highest, vouches)
         return newest, vouches
 
     def _vouches(self, newest: Checkpoint | None) -> Callable[[Checkpoint], bool]:

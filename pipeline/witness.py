@@ -117,35 +117,55 @@ class Witness(ABC):
         return self.survey(trusted)[0]
 
     def survey(self, trusted: Callable[[Checkpoint], bool]) -> tuple[Checkpoint | None, list[Checkpoint]]:
-        """:meth:`newest`, and the well-formed checkpoints past its seq that ``trusted`` rejects, highest first:
-        the caller tells another key's from a forgery (an older key that a hand-over names, say).
+        """:meth:`newest`, and the well-formed checkpoints that ``trusted`` rejects, highest first: those past
+        its seq, and the first one ever written if it is one. The caller tells another key's from a forgery (an
+        older key that a hand-over names, say).
+
+        The first one written is read too: whoever replaced the signing key file can write checkpoints of
+        their own past the old key's, and a reading that stops at the newest one trusted would never reach
+        what the old key signed; the first checkpoint of a locked bucket they cannot write.
 
         :raises StoreUnavailable: the witness cannot be read
         """
+        stored = self.objects()
         best: Checkpoint | None = None
         rejected: list[Checkpoint] = []
-        for claimed, stored in sorted(((_claimed_seq(o.name), o) for o in self.objects()), key=lambda c: -c[0]):
+        read: set[str] = set()
+        for claimed, obj in sorted(((_claimed_seq(o.name), o) for o in stored), key=lambda c: -c[0]):
             if best is not None and claimed < best.seq:
                 break  # every later object claims less than a checkpoint already trusted
-            try:
-                found = Checkpoint.from_json(stored.where, stored.read())
-            except AuditIntegrityError as exc:  # planted junk cannot be removed from a locked bucket: skip it
-                log.warning("audit witness %s: %s", self.url, exc.reason)
+            read.add(obj.where)
+            found = self._checkpoint(obj)
+            if found is None:
                 continue
             if not trusted(found):
                 rejected.append(found)
             elif best is None or (found.seq, found.time) > (best.seq, best.time):
                 best = found
         floor = best.seq if best is not None else 0
-        return best, sorted((c for c in rejected if c.seq > floor), key=lambda c: (c.seq, c.time), reverse=True)
+        past = [c for c in rejected if c.seq > floor]
+        first = min(stored, key=lambda o: o.written, default=None)
+        if first is not None and first.where not in read and (found := self._checkpoint(first)) is not None:
+            past += [] if trusted(found) else [found]
+        return best, sorted(past, key=lambda c: (c.seq, c.time), reverse=True)
+
+    def _checkpoint(self, stored: Stored) -> Checkpoint | None:
+        """The checkpoint an object holds; None for planted junk (a locked bucket cannot be rid of it)."""
+        try:
+            return Checkpoint.from_json(stored.where, stored.read())
+        except AuditIntegrityError as exc:
+            log.warning("audit witness %s: %s", self.url, exc.reason)
+            return None
 
 
 @dataclass(frozen=True)
 class Stored:
-    """One stored object (or object version) of a witness: its name, where it is, how to read it."""
+    """One stored object (or object version) of a witness: its name, where it is, when it was written (seconds
+    since the epoch, as the store says), how to read it."""
 
     name: str
     where: str
+    written: float
     read: Callable[[], bytes]
 
 
@@ -175,7 +195,7 @@ class FileWitness(Witness):
         if not self.path.is_dir():
             return []
         files = [p for p in self.path.iterdir() if p.is_file() and not p.name.startswith(".")]  # not temp files
-        return [Stored(p.name, str(p), functools.partial(self._read, p)) for p in files]
+        return [Stored(p.name, str(p), p.stat().st_mtime, functools.partial(self._read, p)) for p in files]
 
     @staticmethod
     def _read(path: Path) -> bytes:
@@ -246,12 +266,17 @@ class S3Witness(Witness):
         self._check_lock()
         try:
             pages = self._s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=self._key(""))
-            versions = [(v["Key"], v["VersionId"]) for page in pages for v in page.get("Versions", [])]
+            versions = [v for page in pages for v in page.get("Versions", [])]
         except self._errors as exc:
             raise StoreUnavailable(f"audit witness {self.url} unreachable: {exc}") from exc
         return [
-            Stored(key.rsplit("/", 1)[-1], f"{key} (version {version})", functools.partial(self._read, key, version))
-            for key, version in versions
+            Stored(
+                v["Key"].rsplit("/", 1)[-1],
+                f"{v['Key']} (version {v['VersionId']})",
+                v["LastModified"].timestamp(),
+                functools.partial(self._read, v["Key"], v["VersionId"]),
+            )
+            for v in versions
         ]
 
     def _read(self, key: str, version: str) -> bytes:

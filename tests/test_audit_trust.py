@@ -9,6 +9,7 @@ folder back. Each is named by `audit verify`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -198,6 +199,24 @@ def test_a_replaced_signing_key_file_and_a_rewritten_trail_are_named(home: Path,
         )
     result = run("enforce")  # and no checkpoint of the new key is written over it
     assert result.exit_code == 1 and "audit entry 0:" in result.stderr, result.output
+
+
+def test_a_replaced_signing_key_whose_holder_checkpoints_past_the_old_keys_is_named(home: Path) -> None:
+    """A checkpoint of the new key past the old key's made it the newest trusted one, and a verification reads no
+    further down: the old key's checkpoint was never read, the rewrite verified as intact (r32). The first
+    checkpoint ever written is read too."""
+    pipeline = _pipeline_with_checkpoint(10)
+    _rewrite_with_a_key_of_their_own(pipeline, home, keep=6)
+    (home / "audit-high-water.json").unlink()
+    forger = Pipeline.open()
+    forger.audit.append_many({"action": "test.entry", "details": {"n": n}} for n in range(10))  # past seq 12
+    head = list(forger.audit.entries())[-1]
+    unsigned = Checkpoint(head.seq, head.entry_hash, head.seq, datetime.now(UTC))
+    forger.audit.witness.write(dataclasses.replace(unsigned, signature=forger.audit.signer.sign(unsigned.body()).hex()))
+    _fails(
+        f"witness file://{home / 'audit-witness'} holds the checkpoint of 2026-12-01T10:00Z recording seq 12, "
+        "signed by a key other than the trusted one (the signing key was replaced, or the trail rewritten)"
+    )
 
 
 def test_checkpoints_of_the_key_before_a_hand_over_are_not_named(home: Path) -> None:
