@@ -384,7 +384,11 @@ def command_line(home: Path, *args: bytes) -> subprocess.CompletedProcess[bytes]
 
 
 @pytest.mark.parametrize("script", [False, True], ids=["python -m pipeline", "metadata-pipeline"])
-@pytest.mark.parametrize("text", ["a: b: c\n", "- a list\n"], ids=["not YAML", "not a mapping"])
+@pytest.mark.parametrize(
+    "text",
+    ["a: b: c\n", "- a list\n", "logging:\n  distributed: loud\n", "logging: debug\n"],
+    ids=["not YAML", "not a mapping", "a logging level distributed does not know (r31)", "logging not a mapping"],
+)
 def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
     script: bool, text: str, home: Path, tmp_path: Path
 ) -> None:
@@ -394,10 +398,12 @@ def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
     config.write_text(text)
     argv = [str(Path(sys.executable).with_name("metadata-pipeline"))] if script else [sys.executable, "-m", "pipeline"]
     env = {**os.environ, "DASK_PIPELINE__HOME": str(home), "DASK_CONFIG": str(config)}
-    done = subprocess.run([*argv, "--help"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run([*argv, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
-    assert line.startswith(f"error: A dask config file at '{config}' is malformed"), line
+    assert line.startswith(f"error: A dask config file at '{config}' is malformed") or line.startswith(
+        "error: distributed refused the logging section of the dask configuration: "
+    ), line
 
 
 def test_arguments_that_are_not_utf8_are_one_line_from_a_real_shell(home: Path) -> None:
