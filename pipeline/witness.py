@@ -130,12 +130,11 @@ class Witness(ABC):
         stored = self.objects()
         best: Checkpoint | None = None
         rejected: list[Checkpoint] = []
-        read: set[str] = set()
+        read: dict[str, Checkpoint | None] = {}
         for claimed, obj in sorted(((_claimed_seq(o.name), o) for o in stored), key=lambda c: -c[0]):
             if best is not None and claimed < best.seq:
                 break  # every later object claims less than a checkpoint already trusted
-            read.add(obj.where)
-            found = self._checkpoint(obj)
+            found = read[obj.where] = self._checkpoint(obj)
             if found is None:
                 continue
             if not trusted(found):
@@ -144,9 +143,10 @@ class Witness(ABC):
                 best = found
         floor = best.seq if best is not None else 0
         past = [c for c in rejected if c.seq > floor]
-        first = min(stored, key=lambda o: o.written, default=None)
-        if first is not None and first.where not in read and (found := self._checkpoint(first)) is not None:
-            past += [] if trusted(found) else [found]
+        if (first_written := min(stored, key=lambda o: o.written, default=None)) is not None:
+            # whatever its seq, and whether or not the loop read it: a name claiming less is anyone's to choose
+            first = read[first_written.where] if first_written.where in read else self._checkpoint(first_written)
+            past += [first] if first is not None and not trusted(first) and first not in past else []
         return best, sorted(past, key=lambda c: (c.seq, c.time), reverse=True)
 
     def _checkpoint(self, stored: Stored) -> Checkpoint | None:

@@ -201,10 +201,11 @@ def test_a_replaced_signing_key_file_and_a_rewritten_trail_are_named(home: Path,
     assert result.exit_code == 1 and "audit entry 0:" in result.stderr, result.output
 
 
-def test_a_replaced_signing_key_whose_holder_checkpoints_past_the_old_keys_is_named(home: Path) -> None:
+@pytest.mark.parametrize("named", ["as a checkpoint is", "claiming seq 1 (r34)"])
+def test_a_replaced_signing_key_whose_holder_checkpoints_past_the_old_keys_is_named(home: Path, named: str) -> None:
     """A checkpoint of the new key past the old key's made it the newest trusted one, and a verification reads no
     further down: the old key's checkpoint was never read, the rewrite verified as intact (r32). The first
-    checkpoint ever written is read too."""
+    checkpoint ever written is read too, and counts whatever the names claim."""
     pipeline = _pipeline_with_checkpoint(10)
     _rewrite_with_a_key_of_their_own(pipeline, home, keep=6)
     (home / "audit-high-water.json").unlink()
@@ -212,7 +213,9 @@ def test_a_replaced_signing_key_whose_holder_checkpoints_past_the_old_keys_is_na
     forger.audit.append_many({"action": "test.entry", "details": {"n": n}} for n in range(10))  # past seq 12
     head = list(forger.audit.entries())[-1]
     unsigned = Checkpoint(head.seq, head.entry_hash, head.seq, datetime.now(UTC))
-    forger.audit.witness.write(dataclasses.replace(unsigned, signature=forger.audit.signer.sign(unsigned.body()).hex()))
+    forged = dataclasses.replace(unsigned, signature=forger.audit.signer.sign(unsigned.body()).hex())
+    name = forged.name if named == "as a checkpoint is" else "checkpoint-000000000000001-x.json"
+    forger.audit.witness.put(name, forged.to_json())
     _fails(
         f"witness file://{home / 'audit-witness'} holds the checkpoint of 2026-12-01T10:00Z recording seq 12, "
         "signed by a key other than the trusted one (the signing key was replaced, or the trail rewritten)"
