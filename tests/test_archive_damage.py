@@ -257,3 +257,16 @@ def test_an_object_written_before_later_fields_reads_them_as_null_and_a_persons_
     assert archive.erase(acme, ann).records == 1 + 3  # her row in it, and her own three of the fixture
     left = [r for s in archive.scan(subject_ref=acme) for r in rows_from_table(open_segment(keyring, s))]
     assert [(r["user"], r["jobs_running"]) for r in left] == [("bob", None)]
+
+
+def test_an_object_under_a_key_id_never_issued_is_named_not_a_stopped_report(
+    archived: Pipeline, s3_archive_url: str, tmp_path: Path
+) -> None:
+    """A copy under a made-up key id, in its name and its footer alike: the keyring's "unknown account" escaped
+    every read, and the report stopped, exit 2 (r34)."""
+    globex = archived.subject_ref("globex")
+    key, body = min((k, v) for k, v in _objects(s3_archive_url).items() if globex in k)
+    planted = key.replace(globex, "ab" * 32)
+    _put_body(s3_archive_url, planted, body.replace(globex.encode(), b"ab" * 32))
+    status, report = _report(s3_archive_url, tmp_path)
+    assert status == 1 and [u["segment_id"] for u in report["unreadable_segments"]] == [planted]

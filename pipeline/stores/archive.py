@@ -122,6 +122,8 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
         refs = _refs(master_key_identifier)
         try:
             cipher = self.keyring.cipher_for(*refs, number)
+        except UnknownAccountError:  # a key id the keyring never issued: a planted object names what it likes
+            raise _Altered(f"archive key of subject {subject}… names a key the keyring never issued") from None
         except KeyringError:
             if not self._shredded(refs, number, raw, master_key_identifier):
                 raise _Altered(
