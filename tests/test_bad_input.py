@@ -386,8 +386,24 @@ def command_line(home: Path, *args: bytes) -> subprocess.CompletedProcess[bytes]
 @pytest.mark.parametrize("script", [False, True], ids=["python -m pipeline", "metadata-pipeline"])
 @pytest.mark.parametrize(
     "text",
-    ["a: b: c\n", "- a list\n", "logging:\n  distributed: loud\n", "logging: debug\n"],
-    ids=["not YAML", "not a mapping", "a logging level distributed does not know (r31)", "logging not a mapping"],
+    [
+        "a: b: c\n",
+        "- a list\n",
+        "logging:\n  distributed: loud\n",
+        "logging: debug\n",
+        "logging:\n",
+        "distributed:\n  logging:\n    distributed: loud\n",
+        "distributed:\n  admin:\n    log-format: 5\n",
+    ],
+    ids=[
+        "not YAML",
+        "not a mapping",
+        "a logging level distributed does not know (r31)",
+        "logging not a mapping",
+        "logging empty (r34)",
+        "distributed.logging (r34)",
+        "a log format not text (r34)",
+    ],
 )
 def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
     script: bool, text: str, home: Path, tmp_path: Path
@@ -402,7 +418,7 @@ def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"error: A dask config file at '{config}' is malformed") or line.startswith(
-        "error: distributed refused the logging section of the dask configuration: "
+        "error: distributed refused the dask configuration: "
     ), line
 
 
