@@ -112,7 +112,8 @@ class KeyringKms(pe.KmsClient):  # type: ignore[misc]
             version that stands, or names a version or subject the keyring never issued (the object was altered)
         """
         subject = master_key_identifier[:12]
-        if self.key_id is not None and master_key_identifier != self.key_id:  # its footer's key id is in clear
+        # its footer's key id is in clear; ``ref`` and ``ref~-`` both name an account's own key (a first release's)
+        if self.key_id is not None and _refs(master_key_identifier) != _refs(self.key_id):
             raise _Altered(f"archive key is wrapped under subject {subject}…'s key, not the one its name gives")
         version, _, blob = wrapped_key.partition(":")
         try:
