@@ -138,20 +138,28 @@ def test_a_retention_pass_leaves_a_damaged_object_and_compacts_the_rest_of_its_d
     assert sum(s.n_records for s in archive.scan(subject_ref=archived.subject_ref("globex"))) == 3
 
 
+def _first_release_object(archived: Pipeline, without: list[str] | None = None) -> str:
+    """The key of an object as the first release wrote it: a day of acme's, ann's and bob's rows together under
+    the account's key, named ``<account ref>.parquet`` (less the columns ``without``, fields added since)."""
+    from pipeline.stores.archive import _rows
+
+    archive, keyring = archived.stores["archive"], archived.keyring
+    day = datetime.now(UTC) - timedelta(days=5)
+    seal_records(keyring, [make_record(account="acme", observed_at=day)])  # the account's key: that release's only
+    segments = seal_records(keyring, [make_record(account="acme", user=u, observed_at=day) for u in ("ann", "bob")])
+    legacy = archive._key(segments[0].data_type, f"{day:%Y-%m-%d}", keyring.subject_ref("acme"))
+    assert archive._put(legacy, pa.concat_tables([_rows(keyring, s) for s in segments]).drop_columns(without or []))
+    return legacy
+
+
 def test_a_damaged_object_the_first_release_wrote_goes_whole_in_a_persons_erasure(
     archived: Pipeline, s3_archive_url: str
 ) -> None:
     """That release's object holds every person's rows of an account's day under the account's key: one that did
     not open failed each of the account's user erasures, before her key was destroyed (r31)."""
-    from pipeline.stores.archive import _rows
-
-    archive, keyring = archived.stores["archive"], archived.keyring
+    keyring = archived.keyring
     acme, ann = keyring.subject_ref("acme"), keyring.user_ref("acme", "ann")
-    day = datetime.now(UTC) - timedelta(days=5)
-    seal_records(keyring, [make_record(account="acme", observed_at=day)])  # the account's key: that release's only
-    segments = seal_records(keyring, [make_record(account="acme", user=u, observed_at=day) for u in ("ann", "bob")])
-    legacy = archive._key(segments[0].data_type, f"{day:%Y-%m-%d}", acme)  # <account ref>.parquet
-    assert archive._put(legacy, pa.concat_tables([_rows(keyring, s) for s in segments]))
+    legacy = _first_release_object(archived)
     boto3.client("s3").put_object(Bucket=urlparse(s3_archive_url).netloc, Key=legacy, Body=b"not parquet")
     request = file_request(archived, "acme", "ann")
     process_pending(archived)
@@ -244,16 +252,10 @@ def test_an_object_written_before_later_fields_reads_them_as_null_and_a_persons_
     layout, it went whole in ann's erasure, the account's and bob's rows with it (r33)."""
     from pipeline.records import rows_from_table
     from pipeline.segments import open_segment
-    from pipeline.stores.archive import _rows
 
     archive, keyring = archived.stores["archive"], archived.keyring
     acme, ann = keyring.subject_ref("acme"), keyring.user_ref("acme", "ann")
-    day = datetime.now(UTC) - timedelta(days=5)
-    seal_records(keyring, [make_record(account="acme", observed_at=day)])  # the account's key: that release's only
-    segments = seal_records(keyring, [make_record(account="acme", user=u, observed_at=day) for u in ("ann", "bob")])
-    legacy = archive._key(segments[0].data_type, f"{day:%Y-%m-%d}", acme)  # <account ref>.parquet
-    table = pa.concat_tables([_rows(keyring, s) for s in segments])
-    assert archive._put(legacy, table.drop_columns(["jobs_running"]))
+    _first_release_object(archived, without=["jobs_running"])
     assert archive.erase(acme, ann).records == 1 + 3  # her row in it, and her own three of the fixture
     left = [r for s in archive.scan(subject_ref=acme) for r in rows_from_table(open_segment(keyring, s))]
     assert [(r["user"], r["jobs_running"]) for r in left] == [("bob", None)]
