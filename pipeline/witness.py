@@ -123,7 +123,9 @@ class Witness(ABC):
 
         The first one written is read too: whoever replaced the signing key file can write checkpoints of
         their own past the old key's, and a reading that stops at the newest one trusted would never reach
-        what the old key signed; the first checkpoint of a locked bucket they cannot write.
+        what the old key signed; the first checkpoint of a locked bucket they cannot write. The first
+        well-formed one: an object written before any checkpoint (the folder marker a console's "Create
+        folder" writes, a note) is passed over, or it would have hidden the first checkpoint.
 
         :raises StoreUnavailable: the witness cannot be read
         """
@@ -143,10 +145,12 @@ class Witness(ABC):
                 best = found
         floor = best.seq if best is not None else 0
         past = [c for c in rejected if c.seq > floor]
-        if (first_written := min(stored, key=lambda o: o.written, default=None)) is not None:
-            # whatever its seq, and whether or not the loop read it: a name claiming less is anyone's to choose
-            first = read[first_written.where] if first_written.where in read else self._checkpoint(first_written)
-            past += [first] if first is not None and not trusted(first) and first not in past else []
+        # whatever its seq, and whether or not the loop read it: a name claiming less is anyone's to choose
+        for obj in sorted(stored, key=lambda o: (o.written, o.name)):
+            first = read[obj.where] if obj.where in read else self._checkpoint(obj)
+            if first is not None:
+                past += [first] if not trusted(first) and first not in past else []
+                break
         return best, sorted(past, key=lambda c: (c.seq, c.time), reverse=True)
 
     def _checkpoint(self, stored: Stored) -> Checkpoint | None:

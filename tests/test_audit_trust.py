@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -201,12 +202,20 @@ def test_a_replaced_signing_key_file_and_a_rewritten_trail_are_named(home: Path,
     assert result.exit_code == 1 and "audit entry 0:" in result.stderr, result.output
 
 
-@pytest.mark.parametrize("named", ["as a checkpoint is", "claiming seq 1 (r34)"])
+@pytest.mark.parametrize(
+    "named", ["as a checkpoint is", "claiming seq 1 (r34)", "after a note written before any checkpoint (r35)"]
+)
 def test_a_replaced_signing_key_whose_holder_checkpoints_past_the_old_keys_is_named(home: Path, named: str) -> None:
     """A checkpoint of the new key past the old key's made it the newest trusted one, and a verification reads no
     further down: the old key's checkpoint was never read, the rewrite verified as intact (r32). The first
-    checkpoint ever written is read too, and counts whatever the names claim."""
+    checkpoint ever written is read too, and counts whatever the names claim; an object written before it that
+    is no checkpoint (a console's folder marker) hid it (r35)."""
     pipeline = _pipeline_with_checkpoint(10)
+    if named.startswith("after a note"):
+        note = home / "audit-witness" / "README.txt"
+        note.write_text("checkpoints of the audit trail; do not delete\n")
+        written = min(p.stat().st_mtime for p in note.parent.iterdir()) - 86_400
+        os.utime(note, (written, written))
     _rewrite_with_a_key_of_their_own(pipeline, home, keep=6)
     (home / "audit-high-water.json").unlink()
     forger = Pipeline.open()
