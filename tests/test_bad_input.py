@@ -394,6 +394,9 @@ def command_line(home: Path, *args: bytes) -> subprocess.CompletedProcess[bytes]
         "logging:\n",
         "distributed:\n  logging:\n    distributed: loud\n",
         "distributed:\n  admin:\n    log-format: 5\n",
+        "1: 2\n",
+        "array: 5\n",
+        "log-format: 5\n",
     ],
     ids=[
         "not YAML",
@@ -403,6 +406,9 @@ def command_line(home: Path, *args: bytes) -> subprocess.CompletedProcess[bytes]
         "logging empty (r34)",
         "distributed.logging (r34)",
         "a log format not text (r34)",
+        "a key not text (r35)",
+        "a section of dask's not a mapping (r35)",
+        "a log format under the old name distributed moves (r35)",
     ],
 )
 def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
@@ -417,9 +423,20 @@ def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
     done = subprocess.run([*argv, "audit", "verify"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
-    assert line.startswith(f"error: A dask config file at '{config}' is malformed") or line.startswith(
-        "error: distributed refused the dask configuration: "
-    ), line
+    assert line.startswith(
+        (f"error: A dask config file at '{config}' is malformed", "error: dask refused its configuration: ")
+    ) or line.startswith("error: distributed refused the dask configuration: "), line
+
+
+def test_an_old_name_distributed_moves_is_one_line_from_the_environment_too(home: Path) -> None:
+    """distributed renames its settings' old names (``log-format``) before it reads them: a value it refuses
+    under one of them was not looked for, and every command that imports distributed was a traceback (r35)."""
+    env = {**os.environ, "DASK_PIPELINE__HOME": str(home), "DASK_LOG_FORMAT": "5"}
+    argv = [sys.executable, "-m", "pipeline", "init"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: distributed refused the dask configuration: TypeError: "), line
 
 
 def test_arguments_that_are_not_utf8_are_one_line_from_a_real_shell(home: Path) -> None:
