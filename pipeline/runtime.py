@@ -638,9 +638,9 @@ class Pipeline:
     def _commit_admitted(self, batches: Sequence[PreparedBatch]) -> list[IngestResult]:
         """Write a group of batches: the ones not taken before, less what tombstones forbid, sealed
         (reads of the metadata database once for the whole group: batch ids, tombstones, data keys);
-        then one long-term transaction that takes the admissions' locks and checks their guards, writes
-        every other store in one call each, records the batch ids and adds the segments of the batches
-        it found new (a concurrent process may have taken one meanwhile).
+        then one long-term transaction that takes the admissions' locks and checks their guards, records
+        the batch ids, and writes the batches it found new (a concurrent process may have taken one
+        meanwhile) to every other store in one call each and to the long-term store.
 
         :raises _StaleAdmission: a guard failed; nothing was written
         :raises _TombstonesMoved: a subject's tombstones changed since they were read; nothing was written
@@ -679,11 +679,14 @@ class Pipeline:
                 raise _StaleAdmission(stale)
             if not tombstones.stand(conn, stones):  # one filed, or run, while the group was sealed
                 raise _TombstonesMoved()
-            for name in self.stores:  # after the checks, so no store holds what a stale admission let through
-                if name != "long_term" and (segments := routed(name)):
+            new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
+            # the batches this commit takes, after the checks: no store holds what a stale admission let
+            # through, or this copy of a batch another process took meanwhile (a cluster may seal two
+            # copies of one batch id that differ, and the logging store would keep both)
+            for name in self.stores:
+                if name != "long_term" and (segments := routed(name, new)):
                     with _kept_for_retry(name):
                         self.stores[name].write(segments)
-            new = _mark_ingested(conn, self.keyring.engine, fresh) if fresh else set()
             long_term.insert(conn, routed("long_term", new))
             for batch, (_tables, dropped) in zip(fresh, kept, strict=True):  # with the batch: a group sealed
                 # again, or a batch sent again, says it once; a cluster's past its hour's share, the summary

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
 import dask.config
 import pytest
 from conftest import make_record
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from pipeline.config import Settings
 from pipeline.db import clusters, ended_jobs, transaction
@@ -718,3 +720,45 @@ def test_jobs_recorded_lost_and_dropped_by_an_open_erasure_are_audited_within_th
     [summary] = [e.details for e in pipeline.audit.entries(actions=["ingest.summary"])]
     assert summary["dropped_not_audited"] == {cluster.cluster_id: 2}
     assert summary["records_dropped_not_audited"] == {cluster.cluster_id: 2}
+
+
+def test_a_copy_of_a_batch_another_replica_takes_meanwhile_is_written_to_no_store(home: Any, postgres_url: str) -> None:
+    """Two ``serve`` replicas on one PostgreSQL, each given a copy of one batch id whose records differ (a
+    cluster's code seals what it likes): the later commit learnt that the other had taken the id only after it
+    had written its copy to the logging store, which then held both copies, the long-term store one (r36)."""
+    with dask.config.set({"pipeline.long-term.url": postgres_url}):
+        plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
+    try:
+        here, there = ClusterRegistry(plane), ClusterRegistry(other)
+        cluster = here.register("acme", "http://control-plane.invalid")
+        principal = here.tokens.authenticate(cluster.token)
+        start = utcnow()
+
+        def copy(seconds: int) -> bytes:
+            record = snapshot(cluster, start + timedelta(seconds=seconds))
+            return seal_batch(load_public_key(cluster.intake_public_key), "b-1", [record])
+
+        late = other.prepare_ingest(copy(1), principal, admit=functools.partial(there.admit, cluster.cluster_id))
+        with plane.keyring.engine.connect() as blocker, ThreadPoolExecutor(1) as committer:
+            # the cluster's row, which the late copy's commit locks to note the contact, held: it waits there,
+            # after it found the batch id free
+            blocker.execute(select(clusters).where(clusters.c.cluster_id == cluster.cluster_id).with_for_update())
+            pid = blocker.execute(select(func.pg_backend_pid())).scalar()
+            answer = committer.submit(other.commit_ingest, late)
+            blocked = text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))")
+            with plane.keyring.engine.connect() as watcher:
+                for _ in range(500):
+                    if watcher.execute(blocked, {"pid": pid}).scalar():
+                        break
+                    time.sleep(0.01)
+                else:
+                    pytest.fail("the late copy's commit never waited for the cluster's row")
+            assert not plane.ingest(copy(2), principal).duplicate  # the other replica takes the batch id meanwhile
+            blocker.rollback()
+            assert answer.result(timeout=60).duplicate
+        for store in ("long_term", "cloud_logging"):
+            stored = [r["observed_at"] for r in plane.read_records(store)]
+            assert stored == [start + timedelta(seconds=2)], store
+    finally:
+        other.close()
+        plane.close()
