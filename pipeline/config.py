@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
@@ -41,6 +42,25 @@ __all__ = [
 
 _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
+
+
+def _values_for_sections(given: Mapping[str, Any], defaults: Mapping[str, Any], at: str = "") -> list[str]:
+    """Dotted names of sections the dask configuration gives a single value (``pipeline.long-term:
+    postgresql://…`` for ``pipeline.long-term.url``), each with its first setting: merging the defaults
+    replaces such a value with the section's defaults without a word (dask's ``update``, mirrored here),
+    and a mistyped setting would quietly switch the metadata database to SQLite, or the archive off."""
+    found = []
+    for key, default in defaults.items():
+        value = given.get(dask.config.canonical_name(key, given)) if isinstance(default, Mapping) else None
+        if isinstance(value, Mapping):
+            found += _values_for_sections(value, default, f"{at}{key}.")
+        elif value is not None:
+            found.append(f"{at}{key}: a section of settings ({at}{key}.{next(iter(default))}, …), given one value")
+    return found
+
+
+#: read before the defaults join the configuration, which they would hide in
+_VALUES_FOR_SECTIONS = _values_for_sections(dask.config.config, _DEFAULTS)
 dask.config.update_defaults(_DEFAULTS)
 
 
@@ -171,6 +191,8 @@ class Settings:
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
         """Read the current dask configuration; keyword arguments win over it."""
+        if _VALUES_FOR_SECTIONS:
+            raise ConfigError(_VALUES_FOR_SECTIONS[0])
         named = overrides.pop("home", None) or _get("home")
         if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
             raise ConfigError("pipeline.home: must name a folder, not be empty")

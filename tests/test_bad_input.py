@@ -428,6 +428,34 @@ def test_a_malformed_dask_config_file_is_one_line_from_a_real_shell(
     ) or line.startswith("error: distributed refused the dask configuration: "), line
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("pipeline:\n  long-term: postgresql+psycopg://pipeline:secret@db/metadata\n", "pipeline.long-term"),
+        ("pipeline:\n  archive: s3://bucket/prefix\n", "pipeline.archive"),
+        ("pipeline: /srv/pipeline\n", "pipeline"),
+    ],
+)
+def test_a_value_given_for_a_section_is_one_line_not_the_defaults(
+    text: str, named: str, home: Path, tmp_path: Path
+) -> None:
+    """Merging the pipeline's defaults replaced such a value with the section's own without a word: ``init``
+    made a SQLite database, or left the archive off, where PostgreSQL or an S3 archive was meant (r39)."""
+    config = tmp_path / "dask.yaml"
+    config.write_text(text)
+    env = {**os.environ, "DASK_CONFIG": str(config), "HOME": str(tmp_path)}  # the default home is under it
+    if named != "pipeline":
+        env["DASK_PIPELINE__HOME"] = str(home)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "init"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: {named}: a section of settings ({named}."), line
+    assert "secret" not in line
+    assert not home.exists() and not (tmp_path / ".local").exists()  # nothing made: no SQLite database instead
+
+
 def test_an_old_name_distributed_moves_is_one_line_from_the_environment_too(home: Path) -> None:
     """distributed renames its settings' old names (``log-format``) before it reads them: a value it refuses
     under one of them was not looked for, and every command that imports distributed was a traceback (r35)."""
