@@ -10,6 +10,7 @@ become one-line :class:`ApiError` messages.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import yaml
 
 from pipeline.errors import ApiError, ConfigError
 from pipeline.fsmodes import private_folder, write_private
-from pipeline.redact import mask_url
+from pipeline.redact import first_line, mask_url
 
 __all__ = ["ApiClient", "Credentials", "Receipt", "credentials_path"]
 
@@ -107,6 +108,26 @@ class Receipt:
             return client.json("GET", f"/v1/erasure-requests/{quote(self.request_id, safe='')}/receipt")
 
 
+#: how a process trusts the control plane's certificate when a private CA signed it (httpx reads them)
+TRUST_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def http_client(**kwargs: Any) -> httpx.Client:
+    """``httpx.Client(**kwargs)``, a trust bundle it cannot load named: httpx builds its TLS context when a client
+    is made, and a :data:`TRUST_VARIABLES` path that does not exist, or holds no certificate, was OpenSSL's bare
+    "[Errno 2] No such file or directory" for every command and in a scheduler's log.
+
+    :raises ConfigError:
+    """
+    try:
+        return httpx.Client(**kwargs)
+    except OSError as exc:  # ssl.SSLError is one
+        given = ", ".join(f"{name}={os.environ[name]}" for name in TRUST_VARIABLES if os.environ.get(name))
+        raise ConfigError(
+            f"cannot load the certificates to trust ({given or 'the default bundle'}): {first_line(exc)}"
+        ) from None
+
+
 class ApiClient:
     """httpx calls to the control plane with the login's bearer token."""
 
@@ -116,7 +137,7 @@ class ApiClient:
         self.url = credentials.url
         sent = {"Authorization": f"Bearer {credentials.token}"} if credentials.token else {}
         try:
-            self._http = httpx.Client(base_url=credentials.url, headers={**sent, **(headers or {})}, timeout=timeout)
+            self._http = http_client(base_url=credentials.url, headers={**sent, **(headers or {})}, timeout=timeout)
         except UnicodeEncodeError:  # a header that is not ASCII: a token pasted with a non-breaking space
             raise _malformed_header(self.url) from None
 

@@ -234,8 +234,10 @@ class HTTPDelivery(Delivery):
         if self._http is None:
             import httpx
 
+            from pipeline.apiclient import http_client
+
             timeout = httpx.Timeout(self._timeout, connect=5.0)
-            self._http = httpx.Client(headers=self._headers, timeout=timeout, transport=self._transport)
+            self._http = http_client(headers=self._headers, timeout=timeout, transport=self._transport)
         return self._http
 
     def public_key(self) -> X25519PublicKey:

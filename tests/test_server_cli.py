@@ -15,12 +15,16 @@ import httpx
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from conftest import make_record
+from conftest import make_record, one_line
 from controlplane import ControlPlane, serving
 
 from pipeline.cli import main
 from pipeline.config import Settings
+from pipeline.delivery import HTTPDelivery
+from pipeline.errors import ConfigError
+from pipeline.intake import load_public_key, seal_batch
 from pipeline.runtime import Pipeline
+from pipeline.spool import SpooledBatch
 
 
 def run(*args: str, input: str | None = None) -> Result:
@@ -480,3 +484,25 @@ def test_clusters_list_shows_an_erased_accounts_cluster_without_a_name(plane: Co
     assert listed.exit_code == 0, listed.output
     cluster_id, _state, account, name, *_when = listed.stdout.split()
     assert (cluster_id, account, name) == (made["cluster_id"], "-", "-")
+
+
+@pytest.mark.parametrize("bundle", ["missing", "no certificate"])
+def test_a_trust_bundle_that_cannot_be_loaded_is_named(
+    bundle: str, plane: ControlPlane, user_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SSL_CERT_FILE`` is how the README has people and schedulers trust a private CA: one that does not exist,
+    or holds no certificate, was "[Errno 2] No such file or directory" for every command, and the same bare line
+    in a scheduler's log while it spooled on (r38)."""
+    path = tmp_path / "ca-bundle.pem"
+    if bundle == "no certificate":
+        path.write_text("not a certificate\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    token = plane.tokens.create("member", "acme", "ann").token
+    line = one_line(run("login", "--url", plane.url, "--token", token))
+    assert line.startswith(f"error: cannot load the certificates to trust (SSL_CERT_FILE={path}): "), line
+    assert not (user_home / ".config/metadata-pipeline").exists()
+    key = load_public_key(plane.pipeline.intake_public_key)
+    delivery = HTTPDelivery(plane.url, token, key)
+    with pytest.raises(ConfigError, match=rf"^cannot load the certificates to trust \(SSL_CERT_FILE={path}\): "):
+        delivery.deliver(SpooledBatch("b-1", seal_batch(key, "b-1", [make_record()])))

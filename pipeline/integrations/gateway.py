@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 import dask.config
 
-from pipeline.apiclient import ApiClient, Credentials
+from pipeline.apiclient import TRUST_VARIABLES, ApiClient, Credentials
 from pipeline.config import Settings, http_url_problem, not_text, spool_folder, text_setting
 from pipeline.errors import ApiError, ConfigError
 from pipeline.principals import TOKEN_SHAPE
@@ -187,14 +187,10 @@ def deliver_spool(
     return emitter.close(timeout, retire=close)
 
 
-#: how this process trusts the control plane's certificate (a private CA): its schedulers post to the same URL,
-#: and the local backends pass on only PATH and a few others
-TRUST_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
-
-
 def scheduler_env(registration: dict[str, Any], home: Path, close_timeout: float | None) -> dict[str, str]:
     """The ``DASK_PIPELINE__*`` variables a registered cluster's scheduler runs with, and this gateway's
-    :data:`TRUST_VARIABLES`.
+    :data:`~pipeline.apiclient.TRUST_VARIABLES` (how it trusts the control plane's certificate: its schedulers
+    post to the same URL, and the local backends pass on only PATH and a few others).
 
     Values are Python literals (``repr``), which dask reads back as strings: an account
     called ``123`` stays a string.
