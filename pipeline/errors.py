@@ -10,6 +10,7 @@
      ├── KeyringError           missing/wrong/insecure master key, destroyed data key
      ├── UnknownAccountError    an account the keyring has never seen
      ├── StoreError             a store refused or mangled data
+     │    ├── StoreRefused      a store refuses until someone changes it (a permission, an immutable file)
      │    └── StoreUnavailable  a store cannot be reached right now (retry later)
      │         ├── Throttled    the control plane asked to wait (HTTP 429 with Retry-After)
      │         └── KeyServiceError  the key service (AWS KMS) did not answer: throttled, denied, unreachable
@@ -33,6 +34,11 @@ that the command line can print one line naming what is wrong.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.stores.base import Removed
 
 __all__ = [
     "ApiError",
@@ -103,9 +109,11 @@ class StoreError(PipelineError):
 
     ``deleted``: the places (S3 keys, Cloud Logging logs) the operation deleted before it failed, which
     no listing shows again: an erasure's receipt names them as it names those of a finished one.
+    ``removed``: what an expiry that went on past a refusal removed.
     """
 
     deleted: tuple[str, ...] = ()
+    removed: Removed | None = None
 
 
 class StoreUnavailable(StoreError):

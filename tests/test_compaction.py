@@ -254,12 +254,37 @@ def test_a_merged_file_the_system_will_not_remove_is_left_out_and_every_read_goe
         assert owner is not None
         with pytest.raises(StoreRefused, match="Operation not permitted"):  # its subject erased: named, not left
             store.erase(source.parent.name, owner.user_ref)
-        with pytest.raises(StoreRefused, match="Operation not permitted"):  # its day expired: the same
-            store.expire("cluster_jobs", DAYS[1].replace(hour=0))
         assert set(_records(pipeline).values()) == {1}  # each record once: the merge still hides it
     finally:
         subprocess.run(["chattr", "-i", str(source)], check=True)
     assert set(_records(pipeline).values()) == {1} and not source.exists()  # settled by the next listing
+
+
+def test_a_file_the_system_will_not_remove_keeps_no_other_from_expiring(pipeline: Pipeline) -> None:
+    """Expiry stopped at the first file it could not remove (one account's, made immutable for a legal hold):
+    every other account's records of that day and of every later day past the limit stayed, and what the pass
+    had removed was counted nowhere (r37)."""
+    import subprocess
+
+    store = _store(pipeline)
+    before = _records(pipeline)
+    folder = store.root / "cluster_jobs" / DAYS[0].strftime("%Y-%m-%d") / pipeline.keyring.subject_ref("acme")
+    held = sorted(folder.glob("*.seg"))[0]
+    if not _immutable(held):
+        pytest.skip("chattr +i is not available here")
+    try:
+        report = enforcer.enforce(pipeline, now=NOW + timedelta(days=31))  # every day past the 30-day limit
+        assert set(report.failed_steps) == {"expire:cloud_logging/cluster_jobs"}
+        assert report.failed_steps["expire:cloud_logging/cluster_jobs"].startswith(
+            f"1 file(s) past the limit not removed; the first: {held}: Operation not permitted"
+        )
+        assert [p for p in store.root.rglob("*.seg")] == [held]  # every other file went
+        removed = report.removed["cloud_logging"]["cluster_jobs"]
+        assert removed.records == len(before) - 1 and removed.segments == len(before) - 1  # one record a file
+    finally:
+        subprocess.run(["chattr", "-i", str(held)], check=True)
+    assert enforcer.enforce(pipeline, now=NOW + timedelta(days=31)).failed_steps == {}
+    assert not list(store.root.rglob("*.seg"))
 
 
 def test_a_day_past_the_bound_is_merged_into_several_segments_each_within_it(

@@ -36,6 +36,7 @@ from pipeline.errors import (
     KeyServiceError,
     PipelineError,
     StoreError,
+    StoreRefused,
     StoreUnavailable,
     UnknownAccountError,
 )
@@ -247,9 +248,16 @@ def _expire(
     that its store refused to delete, fails the step once every other segment was cut (one subject's key or
     file is no reason to keep the others'); a store that is down fails it at once.
 
-    :raises StoreError: naming the segments kept whole
+    :raises StoreError: naming the files the store refused to remove, and the segments kept whole
     """
-    removed = store.expire(data_type, cutoff)
+    refused: list[str] = []  # by the store: files it may not remove, every other one gone
+    try:
+        removed = store.expire(data_type, cutoff)
+    except StoreRefused as exc:
+        if exc.removed is None:  # nothing went on past the refusal
+            raise
+        removed = exc.removed
+        refused.append(str(exc))
     rewritten = 0
     kept: list[str] = []
     try:
@@ -279,7 +287,9 @@ def _expire(
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
     if kept:
-        raise StoreError(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")
+        refused.append(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")
+    if refused:
+        raise StoreError("; ".join(refused))
 
 
 def _compact(pipeline: Pipeline, report: RetentionReport, name: str, backend: Store, today: datetime) -> None:

@@ -178,8 +178,9 @@ class LocalFileStore(Store):
 
         A source compaction merged that the system would not remove is left out, its records
         read from the merge; ``to_remove`` includes it, first, so that removing the folder's
-        files fails on it while its merge still hides it (it would come back once the merge
-        and journal were gone).
+        files fails on it while its merge still hides it (an erasure stops there). An expiry
+        goes on past it: the rest of the day goes, and it is an ordinary segment past the limit
+        once the merge and journal are gone, named by every pass until it can be removed.
         """
         merged_away = _settle(folder, folder / _JOURNAL)
         found = []
@@ -271,21 +272,21 @@ class LocalFileStore(Store):
                             yield segment
 
     @staticmethod
-    def _remove_files(files: Sequence[tuple[Path, _Name]]) -> Removed:
-        for path, _name in files:
-            path.unlink(missing_ok=True)
-        return Removed(len(files), sum(name.n_records for _path, name in files))
+    def _remove_files(files: Sequence[tuple[Path, _Name]], refused: _Refused | None = None) -> Removed:
+        gone = [(path, name) for path, name in files if _unlinked(path, refused)]
+        return Removed(len(gone), sum(name.n_records for _path, name in gone))
 
-    def _drop_folder(self, folder: Path) -> Removed:
+    def _drop_folder(self, folder: Path, refused: _Refused | None = None) -> Removed:
         """Remove every segment and compaction file under ``folder``, then the folders left empty
         (foreign files stay)."""
         folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        removed = self._remove_files([f for sub in [*folders, folder] for f in self._files(sub, to_remove=True)])
+        files = [f for sub in [*folders, folder] for f in self._files(sub, to_remove=True)]
+        removed = self._remove_files(files, refused)
         for sub in [*folders, folder]:
             for own in (_JOURNAL, _MERGED):
-                (sub / own).unlink(missing_ok=True)
-            _unlink(path for path, _header in _leftovers(sub))  # a killed write's, read or not (cut in its header)
-            _unlink(p for p in sub.glob(f".{_JOURNAL}.tmp-*") if p.is_file())  # a journal's killed write
+                _unlinked(sub / own, refused)
+            _unlink((path for path, _header in _leftovers(sub)), refused)  # a killed write's, read or not
+            _unlink((p for p in sub.glob(f".{_JOURNAL}.tmp-*") if p.is_file()), refused)  # a journal's killed write
             try:
                 sub.rmdir()
             except OSError as exc:
@@ -306,7 +307,13 @@ class LocalFileStore(Store):
             return self._remove_files(doomed)
 
     def expire(self, data_type: str, before: datetime) -> Removed:
+        """See :meth:`Store.expire`. A file the system will not remove (made immutable: a legal hold on one
+        account) is passed over, and named once every other file past the limit is gone.
+
+        :raises StoreRefused: naming the first such file; its ``removed`` says what went
+        """
         removed = Removed()
+        refused: _Refused = []
         before_us = _us(before)
         with self._guard("expire"):
             for day in self._days(data_type):
@@ -314,7 +321,7 @@ class LocalFileStore(Store):
                 if start >= before:
                     break
                 if start <= before - _DAY:  # the whole day is past the limit (no overflow on 9999-12-31)
-                    removed += self._drop_folder(day)
+                    removed += self._drop_folder(day, refused)
                     continue
                 folders = self._dirs(day)
                 removed += self._remove_files(
@@ -323,7 +330,8 @@ class LocalFileStore(Store):
                         for folder in folders
                         for f, n in self._files(folder, to_remove=True)
                         if n.max_us < before_us
-                    ]
+                    ],
+                    refused,
                 )
                 _unlink(
                     [
@@ -331,8 +339,14 @@ class LocalFileStore(Store):
                         for folder in folders
                         for path, header in _leftovers(folder)
                         if header is not None and header.max_observed_at < before
-                    ]
+                    ],
+                    refused,
                 )
+        if refused:
+            path, reason = refused[0]
+            error = StoreRefused(f"{len(refused)} file(s) past the limit not removed; the first: {path}: {reason}")
+            error.removed = removed
+            raise error
         return removed
 
     def straddling(self, data_type: str, at: datetime) -> Iterator[Segment]:
@@ -581,9 +595,26 @@ def _leftovers(folder: Path) -> list[tuple[Path, Segment | None]]:
     return found
 
 
-def _unlink(paths: Iterable[Path]) -> None:
+#: files the system refused to remove, each with its reason
+_Refused = list[tuple[Path, str]]
+
+
+def _unlink(paths: Iterable[Path], refused: _Refused | None = None) -> None:
     for path in paths:
+        _unlinked(path, refused)
+
+
+def _unlinked(path: Path, refused: _Refused | None) -> bool:
+    """Remove ``path`` (gone already: removed); one the system refuses to remove is noted in ``refused``
+    and passed over, where given (else raised), so one immutable file keeps no other from going."""
+    try:
         path.unlink(missing_ok=True)
+    except OSError as exc:
+        if refused is None or exc.errno not in _REFUSALS:
+            raise
+        refused.append((path, exc.strerror or str(exc)))
+        return False
+    return True
 
 
 def _is_own(name: str) -> bool:
