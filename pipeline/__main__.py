@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
 
 from pipeline.redact import printable
 
@@ -30,7 +31,7 @@ def run() -> None:
     main(prog_name="metadata-pipeline")
 
 
-def _unknown_to_defaults(config: dict[str, object], defaults: list[dict[str, object]]) -> bool:
+def _unknown_to_defaults(config: Mapping[str, Any], defaults: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the configuration holds a top-level key that neither dask's nor the pipeline's defaults hold:
     what distributed reads when it is imported (``distributed``, ``logging``, and the old names it moves
     into ``distributed`` first, such as ``log-format``), or nothing at all; a command line that imports

@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
@@ -44,15 +43,15 @@ _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
 
 
-def _values_for_sections(given: Mapping[str, Any], defaults: Mapping[str, Any], at: str = "") -> list[str]:
+def _values_for_sections(given: dict[str, Any], defaults: dict[str, Any], at: str = "") -> list[str]:
     """Dotted names of sections the dask configuration gives a single value (``pipeline.long-term:
     postgresql://…`` for ``pipeline.long-term.url``), each with its first setting: merging the defaults
     replaces such a value with the section's defaults without a word (dask's ``update``, mirrored here),
     and a mistyped setting would quietly switch the metadata database to SQLite, or the archive off."""
     found = []
     for key, default in defaults.items():
-        value = given.get(dask.config.canonical_name(key, given)) if isinstance(default, Mapping) else None
-        if isinstance(value, Mapping):
+        value = given.get(dask.config.canonical_name(key, given)) if isinstance(default, dict) else None
+        if isinstance(value, dict):
             found += _values_for_sections(value, default, f"{at}{key}.")
         elif value is not None:
             found.append(f"{at}{key}: a section of settings ({at}{key}.{next(iter(default))}, …), given one value")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Iterator
@@ -487,6 +488,20 @@ def test_a_job_that_ends_is_never_recorded_lost_when_the_next_snapshot_omits_it(
     assert jobs(registry) == []
 
 
+@contextlib.contextmanager
+def _two_replicas() -> Iterator[tuple[Pipeline, Pipeline, ClusterRegistry, ClusterRegistry, Registration, Any]]:
+    """Two ``serve`` replicas of the configured home and database, their registries, a cluster registered with the
+    first and its principal."""
+    plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
+    try:
+        here = ClusterRegistry(plane)
+        cluster = here.register("acme", "http://control-plane.invalid")
+        yield plane, other, here, ClusterRegistry(other), cluster, here.tokens.authenticate(cluster.token)
+    finally:
+        other.close()
+        plane.close()
+
+
 @pytest.mark.parametrize(
     "race", ["a late copy of a snapshot", "the ends of two jobs on two replicas", "a late copy after a loss"]
 )
@@ -496,11 +511,7 @@ def test_a_job_settled_while_another_replica_admits_from_the_row_before_is_store
     """Two ``serve`` replicas admit batches of one cluster from its row as each read it, and the later commit's
     running jobs stand: a late copy of an older snapshot, or the end of another job, listed a job running again
     after its end was stored. The next snapshot then recorded it lost too (r21, r22): stored twice."""
-    plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
-    try:
-        here, there = ClusterRegistry(plane), ClusterRegistry(other)
-        cluster = here.register("acme", "http://control-plane.invalid")
-        principal = here.tokens.authenticate(cluster.token)
+    with _two_replicas() as (plane, other, here, there, cluster, principal):
         start = utcnow()
 
         def prepared(replica: Pipeline, registry: ClusterRegistry, name: str, *records: dict[str, Any]) -> Any:
@@ -550,9 +561,6 @@ def test_a_job_settled_while_another_replica_admits_from_the_row_before_is_store
                 "a late copy after a loss": [("job-1", "lost"), ("job-2", "lost")],
             }[race]
         )
-    finally:
-        other.close()
-        plane.close()
 
 
 def test_a_job_ended_in_a_commit_under_way_is_not_recorded_lost_by_a_snapshot_admitted_meanwhile(
@@ -726,12 +734,8 @@ def test_a_copy_of_a_batch_another_replica_takes_meanwhile_is_written_to_no_stor
     """Two ``serve`` replicas on one PostgreSQL, each given a copy of one batch id whose records differ (a
     cluster's code seals what it likes): the later commit learnt that the other had taken the id only after it
     had written its copy to the logging store, which then held both copies, the long-term store one (r36)."""
-    with dask.config.set({"pipeline.long-term.url": postgres_url}):
-        plane, other = Pipeline.open(Settings.from_config(), create=True), Pipeline.open(Settings.from_config())
-    try:
-        here, there = ClusterRegistry(plane), ClusterRegistry(other)
-        cluster = here.register("acme", "http://control-plane.invalid")
-        principal = here.tokens.authenticate(cluster.token)
+    with dask.config.set({"pipeline.long-term.url": postgres_url}), _two_replicas() as replicas:
+        plane, other, here, there, cluster, principal = replicas
         start = utcnow()
 
         def copy(seconds: int) -> bytes:
@@ -759,6 +763,3 @@ def test_a_copy_of_a_batch_another_replica_takes_meanwhile_is_written_to_no_stor
         for store in ("long_term", "cloud_logging"):
             stored = [r["observed_at"] for r in plane.read_records(store)]
             assert stored == [start + timedelta(seconds=2)], store
-    finally:
-        other.close()
-        plane.close()
