@@ -54,11 +54,11 @@ def _values_for_sections(given: dict[str, Any], defaults: dict[str, Any], at: st
         if isinstance(value, dict):
             found += _values_for_sections(value, default, f"{at}{key}.")
         elif value is not None:
-            found.append(f"{at}{key}: a section of settings ({at}{key}.{next(iter(default))}, …), given one value")
+            found.append(f"{at}{key}: a section of settings ({at}{key}.{next(iter(default), '…')}, …), given one value")
     return found
 
 
-#: read before the defaults join the configuration, which they would hide in
+#: read before the defaults join the configuration (files and environment), which they would hide in
 _VALUES_FOR_SECTIONS = _values_for_sections(dask.config.config, _DEFAULTS)
 dask.config.update_defaults(_DEFAULTS)
 
@@ -190,8 +190,9 @@ class Settings:
     @classmethod
     def from_config(cls, **overrides: Any) -> Settings:
         """Read the current dask configuration; keyword arguments win over it."""
-        if _VALUES_FOR_SECTIONS:
-            raise ConfigError(_VALUES_FOR_SECTIONS[0])
+        # and as set since (``dask.config.set`` in a notebook replaces the section, which reads as its defaults)
+        if problems := _VALUES_FOR_SECTIONS or _values_for_sections(dask.config.config, _DEFAULTS):
+            raise ConfigError(problems[0])
         named = overrides.pop("home", None) or _get("home")
         if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
             raise ConfigError("pipeline.home: must name a folder, not be empty")

@@ -24,7 +24,7 @@ from sqlalchemy import update
 
 from pipeline import db
 from pipeline.config import Settings, default_policy_path
-from pipeline.errors import PolicyError
+from pipeline.errors import ConfigError, PolicyError
 from pipeline.retention.policy import load_policy
 from pipeline.runtime import Pipeline
 from pipeline.spool import Spool
@@ -454,6 +454,18 @@ def test_a_value_given_for_a_section_is_one_line_not_the_defaults(
     assert line.startswith(f"error: {named}: a section of settings ({named}."), line
     assert "secret" not in line
     assert not home.exists() and not (tmp_path / ".local").exists()  # nothing made: no SQLite database instead
+
+
+def test_a_value_set_for_a_section_in_process_is_named_too(home: Path) -> None:
+    """``dask.config.set`` after ``import pipeline`` (a notebook registering the plugin on its LocalCluster) replaces
+    the section, which then read as its defaults: SQLite, no archive, without a word (r40)."""
+    with (
+        dask.config.set({"pipeline.long-term": "postgresql+psycopg://pipeline:secret@db/metadata"}),
+        pytest.raises(
+            ConfigError, match=r"^pipeline\.long-term: a section of settings \(pipeline\.long-term\.url, …\)"
+        ),
+    ):
+        Settings.from_config()
 
 
 def test_an_old_name_distributed_moves_is_one_line_from_the_environment_too(home: Path) -> None:

@@ -290,8 +290,11 @@ class LocalFileStore(Store):
             try:
                 sub.rmdir()
             except OSError as exc:
-                if exc.errno != errno.ENOTEMPTY:
+                if exc.errno == errno.ENOTEMPTY:
+                    continue
+                if refused is None or exc.errno not in _REFUSALS:
                     raise
+                refused.append((sub, exc.strerror or str(exc)))  # itself made immutable: a hold on a folder
         return removed
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
@@ -307,10 +310,10 @@ class LocalFileStore(Store):
             return self._remove_files(doomed)
 
     def expire(self, data_type: str, before: datetime) -> Removed:
-        """See :meth:`Store.expire`. A file the system will not remove (made immutable: a legal hold on one
-        account) is passed over, and named once every other file past the limit is gone.
+        """See :meth:`Store.expire`. A file or folder the system will not remove (made immutable: a legal hold
+        on one account) is passed over, and named once every other file past the limit is gone.
 
-        :raises StoreRefused: naming the first such file; its ``removed`` says what went
+        :raises StoreRefused: naming the first; its ``removed`` says what went
         """
         removed = Removed()
         refused: _Refused = []
@@ -344,7 +347,7 @@ class LocalFileStore(Store):
                 )
         if refused:
             path, reason = refused[0]
-            error = StoreRefused(f"{len(refused)} file(s) past the limit not removed; the first: {path}: {reason}")
+            error = StoreRefused(f"{len(refused)} path(s) past the limit not removed; the first: {path}: {reason}")
             error.removed = removed
             raise error
         return removed
@@ -595,7 +598,7 @@ def _leftovers(folder: Path) -> list[tuple[Path, Segment | None]]:
     return found
 
 
-#: files the system refused to remove, each with its reason
+#: files and folders the system refused to remove, each with its reason
 _Refused = list[tuple[Path, str]]
 
 
