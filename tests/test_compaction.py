@@ -260,33 +260,55 @@ def test_a_merged_file_the_system_will_not_remove_is_left_out_and_every_read_goe
     assert set(_records(pipeline).values()) == {1} and not source.exists()  # settled by the next listing
 
 
-@pytest.mark.parametrize("held", ["a file", "its folder (r40)"])
-def test_a_file_the_system_will_not_remove_keeps_no_other_from_expiring(pipeline: Pipeline, held: str) -> None:
-    """Expiry stopped at the first file it could not remove (one account's, made immutable for a legal hold):
-    every other account's records of that day and of every later day past the limit stayed, and what the pass
-    had removed was counted nowhere (r37). A hold on the account's folder stopped it at the folder (r40)."""
+def _held(path: Path, how: str) -> bool:
+    """Hold ``path`` as an operator may (immutable, or a read-only bind mount on itself); whether it could."""
     import subprocess
 
+    if how == "immutable":
+        return _immutable(path)
+    bound = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0
+    if bound and subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True).returncode:
+        _released(path, how)
+        return False
+    return bound
+
+
+def _released(path: Path, how: str) -> None:
+    import subprocess
+
+    subprocess.run(["chattr", "-i", str(path)] if how == "immutable" else ["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("held", "how"), [("a file", "immutable"), ("its folder (r40)", "immutable"), ("its folder (r41)", "a mount")]
+)
+def test_a_file_the_system_will_not_remove_keeps_no_other_from_expiring(
+    pipeline: Pipeline, held: str, how: str
+) -> None:
+    """Expiry stopped at the first file it could not remove (one account's, made immutable for a legal hold):
+    every other account's records of that day and of every later day past the limit stayed, and what the pass
+    had removed was counted nowhere (r37). A hold on the account's folder stopped it at the folder: immutable
+    (r40), or a read-only mount, which ``rmdir`` calls busy (r41)."""
     store = _store(pipeline)
     before = _records(pipeline)
     folder = store.root / "cluster_jobs" / DAYS[0].strftime("%Y-%m-%d") / pipeline.keyring.subject_ref("acme")
     kept = sorted(folder.glob("*.seg"))[:1] if held == "a file" else sorted(folder.glob("*.seg"))
     path = kept[0] if held == "a file" else folder
-    if not _immutable(path):
-        pytest.skip("chattr +i is not available here")
+    if not _held(path, how):
+        pytest.skip(f"{how} is not available here")
     try:
         report = enforcer.enforce(pipeline, now=NOW + timedelta(days=31))  # every day past the 30-day limit
         # a held folder takes no compaction journal either: that step fails too, named
         assert set(report.failed_steps) - {"compact:cloud_logging"} == {"expire:cloud_logging/cluster_jobs"}
         assert report.failed_steps["expire:cloud_logging/cluster_jobs"].startswith(
             f"{len(kept) + (held != 'a file')} path(s) past the limit not removed; the first: {kept[0]}: "
-            "Operation not permitted"
+            + ("Operation not permitted" if how == "immutable" else "Read-only file system")
         )
         assert sorted(store.root.rglob("*.seg")) == kept  # every other file went
         removed = report.removed["cloud_logging"]["cluster_jobs"]
         assert removed.records == removed.segments == len(before) - len(kept)  # one record a file
     finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
+        _released(path, how)
     assert enforcer.enforce(pipeline, now=NOW + timedelta(days=31)).failed_steps == {}
     assert not list(store.root.rglob("*.seg"))
 

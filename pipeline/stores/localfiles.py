@@ -292,9 +292,9 @@ class LocalFileStore(Store):
             except OSError as exc:
                 if exc.errno == errno.ENOTEMPTY:
                     continue
-                if refused is None or exc.errno not in _REFUSALS:
+                if refused is None or exc.errno not in (*_REFUSALS, errno.EBUSY):
                     raise
-                refused.append((sub, exc.strerror or str(exc)))  # itself made immutable: a hold on a folder
+                refused.append((sub, exc.strerror or str(exc)))  # a hold on the folder: immutable, or a mount
         return removed
 
     def delete(self, segment_ids: Sequence[str]) -> Removed:
@@ -615,6 +615,8 @@ def _unlinked(path: Path, refused: _Refused | None) -> bool:
     except OSError as exc:
         if refused is None or exc.errno not in _REFUSALS:
             raise
+        if not os.path.lexists(path):  # a read-only file system refuses even what is not there
+            return True
         refused.append((path, exc.strerror or str(exc)))
         return False
     return True
