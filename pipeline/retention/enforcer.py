@@ -250,14 +250,14 @@ def _expire(
 
     :raises StoreError: naming the files the store refused to remove, and the segments kept whole
     """
-    refused: list[str] = []  # by the store: files it may not remove, every other one gone
+    problems: list[str] = []  # what fails the step once the rest is done: paths the store may not remove, ...
     try:
         removed = store.expire(data_type, cutoff)
     except StoreRefused as exc:
         if exc.removed is None:  # nothing went on past the refusal
             raise
         removed = exc.removed
-        refused.append(str(exc))
+        problems.append(str(exc))
     rewritten = 0
     kept: list[str] = []
     try:
@@ -287,9 +287,9 @@ def _expire(
         report.cutoffs.setdefault(store_name, {})[data_type] = cutoff
         report.removed.setdefault(store_name, {})[data_type] = Counts(removed.segments, removed.records, rewritten)
     if kept:
-        refused.append(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")
-    if refused:
-        raise StoreError("; ".join(refused))
+        problems.append(f"{len(kept)} straddling segment(s) kept whole; the first: {kept[0]}")  # ... and these
+    if problems:
+        raise StoreError("; ".join(problems))
 
 
 def _compact(pipeline: Pipeline, report: RetentionReport, name: str, backend: Store, today: datetime) -> None:
