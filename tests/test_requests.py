@@ -295,6 +295,27 @@ def test_each_receipt_counts_the_keys_its_own_erasure_destroyed(pipeline) -> Non
     assert get_request(pipeline, acme.request_id).receipt["key"]["keys_destroyed"] == 2  # acme's and bob's
 
 
+def test_a_refiling_for_a_subject_erased_before_claims_no_destruction_of_its_own(pipeline) -> None:  # noqa: ANN001
+    """Nothing stored since ann's erasure: the refiling wrote a ``key.destroyed`` entry of 0 keys, and its
+    receipt said the key was destroyed at its own run's time. Its receipt still checks out."""
+    from pipeline.retention.requests import receipt_disagreements
+
+    first = file_request(pipeline, "acme", "ann")
+    process_pending(pipeline)
+    again = file_request(pipeline, "acme", "ann")
+    [done] = process_pending(pipeline)
+    assert done.state == "completed"
+    assert done.receipt["key"] == {"state": "destroyed", "keys_destroyed": 0}
+    destroyed = [e.details["request_id"] for e in pipeline.audit.entries(actions=["key.destroyed"])]
+    assert destroyed == [first.request_id]
+    assert receipt_disagreements(pipeline, done) == []
+    assert run("erase", "status", again.request_id).exit_code == 0
+    # a receipt of a request that did destroy keys, edited to claim none, still cites nothing of the trail's
+    receipt = get_request(pipeline, first.request_id)
+    receipt.receipt["key"] = {"state": "destroyed", "keys_destroyed": 0}
+    assert "it cites no key.destroyed entry" in receipt_disagreements(pipeline, receipt)
+
+
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:
     pipeline.stores["cloud_logging"] = _FailingErase(pipeline.stores["cloud_logging"], StoreError("disk is read-only"))
     request = file_request(pipeline, "acme")

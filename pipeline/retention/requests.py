@@ -389,7 +389,9 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         if "audit_seq" not in stores.get(store, {}):
             found.append(f"it cites no store.erased entry for {store}")
     key = receipt.get("key", {})
-    if (key.get("state") == "destroyed" or any(e.action == "key.destroyed" for e in trail)) and "audit_seq" not in key:
+    # a destroyed key with none destroyed by this request (and no entry of one) is a refiling's: nothing to cite
+    claimed = key.get("state") == "destroyed" and key.get("keys_destroyed") != 0
+    if (claimed or any(e.action == "key.destroyed" for e in trail)) and "audit_seq" not in key:
         found.append("it cites no key.destroyed entry")
     filed = receipt.get("audit", {}).get("pending", 0)
     rotated = any(
@@ -608,12 +610,15 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
         # stopped before that entry, the keyring says what was destroyed since the filing (as best it can)
         if not destroyed:
             destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
-        entry = _audited_once(pipeline, request, "key.destroyed", {}, keys=destroyed)
-        key.update(
-            keys_destroyed=entry.details.get("keys", destroyed),
-            destroyed_at=entry.recorded_at.isoformat(),
-            audit_seq=entry.seq,
-        )
+        # a refiling for a subject erased before, nothing stored since: its keys died with that erasure's
+        # entry, and an entry of this one would date a destruction that never happened (``keys: 0``)
+        if destroyed or _entries_of(pipeline, request, ("key.destroyed",)):
+            entry = _audited_once(pipeline, request, "key.destroyed", {}, keys=destroyed)
+            key.update(
+                keys_destroyed=entry.details.get("keys", destroyed),
+                destroyed_at=entry.recorded_at.isoformat(),
+                audit_seq=entry.seq,
+            )
     request.receipt["key"] = key
     _save(pipeline, request)
 
