@@ -128,6 +128,22 @@ def http_client(**kwargs: Any) -> httpx.Client:
         ) from None
 
 
+def unreachable(what: str, exc: httpx.HTTPError) -> str:
+    """``what`` could not be reached, and why; an untrusted certificate met while ``SSL_CERT_DIR`` names no
+    folder says so (OpenSSL skips a missing folder without a word, so only the failed check shows it)."""
+    missing = [
+        folder
+        for folder in os.environ.get("SSL_CERT_DIR", "").split(os.pathsep)
+        if folder and not Path(folder).is_dir()
+    ]
+    note = (
+        f" (SSL_CERT_DIR names no folder: {', '.join(missing)})"
+        if missing and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+        else ""
+    )
+    return f"{what} unreachable: {exc}{note}"
+
+
 class ApiClient:
     """httpx calls to the control plane with the login's bearer token."""
 
@@ -169,7 +185,7 @@ class ApiClient:
         except httpx.LocalProtocolError:  # its text quotes the header refused: the token itself
             raise _malformed_header(self.url) from None
         except httpx.HTTPError as exc:
-            raise ApiError(f"control plane {mask_url(self.url)} unreachable: {exc}") from exc
+            raise ApiError(unreachable(f"control plane {mask_url(self.url)}", exc)) from exc
         try:
             if response.is_error:
                 response.read()

@@ -247,10 +247,12 @@ class HTTPDelivery(Delivery):
         client = self._client()
         import httpx
 
+        from pipeline.apiclient import unreachable
+
         try:
             response = client.post(self.endpoint, content=batch.sealed, headers={"Idempotency-Key": batch.batch_id})
         except httpx.HTTPError as exc:
-            raise StoreUnavailable(f"ingest endpoint {mask_url(self.endpoint)} unreachable: {exc}") from exc
+            raise StoreUnavailable(unreachable(f"ingest endpoint {mask_url(self.endpoint)}", exc)) from exc
         if response.is_success:
             return
         detail = _detail(response).removeprefix(f"batch {batch.batch_id} refused: ")  # said once, below
@@ -271,10 +273,12 @@ class HTTPDelivery(Delivery):
         client = self._client()
         import httpx
 
+        from pipeline.apiclient import unreachable
+
         try:
             response = client.post(self.close_endpoint)
         except httpx.HTTPError as exc:
-            raise StoreUnavailable(f"{self.close_endpoint} unreachable: {exc}") from exc
+            raise StoreUnavailable(unreachable(self.close_endpoint, exc)) from exc
         if not response.is_success:
             raise StoreUnavailable(f"{self.close_endpoint} answered {response.status_code}: {_detail(response)}")
 

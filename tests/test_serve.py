@@ -113,7 +113,7 @@ def test_serve_carries_out_an_erasure_filed_through_its_api(tmp_path: Path) -> N
     assert "requests" in {run["job"] for run in json.loads(out)["runs"]}
 
 
-def test_serve_speaks_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
+def test_serve_speaks_tls_when_cert_and_key_are_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cert, key = self_signed(tmp_path)
     with serve_process(tmp_path / "home", server__tls_cert=str(cert), server__tls_key=str(key)) as served:
         url = served.url
@@ -124,6 +124,31 @@ def test_serve_speaks_tls_when_cert_and_key_are_set(tmp_path: Path) -> None:
             httpx.get(f"{url}/v1/health")  # not trusted by default: it really is the certificate given
         with pytest.raises(httpx.RemoteProtocolError):
             httpx.get(url.replace("https://", "http://") + "/v1/health")
+        _untrusted_names_a_missing_trust_folder(url, tmp_path, monkeypatch)
+
+
+def _untrusted_names_a_missing_trust_folder(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenSSL skips an ``SSL_CERT_DIR`` that names no folder without a word: the command line and a scheduler's
+    delivery said only that the certificate was not trusted (r40). A folder that exists is not named."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from pipeline.apiclient import ApiClient, Credentials
+    from pipeline.delivery import HTTPDelivery
+    from pipeline.errors import ApiError, StoreUnavailable
+    from pipeline.spool import SpooledBatch
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    for folder, named in ((tmp_path / "no-such-certs", True), (tmp_path, False)):
+        monkeypatch.setenv("SSL_CERT_DIR", str(folder))
+        with ApiClient(Credentials(url, "")) as client, pytest.raises(ApiError) as refused:
+            client.json("GET", "/v1/health")
+        delivery = HTTPDelivery(url, "mp_token", X25519PrivateKey.generate().public_key())
+        with pytest.raises(StoreUnavailable) as unavailable:
+            delivery.deliver(SpooledBatch("b-1", b"sealed"))
+        delivery.close()
+        for error in (refused.value, unavailable.value):
+            assert "CERTIFICATE_VERIFY_FAILED" in str(error)
+            assert str(error).endswith(f" (SSL_CERT_DIR names no folder: {folder})") == named, error
 
 
 def test_serve_with_half_the_tls_settings_exits_2_naming_them(tmp_path: Path) -> None:
