@@ -69,19 +69,11 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
     :raises TypeError: a value of the wrong Python type
     :raises ValueError, OverflowError: a value out of the type's range
     """
+    if pa.types.is_string(type_):
+        return _strings(type_, values)
     kinds = set(map(type, values))
     validity = _validity(values) if _NONE in kinds else None
     kinds.discard(_NONE)
-    if pa.types.is_string(type_):
-        _check(kinds, str, "text")
-        text = _filled(values, validity, "")
-        joined = "".join(text)
-        if joined.isascii():  # then a string's length is its UTF-8 length
-            data, lengths = joined.encode("ascii"), map(len, text)
-        else:
-            encoded = [v.encode() for v in text]
-            data, lengths = b"".join(encoded), map(len, encoded)
-        return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths, len(values)), pa.py_buffer(data)])
     if pa.types.is_list(type_):
         _check(kinds, Sequence, "a list", refused=(str, bytes))
         items = _filled(values, validity, ())
@@ -117,6 +109,25 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
     else:
         raise TypeError(f"no column builder for Arrow type {type_}")
     return pa.Array.from_buffers(type_, len(values), [validity, pa.py_buffer(fixed)])
+
+
+def _strings(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
+    """A text column: joining the values checks their types too (a column without nulls needs no other pass)."""
+    try:
+        joined, validity, text = "".join(values), None, values
+    except TypeError:  # a null, or a value that is not text: told apart by their types
+        kinds = set(map(type, values))
+        validity = _validity(values) if _NONE in kinds else None
+        kinds.discard(_NONE)
+        _check(kinds, str, "text")
+        text = _filled(values, validity, "")
+        joined = "".join(text)
+    if joined.isascii():  # then a string's length is its UTF-8 length
+        data, lengths = joined.encode("ascii"), map(len, text)
+    else:
+        encoded = [v.encode() for v in text]
+        data, lengths = b"".join(encoded), map(len, encoded)
+    return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths, len(values)), pa.py_buffer(data)])
 
 
 def observed_span(values: pa.ChunkedArray) -> tuple[datetime, datetime]:

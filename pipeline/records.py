@@ -22,6 +22,7 @@ __all__ = [
     "KINDS",
     "Kind",
     "kind",
+    "records_by_kind",
     "rows_from_table",
     "table_from_rows",
     "check_table",
@@ -184,6 +185,33 @@ def unreadable_rows(table: pa.Table) -> dict[int, str]:
     return bad
 
 
+def records_by_kind(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Records by kind, kinds in order of first appearance, records in order.
+
+    Checked once per distinct Python type and kind, not per record: an emitter groups every batch it
+    seals, and an ``isinstance`` against ``Mapping`` per record was a sixth of sealing 5,000 of them.
+
+    :raises ValueError: naming the first record that is no mapping or names no known kind
+    """
+    records = list(records)
+    if all(issubclass(type_, Mapping) for type_ in set(map(type, records))):
+        names = [record.get("kind") for record in records]
+    else:
+        names = [record.get("kind") if isinstance(record, Mapping) else None for record in records]
+    try:
+        distinct = dict.fromkeys(names)
+    except TypeError:  # a kind that cannot be a key (a list): named below
+        distinct = {}
+    if len(distinct) == 1 and isinstance(names[0], str) and names[0] in KINDS:  # the usual batch: one kind
+        return {names[0]: records}
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
+    for position, (name, record) in enumerate(zip(names, records, strict=True)):
+        if not isinstance(name, str) or name not in KINDS:
+            raise ValueError(f"record {position}: unknown record kind {name!r}")
+        by_kind.setdefault(name, []).append(record)
+    return by_kind
+
+
 def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
     """Records as one Arrow table per kind, each checked by :func:`check_table`.
 
@@ -192,14 +220,8 @@ def tables_from_records(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
 
     :raises ValueError: naming what is wrong (the kind, field or type)
     """
-    by_kind: dict[str, list[Mapping[str, Any]]] = {}
-    for position, record in enumerate(records):
-        name = record.get("kind") if isinstance(record, Mapping) else None
-        if name not in KINDS:
-            raise ValueError(f"record {position}: unknown record kind {name!r}")
-        by_kind.setdefault(name, []).append(record)
     tables = []
-    for kind_name, rows in by_kind.items():
+    for kind_name, rows in records_by_kind(records).items():
         try:
             table = table_from_rows(kind_name, rows)
         except (pa.ArrowException, TypeError, ValueError) as exc:

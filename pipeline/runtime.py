@@ -13,7 +13,7 @@ import functools
 import hashlib
 import itertools
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ from pipeline.ingest_tally import IngestTally
 from pipeline.intake import OpenedBatch, intake_private_key, open_batch, public_key_text
 from pipeline.keys import KEY_STATE_READ_EVERY, Keyring, open_key_provider
 from pipeline.principals import Principal
-from pipeline.records import rows_from_table, table_from_rows, unreadable_rows, utcnow
+from pipeline.records import records_by_kind, rows_from_table, table_from_rows, unreadable_rows, utcnow
 from pipeline.redact import mask_url
 from pipeline.retention.policy import Policy, load_policy
 from pipeline.segments import Segment, open_segment, seal
@@ -98,12 +98,9 @@ def seal_records(
 def _tables_by_kind(records: Iterable[Mapping[str, Any]]) -> list[pa.Table]:
     """Records as one Arrow table per kind, kinds in order of first appearance.
 
-    :raises TypeError, ValueError: a field of a record does not fit its kind's schema
+    :raises TypeError, ValueError: a field of a record does not fit its kind's schema, or a record has no known kind
     """
-    by_kind: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for record in records:
-        by_kind[record["kind"]].append(record)
-    return [table_from_rows(kind_name, rows) for kind_name, rows in by_kind.items()]
+    return [table_from_rows(kind_name, rows) for kind_name, rows in records_by_kind(records).items()]
 
 
 def seal_tables(keyring: Keyring, tables: Iterable[pa.Table], *, segment_seed: str | None = None) -> list[Segment]:
@@ -854,7 +851,7 @@ class Pipeline:
         With ``cluster_id`` (records the control plane writes for a cluster: its jobs recorded lost, which
         its own snapshots decide), drops are audited within the cluster's hourly share, as its batches' are.
 
-        :raises TypeError, ValueError: a field of a record does not fit its kind's schema
+        :raises TypeError, ValueError: a field of a record does not fit its kind's schema, or a record has no known kind
         """
         tables = _tables_by_kind(records)
         subjects = {self.keyring.subject_ref(a) for t in tables for a in set(t.column("account").to_pylist())}

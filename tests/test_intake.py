@@ -107,6 +107,23 @@ def test_the_cluster_side_refuses_to_seal_a_malformed_record(key: X25519PrivateK
         seal_batch(key.public_key(), BATCH, [record])
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({**make_record(), "kind": ["cluster_snapshot"]}, "record 2: unknown record kind ['cluster_snapshot']"),
+        ("not a record", "record 2: unknown record kind None"),
+        ({**make_record(), "kind": "secrets"}, "record 2: unknown record kind 'secrets'"),
+    ],
+)
+def test_a_malformed_record_among_good_ones_is_named_by_its_position(
+    key: X25519PrivateKey, bad: object, message: str
+) -> None:
+    """Records are grouped by kind with one check per distinct type and kind: the one that fails is still
+    named (a kind that is a list was an unhashable-type traceback)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        seal_batch(key.public_key(), BATCH, [make_record(), make_record(kind="job"), bad, make_record()])
+
+
 def _forged(key: X25519PrivateKey, *tables: pa.Table, plaintext: bytes | None = None) -> bytes:
     """What a forger who skips the cluster-side checks could send."""
     if plaintext is None:
