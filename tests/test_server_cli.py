@@ -486,6 +486,20 @@ def test_clusters_list_shows_an_erased_accounts_cluster_without_a_name(plane: Co
     assert (cluster_id, account, name) == (made["cluster_id"], "-", "-")
 
 
+def test_clusters_list_json_is_the_same_logged_in_or_not(plane: ControlPlane) -> None:
+    """Through the API its times ended in ``Z``, on the control plane in ``+00:00``: a script comparing or
+    parsing them got other strings on a logged-in host (r42)."""
+    made = json.loads(run("clusters", "create", "--account", "acme", "--name", "etl", "--json").output)
+    assert run("clusters", "close", made["cluster_id"]).exit_code == 0  # a closed_at too
+    local = run("clusters", "list", "--json")
+    assert run("login", "--url", plane.url, "--token", plane.tokens.create("admin", user="ops").token).exit_code == 0
+    through_api = run("clusters", "list", "--json")
+    assert through_api.exit_code == local.exit_code == 0, through_api.output
+    assert through_api.stdout == local.stdout
+    [listed] = [json.loads(line) for line in local.stdout.splitlines()]
+    assert listed["closed_at"].endswith("+00:00") and listed["last_contact_at"] is None
+
+
 @pytest.mark.parametrize("bundle", ["missing", "no certificate"])
 def test_a_trust_bundle_that_cannot_be_loaded_is_named(
     bundle: str, plane: ControlPlane, user_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

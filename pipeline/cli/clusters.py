@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import click
 
-from pipeline.cli.core import API_NAME, OUT_FOLDER, TEXT, api_client, command, main, open_pipeline
+from pipeline.cli.core import API_NAME, OUT_FOLDER, TEXT, api_client, command, from_api, main, open_pipeline
 from pipeline.errors import ClusterNotFound, ConfigError
 from pipeline.output import Output
 
@@ -115,8 +115,12 @@ def clusters_list(out: Output) -> None:
         rows = ClusterRegistry(open_pipeline()).list()
     else:
         with client:
-            rows = client.json("GET", "/v1/clusters")
+            rows = [from_api(row, _TIMES) for row in client.json("GET", "/v1/clusters")]
     out.rows(rows, _render_cluster)
+
+
+#: a listed cluster's times
+_TIMES = ("created_at", "last_contact_at", "closed_at", "lost_at")
 
 
 def _render_cluster(c: Any) -> str:

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,6 +245,12 @@ def api_client():  # noqa: ANN201 - an ApiClient, imported lazily for a fast --h
 
     credentials = Credentials.load(Settings.from_config().api_url)
     return None if credentials is None else ApiClient(credentials)
+
+
+def from_api(row: dict[str, Any], times: Iterable[str]) -> dict[str, Any]:
+    """A row as the API sends it, its ``times`` parsed back as the local path has them: the API writes UTC as
+    ``Z``, the local path as ``+00:00``, and one command prints one format, logged in or not."""
+    return {k: datetime.fromisoformat(v) if k in times and v is not None else v for k, v in row.items()}
 
 
 class UTCTime(click.ParamType):

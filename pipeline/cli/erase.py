@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import click
 
-from pipeline.cli.core import NAME, TEXT, CheckFailed, api_client, command, main, open_pipeline
+from pipeline.cli.core import NAME, TEXT, CheckFailed, api_client, command, from_api, main, open_pipeline
 from pipeline.output import Output
 
 
@@ -124,10 +123,8 @@ def erase_list(out: Output) -> None:
 
 
 def _request_from_api(d: dict[str, Any]) -> dict[str, Any]:
-    """A request as the API sends it, its times parsed back as the local path has them."""
-
-    times = ("created_at", "deadline", "updated_at", "completed_at", "final_at")
-    return {k: datetime.fromisoformat(v) if k in times and v is not None else v for k, v in d.items()}
+    """A request as the API sends it, as the local path has it."""
+    return from_api(d, ("created_at", "deadline", "updated_at", "completed_at", "final_at"))
 
 
 def _render_request(d: Any, receipt: bool = False) -> str:
