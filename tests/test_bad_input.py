@@ -926,3 +926,17 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(home: Path) -> N
     finally:
         os.close(writer)
     assert (done.returncode, done.stderr) == (141, b"")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["records", "--help"], ["erase", "request", "--help"]])
+def test_help_into_a_pipe_its_reader_closed_ends_as_a_command_does(args: list[str]) -> None:
+    """Help and the version print while the command line is parsed: click ended them with exit 1 (r42)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args], stdout=writer, stderr=subprocess.PIPE, timeout=120, check=False
+        )
+    finally:
+        os.close(writer)
+    assert (done.returncode, done.stderr) == (141, b"")

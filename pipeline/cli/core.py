@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlparse
 
 import click
@@ -58,9 +58,8 @@ def command(group: click.Group, name: str | None = None, **attrs: Any) -> Callab
             except PipelineError as exc:
                 click.echo(f"error: {printable(str(exc))}", err=True)
                 sys.exit(2)
-            except BrokenPipeError:  # the reader left (`| head`): end quietly, as a shell command ends by SIGPIPE
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-                sys.exit(SIGPIPE_STATUS)
+            except BrokenPipeError:
+                _reader_left()
             except OSError as exc:  # the file system refused what a setting names (a home that is a file)
                 click.echo(f"error: {printable(_refused_path(exc))}", err=True)
                 sys.exit(2)
@@ -78,8 +77,28 @@ def _refused_path(exc: OSError) -> str:
     return f"cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}"
 
 
-class OneLineGroup(click.Group):
+def _reader_left() -> NoReturn:
+    """The reader closed the pipe (`| head`): end quietly, as a shell command ends by SIGPIPE."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+    sys.exit(SIGPIPE_STATUS)
+
+
+class _QuietPipe(click.Command):
+    """``--help`` and ``--version`` print while the command line is parsed, before a command runs: a reader
+    that left ends them as it ends a command (click's own answer is exit 1)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            _reader_left()
+
+
+class OneLineGroup(_QuietPipe, click.Group):
     """Bad usage (an unknown option, a value a parameter refuses) is one line on stderr, exit 2."""
+
+    command_class = _QuietPipe
+    group_class = type  # a subgroup is one of these too
 
     def main(  # type: ignore[override]
         self,
