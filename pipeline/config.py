@@ -8,6 +8,7 @@ exactly as for any other dask setting. ``{home}`` in a URL expands to
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -43,23 +44,36 @@ _DEFAULTS_FILE = Path(__file__).with_name("pipeline.yaml")
 _DEFAULTS: dict[str, Any] = yaml.safe_load(_DEFAULTS_FILE.read_text())
 
 
-def _values_for_sections(given: dict[str, Any], defaults: dict[str, Any], at: str = "") -> list[str]:
-    """Dotted names of sections the dask configuration gives a single value (``pipeline.long-term:
-    postgresql://…`` for ``pipeline.long-term.url``), each with its first setting: merging the defaults
-    replaces such a value with the section's defaults without a word (dask's ``update``, mirrored here),
-    and a mistyped setting would quietly switch the metadata database to SQLite, or the archive off."""
+def _unread_settings(given: Any, defaults: dict[str, Any], at: str = "") -> list[str]:
+    """Dotted names of settings the pipeline never reads, each with why: a section given a single value
+    (``pipeline.long-term: postgresql://…`` for ``pipeline.long-term.url``: merging the defaults replaces it
+    with the section's, dask's ``update`` mirrored here), and within the ``pipeline`` section a name no
+    default has (``long-term.ulr``, ``DASK_PIPELINE__LONG_TERM_URL``). Either would quietly leave the
+    setting at its default: the metadata database on SQLite, the archive off. Values are never quoted
+    (one may hold a password)."""
     found = []
+    if at:  # the pipeline's own section: every name is one of its defaults' (the others are other libraries')
+        known = sorted(_dashed(key) for key in defaults)
+        for key in given:
+            if _dashed(key) not in known:
+                near = difflib.get_close_matches(_dashed(key), known, n=1)
+                found.append(f"{at}{key}: no such setting" + (f" (did you mean {at}{near[0]}?)" if near else ""))
     for key, default in defaults.items():
         value = given.get(dask.config.canonical_name(key, given)) if isinstance(default, dict) else None
         if isinstance(value, dict):
-            found += _values_for_sections(value, default, f"{at}{key}.")
+            found += _unread_settings(value, default, f"{at}{key}.")
         elif value is not None:
             found.append(f"{at}{key}: a section of settings ({at}{key}.{next(iter(default), '…')}, …), given one value")
     return found
 
 
+def _dashed(key: object) -> str:
+    """A setting's name as dask matches it: ``long_term`` is ``long-term``."""
+    return str(key).replace("_", "-")
+
+
 #: read before the defaults join the configuration (files and environment), which they would hide in
-_VALUES_FOR_SECTIONS = _values_for_sections(dask.config.config, _DEFAULTS)
+_UNREAD_SETTINGS = _unread_settings(dask.config.config, _DEFAULTS)
 dask.config.update_defaults(_DEFAULTS)
 
 
@@ -191,7 +205,7 @@ class Settings:
     def from_config(cls, **overrides: Any) -> Settings:
         """Read the current dask configuration; keyword arguments win over it."""
         # and as set since (``dask.config.set`` in a notebook replaces the section, which reads as its defaults)
-        if problems := _VALUES_FOR_SECTIONS or _values_for_sections(dask.config.config, _DEFAULTS):
+        if problems := _UNREAD_SETTINGS or _unread_settings(dask.config.config, _DEFAULTS):
             raise ConfigError(problems[0])
         named = overrides.pop("home", None) or _get("home")
         if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
@@ -295,12 +309,12 @@ class Settings:
             "retire_after": timedelta(seconds=seconds("keys.retire-after")),
             "witness_url": url("audit.witness-url"),
             "signing_key_url": url("audit.signing-key-url"),
-            "verify_key": _get("audit.verify-key"),
+            "verify_key": text("audit.verify-key"),
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
             "retention_cron": str(_get("service.retention-cron")),
             "requests_interval": seconds("service.requests-interval"),
             "tls_validity": seconds("tls.validity"),
-            "aws_role_arn": _get("aws.role-arn"),
+            "aws_role_arn": text("aws.role-arn"),
             "aws_session_duration": seconds("aws.session-duration"),
             "server_host": str(_get("server.host")),
             "server_port": port("server.port"),
@@ -314,9 +328,9 @@ class Settings:
             ),
             "cluster_lost_after": seconds("server.cluster-lost-after"),
             "api_url": address("api.url"),
-            "ingest_url": _get("ingest.url"),
-            "ingest_token": _get("ingest.token"),
-            "ingest_public_key": _get("ingest.public-key"),
+            "ingest_url": text("ingest.url"),
+            "ingest_token": text("ingest.token"),
+            "ingest_public_key": text("ingest.public-key"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

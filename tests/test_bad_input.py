@@ -456,6 +456,42 @@ def test_a_value_given_for_a_section_is_one_line_not_the_defaults(
     assert not home.exists() and not (tmp_path / ".local").exists()  # nothing made: no SQLite database instead
 
 
+@pytest.mark.parametrize(
+    ("text", "variable", "line"),
+    [
+        (
+            "pipeline:\n  long-term:\n    ulr: postgresql+psycopg://pipeline:secret@db/metadata\n",
+            None,
+            "error: pipeline.long-term.ulr: no such setting (did you mean pipeline.long-term.url?)",
+        ),
+        (
+            "pipeline:\n  plugin:\n    intervall: 60s\n",
+            None,
+            "error: pipeline.plugin.intervall: no such setting (did you mean pipeline.plugin.interval?)",
+        ),
+        (
+            "",
+            ("DASK_PIPELINE__LONG_TERM_URL", "postgresql+psycopg://pipeline:secret@db/metadata"),
+            "error: pipeline.long_term_url: no such setting (did you mean pipeline.long-term?)",
+        ),
+    ],
+)
+def test_a_setting_of_no_such_name_is_one_line_not_its_default(
+    text: str, variable: tuple[str, str] | None, line: str, home: Path, tmp_path: Path
+) -> None:
+    """A mistyped name (``ulr``, one underscore short in a variable) was never read: ``init`` made a SQLite
+    database where PostgreSQL was meant, exit 0 (r44)."""
+    config = tmp_path / "dask.yaml"
+    config.write_text(text)
+    env = {**os.environ, "DASK_CONFIG": str(config), "HOME": str(tmp_path), "DASK_PIPELINE__HOME": str(home)}
+    env.update([variable] if variable else [])
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "init"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert (done.returncode, done.stderr) == (2, line + "\n")
+    assert not home.exists()
+
+
 def test_a_value_set_for_a_section_in_process_is_named_too(home: Path) -> None:
     """``dask.config.set`` after ``import pipeline`` (a notebook registering the plugin on its LocalCluster) replaces
     the section, which then read as its defaults: SQLite, no archive, without a word (r40)."""
@@ -463,6 +499,13 @@ def test_a_value_set_for_a_section_in_process_is_named_too(home: Path) -> None:
         dask.config.set({"pipeline.long-term": "postgresql+psycopg://pipeline:secret@db/metadata"}),
         pytest.raises(
             ConfigError, match=r"^pipeline\.long-term: a section of settings \(pipeline\.long-term\.url, …\)"
+        ),
+    ):
+        Settings.from_config()
+    with (
+        dask.config.set({"pipeline.archive.ur": "s3://bucket/prefix"}),
+        pytest.raises(
+            ConfigError, match=r"^pipeline\.archive\.ur: no such setting \(did you mean pipeline\.archive\.url\?\)$"
         ),
     ):
         Settings.from_config()
@@ -842,10 +885,14 @@ def test_a_duration_a_setting_cannot_use_is_one_line_naming_it(key: str, value: 
     assert line == f"error: pipeline.{key}: {value!r} {reason}"
 
 
-@pytest.mark.parametrize("key", ["account", "user", "image", "policy"])
+@pytest.mark.parametrize(
+    "key",
+    ["account", "user", "image", "policy", "audit.verify-key", "ingest.url", "ingest.token", "aws.role-arn"],
+)
 def test_a_name_the_environment_gives_as_a_number_is_one_line_naming_it(key: str, home: Path) -> None:
     """Dask reads ``DASK_PIPELINE__ACCOUNT=1234`` as a Python literal: the plugin said it was active and dropped
-    every record (``expected text, got int``); a numeric policy path was a traceback."""
+    every record (``expected text, got int``); a numeric policy path, verify key or ingest URL was a traceback
+    (r44), a numeric role ARN taken without a word."""
     with dask.config.set({f"pipeline.{key}": 1234}):
         line = one_line(run("init"))
     assert line.startswith(f"error: pipeline.{key}: 1234 is not text") and "quote it" in line
