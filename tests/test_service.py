@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -250,6 +251,16 @@ def test_the_retention_cron_reads_days_of_the_week_as_crontab_does(cron: str, da
         at = trigger.get_next_fire_time(None, at + timedelta(seconds=1))
         fired.add(at.strftime("%a"))
     assert sorted(fired) == sorted(days.split())
+
+
+@pytest.mark.parametrize("field", ["*/0", "1/0", "1-5/0", "1/x"])
+def test_a_day_of_week_step_crontab_refuses_is_refused(field: str) -> None:
+    """A step of 0 was read as 1: ``0 0 * * */0`` ran a pass every day where crontab refuses it (r44)."""
+    from pipeline.errors import ConfigError
+    from pipeline.retention.schedule import retention_trigger
+
+    with pytest.raises(ConfigError, match=rf"^pipeline\.service\.retention-cron: '0 0 \* \* {re.escape(field)}': "):
+        retention_trigger(f"0 0 * * {field}")
 
 
 def test_a_retention_cron_restricting_both_day_fields_runs_on_either_as_crontab_does() -> None:

@@ -59,10 +59,10 @@ def _weekdays(field: str) -> str:
         first, _, last = span.partition("-")
         numbers = ("0", "7") if span == "*" else (first, last or (first if not step else "7"))
         readable = all(n.isdigit() and int(n) <= 7 for n in numbers) and int(numbers[0]) <= int(numbers[1])
-        if not readable or (span == "*" and not step):
-            names.append(part)  # names, *, or what APScheduler refuses with its own reason (5-1, 9)
+        if not readable or (span == "*" and not step) or (step and not (step.isdigit() and int(step))):
+            names.append(part)  # names, *, or what APScheduler refuses with its own reason (5-1, 9, */0)
             continue
-        days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if step.isdigit() and int(step) else 1)
+        days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if step else 1)
         names += [_DAYS[day] for day in days]
     return ",".join(dict.fromkeys(names))
 
