@@ -181,6 +181,8 @@ class _Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
+                if complete:
+                    scope.setdefault("state", {})[_BODY_READ] = True
                 if received > limit:
                     raise HTTPException(413, f"request body exceeds the limit: over {limit} bytes", _CLOSE)
             return message
@@ -203,6 +205,8 @@ def _bodiless(send: Send) -> Send:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: a request refused before its body was read ends its connection: the unread rest is never read
 _CLOSE = {"Connection": "close"}
+#: the scope's state says a request's body was read to its end
+_BODY_READ = "body_read"
 #: the request a control plane answers most: every cluster, every few seconds
 _INGEST = ("POST", "/v1/ingest")
 
@@ -215,6 +219,8 @@ async def _ingest(scope: Scope, receive: Receive, send: Send) -> None:
         response = await ingest.ingest(Request(scope, receive))
     except (StarletteHTTPException, PipelineError) as exc:
         response = _error_problem(exc)
+        if not scope.get("state", {}).get(_BODY_READ):  # a 429 or a person's token: up to 8 MiB unread
+            response.headers.update(_CLOSE)
     await response(scope, receive, send)
 
 
