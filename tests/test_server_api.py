@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from pipeline.config import Settings
 from pipeline.db import metadata
+from pipeline.intake import load_public_key, seal_batch
 from pipeline.records import KINDS, utcnow
 from pipeline.runtime import Pipeline
 
@@ -405,6 +406,17 @@ def test_a_members_own_names_typed_in_another_unicode_form_are_their_own(home: P
         assert len(ndjson(zoe.get("/v1/records", params={"account": decomposed}))) == 1
         registered = zoe.post("/v1/clusters", json={"account": decomposed, "user": "zoe\u0308"})
         assert registered.status_code == 201, registered.text
+        # kept as its refs are made: the cluster's token said the account as typed, and its plugin's records
+        # naming it as the member's own token does were refused as another account's (r43)
+        cluster = registered.json()
+        assert (cluster["account"], cluster["user"]) == (composed, "zo\u00eb")
+        with plane.client(cluster["token"]) as http:
+            assert http.get("/v1/whoami").json()["account"] == composed
+            record = make_record(account=composed, user="zo\u00eb", cluster_id=cluster["cluster_id"])
+            sealed = seal_batch(load_public_key(cluster["intake_public_key"]), "b-1", [record])
+            assert http.post("/v1/ingest", content=sealed).status_code == 202
+        with plane.member(decomposed, "zoe\u0308") as typed_apart:
+            assert typed_apart.get("/v1/whoami").json()["account"] == composed
         filed = zoe.post("/v1/erasure-requests", json={"account": decomposed, "user": "zoe\u0308"})
         assert filed.status_code == 201, filed.text
     pipeline.close()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from conftest import make_record, one_line
-from controlplane import ControlPlane, serving
+from controlplane import ControlPlane, assert_problem, serving
 
 from pipeline.cli import main
 from pipeline.config import Settings
@@ -438,6 +438,21 @@ def test_an_account_level_cluster_is_closed_by_an_admin_not_by_a_member(plane: C
     assert refused.status_code == 403, refused.text
     with plane.admin() as admin:
         assert admin.post(f"/v1/clusters/{shared['cluster_id']}/close").status_code == 204
+
+
+def test_a_cluster_token_closing_another_accounts_cluster_gets_404_as_for_an_unknown_id(plane: ControlPlane) -> None:
+    """It was 403 ("its own cluster only"), where the contract makes another account's cluster 404 (r43); another
+    cluster of its own account stays 403."""
+    with plane.admin() as admin:
+        acme, acme_too, globex = (
+            admin.post("/v1/clusters", json={"account": a}).json() for a in ("acme",) * 2 + ("globex",)
+        )
+    with plane.client(globex["token"]) as cluster:
+        assert_problem(cluster.post(f"/v1/clusters/{acme['cluster_id']}/close"), 404)
+        assert_problem(cluster.post("/v1/clusters/cluster-000000000000/close"), 404)
+    with plane.client(acme_too["token"]) as cluster:
+        assert_problem(cluster.post(f"/v1/clusters/{acme['cluster_id']}/close"), 403)
+        assert cluster.post(f"/v1/clusters/{acme_too['cluster_id']}/close").status_code == 204
 
 
 def test_an_owner_closes_a_cluster_registered_for_her_name_typed_in_another_form(plane: ControlPlane) -> None:

@@ -29,6 +29,7 @@ from pipeline.principals import TOKEN_SHAPE, Principal
 from pipeline.records import utcnow
 from pipeline.server.names import NameBox
 from pipeline.server.threads import in_thread
+from pipeline.subject_names import normalise
 
 if TYPE_CHECKING:
     from pipeline.runtime import Pipeline
@@ -136,8 +137,10 @@ class TokenStore:
 
         :raises InvalidBinding: the kind or its binding (account, user, cluster id, accounts) is wrong
         """
-        accounts = tuple(accounts)
+        accounts = tuple(map(normalise, accounts))
         _check_binding(kind, account, user, cluster_id, accounts)
+        # kept as refs are made (NFC): a name typed with a combining accent showed in whoami and records as typed
+        account, user = (None if name is None else normalise(name) for name in (account, user))
         now = now or utcnow()
         token_id = secrets.token_hex(8)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)

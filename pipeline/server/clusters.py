@@ -57,7 +57,7 @@ from pipeline.security.tls import dask_tls_config, issue_credentials
 from pipeline.server.auth import TokenStore, require
 from pipeline.server.listening import GAP_PERIODS, listening, note_listening, sweep_period
 from pipeline.server.names import NameBox
-from pipeline.subject_names import MAX_NAME_CHARS, control_character, same
+from pipeline.subject_names import MAX_NAME_CHARS, control_character, normalise, same
 
 __all__ = [
     "ROLE_FILES",
@@ -231,6 +231,7 @@ class ClusterRegistry:
         :raises InvalidBinding: an image longer than ingest accepts in its plugin's records; a name or image
             with a control character (printed back by ``clusters list``, written into ``scheduler.yaml``)
         """
+        account, user = normalise(account), None if user is None else normalise(user)  # as its token keeps them
         if image is not None and len(image.encode()) > MAX_STRING_BYTES:  # its plugin's records could never be sent
             raise InvalidBinding(f"image: {len(image.encode())} bytes of UTF-8; at most {MAX_STRING_BYTES}")
         for field, value in (("name", name), ("image", image)):
@@ -792,10 +793,10 @@ def close_cluster(
     Its jobs still running are recorded with ``status: lost``.
     """
     registry: ClusterRegistry = request.app.state.clusters
-    if principal.kind == "cluster" and principal.cluster_id != cluster_id:
-        raise HTTPException(403, "a cluster token may close its own cluster only")
     member = principal.kind == "member"
-    found = registry.find(cluster_id, of_account=principal.account if member else None)
+    found = registry.find(cluster_id, of_account=principal.account if member or principal.kind == "cluster" else None)
+    if principal.kind == "cluster" and principal.cluster_id != cluster_id and found is not None:
+        raise HTTPException(403, "a cluster token may close its own cluster only")  # another account's: 404 below
     others = principal.kind == "gateway" and registry.registered_by(cluster_id) != principal.token_id
     if found is None or others or (member and (found.account is None or not principal.may_read(found.account))):
         raise HTTPException(404, f"no cluster {cluster_id!r} of yours")
