@@ -251,11 +251,17 @@ class AuditLog:
         return self._append(lambda *_: [item])[0]
 
     def append_within(
-        self, conn: Connection, action: str, *, subject_ref: str | None = None, details: Mapping[str, Any] | None = None
+        self,
+        conn: Connection,
+        action: str,
+        *,
+        actor: str | None = None,
+        subject_ref: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> AuditEntry:
         """:meth:`append` in the caller's transaction (``conn``), which then holds the chain's lock to its end:
         the entry commits with the caller's change or not at all."""
-        item = {"action": action, "subject_ref": subject_ref, "details": details}
+        item = {"action": action, "actor": actor, "subject_ref": subject_ref, "details": details}
         return self._append_on(conn, lambda *_: [item])[0]
 
     def hold(self, conn: Connection) -> None:

@@ -557,11 +557,17 @@ class Keyring:
             return "unknown"
         return "active" if any(live) else "destroyed"
 
-    def destroy(self, subject_ref: str, user_ref: str | None = None) -> int:
+    def destroy(
+        self, subject_ref: str, user_ref: str | None = None, recorded: Callable[[Connection, int], object] | None = None
+    ) -> int:
         """Crypto-shred a user's data key, or every key of an account; returns how many were live.
 
         Under the key lock: a rotation re-wrapping meanwhile would write the key back (PostgreSQL reads
-        committed rows, so its read of the live keys may predate this)."""
+        committed rows, so its read of the live keys may predate this).
+
+        :param recorded: called with ``(conn, keys destroyed)`` in the destruction's transaction when it destroyed
+            any: what it writes (an erasure's audit entry) commits with the destruction or not at all
+        """
         which = _keys_of(subject_ref, user_ref)
         with self._lock, transaction(self.engine, "destroying data keys") as conn:
             lock_keys(conn)
@@ -571,23 +577,11 @@ class Keyring:
                 .values(wrapped=None, destroyed_at=utcnow())
                 .returning(keyring_keys.c.key_id)
             ).all()
+            if destroyed and recorded is not None:
+                recorded(conn, len(destroyed))
             for (key_id,) in destroyed:
                 self._ciphers.pop(key_id, None)
         return len(destroyed)
-
-    def destroyed_since(self, subject_ref: str, user_ref: str | None, since: datetime) -> int:
-        """How many keys of a user, or of an account, were destroyed at or after ``since``."""
-        with reading(self.engine, "reading the keyring") as conn:
-            return int(
-                conn.scalar(
-                    select(func.count()).where(
-                        _keys_of(subject_ref, user_ref),
-                        keyring_keys.c.wrapped.is_(None),
-                        keyring_keys.c.destroyed_at >= since,
-                    )
-                )
-                or 0
-            )
 
     def rotate_master(self, recorded: Callable[[Connection, int, int], object] | None = None) -> tuple[int, int]:
         """New master key version; re-wrap every live key. Returns (version, keys re-wrapped).

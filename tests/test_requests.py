@@ -204,29 +204,33 @@ def test_a_run_stopped_after_destroying_the_key_is_resumed_with_the_true_count_a
     pipeline, monkeypatch, stopped
 ) -> None:  # noqa: ANN001
     """Killed after the destroy: the resumed run found no key live, and its receipt said 0 keys destroyed, citing
-    a second key.destroyed entry (``keys: 0``) beside the first."""
+    a second key.destroyed entry (``keys: 0``) beside the first. Killed while writing the entry, the destruction
+    commits with it or not at all: a destruction the trail did not hold was guessed from the keyring's times,
+    and an erasure of the same subject beside it was counted as this one's (r45)."""
     from pipeline.retention import requests
 
     request = file_request(pipeline, "acme")
-    append, save = pipeline.audit.append, requests._save
+    append_within, save = pipeline.audit.append_within, requests._save
 
     def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise KeyboardInterrupt("killed")
 
-    def append_unless_destroyed(action: str, **kwargs):  # noqa: ANN003, ANN202
-        return killed() if action == "key.destroyed" else append(action, **kwargs)
+    def append_unless_destroyed(conn, action: str, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        return killed() if action == "key.destroyed" else append_within(conn, action, **kwargs)
 
     def save_unless_destroyed(pipeline, request):  # noqa: ANN001, ANN202
         return killed() if "key" in request.receipt else save(pipeline, request)
 
-    if stopped == "before its entry":
-        monkeypatch.setattr(pipeline.audit, "append", append_unless_destroyed)
+    if stopped == "before its entry":  # in the destruction's transaction
+        monkeypatch.setattr(pipeline.audit, "append_within", append_unless_destroyed)
     else:
         monkeypatch.setattr(requests, "_save", save_unless_destroyed)
     with pytest.raises(KeyboardInterrupt):
         process_pending(pipeline)
     monkeypatch.undo()
-    assert pipeline.keyring.key_state(request.subject_ref) == "destroyed"
+    assert pipeline.keyring.key_state(request.subject_ref) == (
+        "active" if stopped == "before its entry" else "destroyed"
+    )
 
     [done] = process_pending(pipeline)
     assert done.state == "completed"
@@ -314,6 +318,54 @@ def test_a_refiling_for_a_subject_erased_before_claims_no_destruction_of_its_own
     receipt = get_request(pipeline, first.request_id)
     receipt.receipt["key"] = {"state": "destroyed", "keys_destroyed": 0}
     assert "it cites no key.destroyed entry" in receipt_disagreements(pipeline, receipt)
+
+
+def test_erasures_of_an_account_and_its_user_at_once_each_count_only_the_keys_they_destroyed(pipeline) -> None:  # noqa: ANN001
+    """Counted as the keys destroyed since its filing, ann's erasure claimed (with an entry of its own) the key
+    the account's erasure had destroyed just before: the trail vouched for 4 keys where 3 died (r45)."""
+    from pipeline.retention.requests import receipt_disagreements
+
+    acme = file_request(pipeline, "acme")
+    ann = file_request(pipeline, "acme", "ann")
+    process_pending(pipeline)
+    receipts = {r.request_id: get_request(pipeline, r.request_id) for r in (acme, ann)}
+    assert receipts[acme.request_id].receipt["key"]["keys_destroyed"] == 3  # acme's, ann's and bob's
+    assert receipts[ann.request_id].receipt["key"] == {"state": "destroyed", "keys_destroyed": 0}
+    entries = pipeline.audit.entries(actions=["key.destroyed"])
+    assert [(e.details["request_id"], e.details["keys"]) for e in entries] == [(acme.request_id, 3)]
+    assert all(receipt_disagreements(pipeline, r) == [] for r in receipts.values())
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (
+            lambda r: r["stores"].update(
+                long_term={"segments": 10, "records": 500, "erased_at": "2026-03-01T00:00:00"}
+            ),
+            "it cites no store.erased entry for long_term",
+        ),
+        (lambda r: r.update(key={"state": "destroyed", "keys_destroyed": 1}), "it cites no key.destroyed entry"),
+        (
+            lambda r: r.update(key={"state": "destroyed", "keys_destroyed": 0, "destroyed_at": "2026-03-01T00:00:00"}),
+            "it cites no key.destroyed entry",
+        ),
+        (lambda r: r["audit"].update(pending="x"), "it cites 'x' as erasure.pending, which is no audit entry's number"),
+        (
+            lambda r: r["audit"].update(pending=10**30),
+            f"it cites {10**30} as erasure.pending, which is no audit entry's number",
+        ),
+    ],
+)
+def test_an_unfinished_requests_receipt_edited_to_claim_an_erasure_disagrees(pipeline, edit, named) -> None:  # noqa: ANN001
+    """Only a completed receipt was checked for what it must cite: a pending one edited to say 500 records erased
+    and the key destroyed checked out (and its run would then skip both as done); a number no audit entry can
+    have was an error or a traceback, not a disagreement (r45)."""
+    from pipeline.retention.requests import receipt_disagreements
+
+    request = file_request(pipeline, "acme", "ann")
+    edit(request.receipt)
+    assert named in receipt_disagreements(pipeline, request)
 
 
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:

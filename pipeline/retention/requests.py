@@ -305,7 +305,7 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     if "audit_seq" in rotation:
         said = {name: rotation.get(name) for name in ("master_key_version", "rotated_at", "final_at")}
         cited.append((rotation["audit_seq"], "key.rotated", said))
-    found = _uncited(pipeline, request) if request.state == "completed" else []
+    found = _uncited(pipeline, request)
     found += [
         f"it cites {seq!r} as {action}, which is no audit entry's number"
         for seq, action, _ in cited
@@ -368,30 +368,34 @@ def _rotated_for(entry: AuditEntry, request: DeletionRequest) -> bool:
 
 
 def _is_seq(value: Any) -> bool:
-    """An audit sequence number, as a receipt holds it (a receipt edited in the database may hold anything)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """An audit sequence number, as a receipt holds it (a receipt edited in the database may hold anything:
+    a number past the column's 64 bits was an overflow, not a disagreement)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
 def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
-    """What a completed request's receipt must cite and does not: its completion, the erasure of every
-    store it names or the trail records, and a destroyed key (a receipt edited to claim an erasure that
-    never ran cites nothing, and had nothing to disagree with)."""
-    receipt = request.receipt
+    """What a receipt must cite and does not: a completed one its completion, the erasure of every store it
+    names or the trail records, and a destroyed key (a receipt edited to claim an erasure that never ran cites
+    nothing, and had nothing to disagree with); one of any state, each store erasure and key destruction it
+    claims (an unfinished request's run would skip them as done)."""
+    receipt, completed = request.receipt, request.state == "completed"
     trail = _entries_of(pipeline, request, ("erasure.completed", "store.erased", "key.destroyed"))
     found = []
-    if not any(e.action == "erasure.completed" for e in trail):
+    if completed and not any(e.action == "erasure.completed" for e in trail):
         found.append("it says completed, and the trail holds no erasure.completed entry for it")
-    elif "completed" not in receipt.get("audit", {}):
+    elif completed and "completed" not in receipt.get("audit", {}):
         found.append("it cites no erasure.completed entry")
     stores = receipt.get("stores", {})
     recorded = {str(e.details.get("store")) for e in trail if e.action == "store.erased"}
-    for store in sorted(set(stores) | recorded):
-        if "audit_seq" not in stores.get(store, {}):
+    # unfinished: a run stopped after an entry, before saving the receipt, left one it does not cite yet
+    for store in sorted(set(stores) | (recorded if completed else set())):
+        progress = stores.get(store, {})
+        if "audit_seq" not in progress and (completed or "erased_at" in progress):
             found.append(f"it cites no store.erased entry for {store}")
     key = receipt.get("key", {})
-    # a destroyed key with none destroyed by this request (and no entry of one) is a refiling's: nothing to cite
-    claimed = key.get("state") == "destroyed" and key.get("keys_destroyed") != 0
-    if (claimed or any(e.action == "key.destroyed" for e in trail)) and "audit_seq" not in key:
+    # a destroyed key none of whose keys this request destroyed (no entry of it) is a refiling's: nothing to cite
+    claimed = key.get("state") == "destroyed" and (key.get("keys_destroyed") != 0 or "destroyed_at" in key)
+    if (claimed or (completed and any(e.action == "key.destroyed" for e in trail))) and "audit_seq" not in key:
         found.append("it cites no key.destroyed entry")
     filed = receipt.get("audit", {}).get("pending", 0)
     rotated = any(
@@ -598,27 +602,29 @@ _NOTHING_HELD = {
 
 
 def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
-    """Shred the user's key, or every key of the account; then drop the copies SQLite's WAL keeps."""
+    """Shred the user's key, or every key of an account, its ``key.destroyed`` entry committed with the
+    destruction (a run stopped in between leaves both or neither: each receipt counts the keys its own
+    request destroyed, not another erasure's of the same subject); then drop the copies SQLite's WAL keeps."""
     if "key" in request.receipt:
         return
-    destroyed = pipeline.keyring.destroy(request.subject_ref, request.user_ref)
+    entries = _entries_of(pipeline, request, ("key.destroyed",))  # a run stopped before saving the receipt
+    if not entries:
+
+        def recorded(conn: Connection, destroyed: int) -> None:
+            entries.append(pipeline.audit.append_within(conn, **_entry(request, "key.destroyed", keys=destroyed)))
+
+        pipeline.keyring.destroy(request.subject_ref, request.user_ref, recorded)
     pipeline.keyring.compact()
-    state = pipeline.keyring.key_state(request.subject_ref, request.user_ref)
-    key: dict[str, Any] = {"state": state, "keys_destroyed": destroyed}
-    if state == "destroyed":
-        # a run stopped after destroying, before this receipt was saved: its entry says what it destroyed;
-        # stopped before that entry, the keyring says what was destroyed since the filing (as best it can)
-        if not destroyed:
-            destroyed = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
-        # a refiling for a subject erased before, nothing stored since: its keys died with that erasure's
-        # entry, and an entry of this one would date a destruction that never happened (``keys: 0``)
-        if destroyed or _entries_of(pipeline, request, ("key.destroyed",)):
-            entry = _audited_once(pipeline, request, "key.destroyed", {}, keys=destroyed)
-            key.update(
-                keys_destroyed=entry.details.get("keys", destroyed),
-                destroyed_at=entry.recorded_at.isoformat(),
-                audit_seq=entry.seq,
-            )
+    key: dict[str, Any] = {"state": pipeline.keyring.key_state(request.subject_ref, request.user_ref)}
+    if entries:  # none: every key was destroyed before (a refiling, or an erasure running beside it)
+        entry = entries[0]
+        key.update(
+            keys_destroyed=entry.details.get("keys"),
+            destroyed_at=entry.recorded_at.isoformat(),
+            audit_seq=entry.seq,
+        )
+    else:
+        key["keys_destroyed"] = 0
     request.receipt["key"] = key
     _save(pipeline, request)
 
@@ -711,9 +717,11 @@ def _audited_once(
 
 def _entries_of(pipeline: Pipeline, request: DeletionRequest, actions: Iterable[str]) -> list[AuditEntry]:
     """The trail's entries of ``actions`` about this request, oldest first (from its filing on)."""
-    filed = request.receipt.get("audit", {}).get("pending", 0)
+    filed = request.receipt.get("audit", {}).get("pending", 0)  # a receipt edited in the database holds anything
     return [
-        e for e in pipeline.audit.entries(filed, actions=actions) if e.details.get("request_id") == request.request_id
+        e
+        for e in pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=actions)
+        if e.details.get("request_id") == request.request_id
     ]
 
 
