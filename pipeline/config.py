@@ -292,6 +292,9 @@ class Settings:
             return number
 
         policy = text("policy")
+        host = text("server.host")
+        if host is None or not host.strip():  # uvicorn took null as the host "None", after a new home's keys were made
+            raise ConfigError("pipeline.server.host: must name an address to listen on (127.0.0.1, 0.0.0.0, ...)")
         values: dict[str, Any] = {
             "home": home,
             "account": name("account"),
@@ -316,7 +319,7 @@ class Settings:
             "tls_validity": seconds("tls.validity"),
             "aws_role_arn": text("aws.role-arn"),
             "aws_session_duration": seconds("aws.session-duration"),
-            "server_host": str(_get("server.host")),
+            "server_host": host,
             "server_port": port("server.port"),
             "tls_cert": path("server.tls-cert"),
             "tls_key": path("server.tls-key"),

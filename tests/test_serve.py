@@ -151,9 +151,26 @@ def _untrusted_names_a_missing_trust_folder(url: str, tmp_path: Path, monkeypatc
             assert str(error).endswith(f" (SSL_CERT_DIR names no folder: {folder})") == named, error
 
 
-def test_serve_with_half_the_tls_settings_exits_2_naming_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "value", "line"),
+    [
+        (
+            "SERVER__TLS_CERT",
+            "cert",
+            "error: pipeline.server.tls-cert and pipeline.server.tls-key must be set together",
+        ),
+        ("SERVICE__RETENTION_CRON", "'0 0 * * */0'", "error: pipeline.service.retention-cron: '0 0 * * */0': "),
+        ("SERVER__HOST", "None", "error: pipeline.server.host: must name an address to listen on"),
+    ],
+)
+def test_serve_refused_a_setting_exits_2_naming_it_and_makes_nothing(
+    setting: str, value: str, line: str, tmp_path: Path
+) -> None:
+    """A refused TLS pair, schedule or address was found after a new home's master key, audit signing key and
+    database were made (r44)."""
     cert, _key = self_signed(tmp_path)
-    env = {"DASK_PIPELINE__HOME": str(tmp_path / "home"), "DASK_PIPELINE__SERVER__TLS_CERT": str(cert)}
+    home = tmp_path / "home"
+    env = {"DASK_PIPELINE__HOME": str(home), f"DASK_PIPELINE__{setting}": str(cert) if value == "cert" else value}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "serve"],
         env={**os.environ, **env},
@@ -161,9 +178,9 @@ def test_serve_with_half_the_tls_settings_exits_2_naming_them(tmp_path: Path) ->
         text=True,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: pipeline.server.tls-cert and pipeline.server.tls-key must be set together"
-    ]
+    [said] = result.stderr.strip().splitlines()
+    assert said.startswith(line), said
+    assert not home.exists()
 
 
 def test_serve_on_a_taken_port_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -162,8 +162,9 @@ def accounts_add(
 def serve(out: Output, no_retention: bool) -> None:
     """The control plane: HTTP API and retention service, until SIGTERM or Ctrl-C."""
 
-    from pipeline.server.runner import run_control_plane
+    from pipeline.server.runner import check_serving, run_control_plane
 
+    check_serving(Settings.from_config(), retention=not no_retention)  # before a new home's keys are made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     runs = run_control_plane(open_pipeline(create=True), retention=not no_retention, announce=_announce)

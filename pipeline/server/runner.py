@@ -30,7 +30,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from pipeline.config import ServerLimits
+from pipeline.config import ServerLimits, Settings
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.redact import first_line
 from pipeline.server.app import create_app, problem_document
@@ -263,13 +263,22 @@ class ControlPlaneServer(uvicorn.Server):
         self.should_exit = True
 
 
-def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
-    """The uvicorn configuration ``pipeline.server.*`` asks for (TLS when cert and key are set).
+def check_serving(settings: Settings, *, retention: bool) -> None:
+    """What ``serve`` is told that it can judge before it makes anything: a refused TLS pair or schedule left
+    a new home's master key, signing key and database behind.
 
-    :raises ConfigError: only one of the TLS files is set, one does not exist, or they are not a PEM
-        certificate and its key (checked here: uvicorn reads them as it starts, with a traceback)
+    :raises ConfigError:
     """
-    s = pipeline.settings
+    _check_tls(settings)
+    if retention:
+        from pipeline.retention.schedule import retention_trigger
+
+        retention_trigger(settings.retention_cron)
+
+
+def _check_tls(s: Settings) -> None:
+    """:raises ConfigError: only one of the TLS files is set, one does not exist, or they are not a PEM
+    certificate and its key (uvicorn reads them as it starts, with a traceback)"""
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("pipeline.server.tls-cert and pipeline.server.tls-key must be set together")
     for key, path in (("tls-cert", s.tls_cert), ("tls-key", s.tls_key)):
@@ -283,6 +292,15 @@ def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | N
                 f"pipeline.server.tls-cert/tls-key: {s.tls_cert} and {s.tls_key} are not a PEM certificate "
                 f"and its private key ({first_line(exc)})"
             ) from exc
+
+
+def uvicorn_config(pipeline: Pipeline, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+    """The uvicorn configuration ``pipeline.server.*`` asks for (TLS when cert and key are set).
+
+    :raises ConfigError: :func:`_check_tls`
+    """
+    s = pipeline.settings
+    _check_tls(s)
     protocol, backlog = _connection_limits(s.limits)
     return uvicorn.Config(
         create_app(pipeline),
