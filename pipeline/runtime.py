@@ -18,13 +18,14 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Connection, Engine, Executable, bindparam, select
+from sqlalchemy import Connection, Engine, Executable, bindparam, make_url, select
 
 from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditEntry, AuditLog
@@ -359,6 +360,16 @@ def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
         return exc
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database, or SQLite in memory."""
+    parsed = make_url(url)
+    return (
+        Path(parsed.database)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+        else None
+    )
+
+
 def _policy_of(settings: Settings) -> Policy:
     """The configured policy; an archive is a copy of the long-term store (same routing, retention and erasure).
 
@@ -431,6 +442,9 @@ class Pipeline:
                 f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
                 f"got {mask_url(settings.long_term_url)!r}"
             )
+        if not create and (database := _sqlite_file(settings.long_term_url)) is not None and not database.exists():
+            # opening it would make it, schema and all, before a missing key named what is wrong
+            raise ConfigError(f"metadata database {database} does not exist; run metadata-pipeline init")
         stores = {
             name: open_store(url, setting=f"pipeline.{name.replace('_', '-')}.url")
             for name, url in settings.store_urls().items()
