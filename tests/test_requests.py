@@ -309,11 +309,28 @@ def test_a_refiling_for_a_subject_erased_before_claims_no_destruction_of_its_own
     again = file_request(pipeline, "acme", "ann")
     [done] = process_pending(pipeline)
     assert done.state == "completed"
-    assert done.receipt["key"] == {"state": "destroyed", "keys_destroyed": 0}
-    destroyed = [e.details["request_id"] for e in pipeline.audit.entries(actions=["key.destroyed"])]
-    assert destroyed == [first.request_id]
+    [entry] = pipeline.audit.entries(actions=["key.destroyed"])  # the first request's: the refiling cites it
+    assert entry.details["request_id"] == first.request_id
+    assert done.receipt["key"] == {
+        "state": "destroyed",
+        "keys_destroyed": 0,
+        "destroyed_at": entry.recorded_at.isoformat(),
+        "audit_seq": entry.seq,
+        "destroyed_by": first.request_id,
+    }
     assert receipt_disagreements(pipeline, done) == []
     assert run("erase", "status", again.request_id).exit_code == 0
+    # citing another subject's destruction as the one before it
+    globex = file_request(pipeline, "globex")
+    process_pending(pipeline)
+    [_, globex_entry] = pipeline.audit.entries(actions=["key.destroyed"])
+    elsewhere = get_request(pipeline, again.request_id)
+    elsewhere.receipt["key"].update(audit_seq=globex_entry.seq, destroyed_by=globex.request_id)
+    elsewhere.receipt["key"]["destroyed_at"] = globex_entry.recorded_at.isoformat()
+    said = receipt_disagreements(pipeline, elsewhere)
+    assert said == [
+        f"it cites audit entry {globex_entry.seq} as its key's destruction, which destroyed another subject's"
+    ]
     # a receipt of a request that did destroy keys, edited to claim none, still cites nothing of the trail's
     receipt = get_request(pipeline, first.request_id)
     receipt.receipt["key"] = {"state": "destroyed", "keys_destroyed": 0}
@@ -330,9 +347,14 @@ def test_erasures_of_an_account_and_its_user_at_once_each_count_only_the_keys_th
     process_pending(pipeline)
     receipts = {r.request_id: get_request(pipeline, r.request_id) for r in (acme, ann)}
     assert receipts[acme.request_id].receipt["key"]["keys_destroyed"] == 3  # acme's, ann's and bob's
-    assert receipts[ann.request_id].receipt["key"] == {"state": "destroyed", "keys_destroyed": 0}
-    entries = pipeline.audit.entries(actions=["key.destroyed"])
+    entries = list(pipeline.audit.entries(actions=["key.destroyed"]))
     assert [(e.details["request_id"], e.details["keys"]) for e in entries] == [(acme.request_id, 3)]
+    ann_key = receipts[ann.request_id].receipt["key"]
+    assert (ann_key["keys_destroyed"], ann_key["destroyed_by"], ann_key["audit_seq"]) == (
+        0,
+        acme.request_id,
+        entries[0].seq,
+    )
     assert all(receipt_disagreements(pipeline, r) == [] for r in receipts.values())
 
 
@@ -346,6 +368,7 @@ def test_erasures_of_an_account_and_its_user_at_once_each_count_only_the_keys_th
             "it cites no store.erased entry for long_term",
         ),
         (lambda r: r.update(key={"state": "destroyed", "keys_destroyed": 1}), "it cites no key.destroyed entry"),
+        (lambda r: r.update(key={"state": "destroyed", "keys_destroyed": 0}), "it cites no key.destroyed entry"),
         (
             lambda r: r.update(key={"state": "destroyed", "keys_destroyed": 0, "destroyed_at": "2026-03-01T00:00:00"}),
             "it cites no key.destroyed entry",
@@ -361,11 +384,20 @@ def test_an_unfinished_requests_receipt_edited_to_claim_an_erasure_disagrees(pip
     """Only a completed receipt was checked for what it must cite: a pending one edited to say 500 records erased
     and the key destroyed checked out (and its run would then skip both as done); a number no audit entry can
     have was an error or a traceback, not a disagreement (r45)."""
-    from pipeline.retention.requests import receipt_disagreements
+    from pipeline.retention.requests import _save, receipt_disagreements
 
     request = file_request(pipeline, "acme", "ann")
     edit(request.receipt)
     assert named in receipt_disagreements(pipeline, request)
+    if "pending" in named:  # not a claim of anything done
+        return
+    _save(pipeline, request)  # and its run takes none of it for done (r47: the key stayed live)
+    [done] = process_pending(pipeline)
+    assert done.state == "completed" and receipt_disagreements(pipeline, done) == []
+    assert pipeline.keyring.key_state(request.subject_ref, request.user_ref) == "destroyed"
+    assert done.receipt["key"]["keys_destroyed"] == 1
+    assert (done.receipt["stores"]["long_term"]["records"], _accounts(pipeline, "long_term")) == (6, {"acme", "globex"})
+    assert {r["user"] for r in pipeline.read_records("long_term", account="acme")} == {"bob", None}
 
 
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:

@@ -299,8 +299,11 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
             cited.append((got["audit_seq"], "store.erased", said))
     key = receipt.get("key", {})
     if "audit_seq" in key:  # the first release's receipts and entries do not count the keys
-        counted = {"keys": key["keys_destroyed"]} if "keys_destroyed" in key else {}
-        cited.append((key["audit_seq"], "key.destroyed", {"request_id": request_id, **counted}))
+        # destroyed_by: the erasure of the subject that destroyed them before this one ran (it destroyed none)
+        counted = {"keys": key["keys_destroyed"]} if "keys_destroyed" in key and "destroyed_by" not in key else {}
+        when = {"destroyed_at": key["destroyed_at"]} if "destroyed_at" in key else {}
+        said = {"request_id": key.get("destroyed_by", request_id), **counted, **when}
+        cited.append((key["audit_seq"], "key.destroyed", said))
     rotation = receipt.get("rotation", {})
     if "audit_seq" in rotation:
         said = {name: rotation.get(name) for name in ("master_key_version", "rotated_at", "final_at")}
@@ -328,7 +331,10 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         if action == "key.rotated" and not _rotated_for(entry, request):
             found.append(f"it cites audit entry {seq} as its rotation, which was not made for it")
             continue
-        vouched = {**entry.details, **(_rotation(pipeline, entry) if action == "key.rotated" else {})}
+        if action == "key.destroyed" and not _covers(entry, request):
+            found.append(f"it cites audit entry {seq} as its key's destruction, which destroyed another subject's")
+            continue
+        vouched = {**entry.details, **_vouched_times(pipeline, entry)}
         found += [
             f"{name} {value!r}, audit entry {seq} says {vouched.get(name)!r}"
             for name, value in said.items()
@@ -344,7 +350,7 @@ _LATER_FIGURES = frozenset({"completed_at", "final_at"})
 
 #: times of a receipt, and how far from its entry's each may be: an earlier release read the clock once for
 #: the receipt and once for the entry (this one writes both from one reading)
-_TIMES = frozenset({"completed_at", "final_at", "rotated_at"})
+_TIMES = frozenset({"completed_at", "final_at", "rotated_at", "destroyed_at"})
 _CLOCK_READS_APART = timedelta(seconds=1)
 
 
@@ -358,6 +364,22 @@ def _agrees(name: str, said: Any, vouched: dict[str, Any]) -> bool:
         return abs(datetime.fromisoformat(said) - datetime.fromisoformat(vouched[name])) <= _CLOCK_READS_APART
     except (TypeError, ValueError, KeyError):  # not a time (edited into anything), or none to compare
         return False
+
+
+def _vouched_times(pipeline: Pipeline, entry: AuditEntry) -> dict[str, Any]:
+    """The times an entry vouches for beside its details: a rotation's, or when keys were destroyed."""
+    if entry.action == "key.rotated":
+        return _rotation(pipeline, entry)
+    return {"destroyed_at": entry.recorded_at.isoformat()} if entry.action == "key.destroyed" else {}
+
+
+def _covers(entry: AuditEntry, request: DeletionRequest) -> bool:
+    """Whether a ``key.destroyed`` entry destroyed keys of the request's subject: the account's, or (for a
+    user's request) hers or her whole account's."""
+    user_ref = entry.details.get("user_ref")
+    return entry.subject_ref == request.subject_ref and (
+        request.user_ref is None or user_ref in (None, request.user_ref)
+    )
 
 
 def _rotated_for(entry: AuditEntry, request: DeletionRequest) -> bool:
@@ -393,8 +415,7 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         if "audit_seq" not in progress and (completed or "erased_at" in progress):
             found.append(f"it cites no store.erased entry for {store}")
     key = receipt.get("key", {})
-    # a destroyed key none of whose keys this request destroyed (no entry of it) is a refiling's: nothing to cite
-    claimed = key.get("state") == "destroyed" and (key.get("keys_destroyed") != 0 or "destroyed_at" in key)
+    claimed = key.get("state") == "destroyed"  # by this request, or (destroyed_by) the erasure before it
     if (claimed or (completed and any(e.action == "key.destroyed" for e in trail))) and "audit_seq" not in key:
         found.append("it cites no key.destroyed entry")
     filed = receipt.get("audit", {}).get("pending", 0)
@@ -520,12 +541,15 @@ def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
     if held in _NOTHING_HELD:
         request.receipt["note"] = _NOTHING_HELD[held]
     stores = request.receipt.setdefault("stores", {})
+    erased = {e.details.get("store") for e in _entries_of(pipeline, request, ("store.erased",))}
     # every store: one the policy lists as holding nothing may hold what it held before an edit
     for name in dict.fromkeys([*pipeline.policy.erasure_stores, *pipeline.stores]):
         store = pipeline.stores.get(name)
         progress = stores.get(name, {})
-        if store is None or "erased_at" in progress:
+        if store is None or ("erased_at" in progress and name in erased):
             continue
+        if "erased_at" in progress:  # said done with no entry of it (a receipt edited in the database): counted again
+            progress = {}
         if "started_at" not in progress:  # count first: a crash inside erase() must not lose it
             held = list(store.scan(subject_ref=request.subject_ref, user_ref=request.user_ref, with_payload=False))
             progress = {
@@ -604,9 +628,8 @@ _NOTHING_HELD = {
 def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
     """Shred the user's key, or every key of an account, its ``key.destroyed`` entry committed with the
     destruction (a run stopped in between leaves both or neither: each receipt counts the keys its own
-    request destroyed, not another erasure's of the same subject); then drop the copies SQLite's WAL keeps."""
-    if "key" in request.receipt:
-        return
+    request destroyed, not another erasure's of the same subject); then drop the copies SQLite's WAL keeps.
+    What the receipt says is not taken for done: one edited in the database to say so kept the key live."""
     entries = _entries_of(pipeline, request, ("key.destroyed",))  # a run stopped before saving the receipt
     if not entries:
 
@@ -625,8 +648,21 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
         )
     else:
         key["keys_destroyed"] = 0
+        earlier = _last_destruction(pipeline, request) if key["state"] == "destroyed" else None
+        if earlier is not None:  # a refiling, or an erasure of the subject run beside it: that one's entry
+            key.update(
+                destroyed_at=earlier.recorded_at.isoformat(),
+                audit_seq=earlier.seq,
+                destroyed_by=earlier.details.get("request_id"),
+            )
     request.receipt["key"] = key
     _save(pipeline, request)
+
+
+def _last_destruction(pipeline: Pipeline, request: DeletionRequest) -> AuditEntry | None:
+    """The newest ``key.destroyed`` entry of the request's subject (see :func:`_covers`), of any request."""
+    covering = [e for e in pipeline.audit.entries(0, actions=("key.destroyed",)) if _covers(e, request)]
+    return covering[-1] if covering else None
 
 
 def _rotation(pipeline: Pipeline, entry: AuditEntry) -> dict[str, Any]:
