@@ -129,13 +129,11 @@ def http_client(**kwargs: Any) -> httpx.Client:
 
 
 def unreachable(what: str, exc: httpx.HTTPError) -> str:
-    """``what`` could not be reached, and why; an untrusted certificate met while ``SSL_CERT_DIR`` names no
-    folder says so (OpenSSL skips a missing folder without a word, so only the failed check shows it)."""
-    missing = [
-        folder
-        for folder in os.environ.get("SSL_CERT_DIR", "").split(os.pathsep)
-        if folder and not Path(folder).is_dir()
-    ]
+    """``what`` could not be reached, and why; an untrusted certificate met while ``SSL_CERT_DIR`` (read when
+    ``SSL_CERT_FILE`` is not set) names no folder says so (OpenSSL skips a missing folder without a word, so
+    only the failed check shows it)."""
+    folders = "" if os.environ.get("SSL_CERT_FILE") else os.environ.get("SSL_CERT_DIR", "")  # the file wins, in httpx
+    missing = [folder for folder in folders.split(os.pathsep) if folder and not Path(folder).is_dir()]
     note = (
         f" (SSL_CERT_DIR names no folder: {', '.join(missing)})"
         if missing and "CERTIFICATE_VERIFY_FAILED" in str(exc)

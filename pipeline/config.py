@@ -27,7 +27,7 @@ from dask.utils import parse_timedelta
 from pipeline.errors import ConfigError
 from pipeline.fsmodes import private_folder
 from pipeline.limits import MAX_STRING_BYTES
-from pipeline.redact import mask_url, quoted
+from pipeline.redact import mask_url, mask_urls, quoted
 from pipeline.subject_names import control_character
 
 __all__ = [
@@ -53,11 +53,13 @@ def _unread_settings(given: Any, defaults: dict[str, Any], at: str = "") -> list
     (one may hold a password)."""
     found = []
     if at:  # the pipeline's own section: every name is one of its defaults' (the others are other libraries')
-        known = sorted(_dashed(key) for key in defaults)
+        spellings = {spelling for key in defaults for spelling in (key, key.replace("-", "_"))}
         for key in given:
-            if _dashed(key) not in known:
-                near = difflib.get_close_matches(_dashed(key), known, n=1)
-                found.append(f"{at}{key}: no such setting" + (f" (did you mean {at}{near[0]}?)" if near else ""))
+            if key not in spellings:  # as dask matches names: as written, or every hyphen an underscore
+                near = difflib.get_close_matches(str(key).replace("_", "-"), sorted(defaults), n=1)
+                # a name may be anything a YAML key can: a URL with its password, cut and masked as values are
+                named = mask_urls(f"{at}{key}" if len(f"{at}{key}") <= _NAME_SHOWN else quoted(f"{at}{key}"))
+                found.append(f"{named}: no such setting" + (f" (did you mean {at}{near[0]}?)" if near else ""))
     for key, default in defaults.items():
         value = given.get(dask.config.canonical_name(key, given)) if isinstance(default, dict) else None
         if isinstance(value, dict):
@@ -67,9 +69,8 @@ def _unread_settings(given: Any, defaults: dict[str, Any], at: str = "") -> list
     return found
 
 
-def _dashed(key: object) -> str:
-    """A setting's name as dask matches it: ``long_term`` is ``long-term``."""
-    return str(key).replace("_", "-")
+#: a setting's name longer than this is quoted cut, as a value is
+_NAME_SHOWN = 80
 
 
 #: read before the defaults join the configuration (files and environment), which they would hide in
@@ -293,7 +294,7 @@ class Settings:
 
         policy = text("policy")
         host = text("server.host")
-        if host is None or not host.strip():  # uvicorn took null as the host "None", after a new home's keys were made
+        if host is None:  # uvicorn took it as the host "None", after a new home's keys were made ("": every interface)
             raise ConfigError("pipeline.server.host: must name an address to listen on (127.0.0.1, 0.0.0.0, ...)")
         values: dict[str, Any] = {
             "home": home,

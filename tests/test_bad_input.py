@@ -474,6 +474,16 @@ def test_a_value_given_for_a_section_is_one_line_not_the_defaults(
             ("DASK_PIPELINE__LONG_TERM_URL", "postgresql+psycopg://pipeline:secret@db/metadata"),
             "error: pipeline.long_term_url: no such setting (did you mean pipeline.long-term?)",
         ),
+        (  # hyphens and underscores mixed: dask reads a name as written or with every hyphen an underscore (r46)
+            "pipeline:\n  audit:\n    signing_key-url: file:///srv/keys/audit-signing.key\n",
+            None,
+            "error: pipeline.audit.signing_key-url: no such setting (did you mean pipeline.audit.signing-key-url?)",
+        ),
+        (  # no space after the colon: the URL is a name, its password masked as in a value (r46)
+            "pipeline:\n  long-term: {url:postgresql+psycopg://app:secret@db/metadata}\n",
+            None,
+            "error: pipeline.long-term.url:postgresql+psycopg://app:***@db/metadata: no such setting",
+        ),
     ],
 )
 def test_a_setting_of_no_such_name_is_one_line_not_its_default(
@@ -490,6 +500,14 @@ def test_a_setting_of_no_such_name_is_one_line_not_its_default(
     )
     assert (done.returncode, done.stderr) == (2, line + "\n")
     assert not home.exists()
+
+
+def test_every_spelling_dask_reads_is_taken_and_an_empty_host_is_every_interface(home: Path) -> None:
+    """Names as dask reads them (underscores for every hyphen) are settings; ``server.host: ""`` listened on every
+    interface before null was refused, and stays so (r46)."""
+    with dask.config.set({"pipeline": {"long_term": {"url": f"sqlite:///{home}/other.db"}, "server": {"host": ""}}}):
+        settings = Settings.from_config()
+    assert (settings.long_term_url, settings.server_host) == (f"sqlite:///{home}/other.db", "")
 
 
 def test_a_value_set_for_a_section_in_process_is_named_too(home: Path) -> None:

@@ -130,6 +130,7 @@ def test_serve_speaks_tls_when_cert_and_key_are_set(tmp_path: Path, monkeypatch:
 def _untrusted_names_a_missing_trust_folder(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenSSL skips an ``SSL_CERT_DIR`` that names no folder without a word: the command line and a scheduler's
     delivery said only that the certificate was not trusted (r40). A folder that exists is not named."""
+    import certifi
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from pipeline.apiclient import ApiClient, Credentials
@@ -137,9 +138,14 @@ def _untrusted_names_a_missing_trust_folder(url: str, tmp_path: Path, monkeypatc
     from pipeline.errors import ApiError, StoreUnavailable
     from pipeline.spool import SpooledBatch
 
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    for folder, named in ((tmp_path / "no-such-certs", True), (tmp_path, False)):
+    cases = [(tmp_path / "no-such-certs", None, True), (tmp_path, None, False)]
+    cases.append((tmp_path / "no-such-certs", certifi.where(), False))  # the file wins: the folder is not read (r46)
+    for folder, bundle, named in cases:
         monkeypatch.setenv("SSL_CERT_DIR", str(folder))
+        if bundle is None:
+            monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        else:
+            monkeypatch.setenv("SSL_CERT_FILE", bundle)
         with ApiClient(Credentials(url, "")) as client, pytest.raises(ApiError) as refused:
             client.json("GET", "/v1/health")
         delivery = HTTPDelivery(url, "mp_token", X25519PrivateKey.generate().public_key())
