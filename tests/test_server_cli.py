@@ -511,6 +511,8 @@ def test_clusters_list_json_is_the_same_logged_in_or_not(plane: ControlPlane) ->
     through_api = run("clusters", "list", "--json")
     assert through_api.exit_code == local.exit_code == 0, through_api.output
     assert through_api.stdout == local.stdout
+    made_through_api = json.loads(run("clusters", "create", "--account", "acme", "--json").output)  # r46
+    assert made["expires_at"].endswith("+00:00") and made_through_api["expires_at"].endswith("+00:00")
     [listed] = [json.loads(line) for line in local.stdout.splitlines()]
     assert listed["closed_at"].endswith("+00:00") and listed["last_contact_at"] is None
 

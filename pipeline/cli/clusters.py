@@ -77,7 +77,7 @@ def _register_cluster(account: str, user: str | None, name: str | None, image: s
         return ClusterRegistry(pipeline).register(account, url, user=user, name=name, image=image).as_dict()
     with client:
         body = {"account": account, "user": user, "name": name, "image": image}
-        return client.json("POST", "/v1/clusters", json=body)
+        return from_api(client.json("POST", "/v1/clusters", json=body), ("expires_at",))
 
 
 def _withdraw(registration: dict[str, Any]) -> None:
