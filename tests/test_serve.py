@@ -167,6 +167,7 @@ def _untrusted_names_a_missing_trust_folder(url: str, tmp_path: Path, monkeypatc
         ),
         ("SERVICE__RETENTION_CRON", "'0 0 * * */0'", "error: pipeline.service.retention-cron: '0 0 * * */0': "),
         ("SERVER__HOST", "None", "error: pipeline.server.host: must name an address to listen on"),
+        ("SERVER__HOST", "127.0.0.l", "error: pipeline.server.host: '127.0.0.l' is no address: "),
     ],
 )
 def test_serve_refused_a_setting_exits_2_naming_it_and_makes_nothing(

@@ -20,6 +20,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -264,8 +265,8 @@ class ControlPlaneServer(uvicorn.Server):
 
 
 def check_serving(settings: Settings, *, retention: bool) -> None:
-    """What ``serve`` is told that it can judge before it makes anything: a refused TLS pair or schedule left
-    a new home's master key, signing key and database behind.
+    """What ``serve`` is told that it can judge before it makes anything: a refused TLS pair, schedule or listen
+    address left a new home's master key, signing key and database behind.
 
     :raises ConfigError:
     """
@@ -274,6 +275,11 @@ def check_serving(settings: Settings, *, retention: bool) -> None:
         from pipeline.retention.schedule import retention_trigger
 
         retention_trigger(settings.retention_cron)
+    if settings.server_host:  # "": every interface
+        try:
+            socket.getaddrinfo(settings.server_host, settings.server_port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:  # a typo (127.0.0.l) was "unknown error -2" at the bind
+            raise ConfigError(f"pipeline.server.host: {settings.server_host!r} is no address: {exc}") from None
 
 
 def _check_tls(s: Settings) -> None:
