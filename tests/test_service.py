@@ -240,6 +240,7 @@ def test_a_changed_retention_schedule_applies_at_once_not_at_the_old_ones_next_s
         ("0 3 * * 0,6", "Sat Sun"),
         ("0 3 * * 7", "Sun"),
         ("0 3 * * */3", "Wed Sat Sun"),
+        ("0 3 * * mon-3", "Mon Tue Wed"),  # a name and a number: passes ran on Mondays only (r46)
     ],
 )
 def test_the_retention_cron_reads_days_of_the_week_as_crontab_does(cron: str, days: str) -> None:
@@ -253,9 +254,10 @@ def test_the_retention_cron_reads_days_of_the_week_as_crontab_does(cron: str, da
     assert sorted(fired) == sorted(days.split())
 
 
-@pytest.mark.parametrize("field", ["*/0", "1/0", "1-5/0", "1/x"])
+@pytest.mark.parametrize("field", ["*/0", "1/0", "1-5/0", "1/x", "1-5/", "1/", "\u00b2"])
 def test_a_day_of_week_step_crontab_refuses_is_refused(field: str) -> None:
-    """A step of 0 was read as 1: ``0 0 * * */0`` ran a pass every day where crontab refuses it (r44)."""
+    """A step of 0 was read as 1: ``0 0 * * */0`` ran a pass every day where crontab refuses it (r44); an empty
+    step was none, and ``²`` a traceback (r46)."""
     from pipeline.errors import ConfigError
     from pipeline.retention.schedule import retention_trigger
 

@@ -21,6 +21,7 @@ __all__ = ["RUN_ALLOWANCE", "retention_trigger", "since_last_pass"]
 RUN_ALLOWANCE = timedelta(minutes=10)
 #: crontab's day-of-week numbers, 0 and 7 both Sunday; APScheduler 3's ``from_crontab`` reads 0 as Monday
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY_NUMBERS = {name: str(number) for number, name in enumerate(_DAYS[:7])}
 #: how far back a last pass is looked for: a schedule that ran none within a year waits for nothing
 _LOOK_BACK = (timedelta(hours=1), timedelta(days=1), timedelta(days=8), timedelta(days=32), timedelta(days=367))
 
@@ -52,19 +53,25 @@ def _crontab(expression: str, configured: str) -> CronTrigger:
 
 
 def _weekdays(field: str) -> str:
-    """A crontab day-of-week field with its numbers given as day names (names and ``*`` stay as they are)."""
+    """A crontab day-of-week field as the day names it means (``*`` alone stays as it is); a part crontab
+    refuses is left as written, for APScheduler to refuse with its own reason (5-1, 9, */0, 1-5/, ²)."""
     names: list[str] = []
     for part in field.split(","):
-        span, _, step = part.partition("/")
-        first, _, last = span.partition("-")
-        numbers = ("0", "7") if span == "*" else (first, last or (first if not step else "7"))
-        readable = all(n.isdigit() and int(n) <= 7 for n in numbers) and int(numbers[0]) <= int(numbers[1])
-        if not readable or (span == "*" and not step) or (step and not (step.isdigit() and int(step))):
-            names.append(part)  # names, *, or what APScheduler refuses with its own reason (5-1, 9, */0)
+        span, slash, step = part.partition("/")
+        first, _, last = (_DAY_NUMBERS.get(end.lower(), end) for end in span.partition("-"))  # mon-3 is 1-3
+        numbers = ("0", "7") if span == "*" else (first, last or (first if not slash else "7"))
+        readable = all(_digits(n) and int(n) <= 7 for n in numbers) and int(numbers[0]) <= int(numbers[1])
+        if not readable or (span == "*" and not slash) or (slash and not (_digits(step) and int(step))):
+            names.append(part)
             continue
-        days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if step else 1)
+        days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if slash else 1)
         names += [_DAYS[day] for day in days]
     return ",".join(dict.fromkeys(names))
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a number as crontab writes one (``²`` is a digit to Python, and no number to ``int``)."""
+    return text.isascii() and text.isdigit()
 
 
 def since_last_pass(cron: str, at: datetime) -> timedelta:
