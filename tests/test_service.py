@@ -254,15 +254,32 @@ def test_the_retention_cron_reads_days_of_the_week_as_crontab_does(cron: str, da
     assert sorted(fired) == sorted(days.split())
 
 
-@pytest.mark.parametrize("field", ["*/0", "1/0", "1-5/0", "1/x", "1-5/", "1/", "\u00b2"])
+@pytest.mark.parametrize(
+    "field",
+    ["*/0", "1/0", "1-5/0", "1/x", "1-5/", "1/", "\u00b2"]
+    + ["mon-fri/", "mon/0", "mon-tue-wed", "1-", "sat-sun", "monday", "mon-xyz"],
+)
 def test_a_day_of_week_step_crontab_refuses_is_refused(field: str) -> None:
     """A step of 0 was read as 1: ``0 0 * * */0`` ran a pass every day where crontab refuses it (r44); an empty
-    step was none, and ``²`` a traceback (r46)."""
+    step was none, and ``²`` a traceback (r46); APScheduler read a day's name by its prefix, and numbered the days
+    from Monday: ``mon-fri/`` ran as ``mon-fri``, ``1-`` as ``1``, ``sat-sun`` ran (r49)."""
     from pipeline.errors import ConfigError
     from pipeline.retention.schedule import retention_trigger
 
     with pytest.raises(ConfigError, match=rf"^pipeline\.service\.retention-cron: '0 0 \* \* {re.escape(field)}': "):
         retention_trigger(f"0 0 * * {field}")
+
+
+def test_a_day_of_week_stepped_from_a_star_is_no_restriction_as_crontab_reads_it() -> None:
+    """``*/2`` was read as the days it names, then taken as restricted: ``0 0 1 * */2`` ran every other day as well
+    as on the 1st, where crontab runs it on a 1st that is one of those days (r49)."""
+    from pipeline.retention.schedule import retention_trigger
+
+    trigger, fired, at = retention_trigger("0 0 1 * */2"), [], datetime(2026, 12, 31, tzinfo=UTC)
+    for _ in range(3):
+        at = trigger.get_next_fire_time(None, at + timedelta(seconds=1))
+        fired.append(at.strftime("%a %Y-%m-%d"))
+    assert fired == ["Thu 2027-04-01", "Sat 2027-05-01", "Tue 2027-06-01"]
 
 
 def test_a_retention_cron_restricting_both_day_fields_runs_on_either_as_crontab_does() -> None:
@@ -276,5 +293,5 @@ def test_a_retention_cron_restricting_both_day_fields_runs_on_either_as_crontab_
         at = trigger.get_next_fire_time(None, at + timedelta(seconds=1))
         fired.append(at.strftime("%a %d"))
     assert fired == ["Mon 30", "Tue 01", "Mon 07", "Mon 14"]
-    with pytest.raises(ConfigError, match="'0 3 \\* \\* 5-1': The minimum value in a range"):
+    with pytest.raises(ConfigError, match="'0 3 \\* \\* 5-1': day of week '5-1' is no crontab day, range or step"):
         retention_trigger("0 3 * * 5-1")  # named, not "Wrong number of fields"

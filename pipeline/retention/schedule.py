@@ -7,6 +7,7 @@ finished (the pass that should have removed it did not).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.triggers.base import BaseTrigger
@@ -21,7 +22,7 @@ __all__ = ["RUN_ALLOWANCE", "retention_trigger", "since_last_pass"]
 RUN_ALLOWANCE = timedelta(minutes=10)
 #: crontab's day-of-week numbers, 0 and 7 both Sunday; APScheduler 3's ``from_crontab`` reads 0 as Monday
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_DAY_NUMBERS = {name: str(number) for number, name in enumerate(_DAYS[:7])}
+_DAY_NUMBERS = {name: number for number, name in enumerate(_DAYS[:7])}
 #: how far back a last pass is looked for: a schedule that ran none within a year waits for nothing
 _LOOK_BACK = (timedelta(hours=1), timedelta(days=1), timedelta(days=8), timedelta(days=32), timedelta(days=367))
 
@@ -36,8 +37,9 @@ def retention_trigger(cron: str) -> BaseTrigger:
     fields = cron.split()
     if len(fields) != 5:
         return _crontab(cron, cron)
-    fields[4] = _weekdays(fields[4])
-    if fields[2].startswith("*") or fields[4].startswith("*"):  # as cron tells "restricted": not starting with *
+    either = not (fields[2].startswith("*") or fields[4].startswith("*"))  # as written: crontab's "restricted"
+    fields[4] = _weekdays(fields[4], cron)  # */2 is restricted to no day, and reads as sun,tue,thu,sat
+    if not either:
         return _crontab(" ".join(fields), cron)
     by_month_day, by_week_day = (
         " ".join([*fields[:2], *days]) for days in ((fields[2], fields[3], "*"), ("*", *fields[3:]))
@@ -52,26 +54,52 @@ def _crontab(expression: str, configured: str) -> CronTrigger:
         raise ConfigError(f"pipeline.service.retention-cron: {configured!r}: {exc}") from exc
 
 
-def _weekdays(field: str) -> str:
-    """A crontab day-of-week field as the day names it means (``*`` alone stays as it is); a part crontab
-    refuses is left as written, for APScheduler to refuse with its own reason (5-1, 9, */0, 1-5/, ²)."""
+def _weekdays(field: str, cron: str) -> str:
+    """A crontab day-of-week field as the day names it means (``*`` alone stays as it is).
+
+    Read here in full, as crontab reads it (0 to 7 or the days' first three letters, ranges low to high, steps
+    from 1): APScheduler reads a part by its prefix (``mon-fri/`` ran as ``mon-fri``, ``1-`` as ``1``) and
+    numbers days from Monday (``sat-sun`` ran), so what it took of a part crontab refuses ran on days of its own.
+
+    :raises ConfigError: naming the part
+    """
+    if field == "*":
+        return field
     names: list[str] = []
     for part in field.split(","):
-        span, slash, step = part.partition("/")
-        first, _, last = (_DAY_NUMBERS.get(end.lower(), end) for end in span.partition("-"))  # mon-3 is 1-3
-        numbers = ("0", "7") if span == "*" else (first, last or (first if not slash else "7"))
-        readable = all(_digits(n) and int(n) <= 7 for n in numbers) and int(numbers[0]) <= int(numbers[1])
-        if not readable or (span == "*" and not slash) or (slash and not (_digits(step) and int(step))):
-            names.append(part)
-            continue
-        days = range(int(numbers[0]), int(numbers[1]) + 1, int(step) if slash else 1)
-        names += [_DAYS[day] for day in days]
+        match = _DAY_PART.fullmatch(part)
+        if match is None:
+            raise _no_days(cron, part)
+        first: int | None
+        last: int | None
+        if match["span"] == "*":
+            first, last = 0, 7
+        else:  # a day alone is that day, or with a step every n-th day from it to the week's end
+            first = _day(match["first"])
+            last = _day(match["last"]) if match["last"] else (7 if match["step"] else first)
+        step = int(match["step"] or 1)
+        if first is None or last is None or first > last or step == 0:
+            raise _no_days(cron, part)
+        names += [_DAYS[day] for day in range(first, last + 1, step)]
     return ",".join(dict.fromkeys(names))
 
 
-def _digits(text: str) -> bool:
-    """Whether ``text`` is a number as crontab writes one (``²`` is a digit to Python, and no number to ``int``)."""
-    return text.isascii() and text.isdigit()
+#: one part of a day-of-week field: ``*``, a day or a range of days, and a step
+_DAY_PART = re.compile(
+    r"(?P<span>\*|(?P<first>[0-7]|[A-Za-z]{3})(?:-(?P<last>[0-7]|[A-Za-z]{3}))?)(?:/(?P<step>[0-9]+))?"
+)
+
+
+def _day(value: str) -> int | None:
+    """A day's crontab number (0 and 7 Sunday), from its number or name; None for no day's name."""
+    return int(value) if value.isdigit() else _DAY_NUMBERS.get(value.lower())
+
+
+def _no_days(cron: str, part: str) -> ConfigError:
+    return ConfigError(
+        f"pipeline.service.retention-cron: {cron!r}: day of week {part!r} is no crontab day, range or step "
+        "(0-7 or sun-sat, low to high, steps from 1)"
+    )
 
 
 def since_last_pass(cron: str, at: datetime) -> timedelta:
