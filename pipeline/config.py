@@ -57,8 +57,9 @@ def _unread_settings(given: Any, defaults: dict[str, Any], at: str = "") -> list
         for key in given:
             if key not in spellings:  # as dask matches names: as written, or every hyphen an underscore
                 near = difflib.get_close_matches(str(key).replace("_", "-"), sorted(defaults), n=1)
-                # a name may be anything a YAML key can: a URL with its password, cut and masked as values are
-                named = mask_urls(f"{at}{key}" if len(f"{at}{key}") <= _NAME_SHOWN else quoted(f"{at}{key}"))
+                # a name may be anything a YAML key can: a URL with its password, masked then cut as values are
+                named = mask_urls(f"{at}{key}")
+                named = named if len(named) <= _NAME_SHOWN else quoted(named)
                 found.append(f"{named}: no such setting" + (f" (did you mean {at}{near[0]}?)" if near else ""))
     for key, default in defaults.items():
         value = given.get(dask.config.canonical_name(key, given)) if isinstance(default, dict) else None
@@ -209,6 +210,8 @@ class Settings:
         if problems := _UNREAD_SETTINGS or _unread_settings(dask.config.config, _DEFAULTS):
             raise ConfigError(problems[0])
         named = overrides.pop("home", None) or _get("home")
+        if named is not None and not isinstance(named, str | os.PathLike):  # a mapping made a folder "{'a': 1}"
+            raise not_text("home", named)
         if named is None or not str(named).strip():  # DASK_PIPELINE__HOME= would make the current folder the home
             raise ConfigError("pipeline.home: must name a folder, not be empty")
         home = Path(os.path.expanduser(str(named))).absolute()
@@ -293,6 +296,9 @@ class Settings:
             return number
 
         policy = text("policy")
+        cron = text("service.retention-cron")
+        if cron is None:
+            raise ConfigError("pipeline.service.retention-cron: must be a crontab expression (five fields)")
         host = text("server.host")
         if host is None:  # uvicorn took it as the host "None", after a new home's keys were made ("": every interface)
             raise ConfigError("pipeline.server.host: must name an address to listen on (127.0.0.1, 0.0.0.0, ...)")
@@ -315,7 +321,7 @@ class Settings:
             "signing_key_url": url("audit.signing-key-url"),
             "verify_key": text("audit.verify-key"),
             "policy_path": Path(os.path.expanduser(policy)) if policy else default_policy_path(),
-            "retention_cron": str(_get("service.retention-cron")),
+            "retention_cron": cron,
             "requests_interval": seconds("service.requests-interval"),
             "tls_validity": seconds("tls.validity"),
             "aws_role_arn": text("aws.role-arn"),

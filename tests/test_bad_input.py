@@ -484,6 +484,11 @@ def test_a_value_given_for_a_section_is_one_line_not_the_defaults(
             None,
             "error: pipeline.long-term.url:postgresql+psycopg://app:***@db/metadata: no such setting",
         ),
+        (  # a long one masked before it is cut: the cut left the start of the password (r49)
+            "pipeline:\n  {postgresql://u:TopSecretPassword@db.example.com/" + "m" * 80 + ": 1}\n",
+            None,
+            "error: 'pipeline.postgresql://u:***@db.example…: no such setting",
+        ),
     ],
 )
 def test_a_setting_of_no_such_name_is_one_line_not_its_default(
@@ -905,7 +910,8 @@ def test_a_duration_a_setting_cannot_use_is_one_line_naming_it(key: str, value: 
 
 @pytest.mark.parametrize(
     "key",
-    ["account", "user", "image", "policy", "audit.verify-key", "ingest.url", "ingest.token", "aws.role-arn"],
+    ["account", "user", "image", "policy", "audit.verify-key", "ingest.url", "ingest.token", "aws.role-arn"]
+    + ["home", "service.retention-cron"],  # a mapping made a folder named "{'a': 1}" (r49)
 )
 def test_a_name_the_environment_gives_as_a_number_is_one_line_naming_it(key: str, home: Path) -> None:
     """Dask reads ``DASK_PIPELINE__ACCOUNT=1234`` as a Python literal: the plugin said it was active and dropped
