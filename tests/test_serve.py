@@ -168,6 +168,11 @@ def _untrusted_names_a_missing_trust_folder(url: str, tmp_path: Path, monkeypatc
         ("SERVICE__RETENTION_CRON", "'0 0 * * */0'", "error: pipeline.service.retention-cron: '0 0 * * */0': "),
         ("SERVER__HOST", "None", "error: pipeline.server.host: must name an address to listen on"),
         ("SERVER__HOST", "127.0.0.l", "error: pipeline.server.host: '127.0.0.l' is no address: "),
+        (
+            "SERVER__HOST",
+            "192.0.2.1",
+            "error: pipeline.server.host/port: cannot listen on 192.0.2.1:8800 (cannot assign",
+        ),
     ],
 )
 def test_serve_refused_a_setting_exits_2_naming_it_and_makes_nothing(
@@ -208,6 +213,7 @@ def test_serve_on_a_taken_port_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: pipeline.server.host/port: cannot listen on 127.0.0.1:{port} (address already in use)"
     ]
+    assert not (tmp_path / "home").exists()  # found before a new home's keys and database are made (r49)
 
 
 def test_serve_over_tls_stops_at_once_while_a_client_holds_an_idle_connection(tmp_path: Path) -> None:

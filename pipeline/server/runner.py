@@ -275,11 +275,26 @@ def check_serving(settings: Settings, *, retention: bool) -> None:
         from pipeline.retention.schedule import retention_trigger
 
         retention_trigger(settings.retention_cron)
-    if settings.server_host:  # "": every interface
-        try:
-            socket.getaddrinfo(settings.server_host, settings.server_port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:  # a typo (127.0.0.l) was "unknown error -2" at the bind
-            raise ConfigError(f"pipeline.server.host: {settings.server_host!r} is no address: {exc}") from None
+    _check_address(settings.server_host, settings.server_port)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Whether ``serve`` could listen there now: each address the host resolves to is bound once and let go
+    (another process may take it before ``serve`` does, which is then refused as before, after its home)."""
+    try:  # "": every interface
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:  # a typo (127.0.0.l) was "unknown error -2" at the bind
+        raise ConfigError(f"pipeline.server.host: {host!r} is no address: {exc}") from None
+    for family, kind, protocol, _name, address in found if port else ():  # port 0: any free one
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:  # in use, or no address of this host
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                raise ConfigError(f"pipeline.server.host/port: cannot listen on {host}:{port} ({reason})") from None
 
 
 def _check_tls(s: Settings) -> None:
