@@ -120,6 +120,11 @@ def http_url_problem(url: str) -> str | None:
     return None
 
 
+def base_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 address in brackets (``http://::1:8800`` was no URL a plugin would take)."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def text_setting(key: str, value: Any) -> str | None:
     """A setting that is text (or unset).
 

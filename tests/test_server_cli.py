@@ -19,7 +19,7 @@ from conftest import make_record, one_line
 from controlplane import ControlPlane, assert_problem, serving
 
 from pipeline.cli import main
-from pipeline.config import Settings
+from pipeline.config import Settings, http_url_problem
 from pipeline.delivery import HTTPDelivery
 from pipeline.errors import ConfigError
 from pipeline.intake import load_public_key, seal_batch
@@ -285,6 +285,10 @@ def test_clusters_create_on_a_control_plane_listening_everywhere_needs_the_url_c
             made = run("clusters", "create", "--account", "acme", "--json")
     assert made.exit_code == 0, made.output
     assert json.loads(made.stdout)["ingest_url"] == "https://plane.example:8800"
+    with dask.config.set({"pipeline.server.host": "::1"}):  # http://::1:8800 was no URL its plugin would take (r49)
+        made = run("clusters", "create", "--account", "acme", "--json")
+    ingest_url = json.loads(made.stdout)["ingest_url"]
+    assert ingest_url == "http://[::1]:8800" and http_url_problem(ingest_url) is None
 
 
 def test_a_cluster_whose_files_cannot_be_written_is_closed_and_leaves_no_file(

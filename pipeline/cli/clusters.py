@@ -10,6 +10,7 @@ from urllib.parse import quote
 import click
 
 from pipeline.cli.core import API_NAME, OUT_FOLDER, TEXT, api_client, command, from_api, main, open_pipeline
+from pipeline.config import base_url
 from pipeline.errors import ClusterNotFound, ConfigError
 from pipeline.output import Output
 
@@ -73,7 +74,7 @@ def _register_cluster(account: str, user: str | None, name: str | None, image: s
                 f"pipeline.api.url: set it to the URL clusters reach this control plane at; pipeline.server.host "
                 f"{s.server_host!r} (every interface) is no address a cluster can connect to"
             )
-        url = s.api_url or f"{'https' if s.tls_cert else 'http'}://{s.server_host}:{s.server_port}"
+        url = s.api_url or base_url("https" if s.tls_cert else "http", s.server_host, s.server_port)
         return ClusterRegistry(pipeline).register(account, url, user=user, name=name, image=image).as_dict()
     with client:
         body = {"account": account, "user": user, "name": name, "image": image}

@@ -31,7 +31,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from pipeline.config import ServerLimits, Settings
+from pipeline.config import ServerLimits, Settings, base_url
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.redact import first_line
 from pipeline.server.app import create_app, problem_document
@@ -241,7 +241,7 @@ class ControlPlaneServer(uvicorn.Server):
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             scheme = "https" if self.config.ssl else "http"
-            self.url = f"{scheme}://{host}:{port}"
+            self.url = base_url(scheme, host, port)
             if self.on_started is not None:
                 self.on_started(self.url)
 
