@@ -583,6 +583,20 @@ class Keyring:
                 self._ciphers.pop(key_id, None)
         return len(destroyed)
 
+    def destroyed_since(self, subject_ref: str, user_ref: str | None, since: datetime) -> int:
+        """How many keys of a user, or of an account, were destroyed at or after ``since``."""
+        with reading(self.engine, "reading the keyring") as conn:
+            return int(
+                conn.scalar(
+                    select(func.count()).where(
+                        _keys_of(subject_ref, user_ref),
+                        keyring_keys.c.wrapped.is_(None),
+                        keyring_keys.c.destroyed_at >= since,
+                    )
+                )
+                or 0
+            )
+
     def rotate_master(self, recorded: Callable[[Connection, int, int], object] | None = None) -> tuple[int, int]:
         """New master key version; re-wrap every live key. Returns (version, keys re-wrapped).
 

@@ -6,6 +6,7 @@ import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import make_record, run
@@ -398,6 +399,76 @@ def test_an_unfinished_requests_receipt_edited_to_claim_an_erasure_disagrees(pip
     assert done.receipt["key"]["keys_destroyed"] == 1
     assert (done.receipt["stores"]["long_term"]["records"], _accounts(pipeline, "long_term")) == (6, {"acme", "globex"})
     assert {r["user"] for r in pipeline.read_records("long_term", account="acme")} == {"bob", None}
+
+
+def test_a_receipt_holding_a_rotation_its_trail_never_made_is_rotated_for_and_named(pipeline) -> None:  # noqa: ANN001
+    """A pending receipt edited to hold a rotation kept its run from rotating the master key: a backup from before
+    the erasure opened the shredded key for good, while the receipt said final (r48)."""
+    from pipeline.retention.requests import _save, receipt_disagreements
+
+    request = file_request(pipeline, "acme", "ann")
+    request.receipt["rotation"] = {"master_key_version": 1, "final_at": "2026-03-02T00:00:00+00:00"}
+    assert "it cites no key.rotated entry" in receipt_disagreements(pipeline, request)
+    _save(pipeline, request)
+    [done] = process_pending(pipeline)
+    [rotation] = pipeline.audit.entries(actions=["key.rotated"])
+    assert rotation.details["after_erasures"] == [request.request_id]
+    assert done.receipt["rotation"]["audit_seq"] == rotation.seq and receipt_disagreements(pipeline, done) == []
+
+
+def test_a_receipt_citing_a_destruction_not_its_own_is_named(pipeline) -> None:  # noqa: ANN001
+    """Edits that passed (r48): keys counted beside another erasure's destruction; a destruction made after the
+    request completed; an older one where the request's own entry records the keys it destroyed."""
+    from pipeline.retention.requests import receipt_disagreements
+
+    first = file_request(pipeline, "acme", "ann")
+    process_pending(pipeline)
+    refiled = file_request(pipeline, "acme", "ann")
+    process_pending(pipeline)
+    pipeline.write_records([make_record("cluster_snapshot", account="acme", user="ann", observed_at=utcnow())])
+    again = file_request(pipeline, "acme", "ann")  # destroys ann's new key itself
+    process_pending(pipeline)
+    entries = {e.details["request_id"]: e for e in pipeline.audit.entries(actions=["key.destroyed"])}
+    assert set(entries) == {first.request_id, again.request_id}
+
+    def said(request: Any, **key: Any) -> list[str]:
+        edited = get_request(pipeline, request.request_id)
+        edited.receipt["key"].update(key)
+        return receipt_disagreements(pipeline, edited)
+
+    assert said(refiled) == []
+    assert "it counts 7 keys destroyed, and cites another erasure's destruction" in said(refiled, keys_destroyed=7)
+    later = entries[again.request_id]
+    moved = said(
+        refiled, audit_seq=later.seq, destroyed_by=again.request_id, destroyed_at=later.recorded_at.isoformat()
+    )
+    assert f"it cites audit entry {later.seq} as its key's destruction, made after it completed" in moved
+    older = entries[first.request_id]
+    hidden = said(
+        again,
+        keys_destroyed=0,
+        audit_seq=older.seq,
+        destroyed_by=first.request_id,
+        destroyed_at=older.recorded_at.isoformat(),
+    )
+    assert f"it cites no key.destroyed entry of its own (audit entry {later.seq})" in hidden
+
+
+def test_an_earlier_releases_erasure_killed_after_its_destruction_gets_its_entry(pipeline) -> None:  # noqa: ANN001
+    """A release before this one destroyed the keys and wrote their entry in two transactions: resumed after a
+    kill in between, the run found no key live, wrote no entry, and its receipt failed the check (r48)."""
+    from pipeline.retention.requests import _save, receipt_disagreements
+
+    request = file_request(pipeline, "acme", "ann")
+    del request.receipt["key_at_filing"]  # filed as that release did, and begun: a store counted, then the keys
+    request.receipt["stores"] = {"long_term": {"started_at": utcnow().isoformat(), "segments": 6, "records": 6}}
+    _save(pipeline, request)
+    assert pipeline.keyring.destroy(request.subject_ref, request.user_ref) == 1  # its run, killed here
+    [done] = process_pending(pipeline)
+    [entry] = pipeline.audit.entries(actions=["key.destroyed"])
+    assert (entry.details["request_id"], entry.details["keys"]) == (request.request_id, 1)
+    assert done.receipt["key"]["audit_seq"] == entry.seq and receipt_disagreements(pipeline, done) == []
+    assert "note" not in done.receipt  # its stores held ann's records: not "nothing to erase"
 
 
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:

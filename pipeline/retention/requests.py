@@ -334,6 +334,9 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         if action == "key.destroyed" and not _covers(entry, request):
             found.append(f"it cites audit entry {seq} as its key's destruction, which destroyed another subject's")
             continue
+        if action == "key.destroyed" and _is_seq(done := receipt.get("audit", {}).get("completed")) and seq > done:
+            found.append(f"it cites audit entry {seq} as its key's destruction, made after it completed")
+            continue
         vouched = {**entry.details, **_vouched_times(pipeline, entry)}
         found += [
             f"{name} {value!r}, audit entry {seq} says {vouched.get(name)!r}"
@@ -418,14 +421,28 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     claimed = key.get("state") == "destroyed"  # by this request, or (destroyed_by) the erasure before it
     if (claimed or (completed and any(e.action == "key.destroyed" for e in trail))) and "audit_seq" not in key:
         found.append("it cites no key.destroyed entry")
-    filed = receipt.get("audit", {}).get("pending", 0)
-    rotated = any(
-        request.request_id in (e.details.get("after_erasures") or ())
-        for e in pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=("key.rotated",))
-    )
-    if rotated and "audit_seq" not in receipt.get("rotation", {}):  # its final_at would be the receipt's say
-        found.append("it cites no key.rotated entry, and the trail rotated the master key after it")
+    own = [e for e in trail if e.action == "key.destroyed"]
+    if own and "audit_seq" in key and key["audit_seq"] != own[0].seq:  # another's, where it destroyed keys itself
+        found.append(f"it cites no key.destroyed entry of its own (audit entry {own[0].seq})")
+    if "destroyed_by" in key and key.get("keys_destroyed") != 0:
+        found.append(f"it counts {key.get('keys_destroyed')!r} keys destroyed, and cites another erasure's destruction")
+    rotation, rotated = receipt.get("rotation", {}), _rotations_for(pipeline, request)
+    if "audit_seq" not in rotation and (rotation or rotated):  # its final_at would be its own say
+        found.append(
+            "it cites no key.rotated entry" + (", and the trail rotated the master key after it" if rotated else "")
+        )
     return found
+
+
+def _rotations_for(pipeline: Pipeline, request: DeletionRequest) -> list[AuditEntry]:
+    """The trail's master key rotations made for the request (never its receipt's word: one edited to hold a
+    rotation kept its run from making one)."""
+    filed = request.receipt.get("audit", {}).get("pending", 0)
+    return [
+        e
+        for e in pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=("key.rotated",))
+        if _rotated_for(e, request)
+    ]
 
 
 def list_requests(pipeline: Pipeline, *, states: tuple[str, ...] = STATES) -> list[DeletionRequest]:
@@ -483,7 +500,7 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
             if request.state == "in_progress" and "key" in request.receipt:
                 erased.append(request)
         if erased:
-            unrotated = [r for r in erased if "rotation" not in r.receipt]  # a resumed run's were rotated for
+            unrotated = [r for r in erased if not _rotations_for(pipeline, r)]  # a resumed run's were rotated for
             if unrotated:
                 _rotate(pipeline, unrotated)
             # every read in progress reads the destroyed keys' state again before the receipts say completed
@@ -537,7 +554,9 @@ def _erase(pipeline: Pipeline, request: DeletionRequest) -> DeletionRequest:
 def _erase_stores(pipeline: Pipeline, request: DeletionRequest) -> None:
     # as the keyring stood when the request was filed: a reason filed with it is sealed under a key made then,
     # and nothing of the subject is taken while the request is open
-    held = request.receipt.get("key_at_filing") or pipeline.keyring.key_state(request.subject_ref, request.user_ref)
+    held = request.receipt.get("key_at_filing")
+    if held is None and not request.receipt.get("stores"):  # an earlier release's filing, not begun: as it stands
+        held = pipeline.keyring.key_state(request.subject_ref, request.user_ref)
     if held in _NOTHING_HELD:
         request.receipt["note"] = _NOTHING_HELD[held]
     stores = request.receipt.setdefault("stores", {})
@@ -637,6 +656,8 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
             entries.append(pipeline.audit.append_within(conn, **_entry(request, "key.destroyed", keys=destroyed)))
 
         pipeline.keyring.destroy(request.subject_ref, request.user_ref, recorded)
+        if not entries and "key_at_filing" not in request.receipt:  # filed by an earlier release (see below)
+            entries += _destroyed_unrecorded(pipeline, request)
     pipeline.keyring.compact()
     key: dict[str, Any] = {"state": pipeline.keyring.key_state(request.subject_ref, request.user_ref)}
     if entries:  # none: every key was destroyed before (a refiling, or an erasure running beside it)
@@ -657,6 +678,13 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
             )
     request.receipt["key"] = key
     _save(pipeline, request)
+
+
+def _destroyed_unrecorded(pipeline: Pipeline, request: DeletionRequest) -> list[AuditEntry]:
+    """The entry an earlier release's run owed: it destroyed the keys, then wrote their entry in a transaction of
+    its own, and one killed in between left keys destroyed since the filing that no entry records."""
+    keys = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
+    return [pipeline.audit.append(**_entry(request, "key.destroyed", keys=keys))] if keys else []
 
 
 def _last_destruction(pipeline: Pipeline, request: DeletionRequest) -> AuditEntry | None:
