@@ -471,6 +471,38 @@ def test_an_earlier_releases_erasure_killed_after_its_destruction_gets_its_entry
     assert "note" not in done.receipt  # its stores held ann's records: not "nothing to erase"
 
 
+def test_earlier_releases_receipts_keep_one_rotation_one_destruction_and_check_out(pipeline) -> None:  # noqa: ANN001
+    """Receipts an earlier release wrote (r50): a rotation in the trail its killed run never noted was made a
+    second time at `init` and failed the check until then; a user's erasure filed after her account's counted her
+    key again with a second entry; a resumed run's second entry of its own was taken for another's."""
+    from pipeline.retention.requests import _entry, _save, receipt_disagreements, rotate_for_unrotated
+
+    acme, ann = file_request(pipeline, "acme"), file_request(pipeline, "acme", "ann")
+    for request in (acme, ann):  # filed as that release did
+        del request.receipt["key_at_filing"]
+        _save(pipeline, request)
+    process_pending(pipeline)
+    destroyed = list(pipeline.audit.entries(actions=["key.destroyed"]))
+    assert [(e.details["request_id"], e.details["keys"]) for e in destroyed] == [(acme.request_id, 3)]
+    assert get_request(pipeline, ann.request_id).receipt["key"]["destroyed_by"] == acme.request_id
+
+    done = get_request(pipeline, acme.request_id)
+    del done.receipt["rotation"]  # killed after its rotation, before noting it
+    _save(pipeline, done)
+    assert rotate_for_unrotated(pipeline) == []
+    rotations = list(pipeline.audit.entries(actions=["key.rotated"]))
+    assert (
+        len(rotations) == 1
+        and get_request(pipeline, acme.request_id).receipt["rotation"]["audit_seq"] == rotations[0].seq
+    )
+
+    again = pipeline.audit.append(**_entry(done, "key.destroyed", keys=0))  # its resumed run's own second entry
+    resumed = get_request(pipeline, acme.request_id)
+    resumed.receipt["key"].update(keys_destroyed=0, audit_seq=again.seq, destroyed_at=again.recorded_at.isoformat())
+    assert receipt_disagreements(pipeline, resumed) == []
+    assert all(receipt_disagreements(pipeline, get_request(pipeline, r.request_id)) == [] for r in (acme, ann))
+
+
 def test_a_store_that_refuses_fails_the_request_with_the_reason(pipeline) -> None:
     pipeline.stores["cloud_logging"] = _FailingErase(pipeline.stores["cloud_logging"], StoreError("disk is read-only"))
     request = file_request(pipeline, "acme")

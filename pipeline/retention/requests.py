@@ -334,7 +334,8 @@ def _disagreements(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
         if action == "key.destroyed" and not _covers(entry, request):
             found.append(f"it cites audit entry {seq} as its key's destruction, which destroyed another subject's")
             continue
-        if action == "key.destroyed" and _is_seq(done := receipt.get("audit", {}).get("completed")) and seq > done:
+        by_another = action == "key.destroyed" and "destroyed_by" in key
+        if by_another and _is_seq(done := receipt.get("audit", {}).get("completed")) and seq > done:
             found.append(f"it cites audit entry {seq} as its key's destruction, made after it completed")
             continue
         vouched = {**entry.details, **_vouched_times(pipeline, entry)}
@@ -422,7 +423,8 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
     if (claimed or (completed and any(e.action == "key.destroyed" for e in trail))) and "audit_seq" not in key:
         found.append("it cites no key.destroyed entry")
     own = [e for e in trail if e.action == "key.destroyed"]
-    if own and "audit_seq" in key and key["audit_seq"] != own[0].seq:  # another's, where it destroyed keys itself
+    # another's, where it destroyed keys itself (an earlier release's resumed run may have written two of its own)
+    if own and "audit_seq" in key and key["audit_seq"] not in {e.seq for e in own}:
         found.append(f"it cites no key.destroyed entry of its own (audit entry {own[0].seq})")
     if "destroyed_by" in key and key.get("keys_destroyed") != 0:
         found.append(f"it counts {key.get('keys_destroyed')!r} keys destroyed, and cites another erasure's destruction")
@@ -500,7 +502,7 @@ def _process(pipeline: Pipeline, requests: list[DeletionRequest], leases: Leases
             if request.state == "in_progress" and "key" in request.receipt:
                 erased.append(request)
         if erased:
-            unrotated = [r for r in erased if not _rotations_for(pipeline, r)]  # a resumed run's were rotated for
+            unrotated = _unrotated(pipeline, erased)  # a resumed run's were rotated for
             if unrotated:
                 _rotate(pipeline, unrotated)
             # every read in progress reads the destroyed keys' state again before the receipts say completed
@@ -683,6 +685,10 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
 def _destroyed_unrecorded(pipeline: Pipeline, request: DeletionRequest) -> list[AuditEntry]:
     """The entry an earlier release's run owed: it destroyed the keys, then wrote their entry in a transaction of
     its own, and one killed in between left keys destroyed since the filing that no entry records."""
+    filed = request.receipt.get("audit", {}).get("pending", 0)
+    recorded = pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=("key.destroyed",))
+    if any(_covers(e, request) for e in recorded):  # another erasure of the subject destroyed them, on the record
+        return []
     keys = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
     return [pipeline.audit.append(**_entry(request, "key.destroyed", keys=keys))] if keys else []
 
@@ -724,10 +730,25 @@ def rotate_for_unrotated(pipeline: Pipeline) -> list[str]:
     """Give completed erasures that an earlier release made without a master key rotation (the first
     release's) one rotation now, recorded in their receipts: a backup from before them opens their data
     until the versions before it retire, and their ``final_at`` says when. Their request ids."""
-    unrotated = [r for r in list_requests(pipeline, states=("completed",)) if "rotation" not in r.receipt]
+    unrotated = _unrotated(pipeline, list_requests(pipeline, states=("completed",)))
     if unrotated:
         _rotate(pipeline, unrotated)
     return [r.request_id for r in unrotated]
+
+
+def _unrotated(pipeline: Pipeline, requests: Iterable[DeletionRequest]) -> list[DeletionRequest]:
+    """Of ``requests``, those the trail holds no master key rotation for. One it holds and the receipt does not
+    cite (an earlier release noted it in the receipt only after, and one killed in between lost it) is noted
+    in the receipt now, not made again."""
+    unrotated = []
+    for request in requests:
+        made = _rotations_for(pipeline, request)
+        if not made:
+            unrotated.append(request)
+        elif request.receipt.get("rotation", {}).get("audit_seq") not in {e.seq for e in made}:
+            request.receipt["rotation"] = {**_rotation(pipeline, made[0]), "audit_seq": made[0].seq}
+            _save(pipeline, request)
+    return unrotated
 
 
 def not_final(pipeline: Pipeline) -> list[DeletionRequest]:
