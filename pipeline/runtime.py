@@ -12,7 +12,6 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -361,14 +360,6 @@ def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
         return exc
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of ``path`` that does not exist yet (``path`` itself, or one of its parents)."""
-    missing = None
-    while not path.exists() and path != path.parent:
-        missing, path = path, path.parent
-    return missing
-
-
 def _sqlite_file(url: str) -> Path | None:
     """The file a SQLite URL names; None for another database, or SQLite in memory."""
     parsed = make_url(url)
@@ -442,18 +433,8 @@ class Pipeline:
         settings = settings or Settings.from_config()
         check_private_folder(settings.home)
         policy = _policy_of(settings)
-        begun = _first_missing(settings.home) if create else None
         if create:
             settings.ensure_home()
-        try:
-            return cls._open(settings, policy, create)
-        except BaseException:
-            if begun is not None:  # a home this call began, refused (a store, key or audit URL): nothing of it stays
-                shutil.rmtree(begun, ignore_errors=True)
-            raise
-
-    @classmethod
-    def _open(cls, settings: Settings, policy: Policy, create: bool) -> Pipeline:
         # it is also the metadata database (keys, audit, requests): checked first, before another
         # backend asks for a keyring or credentials and names something else as the problem
         if not is_sql_url(settings.long_term_url):

@@ -507,26 +507,6 @@ def test_a_setting_of_no_such_name_is_one_line_not_its_default(
     assert not home.exists()
 
 
-@pytest.mark.parametrize(
-    ("setting", "value"),
-    [
-        ("keys.url", "ftp://x"),
-        ("cloud-logging.url", "bogus://x"),
-        ("audit.witness-url", "ftp://x"),
-        ("audit.signing-key-url", "ftp://x"),
-        ("audit.verify-key", "not hex"),
-    ],
-)
-def test_init_refused_a_url_or_key_leaves_no_home_behind(setting: str, value: str, tmp_path: Path) -> None:
-    """Refused after the metadata database (schema and all), and for some the master key, were made in a new
-    home: the next command then said there was no keyring (r44, r49)."""
-    home = tmp_path / "new" / "home"
-    with dask.config.set({"pipeline.home": str(home), f"pipeline.{setting}": value}):
-        line = one_line(run("init"))
-    assert line.startswith(f"error: pipeline.{setting}"), line
-    assert not (tmp_path / "new").exists()
-
-
 def test_every_spelling_dask_reads_is_taken_and_an_empty_host_is_every_interface(home: Path) -> None:
     """Names as dask reads them (underscores for every hyphen) are settings; ``server.host: ""`` listened on every
     interface before null was refused, and stays so (r46)."""
