@@ -361,7 +361,10 @@ def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
 
 
 def _sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL names; None for another database, or SQLite in memory."""
+    """The file a SQLite URL names; None for another database (its URL left to its store to judge: a port that
+    is no number is named there), or SQLite in memory."""
+    if not url.startswith("sqlite"):
+        return None
     parsed = make_url(url)
     return (
         Path(parsed.database)
