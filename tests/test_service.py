@@ -270,6 +270,29 @@ def test_a_day_of_week_step_crontab_refuses_is_refused(field: str) -> None:
         retention_trigger(f"0 0 * * {field}")
 
 
+@pytest.mark.parametrize(
+    ("cron", "named"),
+    [
+        ("0 0 1 jan- *", "month 'jan-'"),
+        ("0 0 1 feb-mar/ *", "month 'feb-mar/'"),
+        ("0 0 last * *", "day of month 'last'"),
+        ("0 0 0 * *", "day of month '0'"),
+        ("60 0 * * *", "minute '60'"),
+        ("0 0-24 * * *", "hour '0-24'"),
+    ],
+)
+def test_a_field_crontab_refuses_is_refused_naming_it(cron: str, named: str) -> None:
+    """APScheduler took a prefix of a month's part (``jan-`` ran on January's 1st) and forms of its own (``last``)
+    that crontab refuses (r51)."""
+    from pipeline.errors import ConfigError
+    from pipeline.retention.schedule import retention_trigger
+
+    with pytest.raises(
+        ConfigError, match=rf"^pipeline\.service\.retention-cron: '{re.escape(cron)}': {re.escape(named)} is no"
+    ):
+        retention_trigger(cron)
+
+
 def test_a_day_of_week_stepped_from_a_star_is_no_restriction_as_crontab_reads_it() -> None:
     """``*/2`` was read as the days it names, then taken as restricted: ``0 0 1 * */2`` ran every other day as well
     as on the 1st, where crontab runs it on a 1st that is one of those days (r49)."""

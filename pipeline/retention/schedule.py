@@ -37,6 +37,8 @@ def retention_trigger(cron: str) -> BaseTrigger:
     fields = cron.split()
     if len(fields) != 5:
         return _crontab(cron, cron)
+    for field, (name, low, high, names) in zip(fields, _OTHER_FIELDS, strict=False):
+        _check_field(field, name, low, high, names, cron)
     either = not (fields[2].startswith("*") or fields[4].startswith("*"))  # as written: crontab's "restricted"
     fields[4] = _weekdays(fields[4], cron)  # */2 is restricted to no day, and reads as sun,tue,thu,sat
     if not either:
@@ -92,7 +94,50 @@ _DAY_PART = re.compile(
 
 def _day(value: str) -> int | None:
     """A day's crontab number (0 and 7 Sunday), from its number or name; None for no day's name."""
-    return int(value) if value.isdigit() else _DAY_NUMBERS.get(value.lower())
+    return _value(value, _DAY_NUMBERS)
+
+
+#: one part of any other field: ``*``, a value or a range of values, and a step
+_PART = re.compile(
+    r"(?P<span>\*|(?P<first>[0-9]+|[A-Za-z]{3})(?:-(?P<last>[0-9]+|[A-Za-z]{3}))?)(?:/(?P<step>[0-9]+))?"
+)
+_MONTHS = {name: number for number, name in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+    "sep", "oct", "nov", "dec"), start=1)}  # fmt: skip
+#: the fields before the day of the week: name, range, and the names crontab takes for values
+_OTHER_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+)
+
+
+def _check_field(field: str, name: str, low: int, high: int, names: dict[str, int], cron: str) -> None:
+    """A field as crontab reads it: APScheduler also takes a prefix (``jan-`` as ``jan``) and forms of its own
+    (``last``), which ran passes on days crontab refuses to schedule.
+
+    :raises ConfigError: naming the part
+    """
+    for part in field.split(","):
+        match = _PART.fullmatch(part)
+        if match is None or not _in_range(match, low, high, names) or int(match["step"] or 1) == 0:
+            raise ConfigError(
+                f"pipeline.service.retention-cron: {cron!r}: {name} {part!r} is no crontab value, range or step "
+                f"({low}-{high}, low to high, steps from 1)"
+            )
+
+
+def _in_range(match: re.Match[str], low: int, high: int, names: dict[str, int]) -> bool:
+    if match["span"] == "*":
+        return True
+    first = _value(match["first"], names)
+    last = first if match["last"] is None else _value(match["last"], names)
+    return first is not None and last is not None and low <= first <= last <= high
+
+
+def _value(text: str, names: dict[str, int]) -> int | None:
+    """A field's value from its number or its name (a month's, a day's first three letters); None for neither."""
+    return int(text) if text.isdigit() else names.get(text.lower())
 
 
 def _no_days(cron: str, part: str) -> ConfigError:
