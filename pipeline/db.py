@@ -41,7 +41,7 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -71,6 +71,7 @@ __all__ = [
     "mapped_errors",
     "metadata",
     "reading",
+    "sqlite_file",
     "transaction",
 ]
 
@@ -345,14 +346,28 @@ def _sqlite_file(engine: Engine) -> tuple[int, int] | None:
     While the engine's pool holds that file open its inode number is not reused, so
     another number (or none) means the file was removed or replaced.
     """
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+    database = _sqlite_path(engine.url)
+    if database is None:
         return None
     try:
         stat = os.stat(database)
     except OSError:
         return (-1, -1)
     return stat.st_dev, stat.st_ino
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database, SQLite in memory, or a URL that does not parse
+    (named where its engine is made)."""
+    try:
+        return _sqlite_path(make_url(url))
+    except (ArgumentError, ValueError):
+        return None
+
+
+def _sqlite_path(url: URL) -> Path | None:
+    database = url.database
+    return Path(database) if url.get_backend_name() == "sqlite" and database and database != ":memory:" else None
 
 
 def _create_engine(url: str) -> Engine:
@@ -365,8 +380,8 @@ def _create_engine(url: str) -> Engine:
     # (each a backend process on PostgreSQL; on SQLite a file opened and four pragmas run)
     kwargs: dict[str, Any] = {"pool_size": 15, "max_overflow": 0}
     if parsed.get_backend_name() == "sqlite":  # a file: no connection to go stale, so no ping per checkout
-        if parsed.database and parsed.database != ":memory:":
-            _create_private_file(Path(parsed.database))
+        if (database := _sqlite_path(parsed)) is not None:
+            _create_private_file(database)
         else:  # in memory: SQLAlchemy's SingletonThreadPool, which takes no sizes
             kwargs = {}
         kwargs["connect_args"] = {"timeout": 5}

@@ -18,19 +18,18 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Connection, Engine, Executable, bindparam, make_url, select
+from sqlalchemy import Connection, Engine, Executable, bindparam, select
 
 from pipeline import bounds, columns, tombstones
 from pipeline.audit import AuditEntry, AuditLog
 from pipeline.config import Settings
-from pipeline.db import ingested_batches, insert_ignoring_duplicates, reading, transaction
+from pipeline.db import ingested_batches, insert_ignoring_duplicates, reading, sqlite_file, transaction
 from pipeline.environment import environment_id
 from pipeline.errors import (
     BatchRefused,
@@ -360,19 +359,6 @@ def _readmitted(batch: PreparedBatch) -> PreparedBatch | Exception:
         return exc
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL names; None for another database (its URL left to its store to judge: a port that
-    is no number is named there), or SQLite in memory."""
-    if not url.startswith("sqlite"):
-        return None
-    parsed = make_url(url)
-    return (
-        Path(parsed.database)
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
-        else None
-    )
-
-
 def _policy_of(settings: Settings) -> Policy:
     """The configured policy; an archive is a copy of the long-term store (same routing, retention and erasure).
 
@@ -445,7 +431,7 @@ class Pipeline:
                 f"pipeline.long-term.url must be a SQL database (sqlite:/// or postgresql+psycopg://), "
                 f"got {mask_url(settings.long_term_url)!r}"
             )
-        if not create and (database := _sqlite_file(settings.long_term_url)) is not None and not database.exists():
+        if not create and (database := sqlite_file(settings.long_term_url)) is not None and not database.exists():
             # opening it would make it, schema and all, before a missing key named what is wrong
             raise ConfigError(f"metadata database {database} does not exist; run metadata-pipeline init")
         stores = {
