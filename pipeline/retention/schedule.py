@@ -69,38 +69,22 @@ def _weekdays(field: str, cron: str) -> str:
         return field
     names: list[str] = []
     for part in field.split(","):
-        match = _DAY_PART.fullmatch(part)
-        if match is None:
+        span = _span(part, _DAY_PART, 0, 7, _DAY_NUMBERS)
+        if span is None:
             raise _no_days(cron, part)
-        first: int | None
-        last: int | None
-        if match["span"] == "*":
-            first, last = 0, 7
-        else:  # a day alone is that day, or with a step every n-th day from it to the week's end
-            first = _day(match["first"])
-            last = _day(match["last"]) if match["last"] else (7 if match["step"] else first)
-        step = int(match["step"] or 1)
-        if first is None or last is None or first > last or step == 0:
-            raise _no_days(cron, part)
+        first, last, step = span
         names += [_DAYS[day] for day in range(first, last + 1, step)]
     return ",".join(dict.fromkeys(names))
 
 
-#: one part of a day-of-week field: ``*``, a day or a range of days, and a step
-_DAY_PART = re.compile(
-    r"(?P<span>\*|(?P<first>[0-7]|[A-Za-z]{3})(?:-(?P<last>[0-7]|[A-Za-z]{3}))?)(?:/(?P<step>[0-9]+))?"
-)
+def _part_pattern(number: str) -> re.Pattern[str]:
+    """One part of a field: ``*``, a value or a range of values (a number, or a name's first three letters),
+    and a step."""
+    value = rf"(?:{number}|[A-Za-z]{{3}})"
+    return re.compile(rf"(?P<span>\*|(?P<first>{value})(?:-(?P<last>{value}))?)(?:/(?P<step>[0-9]+))?")
 
 
-def _day(value: str) -> int | None:
-    """A day's crontab number (0 and 7 Sunday), from its number or name; None for no day's name."""
-    return _value(value, _DAY_NUMBERS)
-
-
-#: one part of any other field: ``*``, a value or a range of values, and a step
-_PART = re.compile(
-    r"(?P<span>\*|(?P<first>[0-9]+|[A-Za-z]{3})(?:-(?P<last>[0-9]+|[A-Za-z]{3}))?)(?:/(?P<step>[0-9]+))?"
-)
+_PART, _DAY_PART = _part_pattern("[0-9]+"), _part_pattern("[0-7]")
 _MONTHS = {name: number for number, name in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
     "sep", "oct", "nov", "dec"), start=1)}  # fmt: skip
 #: the fields before the day of the week: name, range, and the names crontab takes for values
@@ -119,20 +103,32 @@ def _check_field(field: str, name: str, low: int, high: int, names: dict[str, in
     :raises ConfigError: naming the part
     """
     for part in field.split(","):
-        match = _PART.fullmatch(part)
-        if match is None or not _in_range(match, low, high, names) or int(match["step"] or 1) == 0:
+        if _span(part, _PART, low, high, names) is None:
             raise ConfigError(
                 f"pipeline.service.retention-cron: {cron!r}: {name} {part!r} is no crontab value, range or step "
                 f"({low}-{high}, low to high, steps from 1)"
             )
 
 
-def _in_range(match: re.Match[str], low: int, high: int, names: dict[str, int]) -> bool:
+def _span(
+    part: str, pattern: re.Pattern[str], low: int, high: int, names: dict[str, int]
+) -> tuple[int, int, int] | None:
+    """The first and last value and the step a part of a field names, as crontab reads it (``*``: the field's
+    range; a value with a step: from it to the field's end); None for a part crontab refuses."""
+    match = pattern.fullmatch(part)
+    if match is None:
+        return None
+    first: int | None
+    last: int | None
     if match["span"] == "*":
-        return True
-    first = _value(match["first"], names)
-    last = first if match["last"] is None else _value(match["last"], names)
-    return first is not None and last is not None and low <= first <= last <= high
+        first, last = low, high
+    else:
+        first = _value(match["first"], names)
+        last = _value(match["last"], names) if match["last"] else (high if match["step"] else first)
+    step = int(match["step"] or 1)
+    if first is None or last is None or not low <= first <= last <= high or step == 0:
+        return None
+    return first, last, step
 
 
 def _value(text: str, names: dict[str, int]) -> int | None:
