@@ -439,12 +439,7 @@ def _uncited(pipeline: Pipeline, request: DeletionRequest) -> list[str]:
 def _rotations_for(pipeline: Pipeline, request: DeletionRequest) -> list[AuditEntry]:
     """The trail's master key rotations made for the request (never its receipt's word: one edited to hold a
     rotation kept its run from making one)."""
-    filed = request.receipt.get("audit", {}).get("pending", 0)
-    return [
-        e
-        for e in pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=("key.rotated",))
-        if _rotated_for(e, request)
-    ]
+    return [e for e in pipeline.audit.entries(_filed(request), actions=("key.rotated",)) if _rotated_for(e, request)]
 
 
 def list_requests(pipeline: Pipeline, *, states: tuple[str, ...] = STATES) -> list[DeletionRequest]:
@@ -685,8 +680,7 @@ def _destroy_keys(pipeline: Pipeline, request: DeletionRequest) -> None:
 def _destroyed_unrecorded(pipeline: Pipeline, request: DeletionRequest) -> list[AuditEntry]:
     """The entry an earlier release's run owed: it destroyed the keys, then wrote their entry in a transaction of
     its own, and one killed in between left keys destroyed since the filing that no entry records."""
-    filed = request.receipt.get("audit", {}).get("pending", 0)
-    recorded = pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=("key.destroyed",))
+    recorded = pipeline.audit.entries(_filed(request), actions=("key.destroyed",))
     if any(_covers(e, request) for e in recorded):  # another erasure of the subject destroyed them, on the record
         return []
     keys = pipeline.keyring.destroyed_since(request.subject_ref, request.user_ref, request.created_at)
@@ -802,12 +796,15 @@ def _audited_once(
 
 def _entries_of(pipeline: Pipeline, request: DeletionRequest, actions: Iterable[str]) -> list[AuditEntry]:
     """The trail's entries of ``actions`` about this request, oldest first (from its filing on)."""
-    filed = request.receipt.get("audit", {}).get("pending", 0)  # a receipt edited in the database holds anything
-    return [
-        e
-        for e in pipeline.audit.entries(filed if _is_seq(filed) else 0, actions=actions)
-        if e.details.get("request_id") == request.request_id
-    ]
+    entries = pipeline.audit.entries(_filed(request), actions=actions)
+    return [e for e in entries if e.details.get("request_id") == request.request_id]
+
+
+def _filed(request: DeletionRequest) -> int:
+    """The number of the request's filing entry, where its entries begin (0 for one a receipt edited in the
+    database holds, which may be anything)."""
+    filed = request.receipt.get("audit", {}).get("pending", 0)
+    return filed if _is_seq(filed) else 0
 
 
 def _entry(request: DeletionRequest, action: str, *, actor: str | None = None, **details: Any) -> dict[str, Any]:
