@@ -71,9 +71,7 @@ def column(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
     """
     if pa.types.is_string(type_):
         return _strings(type_, values)
-    kinds = set(map(type, values))
-    validity = _validity(values) if _NONE in kinds else None
-    kinds.discard(_NONE)
+    kinds, validity = _kinds(values)
     if pa.types.is_list(type_):
         _check(kinds, Sequence, "a list", refused=(str, bytes))
         items = _filled(values, validity, ())
@@ -116,9 +114,7 @@ def _strings(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
     try:
         joined, validity, text = "".join(values), None, values
     except TypeError:  # a null, or a value that is not text: told apart by their types
-        kinds = set(map(type, values))
-        validity = _validity(values) if _NONE in kinds else None
-        kinds.discard(_NONE)
+        kinds, validity = _kinds(values)
         _check(kinds, str, "text")
         text = _filled(values, validity, "")
         joined = "".join(text)
@@ -128,6 +124,14 @@ def _strings(type_: pa.DataType, values: Sequence[Any]) -> pa.Array:
         encoded = [v.encode() for v in text]
         data, lengths = b"".join(encoded), map(len, encoded)
     return pa.Array.from_buffers(type_, len(values), [validity, _offsets(lengths, len(values)), pa.py_buffer(data)])
+
+
+def _kinds(values: Sequence[Any]) -> tuple[set[type], pa.Buffer | None]:
+    """The Python types of the values other than None, and the validity bitmap when one is None."""
+    kinds = set(map(type, values))
+    validity = _validity(values) if _NONE in kinds else None
+    kinds.discard(_NONE)
+    return kinds, validity
 
 
 def observed_span(values: pa.ChunkedArray) -> tuple[datetime, datetime]:
